@@ -1,0 +1,1 @@
+"""Audit: chip findings and reconciliation (issue 6)."""

@@ -1,0 +1,181 @@
+"""The project's one crypto module: purse ciphers, MACs, key derivation and MAC/TAC message layouts.
+
+Card, PSAM, issuer host, clearing and audit all call these functions, so a MAC computed on one side is
+verified by the very same code on the other. Block ciphers come from ``cryptography``; this module only
+chains blocks (CBC-MAC) and lays out the data that goes into them (spec card.md, part A).
+"""
+
+from __future__ import annotations
+
+import enum
+
+from cryptography.hazmat.decrepit.ciphers.algorithms import TripleDES
+from cryptography.hazmat.primitives.ciphers import Cipher, CipherContext, algorithms, modes
+
+
+class Algorithm(enum.Enum):
+    """Purse algorithm of a CPU card; ``value`` is the name used in images and on the wire."""
+
+    DES3 = "3des"
+    SM4 = "sm4"
+
+    @property
+    def algorithm_id(self) -> int:
+        """Algorithm id byte of the INITIALIZE response (project convention: 00 3DES, 04 SM4)."""
+        return 0x00 if self is Algorithm.DES3 else 0x04
+
+    @property
+    def block_size(self) -> int:
+        """Cipher block size in bytes."""
+        return 8 if self is Algorithm.DES3 else 16
+
+    @classmethod
+    def from_id(cls, algorithm_id: int) -> Algorithm:
+        """The algorithm for an INITIALIZE algorithm id byte; ValueError for an unknown id."""
+        for alg in cls:
+            if alg.algorithm_id == algorithm_id:
+                return alg
+        raise ValueError(f"unknown algorithm id {algorithm_id:02X}")
+
+
+def _cipher_context(alg: Algorithm, key: bytes) -> CipherContext:
+    if alg is Algorithm.SM4:
+        if len(key) != 16:
+            raise ValueError(f"SM4 key must be 16 bytes, got {len(key)}")
+        return Cipher(algorithms.SM4(key), modes.ECB()).encryptor()
+    # 8-byte keys are single DES, 16-byte keys two-key 3DES; both are given to TripleDES as 24 bytes
+    # (K|K|K and K1|K2|K1), the form it supports without deprecation.
+    if len(key) == 8:
+        key24 = key * 3
+    elif len(key) == 16:
+        key24 = key + key[:8]
+    else:
+        raise ValueError(f"DES/3DES key must be 8 or 16 bytes, got {len(key)}")
+    return Cipher(TripleDES(key24), modes.ECB()).encryptor()
+
+
+class BlockKey:
+    """A key bound to its algorithm, with a reusable ECB context (creating one costs ~10x a block).
+
+    For 3DES cards an 8-byte key means single DES, a 16-byte key two-key 3DES.
+    """
+
+    __slots__ = ("_ecb", "algorithm", "key")
+
+    def __init__(self, algorithm: Algorithm, key: bytes) -> None:
+        self.algorithm = algorithm
+        self.key = bytes(key)
+        self._ecb = _cipher_context(algorithm, self.key)
+
+    def encrypt(self, data: bytes) -> bytes:
+        """ECB-encrypt whole blocks."""
+        if len(data) % self.algorithm.block_size:
+            raise ValueError("ECB input must be whole blocks")
+        return self._ecb.update(data)
+
+    def mac(self, data: bytes) -> bytes:
+        """Purse MAC: pad ``80 00..`` (always), CBC-MAC with IV 0, keep the left 4 bytes."""
+        size = self.algorithm.block_size
+        padded = pad80(data, size)
+        chain = bytes(size)
+        for offset in range(0, len(padded), size):
+            block = (int.from_bytes(chain) ^ int.from_bytes(padded[offset : offset + size])).to_bytes(size)
+            chain = self._ecb.update(block)
+        return chain[:4]
+
+
+def pad80(data: bytes, block_size: int) -> bytes:
+    """ISO 9797-1 method 2 padding: append 80, then 00 up to a whole number of blocks."""
+    padded = data + b"\x80"
+    return padded + bytes(-len(padded) % block_size)
+
+
+def diversify(alg: Algorithm, master: BlockKey | bytes, card_serial: bytes) -> bytes:
+    """Card key from an issuer master key and the 8-byte card serial (spec A, Cryptography)."""
+    if len(card_serial) != 8:
+        raise ValueError("card serial for diversification must be 8 bytes")
+    mk = master if isinstance(master, BlockKey) else BlockKey(alg, master)
+    inverted = bytes(b ^ 0xFF for b in card_serial)
+    if alg is Algorithm.DES3:
+        return mk.encrypt(card_serial) + mk.encrypt(inverted)
+    return mk.encrypt(card_serial + inverted)
+
+
+def session_key(card_key: BlockKey, key_input: bytes) -> BlockKey:
+    """Session key from an 8-byte input: 3DES ECB for 3DES cards; SM4 over ``input | 80 00*7``."""
+    if len(key_input) != 8:
+        raise ValueError("session key input must be 8 bytes")
+    if card_key.algorithm is Algorithm.DES3:
+        return BlockKey(Algorithm.DES3, card_key.encrypt(key_input))
+    return BlockKey(Algorithm.SM4, card_key.encrypt(key_input + b"\x80" + bytes(7)))
+
+
+def tac_key(alg: Algorithm, dtk: bytes) -> BlockKey:
+    """The TAC key: for 3DES cards the XOR of DTK's halves (single DES), for SM4 cards DTK itself."""
+    if alg is Algorithm.DES3:
+        return BlockKey(alg, bytes(a ^ b for a, b in zip(dtk[:8], dtk[8:], strict=True)))
+    return BlockKey(alg, dtk)
+
+
+# --- what goes into each session key, MAC and TAC (spec A). Integers are big-endian. ---------------
+
+
+def purchase_key_input(random: bytes, offline_counter: int, terminal_seq: int) -> bytes:
+    """random(4) | offline counter(2) | terminal seq low 2 bytes."""
+    return random + offline_counter.to_bytes(2) + (terminal_seq & 0xFFFF).to_bytes(2)
+
+
+def load_key_input(random: bytes, online_counter: int) -> bytes:
+    """random(4) | online counter(2) | 80 00."""
+    return random + online_counter.to_bytes(2) + b"\x80\x00"
+
+
+def block_key_input(challenge: bytes) -> bytes:
+    """APPLICATION BLOCK session input (project choice, docs/card-choices.md): challenge(4) | 00*4."""
+    return challenge + bytes(4)
+
+
+def purchase_mac1_data(amount: int, txn_type: int, terminal: bytes, date: bytes, time: bytes) -> bytes:
+    """amount(4) | type(1) | terminal no(6) | date(4) | time(3)."""
+    return amount.to_bytes(4) + bytes([txn_type]) + terminal + date + time
+
+
+def purchase_mac2_data(amount: int) -> bytes:
+    """amount(4)."""
+    return amount.to_bytes(4)
+
+
+def purchase_tac_data(
+    amount: int, txn_type: int, terminal: bytes, terminal_seq: int, date: bytes, time: bytes
+) -> bytes:
+    """amount(4) | type(1) | terminal no(6) | terminal seq(4) | date(4) | time(3)."""
+    return amount.to_bytes(4) + bytes([txn_type]) + terminal + terminal_seq.to_bytes(4) + date + time
+
+
+def load_mac1_data(balance_before: int, amount: int, txn_type: int, terminal: bytes) -> bytes:
+    """balance before(4) | amount(4) | type(1) | terminal no(6)."""
+    return balance_before.to_bytes(4) + amount.to_bytes(4) + bytes([txn_type]) + terminal
+
+
+def load_mac2_data(amount: int, txn_type: int, terminal: bytes, date: bytes, time: bytes) -> bytes:
+    """amount(4) | type(1) | terminal no(6) | date(4) | time(3)."""
+    return purchase_mac1_data(amount, txn_type, terminal, date, time)
+
+
+def load_tac_data(
+    new_balance: int, online_counter: int, amount: int, txn_type: int, terminal: bytes, date: bytes, time: bytes
+) -> bytes:
+    """new balance(4) | online counter before increment(2) | amount(4) | type(1) | terminal(6) | date | time."""
+    return (
+        new_balance.to_bytes(4)
+        + online_counter.to_bytes(2)
+        + amount.to_bytes(4)
+        + bytes([txn_type])
+        + terminal
+        + date
+        + time
+    )
+
+
+BLOCK_COMMAND_HEADER = bytes.fromhex("841E000004")
+"""What the APPLICATION BLOCK MAC covers: the command header with Lc."""

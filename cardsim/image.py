@@ -1,0 +1,246 @@
+"""Card images: a card's whole non-volatile state as a JSON file (``yikatong.card/1``).
+
+Saving is atomic (write aside, fsync, rename), so a crash while saving leaves the previous image whole.
+Loading checks every field and names the file and field at fault.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from cardsim.crypto import Algorithm
+from cardsim.eeprom import Journal
+from cardsim.purse import (
+    LOG_RECORD_SIZE,
+    LOG_RECORDS,
+    TRIP_RECORD_SIZE,
+    TRIP_RECORDS,
+    PurseKeys,
+    PurseState,
+    TransactionProof,
+)
+
+SCHEMA = "yikatong.card/1"
+
+
+class CardImageError(ValueError):
+    """A card image that cannot be read; the message names the file and the field."""
+
+
+# --- encoding ------------------------------------------------------------------------------------
+
+
+def _encode_value(name: str, value: Any) -> Any:
+    if name in ("log", "trips"):
+        return [r.hex().upper() for r in value]
+    if name == "proof":
+        if value is None:
+            return None
+        return {
+            "counter": value.counter,
+            "type": value.txn_type,
+            "mac2": value.mac2.hex().upper(),
+            "tac": value.tac.hex().upper(),
+        }
+    return value
+
+
+def purse_to_json(state: PurseState) -> dict[str, Any]:
+    """The image document of a purse card."""
+    journal = None
+    if state.journal is not None:
+        journal = {
+            "valid": state.journal.valid,
+            "updates": {k: _encode_value(k, v) for k, v in state.journal.updates.items()},
+        }
+    return {
+        "schema": SCHEMA,
+        "tech": "cpu",
+        "algorithm": state.algorithm.value,
+        "key_version": state.key_version,
+        "key_index": state.key_index,
+        "keys": {
+            "purchase": state.keys.purchase.hex().upper(),
+            "load": state.keys.load.hex().upper(),
+            "tac": state.keys.tac.hex().upper(),
+            "maintenance": state.keys.maintenance.hex().upper(),
+        },
+        "files": {
+            "15": state.public_data.hex().upper(),
+            "16": state.holder_data.hex().upper(),
+            "17": state.interop_data.hex().upper(),
+        },
+        "balance": state.balance,
+        "max_balance": state.max_balance,
+        "offline_counter": state.offline_counter,
+        "online_counter": state.online_counter,
+        "log": _encode_value("log", state.log),
+        "trips": _encode_value("trips", state.trips),
+        "proof": _encode_value("proof", state.proof),
+        "mac_failures": state.mac_failures,
+        "locked": state.locked,
+        "blocked": state.blocked,
+        "journal": journal,
+    }
+
+
+# --- decoding ------------------------------------------------------------------------------------
+
+
+class _Reader:
+    """Typed field access that raises CardImageError naming the field."""
+
+    def __init__(self, doc: dict[str, Any], where: str) -> None:
+        self.doc = doc
+        self.where = where
+
+    def fail(self, field: str, what: str) -> CardImageError:
+        return CardImageError(f"{self.where}: field '{field}' {what}")
+
+    def integer(self, field: str, low: int, high: int) -> int:
+        value = self.doc.get(field)
+        if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+            raise self.fail(field, f"must be an integer {low}..{high}")
+        return value
+
+    def flag(self, field: str) -> bool:
+        value = self.doc.get(field)
+        if not isinstance(value, bool):
+            raise self.fail(field, "must be true or false")
+        return value
+
+    def hexbytes(self, field: str, length: int | None = None, value: Any = None) -> bytes:
+        value = self.doc.get(field) if value is None else value
+        try:
+            raw = bytes.fromhex(value)
+        except (TypeError, ValueError):
+            raise self.fail(field, "must be a hex string") from None
+        if length is not None and len(raw) != length:
+            raise self.fail(field, f"must be {length} bytes")
+        return raw
+
+    def records(self, field: str, size: int, most: int, value: Any = None) -> list[bytes]:
+        value = self.doc.get(field) if value is None else value
+        if not isinstance(value, list) or len(value) > most:
+            raise self.fail(field, f"must be a list of at most {most} records")
+        return [self.hexbytes(field, size, v) for v in value]
+
+    def proof(self, value: Any) -> TransactionProof | None:
+        if value is None:
+            return None
+        if not isinstance(value, dict):
+            raise self.fail("proof", "must be an object or null")
+        sub = _Reader(value, f"{self.where}: proof")
+        return TransactionProof(
+            sub.integer("counter", 0, 0xFFFF),
+            sub.integer("type", 0, 0xFF),
+            sub.hexbytes("mac2", 4),
+            sub.hexbytes("tac", 4),
+        )
+
+
+def purse_from_json(doc: Any, where: str = "card image") -> PurseState:
+    """Rebuild a purse card's state from its image; CardImageError names what is wrong."""
+    if not isinstance(doc, dict):
+        raise CardImageError(f"{where}: not a JSON object")
+    if doc.get("schema") != SCHEMA:
+        raise CardImageError(f"{where}: schema must be {SCHEMA!r}, got {doc.get('schema')!r}")
+    if doc.get("tech") != "cpu":
+        raise CardImageError(f"{where}: tech {doc.get('tech')!r} is not a CPU purse card")
+    r = _Reader(doc, where)
+    try:
+        algorithm = Algorithm(doc.get("algorithm"))
+    except ValueError:
+        raise r.fail("algorithm", "must be '3des' or 'sm4'") from None
+    keys_doc, files_doc = doc.get("keys"), doc.get("files")
+    if not isinstance(keys_doc, dict):
+        raise r.fail("keys", "must be an object")
+    if not isinstance(files_doc, dict):
+        raise r.fail("files", "must be an object")
+    kr, fr = _Reader(keys_doc, f"{where}: keys"), _Reader(files_doc, f"{where}: files")
+    max_balance = r.integer("max_balance", 0, 0xFFFFFFFF)
+    state = PurseState(
+        algorithm=algorithm,
+        key_version=r.integer("key_version", 0, 255),
+        key_index=r.integer("key_index", 0, 255),
+        keys=PurseKeys(*(kr.hexbytes(k, 16) for k in ("purchase", "load", "tac", "maintenance"))),
+        public_data=fr.hexbytes("15", 30),
+        holder_data=fr.hexbytes("16"),
+        interop_data=fr.hexbytes("17"),
+        balance=r.integer("balance", 0, max_balance),
+        max_balance=max_balance,
+        offline_counter=r.integer("offline_counter", 0, 0xFFFF),
+        online_counter=r.integer("online_counter", 0, 0xFFFF),
+        log=r.records("log", LOG_RECORD_SIZE, LOG_RECORDS),
+        trips=r.records("trips", TRIP_RECORD_SIZE, TRIP_RECORDS),
+        proof=r.proof(doc.get("proof")),
+        mac_failures=r.integer("mac_failures", 0, 255),
+        locked=r.flag("locked"),
+        blocked=r.flag("blocked"),
+    )
+    state.journal = _journal(r, doc.get("journal"))
+    return state
+
+
+def _journal(r: _Reader, value: Any) -> Journal | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict) or not isinstance(value.get("updates"), dict):
+        raise r.fail("journal", "must be null or an object with 'updates'")
+    valid = _Reader(value, f"{r.where}: journal").flag("valid")
+    updates: dict[str, Any] = {}
+    for name, raw in value["updates"].items():
+        if name in ("balance", "offline_counter", "online_counter", "mac_failures"):
+            updates[name] = _Reader(value["updates"], f"{r.where}: journal").integer(name, 0, 0xFFFFFFFF)
+        elif name == "log":
+            updates[name] = r.records("journal.log", LOG_RECORD_SIZE, LOG_RECORDS, raw)
+        elif name == "trips":
+            updates[name] = r.records("journal.trips", TRIP_RECORD_SIZE, TRIP_RECORDS, raw)
+        elif name == "proof":
+            updates[name] = r.proof(raw)
+        else:
+            raise r.fail("journal", f"has an unknown update {name!r}")
+    return Journal(updates, valid)
+
+
+# --- files ---------------------------------------------------------------------------------------
+
+
+def write_json_atomic(path: Path, doc: Any) -> None:
+    """Write JSON so that readers see the old file or the new one, never a half-written one."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or Path("."))
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as out:
+            json.dump(doc, out, indent=2)
+            out.write("\n")
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_purse(path: Path, state: PurseState) -> None:
+    """Save a purse card image atomically."""
+    write_json_atomic(path, purse_to_json(state))
+
+
+def load_purse(path: Path) -> PurseState:
+    """Load a purse card image; CardImageError names the file and the problem."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as err:
+        raise CardImageError(f"{path}: cannot read card image: {err.strerror}") from err
+    except UnicodeDecodeError as err:
+        raise CardImageError(f"{path}: not a UTF-8 text file") from err
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise CardImageError(f"{path}: not valid JSON (line {err.lineno}: {err.msg})") from err
+    return purse_from_json(doc, str(path))

@@ -1,0 +1,76 @@
+"""The issuer's online host: it alone holds the load and TAC master keys.
+
+It authorises loads (checks the card's MAC1, answers MAC2), signs APPLICATION BLOCK for hotlisted cards,
+and verifies TACs for clearing and audit, all through ``cardsim.crypto``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from cardsim import crypto
+from cardsim.crypto import Algorithm, BlockKey
+from cardsim.keys import IssuerKeySet, IssuerKeyStore, city_of_serial
+from cardsim.purse import TYPE_LOAD
+
+
+class HostRefusal(Exception):
+    """The issuer host refuses a request (unknown keys, card MAC1 wrong)."""
+
+
+@dataclass(frozen=True)
+class LoadRequest:
+    """What a top-up machine sends the host after INITIALIZE FOR LOAD."""
+
+    card_serial: bytes
+    key_version: int
+    algorithm_id: int
+    random: bytes
+    online_counter: int
+    balance: int
+    amount: int
+    terminal: bytes
+    mac1: bytes
+    date: bytes
+    time: bytes
+
+
+class IssuerHost:
+    """Issuer-side cryptography over one key store."""
+
+    def __init__(self, keys: IssuerKeyStore) -> None:
+        self.keys = keys
+
+    def _key_set(self, card_serial: bytes, version: int) -> IssuerKeySet:
+        try:
+            city = city_of_serial(card_serial)
+        except ValueError as err:
+            raise HostRefusal(str(err)) from err
+        key_set = self.keys.get(city, version)
+        if key_set is None:
+            raise HostRefusal(f"no keys for issuer {city} version {version}")
+        return key_set
+
+    def card_key(self, card_serial: bytes, version: int, alg: Algorithm, usage: str) -> BlockKey:
+        """A card's diversified key for one usage (purchase, load, tac, maintenance)."""
+        master = getattr(self._key_set(card_serial, version), usage)
+        if master is None:
+            raise HostRefusal(f"this key store holds no {usage} keys")
+        return BlockKey(alg, crypto.diversify(alg, master, card_serial))
+
+    def authorize_load(self, req: LoadRequest) -> bytes:
+        """Check the card's MAC1 and return MAC2 for CREDIT FOR LOAD; HostRefusal if MAC1 is wrong."""
+        try:
+            alg = Algorithm.from_id(req.algorithm_id)
+        except ValueError as err:
+            raise HostRefusal(str(err)) from err
+        card_load_key = self.card_key(req.card_serial, req.key_version, alg, "load")
+        sk = crypto.session_key(card_load_key, crypto.load_key_input(req.random, req.online_counter))
+        if sk.mac(crypto.load_mac1_data(req.balance, req.amount, TYPE_LOAD, req.terminal)) != req.mac1:
+            raise HostRefusal("card MAC1 does not verify: not a genuine card of this issuer")
+        return sk.mac(crypto.load_mac2_data(req.amount, TYPE_LOAD, req.terminal, req.date, req.time))
+
+    def tac_key(self, card_serial: bytes, version: int, alg: Algorithm) -> BlockKey:
+        """The card's TAC key, for verifying the TAC of its transactions."""
+        dtk = self.card_key(card_serial, version, alg, "tac").key
+        return crypto.tac_key(alg, dtk)

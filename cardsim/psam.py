@@ -1,0 +1,151 @@
+"""The PSAM, the secure module in each terminal (spec card.md, part B), as a pure APDU state machine.
+
+It holds the issuers' master purchase (and maintenance) keys, never gives them out, and computes MAC1 for
+the card's DEBIT, checks the card's MAC2, and signs APPLICATION BLOCK commands for hotlisted cards.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Final
+
+from cardsim import crypto
+from cardsim.apdu import SW, ApduError, Command, check_le, contactless_atr, parse_command, respond
+from cardsim.crypto import Algorithm, BlockKey
+from cardsim.eeprom import Eeprom
+from cardsim.keys import IssuerKeyStore, city_of_serial
+
+ATR: Final = contactless_atr(b"YKT-PSAM")
+SFI_SERIAL: Final = 0x15
+SFI_TERMINAL: Final = 0x16
+TTC_MAX: Final = 0xFFFFFFFF
+_CACHE_LIMIT: Final = 4096
+
+
+@dataclass
+class PsamState:
+    """Non-volatile PSAM content: identity, terminal number, TTC and the accepted issuers' keys."""
+
+    serial: bytes
+    terminal: bytes
+    keys: IssuerKeyStore
+    ttc: int = 1
+
+
+@dataclass
+class _Session:
+    key: BlockKey
+    amount: int
+
+
+class Psam:
+    """A PSAM. ``transmit`` takes a C-APDU and returns the R-APDU; it never raises."""
+
+    def __init__(self, state: PsamState, eeprom: Eeprom | None = None) -> None:
+        self.state = state
+        self.eeprom = eeprom or Eeprom()
+        self._session: _Session | None = None
+        # Diversified keys by (usage, city, version, algorithm, card serial): a bus sees the same cards
+        # every day, and diversifying costs two cipher set-ups.
+        self._card_keys: dict[tuple[str, str, int, Algorithm, bytes], BlockKey] = {}
+        self._handlers: dict[tuple[int, int], Callable[[Command], bytes]] = {
+            (0x00, 0xB0): self._read_binary,
+            (0x80, 0x70): self._init_sam_for_purchase,
+            (0x80, 0x72): self._credit_sam_for_purchase,
+            (0x80, 0xFA): self._block_mac,
+        }
+
+    def power_on(self) -> bytes:
+        """Reset the session; returns the ATR."""
+        self._session = None
+        return ATR
+
+    def transmit(self, apdu: bytes) -> bytes:
+        """Process one C-APDU and return the R-APDU (data + SW)."""
+        session, self._session = self._session, None
+        try:
+            cmd = parse_command(apdu)
+            handler = self._handlers.get((cmd.cla, cmd.ins))
+            if handler is None:
+                raise ApduError(SW.INS_NOT_SUPPORTED if cmd.cla in (0x00, 0x80) else SW.CLA_NOT_SUPPORTED)
+            if cmd.ins == 0x72:
+                self._session = session
+            return handler(cmd)
+        except ApduError as err:
+            self._session = None
+            return respond(sw=err.sw)
+
+    @staticmethod
+    def _expect(cmd: Command, lc: int, response_len: int) -> None:
+        if (cmd.p1, cmd.p2) != (0x00, 0x00):
+            raise ApduError(SW.INS_NOT_SUPPORTED)
+        if len(cmd.data) != lc:
+            raise ApduError(SW.WRONG_LENGTH)
+        check_le(cmd, response_len)
+
+    def _card_key(self, serial: bytes, version: int, algorithm_id: int, usage: str) -> BlockKey:
+        try:
+            alg = Algorithm.from_id(algorithm_id)
+            city = city_of_serial(serial)
+        except ValueError as err:
+            raise ApduError(SW.KEY_NOT_FOUND, str(err)) from err
+        cache_key = (usage, city, version, alg, serial)
+        key = self._card_keys.get(cache_key)
+        if key is None:
+            key_set = self.state.keys.get(city, version)
+            if key_set is None:
+                raise ApduError(SW.KEY_NOT_FOUND, f"no keys for issuer {city} version {version}")
+            master = key_set.purchase if usage == "purchase" else key_set.maintenance
+            key = BlockKey(alg, crypto.diversify(alg, master, serial))
+            if len(self._card_keys) >= _CACHE_LIMIT:
+                self._card_keys.clear()
+            self._card_keys[cache_key] = key
+        return key
+
+    def _read_binary(self, cmd: Command) -> bytes:
+        files = {SFI_SERIAL: self.state.serial, SFI_TERMINAL: self.state.terminal}
+        content = files.get(cmd.p1 & 0x1F) if cmd.p1 & 0xE0 == 0x80 else None
+        if content is None:
+            raise ApduError(SW.FILE_NOT_FOUND)
+        if cmd.data or cmd.p2 >= len(content):
+            raise ApduError(SW.WRONG_LENGTH)
+        rest = content[cmd.p2 :]
+        if cmd.le:
+            if cmd.le > len(rest):
+                raise ApduError(SW.WRONG_LENGTH)
+            rest = rest[: cmd.le]
+        return respond(rest)
+
+    def _init_sam_for_purchase(self, cmd: Command) -> bytes:
+        self._expect(cmd, 0x1C, 8)
+        d = cmd.data
+        random, counter, amount, txn_type = d[0:4], int.from_bytes(d[4:6]), int.from_bytes(d[6:10]), d[10]
+        date, time, version, algorithm_id, serial = d[11:15], d[15:18], d[18], d[19], d[20:28]
+        card_key = self._card_key(serial, version, algorithm_id, "purchase")
+        ttc = self.state.ttc
+        if ttc >= TTC_MAX:
+            raise ApduError(SW.CONDITIONS_NOT_SATISFIED, "terminal transaction sequence exhausted")
+        sk = crypto.session_key(card_key, crypto.purchase_key_input(random, counter, ttc))
+        mac1 = sk.mac(crypto.purchase_mac1_data(amount, txn_type, self.state.terminal, date, time))
+        self.eeprom.write(lambda: setattr(self.state, "ttc", ttc + 1))
+        self._session = _Session(sk, amount)
+        return respond(ttc.to_bytes(4) + mac1)
+
+    def _credit_sam_for_purchase(self, cmd: Command) -> bytes:
+        self._expect(cmd, 4, 0)
+        session = self._session
+        self._session = None
+        if session is None:
+            raise ApduError(SW.CONDITIONS_NOT_SATISFIED, "CREDIT SAM without INIT SAM")
+        if session.key.mac(crypto.purchase_mac2_data(session.amount)) != cmd.data:
+            raise ApduError(SW.MAC_INVALID)
+        return respond()
+
+    def _block_mac(self, cmd: Command) -> bytes:
+        """Project command COMPUTE BLOCK MAC: serial(8) challenge(4) key version(1) algorithm id(1)."""
+        self._expect(cmd, 14, 4)
+        serial, challenge, version, algorithm_id = cmd.data[0:8], cmd.data[8:12], cmd.data[12], cmd.data[13]
+        key = self._card_key(serial, version, algorithm_id, "maintenance")
+        block_key = crypto.session_key(key, crypto.block_key_input(challenge))
+        return respond(block_key.mac(crypto.BLOCK_COMMAND_HEADER))

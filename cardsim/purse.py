@@ -1,0 +1,391 @@
+"""The CPU card electronic purse (spec card.md, part A) as a pure state machine: C-APDU in, R-APDU out.
+
+No I/O, no clock: the terminal supplies date and time, and the caller injects the random source.
+Everything the card must remember across power cycles lives in ``PurseState`` and changes only through
+``Eeprom`` writes, which is what makes tearing testable at every write.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Final
+
+from cardsim import crypto
+from cardsim.apdu import SW, ApduError, Command, check_le, contactless_atr, parse_command, respond, tlv
+from cardsim.crypto import Algorithm, BlockKey
+from cardsim.eeprom import CardTorn, Eeprom, Journal, recover
+
+AID: Final = bytes.fromhex("A000000632010105")
+PSE_NAME: Final = b"1PAY.SYS.DDF01"
+ATR: Final = contactless_atr(b"YIKATONG")
+
+TYPE_LOAD: Final = 0x02
+TYPE_PURCHASE: Final = 0x06
+TYPE_COMPOUND: Final = 0x09
+
+SFI_PUBLIC: Final = 0x15
+SFI_HOLDER: Final = 0x16
+SFI_INTEROP: Final = 0x17
+SFI_LOG: Final = 0x18
+SFI_TRIPS: Final = 0x1E
+LOG_RECORDS: Final = 10
+LOG_RECORD_SIZE: Final = 23
+TRIP_RECORDS: Final = 30
+TRIP_RECORD_SIZE: Final = 48
+MAC_FAILURE_LIMIT: Final = 3
+COUNTER_MAX: Final = 0xFFFF
+
+RandomSource = Callable[[int], bytes]
+
+
+@dataclass
+class PurseKeys:
+    """The card's own keys, already diversified from the issuer master keys (a card never holds those)."""
+
+    purchase: bytes
+    load: bytes
+    tac: bytes
+    maintenance: bytes
+
+
+@dataclass(frozen=True)
+class TransactionProof:
+    """MAC2 and TAC of the last purchase, kept for GET TRANSACTION PROVE (tearing recovery)."""
+
+    counter: int
+    txn_type: int
+    mac2: bytes
+    tac: bytes
+
+
+@dataclass
+class PurseState:
+    """Everything non-volatile on the card. Files are raw bytes; logs are newest first."""
+
+    algorithm: Algorithm
+    key_version: int
+    keys: PurseKeys
+    public_data: bytes
+    holder_data: bytes
+    interop_data: bytes
+    balance: int
+    max_balance: int
+    key_index: int = 1
+    offline_counter: int = 0
+    online_counter: int = 0
+    log: list[bytes] = field(default_factory=list)
+    trips: list[bytes] = field(default_factory=list)
+    proof: TransactionProof | None = None
+    mac_failures: int = 0
+    locked: bool = False
+    blocked: bool = False
+    journal: Journal | None = None
+
+    @property
+    def application_serial(self) -> bytes:
+        """The 10-byte BCD application serial from SFI 0x15."""
+        return self.public_data[10:20]
+
+    @property
+    def card_serial(self) -> bytes:
+        """The 8 bytes used for key diversification: the last 8 of the application serial."""
+        return self.public_data[12:20]
+
+
+@dataclass
+class _Pending:
+    """What INITIALIZE left for the DEBIT or CREDIT that must follow it."""
+
+    txn_type: int
+    amount: int
+    terminal: bytes
+    random: bytes
+    balance: int
+    counter: int
+    load_key: BlockKey | None = None
+    trip_record: bytes | None = None
+
+
+@dataclass
+class _Carry:
+    """Volatile state that lives for exactly one following command (ISO 7816 practice)."""
+
+    pending: _Pending | None = None
+    challenge: bytes | None = None
+
+
+Handler = Callable[[Command, _Carry], bytes]
+
+
+class PurseCard:
+    """A CPU purse card. ``transmit`` never raises, except ``CardTorn`` when a test cuts the power."""
+
+    def __init__(self, state: PurseState, rng: RandomSource, eeprom: Eeprom | None = None) -> None:
+        self.state = state
+        self.rng = rng
+        self.eeprom = eeprom or Eeprom()
+        self._purchase_key = BlockKey(state.algorithm, state.keys.purchase)
+        self._load_key = BlockKey(state.algorithm, state.keys.load)
+        self._tac_key = crypto.tac_key(state.algorithm, state.keys.tac)
+        self._maintenance_key = BlockKey(state.algorithm, state.keys.maintenance)
+        self._selected = False
+        self._carry = _Carry()
+        self._handlers: dict[tuple[int, int], Handler] = {
+            (0x00, 0xA4): self._select,
+            (0x00, 0x84): self._get_challenge,
+            (0x00, 0xB0): self._read_binary,
+            (0x00, 0xB2): self._read_record,
+            (0x80, 0x5C): self._get_balance,
+            (0x80, 0x50): self._initialize,
+            (0x80, 0x54): self._debit,
+            (0x80, 0x52): self._credit,
+            (0x80, 0xDC): self._update_capp_cache,
+            (0x80, 0x5A): self._get_transaction_prove,
+            (0x84, 0x1E): self._application_block,
+        }
+        recover(state)
+
+    # --- power -----------------------------------------------------------------------------------
+
+    def power_on(self) -> bytes:
+        """Power-up: finish or drop an interrupted commit, forget the session; returns the ATR."""
+        recover(self.state)
+        self.power_off()
+        return ATR
+
+    def power_off(self) -> None:
+        """Power loss or field off: volatile state is gone, non-volatile state stays."""
+        self._selected = False
+        self._carry = _Carry()
+
+    # --- APDU dispatch ---------------------------------------------------------------------------
+
+    def transmit(self, apdu: bytes) -> bytes:
+        """Process one C-APDU and return the R-APDU (data + SW)."""
+        carried, self._carry = self._carry, _Carry()
+        try:
+            cmd = parse_command(apdu)
+            handler = self._handlers.get((cmd.cla, cmd.ins))
+            if handler is None:
+                known_cla = any(cla == cmd.cla for cla, _ in self._handlers)
+                raise ApduError(SW.INS_NOT_SUPPORTED if known_cla else SW.CLA_NOT_SUPPORTED)
+            return handler(cmd, carried)
+        except ApduError as err:
+            self._carry = _Carry()
+            return respond(sw=err.sw)
+        except CardTorn:
+            self.power_off()
+            raise
+
+    # --- helpers ---------------------------------------------------------------------------------
+
+    def _require_application(self) -> None:
+        if self.state.locked:
+            raise ApduError(SW.APPLICATION_LOCKED)
+        if self.state.blocked:
+            raise ApduError(SW.APPLICATION_BLOCKED)
+        if not self._selected:
+            raise ApduError(SW.CONDITIONS_NOT_SATISFIED, "application not selected")
+
+    def _expect(self, cmd: Command, p1p2: tuple[int, int], lc: int, response_len: int) -> None:
+        """Check header, Lc and Le of a purse command, then that the application may run it."""
+        if (cmd.p1, cmd.p2) != p1p2:
+            raise ApduError(SW.INS_NOT_SUPPORTED, "no such command for this P1/P2")
+        if len(cmd.data) != lc:
+            raise ApduError(SW.WRONG_LENGTH)
+        check_le(cmd, response_len)
+        self._require_application()
+
+    def _mac_failed(self) -> ApduError:
+        failures = self.state.mac_failures + 1
+        self.eeprom.write(lambda: setattr(self.state, "mac_failures", failures))
+        if failures < MAC_FAILURE_LIMIT:
+            return ApduError(SW.MAC_INVALID)
+        self.eeprom.write(lambda: setattr(self.state, "locked", True))
+        self._selected = False
+        return ApduError(SW.APPLICATION_LOCKED)
+
+    def _with_log(self, pending: _Pending, date: bytes, time: bytes) -> list[bytes]:
+        record = (
+            pending.counter.to_bytes(2)
+            + bytes(3)  # overdraft: not used by this project's products
+            + pending.amount.to_bytes(4)
+            + bytes([pending.txn_type])
+            + pending.terminal
+            + date
+            + time
+        )
+        return [record, *self.state.log[: LOG_RECORDS - 1]]
+
+    # --- commands --------------------------------------------------------------------------------
+
+    def _select(self, cmd: Command, _: _Carry) -> bytes:
+        if (cmd.p1, cmd.p2) != (0x04, 0x00):
+            raise ApduError(SW.INS_NOT_SUPPORTED, "SELECT supports select by name only")
+        self._selected = False
+        if cmd.data == PSE_NAME:
+            return respond(tlv(0x6F, tlv(0x84, PSE_NAME) + tlv(0xA5, tlv(0x88, b"\x01"))))
+        if cmd.data != AID:
+            raise ApduError(SW.FILE_NOT_FOUND)
+        if self.state.locked:
+            raise ApduError(SW.APPLICATION_LOCKED)
+        if self.state.blocked:
+            raise ApduError(SW.APPLICATION_BLOCKED)
+        self._selected = True
+        return respond(tlv(0x6F, tlv(0x84, AID) + tlv(0xA5, tlv(0x9F0C, self.state.public_data))))
+
+    def _get_challenge(self, cmd: Command, _: _Carry) -> bytes:
+        if (cmd.p1, cmd.p2) != (0x00, 0x00):
+            raise ApduError(SW.INS_NOT_SUPPORTED)
+        if cmd.data or cmd.le not in (4, 8):
+            raise ApduError(SW.WRONG_LENGTH, "GET CHALLENGE takes no data and Le 04 or 08")
+        challenge = self.rng(cmd.le)
+        self._carry.challenge = challenge
+        return respond(challenge)
+
+    def _read_binary(self, cmd: Command, _: _Carry) -> bytes:
+        self._require_application()
+        files = {
+            SFI_PUBLIC: self.state.public_data,
+            SFI_HOLDER: self.state.holder_data,
+            SFI_INTEROP: self.state.interop_data,
+        }
+        content = files.get(cmd.p1 & 0x1F) if cmd.p1 & 0xE0 == 0x80 else None
+        if content is None:
+            raise ApduError(SW.FILE_NOT_FOUND)
+        if cmd.data or cmd.p2 >= len(content):
+            raise ApduError(SW.WRONG_LENGTH)
+        rest = content[cmd.p2 :]
+        if cmd.le:
+            if cmd.le > len(rest):
+                raise ApduError(SW.WRONG_LENGTH, f"only {len(rest)} bytes from offset {cmd.p2}")
+            rest = rest[: cmd.le]
+        return respond(rest)
+
+    def _read_record(self, cmd: Command, _: _Carry) -> bytes:
+        self._require_application()
+        files = {SFI_LOG: self.state.log, SFI_TRIPS: self.state.trips}
+        records = files.get(cmd.p2 >> 3) if cmd.p2 & 0x07 == 0x04 else None
+        if records is None:
+            raise ApduError(SW.FILE_NOT_FOUND)
+        if cmd.data:
+            raise ApduError(SW.WRONG_LENGTH)
+        if not 1 <= cmd.p1 <= len(records):
+            raise ApduError(SW.RECORD_NOT_FOUND)
+        record = records[cmd.p1 - 1]
+        check_le(cmd, len(record))
+        return respond(record)
+
+    def _get_balance(self, cmd: Command, _: _Carry) -> bytes:
+        self._expect(cmd, (0x00, 0x02), 0, 4)
+        return respond(self.state.balance.to_bytes(4))
+
+    def _initialize(self, cmd: Command, _: _Carry) -> bytes:
+        kinds = {0x01: TYPE_PURCHASE, 0x03: TYPE_COMPOUND, 0x00: TYPE_LOAD}
+        txn_type = kinds.get(cmd.p1)
+        if txn_type is None:
+            raise ApduError(SW.INS_NOT_SUPPORTED, "INITIALIZE supports P1 00, 01, 03")
+        is_load = txn_type == TYPE_LOAD
+        self._expect(cmd, (cmd.p1, 0x02), 11, 16 if is_load else 15)
+        key_index, amount, terminal = cmd.data[0], int.from_bytes(cmd.data[1:5]), cmd.data[5:11]
+        st = self.state
+        if key_index != st.key_index:
+            raise ApduError(SW.KEY_NOT_FOUND, f"key index {key_index:02X}")
+        counter = st.online_counter if is_load else st.offline_counter
+        if counter >= COUNTER_MAX:
+            raise ApduError(SW.CONDITIONS_NOT_SATISFIED, "transaction counter exhausted")
+        if is_load and st.balance + amount > st.max_balance:
+            raise ApduError(SW.CONDITIONS_NOT_SATISFIED, "load would exceed the maximum balance")
+        if not is_load and amount > st.balance:
+            raise ApduError(SW.INSUFFICIENT_BALANCE)
+        random = self.rng(4)
+        pending = _Pending(txn_type, amount, terminal, random, st.balance, counter)
+        self._carry.pending = pending
+        head = st.balance.to_bytes(4) + counter.to_bytes(2)
+        tail = bytes([st.key_version, st.algorithm.algorithm_id]) + random
+        if not is_load:
+            return respond(head + bytes(3) + tail)  # overdraft limit 0
+        pending.load_key = crypto.session_key(self._load_key, crypto.load_key_input(random, counter))
+        mac1 = pending.load_key.mac(crypto.load_mac1_data(st.balance, amount, TYPE_LOAD, terminal))
+        return respond(head + tail + mac1)
+
+    def _update_capp_cache(self, cmd: Command, carried: _Carry) -> bytes:
+        self._expect(cmd, (0x00, (SFI_TRIPS << 3)), TRIP_RECORD_SIZE, 0)
+        pending = carried.pending
+        if pending is None or pending.txn_type != TYPE_COMPOUND:
+            raise ApduError(SW.CONDITIONS_NOT_SATISFIED, "UPDATE CAPP DATA CACHE needs a compound INITIALIZE")
+        pending.trip_record = cmd.data
+        self._carry.pending = pending
+        return respond()
+
+    def _debit(self, cmd: Command, carried: _Carry) -> bytes:
+        self._expect(cmd, (0x01, 0x00), 15, 8)
+        pending = carried.pending
+        if pending is None or pending.txn_type == TYPE_LOAD:
+            raise ApduError(SW.CONDITIONS_NOT_SATISFIED, "DEBIT without INITIALIZE FOR PURCHASE")
+        seq = int.from_bytes(cmd.data[0:4])
+        date, time, mac1 = cmd.data[4:8], cmd.data[8:11], cmd.data[11:15]
+        sk = crypto.session_key(self._purchase_key, crypto.purchase_key_input(pending.random, pending.counter, seq))
+        if sk.mac(crypto.purchase_mac1_data(pending.amount, pending.txn_type, pending.terminal, date, time)) != mac1:
+            raise self._mac_failed()
+        mac2 = sk.mac(crypto.purchase_mac2_data(pending.amount))
+        tac = self._tac_key.mac(
+            crypto.purchase_tac_data(pending.amount, pending.txn_type, pending.terminal, seq, date, time)
+        )
+        updates: dict[str, object] = {
+            "balance": pending.balance - pending.amount,
+            "offline_counter": pending.counter + 1,
+            "log": self._with_log(pending, date, time),
+            "proof": TransactionProof(pending.counter, pending.txn_type, mac2, tac),
+            "mac_failures": 0,
+        }
+        if pending.trip_record is not None:
+            updates["trips"] = [pending.trip_record, *self.state.trips[: TRIP_RECORDS - 1]]
+        self.eeprom.commit(self.state, updates)
+        return respond(tac + mac2)
+
+    def _credit(self, cmd: Command, carried: _Carry) -> bytes:
+        self._expect(cmd, (0x00, 0x00), 11, 4)
+        pending = carried.pending
+        if pending is None or pending.load_key is None:
+            raise ApduError(SW.CONDITIONS_NOT_SATISFIED, "CREDIT without INITIALIZE FOR LOAD")
+        date, time, mac2 = cmd.data[0:4], cmd.data[4:7], cmd.data[7:11]
+        expected = pending.load_key.mac(crypto.load_mac2_data(pending.amount, TYPE_LOAD, pending.terminal, date, time))
+        if expected != mac2:
+            raise self._mac_failed()
+        new_balance = pending.balance + pending.amount
+        tac = self._tac_key.mac(
+            crypto.load_tac_data(new_balance, pending.counter, pending.amount, TYPE_LOAD, pending.terminal, date, time)
+        )
+        self.eeprom.commit(
+            self.state,
+            {
+                "balance": new_balance,
+                "online_counter": pending.counter + 1,
+                "log": self._with_log(pending, date, time),
+                "mac_failures": 0,
+            },
+        )
+        return respond(tac)
+
+    def _get_transaction_prove(self, cmd: Command, _: _Carry) -> bytes:
+        if cmd.p2 not in (TYPE_PURCHASE, TYPE_COMPOUND):
+            raise ApduError(SW.INS_NOT_SUPPORTED)
+        self._expect(cmd, (0x00, cmd.p2), 2, 8)
+        proof = self.state.proof
+        counter = int.from_bytes(cmd.data)
+        if proof is None or proof.counter != counter or proof.txn_type != cmd.p2:
+            raise ApduError(SW.RECORD_NOT_FOUND, "no committed transaction with that counter")
+        return respond(proof.mac2 + proof.tac)
+
+    def _application_block(self, cmd: Command, carried: _Carry) -> bytes:
+        self._expect(cmd, (0x00, 0x00), 4, 0)
+        if carried.challenge is None:
+            raise ApduError(SW.CONDITIONS_NOT_SATISFIED, "APPLICATION BLOCK needs a GET CHALLENGE first")
+        key = crypto.session_key(self._maintenance_key, crypto.block_key_input(carried.challenge[:4]))
+        if key.mac(crypto.BLOCK_COMMAND_HEADER) != cmd.data:
+            raise self._mac_failed()
+        self.eeprom.write(lambda: setattr(self.state, "blocked", True))
+        self._selected = False
+        return respond()

@@ -1,0 +1,1 @@
+"""Clearing service: verify, dedupe, store, settle (issue 5)."""

@@ -1,0 +1,96 @@
+"""Reading a purse card the way a reader app does: files, balance and logs over APDUs only."""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, field
+
+from cardsim.apdu import SW, split_response
+from cardsim.bcd import parse_bcd_date, parse_bcd_datetime
+from cardsim.purse import LOG_RECORDS, SFI_HOLDER, SFI_INTEROP, SFI_LOG, SFI_TRIPS, TRIP_RECORDS
+from terminals.flows import TransactionError, exchange, select_purse
+from terminals.reader import Reader
+
+TXN_TYPES = {0x02: "load", 0x06: "purchase", 0x09: "compound"}
+
+
+def yuan(fen: int) -> str:
+    """Integer fen as a yuan amount with two decimals, without floats."""
+    sign = "-" if fen < 0 else ""
+    return f"{sign}{abs(fen) // 100}.{abs(fen) % 100:02d}"
+
+
+@dataclass(frozen=True)
+class LogEntry:
+    """One record of the SFI 0x18 transaction log."""
+
+    counter: int
+    amount: int
+    txn_type: int
+    terminal: str
+    when: dt.datetime | None
+
+
+@dataclass
+class CardInfo:
+    """What a reader app shows of a purse card. ``status`` is 'active' or why the app refused SELECT."""
+
+    status: str
+    application_serial: str = ""
+    city: str = ""
+    start: dt.date | None = None
+    expiry: dt.date | None = None
+    card_class: int = 0
+    interoperable: bool = False
+    balance: int = 0
+    log: list[LogEntry] = field(default_factory=list)
+    trips: int = 0
+
+
+def _records(card: Reader, sfi: int, most: int) -> list[bytes]:
+    out = []
+    for n in range(1, most + 1):
+        data, sw = split_response(card.transmit(bytes([0x00, 0xB2, n, (sfi << 3) | 4, 0x00])))
+        if sw != SW.OK:
+            break
+        out.append(data)
+    return out
+
+
+def read_card_info(card: Reader) -> CardInfo:
+    """SELECT, READ BINARY 0x15-0x17, GET BALANCE, READ RECORD of the logs."""
+    try:
+        app = select_purse(card)
+    except TransactionError as err:
+        if err.sw in (SW.APPLICATION_LOCKED, SW.APPLICATION_BLOCKED):
+            return CardInfo(status=SW(err.sw).name.lower().replace("_", " "))
+        raise
+    pub = app.public_data
+    holder = exchange(card, "READ BINARY 16", bytes([0x00, 0xB0, 0x80 | SFI_HOLDER, 0x00, 0x00]), None)
+    interop = exchange(card, "READ BINARY 17", bytes([0x00, 0xB0, 0x80 | SFI_INTEROP, 0x00, 0x00]), None)
+    balance = int.from_bytes(exchange(card, "GET BALANCE", bytes.fromhex("805C000204"), 4))
+    log = []
+    for rec in _records(card, SFI_LOG, LOG_RECORDS):
+        try:
+            when: dt.datetime | None = parse_bcd_datetime(rec[16:20], rec[20:23])
+        except ValueError:
+            when = None
+        log.append(LogEntry(int.from_bytes(rec[0:2]), int.from_bytes(rec[5:9]), rec[9], rec[10:16].hex().upper(), when))
+    start: dt.date | None
+    expiry: dt.date | None
+    try:
+        start, expiry = parse_bcd_date(pub[20:24]), parse_bcd_date(pub[24:28])
+    except ValueError:
+        start = expiry = None
+    return CardInfo(
+        status="active",
+        application_serial=app.application_serial.hex().upper(),
+        city=app.city,
+        start=start,
+        expiry=expiry,
+        card_class=holder[0] if holder else 0,
+        interoperable=interop[8:10] == b"\x00\x01",
+        balance=balance,
+        log=log,
+        trips=len(_records(card, SFI_TRIPS, TRIP_RECORDS)),
+    )
