@@ -20,13 +20,11 @@ WHEN = dt.datetime(2026, 11, 24, 8, 15, 2)
 def seeded_rng(seed: int = 1):
     """A reproducible random source for cards."""
     gen = random.Random(seed)
-    return lambda n: gen.randbytes(n)
+    return gen.randbytes
 
 
 def new_state(alg: Algorithm = Algorithm.SM4, balance: int = 5000, city: str = "4510", sequence: int = 1) -> PurseState:
-    return issue_cpu_card(
-        KEYS, CardRequest(city, alg, balance, sequence, dt.date(2026, 1, 1), dt.date(2036, 1, 1))
-    )
+    return issue_cpu_card(KEYS, CardRequest(city, alg, balance, sequence, dt.date(2026, 1, 1), dt.date(2036, 1, 1)))
 
 
 def new_card(alg: Algorithm = Algorithm.SM4, balance: int = 5000, city: str = "4510", seed: int = 1) -> PurseCard:

@@ -115,12 +115,18 @@ def test_debit_without_initialize_is_refused() -> None:
 
 def test_any_command_between_initialize_and_debit_cancels_the_transaction() -> None:
     card, psam = new_card(), new_psam()
-    r_card, r_sam = readers(card, psam)
+    r_card, _r_sam = readers(card, psam)
     app = select_purse(r_card)
     r = init_purchase(card, 100)
     sam = psam.transmit(
-        bytes.fromhex("807000001C") + r[11:15] + r[4:6] + (100).to_bytes(4) + b"\x06"
-        + bytes.fromhex("20261124081502") + bytes([r[9], r[10]]) + app.card_serial
+        bytes.fromhex("807000001C")
+        + r[11:15]
+        + r[4:6]
+        + (100).to_bytes(4)
+        + b"\x06"
+        + bytes.fromhex("20261124081502")
+        + bytes([r[9], r[10]])
+        + app.card_serial
     )
     assert card.transmit(bytes.fromhex("805C000204"))[-2:] == b"\x90\x00"
     assert sw(debit(card, sam[4:8], int.from_bytes(sam[0:4]))) == 0x6985

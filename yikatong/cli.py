@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from yikatong import __version__, card_cli
+from yikatong import __version__, card_cli, demo
 from yikatong.errors import CliError
 
 
@@ -19,6 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"yikatong {__version__}")
     groups = parser.add_subparsers(dest="group", metavar="COMMAND", required=True)
+    demo.register(groups)
     card_cli.register(groups)
     return parser
 

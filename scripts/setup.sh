@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Install everything yikatong needs on a fresh Debian/Ubuntu machine, then yikatong itself (editable,
+# with the test tools). Safe to run again: it installs only what is missing.
+#   system: pcscd + vsmartcard-vpcd (the virtual PC/SC reader), mosquitto (+ clients), and what pyscard
+#           builds against (swig, libpcsclite-dev, a C compiler)
+#   python: this repo with its [test] extras
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+packages=(pcscd vsmartcard-vpcd libpcsclite-dev swig mosquitto mosquitto-clients gcc)
+missing=()
+for pkg in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  echo "setup: installing ${missing[*]}"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+python3 -m pip install --quiet --disable-pip-version-check -e ".[test]"
+bash scripts/services.sh
+echo "setup: done ($(command -v yikatong))"
