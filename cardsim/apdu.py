@@ -116,3 +116,18 @@ def tlv(tag: int, value: bytes) -> bytes:
     n = len(value)
     length = bytes([n]) if n < 0x80 else bytes([0x81, n])
     return tag_bytes + length + value
+
+
+def read_binary(cmd: Command, files: dict[int, bytes]) -> bytes:
+    """READ BINARY by SFI (P1 = 80|SFI, P2 = offset) from ``files``; the R-APDU, or ApduError."""
+    content = files.get(cmd.p1 & 0x1F) if cmd.p1 & 0xE0 == 0x80 else None
+    if content is None:
+        raise ApduError(SW.FILE_NOT_FOUND)
+    if cmd.data or cmd.p2 >= len(content):
+        raise ApduError(SW.WRONG_LENGTH)
+    rest = content[cmd.p2 :]
+    if cmd.le:
+        if cmd.le > len(rest):
+            raise ApduError(SW.WRONG_LENGTH, f"only {len(rest)} bytes from offset {cmd.p2}")
+        rest = rest[: cmd.le]
+    return respond(rest)

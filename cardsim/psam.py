@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from cardsim import crypto
-from cardsim.apdu import SW, ApduError, Command, check_le, contactless_atr, parse_command, respond
+from cardsim.apdu import SW, ApduError, Command, check_le, contactless_atr, parse_command, read_binary, respond
 from cardsim.crypto import Algorithm, BlockKey
 from cardsim.eeprom import Eeprom
 from cardsim.keys import IssuerKeyStore, city_of_serial
@@ -104,18 +104,7 @@ class Psam:
         return key
 
     def _read_binary(self, cmd: Command) -> bytes:
-        files = {SFI_SERIAL: self.state.serial, SFI_TERMINAL: self.state.terminal}
-        content = files.get(cmd.p1 & 0x1F) if cmd.p1 & 0xE0 == 0x80 else None
-        if content is None:
-            raise ApduError(SW.FILE_NOT_FOUND)
-        if cmd.data or cmd.p2 >= len(content):
-            raise ApduError(SW.WRONG_LENGTH)
-        rest = content[cmd.p2 :]
-        if cmd.le:
-            if cmd.le > len(rest):
-                raise ApduError(SW.WRONG_LENGTH)
-            rest = rest[: cmd.le]
-        return respond(rest)
+        return read_binary(cmd, {SFI_SERIAL: self.state.serial, SFI_TERMINAL: self.state.terminal})
 
     def _init_sam_for_purchase(self, cmd: Command) -> bytes:
         self._expect(cmd, 0x1C, 8)

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Final
 
 from cardsim import crypto
-from cardsim.apdu import SW, ApduError, Command, check_le, contactless_atr, parse_command, respond, tlv
+from cardsim.apdu import SW, ApduError, Command, check_le, contactless_atr, parse_command, read_binary, respond, tlv
 from cardsim.crypto import Algorithm, BlockKey
 from cardsim.eeprom import CardTorn, Eeprom, Journal, recover
 
@@ -37,6 +37,28 @@ MAC_FAILURE_LIMIT: Final = 3
 COUNTER_MAX: Final = 0xFFFF
 
 RandomSource = Callable[[int], bytes]
+
+
+@dataclass(frozen=True)
+class PublicData:
+    """The 30 bytes of SFI 0x15 (also in the FCI, tag 9F0C), decoded."""
+
+    raw: bytes
+
+    @property
+    def city(self) -> str:
+        """The issuer city code."""
+        return self.raw[2:4].hex()
+
+    @property
+    def application_serial(self) -> bytes:
+        """The 10-byte BCD application serial."""
+        return self.raw[10:20]
+
+    @property
+    def card_serial(self) -> bytes:
+        """The 8 bytes used for key diversification: the last 8 of the application serial."""
+        return self.raw[12:20]
 
 
 @dataclass
@@ -83,14 +105,9 @@ class PurseState:
     journal: Journal | None = None
 
     @property
-    def application_serial(self) -> bytes:
-        """The 10-byte BCD application serial from SFI 0x15."""
-        return self.public_data[10:20]
-
-    @property
-    def card_serial(self) -> bytes:
-        """The 8 bytes used for key diversification: the last 8 of the application serial."""
-        return self.public_data[12:20]
+    def public(self) -> PublicData:
+        """SFI 0x15 decoded."""
+        return PublicData(self.public_data)
 
 
 @dataclass
@@ -246,22 +263,8 @@ class PurseCard:
 
     def _read_binary(self, cmd: Command, _: _Carry) -> bytes:
         self._require_application()
-        files = {
-            SFI_PUBLIC: self.state.public_data,
-            SFI_HOLDER: self.state.holder_data,
-            SFI_INTEROP: self.state.interop_data,
-        }
-        content = files.get(cmd.p1 & 0x1F) if cmd.p1 & 0xE0 == 0x80 else None
-        if content is None:
-            raise ApduError(SW.FILE_NOT_FOUND)
-        if cmd.data or cmd.p2 >= len(content):
-            raise ApduError(SW.WRONG_LENGTH)
-        rest = content[cmd.p2 :]
-        if cmd.le:
-            if cmd.le > len(rest):
-                raise ApduError(SW.WRONG_LENGTH, f"only {len(rest)} bytes from offset {cmd.p2}")
-            rest = rest[: cmd.le]
-        return respond(rest)
+        st = self.state
+        return read_binary(cmd, {SFI_PUBLIC: st.public_data, SFI_HOLDER: st.holder_data, SFI_INTEROP: st.interop_data})
 
     def _read_record(self, cmd: Command, _: _Carry) -> bytes:
         self._require_application()

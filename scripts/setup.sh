@@ -21,5 +21,6 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 
 python3 -m pip install --quiet --disable-pip-version-check -e ".[test]"
+command -v pyenv >/dev/null && pyenv rehash 2>/dev/null || true  # console script shim under pyenv
 bash scripts/services.sh
 echo "setup: done ($(command -v yikatong))"

@@ -10,7 +10,7 @@ from cardsim.bcd import bcd_date, bcd_time
 from cardsim.crypto import Algorithm
 from cardsim.issuer import IssuerHost, LoadRequest
 from cardsim.keys import city_of_serial
-from cardsim.purse import AID, TYPE_COMPOUND, TYPE_LOAD, TYPE_PURCHASE
+from cardsim.purse import AID, TYPE_COMPOUND, TYPE_LOAD, TYPE_PURCHASE, PublicData
 from terminals.reader import Reader
 
 
@@ -38,29 +38,7 @@ def exchange(reader: Reader, step: str, apdu: bytes, response_len: int | None) -
     return data
 
 
-@dataclass(frozen=True)
-class PurseApplication:
-    """What SELECT tells about the card: its SFI 0x15 public data, decoded."""
-
-    public_data: bytes
-
-    @property
-    def application_serial(self) -> bytes:
-        """10-byte BCD application serial."""
-        return self.public_data[10:20]
-
-    @property
-    def card_serial(self) -> bytes:
-        """The 8-byte serial used for key diversification."""
-        return self.public_data[12:20]
-
-    @property
-    def city(self) -> str:
-        """The issuer city code."""
-        return self.public_data[2:4].hex()
-
-
-def select_purse(card: Reader) -> PurseApplication:
+def select_purse(card: Reader) -> PublicData:
     """SELECT the purse application and decode the FCI (tag 9F0C carries SFI 0x15)."""
     fci = exchange(card, "SELECT", bytes.fromhex("00A40400") + bytes([len(AID)]) + AID, None)
     marker = fci.find(b"\x9f\x0c\x1e")
@@ -71,7 +49,7 @@ def select_purse(card: Reader) -> PurseApplication:
         city_of_serial(public[12:20])
     except ValueError as err:
         raise TransactionError("SELECT", str(err)) from err
-    return PurseApplication(public)
+    return PublicData(public)
 
 
 def psam_terminal_number(sam: Reader) -> bytes:

@@ -65,7 +65,7 @@ def read_card_info(card: Reader) -> CardInfo:
         if err.sw in (SW.APPLICATION_LOCKED, SW.APPLICATION_BLOCKED):
             return CardInfo(status=SW(err.sw).name.lower().replace("_", " "))
         raise
-    pub = app.public_data
+    pub = app.raw
     holder = exchange(card, "READ BINARY 16", bytes([0x00, 0xB0, 0x80 | SFI_HOLDER, 0x00, 0x00]), None)
     interop = exchange(card, "READ BINARY 17", bytes([0x00, 0xB0, 0x80 | SFI_INTEROP, 0x00, 0x00]), None)
     balance = int.from_bytes(exchange(card, "GET BALANCE", bytes.fromhex("805C000204"), 4))

@@ -75,7 +75,7 @@ def test_cli_issue_show_and_refusals(tmp_path: Path, capsys: pytest.CaptureFixtu
         == 0
     )
     state = load_purse(out)
-    assert state.balance == 5000 and state.application_serial.hex() == "31044510000000000077"
+    assert state.balance == 5000 and state.public.application_serial.hex() == "31044510000000000077"
     assert main(["card", "issue", "--city", "4510", "--alg", "sm4", "--balance", "1", "--out", str(out)]) == 2
     assert "exists" in capsys.readouterr().err
     assert load_purse(out).balance == 5000, "an existing image is never overwritten without --force"

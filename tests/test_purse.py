@@ -32,7 +32,7 @@ def test_full_purchase_through_psam_and_card(alg: Algorithm) -> None:
     assert card.state.balance == 4800 and card.state.offline_counter == 1 and card.state.online_counter == 0
     assert txn.algorithm is alg and txn.terminal_seq == 1 and psam.state.ttc == 2
     # The TAC verifies with the issuer's keys (what clearing will do).
-    tac_key = IssuerHost(KEYS).tac_key(card.state.card_serial, 1, alg)
+    tac_key = IssuerHost(KEYS).tac_key(card.state.public.card_serial, 1, alg)
     tac_data = crypto.purchase_tac_data(200, 0x06, TERMINAL, 1, bytes.fromhex("20261124"), bytes.fromhex("081502"))
     assert tac_key.mac(tac_data) == txn.tac
     log = card.state.log[0]
@@ -47,7 +47,7 @@ def test_full_load_through_issuer_host(alg: Algorithm) -> None:
     txn = load(readers(card, new_psam())[0], IssuerHost(KEYS), TERMINAL, 5000, WHEN)
     assert (txn.balance_before, txn.balance_after) == (100, 5100)
     assert card.state.balance == 5100 and card.state.online_counter == 1 and card.state.offline_counter == 0
-    tac_key = IssuerHost(KEYS).tac_key(card.state.card_serial, 1, alg)
+    tac_key = IssuerHost(KEYS).tac_key(card.state.public.card_serial, 1, alg)
     date, time = bytes.fromhex("20261124"), bytes.fromhex("081502")
     assert tac_key.mac(crypto.load_tac_data(5100, 0, 5000, 0x02, TERMINAL, date, time)) == txn.tac
     assert card.state.log[0][9] == 0x02
@@ -203,7 +203,7 @@ def test_get_challenge_lengths() -> None:
 
 
 def block_command(card: PurseCard, challenge: bytes, alg: Algorithm) -> bytes:
-    key = IssuerHost(KEYS).card_key(card.state.card_serial, 1, alg, "maintenance")
+    key = IssuerHost(KEYS).card_key(card.state.public.card_serial, 1, alg, "maintenance")
     mac = crypto.session_key(key, crypto.block_key_input(challenge)).mac(crypto.BLOCK_COMMAND_HEADER)
     return crypto.BLOCK_COMMAND_HEADER + mac
 
@@ -214,7 +214,7 @@ def test_application_block_with_psam_mac(alg: Algorithm) -> None:
     card.transmit(SELECT)
     challenge = card.transmit(bytes.fromhex("0084000004"))[:4]
     mac = psam.transmit(
-        bytes.fromhex("80FA00000E") + card.state.card_serial + challenge + bytes([1, alg.algorithm_id]) + b"\x04"
+        bytes.fromhex("80FA00000E") + card.state.public.card_serial + challenge + bytes([1, alg.algorithm_id]) + b"\x04"
     )
     assert sw(mac) == 0x9000
     assert crypto.BLOCK_COMMAND_HEADER + mac[:4] == block_command(card, challenge, alg)

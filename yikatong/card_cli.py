@@ -163,7 +163,7 @@ def _issue(args: argparse.Namespace) -> int:
     save_purse(out, state)
     note = " with the published TEST keys" if keys.test_keys else ""
     print(
-        f"issued {args.alg.upper()} card {state.application_serial.hex().upper()} "
+        f"issued {args.alg.upper()} card {state.public.application_serial.hex().upper()} "
         f"({CITY_NAMES.get(args.city, args.city)}), balance {yuan(args.balance)} yuan{note} -> {out}"
     )
     return 0
@@ -230,7 +230,7 @@ def _serve(args: argparse.Namespace) -> int:
         sys.stdout.flush()
 
     print(
-        f"serving {card.state.algorithm.value.upper()} card {card.state.application_serial.hex().upper()} "
+        f"serving {card.state.algorithm.value.upper()} card {card.state.public.application_serial.hex().upper()} "
         f"from {path}; Ctrl-C stops"
     )
     sys.stdout.flush()

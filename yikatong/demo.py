@@ -111,14 +111,14 @@ def run(args: argparse.Namespace) -> int:
             load(reader, host, terminal, TOP_UP, when)
             loads[issuer] += TOP_UP
         txn = purchase(reader, psam, terminal, BUS_FARE, when)
-        if not _tac_verifies(host, card.state.card_serial, txn):
+        if not _tac_verifies(host, card.state.public.card_serial, txn):
             tac_failures += 1
         gross[(acquirer, issuer)] += BUS_FARE
         rides_by_city[acquirer] += 1
         _progress(ride + 1, args.rides)
 
     for _, card in cards:
-        save_purse(out / "cards" / f"{card.state.application_serial.hex().upper()}.json", card.state)
+        save_purse(out / "cards" / f"{card.state.public.application_serial.hex().upper()}.json", card.state)
     _summary(gross, loads, rides_by_city, tac_failures)
     print(f"card images: {out / 'cards'}")
     return 1 if tac_failures else 0
