@@ -1,0 +1,407 @@
+"""MIFARE Classic 1K (legacy M1 city card, spec card.md part C) as a pure state machine over radio frames.
+
+Frames carry bytes and, once a sector is authenticated, Crypto-1 encrypted parity bits, so a reader-side
+Crypto-1 (``terminals.m1``) and the attacks in ``audit`` see exactly what they would see on air. CRC_A is left
+out of frames (docs/card-choices.md). Card profiles model the chips a fleet really holds: genuine (weak
+16-bit PRNG), hardened PRNG, static nonce, Gen1a magic backdoor, FM11RF08S-like backdoor key.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Final
+
+from cardsim.crypto1 import Crypto1, decrypt_bytes, encrypt_bytes, odd_parity, prng_successor
+
+BLOCKS: Final = 64
+BLOCK_SIZE: Final = 16
+ACK: Final = 0x0A
+NAK: Final = 0x04
+TRANSPORT_ACCESS: Final = bytes.fromhex("FF078069")
+DEFAULT_KEY: Final = 0xFFFFFFFFFFFF
+BACKDOOR_KEY: Final = 0xA396EFA4E24F
+FIRST_WEAK_NONCE: Final = 0x01200145  # the nonce a genuine chip's PRNG starts from at power-up
+STATIC_NONCE: Final = 0x009080A2
+PRNG_STEPS_PER_FRAME: Final = 160  # the PRNG runs freely; a frame exchange takes about this many steps
+
+RandomSource = Callable[[int], bytes]
+
+
+class Profile(enum.Enum):
+    """What kind of chip the card is."""
+
+    GENUINE = "genuine"  # NXP-like: weak 16-bit PRNG
+    HARDENED = "hardened"  # EV1-like: unpredictable nonces
+    STATIC_NONCE = "static-nonce"
+    GEN1A = "gen1a"  # magic: answers the 7-bit 40/43 backdoor, block 0 writable
+    FM11RF08S = "fm11rf08s"  # accepts a vendor backdoor key with auth command 64/65
+
+
+@dataclass(frozen=True)
+class Frame:
+    """One radio frame. ``bits`` is set for short frames (7-bit commands, 4-bit ACK/NAK)."""
+
+    data: bytes
+    parity: tuple[int, ...] = ()
+    bits: int | None = None
+
+
+# --- access conditions ---------------------------------------------------------------------------
+
+# Data blocks: (C1, C2, C3) -> key types allowed to read, write, increment, decrement/transfer/restore.
+DATA_ACCESS: Final[dict[tuple[int, int, int], tuple[str, str, str, str]]] = {
+    (0, 0, 0): ("AB", "AB", "AB", "AB"),
+    (0, 1, 0): ("AB", "", "", ""),
+    (1, 0, 0): ("AB", "B", "", ""),
+    (1, 1, 0): ("AB", "B", "B", "AB"),
+    (0, 0, 1): ("AB", "", "", "AB"),
+    (0, 1, 1): ("B", "B", "", ""),
+    (1, 0, 1): ("B", "", "", ""),
+    (1, 1, 1): ("", "", "", ""),
+}
+# Sector trailer: (C1, C2, C3) -> write key A, read access bits, write access bits, read key B, write key B.
+TRAILER_ACCESS: Final[dict[tuple[int, int, int], tuple[str, str, str, str, str]]] = {
+    (0, 0, 0): ("A", "A", "", "A", "A"),
+    (0, 1, 0): ("", "A", "", "A", ""),
+    (1, 0, 0): ("B", "AB", "", "", "B"),
+    (1, 1, 0): ("", "AB", "", "", ""),
+    (0, 0, 1): ("A", "A", "A", "A", "A"),
+    (0, 1, 1): ("B", "AB", "B", "", "B"),
+    (1, 0, 1): ("", "AB", "B", "", ""),
+    (1, 1, 1): ("", "AB", "", "", ""),
+}
+
+
+def decode_access(access: bytes) -> list[tuple[int, int, int]] | None:
+    """(C1, C2, C3) for blocks 0-3 of a sector from access bytes 6-8; None when they are inconsistent."""
+    b6, b7, b8 = access[0], access[1], access[2]
+    if (b6 & 0x0F) != (~b7 >> 4) & 0x0F or (b6 >> 4) != (~b8) & 0x0F or (b7 & 0x0F) != (~b8 >> 4) & 0x0F:
+        return None
+    c1, c2, c3 = b7 >> 4, b8 & 0x0F, b8 >> 4
+    return [((c1 >> i) & 1, (c2 >> i) & 1, (c3 >> i) & 1) for i in range(4)]
+
+
+def encode_access(conditions: list[tuple[int, int, int]], gpb: int = 0x69) -> bytes:
+    """Access bytes 6-9 for (C1, C2, C3) of blocks 0-3."""
+    c1 = sum(c[0] << i for i, c in enumerate(conditions))
+    c2 = sum(c[1] << i for i, c in enumerate(conditions))
+    c3 = sum(c[2] << i for i, c in enumerate(conditions))
+    return bytes([(~c2 & 0xF) << 4 | (~c1 & 0xF), c1 << 4 | (~c3 & 0xF), c3 << 4 | c2, gpb])
+
+
+def key_b_readable(trailer: bytes) -> bool:
+    """True when the trailer's conditions let key B be read (then it cannot serve as a key)."""
+    conditions = decode_access(trailer[6:9])
+    return conditions is not None and TRAILER_ACCESS[conditions[3]][3] != ""
+
+
+# --- value blocks --------------------------------------------------------------------------------
+
+
+def value_block(value: int, address: int) -> bytes:
+    """A value block: value | ~value | value (int32 LE) | addr | ~addr | addr | ~addr."""
+    v = value.to_bytes(4, "little", signed=True)
+    inv = bytes(b ^ 0xFF for b in v)
+    return v + inv + v + bytes([address, address ^ 0xFF, address, address ^ 0xFF])
+
+
+def parse_value_block(block: bytes) -> tuple[int, int] | None:
+    """(value, address) of a well-formed value block, or None when its redundancy is broken."""
+    v, inv, v2 = block[0:4], block[4:8], block[8:12]
+    a = block[12:16]
+    if v != v2 or bytes(b ^ 0xFF for b in v) != inv or a[0] != a[2] or a[1] != a[3] or a[0] ^ 0xFF != a[1]:
+        return None
+    return int.from_bytes(v, "little", signed=True), a[0]
+
+
+# --- the card ------------------------------------------------------------------------------------
+
+
+@dataclass
+class M1State:
+    """Non-volatile content of an M1 card: 64 blocks of 16 bytes (block 0 holds the UID) and its chip kind."""
+
+    blocks: list[bytes]
+    profile: Profile = Profile.GENUINE
+
+    @property
+    def uid(self) -> int:
+        """The 4-byte UID from block 0."""
+        return int.from_bytes(self.blocks[0][0:4])
+
+    def sector_key(self, sector: int, key_type: int) -> int:
+        """Key A (0x60) or key B (0x61) of a sector, as a 48-bit integer."""
+        trailer = self.blocks[sector * 4 + 3]
+        return int.from_bytes(trailer[0:6] if key_type == 0x60 else trailer[10:16])
+
+
+def manufacturer_block(uid: bytes, manufacturer: bytes = b"\x62\x63\x64\x65\x66\x67\x68\x69") -> bytes:
+    """Block 0: UID | BCC | SAK 08 | ATQA 04 00 | manufacturer data."""
+    bcc = uid[0] ^ uid[1] ^ uid[2] ^ uid[3]
+    return uid + bytes([bcc, 0x08, 0x04, 0x00]) + manufacturer
+
+
+@dataclass
+class _Auth:
+    """An authentication in progress or done."""
+
+    cipher: Crypto1
+    nt: int
+    sector: int
+    key_type: int
+    done: bool = False
+
+
+@dataclass
+class M1Card:
+    """A MIFARE Classic 1K card. ``transceive`` returns the card's answer frame, or None for silence."""
+
+    state: M1State
+    rng: RandomSource
+    _auth: _Auth | None = None
+    _nonce: int = FIRST_WEAK_NONCE
+    _pending: tuple[int, int] | None = None  # (command, block) waiting for its data frame
+    _register: int | None = None  # value register after increment/decrement/restore
+    _magic: int = 0  # Gen1a: 1 after 40, 2 after 43 (unlocked)
+    _magic_pending_write: int | None = field(default=None)
+
+    def power_on(self) -> None:
+        """Field on: everything volatile is reset; a genuine PRNG restarts from its first nonce."""
+        self._auth = None
+        self._nonce = FIRST_WEAK_NONCE
+        self._pending = None
+        self._register = None
+        self._magic = 0
+        self._magic_pending_write = None
+
+    def anticollision(self) -> tuple[bytes, int, bytes]:
+        """UID, SAK and ATQA (REQA/anticollision/SELECT collapsed into one step)."""
+        block0 = self.state.blocks[0]
+        return block0[0:4], block0[5], block0[6:8]
+
+    def _next_nonce(self) -> int:
+        profile = self.state.profile
+        if profile is Profile.STATIC_NONCE:
+            return STATIC_NONCE
+        if profile is Profile.HARDENED:
+            return int.from_bytes(self.rng(4))
+        jitter = self.rng(1)[0] & 3  # the reader's timing is never exact
+        self._nonce = prng_successor(self._nonce, PRNG_STEPS_PER_FRAME + jitter)
+        return self._nonce
+
+    # --- frame dispatch --------------------------------------------------------------------------
+
+    def transceive(self, frame: Frame) -> Frame | None:
+        """Process one frame from the reader."""
+        if frame.bits == 7:
+            return self._short_frame(frame.data[0] if frame.data else 0)
+        auth = self._auth
+        if auth is not None and not auth.done:
+            return self._finish_auth(auth, frame)
+        if auth is not None:
+            plain, parity_ok = decrypt_bytes(auth.cipher, frame.data, list(frame.parity))
+            if not parity_ok:
+                self._reset_session()
+                return None
+            return self._encrypted_command(auth, plain)
+        if self._magic == 2:
+            return self._magic_command(frame.data)
+        if len(frame.data) == 2 and frame.data[0] in (0x60, 0x61, 0x64, 0x65):
+            return self._start_auth(frame.data[0], frame.data[1], nested_from=None)
+        return None
+
+    def _reset_session(self) -> None:
+        self._auth = None
+        self._pending = None
+        self._register = None
+
+    def _short_frame(self, command: int) -> Frame | None:
+        self._reset_session()
+        if self.state.profile is not Profile.GEN1A:
+            self._magic = 0
+            return None
+        if command == 0x40:
+            self._magic = 1
+            return Frame(bytes([ACK]), bits=4)
+        if command == 0x43 and self._magic == 1:
+            self._magic = 2
+            return Frame(bytes([ACK]), bits=4)
+        self._magic = 0
+        return None
+
+    def _magic_command(self, data: bytes) -> Frame | None:
+        """Gen1a after 40/43: plain READ and WRITE of any block, block 0 included."""
+        if self._magic_pending_write is not None and len(data) == BLOCK_SIZE:
+            self.state.blocks[self._magic_pending_write] = bytes(data)
+            self._magic_pending_write = None
+            return Frame(bytes([ACK]), bits=4)
+        if len(data) == 2 and data[1] < BLOCKS and data[0] == 0x30:
+            return Frame(self.state.blocks[data[1]])
+        if len(data) == 2 and data[1] < BLOCKS and data[0] == 0xA0:
+            self._magic_pending_write = data[1]
+            return Frame(bytes([ACK]), bits=4)
+        return None
+
+    # --- authentication --------------------------------------------------------------------------
+
+    def _start_auth(self, command: int, block: int, nested_from: _Auth | None) -> Frame | None:
+        if block >= BLOCKS:
+            return None
+        sector = block // 4
+        if command in (0x64, 0x65):
+            if self.state.profile is not Profile.FM11RF08S:
+                return None
+            key = BACKDOOR_KEY
+        else:
+            key = self.state.sector_key(sector, command)
+        nt = self._next_nonce()
+        cipher = Crypto1.from_key(key)
+        # uid^nT enters the cipher; in a nested authentication the nonce goes out encrypted with that very
+        # keystream, each parity bit with the keystream bit after its byte.
+        fed = (self.state.uid ^ nt).to_bytes(4)
+        encrypted = bytearray()
+        parities = []
+        for i, b in enumerate(nt.to_bytes(4)):
+            encrypted.append(b ^ int(cipher.byte(fed[i])))
+            parities.append(odd_parity(b) ^ int(cipher.peek()))
+        self._auth = _Auth(cipher, nt, sector, command)
+        if nested_from is None:
+            return Frame(nt.to_bytes(4))
+        return Frame(bytes(encrypted), tuple(parities))
+
+    def _finish_auth(self, auth: _Auth, frame: Frame) -> Frame | None:
+        self._auth = None
+        if len(frame.data) != 8:
+            return None
+        decrypt_bytes(auth.cipher, frame.data[0:4], list(frame.parity[0:4]), feed=True)  # nR enters the LFSR
+        ar, _ = decrypt_bytes(auth.cipher, frame.data[4:8], list(frame.parity[4:8]))
+        if int.from_bytes(ar) != prng_successor(auth.nt, 64):
+            return None
+        trailer = self.state.blocks[auth.sector * 4 + 3]
+        if auth.key_type == 0x61 and key_b_readable(trailer):
+            return None  # a readable key B is data, not a key
+        at, parities = encrypt_bytes(auth.cipher, prng_successor(auth.nt, 96).to_bytes(4))
+        auth.done = True
+        self._auth = auth
+        return Frame(at, tuple(parities))
+
+    # --- commands in an authenticated session ----------------------------------------------------
+
+    def _answer(self, auth: _Auth, data: bytes) -> Frame:
+        enc, parities = encrypt_bytes(auth.cipher, data)
+        return Frame(enc, tuple(parities))
+
+    def _ack(self, auth: _Auth, code: int) -> Frame:
+        ks = 0
+        for i in range(4):
+            ks |= int(auth.cipher.bit()) << i
+        return Frame(bytes([code ^ ks]), bits=4)
+
+    def _nak(self, auth: _Auth) -> Frame:
+        """Refuse: like a real chip, drop back to idle (a new authentication is needed)."""
+        frame = self._ack(auth, NAK)
+        self._reset_session()
+        return frame
+
+    def _allowed(self, auth: _Auth, block: int, operation: int) -> bool:
+        """operation: 0 read, 1 write, 2 increment, 3 decrement/transfer/restore (data blocks)."""
+        if block // 4 != auth.sector:
+            return False
+        conditions = decode_access(self.state.blocks[auth.sector * 4 + 3][6:9])
+        if conditions is None:
+            return False
+        keys = DATA_ACCESS[conditions[block % 4]][operation]
+        return ("A" if auth.key_type in (0x60, 0x64) else "B") in keys
+
+    def _encrypted_command(self, auth: _Auth, plain: bytes) -> Frame | None:
+        if self._pending is not None:
+            return self._data_frame(auth, plain)
+        if len(plain) != 2:
+            return self._nak(auth)
+        command, block = plain[0], plain[1]
+        if command in (0x60, 0x61, 0x64, 0x65):
+            return self._start_auth(command, block, nested_from=auth)
+        if command == 0x50:
+            self._reset_session()
+            return None
+        if block >= BLOCKS:
+            return self._nak(auth)
+        if command == 0x30:
+            return self._read(auth, block)
+        if block % 4 == 3 and command == 0xA0:
+            return self._start_trailer_write(auth, block)
+        operation = {0xA0: 1, 0xC1: 2, 0xC0: 3, 0xC2: 3, 0xB0: 3}.get(command)
+        if operation is None or block % 4 == 3 or not self._allowed(auth, block, operation):
+            return self._nak(auth)
+        if command == 0xB0:
+            if self._register is None:
+                return self._nak(auth)
+            address = self.state.blocks[block][12]
+            self.state.blocks[block] = value_block(self._register, address)
+            self._register = None
+            return self._ack(auth, ACK)
+        if command in (0xC0, 0xC1, 0xC2) and parse_value_block(self.state.blocks[block]) is None:
+            return self._nak(auth)
+        self._pending = (command, block)
+        return self._ack(auth, ACK)
+
+    def _read(self, auth: _Auth, block: int) -> Frame:
+        if block // 4 != auth.sector:
+            return self._nak(auth)
+        if block % 4 != 3:
+            if not self._allowed(auth, block, 0):
+                return self._nak(auth)
+            return self._answer(auth, self.state.blocks[block])
+        trailer = self.state.blocks[block]
+        conditions = decode_access(trailer[6:9])
+        if conditions is None:
+            return self._nak(auth)
+        rules = TRAILER_ACCESS[conditions[3]]
+        who = "A" if auth.key_type in (0x60, 0x64) else "B"
+        access = trailer[6:10] if who in rules[1] else bytes(4)
+        key_b = trailer[10:16] if who in rules[3] else bytes(6)
+        return self._answer(auth, bytes(6) + access + key_b)  # key A never reads back
+
+    def _start_trailer_write(self, auth: _Auth, block: int) -> Frame:
+        if block // 4 != auth.sector:
+            return self._nak(auth)
+        self._pending = (0xA0, block)
+        return self._ack(auth, ACK)
+
+    def _data_frame(self, auth: _Auth, plain: bytes) -> Frame | None:
+        command, block = self._pending or (0, 0)
+        self._pending = None
+        if command == 0xA0:
+            if len(plain) != BLOCK_SIZE:
+                return self._nak(auth)
+            if block % 4 == 3:
+                return self._write_trailer(auth, block, plain)
+            self.state.blocks[block] = bytes(plain)
+            return self._ack(auth, ACK)
+        if len(plain) != 4:
+            return self._nak(auth)
+        parsed = parse_value_block(self.state.blocks[block])
+        if parsed is None:
+            return self._nak(auth)
+        operand = int.from_bytes(plain, "little", signed=True)
+        value = parsed[0]
+        result = value + operand if command == 0xC1 else value - operand if command == 0xC0 else value
+        if not -(2**31) <= result < 2**31:
+            return self._nak(auth)
+        self._register = result
+        return None  # the card answers nothing after the operand; TRANSFER commits
+
+    def _write_trailer(self, auth: _Auth, block: int, plain: bytes) -> Frame:
+        old = self.state.blocks[block]
+        conditions = decode_access(old[6:9])
+        if conditions is None:
+            return self._nak(auth)
+        rules = TRAILER_ACCESS[conditions[3]]
+        who = "A" if auth.key_type in (0x60, 0x64) else "B"
+        key_a = plain[0:6] if who in rules[0] else old[0:6]
+        access = plain[6:10] if who in rules[2] else old[6:10]
+        key_b = plain[10:16] if who in rules[4] else old[10:16]
+        self.state.blocks[block] = key_a + access + key_b
+        return self._ack(auth, ACK)

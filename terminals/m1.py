@@ -1,0 +1,147 @@
+"""Reader side of MIFARE Classic: Crypto-1 authentication, block and value commands, and the legacy M1 purse
+transaction (sector 1: value block 4, backup 5, last-transaction record 6)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+from dataclasses import dataclass
+from typing import Protocol
+
+from cardsim.bcd import bcd_date, bcd_time
+from cardsim.crypto1 import Crypto1, decrypt_bytes, encrypt_bytes, prng_successor
+from cardsim.mifare import ACK, Frame, parse_value_block, value_block
+
+PURSE_BLOCK, BACKUP_BLOCK, RECORD_BLOCK = 4, 5, 6
+
+
+class M1Link(Protocol):
+    """Anything that carries frames to an M1 card (the card object itself, or a reader's raw mode)."""
+
+    def transceive(self, frame: Frame) -> Frame | None: ...
+
+
+class M1Error(Exception):
+    """The card refused or did not answer; the message says which step."""
+
+
+class M1Reader:
+    """A reader session with one M1 card. ``random`` supplies reader nonces."""
+
+    def __init__(self, link: M1Link, uid: int, random: bytes | None = None) -> None:
+        self.link = link
+        self.uid = uid
+        self._random = random
+        self.cipher: Crypto1 | None = None
+        self.last_nt = 0
+
+    def _reader_nonce(self) -> int:
+        return int.from_bytes(self._random if self._random is not None else os.urandom(4))
+
+    def _send(self, data: bytes) -> Frame | None:
+        if self.cipher is None:
+            return self.link.transceive(Frame(data))
+        enc, parities = encrypt_bytes(self.cipher, data)
+        return self.link.transceive(Frame(enc, tuple(parities)))
+
+    def _ack(self, answer: Frame | None, step: str) -> None:
+        if answer is None or answer.bits != 4 or self.cipher is None:
+            raise M1Error(f"{step}: no answer")
+        ks = 0
+        for i in range(4):
+            ks |= int(self.cipher.bit()) << i
+        if answer.data[0] ^ ks != ACK:
+            raise M1Error(f"{step}: refused (NAK)")
+
+    def authenticate(self, block: int, key: int, key_type: int = 0x60) -> None:
+        """Three-pass authentication to the sector of ``block``; nested when a session is open."""
+        nested = self.cipher is not None
+        answer = self._send(bytes([key_type, block]))
+        if answer is None or len(answer.data) != 4:
+            self.cipher = None
+            raise M1Error(f"AUTH {key_type:02X} block {block}: no nonce")
+        cipher = Crypto1.from_key(key)
+        if nested:
+            nt = int.from_bytes(answer.data) ^ int(cipher.word(self.uid ^ int.from_bytes(answer.data), encrypted=True))
+        else:
+            nt = int.from_bytes(answer.data)
+            cipher.word(self.uid ^ nt)
+        self.last_nt = nt
+        nr_enc, nr_par = encrypt_bytes(cipher, self._reader_nonce().to_bytes(4), feed=True)
+        ar_enc, ar_par = encrypt_bytes(cipher, prng_successor(nt, 64).to_bytes(4))
+        answer = self.link.transceive(Frame(nr_enc + ar_enc, tuple(nr_par + ar_par)))
+        if answer is None or len(answer.data) != 4:
+            self.cipher = None
+            raise M1Error(f"AUTH {key_type:02X} block {block}: wrong key (no tag answer)")
+        at, parity_ok = decrypt_bytes(cipher, answer.data, list(answer.parity))
+        if int.from_bytes(at) != prng_successor(nt, 96) or not parity_ok:
+            self.cipher = None
+            raise M1Error(f"AUTH {key_type:02X} block {block}: tag answer does not verify")
+        self.cipher = cipher
+
+    def read_block(self, block: int) -> bytes:
+        """READ (30): 16 bytes."""
+        answer = self._send(bytes([0x30, block]))
+        if answer is None or self.cipher is None:
+            raise M1Error(f"READ block {block}: no answer")
+        if answer.bits == 4:
+            self._ack(answer, f"READ block {block}")
+        plain, parity_ok = decrypt_bytes(self.cipher, answer.data, list(answer.parity))
+        if len(plain) != 16 or not parity_ok:
+            raise M1Error(f"READ block {block}: garbled answer")
+        return plain
+
+    def write_block(self, block: int, data: bytes) -> None:
+        """WRITE (A0) then the 16 data bytes."""
+        self._ack(self._send(bytes([0xA0, block])), f"WRITE block {block}")
+        self._ack(self._send(data), f"WRITE block {block} data")
+
+    def value_operation(self, command: int, block: int, operand: int) -> None:
+        """INCREMENT (C1), DECREMENT (C0) or RESTORE (C2) into the card's value register."""
+        self._ack(self._send(bytes([command, block])), f"{command:02X} block {block}")
+        answer = self._send(operand.to_bytes(4, "little", signed=True))
+        if answer is not None:
+            self._ack(answer, f"{command:02X} block {block} operand")
+            raise M1Error(f"{command:02X} block {block}: unexpected answer")
+
+    def transfer(self, block: int) -> None:
+        """TRANSFER (B0): write the value register into ``block``."""
+        self._ack(self._send(bytes([0xB0, block])), f"TRANSFER block {block}")
+
+
+@dataclass(frozen=True)
+class M1Transaction:
+    """A completed M1 purse purchase as the terminal saw it."""
+
+    uid: int
+    amount: int
+    balance_before: int
+    balance_after: int
+    terminal: bytes
+    when: dt.datetime
+
+
+def m1_purchase(reader: M1Reader, key_b: int, terminal: bytes, amount: int, when: dt.datetime) -> M1Transaction:
+    """Authenticate sector 1 with key B, check the value block, decrement, transfer, write backup and record.
+
+    A corrupted value block (redundancy broken) is refused; a torn earlier purchase (purse block bad,
+    backup good) is repaired from the backup first.
+    """
+    reader.authenticate(PURSE_BLOCK, key_b, 0x61)
+    parsed = parse_value_block(reader.read_block(PURSE_BLOCK))
+    if parsed is None:
+        backup = parse_value_block(reader.read_block(BACKUP_BLOCK))
+        if backup is None:
+            raise M1Error("purse and backup value blocks are both corrupted: card refused")
+        reader.value_operation(0xC2, BACKUP_BLOCK, 0)
+        reader.transfer(PURSE_BLOCK)
+        parsed = backup
+    balance = parsed[0]
+    if amount > balance:
+        raise M1Error(f"insufficient balance: {balance} fen, fare {amount} fen")
+    reader.value_operation(0xC0, PURSE_BLOCK, amount)
+    reader.transfer(PURSE_BLOCK)
+    reader.write_block(BACKUP_BLOCK, value_block(balance - amount, PURSE_BLOCK))
+    record = bcd_date(when) + bcd_time(when) + terminal + amount.to_bytes(3)
+    reader.write_block(RECORD_BLOCK, record)
+    return M1Transaction(reader.uid, amount, balance, balance - amount, terminal, when)
