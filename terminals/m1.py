@@ -18,7 +18,13 @@ PURSE_BLOCK, BACKUP_BLOCK, RECORD_BLOCK = 4, 5, 6
 class M1Link(Protocol):
     """Anything that carries frames to an M1 card (the card object itself, or a reader's raw mode)."""
 
-    def transceive(self, frame: Frame) -> Frame | None: ...
+    def power_on(self) -> None:
+        """Cycle the RF field: the card forgets any session."""
+        ...
+
+    def transceive(self, frame: Frame) -> Frame | None:
+        """Send a frame; the card's answer, or None for silence."""
+        ...
 
 
 class M1Error(Exception):

@@ -24,7 +24,7 @@ WHEN = dt.datetime(2026, 11, 24, 8, 15, 2)
 
 
 def card(profile: Profile = Profile.GENUINE, scheme: KeyScheme = KeyScheme.DIVERSIFIED, balance: int = 3000):
-    c = M1Card(issue_m1_card(UID, profile, scheme, balance, MASTER), rng=lambda n: bytes(n))
+    c = M1Card(issue_m1_card(UID, profile, scheme, balance, MASTER), rng=bytes)
     c.power_on()
     return c
 
@@ -46,7 +46,7 @@ def test_block0_and_access_bits_layout() -> None:
 
 def test_authentication_and_read_with_the_right_key_only() -> None:
     c = card()
-    key_a, key_b = keys(1)
+    key_a, _key_b = keys(1)
     reader = M1Reader(c, int.from_bytes(UID))
     with pytest.raises(M1Error, match="wrong key"):
         reader.authenticate(4, key_a ^ 1, 0x60)
@@ -69,7 +69,7 @@ def test_nested_authentication_switches_sector() -> None:
 
 def test_access_conditions_forbid_writes_and_increments_with_key_a() -> None:
     c = card()
-    key_a, key_b = keys(1)
+    key_a, _key_b = keys(1)
     reader = M1Reader(c, int.from_bytes(UID))
     reader.authenticate(4, key_a, 0x60)
     with pytest.raises(M1Error, match="NAK"):

