@@ -16,15 +16,9 @@ import time
 from audit.crypto1_recovery import lfsr_recovery32
 from audit.m1_attacks import nested_attack
 from audit.mfkey import mfkey32
-from cardsim.crypto1 import Crypto1, prng_successor
+from cardsim.crypto1 import auth_trace, prng_successor
 from cardsim.m1_issue import KeyScheme, issue_m1_card, sector_keys
 from cardsim.mifare import M1Card, Profile
-
-
-def reader_auth(key: int, uid: int, nt: int, nr: int) -> tuple[int, int]:
-    s = Crypto1.from_key(key)
-    s.word(uid ^ nt)
-    return nr ^ s.word(nr), prng_successor(nt, 64) ^ s.word()
 
 
 def main() -> None:
@@ -35,7 +29,7 @@ def main() -> None:
     recovery, m32, nested = [], [], []
     for _ in range(args.keys):
         key, uid, nt0, nt1 = rnd.getrandbits(48), rnd.getrandbits(32), rnd.getrandbits(32), rnd.getrandbits(32)
-        a, b = reader_auth(key, uid, nt0, rnd.getrandbits(32)), reader_auth(key, uid, nt1, rnd.getrandbits(32))
+        a, b = auth_trace(key, uid, nt0, rnd.getrandbits(32)), auth_trace(key, uid, nt1, rnd.getrandbits(32))
         start = time.perf_counter()
         lfsr_recovery32(a[1] ^ prng_successor(nt0, 64), 0)
         recovery.append(time.perf_counter() - start)

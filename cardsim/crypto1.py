@@ -175,3 +175,13 @@ def decrypt_bytes(state: Crypto1, cipher: bytes, parities: list[int], feed: bool
         if ok and parities[i] != odd_parity(b) ^ int(state.peek()):
             ok = False
     return bytes(out), ok
+
+
+def auth_trace(key: int, uid: int, nt: int, nr: int) -> tuple[int, int, int]:
+    """{nR}, {aR}, {aT} of a three-pass authentication with ``key``, as a sniffer would record them."""
+    s = Crypto1.from_key(key)
+    s.word(uid ^ nt)
+    nr_enc = nr ^ s.word(nr)
+    ar_enc = prng_successor(nt, 64) ^ s.word()
+    at_enc = prng_successor(nt, 96) ^ s.word()
+    return nr_enc, int(ar_enc), int(at_enc)

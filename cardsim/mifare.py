@@ -154,6 +154,14 @@ class _Auth:
     done: bool = False
 
 
+def _trailer_rights(auth: _Auth, trailer: bytes) -> tuple[tuple[str, str, str, str, str], str] | None:
+    """The trailer's rules and which key ('A' or 'B') this session holds; None when the bits are broken."""
+    conditions = decode_access(trailer[6:9])
+    if conditions is None:
+        return None
+    return TRAILER_ACCESS[conditions[3]], "A" if auth.key_type in (0x60, 0x64) else "B"
+
+
 @dataclass
 class M1Card:
     """A MIFARE Classic 1K card. ``transceive`` returns the card's answer frame, or None for silence."""
@@ -355,11 +363,10 @@ class M1Card:
                 return self._nak(auth)
             return self._answer(auth, self.state.blocks[block])
         trailer = self.state.blocks[block]
-        conditions = decode_access(trailer[6:9])
-        if conditions is None:
+        rights = _trailer_rights(auth, trailer)
+        if rights is None:
             return self._nak(auth)
-        rules = TRAILER_ACCESS[conditions[3]]
-        who = "A" if auth.key_type in (0x60, 0x64) else "B"
+        rules, who = rights
         access = trailer[6:10] if who in rules[1] else bytes(4)
         key_b = trailer[10:16] if who in rules[3] else bytes(6)
         return self._answer(auth, bytes(6) + access + key_b)  # key A never reads back
@@ -395,11 +402,10 @@ class M1Card:
 
     def _write_trailer(self, auth: _Auth, block: int, plain: bytes) -> Frame:
         old = self.state.blocks[block]
-        conditions = decode_access(old[6:9])
-        if conditions is None:
+        rights = _trailer_rights(auth, old)
+        if rights is None:
             return self._nak(auth)
-        rules = TRAILER_ACCESS[conditions[3]]
-        who = "A" if auth.key_type in (0x60, 0x64) else "B"
+        rules, who = rights
         key_a = plain[0:6] if who in rules[0] else old[0:6]
         access = plain[6:10] if who in rules[2] else old[6:10]
         key_b = plain[10:16] if who in rules[4] else old[10:16]

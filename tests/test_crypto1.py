@@ -9,24 +9,14 @@ import sys
 import pytest
 
 from audit.mfkey import NoKeyFound, mfkey32, mfkey64
-from cardsim.crypto1 import Crypto1, is_weak_nonce, prng_successor
+from cardsim.crypto1 import Crypto1, auth_trace, is_weak_nonce, prng_successor
 
 UID, NT, NR = 0x9C599B32, 0x82A4166C, 0xEFEA1CDA
 
 
-def reader_auth(key: int, uid: int, nt: int, nr: int) -> tuple[int, int, int]:
-    """{nR}, {aR}, {aT} of one authentication, computed forward."""
-    s = Crypto1.from_key(key)
-    s.word(uid ^ nt)
-    nr_enc = nr ^ s.word(nr)
-    ar_enc = prng_successor(nt, 64) ^ s.word()
-    at_enc = prng_successor(nt, 96) ^ s.word()
-    return nr_enc, ar_enc, at_enc
-
-
 def test_forward_vector_of_the_spec() -> None:
     assert Crypto1.from_key(0xFFFFFFFFFFFF).lfsr() == 0xFFFFFFFFFFFF
-    assert reader_auth(0xFFFFFFFFFFFF, UID, NT, NR) == (0xA1E458CE, 0x6EEA41E0, 0x5CADF439)
+    assert auth_trace(0xFFFFFFFFFFFF, UID, NT, NR) == (0xA1E458CE, 0x6EEA41E0, 0x5CADF439)
 
 
 def test_rollback_inverts_the_cipher() -> None:
@@ -57,8 +47,8 @@ def test_mfkey64_spec_trace() -> None:
 def test_mfkey32_recovers_random_keys_with_different_nonces(seed: int) -> None:
     rnd = random.Random(seed)
     key, uid, nt0, nt1 = rnd.getrandbits(48), rnd.getrandbits(32), rnd.getrandbits(32), rnd.getrandbits(32)
-    nr0, ar0, _ = reader_auth(key, uid, nt0, rnd.getrandbits(32))
-    nr1, ar1, _ = reader_auth(key, uid, nt1, rnd.getrandbits(32))
+    nr0, ar0, _ = auth_trace(key, uid, nt0, rnd.getrandbits(32))
+    nr1, ar1, _ = auth_trace(key, uid, nt1, rnd.getrandbits(32))
     assert mfkey32(uid, nt0, nr0, ar0, nt1, nr1, ar1) == key
 
 
@@ -66,8 +56,8 @@ def test_mfkey32_recovers_random_keys_with_different_nonces(seed: int) -> None:
 def test_mfkey32_recovers_random_keys_with_the_same_nonce(seed: int) -> None:
     rnd = random.Random(seed)
     key, uid, nt = rnd.getrandbits(48), rnd.getrandbits(32), rnd.getrandbits(32)
-    nr0, ar0, _ = reader_auth(key, uid, nt, rnd.getrandbits(32))
-    nr1, ar1, _ = reader_auth(key, uid, nt, rnd.getrandbits(32))
+    nr0, ar0, _ = auth_trace(key, uid, nt, rnd.getrandbits(32))
+    nr1, ar1, _ = auth_trace(key, uid, nt, rnd.getrandbits(32))
     assert mfkey32(uid, nt, nr0, ar0, nt, nr1, ar1) == key
 
 
@@ -75,12 +65,12 @@ def test_mfkey32_recovers_random_keys_with_the_same_nonce(seed: int) -> None:
 def test_mfkey64_recovers_random_keys(seed: int) -> None:
     rnd = random.Random(seed)
     key, uid, nt = rnd.getrandbits(48), rnd.getrandbits(32), rnd.getrandbits(32)
-    assert mfkey64(uid, nt, *reader_auth(key, uid, nt, rnd.getrandbits(32))) == key
+    assert mfkey64(uid, nt, *auth_trace(key, uid, nt, rnd.getrandbits(32))) == key
 
 
 def test_traces_of_two_keys_are_refused() -> None:
-    nr0, ar0, _ = reader_auth(0x111111111111, UID, NT, 1)
-    nr1, ar1, _ = reader_auth(0x222222222222, UID, NT ^ 1, 2)
+    nr0, ar0, _ = auth_trace(0x111111111111, UID, NT, 1)
+    nr1, ar1, _ = auth_trace(0x222222222222, UID, NT ^ 1, 2)
     with pytest.raises(NoKeyFound, match="no key explains"):
         mfkey32(UID, NT, nr0, ar0, NT ^ 1, nr1, ar1)
 
@@ -96,8 +86,8 @@ def test_cli_mfkey64_prints_the_key() -> None:
 
 def test_cli_mfkey32_prints_the_key() -> None:
     key = 0x4D3A99C351DD
-    nr0, ar0, _ = reader_auth(key, UID, NT, 7)
-    nr1, ar1, _ = reader_auth(key, UID, NT, 8)
+    nr0, ar0, _ = auth_trace(key, UID, NT, 7)
+    nr1, ar1, _ = auth_trace(key, UID, NT, 8)
     values = [UID, NT, nr0, ar0, NT, nr1, ar1]
     result = yk("audit", "mfkey32", *(f"{v:08X}" for v in values))
     assert result.returncode == 0 and result.stdout.strip() == "4D3A99C351DD"
