@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import enum
-import os
 from collections.abc import Iterable
 
 import numpy as np
@@ -198,8 +197,3 @@ def nested_attack(
         if try_key(link, uid, target[0], int(key), target[1]):
             return int(key)
     raise AttackFailed(f"{len(survivors)} candidates left, none authenticates")
-
-
-def random_uid() -> int:
-    """A random 4-byte UID (for simulated fleets)."""
-    return int.from_bytes(os.urandom(4))

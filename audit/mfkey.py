@@ -45,8 +45,7 @@ def mfkey32(uid: int, nt0: int, nr0_enc: int, ar0_enc: int, nt1: int, nr1_enc: i
     cand.rollback_word(nr0_enc, encrypted=True)
     cand.rollback_word(uid ^ nt0)
     keys = cand.lfsr()
-    second = Crypto1.from_key(0)
-    second.odd, second.even = cand.odd.copy(), cand.even.copy()
+    second = cand.copy()
     second.word(uid ^ nt1)
     second.word(nr1_enc, encrypted=True)
     match = (second.word() ^ prng_successor(nt1, 64)) == ar1_enc

@@ -217,7 +217,7 @@ class M1Card:
         if self._magic == 2:
             return self._magic_command(frame.data)
         if len(frame.data) == 2 and frame.data[0] in (0x60, 0x61, 0x64, 0x65):
-            return self._start_auth(frame.data[0], frame.data[1], nested_from=None)
+            return self._start_auth(frame.data[0], frame.data[1], nested=False)
         return None
 
     def _reset_session(self) -> None:
@@ -254,7 +254,7 @@ class M1Card:
 
     # --- authentication --------------------------------------------------------------------------
 
-    def _start_auth(self, command: int, block: int, nested_from: _Auth | None) -> Frame | None:
+    def _start_auth(self, command: int, block: int, nested: bool) -> Frame | None:
         if block >= BLOCKS:
             return None
         sector = block // 4
@@ -275,7 +275,7 @@ class M1Card:
             encrypted.append(b ^ int(cipher.byte(fed[i])))
             parities.append(odd_parity(b) ^ int(cipher.peek()))
         self._auth = _Auth(cipher, nt, sector, command)
-        if nested_from is None:
+        if not nested:
             return Frame(nt.to_bytes(4))
         return Frame(bytes(encrypted), tuple(parities))
 
@@ -330,7 +330,7 @@ class M1Card:
             return self._nak(auth)
         command, block = plain[0], plain[1]
         if command in (0x60, 0x61, 0x64, 0x65):
-            return self._start_auth(command, block, nested_from=auth)
+            return self._start_auth(command, block, nested=True)
         if command == 0x50:
             self._reset_session()
             return None

@@ -6,22 +6,20 @@ import argparse
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from audit.m1_attacks import AttackFailed, nested_attack
 from audit.mfkey import NoKeyFound, mfkey32, mfkey64
-from cardsim.image import CardImageError, load_card
 from cardsim.mifare import M1Card, M1State
 from terminals.m1 import M1Error
+from yikatong.argtypes import hex_number
+from yikatong.card_cli import load_image
 from yikatong.errors import CliError
 
-
-def _hex32(text: str) -> int:
-    cleaned = text.strip().removeprefix("0x").removeprefix("0X")
-    if len(cleaned) != 8 or any(c not in "0123456789abcdefABCDEF" for c in cleaned):
-        raise argparse.ArgumentTypeError(f"{text!r} is not 8 hex digits (32 bits)")
-    return int(cleaned, 16)
+_hex32 = hex_number(8)
+_hex48 = hex_number(12)
 
 
 def register(groups: Any) -> None:
@@ -68,13 +66,6 @@ def register(groups: Any) -> None:
     _register_nested(sub)
 
 
-def _hex48(text: str) -> int:
-    cleaned = text.strip()
-    if len(cleaned) != 12 or any(c not in "0123456789abcdefABCDEF" for c in cleaned):
-        raise argparse.ArgumentTypeError(f"{text!r} is not 12 hex digits (48 bits)")
-    return int(cleaned, 16)
-
-
 def _block(text: str) -> int:
     if not text.isdigit() or int(text) > 63:
         raise argparse.ArgumentTypeError(f"{text!r} is not a block number 0..63")
@@ -107,39 +98,35 @@ def _register_nested(sub: Any) -> None:
 
 
 def _nested(args: argparse.Namespace) -> int:
-    try:
-        state = load_card(args.image)
-    except CardImageError as err:
-        raise CliError(str(err)) from err
+    state = load_image(args.image)
     if not isinstance(state, M1State):
         raise CliError(f"{args.image} is a CPU card; the nested attack is for MIFARE Classic")
     card = M1Card(state, os.urandom)
+    known, target = (args.known_block, args.known_key, args.known_type), (args.target_block, args.target_type)
+    return _report(
+        lambda: nested_attack(card, state.uid, known, target), (AttackFailed, M1Error), "nested attack failed"
+    )
+
+
+def _report(find: Callable[[], int], failures: tuple[type[Exception], ...], what: str) -> int:
+    """Run a key recovery; print the key (stdout) and its time (stderr), or fail with exit code 2."""
     start = time.perf_counter()
     try:
-        key = nested_attack(
-            card, state.uid, (args.known_block, args.known_key, args.known_type), (args.target_block, args.target_type)
-        )
-    except (AttackFailed, M1Error) as err:
-        raise CliError(f"nested attack failed: {err}") from err
+        key = find()
+    except failures as err:
+        raise CliError(f"{err}; {what}") from err
     print(f"{key:012X}")
     print(f"recovered in {time.perf_counter() - start:.2f} s", file=sys.stderr)
     return 0
 
 
-def _report(key_fn: Any, *values: int) -> int:
-    start = time.perf_counter()
-    try:
-        key = key_fn(*values)
-    except NoKeyFound as err:
-        raise CliError(f"{err}: these values do not come from one key's authentications") from err
-    print(f"{key:012X}")
-    print(f"recovered in {time.perf_counter() - start:.2f} s", file=sys.stderr)
-    return 0
+_NOT_ONE_KEY = "these values do not come from one key's authentications"
 
 
 def _mfkey64(args: argparse.Namespace) -> int:
-    return _report(mfkey64, args.uid, args.nt, args.nr, args.ar, args.at)
+    return _report(lambda: mfkey64(args.uid, args.nt, args.nr, args.ar, args.at), (NoKeyFound,), _NOT_ONE_KEY)
 
 
 def _mfkey32(args: argparse.Namespace) -> int:
-    return _report(mfkey32, args.uid, args.nt0, args.nr0, args.ar0, args.nt1, args.nr1, args.ar1)
+    values = (args.uid, args.nt0, args.nr0, args.ar0, args.nt1, args.nr1, args.ar1)
+    return _report(lambda: mfkey32(*values), (NoKeyFound,), _NOT_ONE_KEY)

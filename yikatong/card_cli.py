@@ -23,6 +23,7 @@ from cardsim.purse import PurseCard, PurseState
 from terminals.flows import TransactionError
 from terminals.inspect import TXN_TYPES, read_card_info, yuan
 from terminals.reader import InProcessReader
+from yikatong.argtypes import hex_number
 from yikatong.errors import CliError
 
 CITY_NAMES = {"4510": "Jinan 济南", "4560": "Yantai 烟台", "4530": "Zibo 淄博"}
@@ -140,13 +141,7 @@ def _sequence(text: str) -> int:
 
 
 def _uid(text: str) -> bytes:
-    try:
-        uid = bytes.fromhex(text)
-    except ValueError:
-        uid = b""
-    if len(uid) != 4:
-        raise argparse.ArgumentTypeError(f"{text!r} is not 8 hex digits")
-    return uid
+    return hex_number(8)(text).to_bytes(4)
 
 
 def _date(text: str) -> dt.date:
@@ -222,7 +217,8 @@ def _issue_m1(args: argparse.Namespace, keys: IssuerKeyStore) -> int:
     return 0
 
 
-def _load(path: Path) -> PurseState | M1State:
+def load_image(path: Path) -> PurseState | M1State:
+    """A CPU or M1 card image; CliError (exit 2) naming the file and field when it is unusable."""
     try:
         return load_card(path)
     except CardImageError as err:
@@ -230,7 +226,7 @@ def _load(path: Path) -> PurseState | M1State:
 
 
 def _open_card(path: Path) -> PurseCard:
-    state = _load(path)
+    state = load_image(path)
     if isinstance(state, M1State):
         raise CliError(f"{path} is an M1 card: vpcd carries APDUs, not Crypto-1 frames, so only CPU cards are served")
     return PurseCard(state, os.urandom)
@@ -252,7 +248,7 @@ def _show_m1(path: Path, state: M1State) -> int:
 
 
 def _show(args: argparse.Namespace) -> int:
-    state = _load(args.image)
+    state = load_image(args.image)
     if isinstance(state, M1State):
         return _show_m1(args.image, state)
     card = PurseCard(state, os.urandom)
