@@ -177,5 +177,35 @@ def load_tac_data(
     )
 
 
+def m1_record_key(purchase_master: bytes, uid: bytes) -> BlockKey:
+    """Key of the terminal MAC on M1 records (M1 cards have no TAC): SM4, diversified with uid | ~uid."""
+    return BlockKey(Algorithm.SM4, diversify(Algorithm.SM4, purchase_master, uid + bytes(b ^ 0xFF for b in uid)))
+
+
+def m1_record_data(
+    uid: bytes,
+    counter: int,
+    amount: int,
+    balance_before: int,
+    balance_after: int,
+    terminal: bytes,
+    terminal_seq: int,
+    date: bytes,
+    time: bytes,
+) -> bytes:
+    """uid(4) | counter(2) | amount(4) | balance before(4) | balance after(4) | terminal(6) | seq(4) | date | time."""
+    return (
+        uid
+        + counter.to_bytes(2)
+        + amount.to_bytes(4)
+        + balance_before.to_bytes(4)
+        + balance_after.to_bytes(4)
+        + terminal
+        + terminal_seq.to_bytes(4)
+        + date
+        + time
+    )
+
+
 BLOCK_COMMAND_HEADER = bytes.fromhex("841E000004")
 """What the APPLICATION BLOCK MAC covers: the command header with Lc."""

@@ -39,14 +39,21 @@ def sector_keys(scheme: KeyScheme, master: bytes, uid: bytes, sector: int) -> tu
     return block[0:6], block[6:12]
 
 
-def issue_m1_card(uid: bytes, profile: Profile, scheme: KeyScheme, balance: int, master: bytes) -> M1State:
-    """A personalised M1 card: purse in sector 1 (value 4, backup 5, record 6), keys per ``scheme``."""
+ISSUER_BLOCK = 1
+
+
+def issue_m1_card(
+    uid: bytes, profile: Profile, scheme: KeyScheme, balance: int, master: bytes, city: str = "4510"
+) -> M1State:
+    """A personalised M1 card: issuer city in block 1 (BCD), purse in sector 1 (value 4, backup 5, record 6),
+    keys per ``scheme``."""
     if len(uid) != 4:
         raise ValueError("an M1 UID is 4 bytes")
     if not 0 <= balance < 2**31:
         raise ValueError("balance must fit a value block")
     blocks = [bytes(BLOCK_SIZE)] * BLOCKS
     blocks[0] = manufacturer_block(uid)
+    blocks[ISSUER_BLOCK] = bytes.fromhex(city) + b"YKT-M1" + bytes(8)
     for sector in range(16):
         key_a, key_b = sector_keys(scheme, master, uid, sector)
         access = PURSE_ACCESS if sector == PURSE_SECTOR else OTHER_ACCESS

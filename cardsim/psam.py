@@ -14,7 +14,8 @@ from cardsim import crypto
 from cardsim.apdu import SW, ApduError, Command, check_le, contactless_atr, parse_command, read_binary, respond
 from cardsim.crypto import Algorithm, BlockKey
 from cardsim.eeprom import Eeprom
-from cardsim.keys import IssuerKeyStore, city_of_serial
+from cardsim.keys import IssuerKeySet, IssuerKeyStore, city_of_serial
+from cardsim.m1_issue import KeyScheme, sector_keys
 
 ATR: Final = contactless_atr(b"YKT-PSAM")
 SFI_SERIAL: Final = 0x15
@@ -54,6 +55,8 @@ class Psam:
             (0x80, 0x70): self._init_sam_for_purchase,
             (0x80, 0x72): self._credit_sam_for_purchase,
             (0x80, 0xFA): self._block_mac,
+            (0x80, 0xFB): self._m1_sector_keys,
+            (0x80, 0xFC): self._m1_record_mac,
         }
 
     def power_on(self) -> bytes:
@@ -103,6 +106,20 @@ class Psam:
             self._card_keys[cache_key] = key
         return key
 
+    def _key_set(self, city_bcd: bytes, version: int) -> IssuerKeySet:
+        key_set = self.state.keys.get(city_bcd.hex(), version)
+        if key_set is None:
+            raise ApduError(SW.KEY_NOT_FOUND, f"no keys for issuer {city_bcd.hex()} version {version}")
+        return key_set
+
+    def _next_ttc(self) -> int:
+        """The current TTC, stored +1 before anything that uses it is answered."""
+        ttc = self.state.ttc
+        if ttc >= TTC_MAX:
+            raise ApduError(SW.CONDITIONS_NOT_SATISFIED, "terminal transaction sequence exhausted")
+        self.eeprom.write(lambda: setattr(self.state, "ttc", ttc + 1))
+        return ttc
+
     def _read_binary(self, cmd: Command) -> bytes:
         return read_binary(cmd, {SFI_SERIAL: self.state.serial, SFI_TERMINAL: self.state.terminal})
 
@@ -112,12 +129,9 @@ class Psam:
         random, counter, amount, txn_type = d[0:4], int.from_bytes(d[4:6]), int.from_bytes(d[6:10]), d[10]
         date, time, version, algorithm_id, serial = d[11:15], d[15:18], d[18], d[19], d[20:28]
         card_key = self._card_key(serial, version, algorithm_id, "purchase")
-        ttc = self.state.ttc
-        if ttc >= TTC_MAX:
-            raise ApduError(SW.CONDITIONS_NOT_SATISFIED, "terminal transaction sequence exhausted")
+        ttc = self._next_ttc()
         sk = crypto.session_key(card_key, crypto.purchase_key_input(random, counter, ttc))
         mac1 = sk.mac(crypto.purchase_mac1_data(amount, txn_type, self.state.terminal, date, time))
-        self.eeprom.write(lambda: setattr(self.state, "ttc", ttc + 1))
         self._session = _Session(sk, amount)
         return respond(ttc.to_bytes(4) + mac1)
 
@@ -138,3 +152,32 @@ class Psam:
         key = self._card_key(serial, version, algorithm_id, "maintenance")
         block_key = crypto.session_key(key, crypto.block_key_input(challenge))
         return respond(block_key.mac(crypto.BLOCK_COMMAND_HEADER))
+
+    def _m1_sector_keys(self, cmd: Command) -> bytes:
+        """Project command M1 SECTOR KEYS ``80 FB sector 00 08``: city(2 BCD) | key version(1) | scheme(1:
+        01 shared, 02 diversified) | UID(4) -> key A(6) | key B(6), as a MIFARE SAM gives a legacy reader."""
+        if cmd.p1 > 15 or cmd.p2 != 0:
+            raise ApduError(SW.INS_NOT_SUPPORTED)
+        if len(cmd.data) != 8:
+            raise ApduError(SW.WRONG_LENGTH)
+        check_le(cmd, 12)
+        schemes = {0x01: KeyScheme.SHARED, 0x02: KeyScheme.DIVERSIFIED}
+        scheme = schemes.get(cmd.data[3])
+        if scheme is None:
+            raise ApduError(SW.KEY_NOT_FOUND, f"key scheme {cmd.data[3]:02X}")
+        master = self._key_set(cmd.data[0:2], cmd.data[2]).purchase
+        key_a, key_b = sector_keys(scheme, master, cmd.data[4:8], cmd.p1)
+        return respond(key_a + key_b)
+
+    def _m1_record_mac(self, cmd: Command) -> bytes:
+        """Project command M1 RECORD MAC ``80 FC 00 00 1C``: city(2 BCD) | key version(1) | UID(4) | counter(2) |
+        amount(4) | balance before(4) | balance after(4) | date(4) | time(3) -> terminal seq(4) | MAC(4).
+        M1 cards have no TAC; this MAC lets the clearing check that a terminal with a PSAM made the record."""
+        self._expect(cmd, 0x1C, 8)
+        d = cmd.data
+        master = self._key_set(d[0:2], d[2]).purchase
+        uid, counter, amount = d[3:7], int.from_bytes(d[7:9]), int.from_bytes(d[9:13])
+        before, after, date, time = int.from_bytes(d[13:17]), int.from_bytes(d[17:21]), d[21:25], d[25:28]
+        ttc = self._next_ttc()
+        data = crypto.m1_record_data(uid, counter, amount, before, after, self.state.terminal, ttc, date, time)
+        return respond(ttc.to_bytes(4) + crypto.m1_record_key(master, uid).mac(data))

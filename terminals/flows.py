@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import datetime as dt
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 
 from cardsim.apdu import SW, split_response
 from cardsim.bcd import bcd_date, bcd_time
@@ -11,7 +12,7 @@ from cardsim.crypto import Algorithm
 from cardsim.issuer import IssuerHost, LoadRequest
 from cardsim.keys import city_of_serial
 from cardsim.purse import AID, TYPE_COMPOUND, TYPE_LOAD, TYPE_PURCHASE, PublicData
-from terminals.reader import Reader
+from terminals.reader import CardGone, Reader
 
 
 class TransactionError(Exception):
@@ -21,6 +22,15 @@ class TransactionError(Exception):
         super().__init__(f"{step}: {message}")
         self.step = step
         self.sw = sw
+
+
+class Mac2NotVerified(TransactionError):
+    """The card committed the purchase (it gave a TAC) but the PSAM did not accept its MAC2: the money is taken,
+    so the transaction must be recorded; the clearing judges the TAC."""
+
+    def __init__(self, transaction: PurseTransaction, message: str) -> None:
+        super().__init__("CREDIT SAM FOR PURCHASE", message)
+        self.transaction = transaction
 
 
 def exchange(reader: Reader, step: str, apdu: bytes, response_len: int | None) -> bytes:
@@ -83,14 +93,20 @@ def purchase(
     terminal: bytes,
     amount: int,
     when: dt.datetime,
-    trip_record: bytes | None = None,
+    trip_record: bytes | Callable[[int], bytes] | None = None,
+    *,
+    app: PublicData | None = None,
+    before_debit: Callable[[PurseTransaction], None] | None = None,
 ) -> PurseTransaction:
-    """SELECT, INITIALIZE, (UPDATE CAPP DATA CACHE,) PSAM MAC1, DEBIT, PSAM checks MAC2.
+    """(SELECT,) INITIALIZE, (UPDATE CAPP DATA CACHE,) PSAM MAC1, DEBIT, PSAM checks MAC2.
 
-    With ``trip_record`` it is a compound purchase (metro) that also writes the 0x1E trip log.
-    CardGone from the DEBIT step means the outcome is unknown: recover with GET TRANSACTION PROVE.
+    With ``trip_record`` (bytes, or a function of the balance after) it is a compound purchase (metro) that also
+    writes the 0x1E trip log. ``app`` skips
+    the SELECT when the caller has just done it. ``before_debit`` gets the transaction (without TAC) before
+    DEBIT is sent, so a terminal can journal it: if the card answers nothing to DEBIT the outcome is unknown
+    until ``purchase_outcome`` asks the card on its next tap.
     """
-    app = select_purse(card)
+    app = app or select_purse(card)
     compound = trip_record is not None
     txn_type = TYPE_COMPOUND if compound else TYPE_PURCHASE
     init = bytes([0x80, 0x50, 0x03 if compound else 0x01, 0x02, 0x0B, 0x01]) + amount.to_bytes(4) + terminal
@@ -107,7 +123,8 @@ def purchase(
     except ValueError as err:
         raise TransactionError("INITIALIZE FOR PURCHASE", str(err)) from err
     if trip_record is not None:
-        exchange(card, "UPDATE CAPP DATA CACHE", bytes.fromhex("80DC00F030") + trip_record, 0)
+        trip = trip_record(balance - amount) if callable(trip_record) else trip_record
+        exchange(card, "UPDATE CAPP DATA CACHE", bytes.fromhex("80DC00F030") + trip, 0)
     date, time = bcd_date(when), bcd_time(when)
     sam_init = (
         bytes.fromhex("807000001C")
@@ -122,10 +139,7 @@ def purchase(
     )
     s = exchange(sam, "INIT SAM FOR PURCHASE", sam_init + b"\x08", 8)
     terminal_seq, mac1 = int.from_bytes(s[0:4]), s[4:8]
-    d = exchange(card, "DEBIT FOR PURCHASE", bytes.fromhex("805401000F") + s[0:4] + date + time + mac1 + b"\x08", 8)
-    tac, mac2 = d[0:4], d[4:8]
-    exchange(sam, "CREDIT SAM FOR PURCHASE", bytes.fromhex("8072000004") + mac2, 0)
-    return PurseTransaction(
+    intent = PurseTransaction(
         app.application_serial,
         app.city,
         algorithm,
@@ -138,9 +152,74 @@ def purchase(
         terminal,
         terminal_seq,
         when,
-        tac,
-        mac2,
+        b"",
     )
+    if before_debit is not None:
+        before_debit(intent)
+    d = exchange(card, "DEBIT FOR PURCHASE", bytes.fromhex("805401000F") + s[0:4] + date + time + mac1 + b"\x08", 8)
+    done = replace(intent, tac=d[0:4], mac2=d[4:8])
+    try:
+        exchange(sam, "CREDIT SAM FOR PURCHASE", bytes.fromhex("8072000004") + done.mac2, 0)
+    except (TransactionError, CardGone) as err:
+        raise Mac2NotVerified(done, str(err)) from err
+    return done
+
+
+LOG_SFI_P2 = (0x18 << 3) | 4
+TRIP_SFI_P2 = (0x1E << 3) | 4
+
+
+def read_records(card: Reader, p2: int, most: int) -> list[bytes]:
+    """READ RECORD 1, 2, ... of a cyclic file until the card answers 6A83 (no more) or ``most`` are read."""
+    records = []
+    for number in range(1, most + 1):
+        raw = card.transmit(bytes([0x00, 0xB2, number, p2, 0x00]))
+        try:
+            data, sw = split_response(raw)
+        except ValueError as err:
+            raise TransactionError("READ RECORD", str(err)) from err
+        if sw == SW.RECORD_NOT_FOUND:
+            break
+        if sw != SW.OK:
+            raise TransactionError("READ RECORD", f"answered {sw:04X}", sw)
+        records.append(data)
+    return records
+
+
+def purchase_outcome(card: Reader, intent: PurseTransaction) -> PurseTransaction | None:
+    """Whether an interrupted purchase was committed, asked of the card (selected, same serial).
+
+    The card's transaction log tells whether a purchase with that counter, amount, terminal and time exists;
+    if so GET TRANSACTION PROVE gives its TAC (and MAC2) and the completed transaction is returned; if the log
+    has no such entry the purchase did not happen (None). TransactionError when the card shows the purchase but
+    can no longer prove it (used elsewhere since).
+    """
+    date, time = bcd_date(intent.when), bcd_time(intent.when)
+    wanted = (
+        intent.card_counter.to_bytes(2)
+        + bytes(3)
+        + intent.amount.to_bytes(4)
+        + bytes([intent.txn_type])
+        + intent.terminal
+        + date
+        + time
+    )
+    if wanted not in read_records(card, LOG_SFI_P2, 10):
+        return None
+    apdu = bytes([0x80, 0x5A, 0x00, intent.txn_type, 0x02]) + intent.card_counter.to_bytes(2) + b"\x08"
+    proof = exchange(card, "GET TRANSACTION PROVE", apdu, 8)
+    return replace(intent, mac2=proof[0:4], tac=proof[4:8])
+
+
+def block_card(card: Reader, sam: Reader, app: PublicData) -> None:
+    """APPLICATION BLOCK a (selected) hotlisted card: INITIALIZE (for the key version and algorithm, nothing is
+    committed), GET CHALLENGE, PSAM COMPUTE BLOCK MAC, APPLICATION BLOCK."""
+    r = exchange(card, "INITIALIZE FOR PURCHASE", bytes.fromhex("805001020B01") + bytes(4) + bytes(6) + b"\x0f", 15)
+    challenge = exchange(card, "GET CHALLENGE", bytes.fromhex("0084000004"), 4)
+    mac = exchange(
+        sam, "PSAM COMPUTE BLOCK MAC", bytes.fromhex("80FA00000E") + app.card_serial + challenge + r[9:11] + b"\x04", 4
+    )
+    exchange(card, "APPLICATION BLOCK", bytes.fromhex("841E000004") + mac, 0)
 
 
 def load(card: Reader, host: IssuerHost, terminal: bytes, amount: int, when: dt.datetime) -> PurseTransaction:

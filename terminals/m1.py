@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -115,11 +116,15 @@ class M1Reader:
         self._ack(self._send(bytes([0xB0, block])), f"TRANSFER block {block}")
 
 
+MAX_M1_AMOUNT = 0xFFFF  # the record block holds a 2-byte amount
+
+
 @dataclass(frozen=True)
 class M1Transaction:
-    """A completed M1 purse purchase as the terminal saw it."""
+    """An M1 purse purchase as the terminal saw it; ``counter`` is the card's record counter before it."""
 
     uid: int
+    counter: int
     amount: int
     balance_before: int
     balance_after: int
@@ -127,12 +132,13 @@ class M1Transaction:
     when: dt.datetime
 
 
-def m1_purchase(reader: M1Reader, key_b: int, terminal: bytes, amount: int, when: dt.datetime) -> M1Transaction:
-    """Authenticate sector 1 with key B, check the value block, decrement, transfer, write backup and record.
+def record_block(counter: int, when: dt.datetime, terminal: bytes, amount: int) -> bytes:
+    """Block 6: counter(2) | YYMMDDhhmmss BCD(6) | terminal(6) | amount(2)."""
+    return counter.to_bytes(2) + bcd_date(when)[1:] + bcd_time(when) + terminal + amount.to_bytes(2)
 
-    A corrupted value block (redundancy broken) is refused; a torn earlier purchase (purse block bad,
-    backup good) is repaired from the backup first.
-    """
+
+def _open_purse(reader: M1Reader, key_b: int) -> tuple[int, int]:
+    """Authenticate sector 1 with key B; (balance, record counter), repairing a torn purse from the backup."""
     reader.authenticate(PURSE_BLOCK, key_b, 0x61)
     parsed = parse_value_block(reader.read_block(PURSE_BLOCK))
     if parsed is None:
@@ -142,12 +148,51 @@ def m1_purchase(reader: M1Reader, key_b: int, terminal: bytes, amount: int, when
         reader.value_operation(0xC2, BACKUP_BLOCK, 0)
         reader.transfer(PURSE_BLOCK)
         parsed = backup
-    balance = parsed[0]
+    counter = int.from_bytes(reader.read_block(RECORD_BLOCK)[0:2])
+    return parsed[0], counter
+
+
+def m1_purchase(
+    reader: M1Reader,
+    key_b: int,
+    terminal: bytes,
+    amount: int,
+    when: dt.datetime,
+    before_write: Callable[[M1Transaction], None] | None = None,
+) -> M1Transaction:
+    """Key B on sector 1, check the value block, write the record (counter + 1), decrement, transfer, backup.
+
+    ``before_write`` gets the transaction before the first write, so a terminal can journal it: if the card
+    leaves mid-way, ``m1_outcome`` on its next tap tells whether the money was taken. The record goes first
+    so that a counter, once the purse moved, is never reused.
+    """
+    if not 0 < amount <= MAX_M1_AMOUNT:
+        raise M1Error(f"an M1 fare must be 1..{MAX_M1_AMOUNT} fen")
+    balance, counter = _open_purse(reader, key_b)
     if amount > balance:
         raise M1Error(f"insufficient balance: {balance} fen, fare {amount} fen")
+    if counter >= 0xFFFF:
+        raise M1Error("record counter exhausted: card refused")
+    txn = M1Transaction(reader.uid, counter, amount, balance, balance - amount, terminal, when)
+    if before_write is not None:
+        before_write(txn)
+    reader.write_block(RECORD_BLOCK, record_block(counter + 1, when, terminal, amount))
     reader.value_operation(0xC0, PURSE_BLOCK, amount)
     reader.transfer(PURSE_BLOCK)
     reader.write_block(BACKUP_BLOCK, value_block(balance - amount, PURSE_BLOCK))
-    record = bcd_date(when) + bcd_time(when) + terminal + amount.to_bytes(3)
-    reader.write_block(RECORD_BLOCK, record)
-    return M1Transaction(reader.uid, amount, balance, balance - amount, terminal, when)
+    return txn
+
+
+def m1_outcome(reader: M1Reader, key_b: int, txn: M1Transaction) -> bool:
+    """Whether an interrupted ``m1_purchase`` took the money (True) or not (False), read off the card.
+
+    M1Error when the card shows neither state (it was used elsewhere since): the outcome cannot be told.
+    """
+    balance, counter = _open_purse(reader, key_b)
+    if counter == txn.counter or (counter == txn.counter + 1 and balance == txn.balance_before):
+        return False
+    if counter == txn.counter + 1 and balance == txn.balance_after:
+        if parse_value_block(reader.read_block(BACKUP_BLOCK)) != (txn.balance_after, PURSE_BLOCK):
+            reader.write_block(BACKUP_BLOCK, value_block(txn.balance_after, PURSE_BLOCK))
+        return True
+    raise M1Error(f"card moved on since the interrupted purchase (counter {counter}, balance {balance})")

@@ -208,7 +208,9 @@ def _issue_m1(args: argparse.Namespace, keys: IssuerKeyStore) -> int:
     uid = args.uid or secrets.token_bytes(4)
     if args.balance >= 2**31:
         raise CliError("an M1 purse holds at most 2147483647 fen")
-    state = issue_m1_card(uid, Profile(args.profile), KeyScheme(args.m1_keys), args.balance, key_set.purchase)
+    state = issue_m1_card(
+        uid, Profile(args.profile), KeyScheme(args.m1_keys), args.balance, key_set.purchase, args.city
+    )
     save_card(args.out, state)
     print(
         f"issued M1 card {uid.hex().upper()} ({args.profile}, {args.m1_keys} keys), "

@@ -1,0 +1,273 @@
+"""The MQTT messages between terminals and clearing (spec wire.md): one module that both sides import.
+
+Payloads are UTF-8 JSON objects named by ``schema``. Parsing is strict (no type coercion, no unknown fields) and
+every failure is a ``MessageError`` whose text says what is wrong, so a clearing can quarantine with a reason
+and a terminal can log and ignore.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import re
+from typing import Annotated, Any, Final, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+MAX_PAYLOAD: Final = 256 * 1024
+"""Larger payloads are refused before JSON parsing (a batch of a few hundred records fits easily)."""
+
+TXN_SCHEMA: Final = "yikatong.txn/1"
+BATCH_SCHEMA: Final = "yikatong.batch/1"
+ACK_SCHEMA: Final = "yikatong.ack/1"
+HOTLIST_SCHEMA: Final = "yikatong.hotlist/1"
+
+CityCode = Annotated[str, Field(pattern=r"^[0-9]{4}$")]
+TerminalNo = Annotated[str, Field(pattern=r"^[0-9A-F]{12}$")]
+Fen = Annotated[int, Field(ge=0, le=2**31 - 1)]
+Kind = Literal["purchase", "load", "metro_entry", "metro_exit"]
+_CARD_ID = re.compile(r"^[0-9]{20}$|^[0-9A-F]{8}$")
+
+
+class MessageError(ValueError):
+    """A payload that is not a valid message of the expected kind; the text is the reason."""
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
+
+
+_M = TypeVar("_M", bound=_Model)
+
+
+class CardRef(_Model):
+    """Which card: its issuer city and the 20-digit application serial (CPU) or the 8-hex-digit UID (M1)."""
+
+    issuer: CityCode
+    serial: Annotated[str, Field(pattern=r"^[0-9]{20}$")] | None = None
+    uid: Annotated[str, Field(pattern=r"^[0-9A-F]{8}$")] | None = None
+
+    @model_validator(mode="after")
+    def _one_identity(self) -> CardRef:
+        if (self.serial is None) == (self.uid is None):
+            raise ValueError("a card has exactly one of 'serial' (cpu) or 'uid' (m1)")
+        return self
+
+    @property
+    def id(self) -> str:
+        """The serial or the UID."""
+        return self.serial if self.serial is not None else str(self.uid)
+
+
+class TxnRecord(_Model):
+    """One completed card transaction (``yikatong.txn/1``)."""
+
+    schema_: Literal["yikatong.txn/1"] = Field(TXN_SCHEMA, alias="schema")
+    seq: Annotated[int, Field(ge=1, le=2**63 - 1)]
+    kind: Kind
+    tech: Literal["cpu", "m1"]
+    card: CardRef
+    card_counter: Annotated[int, Field(ge=0, le=0xFFFF)]
+    amount: Fen
+    balance_before: Fen
+    balance_after: Fen
+    terminal: TerminalNo
+    terminal_seq: Annotated[int, Field(ge=0, le=0xFFFFFFFF)]
+    psam: Annotated[str, Field(pattern=r"^[0-9A-F]{1,32}$")]
+    acquirer: CityCode
+    time: str
+    tac: Annotated[str, Field(pattern=r"^[0-9A-F]{8}$")]
+    key_version: Annotated[int, Field(ge=0, le=255)]
+    alg: Literal["3des", "sm4"]
+    line: Annotated[str, Field(min_length=1, max_length=3)] | None = None
+    station: Annotated[str, Field(min_length=1, max_length=4)] | None = None
+
+    model_config = ConfigDict(strict=True, extra="forbid", frozen=True, populate_by_name=True)
+
+    @field_validator("time")
+    @classmethod
+    def _aware_time(cls, value: str) -> str:
+        try:
+            moment = dt.datetime.fromisoformat(value)
+        except ValueError as err:
+            raise ValueError("time must be ISO 8601, e.g. 2026-11-24T08:15:02+08:00") from err
+        if moment.utcoffset() is None:
+            raise ValueError("time must carry its UTC offset (+08:00)")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TxnRecord:
+        if (self.tech == "cpu") != (self.card.serial is not None):
+            raise ValueError("a cpu record names the card by 'serial', an m1 record by 'uid'")
+        if self.kind == "load":
+            if self.balance_after != self.balance_before + self.amount:
+                raise ValueError("balance_after must be balance_before + amount for a load")
+        elif self.balance_after != self.balance_before - self.amount:
+            raise ValueError("balance_after must be balance_before - amount")
+        return self
+
+    @property
+    def moment(self) -> dt.datetime:
+        """The transaction time as an aware datetime."""
+        return dt.datetime.fromisoformat(self.time)
+
+    @property
+    def identity(self) -> tuple[str, str, str, int]:
+        """What makes two copies the same record: (issuer, serial or uid, kind, card counter)."""
+        return (self.card.issuer, self.card.id, self.kind, self.card_counter)
+
+    @property
+    def record_id(self) -> str:
+        """``{issuer}-{card}-{kind}-{card_counter}`` as in the daily clearing file."""
+        return "-".join(str(part) for part in self.identity)
+
+    def to_json(self) -> str:
+        """The compact JSON payload (field order fixed, optional fields left out when empty)."""
+        return self.model_dump_json(by_alias=True, exclude_none=True)
+
+
+class Batch(_Model):
+    """Several records in one publish (``yikatong.batch/1``)."""
+
+    schema_: Literal["yikatong.batch/1"] = Field(BATCH_SCHEMA, alias="schema")
+    records: list[dict[str, Any]]
+
+    model_config = ConfigDict(strict=True, extra="forbid", frozen=True, populate_by_name=True)
+
+
+class Rejection(_Model):
+    """A record the clearing refused for good (it is stored in quarantine there)."""
+
+    seq: Annotated[int, Field(ge=1)]
+    reason: str
+
+
+class Ack(_Model):
+    """The clearing has committed every record of ``terminal`` up to ``acked_through`` (``yikatong.ack/1``)."""
+
+    schema_: Literal["yikatong.ack/1"] = Field(ACK_SCHEMA, alias="schema")
+    terminal: TerminalNo
+    acked_through: Annotated[int, Field(ge=0)]
+    rejected: list[Rejection] = []
+
+    model_config = ConfigDict(strict=True, extra="forbid", frozen=True, populate_by_name=True)
+
+    def to_json(self) -> str:
+        """The JSON payload."""
+        return self.model_dump_json(by_alias=True)
+
+
+class Hotlist(_Model):
+    """The cards a city's terminals must refuse and block (``yikatong.hotlist/1``, retained)."""
+
+    schema_: Literal["yikatong.hotlist/1"] = Field(HOTLIST_SCHEMA, alias="schema")
+    version: Annotated[int, Field(ge=0)]
+    cards: list[str]
+
+    model_config = ConfigDict(strict=True, extra="forbid", frozen=True, populate_by_name=True)
+
+    @field_validator("cards")
+    @classmethod
+    def _card_ids(cls, cards: list[str]) -> list[str]:
+        bad = [c for c in cards if not _CARD_ID.match(c)]
+        if bad:
+            raise ValueError(f"not a 20-digit serial or 8-hex-digit UID: {bad[0]!r}")
+        return cards
+
+    def to_json(self) -> str:
+        """The JSON payload."""
+        return self.model_dump_json(by_alias=True)
+
+
+def _explain(err: ValidationError) -> str:
+    first = err.errors()[0]
+    where = ".".join(str(p) for p in first["loc"]) or "payload"
+    more = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
+    return f"{where}: {first['msg']}{more}"
+
+
+def load_json(payload: bytes | str) -> Any:
+    """Decode a payload (size-checked, UTF-8, JSON); MessageError otherwise."""
+    if len(payload) > MAX_PAYLOAD:
+        raise MessageError(f"payload of {len(payload)} bytes exceeds {MAX_PAYLOAD}")
+    try:
+        return json.loads(payload)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise MessageError(f"not UTF-8 JSON: {err}") from err
+
+
+def parse_record(doc: Any) -> TxnRecord:
+    """A decoded JSON value as a transaction record."""
+    if not isinstance(doc, dict) or doc.get("schema") != TXN_SCHEMA:
+        raise MessageError(f"not a {TXN_SCHEMA} object")
+    try:
+        return TxnRecord.model_validate(doc)
+    except ValidationError as err:
+        raise MessageError(_explain(err)) from err
+
+
+def parse_uplink(payload: bytes | str) -> list[Any]:
+    """The record documents of a terminal publish: one record or a batch. Each is checked by ``parse_record``
+    separately, so one bad record in a batch does not sink the others."""
+    doc = load_json(payload)
+    if isinstance(doc, dict) and doc.get("schema") == BATCH_SCHEMA:
+        try:
+            return list(Batch.model_validate(doc).records)
+        except ValidationError as err:
+            raise MessageError(_explain(err)) from err
+    if isinstance(doc, dict) and doc.get("schema") == TXN_SCHEMA:
+        return [doc]
+    raise MessageError(f"neither a {TXN_SCHEMA} record nor a {BATCH_SCHEMA}")
+
+
+def _parse(model: type[_M], schema: str, payload: bytes | str) -> _M:
+    doc = load_json(payload)
+    if not isinstance(doc, dict) or doc.get("schema") != schema:
+        raise MessageError(f"not a {schema} object")
+    try:
+        return model.model_validate(doc)
+    except ValidationError as err:
+        raise MessageError(_explain(err)) from err
+
+
+def parse_ack(payload: bytes | str) -> Ack:
+    """A clearing ack."""
+    return _parse(Ack, ACK_SCHEMA, payload)
+
+
+def parse_hotlist(payload: bytes | str) -> Hotlist:
+    """A hotlist."""
+    return _parse(Hotlist, HOTLIST_SCHEMA, payload)
+
+
+def batch_payload(records: list[str]) -> str:
+    """A ``yikatong.batch/1`` payload from record payloads that are already JSON text (sent as stored)."""
+    return '{"schema":"' + BATCH_SCHEMA + '","records":[' + ",".join(records) + "]}"
+
+
+# --- topics ---------------------------------------------------------------------------------------------
+
+
+def txn_topic(city: str, terminal: str) -> str:
+    """Where a terminal publishes its records."""
+    return f"yikatong/{city}/txn/{terminal}"
+
+
+def ack_topic(city: str, terminal: str) -> str:
+    """Where the clearing acks a terminal's records."""
+    return f"yikatong/{city}/ack/{terminal}"
+
+
+def hotlist_topic(city: str) -> str:
+    """The city's retained hotlist."""
+    return f"yikatong/{city}/hotlist"
+
+
+def interop_txn_topic(issuer: str) -> str:
+    """Records forwarded to the issuer city's clearing."""
+    return f"yikatong/interop/{issuer}/txn"
+
+
+def interop_ack_topic(acquirer: str) -> str:
+    """The issuer city's acks of forwarded records."""
+    return f"yikatong/interop/{acquirer}/ack"

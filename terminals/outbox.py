@@ -1,0 +1,193 @@
+"""The terminal's durable state in one SQLite file: the outbox of records not yet acked by the clearing, the
+journal of payments a card left in the middle of, the last hotlist, the PSAM's counters and the terminal's
+identity.
+
+Every change is one SQLite transaction with ``synchronous=FULL``: when ``append`` returns, the record survives a
+power cut or SIGKILL, so the rider may go through. A record keeps the ``seq`` and JSON it was given the first
+time; resending sends those same bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from terminals.messages import TXN_SCHEMA, Ack, Hotlist, MessageError, TxnRecord, parse_hotlist, parse_record
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS outbox (seq INTEGER PRIMARY KEY, record TEXT NOT NULL, created REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS pending (card TEXT PRIMARY KEY, intent TEXT NOT NULL, created REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS rejected (seq INTEGER PRIMARY KEY, record TEXT NOT NULL, reason TEXT NOT NULL,
+                                     at REAL NOT NULL);
+"""
+
+
+class OutboxError(Exception):
+    """The state file cannot be used (not ours, another terminal's, unreadable)."""
+
+
+@dataclass(frozen=True)
+class OutboxCounts:
+    """How much is waiting: records not yet acked, interrupted payments, records the clearing rejected."""
+
+    queued: int
+    pending: int
+    rejected: int
+    next_seq: int
+
+
+class Outbox:
+    """One terminal's state file. Safe to share between the tap thread and the uplink task (one lock)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.executescript(_SCHEMA)
+        except (OSError, sqlite3.Error) as err:
+            raise OutboxError(f"{path}: cannot open the terminal state file: {err}") from err
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        """Close the file."""
+        with self._lock:
+            self._db.close()
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    # --- identity and PSAM counters ------------------------------------------------------------------
+
+    def get_meta(self, key: str) -> str | None:
+        """A stored setting, or None."""
+        with self._lock:
+            row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def set_meta(self, key: str, value: str) -> None:
+        """Store a setting durably."""
+        with self._transaction() as db:
+            db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
+
+    def bind_terminal(self, terminal: str, city: str) -> None:
+        """Tie the file to one terminal and city on first use; refuse a file that belongs to another."""
+        for key, value in (("terminal", terminal), ("city", city)):
+            stored = self.get_meta(key)
+            if stored is None:
+                self.set_meta(key, value)
+            elif stored != value:
+                raise OutboxError(
+                    f"{self.path} belongs to {key} {stored}, not {value}: use that {key} or another --state file"
+                )
+
+    # --- records -------------------------------------------------------------------------------------
+
+    def append(self, fields: dict[str, Any], done_pending: str | None = None) -> TxnRecord:
+        """Give the record the next ``seq``, validate and store it, and (same transaction) clear the pending
+        entry it completes. Returns the stored record."""
+        with self._transaction() as db:
+            row = db.execute("SELECT value FROM meta WHERE key = 'next_seq'").fetchone()
+            seq = 1 if row is None else int(row[0])
+            record = parse_record({"schema": TXN_SCHEMA, "seq": seq, **fields})
+            db.execute(
+                "INSERT INTO outbox (seq, record, created) VALUES (?, ?, ?)", (seq, record.to_json(), time.time())
+            )
+            db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('next_seq', ?)", (str(seq + 1),))
+            if done_pending is not None:
+                db.execute("DELETE FROM pending WHERE card = ?", (done_pending,))
+        return record
+
+    def unacked(self, after: int = 0, limit: int = 100) -> list[tuple[int, str]]:
+        """Up to ``limit`` stored records with seq > ``after``, oldest first, as (seq, JSON)."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT seq, record FROM outbox WHERE seq > ? ORDER BY seq LIMIT ?", (after, limit)
+            ).fetchall()
+        return [(int(seq), str(record)) for seq, record in rows]
+
+    def apply_ack(self, ack: Ack) -> tuple[int, int]:
+        """Drop the records the ack covers; rejected ones move to the ``rejected`` table with the reason.
+        Returns (acked, rejected) counts."""
+        reasons = {r.seq: r.reason for r in ack.rejected if r.seq <= ack.acked_through}
+        now = time.time()
+        with self._transaction() as db:
+            rows = db.execute("SELECT seq, record FROM outbox WHERE seq <= ?", (ack.acked_through,)).fetchall()
+            for seq, record in rows:
+                if seq in reasons:
+                    db.execute(
+                        "INSERT OR REPLACE INTO rejected (seq, record, reason, at) VALUES (?, ?, ?, ?)",
+                        (seq, record, reasons[seq], now),
+                    )
+            db.execute("DELETE FROM outbox WHERE seq <= ?", (ack.acked_through,))
+        return len(rows) - sum(1 for seq, _ in rows if seq in reasons), sum(1 for seq, _ in rows if seq in reasons)
+
+    def rejected(self) -> list[tuple[int, str, str]]:
+        """Records the clearing refused: (seq, reason, JSON)."""
+        with self._lock:
+            rows = self._db.execute("SELECT seq, reason, record FROM rejected ORDER BY seq").fetchall()
+        return [(int(s), str(r), str(j)) for s, r, j in rows]
+
+    def counts(self) -> OutboxCounts:
+        """What is waiting."""
+        with self._lock:
+            queued = self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0]
+            pending = self._db.execute("SELECT COUNT(*) FROM pending").fetchone()[0]
+            rejected = self._db.execute("SELECT COUNT(*) FROM rejected").fetchone()[0]
+            row = self._db.execute("SELECT value FROM meta WHERE key = 'next_seq'").fetchone()
+        return OutboxCounts(int(queued), int(pending), int(rejected), 1 if row is None else int(row[0]))
+
+    # --- interrupted payments --------------------------------------------------------------------------
+
+    def set_pending(self, card: str, intent: dict[str, Any]) -> None:
+        """Journal a payment about to be sent to the card (before DEBIT or the first M1 write)."""
+        with self._transaction() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO pending (card, intent, created) VALUES (?, ?, ?)",
+                (card, json.dumps(intent), time.time()),
+            )
+
+    def pending(self, card: str) -> dict[str, Any] | None:
+        """The journalled payment of a card, if one was interrupted."""
+        with self._lock:
+            row = self._db.execute("SELECT intent FROM pending WHERE card = ?", (card,)).fetchone()
+        return None if row is None else dict(json.loads(row[0]))
+
+    def drop_pending(self, card: str) -> None:
+        """Forget a journalled payment the card shows did not happen."""
+        with self._transaction() as db:
+            db.execute("DELETE FROM pending WHERE card = ?", (card,))
+
+    # --- hotlist -----------------------------------------------------------------------------------------
+
+    def hotlist(self) -> Hotlist | None:
+        """The last hotlist received (kept across restarts, so an offline terminal still refuses those cards)."""
+        raw = self.get_meta("hotlist")
+        if raw is None:
+            return None
+        try:
+            return parse_hotlist(raw)
+        except MessageError:
+            return None
+
+    def save_hotlist(self, hotlist: Hotlist) -> None:
+        """Keep a newer hotlist."""
+        self.set_meta("hotlist", hotlist.to_json())
