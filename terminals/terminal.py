@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
 from cardsim.bcd import bcd_date, bcd_time
+from cardsim.apdu import SW
 from cardsim.crypto import Algorithm
 from cardsim.issuer import HostRefusal, IssuerHost
 from cardsim.keys import IssuerKeyStore
@@ -200,8 +201,8 @@ class Terminal:
                 return TapResult("torn", f"TORN     card left during payment, tap again to finish ({err})")
             return TapResult("error", f"ERROR    card left, nothing charged ({err})")
         except TransactionError as err:
-            if journalled and err.sw is not None and err.step == "DEBIT FOR PURCHASE":
-                self.outbox.drop_pending(journalled[0])  # the card refused the DEBIT: nothing happened
+            if journalled and err.step == "DEBIT FOR PURCHASE" and err.sw in SW._value2member_map_:
+                self.outbox.drop_pending(journalled[0])  # a spec refusal of DEBIT: nothing was debited
             elif journalled:
                 return TapResult("torn", f"TORN     {err}; tap again to finish")
             return TapResult("refused" if err.sw is not None else "error", f"REFUSED  {err}")

@@ -91,7 +91,7 @@ def test_purse_purchase_and_corrupted_value_block() -> None:
     txn = m1_purchase(reader, keys(1)[1], bytes.fromhex("001122334455"), 200, WHEN)
     assert (txn.balance_before, txn.balance_after) == (3000, 2800)
     assert parse_value_block(c.state.blocks[4]) == (2800, 4) == parse_value_block(c.state.blocks[5])
-    assert c.state.blocks[6] == bytes.fromhex("0001" "261124081502" "001122334455" "00C8")
+    assert c.state.blocks[6] == bytes.fromhex("000126112408150200112233445500C8")
     assert txn.counter == 0
     c.state.blocks[4] = c.state.blocks[4][:4] + bytes(4) + c.state.blocks[4][8:]  # break the redundancy
     c.state.blocks[5] = c.state.blocks[4]

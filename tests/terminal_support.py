@@ -1,0 +1,107 @@
+"""Builders for terminal tests: terminals over a state file, a clock, M1 cards, and card-cutting readers."""
+
+from __future__ import annotations
+
+import datetime as dt
+import random
+from pathlib import Path
+
+from support import KEYS
+
+from cardsim.issuer import IssuerHost
+from cardsim.m1_issue import KeyScheme, issue_m1_card
+from cardsim.mifare import Frame, M1Card, Profile
+from cardsim.purse import PurseCard
+from terminals.metro import FareTable
+from terminals.outbox import Outbox
+from terminals.reader import CardGone, InProcessReader
+from terminals.terminal import CHINA, Kind, Terminal, TerminalConfig
+
+FARES = FareTable.load()
+START = dt.datetime(2026, 11, 24, 8, 0, 0, tzinfo=CHINA)
+
+
+class Clock:
+    """Local time that moves on a minute each time it is read."""
+
+    def __init__(self, start: dt.datetime = START) -> None:
+        self.now = start
+
+    def __call__(self) -> dt.datetime:
+        self.now += dt.timedelta(minutes=1)
+        return self.now
+
+
+def make_terminal(
+    state: Path,
+    kind: Kind = Kind.BUS,
+    city: str = "4560",
+    amount: int = 200,
+    station: tuple[str, str] | None = None,
+    terminal: str = "456000000001",
+    clock: Clock | None = None,
+) -> Terminal:
+    """A terminal of ``kind`` over the state file ``state``."""
+    line, code = station or (None, None)
+    config = TerminalConfig(city, kind, bytes.fromhex(terminal), amount, line, code)
+    return Terminal(config, Outbox(state), KEYS, fares=FARES, host=IssuerHost(KEYS), clock=clock or Clock())
+
+
+def m1_card(
+    scheme: KeyScheme = KeyScheme.DIVERSIFIED, balance: int = 3000, city: str = "4510", seed: int = 3
+) -> M1Card:
+    """A genuine-profile M1 city card."""
+    rnd = random.Random(seed)
+    key_set = KEYS.get(city, 1)
+    assert key_set is not None
+    card = M1Card(
+        issue_m1_card(rnd.randbytes(4), Profile.GENUINE, scheme, balance, key_set.purchase, city), rnd.randbytes
+    )
+    card.power_on()
+    return card
+
+
+class CuttingReader(InProcessReader):
+    """Pulls the card before APDU number ``before_apdu`` (it never arrives), or arms the card's write budget
+    so that power fails in the middle of a commit."""
+
+    def __init__(self, card: PurseCard, before_apdu: int | None = None, write_budget: int | None = None) -> None:
+        super().__init__(card, "cutting")
+        self.sent = 0
+        self.before_apdu = before_apdu
+        self.write_budget = write_budget
+
+    def connect(self) -> bytes:
+        self.card.eeprom.budget = None  # type: ignore[attr-defined]
+        return super().connect()
+
+    def disconnect(self) -> None:
+        self.card.eeprom.budget = None  # type: ignore[attr-defined]  # out of the field: the cut is over
+
+    def transmit(self, apdu: bytes) -> bytes:
+        if self.sent == self.before_apdu:
+            raise CardGone("pulled before the APDU arrived")
+        self.sent += 1
+        self.card.eeprom.budget = self.write_budget  # type: ignore[attr-defined]
+        return super().transmit(apdu)
+
+
+class CuttingChip:
+    """An M1 card that leaves the field after ``frames`` frames (later frames are never delivered)."""
+
+    def __init__(self, card: M1Card, frames: int | None) -> None:
+        self.card = card
+        self.left = frames
+
+    def power_on(self) -> None:
+        self.card.power_on()
+
+    def anticollision(self) -> tuple[bytes, int, bytes]:
+        return self.card.anticollision()
+
+    def transceive(self, frame: Frame) -> Frame | None:
+        if self.left is not None:
+            if self.left == 0:
+                return None
+            self.left -= 1
+        return self.card.transceive(frame)

@@ -1,0 +1,287 @@
+"""Terminal taps over in-process cards: bus, metro gates, top-up, M1, hotlist, tearing recovery, bad cards."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from support import KEYS, new_card, seeded_rng
+from terminal_support import FARES, Clock, CuttingChip, CuttingReader, m1_card, make_terminal
+
+from cardsim import crypto
+from cardsim.crypto import Algorithm
+from cardsim.issuer import IssuerHost
+from cardsim.m1_issue import KeyScheme
+from cardsim.mifare import parse_value_block
+from cardsim.purse import PurseCard
+from clearing.verify import tac_problem
+from terminals.messages import TxnRecord, parse_record
+from terminals.metro import parse_trip
+from terminals.reader import InProcessReader
+from terminals.terminal import Kind, Terminal
+
+HOST = IssuerHost(KEYS)
+
+
+def records(terminal: Terminal) -> list[TxnRecord]:
+    return [parse_record(json.loads(raw)) for _, raw in terminal.outbox.unacked(0, 1000)]
+
+
+def test_bus_purchase_of_another_citys_card_is_recorded_with_a_verifying_tac(tmp_path: Path) -> None:
+    term = make_terminal(tmp_path / "t.sqlite", Kind.BUS, city="4560", amount=200)
+    card = new_card(Algorithm.DES3, 5000, city="4510")
+    first, second = term.tap(InProcessReader(card)), term.tap(InProcessReader(card))
+    assert first.ok and second.ok, (first.message, second.message)
+    assert first.message.startswith("OK       purchase card 3104451")
+    r1, r2 = records(term)
+    assert (r1.seq, r2.seq) == (1, 2)
+    assert (r1.card.issuer, r1.acquirer, r1.kind, r1.tech, r1.alg) == ("4510", "4560", "purchase", "cpu", "3des")
+    assert (r1.card_counter, r2.card_counter) == (0, 1)
+    assert (r1.balance_before, r1.balance_after, r2.balance_after) == (5000, 4800, 4600)
+    assert (r1.terminal_seq, r2.terminal_seq) == (1, 2)
+    assert r1.time == "2026-11-24T08:01:00+08:00"
+    assert tac_problem(HOST, r1) is None and tac_problem(HOST, r2) is None
+    assert tac_problem(HOST, r1.model_copy(update={"amount": 100, "balance_after": 4900})) == "TAC does not verify"
+    assert card.state.balance == 4600
+
+
+def test_psam_sequence_and_record_seq_survive_a_restart(tmp_path: Path) -> None:
+    card = new_card()
+    make_terminal(tmp_path / "t.sqlite").tap(InProcessReader(card))
+    again = make_terminal(tmp_path / "t.sqlite")
+    assert again.tap(InProcessReader(card)).ok
+    assert [(r.seq, r.terminal_seq) for r in records(again)] == [(1, 1), (2, 2)]
+
+
+def test_state_file_of_another_terminal_is_refused(tmp_path: Path) -> None:
+    make_terminal(tmp_path / "t.sqlite", terminal="456000000001")
+    with pytest.raises(Exception, match="belongs to terminal 456000000001"):
+        make_terminal(tmp_path / "t.sqlite", terminal="456000000002")
+
+
+def test_top_up_machine_loads_through_the_issuer_host(tmp_path: Path) -> None:
+    term = make_terminal(tmp_path / "t.sqlite", Kind.TOPUP, city="4510", amount=5000)
+    card = new_card(Algorithm.SM4, 1000)
+    result = term.tap(InProcessReader(card))
+    assert result.ok and result.record is not None
+    assert (result.record.kind, result.record.amount, result.record.balance_after) == ("load", 5000, 6000)
+    assert tac_problem(HOST, result.record) is None
+    assert card.state.balance == 6000
+
+
+def test_metro_entry_then_exit_charges_by_distance_and_logs_the_trip(tmp_path: Path) -> None:
+    clock = Clock()
+    entry = make_terminal(tmp_path / "in.sqlite", Kind.METRO_ENTRY, "4510", station=("M1", "A00"), clock=clock)
+    exit_ = make_terminal(
+        tmp_path / "out.sqlite", Kind.METRO_EXIT, "4510", station=("M1", "A05"), terminal="451000000002", clock=clock
+    )
+    card = new_card(Algorithm.SM4, 5000)
+    assert entry.tap(InProcessReader(card)).ok
+    trip = parse_trip(card.state.trips[0])
+    assert trip is not None and (trip.trip_type, trip.line, trip.station, trip.city) == (3, "M1", "A00", "4510")
+    result = exit_.tap(InProcessReader(card))
+    assert result.ok and result.record is not None
+    # A00 -> A05 is 12.5 km on line M1: the 12..22 km band, 4 yuan.
+    assert (result.record.kind, result.record.amount, result.record.station) == ("metro_exit", 400, "A05")
+    assert records(entry)[0].amount == 0 and records(entry)[0].kind == "metro_entry"
+    assert card.state.balance == 4600 and card.state.offline_counter == 2
+    exit_trip = parse_trip(card.state.trips[0])
+    assert exit_trip is not None and (exit_trip.trip_type, exit_trip.amount, exit_trip.balance_after) == (4, 400, 4600)
+    for record in (*records(entry), result.record):
+        assert tac_problem(HOST, record) is None
+
+
+def test_exit_between_lines_and_without_entry(tmp_path: Path) -> None:
+    clock = Clock()
+    entry = make_terminal(tmp_path / "in.sqlite", Kind.METRO_ENTRY, "4510", station=("M2", "B02"), clock=clock)
+    exit_ = make_terminal(
+        tmp_path / "out.sqlite", Kind.METRO_EXIT, "4510", station=("M1", "A01"), terminal="451000000002", clock=clock
+    )
+    card = new_card()
+    entry.tap(InProcessReader(card))
+    assert exit_.tap(InProcessReader(card)).record.amount == 300  # type: ignore[union-attr]  # 4.4 + 2.5 km
+    assert exit_.tap(InProcessReader(card)).record.amount == 700  # type: ignore[union-attr]  # no entry: max
+    entry.tap(InProcessReader(card))
+    clock.now += FARES.max_trip
+    assert exit_.tap(InProcessReader(card)).record.amount == 700  # type: ignore[union-attr]  # stale entry
+
+
+def test_hotlisted_card_is_refused_and_blocked(tmp_path: Path) -> None:
+    term = make_terminal(tmp_path / "t.sqlite")
+    card = new_card()
+    serial = card.state.public.application_serial.hex()
+    assert term.offer_hotlist('{"schema":"yikatong.hotlist/1","version":3,"cards":["%s"]}' % serial)
+    result = term.tap(InProcessReader(card))
+    assert result.status == "refused" and "hotlisted" in result.message and card.state.blocked
+    again = term.tap(InProcessReader(card))
+    assert again.status == "refused" and "6A81" in again.message
+    assert records(term) == [] and card.state.balance == 5000
+    # a restarted terminal still knows the list; malformed or older lists are ignored
+    restarted = make_terminal(tmp_path / "t.sqlite")
+    assert restarted.hotlist.version == 3 and serial in restarted.hotlist.cards
+    assert not restarted.offer_hotlist(b"{not json")
+    assert not restarted.offer_hotlist('{"schema":"yikatong.hotlist/1","version":"4","cards":[]}')
+    assert not restarted.offer_hotlist('{"schema":"yikatong.hotlist/1","version":2,"cards":[]}')
+    assert restarted.hotlist.version == 3 and serial in restarted.hotlist.cards
+
+
+@pytest.mark.parametrize("scheme", list(KeyScheme))
+def test_m1_bus_purchase_with_record_mac(tmp_path: Path, scheme: KeyScheme) -> None:
+    term = make_terminal(tmp_path / "t.sqlite", city="4560", amount=150)
+    card = m1_card(scheme, 3000, city="4530")
+    first, second = term.tap_m1(card), term.tap_m1(card)
+    assert first.ok and second.ok, first.message
+    r1, r2 = records(term)
+    assert (r1.tech, r1.card.issuer, r1.card.uid, r1.card_counter, r2.card_counter) == (
+        "m1",
+        "4530",
+        card.anticollision()[0].hex().upper(),
+        0,
+        1,
+    )
+    assert parse_value_block(card.state.blocks[4]) == (2700, 4)
+    assert tac_problem(HOST, r1) is None and tac_problem(HOST, r2) is None
+    assert tac_problem(HOST, r1.model_copy(update={"terminal_seq": 9})) == "M1 record MAC does not verify"
+
+
+def test_m1_hotlisted_and_wrong_kind(tmp_path: Path) -> None:
+    card = m1_card()
+    uid = card.anticollision()[0].hex().upper()
+    term = make_terminal(tmp_path / "t.sqlite")
+    term.offer_hotlist('{"schema":"yikatong.hotlist/1","version":1,"cards":["%s"]}' % uid)
+    assert term.tap_m1(card).status == "refused"
+    gate = make_terminal(
+        tmp_path / "g.sqlite", Kind.METRO_ENTRY, "4510", station=("M1", "A00"), terminal="4510000000AA"
+    )
+    assert "only bus" in gate.tap_m1(card).message
+    assert records(term) == [] == records(gate)
+
+
+# --- tearing -----------------------------------------------------------------------------------------------
+
+
+def _settled(term: Terminal, card: PurseCard, expected_records: int, fare: int, start_balance: int) -> None:
+    """After the retap: charged exactly once, one record per charge, nothing left pending."""
+    recs = records(term)
+    assert len(recs) == expected_records
+    assert card.state.balance == start_balance - fare
+    assert recs[-1].balance_after == card.state.balance
+    assert recs[-1].card_counter == card.state.offline_counter - 1
+    assert len({r.identity for r in recs}) == len(recs)
+    assert term.outbox.counts().pending == 0
+    for r in recs:
+        assert tac_problem(HOST, r) is None
+
+
+# INITIALIZE, (UPDATE CAPP,) DEBIT ... : cut before every APDU, and at every EEPROM write of the commit.
+CUTS = [(n, None) for n in range(7)] + [(None, budget) for budget in range(6)]
+
+
+@pytest.mark.parametrize(("before_apdu", "budget"), CUTS)
+@pytest.mark.parametrize("restart", [False, True])
+def test_bus_purchase_torn_anywhere_is_charged_and_recorded_once(
+    tmp_path: Path, before_apdu: int | None, budget: int | None, restart: bool
+) -> None:
+    term = make_terminal(tmp_path / "t.sqlite", amount=300)
+    card = PurseCard(new_card().state, seeded_rng(9))
+    first = term.tap(CuttingReader(card, before_apdu, budget))
+    assert first.status in ("ok", "torn", "error"), first.message
+    if restart:
+        term = make_terminal(tmp_path / "t.sqlite", amount=300)
+    second = term.tap(InProcessReader(card))
+    assert second.ok, second.message
+    _settled(term, card, 1 if first.status != "ok" else 2, 300 if first.status != "ok" else 600, 5000)
+
+
+@pytest.mark.parametrize(("before_apdu", "budget"), CUTS + [(7, None), (8, None)])
+@pytest.mark.parametrize("gate", ["entry", "exit"])
+def test_metro_gate_torn_anywhere_is_charged_and_recorded_once(
+    tmp_path: Path, before_apdu: int | None, budget: int | None, gate: str
+) -> None:
+    clock = Clock()
+    entry = make_terminal(tmp_path / "in.sqlite", Kind.METRO_ENTRY, "4510", station=("M1", "A00"), clock=clock)
+    exit_ = make_terminal(
+        tmp_path / "out.sqlite", Kind.METRO_EXIT, "4510", station=("M1", "A02"), terminal="451000000002", clock=clock
+    )
+    card = PurseCard(new_card().state, seeded_rng(9))
+    term = entry if gate == "entry" else exit_
+    if gate == "exit":
+        assert entry.tap(InProcessReader(card)).ok
+    first = term.tap(CuttingReader(card, before_apdu, budget))
+    retap = term.tap(InProcessReader(card))
+    assert retap.ok, retap.message
+    if first.status == "ok":
+        return  # the cut came after the payment finished: a second, normal trip followed
+    _settled(term, card, 1, 0 if gate == "entry" else 200, 5000)
+    trip = parse_trip(card.state.trips[0])
+    assert trip is not None and trip.station == ("A00" if gate == "entry" else "A02")
+    assert len(card.state.trips) == (1 if gate == "entry" else 2)
+
+
+@pytest.mark.parametrize("frames", range(0, 48))
+def test_m1_purchase_torn_anywhere_is_charged_and_recorded_once(tmp_path: Path, frames: int) -> None:
+    term = make_terminal(tmp_path / "t.sqlite", amount=100)
+    card = m1_card(KeyScheme.SHARED, 1000)
+    first = term.tap_m1(CuttingChip(card, frames))
+    second = term.tap_m1(CuttingChip(card, None))
+    assert second.ok, (first.message, second.message)
+    recs = records(term)
+    charged = 1000 - parse_value_block(card.state.blocks[4])[0]  # type: ignore[index]
+    assert charged == 100 * len(recs)
+    assert len({r.identity for r in recs}) == len(recs) and term.outbox.counts().pending == 0
+    assert parse_value_block(card.state.blocks[5]) == parse_value_block(card.state.blocks[4])
+
+
+# --- cards that answer nonsense ------------------------------------------------------------------------------
+
+
+class ScriptedCard:
+    """A 'card' with a given ATR whose answers are replaced for chosen commands (by INS byte)."""
+
+    def __init__(self, real: PurseCard, atr: bytes | None = None, answers: dict[int, bytes] | None = None) -> None:
+        self.real = real
+        self.atr = atr
+        self.answers = answers or {}
+
+    def power_on(self) -> bytes:
+        atr = self.real.power_on()
+        return self.atr if self.atr is not None else atr
+
+    def transmit(self, apdu: bytes) -> bytes:
+        answer = self.real.transmit(apdu)
+        return self.answers.get(apdu[1], answer)
+
+
+@pytest.mark.parametrize(
+    ("atr", "answers", "expected"),
+    [
+        (b"\x00\x11\x22", {}, "not a valid ATR"),
+        (b"", {}, "not a valid ATR"),
+        (None, {0xA4: b"\x6f\x01\x90\x00"}, "9F0C"),
+        (None, {0xA4: b"\x90"}, "SELECT"),
+        (None, {0x50: b"\x6f\x00"}, "6F00"),
+        (None, {0x50: b"\x00\x00\x90\x00"}, "answered 2 bytes, expected 15"),
+        (None, {0x54: b"\x6f\x00"}, "6F00"),
+        (None, {0x54: b"\x01\x02\x90\x00"}, "answered 2 bytes"),
+    ],
+)
+def test_garbage_from_the_card_ends_the_tap_with_a_message_and_no_record(
+    tmp_path: Path, atr: bytes | None, answers: dict[int, bytes], expected: str
+) -> None:
+    term = make_terminal(tmp_path / "t.sqlite")
+    card = new_card()
+    result = term.tap(InProcessReader(ScriptedCard(card, atr, answers)))  # type: ignore[arg-type]
+    assert not result.ok and expected in result.message, result.message
+    assert records(term) == []
+    # the card itself is fine: a later normal tap settles whatever the garbage left
+    assert term.tap(InProcessReader(card)).ok
+    assert len(records(term)) == 1 and card.state.balance == 4800
+
+
+def test_m1_record_mac_key_is_the_one_crypto_module() -> None:
+    key_set = KEYS.get("4510", 1)
+    assert key_set is not None
+    uid = bytes.fromhex("0A0B0C0D")
+    mac = crypto.m1_record_key(key_set.purchase, uid).mac(bytes(35))
+    assert len(mac) == 4 and mac != crypto.m1_record_key(key_set.purchase, bytes(4)).mac(bytes(35))
