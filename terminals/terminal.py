@@ -15,8 +15,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
-from cardsim.bcd import bcd_date, bcd_time
 from cardsim.apdu import SW
+from cardsim.bcd import bcd_date, bcd_time
 from cardsim.crypto import Algorithm
 from cardsim.issuer import HostRefusal, IssuerHost
 from cardsim.keys import IssuerKeyStore

@@ -16,12 +16,16 @@ from cardsim.m1_issue import KeyScheme
 from cardsim.mifare import parse_value_block
 from cardsim.purse import PurseCard
 from clearing.verify import tac_problem
-from terminals.messages import TxnRecord, parse_record
+from terminals.messages import HOTLIST_SCHEMA, Hotlist, TxnRecord, parse_record
 from terminals.metro import parse_trip
 from terminals.reader import InProcessReader
 from terminals.terminal import Kind, Terminal
 
 HOST = IssuerHost(KEYS)
+
+
+def hotlist(version: int, *cards: str) -> str:
+    return Hotlist(schema=HOTLIST_SCHEMA, version=version, cards=list(cards)).to_json()
 
 
 def records(terminal: Terminal) -> list[TxnRecord]:
@@ -111,7 +115,7 @@ def test_hotlisted_card_is_refused_and_blocked(tmp_path: Path) -> None:
     term = make_terminal(tmp_path / "t.sqlite")
     card = new_card()
     serial = card.state.public.application_serial.hex()
-    assert term.offer_hotlist('{"schema":"yikatong.hotlist/1","version":3,"cards":["%s"]}' % serial)
+    assert term.offer_hotlist(hotlist(3, serial))
     result = term.tap(InProcessReader(card))
     assert result.status == "refused" and "hotlisted" in result.message and card.state.blocked
     again = term.tap(InProcessReader(card))
@@ -149,7 +153,7 @@ def test_m1_hotlisted_and_wrong_kind(tmp_path: Path) -> None:
     card = m1_card()
     uid = card.anticollision()[0].hex().upper()
     term = make_terminal(tmp_path / "t.sqlite")
-    term.offer_hotlist('{"schema":"yikatong.hotlist/1","version":1,"cards":["%s"]}' % uid)
+    term.offer_hotlist(hotlist(1, uid))
     assert term.tap_m1(card).status == "refused"
     gate = make_terminal(
         tmp_path / "g.sqlite", Kind.METRO_ENTRY, "4510", station=("M1", "A00"), terminal="4510000000AA"
@@ -194,7 +198,7 @@ def test_bus_purchase_torn_anywhere_is_charged_and_recorded_once(
     _settled(term, card, 1 if first.status != "ok" else 2, 300 if first.status != "ok" else 600, 5000)
 
 
-@pytest.mark.parametrize(("before_apdu", "budget"), CUTS + [(7, None), (8, None)])
+@pytest.mark.parametrize(("before_apdu", "budget"), [*CUTS, (7, None), (8, None)])
 @pytest.mark.parametrize("gate", ["entry", "exit"])
 def test_metro_gate_torn_anywhere_is_charged_and_recorded_once(
     tmp_path: Path, before_apdu: int | None, budget: int | None, gate: str
