@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import time
 
+from smartcard import scard
 from smartcard.Exceptions import CardConnectionException, NoCardException
 from smartcard.scard import SCARD_PROTOCOL_T1
 from smartcard.System import readers as pcsc_readers
@@ -50,15 +51,37 @@ class PcscReader:
                     raise TimeoutError(f"no card on {self.name} after {timeout:.0f} s") from None
                 time.sleep(0.1)
 
+    def card_present(self) -> bool:
+        """Whether a card is in the reader now (PC/SC status, without connecting to it)."""
+        hresult, context = scard.SCardEstablishContext(scard.SCARD_SCOPE_USER)
+        if hresult != scard.SCARD_S_SUCCESS:
+            return False
+        try:
+            hresult, states = scard.SCardGetStatusChange(context, 0, [(self.name, scard.SCARD_STATE_UNAWARE)])
+            return hresult == scard.SCARD_S_SUCCESS and bool(states[0][1] & scard.SCARD_STATE_PRESENT)
+        finally:
+            scard.SCardReleaseContext(context)
+
+    def wait_for_removal(self, timeout: float) -> bool:
+        """Poll until the card has left the reader (True) or ``timeout`` passes (False)."""
+        deadline = time.monotonic() + timeout
+        while self.card_present():
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.1)
+        return True
+
     def connect(self) -> bytes:
         """Connect (T=1) to the card in the reader; CardGone when there is none."""
+        self.disconnect()
         conn = self._reader.createConnection()
         try:
             conn.connect(SCARD_PROTOCOL_T1)
+            atr = bytes(conn.getATR())
         except (NoCardException, CardConnectionException) as err:
             raise CardGone(f"{self.name}: no card ({err})") from err
         self._conn = conn
-        return bytes(conn.getATR())
+        return atr
 
     def transmit(self, apdu: bytes) -> bytes:
         """Send a C-APDU; a card removed mid-transaction surfaces as CardGone."""

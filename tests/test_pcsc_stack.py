@@ -5,6 +5,8 @@ This must fail, not skip, when the stack is missing: `.ci/run` (scripts/test.sh)
 
 from __future__ import annotations
 
+import json
+import os
 import signal
 import subprocess
 import sys
@@ -14,7 +16,11 @@ import pytest
 from support import TERMINAL, WHEN, new_psam
 
 from cardsim.image import load_purse
+from cardsim.issuer import IssuerHost
+from cardsim.keys import IssuerKeyStore
+from clearing.verify import tac_problem
 from terminals.flows import purchase
+from terminals.messages import parse_record
 from terminals.pcsc import PcscReader, list_readers
 from terminals.reader import InProcessReader
 
@@ -72,3 +78,62 @@ def test_purchase_over_pcscd_and_vpcd(tmp_path: Path) -> None:
     assert serve.returncode == 0, out
     saved = load_purse(image)
     assert saved.balance == 4800 and saved.offline_counter == 2, "the balance in the saved image drops"
+
+
+def _yikatong(*args: str) -> list[str]:
+    return [sys.executable, "-m", "yikatong.cli", *args]
+
+
+@pytest.mark.parametrize("command", ["tap", "run"])
+def test_terminal_on_pcsc_publishes_the_record_to_mosquitto(tmp_path: Path, command: str) -> None:
+    """card serve + pcscd + `yikatong terminal tap|run --reader ...` -> the record arrives on the real Mosquitto,
+    as an outside client (mosquitto_sub) sees it."""
+    assert READER in list_readers(), "run scripts/services.sh to start pcscd with vpcd"
+    image, state = tmp_path / "card.json", tmp_path / "terminal.sqlite"
+    number = "4560" + os.urandom(4).hex().upper()
+    subprocess.run(
+        _yikatong("card", "issue", "--city", "4510", "--alg", "sm4", "--balance", "3000", "--out", str(image)),
+        check=True,
+        capture_output=True,
+    )
+    sub = subprocess.Popen(
+        [
+            "mosquitto_sub",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            "1883",
+            "-q",
+            "1",
+            "-C",
+            "1",
+            "-W",
+            "60",
+            "-t",
+            f"yikatong/4560/txn/{number}",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    serve = subprocess.Popen(_yikatong("card", "serve", str(image)), stdout=subprocess.PIPE, text=True)
+    try:
+        PcscReader(READER).wait_for_card(timeout=20)
+        options = ["--city", "4560", "--kind", "bus", "--fare", "250", "--terminal", number, "--state", str(state)]
+        extra = ["--count", "1"] if command == "run" else []
+        done = subprocess.run(
+            _yikatong("terminal", command, "--reader", READER, *options, *extra, "--broker", "mqtt://127.0.0.1:1883"),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert "OK       purchase" in done.stdout and "-2.50 -> 27.50 yuan" in done.stdout
+        received, _ = sub.communicate(timeout=60)
+    finally:
+        sub.kill()
+        serve.send_signal(signal.SIGINT)
+        serve.communicate(timeout=20)
+    record = parse_record(json.loads(received))
+    assert (record.terminal, record.amount, record.balance_after, record.card.issuer) == (number, 250, 2750, "4510")
+    assert tac_problem(IssuerHost(IssuerKeyStore.test_set()), record) is None
+    assert load_purse(image).balance == 2750

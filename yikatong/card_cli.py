@@ -15,7 +15,7 @@ from cardsim import vpcd
 from cardsim.apdu import split_response
 from cardsim.crypto import Algorithm
 from cardsim.image import CardImageError, load_card, save_card, save_purse
-from cardsim.keys import IssuerKeyStore, KeyFileError
+from cardsim.keys import IssuerKeyStore
 from cardsim.m1_issue import KeyScheme, issue_m1_card
 from cardsim.mifare import M1State, Profile, parse_value_block
 from cardsim.personalise import CARD_CLASSES, DEFAULT_MAX_BALANCE, CardRequest, IssueError, issue_cpu_card
@@ -23,7 +23,7 @@ from cardsim.purse import PurseCard, PurseState
 from terminals.flows import TransactionError
 from terminals.inspect import TXN_TYPES, read_card_info, yuan
 from terminals.reader import InProcessReader
-from yikatong.argtypes import hex_number
+from yikatong.argtypes import fen, hex_number, load_keys
 from yikatong.errors import CliError
 
 CITY_NAMES = {"4510": "Jinan 济南", "4560": "Yantai 烟台", "4530": "Zibo 淄博"}
@@ -66,7 +66,7 @@ def register(groups: Any) -> None:
         "(default %(default)s)",
     )
     issue.add_argument("--uid", type=_uid, help="M1 UID, 8 hex digits (default: random)")
-    issue.add_argument("--balance", required=True, type=_fen, help="opening balance in fen (分)")
+    issue.add_argument("--balance", required=True, type=fen, help="opening balance in fen (分)")
     issue.add_argument("--out", required=True, type=Path, help="card image file to write")
     issue.add_argument("--sequence", type=_sequence, help="12-digit card number within the city (default: random)")
     issue.add_argument(
@@ -86,7 +86,7 @@ def register(groups: Any) -> None:
     issue.add_argument("--expiry", type=_date, help="expiry date YYYY-MM-DD (default: start + 10 years)")
     issue.add_argument(
         "--max-balance",
-        type=_fen,
+        type=fen,
         default=DEFAULT_MAX_BALANCE,
         help=f"purse limit in fen (default {DEFAULT_MAX_BALANCE})",
     )
@@ -124,16 +124,6 @@ def register(groups: Any) -> None:
 # --- argument types ------------------------------------------------------------------------------
 
 
-def _fen(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of fen") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError("must not be negative")
-    return value
-
-
 def _sequence(text: str) -> int:
     if not (text.isdigit() and len(text) <= 12):
         raise argparse.ArgumentTypeError("must be at most 12 decimal digits")
@@ -154,20 +144,13 @@ def _date(text: str) -> dt.date:
 # --- commands ------------------------------------------------------------------------------------
 
 
-def _load_keys(path: Path | None) -> IssuerKeyStore:
-    try:
-        return IssuerKeyStore.load(path) if path else IssuerKeyStore.test_set()
-    except KeyFileError as err:
-        raise CliError(str(err)) from err
-
-
 def _issue(args: argparse.Namespace) -> int:
     out: Path = args.out
     if out.exists() and not args.force:
         raise CliError(f"{out} exists; use --force to overwrite it")
     if not out.parent.is_dir():
         raise CliError(f"{out.parent} is not a directory")
-    keys = _load_keys(args.keys)
+    keys = load_keys(args.keys)
     if args.tech == "m1":
         return _issue_m1(args, keys)
     if args.alg is None:
@@ -242,9 +225,11 @@ def _show_m1(path: Path, state: M1State) -> int:
     print(f"Balance   {yuan(purse[0]) + ' yuan' if purse else 'value block corrupted'}")
     record = state.blocks[6]
     if any(record):
+        stamp = "20" + record[2:8].hex()
+        when = f"{stamp[0:4]}-{stamp[4:6]}-{stamp[6:8]} {stamp[8:10]}:{stamp[10:12]}:{stamp[12:14]}"
         print(
-            f"Last      {record[0:7].hex()} terminal {record[7:13].hex().upper()} "
-            f"amount {yuan(int.from_bytes(record[13:16]))} yuan"
+            f"Last      #{int.from_bytes(record[0:2])} {when} terminal {record[8:14].hex().upper()} "
+            f"amount {yuan(int.from_bytes(record[14:16]))} yuan"
         )
     return 0
 

@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from yikatong import __version__, audit_cli, card_cli, demo
+from yikatong import __version__, audit_cli, card_cli, demo, terminal_cli
 from yikatong.errors import CliError
 
 
@@ -21,6 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     groups = parser.add_subparsers(dest="group", metavar="COMMAND", required=True)
     demo.register(groups)
     card_cli.register(groups)
+    terminal_cli.register(groups)
     audit_cli.register(groups)
     return parser
 

@@ -1,0 +1,86 @@
+"""Broker addresses (``mqtt://[user[:password]@]host[:port]``), aiomqtt clients for them, and the embedded
+amqtt broker that lets everything run with pip alone."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+import aiomqtt
+
+DEFAULT_PORT = 1883
+
+
+@dataclass(frozen=True)
+class BrokerUrl:
+    """Where the MQTT broker is, and how to log in."""
+
+    host: str
+    port: int = DEFAULT_PORT
+    username: str | None = None
+    password: str | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> BrokerUrl:
+        """``mqtt://host[:port]`` with optional ``user:password@``; ValueError says what is wrong."""
+        parts = urlsplit(text)
+        if parts.scheme != "mqtt":
+            raise ValueError(f"broker {text!r}: use mqtt://host[:port] (TLS and websockets are not supported)")
+        try:
+            port = parts.port or DEFAULT_PORT
+        except ValueError as err:
+            raise ValueError(f"broker {text!r}: {err}") from None
+        if not parts.hostname or parts.path not in ("", "/") or parts.query:
+            raise ValueError(f"broker {text!r}: expected mqtt://host[:port]")
+        user = unquote(parts.username) if parts.username else None
+        password = unquote(parts.password) if parts.password else None
+        return cls(parts.hostname, port, user, password)
+
+    def __str__(self) -> str:
+        user = f"{self.username}@" if self.username else ""
+        return f"mqtt://{user}{self.host}:{self.port}"
+
+    def client(self, identifier: str, *, clean_session: bool = False, **options: Any) -> aiomqtt.Client:
+        """An aiomqtt client (MQTT 3.1.1; a persistent session unless ``clean_session``)."""
+        return aiomqtt.Client(
+            self.host,
+            self.port,
+            username=self.username,
+            password=self.password,
+            identifier=identifier,
+            clean_session=clean_session,
+            **options,
+        )
+
+
+def free_port() -> int:
+    """A free TCP port on the loopback interface."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextlib.asynccontextmanager
+async def embedded_broker(port: int | None = None) -> AsyncIterator[BrokerUrl]:
+    """An amqtt broker in this process on a free loopback port (anonymous, no persistence)."""
+    from amqtt.broker import Broker  # imported here: only the embedded default needs it
+
+    port = port or free_port()
+    config = {
+        "listeners": {"default": {"type": "tcp", "bind": f"127.0.0.1:{port}"}},
+        "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}},
+    }
+    logging.getLogger("amqtt").setLevel(logging.WARNING)
+    broker = Broker(config)
+    await broker.start()
+    try:
+        yield BrokerUrl("127.0.0.1", port)
+    finally:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(broker.shutdown(), 10)

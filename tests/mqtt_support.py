@@ -1,0 +1,144 @@
+"""MQTT helpers for tests: the machine's Mosquitto, a private Mosquitto that can be stopped, and a stand-in
+clearing that stores what it receives and acks it (the real clearing is its own service)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import secrets
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import aiomqtt
+
+from terminals.messages import Ack, MessageError, parse_record, parse_uplink
+from terminals.mqtt import BrokerUrl, free_port
+
+MOSQUITTO = BrokerUrl("127.0.0.1", 1883)
+
+
+def require_mosquitto() -> None:
+    """Fail (not skip) when the machine's Mosquitto is not listening: scripts/services.sh starts it."""
+    with socket.socket() as s:
+        s.settimeout(2)
+        assert s.connect_ex(("127.0.0.1", 1883)) == 0, "Mosquitto not on 127.0.0.1:1883: run scripts/services.sh"
+
+
+def unique_terminal(city: str = "4560") -> str:
+    """A terminal number no other test (or earlier run) used, so topics on a shared broker do not mix."""
+    return city + secrets.token_hex(4).upper()
+
+
+class PrivateMosquitto:
+    """A Mosquitto of our own on a free port (persistence on, in ``folder``), to stop and start at will."""
+
+    def __init__(self, folder: Path) -> None:
+        self.port = free_port()
+        self.url = BrokerUrl("127.0.0.1", self.port)
+        self.conf = folder / "mosquitto.conf"
+        self.conf.write_text(
+            f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence true\npersistence_location {folder}/\n"
+        )
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+        self.proc = subprocess.Popen([binary, "-c", str(self.conf)], stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", self.port)) == 0:
+                    return
+            time.sleep(0.05)
+        raise AssertionError(f"private mosquitto did not start on port {self.port}")
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait(10)
+            self.proc = None
+
+
+@contextlib.contextmanager
+def private_mosquitto(folder: Path) -> Iterator[PrivateMosquitto]:
+    broker = PrivateMosquitto(folder)
+    broker.start()
+    try:
+        yield broker
+    finally:
+        broker.stop()
+
+
+class StubClearing:
+    """Subscribes to every terminal topic, keeps every copy it receives, and acks each terminal through the
+    highest seq it has seen without a gap."""
+
+    def __init__(self, broker: BrokerUrl, reject: set[int] | None = None) -> None:
+        self.broker = broker
+        self.copies: list[tuple[int, str]] = []  # (seq, record JSON) for every copy delivered
+        self.reject = reject or set()
+        self.bad_payloads = 0
+        self._seen: dict[str, set[int]] = {}
+
+    def distinct(self) -> dict[int, str]:
+        """Seq -> JSON; asserts that every copy of a seq is the same record."""
+        out: dict[int, str] = {}
+        for seq, doc in self.copies:
+            assert out.setdefault(seq, doc) == doc, f"seq {seq} was sent with different content"
+        return out
+
+    async def run(self) -> None:
+        while True:
+            try:
+                async with self.broker.client(f"stub-clearing-{secrets.token_hex(3)}", clean_session=True) as client:
+                    await client.subscribe("yikatong/+/txn/+", qos=1)
+                    async for message in client.messages:
+                        await self._handle(client, message)
+            except aiomqtt.MqttError:
+                await asyncio.sleep(0.2)
+
+    async def _handle(self, client: aiomqtt.Client, message: aiomqtt.Message) -> None:
+        city, _, terminal = message.topic.value.split("/")[1:4]
+        assert isinstance(message.payload, bytes)
+        try:
+            docs = parse_uplink(message.payload)
+        except MessageError:
+            self.bad_payloads += 1
+            return
+        seen = self._seen.setdefault(terminal, set())
+        for doc in docs:
+            record = parse_record(doc)
+            self.copies.append((record.seq, json.dumps(doc, separators=(",", ":"))))
+            seen.add(record.seq)
+        through = 0
+        while through + 1 in seen:
+            through += 1
+        rejected = [{"seq": s, "reason": "test rejection"} for s in sorted(self.reject) if s <= through]
+        ack = Ack.model_validate(
+            {"schema": "yikatong.ack/1", "terminal": terminal, "acked_through": through, "rejected": rejected}
+        )
+        await client.publish(f"yikatong/{city}/ack/{terminal}", ack.to_json(), qos=1)
+
+
+@contextlib.asynccontextmanager
+async def running(coro_factory: object) -> AsyncIterator[asyncio.Task[None]]:
+    """Run a coroutine as a task for the duration of the block."""
+    task = asyncio.create_task(coro_factory)  # type: ignore[arg-type]
+    try:
+        yield task
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+async def eventually(check: object, timeout: float = 20.0) -> None:
+    """Wait until ``check()`` is true; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not check():  # type: ignore[operator]
+        assert time.monotonic() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.05)

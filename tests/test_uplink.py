@@ -1,0 +1,207 @@
+"""The uplink on real brokers: the machine's Mosquitto, a private Mosquitto that is stopped and restarted, and
+the embedded amqtt broker. Records leave the outbox only on the clearing's ack; the hotlist follows the broker."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from mqtt_support import (
+    MOSQUITTO,
+    StubClearing,
+    eventually,
+    private_mosquitto,
+    require_mosquitto,
+    running,
+    unique_terminal,
+)
+from support import new_card
+from terminal_support import make_terminal
+
+from terminals.messages import HOTLIST_SCHEMA, Hotlist, parse_record, parse_uplink
+from terminals.mqtt import BrokerUrl, embedded_broker
+from terminals.reader import InProcessReader
+from terminals.terminal import Terminal
+from terminals.uplink import Uplink
+
+
+def outbox_records(terminal: Terminal) -> dict[int, str]:
+    return dict(terminal.outbox.unacked(0, 10_000))
+
+
+def tap_n(terminal: Terminal, n: int, seed: int = 1) -> None:
+    card = new_card(balance=100_000, seed=seed)
+    for _ in range(n):
+        assert terminal.tap(InProcessReader(card)).ok
+
+
+async def _delivery_only_on_clearing_ack(broker: BrokerUrl, tmp_path: Path) -> None:
+    term = make_terminal(tmp_path / "t.sqlite", terminal=unique_terminal())
+    tap_n(term, 5)
+    originals = outbox_records(term)
+    uplink = Uplink(broker, term, batch=2, ack_timeout=2.0)
+    async with running(uplink.run()):
+        await eventually(uplink.all_published)
+        await asyncio.sleep(0.5)
+        assert term.outbox.counts().queued == 5, "PUBACK alone must not empty the outbox"
+        clearing = StubClearing(broker)
+        async with running(clearing.run()):
+            await eventually(uplink.all_acked)  # resent after the ack timeout, then acked
+            tap_n(term, 2, seed=2)  # new records while connected go out at once
+            uplink.notify()
+            await eventually(uplink.all_acked)
+    received = clearing.distinct()
+    assert sorted(received) == list(range(1, 8))
+    for seq, doc in originals.items():
+        assert json.loads(received[seq]) == json.loads(doc)
+    assert uplink.stats.acked == 7 and uplink.stats.resends >= 1
+
+
+async def test_mosquitto_records_leave_the_outbox_only_on_the_clearings_ack(tmp_path: Path) -> None:
+    require_mosquitto()
+    await _delivery_only_on_clearing_ack(MOSQUITTO, tmp_path)
+
+
+async def test_amqtt_records_leave_the_outbox_only_on_the_clearings_ack(tmp_path: Path) -> None:
+    async with embedded_broker() as broker:
+        await _delivery_only_on_clearing_ack(broker, tmp_path)
+
+
+async def test_rejected_records_leave_the_outbox_into_the_rejected_table(tmp_path: Path) -> None:
+    async with embedded_broker() as broker:
+        term = make_terminal(tmp_path / "t.sqlite", terminal=unique_terminal())
+        tap_n(term, 3)
+        uplink = Uplink(broker, term)
+        async with running(StubClearing(broker, reject={2}).run()):
+            assert await uplink.run_until(uplink.all_acked, 20)
+    assert [(seq, reason) for seq, reason, _ in term.outbox.rejected()] == [(2, "test rejection")]
+    assert uplink.stats.acked == 2 and uplink.stats.rejected == 1
+
+
+async def test_broker_down_for_a_while_records_queue_and_drain(tmp_path: Path) -> None:
+    with private_mosquitto(tmp_path) as broker:
+        term = make_terminal(tmp_path / "t.sqlite", terminal=unique_terminal())
+        uplink = Uplink(broker.url, term, ack_timeout=2.0, max_backoff=0.5)
+        clearing = StubClearing(broker.url)
+        async with running(uplink.run()), running(clearing.run()):
+            tap_n(term, 3)
+            uplink.notify()
+            await eventually(uplink.all_acked)
+            broker.stop()
+            await eventually(lambda: not uplink.stats.connected)
+            tap_n(term, 4, seed=2)  # the terminal goes on working offline
+            await asyncio.sleep(1.0)
+            assert term.outbox.counts().queued == 4
+            broker.start()
+            await eventually(uplink.all_acked, timeout=30)
+        received = clearing.distinct()
+    assert sorted(received) == list(range(1, 8)), "none lost, none with a new identity"
+    assert uplink.stats.connections >= 2
+
+
+async def test_hotlist_follows_the_retained_message_and_ignores_garbage(tmp_path: Path) -> None:
+    async with embedded_broker() as broker:
+        term = make_terminal(tmp_path / "t.sqlite", terminal=unique_terminal())
+        uplink = Uplink(broker, term)
+        good = Hotlist(schema=HOTLIST_SCHEMA, version=7, cards=["31044510000000000042"]).to_json()
+        async with broker.client("test-publisher", clean_session=True) as pub:
+            await pub.publish("yikatong/4560/hotlist", good, qos=1, retain=True)
+        async with running(uplink.run()):
+            await eventually(lambda: term.hotlist.version == 7)
+            async with broker.client("test-publisher", clean_session=True) as pub:
+                await pub.publish("yikatong/4560/hotlist", b'{"schema":"yikatong.hotlist/1","version":8}', qos=1)
+                await pub.publish("yikatong/4560/hotlist", b"\xff\xfe garbage", qos=1)
+            await asyncio.sleep(0.5)
+    assert term.hotlist.version == 7 and term.hotlist.cards == ["31044510000000000042"]
+    assert make_terminal(tmp_path / "t.sqlite", terminal=term.terminal_hex).hotlist.version == 7
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "yikatong.cli", *args]
+
+
+async def test_terminal_killed_with_records_unsent_sends_them_after_restart(tmp_path: Path) -> None:
+    require_mosquitto()
+    number = unique_terminal()
+    state, image = tmp_path / "t.sqlite", tmp_path / "card.json"
+    subprocess.run(
+        _cli("card", "issue", "--city", "4510", "--alg", "sm4", "--balance", "9000", "--out", str(image)), check=True
+    )
+    for _ in range(3):  # offline taps: records wait in the outbox
+        tap = subprocess.run(
+            _cli(
+                "terminal",
+                "tap",
+                "--card",
+                str(image),
+                "--city",
+                "4560",
+                "--kind",
+                "bus",
+                "--fare",
+                "100",
+                "--terminal",
+                number,
+                "--state",
+                str(state),
+            ),
+            capture_output=True,
+            text=True,
+        )
+        assert tap.returncode == 0 and tap.stdout.startswith("OK"), tap.stdout + tap.stderr
+    seen: list[bytes] = []
+
+    async def watch() -> None:
+        async with MOSQUITTO.client(f"watch-{number}", clean_session=True) as client:
+            await client.subscribe(f"yikatong/4560/txn/{number}", qos=1)
+            async for message in client.messages:
+                assert isinstance(message.payload, bytes)
+                seen.append(message.payload)
+
+    async with running(watch()):
+        await asyncio.sleep(0.3)
+        sync = subprocess.Popen(
+            _cli("terminal", "sync", "--state", str(state), "--broker", "mqtt://127.0.0.1:1883", "--timeout", "60"),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        await eventually(lambda: len(seen) >= 1)  # published, but no clearing acks: it keeps waiting
+        os.kill(sync.pid, signal.SIGKILL)
+        sync.wait(10)
+    first = [parse_record(doc) for payload in seen for doc in parse_uplink(payload)]
+    assert [r.seq for r in first] == [1, 2, 3]
+    clearing = StubClearing(MOSQUITTO)
+    async with running(clearing.run()):
+        await asyncio.sleep(0.3)
+        again = await asyncio.to_thread(
+            subprocess.run,
+            _cli("terminal", "sync", "--state", str(state), "--broker", "mqtt://127.0.0.1:1883", "--timeout", "60"),
+            capture_output=True,
+            text=True,
+        )
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "3 acked" in again.stdout and "0 left" in again.stdout
+    received = clearing.distinct()
+    assert sorted(received) == [1, 2, 3]
+    for record in first:  # the same records: same seq, same content, same identity
+        assert parse_record(json.loads(received[record.seq])) == record
+
+
+@pytest.mark.parametrize("garbage", [b"", b"nope", b'{"schema":"yikatong.ack/1","terminal":"X"}'])
+async def test_malformed_acks_are_ignored(tmp_path: Path, garbage: bytes) -> None:
+    async with embedded_broker() as broker:
+        term = make_terminal(tmp_path / "t.sqlite", terminal=unique_terminal())
+        tap_n(term, 2)
+        uplink = Uplink(broker, term)
+        async with running(uplink.run()):
+            await eventually(uplink.all_published)
+            async with broker.client("test-publisher", clean_session=True) as pub:
+                await pub.publish(f"yikatong/4560/ack/{term.terminal_hex}", garbage, qos=1)
+            await asyncio.sleep(0.3)
+            assert term.outbox.counts().queued == 2

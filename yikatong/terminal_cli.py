@@ -1,0 +1,333 @@
+"""``yikatong terminal ...``: run a terminal on a PC/SC reader, do one tap for scripts, drain or inspect a
+terminal's outbox."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+from cardsim.image import CardImageError, load_card, save_card
+from cardsim.issuer import IssuerHost
+from cardsim.mifare import M1Card, M1State
+from cardsim.purse import PurseCard
+from terminals.metro import FareTable, FareTableError
+from terminals.mqtt import BrokerUrl
+from terminals.outbox import Outbox, OutboxError
+from terminals.pcsc import PcscReader, ReaderNotFound
+from terminals.reader import InProcessReader
+from terminals.terminal import Kind, TapResult, Terminal, TerminalConfig
+from terminals.uplink import Uplink
+from yikatong.argtypes import broker_url, city_code, fen, hex_number, load_keys
+from yikatong.errors import CliError
+
+log = logging.getLogger("yikatong.terminal")
+
+
+def register(groups: Any) -> None:
+    """Add the ``terminal`` command group."""
+    group = groups.add_parser(
+        "terminal",
+        help="run a terminal (bus, metro gate, top-up) on a PC/SC reader, or tap once",
+        description="A terminal charges (or tops up) the cards presented to it, keeps every record in a durable "
+        "outbox and publishes it to the clearing over MQTT until the clearing acks it.",
+    )
+    sub = group.add_subparsers(dest="terminal_command", metavar="SUBCOMMAND", required=True)
+
+    run = sub.add_parser(
+        "run",
+        help="wait for cards on a PC/SC reader and charge each one; one line per card",
+        description="Run a terminal on a PC/SC reader until Ctrl-C: wait for a card, do the transaction, print "
+        "one line, wait for the card to be removed. Records go to the outbox first and then to the broker.",
+        epilog='Example: yikatong terminal run --reader "Virtual PCD 00 00" --city 4560 --kind bus --fare 200 '
+        "--broker mqtt://127.0.0.1:1883",
+    )
+    run.add_argument("--reader", required=True, help="PC/SC reader name, or a unique prefix of it")
+    _terminal_options(run)
+    run.add_argument("--count", type=_positive, help="stop after this many cards (default: run until Ctrl-C)")
+    run.set_defaults(run=_run)
+
+    tap = sub.add_parser(
+        "tap",
+        help="do one transaction and exit (0 done, 1 refused or failed)",
+        description="Do one transaction with the card on a PC/SC reader (--reader) or with a card image file "
+        "(--card, CPU or M1, updated in place), print one line and exit: 0 when the card was charged or loaded, "
+        "1 when it was refused or the tap failed. With --broker the outbox is published before exiting.",
+        epilog="Example: yikatong terminal tap --card card.json --city 4510 --kind bus --fare 200",
+    )
+    source = tap.add_mutually_exclusive_group(required=True)
+    source.add_argument("--reader", help="PC/SC reader name, or a unique prefix of it")
+    source.add_argument("--card", type=Path, help="card image file (yikatong card issue)")
+    _terminal_options(tap)
+    tap.add_argument(
+        "--card-wait", type=float, default=10.0, help="seconds to wait for a card on the reader (default 10)"
+    )
+    tap.add_argument(
+        "--ack-wait",
+        type=float,
+        default=0.0,
+        help="with --broker: also wait this long for the clearing's ack (default 0: the broker's PUBACK)",
+    )
+    tap.set_defaults(run=_tap)
+
+    sync = sub.add_parser(
+        "sync",
+        help="publish a terminal's outbox and wait until the clearing has acked it",
+        description="Publish every record left in a terminal's outbox (e.g. after it ran offline) and wait for "
+        "the clearing's acks. Exit 0 when the outbox is empty, 1 if records remain after --timeout.",
+    )
+    sync.add_argument("--state", type=Path, required=True, help="the terminal's state file")
+    sync.add_argument("--broker", type=broker_url, required=True, help="mqtt://[user:password@]host[:port]")
+    sync.add_argument("--timeout", type=float, default=60.0, help="give up after this many seconds (default 60)")
+    sync.add_argument("--keys", type=Path, help="issuer key file (default: the published TEST keys)")
+    sync.set_defaults(run=_sync)
+
+    status = sub.add_parser(
+        "status",
+        help="show what a terminal's state file holds (outbox, interrupted payments, rejects, hotlist)",
+        description="Show a terminal's identity and what waits in its state file.",
+    )
+    status.add_argument("--state", type=Path, required=True, help="the terminal's state file")
+    status.set_defaults(run=_status)
+
+
+def _terminal_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--city", type=city_code, required=True, help="city of the terminal (4510, 4560, 4530)")
+    parser.add_argument(
+        "--kind", type=Kind, required=True, choices=list(Kind), metavar="{bus,metro-entry,metro-exit,topup}"
+    )
+    parser.add_argument("--fare", type=fen, help="bus fare in fen (bus terminals)")
+    parser.add_argument("--amount", type=fen, help="top-up amount in fen (topup terminals)")
+    parser.add_argument("--line", help="metro line of the gate, e.g. M1 (metro gates)")
+    parser.add_argument("--station", help="metro station of the gate, e.g. A03 (metro gates)")
+    parser.add_argument(
+        "--terminal",
+        type=hex_number(12),
+        help="12-hex-digit terminal number (default: the one in the state file, else new: city + random)",
+    )
+    parser.add_argument(
+        "--state", type=Path, help="terminal state file (outbox; default terminal-CITY-KIND.sqlite in this folder)"
+    )
+    parser.add_argument("--broker", type=broker_url, help="mqtt://[user:password@]host[:port] (default: offline)")
+    parser.add_argument("--fares", type=Path, help="metro fare table (default: the one in fixtures)")
+    parser.add_argument("--keys", type=Path, help="issuer key file for the PSAM (default: the published TEST keys)")
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError("must be a whole number of at least 1")
+    return int(text)
+
+
+def _open_outbox(path: Path) -> Outbox:
+    try:
+        return Outbox(path)
+    except OutboxError as err:
+        raise CliError(str(err)) from err
+
+
+def _build_terminal(args: argparse.Namespace) -> Terminal:
+    """A terminal from the command line; CliError for every missing or contradictory option."""
+    kind: Kind = args.kind
+    if kind is Kind.BUS and args.fare is None:
+        raise CliError("a bus terminal needs --fare (fen)")
+    if kind is Kind.TOPUP and not args.amount:
+        raise CliError("a topup terminal needs --amount (fen, more than 0)")
+    if kind in (Kind.METRO_ENTRY, Kind.METRO_EXIT) and not (args.line and args.station):
+        raise CliError(f"a {kind.value} gate needs --line and --station (the fare comes from the fare table)")
+    if args.fare is not None and kind is not Kind.BUS:
+        raise CliError(f"--fare is for bus terminals; a {kind.value} terminal does not take it")
+    if args.amount is not None and kind is not Kind.TOPUP:
+        raise CliError(f"--amount is for topup terminals; a {kind.value} terminal does not take it")
+    state: Path = args.state or Path(f"terminal-{args.city}-{kind.value}.sqlite")
+    outbox = _open_outbox(state)
+    stored = outbox.get_meta("terminal")
+    if args.terminal is not None:
+        number = f"{args.terminal:012X}"
+    elif stored is not None:
+        number = stored
+    else:
+        number = args.city + secrets.token_hex(4).upper()
+    amount = args.fare if kind is Kind.BUS else (args.amount or 0)
+    config = TerminalConfig(args.city, kind, bytes.fromhex(number), amount, args.line, args.station)
+    keys = load_keys(args.keys)
+    try:
+        fares = FareTable.load(args.fares)
+        return Terminal(config, outbox, keys, fares=fares, host=IssuerHost(keys))
+    except (FareTableError, OutboxError) as err:
+        raise CliError(str(err)) from err
+    except (KeyError, ValueError) as err:
+        raise CliError(str(err).strip("'\"")) from err
+
+
+def _setup_logging(level: int) -> None:
+    logging.basicConfig(level=level, format="yikatong: %(message)s", stream=sys.stderr)
+    logging.getLogger("terminals").setLevel(level)
+
+
+def _pcsc(name: str) -> PcscReader:
+    try:
+        return PcscReader(name)
+    except ReaderNotFound as err:
+        raise CliError(f"{err} (is pcscd running? scripts/services.sh starts it)") from err
+
+
+def _print(result: TapResult) -> None:
+    print(result.message, flush=True)
+
+
+# --- tap ------------------------------------------------------------------------------------------------
+
+
+def _tap(args: argparse.Namespace) -> int:
+    _setup_logging(logging.WARNING)
+    terminal = _build_terminal(args)
+    if args.card is not None:
+        result = _tap_image(terminal, args.card)
+    else:
+        reader = _pcsc(args.reader)
+        try:
+            reader.wait_for_card(args.card_wait)
+        except TimeoutError as err:
+            raise CliError(str(err)) from err
+        result = terminal.tap(reader)
+    _print(result)
+    if args.broker is not None:
+        asyncio.run(_publish(terminal, args.broker, args.ack_wait))
+    return 0 if result.ok else 1
+
+
+def _tap_image(terminal: Terminal, path: Path) -> TapResult:
+    try:
+        state = load_card(path)
+    except CardImageError as err:
+        raise CliError(str(err)) from err
+    if isinstance(state, M1State):
+        chip = M1Card(state, os.urandom)
+        chip.power_on()
+        result = terminal.tap_m1(chip)
+    else:
+        result = terminal.tap(InProcessReader(PurseCard(state, os.urandom), str(path)))
+    save_card(path, state)
+    return result
+
+
+async def _publish(terminal: Terminal, broker: BrokerUrl, ack_wait: float) -> None:
+    """Publish the outbox (until PUBACK), then wait up to ``ack_wait`` s for the clearing's ack."""
+    uplink = Uplink(broker, terminal)
+    queued = terminal.outbox.counts().queued
+    if not queued:
+        return
+    if not await uplink.run_until(uplink.all_published, 10.0):
+        print(f"broker {broker} unreachable: {queued} record(s) kept in the outbox", file=sys.stderr)
+        return
+    if ack_wait > 0 and not await uplink.run_until(uplink.all_acked, ack_wait):
+        left = terminal.outbox.counts().queued
+        print(f"published; {left} record(s) stay in the outbox until the clearing acks them", file=sys.stderr)
+
+
+# --- run ------------------------------------------------------------------------------------------------
+
+
+def _run(args: argparse.Namespace) -> int:
+    _setup_logging(logging.INFO)
+    terminal = _build_terminal(args)
+    reader = _pcsc(args.reader)
+    # A shell that starts us in the background ignores SIGINT for us; Ctrl-C and kill -INT must still stop.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, _interrupt)
+    cfg = terminal.config
+    print(
+        f"terminal {terminal.terminal_hex} ({cfg.city}, {cfg.kind.value}) on {reader.name}; "
+        f"state {terminal.outbox.path}; broker {args.broker or 'none (offline)'}; Ctrl-C stops",
+        flush=True,
+    )
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(_run_loop(terminal, reader, args.broker, args.count))
+    counts = terminal.outbox.counts()
+    print(f"stopped; {counts.queued} record(s) in the outbox, {counts.pending} interrupted payment(s)", flush=True)
+    return 0
+
+
+async def _run_loop(terminal: Terminal, reader: PcscReader, broker: BrokerUrl | None, count: int | None) -> None:
+    uplink = Uplink(broker, terminal) if broker is not None else None
+    task = asyncio.create_task(uplink.run()) if uplink is not None else None
+    taps = 0
+    try:
+        while count is None or taps < count:
+            if not await asyncio.to_thread(reader.card_present):
+                await asyncio.sleep(0.1)
+                continue
+            result = await asyncio.to_thread(terminal.tap, reader)
+            _print(result)
+            taps += 1
+            if uplink is not None:
+                uplink.notify()
+            if count is not None and taps >= count:
+                break
+            while not await asyncio.to_thread(reader.wait_for_removal, 0.5):
+                pass
+        if uplink is not None:  # let the last records reach the broker before stopping
+            await asyncio.sleep(0)
+            deadline = asyncio.get_running_loop().time() + 5
+            while not uplink.all_published() and asyncio.get_running_loop().time() < deadline:
+                await asyncio.sleep(0.05)
+    finally:
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    """SIGTERM stops `terminal run` as cleanly as Ctrl-C does."""
+    raise KeyboardInterrupt
+
+
+# --- sync and status ------------------------------------------------------------------------------------
+
+
+def _existing_terminal(args: argparse.Namespace) -> Terminal:
+    if not args.state.is_file():
+        raise CliError(f"{args.state}: no such terminal state file")
+    outbox = _open_outbox(args.state)
+    number, city = outbox.get_meta("terminal"), outbox.get_meta("city")
+    if number is None or city is None:
+        raise CliError(f"{args.state}: not a terminal state file (no terminal number)")
+    config = TerminalConfig(city, Kind.BUS, bytes.fromhex(number))
+    return Terminal(config, outbox, load_keys(getattr(args, "keys", None)))
+
+
+def _sync(args: argparse.Namespace) -> int:
+    _setup_logging(logging.INFO)
+    terminal = _existing_terminal(args)
+    queued = terminal.outbox.counts().queued
+    print(f"terminal {terminal.terminal_hex}: {queued} record(s) to deliver to {args.broker}", flush=True)
+    uplink = Uplink(args.broker, terminal)
+    done = asyncio.run(uplink.run_until(uplink.all_acked, args.timeout))
+    left = terminal.outbox.counts().queued
+    print(
+        f"{'done' if done else 'timed out'}: {uplink.stats.acked} acked, {uplink.stats.rejected} rejected, "
+        f"{left} left in the outbox",
+        flush=True,
+    )
+    return 0 if done else 1
+
+
+def _status(args: argparse.Namespace) -> int:
+    terminal = _existing_terminal(args)
+    counts = terminal.outbox.counts()
+    print(f"terminal   {terminal.terminal_hex} (city {terminal.config.city})")
+    print(f"outbox     {counts.queued} record(s) not yet acked; next record seq {counts.next_seq}")
+    print(f"journal    {counts.pending} interrupted payment(s) waiting for their card")
+    print(f"rejected   {counts.rejected} record(s) the clearing refused")
+    for seq, reason, _ in terminal.outbox.rejected()[-10:]:
+        print(f"  seq {seq}: {reason}")
+    print(f"hotlist    version {terminal.hotlist.version}, {len(terminal.hotlist.cards)} card(s)")
+    return 0
