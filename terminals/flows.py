@@ -6,6 +6,7 @@ import datetime as dt
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
+from cardsim import crypto
 from cardsim.apdu import SW, split_response
 from cardsim.bcd import bcd_date, bcd_time
 from cardsim.crypto import Algorithm
@@ -186,6 +187,19 @@ def read_records(card: Reader, p2: int, most: int) -> list[bytes]:
     return records
 
 
+def _log_entry(txn: PurseTransaction) -> bytes:
+    """The SFI 0x18 record the card writes for ``txn``: counter | overdraft | amount | type | terminal | date | time."""
+    return (
+        txn.card_counter.to_bytes(2)
+        + bytes(3)
+        + txn.amount.to_bytes(4)
+        + bytes([txn.txn_type])
+        + txn.terminal
+        + bcd_date(txn.when)
+        + bcd_time(txn.when)
+    )
+
+
 def purchase_outcome(card: Reader, intent: PurseTransaction) -> PurseTransaction | None:
     """Whether an interrupted purchase was committed, asked of the card (selected, same serial).
 
@@ -194,17 +208,7 @@ def purchase_outcome(card: Reader, intent: PurseTransaction) -> PurseTransaction
     has no such entry the purchase did not happen (None). TransactionError when the card shows the purchase but
     can no longer prove it (used elsewhere since).
     """
-    date, time = bcd_date(intent.when), bcd_time(intent.when)
-    wanted = (
-        intent.card_counter.to_bytes(2)
-        + bytes(3)
-        + intent.amount.to_bytes(4)
-        + bytes([intent.txn_type])
-        + intent.terminal
-        + date
-        + time
-    )
-    if wanted not in read_records(card, LOG_SFI_P2, 10):
+    if _log_entry(intent) not in read_records(card, LOG_SFI_P2, 10):
         return None
     apdu = bytes([0x80, 0x5A, 0x00, intent.txn_type, 0x02]) + intent.card_counter.to_bytes(2) + b"\x08"
     proof = exchange(card, "GET TRANSACTION PROVE", apdu, 8)
@@ -222,9 +226,22 @@ def block_card(card: Reader, sam: Reader, app: PublicData) -> None:
     exchange(card, "APPLICATION BLOCK", bytes.fromhex("841E000004") + mac, 0)
 
 
-def load(card: Reader, host: IssuerHost, terminal: bytes, amount: int, when: dt.datetime) -> PurseTransaction:
-    """SELECT, INITIALIZE FOR LOAD, host checks MAC1 and returns MAC2, CREDIT FOR LOAD."""
-    app = select_purse(card)
+def load(
+    card: Reader,
+    host: IssuerHost,
+    terminal: bytes,
+    amount: int,
+    when: dt.datetime,
+    *,
+    app: PublicData | None = None,
+    before_credit: Callable[[PurseTransaction], None] | None = None,
+) -> PurseTransaction:
+    """(SELECT,) INITIALIZE FOR LOAD, host checks MAC1 and returns MAC2, CREDIT FOR LOAD.
+
+    ``before_credit`` gets the transaction (without TAC) before CREDIT is sent, for a terminal's journal;
+    ``load_outcome`` settles an interrupted one on the card's next tap.
+    """
+    app = app or select_purse(card)
     init = bytes.fromhex("805000020B01") + amount.to_bytes(4) + terminal + b"\x10"
     r = exchange(card, "INITIALIZE FOR LOAD", init, 16)
     balance, counter, key_version, algorithm_id, random, mac1 = (
@@ -245,8 +262,7 @@ def load(card: Reader, host: IssuerHost, terminal: bytes, amount: int, when: dt.
             app.card_serial, key_version, algorithm_id, random, counter, balance, amount, terminal, mac1, date, time
         )
     )
-    tac = exchange(card, "CREDIT FOR LOAD", bytes.fromhex("805200000B") + date + time + mac2 + b"\x04", 4)
-    return PurseTransaction(
+    intent = PurseTransaction(
         app.application_serial,
         app.city,
         algorithm,
@@ -259,5 +275,23 @@ def load(card: Reader, host: IssuerHost, terminal: bytes, amount: int, when: dt.
         terminal,
         0,
         when,
-        tac,
+        b"",
     )
+    if before_credit is not None:
+        before_credit(intent)
+    tac = exchange(card, "CREDIT FOR LOAD", bytes.fromhex("805200000B") + date + time + mac2 + b"\x04", 4)
+    return replace(intent, tac=tac)
+
+
+def load_outcome(card: Reader, host: IssuerHost, intent: PurseTransaction) -> PurseTransaction | None:
+    """Whether an interrupted load was credited, from the card's transaction log. The card keeps no proof of
+    loads, so the issuer host (which authorised it and holds the TAC keys) computes the TAC of a load the log
+    shows; None when the log has no such load."""
+    if _log_entry(intent) not in read_records(card, LOG_SFI_P2, 10):
+        return None
+    date, time = bcd_date(intent.when), bcd_time(intent.when)
+    card_serial = intent.application_serial[2:]
+    data = crypto.load_tac_data(
+        intent.balance_after, intent.card_counter, intent.amount, TYPE_LOAD, intent.terminal, date, time
+    )
+    return replace(intent, tac=host.tac_key(card_serial, intent.key_version, intent.algorithm).mac(data))

@@ -22,7 +22,7 @@ from cardsim.issuer import HostRefusal, IssuerHost
 from cardsim.keys import IssuerKeyStore
 from cardsim.m1_issue import ISSUER_BLOCK, PURSE_SECTOR
 from cardsim.psam import Psam, PsamState
-from cardsim.purse import PublicData
+from cardsim.purse import TYPE_LOAD, PublicData
 from terminals.flows import (
     TRIP_SFI_P2,
     Mac2NotVerified,
@@ -31,6 +31,7 @@ from terminals.flows import (
     block_card,
     exchange,
     load,
+    load_outcome,
     purchase,
     purchase_outcome,
     read_records,
@@ -47,6 +48,7 @@ log = logging.getLogger(__name__)
 
 CHINA: Final = dt.timezone(dt.timedelta(hours=8), "CST")
 DEFAULT_KEY = 0xFFFFFFFFFFFF
+_COMMIT_STEPS = ("DEBIT FOR PURCHASE", "CREDIT FOR LOAD")
 
 
 class Kind(enum.Enum):
@@ -201,8 +203,8 @@ class Terminal:
                 return TapResult("torn", f"TORN     card left during payment, tap again to finish ({err})")
             return TapResult("error", f"ERROR    card left, nothing charged ({err})")
         except TransactionError as err:
-            if journalled and err.step == "DEBIT FOR PURCHASE" and err.sw in SW._value2member_map_:
-                self.outbox.drop_pending(journalled[0])  # a spec refusal of DEBIT: nothing was debited
+            if journalled and err.step in _COMMIT_STEPS and err.sw in SW._value2member_map_:
+                self.outbox.drop_pending(journalled[0])  # a spec refusal of DEBIT/CREDIT: nothing changed
             elif journalled:
                 return TapResult("torn", f"TORN     {err}; tap again to finish")
             return TapResult("refused" if err.sw is not None else "error", f"REFUSED  {err}")
@@ -217,24 +219,38 @@ class Terminal:
         key = f"cpu:{serial}"
         intent = self.outbox.pending(key)
         if intent is not None:
-            done = purchase_outcome(card, _intent_transaction(intent))
+            interrupted = _intent_transaction(intent)
+            if interrupted.txn_type == TYPE_LOAD:
+                assert self.host is not None
+                done = load_outcome(card, self.host, interrupted)
+            else:
+                done = purchase_outcome(card, interrupted)
             if done is not None:
                 record = self.outbox.append(_completed(intent, done.tac), key)
                 return TapResult("ok", f"{self._ok_line(record)}  (finished the interrupted payment)", record)
             self.outbox.drop_pending(key)
             log.info("card %s: interrupted payment did not happen; charging afresh", serial)
-        if self.config.kind is Kind.TOPUP:
-            assert self.host is not None
-            try:
-                txn = load(card, self.host, self.config.terminal, self.config.amount, self.clock())
-            except HostRefusal as err:
-                return TapResult("refused", f"REFUSED  issuer host: {err}")
-            record = self._store_cpu(txn, None)
-            return TapResult("ok", self._ok_line(record), record)
 
         def journal(txn: PurseTransaction) -> None:
             self.outbox.set_pending(key, self._fields(txn) | {"txn_type": txn.txn_type})
             journalled.append(key)
+
+        if self.config.kind is Kind.TOPUP:
+            assert self.host is not None
+            try:
+                txn = load(
+                    card,
+                    self.host,
+                    self.config.terminal,
+                    self.config.amount,
+                    self.clock(),
+                    app=app,
+                    before_credit=journal,
+                )
+            except HostRefusal as err:
+                return TapResult("refused", f"REFUSED  issuer host: {err}")
+            record = self._store_cpu(txn, key)
+            return TapResult("ok", self._ok_line(record), record)
 
         now = self.clock()
         amount, trip = self.config.amount, None

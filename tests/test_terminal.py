@@ -289,3 +289,20 @@ def test_m1_record_mac_key_is_the_one_crypto_module() -> None:
     uid = bytes.fromhex("0A0B0C0D")
     mac = crypto.m1_record_key(key_set.purchase, uid).mac(bytes(35))
     assert len(mac) == 4 and mac != crypto.m1_record_key(key_set.purchase, bytes(4)).mac(bytes(35))
+
+
+@pytest.mark.parametrize(("before_apdu", "budget"), [(n, None) for n in range(4)] + [(None, b) for b in range(6)])
+def test_top_up_torn_anywhere_is_credited_and_recorded_once(
+    tmp_path: Path, before_apdu: int | None, budget: int | None
+) -> None:
+    term = make_terminal(tmp_path / "t.sqlite", Kind.TOPUP, city="4510", amount=1000)
+    card = PurseCard(new_card(balance=500).state, seeded_rng(9))
+    first = term.tap(CuttingReader(card, before_apdu, budget))
+    second = term.tap(InProcessReader(card))
+    assert second.ok, second.message
+    recs = records(term)
+    loads = 1 if first.status != "ok" else 2
+    assert len(recs) == loads and card.state.balance == 500 + 1000 * loads
+    assert [r.card_counter for r in recs] == list(range(loads)) and term.outbox.counts().pending == 0
+    for r in recs:
+        assert tac_problem(HOST, r) is None
