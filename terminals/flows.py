@@ -25,6 +25,10 @@ class TransactionError(Exception):
         self.sw = sw
 
 
+class Unsettled(TransactionError):
+    """An interrupted payment the card shows but can no longer prove: the terminal cannot finish it."""
+
+
 class Mac2NotVerified(TransactionError):
     """The card committed the purchase (it gave a TAC) but the PSAM did not accept its MAC2: the money is taken,
     so the transaction must be recorded; the clearing judges the TAC."""
@@ -205,13 +209,20 @@ def purchase_outcome(card: Reader, intent: PurseTransaction) -> PurseTransaction
 
     The card's transaction log tells whether a purchase with that counter, amount, terminal and time exists;
     if so GET TRANSACTION PROVE gives its TAC (and MAC2) and the completed transaction is returned; if the log
-    has no such entry the purchase did not happen (None). TransactionError when the card shows the purchase but
+    has no such entry the purchase did not happen (None). ``Unsettled`` when the card shows the purchase but
     can no longer prove it (used elsewhere since).
     """
     if _log_entry(intent) not in read_records(card, LOG_SFI_P2, 10):
         return None
     apdu = bytes([0x80, 0x5A, 0x00, intent.txn_type, 0x02]) + intent.card_counter.to_bytes(2) + b"\x08"
-    proof = exchange(card, "GET TRANSACTION PROVE", apdu, 8)
+    try:
+        proof = exchange(card, "GET TRANSACTION PROVE", apdu, 8)
+    except TransactionError as err:
+        if err.sw == SW.RECORD_NOT_FOUND:
+            raise Unsettled(
+                err.step, "the card made the payment but no longer proves it (used elsewhere since)"
+            ) from err
+        raise
     return replace(intent, mac2=proof[0:4], tac=proof[4:8])
 
 

@@ -32,6 +32,10 @@ class M1Error(Exception):
     """The card refused or did not answer; the message says which step."""
 
 
+class M1Unsettled(M1Error):
+    """An interrupted purchase whose outcome the card no longer shows (it was used elsewhere since)."""
+
+
 class M1Reader:
     """A reader session with one M1 card. ``random`` supplies reader nonces."""
 
@@ -186,7 +190,7 @@ def m1_purchase(
 def m1_outcome(reader: M1Reader, key_b: int, txn: M1Transaction) -> bool:
     """Whether an interrupted ``m1_purchase`` took the money (True) or not (False), read off the card.
 
-    M1Error when the card shows neither state (it was used elsewhere since): the outcome cannot be told.
+    M1Unsettled when the card shows neither state (it was used elsewhere since): the outcome cannot be told.
     """
     balance, counter = _open_purse(reader, key_b)
     if counter == txn.counter or (counter == txn.counter + 1 and balance == txn.balance_before):
@@ -195,4 +199,4 @@ def m1_outcome(reader: M1Reader, key_b: int, txn: M1Transaction) -> bool:
         if parse_value_block(reader.read_block(BACKUP_BLOCK)) != (txn.balance_after, PURSE_BLOCK):
             reader.write_block(BACKUP_BLOCK, value_block(txn.balance_after, PURSE_BLOCK))
         return True
-    raise M1Error(f"card moved on since the interrupted purchase (counter {counter}, balance {balance})")
+    raise M1Unsettled(f"card moved on since the interrupted purchase (counter {counter}, balance {balance})")

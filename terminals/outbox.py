@@ -176,6 +176,14 @@ class Outbox:
         with self._transaction() as db:
             db.execute("DELETE FROM pending WHERE card = ?", (card,))
 
+    def set_aside(self, card: str) -> None:
+        """Keep a journalled payment the card can no longer settle, out of that card's way (it stays in the file
+        and in ``counts().pending`` for the operator and the clearing's gap check)."""
+        with self._transaction() as db:
+            db.execute(
+                "UPDATE pending SET card = 'unsettled:' || card || ':' || CAST(created AS TEXT) WHERE card = ?", (card,)
+            )
+
     # --- hotlist -----------------------------------------------------------------------------------------
 
     def hotlist(self) -> Hotlist | None:

@@ -28,6 +28,7 @@ from terminals.flows import (
     Mac2NotVerified,
     PurseTransaction,
     TransactionError,
+    Unsettled,
     block_card,
     exchange,
     load,
@@ -38,7 +39,7 @@ from terminals.flows import (
     select_purse,
 )
 from terminals.inspect import yuan
-from terminals.m1 import M1Error, M1Link, M1Reader, M1Transaction, m1_outcome, m1_purchase
+from terminals.m1 import M1Error, M1Link, M1Reader, M1Transaction, M1Unsettled, m1_outcome, m1_purchase
 from terminals.messages import HOTLIST_SCHEMA, Hotlist, MessageError, TxnRecord, parse_hotlist
 from terminals.metro import TRIP_ENTRY, TRIP_EXIT, FareTable, exit_fare, parse_trip, trip_record
 from terminals.outbox import Outbox
@@ -220,16 +221,22 @@ class Terminal:
         intent = self.outbox.pending(key)
         if intent is not None:
             interrupted = _intent_transaction(intent)
-            if interrupted.txn_type == TYPE_LOAD:
-                assert self.host is not None
-                done = load_outcome(card, self.host, interrupted)
+            try:
+                if interrupted.txn_type == TYPE_LOAD:
+                    assert self.host is not None
+                    done = load_outcome(card, self.host, interrupted)
+                else:
+                    done = purchase_outcome(card, interrupted)
+            except Unsettled as err:
+                self.outbox.set_aside(key)
+                log.warning("card %s: %s; set aside, charging afresh", serial, err)
+                done = None
             else:
-                done = purchase_outcome(card, interrupted)
-            if done is not None:
-                record = self.outbox.append(_completed(intent, done.tac), key)
-                return TapResult("ok", f"{self._ok_line(record)}  (finished the interrupted payment)", record)
-            self.outbox.drop_pending(key)
-            log.info("card %s: interrupted payment did not happen; charging afresh", serial)
+                if done is not None:
+                    record = self.outbox.append(_completed(intent, done.tac), key)
+                    return TapResult("ok", f"{self._ok_line(record)}  (finished the interrupted payment)", record)
+                self.outbox.drop_pending(key)
+                log.info("card %s: interrupted payment did not happen; charging afresh", serial)
 
         def journal(txn: PurseTransaction) -> None:
             self.outbox.set_pending(key, self._fields(txn) | {"txn_type": txn.txn_type})
@@ -347,10 +354,18 @@ class Terminal:
         if intent is not None:
             chip.power_on()
             txn = _m1_intent(intent)
-            if m1_outcome(M1Reader(chip, txn.uid), key_b, txn):
+            try:
+                finished = m1_outcome(M1Reader(chip, txn.uid), key_b, txn)
+            except M1Unsettled as err:
+                self.outbox.set_aside(key)
+                log.warning("M1 card %s: %s; set aside, charging afresh", uid, err)
+                finished = False
+            else:
+                if not finished:
+                    self.outbox.drop_pending(key)
+            if finished:
                 record = self._store_m1(txn, issuer, key)
                 return TapResult("ok", f"{self._ok_line(record)}  (finished the interrupted payment)", record)
-            self.outbox.drop_pending(key)
 
         def journal(txn: M1Transaction) -> None:
             self.outbox.set_pending(key, _m1_fields(txn))

@@ -18,7 +18,7 @@ from cardsim.purse import PurseCard
 from clearing.verify import tac_problem
 from terminals.messages import HOTLIST_SCHEMA, Hotlist, TxnRecord, parse_record
 from terminals.metro import parse_trip
-from terminals.reader import InProcessReader
+from terminals.reader import CardGone, InProcessReader
 from terminals.terminal import Kind, Terminal
 
 HOST = IssuerHost(KEYS)
@@ -306,3 +306,26 @@ def test_top_up_torn_anywhere_is_credited_and_recorded_once(
     assert [r.card_counter for r in recs] == list(range(loads)) and term.outbox.counts().pending == 0
     for r in recs:
         assert tac_problem(HOST, r) is None
+
+
+class LosingReader(InProcessReader):
+    """Delivers DEBIT to the card, then loses the card before its answer comes back."""
+
+    def transmit(self, apdu: bytes) -> bytes:
+        answer = super().transmit(apdu)
+        if apdu[:2] == b"\x80\x54":
+            raise CardGone("pulled just after the card committed")
+        return answer
+
+
+def test_card_torn_here_and_used_elsewhere_is_set_aside_not_stuck(tmp_path: Path) -> None:
+    here = make_terminal(tmp_path / "a.sqlite", terminal="456000000001")
+    elsewhere = make_terminal(tmp_path / "b.sqlite", terminal="456000000002")
+    card = new_card()
+    assert here.tap(LosingReader(card)).status == "torn" and card.state.balance == 4800
+    assert elsewhere.tap(InProcessReader(card)).ok  # the card's proof now belongs to this newer purchase
+    back = here.tap(InProcessReader(card))
+    assert back.ok, back.message  # the rider is not stuck: charged afresh
+    assert card.state.balance == 4400 and len(records(here)) == 1
+    assert here.outbox.counts().pending == 1, "the unprovable payment stays on file for the operator"
+    assert here.tap(InProcessReader(card)).ok and here.outbox.counts().pending == 1
