@@ -12,7 +12,7 @@ from cardsim.bcd import bcd_date, bcd_time
 from cardsim.crypto import Algorithm
 from cardsim.issuer import IssuerHost, LoadRequest
 from cardsim.keys import city_of_serial
-from cardsim.purse import AID, TYPE_COMPOUND, TYPE_LOAD, TYPE_PURCHASE, PublicData
+from cardsim.purse import AID, LOG_RECORDS, SFI_LOG, TYPE_COMPOUND, TYPE_LOAD, TYPE_PURCHASE, PublicData
 from terminals.reader import CardGone, Reader
 
 
@@ -170,20 +170,17 @@ def purchase(
     return done
 
 
-LOG_SFI_P2 = (0x18 << 3) | 4
-TRIP_SFI_P2 = (0x1E << 3) | 4
-
-
-def read_records(card: Reader, p2: int, most: int) -> list[bytes]:
-    """READ RECORD 1, 2, ... of a cyclic file until the card answers 6A83 (no more) or ``most`` are read."""
+def read_records(card: Reader, sfi: int, most: int) -> list[bytes]:
+    """READ RECORD 1, 2, ... of a cyclic file until the card has no more (6A83, or 6A82: no such file) or
+    ``most`` are read; TransactionError for any other answer."""
     records = []
     for number in range(1, most + 1):
-        raw = card.transmit(bytes([0x00, 0xB2, number, p2, 0x00]))
+        raw = card.transmit(bytes([0x00, 0xB2, number, (sfi << 3) | 4, 0x00]))
         try:
             data, sw = split_response(raw)
         except ValueError as err:
             raise TransactionError("READ RECORD", str(err)) from err
-        if sw == SW.RECORD_NOT_FOUND:
+        if sw in (SW.RECORD_NOT_FOUND, SW.FILE_NOT_FOUND):
             break
         if sw != SW.OK:
             raise TransactionError("READ RECORD", f"answered {sw:04X}", sw)
@@ -212,7 +209,7 @@ def purchase_outcome(card: Reader, intent: PurseTransaction) -> PurseTransaction
     has no such entry the purchase did not happen (None). ``Unsettled`` when the card shows the purchase but
     can no longer prove it (used elsewhere since).
     """
-    if _log_entry(intent) not in read_records(card, LOG_SFI_P2, 10):
+    if _log_entry(intent) not in read_records(card, SFI_LOG, LOG_RECORDS):
         return None
     apdu = bytes([0x80, 0x5A, 0x00, intent.txn_type, 0x02]) + intent.card_counter.to_bytes(2) + b"\x08"
     try:
@@ -298,7 +295,7 @@ def load_outcome(card: Reader, host: IssuerHost, intent: PurseTransaction) -> Pu
     """Whether an interrupted load was credited, from the card's transaction log. The card keeps no proof of
     loads, so the issuer host (which authorised it and holds the TAC keys) computes the TAC of a load the log
     shows; None when the log has no such load."""
-    if _log_entry(intent) not in read_records(card, LOG_SFI_P2, 10):
+    if _log_entry(intent) not in read_records(card, SFI_LOG, LOG_RECORDS):
         return None
     date, time = bcd_date(intent.when), bcd_time(intent.when)
     card_serial = intent.application_serial[2:]

@@ -5,10 +5,10 @@ from __future__ import annotations
 import datetime as dt
 from dataclasses import dataclass, field
 
-from cardsim.apdu import SW, split_response
+from cardsim.apdu import SW
 from cardsim.bcd import parse_bcd_date, parse_bcd_datetime
 from cardsim.purse import LOG_RECORDS, SFI_HOLDER, SFI_INTEROP, SFI_LOG, SFI_TRIPS, TRIP_RECORDS
-from terminals.flows import TransactionError, exchange, select_purse
+from terminals.flows import TransactionError, exchange, read_records, select_purse
 from terminals.reader import Reader
 
 TXN_TYPES = {0x02: "load", 0x06: "purchase", 0x09: "compound"}
@@ -47,16 +47,6 @@ class CardInfo:
     trips: int = 0
 
 
-def _records(card: Reader, sfi: int, most: int) -> list[bytes]:
-    out = []
-    for n in range(1, most + 1):
-        data, sw = split_response(card.transmit(bytes([0x00, 0xB2, n, (sfi << 3) | 4, 0x00])))
-        if sw != SW.OK:
-            break
-        out.append(data)
-    return out
-
-
 def read_card_info(card: Reader) -> CardInfo:
     """SELECT, READ BINARY 0x15-0x17, GET BALANCE, READ RECORD of the logs."""
     try:
@@ -70,7 +60,7 @@ def read_card_info(card: Reader) -> CardInfo:
     interop = exchange(card, "READ BINARY 17", bytes([0x00, 0xB0, 0x80 | SFI_INTEROP, 0x00, 0x00]), None)
     balance = int.from_bytes(exchange(card, "GET BALANCE", bytes.fromhex("805C000204"), 4))
     log = []
-    for rec in _records(card, SFI_LOG, LOG_RECORDS):
+    for rec in read_records(card, SFI_LOG, LOG_RECORDS):
         try:
             when: dt.datetime | None = parse_bcd_datetime(rec[16:20], rec[20:23])
         except ValueError:
@@ -92,5 +82,5 @@ def read_card_info(card: Reader) -> CardInfo:
         interoperable=interop[8:10] == b"\x00\x01",
         balance=balance,
         log=log,
-        trips=len(_records(card, SFI_TRIPS, TRIP_RECORDS)),
+        trips=len(read_records(card, SFI_TRIPS, TRIP_RECORDS)),
     )

@@ -22,9 +22,8 @@ from cardsim.issuer import HostRefusal, IssuerHost
 from cardsim.keys import IssuerKeyStore
 from cardsim.m1_issue import ISSUER_BLOCK, PURSE_SECTOR
 from cardsim.psam import Psam, PsamState
-from cardsim.purse import TYPE_LOAD, PublicData
+from cardsim.purse import SFI_TRIPS, TYPE_LOAD, PublicData
 from terminals.flows import (
-    TRIP_SFI_P2,
     Mac2NotVerified,
     PurseTransaction,
     TransactionError,
@@ -272,7 +271,7 @@ class Terminal:
         entry = self.config.kind is Kind.METRO_ENTRY
         amount = 0
         if not entry:
-            trips = read_records(card, TRIP_SFI_P2, 1)
+            trips = read_records(card, SFI_TRIPS, 1)
             last = parse_trip(trips[0]) if trips else None
             assert self.fares is not None
             amount = exit_fare(self.city_fares, self.fares, self.config.city, last, self.station, now)
