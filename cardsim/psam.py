@@ -96,9 +96,7 @@ class Psam:
         cache_key = (usage, city, version, alg, serial)
         key = self._card_keys.get(cache_key)
         if key is None:
-            key_set = self.state.keys.get(city, version)
-            if key_set is None:
-                raise ApduError(SW.KEY_NOT_FOUND, f"no keys for issuer {city} version {version}")
+            key_set = self._key_set(city, version)
             master = key_set.purchase if usage == "purchase" else key_set.maintenance
             key = BlockKey(alg, crypto.diversify(alg, master, serial))
             if len(self._card_keys) >= _CACHE_LIMIT:
@@ -106,10 +104,10 @@ class Psam:
             self._card_keys[cache_key] = key
         return key
 
-    def _key_set(self, city_bcd: bytes, version: int) -> IssuerKeySet:
-        key_set = self.state.keys.get(city_bcd.hex(), version)
+    def _key_set(self, city: str, version: int) -> IssuerKeySet:
+        key_set = self.state.keys.get(city, version)
         if key_set is None:
-            raise ApduError(SW.KEY_NOT_FOUND, f"no keys for issuer {city_bcd.hex()} version {version}")
+            raise ApduError(SW.KEY_NOT_FOUND, f"no keys for issuer {city} version {version}")
         return key_set
 
     def _next_ttc(self) -> int:
@@ -165,7 +163,7 @@ class Psam:
         scheme = schemes.get(cmd.data[3])
         if scheme is None:
             raise ApduError(SW.KEY_NOT_FOUND, f"key scheme {cmd.data[3]:02X}")
-        master = self._key_set(cmd.data[0:2], cmd.data[2]).purchase
+        master = self._key_set(cmd.data[0:2].hex(), cmd.data[2]).purchase
         key_a, key_b = sector_keys(scheme, master, cmd.data[4:8], cmd.p1)
         return respond(key_a + key_b)
 
@@ -175,7 +173,7 @@ class Psam:
         M1 cards have no TAC; this MAC lets the clearing check that a terminal with a PSAM made the record."""
         self._expect(cmd, 0x1C, 8)
         d = cmd.data
-        master = self._key_set(d[0:2], d[2]).purchase
+        master = self._key_set(d[0:2].hex(), d[2]).purchase
         uid, counter, amount = d[3:7], int.from_bytes(d[7:9]), int.from_bytes(d[9:13])
         before, after, date, time = int.from_bytes(d[13:17]), int.from_bytes(d[17:21]), d[21:25], d[25:28]
         ttc = self._next_ttc()

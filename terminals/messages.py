@@ -196,32 +196,7 @@ def load_json(payload: bytes | str) -> Any:
         raise MessageError(f"not UTF-8 JSON: {err}") from err
 
 
-def parse_record(doc: Any) -> TxnRecord:
-    """A decoded JSON value as a transaction record."""
-    if not isinstance(doc, dict) or doc.get("schema") != TXN_SCHEMA:
-        raise MessageError(f"not a {TXN_SCHEMA} object")
-    try:
-        return TxnRecord.model_validate(doc)
-    except ValidationError as err:
-        raise MessageError(_explain(err)) from err
-
-
-def parse_uplink(payload: bytes | str) -> list[Any]:
-    """The record documents of a terminal publish: one record or a batch. Each is checked by ``parse_record``
-    separately, so one bad record in a batch does not sink the others."""
-    doc = load_json(payload)
-    if isinstance(doc, dict) and doc.get("schema") == BATCH_SCHEMA:
-        try:
-            return list(Batch.model_validate(doc).records)
-        except ValidationError as err:
-            raise MessageError(_explain(err)) from err
-    if isinstance(doc, dict) and doc.get("schema") == TXN_SCHEMA:
-        return [doc]
-    raise MessageError(f"neither a {TXN_SCHEMA} record nor a {BATCH_SCHEMA}")
-
-
-def _parse(model: type[_M], schema: str, payload: bytes | str) -> _M:
-    doc = load_json(payload)
+def _validate(model: type[_M], schema: str, doc: Any) -> _M:
     if not isinstance(doc, dict) or doc.get("schema") != schema:
         raise MessageError(f"not a {schema} object")
     try:
@@ -230,14 +205,30 @@ def _parse(model: type[_M], schema: str, payload: bytes | str) -> _M:
         raise MessageError(_explain(err)) from err
 
 
+def parse_record(doc: Any) -> TxnRecord:
+    """A decoded JSON value as a transaction record."""
+    return _validate(TxnRecord, TXN_SCHEMA, doc)
+
+
+def parse_uplink(payload: bytes | str) -> list[Any]:
+    """The record documents of a terminal publish: one record or a batch. Each is checked by ``parse_record``
+    separately, so one bad record in a batch does not sink the others."""
+    doc = load_json(payload)
+    if isinstance(doc, dict) and doc.get("schema") == BATCH_SCHEMA:
+        return list(_validate(Batch, BATCH_SCHEMA, doc).records)
+    if isinstance(doc, dict) and doc.get("schema") == TXN_SCHEMA:
+        return [doc]
+    raise MessageError(f"neither a {TXN_SCHEMA} record nor a {BATCH_SCHEMA}")
+
+
 def parse_ack(payload: bytes | str) -> Ack:
     """A clearing ack."""
-    return _parse(Ack, ACK_SCHEMA, payload)
+    return _validate(Ack, ACK_SCHEMA, load_json(payload))
 
 
 def parse_hotlist(payload: bytes | str) -> Hotlist:
     """A hotlist."""
-    return _parse(Hotlist, HOTLIST_SCHEMA, payload)
+    return _validate(Hotlist, HOTLIST_SCHEMA, load_json(payload))
 
 
 def batch_payload(records: list[str]) -> str:

@@ -37,6 +37,13 @@ def fen(text: str) -> int:
     return value
 
 
+def positive(text: str) -> int:
+    """A whole number of at least 1."""
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError("must be a whole number of at least 1")
+    return int(text)
+
+
 def city_code(text: str) -> str:
     """A 4-digit city code (GB/T 13497), e.g. 4510."""
     if len(text) != 4 or not text.isdigit():

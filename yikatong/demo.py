@@ -26,6 +26,7 @@ from cardsim.purse import TYPE_PURCHASE, PurseCard
 from terminals.flows import PurseTransaction, load, psam_terminal_number, purchase
 from terminals.inspect import yuan
 from terminals.reader import InProcessReader
+from yikatong.argtypes import positive
 from yikatong.errors import CliError
 
 CITIES = {"4510": "Jinan", "4560": "Yantai", "4530": "Zibo"}
@@ -42,16 +43,10 @@ def register(groups: Any) -> None:
         "city, top cards up when they run low, verify every TAC with the issuer keys, and print per-city totals.",
     )
     demo.add_argument("--out", type=Path, default=Path("run/demo"), help="run folder (default %(default)s)")
-    demo.add_argument("--cards", type=_positive, default=4, help="cards per city and algorithm (default 4)")
-    demo.add_argument("--rides", type=_positive, default=300, help="bus rides in total (default 300)")
+    demo.add_argument("--cards", type=positive, default=4, help="cards per city and algorithm (default 4)")
+    demo.add_argument("--rides", type=positive, default=300, help="bus rides in total (default 300)")
     demo.add_argument("--seed", type=int, default=2009, help="random seed, for a repeatable run")
     demo.set_defaults(run=run)
-
-
-def _positive(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError("must be a whole number of at least 1")
-    return int(text)
 
 
 def _progress(done: int, total: int) -> None:

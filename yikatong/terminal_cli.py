@@ -25,7 +25,7 @@ from terminals.pcsc import PcscReader, ReaderNotFound
 from terminals.reader import InProcessReader
 from terminals.terminal import Kind, TapResult, Terminal, TerminalConfig
 from terminals.uplink import Uplink
-from yikatong.argtypes import broker_url, city_code, fen, hex_number, load_keys
+from yikatong.argtypes import broker_url, city_code, fen, hex_number, load_keys, positive
 from yikatong.errors import CliError
 
 log = logging.getLogger("yikatong.terminal")
@@ -51,7 +51,7 @@ def register(groups: Any) -> None:
     )
     run.add_argument("--reader", required=True, help="PC/SC reader name, or a unique prefix of it")
     _terminal_options(run)
-    run.add_argument("--count", type=_positive, help="stop after this many cards (default: run until Ctrl-C)")
+    run.add_argument("--count", type=positive, help="stop after this many cards (default: run until Ctrl-C)")
     run.set_defaults(run=_run)
 
     tap = sub.add_parser(
@@ -118,12 +118,6 @@ def _terminal_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--broker", type=broker_url, help="mqtt://[user:password@]host[:port] (default: offline)")
     parser.add_argument("--fares", type=Path, help="metro fare table (default: the one in fixtures)")
     parser.add_argument("--keys", type=Path, help="issuer key file for the PSAM (default: the published TEST keys)")
-
-
-def _positive(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError("must be a whole number of at least 1")
-    return int(text)
 
 
 def _open_outbox(path: Path) -> Outbox:
