@@ -10,7 +10,7 @@ from cardsim.keys import IssuerKeyStore
 from cardsim.personalise import CardRequest, issue_cpu_card
 from cardsim.psam import Psam, PsamState
 from cardsim.purse import PurseCard, PurseState
-from terminals.reader import InProcessReader
+from terminals.reader import CardGone, InProcessReader
 
 KEYS = IssuerKeyStore.test_set()
 TERMINAL = bytes.fromhex("001122334455")
@@ -45,3 +45,28 @@ def readers(card: PurseCard, psam: Psam) -> tuple[InProcessReader, InProcessRead
 
 def sw(response: bytes) -> int:
     return int.from_bytes(response[-2:])
+
+
+class CuttingReader(InProcessReader):
+    """Pulls the card before APDU number ``before_apdu`` (it never arrives), or arms the card's write budget
+    so that power fails in the middle of a commit."""
+
+    def __init__(self, card: PurseCard, before_apdu: int | None = None, write_budget: int | None = None) -> None:
+        super().__init__(card, "cutting")
+        self.sent = 0
+        self.before_apdu = before_apdu
+        self.write_budget = write_budget
+
+    def connect(self) -> bytes:
+        self.card.eeprom.budget = None  # type: ignore[attr-defined]
+        return super().connect()
+
+    def disconnect(self) -> None:
+        self.card.eeprom.budget = None  # type: ignore[attr-defined]  # out of the field: the cut is over
+
+    def transmit(self, apdu: bytes) -> bytes:
+        if self.sent == self.before_apdu:
+            raise CardGone("pulled before the APDU arrived")
+        self.sent += 1
+        self.card.eeprom.budget = self.write_budget  # type: ignore[attr-defined]
+        return super().transmit(apdu)

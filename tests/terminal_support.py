@@ -11,10 +11,8 @@ from support import KEYS
 from cardsim.issuer import IssuerHost
 from cardsim.m1_issue import KeyScheme, issue_m1_card
 from cardsim.mifare import Frame, M1Card, Profile
-from cardsim.purse import PurseCard
 from terminals.metro import FareTable
 from terminals.outbox import Outbox
-from terminals.reader import CardGone, InProcessReader
 from terminals.terminal import CHINA, Kind, Terminal, TerminalConfig
 
 FARES = FareTable.load()
@@ -59,31 +57,6 @@ def m1_card(
     )
     card.power_on()
     return card
-
-
-class CuttingReader(InProcessReader):
-    """Pulls the card before APDU number ``before_apdu`` (it never arrives), or arms the card's write budget
-    so that power fails in the middle of a commit."""
-
-    def __init__(self, card: PurseCard, before_apdu: int | None = None, write_budget: int | None = None) -> None:
-        super().__init__(card, "cutting")
-        self.sent = 0
-        self.before_apdu = before_apdu
-        self.write_budget = write_budget
-
-    def connect(self) -> bytes:
-        self.card.eeprom.budget = None  # type: ignore[attr-defined]
-        return super().connect()
-
-    def disconnect(self) -> None:
-        self.card.eeprom.budget = None  # type: ignore[attr-defined]  # out of the field: the cut is over
-
-    def transmit(self, apdu: bytes) -> bytes:
-        if self.sent == self.before_apdu:
-            raise CardGone("pulled before the APDU arrived")
-        self.sent += 1
-        self.card.eeprom.budget = self.write_budget  # type: ignore[attr-defined]
-        return super().transmit(apdu)
 
 
 class CuttingChip:

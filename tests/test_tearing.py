@@ -8,14 +8,14 @@ from dataclasses import astuple
 from typing import Any
 
 import pytest
-from support import KEYS, TERMINAL, WHEN, new_psam, new_state, readers, seeded_rng, sw
+from support import KEYS, TERMINAL, WHEN, CuttingReader, new_psam, new_state, readers, seeded_rng, sw
 
 from cardsim.crypto import Algorithm
 from cardsim.image import purse_from_json, purse_to_json
 from cardsim.issuer import IssuerHost
 from cardsim.purse import PurseCard, PurseState
 from terminals.flows import load, purchase
-from terminals.reader import CardGone, InProcessReader
+from terminals.reader import CardGone
 
 TRIP = bytes([0x03]) + bytes(47)
 
@@ -24,23 +24,6 @@ def snapshot(state: PurseState) -> tuple[Any, ...]:
     """Everything a transaction may change."""
     proof = astuple(state.proof) if state.proof else None
     return (state.balance, state.offline_counter, state.online_counter, tuple(state.log), tuple(state.trips), proof)
-
-
-class CuttingReader(InProcessReader):
-    """Cuts the power before APDU number ``before_apdu`` (never delivered), or arms the card's write budget."""
-
-    def __init__(self, card: PurseCard, before_apdu: int | None, write_budget: int | None) -> None:
-        super().__init__(card)
-        self.sent = 0
-        self.before_apdu = before_apdu
-        self.write_budget = write_budget
-
-    def transmit(self, apdu: bytes) -> bytes:
-        if self.sent == self.before_apdu:
-            raise CardGone("pulled before the APDU arrived")
-        self.sent += 1
-        self.card.eeprom.budget = self.write_budget  # type: ignore[attr-defined]
-        return super().transmit(apdu)
 
 
 def run(kind: str, alg: Algorithm, before_apdu: int | None, budget: int | None, through_image: bool):

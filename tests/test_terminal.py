@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 
 import pytest
-from support import KEYS, new_card, seeded_rng
-from terminal_support import FARES, Clock, CuttingChip, CuttingReader, m1_card, make_terminal
+from support import KEYS, CuttingReader, new_card, seeded_rng
+from terminal_support import FARES, Clock, CuttingChip, m1_card, make_terminal
 
 from cardsim import crypto
 from cardsim.crypto import Algorithm
