@@ -55,11 +55,9 @@ class Uplink:
         self.outbox = terminal.outbox
         city, number = terminal.config.city, terminal.terminal_hex
         self.number = number
-        self.txn_topic, self.ack_topic, self.hotlist_topic = (
-            txn_topic(city, number),
-            ack_topic(city, number),
-            (hotlist_topic(city)),
-        )
+        self.txn_topic = txn_topic(city, number)
+        self.ack_topic = ack_topic(city, number)
+        self.hotlist_topic = hotlist_topic(city)
         self.batch = batch
         self.ack_timeout = ack_timeout
         self.max_backoff = max_backoff
@@ -120,11 +118,12 @@ class Uplink:
 
     async def _receive(self, client: aiomqtt.Client) -> None:
         async for message in client.messages:
-            payload = message.payload if isinstance(message.payload, bytes | bytearray) else str(message.payload)
+            raw = message.payload
+            payload = bytes(raw) if isinstance(raw, bytes | bytearray) else str(raw)
             if message.topic.value == self.ack_topic:
-                self._on_ack(bytes(payload) if not isinstance(payload, str) else payload)
+                self._on_ack(payload)
             elif message.topic.value == self.hotlist_topic:
-                self.terminal.offer_hotlist(bytes(payload) if not isinstance(payload, str) else payload)
+                self.terminal.offer_hotlist(payload)
 
     def _on_ack(self, payload: bytes | str) -> None:
         try:
