@@ -12,42 +12,46 @@ from terminals.messages import TxnRecord
 _TXN_TYPE = {"purchase": TYPE_PURCHASE, "metro_entry": TYPE_COMPOUND, "metro_exit": TYPE_COMPOUND, "load": TYPE_LOAD}
 
 
-def tac_problem(host: IssuerHost, record: TxnRecord) -> str | None:
-    """None when the record's TAC (or M1 record MAC) verifies with the issuer keys, else the reason."""
+def expected_tac(host: IssuerHost, record: TxnRecord) -> bytes:
+    """The TAC (CPU) or M1 record MAC the record must carry; HostRefusal when the keys are missing."""
     when = record.moment
     date, time = bcd_date(when), bcd_time(when)
     terminal = bytes.fromhex(record.terminal)
+    if record.tech == "m1":
+        key_set = host.keys.get(record.card.issuer, record.key_version)
+        if key_set is None:
+            raise HostRefusal(f"no keys for issuer {record.card.issuer} version {record.key_version}")
+        uid = bytes.fromhex(str(record.card.uid))
+        data = crypto.m1_record_data(
+            uid,
+            record.card_counter,
+            record.amount,
+            record.balance_before,
+            record.balance_after,
+            terminal,
+            record.terminal_seq,
+            date,
+            time,
+        )
+        return crypto.m1_record_key(key_set.purchase, uid).mac(data)
+    serial = bytes.fromhex(str(record.card.serial))[2:]
+    if serial[:2].hex() != record.card.issuer:
+        raise HostRefusal(f"card serial does not belong to issuer {record.card.issuer}")
+    key = host.tac_key(serial, record.key_version, Algorithm(record.alg))
+    txn_type = _TXN_TYPE[record.kind]
+    if txn_type == TYPE_LOAD:
+        data = crypto.load_tac_data(
+            record.balance_after, record.card_counter, record.amount, txn_type, terminal, date, time
+        )
+    else:
+        data = crypto.purchase_tac_data(record.amount, txn_type, terminal, record.terminal_seq, date, time)
+    return key.mac(data)
+
+
+def tac_problem(host: IssuerHost, record: TxnRecord) -> str | None:
+    """None when the record's TAC (or M1 record MAC) verifies with the issuer keys, else the reason."""
     try:
-        if record.tech == "m1":
-            key_set = host.keys.get(record.card.issuer, record.key_version)
-            if key_set is None:
-                return f"no keys for issuer {record.card.issuer} version {record.key_version}"
-            uid = bytes.fromhex(str(record.card.uid))
-            data = crypto.m1_record_data(
-                uid,
-                record.card_counter,
-                record.amount,
-                record.balance_before,
-                record.balance_after,
-                terminal,
-                record.terminal_seq,
-                date,
-                time,
-            )
-            expected = crypto.m1_record_key(key_set.purchase, uid).mac(data)
-        else:
-            serial = bytes.fromhex(str(record.card.serial))[2:]
-            if serial[:2].hex() != record.card.issuer:
-                return f"card serial does not belong to issuer {record.card.issuer}"
-            key = host.tac_key(serial, record.key_version, Algorithm(record.alg))
-            txn_type = _TXN_TYPE[record.kind]
-            if txn_type == TYPE_LOAD:
-                data = crypto.load_tac_data(
-                    record.balance_after, record.card_counter, record.amount, txn_type, terminal, date, time
-                )
-            else:
-                data = crypto.purchase_tac_data(record.amount, txn_type, terminal, record.terminal_seq, date, time)
-            expected = key.mac(data)
+        expected = expected_tac(host, record)
     except HostRefusal as err:
         return str(err)
     if expected.hex().upper() != record.tac:

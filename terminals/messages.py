@@ -21,6 +21,7 @@ TXN_SCHEMA: Final = "yikatong.txn/1"
 BATCH_SCHEMA: Final = "yikatong.batch/1"
 ACK_SCHEMA: Final = "yikatong.ack/1"
 HOTLIST_SCHEMA: Final = "yikatong.hotlist/1"
+INTEROP_ACK_SCHEMA: Final = "yikatong.interop-ack/1"
 
 CityCode = Annotated[str, Field(pattern=r"^[0-9]{4}$")]
 TerminalNo = Annotated[str, Field(pattern=r"^[0-9A-F]{12}$")]
@@ -157,6 +158,32 @@ class Ack(_Model):
         return self.model_dump_json(by_alias=True)
 
 
+RecordId = Annotated[str, Field(pattern=r"^[0-9]{4}-([0-9]{20}|[0-9A-F]{8})-[a-z_]{4,11}-[0-9]{1,5}$")]
+
+
+class InteropRejection(_Model):
+    """A forwarded record the issuer city refused (``record_id`` as in the daily clearing file)."""
+
+    record_id: RecordId
+    reason: str
+
+
+class InteropAck(_Model):
+    """The issuer city's answer on records an acquiring city forwarded (``yikatong.interop-ack/1``): each is
+    either committed to the issuer's ledger (``acked``) or refused (``rejected``)."""
+
+    schema_: Literal["yikatong.interop-ack/1"] = Field(INTEROP_ACK_SCHEMA, alias="schema")
+    issuer: CityCode
+    acked: list[RecordId] = []
+    rejected: list[InteropRejection] = []
+
+    model_config = ConfigDict(strict=True, extra="forbid", frozen=True, populate_by_name=True)
+
+    def to_json(self) -> str:
+        """The JSON payload."""
+        return self.model_dump_json(by_alias=True)
+
+
 class Hotlist(_Model):
     """The cards a city's terminals must refuse and block (``yikatong.hotlist/1``, retained)."""
 
@@ -224,6 +251,11 @@ def parse_uplink(payload: bytes | str) -> list[Any]:
 def parse_ack(payload: bytes | str) -> Ack:
     """A clearing ack."""
     return _validate(Ack, ACK_SCHEMA, load_json(payload))
+
+
+def parse_interop_ack(payload: bytes | str) -> InteropAck:
+    """An issuer city's ack of forwarded records."""
+    return _validate(InteropAck, INTEROP_ACK_SCHEMA, load_json(payload))
 
 
 def parse_hotlist(payload: bytes | str) -> Hotlist:

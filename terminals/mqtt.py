@@ -13,6 +13,8 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import aiomqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 DEFAULT_PORT = 1883
 
@@ -46,8 +48,25 @@ class BrokerUrl:
         user = f"{self.username}@" if self.username else ""
         return f"mqtt://{user}{self.host}:{self.port}"
 
-    def client(self, identifier: str, *, clean_session: bool = False, **options: Any) -> aiomqtt.Client:
-        """An aiomqtt client (MQTT 3.1.1; a persistent session unless ``clean_session``)."""
+    def client(
+        self, identifier: str, *, clean_session: bool = False, mqtt5: bool = False, **options: Any
+    ) -> aiomqtt.Client:
+        """An aiomqtt client with a persistent session unless ``clean_session``: MQTT 3.1.1, or MQTT 5 (needed
+        for shared subscriptions; the session then outlives a disconnect by an hour)."""
+        if mqtt5:
+            expiry = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+            expiry.SessionExpiryInterval = 0 if clean_session else 3600
+            return aiomqtt.Client(
+                self.host,
+                self.port,
+                username=self.username,
+                password=self.password,
+                identifier=identifier,
+                protocol=aiomqtt.ProtocolVersion.V5,
+                clean_start=clean_session,
+                properties=expiry,
+                **options,
+            )
         return aiomqtt.Client(
             self.host,
             self.port,

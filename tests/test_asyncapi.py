@@ -17,6 +17,7 @@ MODELS: dict[str, Any] = {
     "batch": messages.Batch,
     "ack": messages.Ack,
     "hotlist": messages.Hotlist,
+    "interopAck": messages.InteropAck,
 }
 
 

@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from yikatong import __version__, audit_cli, card_cli, demo, terminal_cli
+from yikatong import __version__, audit_cli, card_cli, clearing_cli, demo, terminal_cli
 from yikatong.errors import CliError
 
 
@@ -22,6 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.register(groups)
     card_cli.register(groups)
     terminal_cli.register(groups)
+    clearing_cli.register(groups)
     audit_cli.register(groups)
     return parser
 

@@ -1,0 +1,138 @@
+"""What the clearing makes of one MQTT message, before any storage: pure functions, no I/O.
+
+A terminal publish (``yikatong/{city}/txn/{terminal}``) or a forwarded batch (``yikatong/interop/{city}/txn``)
+becomes a list of verdicts, one per record: ``Accepted`` (the TAC verified, or the card belongs to another
+city and will be forwarded) or ``Refused`` (with the reason, the raw bytes and, when the record names one, the
+seq to ack as rejected). A payload that is not even a record list is one ``Refused`` without a seq.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from cardsim.issuer import IssuerHost
+from clearing.verify import tac_problem
+from terminals.messages import MAX_PAYLOAD, MessageError, TxnRecord, parse_record, parse_uplink
+
+CHINA = dt.timezone(dt.timedelta(hours=8))
+"""Settlement days run 00:00-24:00 +08:00 (wire.md)."""
+
+
+@dataclass(frozen=True)
+class Accepted:
+    """A record to store. ``forward`` when another city issued the card (its clearing verifies the TAC)."""
+
+    record: TxnRecord
+    forward: bool
+
+    @property
+    def canonical(self) -> str:
+        """The record's canonical JSON: what is stored and compared when the same identity comes again."""
+        return self.record.to_json()
+
+
+@dataclass(frozen=True)
+class Refused:
+    """Something to quarantine; ``seq`` is set when the sender can be told (acked as rejected)."""
+
+    reason: str
+    raw: bytes
+    seq: int | None = None
+    record_id: str | None = None
+
+
+Verdict = Accepted | Refused
+
+
+@dataclass(frozen=True)
+class Topic:
+    """What a subscribed topic says about the sender."""
+
+    kind: str  # "terminal" | "interop"
+    terminal: str | None  # the terminal number in a terminal topic (whatever the publisher put there)
+
+    @classmethod
+    def parse(cls, topic: str, city: str) -> Topic | None:
+        """``yikatong/{city}/txn/{terminal}`` or ``yikatong/interop/{city}/txn``; None for anything else."""
+        parts = topic.split("/")
+        if len(parts) == 4 and parts[0] == "yikatong" and parts[1] == city and parts[2] == "txn":
+            return cls("terminal", parts[3])
+        if parts == ["yikatong", "interop", city, "txn"]:
+            return cls("interop", None)
+        return None
+
+
+def settlement_day(record: TxnRecord) -> str:
+    """The settlement day of a record (its time in +08:00), YYYY-MM-DD."""
+    return record.moment.astimezone(CHINA).date().isoformat()
+
+
+def _seq_of(doc: Any) -> int | None:
+    seq = doc.get("seq") if isinstance(doc, dict) else None
+    return seq if type(seq) is int and 1 <= seq < 2**63 else None
+
+
+def _record_id_of(doc: Any) -> str | None:
+    """The identity of a record that failed validation, when its parts are there (for the reviewer)."""
+    if not isinstance(doc, dict) or not isinstance(doc.get("card"), dict):
+        return None
+    card = doc["card"]
+    parts = [card.get("issuer"), card.get("serial") or card.get("uid"), doc.get("kind"), doc.get("card_counter")]
+    return "-".join(str(p) for p in parts) if all(p is not None for p in parts) else None
+
+
+def _raw(doc: Any) -> bytes:
+    return json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+class Intake:
+    """The checks of one city's clearing: schema, sender, issuer, hotlist, TAC."""
+
+    def __init__(self, city: str, host: IssuerHost) -> None:
+        self.city = city
+        self.host = host
+        self.issuers = {key_set.city for key_set in host.keys}
+        if city not in self.issuers:
+            raise ValueError(f"the key store holds no keys of city {city}: this clearing cannot verify its cards")
+
+    def message(self, topic: Topic, payload: bytes, hotlist: frozenset[str]) -> list[Verdict]:
+        """The verdicts on every record of one message."""
+        try:
+            docs = parse_uplink(payload)
+        except MessageError as err:
+            return [Refused(str(err), payload[:MAX_PAYLOAD])]
+        if not docs:
+            return [Refused("empty batch", payload)]
+        single = len(docs) == 1
+        return [self._record(topic, doc, payload if single else _raw(doc), hotlist) for doc in docs]
+
+    def _record(self, topic: Topic, doc: Any, raw: bytes, hotlist: frozenset[str]) -> Verdict:
+        seq = _seq_of(doc)
+        try:
+            record = parse_record(doc)
+        except MessageError as err:
+            return Refused(str(err), raw, seq, _record_id_of(doc))
+        reason = self._problem(topic, record, hotlist)
+        if reason is not None:
+            return Refused(reason, raw, record.seq, record.record_id)
+        return Accepted(record, forward=record.card.issuer != self.city)
+
+    def _problem(self, topic: Topic, record: TxnRecord, hotlist: frozenset[str]) -> str | None:
+        issuer = record.card.issuer
+        if topic.kind == "terminal":
+            if record.terminal != topic.terminal:
+                return f"record of terminal {record.terminal} published on the topic of terminal {topic.terminal}"
+            if record.acquirer != self.city:
+                return f"record names acquirer {record.acquirer}, but terminal topics of {self.city} carry {self.city}"
+        elif issuer != self.city:
+            return f"forwarded record of a card of issuer {issuer}, not of {self.city}"
+        if issuer not in self.issuers:
+            return f"unknown issuer {issuer}"
+        if topic.kind == "terminal" and record.card.id in hotlist:
+            return f"card {record.card.id} is hotlisted"
+        if issuer != self.city:
+            return None  # the issuer city verifies the TAC
+        return tac_problem(self.host, record)

@@ -1,0 +1,422 @@
+"""Storing verdicts: the ledger (once per record identity), the quarantine, flagged cards, and how far each
+terminal's records are committed without a gap (what its ack may say).
+
+Everything of one batch of messages goes into one transaction; the caller acks only after ``store`` returned,
+that is after the commit. Several workers may write to one database at once: the unique constraint on the
+record identity decides, and a record that lost the race is compared with the one that won.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+from sqlalchemy import ColumnElement, Insert, Table, and_, func, select, tuple_, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from clearing.intake import Accepted, Refused, Verdict, settlement_day
+from clearing.schema import (
+    FORWARD_PENDING,
+    SOURCE_INTEROP,
+    SOURCE_TERMINAL,
+    CityState,
+    FlaggedCard,
+    HotlistCard,
+    LedgerRow,
+    QuarantineRow,
+    TerminalProgress,
+)
+from terminals.messages import MAX_PAYLOAD, TxnRecord
+
+Identity = tuple[str, str, str, int]
+LEDGER = cast(Table, LedgerRow.__table__)
+QUARANTINE = cast(Table, QuarantineRow.__table__)
+PROGRESS = cast(Table, TerminalProgress.__table__)
+CITY_STATE = cast(Table, CityState.__table__)
+_IDENTITY = (LEDGER.c.issuer, LEDGER.c.card, LEDGER.c.kind, LEDGER.c.card_counter)
+
+
+@dataclass
+class Received:
+    """The verdicts of one MQTT message, with where it came from."""
+
+    topic: str
+    terminal: str | None  # the terminal of a terminal topic; None for a forwarded batch
+    verdicts: list[Verdict]
+
+
+@dataclass
+class TerminalAck:
+    """What to tell one terminal after the commit."""
+
+    terminal: str
+    acked_through: int
+    rejected: list[tuple[int, str]]
+
+
+@dataclass
+class InteropAck:
+    """What to tell one acquiring city about the records it forwarded (record ids)."""
+
+    acquirer: str
+    acked: list[str] = field(default_factory=list)
+    rejected: list[tuple[str, str]] = field(default_factory=list)
+
+
+@dataclass
+class Outcome:
+    """What one ``store`` did."""
+
+    stored: int = 0
+    duplicates: int = 0
+    quarantined: int = 0
+    conflicts: int = 0
+    terminal_acks: list[TerminalAck] = field(default_factory=list)
+    interop_acks: list[InteropAck] = field(default_factory=list)
+    to_forward: list[TxnRecord] = field(default_factory=list)
+
+
+def _insert(connection: AsyncConnection, table: Any) -> Any:
+    """An INSERT that can say ON CONFLICT DO NOTHING on either backend."""
+    dialect = postgresql if connection.dialect.name == "postgresql" else sqlite
+    return dialect.insert(table)
+
+
+def _row(city: str, accepted: Accepted, source: str, now: float) -> dict[str, Any]:
+    record = accepted.record
+    forward = FORWARD_PENDING if accepted.forward and source == SOURCE_TERMINAL else None
+    return {
+        "city": city,
+        "issuer": record.card.issuer,
+        "card": record.card.id,
+        "kind": record.kind,
+        "card_counter": record.card_counter,
+        "tech": record.tech,
+        "acquirer": record.acquirer,
+        "terminal": record.terminal,
+        "seq": record.seq,
+        "terminal_seq": record.terminal_seq,
+        "amount": record.amount,
+        "balance_before": record.balance_before,
+        "balance_after": record.balance_after,
+        "time": record.time,
+        "day": settlement_day(record),
+        "tac": record.tac,
+        "source": source,
+        "forward": forward,
+        "forward_reason": None,
+        "record": accepted.canonical,
+        "received": now,
+    }
+
+
+def _identity_in(identities: Iterable[Identity]) -> ColumnElement[bool]:
+    return tuple_(*_IDENTITY).in_(list(identities))
+
+
+class Ledger:
+    """One city's clearing tables."""
+
+    def __init__(self, engine: AsyncEngine, city: str) -> None:
+        self.engine = engine
+        self.city = city
+
+    async def hotlist(self) -> frozenset[str]:
+        """The cards on this city's hotlist."""
+        async with self.engine.connect() as db:
+            rows = await db.execute(select(HotlistCard.card).where(HotlistCard.city == self.city))
+            return frozenset(rows.scalars())
+
+    async def store(self, messages: Sequence[Received]) -> Outcome:
+        """Store every verdict of these messages in one transaction; what to ack and forward afterwards."""
+        now = time.time()
+        outcome = Outcome()
+        accepted: dict[Identity, tuple[Accepted, Received]] = {}
+        refused: list[tuple[Refused, Received]] = []
+        for message in messages:
+            for verdict in message.verdicts:
+                if isinstance(verdict, Refused):
+                    refused.append((verdict, message))
+                    continue
+                first = accepted.setdefault(verdict.record.identity, (verdict, message))[0]
+                if first.canonical != verdict.canonical:
+                    refused.append((self._conflict(verdict, first.record), message))
+                else:
+                    outcome.duplicates += first is not verdict
+        async with self.engine.begin() as db:
+            lost = await self._insert_records(db, accepted, refused, outcome, now) if accepted else set()
+            await self._quarantine(db, refused, outcome, now)
+            outcome.terminal_acks = await self._terminal_acks(db, messages)
+        kept = [(a, m) for identity, (a, m) in accepted.items() if identity not in lost]
+        outcome.interop_acks = self._interop_acks(kept, refused)
+        outcome.to_forward = [a.record for a, m in kept if a.forward and m.terminal is not None]
+        return outcome
+
+    def _conflict(self, record: Accepted, stored: TxnRecord) -> Refused:
+        where = f"terminal {stored.terminal} seq {stored.seq}"
+        return Refused(
+            f"conflict: record {record.record.record_id} is already in the ledger with other content ({where})",
+            record.canonical.encode(),
+            record.record.seq,
+            record.record.record_id,
+        )
+
+    async def _insert_records(
+        self,
+        db: AsyncConnection,
+        accepted: dict[Identity, tuple[Accepted, Received]],
+        refused: list[tuple[Refused, Received]],
+        outcome: Outcome,
+        now: float,
+    ) -> set[Identity]:
+        """Insert what is new; a record whose identity is already stored is a duplicate when the content is the
+        same, else a conflict (added to ``refused``). Returns the identities that were conflicts."""
+        rows = [
+            _row(self.city, a, SOURCE_TERMINAL if m.terminal is not None else SOURCE_INTEROP, now)
+            for a, m in accepted.values()
+        ]
+        stmt: Insert = _insert(db, LEDGER).on_conflict_do_nothing().returning(*_IDENTITY)
+        inserted = {tuple(r) for r in (await db.execute(stmt, rows)).all()}
+        outcome.stored += len(inserted)
+        others = [identity for identity in accepted if identity not in inserted]
+        lost: set[Identity] = set()
+        if not others:
+            return lost
+        stored = await db.execute(
+            select(*_IDENTITY, LEDGER.c.record).where(LEDGER.c.city == self.city, _identity_in(others))
+        )
+        for issuer, card, kind, counter, canonical in stored.all():
+            mine, message = accepted[(issuer, card, kind, counter)]
+            if canonical == mine.canonical:
+                outcome.duplicates += 1
+            else:
+                refused.append((self._conflict(mine, TxnRecord.model_validate_json(canonical)), message))
+                lost.add((issuer, card, kind, counter))
+        return lost
+
+    async def _quarantine(
+        self, db: AsyncConnection, refused: list[tuple[Refused, Received]], outcome: Outcome, now: float
+    ) -> None:
+        if not refused:
+            return
+        rows = [
+            {
+                "city": self.city,
+                "topic": m.topic,
+                "terminal": m.terminal,
+                "seq": r.seq,
+                "record_id": _text(r.record_id),
+                "reason": _text(r.reason),
+                "payload": r.raw[:MAX_PAYLOAD],
+                "size": len(r.raw),
+                "received": now,
+            }
+            for r, m in refused
+        ]
+        await db.execute(QUARANTINE.insert(), rows)
+        outcome.quarantined += len(rows)
+        flags = [
+            {
+                "city": self.city,
+                "issuer": r.record_id.split("-")[0],
+                "card": r.record_id.split("-")[1],
+                "record_id": r.record_id,
+                "reason": r.reason,
+                "received": now,
+            }
+            for r, _ in refused
+            if r.reason.startswith("conflict:") and r.record_id is not None
+        ]
+        outcome.conflicts += len(flags)
+        if flags:
+            await db.execute(_insert(db, FlaggedCard.__table__).on_conflict_do_nothing(), flags)
+
+    async def _terminal_acks(self, db: AsyncConnection, messages: Sequence[Received]) -> list[TerminalAck]:
+        """Per terminal: the new gap-free mark, and the quarantined seqs from the lowest seq it just sent up to
+        the mark (it still holds those; lower ones were acked before)."""
+        lowest: dict[str, int] = {}
+        for message in messages:
+            if message.terminal is None:
+                continue
+            seqs = [v.record.seq if isinstance(v, Accepted) else v.seq for v in message.verdicts]
+            known = [s for s in seqs if s is not None]
+            if known:
+                lowest[message.terminal] = min(lowest.get(message.terminal, known[0]), *known)
+        acks = []
+        for terminal in sorted(lowest):  # one order for every worker: no deadlock on the progress rows
+            through = await self._advance(db, terminal)
+            rows = await db.execute(
+                select(QUARANTINE.c.seq, QUARANTINE.c.reason)
+                .where(
+                    QUARANTINE.c.city == self.city,
+                    QUARANTINE.c.terminal == terminal,
+                    QUARANTINE.c.seq.between(lowest[terminal], through),
+                )
+                .order_by(QUARANTINE.c.seq)
+            )
+            rejected = {int(seq): str(reason) for seq, reason in rows.all()}
+            acks.append(TerminalAck(terminal, through, sorted(rejected.items())))
+        return acks
+
+    async def _advance(self, db: AsyncConnection, terminal: str) -> int:
+        """Move the terminal's gap-free mark over every seq now in the ledger or quarantine; the new mark."""
+        progress = PROGRESS
+        await db.execute(
+            _insert(db, progress).on_conflict_do_nothing(),
+            {"city": self.city, "terminal": terminal, "acked_through": 0},
+        )
+        mark = (
+            await db.execute(
+                select(progress.c.acked_through)
+                .where(progress.c.city == self.city, progress.c.terminal == terminal)
+                .with_for_update()
+            )
+        ).scalar_one()
+        seqs: set[int] = set()
+        for table in (LEDGER, QUARANTINE):
+            found = await db.execute(
+                select(table.c.seq).where(table.c.city == self.city, table.c.terminal == terminal, table.c.seq > mark)
+            )
+            seqs.update(int(s) for s in found.scalars())
+        through = mark
+        while through + 1 in seqs:
+            through += 1
+        if through > mark:
+            await db.execute(
+                update(progress)
+                .where(progress.c.city == self.city, progress.c.terminal == terminal)
+                .values(acked_through=through)
+            )
+        return int(through)
+
+    @staticmethod
+    def _interop_acks(
+        kept: list[tuple[Accepted, Received]], refused: list[tuple[Refused, Received]]
+    ) -> list[InteropAck]:
+        acks: dict[str, InteropAck] = {}
+        for accepted, message in kept:
+            if message.terminal is None:
+                record = accepted.record
+                acks.setdefault(record.acquirer, InteropAck(record.acquirer)).acked.append(record.record_id)
+        for refusal, message in refused:
+            acquirer = _acquirer_of(refusal.raw)
+            if message.terminal is None and refusal.record_id is not None and acquirer is not None:
+                acks.setdefault(acquirer, InteropAck(acquirer)).rejected.append((refusal.record_id, refusal.reason))
+        return list(acks.values())
+
+    async def forward_done(self, issuer: str, acked: list[str], rejected: list[tuple[str, str]]) -> int:
+        """Record the issuer city's answer on forwarded records; how many rows changed."""
+        changed = 0
+        async with self.engine.begin() as db:
+            for status, ids in (("acked", [(i, None) for i in acked]), ("rejected", rejected)):
+                for record_id, reason in ids:
+                    identity = parse_record_id(record_id)
+                    if identity is None or identity[0] != issuer:
+                        continue
+                    result = await db.execute(
+                        update(LEDGER)
+                        .where(
+                            LEDGER.c.city == self.city,
+                            LEDGER.c.source == SOURCE_TERMINAL,
+                            and_(*(c == v for c, v in zip(_IDENTITY, identity, strict=True))),
+                        )
+                        .values(forward=status, forward_reason=reason)
+                    )
+                    changed += result.rowcount
+        return changed
+
+    async def pending_forwards(self, older_than: float, limit: int = 1000) -> list[TxnRecord]:
+        """Records received before ``older_than`` (epoch seconds) still waiting for their issuer's answer."""
+        async with self.engine.connect() as db:
+            rows = await db.execute(
+                select(LEDGER.c.record)
+                .where(LEDGER.c.city == self.city, LEDGER.c.forward == FORWARD_PENDING, LEDGER.c.received < older_than)
+                .order_by(LEDGER.c.id)
+                .limit(limit)
+            )
+            return [TxnRecord.model_validate_json(r) for r in rows.scalars()]
+
+    async def counts(self) -> dict[str, int]:
+        """Rows per table (and forward status) for this city."""
+        async with self.engine.connect() as db:
+            out: dict[str, int] = {}
+            for name, table in (("ledger", LEDGER), ("quarantine", QUARANTINE), ("flagged", FlaggedCard.__table__)):
+                out[name] = int(
+                    (
+                        await db.execute(select(func.count()).select_from(table).where(table.c.city == self.city))
+                    ).scalar_one()
+                )
+            status = await db.execute(
+                select(LEDGER.c.forward, func.count())
+                .where(LEDGER.c.city == self.city, LEDGER.c.forward.is_not(None))
+                .group_by(LEDGER.c.forward)
+            )
+            for name, count in status.all():
+                out[f"forward_{name}"] = int(count)
+            return out
+
+    async def quarantine_reasons(self, most: int = 10) -> list[tuple[str, int]]:
+        """The commonest quarantine reasons with their counts."""
+        async with self.engine.connect() as db:
+            rows = await db.execute(
+                select(QUARANTINE.c.reason, func.count().label("n"))
+                .where(QUARANTINE.c.city == self.city)
+                .group_by(QUARANTINE.c.reason)
+                .order_by(func.count().desc())
+                .limit(most)
+            )
+            return [(str(reason), int(n)) for reason, n in rows.all()]
+
+    async def add_to_hotlist(self, cards: Sequence[str]) -> tuple[int, list[str]]:
+        """Put cards on the hotlist (in one transaction with the new version); (version, all cards)."""
+        async with self.engine.begin() as db:
+            await db.execute(
+                _insert(db, HotlistCard.__table__).on_conflict_do_nothing(),
+                [{"city": self.city, "card": card, "added": time.time()} for card in cards],
+            )
+            await db.execute(
+                _insert(db, CITY_STATE).on_conflict_do_nothing(), {"city": self.city, "hotlist_version": 0}
+            )
+            await db.execute(
+                update(CITY_STATE)
+                .where(CITY_STATE.c.city == self.city)
+                .values(hotlist_version=CITY_STATE.c.hotlist_version + 1)
+            )
+        return await self.hotlist_state()
+
+    async def hotlist_state(self) -> tuple[int, list[str]]:
+        """(hotlist version, cards on it); version 0 when nothing was ever hotlisted."""
+        async with self.engine.connect() as db:
+            version = (
+                await db.execute(select(CITY_STATE.c.hotlist_version).where(CITY_STATE.c.city == self.city))
+            ).scalar_one_or_none()
+            listed = await db.execute(
+                select(HotlistCard.card).where(HotlistCard.city == self.city).order_by(HotlistCard.card)
+            )
+            return int(version or 0), list(listed.scalars())
+
+
+def _text(value: str | None) -> str | None:
+    """PostgreSQL text cannot hold NUL; a reason or id quoting one from a hostile payload keeps it visible."""
+    return None if value is None else value.replace("\x00", "\\x00")
+
+
+def parse_record_id(record_id: str) -> Identity | None:
+    """``issuer-card-kind-counter`` as an identity tuple; None when it is not one."""
+    parts = record_id.split("-")
+    if len(parts) != 4 or not parts[3].isdigit():
+        return None
+    return parts[0], parts[1], parts[2], int(parts[3])
+
+
+def _acquirer_of(raw: bytes) -> str | None:
+    try:
+        doc = json.loads(raw)
+    except ValueError:
+        return None
+    acquirer = doc.get("acquirer") if isinstance(doc, dict) else None
+    return acquirer if isinstance(acquirer, str) and len(acquirer) == 4 and acquirer.isdigit() else None

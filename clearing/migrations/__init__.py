@@ -1,0 +1,1 @@
+"""Alembic migrations of the clearing database (run by ``clearing.db.migrate``)."""

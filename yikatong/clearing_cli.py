@@ -1,0 +1,377 @@
+"""``yikatong clearing ...``: run a city's clearing service, settle a day and export the clearing files,
+manage the hotlist, migrate and inspect the database."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import datetime as dt
+import json
+import logging
+import re
+import signal
+import sys
+import time
+from collections.abc import AsyncIterator, Callable, Coroutine
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+from typing import Any, TypeVar
+
+import aiomqtt
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from cardsim.issuer import IssuerHost
+from clearing.db import DatabaseUrlError, migrate, open_engine, revision
+from clearing.intake import Intake
+from clearing.ledger import Ledger
+from clearing.service import ClearingService, ClearingStats, publish_hotlist
+from clearing.settlement import Settlement, export_day, settle_day
+from terminals.mqtt import BrokerUrl
+from yikatong.argtypes import broker_url, city_code, load_keys, positive
+from yikatong.errors import CliError
+
+log = logging.getLogger("yikatong.clearing")
+DEFAULT_DB = "sqlite:///clearing.sqlite"
+_CARD = re.compile(r"^[0-9]{20}$|^[0-9A-F]{8}$")
+T = TypeVar("T")
+
+
+def register(groups: Any) -> None:
+    """Add the ``clearing`` command group."""
+    group = groups.add_parser(
+        "clearing",
+        help="run a city's clearing (verify, store once, ack, forward), settle, hotlist",
+        description="The clearing receives the terminals' records over MQTT, verifies them, stores each once, "
+        "acks them, forwards other cities' cards to their issuer, settles between cities and publishes the hotlist.",
+    )
+    sub = group.add_subparsers(dest="clearing_command", metavar="SUBCOMMAND", required=True)
+
+    serve = sub.add_parser(
+        "serve",
+        help="run the clearing service of one city until Ctrl-C",
+        description="Subscribe to the city's terminal topics and its interop topics, verify each record (schema, "
+        "sender, issuer, hotlist, TAC), store it once, commit, then ack. Refused records go to the quarantine "
+        "with their reason and are acked as rejected. Several workers of one city can share the load with "
+        "--shared (MQTT 5 shared subscription, e.g. on Mosquitto) and one PostgreSQL database.",
+        epilog="Example: yikatong clearing serve --city 4510 --broker mqtt://127.0.0.1:1883 "
+        "--db postgresql+asyncpg://postgres@127.0.0.1/test --shared --worker a",
+    )
+    serve.add_argument("--city", type=city_code, required=True, help="the city this clearing serves (4510, ...)")
+    serve.add_argument("--broker", type=broker_url, required=True, help="mqtt://[user:password@]host[:port]")
+    _db_option(serve)
+    serve.add_argument("--keys", type=Path, help="issuer key file (default: the published TEST keys)")
+    serve.add_argument(
+        "--shared", action="store_true", help="MQTT 5 shared subscription $share/clearing-CITY/... (several workers)"
+    )
+    serve.add_argument("--worker", default="1", help="worker name, unique per city (MQTT client id; default 1)")
+    serve.add_argument("--batch", type=positive, default=500, help="most messages per commit (default 500)")
+    serve.add_argument(
+        "--forward-interval",
+        type=float,
+        default=10.0,
+        help="seconds before an unanswered forward is sent again (default 10)",
+    )
+    serve.add_argument(
+        "--report-every", type=float, default=10.0, help="seconds between progress lines (default 10; 0: none)"
+    )
+    serve.set_defaults(run=_serve)
+
+    settle = sub.add_parser(
+        "settle",
+        help="settle one day between cities and write the daily clearing files (CSV)",
+        description="For the day (00:00-24:00 +08:00) and each pair of cities: gross purchases of the issuer's "
+        "cards at the acquirer's terminals, the interchange fee (per record, half-even) and what the issuer owes; "
+        "then each city's net position (they sum to 0). Writes clearing-ACQUIRER-DAY.csv per acquirer and "
+        "settlement-DAY.json into --out.",
+        epilog="Example: yikatong clearing settle --day 2026-11-24 --out clearing-files/",
+    )
+    settle.add_argument("--day", type=_day, required=True, help="settlement day, YYYY-MM-DD")
+    _db_option(settle)
+    settle.add_argument("--city", type=city_code, help="only this acquirer city (default: every city in --db)")
+    settle.add_argument("--out", type=Path, default=Path(), help="folder for the files (default: here)")
+    settle.add_argument(
+        "--rate",
+        type=_percent,
+        default=Decimal("0.005"),
+        help="interchange rate in percent for every pair (default 0.5)",
+    )
+    settle.add_argument(
+        "--pair-rate",
+        type=_pair_rate,
+        action="append",
+        default=[],
+        metavar="ACQUIRER:ISSUER=PERCENT",
+        help="the rate of one city pair, e.g. 4510:4560=0.4 (repeatable)",
+    )
+    settle.set_defaults(run=_settle)
+
+    hotlist = sub.add_parser("hotlist", help="put cards on a city's hotlist and publish it (retained)")
+    hot = hotlist.add_subparsers(dest="hotlist_command", metavar="ACTION", required=True)
+    add = hot.add_parser(
+        "add",
+        help="add cards and publish the new hotlist version",
+        description="Add cards (20-digit CPU serial or 8-hex-digit M1 UID) to the city's hotlist in the database "
+        "and publish the whole list, retained, on yikatong/CITY/hotlist. The terminals refuse (and block) those "
+        "cards; the clearing rejects their records.",
+        epilog="Example: yikatong clearing hotlist add 45100000000000000001 --city 4510 --broker mqtt://127.0.0.1",
+    )
+    add.add_argument("serial", nargs="+", type=_card_id, metavar="SERIAL", help="card serial or M1 UID")
+    add.add_argument("--city", type=city_code, required=True, help="whose hotlist")
+    add.add_argument("--broker", type=broker_url, required=True, help="mqtt://[user:password@]host[:port]")
+    _db_option(add)
+    add.set_defaults(run=_hotlist_add)
+    show = hot.add_parser("list", help="print a city's hotlist from the database")
+    show.add_argument("--city", type=city_code, required=True)
+    _db_option(show)
+    show.set_defaults(run=_hotlist_list)
+
+    status = sub.add_parser(
+        "status",
+        help="what the clearing database holds",
+        description="Rows per city: ledger, quarantine "
+        "(with the commonest reasons), flagged cards, forward status, hotlist version.",
+    )
+    _db_option(status)
+    status.add_argument("--city", type=city_code, required=True)
+    status.set_defaults(run=_status)
+
+    mig = sub.add_parser(
+        "migrate",
+        help="create or upgrade the clearing database schema (serve does it too)",
+        description="Bring the database to the newest schema revision (Alembic).",
+    )
+    _db_option(mig)
+    mig.set_defaults(run=_migrate)
+
+
+def _db_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--db",
+        default=DEFAULT_DB,
+        help=f"sqlite:///FILE or postgresql+asyncpg://user@host/db (default {DEFAULT_DB})",
+    )
+
+
+def _day(text: str) -> str:
+    try:
+        return dt.date.fromisoformat(text).isoformat()
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a day like 2026-11-24") from None
+
+
+def _percent(text: str) -> Decimal:
+    try:
+        value = Decimal(text.strip().removesuffix("%"))
+    except InvalidOperation:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a percentage such as 0.5") from None
+    if not value.is_finite() or not 0 <= value <= 100:
+        raise argparse.ArgumentTypeError(f"{text!r} is not between 0 and 100 percent")
+    return value / 100
+
+
+def _pair_rate(text: str) -> tuple[tuple[str, str], Decimal]:
+    match = re.fullmatch(r"([0-9]{4}):([0-9]{4})=(.+)", text)
+    if match is None:
+        raise argparse.ArgumentTypeError(f"{text!r} is not ACQUIRER:ISSUER=PERCENT, e.g. 4510:4560=0.4")
+    return (match[1], match[2]), _percent(match[3])
+
+
+def _card_id(text: str) -> str:
+    card = text.strip().upper()
+    if not _CARD.match(card):
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a 20-digit card serial nor an 8-hex-digit M1 UID")
+    return card
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="yikatong: %(message)s", stream=sys.stderr)
+
+
+@contextlib.asynccontextmanager
+async def _database(url: str, *, upgrade: bool = True) -> AsyncIterator[AsyncEngine]:
+    """The engine, migrated; every database failure becomes a CliError naming the database."""
+    try:
+        engine = open_engine(url)
+    except DatabaseUrlError as err:
+        raise CliError(str(err)) from err
+    try:
+        if upgrade:
+            await migrate(engine)
+        yield engine
+    except (SQLAlchemyError, OSError) as err:
+        raise CliError(f"database {url}: {str(err).splitlines()[0]}") from err
+    finally:
+        await engine.dispose()
+
+
+def _run_async(work: Callable[[], Coroutine[Any, Any, T]]) -> T:
+    return asyncio.run(work())
+
+
+# --- serve ----------------------------------------------------------------------------------------------
+
+
+def _serve(args: argparse.Namespace) -> int:
+    _setup_logging()
+    keys = load_keys(args.keys)
+    try:
+        intake = Intake(args.city, IssuerHost(keys))
+    except ValueError as err:
+        raise CliError(str(err)) from err
+    signal.signal(signal.SIGTERM, _interrupt)
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(_serve_async(args, intake))
+    return 0
+
+
+def _interrupt(_signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+async def _serve_async(args: argparse.Namespace, intake: Intake) -> None:
+    async with _database(args.db) as engine:
+        ledger = Ledger(engine, args.city)
+        service = ClearingService(
+            args.broker,
+            ledger,
+            intake,
+            shared=args.shared,
+            worker=args.worker,
+            batch=args.batch,
+            forward_interval=args.forward_interval,
+        )
+        print(f"clearing {args.city} (worker {args.worker}) on {args.broker}, database {args.db}", flush=True)
+        task = asyncio.create_task(service.run())
+        try:
+            await _report(service.stats, args.city, args.report_every, task)
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            _print_stats(args.city, service.stats, "stopped")
+
+
+async def _report(stats: ClearingStats, city: str, every: float, task: asyncio.Task[None]) -> None:
+    last, last_time = 0, time.monotonic()
+    while not task.done():
+        await asyncio.sleep(every if every > 0 else 3600)
+        if every > 0 and stats.messages != last:
+            now = time.monotonic()
+            rate = (stats.stored - last) / (now - last_time) if now > last_time else 0.0
+            _print_stats(city, stats, f"{rate:,.0f} stored/s")
+            last, last_time = stats.stored, now
+    await task
+
+
+def _print_stats(city: str, stats: ClearingStats, tail: str) -> None:
+    print(
+        f"clearing {city}: {stats.stored:,} stored, {stats.duplicates:,} duplicates, {stats.quarantined:,} "
+        f"quarantined ({stats.conflicts:,} conflicts), {stats.forwarded:,} forwarded, {stats.acks:,} acks; {tail}",
+        flush=True,
+    )
+
+
+# --- settle ---------------------------------------------------------------------------------------------
+
+
+def _settle(args: argparse.Namespace) -> int:
+    rates = dict(args.pair_rate)
+
+    async def work() -> tuple[Settlement, dict[str, int]]:
+        async with _database(args.db) as engine:
+            settlement = await settle_day(engine, args.day, rates, args.rate, args.city)
+            try:
+                files = await export_day(engine, args.day, args.out, args.city)
+            except OSError as err:
+                raise CliError(f"cannot write the clearing files into {args.out}: {err}") from err
+            return settlement, files
+
+    settlement, files = _run_async(work)
+    summary = args.out / f"settlement-{args.day}.json"
+    try:
+        summary.write_text(json.dumps(settlement.to_json(), indent=2) + "\n", encoding="utf-8")
+    except OSError as err:
+        raise CliError(f"cannot write {summary}: {err}") from err
+    _print_settlement(settlement)
+    for name, count in files.items():
+        print(f"wrote {args.out / name} ({count:,} records)")
+    print(f"wrote {summary}")
+    return 0 if sum(settlement.positions.values()) == 0 else 1
+
+
+def _print_settlement(settlement: Settlement) -> None:
+    print(f"settlement {settlement.day} (fen)")
+    print(f"{'acquirer':>8} {'issuer':>6} {'records':>9} {'gross':>12} {'fee':>9} {'rate':>7} {'issuer owes':>12}")
+    for x in settlement.lines:
+        rate = f"{x.rate * 100:.2f}%"
+        print(f"{x.acquirer:>8} {x.issuer:>6} {x.records:>9,} {x.gross:>12,} {x.fee:>9,} {rate:>7} {x.owed:>12,}")
+    if not settlement.lines:
+        print("  (no purchases of other cities' cards that day)")
+    print("net positions: " + ", ".join(f"{c} {n:+,}" for c, n in settlement.positions.items()))
+    print(f"sum of net positions: {sum(settlement.positions.values())} fen")
+    for status, count in settlement.unsettled.items():
+        print(f"note: {count:,} forwarded record(s) {status} by the issuer are not settled")
+
+
+# --- hotlist, status, migrate ---------------------------------------------------------------------------
+
+
+def _hotlist_add(args: argparse.Namespace) -> int:
+    broker: BrokerUrl = args.broker
+
+    async def work() -> tuple[int, list[str]]:
+        async with _database(args.db) as engine:
+            ledger = Ledger(engine, args.city)
+            version, cards = await ledger.add_to_hotlist(args.serial)
+            try:
+                async with broker.client(f"yikatong-hotlist-{args.city}-{time.time_ns()}", clean_session=True) as c:
+                    await publish_hotlist(c, ledger)
+            except aiomqtt.MqttError as err:
+                raise CliError(
+                    f"hotlist version {version} is stored in {args.db} but not published ({broker}: {err}); "
+                    "the next 'clearing serve' of this city publishes it"
+                ) from err
+            return version, cards
+
+    version, cards = _run_async(work)
+    print(f"hotlist of {args.city}: version {version}, {len(cards)} card(s), published retained to {broker}")
+    return 0
+
+
+def _hotlist_list(args: argparse.Namespace) -> int:
+    async def work() -> tuple[int, list[str]]:
+        async with _database(args.db) as engine:
+            return await Ledger(engine, args.city).hotlist_state()
+
+    version, cards = _run_async(work)
+    print(f"hotlist of {args.city}: version {version}, {len(cards)} card(s)")
+    for card in cards:
+        print(card)
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    async def work() -> tuple[dict[str, int], list[tuple[str, int]], int]:
+        async with _database(args.db, upgrade=False) as engine:
+            ledger = Ledger(engine, args.city)
+            return await ledger.counts(), await ledger.quarantine_reasons(), (await ledger.hotlist_state())[0]
+
+    counts, reasons, version = _run_async(work)
+    print(f"clearing {args.city} in {args.db}")
+    for name, count in counts.items():
+        print(f"  {name:<18} {count:>10,}")
+    print(f"  {'hotlist version':<18} {version:>10}")
+    for reason, count in reasons:
+        print(f"  quarantined {count:>6,} x {reason}")
+    return 0
+
+
+def _migrate(args: argparse.Namespace) -> int:
+    async def work() -> tuple[str | None, str | None]:
+        async with _database(args.db) as engine:
+            return await revision(engine)
+
+    current, head = _run_async(work)
+    print(f"{args.db}: schema revision {current} (newest {head})")
+    return 0
