@@ -15,7 +15,7 @@ from typing import Any
 
 from cardsim.issuer import IssuerHost
 from clearing.verify import tac_problem
-from terminals.messages import MAX_PAYLOAD, MessageError, TxnRecord, parse_record, parse_uplink
+from terminals.messages import MessageError, TxnRecord, parse_record, parse_uplink
 
 CHINA = dt.timezone(dt.timedelta(hours=8))
 """Settlement days run 00:00-24:00 +08:00 (wire.md)."""
@@ -103,7 +103,7 @@ class Intake:
         try:
             docs = parse_uplink(payload)
         except MessageError as err:
-            return [Refused(str(err), payload[:MAX_PAYLOAD])]
+            return [Refused(str(err), payload)]
         if not docs:
             return [Refused("empty batch", payload)]
         single = len(docs) == 1

@@ -108,11 +108,11 @@ class ClearingService:
         while True:
             try:
                 async with self.broker.client(self.identifier, mqtt5=self.shared) as client:
-                    self.stats.connected, backoff = True, 0.2
-                    self.stats.connections += 1
                     for topic in self.subscriptions:
                         await client.subscribe(topic, qos=1)
                     await publish_hotlist(client, self.ledger)
+                    self.stats.connected, backoff = True, 0.2
+                    self.stats.connections += 1
                     log.info("clearing %s connected to %s (%s)", self.city, self.broker, ", ".join(self.subscriptions))
                     queue: asyncio.Queue[aiomqtt.Message] = asyncio.Queue()
                     async with asyncio.TaskGroup() as tasks:

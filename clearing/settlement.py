@@ -107,18 +107,19 @@ class Settlement:
 
 def settle(
     day: str,
-    debits: Iterable[tuple[str, str, int]],
+    debits: Iterable[tuple[str, str, int, int]],
     rates: Mapping[tuple[str, str], Decimal],
     default: Decimal = DEFAULT_RATE,
 ) -> Settlement:
-    """Settle (acquirer, issuer, amount) debits of other cities' cards; ``rates`` per pair, else ``default``."""
+    """Settle debits of other cities' cards given as (acquirer, issuer, amount, how many records of that
+    amount); ``rates`` per pair, else ``default``. The fee is rounded per record, so equal amounts share it."""
     totals: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0, 0])
-    for acquirer, issuer, amount in debits:
+    for acquirer, issuer, amount, count in debits:
         rate = rates.get((acquirer, issuer), default)
         total = totals[(acquirer, issuer)]
-        total[0] += 1
-        total[1] += amount
-        total[2] += fee(amount, rate)
+        total[0] += count
+        total[1] += amount * count
+        total[2] += fee(amount, rate) * count
     lines = [
         PairLine(a, i, n, gross, fees, rates.get((a, i), default))
         for (a, i), (n, gross, fees) in sorted(totals.items())
@@ -144,11 +145,12 @@ async def settle_day(
         where.append(LEDGER.c.acquirer == acquirer)
     async with engine.connect() as db:
         rows = await db.execute(
-            select(LEDGER.c.acquirer, LEDGER.c.issuer, LEDGER.c.amount)
+            select(LEDGER.c.acquirer, LEDGER.c.issuer, LEDGER.c.amount, func.count())
             .where(*where, LEDGER.c.forward == FORWARD_ACKED)
-            .execution_options(yield_per=10_000)
+            .group_by(LEDGER.c.acquirer, LEDGER.c.issuer, LEDGER.c.amount)
         )
-        settlement = settle(day, ((str(a), str(i), int(n)) for a, i, n in rows), rates, default)
+        debits = ((str(a), str(i), int(amount), int(n)) for a, i, amount, n in rows.all())
+        settlement = settle(day, debits, rates, default)
         left = await db.execute(
             select(LEDGER.c.forward, func.count())
             .where(*where, LEDGER.c.forward.in_((FORWARD_PENDING, FORWARD_REJECTED)))

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Start the local services the real-stack tests and `card serve` use, when they are not running:
-# pcscd with the vpcd driver ("Virtual PCD 00 00" on 127.0.0.1:35963) and Mosquitto on 127.0.0.1:1883.
+# pcscd with the vpcd driver ("Virtual PCD 00 00" on 127.0.0.1:35963), Mosquitto on 127.0.0.1:1883 and
+# PostgreSQL on 127.0.0.1:5432 (user postgres, trust on loopback: a test server, not a production setup).
 set -euo pipefail
 
 has_vpcd_reader() {
@@ -25,4 +26,17 @@ has_vpcd_reader || { echo "services: pcscd runs but shows no 'Virtual PCD' reade
 if ! (exec 3<>/dev/tcp/127.0.0.1/1883) 2>/dev/null; then
   mosquitto -d -c /etc/mosquitto/mosquitto.conf
 fi
-echo "services: pcscd with vpcd, mosquitto on 127.0.0.1:1883"
+pg_ok() { psql -h 127.0.0.1 -U postgres -d postgres -tAc "select 1" >/dev/null 2>&1; }
+if ! pg_isready -q -h 127.0.0.1 -p 5432; then
+  pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql | sort -V | tail -1)" main start
+  for _ in $(seq 50); do pg_isready -q -h 127.0.0.1 -p 5432 && break; sleep 0.2; done
+fi
+if ! pg_ok; then
+  # a freshly installed Debian PostgreSQL asks for passwords on TCP: let the local test clients in
+  hba=$(ls /etc/postgresql/*/main/pg_hba.conf | sort -V | tail -1)
+  sed -i '1i host all postgres 127.0.0.1/32 trust' "$hba"
+  pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql | sort -V | tail -1)" main reload
+  sleep 0.5
+fi
+pg_ok || { echo "services: PostgreSQL on 127.0.0.1:5432 does not let user postgres in" >&2; exit 1; }
+echo "services: pcscd with vpcd, mosquitto on 127.0.0.1:1883, postgresql on 127.0.0.1:5432"

@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # Install everything yikatong needs on a fresh Debian/Ubuntu machine, then yikatong itself (editable,
 # with the test tools). Safe to run again: it installs only what is missing.
-#   system: pcscd + vsmartcard-vpcd (the virtual PC/SC reader), mosquitto (+ clients), and what pyscard
-#           builds against (swig, libpcsclite-dev, a C compiler)
+#   system: pcscd + vsmartcard-vpcd (the virtual PC/SC reader), mosquitto (+ clients), PostgreSQL (the
+#           clearing's scale-out database), and what pyscard builds against (swig, libpcsclite-dev, a C compiler)
 #   python: this repo with its [test] extras
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(pcscd vsmartcard-vpcd libpcsclite-dev swig mosquitto mosquitto-clients gcc)
+packages=(pcscd vsmartcard-vpcd libpcsclite-dev swig mosquitto mosquitto-clients postgresql gcc)
 missing=()
 for pkg in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")

@@ -1,0 +1,146 @@
+"""Clearing test helpers: fresh databases (SQLite file or a new PostgreSQL database), an in-process clearing
+service, signed records, and the `yikatong clearing serve` process for the kill tests."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import os
+import secrets
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+from mqtt_support import eventually, running
+from sqlalchemy import func, select, text
+from support import KEYS
+
+from cardsim.issuer import IssuerHost
+from clearing.db import migrate, open_engine
+from clearing.intake import Intake
+from clearing.ledger import LEDGER, QUARANTINE, Ledger
+from clearing.service import ClearingService
+from terminals.messages import TxnRecord
+from terminals.mqtt import BrokerUrl
+from yikatong.synthetic import SyntheticTerminal, synthetic_cards
+
+HOST = IssuerHost(KEYS)
+CHINA = dt.timezone(dt.timedelta(hours=8))
+DAY_START = dt.datetime(2026, 11, 24, 8, 0, tzinfo=CHINA)
+PG_ADMIN = {"host": "127.0.0.1", "port": 5432, "user": "postgres", "database": "postgres"}
+
+
+async def require_postgres() -> None:
+    """Fail (not skip) when PostgreSQL is not there: scripts/services.sh starts it."""
+    try:
+        conn = await asyncpg.connect(**PG_ADMIN, timeout=5)
+    except (OSError, asyncpg.PostgresError) as err:
+        raise AssertionError(f"PostgreSQL not usable on 127.0.0.1:5432 ({err}): run scripts/services.sh") from err
+    await conn.close()
+
+
+@contextlib.asynccontextmanager
+async def fresh_db(kind: str, folder: Path) -> AsyncIterator[str]:
+    """The URL of an empty database: a SQLite file in ``folder``, or a new PostgreSQL database (dropped after)."""
+    if kind == "sqlite":
+        yield f"sqlite:///{folder / f'clearing-{secrets.token_hex(3)}.sqlite'}"
+        return
+    await require_postgres()
+    name = f"yikatong_test_{secrets.token_hex(4)}"
+    admin = await asyncpg.connect(**PG_ADMIN)
+    try:
+        await admin.execute(f"CREATE DATABASE {name}")
+        yield f"postgresql+asyncpg://postgres@127.0.0.1:5432/{name}"
+    finally:
+        await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        await admin.close()
+
+
+@contextlib.asynccontextmanager
+async def clearing(broker: BrokerUrl, db: str, city: str, **options: Any) -> AsyncIterator[ClearingService]:
+    """A clearing service of ``city`` running in this process (a fresh MQTT session) until the block ends."""
+    engine = open_engine(db)
+    await migrate(engine)
+    options.setdefault("worker", f"test-{secrets.token_hex(3)}")
+    service = ClearingService(broker, Ledger(engine, city), Intake(city, HOST), **options)
+    try:
+        async with running(service.run()):
+            await eventually(lambda: service.stats.connected)
+            yield service
+    finally:
+        await engine.dispose()
+
+
+def signed_records(
+    count: int, city: str, terminal: str, issuers: tuple[str, ...] = ("4510", "4560", "4530"), cards: int = 20
+) -> list[TxnRecord]:
+    """``count`` signed purchase records of one synthetic terminal, over ``cards`` cards of ``issuers``."""
+    fleet = synthetic_cards(cards, list(issuers))
+    term = SyntheticTerminal(HOST, city, terminal, DAY_START)
+    return [term.purchase(fleet[i % len(fleet)], 100 + i % 7 * 50) for i in range(count)]
+
+
+async def table_counts(db: str, city: str) -> dict[str, int]:
+    """Ledger rows, distinct identities, quarantine rows and forward states of ``city``."""
+    engine = open_engine(db)
+    try:
+        async with engine.connect() as conn:
+            ledger = (await conn.execute(select(func.count()).where(LEDGER.c.city == city))).scalar_one()
+            distinct = (
+                await conn.execute(
+                    text(
+                        "SELECT COUNT(*) FROM (SELECT DISTINCT issuer, card, kind, card_counter FROM ledger "
+                        "WHERE city = :city) AS d"
+                    ),
+                    {"city": city},
+                )
+            ).scalar_one()
+            quarantine = (await conn.execute(select(func.count()).where(QUARANTINE.c.city == city))).scalar_one()
+        return {"ledger": ledger, "distinct": distinct, "quarantine": quarantine, **await Ledger(engine, city).counts()}
+    finally:
+        await engine.dispose()
+
+
+@contextlib.contextmanager
+def serve_process(broker: BrokerUrl, db: str, city: str, worker: str, *extra: str) -> Iterator[subprocess.Popen[str]]:
+    """`yikatong clearing serve` as its own process, waited for until it is subscribed; killed after."""
+    log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"serve-{worker}-{secrets.token_hex(3)}.log"
+    with log_path.open("w") as log:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "yikatong.cli",
+                "clearing",
+                "serve",
+                "--city",
+                city,
+                "--broker",
+                str(broker),
+                "--db",
+                db,
+                "--worker",
+                worker,
+                "--report-every",
+                "1",
+                *extra,
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+    try:
+        deadline = time.monotonic() + 30
+        while "connected to" not in log_path.read_text():
+            assert proc.poll() is None, f"clearing serve exited: {log_path.read_text()}"
+            assert time.monotonic() < deadline, f"clearing serve did not connect: {log_path.read_text()}"
+            time.sleep(0.05)
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(10)

@@ -1,0 +1,194 @@
+"""The clearing's intake and ledger without a broker: exactly-once storage, conflicts, gap-free acks, the
+bad-input corpus, settlement arithmetic and the daily clearing file."""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+from clearing_corpus import CITY, TERMINAL, Case, corpus, good_records
+from clearing_support import HOST, fresh_db, signed_records
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from sqlalchemy import select
+
+from clearing.db import migrate, open_engine
+from clearing.intake import Intake, Topic
+from clearing.ledger import QUARANTINE, Ledger, Outcome, Received
+from clearing.schema import FlaggedCard
+from clearing.settlement import CSV_HEADER, export_day, fee, settle, settle_day
+from terminals.messages import TxnRecord, batch_payload, txn_topic
+
+INTAKE = Intake(CITY, HOST)
+
+
+class Desk:
+    """An intake and a ledger of CITY over one database: ``send`` is what the service does per message."""
+
+    def __init__(self, ledger: Ledger) -> None:
+        self.ledger = ledger
+
+    async def send(self, payload: bytes | str, terminal: str = TERMINAL) -> Outcome:
+        raw = payload.encode() if isinstance(payload, str) else payload
+        topic = txn_topic(CITY, terminal)
+        parsed = Topic.parse(topic, CITY)
+        assert parsed is not None
+        verdicts = INTAKE.message(parsed, raw, await self.ledger.hotlist())
+        return await self.ledger.store([Received(topic, terminal, verdicts)])
+
+
+@pytest.fixture
+async def desk(tmp_path: Path):  # type: ignore[no-untyped-def]
+    async with fresh_db("sqlite", tmp_path) as url:
+        engine = open_engine(url)
+        await migrate(engine)
+        yield Desk(Ledger(engine, CITY))
+        await engine.dispose()
+
+
+def _ack(outcome: Outcome) -> tuple[int, list[tuple[int, str]]]:
+    (ack,) = outcome.terminal_acks
+    return ack.acked_through, ack.rejected
+
+
+async def test_the_same_record_three_times_is_one_row_and_acked_each_time(desk: Desk) -> None:
+    record = good_records()[0]
+    outcomes = [await desk.send(record.to_json()) for _ in range(3)]
+    assert [(o.stored, o.duplicates) for o in outcomes] == [(1, 0), (0, 1), (0, 1)]
+    assert [_ack(o) for o in outcomes] == [(1, [])] * 3
+    assert (await desk.ledger.counts())["ledger"] == 1
+
+
+async def test_copies_inside_one_batch_are_stored_once(desk: Desk) -> None:
+    records = [r.to_json() for r in good_records()]
+    outcome = await desk.send(batch_payload(records + records[:2]))
+    assert (outcome.stored, outcome.duplicates, outcome.quarantined) == (4, 2, 0)
+    assert _ack(outcome) == (4, [])
+
+
+async def test_ack_covers_only_a_gap_free_run_of_seqs(desk: Desk) -> None:
+    one, two, three, four = (r.to_json() for r in good_records())
+    assert _ack(await desk.send(batch_payload([three, four]))) == (0, [])
+    assert _ack(await desk.send(two)) == (0, [])
+    assert _ack(await desk.send(one)) == (4, [])
+
+
+async def test_a_conflict_is_quarantined_and_the_card_flagged(desk: Desk) -> None:
+    cases = {c.name: c for c in corpus()}
+    original = good_records()[0]
+    await desk.send(original.to_json())
+    outcome = await desk.send(cases["replayed-counter"].payload)
+    assert outcome.conflicts == 1
+    async with desk.ledger.engine.connect() as db:
+        flagged = (await db.execute(select(FlaggedCard.card, FlaggedCard.record_id))).all()
+    assert flagged == [(original.card.id, original.record_id)]
+    assert (await desk.ledger.counts())["ledger"] == 1  # the first copy stays, never merged
+
+
+@pytest.mark.parametrize("case", corpus(), ids=lambda c: c.name)
+async def test_bad_input_is_quarantined_with_its_reason(desk: Desk, case: Case) -> None:
+    await desk.send(good_records()[0].to_json())  # the original the replay case conflicts with
+    outcome = await desk.send(case.payload, case.topic_terminal)
+    assert outcome.quarantined == 1 and outcome.stored == 0
+    async with desk.ledger.engine.connect() as db:
+        (reason, payload, size, seq), *more = (
+            await db.execute(select(QUARANTINE.c.reason, QUARANTINE.c.payload, QUARANTINE.c.size, QUARANTINE.c.seq))
+        ).all()
+    assert not more
+    assert case.reason in reason
+    assert size == len(case.payload) and payload == case.payload[: len(payload)]
+    assert seq == case.seq
+    rejected = [seq for ack in outcome.terminal_acks for seq, _ in ack.rejected]
+    assert rejected == ([case.seq] if case.seq is not None and case.topic_terminal == TERMINAL else [])
+    # the desk goes on: a good record after the bad one is stored
+    assert (await desk.send(good_records()[1].to_json())).stored == 1
+
+
+async def test_one_bad_record_does_not_sink_its_batch(desk: Desk) -> None:
+    good = [r.to_json() for r in good_records()]
+    bad = good[2].replace('"tac":"', '"tac":"0')[:-1] + "}"  # a 9-digit TAC
+    outcome = await desk.send(batch_payload([good[0], good[1], bad, good[3]]))
+    assert (outcome.stored, outcome.quarantined) == (3, 1)
+    through, rejected = _ack(outcome)
+    assert through == 4 and [seq for seq, _ in rejected] == [3]
+
+
+async def test_hotlisted_cards_are_refused(desk: Desk) -> None:
+    first, second = good_records()[:2]
+    await desk.ledger.add_to_hotlist([second.card.id])
+    assert (await desk.send(first.to_json())).stored == 1
+    outcome = await desk.send(second.to_json())
+    assert _ack(outcome) == (2, [(2, f"card {second.card.id} is hotlisted")])
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(payload=st.one_of(st.binary(max_size=400), st.text(max_size=400).map(str.encode)))
+async def test_fuzzed_payloads_always_end_in_ledger_or_quarantine(desk: Desk, payload: bytes) -> None:
+    outcome = await desk.send(payload)
+    assert outcome.stored + outcome.quarantined >= 1
+
+
+async def test_other_cities_cards_are_stored_and_forwarded_not_verified_here(desk: Desk) -> None:
+    records = signed_records(6, CITY, TERMINAL, issuers=("4560", "4510"), cards=2)
+    outcome = await desk.send(batch_payload([r.to_json() for r in records]))
+    assert outcome.stored == 6
+    assert sorted(r.seq for r in outcome.to_forward) == [r.seq for r in records if r.card.issuer == "4510"]
+
+
+# --- settlement -------------------------------------------------------------------------------------------
+
+
+def test_fee_rounds_half_even_per_record() -> None:
+    assert [fee(a, Decimal("0.005")) for a in (100, 300, 500, 700, 99, 101)] == [0, 2, 2, 4, 0, 1]
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["4510", "4560", "4530"]),
+            st.sampled_from(["4510", "4560", "4530"]),
+            st.integers(0, 100_000),
+        ),
+        max_size=200,
+    )
+)
+def test_net_positions_always_sum_to_zero(debits: list[tuple[str, str, int]]) -> None:
+    foreign = [d for d in debits if d[0] != d[1]]
+    result = settle("2026-11-24", [(a, i, n, 1) for a, i, n in foreign], {("4510", "4560"): Decimal("0.004")})
+    assert sum(result.positions.values()) == 0
+    assert sum(x.gross for x in result.lines) == sum(a for _, _, a in foreign)
+
+
+async def test_settle_day_and_clearing_file(desk: Desk, tmp_path: Path) -> None:
+    records = signed_records(12, CITY, TERMINAL, issuers=("4560", "4510"), cards=4)
+    outcome = await desk.send(batch_payload([r.to_json() for r in records]))
+    forwarded = [r.record_id for r in outcome.to_forward]
+    assert await desk.ledger.forward_done("4510", forwarded, []) == len(forwarded)
+    settlement = await settle_day(desk.ledger.engine, "2026-11-24", {})
+    (line,) = settlement.lines
+    foreign = [r for r in records if r.card.issuer == "4510"]
+    assert (line.acquirer, line.issuer, line.records) == (CITY, "4510", len(foreign))
+    assert line.gross == sum(r.amount for r in foreign)
+    assert line.fee == sum(fee(r.amount, Decimal("0.005")) for r in foreign)
+    assert settlement.positions == {CITY: line.owed, "4510": -line.owed}
+    files = await export_day(desk.ledger.engine, "2026-11-24", tmp_path / "out")
+    assert files == {f"clearing-{CITY}-2026-11-24.csv": 12}
+    with (tmp_path / "out" / f"clearing-{CITY}-2026-11-24.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == CSV_HEADER
+    assert [r["record_id"] for r in rows] == [r.record_id for r in records]
+    assert [int(r["amount"]) for r in rows] == [r.amount for r in records]
+    assert not list((tmp_path / "out").glob(".*"))  # no temporary file left
+    assert (await settle_day(desk.ledger.engine, "2026-11-23", {})).lines == []
+
+
+def test_settlement_day_is_the_china_day() -> None:
+    record = good_records()[0]
+    late = TxnRecord.model_validate({**record.model_dump(by_alias=True), "time": "2026-11-24T17:30:00+00:00"})
+    from clearing.intake import settlement_day
+
+    assert settlement_day(late) == "2026-11-25"
+    assert settlement_day(record) == dt.date(2026, 11, 24).isoformat()
