@@ -83,6 +83,7 @@ class ClearingService:
         batch: int = 500,
         forward_interval: float = 10.0,
         max_backoff: float = 10.0,
+        persistent: bool = True,
     ) -> None:
         self.broker = broker
         self.ledger = ledger
@@ -93,6 +94,7 @@ class ClearingService:
         self.batch = batch
         self.forward_interval = forward_interval
         self.max_backoff = max_backoff
+        self.persistent = persistent
         self.stats = ClearingStats()
         prefix = f"$share/clearing-{self.city}/" if shared else ""
         self.subscriptions = [
@@ -107,7 +109,8 @@ class ClearingService:
         backoff = 0.2
         while True:
             try:
-                async with self.broker.client(self.identifier, mqtt5=self.shared) as client:
+                client = self.broker.client(self.identifier, mqtt5=self.shared, clean_session=not self.persistent)
+                async with client:
                     for topic in self.subscriptions:
                         await client.subscribe(topic, qos=1)
                     await publish_hotlist(client, self.ledger)

