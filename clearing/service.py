@@ -109,7 +109,10 @@ class ClearingService:
         backoff = 0.2
         while True:
             try:
-                client = self.broker.client(self.identifier, mqtt5=self.shared, clean_session=not self.persistent)
+                # a shared-subscription worker keeps no session: the broker would go on queueing a share of the
+                # city's records for a dead worker; the terminals resend what is not acked to the live ones
+                clean = self.shared or not self.persistent
+                client = self.broker.client(self.identifier, mqtt5=self.shared, clean_session=clean)
                 async with client:
                     for topic in self.subscriptions:
                         await client.subscribe(topic, qos=1)

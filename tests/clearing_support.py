@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import os
+import re
 import secrets
+import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -78,19 +81,25 @@ async def clearing(broker: BrokerUrl, db: str, city: str, **options: Any) -> Asy
         await engine.dispose()
 
 
-def loaded_terminal(state: Path, city: str, count: int, issuers: tuple[str, ...]) -> Terminal:
-    """A terminal (unique number) whose outbox holds ``count`` signed records, as if it had run offline."""
+def loaded_terminal(state: Path, city: str, count: int, issuers: tuple[str, ...], seed: int = 1) -> Terminal:
+    """A terminal (unique number) whose outbox holds ``count`` signed records, as if it had run offline. Give
+    each terminal of a test its own ``seed``: the same cards at two terminals would be clones."""
     term = make_terminal(state, city=city, terminal=unique_terminal(city))
-    for record in signed_records(count, city, term.terminal_hex, issuers):
+    for record in signed_records(count, city, term.terminal_hex, issuers, seed=seed):
         term.outbox.append(record.model_dump(by_alias=True, exclude={"schema_", "seq"}, exclude_none=True))
     return term
 
 
 def signed_records(
-    count: int, city: str, terminal: str, issuers: tuple[str, ...] = ("4510", "4560", "4530"), cards: int = 20
+    count: int,
+    city: str,
+    terminal: str,
+    issuers: tuple[str, ...] = ("4510", "4560", "4530"),
+    cards: int = 20,
+    seed: int = 1,
 ) -> list[TxnRecord]:
     """``count`` signed purchase records of one synthetic terminal, over ``cards`` cards of ``issuers``."""
-    fleet = synthetic_cards(cards, list(issuers))
+    fleet = synthetic_cards(cards, list(issuers), seed)
     term = SyntheticTerminal(HOST, city, terminal, DAY_START)
     return [term.purchase(fleet[i % len(fleet)], 100 + i % 7 * 50) for i in range(count)]
 
@@ -116,41 +125,41 @@ async def table_counts(db: str, city: str) -> dict[str, int]:
         await engine.dispose()
 
 
+@dataclass
+class ServeProcess:
+    """A running `yikatong clearing serve` and its output file."""
+
+    proc: subprocess.Popen[str]
+    log: Path
+
+    def kill(self) -> None:
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self) -> int:
+        """SIGTERM, then the number of records it stored by its own final line."""
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(20)
+        found = re.findall(r"clearing \d{4}: ([\d,]+) stored", self.log.read_text())
+        assert found, f"no final stats line: {self.log.read_text()}"
+        return int(found[-1].replace(",", ""))
+
+
 @contextlib.contextmanager
-def serve_process(broker: BrokerUrl, db: str, city: str, worker: str, *extra: str) -> Iterator[subprocess.Popen[str]]:
+def serve_process(broker: BrokerUrl, db: str, city: str, worker: str, *extra: str) -> Iterator[ServeProcess]:
     """`yikatong clearing serve` as its own process, waited for until it is subscribed; killed after."""
-    log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"serve-{worker}-{secrets.token_hex(3)}.log"
+    log_path = Path(tempfile.gettempdir()) / f"serve-{worker}-{secrets.token_hex(3)}.log"
+    command = [sys.executable, "-m", "yikatong.cli", "clearing", "serve", "--city", city, "--broker", str(broker)]
+    command += ["--db", db, "--worker", worker, "--report-every", "1", *extra]
     with log_path.open("w") as log:
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "yikatong.cli",
-                "clearing",
-                "serve",
-                "--city",
-                city,
-                "--broker",
-                str(broker),
-                "--db",
-                db,
-                "--worker",
-                worker,
-                "--report-every",
-                "1",
-                *extra,
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
+        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 30
         while "connected to" not in log_path.read_text():
             assert proc.poll() is None, f"clearing serve exited: {log_path.read_text()}"
             assert time.monotonic() < deadline, f"clearing serve did not connect: {log_path.read_text()}"
             time.sleep(0.05)
-        yield proc
+        yield ServeProcess(proc, log_path)
     finally:
         if proc.poll() is None:
             proc.kill()

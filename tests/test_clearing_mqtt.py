@@ -16,7 +16,7 @@ from pathlib import Path
 import aiomqtt
 import pytest
 from clearing_corpus import CITY, TERMINAL, corpus, good_records
-from clearing_support import clearing, fresh_db, table_counts
+from clearing_support import clearing, fresh_db, loaded_terminal, serve_process, table_counts
 from mqtt_support import MOSQUITTO, eventually, require_mosquitto, running, unique_terminal
 from support import new_card
 from terminal_support import m1_card, make_terminal
@@ -141,3 +141,63 @@ async def test_outsider_corpus_then_one_record_three_times_over_mosquitto(tmp_pa
         assert service.stats.duplicates == 3
     counts = await table_counts(db, CITY)
     assert (counts["ledger"], counts["quarantine"], counts["flagged"]) == (1, len(cases), 1)
+
+
+# --- faults: separate `yikatong clearing serve` processes, killed with SIGKILL ---------------------------------
+
+
+async def _ledger_size(db: str, city: str) -> int:
+    return (await table_counts(db, city))["ledger"]
+
+
+async def _wait_ledger(db: str, city: str, at_least: int, timeout: float = 60) -> int:
+    async with asyncio.timeout(timeout):
+        while (size := await _ledger_size(db, city)) < at_least:
+            await asyncio.sleep(0.05)
+    return size
+
+
+async def test_clearing_killed_mid_stream_loses_nothing_and_doubles_nothing(tmp_path: Path) -> None:
+    require_mosquitto()
+    total = 3000
+    term = loaded_terminal(tmp_path / "t.sqlite", "4560", total, ("4560",))
+    uplink = Uplink(MOSQUITTO, term, batch=10, ack_timeout=2.0)
+    worker = f"kill-{os.getpid()}"
+    async with fresh_db("sqlite", tmp_path) as db:
+        with serve_process(MOSQUITTO, db, "4560", worker, "--shared", "--batch", "5") as first:
+            async with running(uplink.run()):
+                at_kill = await _wait_ledger(db, "4560", 300)
+                first.kill()
+                assert at_kill < total, "the clearing had finished before the kill: nothing was tested"
+                with serve_process(MOSQUITTO, db, "4560", worker, "--shared"):
+                    await eventually(uplink.all_acked, timeout=90)
+        counts = await table_counts(db, "4560")
+    assert (counts["ledger"], counts["distinct"], counts["quarantine"]) == (total, total, 0)
+    assert term.outbox.counts().rejected == 0
+
+
+@pytest.mark.postgres
+async def test_two_shared_workers_one_killed_the_other_finishes(tmp_path: Path) -> None:
+    """Mosquitto spreads the city's terminal topics over two workers (MQTT 5 shared subscription) writing to
+    one PostgreSQL database; worker a is SIGKILLed mid-stream and worker b clears everything exactly once."""
+    require_mosquitto()
+    total = 2400
+    terminals = [loaded_terminal(tmp_path / f"t{i}.sqlite", "4560", total // 4, ("4560",), seed=i) for i in range(4)]
+    uplinks = [Uplink(MOSQUITTO, t, batch=10, ack_timeout=2.0) for t in terminals]
+    tag = os.getpid()
+    async with fresh_db("postgres", tmp_path) as db:
+        with (
+            serve_process(MOSQUITTO, db, "4560", f"a-{tag}", "--shared", "--batch", "5") as a,
+            serve_process(MOSQUITTO, db, "4560", f"b-{tag}", "--shared", "--batch", "5") as b,
+        ):
+            async with contextlib.AsyncExitStack() as stack:
+                for uplink in uplinks:
+                    await stack.enter_async_context(running(uplink.run()))
+                at_kill = await _wait_ledger(db, "4560", 400)
+                a.kill()
+                assert at_kill < total, "the workers had finished before the kill: nothing was tested"
+                await eventually(lambda: all(u.all_acked() for u in uplinks), timeout=90)
+            stored_by_b = b.stop()
+        counts = await table_counts(db, "4560")
+    assert (counts["ledger"], counts["distinct"], counts["quarantine"]) == (total, total, 0)
+    assert 0 < stored_by_b < total, "both workers must have stored part of the stream"
