@@ -9,6 +9,7 @@ seq to ack as rejected). A payload that is not even a record list is one ``Refus
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import json
 from dataclasses import dataclass
 from typing import Any
@@ -28,7 +29,7 @@ class Accepted:
     record: TxnRecord
     forward: bool
 
-    @property
+    @functools.cached_property
     def canonical(self) -> str:
         """The record's canonical JSON: what is stored and compared when the same identity comes again."""
         return self.record.to_json()
@@ -107,17 +108,18 @@ class Intake:
         if not docs:
             return [Refused("empty batch", payload)]
         single = len(docs) == 1
-        return [self._record(topic, doc, payload if single else _raw(doc), hotlist) for doc in docs]
+        return [self._record(topic, doc, payload if single else None, hotlist) for doc in docs]
 
-    def _record(self, topic: Topic, doc: Any, raw: bytes, hotlist: frozenset[str]) -> Verdict:
-        seq = _seq_of(doc)
+    def _record(self, topic: Topic, doc: Any, raw: bytes | None, hotlist: frozenset[str]) -> Verdict:
+        """``raw`` is the payload when it holds just this record; a record of a batch is quarantined as its own
+        JSON."""
         try:
             record = parse_record(doc)
         except MessageError as err:
-            return Refused(str(err), raw, seq, _record_id_of(doc))
+            return Refused(str(err), raw or _raw(doc), _seq_of(doc), _record_id_of(doc))
         reason = self._problem(topic, record, hotlist)
         if reason is not None:
-            return Refused(reason, raw, record.seq, record.record_id)
+            return Refused(reason, raw or _raw(doc), record.seq, record.record_id)
         return Accepted(record, forward=record.card.issuer != self.city)
 
     def _problem(self, topic: Topic, record: TxnRecord, hotlist: frozenset[str]) -> str | None:

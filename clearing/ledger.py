@@ -14,7 +14,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
-from sqlalchemy import ColumnElement, Insert, Table, and_, func, select, tuple_, update
+from sqlalchemy import ColumnElement, Insert, Table, and_, func, select, tuple_, union, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -124,6 +124,7 @@ class Ledger:
     def __init__(self, engine: AsyncEngine, city: str) -> None:
         self.engine = engine
         self.city = city
+        self._marks: dict[str, int] = {}  # terminal -> gap-free mark last seen (a lower bound)
 
     async def hotlist(self) -> frozenset[str]:
         """The cards on this city's hotlist."""
@@ -151,6 +152,8 @@ class Ledger:
             lost = await self._insert_records(db, accepted, refused, outcome, now) if accepted else set()
             await self._quarantine(db, refused, outcome, now)
             outcome.terminal_acks = await self._terminal_acks(db, messages)
+        for ack in outcome.terminal_acks:  # only after the commit: a rolled-back mark must not be remembered
+            self._marks[ack.terminal] = max(self._marks.get(ack.terminal, 0), ack.acked_through)
         kept = [(a, m) for identity, (a, m) in accepted.items() if identity not in lost]
         outcome.interop_acks = self._interop_acks(kept, refused)
         outcome.to_forward = [a.record for a, m in kept if a.forward and m.terminal is not None]
@@ -263,35 +266,41 @@ class Ledger:
         return acks
 
     async def _advance(self, db: AsyncConnection, terminal: str) -> int:
-        """Move the terminal's gap-free mark over every seq now in the ledger or quarantine; the new mark."""
-        progress = PROGRESS
-        await db.execute(
-            _insert(db, progress).on_conflict_do_nothing(),
-            {"city": self.city, "terminal": terminal, "acked_through": 0},
-        )
-        mark = (
+        """Move the terminal's gap-free mark over every seq now in the ledger or quarantine; the new mark.
+        The mark only grows, so the one remembered here is a safe start even when other workers moved it on."""
+        mark = self._marks.get(terminal)
+        if mark is None:
             await db.execute(
-                select(progress.c.acked_through)
-                .where(progress.c.city == self.city, progress.c.terminal == terminal)
-                .with_for_update()
+                _insert(db, PROGRESS).on_conflict_do_nothing(),
+                {"city": self.city, "terminal": terminal, "acked_through": 0},
             )
-        ).scalar_one()
-        seqs: set[int] = set()
-        for table in (LEDGER, QUARANTINE):
-            found = await db.execute(
-                select(table.c.seq).where(table.c.city == self.city, table.c.terminal == terminal, table.c.seq > mark)
+            stored = await db.execute(
+                select(PROGRESS.c.acked_through).where(PROGRESS.c.city == self.city, PROGRESS.c.terminal == terminal)
             )
-            seqs.update(int(s) for s in found.scalars())
+            mark = int(stored.scalar_one())
+        found = await db.execute(
+            union(
+                *(
+                    select(table.c.seq).where(
+                        table.c.city == self.city, table.c.terminal == terminal, table.c.seq > mark
+                    )
+                    for table in (LEDGER, QUARANTINE)
+                )
+            )
+        )
+        seqs = {int(s) for s in found.scalars()}
         through = mark
         while through + 1 in seqs:
             through += 1
         if through > mark:
             await db.execute(
-                update(progress)
-                .where(progress.c.city == self.city, progress.c.terminal == terminal)
+                update(PROGRESS)
+                .where(
+                    PROGRESS.c.city == self.city, PROGRESS.c.terminal == terminal, PROGRESS.c.acked_through < through
+                )
                 .values(acked_through=through)
             )
-        return int(through)
+        return through
 
     @staticmethod
     def _interop_acks(

@@ -40,6 +40,7 @@ from terminals.mqtt import BrokerUrl
 log = logging.getLogger(__name__)
 _TERMINAL = re.compile(r"^[0-9A-F]{12}$")
 FORWARD_CHUNK = 200
+HOTLIST_REFRESH = 1.0
 
 
 @dataclass
@@ -103,6 +104,7 @@ class ClearingService:
             prefix + interop_ack_topic(self.city),
         ]
         self._interop_ack = interop_ack_topic(self.city)
+        self._hotlist_read: tuple[float, frozenset[str]] | None = None
 
     async def run(self) -> None:
         """Connect, subscribe, clear; reconnect with backoff whenever the broker goes away."""
@@ -146,7 +148,7 @@ class ClearingService:
     async def handle(self, client: aiomqtt.Client, messages: list[aiomqtt.Message]) -> None:
         """Clear one batch of messages: verify, commit, then ack and forward."""
         self.stats.messages += len(messages)
-        hotlist = await self.ledger.hotlist()
+        hotlist = await self._hotlist()
         received: list[Received] = []
         for message in messages:
             topic_name = message.topic.value
@@ -171,6 +173,13 @@ class ClearingService:
             return
         self._count(outcome)
         await self._answer(client, outcome)
+
+    async def _hotlist(self) -> frozenset[str]:
+        """The hotlist, read again at most once a second (``hotlist add`` runs in another process)."""
+        now = time.monotonic()
+        if self._hotlist_read is None or now - self._hotlist_read[0] > HOTLIST_REFRESH:
+            self._hotlist_read = (now, await self.ledger.hotlist())
+        return self._hotlist_read[1]
 
     def _count(self, outcome: Outcome) -> None:
         self.stats.batches += 1

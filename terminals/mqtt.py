@@ -53,6 +53,8 @@ class BrokerUrl:
     ) -> aiomqtt.Client:
         """An aiomqtt client with a persistent session unless ``clean_session``: MQTT 3.1.1, or MQTT 5 (needed
         for shared subscriptions; the session then outlives a disconnect by an hour)."""
+        # small QoS 1 packets both ways (record, PUBACK, ack): Nagle's algorithm would hold them for delayed ACKs
+        options.setdefault("socket_options", [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)])
         if mqtt5:
             expiry = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
             expiry.SessionExpiryInterval = 0 if clean_session else 3600
