@@ -8,7 +8,6 @@ seq to ack as rejected). A payload that is not even a record list is one ``Refus
 
 from __future__ import annotations
 
-import datetime as dt
 import functools
 import json
 from dataclasses import dataclass
@@ -17,9 +16,7 @@ from typing import Any
 from cardsim.issuer import IssuerHost
 from clearing.verify import tac_problem
 from terminals.messages import MessageError, TxnRecord, parse_record, parse_uplink
-
-CHINA = dt.timezone(dt.timedelta(hours=8))
-"""Settlement days run 00:00-24:00 +08:00 (wire.md)."""
+from terminals.terminal import CHINA
 
 
 @dataclass(frozen=True)
@@ -67,7 +64,7 @@ class Topic:
 
 
 def settlement_day(record: TxnRecord) -> str:
-    """The settlement day of a record (its time in +08:00), YYYY-MM-DD."""
+    """The settlement day of a record (00:00-24:00 +08:00, wire.md), YYYY-MM-DD."""
     return record.moment.astimezone(CHINA).date().isoformat()
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from clearing.intake import Intake, Topic
 from clearing.ledger import Ledger, Outcome, Received
 from terminals.messages import (
+    TERMINAL_NO,
     Ack,
     Hotlist,
     InteropAck,
@@ -38,7 +38,6 @@ from terminals.messages import (
 from terminals.mqtt import BrokerUrl
 
 log = logging.getLogger(__name__)
-_TERMINAL = re.compile(r"^[0-9A-F]{12}$")
 FORWARD_CHUNK = 200
 HOTLIST_REFRESH = 1.0
 
@@ -190,7 +189,7 @@ class ClearingService:
 
     async def _answer(self, client: aiomqtt.Client, outcome: Outcome) -> None:
         for ack in outcome.terminal_acks:
-            if not _TERMINAL.match(ack.terminal):
+            if not TERMINAL_NO.match(ack.terminal):
                 continue  # a topic no terminal can own: nobody to answer
             message = Ack(
                 schema="yikatong.ack/1",

@@ -24,10 +24,12 @@ HOTLIST_SCHEMA: Final = "yikatong.hotlist/1"
 INTEROP_ACK_SCHEMA: Final = "yikatong.interop-ack/1"
 
 CityCode = Annotated[str, Field(pattern=r"^[0-9]{4}$")]
-TerminalNo = Annotated[str, Field(pattern=r"^[0-9A-F]{12}$")]
+TERMINAL_NO: Final = re.compile(r"^[0-9A-F]{12}$")
+TerminalNo = Annotated[str, Field(pattern=TERMINAL_NO.pattern)]
 Fen = Annotated[int, Field(ge=0, le=2**31 - 1)]
 Kind = Literal["purchase", "load", "metro_entry", "metro_exit"]
-_CARD_ID = re.compile(r"^[0-9]{20}$|^[0-9A-F]{8}$")
+CARD_ID: Final = re.compile(r"^[0-9]{20}$|^[0-9A-F]{8}$")
+"""A CPU card serial (20 digits) or an M1 UID (8 hex digits)."""
 
 
 class MessageError(ValueError):
@@ -158,7 +160,9 @@ class Ack(_Model):
         return self.model_dump_json(by_alias=True)
 
 
-RecordId = Annotated[str, Field(pattern=r"^[0-9]{4}-([0-9]{20}|[0-9A-F]{8})-[a-z_]{4,11}-[0-9]{1,5}$")]
+RECORD_ID: Final = re.compile(r"^[0-9]{4}-([0-9]{20}|[0-9A-F]{8})-[a-z_]{4,11}-[0-9]{1,5}$")
+"""``{issuer}-{card}-{kind}-{card_counter}`` as in the daily clearing file."""
+RecordId = Annotated[str, Field(pattern=RECORD_ID.pattern)]
 
 
 class InteropRejection(_Model):
@@ -196,7 +200,7 @@ class Hotlist(_Model):
     @field_validator("cards")
     @classmethod
     def _card_ids(cls, cards: list[str]) -> list[str]:
-        bad = [c for c in cards if not _CARD_ID.match(c)]
+        bad = [c for c in cards if not CARD_ID.match(c)]
         if bad:
             raise ValueError(f"not a 20-digit serial or 8-hex-digit UID: {bad[0]!r}")
         return cards

@@ -58,25 +58,11 @@ class BrokerUrl:
         if mqtt5:
             expiry = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
             expiry.SessionExpiryInterval = 0 if clean_session else 3600
-            return aiomqtt.Client(
-                self.host,
-                self.port,
-                username=self.username,
-                password=self.password,
-                identifier=identifier,
-                protocol=aiomqtt.ProtocolVersion.V5,
-                clean_start=clean_session,
-                properties=expiry,
-                **options,
-            )
+            options.update(protocol=aiomqtt.ProtocolVersion.V5, clean_start=clean_session, properties=expiry)
+        else:
+            options.update(clean_session=clean_session)
         return aiomqtt.Client(
-            self.host,
-            self.port,
-            username=self.username,
-            password=self.password,
-            identifier=identifier,
-            clean_session=clean_session,
-            **options,
+            self.host, self.port, username=self.username, password=self.password, identifier=identifier, **options
         )
 
 

@@ -28,13 +28,13 @@ from clearing.intake import Intake
 from clearing.ledger import Ledger
 from clearing.service import ClearingService, ClearingStats, publish_hotlist
 from clearing.settlement import Settlement, export_day, settle_day
+from terminals.messages import CARD_ID
 from terminals.mqtt import BrokerUrl
 from yikatong.argtypes import broker_url, city_code, load_keys, positive
 from yikatong.errors import CliError
 
 log = logging.getLogger("yikatong.clearing")
 DEFAULT_DB = "sqlite:///clearing.sqlite"
-_CARD = re.compile(r"^[0-9]{20}$|^[0-9A-F]{8}$")
 T = TypeVar("T")
 
 
@@ -180,7 +180,7 @@ def _pair_rate(text: str) -> tuple[tuple[str, str], Decimal]:
 
 def _card_id(text: str) -> str:
     card = text.strip().upper()
-    if not _CARD.match(card):
+    if not CARD_ID.match(card):
         raise argparse.ArgumentTypeError(f"{text!r} is neither a 20-digit card serial nor an 8-hex-digit M1 UID")
     return card
 

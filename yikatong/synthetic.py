@@ -12,8 +12,7 @@ from cardsim.issuer import IssuerHost
 from cardsim.personalise import application_serial
 from clearing.verify import expected_tac
 from terminals.messages import TXN_SCHEMA, CardRef, TxnRecord
-
-CHINA = dt.timezone(dt.timedelta(hours=8))
+from terminals.terminal import CHINA
 
 
 @dataclass
