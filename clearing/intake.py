@@ -15,7 +15,7 @@ from typing import Any
 
 from cardsim.issuer import IssuerHost
 from clearing.verify import tac_problem
-from terminals.messages import MessageError, TxnRecord, parse_record, parse_uplink
+from terminals.messages import CITY_CODE, MessageError, TxnRecord, parse_record, parse_uplink
 from terminals.terminal import CHINA
 
 
@@ -40,6 +40,7 @@ class Refused:
     raw: bytes
     seq: int | None = None
     record_id: str | None = None
+    acquirer: str | None = None  # of a forwarded record: whom to answer
 
 
 Verdict = Accepted | Refused
@@ -82,6 +83,11 @@ def _record_id_of(doc: Any) -> str | None:
     return "-".join(str(p) for p in parts) if all(p is not None for p in parts) else None
 
 
+def _acquirer_of(doc: Any) -> str | None:
+    acquirer = doc.get("acquirer") if isinstance(doc, dict) else None
+    return acquirer if isinstance(acquirer, str) and CITY_CODE.match(acquirer) else None
+
+
 def _raw(doc: Any) -> bytes:
     return json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode()
 
@@ -113,10 +119,10 @@ class Intake:
         try:
             record = parse_record(doc)
         except MessageError as err:
-            return Refused(str(err), raw or _raw(doc), _seq_of(doc), _record_id_of(doc))
+            return Refused(str(err), raw or _raw(doc), _seq_of(doc), _record_id_of(doc), _acquirer_of(doc))
         reason = self._problem(topic, record, hotlist)
         if reason is not None:
-            return Refused(reason, raw or _raw(doc), record.seq, record.record_id)
+            return Refused(reason, raw or _raw(doc), record.seq, record.record_id, record.acquirer)
         return Accepted(record, forward=record.card.issuer != self.city)
 
     def _problem(self, topic: Topic, record: TxnRecord, hotlist: frozenset[str]) -> str | None:

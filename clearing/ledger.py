@@ -8,7 +8,6 @@ record identity decides, and a record that lost the race is compared with the on
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -30,7 +29,7 @@ from clearing.schema import (
     QuarantineRow,
     TerminalProgress,
 )
-from terminals.messages import MAX_PAYLOAD, TxnRecord
+from terminals.messages import MAX_PAYLOAD, RECORD_ID, TxnRecord
 
 Identity = tuple[str, str, str, int]
 LEDGER = cast(Table, LedgerRow.__table__)
@@ -166,6 +165,7 @@ class Ledger:
             record.canonical.encode(),
             record.record.seq,
             record.record.record_id,
+            record.record.acquirer,
         )
 
     async def _insert_records(
@@ -312,9 +312,11 @@ class Ledger:
                 record = accepted.record
                 acks.setdefault(record.acquirer, InteropAck(record.acquirer)).acked.append(record.record_id)
         for refusal, message in refused:
-            acquirer = _acquirer_of(refusal.raw)
-            if message.terminal is None and refusal.record_id is not None and acquirer is not None:
-                acks.setdefault(acquirer, InteropAck(acquirer)).rejected.append((refusal.record_id, refusal.reason))
+            # a record without a valid id or acquirer cannot be named to anyone: it stays in the quarantine
+            named = refusal.record_id is not None and RECORD_ID.match(refusal.record_id)
+            if message.terminal is None and named and refusal.acquirer is not None:
+                answer = acks.setdefault(refusal.acquirer, InteropAck(refusal.acquirer))
+                answer.rejected.append((str(refusal.record_id), refusal.reason))
         return list(acks.values())
 
     async def forward_done(self, issuer: str, acked: list[str], rejected: list[tuple[str, str]]) -> int:
@@ -420,12 +422,3 @@ def parse_record_id(record_id: str) -> Identity | None:
     if len(parts) != 4 or not parts[3].isdigit():
         return None
     return parts[0], parts[1], parts[2], int(parts[3])
-
-
-def _acquirer_of(raw: bytes) -> str | None:
-    try:
-        doc = json.loads(raw)
-    except ValueError:
-        return None
-    acquirer = doc.get("acquirer") if isinstance(doc, dict) else None
-    return acquirer if isinstance(acquirer, str) and len(acquirer) == 4 and acquirer.isdigit() else None

@@ -23,7 +23,8 @@ ACK_SCHEMA: Final = "yikatong.ack/1"
 HOTLIST_SCHEMA: Final = "yikatong.hotlist/1"
 INTEROP_ACK_SCHEMA: Final = "yikatong.interop-ack/1"
 
-CityCode = Annotated[str, Field(pattern=r"^[0-9]{4}$")]
+CITY_CODE: Final = re.compile(r"^[0-9]{4}$")
+CityCode = Annotated[str, Field(pattern=CITY_CODE.pattern)]
 TERMINAL_NO: Final = re.compile(r"^[0-9A-F]{12}$")
 TerminalNo = Annotated[str, Field(pattern=TERMINAL_NO.pattern)]
 Fen = Annotated[int, Field(ge=0, le=2**31 - 1)]

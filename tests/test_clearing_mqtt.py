@@ -16,14 +16,23 @@ from pathlib import Path
 import aiomqtt
 import pytest
 from clearing_corpus import CITY, TERMINAL, corpus, good_records
-from clearing_support import clearing, fresh_db, loaded_terminal, serve_process, table_counts
+from clearing_support import clearing, fresh_db, loaded_terminal, serve_process, signed_records, table_counts
 from mqtt_support import MOSQUITTO, eventually, require_mosquitto, running, unique_terminal
 from support import new_card
 from terminal_support import m1_card, make_terminal
 
 from clearing.db import open_engine
 from clearing.settlement import settle_day
-from terminals.messages import ack_topic, parse_ack, parse_record
+from terminals.messages import (
+    ack_topic,
+    batch_payload,
+    interop_ack_topic,
+    interop_txn_topic,
+    parse_ack,
+    parse_interop_ack,
+    parse_record,
+    txn_topic,
+)
 from terminals.mqtt import BrokerUrl, embedded_broker
 from terminals.reader import InProcessReader
 from terminals.uplink import Uplink
@@ -201,3 +210,38 @@ async def test_two_shared_workers_one_killed_the_other_finishes(tmp_path: Path) 
         counts = await table_counts(db, "4560")
     assert (counts["ledger"], counts["distinct"], counts["quarantine"]) == (total, total, 0)
     assert 0 < stored_by_b < total, "both workers must have stored part of the stream"
+
+
+async def test_forwarded_records_that_fail_are_answered_by_id_or_quarantined(tmp_path: Path) -> None:
+    """The issuer answers a forged forwarded record by its record id (also when it comes alone in a batch); a
+    forwarded record that names no valid record id is quarantined unanswered, and the issuer goes on clearing."""
+    record = signed_records(2, "4560", "4560C0C0C001", issuers=("4510",))[0]
+    forged = record.model_copy(update={"tac": "00000000" if record.tac != "00000000" else "11111111"})
+    bad = {
+        "schema": "yikatong.txn/1",
+        "seq": 1,
+        "kind": "bogus",
+        "card": {"issuer": "4510", "serial": "x"},
+        "card_counter": 1,
+        "acquirer": "4560",
+    }
+    answers: list[str] = []
+    async with embedded_broker() as broker, fresh_db("sqlite", tmp_path) as db, clearing(broker, db, "4510") as issuer:
+        async with broker.client("acquirer-4560", clean_session=True) as acquirer:
+            await acquirer.subscribe(interop_ack_topic("4560"), qos=1)
+            async with running(_collect_payloads(acquirer, answers)):
+                await acquirer.publish(interop_txn_topic("4510"), batch_payload([forged.to_json()]), qos=1)
+                await eventually(lambda: len(answers) == 1)
+                answer = parse_interop_ack(answers[0])
+                assert [(r.record_id, r.reason) for r in answer.rejected] == [(record.record_id, "TAC does not verify")]
+                await acquirer.publish(interop_txn_topic("4510"), batch_payload([json.dumps(bad)] * 2), qos=1)
+                await eventually(lambda: issuer.stats.quarantined == 3)
+                good = signed_records(1, "4510", "4510C0C0C001", issuers=("4510",))[0]
+                await acquirer.publish(txn_topic("4510", "4510C0C0C001"), good.to_json(), qos=1)
+                await eventually(lambda: issuer.stats.acks == 1)
+        assert issuer.stats.connections == 1 and issuer.stats.stored == 1 and len(answers) == 1
+
+
+async def _collect_payloads(client: aiomqtt.Client, into: list[str]) -> None:
+    async for message in client.messages:
+        into.append(message.payload.decode())  # type: ignore[union-attr]
