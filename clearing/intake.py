@@ -41,6 +41,7 @@ class Refused:
     seq: int | None = None
     record_id: str | None = None
     acquirer: str | None = None  # of a forwarded record: whom to answer
+    conflict: bool = False  # same identity as a stored record, other content: the card gets flagged
 
 
 Verdict = Accepted | Refused

@@ -13,13 +13,15 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
-from sqlalchemy import ColumnElement, Insert, Table, and_, func, select, tuple_, union, update
+from sqlalchemy import ColumnElement, Insert, Table, func, select, tuple_, union, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from clearing.intake import Accepted, Refused, Verdict, settlement_day
 from clearing.schema import (
+    FORWARD_ACKED,
     FORWARD_PENDING,
+    FORWARD_REJECTED,
     SOURCE_INTEROP,
     SOURCE_TERMINAL,
     CityState,
@@ -166,6 +168,7 @@ class Ledger:
             record.record.seq,
             record.record.record_id,
             record.record.acquirer,
+            conflict=True,
         )
 
     async def _insert_records(
@@ -222,17 +225,18 @@ class Ledger:
         ]
         await db.execute(QUARANTINE.insert(), rows)
         outcome.quarantined += len(rows)
+        conflicts = [(r, parse_record_id(r.record_id)) for r, _ in refused if r.conflict and r.record_id]
         flags = [
             {
                 "city": self.city,
-                "issuer": r.record_id.split("-")[0],
-                "card": r.record_id.split("-")[1],
+                "issuer": identity[0],
+                "card": identity[1],
                 "record_id": r.record_id,
                 "reason": r.reason,
                 "received": now,
             }
-            for r, _ in refused
-            if r.reason.startswith("conflict:") and r.record_id is not None
+            for r, identity in conflicts
+            if identity is not None
         ]
         outcome.conflicts += len(flags)
         if flags:
@@ -320,22 +324,29 @@ class Ledger:
         return list(acks.values())
 
     async def forward_done(self, issuer: str, acked: list[str], rejected: list[tuple[str, str]]) -> int:
-        """Record the issuer city's answer on forwarded records; how many rows changed."""
+        """Record the issuer city's answer on forwarded records (ids of other issuers are ignored); how many
+        rows changed. The acked ones in one statement; each rejection carries its own reason."""
+
+        def identity(record_id: str) -> Identity | None:
+            found = parse_record_id(record_id)
+            return found if found is not None and found[0] == issuer else None
+
+        mine = (LEDGER.c.city == self.city, LEDGER.c.source == SOURCE_TERMINAL)
         changed = 0
         async with self.engine.begin() as db:
-            for status, ids in (("acked", [(i, None) for i in acked]), ("rejected", rejected)):
-                for record_id, reason in ids:
-                    identity = parse_record_id(record_id)
-                    if identity is None or identity[0] != issuer:
-                        continue
+            ok = [i for i in map(identity, acked) if i is not None]
+            if ok:
+                result = await db.execute(
+                    update(LEDGER).where(*mine, _identity_in(ok)).values(forward=FORWARD_ACKED, forward_reason=None)
+                )
+                changed += result.rowcount
+            for record_id, reason in rejected:
+                refused = identity(record_id)
+                if refused is not None:
                     result = await db.execute(
                         update(LEDGER)
-                        .where(
-                            LEDGER.c.city == self.city,
-                            LEDGER.c.source == SOURCE_TERMINAL,
-                            and_(*(c == v for c, v in zip(_IDENTITY, identity, strict=True))),
-                        )
-                        .values(forward=status, forward_reason=reason)
+                        .where(*mine, _identity_in([refused]))
+                        .values(forward=FORWARD_REJECTED, forward_reason=_text(reason))
                     )
                     changed += result.rowcount
         return changed
