@@ -6,7 +6,6 @@ import argparse
 import datetime as dt
 import os
 import secrets
-import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ from terminals.inspect import TXN_TYPES, read_card_info, yuan
 from terminals.reader import InProcessReader
 from yikatong.argtypes import fen, hex_number, load_keys
 from yikatong.errors import CliError
+from yikatong.process import stop_on_sigterm
 
 CITY_NAMES = {"4510": "Jinan 济南", "4560": "Yantai 烟台", "4530": "Zibo 淄博"}
 
@@ -296,8 +296,7 @@ def _serve(args: argparse.Namespace) -> int:
     )
     sys.stdout.flush()
     # A shell that starts us in the background ignores SIGINT for us; Ctrl-C and kill -INT must still stop.
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, _interrupt)
+    stop_on_sigterm()
     try:
         vpcd.serve(card, args.host, args.port, after_exchange, say=lambda m: print(m, flush=True))
     except KeyboardInterrupt:
@@ -306,6 +305,3 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _interrupt(signum: int, frame: object) -> None:
-    """SIGTERM stops `card serve` as cleanly as Ctrl-C does."""
-    raise KeyboardInterrupt

@@ -10,8 +10,6 @@ import datetime as dt
 import json
 import logging
 import re
-import signal
-import sys
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine
 from decimal import Decimal, InvalidOperation
@@ -32,6 +30,7 @@ from terminals.messages import CARD_ID
 from terminals.mqtt import BrokerUrl
 from yikatong.argtypes import broker_url, city_code, load_keys, positive
 from yikatong.errors import CliError
+from yikatong.process import setup_logging, stop_on_sigterm
 
 log = logging.getLogger("yikatong.clearing")
 DEFAULT_DB = "sqlite:///clearing.sqlite"
@@ -185,10 +184,6 @@ def _card_id(text: str) -> str:
     return card
 
 
-def _setup_logging() -> None:
-    logging.basicConfig(level=logging.INFO, format="yikatong: %(message)s", stream=sys.stderr)
-
-
 @contextlib.asynccontextmanager
 async def _database(url: str, *, upgrade: bool = True) -> AsyncIterator[AsyncEngine]:
     """The engine, migrated; every database failure becomes a CliError naming the database."""
@@ -214,20 +209,16 @@ def _run_async(work: Callable[[], Coroutine[Any, Any, T]]) -> T:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    _setup_logging()
+    setup_logging(logging.INFO)
     keys = load_keys(args.keys)
     try:
         intake = Intake(args.city, IssuerHost(keys))
     except ValueError as err:
         raise CliError(str(err)) from err
-    signal.signal(signal.SIGTERM, _interrupt)
+    stop_on_sigterm()
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(_serve_async(args, intake))
     return 0
-
-
-def _interrupt(_signum: int, _frame: object) -> None:
-    raise KeyboardInterrupt
 
 
 async def _serve_async(args: argparse.Namespace, intake: Intake) -> None:

@@ -9,7 +9,6 @@ import contextlib
 import logging
 import os
 import secrets
-import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ from terminals.terminal import Kind, TapResult, Terminal, TerminalConfig
 from terminals.uplink import Uplink
 from yikatong.argtypes import broker_url, city_code, fen, hex_number, load_keys, positive
 from yikatong.errors import CliError
+from yikatong.process import setup_logging, stop_on_sigterm
 
 log = logging.getLogger("yikatong.terminal")
 
@@ -161,9 +161,6 @@ def _build_terminal(args: argparse.Namespace) -> Terminal:
         raise CliError(str(err).strip("'\"")) from err
 
 
-def _setup_logging(level: int) -> None:
-    logging.basicConfig(level=level, format="yikatong: %(message)s", stream=sys.stderr)
-    logging.getLogger("terminals").setLevel(level)
 
 
 def _pcsc(name: str) -> PcscReader:
@@ -181,7 +178,7 @@ def _print(result: TapResult) -> None:
 
 
 def _tap(args: argparse.Namespace) -> int:
-    _setup_logging(logging.WARNING)
+    setup_logging(logging.WARNING)
     terminal = _build_terminal(args)
     if args.card is not None:
         result = _tap_image(terminal, args.card)
@@ -231,12 +228,11 @@ async def _publish(terminal: Terminal, broker: BrokerUrl, ack_wait: float) -> No
 
 
 def _run(args: argparse.Namespace) -> int:
-    _setup_logging(logging.INFO)
+    setup_logging(logging.INFO)
     terminal = _build_terminal(args)
     reader = _pcsc(args.reader)
     # A shell that starts us in the background ignores SIGINT for us; Ctrl-C and kill -INT must still stop.
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, _interrupt)
+    stop_on_sigterm()
     cfg = terminal.config
     print(
         f"terminal {terminal.terminal_hex} ({cfg.city}, {cfg.kind.value}) on {reader.name}; "
@@ -279,9 +275,6 @@ async def _run_loop(terminal: Terminal, reader: PcscReader, broker: BrokerUrl | 
             await asyncio.gather(task, return_exceptions=True)
 
 
-def _interrupt(signum: int, frame: object) -> None:
-    """SIGTERM stops `terminal run` as cleanly as Ctrl-C does."""
-    raise KeyboardInterrupt
 
 
 # --- sync and status ------------------------------------------------------------------------------------
@@ -299,7 +292,7 @@ def _existing_terminal(args: argparse.Namespace) -> Terminal:
 
 
 def _sync(args: argparse.Namespace) -> int:
-    _setup_logging(logging.INFO)
+    setup_logging(logging.INFO)
     terminal = _existing_terminal(args)
     queued = terminal.outbox.counts().queued
     print(f"terminal {terminal.terminal_hex}: {queued} record(s) to deliver to {args.broker}", flush=True)
