@@ -1,0 +1,216 @@
+"""What an audit reports: findings with stable ids (spec audit.md), severities, and the report document.
+
+Both jobs (chip audit, reconciliation) produce a ``Report``; ``audit.html`` renders it for people and
+``Report.to_json`` is the machine-readable form (``yikatong.audit-report/1``).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import enum
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+from yikatong import __version__
+
+REPORT_SCHEMA: Final = "yikatong.audit-report/1"
+
+
+class Severity(enum.IntEnum):
+    """Ordered severities; ``pass`` is a positive result worth showing (e.g. an SM4 purse)."""
+
+    PASS = 0
+    INFO = 1
+    LOW = 2
+    MEDIUM = 3
+    HIGH = 4
+    CRITICAL = 5
+
+    @property
+    def label(self) -> str:
+        """The lower-case name used in JSON, HTML and on the command line."""
+        return self.name.lower()
+
+    @classmethod
+    def parse(cls, text: str) -> Severity:
+        """A severity from its name (any case); ValueError names the choices."""
+        try:
+            return cls[text.upper()]
+        except KeyError:
+            raise ValueError(f"severity must be one of {', '.join(s.label for s in cls)}") from None
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One catalogue entry: severity, what it means, what to do about it."""
+
+    severity: Severity
+    title: str
+    remediation: str
+
+
+_M1_MIGRATE = "migrate the card to a CPU card with an SM4 purse (the 2009 plan)"
+_CPU_FIX = "replace the card's chip operating system (or the card) and hotlist the affected cards"
+
+CHIP_RULES: Final[dict[str, Rule]] = {
+    "M1-CRYPTO1": Rule(Severity.HIGH, "card speaks MIFARE Classic Crypto-1 (broken cipher)", _M1_MIGRATE),
+    "M1-DEFAULT-KEY": Rule(
+        Severity.CRITICAL, "a sector opens with a public default key", "personalise every sector with diversified keys"
+    ),
+    "M1-KEY-RECOVERED": Rule(
+        Severity.CRITICAL, "a sector key was recovered by an attack", f"rotate the fleet's M1 keys; {_M1_MIGRATE}"
+    ),
+    "M1-UNDIVERSIFIED": Rule(
+        Severity.HIGH, "the same sector key on different cards", "diversify sector keys per card UID"
+    ),
+    "M1-WEAK-PRNG": Rule(Severity.HIGH, "tag nonces follow the 16-bit LFSR (nested attack feasible)", _M1_MIGRATE),
+    "M1-STATIC-NONCE": Rule(Severity.HIGH, "the tag returns the same nonce every time", _M1_MIGRATE),
+    "M1-MAGIC": Rule(
+        Severity.CRITICAL,
+        "Gen1a backdoor answers or block 0 is writable (UID cloning)",
+        "withdraw and hotlist the card",
+    ),
+    "M1-BACKDOOR-KEY": Rule(
+        Severity.CRITICAL, "a vendor backdoor key is accepted", f"withdraw chips of this vendor; {_M1_MIGRATE}"
+    ),
+    "M1-KEYB-READABLE": Rule(
+        Severity.CRITICAL,
+        "trailer access conditions make key B readable",
+        "rewrite the trailer with access bits that keep key B secret",
+    ),
+    "M1-ACCESS-BITS": Rule(
+        Severity.MEDIUM, "sector access bits are inconsistent (sector blocked)", "re-issue the card"
+    ),
+    "M1-VALUE-BLOCK": Rule(
+        Severity.MEDIUM, "value block redundancy is broken", "restore the purse from its backup and check the terminal"
+    ),
+    "CPU-SINGLE-DES": Rule(Severity.MEDIUM, "purse uses single DES", "re-issue with an SM4 purse"),
+    "CPU-3DES": Rule(Severity.INFO, "purse uses 3DES", "plan the move to SM4 (the domestic algorithm)"),
+    "CPU-SM4": Rule(Severity.PASS, "purse uses SM4, the domestic algorithm the 2009 plan asks for", "none"),
+    "CPU-MAC1-NOT-CHECKED": Rule(Severity.CRITICAL, "a DEBIT with a wrong MAC1 is accepted", _CPU_FIX),
+    "CPU-REPLAY": Rule(Severity.CRITICAL, "a replayed DEBIT is accepted twice", _CPU_FIX),
+    "CPU-NO-LOCKOUT": Rule(Severity.HIGH, "repeated MAC failures never lock the application", _CPU_FIX),
+    "CPU-COUNTER": Rule(Severity.HIGH, "the transaction counter does not increase by one", _CPU_FIX),
+    "CPU-TEARING": Rule(
+        Severity.HIGH, "a transaction cut mid-way leaves a mixed state", "use a chip OS with journalled commits"
+    ),
+    "CPU-WEAK-RANDOM": Rule(Severity.HIGH, "card randoms repeat or are biased", _CPU_FIX),
+    "CPU-TEST-KEYS": Rule(
+        Severity.CRITICAL,
+        "card keys derive from the published test master keys",
+        "re-key the card with production keys",
+    ),
+    "CPU-UNDIVERSIFIED": Rule(
+        Severity.HIGH, "cards share a purse key (not diversified per card)", "diversify card keys per card serial"
+    ),
+}
+
+
+_HOTLIST = "hotlist the card and ask the issuer to withdraw it"
+
+RECONCILE_RULES: Final[dict[str, Rule]] = {
+    "REC-MISSING": Rule(
+        Severity.HIGH, "record held by one side (acquirer or issuer) and missing on the other", "resend the forward"
+    ),
+    "REC-DUPLICATE": Rule(Severity.MEDIUM, "the same record appears more than once in one ledger", "remove the copy"),
+    "REC-CONFLICT": Rule(Severity.CRITICAL, "same record id with different content (clone)", _HOTLIST),
+    "REC-COUNTER-GAP": Rule(
+        Severity.MEDIUM, "card counter skips values (records missing)", "find the missing records at the terminals"
+    ),
+    "REC-COUNTER-REPEAT": Rule(Severity.HIGH, "two records of a card use the same counter (clone)", _HOTLIST),
+    "REC-BALANCE": Rule(
+        Severity.HIGH, "balance does not follow from the card's previous record and the amount", _HOTLIST
+    ),
+    "REC-TAC": Rule(Severity.CRITICAL, "TAC (or M1 record MAC) fails with the issuer's keys", _HOTLIST),
+    "REC-M1-TAMPER": Rule(Severity.CRITICAL, "M1 balance rose with no load record (value block tampered)", _HOTLIST),
+    "REC-IMPOSSIBLE-TRAVEL": Rule(
+        Severity.CRITICAL, "same card in two cities faster than the travel time between them (clone)", _HOTLIST
+    ),
+    "REC-SETTLEMENT": Rule(
+        Severity.CRITICAL,
+        "settlement positions do not sum to zero or do not match the records",
+        "re-run the day's settlement from the ledgers",
+    ),
+}
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One finding: catalogue ``id``, the card or record it is about, and the evidence that proves it."""
+
+    id: str
+    severity: Severity
+    subject: str  # card serial or UID (chips); record id, card or city (reconciliation)
+    tech: str  # "cpu", "m1" or "" when it is not about one card technology
+    city: str  # issuer city of the card, or the city the finding is about; "" when unknown
+    title: str
+    evidence: tuple[str, ...]
+    remediation: str
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        """The finding as a JSON object."""
+        return {
+            "id": self.id,
+            "severity": self.severity.label,
+            "subject": self.subject,
+            "tech": self.tech,
+            "city": self.city,
+            "title": self.title,
+            "evidence": list(self.evidence),
+            "remediation": self.remediation,
+            "details": self.details,
+        }
+
+
+def finding(rule_id: str, subject: str, tech: str, city: str, evidence: list[str], **details: Any) -> Finding:
+    """A finding of catalogue rule ``rule_id`` (chip or reconciliation), with its severity, title and remediation."""
+    rule = CHIP_RULES.get(rule_id) or RECONCILE_RULES[rule_id]
+    return Finding(rule_id, rule.severity, subject, tech, city, rule.title, tuple(evidence), rule.remediation, details)
+
+
+@dataclass
+class Report:
+    """A whole audit: what was examined, what was found, and the extra tables each job adds."""
+
+    kind: str  # "chips" or "reconcile"
+    inputs: list[str]
+    findings: list[Finding] = field(default_factory=list)
+    subjects: list[dict[str, Any]] = field(default_factory=list)  # cards audited / cities reconciled
+    checks: dict[str, int] = field(default_factory=dict)  # check name -> how many offending items
+    skipped: list[str] = field(default_factory=list)  # probes not run, and why
+    settlement: dict[str, Any] | None = None
+    hotlist: list[str] = field(default_factory=list)
+    generated: str = field(default_factory=lambda: dt.datetime.now(dt.UTC).isoformat(timespec="seconds"))
+
+    def counts(self) -> dict[str, int]:
+        """Findings per severity label, every severity present (zeros included), most severe first."""
+        by = Counter(f.severity for f in self.findings)
+        return {s.label: by.get(s, 0) for s in sorted(Severity, reverse=True)}
+
+    def worst(self) -> Severity | None:
+        """The highest severity found, or None when there are no findings."""
+        return max((f.severity for f in self.findings), default=None)
+
+    def exit_code(self, fail_on: Severity) -> int:
+        """1 when a finding at or above ``fail_on`` exists, else 0."""
+        worst = self.worst()
+        return 1 if worst is not None and worst >= fail_on else 0
+
+    def to_json(self) -> dict[str, Any]:
+        """The report document (``yikatong.audit-report/1``)."""
+        return {
+            "schema": REPORT_SCHEMA,
+            "kind": self.kind,
+            "tool": f"yikatong {__version__}",
+            "generated": self.generated,
+            "inputs": self.inputs,
+            "counts": self.counts(),
+            "checks": self.checks,
+            "findings": [f.to_json() for f in self.findings],
+            "subjects": self.subjects,
+            "skipped": self.skipped,
+            "settlement": self.settlement,
+            "hotlist": self.hotlist,
+        }
