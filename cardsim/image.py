@@ -7,11 +7,10 @@ Loading checks every field and names the file and field at fault.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
+from cardsim.atomic import write_text_atomic
 from cardsim.crypto import Algorithm
 from cardsim.eeprom import Journal
 from cardsim.mifare import BLOCK_SIZE, BLOCKS, M1State, Profile
@@ -213,18 +212,7 @@ def _journal(r: _Reader, value: Any) -> Journal | None:
 
 def write_json_atomic(path: Path, doc: Any) -> None:
     """Write JSON so that readers see the old file or the new one, never a half-written one."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or Path("."))
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as out:
-            json.dump(doc, out, indent=2)
-            out.write("\n")
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_text_atomic(path, json.dumps(doc, indent=2) + "\n")
 
 
 def save_purse(path: Path, state: PurseState) -> None:
