@@ -18,16 +18,17 @@ class Algorithm(enum.Enum):
 
     DES3 = "3des"
     SM4 = "sm4"
+    DES = "des"  # legacy single-DES purse: still found in old fleets, an audit finding (CPU-SINGLE-DES)
 
     @property
     def algorithm_id(self) -> int:
-        """Algorithm id byte of the INITIALIZE response (project convention: 00 3DES, 04 SM4)."""
-        return 0x00 if self is Algorithm.DES3 else 0x04
+        """Algorithm id byte of the INITIALIZE response (project convention: 00 3DES, 01 single DES, 04 SM4)."""
+        return {Algorithm.DES3: 0x00, Algorithm.DES: 0x01, Algorithm.SM4: 0x04}[self]
 
     @property
     def block_size(self) -> int:
         """Cipher block size in bytes."""
-        return 8 if self is Algorithm.DES3 else 16
+        return 16 if self is Algorithm.SM4 else 8
 
     @classmethod
     def from_id(cls, algorithm_id: int) -> Algorithm:
@@ -98,22 +99,28 @@ def diversify(alg: Algorithm, master: BlockKey | bytes, card_serial: bytes) -> b
     inverted = bytes(b ^ 0xFF for b in card_serial)
     if alg is Algorithm.DES3:
         return mk.encrypt(card_serial) + mk.encrypt(inverted)
+    if alg is Algorithm.DES:
+        # One 8-byte single-DES key, stored twice so every card key is 16 bytes (K|K|K in TripleDES is DES).
+        single = mk.encrypt(card_serial)
+        return single + single
     return mk.encrypt(card_serial + inverted)
 
 
 def session_key(card_key: BlockKey, key_input: bytes) -> BlockKey:
-    """Session key from an 8-byte input: 3DES ECB for 3DES cards; SM4 over ``input | 80 00*7``."""
+    """Session key from an 8-byte input: (3)DES ECB for DES-family cards; SM4 over ``input | 80 00*7``."""
     if len(key_input) != 8:
         raise ValueError("session key input must be 8 bytes")
-    if card_key.algorithm is Algorithm.DES3:
-        return BlockKey(Algorithm.DES3, card_key.encrypt(key_input))
+    if card_key.algorithm is not Algorithm.SM4:
+        return BlockKey(card_key.algorithm, card_key.encrypt(key_input))
     return BlockKey(Algorithm.SM4, card_key.encrypt(key_input + b"\x80" + bytes(7)))
 
 
 def tac_key(alg: Algorithm, dtk: bytes) -> BlockKey:
-    """The TAC key: for 3DES cards the XOR of DTK's halves (single DES), for SM4 cards DTK itself."""
+    """The TAC key: for 3DES cards the XOR of DTK's halves (single DES), single-DES cards its key, SM4 DTK."""
     if alg is Algorithm.DES3:
         return BlockKey(alg, bytes(a ^ b for a, b in zip(dtk[:8], dtk[8:], strict=True)))
+    if alg is Algorithm.DES:
+        return BlockKey(alg, dtk[:8])
     return BlockKey(alg, dtk)
 
 

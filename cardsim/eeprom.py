@@ -46,9 +46,14 @@ class Eeprom:
         journal = Journal(dict(updates))
         self.write(lambda: setattr(target, "journal", journal))
         self.write(lambda: setattr(journal, "valid", True))
-        for name, value in journal.updates.items():
-            self.write(_setter(target, name, value))
+        self.write_in_place(target, journal.updates)
         self.write(lambda: setattr(target, "journal", None))
+
+    def write_in_place(self, target: Any, updates: dict[str, Any]) -> None:
+        """Write each field straight into ``target``, one write each: with no journal around it (a flawed
+        chip OS) a power cut leaves some fields new and others old."""
+        for name, value in updates.items():
+            self.write(_setter(target, name, value))
 
 
 def _setter(target: Any, name: str, value: Any) -> Callable[[], None]:

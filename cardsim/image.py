@@ -19,6 +19,7 @@ from cardsim.purse import (
     LOG_RECORDS,
     TRIP_RECORD_SIZE,
     TRIP_RECORDS,
+    Defect,
     PurseKeys,
     PurseState,
     TransactionProof,
@@ -85,6 +86,7 @@ def purse_to_json(state: PurseState) -> dict[str, Any]:
         "locked": state.locked,
         "blocked": state.blocked,
         "journal": journal,
+        "defects": sorted(d.value for d in state.defects),
     }
 
 
@@ -155,7 +157,7 @@ def purse_from_json(doc: Any, where: str = "card image") -> PurseState:
     try:
         algorithm = Algorithm(doc.get("algorithm"))
     except ValueError:
-        raise r.fail("algorithm", "must be '3des' or 'sm4'") from None
+        raise r.fail("algorithm", "must be '3des', 'sm4' or 'des'") from None
     keys_doc, files_doc = doc.get("keys"), doc.get("files")
     if not isinstance(keys_doc, dict):
         raise r.fail("keys", "must be an object")
@@ -183,7 +185,18 @@ def purse_from_json(doc: Any, where: str = "card image") -> PurseState:
         blocked=r.flag("blocked"),
     )
     state.journal = _journal(r, doc.get("journal"))
+    state.defects = _defects(r, doc.get("defects", []))
     return state
+
+
+def _defects(r: _Reader, value: Any) -> frozenset[Defect]:
+    """Planted chip OS flaws (absent on genuine cards' images)."""
+    if not isinstance(value, list):
+        raise r.fail("defects", "must be a list")
+    try:
+        return frozenset(Defect(v) for v in value)
+    except (TypeError, ValueError):
+        raise r.fail("defects", f"may hold only {', '.join(d.value for d in Defect)}") from None
 
 
 def _journal(r: _Reader, value: Any) -> Journal | None:

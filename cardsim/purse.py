@@ -7,8 +7,9 @@ Everything the card must remember across power cycles lives in ``PurseState`` an
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Final
 
 from cardsim import crypto
@@ -37,6 +38,18 @@ MAC_FAILURE_LIMIT: Final = 3
 COUNTER_MAX: Final = 0xFFFF
 
 RandomSource = Callable[[int], bytes]
+
+
+class Defect(enum.Enum):
+    """Chip operating system flaws real fleets have held (spec audit.md). A genuine card has none; fixtures
+    plant them so that the audit can be shown to find each one through the card interface alone."""
+
+    MAC1_UNCHECKED = "mac1-unchecked"  # DEBIT never compares MAC1
+    REPLAY = "replay"  # the purchase session stays open after DEBIT: the same DEBIT works again
+    NO_LOCKOUT = "no-lockout"  # MAC failures are never counted
+    COUNTER_STUCK = "counter-stuck"  # the offline counter does not move on DEBIT
+    NO_JOURNAL = "no-journal"  # DEBIT writes its fields one by one: a power cut leaves a mix
+    WEAK_RANDOM = "weak-random"  # randoms from a 16-value cycle that restarts at power-up
 
 
 @dataclass(frozen=True)
@@ -103,6 +116,7 @@ class PurseState:
     locked: bool = False
     blocked: bool = False
     journal: Journal | None = None
+    defects: frozenset[Defect] = frozenset()
 
     @property
     def public(self) -> PublicData:
@@ -140,7 +154,8 @@ class PurseCard:
 
     def __init__(self, state: PurseState, rng: RandomSource, eeprom: Eeprom | None = None) -> None:
         self.state = state
-        self.rng = rng
+        self.rng = self._weak_random if Defect.WEAK_RANDOM in state.defects else rng
+        self._weak_draws = 0
         self.eeprom = eeprom or Eeprom()
         self._purchase_key = BlockKey(state.algorithm, state.keys.purchase)
         self._load_key = BlockKey(state.algorithm, state.keys.load)
@@ -169,6 +184,7 @@ class PurseCard:
         """Power-up: finish or drop an interrupted commit, forget the session; returns the ATR."""
         recover(self.state)
         self.power_off()
+        self._weak_draws = 0
         return ATR
 
     def power_off(self) -> None:
@@ -197,6 +213,14 @@ class PurseCard:
 
     # --- helpers ---------------------------------------------------------------------------------
 
+    def _weak_random(self, size: int) -> bytes:
+        """Defect WEAK_RANDOM: a 16-value cycle, the same after every power-up."""
+        self._weak_draws = (self._weak_draws + 1) % 16
+        return bytes((self._weak_draws * 17 + i) & 0xFF for i in range(size))
+
+    def _has(self, defect: Defect) -> bool:
+        return defect in self.state.defects
+
     def _require_application(self) -> None:
         if self.state.locked:
             raise ApduError(SW.APPLICATION_LOCKED)
@@ -215,6 +239,8 @@ class PurseCard:
         self._require_application()
 
     def _mac_failed(self) -> ApduError:
+        if self._has(Defect.NO_LOCKOUT):
+            return ApduError(SW.MAC_INVALID)
         failures = self.state.mac_failures + 1
         self.eeprom.write(lambda: setattr(self.state, "mac_failures", failures))
         if failures < MAC_FAILURE_LIMIT:
@@ -330,22 +356,29 @@ class PurseCard:
         seq = int.from_bytes(cmd.data[0:4])
         date, time, mac1 = cmd.data[4:8], cmd.data[8:11], cmd.data[11:15]
         sk = crypto.session_key(self._purchase_key, crypto.purchase_key_input(pending.random, pending.counter, seq))
-        if sk.mac(crypto.purchase_mac1_data(pending.amount, pending.txn_type, pending.terminal, date, time)) != mac1:
+        mac1_ok = sk.mac(crypto.purchase_mac1_data(pending.amount, pending.txn_type, pending.terminal, date, time))
+        if mac1_ok != mac1 and not self._has(Defect.MAC1_UNCHECKED):
             raise self._mac_failed()
         mac2 = sk.mac(crypto.purchase_mac2_data(pending.amount))
         tac = self._tac_key.mac(
             crypto.purchase_tac_data(pending.amount, pending.txn_type, pending.terminal, seq, date, time)
         )
+        new_balance = pending.balance - pending.amount
         updates: dict[str, object] = {
-            "balance": pending.balance - pending.amount,
-            "offline_counter": pending.counter + 1,
+            "balance": new_balance,
+            "offline_counter": pending.counter + (0 if self._has(Defect.COUNTER_STUCK) else 1),
             "log": self._with_log(pending, date, time),
             "proof": TransactionProof(pending.counter, pending.txn_type, mac2, tac),
             "mac_failures": 0,
         }
         if pending.trip_record is not None:
             updates["trips"] = [pending.trip_record, *self.state.trips[: TRIP_RECORDS - 1]]
-        self.eeprom.commit(self.state, updates)
+        if self._has(Defect.NO_JOURNAL):
+            self.eeprom.write_in_place(self.state, updates)
+        else:
+            self.eeprom.commit(self.state, updates)
+        if self._has(Defect.REPLAY) and new_balance >= pending.amount:
+            self._carry.pending = replace(pending, balance=new_balance)
         return respond(tac + mac2)
 
     def _credit(self, cmd: Command, carried: _Carry) -> bytes:

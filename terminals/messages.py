@@ -82,7 +82,7 @@ class TxnRecord(_Model):
     time: str
     tac: Annotated[str, Field(pattern=r"^[0-9A-F]{8}$")]
     key_version: Annotated[int, Field(ge=0, le=255)]
-    alg: Literal["3des", "sm4"]
+    alg: Literal["3des", "sm4", "des"]
     line: Annotated[str, Field(min_length=1, max_length=3)] | None = None
     station: Annotated[str, Field(min_length=1, max_length=4)] | None = None
 

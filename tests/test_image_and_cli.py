@@ -35,7 +35,7 @@ def test_image_round_trip_keeps_everything(tmp_path: Path) -> None:
         (lambda d: d.update(balance=-1), "field 'balance'"),
         (lambda d: d.update(balance="5000"), "field 'balance'"),
         (lambda d: d.update(balance=200_000), "field 'balance'"),
-        (lambda d: d.update(algorithm="des"), "field 'algorithm'"),
+        (lambda d: d.update(algorithm="aes"), "field 'algorithm'"),
         (lambda d: d["keys"].update(purchase="XYZ"), "field 'purchase'"),
         (lambda d: d["keys"].pop("tac"), "field 'tac'"),
         (lambda d: d["files"].update({"15": "00"}), "field '15' must be 30 bytes"),
