@@ -340,6 +340,8 @@ class M1Card:
             return self._read(auth, block)
         if block % 4 == 3 and command == 0xA0:
             return self._start_trailer_write(auth, block)
+        if block == 0 and command == 0xA0:
+            return self._nak(auth)  # the manufacturer block is read-only on a genuine chip (Gen1a: backdoor only)
         operation = {0xA0: 1, 0xC1: 2, 0xC0: 3, 0xC2: 3, 0xB0: 3}.get(command)
         if operation is None or block % 4 == 3 or not self._allowed(auth, block, operation):
             return self._nak(auth)

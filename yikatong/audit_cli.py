@@ -1,20 +1,29 @@
-"""``yikatong audit ...``: security-review tools. Today: Crypto-1 key recovery (proxmark-style names)."""
+"""``yikatong audit ...``: the chip audit of a fleet (``chips``), the reconciliation of the cities' ledgers
+(``reconcile``), and the Crypto-1 key recovery tools (proxmark-style names)."""
 
 from __future__ import annotations
 
 import argparse
 import os
 import sys
+import textwrap
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from audit.chips import ChipAudit, audit_fleet, build_report
+from audit.cpu_audit import KeySource, audit_cpu
+from audit.fleet import Fleet, FleetError, generate_fleet, load_image_folder
 from audit.m1_attacks import AttackFailed, nested_attack
 from audit.mfkey import NoKeyFound, mfkey32, mfkey64
+from cardsim.keys import IssuerKeyStore, KeyFileError
 from cardsim.mifare import M1Card, M1State
+from terminals.flows import TransactionError
 from terminals.m1 import M1Error
-from yikatong.argtypes import hex_number
+from terminals.reader import CardGone
+from yikatong.argtypes import hex_number, positive
+from yikatong.audit_output import add_report_options, finish
 from yikatong.card_cli import load_image
 from yikatong.errors import CliError
 
@@ -25,9 +34,13 @@ _hex48 = hex_number(12)
 def register(groups: Any) -> None:
     """Add the ``audit`` command group."""
     audit = groups.add_parser(
-        "audit", help="security review tools (Crypto-1 key recovery, ...)", description="Security review tools."
+        "audit",
+        help="chip audit of a card fleet, reconciliation of the cities' ledgers, Crypto-1 key recovery",
+        description="Security review tools. 'chips' and 'reconcile' write a JSON and an HTML report and exit 1 "
+        "when a finding at or above --fail-on exists (0 otherwise, 2 on bad usage).",
     )
     sub = audit.add_subparsers(dest="audit_command", metavar="SUBCOMMAND", required=True)
+    _register_chips(sub)
 
     m64 = sub.add_parser(
         "mfkey64",
@@ -130,3 +143,127 @@ def _mfkey64(args: argparse.Namespace) -> int:
 def _mfkey32(args: argparse.Namespace) -> int:
     values = (args.uid, args.nt0, args.nr0, args.ar0, args.nt1, args.nr1, args.ar1)
     return _report(lambda: mfkey32(*values), (NoKeyFound,), _NOT_ONE_KEY)
+
+
+def _register_chips(sub: Any) -> None:
+    chips = sub.add_parser(
+        "chips",
+        help="audit a fleet of cards (images, a generated fleet, or cards on a PC/SC reader)",
+        description=textwrap.fill(
+            "Run every applicable check of the audit catalogue (spec audit.md) through each card's own "
+            "interface: APDUs for CPU purse cards, radio frames and Crypto-1 authentications for MIFARE Classic cards. "
+            "Without --active only probes that change nothing on the card run. With --active the audit also sends a "
+            "DEBIT with a wrong MAC1, replays a DEBIT, makes small purchases to watch the counter, cuts power "
+            "mid-DEBIT (simulated cards) and finally sends wrong MACs until the card locks: each card loses a few "
+            "fen and ends LOCKED. Card images are audited on a copy; files are never changed.",
+            width=100,
+        ),
+        epilog="Examples:\n  yikatong audit chips --fleet fixtures/fleets/planted.json --active\n"
+        "  yikatong audit chips --cards cards/ --keys issuer-keys.json --fail-on critical\n"
+        "  yikatong audit chips --reader 'Virtual PCD 00 00' --count 1",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    source = chips.add_mutually_exclusive_group(required=True)
+    source.add_argument("--cards", type=Path, metavar="DIR", help="folder of card images (*.json)")
+    source.add_argument(
+        "--fleet", type=Path, metavar="FILE", help="fleet file (yikatong.fleet/1) describing a mixed fleet to generate"
+    )
+    source.add_argument(
+        "--reader", metavar="NAME", help="PC/SC reader: audit CPU cards one by one as they are presented"
+    )
+    chips.add_argument(
+        "--active", action="store_true", help="also run probes that spend money and lock the card (see above)"
+    )
+    chips.add_argument(
+        "--keys",
+        type=Path,
+        help="the issuer's master key file, to tell diversified keys from master keys and to make the purchases "
+        "of the active probes (default: the key file a --fleet names; the published test keys are always tried)",
+    )
+    chips.add_argument(
+        "--recover",
+        choices=["purse", "all"],
+        default="purse",
+        help="M1 nested attack targets: the purse sector's keys (default) or every sector (about 2 s a key)",
+    )
+    chips.add_argument("--count", type=positive, help="--reader: stop after this many cards (default: until Ctrl-C)")
+    chips.add_argument(
+        "--wait", type=positive, default=60, help="--reader: seconds to wait for each card (default %(default)s)"
+    )
+    add_report_options(chips, "chips")
+    chips.set_defaults(run=_chips)
+
+
+def _progress(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _key_sources(args: argparse.Namespace, fleet: Fleet | None) -> list[KeySource]:
+    sources = [KeySource("published test keys", IssuerKeyStore.test_set(), True)]
+    issuer = fleet.issuer_keys if fleet is not None else None
+    if args.keys is not None:
+        try:
+            issuer = IssuerKeyStore.load(args.keys)
+        except KeyFileError as err:
+            raise CliError(str(err)) from err
+    if issuer is not None:
+        sources.append(KeySource("issuer keys", issuer, issuer.test_keys))
+    return sources
+
+
+def _chips(args: argparse.Namespace) -> int:
+    if args.reader is not None:
+        return _chips_on_reader(args)
+    try:
+        fleet = load_image_folder(args.cards) if args.cards is not None else generate_fleet(args.fleet)
+    except FleetError as err:
+        raise CliError(str(err)) from err
+    sources = _key_sources(args, fleet)
+    print(f"auditing {len(fleet.cards)} cards from {fleet.source}", file=sys.stderr)
+    report = audit_fleet(
+        fleet.cards,
+        sources,
+        [fleet.source],
+        active=args.active,
+        recover_all=args.recover == "all",
+        progress=_progress,
+    )
+    return finish(report, args)
+
+
+def _chips_on_reader(args: argparse.Namespace) -> int:
+    from terminals.pcsc import PcscReader, ReaderNotFound  # pyscard needs pcscd; only this path uses it
+
+    try:
+        reader = PcscReader(args.reader)
+    except ReaderNotFound as err:
+        raise CliError(str(err)) from err
+    sources = _key_sources(args, None)
+    audit = ChipAudit()
+    audited = 0
+    try:
+        while args.count is None or audited < args.count:
+            _progress(f"present card {audited + 1} on {reader.name} (Ctrl-C to finish and write the report)")
+            try:
+                reader.wait_for_card(args.wait)
+            except TimeoutError as err:
+                if audited == 0:
+                    raise CliError(str(err)) from err
+                break
+            audited += 1
+            name = f"card {audited} on {reader.name}"
+            try:
+                audit.add_cpu(name, audit_cpu(reader, sources, active=args.active, progress=_progress))
+            except (TransactionError, CardGone) as err:
+                audit.failed.append(
+                    f"{name}: not audited: {err} (only CPU purse cards can be audited over PC/SC; "
+                    "audit M1 cards from their images or with a raw-frame reader)"
+                )
+            reader.disconnect()
+            if args.count is None or audited < args.count:
+                _progress("remove the card")
+                reader.wait_for_removal(args.wait)
+    except KeyboardInterrupt:
+        _progress("stopped: writing the report of the cards audited so far")
+    report = build_report(audit, [f"PC/SC reader {reader.name}"], active=args.active, progress=_progress)
+    return finish(report, args)

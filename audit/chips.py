@@ -1,0 +1,176 @@
+"""The chip audit of a fleet: every card through its own interface (APDUs or radio frames), then the checks
+that need the whole fleet (one broken card's keys tried on the others), gathered into one ``Report``."""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from audit.cpu_audit import CpuAudit, KeySource, audit_cpu
+from audit.findings import Report, finding
+from audit.fleet import FleetCard
+from audit.m1_attacks import try_key
+from audit.m1_audit import KEY_NAMES, M1Audit, audit_m1
+from cardsim.mifare import M1Card
+from cardsim.purse import PurseCard, PurseState
+from terminals.flows import TransactionError
+from terminals.reader import CardGone, InProcessReader
+
+Progress = Callable[[str], None]
+
+
+class SimulatedCpu(InProcessReader):
+    """A simulated CPU card in a reader that can cut power after a number of the card's writes (a tearing rig)."""
+
+    def __init__(self, card: PurseCard, name: str) -> None:
+        super().__init__(card, name)
+        self._card = card
+
+    def tear_after(self, writes: int | None) -> None:
+        """Cut power after ``writes`` non-volatile writes of the next command (None: no cut)."""
+        self._card.eeprom.budget = writes
+
+
+@dataclass
+class ChipAudit:
+    """The audit's results so far, card by card."""
+
+    cpu: list[tuple[str, CpuAudit]] = field(default_factory=list)
+    m1: list[tuple[str, M1Audit, M1Card]] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+
+    def add_cpu(self, name: str, result: CpuAudit) -> None:
+        """A CPU card's audit (from an image or a reader)."""
+        self.cpu.append((name, result))
+
+
+def audit_image_card(
+    card: FleetCard, sources: list[KeySource], audit: ChipAudit, *, active: bool, recover_all: bool, progress: Progress
+) -> None:
+    """Audit one simulated card. It works on a copy: the image on disk, or the fleet, is never changed."""
+    state = copy.deepcopy(card.state)
+    try:
+        if isinstance(state, PurseState):
+            reader = SimulatedCpu(PurseCard(state, os.urandom), card.name)
+            audit.add_cpu(card.name, audit_cpu(reader, sources, active=active, rig=reader, progress=progress))
+        else:
+            chip = M1Card(state, os.urandom)
+            audit.m1.append((card.name, audit_m1(chip, recover_all=recover_all, progress=progress), chip))
+    except (TransactionError, CardGone) as err:
+        audit.failed.append(f"{card.name}: could not be audited: {err}")
+
+
+def _opens(card: M1Audit, chip: M1Card, slot: tuple[int, int], key: int) -> bool:
+    """Whether ``key`` opens the slot on this card (compared when known, else one authentication)."""
+    known = card.keys.get(slot)
+    if known is not None:
+        return known == key
+    return try_key(chip, int(card.uid, 16), slot[0] * 4 + 3, key, slot[1])
+
+
+def _shared_m1_keys(audit: ChipAudit, progress: Progress) -> dict[str, list[str]]:
+    """Try every key an attack recovered on the same sector of every other M1 card of the fleet.
+
+    Returns, per card UID, the evidence lines of keys it shares with other cards (dictionary keys are left to
+    M1-DEFAULT-KEY).
+    """
+    shared: dict[str, list[str]] = defaultdict(list)
+    for _, source, _ in audit.m1:
+        if source.recovered:
+            progress(f"M1 card {source.uid}: trying its recovered keys on the other cards")
+        for slot, key in sorted(source.recovered.items()):
+            for _, other, chip in audit.m1:
+                if other is source or not _opens(other, chip, slot, key):
+                    continue
+                line = f"sector {slot[0]} key {KEY_NAMES[slot[1]]} = {key:012X} opens {source.uid} and {other.uid}"
+                for uid in (source.uid, other.uid):
+                    if line not in shared[uid]:
+                        shared[uid].append(line)
+    return shared
+
+
+def _shared_cpu_keys(audit: ChipAudit) -> dict[str, list[str]]:
+    """Cards whose load MAC1 proved the same key (the master itself, or a copied card key)."""
+    by_key: dict[bytes, list[str]] = defaultdict(list)
+    for _, result in audit.cpu:
+        if result.keys is not None:
+            by_key[result.keys.load_key].append(result.serial)
+    shared: dict[str, list[str]] = {}
+    for serials in by_key.values():
+        if len(serials) > 1:
+            for serial in serials:
+                shared[serial] = [f"the same load key as cards {', '.join(s for s in serials if s != serial)}"]
+    return shared
+
+
+def build_report(audit: ChipAudit, inputs: list[str], *, active: bool, progress: Progress) -> Report:
+    """The fleet checks (shared keys), then one report of every card's findings."""
+    report = Report("chips", inputs)
+    m1_shared = _shared_m1_keys(audit, progress)
+    cpu_shared = _shared_cpu_keys(audit)
+    for name, result in audit.cpu:
+        findings = result.findings
+        extra = cpu_shared.get(result.serial)
+        if extra and not any(f.id == "CPU-UNDIVERSIFIED" for f in findings):
+            findings.append(finding("CPU-UNDIVERSIFIED", result.serial, "cpu", result.city, extra))
+        keys = result.keys
+        report.subjects.append(
+            {
+                "subject": result.serial,
+                "source": name,
+                "tech": "cpu",
+                "city": result.city,
+                "algorithm": result.algorithm,
+                "keys": "unknown"
+                if keys is None
+                else f"{keys.source.name}, {'diversified' if keys.diversified else 'NOT diversified'}",
+            }
+        )
+        report.findings += findings
+        report.skipped += result.skipped
+    for name, m1, _ in audit.m1:
+        if m1.uid in m1_shared:
+            m1.add("M1-UNDIVERSIFIED", m1_shared[m1.uid])
+        findings = m1.findings
+        report.subjects.append(
+            {
+                "subject": m1.uid,
+                "source": name,
+                "tech": "m1",
+                "city": m1.city,
+                "prng": m1.prng,
+                "keys known": f"{len(m1.keys)} of 32",
+            }
+        )
+        report.findings += findings
+        report.skipped += m1.skipped
+    report.skipped += audit.failed
+    if not active:
+        report.skipped.insert(0, "active probes were not run (no --active): they spend a few fen and lock the card")
+    by_rule: dict[str, int] = defaultdict(int)
+    for f in report.findings:
+        by_rule[f.id] += 1
+    report.checks = dict(sorted(by_rule.items()))
+    report.findings.sort(key=lambda f: (-f.severity, f.subject, f.id))
+    return report
+
+
+def audit_fleet(
+    cards: Iterable[FleetCard],
+    sources: list[KeySource],
+    inputs: list[str],
+    *,
+    active: bool,
+    recover_all: bool = False,
+    progress: Progress = lambda _: None,
+) -> Report:
+    """Audit every card of a fleet (simulated cards) and build the report."""
+    audit = ChipAudit()
+    cards = list(cards)
+    for i, card in enumerate(cards, 1):
+        progress(f"[{i}/{len(cards)}] {card.name}")
+        audit_image_card(card, sources, audit, active=active, recover_all=recover_all, progress=progress)
+    return build_report(audit, inputs, active=active, progress=progress)

@@ -1,0 +1,227 @@
+"""Chip audit of one MIFARE Classic card through its radio interface only (spec audit.md, the M1-* findings).
+
+The order matters: the nonce class and backdoors first (no key needed), then the default-key dictionary; with
+one key known and a weak PRNG, the nested attack recovers the purse sector's keys (or every sector's); the
+known keys then open the trailers (key B readable? access bits consistent?) and the purse value blocks.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Final
+
+from audit.findings import Finding, finding
+from audit.m1_attacks import (
+    DEFAULT_KEYS,
+    AttackFailed,
+    PrngClass,
+    accepts_backdoor_key,
+    classify_prng,
+    collect_nonces,
+    dictionary_attack,
+    has_gen1a_backdoor,
+    nested_attack,
+)
+from cardsim.m1_issue import ISSUER_BLOCK, PURSE_SECTOR
+from cardsim.mifare import decode_access, key_b_readable, parse_value_block
+from terminals.m1 import BACKUP_BLOCK, PURSE_BLOCK, M1Error, M1Reader
+from terminals.terminal import M1Chip
+
+NONCES: Final = 8
+KEY_NAMES: Final = {0x60: "A", 0x61: "B"}
+Slot = tuple[int, int]  # (sector, 0x60 key A | 0x61 key B)
+
+
+@dataclass
+class M1Audit:
+    """Everything the audit learned about one M1 card; ``keys`` holds every key known, ``recovered`` those
+    an attack found (not in the public dictionary)."""
+
+    uid: str
+    city: str = ""  # from the issuer block, once a sector-0 key is known
+    prng: str = ""
+    skipped: list[str] = field(default_factory=list)
+    keys: dict[Slot, int] = field(default_factory=dict)
+    recovered: dict[Slot, int] = field(default_factory=dict)
+    _found: list[tuple[str, list[str], dict[str, object]]] = field(default_factory=list)
+
+    def add(self, rule: str, evidence: list[str], **details: object) -> None:
+        """Record a finding about this card."""
+        self._found.append((rule, evidence, details))
+
+    @property
+    def findings(self) -> list[Finding]:
+        """The findings, each naming the card's city as far as the audit could read it."""
+        return [finding(rule, self.uid, "m1", self.city, evidence, **d) for rule, evidence, d in self._found]
+
+
+def _slot_name(slot: Slot) -> str:
+    return f"sector {slot[0]} key {KEY_NAMES[slot[1]]}"
+
+
+def _session(chip: M1Chip, uid: int, slot: Slot, key: int) -> M1Reader:
+    """A fresh field and an authenticated session on the slot's sector."""
+    chip.power_on()
+    reader = M1Reader(chip, uid)
+    reader.authenticate(slot[0] * 4 + 3, key, slot[1])
+    return reader
+
+
+def _read_with_any_key(chip: M1Chip, uid: int, result: M1Audit, block: int) -> bytes | None:
+    """The block read with any known key of its sector that may read it; None when none can."""
+    for slot, key in sorted(result.keys.items()):
+        if slot[0] != block // 4:
+            continue
+        try:
+            return _session(chip, uid, slot, key).read_block(block)
+        except M1Error:
+            continue
+    return None
+
+
+def _recover(chip: M1Chip, uid: int, result: M1Audit, targets: list[Slot], progress: Callable[[str], None]) -> None:
+    """Nested attack from the first known key on each target slot not yet known."""
+    known_slot, known_key = sorted(result.keys.items())[0]
+    known = (known_slot[0] * 4 + 3, known_key, known_slot[1])
+    for target in targets:
+        if target in result.keys:
+            continue
+        progress(f"M1 card {result.uid}: nested attack on {_slot_name(target)}")
+        start = time.perf_counter()
+        try:
+            key = nested_attack(chip, uid, known, (target[0] * 4 + 3, target[1]))
+        except (AttackFailed, M1Error) as err:
+            result.skipped.append(f"{result.uid}: nested attack on {_slot_name(target)} failed: {err}")
+            continue
+        seconds = time.perf_counter() - start
+        result.keys[target] = result.recovered[target] = key
+        result.add(
+            "M1-KEY-RECOVERED",
+            [
+                f"nested attack from {_slot_name(known_slot)} = {known_key:012X} (weak PRNG)",
+                f"{_slot_name(target)} = {key:012X}, recovered in {seconds:.2f} s and checked by authenticating",
+            ],
+            sector=target[0],
+            key_type=KEY_NAMES[target[1]],
+            key=f"{key:012X}",
+            seconds=round(seconds, 2),
+        )
+
+
+def _trailers(chip: M1Chip, uid: int, result: M1Audit) -> None:
+    """Read each trailer whose key A is known: key B readable, or access bits that block the sector."""
+    for (sector, key_type), key in sorted(result.keys.items()):
+        if key_type != 0x60:
+            continue
+        block = sector * 4 + 3
+        try:
+            trailer = _session(chip, uid, (sector, key_type), key).read_block(block)
+        except M1Error as err:
+            # Every consistent trailer lets key A read its access bits: a refusal means they are broken.
+            result.add(
+                "M1-ACCESS-BITS",
+                [f"sector {sector}: key A {key:012X} authenticates but READ {block} is refused ({err})"],
+                sector=sector,
+            )
+            continue
+        if decode_access(trailer[6:9]) is None:
+            result.add("M1-ACCESS-BITS", [f"sector {sector} trailer access bytes {trailer[6:10].hex().upper()}"])
+        elif key_b_readable(trailer):
+            result.add(
+                "M1-KEYB-READABLE",
+                [
+                    f"sector {sector}: READ {block} with key A returns access {trailer[6:10].hex().upper()} "
+                    f"and key B {trailer[10:16].hex().upper()}"
+                ],
+                sector=sector,
+            )
+
+
+def _value_blocks(chip: M1Chip, uid: int, result: M1Audit) -> None:
+    for block in (PURSE_BLOCK, BACKUP_BLOCK):
+        data = _read_with_any_key(chip, uid, result, block)
+        if data is None:
+            result.skipped.append(f"{result.uid}: value block {block}: no known key may read it")
+        elif parse_value_block(data) is None:
+            result.add(
+                "M1-VALUE-BLOCK",
+                [f"block {block} = {data.hex().upper()}: value/~value/value or address copies disagree"],
+                block=block,
+            )
+
+
+def _block0_writable(chip: M1Chip, uid: int, result: M1Audit) -> str | None:
+    """Rewrite block 0 with its own content under each known sector-0 key; the evidence if the card accepts."""
+    for slot, key in sorted(result.keys.items()):
+        if slot[0] != 0:
+            continue
+        try:
+            reader = _session(chip, uid, slot, key)
+            block0 = reader.read_block(0)
+            reader.write_block(0, block0)
+        except M1Error:
+            continue
+        return f"WRITE block 0 ({block0.hex().upper()}) accepted with {_slot_name(slot)}"
+    return None
+
+
+def audit_m1(chip: M1Chip, *, recover_all: bool = False, progress: Callable[[str], None] = lambda _: None) -> M1Audit:
+    """Run every M1 check on ``chip``; ``recover_all`` runs the nested attack on every sector, not just the
+    purse sector (each key costs about 2 s)."""
+    chip.power_on()
+    uid_bytes, sak, atqa = chip.anticollision()
+    uid = int.from_bytes(uid_bytes)
+    result = M1Audit(uid_bytes.hex().upper())
+    nonces = collect_nonces(chip, NONCES)
+    prng = classify_prng(nonces)
+    result.prng = prng.value
+    nonce_text = " ".join(f"{n:08X}" for n in nonces)
+    result.add(
+        "M1-CRYPTO1",
+        [f"ATQA {atqa.hex().upper()} SAK {sak:02X}: MIFARE Classic 1K", f"AUTH 60 03 answered plain nT {nonce_text}"],
+    )
+    progress(f"M1 card {result.uid}: backdoors, dictionary")
+    if prng is PrngClass.WEAK:
+        result.add("M1-WEAK-PRNG", [f"{NONCES} tag nonces, all on the 16-bit LFSR: {nonce_text}"])
+    elif prng is PrngClass.STATIC:
+        result.add("M1-STATIC-NONCE", [f"{NONCES} authentications, the same nT every time: {nonce_text}"])
+    magic = has_gen1a_backdoor(chip)
+    if accepts_backdoor_key(chip, uid):
+        result.add("M1-BACKDOOR-KEY", ["AUTH 64 03 with the vendor key A396EFA4E24F succeeds"])
+    found = dictionary_attack(chip, uid)
+    result.keys.update(found)
+    if found:
+        result.add(
+            "M1-DEFAULT-KEY",
+            [f"{_slot_name(slot)} = {key:012X}" for slot, key in sorted(found.items())],
+            slots=len(found),
+        )
+    if result.keys and prng is PrngClass.WEAK:
+        targets = (
+            [(s, t) for s in range(16) for t in (0x60, 0x61)]
+            if recover_all
+            else [
+                (PURSE_SECTOR, 0x60),
+                (PURSE_SECTOR, 0x61),
+            ]
+        )
+        _recover(chip, uid, result, targets, progress)
+    elif not result.keys:
+        result.skipped.append(
+            f"{result.uid}: no sector key known (none in the {len(DEFAULT_KEYS)}-key dictionary, "
+            f"{prng.value} PRNG): trailer and value-block checks not possible"
+        )
+    issuer = _read_with_any_key(chip, uid, result, ISSUER_BLOCK)
+    if issuer is not None and issuer[:2].hex().isdigit():
+        result.city = issuer[:2].hex()
+    written = _block0_writable(chip, uid, result)
+    if magic or written:
+        evidence = ["7-bit 40 then 43 both acknowledged (Gen1a backdoor)"] if magic else []
+        result.add("M1-MAGIC", evidence + ([written] if written else []))
+    _trailers(chip, uid, result)
+    if result.keys:
+        _value_blocks(chip, uid, result)
+    chip.power_on()
+    return result

@@ -1,0 +1,56 @@
+"""Report options and output shared by ``audit chips`` and ``audit reconcile``: JSON and HTML files written
+atomically at the end (never half-written), a summary on stdout, and the exit code from ``--fail-on``."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from audit.findings import Report, Severity
+from audit.html import render_html
+from cardsim.atomic import write_text_atomic
+from cardsim.image import write_json_atomic
+
+
+def _severity(text: str) -> Severity:
+    try:
+        return Severity.parse(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def add_report_options(parser: argparse.ArgumentParser, kind: str) -> None:
+    """--json, --html and --fail-on, with defaults named after the job (audit-chips.json, ...)."""
+    parser.add_argument(
+        "--json", type=Path, default=Path(f"audit-{kind}.json"), help="JSON report to write (default %(default)s)"
+    )
+    parser.add_argument(
+        "--html",
+        type=Path,
+        default=Path(f"audit-{kind}.html"),
+        help="self-contained HTML report to write (default %(default)s)",
+    )
+    parser.add_argument(
+        "--fail-on",
+        type=_severity,
+        default=Severity.HIGH,
+        metavar="SEVERITY",
+        help="exit 1 when a finding at or above this severity exists: pass, info, low, medium, high, critical "
+        "(default high)",
+    )
+
+
+def finish(report: Report, args: Any) -> int:
+    """Write both reports, print the counts by severity and where the reports are; the exit code."""
+    for path in (args.json, args.html):
+        path.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(args.json, report.to_json())
+    write_text_atomic(args.html, render_html(report))
+    counts = report.counts()
+    print("findings by severity: " + ", ".join(f"{label} {n}" for label, n in counts.items()))
+    print(f"reports: {args.json} {args.html}")
+    code = report.exit_code(args.fail_on)
+    if code:
+        print(f"exit 1: findings at or above {args.fail_on.label}")
+    return code
