@@ -7,7 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(pcscd vsmartcard-vpcd libpcsclite-dev swig mosquitto mosquitto-clients postgresql gcc)
+packages=(pcscd vsmartcard-vpcd libpcsclite-dev swig mosquitto mosquitto-clients postgresql gcc chromium)
 missing=()
 for pkg in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
