@@ -1,0 +1,218 @@
+"""The chip audit: the planted fixture fleet reports exactly its planted findings (and the control cards none of
+them), passive mode leaves the cards untouched, the CLI's files and exit codes, bad input, and a card on the real
+PC/SC stack."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from audit.chips import audit_fleet
+from audit.cpu_audit import CHI2_LIMIT, KeySource, chi_square
+from audit.findings import CHIP_RULES, Report
+from audit.fleet import FleetError, generate_fleet
+from cardsim.image import save_card
+from cardsim.keys import IssuerKeyStore
+from cardsim.purse import PurseState
+from cardsim.resources import fixture_path
+from terminals.pcsc import list_readers
+
+PLANTED = fixture_path("fleets/planted.json")
+ACTIVE_ONLY = {"CPU-MAC1-NOT-CHECKED", "CPU-REPLAY", "CPU-NO-LOCKOUT", "CPU-COUNTER", "CPU-TEARING"}
+CONTROLS = ("cpu-clean-control", "m1-clean-control")
+
+
+def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "yikatong.cli", *args], capture_output=True, text=True, timeout=300, cwd=cwd
+    )
+
+
+def sources(fleet_keys: IssuerKeyStore | None) -> list[KeySource]:
+    found = [KeySource("published test keys", IssuerKeyStore.test_set(), True)]
+    if fleet_keys is not None:
+        found.append(KeySource("issuer keys", fleet_keys, False))
+    return found
+
+
+def by_card(report: Report) -> dict[str, set[str]]:
+    """Finding ids per fleet card name."""
+    names = {s["subject"]: s["source"] for s in report.subjects}
+    found: dict[str, set[str]] = {name: set() for name in names.values()}
+    for f in report.findings:
+        found[names[f.subject]].add(f.id)
+    return found
+
+
+@pytest.fixture(scope="module")
+def active_report() -> Report:
+    fleet = generate_fleet(PLANTED)
+    return audit_fleet(fleet.cards, sources(fleet.issuer_keys), [str(PLANTED)], active=True)
+
+
+def test_planted_fleet_reports_exactly_the_planted_findings(active_report: Report) -> None:
+    fleet = generate_fleet(PLANTED)
+    found = by_card(active_report)
+    expected = {card.name: set(card.expect or ()) for card in fleet.cards}
+    assert found == expected
+    # Every catalogue finding is planted somewhere, and the control cards hold none but their algorithm/Crypto-1.
+    assert set().union(*expected.values()) == set(CHIP_RULES)
+    assert found["cpu-clean-control"] == {"CPU-SM4"} and found["m1-clean-control"] == {"M1-CRYPTO1"}
+
+
+def test_findings_carry_evidence_remediation_and_recovered_keys(active_report: Report) -> None:
+    fleet = generate_fleet(PLANTED)
+    for f in active_report.findings:
+        assert f.evidence and f.remediation and f.severity is CHIP_RULES[f.id].severity
+    recovered = [f for f in active_report.findings if f.id == "M1-KEY-RECOVERED"]
+    nested = next(c for c in fleet.cards if c.name == "m1-nested-shared")
+    assert not isinstance(nested.state, PurseState)
+    # The report shows each recovered key and its time; the keys are the card's real purse sector keys.
+    assert {(f.details["key_type"], f.details["key"]) for f in recovered} == {
+        ("A", f"{nested.state.sector_key(1, 0x60):012X}"),
+        ("B", f"{nested.state.sector_key(1, 0x61):012X}"),
+    }
+    assert all(f.details["seconds"] >= 0 for f in recovered)
+    tearing = next(f for f in active_report.findings if f.id == "CPU-TEARING")
+    assert any("power cut" in line for line in tearing.evidence)
+
+
+def test_passive_audit_runs_no_active_probe_and_says_so() -> None:
+    fleet = generate_fleet(PLANTED)
+    report = audit_fleet(fleet.cards, sources(fleet.issuer_keys), [str(PLANTED)], active=False)
+    expected = {card.name: set(card.expect or ()) - ACTIVE_ONLY for card in fleet.cards}
+    assert by_card(report) == expected
+    assert "no --active" in report.skipped[0]
+
+
+def test_without_the_issuer_keys_the_audit_cannot_prove_undiversified_keys() -> None:
+    fleet = generate_fleet(PLANTED)
+    cpu = [c for c in fleet.cards if c.name.startswith(("cpu-undiversified", "cpu-test-keys"))]
+    report = audit_fleet(cpu, sources(None), ["cpu"], active=True)
+    found = by_card(report)
+    assert found["cpu-test-keys"] == {"CPU-SM4", "CPU-TEST-KEYS"}  # the published keys are always tried
+    assert found["cpu-undiversified-1"] == {"CPU-SM4"}
+    assert any("need the card's purchase key" in s for s in report.skipped)
+
+
+def test_chi_square_of_uniform_and_biased_bytes() -> None:
+    assert chi_square(bytes(range(256)) * 8) == 0
+    assert chi_square(bytes(2048)) > CHI2_LIMIT
+    assert chi_square(os.urandom(2048)) < CHI2_LIMIT  # fails about once in a million runs
+
+
+def test_cli_on_card_images_writes_reports_leaves_images_unchanged_and_gates(tmp_path: Path) -> None:
+    fleet = generate_fleet(PLANTED)
+    cards = tmp_path / "cards"
+    cards.mkdir()
+    for card in fleet.cards:
+        if card.name in (*CONTROLS, "cpu-replay"):
+            save_card(cards / f"{card.name}.json", card.state)
+    digest = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in cards.iterdir()}
+    keys = str(fixture_path("keys/fleet-keys.json"))
+    done = run_cli("audit", "chips", "--cards", str(cards), "--keys", keys, "--active", cwd=tmp_path)
+    assert done.returncode == 1, done.stderr  # CPU-REPLAY is critical, at or above the default 'high'
+    doc = json.loads((tmp_path / "audit-chips.json").read_text())
+    assert doc["schema"] == "yikatong.audit-report/1" and doc["kind"] == "chips"
+    assert sorted(f["id"] for f in doc["findings"]) == ["CPU-REPLAY", "CPU-SM4", "CPU-SM4", "M1-CRYPTO1"]
+    assert doc["counts"] == {"critical": 1, "high": 1, "medium": 0, "low": 0, "info": 0, "pass": 2}
+    assert "<html" in (tmp_path / "audit-chips.html").read_text()
+    assert {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in cards.iterdir()} == digest
+    (cards / "cpu-replay.json").unlink()
+    # The clean controls: only M1-CRYPTO1 (high) remains, so the gate depends on --fail-on.
+    args = ["audit", "chips", "--cards", str(cards), "--keys", keys, "--json", "c.json", "--html", "c.html"]
+    assert run_cli(*args, "--fail-on", "critical", cwd=tmp_path).returncode == 0
+    assert run_cli(*args, "--fail-on", "high", cwd=tmp_path).returncode == 1
+
+
+@pytest.mark.parametrize(
+    ("setup", "message"),
+    [
+        (lambda d: (d / "bad.json").write_text('{"schema": "yikatong.card/1", "tech": "cpu"}'), "bad.json"),
+        (lambda d: (d / "torn.json").write_text('{"schema": '), "torn.json: not valid JSON"),
+        (lambda d: None, "no card images"),
+    ],
+    ids=["corrupt-field", "truncated", "empty-folder"],
+)
+def test_bad_card_images_exit_2_naming_the_file_and_write_nothing(tmp_path: Path, setup, message: str) -> None:
+    cards = tmp_path / "cards"
+    cards.mkdir()
+    setup(cards)
+    done = run_cli("audit", "chips", "--cards", str(cards), cwd=tmp_path)
+    assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr
+    assert not list(tmp_path.glob("audit-chips.*"))
+
+
+def test_bad_usage_exits_2(tmp_path: Path) -> None:
+    assert run_cli("audit", "chips", "--fleet", str(PLANTED), "--fail-on", "severe").returncode == 2
+    assert run_cli("audit", "chips").returncode == 2
+    assert run_cli("audit", "chips", "--cards", str(tmp_path / "missing")).returncode == 2
+    bad_keys = tmp_path / "keys.json"
+    bad_keys.write_text("{}")
+    done = run_cli("audit", "chips", "--fleet", str(PLANTED), "--keys", str(bad_keys), cwd=tmp_path)
+    assert done.returncode == 2 and "keys.json" in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda doc: doc["cards"][0].update(defects=["sloppy"]), "cards[0] (cpu-clean-control): 'defects' may hold"),
+        (lambda doc: doc["cards"][1].update(alg="aes"), "cards[1] (cpu-3des): 'alg' must be one of"),
+        (lambda doc: doc.update(schema="x"), "not a yikatong.fleet/1 document"),
+        (lambda doc: doc["cards"][12].update(plant={"default_sectors": [16]}), "sectors 0..15"),
+    ],
+)
+def test_bad_fleet_files_name_the_entry(tmp_path: Path, change, message: str) -> None:
+    doc = json.loads(PLANTED.read_text())
+    doc["keys"] = str(fixture_path("keys/fleet-keys.json"))
+    change(doc)
+    path = tmp_path / "fleet.json"
+    path.write_text(json.dumps(doc))
+    with pytest.raises(FleetError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
+        generate_fleet(path)
+
+
+@pytest.mark.pcsc
+def test_audit_of_a_card_served_to_pcscd_through_vpcd(tmp_path: Path) -> None:
+    """A flawed card served by `card serve` is audited through pcscd like a real card on a real reader."""
+    assert "Virtual PCD 00 00" in list_readers(), "run scripts/services.sh to start pcscd with vpcd"
+    fleet = generate_fleet(PLANTED)
+    image = tmp_path / "card.json"
+    save_card(image, next(c for c in fleet.cards if c.name == "cpu-weak-random").state)
+    serve = subprocess.Popen(
+        [sys.executable, "-m", "yikatong.cli", "card", "serve", str(image)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        keys = str(fixture_path("keys/fleet-keys.json"))
+        done = run_cli(
+            "audit",
+            "chips",
+            "--reader",
+            "Virtual PCD 00 00",
+            "--count",
+            "1",
+            "--wait",
+            "20",
+            "--keys",
+            keys,
+            "--active",
+            cwd=tmp_path,
+        )
+    finally:
+        serve.send_signal(signal.SIGINT)
+        serve.communicate(timeout=20)
+    assert done.returncode == 1, done.stderr
+    doc = json.loads((tmp_path / "audit-chips.json").read_text())
+    assert sorted(f["id"] for f in doc["findings"]) == ["CPU-3DES", "CPU-WEAK-RANDOM"]
+    assert any("tearing probe needs a reader that can cut power" in s for s in doc["skipped"])
+    assert doc["subjects"][0]["keys"] == "issuer keys, diversified"
