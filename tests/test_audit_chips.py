@@ -10,7 +10,9 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -141,7 +143,9 @@ def test_cli_on_card_images_writes_reports_leaves_images_unchanged_and_gates(tmp
     ],
     ids=["corrupt-field", "truncated", "empty-folder"],
 )
-def test_bad_card_images_exit_2_naming_the_file_and_write_nothing(tmp_path: Path, setup, message: str) -> None:
+def test_bad_card_images_exit_2_naming_the_file_and_write_nothing(
+    tmp_path: Path, setup: Callable[[Path], object], message: str
+) -> None:
     cards = tmp_path / "cards"
     cards.mkdir()
     setup(cards)
@@ -169,7 +173,9 @@ def test_bad_usage_exits_2(tmp_path: Path) -> None:
         (lambda doc: doc["cards"][12].update(plant={"default_sectors": [16]}), "sectors 0..15"),
     ],
 )
-def test_bad_fleet_files_name_the_entry(tmp_path: Path, change, message: str) -> None:
+def test_bad_fleet_files_name_the_entry(
+    tmp_path: Path, change: Callable[[dict[str, Any]], object], message: str
+) -> None:
     doc = json.loads(PLANTED.read_text())
     doc["keys"] = str(fixture_path("keys/fleet-keys.json"))
     change(doc)
