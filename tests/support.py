@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import datetime as dt
 import random
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
 from cardsim.crypto import Algorithm
 from cardsim.keys import IssuerKeyStore
@@ -70,3 +74,26 @@ class CuttingReader(InProcessReader):
         self.sent += 1
         self.card.eeprom.budget = self.write_budget  # type: ignore[attr-defined]
         return super().transmit(apdu)
+
+
+class ServedCard:
+    """``yikatong card serve IMAGE [ARGS]`` in a subprocess, stopped with Ctrl-C (SIGINT) on leaving the block;
+    ``output`` and ``returncode`` are set once it has stopped."""
+
+    def __init__(self, image: Path, *args: str) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "yikatong.cli", "card", "serve", str(image), *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        self.output = ""
+        self.returncode: int | None = None
+
+    def __enter__(self) -> ServedCard:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.proc.send_signal(signal.SIGINT)
+        self.output, _ = self.proc.communicate(timeout=20)
+        self.returncode = self.proc.returncode

@@ -7,7 +7,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import signal
 import subprocess
 import sys
 from collections.abc import Callable
@@ -15,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from support import ServedCard
 
 from audit.chips import audit_fleet
 from audit.cpu_audit import CHI2_LIMIT, KeySource, chi_square
@@ -192,14 +192,8 @@ def test_audit_of_a_card_served_to_pcscd_through_vpcd(tmp_path: Path) -> None:
     fleet = generate_fleet(PLANTED)
     image = tmp_path / "card.json"
     save_card(image, next(c for c in fleet.cards if c.name == "cpu-weak-random").state)
-    serve = subprocess.Popen(
-        [sys.executable, "-m", "yikatong.cli", "card", "serve", str(image)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    try:
-        keys = str(fixture_path("keys/fleet-keys.json"))
+    keys = str(fixture_path("keys/fleet-keys.json"))
+    with ServedCard(image):
         done = run_cli(
             "audit",
             "chips",
@@ -214,9 +208,6 @@ def test_audit_of_a_card_served_to_pcscd_through_vpcd(tmp_path: Path) -> None:
             "--active",
             cwd=tmp_path,
         )
-    finally:
-        serve.send_signal(signal.SIGINT)
-        serve.communicate(timeout=20)
     assert done.returncode == 1, done.stderr
     doc = json.loads((tmp_path / "audit-chips.json").read_text())
     assert sorted(f["id"] for f in doc["findings"]) == ["CPU-3DES", "CPU-WEAK-RANDOM"]

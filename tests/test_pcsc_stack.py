@@ -7,13 +7,12 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from support import TERMINAL, WHEN, new_psam
+from support import TERMINAL, WHEN, ServedCard, new_psam
 
 from cardsim.image import load_purse
 from cardsim.issuer import IssuerHost
@@ -55,13 +54,7 @@ def test_purchase_over_pcscd_and_vpcd(tmp_path: Path) -> None:
         timeout=60,
     )
     assert issue.returncode == 0, issue.stderr
-    serve = subprocess.Popen(
-        [sys.executable, "-m", "yikatong.cli", "card", "serve", str(image)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    try:
+    with ServedCard(image) as serve:
         reader = PcscReader(READER)
         atr = reader.wait_for_card(timeout=20)
         assert atr.startswith(bytes.fromhex("3B888001"))
@@ -72,10 +65,7 @@ def test_purchase_over_pcscd_and_vpcd(tmp_path: Path) -> None:
         reader.wait_for_card(timeout=20)  # a new connection: pcscd powers the card up again
         purchase(reader, psam, TERMINAL, 50, WHEN)
         reader.disconnect()
-    finally:
-        serve.send_signal(signal.SIGINT)
-        out, _ = serve.communicate(timeout=20)
-    assert serve.returncode == 0, out
+    assert serve.returncode == 0, serve.output
     saved = load_purse(image)
     assert saved.balance == 4800 and saved.offline_counter == 2, "the balance in the saved image drops"
 
@@ -115,24 +105,24 @@ def test_terminal_on_pcsc_publishes_the_record_to_mosquitto(tmp_path: Path, comm
         stdout=subprocess.PIPE,
         text=True,
     )
-    serve = subprocess.Popen(_yikatong("card", "serve", str(image)), stdout=subprocess.PIPE, text=True)
-    try:
-        PcscReader(READER).wait_for_card(timeout=20)
-        options = ["--city", "4560", "--kind", "bus", "--fare", "250", "--terminal", number, "--state", str(state)]
-        extra = ["--count", "1"] if command == "run" else []
-        done = subprocess.run(
-            _yikatong("terminal", command, "--reader", READER, *options, *extra, "--broker", "mqtt://127.0.0.1:1883"),
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        assert done.returncode == 0, done.stdout + done.stderr
-        assert "OK       purchase" in done.stdout and "-2.50 -> 27.50 yuan" in done.stdout
-        received, _ = sub.communicate(timeout=60)
-    finally:
-        sub.kill()
-        serve.send_signal(signal.SIGINT)
-        serve.communicate(timeout=20)
+    with ServedCard(image):
+        try:
+            PcscReader(READER).wait_for_card(timeout=20)
+            options = ["--city", "4560", "--kind", "bus", "--fare", "250", "--terminal", number, "--state", str(state)]
+            extra = ["--count", "1"] if command == "run" else []
+            done = subprocess.run(
+                _yikatong(
+                    "terminal", command, "--reader", READER, *options, *extra, "--broker", "mqtt://127.0.0.1:1883"
+                ),
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
+            assert done.returncode == 0, done.stdout + done.stderr
+            assert "OK       purchase" in done.stdout and "-2.50 -> 27.50 yuan" in done.stdout
+            received, _ = sub.communicate(timeout=60)
+        finally:
+            sub.kill()
     record = parse_record(json.loads(received))
     assert (record.terminal, record.amount, record.balance_after, record.card.issuer) == (number, 250, 2750, "4510")
     assert tac_problem(IssuerHost(IssuerKeyStore.test_set()), record) is None

@@ -4,15 +4,12 @@ pcscd + vpcd + pyscard stack in test_pcsc_stack.py."""
 from __future__ import annotations
 
 import os
-import signal
 import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-from support import TERMINAL, WHEN, new_card, new_psam
+from support import TERMINAL, WHEN, ServedCard, new_card, new_psam
 
 from cardsim.apdu import split_response
 from cardsim.image import load_purse, save_purse
@@ -73,14 +70,8 @@ def test_card_serve_survives_power_cycles_and_reconnects_and_saves(tmp_path: Pat
     image = tmp_path / "card.json"
     save_purse(image, new_card().state)
     vpcd = FakeVpcd()
-    serve = subprocess.Popen(
-        [sys.executable, "-m", "yikatong.cli", "card", "serve", str(image), "--port", str(vpcd.port)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
     psam = InProcessReader(new_psam())
-    try:
+    with ServedCard(image, "--port", str(vpcd.port)) as serve:
         link = vpcd.accept()
         assert link.connect() == ATR
         purchase(link, psam, TERMINAL, 100, WHEN)
@@ -99,10 +90,7 @@ def test_card_serve_survives_power_cycles_and_reconnects_and_saves(tmp_path: Pat
         while load_purse(image).balance != 4700 and time.monotonic() < deadline:
             time.sleep(0.05)
         assert load_purse(image).balance == 4700, "the image is saved after each committed transaction"
-    finally:
-        serve.send_signal(signal.SIGINT)
-        out, _ = serve.communicate(timeout=20)
-    assert serve.returncode == 0, out
-    assert "stopped; card image saved" in out and "Traceback" not in out
+    assert serve.returncode == 0, serve.output
+    assert "stopped; card image saved" in serve.output and "Traceback" not in serve.output
     assert load_purse(image).offline_counter == 2
     assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
