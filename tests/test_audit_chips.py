@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from support import ServedCard
 
 from audit.chips import audit_fleet
@@ -22,6 +24,7 @@ from audit.findings import CHIP_RULES, Report
 from audit.fleet import FleetError, generate_fleet
 from cardsim.image import save_card
 from cardsim.keys import IssuerKeyStore
+from cardsim.mifare import M1State
 from cardsim.purse import PurseState
 from cardsim.resources import fixture_path
 from terminals.pcsc import list_readers
@@ -213,3 +216,38 @@ def test_audit_of_a_card_served_to_pcscd_through_vpcd(tmp_path: Path) -> None:
     assert sorted(f["id"] for f in doc["findings"]) == ["CPU-3DES", "CPU-WEAK-RANDOM"]
     assert any("tearing probe needs a reader that can cut power" in s for s in doc["skipped"])
     assert doc["subjects"][0]["keys"] == "issuer keys, diversified"
+
+
+_values = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-2, 3),
+    st.sampled_from(["cpu", "m1", "sm4", "des", "4510", "hardened", "shared", "test", "replay", "x"]),
+    st.lists(st.one_of(st.integers(-1, 17), st.sampled_from(["replay", "weak-random", "?"])), max_size=3),
+)
+_fields = st.dictionaries(
+    st.sampled_from(["alg", "keys", "defects", "profile", "m1_keys", "plant", "count", "balance", "expect", "name"]),
+    st.one_of(_values, st.dictionaries(st.sampled_from(["default_sectors", "broken_value", "x"]), _values)),
+    max_size=3,
+)
+# A plausible entry (a technology, a city, an algorithm) with a few fields of any shape laid over it.
+_entries = st.tuples(
+    st.fixed_dictionaries(
+        {"tech": st.sampled_from(["cpu", "m1"]), "city": st.sampled_from(["4510", "4530"]), "alg": st.just("sm4")}
+    ),
+    _fields,
+).map(lambda pair: {**pair[0], **pair[1]})
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(cards=st.one_of(_values, st.lists(st.one_of(_entries, _values), max_size=4)))
+def test_any_fleet_file_generates_or_names_what_is_wrong(tmp_path: Path, cards: object) -> None:
+    path = tmp_path / "fleet.json"
+    doc = {"schema": "yikatong.fleet/1", "keys": str(fixture_path("keys/fleet-keys.json")), "cards": cards}
+    path.write_text(json.dumps(doc))
+    try:
+        fleet = generate_fleet(path)
+    except FleetError as err:
+        assert str(path) in str(err)
+    else:
+        assert fleet.cards and all(isinstance(c.state, (PurseState, M1State)) for c in fleet.cards)
