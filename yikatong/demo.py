@@ -76,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
 
     cards: list[tuple[str, PurseCard]] = []
     for city in CITIES:
-        for alg in Algorithm:
+        for alg in (Algorithm.DES3, Algorithm.SM4):  # the purses a city issues today; DES is legacy
             for _n in range(args.cards):
                 req = CardRequest(
                     city, alg, rng.randrange(500, 3000), len(cards) + 1, start.date(), start.date().replace(year=2036)
