@@ -14,13 +14,13 @@ A fleet file lists card entries; each makes ``count`` cards (default 1):
 from __future__ import annotations
 
 import datetime as dt
-import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from cardsim.crypto import Algorithm
+from cardsim.files import read_json
 from cardsim.image import CardImageError, load_card
 from cardsim.keys import IssuerKeyStore, KeyFileError
 from cardsim.m1_issue import PURSE_SECTOR, KeyScheme, issue_m1_card
@@ -161,18 +161,9 @@ def _m1_card(entry: _Entry, issuer: IssuerKeyStore, uid: bytes) -> M1State:
     return state
 
 
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except OSError as err:
-        raise FleetError(f"{path}: cannot read: {err.strerror}") from err
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise FleetError(f"{path}: not valid JSON ({err})") from err
-
-
 def generate_fleet(path: Path) -> Fleet:
     """The cards a fleet file describes, issued afresh (deterministic: the file's ``seed`` fixes the UIDs)."""
-    doc = _read_json(path)
+    doc = read_json(path, FleetError, "fleet file")
     if not isinstance(doc, dict) or doc.get("schema") != FLEET_SCHEMA:
         raise FleetError(f"{path}: not a {FLEET_SCHEMA} document")
     keys_name = doc.get("keys")

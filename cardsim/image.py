@@ -10,9 +10,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from cardsim.atomic import write_text_atomic
 from cardsim.crypto import Algorithm
 from cardsim.eeprom import Journal
+from cardsim.files import read_json, write_text_atomic
 from cardsim.mifare import BLOCK_SIZE, BLOCKS, M1State, Profile
 from cardsim.purse import (
     LOG_RECORD_SIZE,
@@ -235,21 +235,7 @@ def save_purse(path: Path, state: PurseState) -> None:
 
 def load_purse(path: Path) -> PurseState:
     """Load a purse card image; CardImageError names the file and the problem."""
-    return purse_from_json(_read_json(path), str(path))
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError as err:
-        raise CardImageError(f"{path}: cannot read card image: {err.strerror}") from err
-    except UnicodeDecodeError as err:
-        raise CardImageError(f"{path}: not a UTF-8 text file") from err
-    try:
-        doc = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise CardImageError(f"{path}: not valid JSON (line {err.lineno}: {err.msg})") from err
-    return doc
+    return purse_from_json(read_json(path, CardImageError, "card image"), str(path))
 
 
 # --- MIFARE Classic images -------------------------------------------------------------------------
@@ -287,7 +273,7 @@ def save_card(path: Path, state: PurseState | M1State) -> None:
 
 def load_card(path: Path) -> PurseState | M1State:
     """Load a CPU or M1 card image; CardImageError names the file and the problem."""
-    doc = _read_json(path)
+    doc = read_json(path, CardImageError, "card image")
     if isinstance(doc, dict) and doc.get("tech") == "m1":
         return m1_from_json(doc, str(path))
     return purse_from_json(doc, str(path))

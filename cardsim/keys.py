@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from cardsim.files import read_json
 from cardsim.resources import fixture_path
 
 KEY_USAGES = ("purchase", "load", "tac", "maintenance")
@@ -80,13 +80,7 @@ class IssuerKeyStore:
     @classmethod
     def load(cls, path: Path) -> IssuerKeyStore:
         """Read a key file; KeyFileError when it is missing or malformed."""
-        try:
-            doc = json.loads(path.read_text(encoding="utf-8"))
-        except OSError as err:
-            raise KeyFileError(f"{path}: {err.strerror}") from err
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise KeyFileError(f"{path}: not valid JSON ({err})") from err
-        return cls.from_json(doc, str(path))
+        return cls.from_json(read_json(path, KeyFileError, "key file"), str(path))
 
     @classmethod
     def test_set(cls) -> IssuerKeyStore:

@@ -9,8 +9,9 @@ from typing import Any
 
 from audit.findings import Report, Severity
 from audit.html import render_html
-from cardsim.atomic import write_text_atomic
+from cardsim.files import write_text_atomic
 from cardsim.image import write_json_atomic
+from yikatong.errors import CliError
 
 
 def _severity(text: str) -> Severity:
@@ -43,10 +44,13 @@ def add_report_options(parser: argparse.ArgumentParser, kind: str) -> None:
 
 def finish(report: Report, args: Any) -> int:
     """Write both reports, print the counts by severity and where the reports are; the exit code."""
-    for path in (args.json, args.html):
-        path.parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(args.json, report.to_json())
-    write_text_atomic(args.html, render_html(report))
+    try:
+        for path in (args.json, args.html):
+            path.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(args.json, report.to_json())
+        write_text_atomic(args.html, render_html(report))
+    except OSError as err:
+        raise CliError(f"cannot write the reports: {err}") from err
     counts = report.counts()
     print("findings by severity: " + ", ".join(f"{label} {n}" for label, n in counts.items()))
     print(f"reports: {args.json} {args.html}")
