@@ -22,6 +22,7 @@ from cardsim.mifare import M1Card, M1State
 from terminals.flows import TransactionError
 from terminals.m1 import M1Error
 from terminals.reader import CardGone
+from yikatong import reconcile_cli
 from yikatong.argtypes import hex_number, positive
 from yikatong.audit_output import add_report_options, finish
 from yikatong.card_cli import load_image
@@ -41,6 +42,7 @@ def register(groups: Any) -> None:
     )
     sub = audit.add_subparsers(dest="audit_command", metavar="SUBCOMMAND", required=True)
     _register_chips(sub)
+    reconcile_cli.register(sub)
 
     m64 = sub.add_parser(
         "mfkey64",

@@ -303,5 +303,3 @@ def _serve(args: argparse.Namespace) -> int:
         save_purse(path, card.state)
         print(f"stopped; card image saved to {path}")
     return 0
-
-

@@ -1,0 +1,784 @@
+"""Reconciliation of the cities' ledgers (spec audit.md, "Reconciliation checks"): pure, no I/O.
+
+Input: ledgers, each what one holder city keeps (its terminals' records and, as the issuer of a card, the
+records other cities forwarded), held as columns (``Records``). Output: a ``Report`` of kind ``reconcile``:
+one finding per offending record with the ids of ``audit.findings.RECONCILE_RULES``, counts per check, the
+recomputed settlement and the cards to hotlist. docs/reconcile-choices.md explains the choices.
+
+The structural checks work on numpy columns: every ledger's rows are put into one table sorted by record
+identity and content, so duplicates, conflicts and missing sides are comparisons of neighbours, and the
+per-card checks are one more sort. Python loops run only over offending rows. TAC verification costs one MAC
+per record and runs in worker processes (``Options.jobs``).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections import Counter, defaultdict
+from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field, fields, replace
+from decimal import Decimal
+from itertools import repeat
+from typing import Any, Final, NamedTuple, get_args
+
+import numpy as np
+from numpy.typing import NDArray
+
+from audit.findings import RECONCILE_RULES, Finding, Report, finding
+from cardsim.issuer import HostRefusal, IssuerHost
+from cardsim.keys import IssuerKeyStore
+from clearing.settlement import CSV_HEADER, DEBIT_KINDS, DEFAULT_RATE, Settlement, settle
+from clearing.verify import expected_tac
+from terminals.messages import TXN_SCHEMA, CardRef, Kind, TxnRecord
+from terminals.terminal import CHINA
+
+Ints = NDArray[np.int64]
+Objects = NDArray[np.object_]
+
+KINDS: Final[tuple[str, ...]] = get_args(Kind)
+ALGS: Final[tuple[str, ...]] = get_args(TxnRecord.model_fields["alg"].annotation)
+LOAD: Final = KINDS.index("load")
+CLONE_RULES: Final = frozenset(
+    {"REC-CONFLICT", "REC-COUNTER-REPEAT", "REC-IMPOSSIBLE-TRAVEL", "REC-M1-TAMPER", "REC-TAC"}
+)
+"""Findings that suggest a cloned or forged card: their cards make the hotlist."""
+
+_US: Final = 1_000_000
+_DAY_US: Final = 86_400 * _US
+_CHINA_US: Final = round(CHINA.utcoffset(None).total_seconds()) * _US  # settlement days run 00:00-24:00 +08:00
+_EPOCH: Final = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+_COUNTER_SPAN: Final = 0x10000  # card counters are 16 bits
+_MIX: Final = np.uint64(0x9E3779B97F4A7C15)
+
+
+class BadValue(ValueError):
+    """A column value that cannot be used; ``index`` is its row (the loaders turn it into a file line)."""
+
+    def __init__(self, index: int, message: str) -> None:
+        super().__init__(message)
+        self.index = index
+
+
+def instants(times: Sequence[str] | Objects) -> Ints:
+    """ISO 8601 times with their UTC offset as microseconds since the epoch; BadValue names the first bad one.
+    Each distinct text is parsed once (a busy city has many records in the same second)."""
+    parse = dt.datetime.fromisoformat
+    known: dict[str, int] = dict.fromkeys(times, 0)
+    for text in known:
+        try:
+            moment = parse(text)
+        except ValueError:
+            why = f"{text!r} is not an ISO 8601 time such as 2026-11-24T08:15:02+08:00"
+            raise BadValue(_index(times, text), why) from None
+        if moment.utcoffset() is None:
+            raise BadValue(_index(times, text), f"{text!r} has no UTC offset (+08:00)")
+        delta = moment - _EPOCH
+        known[text] = (delta.days * 86_400 + delta.seconds) * _US + delta.microseconds
+    return np.fromiter(map(known.__getitem__, times), dtype=np.int64, count=len(times))
+
+
+def _index(values: Sequence[str] | Objects, value: str) -> int:
+    return next(i for i, x in enumerate(values) if x == value)
+
+
+def _hex(values: Sequence[str] | Objects) -> Ints:
+    """Hex digits as numbers, each distinct text converted once."""
+    known = {text: int(text, 16) for text in dict.fromkeys(values)}
+    return np.fromiter(map(known.__getitem__, values), dtype=np.int64, count=len(values))
+
+
+def day_number(day: str) -> int:
+    """Days from 1970-01-01 to a settlement day YYYY-MM-DD (ValueError when it is not one)."""
+    return (dt.date.fromisoformat(day) - _EPOCH.date()).days
+
+
+def _day_text(number: int) -> str:
+    return (_EPOCH.date() + dt.timedelta(days=number)).isoformat()
+
+
+def _ints(values: Any) -> Ints:
+    return np.asarray(values, dtype=np.int64)
+
+
+@dataclass(frozen=True)
+class Records:
+    """Ledger rows as columns, one entry per row, as the loaders read them. Money in fen."""
+
+    issuer: Ints  # city code as a number (4510)
+    acquirer: Ints
+    card: Objects  # 20-digit serial (CPU) or 8-hex-digit UID (M1)
+    kind: Ints  # index into KINDS
+    counter: Ints
+    terminal: Ints  # the 12 hex digits as a number
+    terminal_seq: Ints
+    amount: Ints
+    balance_before: Ints
+    balance_after: Ints
+    time: Objects  # as the record gives it (the TAC covers local date and time)
+    time_us: Ints  # the instant, microseconds since the epoch
+    tac: Ints  # the 8 hex digits as a number
+    alg: Ints  # index into ALGS; -1 when the source does not say (clearing files)
+    key_version: Ints  # -1 when the source does not say
+    source: Ints  # index into the ledger's sources
+    line: Ints  # line of a file, row id of a database table
+
+    def __len__(self) -> int:
+        return len(self.issuer)
+
+    @classmethod
+    def from_columns(cls, columns: Mapping[str, Sequence[Any] | NDArray[Any]], source: int = 0) -> Records:
+        """Rows from value lists named like the wire record: issuer, acquirer (city codes), card, kind,
+        card_counter, terminal (hex), terminal_seq, amount, balance_before, balance_after, time (ISO 8601),
+        tac (hex), and optionally alg, key_version and line. Values must already be valid (the loaders check
+        them); a bad time raises BadValue."""
+        count = len(columns["card"])
+        kinds = {name: i for i, name in enumerate(KINDS)}
+        algs = {name: i for i, name in enumerate(ALGS)}
+        time = np.array(columns["time"], dtype=object)
+        return cls(
+            issuer=_ints(columns["issuer"]),
+            acquirer=_ints(columns["acquirer"]),
+            card=np.array(columns["card"], dtype=object),
+            kind=_ints([kinds[x] for x in columns["kind"]]),
+            counter=_ints(columns["card_counter"]),
+            terminal=_hex(columns["terminal"]),
+            terminal_seq=_ints(columns["terminal_seq"]),
+            amount=_ints(columns["amount"]),
+            balance_before=_ints(columns["balance_before"]),
+            balance_after=_ints(columns["balance_after"]),
+            time=time,
+            time_us=instants(columns["time"]),
+            tac=_hex(columns["tac"]),
+            alg=_ints([algs[x] for x in columns["alg"]]) if "alg" in columns else np.full(count, -1, np.int64),
+            key_version=_ints(columns["key_version"]) if "key_version" in columns else np.full(count, -1, np.int64),
+            source=np.full(count, source, np.int64),
+            line=_ints(columns["line"]) if "line" in columns else np.arange(1, count + 1, dtype=np.int64),
+        )
+
+    @classmethod
+    def concat(cls, parts: Sequence[Records]) -> Records:
+        """All rows of ``parts``, in order."""
+        return cls(**{f.name: np.concatenate([getattr(p, f.name) for p in parts]) for f in fields(cls)})
+
+    def take(self, index: NDArray[Any]) -> Records:
+        """The rows at ``index`` (integer positions or a boolean mask)."""
+        return replace(self, **{f.name: getattr(self, f.name)[index] for f in fields(self)})
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where rows came from: a file (rows numbered by ``line``) or a database (by ledger row ``id``)."""
+
+    name: str
+    unit: str = "line"
+
+
+@dataclass(frozen=True)
+class Ledger:
+    """The rows one holder city keeps. ``issuer_side``: the rows include what the city holds as the cards'
+    issuer (records forwarded by acquiring cities), so a record of its cards acquired elsewhere must be here."""
+
+    city: str
+    sources: tuple[Source, ...]
+    records: Records
+    issuer_side: bool
+
+
+@dataclass(frozen=True)
+class ClaimedSettlement:
+    """A settlement file (``yikatong.settlement/1``) as far as reconciliation checks it."""
+
+    source: str
+    day: str
+    positions: dict[str, int]
+    owed: dict[tuple[str, str], int]  # (acquirer, issuer) -> what the issuer owes
+    rates: dict[tuple[str, str], Decimal]
+
+
+@dataclass(frozen=True)
+class Cities:
+    """City names and the least travel time in minutes between two cities (fixtures/cities.json)."""
+
+    names: dict[str, str] = field(default_factory=dict)
+    travel_minutes: dict[frozenset[str], int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Options:
+    """What to check beyond the ledgers themselves."""
+
+    cities: Cities = field(default_factory=Cities)
+    keys: IssuerKeyStore | None = None  # None: TACs are not checked
+    claimed: ClaimedSettlement | None = None
+    day: str | None = None  # only records of this settlement day
+    jobs: int = 1  # processes for TAC verification
+    min_parallel: int = 20_000  # fewer TACs than this are verified in this process (workers take ~0.1 s to start)
+    default_rate: Decimal = DEFAULT_RATE
+
+
+# --- the table -------------------------------------------------------------------------------------------
+
+
+class _Table:
+    """Every ledger's rows in one table sorted by (identity, content, holder), and what follows from that."""
+
+    def __init__(self, ledgers: Sequence[Ledger]) -> None:
+        self.ledgers = ledgers
+        parts = [ledger.records for ledger in ledgers] or [Records.from_columns({key: [] for key in CSV_HEADER})]
+        rows = Records.concat(parts)
+        holder = np.repeat(np.arange(len(parts), dtype=np.int64), [len(p) for p in parts])
+        card_no = _factorize(rows.issuer, rows.card)
+        identity = (card_no * len(KINDS) + rows.kind) * _COUNTER_SPAN + rows.counter
+        # Identical copies must be neighbours: sort by a content hash (64 bits; a collision between two different
+        # contents could only split a run of copies) and compare neighbours exactly below.
+        order = np.lexsort((holder, _content_hash(rows), identity))
+        self.r, self.holder = rows.take(order), holder[order]
+        self.card_no, self.identity = card_no[order], identity[order]
+        n = len(self.r)
+        self.m1 = np.fromiter((len(c) == 8 for c in self.r.card), dtype=bool, count=n)
+        first = np.ones(n, dtype=bool)
+        first[1:] = self.identity[1:] != self.identity[:-1]
+        same = ~first
+        for column in _CONTENT:
+            values = getattr(self.r, column)
+            same[1:] &= values[1:] == values[:-1]
+        self.id_start = first  # first row of each record identity
+        self.version_start = ~same  # first row of each distinct content of an identity
+        self.copy = same & np.concatenate(([False], self.holder[1:] == self.holder[:-1]))
+        self.starts = np.flatnonzero(first)
+        self.group = np.cumsum(first) - 1  # identity group of each row
+        self.cities = [ledger.city for ledger in ledgers]
+
+    def rid(self, i: int) -> str:
+        """The record id (wire.md) of row ``i``."""
+        r = self.r
+        return f"{int(r.issuer[i]):04d}-{r.card[i]}-{KINDS[int(r.kind[i])]}-{int(r.counter[i])}"
+
+    def where(self, i: int) -> str:
+        """Which city's ledger holds row ``i``, and where in its source."""
+        ledger = self.ledgers[int(self.holder[i])]
+        source = ledger.sources[int(self.r.source[i])]
+        return f"{ledger.city}: {source.name} {source.unit} {int(self.r.line[i])}"
+
+    def rows_of(self, i: int) -> range:
+        """All rows with the identity of row ``i``."""
+        g = int(self.group[i])
+        end = int(self.starts[g + 1]) if g + 1 < len(self.starts) else len(self.r)
+        return range(int(self.starts[g]), end)
+
+    def describe(self, i: int) -> str:
+        """A record's content in one line."""
+        r = self.r
+        return (
+            f"{KINDS[int(r.kind[i])]} at terminal {int(r.terminal[i]):012X} #{int(r.terminal_seq[i])} of "
+            f"{int(r.acquirer[i]):04d}, {r.time[i]}, {int(r.amount[i])} fen "
+            f"({int(r.balance_before[i])} -> {int(r.balance_after[i])}), TAC {int(r.tac[i]):08X}"
+        )
+
+    def finding(self, rule: str, i: int, evidence: list[str], city: str | None = None, **details: Any) -> Finding:
+        """A finding about the record of row ``i`` (its card's issuer city unless ``city`` is given)."""
+        issuer = f"{int(self.r.issuer[i]):04d}"
+        tech = "m1" if self.m1[i] else "cpu"
+        card = str(self.r.card[i])
+        return finding(rule, self.rid(i), tech, city or issuer, evidence, card=card, **details)
+
+
+# what makes two copies of one record identity the same record (the clearing file's columns; see the docs)
+_CONTENT = ("acquirer", "terminal", "terminal_seq", "amount", "balance_before", "balance_after", "time_us", "tac")
+
+
+def _factorize(issuer: Ints, card: Objects) -> Ints:
+    """A number per distinct (issuer, card)."""
+    index: dict[tuple[int, str], int] = {}
+    codes = [index.setdefault(key, len(index)) for key in zip(issuer.tolist(), card.tolist(), strict=True)]
+    return _ints(codes)
+
+
+def _content_hash(rows: Records) -> NDArray[np.uint64]:
+    digest = np.zeros(len(rows), dtype=np.uint64)
+    for column in _CONTENT:
+        digest = (digest ^ getattr(rows, column).view(np.uint64)) * _MIX
+        digest ^= digest >> np.uint64(29)
+    return digest
+
+
+def _pairs(order: Ints, *keys: Ints) -> tuple[Ints, Ints]:
+    """Neighbours (previous, next) in ``order`` that agree on every key."""
+    same = np.ones(max(len(order) - 1, 0), dtype=bool)
+    for key in keys:
+        k = key[order]
+        same &= k[1:] == k[:-1]
+    where = np.flatnonzero(same)
+    return order[where], order[where + 1]
+
+
+# --- the checks ------------------------------------------------------------------------------------------
+
+
+def _duplicates(t: _Table) -> list[Finding]:
+    """REC-DUPLICATE: the same content more than once in one holder's ledger (one finding per ledger)."""
+    found = []
+    for i in np.flatnonzero(t.copy & ~np.concatenate((t.copy[1:], [False]))).tolist():
+        copies = [j for j in t.rows_of(i) if t.holder[j] == t.holder[i] and _same_content(t, j, i)]
+        city = t.cities[int(t.holder[i])]
+        evidence = [f"{len(copies)} copies in the ledger of {city}: " + "; ".join(t.where(j) for j in copies)]
+        found.append(t.finding("REC-DUPLICATE", i, evidence, city=city, copies=len(copies)))
+    return found
+
+
+def _same_content(t: _Table, a: int, b: int) -> bool:
+    return all(getattr(t.r, column)[a] == getattr(t.r, column)[b] for column in _CONTENT)
+
+
+def _conflicts(t: _Table) -> list[Finding]:
+    """REC-CONFLICT: one record identity with different contents (within a ledger or between sides)."""
+    versions = np.add.reduceat(t.version_start.astype(np.int64), t.starts) if len(t.starts) else t.starts
+    found = []
+    for start in t.starts[versions > 1].tolist():
+        rows = t.rows_of(start)
+        heads = [i for i in rows if t.version_start[i]]
+        evidence = []
+        for number, head in enumerate(heads, 1):
+            holders = [t.where(j) for j in rows if _same_content(t, j, head)]
+            evidence.append(f"version {number}: {t.describe(head)}; held by " + "; ".join(holders))
+        found.append(t.finding("REC-CONFLICT", start, evidence, versions=len(heads)))
+    return found
+
+
+def _missing(t: _Table) -> tuple[list[Finding], NDArray[np.bool_]]:
+    """REC-MISSING: a record absent from the acquirer's ledger, or from the issuer's when that ledger holds
+    the issuer side. Also returns, per identity, whether the issuer's ledger lacks it (not settled)."""
+    if not len(t.starts):
+        return [], np.zeros(0, dtype=bool)
+    acquirer, issuer = t.r.acquirer[t.starts], t.r.issuer[t.starts]  # of each identity
+    holder = np.array([int(ledger.city) for ledger in t.ledgers], dtype=np.int64)[t.holder]
+    at_acquirer = np.logical_or.reduceat(holder == acquirer[t.group], t.starts)
+    at_issuer = np.logical_or.reduceat(holder == issuer[t.group], t.starts)
+    present, issuer_side = np.zeros(10_000, dtype=bool), np.zeros(10_000, dtype=bool)  # by city code
+    for ledger in t.ledgers:
+        present[int(ledger.city)] = True
+        issuer_side[int(ledger.city)] |= ledger.issuer_side
+    lacks = {
+        "acquirer": present[acquirer] & ~at_acquirer,
+        "issuer": issuer_side[issuer] & ~at_issuer & (issuer != acquirer),
+    }
+    found = []
+    for g in np.flatnonzero(lacks["acquirer"] | lacks["issuer"]).tolist():
+        i = int(t.starts[g])
+        held = "; ".join(t.where(j) for j in t.rows_of(i))
+        for side, lacking in lacks.items():
+            if lacking[g]:
+                city = f"{int((acquirer if side == 'acquirer' else issuer)[g]):04d}"
+                evidence = [f"not in the ledger of {city} ({side} side)", f"held by {held}"]
+                found.append(t.finding("REC-MISSING", i, evidence, city=city, side=side))
+    return found, lacks["issuer"]
+
+
+def _sequences(t: _Table) -> list[Finding]:
+    """Per card: counter gaps and repeats (ordered by counter, CPU offline and online counters apart), then
+    balance continuity (M1 by counter, CPU by time) and M1 value-block tampering."""
+    c = t.starts
+    r = t.r.take(c)
+    card, m1 = t.card_no[c], t.m1[c]
+    sequence = np.where(~m1 & (r.kind == LOAD), 1, 0)  # CPU loads count on the online counter
+    found: list[Finding] = []
+
+    by_counter = np.lexsort((r.time_us, r.counter, sequence, card))
+    prev, nxt = _pairs(by_counter, card, sequence)
+    step = r.counter[nxt] - r.counter[prev]
+    forked = np.zeros(len(c), dtype=bool)
+    forked[prev[step == 0]] = forked[nxt[step == 0]] = True
+    gaps: dict[int, list[tuple[int, int]]] = defaultdict(list)  # card -> (time before, time after) of each gap
+    for a, b in zip(prev[step > 1].tolist(), nxt[step > 1].tolist(), strict=True):
+        gaps[int(card[a])].append((int(r.time_us[a]), int(r.time_us[b])))
+        missing = int(r.counter[b] - r.counter[a]) - 1
+        evidence = [
+            f"counter {int(r.counter[a])} ({t.rid(int(c[a]))}) is followed by {int(r.counter[b])}: "
+            f"{missing} record(s) missing",
+            t.where(int(c[b])),
+        ]
+        found.append(t.finding("REC-COUNTER-GAP", int(c[b]), evidence, missing=missing))
+    for a, b in zip(prev[step == 0].tolist(), nxt[step == 0].tolist(), strict=True):
+        evidence = [
+            f"counter {int(r.counter[b])} used by {t.rid(int(c[a]))} and {t.rid(int(c[b]))}",
+            *(f"{t.rid(int(c[x]))}: {t.describe(int(c[x]))}; {t.where(int(c[x]))}" for x in (a, b)),
+        ]
+        found.append(t.finding("REC-COUNTER-REPEAT", int(c[b]), evidence, other=t.rid(int(c[a]))))
+
+    problems: dict[int, list[str]] = defaultdict(list)  # row in r -> balance evidence
+    expected_after = np.where(r.kind == LOAD, r.balance_before + r.amount, r.balance_before - r.amount)
+    for i in np.flatnonzero(r.balance_after != expected_after).tolist():
+        sign = "+" if int(r.kind[i]) == LOAD else "-"
+        problems[i].append(
+            f"balance_after {int(r.balance_after[i])} != balance_before {int(r.balance_before[i])} "
+            f"{sign} amount {int(r.amount[i])}"
+        )
+    first_key = np.where(m1, r.counter, r.time_us)
+    second_key = np.where(m1, r.time_us, sequence * _COUNTER_SPAN + r.counter)
+    prev, nxt = _pairs(np.lexsort((second_key, first_key, card)), card)
+    breaks = (r.balance_before[nxt] != r.balance_after[prev]) & ~forked[prev] & ~forked[nxt]
+    tampered: list[tuple[int, int]] = []
+    for a, b in zip(prev[breaks].tolist(), nxt[breaks].tolist(), strict=True):
+        if m1[b]:
+            if int(r.counter[b] - r.counter[a]) != 1:
+                continue  # records are missing between them: the gap is reported
+            if r.balance_before[b] > r.balance_after[a]:
+                tampered.append((a, b))
+                continue
+        elif any(before <= r.time_us[b] and after >= r.time_us[a] for before, after in gaps[int(card[b])]):
+            continue  # a missing record may sit between them: the gap is reported
+        problems[b].append(
+            f"balance_before {int(r.balance_before[b])} != balance_after {int(r.balance_after[a])} "
+            f"of the card's previous record {t.rid(int(c[a]))}"
+        )
+    for i, lines in sorted(problems.items()):
+        found.append(t.finding("REC-BALANCE", int(c[i]), [*lines, t.where(int(c[i]))]))
+    for a, b in tampered:
+        rise = int(r.balance_before[b] - r.balance_after[a])
+        evidence = [
+            f"balance rose by {rise} fen with no load: {t.rid(int(c[a]))} left {int(r.balance_after[a])}, "
+            f"the next record starts from {int(r.balance_before[b])}",
+            t.where(int(c[b])),
+        ]
+        found.append(t.finding("REC-M1-TAMPER", int(c[b]), evidence, rise=rise))
+    return found
+
+
+def _travel(t: _Table, cities: Cities, skipped: list[str]) -> list[Finding]:
+    """REC-IMPOSSIBLE-TRAVEL: one card at two cities' terminals faster than the trip between them (every
+    distinct version of a record counts: a clone's copy is an appearance of the card)."""
+    v = np.flatnonzero(t.version_start)
+    r, card = t.r.take(v), t.card_no[v]
+    prev, nxt = _pairs(np.lexsort((r.time_us, card)), card)
+    moved = r.acquirer[prev] != r.acquirer[nxt]
+    prev, nxt = prev[moved], nxt[moved]
+    codes = np.unique(r.acquirer)
+    minutes = np.full((len(codes), len(codes)), -1, dtype=np.int64)
+    for x, a in enumerate(codes.tolist()):
+        for y, b in enumerate(codes.tolist()):
+            minutes[x, y] = cities.travel_minutes.get(frozenset((f"{a:04d}", f"{b:04d}")), -1)
+    need = minutes[np.searchsorted(codes, r.acquirer[prev]), np.searchsorted(codes, r.acquirer[nxt])]
+    unknown = Counter(
+        "-".join(sorted((f"{a:04d}", f"{b:04d}")))
+        for a, b in zip(r.acquirer[prev[need < 0]].tolist(), r.acquirer[nxt[need < 0]].tolist(), strict=True)
+    )
+    for pair, count in sorted(unknown.items()):
+        skipped.append(f"travel time between {pair} unknown: {count} change(s) of city not checked")
+    fast = (need >= 0) & (r.time_us[nxt] - r.time_us[prev] < need * 60 * _US)
+    found = []
+    for a, b, least in zip(prev[fast].tolist(), nxt[fast].tolist(), need[fast].tolist(), strict=True):
+        x, y = int(v[a]), int(v[b])
+        gap = int(r.time_us[b] - r.time_us[a]) / (60 * _US)
+        evidence = [
+            f"{t.rid(x)} in {int(r.acquirer[a]):04d} at {r.time[a]}, then {t.rid(y)} in {int(r.acquirer[b]):04d} "
+            f"at {r.time[b]}: {gap:.0f} min apart, the trip takes at least {least} min",
+            t.where(y),
+        ]
+        found.append(t.finding("REC-IMPOSSIBLE-TRAVEL", y, evidence, minutes=round(gap, 1), least=least))
+    return found
+
+
+class _TacRows(NamedTuple):
+    """Rows whose TAC to compute, as the Python values clearing.verify works with."""
+
+    position: list[int]
+    issuer: list[str]
+    card: list[str]
+    kind: list[str]
+    counter: list[int]
+    amount: list[int]
+    balance_before: list[int]
+    balance_after: list[int]
+    terminal: list[str]
+    terminal_seq: list[int]
+    acquirer: list[str]
+    time: list[str]
+    tac: list[int]
+    alg: list[int]
+    key_version: list[int]
+
+    @classmethod
+    def of(cls, r: Records, positions: Ints) -> _TacRows:
+        """The rows of ``r``, labelled by ``positions``."""
+        return cls(
+            positions.tolist(),
+            [f"{x:04d}" for x in r.issuer.tolist()],
+            r.card.tolist(),
+            [KINDS[x] for x in r.kind.tolist()],
+            r.counter.tolist(),
+            r.amount.tolist(),
+            r.balance_before.tolist(),
+            r.balance_after.tolist(),
+            [f"{x:012X}" for x in r.terminal.tolist()],
+            r.terminal_seq.tolist(),
+            [f"{x:04d}" for x in r.acquirer.tolist()],
+            r.time.tolist(),
+            r.tac.tolist(),
+            r.alg.tolist(),
+            r.key_version.tolist(),
+        )
+
+    def values(self, i: int) -> dict[str, Any]:
+        """The fields of row ``i`` that differ from record to record of one card (the TAC is not signed)."""
+        return {
+            "kind": self.kind[i],
+            "card_counter": self.counter[i],
+            "amount": self.amount[i],
+            "balance_before": self.balance_before[i],
+            "balance_after": self.balance_after[i],
+            "terminal": self.terminal[i],
+            "terminal_seq": self.terminal_seq[i],
+            "acquirer": self.acquirer[i],
+            "time": self.time[i],
+        }
+
+
+class _Signer:
+    """The TAC a row must carry, by clearing.verify.expected_tac on the row as a wire record. Records are built
+    without validation (the loaders checked the values; validating would cost more than the MAC): the first
+    of a card, algorithm and key version is constructed, the next ones are copies of it with their own values
+    (a third of the cost). One per process: its IssuerHost caches the cards' TAC keys."""
+
+    def __init__(self, keys: IssuerKeyStore) -> None:
+        self.host = IssuerHost(keys)
+        self._first: dict[tuple[str, str, str, int], TxnRecord] = {}
+
+    def tac(self, rows: _TacRows, i: int, alg: str, version: int) -> int:
+        """The TAC (CPU) or record MAC (M1) of row ``i`` with algorithm ``alg`` and key ``version``; HostRefusal
+        when the issuer's keys cannot make it."""
+        issuer, card = rows.issuer[i], rows.card[i]
+        record = self._first.get((issuer, card, alg, version))
+        if record is not None:
+            record = record.model_copy(update=rows.values(i))
+        else:
+            m1 = len(card) == 8
+            ref = CardRef.model_construct(issuer=issuer, serial=None if m1 else card, uid=card if m1 else None)
+            record = TxnRecord.model_construct(
+                schema_=TXN_SCHEMA,
+                seq=1,
+                tech="m1" if m1 else "cpu",
+                card=ref,
+                psam="0",
+                tac="00000000",
+                key_version=version,
+                alg=alg,
+                line=None,
+                station=None,
+                **rows.values(i),
+            )
+            self._first[(issuer, card, alg, version)] = record
+        return int.from_bytes(expected_tac(self.host, record))
+
+
+class _TacOutcome(NamedTuple):
+    failed: list[tuple[int, str]]  # (position, why)
+    unchecked: dict[str, int]  # why not -> records
+
+
+def _verify_tacs(keys: IssuerKeyStore, part: Records, positions: Ints) -> _TacOutcome:
+    """Verify each row's TAC (CPU) or record MAC (M1). A clearing file does not say the card's algorithm or key
+    version: every one the key store holds for the issuer is tried, the one that verified the card's previous
+    record first."""
+    rows = _TacRows.of(part, positions)
+    signer = _Signer(keys)
+    versions: dict[str, list[int]] = defaultdict(list)
+    for key_set in keys:
+        versions[key_set.city].append(key_set.version)
+    every: dict[tuple[str, bool], tuple[tuple[str, int], ...]] = {
+        (city, m1): tuple((a, v) for v in sorted(vs, reverse=True) for a in (("sm4",) if m1 else ALGS))
+        for city, vs in versions.items()
+        for m1 in (False, True)  # the M1 record MAC is SM4 whatever the record says
+    }
+    order: dict[tuple[str, str], tuple[tuple[str, int], ...]] = {}  # per card: what verified first
+    failed: list[tuple[int, str]] = []
+    unchecked: Counter[str] = Counter()
+    for i, position in enumerate(rows.position):
+        issuer, card, alg, version = rows.issuer[i], rows.card[i], rows.alg[i], rows.key_version[i]
+        tries: tuple[tuple[str, int], ...]
+        if alg >= 0:
+            tries = ((ALGS[alg], version),) if keys.get(issuer, version) else ()
+        else:
+            tries = order.get((issuer, card)) or every.get((issuer, len(card) == 8), ())
+        if not tries:
+            unchecked[f"no keys of issuer {issuer}" + (f" version {version}" if version >= 0 else "")] += 1
+            continue
+        why = ""
+        for n, (alg_name, key_version) in enumerate(tries):
+            try:
+                good = signer.tac(rows, i, alg_name, key_version) == rows.tac[i]
+            except HostRefusal as err:
+                why = str(err)
+                break
+            if good:
+                if n:
+                    order[(issuer, card)] = (tries[n], *tries[:n], *tries[n + 1 :])
+                break
+        else:
+            mac = "M1 record MAC" if len(card) == 8 else "TAC"
+            tried = ", ".join(f"{a} v{v}" for a, v in tries)
+            why = f"{mac} does not verify with the keys of issuer {issuer} ({tried})"
+        if why:
+            failed.append((position, why))
+    return _TacOutcome(failed, dict(unchecked))
+
+
+def _sign(keys: IssuerKeyStore, part: Records, positions: Ints) -> list[int]:
+    rows, signer = _TacRows.of(part, positions), _Signer(keys)
+    return [
+        signer.tac(rows, i, ALGS[alg], v) for i, (alg, v) in enumerate(zip(rows.alg, rows.key_version, strict=True))
+    ]
+
+
+def _in_parts(work: Any, keys: IssuerKeyStore, rows: Records, positions: Ints, jobs: int, least: int) -> Iterator[Any]:
+    """``work(keys, part of rows, their positions)`` in ``jobs`` processes; in this one for fewer than ``least``
+    rows. The parts travel as numpy columns (cheap to send); each worker makes its own Python values."""
+    if jobs <= 1 or len(positions) < least:
+        yield work(keys, rows.take(positions), positions)
+        return
+    parts = np.array_split(positions, jobs * 4)
+    with ProcessPoolExecutor(jobs) as pool:
+        yield from pool.map(work, repeat(keys), (rows.take(part) for part in parts), parts)
+
+
+def sign_tacs(keys: IssuerKeyStore, records: Records, jobs: int = 1, least: int = 20_000) -> Ints:
+    """The TAC (CPU) or record MAC (M1) of every row, with its algorithm and key version (which must be known):
+    for generating signed test data (benchmarks)."""
+    every = np.arange(len(records), dtype=np.int64)
+    return _ints([tac for part in _in_parts(_sign, keys, records, every, jobs, least) for tac in part])
+
+
+def _tacs(t: _Table, keys: IssuerKeyStore, options: Options, skipped: list[str]) -> list[Finding]:
+    """REC-TAC on every distinct version of every record, the rows of one card together (the algorithm and
+    key version that verified a card are tried first on its next record)."""
+    versions = np.flatnonzero(t.version_start)
+    versions = versions[np.argsort(t.card_no[versions], kind="stable")]
+    found: list[Finding] = []
+    unchecked: Counter[str] = Counter()
+    for outcome in _in_parts(_verify_tacs, keys, t.r, versions, options.jobs, options.min_parallel):
+        unchecked.update(outcome.unchecked)
+        for i, why in outcome.failed:
+            holders = "; ".join(t.where(j) for j in t.rows_of(i) if _same_content(t, j, i))
+            found.append(t.finding("REC-TAC", i, [why, t.describe(i), f"held by {holders}"]))
+    for why, count in sorted(unchecked.items()):
+        skipped.append(f"TAC of {count} record(s) not checked: {why}")
+    return found
+
+
+# --- settlement ------------------------------------------------------------------------------------------
+
+
+def _settlement(t: _Table, at_issuer: NDArray[np.bool_], options: Options) -> tuple[Settlement, list[Finding]]:
+    """Settle the records again (clearing.settlement.settle: cross-city debits, one per record identity; a
+    record the issuer's ledger lacks is left out, as the clearing settles only what the issuer acked) and
+    compare with the settlement file."""
+    claimed = options.claimed
+    r = t.r.take(t.starts)
+    days = (r.time_us + _CHINA_US) // _DAY_US
+    debit = np.isin(r.kind, [KINDS.index(k) for k in DEBIT_KINDS]) & (r.issuer != r.acquirer)
+    day = claimed.day if claimed else options.day
+    if day is not None:
+        debit &= days == day_number(day)
+        label = day
+    elif debit.any():
+        first, last = _day_text(int(days[debit].min())), _day_text(int(days[debit].max()))
+        label = first if first == last else f"{first}..{last}"
+    else:
+        label = ""
+    left_out = int((debit & at_issuer).sum())
+    debit &= ~at_issuer
+    keys = np.stack((r.acquirer[debit], r.issuer[debit], r.amount[debit]), axis=1)
+    groups, counts = np.unique(keys, axis=0, return_counts=True) if len(keys) else (keys, np.zeros(0, np.int64))
+    debits = [
+        (f"{a:04d}", f"{i:04d}", amount, n) for (a, i, amount), n in zip(groups.tolist(), counts.tolist(), strict=True)
+    ]
+    settlement = settle(label, debits, claimed.rates if claimed else {}, options.default_rate)
+    if left_out:
+        settlement.unsettled = {"missing at issuer": left_out}
+    return settlement, _settlement_findings(settlement, claimed) if claimed else []
+
+
+def _settlement_findings(settlement: Settlement, claimed: ClaimedSettlement) -> list[Finding]:
+    """REC-SETTLEMENT: the file's positions must sum to zero and equal the positions the records give."""
+    found = []
+    total = sum(claimed.positions.values())
+    if total:
+        shown = ", ".join(f"{c} {n:+}" for c, n in sorted(claimed.positions.items()))
+        evidence = [f"{claimed.source}: net positions sum to {total:+} fen, not 0 ({shown})"]
+        found.append(finding("REC-SETTLEMENT", claimed.day, "", "", evidence, net_sum=total))
+    ours = settlement.positions
+    owed = {(x.acquirer, x.issuer): x.owed for x in settlement.lines}
+    for city in sorted(set(ours) | set(claimed.positions)):
+        says, gives = claimed.positions.get(city, 0), ours.get(city, 0)
+        if says == gives:
+            continue
+        evidence = [f"{claimed.source} says {says:+} fen, the records give {gives:+} fen ({says - gives:+})"]
+        for pair in sorted(set(owed) | set(claimed.owed)):
+            if city in pair and owed.get(pair, 0) != claimed.owed.get(pair, 0):
+                evidence.append(
+                    f"issuer {pair[1]} owes acquirer {pair[0]}: the file says {claimed.owed.get(pair, 0)}, "
+                    f"the records give {owed.get(pair, 0)}"
+                )
+        found.append(finding("REC-SETTLEMENT", city, "", city, evidence, claimed=says, recomputed=gives))
+    return found
+
+
+# --- the whole job ---------------------------------------------------------------------------------------
+
+
+def _merge(ledgers: Sequence[Ledger], day: str | None) -> list[Ledger]:
+    """One ledger per holder city (sources of the same city merged), only rows of ``day`` when given."""
+    by_city: dict[str, list[Ledger]] = defaultdict(list)
+    for ledger in ledgers:
+        by_city[ledger.city].append(ledger)
+    merged = []
+    for city in sorted(by_city):
+        sources: list[Source] = []
+        parts = []
+        for ledger in by_city[city]:
+            parts.append(replace(ledger.records, source=ledger.records.source + len(sources)))
+            sources.extend(ledger.sources)
+        records = Records.concat(parts)
+        if day is not None:
+            records = records.take((records.time_us + _CHINA_US) // _DAY_US == day_number(day))
+        merged.append(Ledger(city, tuple(sources), records, any(x.issuer_side for x in by_city[city])))
+    return merged
+
+
+def reconcile(ledgers: Sequence[Ledger], options: Options) -> Report:
+    """Reconcile the holders' ledgers: every check of audit.md, findings by RECONCILE_RULES ids."""
+    merged = _merge(ledgers, options.day)
+    table = _Table(merged)
+    skipped: list[str] = []
+    missing, at_issuer = _missing(table)
+    findings = [*_duplicates(table), *_conflicts(table), *missing, *_sequences(table)]
+    findings += _travel(table, options.cities, skipped)
+    if options.keys is None:
+        skipped.append("TAC verification not run (--no-tac)")
+    else:
+        findings += _tacs(table, options.keys, options, skipped)
+    settlement, settled = _settlement(table, at_issuer, options)
+    findings += settled
+    rank = {rule: n for n, rule in enumerate(RECONCILE_RULES)}
+    findings.sort(key=lambda f: (rank[f.id], f.subject, f.city))
+    by_rule = Counter(f.id for f in findings)
+    return Report(
+        kind="reconcile",
+        inputs=[s.name for ledger in merged for s in ledger.sources]
+        + ([options.claimed.source] if options.claimed else []),
+        findings=findings,
+        subjects=[
+            {
+                "city": ledger.city,
+                "name": options.cities.names.get(ledger.city, ""),
+                "records": len(ledger.records),
+                "issuer_side": ledger.issuer_side,
+                "sources": [s.name for s in ledger.sources],
+            }
+            for ledger in merged
+        ],
+        checks={rule: by_rule.get(rule, 0) for rule in RECONCILE_RULES},
+        skipped=skipped,
+        settlement=settlement.to_json(),
+        hotlist=sorted({str(f.details["card"]) for f in findings if f.id in CLONE_RULES}),
+    )

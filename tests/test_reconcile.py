@@ -1,0 +1,387 @@
+"""`yikatong audit reconcile`: the planted fixture gives exactly the planted findings; clean ledgers give none;
+ledgers read from real clearing databases (SQLite, PostgreSQL) built by the clearing itself; exit codes
+0/1/2; bad input named by file and line with nothing written; the clearing-file parser under fuzzing."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from clearing_support import HOST, fresh_db, signed_records
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from audit.findings import RECONCILE_RULES
+from audit.ledger_sources import LedgerInputError, read_cities, read_clearing_file
+from audit.reconcile import Cities, Options, reconcile
+from audit.reconcile_fixture import DAY, Fixture, write_fixture
+from cardsim.keys import IssuerKeyStore
+from clearing.db import migrate, open_engine
+from clearing.intake import Intake, Topic
+from clearing.ledger import Ledger, Received
+from clearing.settlement import CSV_HEADER
+from terminals.messages import TxnRecord, batch_payload, interop_txn_topic, txn_topic
+from yikatong.cli import main
+from yikatong.reconcile_cli import read_ledgers
+
+BENCH = Path(__file__).parents[1] / "bench" / "reconcile_bench.py"
+
+
+def reconcile_cli(*args: str, out: Path) -> tuple[int, dict[str, Any] | None]:
+    """Run the command in this process; its exit code and the JSON report (None when none was written)."""
+    report, page = out / "report.json", out / "report.html"
+    code = main(["audit", "reconcile", *args, "--json", str(report), "--html", str(page)])
+    assert report.exists() == page.exists()
+    return code, json.loads(report.read_text()) if report.exists() else None
+
+
+def found(report: dict[str, Any]) -> set[tuple[str, str]]:
+    return {(f["id"], f["subject"]) for f in report["findings"]}
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory: pytest.TempPathFactory) -> Fixture:
+    return write_fixture(tmp_path_factory.mktemp("planted"), seed=7)
+
+
+@pytest.fixture(scope="module")
+def clean(tmp_path_factory: pytest.TempPathFactory) -> Fixture:
+    return write_fixture(tmp_path_factory.mktemp("clean"), seed=7, plant=False)
+
+
+# --- the planted fixture --------------------------------------------------------------------------------
+
+
+def test_the_fixture_plants_every_kind_of_problem(planted: Fixture) -> None:
+    assert {rule for rule, _ in planted.expected} == set(RECONCILE_RULES)
+
+
+def test_planted_findings_are_reported_exactly(planted: Fixture, tmp_path: Path) -> None:
+    code, report = reconcile_cli(*planted.inputs, "--settlement", str(planted.settlement), out=tmp_path)
+    assert report is not None and code == 1
+    assert found(report) == planted.expected
+    assert report["hotlist"] == planted.hotlist
+    assert report["checks"] == {rule: sum(r == rule for r, _ in planted.expected) for rule in RECONCILE_RULES}
+    assert report["kind"] == "reconcile" and report["skipped"] == []
+    assert report["settlement"]["net_sum"] == 0 and report["settlement"]["unsettled"] == {"missing at issuer": 1}
+    # the recomputed Yantai position is what the tampered file says, less the 100 fen planted
+    claimed = json.loads(planted.settlement.read_text())["positions"]
+    assert report["settlement"]["positions"] == {**claimed, "4560": claimed["4560"] - 100}
+    evidence = {(f["id"], f["subject"]): " ".join(f["evidence"]) for f in report["findings"]}
+    assert all(".csv line " in text for (rule, _), text in evidence.items() if rule != "REC-SETTLEMENT")
+
+
+def test_engine_gives_the_same_findings_with_tac_checks_in_worker_processes(planted: Fixture) -> None:
+    ledgers = read_ledgers(planted.inputs, [])
+    keys = IssuerKeyStore.test_set()
+    one = reconcile(ledgers, Options(read_cities(), keys))
+    two = reconcile(ledgers, Options(read_cities(), keys, jobs=2, min_parallel=0))
+    assert [f.to_json() for f in one.findings] == [f.to_json() for f in two.findings]
+    assert {(f.id, f.subject) for f in one.findings} == {x for x in planted.expected if x[0] != "REC-SETTLEMENT"}
+
+
+def test_without_travel_times_no_travel_is_judged_and_the_report_says_so(planted: Fixture) -> None:
+    report = reconcile(read_ledgers(planted.inputs, []), Options(Cities(), None))
+    assert "REC-IMPOSSIBLE-TRAVEL" not in {f.id for f in report.findings}
+    assert any(note.startswith("travel time between 4510-4560 unknown") for note in report.skipped)
+
+
+def test_no_tac_leaves_out_only_the_tac_findings(planted: Fixture, tmp_path: Path) -> None:
+    code, report = reconcile_cli(*planted.inputs, "--no-tac", out=tmp_path)
+    assert report is not None and code == 1
+    assert found(report) == {x for x in planted.expected if x[0] not in ("REC-TAC", "REC-SETTLEMENT")}
+    assert report["skipped"] == ["TAC verification not run (--no-tac)"]
+
+
+def test_other_keys_cannot_verify_any_tac(planted: Fixture, tmp_path: Path) -> None:
+    """A key file of other masters: every record fails, so the check really uses the keys it is given."""
+    doc = json.loads((Path(__file__).parents[1] / "fixtures" / "keys" / "test-keys.json").read_text())
+    for entry in doc["issuers"]:
+        entry["tac"] = entry["purchase"] = "00" * 16
+    keys = tmp_path / "keys.json"
+    keys.write_text(json.dumps(doc))
+    code, report = reconcile_cli(*planted.inputs, "--keys", str(keys), out=tmp_path)
+    assert report is not None and code == 1
+    rows = sum(s["records"] for s in report["subjects"])
+    assert 60 < report["checks"]["REC-TAC"] <= rows
+
+
+# --- clean input, exit codes ----------------------------------------------------------------------------
+
+
+def test_clean_ledgers_give_no_findings_and_exit_0(clean: Fixture, tmp_path: Path) -> None:
+    code, report = reconcile_cli(*clean.inputs, "--settlement", str(clean.settlement), out=tmp_path)
+    assert report is not None and code == 0
+    assert report["findings"] == [] and report["hotlist"] == [] and report["skipped"] == []
+    assert set(report["checks"].values()) == {0}
+    assert report["settlement"] == json.loads(clean.settlement.read_text())
+    assert [s["city"] for s in report["subjects"]] == ["4510", "4530", "4560"]
+
+
+@pytest.mark.parametrize(("fail_on", "code"), [("critical", 0), ("high", 0), ("medium", 1), ("low", 1)])
+def test_fail_on_decides_the_exit_code(clean: Fixture, tmp_path: Path, fail_on: str, code: int) -> None:
+    """A copied row (a medium finding) fails the run only when --fail-on is medium or lower."""
+    acquirer_file = Path(clean.inputs[0])
+    copy = tmp_path / acquirer_file.name
+    lines = acquirer_file.read_text().splitlines(keepends=True)
+    copy.write_text("".join([*lines, lines[1]]))
+    inputs = [str(copy), *clean.inputs[1:]]
+    got, report = reconcile_cli(*inputs, "--fail-on", fail_on, out=tmp_path)
+    assert report is not None and got == code
+    assert found(report) == {("REC-DUPLICATE", lines[1].split(",")[0])}
+
+
+def test_a_record_that_differs_between_the_sides_is_a_conflict(clean: Fixture, tmp_path: Path) -> None:
+    """The issuer's copy of a forwarded record says another terminal seq than the acquirer's."""
+    city, issuer_file = clean.inputs[1].split("=", 1)
+    lines = Path(issuer_file).read_text().splitlines()
+    changed = _set(lines[1], "terminal_seq", "999")
+    (tmp_path / "issuer.csv").write_text("\n".join([lines[0], changed, *lines[2:]]) + "\n")
+    inputs = [clean.inputs[0], f"{city}={tmp_path / 'issuer.csv'}", *clean.inputs[2:]]
+    code, report = reconcile_cli(*inputs, "--no-tac", out=tmp_path)
+    assert report is not None and code == 1
+    assert found(report) == {("REC-CONFLICT", changed.split(",")[0])}
+    (conflict,) = report["findings"]
+    assert conflict["details"]["versions"] == 2 and "#999" in " ".join(conflict["evidence"])
+
+
+def test_day_selects_the_records(clean: Fixture, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, report = reconcile_cli(*clean.inputs, "--day", "2026-11-23", out=tmp_path)
+    assert report is not None and code == 0
+    assert {s["records"] for s in report["subjects"]} == {0} and report["settlement"]["day"] == "2026-11-23"
+    code, report = reconcile_cli(*clean.inputs, "--day", DAY, out=tmp_path)
+    assert report is not None and sum(s["records"] for s in report["subjects"]) > 50
+    settlement = str(clean.settlement)
+    assert reconcile_cli(*clean.inputs, "--day", "2026-11-23", "--settlement", settlement, out=tmp_path / "x") == (
+        2,
+        None,
+    )
+    assert "settles 2026-11-24" in capsys.readouterr().err
+
+
+# --- bad input: exit 2, a clear message, no report ------------------------------------------------------
+
+
+def _edit(clean: Fixture, folder: Path, change: Any) -> tuple[str, str]:
+    """A copy of the first acquirer file with ``change(lines)`` applied; (its path, its name)."""
+    source = Path(clean.inputs[0])
+    lines = source.read_text().splitlines()
+    bad = folder / source.name
+    bad.write_text("\n".join(change(lines)) + "\n")
+    return str(bad), source.name
+
+
+def _set(line: str, column: str, value: str) -> str:
+    cells = line.split(",")
+    cells[CSV_HEADER.index(column)] = value
+    return ",".join(cells)
+
+
+def _counter(line: str, counter: str) -> str:
+    record_id = line.split(",", maxsplit=1)[0].rsplit("-", 1)[0] + "-" + counter
+    return _set(_set(line, "card_counter", counter), "record_id", record_id)
+
+
+BAD_FILES = {
+    "missing column": (lambda ls: [ls[0].replace(",tac", ""), *(x.rsplit(",", 1)[0] for x in ls[1:])], "line 1"),
+    "non-numeric amount": (lambda ls: [*ls[:3], _set(ls[3], "amount", "12a"), *ls[4:]], "line 4: column amount"),
+    "short row": (lambda ls: [*ls[:2], ls[2].rsplit(",", 2)[0], *ls[3:]], "line 3: 11 columns"),
+    "negative balance": (lambda ls: [*ls[:2], _set(ls[2], "balance_after", "-5")], "line 3: column balance_after"),
+    "record id": (lambda ls: [*ls[:2], _set(ls[2], "record_id", "4510-x"), *ls[3:]], "line 3: column record_id"),
+    "another record's id": (lambda ls: [*ls[:2], _set(ls[2], "record_id", ls[3].split(",")[0])], "line 3: record_id"),
+    "bad time": (lambda ls: [*ls[:5], _set(ls[5], "time", "yesterday"), *ls[6:]], "line 6: column time"),
+    "no offset": (lambda ls: [*ls[:2], _set(ls[2], "time", "2026-11-24T08:00:00")], "line 3: column time"),
+    "counter too big": (lambda ls: [*ls[:2], _counter(ls[2], "70000")], "line 3: column card_counter: 70000 exceeds"),
+    "unclosed quote": (lambda ls: [*ls[:2], '"' + ls[2]], "not CSV"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_FILES, ids=list(BAD_FILES))
+def test_a_bad_clearing_file_is_named_by_line_and_nothing_is_written(
+    clean: Fixture, tmp_path: Path, capsys: pytest.CaptureFixture[str], case: str
+) -> None:
+    change, where = BAD_FILES[case]
+    bad, name = _edit(clean, tmp_path, change)
+    code, report = reconcile_cli(bad, *clean.inputs[1:], out=tmp_path / "out")
+    assert (code, report) == (2, None)
+    message = capsys.readouterr().err
+    assert message.startswith("yikatong: error: ") and name in message and where in message, message
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--db", "postgresql+asyncpg://nobody@127.0.0.1:1/x"], "database postgresql+asyncpg://nobody@127.0.0.1:1/x"),
+        (["--db", "sqlite:///no/such/folder/ledger.sqlite"], "no such SQLite file"),
+        (["--db", "mysql://u@h/db"], "only SQLite and PostgreSQL"),
+        (["no-such-file.csv"], "no-such-file.csv: No such file"),
+        ([], "nothing to reconcile"),
+    ],
+)
+def test_unusable_inputs_exit_2_without_a_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str], message: str
+) -> None:
+    code, report = reconcile_cli(*args, out=tmp_path / "out")
+    assert (code, report) == (2, None)
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_bad_settlement_file_or_a_mixed_file_without_holder_exits_2(
+    clean: Fixture, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    broken = tmp_path / "settlement.json"
+    broken.write_text('{"schema": "yikatong.settlement/1", "day": "2026-11-24", "positions": {"4510": "x"}}')
+    assert reconcile_cli(*clean.inputs, "--settlement", str(broken), out=tmp_path / "a") == (2, None)
+    assert f"{broken}: not a settlement file" in capsys.readouterr().err
+    issuer_side = clean.inputs[1].split("=", 1)[1]  # rows of several acquirers: whose ledger is it?
+    assert reconcile_cli(issuer_side, out=tmp_path / "b") == (2, None)
+    assert "name the holder city as CITY=" in capsys.readouterr().err
+
+
+def test_a_database_without_a_ledger_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    empty = tmp_path / "empty.sqlite"
+    empty.write_bytes(b"")
+    assert reconcile_cli("--db", f"sqlite:///{empty}", out=tmp_path / "out") == (2, None)
+    assert "no clearing ledger table" in capsys.readouterr().err
+
+
+# --- real clearing databases ----------------------------------------------------------------------------
+
+
+async def _clear_day(url: str, hold_back: int = 0) -> list[str]:
+    """Two cities' clearings in one database: each stores its terminal's records and forwards the other
+    city's cards to it, which verifies and stores them; ``hold_back`` forwards of Yantai never reach Jinan.
+    Returns the ids of the held-back records."""
+    engine = open_engine(url)
+    await migrate(engine)
+    held: list[str] = []
+    for acquirer, issuer, seed in (("4560", "4510", 11), ("4510", "4560", 12)):
+        terminal = f"{acquirer}00000001"
+        records = signed_records(40, acquirer, terminal, issuers=(acquirer, issuer), cards=8, seed=seed)
+        topic = txn_topic(acquirer, terminal)
+        verdicts = Intake(acquirer, HOST).message(
+            _topic(topic, acquirer), batch_payload([r.to_json() for r in records]).encode(), frozenset()
+        )
+        outcome = await Ledger(engine, acquirer).store([Received(topic, terminal, verdicts)])
+        forwards: list[TxnRecord] = outcome.to_forward
+        if acquirer == "4560" and hold_back:
+            held = [r.record_id for r in forwards[:hold_back]]
+            forwards = forwards[hold_back:]
+        interop = interop_txn_topic(issuer)
+        payload = batch_payload([r.to_json() for r in forwards]).encode()
+        verdicts = Intake(issuer, HOST).message(_topic(interop, issuer), payload, frozenset())
+        stored = await Ledger(engine, issuer).store([Received(interop, None, verdicts)])
+        assert stored.stored == len(forwards)
+        await Ledger(engine, acquirer).forward_done(issuer, [r.record_id for r in forwards], [])
+    await engine.dispose()
+    return held
+
+
+def _topic(topic: str, city: str) -> Topic:
+    parsed = Topic.parse(topic, city)
+    assert parsed is not None
+    return parsed
+
+
+@pytest.mark.parametrize("kind", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+async def test_database_ledgers_built_by_the_clearing_reconcile_clean(kind: str, tmp_path: Path) -> None:
+    async with fresh_db(kind, tmp_path) as url:
+        await _clear_day(url)
+        out = tmp_path / "files"
+        assert await asyncio.to_thread(main, ["clearing", "settle", "--day", DAY, "--db", url, "--out", str(out)]) == 0
+        settlement = str(out / f"settlement-{DAY}.json")
+        code, report = await asyncio.to_thread(reconcile_cli, "--db", url, "--settlement", settlement, out=tmp_path)
+    assert report is not None and code == 0
+    assert report["findings"] == [] and report["skipped"] == []
+    assert [(s["city"], s["records"], s["issuer_side"]) for s in report["subjects"]] == [
+        ("4510", 40 + 20, True),
+        ("4560", 40 + 20, True),
+    ]
+    assert report["settlement"]["positions"] == json.loads(Path(settlement).read_text())["positions"]
+    # the daily clearing files that settle wrote reconcile too (the acquirer side only)
+    files = sorted(str(p) for p in out.glob("clearing-*.csv"))
+    code, report = await asyncio.to_thread(reconcile_cli, *files, "--settlement", settlement, out=tmp_path)
+    assert report is not None and (code, report["findings"]) == (0, [])
+
+
+@pytest.mark.parametrize("kind", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+async def test_a_forward_the_issuer_never_got_is_missing_on_its_side(kind: str, tmp_path: Path) -> None:
+    async with fresh_db(kind, tmp_path) as url:
+        held = await _clear_day(url, hold_back=2)
+        out = tmp_path / "files"
+        assert await asyncio.to_thread(main, ["clearing", "settle", "--day", DAY, "--db", url, "--out", str(out)]) == 0
+        settlement = str(out / f"settlement-{DAY}.json")
+        code, report = await asyncio.to_thread(reconcile_cli, "--db", url, "--settlement", settlement, out=tmp_path)
+    assert report is not None and code == 1
+    assert found(report) == {("REC-MISSING", record_id) for record_id in held}
+    assert {f["city"] for f in report["findings"]} == {"4510"}
+    # the clearing did not settle the unacked forwards; reconciliation leaves them out the same way
+    assert report["settlement"]["unsettled"] == {"missing at issuer": 2}
+
+
+# --- the clearing-file parser under fuzzing -------------------------------------------------------------
+
+_CELL = st.one_of(
+    st.sampled_from(["4510", "4560", "0", "12", "-1", "", "purchase", "load", "ABCDEF012345", "1D3B993F"]),
+    st.sampled_from(["2026-11-24T08:00:00+08:00", "2026-11-24", "99999999999", "45100000000000000001"]),
+    st.text(max_size=12),
+)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    raw=st.one_of(
+        st.binary(max_size=300),
+        st.lists(st.lists(_CELL, min_size=11, max_size=14), max_size=4).map(
+            lambda rows: "\n".join([",".join(CSV_HEADER), *(",".join(r) for r in rows)]).encode()
+        ),
+    )
+)
+def test_every_file_parses_or_gets_a_clear_error(tmp_path: Path, raw: bytes) -> None:
+    path = tmp_path / "fuzz.csv"
+    path.write_bytes(raw)
+    try:
+        ledger = read_clearing_file(path, "4510")
+    except LedgerInputError as err:
+        assert str(err).startswith(str(path))
+    else:
+        assert len(ledger.records) <= raw.count(b"\n") + raw.count(b"\r")
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(line=st.integers(1, 60), cut=st.integers(0, 200), junk=st.text(max_size=5))
+def test_a_damaged_real_file_parses_or_names_its_line(
+    clean: Fixture, tmp_path: Path, line: int, cut: int, junk: str
+) -> None:
+    """A real clearing file with one line cut short and junk appended: a clear error names the line (or the
+    damage happens to leave a valid file)."""
+    text = Path(clean.inputs[0]).read_text().splitlines()
+    index = min(line, len(text) - 1)
+    text[index] = text[index][:cut] + junk
+    path = tmp_path / "damaged.csv"
+    path.write_text("\n".join(text) + "\n")
+    try:
+        read_clearing_file(path)
+    except LedgerInputError as err:
+        assert str(err).startswith(f"{path} line ") or "CITY=" in str(err)
+
+
+# --- the benchmark runs ---------------------------------------------------------------------------------
+
+
+def test_the_benchmark_runs_on_a_small_day(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, str(BENCH), "--records", "3000", "--folder", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "findings 0" in done.stdout and "records/s" in done.stdout

@@ -1,0 +1,118 @@
+"""``yikatong audit reconcile``: reconcile the cities' ledgers (clearing databases or daily clearing files),
+check TACs and the day's settlement, write the JSON and HTML reports, exit by --fail-on."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import textwrap
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from audit.findings import Report
+from audit.ledger_sources import LedgerInputError, read_cities, read_clearing_file, read_database, read_settlement
+from audit.reconcile import Ledger, Options, day_number, reconcile
+from yikatong.argtypes import load_keys, positive
+from yikatong.audit_output import add_report_options, finish
+from yikatong.errors import CliError
+
+_HOLDER = re.compile(r"([0-9]{4})=(.+)")
+
+
+def register(sub: Any) -> None:
+    """Add ``reconcile`` to the ``audit`` subcommands."""
+    parser = sub.add_parser(
+        "reconcile",
+        help="reconcile the cities' ledgers: missing, duplicate and conflicting records, counters, balances, "
+        "TACs, clones, settlement",
+        description=textwrap.fill(
+            "Reconcile the ledgers of the cities, read from clearing databases (--db, every city in it) "
+            "or from daily clearing files (CSV as 'clearing settle' writes them; the holder city of a file is its "
+            "acquirer column, or CITY=FILE for a city's issuer-side file). Checks: records missing on the acquirer "
+            "or issuer side, duplicates, conflicts, counter gaps and repeats, balance continuity, TACs (issuer "
+            "keys), M1 value-block tampering, impossible travel, and the day's settlement (--settlement). Suspected "
+            "clones make the report's hotlist. Exit 0, 1 when a finding at or above --fail-on exists, 2 on bad input "
+            "(nothing written).",
+            width=100,
+        ),
+        epilog="Examples:\n"
+        "  yikatong audit reconcile --db sqlite:///clearing.sqlite --settlement settlement-2026-11-24.json\n"
+        "  yikatong audit reconcile clearing-4510-2026-11-24.csv clearing-4560-2026-11-24.csv \\\n"
+        "      4510=issuer-4510-2026-11-24.csv --no-tac --fail-on critical",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("files", nargs="*", metavar="FILE|CITY=FILE", help="daily clearing files (CSV)")
+    parser.add_argument(
+        "--db",
+        action="append",
+        default=[],
+        metavar="URL",
+        help="clearing database, sqlite:///FILE or postgresql+asyncpg://user@host/db (repeatable)",
+    )
+    parser.add_argument("--settlement", type=Path, metavar="FILE", help="settlement-DAY.json to check")
+    parser.add_argument("--day", type=_day, help="only records of this settlement day, YYYY-MM-DD")
+    parser.add_argument("--keys", type=Path, help="issuer key file (default: the published TEST keys)")
+    parser.add_argument("--no-tac", action="store_true", help="do not verify TACs (the structural checks only)")
+    parser.add_argument(
+        "--jobs",
+        type=positive,
+        default=os.cpu_count() or 1,
+        help="processes verifying TACs (default: one per CPU, %(default)s)",
+    )
+    add_report_options(parser, "reconcile")
+    parser.set_defaults(run=_reconcile)
+
+
+def _day(text: str) -> str:
+    try:
+        day_number(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a day like 2026-11-24") from None
+    return text
+
+
+def read_ledgers(files: Sequence[str], databases: Sequence[str], day: str | None = None) -> list[Ledger]:
+    """The ledgers of files (``FILE`` or ``CITY=FILE``) and databases; CliError naming a bad input."""
+    ledgers = []
+    try:
+        for arg in files:
+            named = _HOLDER.fullmatch(arg)
+            path, holder = (Path(named[2]), named[1]) if named else (Path(arg), None)
+            ledgers.append(read_clearing_file(path, holder))
+        for url in databases:
+            ledgers += read_database(url, day)
+    except LedgerInputError as err:
+        raise CliError(str(err)) from err
+    return ledgers
+
+
+def _reconcile(args: argparse.Namespace) -> int:
+    if not args.files and not args.db:
+        raise CliError("nothing to reconcile: give daily clearing files (FILE or CITY=FILE) or --db URL")
+    keys = None if args.no_tac else load_keys(args.keys)
+    try:
+        cities = read_cities()
+        claimed = read_settlement(args.settlement) if args.settlement else None
+    except LedgerInputError as err:
+        raise CliError(str(err)) from err
+    if claimed and args.day and claimed.day != args.day:
+        raise CliError(f"--day {args.day} but {args.settlement} settles {claimed.day}")
+    ledgers = read_ledgers(args.files, args.db, args.day)
+    report = reconcile(ledgers, Options(cities, keys, claimed, args.day, args.jobs))
+    _print_summary(report)
+    return finish(report, args)
+
+
+def _print_summary(report: Report) -> None:
+    rows = sum(int(s["records"]) for s in report.subjects)
+    cities = ", ".join(f"{s['city']} {s['name']} {s['records']:,}".replace("  ", " ") for s in report.subjects)
+    print(f"reconciled {rows:,} ledger rows of {len(report.subjects)} cities ({cities})")
+    print("checks: " + ", ".join(f"{rule} {n}" for rule, n in report.checks.items()))
+    for note in report.skipped:
+        print(f"not checked: {note}")
+    if report.settlement is not None:
+        positions = ", ".join(f"{c} {n:+,}" for c, n in report.settlement["positions"].items())
+        print(f"settlement {report.settlement['day']} from the records: {positions or 'nothing to settle'}")
+    print(f"hotlist ({len(report.hotlist)}): {' '.join(report.hotlist) or '-'}")
