@@ -161,8 +161,6 @@ def _build_terminal(args: argparse.Namespace) -> Terminal:
         raise CliError(str(err).strip("'\"")) from err
 
 
-
-
 def _pcsc(name: str) -> PcscReader:
     try:
         return PcscReader(name)
@@ -273,8 +271,6 @@ async def _run_loop(terminal: Terminal, reader: PcscReader, broker: BrokerUrl | 
         if task is not None:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
-
-
 
 
 # --- sync and status ------------------------------------------------------------------------------------
