@@ -6,6 +6,7 @@ and verifies TACs for clearing and audit, all through ``cardsim.crypto``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from cardsim import crypto
@@ -38,12 +39,13 @@ class LoadRequest:
 class IssuerHost:
     """Issuer-side cryptography over one key store."""
 
-    TAC_KEY_CACHE = 100_000
-    """Cards whose TAC keys are kept: a clearing verifies the same cards all day, and deriving costs 3 ciphers."""
+    KEY_CACHE = 100_000
+    """Card keys (TAC, M1 record MAC) kept: a clearing verifies the same cards all day, and deriving costs 3
+    ciphers."""
 
     def __init__(self, keys: IssuerKeyStore) -> None:
         self.keys = keys
-        self._tac_keys: dict[tuple[bytes, int, Algorithm], BlockKey] = {}
+        self._card_keys: dict[tuple[object, ...], BlockKey] = {}
 
     def _key_set(self, card_serial: bytes, version: int) -> IssuerKeySet:
         try:
@@ -76,10 +78,26 @@ class IssuerHost:
 
     def tac_key(self, card_serial: bytes, version: int, alg: Algorithm) -> BlockKey:
         """The card's TAC key, for verifying the TAC of its transactions."""
-        cached = self._tac_keys.get((card_serial, version, alg))
-        if cached is None:
-            if len(self._tac_keys) >= self.TAC_KEY_CACHE:
-                self._tac_keys.clear()
-            cached = crypto.tac_key(alg, self.card_key(card_serial, version, alg, "tac").key)
-            self._tac_keys[(card_serial, version, alg)] = cached
-        return cached
+        return self._cached(
+            ("tac", card_serial, version, alg),
+            lambda: crypto.tac_key(alg, self.card_key(card_serial, version, alg, "tac").key),
+        )
+
+    def m1_record_key(self, issuer: str, version: int, uid: bytes) -> BlockKey:
+        """The key of an M1 card's record MAC (M1 cards have no TAC), from the issuer's purchase master."""
+
+        def derive() -> BlockKey:
+            key_set = self.keys.get(issuer, version)
+            if key_set is None:
+                raise HostRefusal(f"no keys for issuer {issuer} version {version}")
+            return crypto.m1_record_key(key_set.purchase, uid)
+
+        return self._cached(("m1", issuer, version, uid), derive)
+
+    def _cached(self, name: tuple[object, ...], derive: Callable[[], BlockKey]) -> BlockKey:
+        key = self._card_keys.get(name)
+        if key is None:
+            if len(self._card_keys) >= self.KEY_CACHE:
+                self._card_keys.clear()
+            key = self._card_keys[name] = derive()
+        return key

@@ -18,9 +18,6 @@ def expected_tac(host: IssuerHost, record: TxnRecord) -> bytes:
     date, time = bcd_date(when), bcd_time(when)
     terminal = bytes.fromhex(record.terminal)
     if record.tech == "m1":
-        key_set = host.keys.get(record.card.issuer, record.key_version)
-        if key_set is None:
-            raise HostRefusal(f"no keys for issuer {record.card.issuer} version {record.key_version}")
         uid = bytes.fromhex(str(record.card.uid))
         data = crypto.m1_record_data(
             uid,
@@ -33,7 +30,7 @@ def expected_tac(host: IssuerHost, record: TxnRecord) -> bytes:
             date,
             time,
         )
-        return crypto.m1_record_key(key_set.purchase, uid).mac(data)
+        return host.m1_record_key(record.card.issuer, record.key_version, uid).mac(data)
     serial = bytes.fromhex(str(record.card.serial))[2:]
     if serial[:2].hex() != record.card.issuer:
         raise HostRefusal(f"card serial does not belong to issuer {record.card.issuer}")
