@@ -170,9 +170,8 @@ def chi_square(data: bytes) -> float:
 class _Probe:
     """One card's audit session: the traced reader, what was learned, and the findings so far."""
 
-    def __init__(self, reader: Reader, rig: TearingRig | None, result: CpuAudit) -> None:
+    def __init__(self, reader: Reader, result: CpuAudit) -> None:
         self.card = _Traced(reader)
-        self.rig = rig
         self.result = result
 
     def add(self, rule: str, evidence: list[str], **details: object) -> None:
@@ -183,21 +182,22 @@ class _Probe:
         self.card.connect()
         select_purse(self.card)
 
-    def state(self) -> tuple[int, int]:
-        """(balance, offline counter) from an INITIALIZE FOR PURCHASE that is never completed."""
+    def begin_purchase(self) -> _Init:
+        """A clean session and INITIALIZE FOR PURCHASE of 1 fen; TransactionError when the card refuses."""
         self.fresh()
         init = _initialize(self.card, False, 1)
         if isinstance(init, int):
             raise TransactionError("INITIALIZE FOR PURCHASE", f"answered {init:04X}", init)
+        return init
+
+    def state(self) -> tuple[int, int]:
+        """(balance, offline counter) from an INITIALIZE FOR PURCHASE that is never completed."""
+        init = self.begin_purchase()
         return init.balance, init.counter
 
     def purchase(self, key: BlockKey, seq: int) -> tuple[bytes, bytes]:
         """A 1-fen purchase: (the DEBIT APDU, the card's answer)."""
-        self.fresh()
-        init = _initialize(self.card, False, 1)
-        if isinstance(init, int):
-            raise TransactionError("INITIALIZE FOR PURCHASE", f"answered {init:04X}", init)
-        apdu = _debit_apdu(init, key, seq)
+        apdu = _debit_apdu(self.begin_purchase(), key, seq)
         return apdu, self.card.transmit(apdu)
 
     # --- passive -------------------------------------------------------------------------------
@@ -303,10 +303,7 @@ class _Probe:
         """Cut power after 0, 1, 2... writes of a DEBIT; each outcome must be all-old or all-new."""
         for writes in range(TEAR_POINTS):
             before = self.state()
-            self.fresh()
-            init = _initialize(self.card, False, 1)
-            if isinstance(init, int):
-                raise TransactionError("INITIALIZE FOR PURCHASE", f"answered {init:04X}", init)
+            init = self.begin_purchase()
             rig.tear_after(writes)
             try:
                 self.card.transmit(_debit_apdu(init, key, 10 + writes))
@@ -359,7 +356,7 @@ def audit_cpu(
 ) -> CpuAudit:
     """Run every applicable CPU check on the card in ``reader``; TransactionError/CardGone when the card
     cannot be audited at all (it left, or it is not a purse)."""
-    probe = _Probe(reader, rig, CpuAudit("", "", ""))
+    probe = _Probe(reader, CpuAudit("", "", ""))
     probe.card.connect()
     app = select_purse(probe.card)
     probe.card.take()  # each probe's evidence starts with its own SELECT
