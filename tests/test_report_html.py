@@ -2,13 +2,12 @@
 then the page as headless Chromium renders it (counts per severity, evidence never becomes markup, nothing loaded
 from outside).
 
-Chromium is one of the apt packages of scripts/setup.sh, so under CI (CI=true) a missing browser fails the
-browser tests, like the PC/SC and PostgreSQL tests; on a developer machine without it they skip.
+Chromium is one of the apt packages of scripts/setup.sh: a missing browser fails the browser tests, like the
+PC/SC and PostgreSQL tests (never a skip that would hide a broken report).
 """
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 from collections import Counter
@@ -288,21 +287,14 @@ def test_empty_sections_say_none() -> None:
 # --- headless Chromium -------------------------------------------------------------------------------------
 
 
-def in_ci() -> bool:
-    """True under CI (CI=true or any value but empty, 0 or false)."""
-    return os.environ.get("CI", "").strip().lower() not in {"", "0", "false", "no"}
-
-
 def chromium() -> str:
-    """The Chromium executable: a failure under CI when it is missing (scripts/setup.sh installs it), else a skip."""
+    """The Chromium executable; the test fails when it is missing (scripts/setup.sh installs it)."""
     for name in ("chromium", "chromium-browser"):
         path = shutil.which(name)
         if path is not None:
             return path
     message = "chromium not installed: run scripts/setup.sh (Debian package chromium)"
-    if in_ci():
-        pytest.fail(message)
-    pytest.skip(message)
+    pytest.fail(message)
 
 
 def run_chromium(tmp_path: Path, page: Path, *options: str) -> subprocess.CompletedProcess[str]:
