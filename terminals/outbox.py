@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from terminals.messages import TXN_SCHEMA, Ack, Hotlist, MessageError, TxnRecord, parse_hotlist, parse_record
 
@@ -28,6 +28,14 @@ CREATE TABLE IF NOT EXISTS pending (card TEXT PRIMARY KEY, intent TEXT NOT NULL,
 CREATE TABLE IF NOT EXISTS rejected (seq INTEGER PRIMARY KEY, record TEXT NOT NULL, reason TEXT NOT NULL,
                                      at REAL NOT NULL);
 """
+
+
+class RecordQueue(Protocol):
+    """What the uplink sends from: records by seq, dropped when an ack covers them."""
+
+    def unacked(self, after: int = 0, limit: int = 100) -> list[tuple[int, str]]: ...
+    def apply_ack(self, ack: Ack) -> tuple[int, int]: ...
+    def queued(self) -> int: ...
 
 
 class OutboxError(Exception):
@@ -139,6 +147,11 @@ class Outbox:
                     )
             db.execute("DELETE FROM outbox WHERE seq <= ?", (ack.acked_through,))
         return len(rows) - sum(1 for seq, _ in rows if seq in reasons), sum(1 for seq, _ in rows if seq in reasons)
+
+    def queued(self) -> int:
+        """How many records wait for the clearing's ack."""
+        with self._lock:
+            return int(self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0])
 
     def rejected(self) -> list[tuple[int, str, str]]:
         """Records the clearing refused: (seq, reason, JSON)."""

@@ -168,6 +168,11 @@ class Terminal:
         self.hotlist: Hotlist = stored or Hotlist(schema=HOTLIST_SCHEMA, version=0, cards=[])
         self._hot = frozenset(self.hotlist.cards)
 
+    @property
+    def city(self) -> str:
+        """The terminal's city code."""
+        return self.config.city
+
     # --- hotlist ----------------------------------------------------------------------------------------
 
     def offer_hotlist(self, payload: bytes | str) -> bool:

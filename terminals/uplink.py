@@ -14,12 +14,13 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import aiomqtt
 
 from terminals.messages import MessageError, ack_topic, batch_payload, hotlist_topic, parse_ack, txn_topic
 from terminals.mqtt import BrokerUrl
-from terminals.terminal import Terminal
+from terminals.outbox import RecordQueue
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,19 @@ class UplinkStats:
     last_error: str | None = None
 
 
+class Sender(Protocol):
+    """What the uplink needs of a terminal: its city, number, outbox and a taker for hotlists (a ``Terminal``,
+    or a simulated terminal of the load generator)."""
+
+    @property
+    def city(self) -> str: ...
+    @property
+    def terminal_hex(self) -> str: ...
+    @property
+    def outbox(self) -> RecordQueue: ...
+    def offer_hotlist(self, payload: bytes | str) -> bool: ...
+
+
 class Uplink:
     """Publishes one terminal's outbox. Run ``run()`` as a task; ``notify()`` (from any thread) when a record
     was added, so it goes out at once."""
@@ -44,7 +58,7 @@ class Uplink:
     def __init__(
         self,
         broker: BrokerUrl,
-        terminal: Terminal,
+        terminal: Sender,
         *,
         batch: int = 100,
         ack_timeout: float = 10.0,
@@ -53,7 +67,7 @@ class Uplink:
         self.broker = broker
         self.terminal = terminal
         self.outbox = terminal.outbox
-        city, number = terminal.config.city, terminal.terminal_hex
+        city, number = terminal.city, terminal.terminal_hex
         self.number = number
         self.txn_topic = txn_topic(city, number)
         self.ack_topic = ack_topic(city, number)
@@ -111,7 +125,7 @@ class Uplink:
                 await asyncio.wait_for(self._wake.wait(), self.ack_timeout / 2)
             except TimeoutError:
                 quiet = time.monotonic() - self._last_traffic
-                if quiet >= self.ack_timeout and self.outbox.counts().queued:
+                if quiet >= self.ack_timeout and self.outbox.queued():
                     log.info("no ack for %.0f s: sending the unacked records again", quiet)
                     self.stats.resends += 1
                     self._sent_through = 0
@@ -164,4 +178,4 @@ class Uplink:
 
     def all_acked(self) -> bool:
         """The outbox is empty: the clearing has acked everything."""
-        return self.outbox.counts().queued == 0
+        return self.outbox.queued() == 0
