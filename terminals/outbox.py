@@ -38,6 +38,44 @@ class RecordQueue(Protocol):
     def queued(self) -> int: ...
 
 
+class MemoryOutbox:
+    """An outbox in memory, for the load generator's thousands of simulated terminals: the same ``seq`` and ack
+    rules as ``Outbox``, nothing on disk (a killed load process loses what was not yet acked)."""
+
+    def __init__(self) -> None:
+        self._records: dict[int, str] = {}
+        self.next_seq = 1
+
+    def append(self, fields: dict[str, Any], done_pending: str | None = None) -> TxnRecord:
+        """Give the record the next ``seq``, validate and keep it."""
+        record = parse_record({"schema": TXN_SCHEMA, "seq": self.next_seq, **fields})
+        self._records[self.next_seq] = record.to_json()
+        self.next_seq += 1
+        return record
+
+    def unacked(self, after: int = 0, limit: int = 100) -> list[tuple[int, str]]:
+        """Up to ``limit`` records with seq > ``after``, oldest first (dicts keep insertion order)."""
+        rows: list[tuple[int, str]] = []
+        for seq, record in self._records.items():
+            if seq > after:
+                rows.append((seq, record))
+                if len(rows) == limit:
+                    break
+        return rows
+
+    def apply_ack(self, ack: Ack) -> tuple[int, int]:
+        """Drop what the ack covers; (acked, rejected) counts."""
+        covered = [seq for seq in self._records if seq <= ack.acked_through]
+        for seq in covered:
+            del self._records[seq]
+        rejected = len({r.seq for r in ack.rejected} & set(covered))
+        return len(covered) - rejected, rejected
+
+    def queued(self) -> int:
+        """How many records wait for the clearing's ack."""
+        return len(self._records)
+
+
 class OutboxError(Exception):
     """The state file cannot be used (not ours, another terminal's, unreadable)."""
 
@@ -152,6 +190,13 @@ class Outbox:
         """How many records wait for the clearing's ack."""
         with self._lock:
             return int(self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0])
+
+    @property
+    def next_seq(self) -> int:
+        """The seq the next record will get."""
+        with self._lock:
+            row = self._db.execute("SELECT value FROM meta WHERE key = 'next_seq'").fetchone()
+        return 1 if row is None else int(row[0])
 
     def rejected(self) -> list[tuple[int, str, str]]:
         """Records the clearing refused: (seq, reason, JSON)."""

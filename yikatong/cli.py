@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from yikatong import __version__, audit_cli, card_cli, clearing_cli, demo, terminal_cli
+from yikatong import __version__, audit_cli, card_cli, clearing_cli, demo, load_cli, terminal_cli
 from yikatong.errors import CliError
 
 
@@ -24,6 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     terminal_cli.register(groups)
     clearing_cli.register(groups)
     audit_cli.register(groups)
+    load_cli.register(groups)
     return parser
 
 

@@ -1,11 +1,20 @@
-"""Process set-up shared by the commands that run until stopped: log lines on stderr, and SIGTERM handled
-like Ctrl-C."""
+"""Process set-up shared by the commands that run until stopped: log lines on stderr, SIGTERM handled like
+Ctrl-C, and clearing services started as child processes."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
+import subprocess
 import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from urllib.parse import quote
+
+from terminals.mqtt import BrokerUrl
+from yikatong.errors import CliError
 
 
 def setup_logging(level: int) -> None:
@@ -24,3 +33,50 @@ def stop_on_sigterm() -> None:
     stops as cleanly on ``kill`` as on Ctrl-C."""
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, _interrupt)
+
+
+@contextlib.contextmanager
+def clearing_processes(
+    cities: Sequence[str], broker: BrokerUrl, db: Callable[[str], str], logs: Path, timeout: float = 60.0
+) -> Iterator[list[subprocess.Popen[bytes]]]:
+    """``yikatong clearing serve`` for each city as its own process (a core of its own), waited for until each is
+    subscribed; stopped with SIGTERM (then killed) on the way out. Output goes to ``logs/clearing-CITY.log``."""
+    procs: list[subprocess.Popen[bytes]] = []
+    paths = [logs / f"clearing-{city}.log" for city in cities]
+    try:
+        for city, path in zip(cities, paths, strict=True):
+            command = [sys.executable, "-m", "yikatong.cli", "clearing", "serve", "--city", city]
+            command += ["--broker", _with_password(broker), "--db", db(city), "--report-every", "0"]
+            with path.open("wb") as log:
+                procs.append(subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT))
+        deadline = time.monotonic() + timeout
+        for proc, path in zip(procs, paths, strict=True):
+            while "connected to" not in path.read_text(errors="replace"):
+                if proc.poll() is not None:
+                    raise CliError(f"the clearing process stopped at start: see {path}\n{_tail(path)}")
+                if time.monotonic() > deadline:
+                    raise CliError(f"the clearing process did not connect to {broker} in {timeout:.0f} s: see {path}")
+                time.sleep(0.05)
+        yield procs
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in procs:
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def _with_password(broker: BrokerUrl) -> str:
+    """The broker URL with its password, for a child's command line (``str`` leaves the password out)."""
+    if broker.username is None:
+        return str(broker)
+    secret = f":{quote(broker.password, safe='')}" if broker.password else ""
+    return f"mqtt://{quote(broker.username, safe='')}{secret}@{broker.host}:{broker.port}"
+
+
+def _tail(path: Path, lines: int = 5) -> str:
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])

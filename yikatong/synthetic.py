@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import datetime as dt
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from cardsim.issuer import IssuerHost
 from cardsim.personalise import application_serial
 from clearing.verify import expected_tac
-from terminals.messages import TXN_SCHEMA, CardRef, TxnRecord
+from terminals.messages import TXN_SCHEMA, CardRef, Kind, TxnRecord
 from terminals.terminal import CHINA
 
 
@@ -24,6 +26,7 @@ class SyntheticCard:
     alg: str = "sm4"
     balance: int = 100_000
     counter: int = 0
+    online_counter: int = 0
 
 
 def synthetic_cards(count: int, issuers: list[str], seed: int = 1) -> list[SyntheticCard]:
@@ -40,39 +43,74 @@ def synthetic_cards(count: int, issuers: list[str], seed: int = 1) -> list[Synth
 
 
 class SyntheticTerminal:
-    """A bus terminal that makes signed purchase records; each record one second after the last."""
+    """A terminal that makes signed records: a purchase or a top-up (load) per call. Each record one second
+    after the last, or at ``clock()`` when a clock is given; ``seq`` is the last terminal sequence number used."""
 
-    def __init__(self, host: IssuerHost, city: str, terminal: str, start: dt.datetime) -> None:
+    def __init__(
+        self,
+        host: IssuerHost,
+        city: str,
+        terminal: str,
+        start: dt.datetime | None = None,
+        *,
+        clock: Callable[[], dt.datetime] | None = None,
+        seq: int = 0,
+    ) -> None:
+        if (start is None) == (clock is None):
+            raise ValueError("give a start time or a clock")
         self.host = host
         self.city = city
         self.terminal = terminal
         self.now = start
-        self.seq = 0
+        self.clock = clock
+        self.seq = seq
 
     def purchase(self, card: SyntheticCard, amount: int) -> TxnRecord:
         """The next record of this terminal: ``card`` pays ``amount`` (its balance and counter move on)."""
-        self.seq += 1
-        self.now += dt.timedelta(seconds=1)
         amount = min(amount, card.balance)
+        record = self._record(card, "purchase", amount, card.counter, card.balance - amount)
+        card.counter = (card.counter + 1) & 0xFFFF
+        card.balance -= amount
+        return record
+
+    def top_up(self, card: SyntheticCard, amount: int) -> TxnRecord:
+        """The next record of this terminal: ``amount`` loaded onto ``card`` (its online counter moves on)."""
+        record = self._record(card, "load", amount, card.online_counter, card.balance + amount)
+        card.online_counter = (card.online_counter + 1) & 0xFFFF
+        card.balance += amount
+        return record
+
+    def _record(self, card: SyntheticCard, kind: Kind, amount: int, counter: int, after: int) -> TxnRecord:
+        self.seq += 1
+        if self.clock is not None:
+            when = self.clock()
+        else:
+            assert self.now is not None
+            self.now = when = self.now + dt.timedelta(seconds=1)
         unsigned = TxnRecord(
             schema=TXN_SCHEMA,
             seq=self.seq,
-            kind="purchase",
+            kind=kind,
             tech="cpu",
             card=CardRef(issuer=card.issuer, serial=card.serial),
-            card_counter=card.counter,
+            card_counter=counter,
             amount=amount,
             balance_before=card.balance,
-            balance_after=card.balance - amount,
+            balance_after=after,
             terminal=self.terminal,
             terminal_seq=self.seq,
             psam="0000" + self.terminal,
             acquirer=self.city,
-            time=self.now.astimezone(CHINA).isoformat(),
+            time=when.astimezone(CHINA).isoformat(timespec="seconds"),
             tac="00000000",
             key_version=1,
             alg="sm4" if card.alg == "sm4" else "3des",
         )
-        card.counter = (card.counter + 1) & 0xFFFF
-        card.balance -= amount
         return unsigned.model_copy(update={"tac": expected_tac(self.host, unsigned).hex().upper()})
+
+
+def record_fields(record: TxnRecord) -> dict[str, Any]:
+    """A record's fields without ``schema`` and ``seq``: what an outbox's ``append`` takes."""
+    fields = record.model_dump(mode="json", by_alias=True, exclude_none=True)
+    del fields["schema"], fields["seq"]
+    return fields

@@ -1,0 +1,117 @@
+"""`yikatong load`: simulated terminals offer records at a rate; every record made reaches the clearing's ledger
+once and is acked; the summary, the plot and bad arguments."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from mqtt_support import require_mosquitto
+from support import KEYS
+
+from cardsim.issuer import IssuerHost
+from terminals.messages import Ack, Rejection
+from terminals.outbox import MemoryOutbox
+from yikatong.cli import main
+from yikatong.loadgen import Plan, TimedQueue, rush_hour
+from yikatong.synthetic import SyntheticTerminal, record_fields, synthetic_cards
+
+CITIES = ("4510", "4560", "4530")
+
+
+def _terminal_rows(out: Path) -> list[tuple[str, int]]:
+    """(terminal, seq) of every record the acquirers stored from their terminals, over the per-city files."""
+    rows: list[tuple[str, int]] = []
+    for city in CITIES:
+        with sqlite3.connect(out / f"clearing-{city}.sqlite") as db:
+            rows += db.execute("SELECT terminal, seq FROM ledger WHERE source = 'terminal'").fetchall()
+    return rows
+
+
+def _run_load(out: Path, *extra: str) -> tuple[int, dict[str, object]]:
+    command = [sys.executable, "-m", "yikatong.cli", "load", "--out", str(out), *extra]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
+    assert "Traceback" not in done.stderr, done.stderr
+    summary = json.loads((out / "load-summary.json").read_text()) if done.returncode in (0, 1) else {}
+    return done.returncode, summary
+
+
+def test_embedded_run_every_record_made_is_in_the_ledger_once_and_acked(tmp_path: Path) -> None:
+    code, doc = _run_load(tmp_path, "--terminals", "30", "--cards", "60", "--rate", "40", "--duration", "4")
+    assert code == 0, doc
+    made = doc["generated"]
+    assert isinstance(made, int) and 150 <= made <= 175  # 160 taps offered, plus the top-ups some needed
+    assert doc["acked"] == made and doc["rejected"] == 0 and doc["unacked"] == 0
+    rows = _terminal_rows(tmp_path)
+    assert len(rows) == made and len(set(rows)) == made  # none lost, none doubled
+    latency = doc["latency_ms"]
+    assert isinstance(latency, dict) and 0 < latency["p50"] <= latency["p95"] <= latency["p99"]
+    page = (tmp_path / "load-report.html").read_text()
+    assert page.count("<svg") == 2 and "<script" not in page and "http" not in page.replace("http://www.w3", "")
+
+
+def test_rush_hour_on_mosquitto_offers_peaks_over_a_quiet_base(tmp_path: Path) -> None:
+    require_mosquitto()
+    code, doc = _run_load(
+        tmp_path,
+        *("--terminals", "200", "--cards", "400", "--rate", "60", "--duration", "10"),
+        *("--profile", "rush-hour", "--broker", "mqtt://127.0.0.1:1883"),
+    )
+    assert code == 0, doc
+    timeline = doc["timeline"]
+    assert isinstance(timeline, list)
+    offered = [s["offered"] for s in timeline[:10]]
+    assert max(offered) > 2.5 * min(offered)  # peaks at 3 s and 7.5 s over a fifth of the rate
+    assert offered.index(max(offered)) in (2, 3, 7)
+    assert len(set(_terminal_rows(tmp_path))) == doc["acked"] == doc["generated"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--rate", "0"], "more than 0"),
+        (["--duration", "abc"], "not a number"),
+        (["--cities", "4510,4510"], "distinct city codes"),
+        (["--cities", "4511"], "no keys of city 4511"),
+        (["--broker", "http://x"], "use mqtt://"),
+        (["--terminals", "0"], "at least 1"),
+    ],
+)
+def test_bad_arguments_exit_2_with_the_reason(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str], message: str
+) -> None:
+    try:
+        code = main(["load", "--out", str(tmp_path / "out"), *args])
+    except SystemExit as err:  # argparse's usage errors
+        code = int(str(err.code))
+    assert code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_plan_integrates_the_profile() -> None:
+    flat = Plan(100, 10)
+    assert flat.due(0, 10) == pytest.approx(1000)
+    assert flat.due(9, 12) == pytest.approx(100)  # nothing is due after the end
+    assert rush_hour(0.3) == pytest.approx(1.0) and rush_hour(0.75) == pytest.approx(1.0)
+    assert rush_hour(0.0) == pytest.approx(0.2, abs=0.01) and rush_hour(0.52) < 0.3
+
+
+def test_timed_queue_times_what_an_ack_covers_and_counts_rejects() -> None:
+    seen: list[tuple[int, int]] = []
+    queue = TimedQueue(MemoryOutbox(), lambda lat, rej: seen.append((len(lat), rej)))
+    maker = SyntheticTerminal(IssuerHost(KEYS), "4510", "451000000001", dt.datetime(2026, 11, 24, 8))
+    card = synthetic_cards(1, ["4510"])[0]
+    for _ in range(5):
+        queue.append(record_fields(maker.purchase(card, 200)))
+    assert [seq for seq, _ in queue.unacked(2, 10)] == [3, 4, 5]
+    ack = Ack(
+        schema="yikatong.ack/1", terminal="451000000001", acked_through=3, rejected=[Rejection(seq=2, reason="x")]
+    )
+    assert queue.apply_ack(ack) == (2, 1)
+    assert seen == [(3, 1)] and queue.queued() == 2
+    assert queue.apply_ack(ack) == (0, 0) and seen == [(3, 1)]  # the same ack again covers nothing new

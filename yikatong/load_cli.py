@@ -1,0 +1,253 @@
+"""``yikatong load``: many simulated terminals in one process publishing signed records to the clearing over MQTT
+at an offered rate, with live progress and, at the end, the achieved rate, ack latency and a plot."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import random
+import secrets
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from cardsim.files import write_text_atomic
+from cardsim.issuer import IssuerHost
+from terminals.mqtt import BrokerUrl, embedded_broker
+from terminals.outbox import OutboxError
+from yikatong.argtypes import broker_url, city_code, fen, load_keys, positive
+from yikatong.errors import CliError
+from yikatong.load_report import render_html, summary
+from yikatong.loadgen import PROFILES, LoadRun, Plan, Progress, SimTerminal, TimedQueue, open_outbox, terminal_numbers
+from yikatong.process import clearing_processes, setup_logging
+from yikatong.synthetic import synthetic_cards
+
+CITIES = ["4510", "4560", "4530"]
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError("must be more than 0")
+    return value
+
+
+def _cities(text: str) -> list[str]:
+    cities = [city_code(part.strip()) for part in text.split(",") if part.strip()]
+    if not cities or len(set(cities)) != len(cities):
+        raise argparse.ArgumentTypeError(f"{text!r}: give distinct city codes, e.g. 4510,4560,4530")
+    return cities
+
+
+def register(groups: Any) -> None:
+    """Add the ``load`` command."""
+    load = groups.add_parser(
+        "load",
+        help="drive many simulated terminals against a broker and clearing; rate, ack latency, plot",
+        description="Simulate N bus terminals in this process, each with its own MQTT connection, outbox and uplink "
+        "(QoS 1, records kept until the clearing acks them). Taps are offered at --rate per second (open loop, "
+        "following --profile) for --duration seconds, by M cards of the cities (a fifth of riders in another "
+        "city); each record is signed with the test keys exactly as a PSAM would. Then the tool waits for the "
+        "outstanding acks and prints the achieved rate, ack latency p50/p95/p99 and rejects, and writes "
+        "load-summary.json and load-report.html (rate and latency over time) into --out. Without --broker an "
+        "embedded broker runs in this process; unless --external-clearing, a clearing process per city is "
+        "started on --db. Exit 0 when every record was acked and none rejected, 1 otherwise.",
+        epilog="Example: yikatong load --terminals 10000 --cards 20000 --rate 500 --duration 60 "
+        "--broker mqtt://127.0.0.1:1883 --profile rush-hour",
+    )
+    load.add_argument("--terminals", type=positive, default=100, help="simulated terminals (default 100)")
+    load.add_argument("--cards", type=positive, default=1000, help="simulated cards, spread over the cities (1000)")
+    load.add_argument(
+        "--rate", type=_positive_float, default=100.0, help="offered taps per second (at the profile's peak; 100)"
+    )
+    load.add_argument("--duration", type=_positive_float, default=30.0, help="seconds of load (default 30)")
+    load.add_argument(
+        "--profile",
+        choices=sorted(PROFILES),
+        default="flat",
+        help="flat: --rate all along; rush-hour: a morning and an evening peak at --rate over a fifth of it",
+    )
+    load.add_argument("--broker", type=broker_url, help="mqtt://[user:password@]host[:port] (default: embedded)")
+    load.add_argument(
+        "--external-clearing",
+        action="store_true",
+        help="a clearing already serves the broker (yikatong clearing serve): start none",
+    )
+    load.add_argument(
+        "--db",
+        help="database for the started clearings (default: a SQLite file per city in --out; a PostgreSQL "
+        "URL is shared by all cities)",
+    )
+    load.add_argument("--cities", type=_cities, default=CITIES, help="terminal and card cities (4510,4560,4530)")
+    load.add_argument("--fare", type=fen, default=200, help="bus fare in fen (default 200)")
+    load.add_argument("--out", type=Path, default=Path("run/load"), help="run folder (default %(default)s)")
+    load.add_argument(
+        "--state-dir",
+        type=Path,
+        help="keep each terminal's outbox in a SQLite file here (survives a kill; a rerun with the same folder "
+        "resumes those terminals and sends what they still hold); default: outboxes in memory",
+    )
+    load.add_argument("--seed", type=int, help="random seed for terminal numbers, cards and taps")
+    load.add_argument("--connect-timeout", type=_positive_float, default=120.0, help="seconds to connect (120)")
+    load.add_argument("--drain", type=_positive_float, default=60.0, help="seconds to wait for the last acks (60)")
+    load.add_argument("--keys", type=Path, help="issuer key file (default: the published TEST keys)")
+    load.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the load; 0 when everything made was acked and nothing rejected."""
+    setup_logging(logging.ERROR)  # the uplinks' reconnect warnings would drown the progress line
+    out: Path = args.out
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        if args.state_dir is not None:
+            args.state_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise CliError(f"cannot create {err.filename}: {err.strerror}") from err
+    keys = load_keys(args.keys)
+    missing = [c for c in args.cities if c not in {s.city for s in keys}]
+    if missing:
+        raise CliError(f"the key file holds no keys of city {', '.join(missing)}: records could not be signed")
+    seed = args.seed if args.seed is not None else secrets.randbits(32)
+    host = IssuerHost(keys)
+    terminals = _terminals(args, host, seed)
+    cards = synthetic_cards(args.cards, args.cities, seed)
+    by_city: dict[str, list[Any]] = {}
+    for card in cards:
+        card.balance = 20_000
+        by_city.setdefault(card.issuer, []).append(card)
+    plan = Plan(args.rate, args.duration, args.profile)
+    return asyncio.run(_run(args, terminals, by_city, plan, seed))
+
+
+def _terminals(args: argparse.Namespace, host: IssuerHost, seed: int) -> list[SimTerminal]:
+    """New terminals, or those of --state-dir's roster when it has one (so a rerun resumes them)."""
+    roster_path = args.state_dir / "terminals.json" if args.state_dir is not None else None
+    if roster_path is not None and roster_path.exists():
+        try:
+            pairs = [(str(c), str(n)) for c, n in json.loads(roster_path.read_text())]
+        except (OSError, ValueError, TypeError) as err:
+            raise CliError(f"{roster_path}: not a terminal roster ({err})") from err
+        if len(pairs) != args.terminals:
+            raise CliError(f"{roster_path} holds {len(pairs)} terminals, not --terminals {args.terminals}")
+    else:
+        pairs = terminal_numbers(args.cities, args.terminals, random.Random(seed))
+        if roster_path is not None:
+            write_text_atomic(roster_path, json.dumps(pairs) + "\n")
+    try:
+        return [
+            SimTerminal(host, city, number, TimedQueue(open_outbox(args.state_dir, number, city), _ignore), args.fare)
+            for city, number in pairs
+        ]
+    except OutboxError as err:
+        raise CliError(str(err)) from err
+
+
+def _ignore(_latencies: list[float], _rejected: int) -> None:
+    """Replaced by the run's own counter once it starts."""
+
+
+@contextlib.asynccontextmanager
+async def _broker(given: BrokerUrl | None) -> AsyncIterator[BrokerUrl]:
+    if given is not None:
+        yield given
+        return
+    async with embedded_broker() as url:
+        yield url
+
+
+async def _run(
+    args: argparse.Namespace, terminals: list[SimTerminal], cards: dict[str, list[Any]], plan: Plan, seed: int
+) -> int:
+    async with _broker(args.broker) as broker:
+        load = LoadRun(broker, terminals, cards, plan, seed=seed)
+        out: Path = args.out
+
+        def database(city: str) -> str:
+            return str(args.db) if args.db else f"sqlite:///{out / f'clearing-{city}.sqlite'}"
+
+        print(
+            f"load: {len(terminals):,} terminals, {args.cards:,} cards, {plan.rate:g} taps/s ({plan.profile}) for "
+            f"{plan.duration:g} s on {broker}" + ("" if args.external_clearing else "; starting the clearings"),
+            flush=True,
+        )
+        stack = contextlib.ExitStack()
+        try:
+            if not args.external_clearing:
+                # in a thread: the embedded broker in this loop must serve the clearings while they start and stop
+                await asyncio.to_thread(
+                    lambda: stack.enter_context(clearing_processes(args.cities, broker, database, out))
+                )
+            printer = _Printer()
+            await load.run(printer.show, connect_timeout=args.connect_timeout, drain_timeout=args.drain)
+            printer.done()
+        finally:
+            await asyncio.to_thread(stack.close)
+        settings = {
+            "terminals": args.terminals,
+            "cards": args.cards,
+            "rate": plan.rate,
+            "duration": plan.duration,
+            "profile": plan.profile,
+            "broker": str(broker),
+            "clearing": "external" if args.external_clearing else "started",
+            "seed": seed,
+        }
+        doc = summary(load, settings)
+    write_text_atomic(args.out / "load-summary.json", json.dumps(doc, indent=1) + "\n")
+    write_text_atomic(args.out / "load-report.html", render_html(doc))
+    _print_summary(doc)
+    print(f"wrote {args.out / 'load-summary.json'} and {args.out / 'load-report.html'}")
+    return 0 if doc["unacked"] == 0 and doc["rejected"] == 0 else 1
+
+
+class _Printer:
+    """The live progress line: redrawn in place on a terminal, one line a second otherwise."""
+
+    def __init__(self) -> None:
+        self.tty = sys.stderr.isatty()
+
+    def show(self, p: Progress) -> None:
+        if p.phase == "connecting":
+            line = f"connecting {p.connected:,}/{p.terminals:,} terminals ({p.elapsed:.0f} s)"
+        elif p.phase == "load":
+            lat = p.last.latencies
+            tail = f"  p95 {sorted(lat)[int(len(lat) * 0.95)] * 1000:.0f} ms" if lat else ""
+            line = (
+                f"{p.elapsed:4.0f} s  offered {p.last.offered:,.0f}/s  made {p.last.generated:,}/s  acked "
+                f"{p.last.acked:,}/s{tail}  waiting {p.queued:,}  connected {p.connected:,}/{p.terminals:,}"
+                f"  rejected {p.rejected:,}"
+            )
+        else:
+            line = f"draining: {p.queued:,} records wait for their ack ({p.acked:,}/{p.generated:,} acked)"
+        if self.tty:
+            sys.stderr.write("\r\033[K" + line)
+        else:
+            sys.stderr.write(line + "\n")
+        sys.stderr.flush()
+
+    def done(self) -> None:
+        if self.tty:
+            sys.stderr.write("\n")
+
+
+def _print_summary(doc: dict[str, Any]) -> None:
+    lat = doc["latency_ms"]
+    ms = "  ".join(f"{k} {v if v is not None else '-'} ms" for k, v in lat.items())
+    print()
+    print(
+        f"terminals        {doc['terminals']:,} ({doc['connected']:,} connected, {doc['connect_seconds']} s to connect)"
+    )
+    print(f"offered          {doc['offered']:,} taps")
+    print(f"made             {doc['generated']:,} records ({doc['generated_per_second']:,}/s)")
+    print(f"acked            {doc['acked']:,} records ({doc['acked_per_second']:,}/s during the load)")
+    print(f"ack latency      {ms}")
+    print(f"rejected         {doc['rejected']:,}")
+    print(f"unacked at end   {doc['unacked']:,} (after {doc['drain_seconds']} s of draining)")

@@ -1,0 +1,315 @@
+"""The load generator's engine: thousands of simulated terminals in one asyncio process, each with its own MQTT
+connection, outbox and uplink (the same ``Uplink`` a real terminal runs), fed at an offered rate that follows a
+profile. It measures what a load tester needs: the rate achieved, and for every record the time from its tap to
+the clearing's ack.
+
+The offered load is open-loop: taps are due at the profile's rate whatever the clearing does, so a slow clearing
+shows as growing queues and latency, not as a politely lower rate. If this process cannot make records as fast
+as they are due, ``generated`` falls behind ``offered`` and the summary says so.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import math
+import random
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cardsim.issuer import IssuerHost
+from terminals.messages import Ack, MessageError, TxnRecord, parse_hotlist
+from terminals.mqtt import BrokerUrl
+from terminals.outbox import MemoryOutbox, Outbox
+from terminals.terminal import CHINA
+from terminals.uplink import Uplink
+from yikatong.synthetic import SyntheticCard, SyntheticTerminal, record_fields
+
+TICK = 0.02  # seconds between pacing steps: small enough that taps come evenly, large enough to be cheap
+TOP_UP = 5000  # fen a rider loads when the card cannot pay the fare
+HOME_SHARE = 0.8  # share of taps by a card of the terminal's own city; the rest ride in another city
+
+
+def _peak(x: float, centre: float, width: float) -> float:
+    return math.exp(-(((x - centre) / width) ** 2) / 2)
+
+
+def rush_hour(x: float) -> float:
+    """A day compressed into the run: a morning and an evening peak (full rate) over a quiet base (a fifth)."""
+    return 0.2 + 0.8 * max(_peak(x, 0.3, 0.07), _peak(x, 0.75, 0.07))
+
+
+PROFILES: dict[str, Callable[[float], float]] = {"flat": lambda _x: 1.0, "rush-hour": rush_hour}
+"""Offered rate as a share of ``--rate``, by the fraction of the run gone (0..1)."""
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What to offer: ``rate`` taps/s at the profile's peak for ``duration`` seconds."""
+
+    rate: float
+    duration: float
+    profile: str = "flat"
+
+    def due(self, since: float, until: float) -> float:
+        """Taps due between two moments of the run (seconds from its start; midpoint rule)."""
+        until = min(until, self.duration)
+        return max(0.0, until - since) * self.rate_at((since + until) / 2)
+
+    def rate_at(self, elapsed: float) -> float:
+        """The offered rate at ``elapsed`` seconds."""
+        return self.rate * PROFILES[self.profile](min(elapsed, self.duration) / self.duration)
+
+
+class TimedQueue:
+    """An outbox wrapper that notes when each record was made and, when the clearing's ack covers it, how long
+    that took (the ack latency); records left from an earlier run have no start time and are not timed."""
+
+    def __init__(self, inner: MemoryOutbox | Outbox, on_ack: Callable[[list[float], int], None]) -> None:
+        self.inner = inner
+        self.on_ack = on_ack
+        self._made: deque[tuple[int, float]] = deque()
+
+    def append(self, fields: dict[str, Any]) -> TxnRecord:
+        """Store a record and start its clock."""
+        record = self.inner.append(fields)
+        self._made.append((record.seq, time.monotonic()))
+        return record
+
+    def unacked(self, after: int = 0, limit: int = 100) -> list[tuple[int, str]]:
+        """As the inner outbox."""
+        return self.inner.unacked(after, limit)
+
+    def apply_ack(self, ack: Ack) -> tuple[int, int]:
+        """As the inner outbox, timing the records the ack covers."""
+        acked, rejected = self.inner.apply_ack(ack)
+        now, latencies = time.monotonic(), []
+        while self._made and self._made[0][0] <= ack.acked_through:
+            latencies.append(now - self._made.popleft()[1])
+        if latencies or rejected:
+            self.on_ack(latencies, rejected)
+        return acked, rejected
+
+    def queued(self) -> int:
+        """As the inner outbox."""
+        return self.inner.queued()
+
+
+class SimTerminal:
+    """One simulated bus terminal: signs records like a PSAM would and keeps them until acked."""
+
+    def __init__(self, host: IssuerHost, city: str, number: str, outbox: TimedQueue, fare: int) -> None:
+        self.city = city
+        self.terminal_hex = number
+        self.outbox = outbox
+        self.fare = fare
+        last = outbox.inner.next_seq - 1
+        self.maker = SyntheticTerminal(host, city, number, clock=lambda: dt.datetime.now(CHINA), seq=last)
+        self.hotlist_version = 0
+
+    def tap(self, card: SyntheticCard) -> int:
+        """One rider: pays the fare (topping up first when the card cannot); returns the records made."""
+        made = 0
+        if card.balance < self.fare:
+            self.outbox.append(record_fields(self.maker.top_up(card, TOP_UP)))
+            made += 1
+        self.outbox.append(record_fields(self.maker.purchase(card, self.fare)))
+        return made + 1
+
+    def offer_hotlist(self, payload: bytes | str) -> bool:
+        """Keep the hotlist version (the simulated cards are never on it)."""
+        try:
+            self.hotlist_version = max(self.hotlist_version, parse_hotlist(payload).version)
+        except MessageError:
+            return False
+        return True
+
+
+@dataclass
+class Second:
+    """What happened in one second of the run."""
+
+    offered: float = 0.0
+    generated: int = 0
+    acked: int = 0
+    rejected: int = 0
+    latencies: list[float] = field(default_factory=list)
+
+
+@dataclass
+class Progress:
+    """A live snapshot for the progress line."""
+
+    elapsed: float
+    phase: str
+    connected: int
+    terminals: int
+    generated: int
+    acked: int
+    rejected: int
+    queued: int
+    last: Second
+
+
+class LoadRun:
+    """Drive ``terminals`` over ``broker`` at ``plan``; ``run()`` returns the per-second timeline."""
+
+    def __init__(
+        self,
+        broker: BrokerUrl,
+        terminals: Sequence[SimTerminal],
+        cards: dict[str, list[SyntheticCard]],
+        plan: Plan,
+        *,
+        seed: int | None = None,
+        ack_timeout: float = 10.0,
+    ) -> None:
+        self.broker = broker
+        self.terminals = list(terminals)
+        self.cards = cards
+        self.all_cards = [card for group in cards.values() for card in group]
+        self.plan = plan
+        self.rng = random.Random(seed)
+        self.uplinks = [Uplink(broker, t, ack_timeout=ack_timeout, max_backoff=5.0) for t in self.terminals]
+        self.timeline: list[Second] = []
+        self.generated = self.acked = self.rejected = 0
+        self.offered = 0.0  # taps due over the whole run
+        self.connect_seconds = 0.0
+        self.drain_seconds = 0.0
+        self._started = 0.0
+        for terminal in self.terminals:
+            terminal.outbox.on_ack = self._on_ack
+
+    def _second(self) -> Second:
+        index = max(0, int(time.monotonic() - self._started)) if self._started else 0
+        while len(self.timeline) <= index:
+            self.timeline.append(Second())
+        return self.timeline[index]
+
+    def _on_ack(self, latencies: list[float], rejected: int) -> None:
+        if not self._started:
+            self.acked += len(latencies)  # left over from an earlier run, acked while connecting
+            return
+        second = self._second()
+        second.acked += len(latencies)
+        second.rejected += rejected
+        second.latencies.extend(latencies)
+        self.acked += len(latencies)
+        self.rejected += rejected
+
+    def connected(self) -> int:
+        """Terminals connected to the broker now."""
+        return sum(1 for u in self.uplinks if u.stats.connected)
+
+    def queued(self) -> int:
+        """Records waiting for an ack, over all terminals."""
+        return sum(t.outbox.queued() for t in self.terminals)
+
+    def _pick_card(self, terminal: SimTerminal) -> SyntheticCard:
+        home = self.cards.get(terminal.city)
+        if home and self.rng.random() < HOME_SHARE:
+            return self.rng.choice(home)
+        return self.rng.choice(self.all_cards)
+
+    async def run(
+        self,
+        report: Callable[[Progress], None],
+        *,
+        connect_timeout: float = 120.0,
+        drain_timeout: float = 60.0,
+    ) -> None:
+        """Connect every terminal, offer the plan's load (taps; a tap that needs a top-up first makes two
+        records), then wait for the acks of what was made."""
+        tasks = [asyncio.create_task(u.run()) for u in self.uplinks]
+        began = time.monotonic()
+        try:
+            await self._connect(report, began, connect_timeout)
+            self.connect_seconds = time.monotonic() - began
+            await self._offer(report)
+            drained = time.monotonic()
+            await self._drain(report, drain_timeout)
+            self.drain_seconds = time.monotonic() - drained
+        finally:
+            for task in tasks:
+                task.cancel()
+            # a client that hangs in its disconnect must not hold the summary back
+            await asyncio.wait(tasks, timeout=15)
+
+    async def _connect(self, report: Callable[[Progress], None], began: float, timeout: float) -> None:
+        while self.connected() < len(self.terminals) and time.monotonic() - began < timeout:
+            await asyncio.sleep(0.5)
+            report(self._progress("connecting", time.monotonic() - began))
+
+    async def _offer(self, report: Callable[[Progress], None]) -> None:
+        self._started = time.monotonic()
+        next_report, last, due, made_here = 1.0, 0.0, 0.0, 0
+        while True:
+            elapsed = time.monotonic() - self._started
+            second = self._second()
+            due += self.plan.due(last, elapsed)
+            last = elapsed
+            second.offered = self.plan.rate_at(int(elapsed) + 0.5)
+            while made_here < due:
+                index = self.rng.randrange(len(self.terminals))
+                terminal = self.terminals[index]
+                made = terminal.tap(self._pick_card(terminal))
+                made_here += 1
+                self.generated += made
+                second.generated += made
+                self.uplinks[index].notify()
+            if elapsed >= self.plan.duration:
+                self.offered = due
+                break
+            if elapsed >= next_report:
+                report(self._progress("load", elapsed))
+                next_report += 1.0
+            await asyncio.sleep(TICK)
+
+    async def _drain(self, report: Callable[[Progress], None], timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while self.queued() and time.monotonic() < deadline:
+            await asyncio.sleep(0.5)
+            report(self._progress("draining", time.monotonic() - self._started))
+
+    def _progress(self, phase: str, elapsed: float) -> Progress:
+        index = int(elapsed) - 1
+        last = self.timeline[index] if phase == "load" and 0 <= index < len(self.timeline) else Second()
+        return Progress(
+            elapsed,
+            phase,
+            self.connected(),
+            len(self.terminals),
+            self.generated,
+            self.acked,
+            self.rejected,
+            self.queued(),
+            last,
+        )
+
+
+def terminal_numbers(cities: Sequence[str], count: int, rng: random.Random) -> list[tuple[str, str]]:
+    """``count`` (city, terminal number) pairs spread over the cities, numbers unique and random (so runs on a
+    shared broker do not share topics)."""
+    numbers: set[str] = set()
+    out = []
+    for i in range(count):
+        city = cities[i % len(cities)]
+        number = city + f"{rng.getrandbits(32):08X}"
+        while number in numbers:
+            number = city + f"{rng.getrandbits(32):08X}"
+        numbers.add(number)
+        out.append((city, number))
+    return out
+
+
+def open_outbox(state_dir: Path | None, number: str, city: str) -> MemoryOutbox | Outbox:
+    """A durable outbox file in ``state_dir`` (survives a SIGKILL of the load process), or one in memory."""
+    if state_dir is None:
+        return MemoryOutbox()
+    outbox = Outbox(state_dir / f"terminal-{number}.sqlite")
+    outbox.bind_terminal(number, city)
+    return outbox
