@@ -35,15 +35,26 @@ def unique_terminal(city: str = "4560") -> str:
 
 
 class PrivateMosquitto:
-    """A Mosquitto of our own on a free port (persistence on, in ``folder``), to stop and start at will."""
+    """A Mosquitto of our own on a free port (persistence on, in ``folder``), to stop and start at will.
 
-    def __init__(self, folder: Path) -> None:
+    With ``password_file`` (made by ``mosquitto_passwd``) anonymous clients are refused; with ``acl_file`` each
+    user may read and write only what the file allows. Mosquitto reads both after it has given up root for its
+    ``mosquitto`` user, which cannot enter pytest's private tmp folders: with either file it keeps its user."""
+
+    def __init__(self, folder: Path, *, password_file: Path | None = None, acl_file: Path | None = None) -> None:
         self.port = free_port()
         self.url = BrokerUrl("127.0.0.1", self.port)
         self.conf = folder / "mosquitto.conf"
-        self.conf.write_text(
-            f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence true\npersistence_location {folder}/\n"
-        )
+        anonymous = "false" if password_file is not None else "true"
+        conf = f"listener {self.port} 127.0.0.1\nallow_anonymous {anonymous}\n"
+        conf += f"persistence true\npersistence_location {folder}/\n"
+        if password_file is not None:
+            conf += f"password_file {password_file}\n"
+        if acl_file is not None:
+            conf += f"acl_file {acl_file}\n"
+        if password_file is not None or acl_file is not None:
+            conf += "user root\n"  # "root": do not change user (only takes effect when started as root)
+        self.conf.write_text(conf)
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
@@ -51,6 +62,8 @@ class PrivateMosquitto:
         self.proc = subprocess.Popen([binary, "-c", str(self.conf)], stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"private mosquitto exited with {self.proc.returncode}: see {self.conf}")
             with socket.socket() as s:
                 if s.connect_ex(("127.0.0.1", self.port)) == 0:
                     return
@@ -65,8 +78,10 @@ class PrivateMosquitto:
 
 
 @contextlib.contextmanager
-def private_mosquitto(folder: Path) -> Iterator[PrivateMosquitto]:
-    broker = PrivateMosquitto(folder)
+def private_mosquitto(
+    folder: Path, *, password_file: Path | None = None, acl_file: Path | None = None
+) -> Iterator[PrivateMosquitto]:
+    broker = PrivateMosquitto(folder, password_file=password_file, acl_file=acl_file)
     broker.start()
     try:
         yield broker

@@ -1,0 +1,287 @@
+"""Reliability with broker security: a private Mosquitto with password auth and an ACL that lets each terminal
+publish only on its own topic (username = terminal number) and read only its own acks and its city's hotlist;
+the clearing logs in as ``clearing``. Real terminals tap real cards, publish through their outboxes to an
+in-process clearing, and the ledger ends up holding exactly the records the terminals completed: none lost,
+none doubled. A terminal's credentials used on another terminal's topic are refused by the broker (the record
+never reaches the clearing), and a client without the right password does not get in at all."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import queue
+import random
+import secrets
+import shutil
+import subprocess
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiomqtt
+import paho.mqtt.client as paho
+import pytest
+from clearing_support import clearing, fresh_db
+from mqtt_support import eventually, private_mosquitto, running, unique_terminal
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+from sqlalchemy import func, select
+from support import new_state
+from terminal_support import make_terminal
+
+from cardsim.crypto import Algorithm
+from cardsim.purse import PurseCard
+from clearing.db import open_engine
+from clearing.ledger import LEDGER, QUARANTINE
+from terminals.messages import ack_topic, txn_topic
+from terminals.mqtt import BrokerUrl
+from terminals.reader import InProcessReader
+from terminals.terminal import Terminal
+from terminals.uplink import Uplink
+
+pytestmark = pytest.mark.reliability
+
+CITY = "4510"
+CLEARING_USER = "clearing"
+NOT_AUTHORIZED = 135  # MQTT 5 reason code of a PUBACK for a publish the ACL denies
+# Mosquitto 2 ACL file: topic lines after "user" are that user's; "pattern" lines apply to every user, with %u
+# the username (Mosquitto warns that the hotlist pattern has no %u/%c: it is meant for everyone)
+ACL = f"""user {CLEARING_USER}
+topic readwrite yikatong/#
+
+pattern write yikatong/+/txn/%u
+pattern read yikatong/+/ack/%u
+pattern read yikatong/+/hotlist
+"""
+
+
+@dataclass
+class AclBroker:
+    """The private Mosquitto, its terminal users and everyone's password."""
+
+    url: BrokerUrl  # without credentials
+    terminals: list[str]
+    passwords: dict[str, str]
+
+    def login(self, user: str, password: str | None = None) -> BrokerUrl:
+        """The broker URL with ``user``'s credentials (or another ``password``)."""
+        return BrokerUrl(self.url.host, self.url.port, user, self.passwords[user] if password is None else password)
+
+
+def write_password_file(path: Path, passwords: dict[str, str]) -> None:
+    """A Mosquitto password file (hashed by ``mosquitto_passwd``) holding these users."""
+    binary = shutil.which("mosquitto_passwd") or "/usr/bin/mosquitto_passwd"
+    for n, (user, password) in enumerate(passwords.items()):
+        create = ["-c"] if n == 0 else []
+        subprocess.run([binary, "-b", *create, str(path), user, password], check=True, capture_output=True, timeout=20)
+
+
+@pytest.fixture
+def acl_broker(tmp_path: Path) -> Iterator[AclBroker]:
+    """A private Mosquitto with ``allow_anonymous false``, a password per terminal (three) and the ACL."""
+    terminals = [unique_terminal(CITY) for _ in range(3)]
+    passwords = {user: secrets.token_hex(8) for user in [CLEARING_USER, *terminals]}
+    folder = tmp_path / "broker"
+    folder.mkdir()
+    write_password_file(folder / "passwords", passwords)
+    (folder / "acl").write_text(ACL)
+    with private_mosquitto(folder, password_file=folder / "passwords", acl_file=folder / "acl") as broker:
+        yield AclBroker(broker.url, terminals, passwords)
+
+
+def cpu_card(sequence: int, alg: Algorithm = Algorithm.SM4) -> PurseCard:
+    """A CPU purse card of the city with its own serial (``sequence``): no two terminals share a card."""
+    card = PurseCard(new_state(alg, 100_000, CITY, sequence), random.Random(sequence).randbytes)
+    card.power_on()
+    return card
+
+
+def completed(terminal: Terminal) -> set[tuple[str, int]]:
+    """Every record the terminal completed, as (terminal, seq): seq 1 up to its outbox's next seq."""
+    return {(terminal.terminal_hex, seq) for seq in range(1, terminal.outbox.counts().next_seq)}
+
+
+@dataclass
+class LedgerView:
+    """What the clearing database holds for the city."""
+
+    rows: list[tuple[str, int]]  # (terminal, seq) of every ledger row
+    quarantine: int
+
+    @property
+    def doubled(self) -> int:
+        return len(self.rows) - len(set(self.rows))
+
+
+async def ledger_view(db: str) -> LedgerView:
+    engine = open_engine(db)
+    try:
+        async with engine.connect() as conn:
+            rows = await conn.execute(select(LEDGER.c.terminal, LEDGER.c.seq).where(LEDGER.c.city == CITY))
+            quarantine = await conn.execute(select(func.count()).where(QUARANTINE.c.city == CITY))
+            return LedgerView([(str(t), int(s)) for t, s in rows.all()], int(quarantine.scalar_one()))
+    finally:
+        await engine.dispose()
+
+
+async def listen(broker: BrokerUrl, topics: list[str], into: list[str], ready: asyncio.Event) -> None:
+    """Subscribe to ``topics`` and append the topic of every message delivered."""
+    async with broker.client(f"listener-{secrets.token_hex(3)}", clean_session=True) as client:
+        for topic in topics:
+            await client.subscribe(topic, qos=1)
+        ready.set()
+        async for message in client.messages:
+            into.append(message.topic.value)
+
+
+def puback_reason_v5(broker: BrokerUrl, topic: str, payload: str) -> int:
+    """Publish once at QoS 1 over MQTT 5 and return the reason code of the broker's PUBACK. With paho itself:
+    aiomqtt's ``publish`` discards the PUBACK reason code (no exception for a denied publish)."""
+    connacks: queue.Queue[int] = queue.Queue()
+    pubacks: queue.Queue[int] = queue.Queue()
+
+    def on_connect(
+        _client: paho.Client, _userdata: Any, _flags: Any, reason: ReasonCode, _properties: Properties | None
+    ) -> None:
+        connacks.put(reason.value)
+
+    def on_publish(
+        _client: paho.Client, _userdata: Any, _mid: int, reason: ReasonCode, _properties: Properties | None
+    ) -> None:
+        pubacks.put(reason.value)
+
+    client = paho.Client(
+        CallbackAPIVersion.VERSION2, client_id=f"probe-v5-{secrets.token_hex(3)}", protocol=paho.MQTTv5
+    )
+    client.username_pw_set(broker.username, broker.password)
+    client.on_connect = on_connect
+    client.on_publish = on_publish
+    client.connect(broker.host, broker.port)
+    client.loop_start()
+    try:
+        assert connacks.get(timeout=10) == 0, f"{broker.username} could not connect over MQTT 5"
+        client.publish(topic, payload, qos=1)
+        return pubacks.get(timeout=10)
+    finally:
+        client.disconnect()
+        client.loop_stop()
+
+
+@contextlib.asynccontextmanager
+async def uplinks_running(uplinks: list[Uplink]) -> AsyncIterator[None]:
+    async with contextlib.AsyncExitStack() as stack:
+        for uplink in uplinks:
+            await stack.enter_async_context(running(uplink.run()))
+        yield
+
+
+async def test_acl_each_terminal_only_on_its_own_topic_ledger_holds_each_completed_record_once(
+    acl_broker: AclBroker, tmp_path: Path
+) -> None:
+    """Three terminals tap 10 times each through the password + ACL broker; then terminal A's credentials put a
+    validly signed record of A on terminal B's topic (MQTT 5: PUBACK 135; MQTT 3.1.1: dropped without a word):
+    it never reaches the clearing. The same record then comes from A's own uplink on A's topic and is stored."""
+    numbers = acl_broker.terminals
+    a, b = numbers[0], numbers[1]
+    terminals = [make_terminal(tmp_path / f"t{n}.sqlite", city=CITY, terminal=t) for n, t in enumerate(numbers)]
+    cards = [[cpu_card(10 * n + 1), cpu_card(10 * n + 2, Algorithm.DES3)] for n in range(len(terminals))]
+    uplinks = [Uplink(acl_broker.login(t.terminal_hex), t, batch=4, ack_timeout=2.0) for t in terminals]
+    seen_by_a: list[str] = []  # what a client with A's credentials may read of everyone's records and acks
+    spy_ready = asyncio.Event()
+    spy = listen(acl_broker.login(a), ["yikatong/+/txn/+", "yikatong/+/ack/+"], seen_by_a, spy_ready)
+
+    async with fresh_db("sqlite", tmp_path) as db:
+        async with clearing(acl_broker.login(CLEARING_USER), db, CITY) as service, running(spy):
+            await eventually(spy_ready.is_set)
+            async with uplinks_running(uplinks):
+                for tap in range(10):  # taps while the uplinks publish
+                    for terminal, uplink, its_cards in zip(terminals, uplinks, cards, strict=True):
+                        result = terminal.tap(InProcessReader(its_cards[tap % 2]))
+                        assert result.ok, f"{terminal.terminal_hex} tap {tap + 1}: {result}"
+                        uplink.notify()
+                    await asyncio.sleep(0.01)
+                await eventually(lambda: all(u.all_acked() for u in uplinks), timeout=30)
+            assert all(u.stats.connections >= 1 for u in uplinks)
+
+            # A's uplink is down; A completes one more record, and its credentials publish it on B's topic
+            assert terminals[0].tap(InProcessReader(cards[0][0])).ok
+            ((seq, record),) = terminals[0].outbox.unacked(0, 10)
+            messages_before, stored_before = service.stats.messages, service.stats.stored
+            acks_read_before = seen_by_a.count(ack_topic(CITY, a))
+            reason = await asyncio.to_thread(puback_reason_v5, acl_broker.login(a), txn_topic(CITY, b), record)
+            assert reason == NOT_AUTHORIZED, f"MQTT 5 publish of A's record on B's topic: PUBACK {reason}, not 135"
+            async with acl_broker.login(a).client(f"foreign-{secrets.token_hex(3)}", clean_session=True) as client:
+                await client.publish(txn_topic(CITY, b), record, qos=1)  # MQTT 3.1.1: PUBACKed, silently dropped
+            foreign_refused = 2
+            await asyncio.sleep(2.0)
+            arrived = service.stats.messages - messages_before
+            assert arrived == 0, f"{foreign_refused} foreign publishes refused by the ACL, yet {arrived} reached it"
+
+            # the pipe is alive: the very same record on A's own topic is stored and acked
+            assert await uplinks[0].run_until(uplinks[0].all_acked, 20), f"A's seq {seq} was not acked"
+            assert service.stats.stored == stored_before + 1
+            assert service.stats.failed_batches == 0
+            await eventually(lambda: seen_by_a.count(ack_topic(CITY, a)) > acks_read_before)  # A reads its acks
+        view = await ledger_view(db)
+    done = set().union(*(completed(t) for t in terminals))
+    records = len(done)
+    summary = (
+        f"acl: {len(terminals)} terminals, {records} records completed, {len(view.rows)} in ledger, "
+        f"{view.doubled} doubled, {view.quarantine} quarantined, {foreign_refused} foreign publishes refused "
+        f"(MQTT 5 PUBACK {reason}, MQTT 3.1.1 dropped), "
+        f"A's credentials read {len(seen_by_a)} messages on {len(set(seen_by_a))} topic(s)"
+    )
+    print(summary)
+    assert records == 31 and seq == 11, summary
+    lost, extra = sorted(done - set(view.rows)), sorted(set(view.rows) - done)
+    assert not lost and not extra, f"{summary}; lost: {lost}, extra: {extra}"
+    assert view.doubled == 0 and len(view.rows) == records, summary
+    assert view.quarantine == 0, f"{summary}: the foreign record reached the clearing's quarantine"
+    assert all(t.outbox.counts().queued == 0 and t.outbox.counts().rejected == 0 for t in terminals), summary
+    assert set(seen_by_a) == {ack_topic(CITY, a)}, f"{summary}; A's credentials read: {sorted(set(seen_by_a))}"
+
+
+async def test_acl_wrong_or_no_credentials_cannot_connect_and_the_terminal_keeps_its_records(
+    acl_broker: AclBroker, tmp_path: Path
+) -> None:
+    """No password or a wrong one: the broker refuses the connection (aiomqtt, mosquitto_pub). A terminal with
+    a wrong password keeps its records in the outbox; with the right one they reach the ledger, each once."""
+    number = acl_broker.terminals[0]
+    topic = txn_topic(CITY, number)
+    refused = 0
+    for url in (acl_broker.url, acl_broker.login(number, "wrong-password")):
+        with pytest.raises(aiomqtt.MqttError):
+            async with url.client(f"intruder-{secrets.token_hex(3)}", clean_session=True):
+                pass
+        refused += 1
+    for credentials in ([], ["-u", number, "-P", "wrong-password"]):
+        command = ["mosquitto_pub", "-h", "127.0.0.1", "-p", str(acl_broker.url.port), "-q", "1", "-t", topic]
+        pub = subprocess.run([*command, "-m", "x", *credentials], capture_output=True, text=True, timeout=20)
+        assert pub.returncode != 0, f"mosquitto_pub {' '.join(credentials) or '(anonymous)'} got in: {pub.stderr}"
+        refused += 1
+
+    terminal = make_terminal(tmp_path / "t.sqlite", city=CITY, terminal=number)
+    card = cpu_card(1)
+    for _ in range(3):
+        assert terminal.tap(InProcessReader(card)).ok
+    async with fresh_db("sqlite", tmp_path) as db:
+        async with clearing(acl_broker.login(CLEARING_USER), db, CITY) as service:
+            locked_out = Uplink(acl_broker.login(number, "wrong-password"), terminal, ack_timeout=2.0, max_backoff=0.2)
+            assert not await locked_out.run_until(locked_out.all_acked, 1.5), "acked with a wrong password"
+            assert locked_out.stats.connections == 0 and "authori" in (locked_out.stats.last_error or "").lower(), (
+                f"wrong password: {locked_out.stats}"
+            )
+            queued = terminal.outbox.counts().queued
+            assert queued == 3 and service.stats.messages == 0, f"{queued} queued, {service.stats.messages} arrived"
+            uplink = Uplink(acl_broker.login(number), terminal, ack_timeout=2.0)
+            assert await uplink.run_until(uplink.all_acked, 20), "not acked with the right password"
+        view = await ledger_view(db)
+    summary = (
+        f"acl credentials: {refused} connections refused, 3 records kept while locked out, "
+        f"{len(view.rows)} in ledger, {view.doubled} doubled, {view.quarantine} quarantined"
+    )
+    print(summary)
+    assert set(view.rows) == completed(terminal) == {(number, 1), (number, 2), (number, 3)}, summary
+    assert view.doubled == 0 and view.quarantine == 0, summary
