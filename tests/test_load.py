@@ -103,7 +103,7 @@ def test_plan_integrates_the_profile() -> None:
 
 def test_timed_queue_times_what_an_ack_covers_and_counts_rejects() -> None:
     seen: list[tuple[int, int]] = []
-    queue = TimedQueue(MemoryOutbox(), lambda lat, rej: seen.append((len(lat), rej)))
+    queue = TimedQueue(MemoryOutbox(), lambda lat, acked, rej: seen.append((len(lat), acked, rej)))
     maker = SyntheticTerminal(IssuerHost(KEYS), "4510", "451000000001", dt.datetime(2026, 11, 24, 8))
     card = synthetic_cards(1, ["4510"])[0]
     for _ in range(5):
@@ -113,5 +113,5 @@ def test_timed_queue_times_what_an_ack_covers_and_counts_rejects() -> None:
         schema="yikatong.ack/1", terminal="451000000001", acked_through=3, rejected=[Rejection(seq=2, reason="x")]
     )
     assert queue.apply_ack(ack) == (2, 1)
-    assert seen == [(3, 1)] and queue.queued() == 2
-    assert queue.apply_ack(ack) == (0, 0) and seen == [(3, 1)]  # the same ack again covers nothing new
+    assert seen == [(3, 2, 1)] and queue.queued() == 2
+    assert queue.apply_ack(ack) == (0, 0) and seen == [(3, 2, 1)]  # the same ack again covers nothing new

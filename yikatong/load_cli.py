@@ -150,7 +150,7 @@ def _terminals(args: argparse.Namespace, host: IssuerHost, seed: int) -> list[Si
         raise CliError(str(err)) from err
 
 
-def _ignore(_latencies: list[float], _rejected: int) -> None:
+def _ignore(_latencies: list[float], _acked: int, _rejected: int) -> None:
     """Replaced by the run's own counter once it starts."""
 
 

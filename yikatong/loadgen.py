@@ -69,7 +69,7 @@ class TimedQueue:
     """An outbox wrapper that notes when each record was made and, when the clearing's ack covers it, how long
     that took (the ack latency); records left from an earlier run have no start time and are not timed."""
 
-    def __init__(self, inner: MemoryOutbox | Outbox, on_ack: Callable[[list[float], int], None]) -> None:
+    def __init__(self, inner: MemoryOutbox | Outbox, on_ack: Callable[[list[float], int, int], None]) -> None:
         self.inner = inner
         self.on_ack = on_ack
         self._made: deque[tuple[int, float]] = deque()
@@ -90,8 +90,8 @@ class TimedQueue:
         now, latencies = time.monotonic(), []
         while self._made and self._made[0][0] <= ack.acked_through:
             latencies.append(now - self._made.popleft()[1])
-        if latencies or rejected:
-            self.on_ack(latencies, rejected)
+        if acked or rejected:
+            self.on_ack(latencies, acked, rejected)
         return acked, rejected
 
     def queued(self) -> int:
@@ -190,16 +190,15 @@ class LoadRun:
             self.timeline.append(Second())
         return self.timeline[index]
 
-    def _on_ack(self, latencies: list[float], rejected: int) -> None:
-        if not self._started:
-            self.acked += len(latencies)  # left over from an earlier run, acked while connecting
-            return
-        second = self._second()
-        second.acked += len(latencies)
-        second.rejected += rejected
-        second.latencies.extend(latencies)
-        self.acked += len(latencies)
+    def _on_ack(self, latencies: list[float], acked: int, rejected: int) -> None:
+        """Count acks; records resumed from an earlier run's state files count but are not timed."""
+        self.acked += acked
         self.rejected += rejected
+        if self._started:
+            second = self._second()
+            second.acked += acked
+            second.rejected += rejected
+            second.latencies.extend(latencies)
 
     def connected(self) -> int:
         """Terminals connected to the broker now."""
