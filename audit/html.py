@@ -626,9 +626,8 @@ def _skipped(skipped: Sequence[str]) -> str:
     return f'<section id="skipped"><h2>Probes skipped</h2>{body}</section>'
 
 
-def render_html(report: Report) -> str:
-    """The report as one self-contained HTML page (inline CSS and SVG, no script, no external resource)."""
-    title = TITLES.get(report.kind, f"Audit report: {report.kind}")
+def _main(report: Report, title: str, prefix: str = "") -> str:
+    """One report's ``<main>``: header, table of contents and its sections."""
     sections: list[tuple[str, str, str]] = [("summary", "Summary", _summary(report))]
     chart = '<section id="chart"><h2>Findings by technology and city</h2>' + _chart(report.findings) + "</section>"
     if report.kind == "reconcile":
@@ -651,17 +650,41 @@ def render_html(report: Report) -> str:
         if report.settlement:
             sections.append(("settlement", "Settlement", _settlement(report.settlement)))
     sections.append(("skipped", "Skipped", _skipped(report.skipped)))
+    if prefix:  # two reports on one page: their anchors must differ
+        sections = [
+            (prefix + anchor, name, body.replace(f'id="{anchor}"', f'id="{prefix}{anchor}"', 1))
+            for anchor, name, body in sections
+        ]
+    return (
+        f'<main data-kind="{_e(report.kind)}">'
+        + _header(report, title)
+        + _toc([(anchor, name) for anchor, name, _ in sections])
+        + "".join(body for _, _, body in sections)
+        + "</main>"
+    )
+
+
+def _page(title: str, mains: Sequence[str], generated: str) -> str:
     return (
         '<!doctype html>\n<html lang="en"><head><meta charset="utf-8">'
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
         f'<meta name="generator" content="yikatong {_e(__version__)}">'
-        f"<title>{_e(title)}</title><style>{_css()}</style></head>"
-        f'<body><main data-kind="{_e(report.kind)}">'
-        + _header(report, title)
-        + _toc([(anchor, name) for anchor, name, _ in sections])
-        + "".join(body for _, _, body in sections)
-        + f"<footer>Generated {_e(report.generated)} by yikatong {_e(__version__)}. Severities: "
+        f"<title>{_e(title)}</title><style>{_css()}</style></head><body>"
+        + "".join(mains)
+        + f"<footer>Generated {_e(generated)} by yikatong {_e(__version__)}. Severities: "
         + ", ".join(s.label for s in _ORDER)
         + ". Machine-readable findings: the JSON report (yikatong.audit-report/1).</footer>"
-        "</main></body></html>\n"
+        "</body></html>\n"
     )
+
+
+def render_html(report: Report) -> str:
+    """The report as one self-contained HTML page (inline CSS and SVG, no script, no external resource)."""
+    title = TITLES.get(report.kind, f"Audit report: {report.kind}")
+    return _page(title, [_main(report, title)], report.generated)
+
+
+def render_combined(title: str, reports: Sequence[Report]) -> str:
+    """Several reports on one self-contained page (the demo's chip audit and reconciliation), one after the other."""
+    mains = [_main(r, TITLES.get(r.kind, f"Audit report: {r.kind}"), f"{r.kind}-") for r in reports]
+    return _page(title, mains, reports[0].generated if reports else "")

@@ -1,25 +1,68 @@
-"""`yikatong demo` runs to its summary: rides in every city, every TAC verified, net positions sum to 0."""
+"""`yikatong demo`: the whole pipe (cards, terminals, MQTT, clearings, settlement, chip audit, reconciliation) runs
+to its summary on the embedded defaults and on Mosquitto + PostgreSQL, and the planted cards are caught."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 import re
+import sqlite3
 from pathlib import Path
 
 import pytest
+from clearing_support import fresh_db
+from mqtt_support import require_mosquitto
 
-from cardsim.image import load_purse
 from yikatong.cli import main
 
 
-def test_demo_runs_to_its_summary(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["demo", "--out", str(tmp_path), "--rides", "120", "--cards", "2"]) == 0
-    out = capsys.readouterr().out
-    assert "issued 12 cards" in out
-    assert "net positions sum to 0 fen; TAC failures: 0" in out
-    for city in ("4510 Jinan", "4560 Yantai", "4530 Zibo"):
-        assert city in out
-    rides = [int(m) for m in re.findall(r"^\d{4} \w+ +(\d+)", out, re.MULTILINE)]
-    assert sum(rides) == 120
-    images = sorted((tmp_path / "cards").glob("*.json"))
-    assert len(images) == 12
-    assert sum(load_purse(p).offline_counter for p in images) == 120
+def _check_run(out: Path, printed: str) -> None:
+    assert "net positions sum to 0 fen; 0 records unacked, 0 forwards unanswered" in printed
+    taps = [int(m) for m in re.findall(r"^\d{4} \w+ +(\d+) +(?:\d+)", printed, re.MULTILINE)]
+    assert len(taps) == 3 and all(n > 30 for n in taps), printed
+    chips = json.loads((out / "audit-chips.json").read_text())
+    by_card: dict[str, set[str]] = {}
+    for f in chips["findings"]:
+        by_card.setdefault(f["subject"], set()).add(f["id"])
+    names = {s["source"]: s["subject"] for s in chips["subjects"]}
+    assert "CPU-WEAK-RANDOM" in by_card[names["4510-sm4-weak-random"]]
+    assert "M1-DEFAULT-KEY" in by_card[names["4530-m1-factory-keys"]]
+    assert by_card[names["4560-sm4-1"]] == {"CPU-SM4"}  # an ordinary card: only its algorithm
+    recon = json.loads((out / "audit-reconcile.json").read_text())
+    rules = {f["id"] for f in recon["findings"]}
+    clone_serial = names["4510-sm4-1"]
+    tampered_uid = names["4560-m1-1"]
+    assert {"REC-COUNTER-REPEAT", "REC-M1-TAMPER"} <= rules, rules
+    assert clone_serial in recon["hotlist"] and tampered_uid in recon["hotlist"]
+    assert not rules & {"REC-MISSING", "REC-TAC", "REC-SETTLEMENT", "REC-BALANCE"}, rules  # the pipe lost nothing
+    page = (out / "report.html").read_text()
+    assert page.count("<main") == 2 and "<script" not in page
+    assert len(list((out / "cards").glob("*.json"))) == len(chips["subjects"]) == 30  # 27 issued, 3 planted
+
+
+def test_demo_on_embedded_defaults_runs_to_its_summary(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "run"
+    assert main(["demo", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    _check_run(out, printed)
+    with sqlite3.connect(out / "clearing.sqlite") as db:
+        terminal_rows = db.execute("SELECT COUNT(*) FROM ledger WHERE source = 'terminal'").fetchone()[0]
+    ok = sum(int(m) for m in re.findall(r"^\d{4} \w+ +\d+ +(\d+)", printed, re.MULTILINE))
+    assert terminal_rows == ok  # every tap the terminals completed is one acquirer row
+
+
+@pytest.mark.postgres
+async def test_demo_on_mosquitto_and_postgresql(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    require_mosquitto()
+    async with fresh_db("postgresql", tmp_path) as url:
+        args = ["demo", "--out", str(tmp_path / "run"), "--broker", "mqtt://127.0.0.1:1883", "--db", url]
+        assert await asyncio.to_thread(main, args) == 0
+        _check_run(tmp_path / "run", capsys.readouterr().out)
+        # a second run on a database that holds records is refused, naming it
+        assert await asyncio.to_thread(main, args) == 2
+        assert "already holds records" in capsys.readouterr().err
+
+
+def test_demo_bad_database_url_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["demo", "--out", str(tmp_path), "--db", "mysql://x"]) == 2
+    assert "error" in capsys.readouterr().err

@@ -1,146 +1,348 @@
-"""``yikatong demo``: issue a fleet for Jinan, Yantai and Zibo, ride buses across cities, top up, and print
-what every city took in and owes, with each TAC checked by the issuer's keys.
+"""``yikatong demo``: the whole pipe on one machine. Issue a fleet for Jinan, Yantai and Zibo, run a day of riders
+through the terminals of the three cities (real APDU and Crypto-1 flows, PSAMs, durable outboxes), publish every
+record over MQTT to the three clearings, settle the day, audit the chips and reconcile the ledgers; print a summary
+and write one HTML report.
 
-Everything runs in process on simulated cards and PSAMs; card images are saved in the run folder.
+Defaults need nothing but pip: an embedded MQTT broker in this process and SQLite files in the run folder.
+``--broker`` and ``--db`` put the same run onto Mosquitto and PostgreSQL.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import datetime as dt
+import json
 import random
+import secrets
+import shutil
 import sys
+import time
 from collections import Counter
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-from cardsim import crypto
-from cardsim.bcd import bcd_date, bcd_time
-from cardsim.crypto import Algorithm
-from cardsim.image import save_purse
+from sqlalchemy import func, select
+from sqlalchemy.exc import SQLAlchemyError
+
+from audit.chips import audit_fleet
+from audit.cpu_audit import KeySource
+from audit.findings import Report, Severity
+from audit.fleet import FleetCard
+from audit.html import render_combined
+from audit.ledger_sources import LedgerInputError, read_cities, read_database, read_settlement
+from audit.reconcile import Options, reconcile
+from cardsim.files import write_text_atomic
+from cardsim.image import save_card
 from cardsim.issuer import IssuerHost
 from cardsim.keys import IssuerKeyStore
-from cardsim.personalise import CardRequest, issue_cpu_card
-from cardsim.psam import Psam, PsamState
-from cardsim.purse import TYPE_PURCHASE, PurseCard
-from terminals.flows import PurseTransaction, load, psam_terminal_number, purchase
+from cardsim.mifare import M1Card
+from cardsim.purse import PurseCard
+from cardsim.resources import fixture_path
+from clearing.db import DatabaseUrlError, migrate, open_engine
+from clearing.intake import Intake
+from clearing.ledger import LEDGER, Ledger
+from clearing.service import ClearingService
+from clearing.settlement import Settlement, export_day, settle_day
 from terminals.inspect import yuan
+from terminals.messages import txn_topic
+from terminals.metro import FareTable
+from terminals.mqtt import BrokerUrl, embedded_broker
+from terminals.outbox import Outbox
 from terminals.reader import InProcessReader
-from yikatong.argtypes import positive
+from terminals.terminal import TapResult, Terminal, TerminalConfig
+from terminals.uplink import Uplink
+from yikatong.argtypes import broker_url, load_keys, positive
+from yikatong.demo_world import CITIES, DAY, Day, DemoCard, issue_fleet, plan_day, tamper, terminals
 from yikatong.errors import CliError
 
-CITIES = {"4510": "Jinan", "4560": "Yantai", "4530": "Zibo"}
-BUS_FARE = 200  # fen
-TOP_UP = 5000
+DEFAULT_KEYS = "keys/fleet-keys.json"  # issuer keys that are not the published test keys: the audit tells them apart
+RUN_FILES = ["cards", "terminals", "clearing-files", "clearing.sqlite", "report.html"]
+RUN_FILES += ["audit-chips.json", "audit-reconcile.json"]
 
 
 def register(groups: Any) -> None:
     """Add the ``demo`` command."""
     demo = groups.add_parser(
         "demo",
-        help="run the whole pipeline on simulated cards and print a summary",
-        description="Issue CPU cards (3DES and SM4) for Jinan, Yantai and Zibo, let riders take buses in every "
-        "city, top cards up when they run low, verify every TAC with the issuer keys, and print per-city totals.",
+        help="run the whole pipeline (cards, terminals, MQTT, clearing, settlement, audit) and print a summary",
+        description="Issue a fleet for Jinan 4510, Yantai 4560 and Zibo 4530 (CPU 3DES and SM4 purses, legacy M1 "
+        "cards, plus a planted clone, a tampered M1 card and two weak chips), run a day of riders through bus, metro "
+        "and top-up terminals of the three cities (some riders take the train to another city), publish the "
+        "records over MQTT to the three clearings, settle the day, audit the chips and reconcile the ledgers. "
+        "Prints a summary table and writes report.html, the reports' JSON, the clearing files and the card images "
+        "into --out. Exit 0 when every record was cleared and the settlement balances, 1 otherwise.",
+        epilog="Examples: yikatong demo | yikatong demo --broker mqtt://127.0.0.1:1883 "
+        "--db postgresql+asyncpg://postgres@127.0.0.1/demo",
     )
     demo.add_argument("--out", type=Path, default=Path("run/demo"), help="run folder (default %(default)s)")
-    demo.add_argument("--cards", type=positive, default=4, help="cards per city and algorithm (default 4)")
-    demo.add_argument("--rides", type=positive, default=300, help="bus rides in total (default 300)")
-    demo.add_argument("--seed", type=int, default=2009, help="random seed, for a repeatable run")
+    demo.add_argument("--broker", type=broker_url, help="mqtt://[user:password@]host[:port] (default: embedded)")
+    demo.add_argument(
+        "--db", help="clearing database: sqlite:///FILE or postgresql+asyncpg://... (default: clearing.sqlite in --out)"
+    )
+    demo.add_argument("--cards", type=positive, default=3, help="cards per city of each kind (default 3)")
+    demo.add_argument("--rides", type=positive, default=240, help="riders' taps over the day (default 240)")
+    demo.add_argument("--seed", type=int, default=2009, help="random seed, for a repeatable day (default 2009)")
+    demo.add_argument("--keys", type=Path, help=f"issuer key file (default: fixtures/{DEFAULT_KEYS})")
     demo.set_defaults(run=run)
 
 
-def _progress(done: int, total: int) -> None:
-    """A bar redrawn in place on a terminal; a line per quarter when stderr is a file or pipe."""
-    if sys.stderr.isatty():
-        width = 30
-        filled = width * done // total
-        sys.stderr.write(f"\r  rides [{'#' * filled}{'.' * (width - filled)}] {done}/{total}")
-        if done == total:
-            sys.stderr.write("\n")
-    elif done == total or (4 * done // total) != (4 * (done - 1) // total):
-        sys.stderr.write(f"  rides {done}/{total}\n")
-    sys.stderr.flush()
+class Bar:
+    """A progress bar on stderr, redrawn in place on a terminal; a line per phase (and per quarter) otherwise."""
+
+    def __init__(self) -> None:
+        self.tty = sys.stderr.isatty()
+        self.started = time.monotonic()
+
+    def phase(self, text: str) -> None:
+        """A new phase begins."""
+        self._write(f"[{time.monotonic() - self.started:5.1f} s] {text}", final=True)
+
+    def step(self, label: str, done: int, total: int) -> None:
+        """Progress within a phase."""
+        if self.tty:
+            filled = 30 * done // max(1, total)
+            self._write(f"  {label} [{'#' * filled}{'.' * (30 - filled)}] {done}/{total}", final=done == total)
+        elif done == total or (4 * done // total) != (4 * (done - 1) // total):
+            self._write(f"  {label} {done}/{total}", final=True)
+
+    def _write(self, text: str, final: bool) -> None:
+        if self.tty:
+            sys.stderr.write("\r\033[K" + text + ("\n" if final else ""))
+        else:
+            sys.stderr.write(text + "\n")
+        sys.stderr.flush()
+
+
+@dataclass
+class Cleared:
+    """What the pipe did: tap outcomes per city, records per city, the settlement, what is still waiting."""
+
+    taps: Counter[tuple[str, str]] = field(default_factory=Counter)  # (city, status)
+    records: dict[str, int] = field(default_factory=dict)
+    flagged: int = 0
+    quarantined: int = 0
+    unacked: int = 0
+    unforwarded: int = 0
+    settlement: Settlement | None = None
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run the demo; returns 0, or 1 if any TAC failed to verify."""
+    """Run the demo; 0 when every record was cleared and the settlement sums to zero."""
     out: Path = args.out
-    try:
-        (out / "cards").mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise CliError(f"cannot create run folder {out}: {err.strerror}") from err
+    keys = load_keys(args.keys or fixture_path(DEFAULT_KEYS))
+    _fresh_run_folder(out)
+    db_url = args.db or f"sqlite:///{out / 'clearing.sqlite'}"
+    bar = Bar()
     rng = random.Random(args.seed)
-    keys = IssuerKeyStore.test_set()
-    host = IssuerHost(keys)
-    start = dt.datetime(2026, 11, 24, 7, 0, 0)
+    bar.phase(f"issuing the fleet ({args.cards} cards of each kind per city, plus the planted ones)")
+    cards = issue_fleet(keys, args.cards, rng)
+    day = plan_day(cards, terminals(rng), args.rides, rng)
+    cleared = asyncio.run(_pipe(args.broker, db_url, keys, day, out, bar, rng))
+    for card in cards:
+        save_card(out / "cards" / f"{card.name}.json", card.state)
+    bar.phase("auditing the chips (through each card's own interface)")
+    sources = [
+        KeySource("published test keys", IssuerKeyStore.test_set(), True),
+        KeySource("issuer keys", keys, keys.test_keys),
+    ]
+    fleet = [FleetCard(card.name, card.state) for card in cards]
+    chips = audit_fleet(fleet, sources, [f"demo fleet ({len(cards)} cards)"], active=False)
+    bar.phase("reconciling the three cities' ledgers")
+    recon = _reconcile(db_url, keys, out)
+    page = render_combined("yikatong demo: chip audit and reconciliation", [chips, recon])
+    write_text_atomic(out / "report.html", page)
+    write_text_atomic(out / "audit-chips.json", json.dumps(chips.to_json(), indent=1) + "\n")
+    write_text_atomic(out / "audit-reconcile.json", json.dumps(recon.to_json(), indent=1) + "\n")
+    bar.phase("done")
+    _summary(day, cleared, chips, recon, out)
+    balanced = cleared.settlement is not None and sum(cleared.settlement.positions.values()) == 0
+    return 0 if balanced and cleared.unacked == 0 and cleared.unforwarded == 0 else 1
 
-    cards: list[tuple[str, PurseCard]] = []
-    for city in CITIES:
-        for alg in (Algorithm.DES3, Algorithm.SM4):  # the purses a city issues today; DES is legacy
-            for _n in range(args.cards):
-                req = CardRequest(
-                    city, alg, rng.randrange(500, 3000), len(cards) + 1, start.date(), start.date().replace(year=2036)
+
+def _fresh_run_folder(out: Path) -> None:
+    """Create the run folder; remove what an earlier demo left there (only the demo's own files)."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        for name in RUN_FILES:
+            path = out / name
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
+        for sub in ("cards", "terminals", "clearing-files"):
+            (out / sub).mkdir()
+    except OSError as err:
+        raise CliError(f"cannot prepare the run folder {out}: {err.strerror}") from err
+
+
+@contextlib.asynccontextmanager
+async def _broker(given: BrokerUrl | None) -> AsyncIterator[BrokerUrl]:
+    if given is not None:
+        yield given
+        return
+    async with embedded_broker() as url:
+        yield url
+
+
+async def _pipe(
+    broker_given: BrokerUrl | None,
+    db_url: str,
+    keys: IssuerKeyStore,
+    day: Day,
+    out: Path,
+    bar: Bar,
+    rng: random.Random,
+) -> Cleared:
+    """Clearings and terminals over MQTT, the day's taps, then the settlement."""
+    try:
+        engine = open_engine(db_url)
+    except DatabaseUrlError as err:
+        raise CliError(str(err)) from err
+    cleared = Cleared()
+    try:
+        await migrate(engine)
+        async with engine.connect() as db:
+            if (await db.execute(select(func.count()).select_from(LEDGER))).scalar_one():
+                raise CliError(f"database {db_url} already holds records: the demo needs an empty one")
+        async with _broker(broker_given) as broker:
+            bar.phase(f"starting the three clearings on {broker} (database {db_url.partition('://')[0]})")
+            host = IssuerHost(keys)
+            run_id = secrets.token_hex(3)  # a fresh MQTT identity: no session of an earlier run is resumed
+            services = [
+                ClearingService(
+                    broker, Ledger(engine, city), Intake(city, host), worker=f"demo-{run_id}", persistent=False
                 )
-                cards.append((city, PurseCard(issue_cpu_card(keys, req), rng.randbytes)))
-    print(f"issued {len(cards)} cards ({args.cards} per city and algorithm) with the published TEST keys")
-
-    terminals = {}
-    for i, city in enumerate(CITIES):
-        psam = InProcessReader(
-            Psam(PsamState(bytes(9) + bytes([i + 1]), bytes.fromhex(f"{city}000000{i + 1:02d}"), keys.for_psam()))
-        )
-        terminals[city] = (psam, psam_terminal_number(psam))
-
-    gross: Counter[tuple[str, str]] = Counter()  # (acquirer, issuer) -> fen
-    loads: Counter[str] = Counter()
-    rides_by_city: Counter[str] = Counter()
-    tac_failures = 0
-    for ride in range(args.rides):
-        issuer, card = rng.choice(cards)
-        acquirer = issuer if rng.random() < 0.7 else rng.choice(list(CITIES))
-        when = start + dt.timedelta(seconds=37 * ride)
-        reader = InProcessReader(card)
-        reader.connect()
-        psam, terminal = terminals[acquirer]
-        if card.state.balance < BUS_FARE:
-            load(reader, host, terminal, TOP_UP, when)
-            loads[issuer] += TOP_UP
-        txn = purchase(reader, psam, terminal, BUS_FARE, when)
-        if not _tac_verifies(host, card.state.public.card_serial, txn):
-            tac_failures += 1
-        gross[(acquirer, issuer)] += BUS_FARE
-        rides_by_city[acquirer] += 1
-        _progress(ride + 1, args.rides)
-
-    for _, card in cards:
-        save_purse(out / "cards" / f"{card.state.public.application_serial.hex().upper()}.json", card.state)
-    _summary(gross, loads, rides_by_city, tac_failures)
-    print(f"card images: {out / 'cards'}")
-    return 1 if tac_failures else 0
+                for city in CITIES
+            ]
+            for service in services:  # only the demo's own terminals: a shared broker carries other traffic too
+                mine = [txn_topic(t.city, t.number) for t in day.terminals if t.city == service.city]
+                service.subscriptions = mine + [s for s in service.subscriptions if "/interop/" in s]
+            tasks = [asyncio.create_task(s.run()) for s in services]
+            try:
+                await _until(lambda: all(s.stats.connected for s in services), 30, "the clearings to connect")
+                await _ride(broker, keys, day, out, bar, rng, cleared)
+                bar.phase("settling the day between the cities")
+                cleared.records = {s.city: s.stats.stored for s in services}
+                cleared.quarantined = sum(s.stats.quarantined for s in services)
+                cleared.flagged = sum(s.stats.conflicts for s in services)
+                for service in services:
+                    cleared.unforwarded += len(await service.ledger.pending_forwards(older_than=time.time() + 1))
+            finally:
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+        cleared.settlement = await settle_day(engine, DAY.isoformat(), {}, Decimal("0.005"))
+        await export_day(engine, DAY.isoformat(), out / "clearing-files")
+        settlement_file = out / "clearing-files" / f"settlement-{DAY.isoformat()}.json"
+        write_text_atomic(settlement_file, json.dumps(cleared.settlement.to_json(), indent=2) + "\n")
+    except (SQLAlchemyError, OSError) as err:
+        raise CliError(f"database {db_url}: {str(err).splitlines()[0]}") from err
+    finally:
+        await engine.dispose()
+    return cleared
 
 
-def _tac_verifies(host: IssuerHost, card_serial: bytes, txn: PurseTransaction) -> bool:
-    data = crypto.purchase_tac_data(
-        txn.amount, TYPE_PURCHASE, txn.terminal, txn.terminal_seq, bcd_date(txn.when), bcd_time(txn.when)
-    )
-    return host.tac_key(card_serial, txn.key_version, txn.algorithm).mac(data) == txn.tac
+async def _ride(
+    broker: BrokerUrl, keys: IssuerKeyStore, day: Day, out: Path, bar: Bar, rng: random.Random, cleared: Cleared
+) -> None:
+    """Every tap of the day at its terminal, records published as they are made; then wait for every ack."""
+    now = [day.taps[0].when if day.taps else dt.datetime.now()]
+    fares, host = FareTable.load(), IssuerHost(keys)
+    by_number: dict[str, tuple[Terminal, Uplink]] = {}
+    for spec in day.terminals:
+        config = TerminalConfig(spec.city, spec.kind, bytes.fromhex(spec.number), spec.amount, spec.line, spec.station)
+        outbox = Outbox(out / "terminals" / f"{spec.city}-{spec.kind.value}-{spec.number}.sqlite")
+        terminal = Terminal(config, outbox, keys, fares=fares, host=host, clock=lambda: now[0])
+        by_number[spec.number] = (terminal, Uplink(broker, terminal, ack_timeout=3.0, max_backoff=2.0))
+    tasks = [asyncio.create_task(uplink.run()) for _, uplink in by_number.values()]
+    try:
+        bar.phase(f"riding: {len(day.taps)} taps at {len(day.terminals)} terminals of 3 cities")
+        for i, tap in enumerate(day.taps):
+            if i == day.tamper_at:
+                tamper(next(c for c in day.cards if c.planted == "value block rewritten"))
+            terminal, uplink = by_number[tap.terminal.number]
+            now[0] = tap.when
+            result = _tap(terminal, tap.card, rng)
+            cleared.taps[(tap.terminal.city, result.status)] += 1
+            uplink.notify()
+            bar.step("taps", i + 1, len(day.taps))
+            await asyncio.sleep(0)  # let the uplinks and clearings work while riders tap
+        bar.phase("waiting for the clearings' acks")
+        uplinks = [u for _, u in by_number.values()]
+        await _until(lambda: all(u.all_acked() for u in uplinks), 60, "the acks", quiet=True)
+        cleared.unacked = sum(t.outbox.queued() for t, _ in by_number.values())
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for terminal, _ in by_number.values():
+            terminal.outbox.close()
 
 
-def _summary(gross: Counter[tuple[str, str]], loads: Counter[str], rides: Counter[str], tac_failures: int) -> None:
+def _tap(terminal: Terminal, card: DemoCard, rng: random.Random) -> TapResult:
+    if card.tech == "m1":
+        chip = M1Card(card.state, rng.randbytes)  # type: ignore[arg-type]
+        chip.power_on()
+        return terminal.tap_m1(chip)
+    return terminal.tap(InProcessReader(PurseCard(card.state, rng.randbytes), card.name))  # type: ignore[arg-type]
+
+
+async def _until(done: Callable[[], bool], timeout: float, what: str, *, quiet: bool = False) -> None:
+    deadline = time.monotonic() + timeout
+    while not done():
+        if time.monotonic() > deadline:
+            if quiet:
+                return  # the summary says what is still waiting
+            raise CliError(f"gave up waiting for {what} after {timeout:.0f} s")
+        await asyncio.sleep(0.05)
+
+
+def _reconcile(db_url: str, keys: IssuerKeyStore, out: Path) -> Report:
+    try:
+        ledgers = read_database(db_url, DAY.isoformat())
+        claimed = read_settlement(out / "clearing-files" / f"settlement-{DAY.isoformat()}.json")
+        return reconcile(ledgers, Options(read_cities(), keys, claimed, DAY.isoformat()))
+    except LedgerInputError as err:
+        raise CliError(str(err)) from err
+
+
+def _summary(day: Day, cleared: Cleared, chips: Report, recon: Report, out: Path) -> None:
+    positions = cleared.settlement.positions if cleared.settlement else {}
     print()
-    print(
-        f"{'city':<12} {'rides':>6} {'taken in':>10} {'of it others':>13} {'owed to others':>15} "
-        f"{'net':>9} {'top-ups':>9}"
-    )
-    total_net = 0
+    print(f"{'city':<12} {'taps':>5} {'ok':>5} {'refused':>8} {'ledger rows':>12} {'net position (yuan)':>20}")
     for code, name in CITIES.items():
-        taken = sum(v for (acq, _), v in gross.items() if acq == code)
-        from_others = sum(v for (acq, iss), v in gross.items() if acq == code and iss != code)
-        owed = sum(v for (acq, iss), v in gross.items() if iss == code and acq != code)
-        net = from_others - owed  # what the city is owed by issuers minus what it owes acquirers
-        total_net += net
+        taps = sum(n for (city, _), n in cleared.taps.items() if city == code)
+        ok = cleared.taps[(code, "ok")]
         print(
-            f"{code} {name:<7} {rides[code]:>6} {yuan(taken):>10} {yuan(from_others):>13} {yuan(owed):>15} "
-            f"{yuan(net):>9} {yuan(loads[code]):>9}"
+            f"{code} {name:<7} {taps:>5} {ok:>5} {taps - ok:>8} {cleared.records.get(code, 0):>12} "
+            f"{yuan(positions.get(code, 0)) if positions.get(code, 0) >= 0 else '-' + yuan(-positions[code]):>20}"
         )
-    print(f"net positions sum to {total_net} fen; TAC failures: {tac_failures}")
+    total = sum(positions.values())
+    print(
+        f"settlement {DAY.isoformat()}: net positions sum to {total} fen; {cleared.unacked} records unacked, "
+        f"{cleared.unforwarded} forwards unanswered, {cleared.quarantined} quarantined, {cleared.flagged} conflicts"
+    )
+    planted = [c for c in day.cards if c.planted]
+    print(f"planted: {'; '.join(f'{c.name} ({c.planted})' for c in planted)}")
+    print()
+    counts = ", ".join(f"{label} {n}" for label, n in chips.counts().items() if n)
+    print(f"chip audit: {len(chips.subjects)} cards; findings by severity: {counts or 'none'}")
+    names = {str(s.get("subject")): str(s.get("source")) for s in chips.subjects}
+    by_rule: dict[str, list[str]] = {}
+    for f in chips.findings:
+        if f.severity >= Severity.MEDIUM:
+            by_rule.setdefault(f"{f.severity.label:<8} {f.id}", []).append(names.get(f.subject, f.subject))
+    for rule, subjects in by_rule.items():
+        shown = ", ".join(sorted(set(subjects))[:3]) + (", ..." if len(set(subjects)) > 3 else "")
+        print(f"  {rule:<32} {len(subjects):>3}  {shown}")
+    counts = ", ".join(f"{rule} {n}" for rule, n in recon.checks.items() if n)
+    print(f"reconciliation: findings {counts or 'none'}")
+    print(f"  hotlist ({len(recon.hotlist)}): {' '.join(recon.hotlist) or '-'}")
+    print()
+    print(f"report: {out / 'report.html'}  (JSON: audit-chips.json, audit-reconcile.json)")
+    print(f"clearing files: {out / 'clearing-files'}; card images: {out / 'cards'}")
