@@ -79,6 +79,7 @@ class Uplink:
         self._wake = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._sent_through = 0
+        self._published_max = 0  # the highest seq this uplink has ever published (only grows)
         self._last_traffic = time.monotonic()
 
     def notify(self) -> None:
@@ -117,6 +118,7 @@ class Uplink:
                 payload = rows[0][1] if len(rows) == 1 else batch_payload([record for _, record in rows])
                 await client.publish(self.txn_topic, payload, qos=1)
                 self._sent_through = rows[-1][0]
+                self._published_max = max(self._published_max, self._sent_through)
                 self.stats.published += len(rows)
                 self._last_traffic = time.monotonic()
                 continue
@@ -148,6 +150,14 @@ class Uplink:
         if ack.terminal != self.number:
             log.warning("ack for terminal %s ignored (this is %s)", ack.terminal, self.number)
             return
+        if ack.acked_through > self._published_max:
+            # an ack for records this terminal never sent (a forged seq on its topic, or a confused clearing):
+            # dropping them would lose them, so the ack counts only up to what was really published
+            log.warning(
+                "ack through %d beyond the records sent (%d): counted up to %d",
+                *(ack.acked_through, self._published_max, self._published_max),
+            )
+            ack = ack.model_copy(update={"acked_through": self._published_max})
         acked, rejected = self.outbox.apply_ack(ack)
         self.stats.acked += acked
         self.stats.rejected += rejected

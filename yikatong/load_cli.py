@@ -117,8 +117,11 @@ def run(args: argparse.Namespace) -> int:
         raise CliError(f"the key file holds no keys of city {', '.join(missing)}: records could not be signed")
     seed = args.seed if args.seed is not None else secrets.randbits(32)
     host = IssuerHost(keys)
+    resumed = args.state_dir is not None and (args.state_dir / "terminals.json").exists()
     terminals = _terminals(args, host, seed)
-    cards = synthetic_cards(args.cards, args.cities, seed)
+    # cards keep their counters on the card, not in the state folder: a resumed run takes new cards, or the same
+    # seed would replay the old cards' counters (clones, in the clearing's eyes)
+    cards = synthetic_cards(args.cards, args.cities, secrets.randbits(32) if resumed else seed)
     by_city: dict[str, list[Any]] = {}
     for card in cards:
         card.balance = 20_000
