@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import queue
-import random
 import secrets
 import shutil
 import subprocess
@@ -27,18 +26,13 @@ from mqtt_support import eventually, private_mosquitto, running, unique_terminal
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
-from sqlalchemy import func, select
-from support import new_state
+from reliability_support import completed, cpu_card, ledger_view
 from terminal_support import make_terminal
 
 from cardsim.crypto import Algorithm
-from cardsim.purse import PurseCard
-from clearing.db import open_engine
-from clearing.ledger import LEDGER, QUARANTINE
 from terminals.messages import ack_topic, txn_topic
 from terminals.mqtt import BrokerUrl
 from terminals.reader import InProcessReader
-from terminals.terminal import Terminal
 from terminals.uplink import Uplink
 
 pytestmark = pytest.mark.reliability
@@ -89,41 +83,6 @@ def acl_broker(tmp_path: Path) -> Iterator[AclBroker]:
     (folder / "acl").write_text(ACL)
     with private_mosquitto(folder, password_file=folder / "passwords", acl_file=folder / "acl") as broker:
         yield AclBroker(broker.url, terminals, passwords)
-
-
-def cpu_card(sequence: int, alg: Algorithm = Algorithm.SM4) -> PurseCard:
-    """A CPU purse card of the city with its own serial (``sequence``): no two terminals share a card."""
-    card = PurseCard(new_state(alg, 100_000, CITY, sequence), random.Random(sequence).randbytes)
-    card.power_on()
-    return card
-
-
-def completed(terminal: Terminal) -> set[tuple[str, int]]:
-    """Every record the terminal completed, as (terminal, seq): seq 1 up to its outbox's next seq."""
-    return {(terminal.terminal_hex, seq) for seq in range(1, terminal.outbox.counts().next_seq)}
-
-
-@dataclass
-class LedgerView:
-    """What the clearing database holds for the city."""
-
-    rows: list[tuple[str, int]]  # (terminal, seq) of every ledger row
-    quarantine: int
-
-    @property
-    def doubled(self) -> int:
-        return len(self.rows) - len(set(self.rows))
-
-
-async def ledger_view(db: str) -> LedgerView:
-    engine = open_engine(db)
-    try:
-        async with engine.connect() as conn:
-            rows = await conn.execute(select(LEDGER.c.terminal, LEDGER.c.seq).where(LEDGER.c.city == CITY))
-            quarantine = await conn.execute(select(func.count()).where(QUARANTINE.c.city == CITY))
-            return LedgerView([(str(t), int(s)) for t, s in rows.all()], int(quarantine.scalar_one()))
-    finally:
-        await engine.dispose()
 
 
 async def listen(broker: BrokerUrl, topics: list[str], into: list[str], ready: asyncio.Event) -> None:
@@ -224,21 +183,22 @@ async def test_acl_each_terminal_only_on_its_own_topic_ledger_holds_each_complet
             assert service.stats.stored == stored_before + 1
             assert service.stats.failed_batches == 0
             await eventually(lambda: seen_by_a.count(ack_topic(CITY, a)) > acks_read_before)  # A reads its acks
-        view = await ledger_view(db)
+        view = await ledger_view(db, CITY)
+    rows, quarantined = [(r.terminal, r.seq) for r in view.rows], len(view.quarantine)
     done = set().union(*(completed(t) for t in terminals))
     records = len(done)
     summary = (
-        f"acl: {len(terminals)} terminals, {records} records completed, {len(view.rows)} in ledger, "
-        f"{view.doubled} doubled, {view.quarantine} quarantined, {foreign_refused} foreign publishes refused "
+        f"acl: {len(terminals)} terminals, {records} records completed, {len(rows)} in ledger, "
+        f"{view.doubled} doubled, {quarantined} quarantined, {foreign_refused} foreign publishes refused "
         f"(MQTT 5 PUBACK {reason}, MQTT 3.1.1 dropped), "
         f"A's credentials read {len(seen_by_a)} messages on {len(set(seen_by_a))} topic(s)"
     )
     print(summary)
     assert records == 31 and seq == 11, summary
-    lost, extra = sorted(done - set(view.rows)), sorted(set(view.rows) - done)
+    lost, extra = sorted(done - set(rows)), sorted(set(rows) - done)
     assert not lost and not extra, f"{summary}; lost: {lost}, extra: {extra}"
-    assert view.doubled == 0 and len(view.rows) == records, summary
-    assert view.quarantine == 0, f"{summary}: the foreign record reached the clearing's quarantine"
+    assert view.doubled == 0 and len(rows) == records, summary
+    assert quarantined == 0, f"{summary}: the foreign record reached the clearing's quarantine"
     assert all(t.outbox.counts().queued == 0 and t.outbox.counts().rejected == 0 for t in terminals), summary
     assert set(seen_by_a) == {ack_topic(CITY, a)}, f"{summary}; A's credentials read: {sorted(set(seen_by_a))}"
 
@@ -277,11 +237,12 @@ async def test_acl_wrong_or_no_credentials_cannot_connect_and_the_terminal_keeps
             assert queued == 3 and service.stats.messages == 0, f"{queued} queued, {service.stats.messages} arrived"
             uplink = Uplink(acl_broker.login(number), terminal, ack_timeout=2.0)
             assert await uplink.run_until(uplink.all_acked, 20), "not acked with the right password"
-        view = await ledger_view(db)
+        view = await ledger_view(db, CITY)
+    rows, quarantined = [(r.terminal, r.seq) for r in view.rows], len(view.quarantine)
     summary = (
         f"acl credentials: {refused} connections refused, 3 records kept while locked out, "
-        f"{len(view.rows)} in ledger, {view.doubled} doubled, {view.quarantine} quarantined"
+        f"{len(rows)} in ledger, {view.doubled} doubled, {quarantined} quarantined"
     )
     print(summary)
-    assert set(view.rows) == completed(terminal) == {(number, 1), (number, 2), (number, 3)}, summary
-    assert view.doubled == 0 and view.quarantine == 0, summary
+    assert set(rows) == completed(terminal) == {(number, 1), (number, 2), (number, 3)}, summary
+    assert len(rows) == 3 and view.doubled == 0 and quarantined == 0, summary
