@@ -13,7 +13,24 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
-from sqlalchemy import ColumnElement, Insert, Table, func, select, tuple_, union, update
+from sqlalchemy import (
+    BigInteger,
+    ColumnElement,
+    Insert,
+    Select,
+    String,
+    Table,
+    and_,
+    bindparam,
+    column,
+    func,
+    literal_column,
+    select,
+    tuple_,
+    union,
+    update,
+    values,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -39,6 +56,7 @@ QUARANTINE = cast(Table, QuarantineRow.__table__)
 PROGRESS = cast(Table, TerminalProgress.__table__)
 CITY_STATE = cast(Table, CityState.__table__)
 _IDENTITY = (LEDGER.c.issuer, LEDGER.c.card, LEDGER.c.kind, LEDGER.c.card_counter)
+ACK_CHUNK = 1000  # terminals per statement of the ack bookkeeping: 2-3 parameters each, far below the limits
 
 
 @dataclass
@@ -244,7 +262,8 @@ class Ledger:
 
     async def _terminal_acks(self, db: AsyncConnection, messages: Sequence[Received]) -> list[TerminalAck]:
         """Per terminal: the new gap-free mark, and the quarantined seqs from the lowest seq it just sent up to
-        the mark (it still holds those; lower ones were acked before)."""
+        the mark (it still holds those; lower ones were acked before). A handful of statements per batch (per
+        ``ACK_CHUNK`` terminals), however many terminals it holds."""
         lowest: dict[str, int] = {}
         for message in messages:
             if message.terminal is None:
@@ -253,58 +272,105 @@ class Ledger:
             known = [s for s in seqs if s is not None]
             if known:
                 lowest[message.terminal] = min(lowest.get(message.terminal, known[0]), *known)
-        acks = []
-        for terminal in sorted(lowest):  # one order for every worker: no deadlock on the progress rows
-            through = await self._advance(db, terminal)
-            rows = await db.execute(
-                select(QUARANTINE.c.seq, QUARANTINE.c.reason)
-                .where(
-                    QUARANTINE.c.city == self.city,
-                    QUARANTINE.c.terminal == terminal,
-                    QUARANTINE.c.seq.between(lowest[terminal], through),
-                )
-                .order_by(QUARANTINE.c.seq)
-            )
-            rejected = {int(seq): str(reason) for seq, reason in rows.all()}
-            acks.append(TerminalAck(terminal, through, sorted(rejected.items())))
-        return acks
-
-    async def _advance(self, db: AsyncConnection, terminal: str) -> int:
-        """Move the terminal's gap-free mark over every seq now in the ledger or quarantine; the new mark.
-        The mark only grows, so the one remembered here is a safe start even when other workers moved it on."""
-        mark = self._marks.get(terminal)
-        if mark is None:
-            await db.execute(
-                _insert(db, PROGRESS).on_conflict_do_nothing(),
-                {"city": self.city, "terminal": terminal, "acked_through": 0},
-            )
-            stored = await db.execute(
-                select(PROGRESS.c.acked_through).where(PROGRESS.c.city == self.city, PROGRESS.c.terminal == terminal)
-            )
-            mark = int(stored.scalar_one())
-        found = await db.execute(
-            union(
-                *(
-                    select(table.c.seq).where(
-                        table.c.city == self.city, table.c.terminal == terminal, table.c.seq > mark
-                    )
-                    for table in (LEDGER, QUARANTINE)
-                )
-            )
-        )
-        seqs = {int(s) for s in found.scalars()}
-        through = mark
-        while through + 1 in seqs:
-            through += 1
-        if through > mark:
+        terminals = sorted(lowest)  # one order for every worker: no deadlock on the progress rows
+        new = [{"city": self.city, "terminal": t, "acked_through": 0} for t in terminals if t not in self._marks]
+        if new:
+            await db.execute(_insert(db, PROGRESS).on_conflict_do_nothing(), new)
+        stored, found, quarantined = await self._above_marks(db, terminals)
+        acks: list[TerminalAck] = []
+        moved: list[dict[str, Any]] = []
+        ask: list[tuple[str, int, int]] = []
+        for terminal in terminals:
+            # the mark only grows, so the one remembered here is a safe start even when other workers moved it on
+            mark = max(self._marks.get(terminal, 0), stored.get(terminal, 0))
+            through = mark
+            while through + 1 in found[terminal]:
+                through += 1
+            if through > mark:
+                moved.append({"b_terminal": terminal, "b_through": through})
+            low = lowest[terminal]
+            # quarantined seqs above the stored mark are known; the reasons are read when the range holds one,
+            # or reaches at or below the stored mark (a resend)
+            if low <= through and (
+                low <= stored.get(terminal, low) or any(low <= s <= through for s in quarantined[terminal])
+            ):
+                ask.append((terminal, low, through))
+            acks.append(TerminalAck(terminal, through, []))
+        if moved:
             await db.execute(
                 update(PROGRESS)
                 .where(
-                    PROGRESS.c.city == self.city, PROGRESS.c.terminal == terminal, PROGRESS.c.acked_through < through
+                    PROGRESS.c.city == self.city,
+                    PROGRESS.c.terminal == bindparam("b_terminal"),
+                    PROGRESS.c.acked_through < bindparam("b_through"),
                 )
-                .values(acked_through=through)
+                .values(acked_through=bindparam("b_through")),
+                moved,
             )
-        return through
+        rejected = await self._rejected(db, ask)
+        for ack in acks:
+            ack.rejected = sorted(rejected.get(ack.terminal, {}).items())
+        return acks
+
+    async def _above_marks(
+        self, db: AsyncConnection, terminals: Sequence[str]
+    ) -> tuple[dict[str, int], dict[str, set[int]], dict[str, set[int]]]:
+        """The terminals' stored marks, the seqs above them in the ledger or the quarantine, and those of them in
+        the quarantine. Marks and seqs come from one statement (per chunk), so from one moment."""
+
+        def above(table: Table, in_quarantine: str, chunk: Sequence[str]) -> Select[Any]:
+            joined = PROGRESS.outerjoin(
+                table,
+                and_(
+                    table.c.city == PROGRESS.c.city,
+                    table.c.terminal == PROGRESS.c.terminal,
+                    table.c.seq > PROGRESS.c.acked_through,
+                ),
+            )
+            return (
+                select(PROGRESS.c.terminal, PROGRESS.c.acked_through, table.c.seq, literal_column(in_quarantine))
+                .select_from(joined)
+                .where(PROGRESS.c.city == self.city, PROGRESS.c.terminal.in_(chunk))
+            )
+
+        stored: dict[str, int] = {}
+        found: dict[str, set[int]] = {t: set() for t in terminals}
+        quarantined: dict[str, set[int]] = {t: set() for t in terminals}
+        for start in range(0, len(terminals), ACK_CHUNK):
+            chunk = terminals[start : start + ACK_CHUNK]
+            rows = await db.execute(union(above(LEDGER, "0", chunk), above(QUARANTINE, "1", chunk)))
+            for terminal, mark, seq, in_quarantine in rows.all():
+                stored[terminal] = int(mark)
+                if seq is not None:
+                    found[terminal].add(int(seq))
+                    if in_quarantine:
+                        quarantined[terminal].add(int(seq))
+        return stored, found, quarantined
+
+    async def _rejected(self, db: AsyncConnection, ranges: Sequence[tuple[str, int, int]]) -> dict[str, dict[int, str]]:
+        """Quarantined seq -> reason per terminal, for the (terminal, lowest seq, highest seq) ranges."""
+        out: dict[str, dict[int, str]] = {}
+        for start in range(0, len(ranges), ACK_CHUNK):
+            wanted = (
+                values(column("terminal", String), column("low", BigInteger), column("high", BigInteger), name="wanted")
+                .data(list(ranges[start : start + ACK_CHUNK]))
+                .cte("wanted")
+            )
+            rows = await db.execute(
+                select(QUARANTINE.c.terminal, QUARANTINE.c.seq, QUARANTINE.c.reason)
+                .join(
+                    wanted,
+                    and_(
+                        QUARANTINE.c.city == self.city,
+                        QUARANTINE.c.terminal == wanted.c.terminal,
+                        QUARANTINE.c.seq.between(wanted.c.low, wanted.c.high),
+                    ),
+                )
+                .order_by(QUARANTINE.c.terminal, QUARANTINE.c.seq, QUARANTINE.c.id)  # the last reason of a seq
+            )
+            for terminal, seq, reason in rows.all():
+                out.setdefault(str(terminal), {})[int(seq)] = str(reason)
+        return out
 
     @staticmethod
     def _interop_acks(

@@ -3,8 +3,10 @@ bad-input corpus, settlement arithmetic and the daily clearing file."""
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import datetime as dt
+import json
 from decimal import Decimal
 from pathlib import Path
 
@@ -13,7 +15,7 @@ from clearing_corpus import CITY, TERMINAL, Case, corpus, good_records
 from clearing_support import HOST, fresh_db, signed_records
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from sqlalchemy import select
+from sqlalchemy import event, select
 
 from clearing.db import migrate, open_engine
 from clearing.intake import Intake, Topic
@@ -136,6 +138,124 @@ async def test_other_cities_cards_are_stored_and_forwarded_not_verified_here(des
     outcome = await desk.send(batch_payload([r.to_json() for r in records]))
     assert outcome.stored == 6
     assert sorted(r.seq for r in outcome.to_forward) == [r.seq for r in records if r.card.issuer == "4510"]
+
+
+# --- acks of many terminals in one batch ------------------------------------------------------------------
+
+
+def _fleet_records(terminals: int) -> dict[str, list[str]]:
+    """Six signed records (seqs 1..6) for each of ``terminals`` terminals, cards of their own: terminal -> JSON."""
+    out = {}
+    for i in range(terminals):
+        terminal = f"{CITY}C0D0{i:04X}"
+        out[terminal] = [r.to_json() for r in signed_records(6, CITY, terminal, issuers=(CITY,), cards=2, seed=100 + i)]
+    return out
+
+
+def _forged(doc: str) -> str:
+    fields = json.loads(doc)
+    fields["tac"] = "00000000" if fields["tac"] != "00000000" else "11111111"
+    return json.dumps(fields)
+
+
+async def _store_batch(ledger: Ledger, messages: list[tuple[str, str]]) -> dict[str, tuple[int, list[int]]]:
+    """One ``store`` of (terminal, payload) messages; terminal -> (acked through, rejected seqs), after checking
+    that every rejection says why (a forged TAC here) and the acks come in terminal order."""
+    received = []
+    for terminal, payload in messages:
+        topic = txn_topic(CITY, terminal)
+        parsed = Topic.parse(topic, CITY)
+        assert parsed is not None
+        received.append(Received(topic, terminal, INTAKE.message(parsed, payload.encode(), frozenset())))
+    acks = (await ledger.store(received)).terminal_acks
+    assert [a.terminal for a in acks] == sorted(a.terminal for a in acks)
+    assert all("TAC does not verify" in reason for a in acks for _, reason in a.rejected)
+    return {a.terminal: (a.acked_through, [seq for seq, _ in a.rejected]) for a in acks}
+
+
+@pytest.mark.parametrize("kind", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+async def test_one_batch_of_many_terminals_acks_each_its_own_gap_free_run(kind: str, tmp_path: Path) -> None:
+    """Forty terminals in every batch, four patterns of ten: in order; a forged record inside the run; a gap
+    filled by the next batch; a forged record above a gap. Resends of acked and quarantined seqs name the
+    rejections again; a terminal whose message names no seq gets no ack."""
+    fleet = _fleet_records(40)
+    kinds = {terminal: i % 4 for i, terminal in enumerate(fleet)}
+    first = {0: ([1, 2, 3], set()), 1: ([1, 2, 3], {2}), 2: ([2, 3], set()), 3: ([1, 3, 4], {4})}
+    second = {0: ([2, 5], set()), 1: ([2, 4], {2}), 2: ([1], set()), 3: ([2], set())}
+    acked_first = {0: (3, []), 1: (3, [2]), 2: (0, []), 3: (1, [])}
+    acked_second = {0: (3, []), 1: (4, [2]), 2: (3, []), 3: (4, [4])}
+
+    def messages(plan: dict[int, tuple[list[int], set[int]]]) -> list[tuple[str, str]]:
+        out = []
+        for terminal, docs in reversed(fleet.items()):  # not in terminal order
+            seqs, forged = plan[kinds[terminal]]
+            payloads = [_forged(docs[s - 1]) if s in forged else docs[s - 1] for s in seqs]
+            out.append((terminal, payloads[0]))  # a single record, then a batch of the rest
+            if payloads[1:]:
+                out.append((terminal, batch_payload(payloads[1:])))
+        return [*out, (f"{CITY}C0D0FFFF", "not json")]
+
+    async with fresh_db(kind, tmp_path) as url:
+        engine = open_engine(url)
+        await migrate(engine)
+        try:
+            ledger = Ledger(engine, CITY)
+            assert await _store_batch(ledger, messages(first)) == {t: acked_first[k] for t, k in kinds.items()}
+            assert await _store_batch(ledger, messages(second)) == {t: acked_second[k] for t, k in kinds.items()}
+            # a worker that starts afresh (no marks remembered) reads the same marks from the database
+            again = await _store_batch(Ledger(engine, CITY), messages(second))
+            assert again == {t: acked_second[k] for t, k in kinds.items()}
+        finally:
+            await engine.dispose()
+
+
+@pytest.mark.postgres
+async def test_two_workers_move_the_marks_of_the_same_terminals_at_once(tmp_path: Path) -> None:
+    """Two ledgers on one PostgreSQL database store batches of the same 40 terminals at the same moment (odd
+    seqs to one, even to the other, in opposite message orders): no deadlock, and the marks end where they must."""
+    fleet = _fleet_records(40)
+    async with fresh_db("postgres", tmp_path) as url:
+        engines = [open_engine(url), open_engine(url)]
+        await migrate(engines[0])
+        try:
+            ledgers = [Ledger(engine, CITY) for engine in engines]
+            for seq in (1, 3, 5):
+                odd = [(t, docs[seq - 1]) for t, docs in fleet.items()]
+                even = [(t, docs[seq]) for t, docs in reversed(fleet.items())]
+                await asyncio.gather(_store_batch(ledgers[0], odd), _store_batch(ledgers[1], even))
+            assert await _store_batch(ledgers[1], [(t, docs[5]) for t, docs in fleet.items()]) == {
+                t: (6, []) for t in fleet
+            }
+        finally:
+            for engine in engines:
+                await engine.dispose()
+
+
+async def test_ack_bookkeeping_costs_the_same_statements_for_3_or_60_terminals(tmp_path: Path) -> None:
+    """The database round trips of a batch do not grow with the terminals in it (first contact and after)."""
+    fleet = _fleet_records(63)
+    async with fresh_db("sqlite", tmp_path) as url:
+        engine = open_engine(url)
+        await migrate(engine)
+        statements = 0
+
+        def count(*_args: object) -> None:
+            nonlocal statements
+            statements += 1
+
+        event.listen(engine.sync_engine, "before_cursor_execute", count)
+        try:
+            ledger = Ledger(engine, CITY)
+            costs = []
+            for seq in (1, 2):
+                for terminals in (list(fleet)[:3], list(fleet)[3:]):
+                    statements = 0
+                    acks = await _store_batch(ledger, [(t, fleet[t][seq - 1]) for t in terminals])
+                    assert acks == {t: (seq, []) for t in terminals}
+                    costs.append(statements)
+        finally:
+            await engine.dispose()
+    assert costs[0] == costs[1] and costs[2] == costs[3], costs
 
 
 # --- settlement -------------------------------------------------------------------------------------------

@@ -205,3 +205,27 @@ async def test_malformed_acks_are_ignored(tmp_path: Path, garbage: bytes) -> Non
                 await pub.publish(f"yikatong/4560/ack/{term.terminal_hex}", garbage, qos=1)
             await asyncio.sleep(0.3)
             assert term.outbox.counts().queued == 2
+
+
+def test_an_ack_beyond_what_was_published_drops_only_what_was_published() -> None:
+    """A forged ack (anyone may publish garbage with seqs on a terminal's topic) must not drop unsent records."""
+    from terminals.messages import Ack
+    from terminals.outbox import MemoryOutbox
+
+    class Sender:
+        city, terminal_hex = "4510", "451000000001"
+
+        def __init__(self) -> None:
+            self.outbox = MemoryOutbox()
+
+        def offer_hotlist(self, payload: bytes | str) -> bool:
+            return False
+
+    sender = Sender()
+    for i in range(5):
+        sender.outbox._records[i + 1] = "{}"  # five records waiting
+    uplink = Uplink(MOSQUITTO, sender)
+    uplink._published_max = 2  # only seqs 1 and 2 went out
+    uplink._on_ack(Ack(schema="yikatong.ack/1", terminal="451000000001", acked_through=5, rejected=[]).to_json())
+    assert [seq for seq, _ in sender.outbox.unacked(0, 10)] == [3, 4, 5]
+    assert uplink.stats.acked == 2
