@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import secrets
 import signal
 import subprocess
 import sys
@@ -42,11 +43,13 @@ def clearing_processes(
     """``yikatong clearing serve`` for each city as its own process (a core of its own), waited for until each is
     subscribed; stopped with SIGTERM (then killed) on the way out. Output goes to ``logs/clearing-CITY.log``."""
     procs: list[subprocess.Popen[bytes]] = []
+    # a worker name of this run: a fixed MQTT identity would resume a stale session full of other runs' records
+    worker = f"run-{secrets.token_hex(3)}"
     paths = [logs / f"clearing-{city}.log" for city in cities]
     try:
         for city, path in zip(cities, paths, strict=True):
             command = [sys.executable, "-m", "yikatong.cli", "clearing", "serve", "--city", city]
-            command += ["--broker", _with_password(broker), "--db", db(city), "--report-every", "0"]
+            command += ["--broker", _with_password(broker), "--db", db(city), "--report-every", "0", "--worker", worker]
             with path.open("wb") as log:
                 procs.append(subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT))
         deadline = time.monotonic() + timeout
