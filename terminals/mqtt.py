@@ -91,3 +91,13 @@ async def embedded_broker(port: int | None = None) -> AsyncIterator[BrokerUrl]:
     finally:
         with contextlib.suppress(Exception):
             await asyncio.wait_for(broker.shutdown(), 10)
+
+
+@contextlib.asynccontextmanager
+async def given_or_embedded(given: BrokerUrl | None) -> AsyncIterator[BrokerUrl]:
+    """The broker the user gave, or an embedded one for as long as the context lasts."""
+    if given is not None:
+        yield given
+        return
+    async with embedded_broker() as url:
+        yield url

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import datetime as dt
 import json
 import random
@@ -20,7 +19,7 @@ import shutil
 import sys
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
@@ -35,12 +34,12 @@ from audit.findings import Report, Severity
 from audit.fleet import FleetCard
 from audit.html import render_combined
 from audit.ledger_sources import LedgerInputError, read_cities, read_database, read_settlement
-from audit.reconcile import Options, reconcile
+from audit.reconcile import Cities, Options, reconcile
 from cardsim.files import write_text_atomic
 from cardsim.image import save_card
 from cardsim.issuer import IssuerHost
 from cardsim.keys import IssuerKeyStore
-from cardsim.mifare import M1Card
+from cardsim.mifare import M1Card, M1State
 from cardsim.purse import PurseCard
 from cardsim.resources import fixture_path
 from clearing.db import DatabaseUrlError, migrate, open_engine
@@ -51,10 +50,10 @@ from clearing.settlement import Settlement, export_day, settle_day
 from terminals.inspect import yuan
 from terminals.messages import txn_topic
 from terminals.metro import FareTable
-from terminals.mqtt import BrokerUrl, embedded_broker
+from terminals.mqtt import BrokerUrl, given_or_embedded
 from terminals.outbox import Outbox
 from terminals.reader import InProcessReader
-from terminals.terminal import TapResult, Terminal, TerminalConfig
+from terminals.terminal import TapResult, Terminal
 from terminals.uplink import Uplink
 from yikatong.argtypes import broker_url, load_keys, positive
 from yikatong.demo_world import CITIES, DAY, Day, DemoCard, issue_fleet, plan_day, tamper, terminals
@@ -140,9 +139,14 @@ def run(args: argparse.Namespace) -> int:
     bar = Bar()
     rng = random.Random(args.seed)
     bar.phase(f"issuing the fleet ({args.cards} cards of each kind per city, plus the planted ones)")
+    try:
+        cities = read_cities()
+    except LedgerInputError as err:
+        raise CliError(str(err)) from err
+    fares = FareTable.load()
     cards = issue_fleet(keys, args.cards, rng)
-    day = plan_day(cards, terminals(rng), args.rides, rng)
-    cleared = asyncio.run(_pipe(args.broker, db_url, keys, day, out, bar, rng))
+    day = plan_day(cards, terminals(fares, rng), args.rides, rng, cities.travel_minutes)
+    cleared = asyncio.run(_pipe(args.broker, db_url, keys, fares, day, out, bar, rng))
     for card in cards:
         save_card(out / "cards" / f"{card.name}.json", card.state)
     bar.phase("auditing the chips (through each card's own interface)")
@@ -153,7 +157,7 @@ def run(args: argparse.Namespace) -> int:
     fleet = [FleetCard(card.name, card.state) for card in cards]
     chips = audit_fleet(fleet, sources, [f"demo fleet ({len(cards)} cards)"], active=False)
     bar.phase("reconciling the three cities' ledgers")
-    recon = _reconcile(db_url, keys, out)
+    recon = _reconcile(db_url, keys, cities, out)
     page = render_combined("yikatong demo: chip audit and reconciliation", [chips, recon])
     write_text_atomic(out / "report.html", page)
     write_text_atomic(out / "audit-chips.json", json.dumps(chips.to_json(), indent=1) + "\n")
@@ -180,19 +184,11 @@ def _fresh_run_folder(out: Path) -> None:
         raise CliError(f"cannot prepare the run folder {out}: {err.strerror}") from err
 
 
-@contextlib.asynccontextmanager
-async def _broker(given: BrokerUrl | None) -> AsyncIterator[BrokerUrl]:
-    if given is not None:
-        yield given
-        return
-    async with embedded_broker() as url:
-        yield url
-
-
 async def _pipe(
     broker_given: BrokerUrl | None,
     db_url: str,
     keys: IssuerKeyStore,
+    fares: FareTable,
     day: Day,
     out: Path,
     bar: Bar,
@@ -209,7 +205,7 @@ async def _pipe(
         async with engine.connect() as db:
             if (await db.execute(select(func.count()).select_from(LEDGER))).scalar_one():
                 raise CliError(f"database {db_url} already holds records: the demo needs an empty one")
-        async with _broker(broker_given) as broker:
+        async with given_or_embedded(broker_given) as broker:
             bar.phase(f"starting the three clearings on {broker} (database {db_url.partition('://')[0]})")
             host = IssuerHost(keys)
             run_id = secrets.token_hex(3)  # a fresh MQTT identity: no session of an earlier run is resumed
@@ -220,18 +216,17 @@ async def _pipe(
                 for city in CITIES
             ]
             for service in services:  # only the demo's own terminals: a shared broker carries other traffic too
-                mine = [txn_topic(t.city, t.number) for t in day.terminals if t.city == service.city]
+                mine = [txn_topic(t.city, t.terminal.hex().upper()) for t in day.terminals if t.city == service.city]
                 service.subscriptions = mine + [s for s in service.subscriptions if "/interop/" in s]
             tasks = [asyncio.create_task(s.run()) for s in services]
             try:
                 await _until(lambda: all(s.stats.connected for s in services), 30, "the clearings to connect")
-                await _ride(broker, keys, day, out, bar, rng, cleared)
+                await _ride(broker, keys, fares, day, out, bar, rng, cleared)
                 bar.phase("settling the day between the cities")
                 cleared.records = {s.city: s.stats.stored for s in services}
                 cleared.quarantined = sum(s.stats.quarantined for s in services)
                 cleared.flagged = sum(s.stats.conflicts for s in services)
-                for service in services:
-                    cleared.unforwarded += len(await service.ledger.pending_forwards(older_than=time.time() + 1))
+                cleared.unforwarded = await _unanswered_forwards(services, timeout=30)
             finally:
                 for task in tasks:
                     task.cancel()
@@ -248,24 +243,30 @@ async def _pipe(
 
 
 async def _ride(
-    broker: BrokerUrl, keys: IssuerKeyStore, day: Day, out: Path, bar: Bar, rng: random.Random, cleared: Cleared
+    broker: BrokerUrl,
+    keys: IssuerKeyStore,
+    fares: FareTable,
+    day: Day,
+    out: Path,
+    bar: Bar,
+    rng: random.Random,
+    cleared: Cleared,
 ) -> None:
     """Every tap of the day at its terminal, records published as they are made; then wait for every ack."""
     now = [day.taps[0].when if day.taps else dt.datetime.now()]
-    fares, host = FareTable.load(), IssuerHost(keys)
-    by_number: dict[str, tuple[Terminal, Uplink]] = {}
-    for spec in day.terminals:
-        config = TerminalConfig(spec.city, spec.kind, bytes.fromhex(spec.number), spec.amount, spec.line, spec.station)
-        outbox = Outbox(out / "terminals" / f"{spec.city}-{spec.kind.value}-{spec.number}.sqlite")
+    host = IssuerHost(keys)
+    by_number: dict[bytes, tuple[Terminal, Uplink]] = {}
+    for config in day.terminals:
+        outbox = Outbox(out / "terminals" / f"{config.city}-{config.kind.value}-{config.terminal.hex().upper()}.sqlite")
         terminal = Terminal(config, outbox, keys, fares=fares, host=host, clock=lambda: now[0])
-        by_number[spec.number] = (terminal, Uplink(broker, terminal, ack_timeout=3.0, max_backoff=2.0))
+        by_number[config.terminal] = (terminal, Uplink(broker, terminal, ack_timeout=3.0, max_backoff=2.0))
     tasks = [asyncio.create_task(uplink.run()) for _, uplink in by_number.values()]
     try:
         bar.phase(f"riding: {len(day.taps)} taps at {len(day.terminals)} terminals of 3 cities")
         for i, tap in enumerate(day.taps):
             if i == day.tamper_at:
                 tamper(next(c for c in day.cards if c.planted == "value block rewritten"))
-            terminal, uplink = by_number[tap.terminal.number]
+            terminal, uplink = by_number[tap.terminal.terminal]
             now[0] = tap.when
             result = _tap(terminal, tap.card, rng)
             cleared.taps[(tap.terminal.city, result.status)] += 1
@@ -284,12 +285,25 @@ async def _ride(
             terminal.outbox.close()
 
 
+async def _unanswered_forwards(services: list[ClearingService], timeout: float) -> int:
+    """Wait until every forwarded record has its issuer's answer (they come after the terminals' acks); how many
+    are still unanswered when ``timeout`` runs out."""
+    deadline = time.monotonic() + timeout
+    while True:
+        waiting = 0
+        for service in services:
+            waiting += len(await service.ledger.pending_forwards(older_than=time.time() + 1))
+        if not waiting or time.monotonic() > deadline:
+            return waiting
+        await asyncio.sleep(0.1)
+
+
 def _tap(terminal: Terminal, card: DemoCard, rng: random.Random) -> TapResult:
-    if card.tech == "m1":
-        chip = M1Card(card.state, rng.randbytes)  # type: ignore[arg-type]
+    if isinstance(card.state, M1State):
+        chip = M1Card(card.state, rng.randbytes)
         chip.power_on()
         return terminal.tap_m1(chip)
-    return terminal.tap(InProcessReader(PurseCard(card.state, rng.randbytes), card.name))  # type: ignore[arg-type]
+    return terminal.tap(InProcessReader(PurseCard(card.state, rng.randbytes), card.name))
 
 
 async def _until(done: Callable[[], bool], timeout: float, what: str, *, quiet: bool = False) -> None:
@@ -302,11 +316,11 @@ async def _until(done: Callable[[], bool], timeout: float, what: str, *, quiet: 
         await asyncio.sleep(0.05)
 
 
-def _reconcile(db_url: str, keys: IssuerKeyStore, out: Path) -> Report:
+def _reconcile(db_url: str, keys: IssuerKeyStore, cities: Cities, out: Path) -> Report:
     try:
         ledgers = read_database(db_url, DAY.isoformat())
         claimed = read_settlement(out / "clearing-files" / f"settlement-{DAY.isoformat()}.json")
-        return reconcile(ledgers, Options(read_cities(), keys, claimed, DAY.isoformat()))
+        return reconcile(ledgers, Options(cities, keys, claimed, DAY.isoformat()))
     except LedgerInputError as err:
         raise CliError(str(err)) from err
 

@@ -23,7 +23,8 @@ from cardsim.m1_issue import PURSE_SECTOR, KeyScheme, issue_m1_card
 from cardsim.mifare import M1State, Profile, parse_value_block, value_block
 from cardsim.personalise import CardRequest, issue_cpu_card
 from cardsim.purse import Defect, PurseState
-from terminals.terminal import CHINA, Kind
+from terminals.metro import FareTable
+from terminals.terminal import CHINA, Kind, TerminalConfig
 
 CITIES = {"4510": "Jinan", "4560": "Yantai", "4530": "Zibo"}
 BUS_FARE = {"4510": 200, "4560": 150, "4530": 100}  # fen
@@ -31,9 +32,7 @@ TOP_UP = 5000  # fen, when a card cannot pay
 LOW_BALANCE = 800  # a CPU rider tops up below this (more than any metro fare)
 DAY = dt.date(2026, 11, 24)
 FIRST_TAP = dt.datetime(2026, 11, 24, 7, 0, tzinfo=CHINA)
-TRAVEL_MINUTES = {frozenset({"4510", "4530"}): 40, frozenset({"4510", "4560"}): 120, frozenset({"4530", "4560"}): 100}
-STATIONS = {"4510": ("M1", ["A00", "A01", "A02", "A03"]), "4560": ("M1", ["Y00", "Y01", "Y02", "Y03"])}
-STATIONS["4530"] = ("M1", ["Z00", "Z01", "Z02", "Z03"])
+METRO_LINE = "M1"  # every city of the fare table has one
 TAMPER_BONUS = 10_000  # fen the fraudster writes onto the tampered M1 card
 
 
@@ -59,23 +58,11 @@ class DemoCard:
 
 
 @dataclass(frozen=True)
-class TerminalSpec:
-    """One terminal of the demo: city, kind, number and, for a gate, its station."""
-
-    city: str
-    kind: Kind
-    number: str
-    amount: int = 0
-    line: str | None = None
-    station: str | None = None
-
-
-@dataclass(frozen=True)
 class Tap:
     """One presentation of a card at a terminal at a moment of the day."""
 
     card: DemoCard
-    terminal: TerminalSpec
+    terminal: TerminalConfig
     when: dt.datetime
 
 
@@ -84,7 +71,7 @@ class Day:
     """The demo's plan: the fleet, the terminals and, in order, the taps of the day (and the tampering)."""
 
     cards: list[DemoCard]
-    terminals: list[TerminalSpec]
+    terminals: list[TerminalConfig]
     taps: list[Tap] = field(default_factory=list)
     tamper_at: int = -1  # the tampered card is rewritten just before this tap
 
@@ -124,25 +111,29 @@ def _master(keys: IssuerKeyStore, city: str) -> bytes:
     return key_set.purchase
 
 
-def terminals(rng: random.Random) -> list[TerminalSpec]:
-    """Per city: two buses, two metro entry gates and two exit gates, one top-up machine."""
-    specs: list[TerminalSpec] = []
+def terminals(fares: FareTable, rng: random.Random) -> list[TerminalConfig]:
+    """Per city: two buses, metro entry gates at the first two stations of the fare table's line and exit gates
+    at the last two, one top-up machine."""
+    configs: list[TerminalConfig] = []
     for city in CITIES:
-        line, stations = STATIONS[city]
-
-        def number() -> str:
-            return city + f"{rng.getrandbits(32):08X}"  # noqa: B023 (city is used at once)
-
-        specs += [TerminalSpec(city, Kind.BUS, number(), BUS_FARE[city]) for _ in range(2)]
-        specs += [TerminalSpec(city, Kind.METRO_ENTRY, number(), 0, line, s) for s in stations[:2]]
-        specs += [TerminalSpec(city, Kind.METRO_EXIT, number(), 0, line, s) for s in stations[2:]]
-        specs.append(TerminalSpec(city, Kind.TOPUP, number(), TOP_UP))
-    return specs
+        line = sorted((s for s in fares.city(city).stations.values() if s.line == METRO_LINE), key=lambda s: s.km)
+        numbers = iter([bytes.fromhex(city) + rng.randbytes(4) for _ in range(7)])
+        configs += [TerminalConfig(city, Kind.BUS, next(numbers), BUS_FARE[city]) for _ in range(2)]
+        configs += [TerminalConfig(city, Kind.METRO_ENTRY, next(numbers), 0, s.line, s.code) for s in line[:2]]
+        configs += [TerminalConfig(city, Kind.METRO_EXIT, next(numbers), 0, s.line, s.code) for s in line[-2:]]
+        configs.append(TerminalConfig(city, Kind.TOPUP, next(numbers), TOP_UP))
+    return configs
 
 
-def plan_day(cards: list[DemoCard], specs: list[TerminalSpec], rides: int, rng: random.Random) -> Day:
+def plan_day(
+    cards: list[DemoCard],
+    specs: list[TerminalConfig],
+    rides: int,
+    rng: random.Random,
+    travel_minutes: dict[frozenset[str], int],
+) -> Day:
     """``rides`` taps over the day, 30 s apart: each picks a rider, who rides in the city they are in (a CPU rider
-    sometimes takes the train to another city first, when the timetable allows), tops up when low."""
+    sometimes takes the train to another city first, when ``travel_minutes`` allows), tops up when low."""
     day = Day(cards, specs)
     by_kind = {(s.city, s.kind): [t for t in specs if t.city == s.city and t.kind is s.kind] for s in specs}
     clone = next(c for c in cards if "clone" in c.planted)
@@ -167,7 +158,7 @@ def plan_day(cards: list[DemoCard], specs: list[TerminalSpec], rides: int, rng: 
             card.last_tap = when
             continue
         if card.tech == "cpu" and card is not clone and card is not original and rng.random() < 0.15:
-            _travel(card, when, rng)
+            _travel(card, when, rng, travel_minutes)
         if card.tech == "cpu" and balance[id(card)] < LOW_BALANCE:
             day.taps.append(Tap(card, by_kind[(card.city, Kind.TOPUP)][0], when))
             balance[id(card)] += TOP_UP
@@ -188,10 +179,10 @@ def plan_day(cards: list[DemoCard], specs: list[TerminalSpec], rides: int, rng: 
     return day
 
 
-def _travel(card: DemoCard, when: dt.datetime, rng: random.Random) -> None:
+def _travel(card: DemoCard, when: dt.datetime, rng: random.Random, travel: dict[frozenset[str], int]) -> None:
     """Take the train to another city when the last tap was long enough ago for the trip."""
     other = rng.choice([c for c in CITIES if c != card.city])
-    minutes = TRAVEL_MINUTES[frozenset({card.city, other})]
+    minutes = travel[frozenset({card.city, other})]
     if card.last_tap is None or when - card.last_tap >= dt.timedelta(minutes=minutes + 10):
         card.city = other
 

@@ -11,13 +11,12 @@ import logging
 import random
 import secrets
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 from cardsim.files import write_text_atomic
 from cardsim.issuer import IssuerHost
-from terminals.mqtt import BrokerUrl, embedded_broker
+from terminals.mqtt import given_or_embedded
 from terminals.outbox import OutboxError
 from yikatong.argtypes import broker_url, city_code, fen, load_keys, positive
 from yikatong.errors import CliError
@@ -146,30 +145,17 @@ def _terminals(args: argparse.Namespace, host: IssuerHost, seed: int) -> list[Si
             write_text_atomic(roster_path, json.dumps(pairs) + "\n")
     try:
         return [
-            SimTerminal(host, city, number, TimedQueue(open_outbox(args.state_dir, number, city), _ignore), args.fare)
+            SimTerminal(host, city, number, TimedQueue(open_outbox(args.state_dir, number, city)), args.fare)
             for city, number in pairs
         ]
     except OutboxError as err:
         raise CliError(str(err)) from err
 
 
-def _ignore(_latencies: list[float], _acked: int, _rejected: int) -> None:
-    """Replaced by the run's own counter once it starts."""
-
-
-@contextlib.asynccontextmanager
-async def _broker(given: BrokerUrl | None) -> AsyncIterator[BrokerUrl]:
-    if given is not None:
-        yield given
-        return
-    async with embedded_broker() as url:
-        yield url
-
-
 async def _run(
     args: argparse.Namespace, terminals: list[SimTerminal], cards: dict[str, list[Any]], plan: Plan, seed: int
 ) -> int:
-    async with _broker(args.broker) as broker:
+    async with given_or_embedded(args.broker) as broker:
         load = LoadRun(broker, terminals, cards, plan, seed=seed)
         out: Path = args.out
 

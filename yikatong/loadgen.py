@@ -69,9 +69,11 @@ class TimedQueue:
     """An outbox wrapper that notes when each record was made and, when the clearing's ack covers it, how long
     that took (the ack latency); records left from an earlier run have no start time and are not timed."""
 
-    def __init__(self, inner: MemoryOutbox | Outbox, on_ack: Callable[[list[float], int, int], None]) -> None:
+    def __init__(
+        self, inner: MemoryOutbox | Outbox, on_ack: Callable[[list[float], int, int], None] | None = None
+    ) -> None:
         self.inner = inner
-        self.on_ack = on_ack
+        self.on_ack = on_ack  # set by the run that drives the terminal
         self._made: deque[tuple[int, float]] = deque()
 
     def append(self, fields: dict[str, Any]) -> TxnRecord:
@@ -90,7 +92,7 @@ class TimedQueue:
         now, latencies = time.monotonic(), []
         while self._made and self._made[0][0] <= ack.acked_through:
             latencies.append(now - self._made.popleft()[1])
-        if acked or rejected:
+        if (acked or rejected) and self.on_ack is not None:
             self.on_ack(latencies, acked, rejected)
         return acked, rejected
 
