@@ -49,15 +49,21 @@ class BrokerUrl:
         return f"mqtt://{user}{self.host}:{self.port}"
 
     def client(
-        self, identifier: str, *, clean_session: bool = False, mqtt5: bool = False, **options: Any
+        self,
+        identifier: str,
+        *,
+        clean_session: bool = False,
+        mqtt5: bool = False,
+        session_expiry: int = 3600,
+        **options: Any,
     ) -> aiomqtt.Client:
         """An aiomqtt client with a persistent session unless ``clean_session``: MQTT 3.1.1, or MQTT 5 (needed
-        for shared subscriptions; the session then outlives a disconnect by an hour)."""
+        for shared subscriptions; the session then outlives a disconnect by ``session_expiry`` seconds)."""
         # small QoS 1 packets both ways (record, PUBACK, ack): Nagle's algorithm would hold them for delayed ACKs
         options.setdefault("socket_options", [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)])
         if mqtt5:
             expiry = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-            expiry.SessionExpiryInterval = 0 if clean_session else 3600
+            expiry.SessionExpiryInterval = 0 if clean_session else session_expiry
             options.update(protocol=aiomqtt.ProtocolVersion.V5, clean_start=clean_session, properties=expiry)
         else:
             options.update(clean_session=clean_session)
