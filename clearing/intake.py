@@ -15,7 +15,15 @@ from typing import Any
 
 from cardsim.issuer import IssuerHost
 from clearing.verify import tac_problem
-from terminals.messages import CITY_CODE, MessageError, TxnRecord, parse_record, parse_uplink
+from terminals.messages import (
+    CITY_CODE,
+    DEFAULT_LIMITS,
+    Limits,
+    MessageError,
+    TxnRecord,
+    parse_record,
+    parse_uplink,
+)
 from terminals.terminal import CHINA
 
 
@@ -65,6 +73,11 @@ class Topic:
         return None
 
 
+def unexpected(stage: str, err: BaseException) -> str:
+    """The quarantine reason for an error nobody foresaw (short: the type names the bug, the text may be long)."""
+    return f"internal error while {stage}: {type(err).__name__}: {str(err)[:200]}"
+
+
 def settlement_day(record: TxnRecord) -> str:
     """The settlement day of a record (00:00-24:00 +08:00, wire.md), YYYY-MM-DD."""
     return record.moment.astimezone(CHINA).date().isoformat()
@@ -96,23 +109,36 @@ def _raw(doc: Any) -> bytes:
 class Intake:
     """The checks of one city's clearing: schema, sender, issuer, hotlist, TAC."""
 
-    def __init__(self, city: str, host: IssuerHost) -> None:
+    def __init__(self, city: str, host: IssuerHost, limits: Limits = DEFAULT_LIMITS) -> None:
         self.city = city
         self.host = host
+        self.limits = limits
         self.issuers = {key_set.city for key_set in host.keys}
         if city not in self.issuers:
             raise ValueError(f"the key store holds no keys of city {city}: this clearing cannot verify its cards")
 
     def message(self, topic: Topic, payload: bytes, hotlist: frozenset[str]) -> list[Verdict]:
-        """The verdicts on every record of one message."""
+        """The verdicts on every record of one message. Never raises: whatever goes wrong with one record (an
+        error nobody foresaw included) refuses that record alone, with the error as its reason."""
         try:
-            docs = parse_uplink(payload)
+            docs = parse_uplink(payload, self.limits)
         except MessageError as err:
             return [Refused(str(err), payload)]
+        except Exception as err:  # a parser bug must cost this message only
+            return [Refused(unexpected("decoding", err), payload)]
         if not docs:
             return [Refused("empty batch", payload)]
         single = len(docs) == 1
-        return [self._record(topic, doc, payload if single else None, hotlist) for doc in docs]
+        return [self._guarded(topic, doc, payload if single else None, hotlist) for doc in docs]
+
+    def _guarded(self, topic: Topic, doc: Any, raw: bytes | None, hotlist: frozenset[str]) -> Verdict:
+        try:
+            return self._record(topic, doc, raw, hotlist)
+        except Exception as err:  # isolation: one record, not the batch or the service
+            try:
+                return Refused(unexpected("checking", err), raw or _raw(doc), _seq_of(doc))
+            except Exception:
+                return Refused(unexpected("checking", err), raw or b"")
 
     def _record(self, topic: Topic, doc: Any, raw: bytes | None, hotlist: frozenset[str]) -> Verdict:
         """``raw`` is the payload when it holds just this record; a record of a batch is quarantined as its own

@@ -8,6 +8,8 @@ record identity decides, and a record that lost the race is compared with the on
 
 from __future__ import annotations
 
+import datetime as dt
+import hashlib
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -32,9 +34,10 @@ from sqlalchemy import (
     values,
 )
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import DBAPIError, DisconnectionError, InterfaceError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from clearing.intake import Accepted, Refused, Verdict, settlement_day
+from clearing.intake import Accepted, Refused, Verdict, settlement_day, unexpected
 from clearing.schema import (
     FORWARD_ACKED,
     FORWARD_PENDING,
@@ -46,9 +49,11 @@ from clearing.schema import (
     HotlistCard,
     LedgerRow,
     QuarantineRow,
+    QuarantineTally,
     TerminalProgress,
 )
-from terminals.messages import MAX_PAYLOAD, RECORD_ID, TxnRecord
+from terminals.messages import RECORD_ID, TERMINAL_NO, TxnRecord
+from terminals.terminal import CHINA
 
 Identity = tuple[str, str, str, int]
 LEDGER = cast(Table, LedgerRow.__table__)
@@ -56,7 +61,14 @@ QUARANTINE = cast(Table, QuarantineRow.__table__)
 PROGRESS = cast(Table, TerminalProgress.__table__)
 CITY_STATE = cast(Table, CityState.__table__)
 _IDENTITY = (LEDGER.c.issuer, LEDGER.c.card, LEDGER.c.kind, LEDGER.c.card_counter)
+TALLY = cast(Table, QuarantineTally.__table__)
 ACK_CHUNK = 1000  # terminals per statement of the ack bookkeeping: 2-3 parameters each, far below the limits
+QUARANTINE_KEEP = 64 * 1024  # bytes of a refused payload kept (with its length and SHA-256)
+QUARANTINE_CAP = 1000  # refused messages kept per sender and day; the rest are only counted
+_SENDER_KEY = 64  # characters of a topic's terminal segment kept as the tally's sender
+# SQLSTATE classes that blame the database, not the data: connection, rollback (deadlock, serialization),
+# resources, operator intervention, system error, lock not available
+_TROUBLE_STATES = ("08", "40", "53", "57", "58", "55P03")
 
 
 @dataclass
@@ -66,6 +78,7 @@ class Received:
     topic: str
     terminal: str | None  # the terminal of a terminal topic; None for a forwarded batch
     verdicts: list[Verdict]
+    payload: bytes = b""  # the message as it came (quarantined whole when it cannot be stored at all)
 
 
 @dataclass
@@ -94,6 +107,8 @@ class Outcome:
     duplicates: int = 0
     quarantined: int = 0
     conflicts: int = 0
+    dropped: int = 0  # refused beyond the sender's daily quarantine cap: counted only
+    poisoned: int = 0  # messages that could not be stored at all (quarantined whole, not acked)
     terminal_acks: list[TerminalAck] = field(default_factory=list)
     interop_acks: list[InteropAck] = field(default_factory=list)
     to_forward: list[TxnRecord] = field(default_factory=list)
@@ -133,6 +148,30 @@ def _row(city: str, accepted: Accepted, source: str, now: float) -> dict[str, An
     }
 
 
+def database_trouble(err: BaseException) -> bool:
+    """Whether an error blames the database (down, locked, deadlocked, out of resources) rather than the data
+    being written: such a batch is left unacked and comes again; any other error is the data's fault."""
+    if isinstance(err, DBAPIError):
+        if err.connection_invalidated or isinstance(err, OperationalError | InterfaceError):
+            return True
+        cause: BaseException | None = err.orig
+        while cause is not None:
+            state = getattr(cause, "sqlstate", None) or getattr(cause, "pgcode", None)
+            if isinstance(state, str):
+                return state.startswith(_TROUBLE_STATES)
+            cause = cause.__cause__
+        return False
+    return isinstance(err, DisconnectionError | OSError | TimeoutError)
+
+
+def _merge(into: Outcome, part: Outcome) -> None:
+    for name in ("stored", "duplicates", "quarantined", "conflicts", "dropped", "poisoned"):
+        setattr(into, name, getattr(into, name) + getattr(part, name))
+    into.terminal_acks += part.terminal_acks
+    into.interop_acks += part.interop_acks
+    into.to_forward += part.to_forward
+
+
 def _identity_in(identities: Iterable[Identity]) -> ColumnElement[bool]:
     return tuple_(*_IDENTITY).in_(list(identities))
 
@@ -140,9 +179,10 @@ def _identity_in(identities: Iterable[Identity]) -> ColumnElement[bool]:
 class Ledger:
     """One city's clearing tables."""
 
-    def __init__(self, engine: AsyncEngine, city: str) -> None:
+    def __init__(self, engine: AsyncEngine, city: str, quarantine_cap: int = QUARANTINE_CAP) -> None:
         self.engine = engine
         self.city = city
+        self.quarantine_cap = quarantine_cap
         self._marks: dict[str, int] = {}  # terminal -> gap-free mark last seen (a lower bound)
 
     async def hotlist(self) -> frozenset[str]:
@@ -152,7 +192,31 @@ class Ledger:
             return frozenset(rows.scalars())
 
     async def store(self, messages: Sequence[Received]) -> Outcome:
-        """Store every verdict of these messages in one transaction; what to ack and forward afterwards."""
+        """Store every verdict of these messages, in one transaction when nothing goes wrong; what to ack and
+        forward afterwards. A message whose data the database refuses (or that raises anything else) costs
+        itself alone: the batch is split until it stands alone, and it is quarantined whole with the error.
+        Errors that blame the database itself (``database_trouble``) propagate: the batch stays unacked."""
+        try:
+            return await self._store(messages)
+        except Exception as err:
+            if database_trouble(err):
+                raise
+            if len(messages) > 1:
+                middle = len(messages) // 2
+                outcome = await self.store(messages[:middle])
+                _merge(outcome, await self.store(messages[middle:]))
+                return outcome
+            return await self._poisoned(messages[0], err)
+
+    async def _poisoned(self, message: Received, err: Exception) -> Outcome:
+        """Quarantine a message that cannot be stored (no seq: it is not acked, its sender may send it again)."""
+        refusal = Refused(unexpected("storing", err), message.payload)
+        outcome = Outcome(poisoned=1)
+        async with self.engine.begin() as db:
+            await self._quarantine(db, [(refusal, message)], outcome, time.time())
+        return outcome
+
+    async def _store(self, messages: Sequence[Received]) -> Outcome:
         now = time.time()
         outcome = Outcome()
         accepted: dict[Identity, tuple[Accepted, Received]] = {}
@@ -225,23 +289,56 @@ class Ledger:
     async def _quarantine(
         self, db: AsyncConnection, refused: list[tuple[Refused, Received]], outcome: Outcome, now: float
     ) -> None:
+        """Keep each refusal (its first ``QUARANTINE_KEEP`` bytes, length and SHA-256) up to the sender's daily
+        cap; beyond it only count it, so a flood cannot fill the disk. Conflicts flag their card either way."""
         if not refused:
             return
-        rows = [
-            {
-                "city": self.city,
-                "topic": m.topic,
-                "terminal": m.terminal,
-                "seq": r.seq,
-                "record_id": _text(r.record_id),
-                "reason": _text(r.reason),
-                "payload": r.raw[:MAX_PAYLOAD],
-                "size": len(r.raw),
-                "received": now,
-            }
-            for r, m in refused
-        ]
-        await db.execute(QUARANTINE.insert(), rows)
+        day = dt.datetime.fromtimestamp(now, CHINA).date().isoformat()
+        senders = sorted({_sender(m) for _, m in refused})
+        kept_before = dict(
+            (
+                await db.execute(
+                    select(TALLY.c.sender, TALLY.c.kept).where(
+                        TALLY.c.city == self.city, TALLY.c.day == day, TALLY.c.sender.in_(senders)
+                    )
+                )
+            ).all()
+        )
+        kept = {sender: 0 for sender in senders}
+        dropped = dict(kept)
+        rows = []
+        for r, m in refused:
+            sender = _sender(m)
+            if kept_before.get(sender, 0) + kept[sender] >= self.quarantine_cap:
+                dropped[sender] += 1
+                continue
+            kept[sender] += 1
+            rows.append(
+                {
+                    "city": self.city,
+                    "topic": _text(m.topic),
+                    "terminal": _text(m.terminal),
+                    "seq": r.seq,
+                    "record_id": _text(r.record_id),
+                    "reason": _text(r.reason),
+                    "payload": r.raw[:QUARANTINE_KEEP],
+                    "size": len(r.raw),
+                    "sha256": hashlib.sha256(r.raw).hexdigest(),
+                    "received": now,
+                }
+            )
+        tally = _insert(db, TALLY).values(
+            [{"city": self.city, "sender": s, "day": day, "kept": kept[s], "dropped": dropped[s]} for s in senders]
+        )
+        await db.execute(
+            tally.on_conflict_do_update(
+                index_elements=[TALLY.c.city, TALLY.c.sender, TALLY.c.day],
+                set_={"kept": TALLY.c.kept + tally.excluded.kept, "dropped": TALLY.c.dropped + tally.excluded.dropped},
+            )
+        )
+        outcome.dropped += sum(dropped.values())
+        if rows:
+            await db.execute(QUARANTINE.insert(), rows)
         outcome.quarantined += len(rows)
         conflicts = [(r, parse_record_id(r.record_id)) for r, _ in refused if r.conflict and r.record_id]
         flags = [
@@ -266,8 +363,8 @@ class Ledger:
         ``ACK_CHUNK`` terminals), however many terminals it holds."""
         lowest: dict[str, int] = {}
         for message in messages:
-            if message.terminal is None:
-                continue
+            if message.terminal is None or not TERMINAL_NO.match(message.terminal):
+                continue  # a topic no terminal can own has nobody to ack (and no progress row to keep)
             seqs = [v.record.seq if isinstance(v, Accepted) else v.seq for v in message.verdicts]
             known = [s for s in seqs if s is not None]
             if known:
@@ -356,6 +453,15 @@ class Ledger:
                 .data(list(ranges[start : start + ACK_CHUNK]))
                 .cte("wanted")
             )
+            in_ledger = (
+                select(LEDGER.c.id)
+                .where(
+                    LEDGER.c.city == self.city,
+                    LEDGER.c.terminal == QUARANTINE.c.terminal,
+                    LEDGER.c.seq == QUARANTINE.c.seq,
+                )
+                .exists()
+            )
             rows = await db.execute(
                 select(QUARANTINE.c.terminal, QUARANTINE.c.seq, QUARANTINE.c.reason)
                 .join(
@@ -366,6 +472,7 @@ class Ledger:
                         QUARANTINE.c.seq.between(wanted.c.low, wanted.c.high),
                     ),
                 )
+                .where(~in_ledger)  # a forged copy of a stored seq must not make the terminal think it was refused
                 .order_by(QUARANTINE.c.terminal, QUARANTINE.c.seq, QUARANTINE.c.id)  # the last reason of a seq
             )
             for terminal, seq, reason in rows.all():
@@ -428,6 +535,16 @@ class Ledger:
             )
             return [TxnRecord.model_validate_json(r) for r in rows.scalars()]
 
+    async def count_pending_forwards(self) -> int:
+        """Forwarded records still waiting for their issuer's answer."""
+        async with self.engine.connect() as db:
+            found = await db.execute(
+                select(func.count()).select_from(LEDGER).where(
+                    LEDGER.c.city == self.city, LEDGER.c.forward == FORWARD_PENDING
+                )
+            )
+            return int(found.scalar_one())
+
     async def counts(self) -> dict[str, int]:
         """Rows per table (and forward status) for this city."""
         async with self.engine.connect() as db:
@@ -488,9 +605,17 @@ class Ledger:
             return int(version or 0), list(listed.scalars())
 
 
-def _text(value: str | None) -> str | None:
-    """PostgreSQL text cannot hold NUL; a reason or id quoting one from a hostile payload keeps it visible."""
-    return None if value is None else value.replace("\x00", "\\x00")
+def _text(value: str | None, most: int = 2000) -> str | None:
+    """Text a hostile payload made, fit for any database: NUL (PostgreSQL text cannot hold it) and lone
+    surrogates (not UTF-8) kept visible as escapes, and cut at ``most`` characters."""
+    if value is None:
+        return None
+    return value[:most].replace("\x00", "\\x00").encode("utf-8", "backslashreplace").decode()
+
+
+def _sender(message: Received) -> str:
+    """Whom a refusal is counted against: the topic's terminal segment (whatever it is), or the interop topic."""
+    return str(_text(message.terminal, _SENDER_KEY)) if message.terminal is not None else "interop"
 
 
 def parse_record_id(record_id: str) -> Identity | None:

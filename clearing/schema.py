@@ -80,9 +80,23 @@ class QuarantineRow(Base):
     seq: Mapped[int | None] = mapped_column(BigInteger)  # when the record names one
     record_id: Mapped[str | None] = mapped_column(Text)
     reason: Mapped[str] = mapped_column(Text)
-    payload: Mapped[bytes] = mapped_column(LargeBinary)  # raw bytes (cut at 256 KiB; size says how big)
+    payload: Mapped[bytes] = mapped_column(LargeBinary)  # raw bytes (the first 64 KiB; size says how big)
     size: Mapped[int] = mapped_column(Integer)
     received: Mapped[float] = mapped_column()
+    sha256: Mapped[str | None] = mapped_column(String(64))  # of the whole payload (rows before 0002: none)
+
+
+class QuarantineTally(Base):
+    """Refusals per sender (a topic's terminal segment, or ``interop``) and day (+08:00): how many were kept in
+    the quarantine and how many only counted once the sender passed its daily cap."""
+
+    __tablename__ = "quarantine_tally"
+
+    city: Mapped[str] = mapped_column(String(4), primary_key=True)
+    sender: Mapped[str] = mapped_column(String(64), primary_key=True)
+    day: Mapped[str] = mapped_column(String(10), primary_key=True)
+    kept: Mapped[int] = mapped_column(BigInteger, default=0)
+    dropped: Mapped[int] = mapped_column(BigInteger, default=0)
 
 
 class FlaggedCard(Base):

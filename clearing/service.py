@@ -2,26 +2,36 @@
 hands them to the intake and the ledger in batches (one transaction per batch), and only after the commit
 publishes the acks, the interop acks and the forwards. Unanswered forwards are sent again.
 
-The loop never stops for bad input: every payload ends in the ledger or the quarantine. A database failure
-leaves the batch unacked (the terminals send it again) and the service goes on.
+The loop never stops for bad input: every payload ends in the ledger or the quarantine (or is counted, past a
+sender's daily quarantine cap), whatever it raises. A database failure leaves the batch unacked (the terminals
+send it again) and the service goes on. A task that dies of anything else ends ``run`` with the error: the
+process exits and its supervisor restarts it, never a half-alive service.
+
+Backpressure: the queue between the MQTT reader and the database writer holds at most two batches, and
+aiomqtt's own queue at most ``max_backlog_bytes``; past that a message is dropped and counted. Dropping is
+safe: a terminal resends every record until the clearing's ack covers it, an acquirer resends unanswered
+forwards, and an issuer answers a forward again when it comes again.
 """
 
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import logging
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import aiomqtt
 from sqlalchemy.exc import SQLAlchemyError
 
 from clearing.intake import Intake, Topic
-from clearing.ledger import Ledger, Outcome, Received
+from clearing.ledger import Ledger, Outcome, Received, database_trouble
 from terminals.messages import (
     TERMINAL_NO,
     Ack,
+    Health,
     Hotlist,
     InteropAck,
     InteropRejection,
@@ -30,16 +40,23 @@ from terminals.messages import (
     TxnRecord,
     ack_topic,
     batch_payload,
+    health_topic,
     hotlist_topic,
     interop_ack_topic,
     interop_txn_topic,
     parse_interop_ack,
 )
 from terminals.mqtt import BrokerUrl
+from terminals.terminal import CHINA
 
 log = logging.getLogger(__name__)
+# aiomqtt logs every dropped message; the service counts them and logs a summary instead
+_QUIET_DROPS = logging.getLogger("clearing.mqtt")
+_QUIET_DROPS.setLevel(logging.ERROR)
 FORWARD_CHUNK = 200
 HOTLIST_REFRESH = 1.0
+HEALTH_EVERY = 5.0  # wire.md: at least every 10 s
+MAX_BACKLOG_BYTES = 32 * 1024 * 1024
 
 
 @dataclass
@@ -58,6 +75,48 @@ class ClearingStats:
     interop_answers: int = 0
     batches: int = 0
     failed_batches: int = 0
+    dropped: int = 0  # received while the backlog was full (the senders resend them)
+    quarantine_overflow: int = 0  # refused past a sender's daily quarantine cap (counted only)
+    poisoned: int = 0  # messages that raised while being stored (quarantined whole)
+    last_commit: float | None = None  # epoch seconds
+
+
+class IncomingQueue(asyncio.Queue[aiomqtt.Message]):
+    """aiomqtt's queue of received messages, bounded by their payload bytes as well as their number: a message
+    that would pass ``limit`` is refused (``QueueFull``: aiomqtt drops it) and ``on_drop`` is called."""
+
+    def __init__(self, maxsize: int = 0, *, limit: int, on_drop: Callable[[], None]) -> None:
+        super().__init__(maxsize)
+        self.limit = limit
+        self.bytes = 0
+        self._on_drop = on_drop
+
+    def put_nowait(self, item: aiomqtt.Message) -> None:
+        """Queue a message, or refuse it when the queue is full in number or bytes."""
+        size = _size(item)
+        if self.bytes + size > self.limit and not self.empty():
+            self._on_drop()
+            raise asyncio.QueueFull
+        try:
+            super().put_nowait(item)
+        except asyncio.QueueFull:
+            self._on_drop()
+            raise
+        self.bytes += size
+
+    def get_nowait(self) -> aiomqtt.Message:
+        """The oldest message."""
+        item = super().get_nowait()
+        self.bytes -= _size(item)
+        return item
+
+
+def _size(message: aiomqtt.Message) -> int:
+    return len(message.payload) if isinstance(message.payload, bytes | bytearray | str) else 0
+
+
+def _iso(epoch: float) -> str:
+    return dt.datetime.fromtimestamp(epoch, CHINA).isoformat(timespec="seconds")
 
 
 async def publish_hotlist(client: aiomqtt.Client, ledger: Ledger) -> int:
@@ -84,13 +143,21 @@ class ClearingService:
         forward_interval: float = 10.0,
         max_backoff: float = 10.0,
         persistent: bool = True,
+        health_every: float = HEALTH_EVERY,
+        max_backlog_bytes: int = MAX_BACKLOG_BYTES,
     ) -> None:
         self.broker = broker
         self.ledger = ledger
         self.intake = intake
         self.city = ledger.city
         self.shared = shared
+        self.worker = worker
         self.identifier = f"yikatong-clearing-{self.city}-{worker}"
+        self.health_every = health_every
+        self.max_backlog_bytes = max_backlog_bytes
+        self._incoming: IncomingQueue | None = None
+        self._queue: asyncio.Queue[aiomqtt.Message] | None = None
+        self._unanswered = 0
         self.batch = batch
         self.forward_interval = forward_interval
         self.max_backoff = max_backoff
@@ -106,14 +173,21 @@ class ClearingService:
         self._hotlist_read: tuple[float, frozenset[str]] | None = None
 
     async def run(self) -> None:
-        """Connect, subscribe, clear; reconnect with backoff whenever the broker goes away."""
+        """Connect, subscribe, clear; reconnect with backoff whenever the broker goes away. Any other error of
+        any of its tasks ends it (raised): the caller exits so that a supervisor restarts the service."""
         backoff = 0.2
         while True:
             try:
                 # a shared-subscription worker keeps no session: the broker would go on queueing a share of the
                 # city's records for a dead worker; the terminals resend what is not acked to the live ones
                 clean = self.shared or not self.persistent
-                client = self.broker.client(self.identifier, mqtt5=self.shared, clean_session=clean)
+                client = self.broker.client(
+                    self.identifier,
+                    mqtt5=self.shared,
+                    clean_session=clean,
+                    queue_type=self._incoming_queue,
+                    logger=_QUIET_DROPS,
+                )
                 async with client:
                     for topic in self.subscriptions:
                         await client.subscribe(topic, qos=1)
@@ -121,21 +195,42 @@ class ClearingService:
                     self.stats.connected, backoff = True, 0.2
                     self.stats.connections += 1
                     log.info("clearing %s connected to %s (%s)", self.city, self.broker, ", ".join(self.subscriptions))
-                    queue: asyncio.Queue[aiomqtt.Message] = asyncio.Queue()
+                    queue: asyncio.Queue[aiomqtt.Message] = asyncio.Queue(maxsize=2 * self.batch)
+                    self._queue = queue
                     async with asyncio.TaskGroup() as tasks:
                         tasks.create_task(self._receive(client, queue))
                         tasks.create_task(self._process(client, queue))
                         tasks.create_task(self._reforward(client))
+                        tasks.create_task(self._health(client))
             except* aiomqtt.MqttError as group:
                 log.warning("clearing %s: broker %s: %s; retrying", self.city, self.broker, group.exceptions[0])
                 self.stats.connected = False
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, self.max_backoff)
 
+    def _incoming_queue(self, maxsize: int = 0) -> IncomingQueue:
+        """aiomqtt's queue type: bounded by bytes, drops counted."""
+        self._incoming = IncomingQueue(maxsize, limit=self.max_backlog_bytes, on_drop=self._dropped)
+        return self._incoming
+
+    def _dropped(self) -> None:
+        self.stats.dropped += 1
+        if self.stats.dropped in (1, 10) or self.stats.dropped % 1000 == 0:
+            log.warning(
+                "clearing %s: backlog full (database behind): %d messages dropped so far; their senders resend them",
+                self.city,
+                self.stats.dropped,
+            )
+
+    @property
+    def backlog(self) -> int:
+        """Messages received and not yet taken into a batch."""
+        return sum(q.qsize() for q in (self._incoming, self._queue) if q is not None)
+
     @staticmethod
     async def _receive(client: aiomqtt.Client, queue: asyncio.Queue[aiomqtt.Message]) -> None:
         async for message in client.messages:
-            queue.put_nowait(message)
+            await queue.put(message)  # waits while the writer is two batches behind: aiomqtt's queue fills
 
     async def _process(self, client: aiomqtt.Client, queue: asyncio.Queue[aiomqtt.Message]) -> None:
         while True:
@@ -145,9 +240,15 @@ class ClearingService:
             await self.handle(client, batch)
 
     async def handle(self, client: aiomqtt.Client, messages: list[aiomqtt.Message]) -> None:
-        """Clear one batch of messages: verify, commit, then ack and forward."""
+        """Clear one batch of messages: verify, commit, then ack and forward. Bad input costs only its own
+        message; a database that is down or behind leaves the batch unacked (the senders resend it)."""
         self.stats.messages += len(messages)
-        hotlist = await self._hotlist()
+        try:
+            hotlist = await self._hotlist()
+        except SQLAlchemyError as err:
+            self.stats.failed_batches += 1
+            log.error("clearing %s: hotlist not readable (%s); %d messages stay unacked", self.city, err, len(messages))
+            return
         received: list[Received] = []
         for message in messages:
             topic_name = message.topic.value
@@ -159,19 +260,52 @@ class ClearingService:
             if topic is None:
                 log.warning("message on unexpected topic %r ignored", topic_name)
                 continue
-            received.append(Received(topic_name, topic.terminal, self.intake.message(topic, payload, hotlist)))
+            verdicts = self.intake.message(topic, payload, hotlist)
+            received.append(Received(topic_name, topic.terminal, verdicts, payload))
         if not received:
             return
         try:
             outcome = await self.ledger.store(received)
-        except SQLAlchemyError as err:
+        except Exception as err:
+            if not database_trouble(err):
+                raise  # ledger.store isolates the data's faults: anything else is a bug, for the supervisor
             self.stats.failed_batches += 1
             log.error(
                 "clearing %s: batch of %d messages not stored (%s); they stay unacked", self.city, len(received), err
             )
             return
+        self.stats.last_commit = time.time()
         self._count(outcome)
         await self._answer(client, outcome)
+
+    async def _health(self, client: aiomqtt.Client) -> None:
+        """Publish the retained health message every ``health_every`` seconds, whatever the database does."""
+        while True:
+            try:
+                self._unanswered = await asyncio.wait_for(
+                    self.ledger.count_pending_forwards(), timeout=max(1.0, self.health_every / 2)
+                )
+            except (SQLAlchemyError, TimeoutError) as err:
+                log.debug("clearing %s: pending forwards not counted for the health message: %s", self.city, err)
+            await client.publish(health_topic(self.city), self.health().to_json(), qos=1, retain=True)
+            await asyncio.sleep(self.health_every)
+
+    def health(self) -> Health:
+        """The health message as of now."""
+        stats = self.stats
+        return Health(
+            schema="yikatong.health/1",
+            city=self.city,
+            worker=self.worker,
+            time=_iso(time.time()),
+            last_commit=_iso(stats.last_commit) if stats.last_commit is not None else None,
+            backlog=self.backlog,
+            stored=stats.stored,
+            quarantined=stats.quarantined,
+            forwarded_unanswered=self._unanswered,
+            dropped=stats.dropped,
+            quarantine_overflow=stats.quarantine_overflow,
+        )
 
     async def _hotlist(self) -> frozenset[str]:
         """The hotlist, read again at most once a second (``hotlist add`` runs in another process)."""
@@ -186,6 +320,8 @@ class ClearingService:
         self.stats.duplicates += outcome.duplicates
         self.stats.quarantined += outcome.quarantined
         self.stats.conflicts += outcome.conflicts
+        self.stats.quarantine_overflow += outcome.dropped
+        self.stats.poisoned += outcome.poisoned
 
     async def _answer(self, client: aiomqtt.Client, outcome: Outcome) -> None:
         for ack in outcome.terminal_acks:
@@ -233,14 +369,17 @@ class ClearingService:
 
     async def _on_interop_ack(self, payload: bytes) -> None:
         try:
-            answer = parse_interop_ack(payload)
+            answer = parse_interop_ack(payload, self.intake.limits)
         except MessageError as err:
             log.warning("interop ack ignored: %s", err)
+            return
+        except Exception as err:  # isolation: an unforeseen parser error costs this message alone
+            log.error("interop ack ignored: internal error: %s: %s", type(err).__name__, err)
             return
         rejected = [(r.record_id, r.reason) for r in answer.rejected]
         try:
             await self.ledger.forward_done(answer.issuer, list(answer.acked), rejected)
-        except SQLAlchemyError as err:
+        except Exception as err:  # the forwards stay pending and are sent again: the issuer answers again
             log.error("clearing %s: interop ack from %s not recorded: %s", self.city, answer.issuer, err)
             return
         self.stats.interop_answers += 1

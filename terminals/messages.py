@@ -10,18 +10,25 @@ from __future__ import annotations
 import datetime as dt
 import json
 import re
+from dataclasses import dataclass
 from typing import Annotated, Any, Final, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 MAX_PAYLOAD: Final = 256 * 1024
 """Larger payloads are refused before JSON parsing (a batch of a few hundred records fits easily)."""
+MAX_RECORDS: Final = 1000
+MAX_DEPTH: Final = 8
+MAX_STRING: Final = 256
+MAX_DIGITS: Final = 20
+"""Longest number literal accepted (2^64 has 20 digits): longer ones are refused before Python parses them."""
 
 TXN_SCHEMA: Final = "yikatong.txn/1"
 BATCH_SCHEMA: Final = "yikatong.batch/1"
 ACK_SCHEMA: Final = "yikatong.ack/1"
 HOTLIST_SCHEMA: Final = "yikatong.hotlist/1"
 INTEROP_ACK_SCHEMA: Final = "yikatong.interop-ack/1"
+HEALTH_SCHEMA: Final = "yikatong.health/1"
 
 CITY_CODE: Final = re.compile(r"^[0-9]{4}$")
 CityCode = Annotated[str, Field(pattern=CITY_CODE.pattern)]
@@ -97,6 +104,8 @@ class TxnRecord(_Model):
             raise ValueError("time must be ISO 8601, e.g. 2026-11-24T08:15:02+08:00") from err
         if moment.utcoffset() is None:
             raise ValueError("time must carry its UTC offset (+08:00)")
+        if not 1970 <= moment.year <= 9998:  # the card's BCD date has 4 year digits; +08:00 must not overflow
+            raise ValueError("time must lie between the years 1970 and 9998")
         return value
 
     @model_validator(mode="after")
@@ -211,6 +220,29 @@ class Hotlist(_Model):
         return self.model_dump_json(by_alias=True)
 
 
+class Health(_Model):
+    """A clearing worker's state (``yikatong.health/1``, retained on ``yikatong/{city}/clearing/health``): a
+    stall shows from outside as an old ``time`` or ``last_commit`` or a growing ``backlog``."""
+
+    schema_: Literal["yikatong.health/1"] = Field(HEALTH_SCHEMA, alias="schema")
+    city: CityCode
+    worker: str
+    time: str
+    last_commit: str | None
+    backlog: Annotated[int, Field(ge=0)]  # messages received and not yet stored
+    stored: Annotated[int, Field(ge=0)]
+    quarantined: Annotated[int, Field(ge=0)]
+    forwarded_unanswered: Annotated[int, Field(ge=0)]
+    dropped: Annotated[int, Field(ge=0)] = 0  # not taken in while the database was behind (senders resend)
+    quarantine_overflow: Annotated[int, Field(ge=0)] = 0  # refused past a sender's daily cap: counted only
+
+    model_config = ConfigDict(strict=True, extra="forbid", frozen=True, populate_by_name=True)
+
+    def to_json(self) -> str:
+        """The JSON payload."""
+        return self.model_dump_json(by_alias=True)
+
+
 def _explain(err: ValidationError) -> str:
     first = err.errors()[0]
     where = ".".join(str(p) for p in first["loc"]) or "payload"
@@ -218,14 +250,82 @@ def _explain(err: ValidationError) -> str:
     return f"{where}: {first['msg']}{more}"
 
 
-def load_json(payload: bytes | str) -> Any:
-    """Decode a payload (size-checked, UTF-8, JSON); MessageError otherwise."""
-    if len(payload) > MAX_PAYLOAD:
-        raise MessageError(f"payload of {len(payload)} bytes exceeds {MAX_PAYLOAD}")
+@dataclass(frozen=True)
+class Limits:
+    """What a payload may be at most (wire.md "Limits and health"), checked before it is parsed."""
+
+    max_payload: int = MAX_PAYLOAD
+    max_records: int = MAX_RECORDS
+    max_depth: int = MAX_DEPTH
+    max_string: int = MAX_STRING
+
+
+DEFAULT_LIMITS: Final = Limits()
+_STRING = re.compile(r'"(?:[^"\\]|\\.)*"', re.DOTALL)
+_INNERMOST = re.compile(r"\[[^\[\]{}]*\]|\{[^\[\]{}]*\}")
+_BRACKET = re.compile(r"[\[\]{}]")
+_LONG_NUMBER = re.compile(rf"[0-9]{{{MAX_DIGITS + 1},}}")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _check_text(text: str, limits: Limits) -> None:
+    """Depth, string lengths and number sizes of JSON text, with regular expressions only (C speed, no
+    recursion), so nothing hostile reaches the JSON parser."""
+    strings = _STRING.findall(text)
+    # a string's JSON form is at least as long as its text: decode only when some form is over the limit
+    if strings and max(map(len, strings)) - 2 > limits.max_string:
+        for form in strings:
+            if len(form) - 2 > limits.max_string:
+                try:
+                    length = len(json.loads(form))
+                except ValueError as err:
+                    raise MessageError(f"not UTF-8 JSON: {err}") from err
+                if length > limits.max_string:
+                    raise MessageError(f"a string of {length} characters exceeds {limits.max_string}")
+    bare = _STRING.sub('""', text) if strings else text
+    digits = _LONG_NUMBER.search(bare)
+    if digits:
+        raise MessageError(f"a number of {len(digits.group())} or more digits is out of range")
+    for _ in range(limits.max_depth):
+        bare, found = _INNERMOST.subn("", bare)
+        if not found:
+            break
+    if _BRACKET.search(bare):
+        raise MessageError(f"JSON nested deeper than {limits.max_depth} levels (or unbalanced brackets)")
+
+
+def load_json(payload: bytes | str, limits: Limits = DEFAULT_LIMITS) -> Any:
+    """Decode a payload: size, UTF-8, depth, string and number limits checked before parsing, then JSON (no
+    NaN or Infinity, no lone UTF-16 surrogates); MessageError otherwise."""
+    if len(payload) > limits.max_payload:
+        raise MessageError(f"payload of {len(payload)} bytes exceeds {limits.max_payload}")
     try:
-        return json.loads(payload)
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        text = payload.decode() if isinstance(payload, bytes) else payload
+    except UnicodeDecodeError as err:
         raise MessageError(f"not UTF-8 JSON: {err}") from err
+    _check_text(text, limits)
+    try:
+        doc = json.loads(text, parse_constant=_no_constant)
+    except (json.JSONDecodeError, ValueError, RecursionError) as err:
+        raise MessageError(f"not UTF-8 JSON: {err}") from err
+    if "\\u" in text and _has_surrogate(doc):
+        raise MessageError("a string holds a lone UTF-16 surrogate (\\uD800-\\uDFFF): not text")
+    return doc
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _has_surrogate(doc: Any) -> bool:
+    """Whether a decoded value (depth already bounded) holds a string with a lone surrogate."""
+    if isinstance(doc, str):
+        return _SURROGATE.search(doc) is not None
+    if isinstance(doc, dict):
+        return any(_has_surrogate(k) or _has_surrogate(v) for k, v in doc.items())
+    if isinstance(doc, list):
+        return any(_has_surrogate(v) for v in doc)
+    return False
 
 
 def _validate(model: type[_M], schema: str, doc: Any) -> _M:
@@ -242,11 +342,14 @@ def parse_record(doc: Any) -> TxnRecord:
     return _validate(TxnRecord, TXN_SCHEMA, doc)
 
 
-def parse_uplink(payload: bytes | str) -> list[Any]:
+def parse_uplink(payload: bytes | str, limits: Limits = DEFAULT_LIMITS) -> list[Any]:
     """The record documents of a terminal publish: one record or a batch. Each is checked by ``parse_record``
     separately, so one bad record in a batch does not sink the others."""
-    doc = load_json(payload)
+    doc = load_json(payload, limits)
     if isinstance(doc, dict) and doc.get("schema") == BATCH_SCHEMA:
+        records = doc.get("records")
+        if isinstance(records, list) and len(records) > limits.max_records:
+            raise MessageError(f"a batch of {len(records)} records exceeds {limits.max_records}")
         return list(_validate(Batch, BATCH_SCHEMA, doc).records)
     if isinstance(doc, dict) and doc.get("schema") == TXN_SCHEMA:
         return [doc]
@@ -258,14 +361,19 @@ def parse_ack(payload: bytes | str) -> Ack:
     return _validate(Ack, ACK_SCHEMA, load_json(payload))
 
 
-def parse_interop_ack(payload: bytes | str) -> InteropAck:
+def parse_interop_ack(payload: bytes | str, limits: Limits = DEFAULT_LIMITS) -> InteropAck:
     """An issuer city's ack of forwarded records."""
-    return _validate(InteropAck, INTEROP_ACK_SCHEMA, load_json(payload))
+    return _validate(InteropAck, INTEROP_ACK_SCHEMA, load_json(payload, limits))
 
 
 def parse_hotlist(payload: bytes | str) -> Hotlist:
     """A hotlist."""
     return _validate(Hotlist, HOTLIST_SCHEMA, load_json(payload))
+
+
+def parse_health(payload: bytes | str) -> Health:
+    """A clearing's health message."""
+    return _validate(Health, HEALTH_SCHEMA, load_json(payload))
 
 
 def batch_payload(records: list[str]) -> str:
@@ -289,6 +397,11 @@ def ack_topic(city: str, terminal: str) -> str:
 def hotlist_topic(city: str) -> str:
     """The city's retained hotlist."""
     return f"yikatong/{city}/hotlist"
+
+
+def health_topic(city: str) -> str:
+    """The city clearing's retained health message."""
+    return f"yikatong/{city}/clearing/health"
 
 
 def interop_txn_topic(issuer: str) -> str:

@@ -23,10 +23,10 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from cardsim.issuer import IssuerHost
 from clearing.db import DatabaseUrlError, migrate, open_engine, revision
 from clearing.intake import Intake
-from clearing.ledger import Ledger
-from clearing.service import ClearingService, ClearingStats, publish_hotlist
+from clearing.ledger import QUARANTINE_CAP, Ledger
+from clearing.service import HEALTH_EVERY, ClearingService, ClearingStats, publish_hotlist
 from clearing.settlement import Settlement, export_day, settle_day
-from terminals.messages import CARD_ID
+from terminals.messages import CARD_ID, MAX_DEPTH, MAX_PAYLOAD, MAX_RECORDS, MAX_STRING, Limits
 from terminals.mqtt import BrokerUrl
 from yikatong.argtypes import broker_url, city_code, load_keys, positive
 from yikatong.errors import CliError
@@ -74,6 +74,28 @@ def register(groups: Any) -> None:
     )
     serve.add_argument(
         "--report-every", type=float, default=10.0, help="seconds between progress lines (default 10; 0: none)"
+    )
+    serve.add_argument(
+        "--max-payload",
+        type=positive,
+        default=MAX_PAYLOAD,
+        metavar="BYTES",
+        help=f"larger messages are quarantined unread (default {MAX_PAYLOAD}; limits on records per batch "
+        f"({MAX_RECORDS}), JSON depth ({MAX_DEPTH}) and string length ({MAX_STRING}) apply too)",
+    )
+    serve.add_argument(
+        "--quarantine-cap",
+        type=positive,
+        default=QUARANTINE_CAP,
+        metavar="N",
+        help=f"refused messages kept per sender and day; past it they are only counted (default {QUARANTINE_CAP})",
+    )
+    serve.add_argument(
+        "--health-every",
+        type=_seconds,
+        default=HEALTH_EVERY,
+        metavar="SECONDS",
+        help=f"seconds between retained health messages on yikatong/CITY/clearing/health (default {HEALTH_EVERY:g})",
     )
     serve.set_defaults(run=_serve)
 
@@ -160,6 +182,16 @@ def _day(text: str) -> str:
         raise argparse.ArgumentTypeError(f"{text!r} is not a day like 2026-11-24") from None
 
 
+def _seconds(text: str) -> float:
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = -1.0
+    if not 0.05 <= seconds <= 86400:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds between 0.05 and 86400")
+    return seconds
+
+
 def _percent(text: str) -> Decimal:
     try:
         value = Decimal(text.strip().removesuffix("%"))
@@ -211,19 +243,22 @@ def _run_async(work: Callable[[], Coroutine[Any, Any, T]]) -> T:
 def _serve(args: argparse.Namespace) -> int:
     setup_logging(logging.INFO)
     keys = load_keys(args.keys)
+    limits = Limits(max_payload=args.max_payload)
     try:
-        intake = Intake(args.city, IssuerHost(keys))
+        intake = Intake(args.city, IssuerHost(keys), limits)
     except ValueError as err:
         raise CliError(str(err)) from err
     stop_on_sigterm()
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(_serve_async(args, intake))
-    return 0
+    try:
+        return asyncio.run(_serve_async(args, intake))
+    except KeyboardInterrupt:
+        return 0
 
 
-async def _serve_async(args: argparse.Namespace, intake: Intake) -> None:
+async def _serve_async(args: argparse.Namespace, intake: Intake) -> int:
+    """Run the service until Ctrl-C (exit 0) or until one of its tasks dies (logged, exit 1)."""
     async with _database(args.db) as engine:
-        ledger = Ledger(engine, args.city)
+        ledger = Ledger(engine, args.city, quarantine_cap=args.quarantine_cap)
         service = ClearingService(
             args.broker,
             ledger,
@@ -232,33 +267,57 @@ async def _serve_async(args: argparse.Namespace, intake: Intake) -> None:
             worker=args.worker,
             batch=args.batch,
             forward_interval=args.forward_interval,
+            health_every=args.health_every,
         )
         print(f"clearing {args.city} (worker {args.worker}) on {args.broker}, database {args.db}", flush=True)
         task = asyncio.create_task(service.run())
+        reporter = asyncio.create_task(_report(service.stats, args.city, args.report_every))
         try:
-            await _report(service.stats, args.city, args.report_every, task)
+            await task  # run() only returns by raising: a dead task ends the process, never half-alive
+        except Exception as err:
+            log.critical("clearing %s: a task died", args.city, exc_info=err)
+            log.critical(
+                "clearing %s stopped: %s; exiting 1 so that a supervisor restarts it (nothing committed is lost; "
+                "unacked records are sent again)",
+                args.city,
+                _first(err),
+            )
+            return 1
         finally:
+            reporter.cancel()
             task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+            await asyncio.gather(task, reporter, return_exceptions=True)
             _print_stats(args.city, service.stats, "stopped")
+    return 0
 
 
-async def _report(stats: ClearingStats, city: str, every: float, task: asyncio.Task[None]) -> None:
+def _first(err: BaseException) -> str:
+    """The first real error of a (nested) exception group, as ``Type: text``."""
+    while isinstance(err, BaseExceptionGroup) and err.exceptions:
+        err = err.exceptions[0]
+    return f"{type(err).__name__}: {err}"
+
+
+async def _report(stats: ClearingStats, city: str, every: float) -> None:
+    if every <= 0:
+        return
     last, last_time = 0, time.monotonic()
-    while not task.done():
-        await asyncio.sleep(every if every > 0 else 3600)
-        if every > 0 and stats.messages != last:
+    while True:
+        await asyncio.sleep(every)
+        if stats.messages != last:
             now = time.monotonic()
             rate = (stats.stored - last) / (now - last_time) if now > last_time else 0.0
             _print_stats(city, stats, f"{rate:,.0f} stored/s")
             last, last_time = stats.stored, now
-    await task
 
 
 def _print_stats(city: str, stats: ClearingStats, tail: str) -> None:
     print(
         f"clearing {city}: {stats.stored:,} stored, {stats.duplicates:,} duplicates, {stats.quarantined:,} "
-        f"quarantined ({stats.conflicts:,} conflicts), {stats.forwarded:,} forwarded, {stats.acks:,} acks; {tail}",
+        f"quarantined ({stats.conflicts:,} conflicts), {stats.forwarded:,} forwarded, {stats.acks:,} acks"
+        + (f", {stats.dropped:,} dropped (backlog full)" if stats.dropped else "")
+        + (f", {stats.quarantine_overflow:,} past the quarantine cap" if stats.quarantine_overflow else "")
+        + f"; {tail}",
         flush=True,
     )
 
