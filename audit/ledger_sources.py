@@ -28,7 +28,17 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from audit.reconcile import KINDS, BadValue, Cities, ClaimedSettlement, Ledger, Records, Source, day_number
+from audit.reconcile import (
+    KINDS,
+    BadValue,
+    Cities,
+    ClaimedPair,
+    ClaimedSettlement,
+    Ledger,
+    Records,
+    Source,
+    day_number,
+)
 from cardsim.files import read_json
 from cardsim.resources import fixture_path
 from clearing.db import DatabaseUrlError, open_engine
@@ -261,26 +271,48 @@ def read_database(url: str, day: str | None = None) -> list[Ledger]:
 # --- settlement file, cities -----------------------------------------------------------------------------
 
 
-def _fen(value: Any) -> int:
+def _whole(value: Any, unit: str = "fen") -> int:
+    """A JSON whole number (not a bool, not a float); TypeError names what it should be."""
     if type(value) is not int:
-        raise TypeError(f"{value!r} is not a whole number of fen")
+        raise TypeError(f"{value!r} is not a whole number of {unit}")
     return value
 
 
+def _pair(doc: Any) -> tuple[tuple[str, str], ClaimedPair]:
+    """One pair line of a settlement file: (acquirer, issuer) and what the line states."""
+    rate = Decimal(str(doc["rate"]))
+    if not rate.is_finite():
+        raise ValueError(f"rate {doc['rate']!r} is not a number")
+    line = ClaimedPair(
+        _whole(doc["records"], "records"),
+        _whole(doc["gross"]),
+        _whole(doc["fee"]),
+        rate,
+        _whole(doc["issuer_owes_acquirer"]),
+    )
+    return (str(doc["acquirer"]), str(doc["issuer"])), line
+
+
 def read_settlement(path: Path) -> ClaimedSettlement:
-    """A settlement file as ``yikatong clearing settle`` writes it (clearing.settlement.Settlement.to_json)."""
+    """A settlement file as ``yikatong clearing settle`` writes it (clearing.settlement.Settlement.to_json): every
+    pair line (a pair listed twice is refused), the positions and the net sum as the file states them."""
     doc = read_json(path, LedgerInputError)
     try:
         if doc["schema"] != "yikatong.settlement/1":
             raise ValueError("not a yikatong.settlement/1 document")
         day = str(doc["day"])
         day_number(day)
-        positions = {str(city): _fen(n) for city, n in doc["positions"].items()}
-        owed = {(str(p["acquirer"]), str(p["issuer"])): _fen(p["issuer_owes_acquirer"]) for p in doc["pairs"]}
-        rates = {(str(p["acquirer"]), str(p["issuer"])): Decimal(str(p["rate"])) for p in doc["pairs"]}
+        positions = {str(city): _whole(n) for city, n in doc["positions"].items()}
+        pairs: dict[tuple[str, str], ClaimedPair] = {}
+        for entry in doc["pairs"]:
+            pair, line = _pair(entry)
+            if pair in pairs:
+                raise ValueError(f"the pair acquirer {pair[0]}, issuer {pair[1]} is listed twice")
+            pairs[pair] = line
+        net_sum = None if doc.get("net_sum") is None else _whole(doc["net_sum"])
     except (KeyError, TypeError, AttributeError, ValueError, InvalidOperation) as err:
         raise LedgerInputError(f"{path}: not a settlement file ({type(err).__name__}: {err})") from None
-    return ClaimedSettlement(str(path), day, positions, owed, rates)
+    return ClaimedSettlement(str(path), day, positions, pairs, net_sum)
 
 
 def read_cities(path: Path | None = None) -> Cities:

@@ -14,6 +14,7 @@ per record and runs in worker processes (``Options.jobs``).
 from __future__ import annotations
 
 import datetime as dt
+import math
 from collections import Counter, defaultdict
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -28,7 +29,7 @@ from numpy.typing import NDArray
 from audit.findings import RECONCILE_RULES, Finding, Report, finding
 from cardsim.issuer import HostRefusal, IssuerHost
 from cardsim.keys import IssuerKeyStore
-from clearing.settlement import CSV_HEADER, DEBIT_KINDS, DEFAULT_RATE, Settlement, settle
+from clearing.settlement import CSV_HEADER, DEBIT_KINDS, DEFAULT_RATE, PairLine, Settlement, settle
 from clearing.verify import expected_tac
 from terminals.messages import TXN_SCHEMA, CardRef, Kind, TxnRecord
 from terminals.terminal import CHINA
@@ -185,6 +186,26 @@ class Ledger:
     issuer_side: bool
 
 
+PAIR_FIELDS: Final = ("records", "gross", "fee", "issuer_owes_acquirer")
+"""The figures of a settlement pair line that the records must give (the rate is the file's: records carry none)."""
+
+
+@dataclass(frozen=True)
+class ClaimedPair:
+    """One pair line of a settlement file as the file states it (fields named like its JSON keys; money in fen)."""
+
+    records: int
+    gross: int
+    fee: int
+    rate: Decimal
+    issuer_owes_acquirer: int
+
+    @classmethod
+    def of(cls, line: PairLine) -> ClaimedPair:
+        """What a settled pair line (clearing.settlement) would state."""
+        return cls(line.records, line.gross, line.fee, line.rate, line.owed)
+
+
 @dataclass(frozen=True)
 class ClaimedSettlement:
     """A settlement file (``yikatong.settlement/1``) as far as reconciliation checks it."""
@@ -192,8 +213,13 @@ class ClaimedSettlement:
     source: str
     day: str
     positions: dict[str, int]
-    owed: dict[tuple[str, str], int]  # (acquirer, issuer) -> what the issuer owes
-    rates: dict[tuple[str, str], Decimal]
+    pairs: dict[tuple[str, str], ClaimedPair]  # by (acquirer, issuer)
+    net_sum: int | None = None  # the file's own total of its positions, when it states one
+
+    @property
+    def rates(self) -> dict[tuple[str, str], Decimal]:
+        """The interchange rate of each pair in the file."""
+        return {pair: line.rate for pair, line in self.pairs.items()}
 
 
 @dataclass(frozen=True)
@@ -699,28 +725,145 @@ def _settlement(t: _Table, at_issuer: NDArray[np.bool_], options: Options) -> tu
 
 
 def _settlement_findings(settlement: Settlement, claimed: ClaimedSettlement) -> list[Finding]:
-    """REC-SETTLEMENT: the file's positions must sum to zero and equal the positions the records give."""
-    found = []
+    """REC-SETTLEMENT: the settlement file against the records and against its own arithmetic."""
+    return [
+        *_net_sum_findings(claimed),
+        *_position_findings(settlement, claimed),
+        *_pair_findings(settlement, claimed),
+    ]
+
+
+def _net_sum_findings(claimed: ClaimedSettlement) -> list[Finding]:
+    """The file's positions must sum to 0 fen, and its net_sum must be their sum (subject: the day)."""
     total = sum(claimed.positions.values())
+    evidence = []
     if total:
         shown = ", ".join(f"{c} {n:+}" for c, n in sorted(claimed.positions.items()))
-        evidence = [f"{claimed.source}: net positions sum to {total:+} fen, not 0 ({shown})"]
-        found.append(finding("REC-SETTLEMENT", claimed.day, "", "", evidence, net_sum=total))
+        evidence.append(f"{claimed.source}: net positions sum to {total:+} fen, not 0 ({shown})")
+    if claimed.net_sum is not None and claimed.net_sum != total:
+        evidence.append(
+            f"{claimed.source}: net_sum {claimed.net_sum} fen in the file, but its positions sum to {total:+} fen"
+        )
+    if not evidence:
+        return []
+    return [finding("REC-SETTLEMENT", claimed.day, "", "", evidence, net_sum=total, stated_net_sum=claimed.net_sum)]
+
+
+def _position_findings(settlement: Settlement, claimed: ClaimedSettlement) -> list[Finding]:
+    """Each city's position in the file must be what the records give, and what the file's own pairs give
+    (what the city is owed as acquirer minus what it owes as issuer). One finding per city (subject: the city)."""
+    own: dict[str, int] = defaultdict(int)
+    for (acquirer, issuer), line in claimed.pairs.items():
+        own[acquirer] += line.issuer_owes_acquirer
+        own[issuer] -= line.issuer_owes_acquirer
     ours = settlement.positions
-    owed = {(x.acquirer, x.issuer): x.owed for x in settlement.lines}
-    for city in sorted(set(ours) | set(claimed.positions)):
-        says, gives = claimed.positions.get(city, 0), ours.get(city, 0)
-        if says == gives:
-            continue
-        evidence = [f"{claimed.source} says {says:+} fen, the records give {gives:+} fen ({says - gives:+})"]
-        for pair in sorted(set(owed) | set(claimed.owed)):
-            if city in pair and owed.get(pair, 0) != claimed.owed.get(pair, 0):
-                evidence.append(
-                    f"issuer {pair[1]} owes acquirer {pair[0]}: the file says {claimed.owed.get(pair, 0)}, "
-                    f"the records give {owed.get(pair, 0)}"
-                )
-        found.append(finding("REC-SETTLEMENT", city, "", city, evidence, claimed=says, recomputed=gives))
+    found = []
+    for city in sorted(set(ours) | set(claimed.positions) | set(own)):
+        says, gives, pairs = claimed.positions.get(city, 0), ours.get(city, 0), own.get(city, 0)
+        evidence = []
+        if says != gives:
+            difference = f"({says - gives:+})"
+            evidence.append(
+                f"{claimed.source}: position {says:+} fen in the file, the records give {gives:+} fen {difference}"
+            )
+        if says != pairs:
+            evidence.append(
+                f"{claimed.source}: position {says:+} fen in the file, but its own pairs give {pairs:+} fen "
+                "(owed to the city as acquirer - owed by it as issuer)"
+            )
+        if evidence:
+            found.append(
+                finding("REC-SETTLEMENT", city, "", city, evidence, claimed=says, recomputed=gives, from_pairs=pairs)
+            )
     return found
+
+
+def _pair_findings(settlement: Settlement, claimed: ClaimedSettlement) -> list[Finding]:
+    """Every pair line of the file against the records: a pair in only one of them (subject ``A:I``, acquirer and
+    issuer), and each field that differs (subject ``A:I field``). Each line's own arithmetic: the issuer owes
+    gross - fee, and the fee is the rate times the gross within half a fen of rounding per record."""
+    ours = {(x.acquirer, x.issuer): ClaimedPair.of(x) for x in settlement.lines}
+    found = [
+        _pair_finding(
+            pair, [f"{claimed.source} has no line for {_pair_name(pair)}; the records give {_figures(gives)}"]
+        )
+        for pair, gives in sorted(ours.items())
+        if pair not in claimed.pairs
+    ]
+    for pair, says in sorted(claimed.pairs.items()):
+        gives = ours.get(pair)
+        where = f"{claimed.source}: {_pair_name(pair)}"
+        if gives is None:
+            found.append(
+                _pair_finding(pair, [f"{where} ({_figures(says)}) in the file; the records give no such pair"])
+            )
+        problems: dict[str, list[str]] = defaultdict(list)
+        for name in PAIR_FIELDS:
+            stated, recomputed = getattr(says, name), getattr(gives, name, None)
+            if recomputed is not None and stated != recomputed:
+                problems[name].append(
+                    f"{where}: {name} {_money(name, stated)} in the file, the records give {_money(name, recomputed)} "
+                    f"({stated - recomputed:+})"
+                )
+        for name, why in _arithmetic(says):
+            problems[name].append(f"{where}: {why}")
+        for name in PAIR_FIELDS:
+            if problems[name]:
+                values = {"field": name, "claimed": getattr(says, name), "recomputed": getattr(gives, name, None)}
+                found.append(_pair_finding(pair, problems[name], **values))
+    return found
+
+
+def _pair_finding(pair: tuple[str, str], evidence: list[str], **details: Any) -> Finding:
+    """A REC-SETTLEMENT finding about a pair line (the field that is wrong, if any, in ``details``)."""
+    subject = ":".join(pair) + (f" {details['field']}" if "field" in details else "")
+    return finding("REC-SETTLEMENT", subject, "", "", evidence, acquirer=pair[0], issuer=pair[1], **details)
+
+
+def _pair_name(pair: tuple[str, str]) -> str:
+    return f"acquirer {pair[0]}, issuer {pair[1]}"
+
+
+def _arithmetic(line: ClaimedPair) -> list[tuple[str, str]]:
+    """What is wrong with a pair line on its own, as (field, why): the issuer owes gross - fee; the fee is the
+    rate times each record's amount rounded to whole fen, so within half a fen per record of rate x gross."""
+    wrong = []
+    if line.issuer_owes_acquirer != line.gross - line.fee:
+        wrong.append(
+            (
+                "issuer_owes_acquirer",
+                f"issuer_owes_acquirer {line.issuer_owes_acquirer} fen in the file, but its gross - fee is "
+                f"{line.gross} - {line.fee} = {line.gross - line.fee} fen",
+            )
+        )
+    exact, slack = line.rate * line.gross, Decimal(line.records) / 2
+    least, most = math.ceil(exact - slack), math.floor(exact + slack)
+    if not least <= line.fee <= most:
+        wrong.append(
+            (
+                "fee",
+                f"fee {line.fee} fen in the file, but at its rate {line.rate} on gross {line.gross} fen "
+                f"({_plain(exact)} fen), rounded half-even per record over {line.records} record(s), the fee lies "
+                f"within {least}..{most} fen",
+            )
+        )
+    return wrong
+
+
+def _money(name: str, value: int) -> str:
+    return str(value) if name == "records" else f"{value} fen"
+
+
+def _figures(line: ClaimedPair) -> str:
+    return (
+        f"{line.records} record(s), gross {line.gross} fen, fee {line.fee} fen, "
+        f"issuer_owes_acquirer {line.issuer_owes_acquirer} fen"
+    )
+
+
+def _plain(number: Decimal) -> str:
+    """A decimal without trailing zeros or an exponent (8.000 -> 8, 1E+2 -> 100)."""
+    return f"{number.normalize():f}"
 
 
 # --- the whole job ---------------------------------------------------------------------------------------

@@ -164,6 +164,126 @@ def test_day_selects_the_records(clean: Fixture, tmp_path: Path, capsys: pytest.
     assert "settles 2026-11-24" in capsys.readouterr().err
 
 
+# --- the settlement file: every pair line and the file's own arithmetic ------------------------------------
+
+
+def _altered_settlement(clean: Fixture, folder: Path, change: Any) -> Path:
+    """A copy of the clean fixture's genuine settlement file with ``change(doc, pairs by (acquirer, issuer))``
+    applied to its document."""
+    doc = json.loads(clean.settlement.read_text())
+    change(doc, {(p["acquirer"], p["issuer"]): p for p in doc["pairs"]})
+    path = folder / clean.settlement.name
+    path.write_text(json.dumps(doc, indent=2) + "\n")
+    return path
+
+
+def _settlement_evidence(report: dict[str, Any]) -> dict[str, str]:
+    return {f["subject"]: " ".join(f["evidence"]) for f in report["findings"] if f["id"] == "REC-SETTLEMENT"}
+
+
+def test_pair_lines_altered_with_the_positions_unchanged_are_reported(clean: Fixture, tmp_path: Path) -> None:
+    """Both directions of one city pair get 200 fen more gross (fee +1, owed +199, so each line is consistent):
+    the net positions stay what the records give, the pair lines do not."""
+
+    def shift(doc: dict[str, Any], pairs: dict[tuple[str, str], dict[str, Any]]) -> None:
+        for pair in (("4510", "4560"), ("4560", "4510")):
+            pairs[pair]["gross"] += 200
+            pairs[pair]["fee"] += 1
+            pairs[pair]["issuer_owes_acquirer"] += 199
+
+    altered = _altered_settlement(clean, tmp_path, shift)
+    assert json.loads(altered.read_text())["positions"] == json.loads(clean.settlement.read_text())["positions"]
+    code, report = reconcile_cli(*clean.inputs, "--no-tac", "--settlement", str(altered), out=tmp_path)
+    assert report is not None and code == 1
+    fields = ("gross", "fee", "issuer_owes_acquirer")
+    assert found(report) == {
+        ("REC-SETTLEMENT", f"{pair} {name}") for pair in ("4510:4560", "4560:4510") for name in fields
+    }
+    original = {(p["acquirer"], p["issuer"]): p for p in json.loads(clean.settlement.read_text())["pairs"]}
+    evidence = _settlement_evidence(report)
+    gross = original[("4510", "4560")]["gross"]
+    assert (
+        f"acquirer 4510, issuer 4560: gross {gross + 200} fen in the file, the records give {gross} fen (+200)"
+        in (evidence["4510:4560 gross"])
+    )
+    owed = next(f for f in report["findings"] if f["subject"] == "4560:4510 issuer_owes_acquirer")
+    assert owed["details"] == {
+        "acquirer": "4560",
+        "issuer": "4510",
+        "field": "issuer_owes_acquirer",
+        "claimed": original[("4560", "4510")]["issuer_owes_acquirer"] + 199,
+        "recomputed": original[("4560", "4510")]["issuer_owes_acquirer"],
+    }
+
+
+def test_a_line_whose_own_arithmetic_is_wrong_is_reported(clean: Fixture, tmp_path: Path) -> None:
+    """One more fen of fee on one line, its owed left as it was: the fee differs from the records, and the
+    line's owed is no longer its gross - fee."""
+    altered = _altered_settlement(clean, tmp_path, lambda doc, pairs: pairs[("4560", "4530")].update(fee=5))
+    code, report = reconcile_cli(*clean.inputs, "--no-tac", "--settlement", str(altered), out=tmp_path)
+    assert report is not None and code == 1
+    assert found(report) == {("REC-SETTLEMENT", "4560:4530 fee"), ("REC-SETTLEMENT", "4560:4530 issuer_owes_acquirer")}
+    evidence = _settlement_evidence(report)
+    assert "fee 5 fen in the file, the records give 4 fen (+1)" in evidence["4560:4530 fee"]
+    owed = evidence["4560:4530 issuer_owes_acquirer"]
+    assert "issuer_owes_acquirer 896 fen in the file, but its gross - fee is 900 - 5 = 895 fen" in owed
+    assert "records give" not in owed  # what the issuer owes is what the records give: only the arithmetic fails
+
+
+def test_a_fee_that_its_rate_cannot_give_is_reported(clean: Fixture, tmp_path: Path) -> None:
+    """A rate ten times higher on one line, its fee, gross and owed untouched: the fee is not what that rate
+    gives, even allowing half a fen of rounding per record. The records settled at the file's rate (they carry
+    none) give another fee, another owed and so other positions."""
+    altered = _altered_settlement(clean, tmp_path, lambda doc, pairs: pairs[("4560", "4530")].update(rate="0.05"))
+    code, report = reconcile_cli(*clean.inputs, "--no-tac", "--settlement", str(altered), out=tmp_path)
+    assert report is not None and code == 1
+    subjects = ("4560:4530 fee", "4560:4530 issuer_owes_acquirer", "4560", "4530")
+    assert found(report) == {("REC-SETTLEMENT", subject) for subject in subjects}
+    evidence = _settlement_evidence(report)["4560:4530 fee"]
+    assert "fee 4 fen in the file, the records give 44 fen (-40)" in evidence  # 2 x 22.5 fen, rounded half-even
+    assert "at its rate 0.05 on gross 900 fen (45 fen), rounded half-even per record over 2 record(s), the fee" in (
+        evidence
+    )
+    assert "lies within 44..46 fen" in evidence
+
+
+def test_pairs_in_only_one_of_file_and_records_are_reported(clean: Fixture, tmp_path: Path) -> None:
+    """A pair line dropped from the file and one invented, the positions left as they were: both pairs are
+    reported, and so are the positions that no longer follow from the file's own pairs."""
+
+    def change(doc: dict[str, Any], pairs: dict[tuple[str, str], dict[str, Any]]) -> None:
+        doc["pairs"] = [p for p in doc["pairs"] if (p["acquirer"], p["issuer"]) != ("4530", "4510")]
+        invented = {"acquirer": "4530", "issuer": "4560", "records": 1, "gross": 100, "fee": 0, "rate": "0.005"}
+        doc["pairs"].append({**invented, "issuer_owes_acquirer": 100})
+
+    altered = _altered_settlement(clean, tmp_path, change)
+    code, report = reconcile_cli(*clean.inputs, "--no-tac", "--settlement", str(altered), out=tmp_path)
+    assert report is not None and code == 1
+    assert found(report) == {("REC-SETTLEMENT", s) for s in ("4530:4510", "4530:4560", "4510", "4530", "4560")}
+    evidence = _settlement_evidence(report)
+    assert (
+        "has no line for acquirer 4530, issuer 4510; the records give 2 record(s), gross 550 fen"
+        in evidence["4530:4510"]
+    )
+    invented = "acquirer 4530, issuer 4560 (1 record(s), gross 100 fen, fee 0 fen, issuer_owes_acquirer 100 fen)"
+    assert f"{invented} in the file; the records give no such pair" in evidence["4530:4560"]
+    # 4510 is no longer owed 547 fen by its own pairs: the position it states is what the records give
+    claimed = json.loads(altered.read_text())["positions"]
+    assert (
+        f"position {claimed['4510']:+} fen in the file, but its own pairs give {claimed['4510'] + 547:+} fen"
+        in (evidence["4510"])
+    )
+    assert "records give" not in evidence["4510"]
+
+
+def test_a_net_sum_that_is_not_the_sum_of_the_positions_is_reported(clean: Fixture, tmp_path: Path) -> None:
+    altered = _altered_settlement(clean, tmp_path, lambda doc, pairs: doc.update(net_sum=5))
+    code, report = reconcile_cli(*clean.inputs, "--no-tac", "--settlement", str(altered), out=tmp_path)
+    assert report is not None and code == 1
+    assert found(report) == {("REC-SETTLEMENT", DAY)}
+    assert "net_sum 5 fen in the file, but its positions sum to +0 fen" in _settlement_evidence(report)[DAY]
+
+
 # --- bad input: exit 2, a clear message, no report ------------------------------------------------------
 
 
@@ -240,6 +360,10 @@ def test_a_bad_settlement_file_or_a_mixed_file_without_holder_exits_2(
     broken.write_text('{"schema": "yikatong.settlement/1", "day": "2026-11-24", "positions": {"4510": "x"}}')
     assert reconcile_cli(*clean.inputs, "--settlement", str(broken), out=tmp_path / "a") == (2, None)
     assert f"{broken}: not a settlement file" in capsys.readouterr().err
+    doc = json.loads(clean.settlement.read_text())
+    broken.write_text(json.dumps({**doc, "pairs": [*doc["pairs"], doc["pairs"][0]]}))
+    assert reconcile_cli(*clean.inputs, "--settlement", str(broken), out=tmp_path / "a") == (2, None)
+    assert "the pair acquirer 4510, issuer 4560 is listed twice" in capsys.readouterr().err
     issuer_side = clean.inputs[1].split("=", 1)[1]  # rows of several acquirers: whose ledger is it?
     assert reconcile_cli(issuer_side, out=tmp_path / "b") == (2, None)
     assert "name the holder city as CITY=" in capsys.readouterr().err
