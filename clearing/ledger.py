@@ -167,7 +167,14 @@ def database_trouble(err: BaseException) -> bool:
 def _merge(into: Outcome, part: Outcome) -> None:
     for name in ("stored", "duplicates", "quarantined", "conflicts", "dropped", "poisoned"):
         setattr(into, name, getattr(into, name) + getattr(part, name))
-    into.terminal_acks += part.terminal_acks
+    acks = {ack.terminal: ack for ack in into.terminal_acks}
+    for ack in part.terminal_acks:  # one ack per terminal: the later mark, every rejection
+        if ack.terminal in acks:
+            first = acks[ack.terminal]
+            first.acked_through = max(first.acked_through, ack.acked_through)
+            first.rejected = sorted(set(first.rejected) | set(ack.rejected))
+        else:
+            into.terminal_acks.append(ack)
     into.interop_acks += part.interop_acks
     into.to_forward += part.to_forward
 
@@ -539,9 +546,9 @@ class Ledger:
         """Forwarded records still waiting for their issuer's answer."""
         async with self.engine.connect() as db:
             found = await db.execute(
-                select(func.count()).select_from(LEDGER).where(
-                    LEDGER.c.city == self.city, LEDGER.c.forward == FORWARD_PENDING
-                )
+                select(func.count())
+                .select_from(LEDGER)
+                .where(LEDGER.c.city == self.city, LEDGER.c.forward == FORWARD_PENDING)
             )
             return int(found.scalar_one())
 

@@ -1,0 +1,271 @@
+"""No input can stop or fool the clearing: limits before parsing, per-record and per-message isolation,
+a bounded quarantine, database trouble told apart from bad data, and the ack defects found earlier (a topic
+segment no terminal owns on PostgreSQL, a forged seq reported as rejected)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from clearing_corpus import CITY, TERMINAL, good_records
+from clearing_support import HOST, fresh_db
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from sqlalchemy import select, text
+from sqlalchemy.exc import OperationalError
+
+import clearing.ledger
+from clearing.db import migrate, open_engine
+from clearing.intake import Intake, Refused, Topic
+from clearing.ledger import LEDGER, QUARANTINE, QUARANTINE_KEEP, TALLY, Ledger, Received, database_trouble
+from terminals.messages import MAX_PAYLOAD, Limits, MessageError, batch_payload, load_json, parse_uplink, txn_topic
+
+INTAKE = Intake(CITY, HOST)
+BACKENDS = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
+
+
+def received(payload: bytes, terminal: str = TERMINAL) -> Received:
+    topic = txn_topic(CITY, terminal)
+    parsed = Topic.parse(topic, CITY)
+    assert parsed is not None
+    return Received(topic, terminal, INTAKE.message(parsed, payload, frozenset()), payload)
+
+
+@pytest.fixture(params=BACKENDS)
+async def ledger(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Ledger]:
+    async with fresh_db(request.param, tmp_path) as url:
+        engine = open_engine(url)
+        await migrate(engine)
+        yield Ledger(engine, CITY)
+        await engine.dispose()
+
+
+async def rows(ledger: Ledger, table: Any) -> list[Any]:
+    async with ledger.engine.connect() as db:
+        return list((await db.execute(select(table).where(table.c.city == CITY))).all())
+
+
+# --- limits before parsing -----------------------------------------------------------------------------------
+
+
+def _record_doc(**changes: object) -> dict[str, object]:
+    return {**json.loads(good_records()[0].to_json()), **changes}
+
+
+@pytest.mark.parametrize(
+    ("payload", "reason"),
+    [
+        (b"[" * 200_000 + b"]" * 200_000, "exceeds 262144"),
+        (b"[" * 100_000 + b"]" * 100_000, "nested deeper than 8 levels"),
+        (b'{"a":' * 9 + b"1" + b"}" * 9, "nested deeper than 8 levels"),
+        (b'{"schema":"yikatong.txn/1","seq":' + b"9" * 5000 + b"}", "a number of 5000 digits is out of range"),
+        (json.dumps(_record_doc(seq=10**30)).encode(), "a number of 31 digits"),
+        (json.dumps(_record_doc(psam="A" * 300)).encode(), "a string of 300 characters exceeds 256"),
+        # 100 characters written as 600 of JSON: under the limit, refused by the field's own rule
+        (json.dumps(_record_doc(psam="P")).replace('"P"', '"' + "\\u0041" * 100 + '"').encode(), "psam: String should"),
+        (json.dumps(_record_doc(card={"issuer": "4560", "serial": "\ud800"})).encode(), "lone UTF-16 surrogate"),
+        (b'{"schema":"yikatong.txn/1","seq":NaN}', "NaN is not JSON"),
+        (b"\xff\xfe", "not UTF-8 JSON"),
+        (json.dumps(_record_doc(time="0001-01-01T00:00:00+14:00")).encode(), "between the years 1970 and 9998"),
+        (json.dumps(_record_doc(time="9999-12-31T23:59:59-12:00")).encode(), "between the years 1970 and 9998"),
+    ],
+    ids=lambda value: value[:24].decode(errors="replace") if isinstance(value, bytes) else value,
+)
+def test_hostile_payloads_are_refused_with_a_reason(payload: bytes, reason: str) -> None:
+    (verdict,) = INTAKE.message(Topic("terminal", TERMINAL), payload, frozenset())
+    assert isinstance(verdict, Refused)
+    assert reason in verdict.reason
+
+
+def test_batch_and_payload_limits_are_settings() -> None:
+    record = good_records()[0].to_json()
+    batch = batch_payload(["{}"] * 1001)
+    with pytest.raises(MessageError, match="a batch of 1001 records exceeds 1000"):
+        parse_uplink(batch)
+    assert len(parse_uplink(batch, Limits(max_records=2000))) == 1001
+    many = batch_payload([record] * 1000)  # 1,000 real records pass the records limit, not the size limit
+    assert len(parse_uplink(many, Limits(max_payload=len(many)))) == 1000
+    with pytest.raises(MessageError, match=f"payload of {len(record)} bytes exceeds 100"):
+        load_json(record, Limits(max_payload=100))
+    assert load_json('{"a":"' + "x" * 256 + '"}') == {"a": "x" * 256}  # at the limit: accepted
+
+
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=300),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=30,
+)
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.one_of(
+        st.binary(max_size=600),
+        JSON.map(lambda doc: json.dumps(doc).encode()),
+        JSON.map(lambda doc: json.dumps({**_record_doc(), "line": doc}).encode()),
+        st.dictionaries(st.sampled_from(list(_record_doc())), JSON, max_size=6).map(
+            lambda changes: json.dumps(_record_doc(**changes)).encode()
+        ),
+        st.lists(JSON, max_size=5).map(
+            lambda docs: json.dumps({"schema": "yikatong.batch/1", "records": docs}).encode()
+        ),
+    )
+)
+def test_the_intake_never_raises(payload: bytes) -> None:
+    verdicts = INTAKE.message(Topic("terminal", TERMINAL), payload, frozenset())
+    assert verdicts
+    assert all(v.reason for v in verdicts if isinstance(v, Refused))
+
+
+def test_an_unforeseen_error_in_a_check_costs_that_record_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    records = good_records()[:3]
+    poisoned = records[1].seq
+
+    def tac_problem(host: object, record: Any) -> str | None:
+        if record.seq == poisoned:
+            raise ZeroDivisionError("a bug nobody foresaw")
+        return None
+
+    monkeypatch.setattr(clearing.intake, "tac_problem", tac_problem)
+    verdicts = INTAKE.message(
+        Topic("terminal", TERMINAL), batch_payload([r.to_json() for r in records]).encode(), frozenset()
+    )
+    assert [isinstance(v, Refused) for v in verdicts] == [False, True, False]
+    refusal = verdicts[1]
+    assert isinstance(refusal, Refused)
+    assert refusal.seq == poisoned
+    assert refusal.reason == "internal error while checking: ZeroDivisionError: a bug nobody foresaw"
+
+
+# --- isolation at the database ---------------------------------------------------------------------------------
+
+
+async def test_a_message_the_database_refuses_costs_itself_alone(
+    ledger: Ledger, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    records = good_records()
+    poison = records[2]
+    real_row = clearing.ledger._row
+
+    def row(city: str, accepted: Any, source: str, now: float) -> dict[str, Any]:
+        out = real_row(city, accepted, source, now)
+        if accepted.record.seq == poison.seq:
+            # what each database's driver really refuses: a TAC too long for VARCHAR(8) (PostgreSQL), an
+            # integer beyond 64 bits (SQLite stores any text)
+            out.update(tac="X" * 5000, amount=2**70)
+        return out
+
+    monkeypatch.setattr(clearing.ledger, "_row", row)
+    messages = [received(r.to_json().encode()) for r in records]
+    outcome = await ledger.store(messages)
+    assert outcome.poisoned == 1
+    assert outcome.stored == len(records) - 1
+    stored = {row.seq for row in await rows(ledger, LEDGER)}
+    assert stored == {r.seq for r in records} - {poison.seq}
+    (quarantined,) = await rows(ledger, QUARANTINE)
+    assert quarantined.reason.startswith("internal error while storing: ")
+    assert quarantined.payload == poison.to_json().encode()
+    assert quarantined.seq is None  # not acked as rejected: the terminal sends it again
+    (ack,) = outcome.terminal_acks
+    assert ack.acked_through == poison.seq - 1
+
+
+async def test_database_trouble_leaves_the_batch_unacked(tmp_path: Path) -> None:
+    """A locked SQLite database is the database's fault, not the data's: nothing is quarantined, the error
+    reaches the service (which leaves the batch unacked)."""
+    url = f"sqlite:///{tmp_path / 'locked.sqlite'}"
+    engine = open_engine(url)
+    await migrate(engine)
+    await engine.dispose()
+    locked = open_engine(url)
+    impatient = Ledger(open_engine(url + "?timeout=0.2"), CITY)
+    try:
+        async with locked.connect() as holder:
+            await holder.execute(text("BEGIN EXCLUSIVE"))
+            with pytest.raises(OperationalError) as raised:
+                await impatient.store([received(good_records()[0].to_json().encode())])
+            assert database_trouble(raised.value)
+            await holder.execute(text("ROLLBACK"))
+        assert await rows(impatient, QUARANTINE) == []
+        assert await rows(impatient, LEDGER) == []
+    finally:
+        await locked.dispose()
+        await impatient.engine.dispose()
+
+
+# --- the quarantine is bounded ----------------------------------------------------------------------------------
+
+
+async def test_the_quarantine_keeps_64_kib_with_length_and_sha256(ledger: Ledger) -> None:
+    huge = b'{"schema":"yikatong.batch/1","records":["' + b"x" * (MAX_PAYLOAD + 10) + b'"]}'
+    await ledger.store([received(huge)])
+    (row,) = await rows(ledger, QUARANTINE)
+    assert row.payload == huge[:QUARANTINE_KEEP]
+    assert row.size == len(huge)
+    assert row.sha256 == hashlib.sha256(huge).hexdigest()
+    assert "exceeds 262144" in row.reason
+
+
+async def test_past_the_daily_cap_junk_is_only_counted(ledger: Ledger) -> None:
+    ledger.quarantine_cap = 5
+    junk = [received(b"junk %d" % i) for i in range(8)]
+    first = await ledger.store(junk[:4])
+    second = await ledger.store([*junk[4:], received(b"more", "4560C0C0C0FF")])
+    assert (first.quarantined, first.dropped) == (4, 0)
+    assert (second.quarantined, second.dropped) == (2, 3)  # one more of TERMINAL, then counted; the other kept
+    assert len(await rows(ledger, QUARANTINE)) == 6
+    tally = {(r.sender, r.kept, r.dropped) for r in await rows(ledger, TALLY)}
+    assert tally == {(TERMINAL, 5, 3), ("4560C0C0C0FF", 1, 0)}
+    # a genuine record of the flooding terminal is still stored
+    stored = await ledger.store([received(good_records()[0].to_json().encode())])
+    assert stored.stored == 1
+
+
+# --- ack defects ------------------------------------------------------------------------------------------------
+
+
+async def test_a_topic_segment_no_terminal_owns_poisons_nothing(ledger: Ledger) -> None:
+    """On PostgreSQL the progress row's terminal is VARCHAR(12): a longer segment with a seq used to fail the
+    whole batch on every redelivery."""
+    record = good_records()[0]
+    long_segment = "4560C0C0C001-and-then-some"
+    outcome = await ledger.store(
+        [received(record.to_json().encode(), long_segment), received(record.to_json().encode())]
+    )
+    assert outcome.stored == 1
+    assert [a.terminal for a in outcome.terminal_acks] == [TERMINAL]
+    (quarantined,) = await rows(ledger, QUARANTINE)
+    assert quarantined.terminal == long_segment
+    assert "published on the topic of terminal" in quarantined.reason
+
+
+async def test_a_forged_copy_of_a_stored_seq_is_never_acked_as_rejected(ledger: Ledger) -> None:
+    first, second = good_records()[:2]
+    await ledger.store([received(first.to_json().encode())])
+    forged = json.dumps({**json.loads(first.to_json()), "tac": "00000000" if first.tac != "00000000" else "11111111"})
+    outcome = await ledger.store([received(forged.encode()), received(second.to_json().encode())])
+    (ack,) = outcome.terminal_acks
+    assert ack.acked_through == second.seq
+    assert ack.rejected == []  # seq 1 is in the ledger: the forgery is quarantined, but not reported as a refusal
+    assert len(await rows(ledger, QUARANTINE)) == 1
+
+
+async def test_many_poisoned_messages_in_one_batch_each_cost_only_themselves(
+    ledger: Ledger, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    records = good_records()
+    real = clearing.ledger.settlement_day
+
+    def day(record: Any) -> str:
+        if record.seq % 2 == 0:
+            raise RuntimeError("unexpected")
+        return real(record)
+
+    monkeypatch.setattr(clearing.ledger, "settlement_day", day)
+    outcome = await ledger.store([received(r.to_json().encode()) for r in records])
+    assert outcome.poisoned == 2
+    assert {row.seq for row in await rows(ledger, LEDGER)} == {r.seq for r in records if r.seq % 2}
