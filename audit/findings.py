@@ -123,6 +123,12 @@ RECONCILE_RULES: Final[dict[str, Rule]] = {
         Severity.HIGH, "balance does not follow from the card's previous record and the amount", _HOTLIST
     ),
     "REC-TAC": Rule(Severity.CRITICAL, "TAC (or M1 record MAC) fails with the issuer's keys", _HOTLIST),
+    "REC-TAC-KEYS": Rule(
+        Severity.HIGH,
+        "no TAC of an issuer verifies with the key file given (wrong key file?)",
+        "reconcile again with the key file the issuer's cards were personalised from (--keys); if it is the right "
+        "one, treat every record of this issuer as forged and settle none of them",
+    ),
     "REC-M1-TAMPER": Rule(Severity.CRITICAL, "M1 balance rose with no load record (value block tampered)", _HOTLIST),
     "REC-IMPOSSIBLE-TRAVEL": Rule(
         Severity.CRITICAL, "same card in two cities faster than the travel time between them (clone)", _HOTLIST

@@ -44,6 +44,9 @@ CLONE_RULES: Final = frozenset(
     {"REC-CONFLICT", "REC-COUNTER-REPEAT", "REC-IMPOSSIBLE-TRAVEL", "REC-M1-TAMPER", "REC-TAC"}
 )
 """Findings that suggest a cloned or forged card: their cards make the hotlist."""
+TAC_KEYS_LEAST: Final = 3
+"""An issuer with at least this many TACs checked and not one verifying gets one REC-TAC-KEYS finding (the key
+file is wrong for it) instead of a REC-TAC per record."""
 
 _US: Final = 1_000_000
 _DAY_US: Final = 86_400 * _US
@@ -241,6 +244,8 @@ class Options:
     jobs: int = 1  # processes for TAC verification
     min_parallel: int = 20_000  # fewer TACs than this are verified in this process (workers take ~0.1 s to start)
     default_rate: Decimal = DEFAULT_RATE
+    key_file: str = "the given key file"  # how findings name where ``keys`` came from
+    key_hint: str = ""  # what to try when no TAC of an issuer verifies (e.g. the command's --keys)
 
 
 # --- the table -------------------------------------------------------------------------------------------
@@ -600,6 +605,7 @@ class _Signer:
 class _TacOutcome(NamedTuple):
     failed: list[tuple[int, str]]  # (position, why)
     unchecked: dict[str, int]  # why not -> records
+    checked: dict[str, int]  # issuer -> records whose TAC was checked
 
 
 def _verify_tacs(keys: IssuerKeyStore, part: Records, positions: Ints) -> _TacOutcome:
@@ -619,6 +625,7 @@ def _verify_tacs(keys: IssuerKeyStore, part: Records, positions: Ints) -> _TacOu
     order: dict[tuple[str, str], tuple[tuple[str, int], ...]] = {}  # per card: what verified first
     failed: list[tuple[int, str]] = []
     unchecked: Counter[str] = Counter()
+    checked: Counter[str] = Counter()
     for i, position in enumerate(rows.position):
         issuer, card, alg, version = rows.issuer[i], rows.card[i], rows.alg[i], rows.key_version[i]
         tries: tuple[tuple[str, int], ...]
@@ -629,6 +636,7 @@ def _verify_tacs(keys: IssuerKeyStore, part: Records, positions: Ints) -> _TacOu
         if not tries:
             unchecked[f"no keys of issuer {issuer}" + (f" version {version}" if version >= 0 else "")] += 1
             continue
+        checked[issuer] += 1
         why = ""
         for n, (alg_name, key_version) in enumerate(tries):
             try:
@@ -646,7 +654,7 @@ def _verify_tacs(keys: IssuerKeyStore, part: Records, positions: Ints) -> _TacOu
             why = f"{mac} does not verify with the keys of issuer {issuer} ({tried})"
         if why:
             failed.append((position, why))
-    return _TacOutcome(failed, dict(unchecked))
+    return _TacOutcome(failed, dict(unchecked), dict(checked))
 
 
 def _sign(keys: IssuerKeyStore, part: Records, positions: Ints) -> list[int]:
@@ -676,19 +684,47 @@ def sign_tacs(keys: IssuerKeyStore, records: Records, jobs: int = 1, least: int 
 
 def _tacs(t: _Table, keys: IssuerKeyStore, options: Options, skipped: list[str]) -> list[Finding]:
     """REC-TAC on every distinct version of every record, the rows of one card together (the algorithm and
-    key version that verified a card are tried first on its next record)."""
+    key version that verified a card are tried first on its next record). An issuer none of whose TACs verifies
+    (at least TAC_KEYS_LEAST of them) gets one REC-TAC-KEYS finding instead."""
     versions = np.flatnonzero(t.version_start)
     versions = versions[np.argsort(t.card_no[versions], kind="stable")]
-    found: list[Finding] = []
+    failed: dict[str, list[tuple[int, str]]] = defaultdict(list)  # issuer -> (row, why)
+    checked: Counter[str] = Counter()
     unchecked: Counter[str] = Counter()
     for outcome in _in_parts(_verify_tacs, keys, t.r, versions, options.jobs, options.min_parallel):
         unchecked.update(outcome.unchecked)
+        checked.update(outcome.checked)
         for i, why in outcome.failed:
+            failed[f"{int(t.r.issuer[i]):04d}"].append((i, why))
+    found: list[Finding] = []
+    for issuer, rows in sorted(failed.items()):
+        if len(rows) == checked[issuer] >= TAC_KEYS_LEAST:
+            found.append(_wrong_keys(t, issuer, rows, options))
+            continue
+        for i, why in rows:
             holders = "; ".join(t.where(j) for j in t.rows_of(i) if _same_content(t, j, i))
             found.append(t.finding("REC-TAC", i, [why, t.describe(i), f"held by {holders}"]))
     for why, count in sorted(unchecked.items()):
         skipped.append(f"TAC of {count} record(s) not checked: {why}")
     return found
+
+
+def _wrong_keys(t: _Table, issuer: str, rows: list[tuple[int, str]], options: Options, shown: int = 5) -> Finding:
+    """REC-TAC-KEYS: not one TAC of ``issuer`` verifies (``rows``: every one checked, with why it failed). One
+    finding for the issuer, the first ``shown`` records as samples: a wrong key file, not a fleet of forgeries."""
+    samples = rows[:shown]
+    hint = f" ({options.key_hint})" if options.key_hint else ""
+    more = f"; and {len(rows) - len(samples)} more" if len(rows) > len(samples) else ""
+    evidence = [
+        f"none of the {len(rows)} TACs of issuer {issuer} verifies with the keys in {options.key_file}: "
+        f"wrong key file?{hint}",
+        f"for example {t.rid(samples[0][0])}: {samples[0][1]}",
+        "records: " + "; ".join(f"{t.rid(i)} ({t.where(i)})" for i, _ in samples) + more,
+    ]
+    ids = [t.rid(i) for i, _ in samples]
+    return finding(
+        "REC-TAC-KEYS", issuer, "", issuer, evidence, records=len(rows), key_file=options.key_file, samples=ids
+    )
 
 
 # --- settlement ------------------------------------------------------------------------------------------

@@ -8,19 +8,24 @@ import asyncio
 import json
 import subprocess
 import sys
+from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from clearing_support import HOST, fresh_db, signed_records
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from numpy.typing import NDArray
 
 from audit.findings import RECONCILE_RULES
 from audit.ledger_sources import LedgerInputError, read_cities, read_clearing_file
-from audit.reconcile import Cities, Options, reconcile
+from audit.reconcile import Cities, Options, Records, reconcile
 from audit.reconcile_fixture import DAY, Fixture, write_fixture
-from cardsim.keys import IssuerKeyStore
+from cardsim.keys import TEST_KEYS_FIXTURE, IssuerKeyStore
+from cardsim.resources import fixture_path
 from clearing.db import migrate, open_engine
 from clearing.intake import Intake, Topic
 from clearing.ledger import Ledger, Received
@@ -30,6 +35,7 @@ from yikatong.cli import main
 from yikatong.reconcile_cli import read_ledgers
 
 BENCH = Path(__file__).parents[1] / "bench" / "reconcile_bench.py"
+FLEET_KEYS = "keys/fleet-keys.json"  # the demo's issuer keys
 
 
 def reconcile_cli(*args: str, out: Path) -> tuple[int, dict[str, Any] | None]:
@@ -58,7 +64,8 @@ def clean(tmp_path_factory: pytest.TempPathFactory) -> Fixture:
 
 
 def test_the_fixture_plants_every_kind_of_problem(planted: Fixture) -> None:
-    assert {rule for rule, _ in planted.expected} == set(RECONCILE_RULES)
+    # a wrong key file is a problem of the audit's inputs, not of the ledgers: the key-file tests below give it
+    assert {rule for rule, _ in planted.expected} == set(RECONCILE_RULES) - {"REC-TAC-KEYS"}
 
 
 def test_planted_findings_are_reported_exactly(planted: Fixture, tmp_path: Path) -> None:
@@ -98,17 +105,112 @@ def test_no_tac_leaves_out_only_the_tac_findings(planted: Fixture, tmp_path: Pat
     assert report["skipped"] == ["TAC verification not run (--no-tac)"]
 
 
-def test_other_keys_cannot_verify_any_tac(planted: Fixture, tmp_path: Path) -> None:
-    """A key file of other masters: every record fails, so the check really uses the keys it is given."""
-    doc = json.loads((Path(__file__).parents[1] / "fixtures" / "keys" / "test-keys.json").read_text())
+def _zeroed_keys(folder: Path, cities: tuple[str, ...]) -> Path:
+    """The published test key file with the TAC and purchase (M1 record MAC) masters of ``cities`` replaced: no
+    TAC of their cards verifies with it."""
+    doc = json.loads(fixture_path(TEST_KEYS_FIXTURE).read_text())
     for entry in doc["issuers"]:
-        entry["tac"] = entry["purchase"] = "00" * 16
-    keys = tmp_path / "keys.json"
-    keys.write_text(json.dumps(doc))
+        if entry["city"] in cities:
+            entry["tac"] = entry["purchase"] = "00" * 16
+    path = folder / "other-keys.json"
+    path.write_text(json.dumps(doc))
+    return path
+
+
+def _versions_of(inputs: list[str]) -> Counter[str]:
+    """Distinct record versions (rows of different content) per card issuer in clearing files: the TACs checked."""
+    rows = {line for arg in inputs for line in Path(arg.split("=")[-1]).read_text().splitlines()[1:]}
+    return Counter(line.split(",")[CSV_HEADER.index("issuer")] for line in rows)
+
+
+def _tac_findings(report: dict[str, Any]) -> list[dict[str, Any]]:
+    return [f for f in report["findings"] if f["id"] in ("REC-TAC", "REC-TAC-KEYS")]
+
+
+def test_records_signed_with_other_keys_give_one_finding_per_issuer(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The demo's case: cards personalised from fixtures/keys/fleet-keys.json, reconciled with the default key file
+    (the published test keys). One finding per issuer says so, instead of one per record, and no card is
+    hotlisted for it."""
+    fleet = write_fixture(tmp_path / "fleet", seed=7, plant=False, keys=IssuerKeyStore.load(fixture_path(FLEET_KEYS)))
+    code, report = reconcile_cli(*fleet.inputs, out=tmp_path)
+    assert report is not None and code == 1
+    versions = _versions_of(fleet.inputs)
+    assert {(f["id"], f["subject"]) for f in _tac_findings(report)} == {("REC-TAC-KEYS", c) for c in versions}
+    assert report["checks"]["REC-TAC"] == 0 and report["checks"]["REC-TAC-KEYS"] == 3
+    assert report["hotlist"] == [] and {f["id"] for f in report["findings"]} == {"REC-TAC-KEYS"}
+    err = capsys.readouterr().err
+    for f in report["findings"]:
+        issuer, count = f["subject"], versions[f["subject"]]
+        assert (f["severity"], f["city"], f["details"]["records"]) == ("high", issuer, count)
+        assert len(f["details"]["samples"]) == 5 and all(x.startswith(f"{issuer}-") for x in f["details"]["samples"])
+        text = " ".join(f["evidence"])
+        hint = (
+            f"none of the {count} TACs of issuer {issuer} verifies with the keys in fixtures/{TEST_KEYS_FIXTURE} "
+            f"(the default: the published test keys): wrong key file? (the demo's cards use fixtures/{FLEET_KEYS}; "
+            "pass --keys)"
+        )
+        assert f["evidence"][0] == hint
+        assert f"yikatong: warning: {hint}" in err
+        assert f"{f['details']['samples'][0]} (" in text and f"and {count - 5} more" in text
+    # with the right key file, every TAC verifies
+    code, report = reconcile_cli(*fleet.inputs, "--keys", str(fixture_path(FLEET_KEYS)), out=tmp_path)
+    assert report is not None and (code, report["findings"]) == (0, [])
+    assert "warning" not in capsys.readouterr().err
+
+
+def test_a_key_file_of_other_masters_fails_every_issuer_once(planted: Fixture, tmp_path: Path) -> None:
+    """A key file of other masters for every issuer: the check really uses the keys it is given."""
+    keys = _zeroed_keys(tmp_path, ("4510", "4530", "4560"))
     code, report = reconcile_cli(*planted.inputs, "--keys", str(keys), out=tmp_path)
     assert report is not None and code == 1
-    rows = sum(s["records"] for s in report["subjects"])
-    assert 60 < report["checks"]["REC-TAC"] <= rows
+    found_tac = {(f["id"], f["subject"]): f for f in _tac_findings(report)}
+    assert set(found_tac) == {("REC-TAC-KEYS", c) for c in ("4510", "4530", "4560")}
+    assert {c: f["details"]["records"] for (_, c), f in found_tac.items()} == _versions_of(planted.inputs)
+    assert all(f"the keys in {keys}: wrong key file?" in f["evidence"][0] for f in found_tac.values())
+    # the planted bad TACs are folded into their issuer's finding: those cards are not hotlisted for it
+    assert found(report) - set(found_tac) == {x for x in planted.expected if x[0] not in ("REC-TAC", "REC-SETTLEMENT")}
+    forged = {record_id.split("-")[1] for rule, record_id in planted.expected if rule == "REC-TAC"}
+    assert forged and report["hotlist"] == sorted(set(planted.hotlist) - forged)
+
+
+def test_an_issuer_whose_tacs_partly_verify_keeps_one_finding_per_record(planted: Fixture, tmp_path: Path) -> None:
+    """Jinan's masters wrong, Zibo's and Yantai's right: one finding for Jinan; Zibo's two forged TACs (most of
+    its TACs verify) stay one finding per record, as before, and their cards stay on the hotlist."""
+    keys = _zeroed_keys(tmp_path, ("4510",))
+    code, report = reconcile_cli(*planted.inputs, "--keys", str(keys), out=tmp_path)
+    assert report is not None and code == 1
+    planted_tac = {x for x in planted.expected if x[0] == "REC-TAC"}
+    assert {x[1].split("-")[0] for x in planted_tac} == {"4530"}
+    assert {(f["id"], f["subject"]) for f in _tac_findings(report)} == {("REC-TAC-KEYS", "4510"), *planted_tac}
+    assert found(report) == planted.expected - {("REC-SETTLEMENT", DAY), ("REC-SETTLEMENT", "4560")} | {
+        ("REC-TAC-KEYS", "4510")
+    }
+    assert report["hotlist"] == planted.hotlist
+
+
+@pytest.mark.parametrize(("records", "expected"), [(2, {"REC-TAC": 2}), (3, {"REC-TAC-KEYS": 1})])
+def test_it_takes_three_failing_tacs_of_an_issuer_to_blame_the_key_file(
+    clean: Fixture, tmp_path: Path, records: int, expected: dict[str, int]
+) -> None:
+    """Jinan's masters wrong and only the first ``records`` records of one Jinan card kept: with two, each failing
+    TAC is a REC-TAC as before; with three, they make one REC-TAC-KEYS. Nothing else is found."""
+    ledgers = read_ledgers(clean.inputs, [])
+    first = next(x for x in ledgers if x.city == "4510").records
+    jinan = np.flatnonzero(first.issuer == 4510)
+    card = first.card[jinan[0]]
+    mine = jinan[first.card[jinan] == card]
+    kept = {(int(first.kind[i]), int(first.counter[i])) for i in mine[np.argsort(first.time_us[mine])][:records]}
+
+    def keep(r: Records) -> NDArray[np.bool_]:
+        ours = np.array([(int(k), int(c)) in kept for k, c in zip(r.kind, r.counter, strict=True)], dtype=bool)
+        return (r.issuer != 4510) | ((r.card == card) & ours)
+
+    ledgers = [replace(x, records=x.records.take(keep(x.records))) for x in ledgers]
+    keys = IssuerKeyStore.load(_zeroed_keys(tmp_path, ("4510",)))
+    report = reconcile(ledgers, Options(read_cities(), keys, key_file="other-keys.json"))
+    assert Counter(f.id for f in report.findings) == expected
 
 
 # --- clean input, exit codes ----------------------------------------------------------------------------

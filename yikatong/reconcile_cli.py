@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import sys
 import textwrap
 from collections.abc import Sequence
 from pathlib import Path
@@ -14,8 +15,10 @@ from typing import Any
 from audit.findings import Report
 from audit.ledger_sources import LedgerInputError, read_cities, read_clearing_file, read_database, read_settlement
 from audit.reconcile import Ledger, Options, day_number, reconcile
+from cardsim.keys import TEST_KEYS_FIXTURE
 from yikatong.argtypes import load_keys, positive
 from yikatong.audit_output import add_report_options, finish
+from yikatong.demo import DEFAULT_KEYS as DEMO_KEYS
 from yikatong.errors import CliError
 
 _HOLDER = re.compile(r"([0-9]{4})=(.+)")
@@ -53,7 +56,11 @@ def register(sub: Any) -> None:
     )
     parser.add_argument("--settlement", type=Path, metavar="FILE", help="settlement-DAY.json to check")
     parser.add_argument("--day", type=_day, help="only records of this settlement day, YYYY-MM-DD")
-    parser.add_argument("--keys", type=Path, help="issuer key file (default: the published TEST keys)")
+    parser.add_argument(
+        "--keys",
+        type=Path,
+        help=f"issuer key file (default: the published TEST keys; the demo's cards use fixtures/{DEMO_KEYS})",
+    )
     parser.add_argument("--no-tac", action="store_true", help="do not verify TACs (the structural checks only)")
     parser.add_argument(
         "--jobs",
@@ -100,7 +107,13 @@ def _reconcile(args: argparse.Namespace) -> int:
     if claimed and args.day and claimed.day != args.day:
         raise CliError(f"--day {args.day} but {args.settlement} settles {claimed.day}")
     ledgers = read_ledgers(args.files, args.db, args.day)
-    report = reconcile(ledgers, Options(cities, keys, claimed, args.day, args.jobs))
+    key_file = str(args.keys) if args.keys else f"fixtures/{TEST_KEYS_FIXTURE} (the default: the published test keys)"
+    hint = f"the demo's cards use fixtures/{DEMO_KEYS}; pass --keys"
+    options = Options(cities, keys, claimed, args.day, args.jobs, key_file=key_file, key_hint=hint)
+    report = reconcile(ledgers, options)
+    for wrong in report.findings:
+        if wrong.id == "REC-TAC-KEYS":
+            print(f"yikatong: warning: {wrong.evidence[0]}", file=sys.stderr)
     _print_summary(report)
     return finish(report, args)
 
