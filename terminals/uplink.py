@@ -63,6 +63,7 @@ class Uplink:
         batch: int = 100,
         ack_timeout: float = 10.0,
         max_backoff: float = 10.0,
+        session_expiry: int | None = None,
     ) -> None:
         self.broker = broker
         self.terminal = terminal
@@ -75,6 +76,10 @@ class Uplink:
         self.batch = batch
         self.ack_timeout = ack_timeout
         self.max_backoff = max_backoff
+        # None: an MQTT 3.1.1 session that never expires (a real terminal's: the acks queued while it is offline
+        # wait for it however long that is); seconds: MQTT 5, the broker drops the session that long after the
+        # terminal went away (the load generator's terminals, which must leave nothing on a shared broker)
+        self.session_expiry = session_expiry
         self.stats = UplinkStats()
         self._wake = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -93,7 +98,7 @@ class Uplink:
         backoff = 0.2
         while True:
             try:
-                async with self.broker.client(f"yikatong-terminal-{self.number}") as client:
+                async with self._client() as client:
                     self.stats.connected, backoff = True, 0.2
                     self.stats.connections += 1
                     log.info("uplink connected to %s", self.broker)
@@ -110,6 +115,12 @@ class Uplink:
                 self.stats.connected, self.stats.last_error = False, str(error)
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, self.max_backoff)
+
+    def _client(self) -> aiomqtt.Client:
+        identifier = f"yikatong-terminal-{self.number}"
+        if self.session_expiry is None:
+            return self.broker.client(identifier)
+        return self.broker.client(identifier, mqtt5=True, session_expiry=self.session_expiry)
 
     async def _publish(self, client: aiomqtt.Client) -> None:
         while True:
