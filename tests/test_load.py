@@ -1,5 +1,5 @@
 """`yikatong load`: simulated terminals offer records at a rate; every record made reaches the clearing's ledger
-once and is acked; the summary, the plot and bad arguments."""
+once and is acked; the summary, the plot and bad arguments; on a shared broker the terminals' sessions expire."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import json
 import sqlite3
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -71,6 +72,62 @@ def test_rush_hour_on_mosquitto_offers_peaks_over_a_quiet_base(tmp_path: Path) -
     assert len(set(_terminal_rows(tmp_path))) == doc["acked"] == doc["generated"]
 
 
+SESSION_EXPIRY = 5  # seconds: more than the ~1 s from the terminals' disconnect to the load process's exit
+
+
+def _queue_probe(city: str, number: str) -> None:
+    """An outside client puts a QoS 1 message on the terminal's ack topic: a session of that terminal keeps it."""
+    topic = f"yikatong/{city}/ack/{number}"
+    subprocess.run(["mosquitto_pub", "-h", "127.0.0.1", "-q", "1", "-t", topic, "-m", "probe"], timeout=10, check=True)
+
+
+def _sessions_present(numbers: list[str]) -> list[str]:
+    """The terminals of ``numbers`` that still have a session on the machine's Mosquitto, seen by an outside
+    client (mosquitto_sub) connecting as each of them with clean start off: a session still there hands it the
+    probe queued for it. The outside client asks for a session expiry of 0, so it leaves none behind itself."""
+    command = ["mosquitto_sub", "-h", "127.0.0.1", "-V", "5", "-c", "-x", "0", "-t", "yikatong-test/nothing"]
+    command += ["-q", "1", "-C", "1", "-W", "2"]
+    procs = {
+        number: subprocess.Popen(
+            [*command, "-i", f"yikatong-terminal-{number}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for number in numbers
+    }
+    present = []
+    for number, proc in procs.items():
+        out, err = proc.communicate(timeout=10)
+        if proc.returncode == 0 and out.strip() == "probe":
+            present.append(number)
+        else:  # anything but "no message within 2 s" (say, no connection) proves nothing: fail, not pass
+            assert "Timed out" in err, f"mosquitto_sub as {number}: exit {proc.returncode}, {out!r} {err!r}"
+    return present
+
+
+def test_on_mosquitto_the_terminals_sessions_expire_after_the_run(tmp_path: Path) -> None:
+    """The terminals keep a session across a disconnect (a killed run resumed with --state-dir finds the acks
+    queued for it), yet --session-expiry after the run Mosquitto holds none of this run's sessions."""
+    require_mosquitto()
+    state = tmp_path / "state"
+    code, doc = _run_load(
+        tmp_path / "out",
+        *("--terminals", "6", "--cards", "20", "--rate", "12", "--duration", "1"),
+        *("--broker", "mqtt://127.0.0.1:1883", "--state-dir", str(state), "--session-expiry", str(SESSION_EXPIRY)),
+    )
+    ended = time.monotonic()
+    assert code == 0, doc  # every record acked: the clearings' acks reach the terminals over MQTT 5
+    settings = doc["settings"]
+    assert isinstance(settings, dict) and settings["session_expiry"] == SESSION_EXPIRY
+    pairs = [(str(city), str(number)) for city, number in json.loads((state / "terminals.json").read_text())]
+    for city, number in pairs:
+        _queue_probe(city, number)
+    first, *others = [number for _, number in pairs]
+    # within the expiry the session is still there (and this probe ends it): the observation can see one
+    assert _sessions_present([first]) == [first], "no session right after the run: the probe sees nothing"
+    time.sleep(max(0.0, ended + SESSION_EXPIRY + 2 - time.monotonic()))  # Mosquitto expires them once a second
+    kept = _sessions_present(others)
+    assert not kept, f"{len(kept)} of the run's {len(others)} terminals still have a session on Mosquitto: {kept}"
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -80,6 +137,8 @@ def test_rush_hour_on_mosquitto_offers_peaks_over_a_quiet_base(tmp_path: Path) -
         (["--cities", "4511"], "no keys of city 4511"),
         (["--broker", "http://x"], "use mqtt://"),
         (["--terminals", "0"], "at least 1"),
+        (["--session-expiry", "-1"], "whole seconds"),
+        (["--session-expiry", "4294967295"], "whole seconds"),
     ],
 )
 def test_bad_arguments_exit_2_with_the_reason(
@@ -102,7 +161,7 @@ def test_plan_integrates_the_profile() -> None:
 
 
 def test_timed_queue_times_what_an_ack_covers_and_counts_rejects() -> None:
-    seen: list[tuple[int, int]] = []
+    seen: list[tuple[int, int, int]] = []
     queue = TimedQueue(MemoryOutbox(), lambda lat, acked, rej: seen.append((len(lat), acked, rej)))
     maker = SyntheticTerminal(IssuerHost(KEYS), "4510", "451000000001", dt.datetime(2026, 11, 24, 8))
     card = synthetic_cards(1, ["4510"])[0]

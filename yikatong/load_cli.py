@@ -14,9 +14,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import aiomqtt
+
 from cardsim.files import write_text_atomic
 from cardsim.issuer import IssuerHost
-from terminals.mqtt import given_or_embedded
+from terminals.mqtt import BrokerUrl, given_or_embedded
 from terminals.outbox import OutboxError
 from yikatong.argtypes import broker_url, city_code, fen, load_keys, positive
 from yikatong.errors import CliError
@@ -26,6 +28,8 @@ from yikatong.process import clearing_processes, setup_logging
 from yikatong.synthetic import synthetic_cards
 
 CITIES = ["4510", "4560", "4530"]
+SESSION_EXPIRY = 300  # seconds: a killed run rerun by hand with --state-dir finds its sessions; then they go
+MAX_SESSION_EXPIRY = 0xFFFFFFFE  # MQTT 5's 0xFFFFFFFF means "never expires": the very thing load must not do
 
 
 def _positive_float(text: str) -> float:
@@ -36,6 +40,12 @@ def _positive_float(text: str) -> float:
     if not value > 0 or value == float("inf"):
         raise argparse.ArgumentTypeError("must be more than 0")
     return value
+
+
+def _session_expiry(text: str) -> int:
+    if not text.isdigit() or int(text) > MAX_SESSION_EXPIRY:
+        raise argparse.ArgumentTypeError(f"{text!r}: give whole seconds, 0 to {MAX_SESSION_EXPIRY}")
+    return int(text)
 
 
 def _cities(text: str) -> list[str]:
@@ -92,6 +102,17 @@ def register(groups: Any) -> None:
         type=Path,
         help="keep each terminal's outbox in a SQLite file here (survives a kill; a rerun with the same folder "
         "resumes those terminals and sends what they still hold); default: outboxes in memory",
+    )
+    load.add_argument(
+        "--session-expiry",
+        type=_session_expiry,
+        default=SESSION_EXPIRY,
+        metavar="SECONDS",
+        help="on a --broker, the terminals speak MQTT 5 and the broker drops each one's session (its "
+        "subscriptions and the acks queued for it) this long after it disconnects, so runs leave no sessions "
+        "behind; long enough for a killed run resumed with --state-dir to find them (default %(default)s; "
+        "a later resume loses nothing: the terminals send again what was not acked). The embedded broker's "
+        "sessions end with it",
     )
     load.add_argument("--seed", type=int, help="random seed for terminal numbers, cards and taps")
     load.add_argument("--connect-timeout", type=_positive_float, default=120.0, help="seconds to connect (120)")
@@ -155,8 +176,13 @@ def _terminals(args: argparse.Namespace, host: IssuerHost, seed: int) -> list[Si
 async def _run(
     args: argparse.Namespace, terminals: list[SimTerminal], cards: dict[str, list[Any]], plan: Plan, seed: int
 ) -> int:
+    # a given broker is shared and outlives the run: the terminals' sessions must expire there (MQTT 5); the
+    # embedded amqtt speaks MQTT 3.1.1 only, and its sessions end with it at the end of the run
+    expiry = None if args.broker is None else args.session_expiry
+    if args.broker is not None:
+        await _require_mqtt5(args.broker)
     async with given_or_embedded(args.broker) as broker:
-        load = LoadRun(broker, terminals, cards, plan, seed=seed)
+        load = LoadRun(broker, terminals, cards, plan, seed=seed, session_expiry=expiry)
         out: Path = args.out
 
         def database(city: str) -> str:
@@ -187,6 +213,7 @@ async def _run(
             "profile": plan.profile,
             "broker": str(broker),
             "clearing": "external" if args.external_clearing else "started",
+            "session_expiry": expiry,
             "seed": seed,
         }
         doc = summary(load, settings)
@@ -195,6 +222,22 @@ async def _run(
     _print_summary(doc)
     print(f"wrote {args.out / 'load-summary.json'} and {args.out / 'load-report.html'}")
     return 0 if doc["unacked"] == 0 and doc["rejected"] == 0 else 1
+
+
+async def _require_mqtt5(broker: BrokerUrl, timeout: float = 10.0) -> None:
+    """One MQTT 5 connection (clean, no session left) so that a broker the terminals cannot use is said at once,
+    not as terminals that never connect."""
+    try:
+        async with asyncio.timeout(timeout):
+            async with broker.client(f"yikatong-load-probe-{secrets.token_hex(4)}", clean_session=True, mqtt5=True):
+                pass
+    except (aiomqtt.MqttError, TimeoutError) as err:
+        detail = str(err) or f"no answer in {timeout:g} s"
+        raise CliError(
+            f"no MQTT 5 connection to {broker}: {detail} (the load's terminals speak "
+            "MQTT 5 on a given broker so that their sessions expire; Mosquitto 2 does; without --broker an "
+            "embedded broker is used)"
+        ) from err
 
 
 class _Printer:

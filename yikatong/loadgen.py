@@ -158,7 +158,9 @@ class Progress:
 
 
 class LoadRun:
-    """Drive ``terminals`` over ``broker`` at ``plan``; ``run()`` returns the per-second timeline."""
+    """Drive ``terminals`` over ``broker`` at ``plan``; ``run()`` fills the per-second ``timeline``. With
+    ``session_expiry`` (seconds) the terminals speak MQTT 5 and the broker forgets their sessions that long after
+    they disconnect; without, their MQTT 3.1.1 sessions last as long as the broker keeps them."""
 
     def __init__(
         self,
@@ -169,6 +171,7 @@ class LoadRun:
         *,
         seed: int | None = None,
         ack_timeout: float = 10.0,
+        session_expiry: int | None = None,
     ) -> None:
         self.broker = broker
         self.terminals = list(terminals)
@@ -176,7 +179,10 @@ class LoadRun:
         self.all_cards = [card for group in cards.values() for card in group]
         self.plan = plan
         self.rng = random.Random(seed)
-        self.uplinks = [Uplink(broker, t, ack_timeout=ack_timeout, max_backoff=5.0) for t in self.terminals]
+        self.uplinks = [
+            Uplink(broker, t, ack_timeout=ack_timeout, max_backoff=5.0, session_expiry=session_expiry)
+            for t in self.terminals
+        ]
         self.timeline: list[Second] = []
         self.generated = self.acked = self.rejected = 0
         self.offered = 0.0  # taps due over the whole run
