@@ -227,19 +227,28 @@ class Ledger:
         now = time.time()
         outcome = Outcome()
         accepted: dict[Identity, tuple[Accepted, Received]] = {}
+        later: list[tuple[Accepted, Received]] = []  # further copies of an identity in this batch
         refused: list[tuple[Refused, Received]] = []
         for message in messages:
             for verdict in message.verdicts:
                 if isinstance(verdict, Refused):
                     refused.append((verdict, message))
-                    continue
-                first = accepted.setdefault(verdict.record.identity, (verdict, message))[0]
-                if first.canonical != verdict.canonical:
-                    refused.append((self._conflict(verdict, first.record), message))
+                elif verdict.record.identity in accepted:
+                    later.append((verdict, message))
                 else:
-                    outcome.duplicates += first is not verdict
+                    accepted[verdict.record.identity] = (verdict, message)
         async with self.engine.begin() as db:
-            lost = await self._insert_records(db, accepted, refused, outcome, now) if accepted else set()
+            lost, in_ledger = (
+                await self._insert_records(db, accepted, refused, outcome, now) if accepted else (set(), {})
+            )
+            # a later copy is judged against what the ledger now holds (a replay of the stored record is a
+            # duplicate even when an earlier copy in this batch was a conflict)
+            for copy, message in later:
+                canonical = in_ledger[copy.record.identity]
+                if canonical == copy.canonical:
+                    outcome.duplicates += 1
+                else:
+                    refused.append((self._conflict(copy, TxnRecord.model_validate_json(canonical)), message))
             await self._quarantine(db, refused, outcome, now)
             outcome.terminal_acks = await self._terminal_acks(db, messages)
         for ack in outcome.terminal_acks:  # only after the commit: a rolled-back mark must not be remembered
@@ -267,9 +276,10 @@ class Ledger:
         refused: list[tuple[Refused, Received]],
         outcome: Outcome,
         now: float,
-    ) -> set[Identity]:
+    ) -> tuple[set[Identity], dict[Identity, str]]:
         """Insert what is new; a record whose identity is already stored is a duplicate when the content is the
-        same, else a conflict (added to ``refused``). Returns the identities that were conflicts."""
+        same, else a conflict (added to ``refused``). Returns the identities that were conflicts, and the
+        canonical record the ledger holds for each identity."""
         rows = [
             _row(self.city, a, SOURCE_TERMINAL if m.terminal is not None else SOURCE_INTEROP, now)
             for a, m in accepted.values()
@@ -279,19 +289,21 @@ class Ledger:
         outcome.stored += len(inserted)
         others = [identity for identity in accepted if identity not in inserted]
         lost: set[Identity] = set()
+        in_ledger = {identity: accepted[identity][0].canonical for identity in inserted}
         if not others:
-            return lost
+            return lost, in_ledger
         stored = await db.execute(
             select(*_IDENTITY, LEDGER.c.record).where(LEDGER.c.city == self.city, _identity_in(others))
         )
         for issuer, card, kind, counter, canonical in stored.all():
             mine, message = accepted[(issuer, card, kind, counter)]
+            in_ledger[(issuer, card, kind, counter)] = canonical
             if canonical == mine.canonical:
                 outcome.duplicates += 1
             else:
                 refused.append((self._conflict(mine, TxnRecord.model_validate_json(canonical)), message))
                 lost.add((issuer, card, kind, counter))
-        return lost
+        return lost, in_ledger
 
     async def _quarantine(
         self, db: AsyncConnection, refused: list[tuple[Refused, Received]], outcome: Outcome, now: float

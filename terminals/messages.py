@@ -285,7 +285,7 @@ def _check_text(text: str, limits: Limits) -> None:
     bare = _STRING.sub('""', text) if strings else text
     digits = _LONG_NUMBER.search(bare)
     if digits:
-        raise MessageError(f"a number of {len(digits.group())} or more digits is out of range")
+        raise MessageError(f"a number of {len(digits.group())} digits is out of range (at most {MAX_DIGITS})")
     for _ in range(limits.max_depth):
         bare, found = _INNERMOST.subn("", bare)
         if not found:

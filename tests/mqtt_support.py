@@ -157,3 +157,25 @@ async def eventually(check: object, timeout: float = 20.0) -> None:
     while not check():  # type: ignore[operator]
         assert time.monotonic() < deadline, "condition not reached in time"
         await asyncio.sleep(0.05)
+
+
+def mosquitto_pub_lines(port: int, topic: str, lines: list[bytes], folder: Path) -> None:
+    """An outside client: ``mosquitto_pub -l`` publishes each line of a file as one message (QoS 1)."""
+    assert all(b"\n" not in line and b"\r" not in line and b"\x00" not in line for line in lines)
+    path = folder / f"lines-{secrets.token_hex(4)}.txt"
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    binary = shutil.which("mosquitto_pub") or "/usr/bin/mosquitto_pub"
+    command = [binary, "-h", "127.0.0.1", "-p", str(port), "-q", "1", "-t", topic, "-l"]
+    with path.open("rb") as stdin:
+        done = subprocess.run(command, stdin=stdin, capture_output=True, timeout=120)
+    assert done.returncode == 0, f"mosquitto_pub -l on {topic}: {done.stderr.decode(errors='replace')}"
+
+
+def mosquitto_pub_file(port: int, topic: str, payload: bytes, folder: Path) -> None:
+    """An outside client: ``mosquitto_pub -f`` publishes the whole file as one message (QoS 1)."""
+    path = folder / f"payload-{secrets.token_hex(4)}.bin"
+    path.write_bytes(payload)
+    binary = shutil.which("mosquitto_pub") or "/usr/bin/mosquitto_pub"
+    command = [binary, "-h", "127.0.0.1", "-p", str(port), "-q", "1", "-t", topic, "-f", str(path)]
+    done = subprocess.run(command, capture_output=True, timeout=60)
+    assert done.returncode == 0, f"mosquitto_pub -f on {topic}: {done.stderr.decode(errors='replace')}"

@@ -13,9 +13,7 @@ import contextlib
 import json
 import random
 import secrets
-import shutil
 import signal
-import subprocess
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -24,7 +22,7 @@ from pathlib import Path
 
 import pytest
 from clearing_support import DAY_START, HOST, ServeProcess, clearing, fresh_db, serve_process
-from mqtt_support import running, unique_terminal
+from mqtt_support import mosquitto_pub_file, mosquitto_pub_lines, running, unique_terminal
 from reliability_support import (
     CuttableLink,
     DurableMosquitto,
@@ -368,28 +366,6 @@ async def replay(broker: BrokerUrl, messages: list[tuple[str, bytes]]) -> int:
         for topic, payload in messages:
             await client.publish(topic, payload, qos=1)
     return sum(len(parse_uplink(payload)) for _, payload in messages)
-
-
-def mosquitto_pub_lines(port: int, topic: str, lines: list[bytes], folder: Path) -> None:
-    """An outside client: ``mosquitto_pub -l`` publishes each line of a file as one message (QoS 1)."""
-    assert all(b"\n" not in line and b"\r" not in line and b"\x00" not in line for line in lines)
-    path = folder / f"lines-{secrets.token_hex(4)}.txt"
-    path.write_bytes(b"\n".join(lines) + b"\n")
-    binary = shutil.which("mosquitto_pub") or "/usr/bin/mosquitto_pub"
-    command = [binary, "-h", "127.0.0.1", "-p", str(port), "-q", "1", "-t", topic, "-l"]
-    with path.open("rb") as stdin:
-        done = subprocess.run(command, stdin=stdin, capture_output=True, timeout=120)
-    assert done.returncode == 0, f"mosquitto_pub -l on {topic}: {done.stderr.decode(errors='replace')}"
-
-
-def mosquitto_pub_file(port: int, topic: str, payload: bytes, folder: Path) -> None:
-    """An outside client: ``mosquitto_pub -f`` publishes the whole file as one message (QoS 1)."""
-    path = folder / f"payload-{secrets.token_hex(4)}.bin"
-    path.write_bytes(payload)
-    binary = shutil.which("mosquitto_pub") or "/usr/bin/mosquitto_pub"
-    command = [binary, "-h", "127.0.0.1", "-p", str(port), "-q", "1", "-t", topic, "-f", str(path)]
-    done = subprocess.run(command, capture_output=True, timeout=60)
-    assert done.returncode == 0, f"mosquitto_pub -f on {topic}: {done.stderr.decode(errors='replace')}"
 
 
 async def test_duplicate_flood_changes_nothing_and_is_acked_again(broker: DurableMosquitto, tmp_path: Path) -> None:
