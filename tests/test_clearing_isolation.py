@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import signal
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from clearing_corpus import CITY, TERMINAL, good_records
 from clearing_support import HOST, fresh_db
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from mqtt_support import MOSQUITTO, require_mosquitto
 from sqlalchemy import select, text
 from sqlalchemy.exc import OperationalError
 
@@ -23,6 +25,7 @@ from clearing.db import migrate, open_engine
 from clearing.intake import Intake, Refused, Topic
 from clearing.ledger import LEDGER, QUARANTINE, QUARANTINE_KEEP, TALLY, Ledger, Received, database_trouble
 from terminals.messages import MAX_PAYLOAD, Limits, MessageError, batch_payload, load_json, parse_uplink, txn_topic
+from yikatong import cli
 
 INTAKE = Intake(CITY, HOST)
 BACKENDS = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
@@ -269,3 +272,37 @@ async def test_many_poisoned_messages_in_one_batch_each_cost_only_themselves(
     outcome = await ledger.store([received(r.to_json().encode()) for r in records])
     assert outcome.poisoned == 2
     assert {row.seq for row in await rows(ledger, LEDGER)} == {r.seq for r in records if r.seq % 2}
+
+
+# --- supervision ------------------------------------------------------------------------------------------------
+
+
+def test_a_dead_task_ends_clearing_serve_with_exit_1(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A bug in a long-running task (here the health task's database count) must end the process with a
+    non-zero exit and say why, never leave it half-alive (the old serve slept on with --report-every 0)."""
+    require_mosquitto()
+
+    async def broken(self: Ledger) -> int:
+        raise RuntimeError("a bug in a task")
+
+    monkeypatch.setattr(Ledger, "count_pending_forwards", broken)
+    argv = ["clearing", "serve", "--city", CITY, "--broker", str(MOSQUITTO), "--worker", "dies"]
+    argv += ["--db", f"sqlite:///{tmp_path / 'c.sqlite'}", "--report-every", "0"]
+    previous = signal.signal(signal.SIGALRM, _interrupt)
+    signal.alarm(30)  # a serve that lingers is interrupted (SIGALRM → Ctrl-C → exit 0) and the test fails
+    try:
+        code = cli.main(argv)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    assert code == 1
+    assert (
+        "clearing 4560 stopped: RuntimeError: a bug in a task; exiting 1 so that a supervisor restarts it"
+        in caplog.text
+    )
+
+
+def _interrupt(_signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt
