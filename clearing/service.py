@@ -8,7 +8,7 @@ send it again) and the service goes on. A task that dies of anything else ends `
 process exits and its supervisor restarts it, never a half-alive service.
 
 Backpressure: the queue between the MQTT reader and the database writer holds at most two batches, and
-aiomqtt's own queue at most ``max_backlog_bytes``; past that a message is dropped and counted. Dropping is
+aiomqtt's own queue at most ``MAX_BACKLOG_MESSAGES`` messages and ``max_backlog_bytes``; past that a message is dropped and counted. Dropping is
 safe: a terminal resends every record until the clearing's ack covers it, an acquirer resends unanswered
 forwards, and an issuer answers a forward again when it comes again.
 """
@@ -57,6 +57,7 @@ FORWARD_CHUNK = 200
 HOTLIST_REFRESH = 1.0
 HEALTH_EVERY = 5.0  # wire.md: at least every 10 s
 MAX_BACKLOG_BYTES = 32 * 1024 * 1024
+MAX_BACKLOG_MESSAGES = 10_000  # a small message costs ~1 KiB of Python objects: bound the count too
 
 
 @dataclass
@@ -186,6 +187,7 @@ class ClearingService:
                     mqtt5=self.shared,
                     clean_session=clean,
                     queue_type=self._incoming_queue,
+                    max_queued_incoming_messages=MAX_BACKLOG_MESSAGES,
                     logger=_QUIET_DROPS,
                 )
                 async with client:
