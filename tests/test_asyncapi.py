@@ -18,6 +18,7 @@ MODELS: dict[str, Any] = {
     "ack": messages.Ack,
     "hotlist": messages.Hotlist,
     "interopAck": messages.InteropAck,
+    "health": messages.Health,
 }
 
 
@@ -37,6 +38,7 @@ def test_channel_addresses_are_the_topics_in_use() -> None:
         messages.txn_topic("{city}", "{terminal}"),
         messages.ack_topic("{city}", "{terminal}"),
         messages.hotlist_topic("{city}"),
+        messages.health_topic("{city}"),
         messages.interop_txn_topic("{issuer_city}"),
         messages.interop_ack_topic("{acquirer_city}"),
     }

@@ -29,6 +29,7 @@ from clearing.schema import SOURCE_TERMINAL
 from terminals.messages import health_topic, parse_ack, parse_health
 
 CITY = "4560"
+CHUNK = 2500
 BACKENDS = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
 
 
@@ -87,12 +88,15 @@ async def run_hostile_stream(kind: str, tmp_path: Path, junk: int, *extra: str) 
         worker = f"fuzz-{secrets.token_hex(3)}"
         with serve_process(MOSQUITTO, db, CITY, worker, "--health-every", "1", *extra) as serve:
             started = time.monotonic()
-            await publish(stream.messages, tmp_path)
-            print(f"published in {time.monotonic() - started:.1f} s")
+            # in chunks the clearing takes in before the next: Mosquitto holds at most 1,000 messages for a client
+            # that is behind (max_queued_messages) and drops the rest, which real terminals would resend
+            for start in range(0, len(stream.messages), CHUNK):
+                await publish(stream.messages[start : start + CHUNK], tmp_path)
+                await _all_refusals_in(db, sum(Stream(stream.messages[: start + CHUNK]).rows_by_topic().values()), 120)
             for message in files:
                 await asyncio.to_thread(mosquitto_pub_file, MOSQUITTO.port, message.topic, message.payload, tmp_path)
             expected = Stream([*stream.messages, *files]).rows_by_topic()
-            await _all_refusals_in(db, sum(expected.values()), 120 + junk / 500)
+            await _all_refusals_in(db, sum(expected.values()), 120)
             flood_seconds = time.monotonic() - started
             assert serve.proc.poll() is None, f"clearing serve died: {serve.log.read_text()[-3000:]}"
 
