@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import random
+import secrets
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -122,7 +123,8 @@ def hostile_stream(city: str, terminal: str, genuine: list[TxnRecord], junk: int
     rng = random.Random(seed)
     base = json.loads(genuine[0].to_json())
     own = f"yikatong/{city}/txn/{terminal}"
-    made_up = [f"yikatong/{city}/txn/{city}{rng.randrange(16**8):08X}" for _ in range(3)]
+    # made-up terminals of this run only (not seeded): runs on a shared broker must not answer each other
+    made_up = [f"yikatong/{city}/txn/{city}{secrets.token_hex(4).upper()}" for _ in range(3)]
     odd = [
         f"yikatong/{city}/txn/{name}" for name in ("x", "not-a-terminal-at-all-" + "z" * 40, "济南", "4560C0C0C0C0C0")
     ]
