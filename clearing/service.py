@@ -8,7 +8,8 @@ send it again) and the service goes on. A task that dies of anything else ends `
 process exits and its supervisor restarts it, never a half-alive service.
 
 Backpressure: the queue between the MQTT reader and the database writer holds at most two batches, and
-aiomqtt's own queue at most ``MAX_BACKLOG_MESSAGES`` messages and ``max_backlog_bytes``; past that a message is dropped and counted. Dropping is
+aiomqtt's own queue at most ``MAX_BACKLOG_MESSAGES`` messages and ``max_backlog_bytes``; past that a message is
+dropped and counted. Dropping is
 safe: a terminal resends every record until the clearing's ack covers it, an acquirer resends unanswered
 forwards, and an issuer answers a forward again when it comes again.
 """
