@@ -4,14 +4,23 @@ key-file loader they share."""
 from __future__ import annotations
 
 import argparse
+import re
 from collections.abc import Callable
 from pathlib import Path
 
+from sqlalchemy.engine import make_url
+
 from cardsim.keys import IssuerKeyStore, KeyFileError
+from clearing.db import DatabaseUrlError, async_url
 from terminals.mqtt import BrokerUrl
 from yikatong.errors import CliError
 
 _HEX = set("0123456789abcdefABCDEF")
+_WHOLE = re.compile(r"\+?([0-9]+)")  # ASCII digits: isdigit() and int() take other scripts' too
+
+MAX_FEN = 2**31 - 1
+"""The most fen an amount or a balance can be: the card's amount and balance fields are 4 bytes, the M1 value
+block is a signed 32-bit number, and the wire record (terminals.messages) takes 0..2^31-1."""
 
 
 def hex_number(digits: int) -> Callable[[str], int]:
@@ -26,29 +35,56 @@ def hex_number(digits: int) -> Callable[[str], int]:
     return parse
 
 
+def _whole(text: str, what: str, least: int, most: int) -> int:
+    """A whole number of ASCII digits within least..most (argparse prints the reason and exits 2)."""
+    bounds = f"at least {least} and at most {most}"
+    match = _WHOLE.fullmatch(text.strip())
+    if match is None:
+        raise argparse.ArgumentTypeError(f"{text!r} is not {what} ({bounds})")
+    digits = match[1].lstrip("0") or "0"
+    if len(digits) > len(str(most)) or not least <= int(digits) <= most:  # (int() refuses 5,000 digits)
+        raise argparse.ArgumentTypeError(f"{text!r} is out of range: {what} is {bounds}")
+    return int(digits)
+
+
 def fen(text: str) -> int:
-    """A non-negative whole number of fen."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of fen") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError("must not be negative")
-    return value
+    """A balance or limit in fen: a whole number 0..2^31-1 (what the card's 4-byte fields hold)."""
+    return _whole(text, "a whole number of fen", 0, MAX_FEN)
+
+
+def fen_amount(text: str) -> int:
+    """A fare or top-up amount in fen: a whole number 1..2^31-1 (a transaction moves at least 1 fen and at most
+    what the card's 4-byte amount field and the wire record hold)."""
+    return _whole(text, "an amount in fen", 1, MAX_FEN)
 
 
 def positive(text: str) -> int:
-    """A whole number of at least 1."""
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError("must be a whole number of at least 1")
-    return int(text)
+    """A count: a whole number of at least 1 (and at most 2^31-1)."""
+    return _whole(text, "a whole number", 1, 2**31 - 1)
 
 
 def city_code(text: str) -> str:
     """A 4-digit city code (GB/T 13497), e.g. 4510."""
-    if len(text) != 4 or not text.isdigit():
+    if not re.fullmatch(r"[0-9]{4}", text):
         raise argparse.ArgumentTypeError(f"{text!r} is not a 4-digit city code such as 4510")
     return text
+
+
+def _shown(text: str) -> str:
+    return repr(text if len(text) <= 60 else text[:60] + "...")
+
+
+def file_path(text: str) -> Path:
+    """A file or folder name, existing or not; refused when the system cannot even look it up (a name too long
+    for it, say), which would otherwise fail in the middle of the command."""
+    path = Path(text)
+    try:
+        path.stat()
+    except (FileNotFoundError, NotADirectoryError):
+        pass
+    except OSError as err:
+        raise argparse.ArgumentTypeError(f"{_shown(text)}: {err.strerror}") from None
+    return path
 
 
 def broker_url(text: str) -> BrokerUrl:
@@ -57,6 +93,28 @@ def broker_url(text: str) -> BrokerUrl:
         return BrokerUrl.parse(text)
     except ValueError as err:
         raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def database_url(text: str) -> str:
+    """``sqlite:///FILE`` or ``postgresql+asyncpg://user@host/db``, checked before anything connects: the URL's
+    form, and that a SQLite file can be where it says (a folder, or a file in a folder that does not exist, would
+    only fail at connect time). The text itself is returned."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise argparse.ArgumentTypeError(f"database {text!r}: a URL must be UTF-8 text") from None
+    try:
+        async_url(text)
+    except DatabaseUrlError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    url = make_url(text)
+    if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:") and "uri" not in url.query:
+        path = file_path(url.database)
+        if path.is_dir():
+            raise argparse.ArgumentTypeError(f"database {text!r}: {path} is a folder, not a SQLite file")
+        if not path.parent.is_dir():
+            raise argparse.ArgumentTypeError(f"database {text!r}: no such SQLite file (no folder {path.parent})")
+    return text
 
 
 def load_keys(path: Path | None) -> IssuerKeyStore:

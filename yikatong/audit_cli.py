@@ -9,7 +9,6 @@ import sys
 import textwrap
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from audit.chips import ChipAudit, audit_fleet, build_report
@@ -23,7 +22,7 @@ from terminals.flows import TransactionError
 from terminals.m1 import M1Error
 from terminals.reader import CardGone
 from yikatong import reconcile_cli
-from yikatong.argtypes import hex_number, positive
+from yikatong.argtypes import file_path, hex_number, positive
 from yikatong.audit_output import add_report_options, finish
 from yikatong.card_cli import load_image
 from yikatong.errors import CliError
@@ -103,7 +102,7 @@ def _register_nested(sub: Any) -> None:
         "leaked parity bits and invert Crypto-1. Prints the 12-hex-digit target key.",
         epilog="Example: yikatong audit nested m1.json --known-block 3 --known-key FFFFFFFFFFFF --target-block 7",
     )
-    nested.add_argument("image", type=Path, help="M1 card image")
+    nested.add_argument("image", type=file_path, help="M1 card image")
     nested.add_argument("--known-block", type=_block, required=True, help="a block of the sector with the known key")
     nested.add_argument("--known-key", type=_hex48, required=True, help="that sector's key, 12 hex digits")
     nested.add_argument("--known-type", type=_key_type, default=0x60, help="A or B (default A)")
@@ -166,9 +165,12 @@ def _register_chips(sub: Any) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     source = chips.add_mutually_exclusive_group(required=True)
-    source.add_argument("--cards", type=Path, metavar="DIR", help="folder of card images (*.json)")
+    source.add_argument("--cards", type=file_path, metavar="DIR", help="folder of card images (*.json)")
     source.add_argument(
-        "--fleet", type=Path, metavar="FILE", help="fleet file (yikatong.fleet/1) describing a mixed fleet to generate"
+        "--fleet",
+        type=file_path,
+        metavar="FILE",
+        help="fleet file (yikatong.fleet/1) describing a mixed fleet to generate",
     )
     source.add_argument(
         "--reader", metavar="NAME", help="PC/SC reader: audit CPU cards one by one as they are presented"
@@ -178,7 +180,7 @@ def _register_chips(sub: Any) -> None:
     )
     chips.add_argument(
         "--keys",
-        type=Path,
+        type=file_path,
         help="the issuer's master key file, to tell diversified keys from master keys and to make the purchases "
         "of the active probes (default: the key file a --fleet names; the published test keys are always tried)",
     )

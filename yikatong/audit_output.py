@@ -11,6 +11,7 @@ from audit.findings import Report, Severity
 from audit.html import render_html
 from cardsim.files import write_text_atomic
 from cardsim.image import write_json_atomic
+from yikatong.argtypes import file_path
 from yikatong.errors import CliError
 
 
@@ -24,11 +25,11 @@ def _severity(text: str) -> Severity:
 def add_report_options(parser: argparse.ArgumentParser, kind: str) -> None:
     """--json, --html and --fail-on, with defaults named after the job (audit-chips.json, ...)."""
     parser.add_argument(
-        "--json", type=Path, default=Path(f"audit-{kind}.json"), help="JSON report to write (default %(default)s)"
+        "--json", type=file_path, default=Path(f"audit-{kind}.json"), help="JSON report to write (default %(default)s)"
     )
     parser.add_argument(
         "--html",
-        type=Path,
+        type=file_path,
         default=Path(f"audit-{kind}.html"),
         help="self-contained HTML report to write (default %(default)s)",
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import os
+import re
 import secrets
 import sys
 from pathlib import Path
@@ -22,7 +23,7 @@ from cardsim.purse import PurseCard, PurseState
 from terminals.flows import TransactionError
 from terminals.inspect import TXN_TYPES, read_card_info, yuan
 from terminals.reader import InProcessReader
-from yikatong.argtypes import fen, hex_number, load_keys
+from yikatong.argtypes import city_code, fen, file_path, hex_number, load_keys
 from yikatong.errors import CliError
 from yikatong.process import stop_on_sigterm
 
@@ -43,7 +44,9 @@ def register(groups: Any) -> None:
         "master keys, then save the whole card state as a JSON image.",
         epilog="Example: yikatong card issue --city 4510 --alg sm4 --balance 5000 --out card.json",
     )
-    issue.add_argument("--city", required=True, help="issuer city code (4510 Jinan, 4560 Yantai, 4530 Zibo)")
+    issue.add_argument(
+        "--city", type=city_code, required=True, help="issuer city code (4510 Jinan, 4560 Yantai, 4530 Zibo)"
+    )
     issue.add_argument(
         "--tech",
         choices=["cpu", "m1"],
@@ -67,10 +70,10 @@ def register(groups: Any) -> None:
     )
     issue.add_argument("--uid", type=_uid, help="M1 UID, 8 hex digits (default: random)")
     issue.add_argument("--balance", required=True, type=fen, help="opening balance in fen (分)")
-    issue.add_argument("--out", required=True, type=Path, help="card image file to write")
+    issue.add_argument("--out", required=True, type=file_path, help="card image file to write")
     issue.add_argument("--sequence", type=_sequence, help="12-digit card number within the city (default: random)")
     issue.add_argument(
-        "--keys", type=Path, help="issuer master key file (default: the published TEST keys in fixtures)"
+        "--keys", type=file_path, help="issuer master key file (default: the published TEST keys in fixtures)"
     )
     issue.add_argument("--key-version", type=int, default=1, help="master key version (default 1)")
     issue.add_argument(
@@ -99,7 +102,7 @@ def register(groups: Any) -> None:
         help="read a card image like a reader app (balance, serial, last transactions)",
         description="Read a card image over APDUs, as a reader app would, and print it.",
     )
-    show.add_argument("image", type=Path, help="card image file")
+    show.add_argument("image", type=file_path, help="card image file")
     show.set_defaults(run=_show)
 
     serve = sub.add_parser(
@@ -109,7 +112,7 @@ def register(groups: Any) -> None:
         "PC/SC software sees it. Keeps serving across power cycles and pcscd restarts, saves the image after "
         "every change the card commits, and stops cleanly on Ctrl-C.",
     )
-    serve.add_argument("image", type=Path, help="card image file (updated in place)")
+    serve.add_argument("image", type=file_path, help="card image file (updated in place)")
     serve.add_argument("--host", default=vpcd.DEFAULT_HOST, help="vpcd host (default %(default)s)")
     serve.add_argument(
         "--port",
@@ -125,7 +128,7 @@ def register(groups: Any) -> None:
 
 
 def _sequence(text: str) -> int:
-    if not (text.isdigit() and len(text) <= 12):
+    if not re.fullmatch(r"[0-9]{1,12}", text):
         raise argparse.ArgumentTypeError("must be at most 12 decimal digits")
     return int(text)
 
@@ -136,9 +139,21 @@ def _uid(text: str) -> bytes:
 
 def _date(text: str) -> dt.date:
     try:
-        return dt.date.fromisoformat(text)
+        day = dt.date.fromisoformat(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a date YYYY-MM-DD") from None
+    if day.year < 1000:  # the card keeps dates as 4 BCD bytes YYYYMMDD: a four-digit year
+        raise argparse.ArgumentTypeError(f"{text!r}: a card holds dates from 1000-01-01 to 9999-12-31")
+    return day
+
+
+def _ten_years_after(start: dt.date) -> dt.date:
+    """The default expiry: the same day ten years on (28 February for a start on 29 February)."""
+    if start.year + 10 > dt.MAXYEAR:
+        raise CliError(
+            f"--start {start}: ten years later is past 9999-12-31, the last date a card holds; give --expiry"
+        )
+    return start.replace(year=start.year + 10, day=28 if (start.month, start.day) == (2, 29) else start.day)
 
 
 # --- commands ------------------------------------------------------------------------------------
@@ -146,6 +161,8 @@ def _date(text: str) -> dt.date:
 
 def _issue(args: argparse.Namespace) -> int:
     out: Path = args.out
+    if out.is_dir():
+        raise CliError(f"{out} is a folder; --out names the image file to write")
     if out.exists() and not args.force:
         raise CliError(f"{out} exists; use --force to overwrite it")
     if not out.parent.is_dir():
@@ -156,7 +173,7 @@ def _issue(args: argparse.Namespace) -> int:
     if args.alg is None:
         raise CliError("--alg is required for a CPU card (3des or sm4)")
     start = args.start or dt.date.today()
-    expiry = args.expiry or start.replace(year=start.year + 10)
+    expiry = args.expiry or _ten_years_after(start)
     sequence = args.sequence if args.sequence is not None else secrets.randbelow(10**12)
     req = CardRequest(
         city=args.city,
@@ -175,7 +192,7 @@ def _issue(args: argparse.Namespace) -> int:
         state = issue_cpu_card(keys, req)
     except IssueError as err:
         raise CliError(str(err)) from err
-    save_purse(out, state)
+    _save(out, state)
     note = " with the published TEST keys" if keys.test_keys else ""
     print(
         f"issued {args.alg.upper()} card {state.public.application_serial.hex().upper()} "
@@ -194,12 +211,19 @@ def _issue_m1(args: argparse.Namespace, keys: IssuerKeyStore) -> int:
     state = issue_m1_card(
         uid, Profile(args.profile), KeyScheme(args.m1_keys), args.balance, key_set.purchase, args.city
     )
-    save_card(args.out, state)
+    _save(args.out, state)
     print(
         f"issued M1 card {uid.hex().upper()} ({args.profile}, {args.m1_keys} keys), "
         f"balance {yuan(args.balance)} yuan -> {args.out}"
     )
     return 0
+
+
+def _save(path: Path, state: PurseState | M1State) -> None:
+    try:
+        save_card(path, state)
+    except OSError as err:
+        raise CliError(f"cannot write {path}: {err.strerror}") from err
 
 
 def load_image(path: Path) -> PurseState | M1State:

@@ -28,7 +28,7 @@ from clearing.service import HEALTH_EVERY, ClearingService, ClearingStats, publi
 from clearing.settlement import Settlement, export_day, settle_day
 from terminals.messages import CARD_ID, MAX_DEPTH, MAX_PAYLOAD, MAX_RECORDS, MAX_STRING, Limits
 from terminals.mqtt import BrokerUrl
-from yikatong.argtypes import broker_url, city_code, load_keys, positive
+from yikatong.argtypes import broker_url, city_code, database_url, file_path, load_keys, positive
 from yikatong.errors import CliError
 from yikatong.process import setup_logging, stop_on_sigterm
 
@@ -60,7 +60,7 @@ def register(groups: Any) -> None:
     serve.add_argument("--city", type=city_code, required=True, help="the city this clearing serves (4510, ...)")
     serve.add_argument("--broker", type=broker_url, required=True, help="mqtt://[user:password@]host[:port]")
     _db_option(serve)
-    serve.add_argument("--keys", type=Path, help="issuer key file (default: the published TEST keys)")
+    serve.add_argument("--keys", type=file_path, help="issuer key file (default: the published TEST keys)")
     serve.add_argument(
         "--shared", action="store_true", help="MQTT 5 shared subscription $share/clearing-CITY/... (several workers)"
     )
@@ -111,7 +111,7 @@ def register(groups: Any) -> None:
     settle.add_argument("--day", type=_day, required=True, help="settlement day, YYYY-MM-DD")
     _db_option(settle)
     settle.add_argument("--city", type=city_code, help="only this acquirer city (default: every city in --db)")
-    settle.add_argument("--out", type=Path, default=Path(), help="folder for the files (default: here)")
+    settle.add_argument("--out", type=file_path, default=Path(), help="folder for the files (default: here)")
     settle.add_argument(
         "--rate",
         type=_percent,
@@ -170,6 +170,7 @@ def register(groups: Any) -> None:
 def _db_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--db",
+        type=database_url,
         default=DEFAULT_DB,
         help=f"sqlite:///FILE or postgresql+asyncpg://user@host/db (default {DEFAULT_DB})",
     )

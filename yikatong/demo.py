@@ -55,7 +55,7 @@ from terminals.outbox import Outbox
 from terminals.reader import InProcessReader
 from terminals.terminal import TapResult, Terminal
 from terminals.uplink import Uplink
-from yikatong.argtypes import broker_url, load_keys, positive
+from yikatong.argtypes import broker_url, database_url, file_path, load_keys, positive
 from yikatong.demo_world import CITIES, DAY, Day, DemoCard, issue_fleet, plan_day, tamper, terminals
 from yikatong.errors import CliError
 
@@ -78,15 +78,17 @@ def register(groups: Any) -> None:
         epilog="Examples: yikatong demo | yikatong demo --broker mqtt://127.0.0.1:1883 "
         "--db postgresql+asyncpg://postgres@127.0.0.1/demo",
     )
-    demo.add_argument("--out", type=Path, default=Path("run/demo"), help="run folder (default %(default)s)")
+    demo.add_argument("--out", type=file_path, default=Path("run/demo"), help="run folder (default %(default)s)")
     demo.add_argument("--broker", type=broker_url, help="mqtt://[user:password@]host[:port] (default: embedded)")
     demo.add_argument(
-        "--db", help="clearing database: sqlite:///FILE or postgresql+asyncpg://... (default: clearing.sqlite in --out)"
+        "--db",
+        type=database_url,
+        help="clearing database: sqlite:///FILE or postgresql+asyncpg://... (default: clearing.sqlite in --out)",
     )
     demo.add_argument("--cards", type=positive, default=3, help="cards per city of each kind (default 3)")
     demo.add_argument("--rides", type=positive, default=240, help="riders' taps over the day (default 240)")
     demo.add_argument("--seed", type=int, default=2009, help="random seed, for a repeatable day (default 2009)")
-    demo.add_argument("--keys", type=Path, help=f"issuer key file (default: fixtures/{DEFAULT_KEYS})")
+    demo.add_argument("--keys", type=file_path, help=f"issuer key file (default: fixtures/{DEFAULT_KEYS})")
     demo.set_defaults(run=run)
 
 
@@ -136,6 +138,10 @@ def run(args: argparse.Namespace) -> int:
     keys = load_keys(args.keys or fixture_path(DEFAULT_KEYS))
     _fresh_run_folder(out)
     db_url = args.db or f"sqlite:///{out / 'clearing.sqlite'}"
+    try:
+        database_url(db_url)  # --db was checked by argparse; the default one names --out, which may not do
+    except argparse.ArgumentTypeError as err:
+        raise CliError(f"--out {out}: {err}") from err
     bar = Bar()
     rng = random.Random(args.seed)
     bar.phase(f"issuing the fleet ({args.cards} cards of each kind per city, plus the planted ones)")

@@ -16,7 +16,7 @@ from audit.findings import Report
 from audit.ledger_sources import LedgerInputError, read_cities, read_clearing_file, read_database, read_settlement
 from audit.reconcile import Ledger, Options, day_number, reconcile
 from cardsim.keys import TEST_KEYS_FIXTURE
-from yikatong.argtypes import load_keys, positive
+from yikatong.argtypes import database_url, file_path, load_keys, positive
 from yikatong.audit_output import add_report_options, finish
 from yikatong.demo import DEFAULT_KEYS as DEMO_KEYS
 from yikatong.errors import CliError
@@ -49,16 +49,17 @@ def register(sub: Any) -> None:
     parser.add_argument("files", nargs="*", metavar="FILE|CITY=FILE", help="daily clearing files (CSV)")
     parser.add_argument(
         "--db",
+        type=database_url,
         action="append",
         default=[],
         metavar="URL",
         help="clearing database, sqlite:///FILE or postgresql+asyncpg://user@host/db (repeatable)",
     )
-    parser.add_argument("--settlement", type=Path, metavar="FILE", help="settlement-DAY.json to check")
+    parser.add_argument("--settlement", type=file_path, metavar="FILE", help="settlement-DAY.json to check")
     parser.add_argument("--day", type=_day, help="only records of this settlement day, YYYY-MM-DD")
     parser.add_argument(
         "--keys",
-        type=Path,
+        type=file_path,
         help=f"issuer key file (default: the published TEST keys; the demo's cards use fixtures/{DEMO_KEYS})",
     )
     parser.add_argument("--no-tac", action="store_true", help="do not verify TACs (the structural checks only)")

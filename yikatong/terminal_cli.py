@@ -16,7 +16,7 @@ from typing import Any
 from cardsim.image import CardImageError, load_card, save_card
 from cardsim.issuer import IssuerHost
 from cardsim.mifare import M1Card, M1State
-from cardsim.purse import PurseCard
+from cardsim.purse import PurseCard, PurseState
 from terminals.metro import FareTable, FareTableError
 from terminals.mqtt import BrokerUrl
 from terminals.outbox import Outbox, OutboxError
@@ -24,7 +24,7 @@ from terminals.pcsc import PcscReader, ReaderNotFound
 from terminals.reader import InProcessReader
 from terminals.terminal import Kind, TapResult, Terminal, TerminalConfig
 from terminals.uplink import Uplink
-from yikatong.argtypes import broker_url, city_code, fen, hex_number, load_keys, positive
+from yikatong.argtypes import MAX_FEN, broker_url, city_code, fen_amount, file_path, hex_number, load_keys, positive
 from yikatong.errors import CliError
 from yikatong.process import setup_logging, stop_on_sigterm
 
@@ -64,7 +64,7 @@ def register(groups: Any) -> None:
     )
     source = tap.add_mutually_exclusive_group(required=True)
     source.add_argument("--reader", help="PC/SC reader name, or a unique prefix of it")
-    source.add_argument("--card", type=Path, help="card image file (yikatong card issue)")
+    source.add_argument("--card", type=file_path, help="card image file (yikatong card issue)")
     _terminal_options(tap)
     tap.add_argument(
         "--card-wait", type=float, default=10.0, help="seconds to wait for a card on the reader (default 10)"
@@ -83,10 +83,10 @@ def register(groups: Any) -> None:
         description="Publish every record left in a terminal's outbox (e.g. after it ran offline) and wait for "
         "the clearing's acks. Exit 0 when the outbox is empty, 1 if records remain after --timeout.",
     )
-    sync.add_argument("--state", type=Path, required=True, help="the terminal's state file")
+    sync.add_argument("--state", type=file_path, required=True, help="the terminal's state file")
     sync.add_argument("--broker", type=broker_url, required=True, help="mqtt://[user:password@]host[:port]")
     sync.add_argument("--timeout", type=float, default=60.0, help="give up after this many seconds (default 60)")
-    sync.add_argument("--keys", type=Path, help="issuer key file (default: the published TEST keys)")
+    sync.add_argument("--keys", type=file_path, help="issuer key file (default: the published TEST keys)")
     sync.set_defaults(run=_sync)
 
     status = sub.add_parser(
@@ -94,7 +94,7 @@ def register(groups: Any) -> None:
         help="show what a terminal's state file holds (outbox, interrupted payments, rejects, hotlist)",
         description="Show a terminal's identity and what waits in its state file.",
     )
-    status.add_argument("--state", type=Path, required=True, help="the terminal's state file")
+    status.add_argument("--state", type=file_path, required=True, help="the terminal's state file")
     status.set_defaults(run=_status)
 
 
@@ -103,8 +103,8 @@ def _terminal_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--kind", type=Kind, required=True, choices=list(Kind), metavar="{bus,metro-entry,metro-exit,topup}"
     )
-    parser.add_argument("--fare", type=fen, help="bus fare in fen (bus terminals)")
-    parser.add_argument("--amount", type=fen, help="top-up amount in fen (topup terminals)")
+    parser.add_argument("--fare", type=fen_amount, help="bus fare in fen, 1 to 2147483647 (bus terminals)")
+    parser.add_argument("--amount", type=fen_amount, help="top-up amount in fen, 1 to 2147483647 (topup terminals)")
     parser.add_argument("--line", help="metro line of the gate, e.g. M1 (metro gates)")
     parser.add_argument("--station", help="metro station of the gate, e.g. A03 (metro gates)")
     parser.add_argument(
@@ -113,11 +113,13 @@ def _terminal_options(parser: argparse.ArgumentParser) -> None:
         help="12-hex-digit terminal number (default: the one in the state file, else new: city + random)",
     )
     parser.add_argument(
-        "--state", type=Path, help="terminal state file (outbox; default terminal-CITY-KIND.sqlite in this folder)"
+        "--state", type=file_path, help="terminal state file (outbox; default terminal-CITY-KIND.sqlite in this folder)"
     )
     parser.add_argument("--broker", type=broker_url, help="mqtt://[user:password@]host[:port] (default: offline)")
-    parser.add_argument("--fares", type=Path, help="metro fare table (default: the one in fixtures)")
-    parser.add_argument("--keys", type=Path, help="issuer key file for the PSAM (default: the published TEST keys)")
+    parser.add_argument("--fares", type=file_path, help="metro fare table (default: the one in fixtures)")
+    parser.add_argument(
+        "--keys", type=file_path, help="issuer key file for the PSAM (default: the published TEST keys)"
+    )
 
 
 def _open_outbox(path: Path) -> Outbox:
@@ -132,8 +134,8 @@ def _build_terminal(args: argparse.Namespace) -> Terminal:
     kind: Kind = args.kind
     if kind is Kind.BUS and args.fare is None:
         raise CliError("a bus terminal needs --fare (fen)")
-    if kind is Kind.TOPUP and not args.amount:
-        raise CliError("a topup terminal needs --amount (fen, more than 0)")
+    if kind is Kind.TOPUP and args.amount is None:
+        raise CliError("a topup terminal needs --amount (fen)")
     if kind in (Kind.METRO_ENTRY, Kind.METRO_EXIT) and not (args.line and args.station):
         raise CliError(f"a {kind.value} gate needs --line and --station (the fare comes from the fare table)")
     if args.fare is not None and kind is not Kind.BUS:
@@ -198,13 +200,23 @@ def _tap_image(terminal: Terminal, path: Path) -> TapResult:
         state = load_card(path)
     except CardImageError as err:
         raise CliError(str(err)) from err
+    if isinstance(state, PurseState) and state.balance > MAX_FEN:
+        # the image format lets a purse hold up to 2^32-1 fen; a record carries at most 2^31-1: refuse before the
+        # card is charged, not after (the record could not be stored)
+        raise CliError(f"{path}: balance {state.balance} fen is more than a transaction record carries ({MAX_FEN})")
     if isinstance(state, M1State):
         chip = M1Card(state, os.urandom)
         chip.power_on()
         result = terminal.tap_m1(chip)
     else:
         result = terminal.tap(InProcessReader(PurseCard(state, os.urandom), str(path)))
-    save_card(path, state)
+    try:
+        save_card(path, state)
+    except OSError as err:
+        kept = "; the terminal's outbox keeps its record" if result.ok else ""
+        raise CliError(
+            f"{path}: the card image could not be saved after the tap ({err.strerror}): {result.message}{kept}"
+        ) from err
     return result
 
 
