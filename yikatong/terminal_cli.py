@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import logging
 import os
 import secrets
@@ -249,11 +248,27 @@ def _run(args: argparse.Namespace) -> int:
         f"state {terminal.outbox.path}; broker {args.broker or 'none (offline)'}; Ctrl-C stops",
         flush=True,
     )
-    with contextlib.suppress(KeyboardInterrupt):
+    try:
         asyncio.run(_run_loop(terminal, reader, args.broker, args.count))
+    except KeyboardInterrupt:
+        pass
+    except UplinkDied as died:  # never a half-alive terminal that taps on without delivering
+        log.critical("terminal %s: its uplink died", terminal.terminal_hex, exc_info=died.__cause__)
+        log.critical(
+            "terminal %s stopped: the uplink task died (%s: %s); exiting 1 so that a supervisor restarts it "
+            "(the records stay in the outbox)",
+            terminal.terminal_hex,
+            type(died.__cause__).__name__,
+            died.__cause__,
+        )
+        return 1
     counts = terminal.outbox.counts()
     print(f"stopped; {counts.queued} record(s) in the outbox, {counts.pending} interrupted payment(s)", flush=True)
     return 0
+
+
+class UplinkDied(Exception):
+    """The uplink task of ``terminal run`` ended with an error (its cause)."""
 
 
 async def _run_loop(terminal: Terminal, reader: PcscReader, broker: BrokerUrl | None, count: int | None) -> None:
@@ -262,6 +277,8 @@ async def _run_loop(terminal: Terminal, reader: PcscReader, broker: BrokerUrl | 
     taps = 0
     try:
         while count is None or taps < count:
+            if task is not None and task.done() and not task.cancelled() and task.exception() is not None:
+                raise UplinkDied from task.exception()
             if not await asyncio.to_thread(reader.card_present):
                 await asyncio.sleep(0.1)
                 continue
