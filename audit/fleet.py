@@ -176,7 +176,10 @@ def generate_fleet(path: Path) -> Fleet:
     entries = doc.get("cards")
     if not isinstance(entries, list) or not entries:
         raise FleetError(f"{path}: 'cards' must be a non-empty list")
-    rng = random.Random(doc.get("seed", 0))
+    seed = doc.get("seed", 0)
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise FleetError(f"{path}: 'seed' must be a whole number")
+    rng = random.Random(seed)
     cards: list[FleetCard] = []
     for i, raw in enumerate(entries):
         if not isinstance(raw, dict):

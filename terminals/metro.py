@@ -76,12 +76,12 @@ class FareTable:
         try:
             doc = json.loads(Path(source).read_text(encoding="utf-8"))
             return cls._from_json(doc)
-        except (OSError, ValueError, KeyError, TypeError) as err:
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:  # (a list where an object goes)
             raise FareTableError(f"{source}: {err}") from err
 
     @classmethod
     def _from_json(cls, doc: Any) -> FareTable:
-        if doc.get("schema") != "yikatong.metro/1":
+        if not isinstance(doc, dict) or doc.get("schema") != "yikatong.metro/1":
             raise ValueError("not a yikatong.metro/1 document")
         cities = {}
         for code, city in doc["cities"].items():
