@@ -70,7 +70,14 @@ PATHS = [
     "empty.json",
     "list.json",
     "wrongschema.json",
+    "shapes-card.json",
+    "shapes-m1.json",
+    "shapes-keys.json",
+    "shapes-fleet.json",
+    "shapes-metro.json",
+    "shapes-settlement.json",
     "keys.json",
+    "metro.json",
     "fleet.json",
     "settlement.json",
     "garbage.csv",
@@ -88,6 +95,23 @@ PATHS = [
 ]
 
 
+def _shapes(card: dict[str, Any], m1: dict[str, Any]) -> dict[str, Any]:
+    """Files with the right schema and the wrong shapes inside (lists for objects, strings for numbers, ...)."""
+    return {
+        "shapes-metro.json": {"schema": "yikatong.metro/1", "cities": [1], "max_trip_minutes": "x"},
+        "shapes-keys.json": {"schema": "yikatong.keys/1", "test_keys": "yes", "issuers": [{"city": 4510}]},
+        "shapes-fleet.json": {
+            "schema": "yikatong.fleet/1",
+            "keys": "keys.json",
+            "seed": [1],
+            "cards": [{"tech": "m1", "city": "4510", "plant": {"default_sectors": [99], "broken_value": "x"}}],
+        },
+        "shapes-settlement.json": {"schema": "yikatong.settlement/1", "day": DAY, "positions": [1], "pairs": {}},
+        "shapes-card.json": {**card, "journal": [1], "defects": {"a": 1}, "trips": [1], "keys": []},
+        "shapes-m1.json": {**m1, "blocks": ["zz" * 16] * 64},
+    }
+
+
 def _write_template(folder: Path) -> None:
     def ok(*argv: str) -> None:
         code, out, err = run_cli(list(argv))
@@ -96,32 +120,42 @@ def _write_template(folder: Path) -> None:
     with contextlib.chdir(folder):
         ok("card", "issue", "--city", "4510", "--alg", "sm4", "--balance", "5000", "--out", "card.json")
         ok("card", "issue", "--tech", "m1", "--city", "4510", "--balance", "3000", "--out", "m1.json")
-        ok("terminal", "tap", "--card", "card.json", "--city", "4510", "--kind", "bus", "--fare", "1")
-        ok("terminal", "tap", "--card", "card.json", "--city", "4510", "--kind", "bus", "--fare", "1", "--state",
-           "state.sqlite")  # fmt: skip
+        tap = ["terminal", "tap", "--card", "card.json", "--city", "4510", "--kind", "bus", "--fare", "1"]
+        ok(*tap)
+        ok(*tap, "--state", "state.sqlite")
         ok("clearing", "migrate")
+    card, m1 = (json.loads((folder / name).read_text()) for name in ("card.json", "m1.json"))
+    docs = {
+        **_shapes(card, m1),
+        "list.json": [1, 2, 3],
+        "wrongschema.json": {"schema": "other/1", "balance": -1},
+        "fleet.json": {
+            "schema": "yikatong.fleet/1",
+            "keys": "keys.json",
+            "seed": 1,
+            "cards": [
+                {"name": "c", "tech": "cpu", "city": "4510", "alg": "sm4"},
+                {"name": "m", "tech": "m1", "city": "4560", "profile": "hardened", "m1_keys": "diversified"},
+            ],
+        },
+        # the image format allows a purse more than a transaction record carries
+        "big.json": {**card, "max_balance": 2**32 - 1, "balance": 3_000_000_000},
+    }
+    for name, doc in docs.items():
+        (folder / name).write_text(json.dumps(doc))
     (folder / "garbage.json").write_bytes(b"\x00{not json\xff")
     (folder / "empty.json").write_text("")
-    (folder / "list.json").write_text("[1, 2, 3]")
-    (folder / "wrongschema.json").write_text('{"schema": "other/1", "balance": -1}')
-    shutil.copy(fixture_path("keys/test-keys.json"), folder / "keys.json")
-    (folder / "fleet.json").write_text(
-        '{"schema": "yikatong.fleet/1", "keys": "keys.json", "seed": 1, "cards": ['
-        '{"name": "c", "tech": "cpu", "city": "4510", "alg": "sm4"},'
-        '{"name": "m", "tech": "m1", "city": "4560", "profile": "hardened", "m1_keys": "diversified"}]}'
-    )
     (folder / "settlement.json").write_text(f'{{"day": "{DAY}", "positions": {{"4510": 1e999}}}}')
+    shutil.copy(fixture_path("keys/test-keys.json"), folder / "keys.json")
+    shutil.copy(fixture_path("metro.json"), folder / "metro.json")
     (folder / "garbage.csv").write_text('a,b\n1,"2\n')
     (folder / f"clearing-4510-{DAY}.csv").write_text(
         ",".join(CSV_HEADER) + "\n" + ",".join(["x"] * len(CSV_HEADER)) + "\n"
     )
     write_fixture(folder / "ledgers")  # a day of the three cities' clearing files, problems planted
-    big = json.loads((folder / "card.json").read_text())  # the image format allows more than a record carries
-    (folder / "big.json").write_text(json.dumps({**big, "max_balance": 2**32 - 1, "balance": 3_000_000_000}))
-    (folder / "cards").mkdir()
+    for name in ("cards", "emptydir", "dir"):
+        (folder / name).mkdir()
     shutil.copy(folder / "card.json", folder / "cards" / "card.json")
-    (folder / "emptydir").mkdir()
-    (folder / "dir").mkdir()
 
 
 @pytest.fixture(scope="module")
@@ -282,13 +316,14 @@ _LEDGERS = [f"ledgers/clearing-{city}-{DAY}.csv" for city in ("4510", "4560", "4
 _LEDGERS += [f"{city}=ledgers/issuer-{city}-{DAY}.csv" for city in ("4510", "4560", "4530")]
 _BY_DEST: dict[str, list[str]] = {
     "db": _DATABASES,
-    "card": ["card.json", "m1.json", "big.json"],
-    "image": ["card.json", "m1.json", "big.json"],
-    "fleet": ["fleet.json"],
+    "card": ["card.json", "m1.json", "big.json", "shapes-card.json", "shapes-m1.json"],
+    "image": ["card.json", "m1.json", "big.json", "shapes-card.json", "shapes-m1.json"],
+    "fleet": ["fleet.json", "shapes-fleet.json"],
     "cards": ["cards"],
-    "keys": ["keys.json"],
+    "keys": ["keys.json", "shapes-keys.json"],
+    "fares": ["metro.json", "shapes-metro.json"],
     "state": ["state.sqlite", "new.sqlite"],
-    "settlement": [f"ledgers/settlement-{DAY}.json", "settlement.json"],
+    "settlement": [f"ledgers/settlement-{DAY}.json", "settlement.json", "shapes-settlement.json"],
     "out": ["out.json", "out", "."],
     "json": ["report.json", "dir"],
     "html": ["report.html", "dir"],
