@@ -412,7 +412,6 @@ def argument_lists(draw: st.DrawFn, leaf: Leaf) -> list[str]:
                     continue
             elif draw(st.integers(0, 9)) < (9 if action.dest == "broker" and not unsafe else 7):
                 continue
-                continue
             name = draw(st.sampled_from(names))
             if action.nargs == 0:
                 units.append([name])
@@ -483,7 +482,6 @@ def test_fuzzed_arguments_exit_0_1_2_without_traceback(
         max_examples=EXAMPLES.get(leaf.words, DEFAULT_EXAMPLES),
         deadline=None,
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-        derandomize=False,
     )
     @given(argument_lists(leaf))
     def run(argv: list[str]) -> None:
@@ -504,27 +502,80 @@ def test_stubbed_commands_do_get_parsed_arguments(monkeypatch: pytest.MonkeyPatc
     assert len(calls) == 1 and calls[0].broker.port == 1
 
 
-@pytest.mark.parametrize("fare", ["999999999999", "2147483648", "0", "-5"])
-def test_fare_beyond_the_card_is_refused_by_argparse(template: Path, tmp_path: Path, fare: str,
-                                                     monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
-    shutil.copytree(template, tmp_path / "w")
-    monkeypatch.chdir(tmp_path / "w")
-    before = (tmp_path / "w" / "card.json").read_bytes()
+@pytest.fixture
+def workdir(template: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A fresh copy of the template folder as the current directory."""
+    folder = tmp_path / "work"
+    shutil.copytree(template, folder)
+    monkeypatch.chdir(folder)
+    _no_outside(monkeypatch)
+    return folder
+
+
+@pytest.mark.parametrize("fare", ["999999999999", "2147483648", "0", "-5", "1" + "0" * 5000])
+def test_a_fare_beyond_the_card_is_refused_by_argparse(workdir: Path, fare: str) -> None:
+    before = (workdir / "card.json").read_bytes()
     code, _, err = run_cli(
         ["terminal", "tap", "--card", "card.json", "--city", "4510", "--kind", "bus", "--fare", fare]
     )
-    assert code == 2 and "--fare" in err and "Traceback" not in err
+    assert code == 2 and "argument --fare" in err and "Traceback" not in err
     assert "at least 1 and at most 2147483647" in err, err
-    assert (tmp_path / "w" / "card.json").read_bytes() == before
+    assert (workdir / "card.json").read_bytes() == before
 
 
-def test_the_largest_fare_is_a_refusal_not_a_crash(template: Path, tmp_path: Path,
-                                                   monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
-    shutil.copytree(template, tmp_path / "w")
-    monkeypatch.chdir(tmp_path / "w")
+def test_the_largest_fare_is_a_refusal_not_a_crash(workdir: Path) -> None:
     argv = ["terminal", "tap", "--card", "card.json", "--city", "4510", "--kind", "bus", "--fare", "2147483647"]
     code, out, err = run_cli(argv)
-    assert code == 1 and out.strip() and "Traceback" not in err
+    assert code == 1 and "REFUSED" in out and err == ""
+
+
+# What the fuzz found (each crashed with a traceback before), as plain regression cases: argv, exit, message.
+FOUND = [
+    (["terminal", "tap", "--card", "card.json", "--city", "4510", "--kind", "bus", "--fare", "999999999999"], 2,
+     "out of range"),
+    (["terminal", "tap", "--card", "big.json", "--city", "4510", "--kind", "bus", "--fare", "1"], 2,
+     "more than a transaction record carries"),
+    (["terminal", "tap", "--card", "card.json", "--city", "4510", "--kind", "bus", "--fare", "1", "--fares",
+      "shapes-metro.json"], 2, "shapes-metro.json: "),
+    (["terminal", "status", "--state", "1" + "0" * 5000], 2, "File name too long"),
+    (["card", "issue", "--city", "4510", "--tech", "m1", "--balance", "0", "--out", ".", "--force"], 2,
+     ". is a folder"),
+    (["card", "issue", "--city", "4510", "--alg", "sm4", "--balance", "1", "--out", "a.json", "--start",
+      "9999-12-31"], 2, "give --expiry"),
+    (["card", "issue", "--city", "4510", "--alg", "sm4", "--balance", "1", "--out", "a.json", "--start",
+      "0001-01-01"], 2, "from 1000-01-01 to 9999-12-31"),
+    (["card", "issue", "--city", "\u0664\u0665\u0661\u0660", "--alg", "sm4", "--balance", "1", "--out", "a.json"], 2,
+     "4-digit city code"),
+    (["clearing", "status", "--city", "4510", "--db", "sqlite:///\udcff.sqlite"], 2, "must be UTF-8 text"),
+    (["clearing", "migrate", "--db", "sqlite:///dir"], 2, "dir is a folder, not a SQLite file"),
+    (["clearing", "hotlist", "list", "--city", "4510", "--db", "sqlite:///no/such/x.sqlite"], 2,
+     "no such SQLite file"),
+    (["audit", "chips", "--fleet", "shapes-fleet.json"], 2, "'seed' must be a whole number"),
+    (["card", "show", "new\nline\x85.json"], 2, "new\\nline\\x85.json"),
+    (["card", "show", "\u202ecard.json"], 2, "\\u202ecard.json"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("argv", "code", "message"), FOUND, ids=[" ".join(a[:2]) for a, _, _ in FOUND])
+def test_what_the_fuzz_found(workdir: Path, argv: list[str], code: int, message: str) -> None:
+    got, out, err = run_cli(argv)
+    check_contract(argv, got, out, err)
+    assert got == code and message in err, err
+    assert len(err.splitlines()) == 1 or "usage:" in err
+
+
+def test_a_leap_day_start_gets_a_default_expiry(workdir: Path) -> None:
+    argv = ["card", "issue", "--city", "4510", "--alg", "sm4", "--balance", "1", "--out", "a.json"]
+    assert run_cli([*argv, "--start", "2024-02-29"])[0] == 0
+    assert "2024-02-29 to 2034-02-28" in run_cli(["card", "show", "a.json"])[1]
+
+
+def test_undecodable_file_names_are_printed_escaped(workdir: Path) -> None:
+    code, out, err = run_cli(
+        ["card", "issue", "--city", "4510", "--alg", "sm4", "--balance", "1", "--out", "\udcff.json"]
+    )
+    assert code == 0 and err == "" and out.rstrip().endswith("-> \\udcff.json")
+    assert (workdir / os.fsdecode(b"\xff.json")).exists()
 
 
 def test_internal_error_guard(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -557,5 +608,28 @@ def test_ctrl_c_exits_130_quietly(monkeypatch: pytest.MonkeyPatch) -> None:
     assert run_cli(["card", "show", "x.json"]) == (130, "", "")
 
 
-def test_argtypes_bounds() -> None:
-    assert argtypes.MAX_FEN == 2**31 - 1
+@pytest.mark.parametrize(
+    ("parse", "text", "value"),
+    [
+        (argtypes.fen, "0", 0),
+        (argtypes.fen, "+2147483647", 2**31 - 1),
+        (argtypes.fen, " 200 ", 200),
+        (argtypes.fen, "2147483648", None),
+        (argtypes.fen, "-1", None),
+        (argtypes.fen, "1_000", None),
+        (argtypes.fen, "\u0661\u0662", None),  # other scripts' digits: int() takes them, a fare does not
+        (argtypes.fen_amount, "1", 1),
+        (argtypes.fen_amount, "0", None),
+        (argtypes.positive, "3", 3),
+        (argtypes.positive, "\u00b2", None),  # isdigit() says yes, int() raises
+        (argtypes.positive, "9" * 5000, None),  # int() refuses 5,000 digits: the message is ours
+        (argtypes.city_code, "4510", "4510"),
+        (argtypes.city_code, "\uff14\uff15\uff11\uff10", None),
+    ],
+)
+def test_argument_types(parse: Callable[[str], Any], text: str, value: Any) -> None:
+    if value is None:
+        with pytest.raises(argparse.ArgumentTypeError):
+            parse(text)
+    else:
+        assert parse(text) == value
