@@ -309,6 +309,8 @@ _BY_TYPE: dict[str, list[str]] = {
     "_severity": ["high", "critical", "pass", "info", "x"],
     "_card_id": ["45100000000000000001", "9C599B32", "9c599b32", "x"],
     "float": _FLOATS,
+    "seconds": _FLOATS,
+    "_seconds": _FLOATS,
     "int": _INTS,
     "file_path": PATHS,
 }
@@ -623,6 +625,11 @@ def test_ctrl_c_exits_130_quietly(monkeypatch: pytest.MonkeyPatch) -> None:
         (argtypes.positive, "3", 3),
         (argtypes.positive, "\u00b2", None),  # isdigit() says yes, int() raises
         (argtypes.positive, "9" * 5000, None),  # int() refuses 5,000 digits: the message is ours
+        (argtypes.seconds, "0", 0.0),
+        (argtypes.seconds, "2.5", 2.5),
+        (argtypes.seconds, "nan", None),  # would wait for ever
+        (argtypes.seconds, "-1", None),
+        (argtypes.seconds, "inf", None),
         (argtypes.city_code, "4510", "4510"),
         (argtypes.city_code, "\uff14\uff15\uff11\uff10", None),
     ],

@@ -4,6 +4,7 @@ key-file loader they share."""
 from __future__ import annotations
 
 import argparse
+import math
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -61,6 +62,17 @@ def fen_amount(text: str) -> int:
 def positive(text: str) -> int:
     """A count: a whole number of at least 1 (and at most 2^31-1)."""
     return _whole(text, "a whole number", 1, 2**31 - 1)
+
+
+def seconds(text: str) -> float:
+    """A duration: a number of seconds from 0 to 86400 (NaN would wait for ever, a negative one not at all)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 <= value <= 86400:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds from 0 to 86400")
+    return value
 
 
 def city_code(text: str) -> str:

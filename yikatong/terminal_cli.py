@@ -23,7 +23,17 @@ from terminals.pcsc import PcscReader, ReaderNotFound
 from terminals.reader import InProcessReader
 from terminals.terminal import Kind, TapResult, Terminal, TerminalConfig
 from terminals.uplink import Uplink
-from yikatong.argtypes import MAX_FEN, broker_url, city_code, fen_amount, file_path, hex_number, load_keys, positive
+from yikatong.argtypes import (
+    MAX_FEN,
+    broker_url,
+    city_code,
+    fen_amount,
+    file_path,
+    hex_number,
+    load_keys,
+    positive,
+    seconds,
+)
 from yikatong.errors import CliError
 from yikatong.process import setup_logging, stop_on_sigterm
 
@@ -66,11 +76,11 @@ def register(groups: Any) -> None:
     source.add_argument("--card", type=file_path, help="card image file (yikatong card issue)")
     _terminal_options(tap)
     tap.add_argument(
-        "--card-wait", type=float, default=10.0, help="seconds to wait for a card on the reader (default 10)"
+        "--card-wait", type=seconds, default=10.0, help="seconds to wait for a card on the reader (default 10)"
     )
     tap.add_argument(
         "--ack-wait",
-        type=float,
+        type=seconds,
         default=0.0,
         help="with --broker: also wait this long for the clearing's ack (default 0: the broker's PUBACK)",
     )
@@ -84,7 +94,7 @@ def register(groups: Any) -> None:
     )
     sync.add_argument("--state", type=file_path, required=True, help="the terminal's state file")
     sync.add_argument("--broker", type=broker_url, required=True, help="mqtt://[user:password@]host[:port]")
-    sync.add_argument("--timeout", type=float, default=60.0, help="give up after this many seconds (default 60)")
+    sync.add_argument("--timeout", type=seconds, default=60.0, help="give up after this many seconds (default 60)")
     sync.add_argument("--keys", type=file_path, help="issuer key file (default: the published TEST keys)")
     sync.set_defaults(run=_sync)
 
