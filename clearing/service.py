@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import aiomqtt
 from sqlalchemy.exc import SQLAlchemyError
 
-from clearing.intake import Intake, Topic
+from clearing.intake import Intake, Refused, Topic, unexpected
 from clearing.ledger import Ledger, Outcome, Received, database_trouble
 from terminals.messages import (
     TERMINAL_NO,
@@ -145,6 +145,7 @@ class ClearingService:
         forward_interval: float = 10.0,
         max_backoff: float = 10.0,
         persistent: bool = True,
+        session_expiry: int | None = None,
         health_every: float = HEALTH_EVERY,
         max_backlog_bytes: int = MAX_BACKLOG_BYTES,
     ) -> None:
@@ -164,6 +165,7 @@ class ClearingService:
         self.forward_interval = forward_interval
         self.max_backoff = max_backoff
         self.persistent = persistent
+        self.session_expiry = session_expiry  # seconds: MQTT 5, the broker forgets the session that long after
         self.stats = ClearingStats()
         prefix = f"$share/clearing-{self.city}/" if shared else ""
         self.subscriptions = [
@@ -185,8 +187,9 @@ class ClearingService:
                 clean = self.shared or not self.persistent
                 client = self.broker.client(
                     self.identifier,
-                    mqtt5=self.shared,
+                    mqtt5=self.shared or self.session_expiry is not None,
                     clean_session=clean,
+                    **({} if self.session_expiry is None else {"session_expiry": self.session_expiry}),
                     queue_type=self._incoming_queue,
                     max_queued_incoming_messages=MAX_BACKLOG_MESSAGES,
                     logger=_QUIET_DROPS,
@@ -257,7 +260,9 @@ class ClearingService:
             topic_name = message.topic.value
             payload = message.payload if isinstance(message.payload, bytes) else str(message.payload).encode()
             if topic_name == self._interop_ack:
-                await self._on_interop_ack(payload)
+                refusal = await self._on_interop_ack(payload)
+                if refusal is not None:  # junk on the interop ack topic is quarantined like any other
+                    received.append(Received(topic_name, None, [refusal], payload))
                 continue
             topic = Topic.parse(topic_name, self.city)
             if topic is None:
@@ -370,21 +375,21 @@ class ClearingService:
                 log.info("clearing %s: %d forwarded records still unanswered; sending again", self.city, len(pending))
                 await self._forward(client, pending)
 
-    async def _on_interop_ack(self, payload: bytes) -> None:
+    async def _on_interop_ack(self, payload: bytes) -> Refused | None:
+        """Record an issuer city's answer; a payload that is no answer comes back refused (for the quarantine)."""
         try:
             answer = parse_interop_ack(payload, self.intake.limits)
         except MessageError as err:
-            log.warning("interop ack ignored: %s", err)
-            return
+            return Refused(f"interop ack: {err}", payload)
         except Exception as err:  # isolation: an unforeseen parser error costs this message alone
-            log.error("interop ack ignored: internal error: %s: %s", type(err).__name__, err)
-            return
+            return Refused(unexpected("decoding an interop ack", err), payload)
         rejected = [(r.record_id, r.reason) for r in answer.rejected]
         try:
             await self.ledger.forward_done(answer.issuer, list(answer.acked), rejected)
         except Exception as err:  # the forwards stay pending and are sent again: the issuer answers again
             log.error("clearing %s: interop ack from %s not recorded: %s", self.city, answer.issuer, err)
-            return
+            return None
         self.stats.interop_answers += 1
         for record_id, reason in rejected:
             log.warning("issuer %s rejected forwarded record %s: %s", answer.issuer, record_id, reason)
+        return None

@@ -168,8 +168,8 @@ def hostile_stream(city: str, terminal: str, genuine: list[TxnRecord], junk: int
                 for _ in range(rng.randrange(1, 5))
             ]
             return Message(topic, batch_payload([json.dumps(d) for d in docs]).encode(), len(docs))
-        if kind == 12:  # the interop topic: forwarded junk
-            return Message(f"yikatong/interop/{city}/txn", _dumps(_json_value(rng)), 1)
+        if kind == 12:  # the interop topics: junk forwarded, or junk as an issuer's answer
+            return Message(f"yikatong/interop/{city}/{rng.choice(['txn', 'ack'])}", _dumps(_json_value(rng)), 1)
         other = rng.choice(["4510", "4530"])  # another city's topic: not this clearing's business
         return Message(f"yikatong/{other}/txn/{other}00000001", _line(rng), 0)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import re
 import sqlite3
 import subprocess
 import sys
@@ -81,15 +82,21 @@ def _queue_probe(city: str, number: str) -> None:
     subprocess.run(["mosquitto_pub", "-h", "127.0.0.1", "-q", "1", "-t", topic, "-m", "probe"], timeout=10, check=True)
 
 
-def _sessions_present(numbers: list[str]) -> list[str]:
-    """The terminals of ``numbers`` that still have a session on the machine's Mosquitto, seen by an outside
+def _queue_clearing_probe(city: str) -> None:
+    """An outside client puts a QoS 1 message on a topic the city's clearing subscribes to."""
+    topic = f"yikatong/interop/{city}/ack"
+    subprocess.run(["mosquitto_pub", "-h", "127.0.0.1", "-q", "1", "-t", topic, "-m", "probe"], timeout=10, check=True)
+
+
+def _sessions_present(numbers: list[str], prefix: str = "yikatong-terminal-") -> list[str]:
+    """The clients ``prefix + number`` that still have a session on the machine's Mosquitto, seen by an outside
     client (mosquitto_sub) connecting as each of them with clean start off: a session still there hands it the
     probe queued for it. The outside client asks for a session expiry of 0, so it leaves none behind itself."""
     command = ["mosquitto_sub", "-h", "127.0.0.1", "-V", "5", "-c", "-x", "0", "-t", "yikatong-test/nothing"]
     command += ["-q", "1", "-C", "1", "-W", "2"]
     procs = {
         number: subprocess.Popen(
-            [*command, "-i", f"yikatong-terminal-{number}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            [*command, "-i", prefix + number], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
         )
         for number in numbers
     }
@@ -126,6 +133,17 @@ def test_on_mosquitto_the_terminals_sessions_expire_after_the_run(tmp_path: Path
     time.sleep(max(0.0, ended + SESSION_EXPIRY + 2 - time.monotonic()))  # Mosquitto expires them once a second
     kept = _sessions_present(others)
     assert not kept, f"{len(kept)} of the run's {len(others)} terminals still have a session on Mosquitto: {kept}"
+    # nor the clearing processes the run started (their worker names are the run's own)
+    workers = {
+        city: re.findall(r"\(worker (run-[0-9a-f]+)\)", log.read_text())[0]
+        for log in (tmp_path / "out").glob("clearing-*.log")
+        for city in re.findall(r"clearing-(\d{4})\.log", log.name)
+    }
+    assert workers, "no clearing logs: the run started no clearing"
+    for city in workers:
+        _queue_clearing_probe(city)
+    clearings = [f"{city}-{worker}" for city, worker in workers.items()]
+    assert not _sessions_present(clearings, "yikatong-clearing-"), "the run's clearings left sessions behind"
 
 
 @pytest.mark.parametrize(

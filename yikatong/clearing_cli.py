@@ -68,12 +68,19 @@ def register(groups: Any) -> None:
     serve.add_argument("--batch", type=positive, default=500, help="most messages per commit (default 500)")
     serve.add_argument(
         "--forward-interval",
-        type=float,
+        type=_seconds,
         default=10.0,
         help="seconds before an unanswered forward is sent again (default 10)",
     )
     serve.add_argument(
         "--report-every", type=float, default=10.0, help="seconds between progress lines (default 10; 0: none)"
+    )
+    serve.add_argument(
+        "--session-expiry",
+        type=_expiry,
+        metavar="SECONDS",
+        help="connect with MQTT 5 and let the broker forget this worker's session that long after it went away "
+        "(default: an MQTT 3.1.1 session kept until the worker comes back; --shared: an hour)",
     )
     serve.add_argument(
         "--max-payload",
@@ -183,6 +190,12 @@ def _day(text: str) -> str:
         raise argparse.ArgumentTypeError(f"{text!r} is not a day like 2026-11-24") from None
 
 
+def _expiry(text: str) -> int:
+    if not (text.isascii() and text.isdigit()) or int(text) >= 0xFFFFFFFF:  # 0xFFFFFFFF: never (MQTT 5)
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of seconds from 0 to 4294967294")
+    return int(text)
+
+
 def _seconds(text: str) -> float:
     try:
         seconds = float(text)
@@ -269,6 +282,7 @@ async def _serve_async(args: argparse.Namespace, intake: Intake) -> int:
             batch=args.batch,
             forward_interval=args.forward_interval,
             health_every=args.health_every,
+            session_expiry=args.session_expiry,
         )
         print(f"clearing {args.city} (worker {args.worker}) on {args.broker}, database {args.db}", flush=True)
         task = asyncio.create_task(service.run())

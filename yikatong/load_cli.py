@@ -20,7 +20,7 @@ from cardsim.files import write_text_atomic
 from cardsim.issuer import IssuerHost
 from terminals.mqtt import BrokerUrl, given_or_embedded
 from terminals.outbox import OutboxError
-from yikatong.argtypes import broker_url, city_code, fen, load_keys, positive
+from yikatong.argtypes import broker_url, city_code, database_url, fen_amount, file_path, load_keys, positive
 from yikatong.errors import CliError
 from yikatong.load_report import render_html, summary
 from yikatong.loadgen import PROFILES, LoadRun, Plan, Progress, SimTerminal, TimedQueue, open_outbox, terminal_numbers
@@ -91,15 +91,16 @@ def register(groups: Any) -> None:
     )
     load.add_argument(
         "--db",
+        type=database_url,
         help="database for the started clearings (default: a SQLite file per city in --out; a PostgreSQL "
         "URL is shared by all cities)",
     )
     load.add_argument("--cities", type=_cities, default=CITIES, help="terminal and card cities (4510,4560,4530)")
-    load.add_argument("--fare", type=fen, default=200, help="bus fare in fen (default 200)")
-    load.add_argument("--out", type=Path, default=Path("run/load"), help="run folder (default %(default)s)")
+    load.add_argument("--fare", type=fen_amount, default=200, help="bus fare in fen (default 200)")
+    load.add_argument("--out", type=file_path, default=Path("run/load"), help="run folder (default %(default)s)")
     load.add_argument(
         "--state-dir",
-        type=Path,
+        type=file_path,
         help="keep each terminal's outbox in a SQLite file here (survives a kill; a rerun with the same folder "
         "resumes those terminals and sends what they still hold); default: outboxes in memory",
     )
@@ -117,7 +118,7 @@ def register(groups: Any) -> None:
     load.add_argument("--seed", type=int, help="random seed for terminal numbers, cards and taps")
     load.add_argument("--connect-timeout", type=_positive_float, default=120.0, help="seconds to connect (120)")
     load.add_argument("--drain", type=_positive_float, default=60.0, help="seconds to wait for the last acks (60)")
-    load.add_argument("--keys", type=Path, help="issuer key file (default: the published TEST keys)")
+    load.add_argument("--keys", type=file_path, help="issuer key file (default: the published TEST keys)")
     load.set_defaults(run=run)
 
 
@@ -198,7 +199,9 @@ async def _run(
             if not args.external_clearing:
                 # in a thread: the embedded broker in this loop must serve the clearings while they start and stop
                 await asyncio.to_thread(
-                    lambda: stack.enter_context(clearing_processes(args.cities, broker, database, out))
+                    lambda: stack.enter_context(
+                        clearing_processes(args.cities, broker, database, out, session_expiry=expiry)
+                    )
                 )
             printer = _Printer()
             await load.run(printer.show, connect_timeout=args.connect_timeout, drain_timeout=args.drain)

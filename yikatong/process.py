@@ -38,10 +38,16 @@ def stop_on_sigterm() -> None:
 
 @contextlib.contextmanager
 def clearing_processes(
-    cities: Sequence[str], broker: BrokerUrl, db: Callable[[str], str], logs: Path, timeout: float = 60.0
+    cities: Sequence[str],
+    broker: BrokerUrl,
+    db: Callable[[str], str],
+    logs: Path,
+    timeout: float = 60.0,
+    session_expiry: int | None = None,
 ) -> Iterator[list[subprocess.Popen[bytes]]]:
     """``yikatong clearing serve`` for each city as its own process (a core of its own), waited for until each is
-    subscribed; stopped with SIGTERM (then killed) on the way out. Output goes to ``logs/clearing-CITY.log``."""
+    subscribed; stopped with SIGTERM (then killed) on the way out. Output goes to ``logs/clearing-CITY.log``.
+    With ``session_expiry`` they speak MQTT 5 and leave no session on the broker that long after the run."""
     procs: list[subprocess.Popen[bytes]] = []
     # a worker name of this run: a fixed MQTT identity would resume a stale session full of other runs' records
     worker = f"run-{secrets.token_hex(3)}"
@@ -50,13 +56,15 @@ def clearing_processes(
         for city, path in zip(cities, paths, strict=True):
             command = [sys.executable, "-m", "yikatong.cli", "clearing", "serve", "--city", city]
             command += ["--broker", _with_password(broker), "--db", db(city), "--report-every", "0", "--worker", worker]
+            if session_expiry is not None:
+                command += ["--session-expiry", str(session_expiry)]
             with path.open("wb") as log:
                 procs.append(subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT))
         deadline = time.monotonic() + timeout
         for proc, path in zip(procs, paths, strict=True):
             while "connected to" not in path.read_text(errors="replace"):
                 if proc.poll() is not None:
-                    raise CliError(f"the clearing process stopped at start: see {path}\n{_tail(path)}")
+                    raise CliError(f"the clearing process stopped at start ({_last_line(path)}): see {path}")
                 if time.monotonic() > deadline:
                     raise CliError(f"the clearing process did not connect to {broker} in {timeout:.0f} s: see {path}")
                 time.sleep(0.05)
@@ -81,5 +89,6 @@ def _with_password(broker: BrokerUrl) -> str:
     return f"mqtt://{quote(broker.username, safe='')}{secret}@{broker.host}:{broker.port}"
 
 
-def _tail(path: Path, lines: int = 5) -> str:
-    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+def _last_line(path: Path) -> str:
+    lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
+    return lines[-1].strip() if lines else "no output"
