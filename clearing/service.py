@@ -7,9 +7,9 @@ sender's daily quarantine cap), whatever it raises. A database failure leaves th
 send it again) and the service goes on. A task that dies of anything else ends ``run`` with the error: the
 process exits and its supervisor restarts it, never a half-alive service.
 
-Backpressure: the queue between the MQTT reader and the database writer holds at most two batches, and
-aiomqtt's own queue at most ``MAX_BACKLOG_MESSAGES`` messages and ``max_backlog_bytes``; past that a message is
-dropped and counted. Dropping is
+Backpressure: one queue between MQTT and the database writer, aiomqtt's own (the writer takes whole batches from
+it), holds at most ``MAX_BACKLOG_MESSAGES`` messages and ``max_backlog_bytes``; past that a message is dropped
+and counted. Dropping is
 safe: a terminal resends every record until the clearing's ack covers it, an acquirer resends unanswered
 forwards, and an issuer answers a forward again when it comes again.
 """
@@ -58,6 +58,7 @@ FORWARD_CHUNK = 200
 HOTLIST_REFRESH = 1.0
 HEALTH_EVERY = 5.0  # wire.md: at least every 10 s
 MAX_BACKLOG_BYTES = 32 * 1024 * 1024
+MAX_UNCONFIRMED = 1000  # answers published and not yet confirmed by the broker
 MAX_BACKLOG_MESSAGES = 10_000  # a small message costs ~1 KiB of Python objects: bound the count too
 
 
@@ -80,6 +81,7 @@ class ClearingStats:
     dropped: int = 0  # received while the backlog was full (the senders resend them)
     quarantine_overflow: int = 0  # refused past a sender's daily quarantine cap (counted only)
     poisoned: int = 0  # messages that raised while being stored (quarantined whole)
+    unconfirmed: int = 0  # answers the broker never confirmed (their receivers ask again)
     last_commit: float | None = None  # epoch seconds
 
 
@@ -159,8 +161,8 @@ class ClearingService:
         self.health_every = health_every
         self.max_backlog_bytes = max_backlog_bytes
         self._incoming: IncomingQueue | None = None
-        self._queue: asyncio.Queue[aiomqtt.Message] | None = None
         self._unanswered = 0
+        self._unconfirmed: set[asyncio.Task[None]] = set()
         self.batch = batch
         self.forward_interval = forward_interval
         self.max_backoff = max_backoff
@@ -201,16 +203,16 @@ class ClearingService:
                     self.stats.connected, backoff = True, 0.2
                     self.stats.connections += 1
                     log.info("clearing %s connected to %s (%s)", self.city, self.broker, ", ".join(self.subscriptions))
-                    queue: asyncio.Queue[aiomqtt.Message] = asyncio.Queue(maxsize=2 * self.batch)
-                    self._queue = queue
                     async with asyncio.TaskGroup() as tasks:
-                        tasks.create_task(self._receive(client, queue))
-                        tasks.create_task(self._process(client, queue))
+                        tasks.create_task(self._process(client))
                         tasks.create_task(self._reforward(client))
                         tasks.create_task(self._health(client))
             except* aiomqtt.MqttError as group:
                 log.warning("clearing %s: broker %s: %s; retrying", self.city, self.broker, group.exceptions[0])
                 self.stats.connected = False
+            finally:  # answers still in flight on the old connection are lost; their receivers ask again
+                for task in list(self._unconfirmed):
+                    task.cancel()
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, self.max_backoff)
 
@@ -231,18 +233,18 @@ class ClearingService:
     @property
     def backlog(self) -> int:
         """Messages received and not yet taken into a batch."""
-        return sum(q.qsize() for q in (self._incoming, self._queue) if q is not None)
+        return self._incoming.qsize() if self._incoming is not None else 0
 
-    @staticmethod
-    async def _receive(client: aiomqtt.Client, queue: asyncio.Queue[aiomqtt.Message]) -> None:
-        async for message in client.messages:
-            await queue.put(message)  # waits while the writer is two batches behind: aiomqtt's queue fills
-
-    async def _process(self, client: aiomqtt.Client, queue: asyncio.Queue[aiomqtt.Message]) -> None:
+    async def _process(self, client: aiomqtt.Client) -> None:
+        """Take batches straight from aiomqtt's queue: a whole batch per turn of the event loop, however hard
+        the broker pushes (a reader task moving one message per turn starved the writer under a flood)."""
+        incoming = self._incoming
+        if incoming is None:
+            raise RuntimeError("the MQTT client was made without the clearing's incoming queue")
         while True:
-            batch = [await queue.get()]
-            while len(batch) < self.batch and not queue.empty():
-                batch.append(queue.get_nowait())
+            batch = [await incoming.get()]
+            while len(batch) < self.batch and not incoming.empty():
+                batch.append(incoming.get_nowait())
             await self.handle(client, batch)
 
     async def handle(self, client: aiomqtt.Client, messages: list[aiomqtt.Message]) -> None:
@@ -295,7 +297,7 @@ class ClearingService:
                 )
             except (SQLAlchemyError, TimeoutError) as err:
                 log.debug("clearing %s: pending forwards not counted for the health message: %s", self.city, err)
-            await client.publish(health_topic(self.city), self.health().to_json(), qos=1, retain=True)
+            await self._send(client, health_topic(self.city), self.health().to_json(), retain=True)
             await asyncio.sleep(self.health_every)
 
     def health(self) -> Health:
@@ -341,7 +343,7 @@ class ClearingService:
                 acked_through=ack.acked_through,
                 rejected=[Rejection(seq=seq, reason=reason) for seq, reason in ack.rejected],
             )
-            await client.publish(ack_topic(self.city, ack.terminal), message.to_json(), qos=1)
+            await self._send(client, ack_topic(self.city, ack.terminal), message.to_json())
             self.stats.acks += 1
         for answer in outcome.interop_acks:
             interop = InteropAck(
@@ -350,8 +352,33 @@ class ClearingService:
                 acked=answer.acked,
                 rejected=[InteropRejection(record_id=r, reason=why) for r, why in answer.rejected],
             )
-            await client.publish(interop_ack_topic(answer.acquirer), interop.to_json(), qos=1)
+            await self._send(client, interop_ack_topic(answer.acquirer), interop.to_json())
         await self._forward(client, outcome.to_forward)
+
+    async def _send(self, client: aiomqtt.Client, topic: str, payload: str, *, retain: bool = False) -> None:
+        """Publish an answer (QoS 1) without waiting for the broker's PUBACK: under a flood that PUBACK queues
+        behind every message the broker is pushing to us, and waiting for it would stall the writer. An answer
+        the broker never confirms is safe to lose: terminals resend what is not acked (and are acked again),
+        acquirers resend unanswered forwards, unanswered forwards are sent again, the health message comes again
+        in a few seconds. At most ``MAX_UNCONFIRMED``
+        answers are in flight; past that, the writer waits for the oldest."""
+        while len(self._unconfirmed) >= MAX_UNCONFIRMED:
+            await asyncio.wait(self._unconfirmed, return_when=asyncio.FIRST_COMPLETED)
+        task = asyncio.create_task(client.publish(topic, payload, qos=1, retain=retain))
+        self._unconfirmed.add(task)
+        task.add_done_callback(self._confirmed)
+
+    def _confirmed(self, task: asyncio.Task[None]) -> None:
+        self._unconfirmed.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            self.stats.unconfirmed += 1
+            if self.stats.unconfirmed in (1, 10) or self.stats.unconfirmed % 1000 == 0:
+                log.warning(
+                    "clearing %s: %d answers not confirmed by the broker so far (%s); their receivers ask again",
+                    self.city,
+                    self.stats.unconfirmed,
+                    task.exception(),
+                )
 
     async def _forward(self, client: aiomqtt.Client, records: list[TxnRecord]) -> None:
         by_issuer: dict[str, list[str]] = defaultdict(list)
@@ -360,7 +387,7 @@ class ClearingService:
         for issuer, docs in by_issuer.items():
             for start in range(0, len(docs), FORWARD_CHUNK):
                 chunk = docs[start : start + FORWARD_CHUNK]
-                await client.publish(interop_txn_topic(issuer), batch_payload(chunk), qos=1)
+                await self._send(client, interop_txn_topic(issuer), batch_payload(chunk))
                 self.stats.forwarded += len(chunk)
 
     async def _reforward(self, client: aiomqtt.Client) -> None:
