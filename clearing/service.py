@@ -119,6 +119,12 @@ def _size(message: aiomqtt.Message) -> int:
     return len(message.payload) if isinstance(message.payload, bytes | bytearray | str) else 0
 
 
+def _worth_a_line(count: int) -> bool:
+    """Whether the ``count``-th time of a repeated event is logged (1st, 10th, every 1,000th): a flood must not
+    flood the log too."""
+    return count in (1, 10) or count % 1000 == 0
+
+
 def _iso(epoch: float) -> str:
     return dt.datetime.fromtimestamp(epoch, CHINA).isoformat(timespec="seconds")
 
@@ -223,7 +229,7 @@ class ClearingService:
 
     def _dropped(self) -> None:
         self.stats.dropped += 1
-        if self.stats.dropped in (1, 10) or self.stats.dropped % 1000 == 0:
+        if _worth_a_line(self.stats.dropped):
             log.warning(
                 "clearing %s: backlog full (database behind): %d messages dropped so far; their senders resend them",
                 self.city,
@@ -236,13 +242,15 @@ class ClearingService:
         return self._incoming.qsize() if self._incoming is not None else 0
 
     async def _process(self, client: aiomqtt.Client) -> None:
-        """Take batches straight from aiomqtt's queue: a whole batch per turn of the event loop, however hard
-        the broker pushes (a reader task moving one message per turn starved the writer under a flood)."""
+        """Take batches from aiomqtt's queue: the first message through its iterator (which raises when the
+        connection is lost), the rest of the batch straight from the queue in the same turn of the event loop,
+        however hard the broker pushes (a reader task moving one message per turn starved the writer)."""
         incoming = self._incoming
         if incoming is None:
             raise RuntimeError("the MQTT client was made without the clearing's incoming queue")
+        messages = client.messages
         while True:
-            batch = [await incoming.get()]
+            batch = [await anext(messages)]
             while len(batch) < self.batch and not incoming.empty():
                 batch.append(incoming.get_nowait())
             await self.handle(client, batch)
@@ -372,7 +380,7 @@ class ClearingService:
         self._unconfirmed.discard(task)
         if not task.cancelled() and task.exception() is not None:
             self.stats.unconfirmed += 1
-            if self.stats.unconfirmed in (1, 10) or self.stats.unconfirmed % 1000 == 0:
+            if _worth_a_line(self.stats.unconfirmed):
                 log.warning(
                     "clearing %s: %d answers not confirmed by the broker so far (%s); their receivers ask again",
                     self.city,
