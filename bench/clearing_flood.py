@@ -1,21 +1,25 @@
 """Benchmark: a clearing's resident memory under a flood while its database is stalled (backpressure).
 
-A real `yikatong clearing serve` process on Mosquitto + PostgreSQL. First its resident memory at rest; then psql
-(an outside client) holds an exclusive lock on the quarantine table, so every commit waits, while
-`mosquitto_pub -l` floods the clearing's terminal topics with --messages junk messages; the clearing's RSS is
-sampled every 0.2 s. Then the lock is released and the time until the clearing is idle again is measured.
-Printed side by side: RSS at rest, peak RSS during the flood, the ratio, messages dropped by backpressure (the
-senders would resend them) and quarantined.
+A real `yikatong clearing serve` process on PostgreSQL. First its resident memory at rest; then psql (an outside
+client) holds an exclusive lock on the quarantine table, so every commit waits, while `mosquitto_pub -l` floods
+the clearing's terminal topics with --messages junk messages; the clearing's RSS is sampled every 0.2 s. Then
+the lock is released and the time until the clearing is idle again is measured. Two brokers, side by side:
 
-    python3 bench/clearing_flood.py [--messages 200000] [--stall 30] [--broker-port 1883]
+- the machine's Mosquitto (127.0.0.1:1883), which queues at most 1,000 messages for a subscriber that is behind
+  and drops the rest itself (`max_queued_messages`), so the clearing sees little of the flood;
+- a private Mosquitto with no queue or in-flight limit, which pushes the whole flood into the clearing: there
+  the clearing's own bounds (two batches, then 10,000 messages / 32 MiB in aiomqtt's queue) are what hold.
 
-Not a test: it prints figures and asserts nothing. Uses a new PostgreSQL database, dropped afterwards.
+    python3 bench/clearing_flood.py [--messages 200000] [--stall 30]
+
+Not a test: it prints figures and asserts nothing. Uses new PostgreSQL databases, dropped afterwards.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import re
 import secrets
 import shutil
@@ -23,12 +27,27 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import asyncpg
 
+from terminals.mqtt import free_port
+
 ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
-CITY = "4560"
+CITY = "4510"
+
+
+@dataclass
+class Figures:
+    broker: str
+    at_rest: int  # KiB
+    peak: int  # KiB
+    stalled_for: float
+    dropped: int
+    quarantined: int
+    drained: float
 
 
 def rss_kib(pid: int, field: str = "VmRSS") -> int:
@@ -37,6 +56,23 @@ def rss_kib(pid: int, field: str = "VmRSS") -> int:
         if line.startswith(field + ":"):
             return int(line.split()[1])
     return 0
+
+
+@contextlib.contextmanager
+def unlimited_mosquitto(folder: Path) -> Iterator[int]:
+    """A Mosquitto of our own on a free port that queues and sends without limit; its port."""
+    port = free_port()
+    conf = folder / "mosquitto.conf"
+    conf.write_text(
+        f"listener {port} 127.0.0.1\nallow_anonymous true\nmax_queued_messages 0\nmax_inflight_messages 0\n"
+    )
+    proc = subprocess.Popen([shutil.which("mosquitto") or "/usr/sbin/mosquitto", "-c", str(conf)])
+    try:
+        time.sleep(0.5)
+        yield port
+    finally:
+        proc.terminate()
+        proc.wait(10)
 
 
 def flood(port: int, messages: int, folder: Path) -> list[subprocess.Popen[bytes]]:
@@ -53,21 +89,17 @@ def flood(port: int, messages: int, folder: Path) -> list[subprocess.Popen[bytes
     return procs
 
 
-async def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--messages", type=int, default=200_000)
-    parser.add_argument("--stall", type=float, default=30.0, help="seconds the database stays locked")
-    parser.add_argument("--broker-port", type=int, default=1883)
-    args = parser.parse_args()
+async def flood_run(label: str, port: int, messages: int, stall: float) -> Figures:
+    """One flood against a clearing on a new database behind the broker on ``port``."""
     name = f"yikatong_flood_{secrets.token_hex(4)}"
     admin = await asyncpg.connect(ADMIN)
     await admin.execute(f"CREATE DATABASE {name}")
     folder = Path(tempfile.mkdtemp())
     log = folder / "serve.log"
     db = f"postgresql+asyncpg://postgres@127.0.0.1:5432/{name}"
-    command = [sys.executable, "-m", "yikatong.cli", "clearing", "serve", "--city", CITY]
-    command += ["--broker", f"mqtt://127.0.0.1:{args.broker_port}", "--db", db, "--worker", f"flood-{name}"]
-    command += ["--report-every", "1", "--quarantine-cap", str(10 * args.messages)]
+    command = [sys.executable, "-m", "yikatong.cli", "clearing", "serve", "--city", CITY, "--db", db]
+    command += ["--broker", f"mqtt://127.0.0.1:{port}", "--worker", f"flood-{name}", "--session-expiry", "0"]
+    command += ["--report-every", "1", "--quarantine-cap", str(10 * messages)]
     serve = subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT)
     try:
         while "connected to" not in log.read_text():
@@ -75,29 +107,17 @@ async def main() -> None:
             await asyncio.sleep(0.1)
         await asyncio.sleep(2)
         at_rest = rss_kib(serve.pid)
+        lock = f"BEGIN; LOCK TABLE quarantine IN ACCESS EXCLUSIVE MODE; SELECT pg_sleep({stall}); COMMIT;"
         locker = subprocess.Popen(
-            [
-                "psql",
-                "-h",
-                "127.0.0.1",
-                "-U",
-                "postgres",
-                "-d",
-                name,
-                "-q",
-                "-c",
-                f"BEGIN; LOCK TABLE quarantine IN ACCESS EXCLUSIVE MODE; SELECT pg_sleep({args.stall}); COMMIT;",
-            ],
-            stdout=subprocess.DEVNULL,
+            ["psql", "-h", "127.0.0.1", "-U", "postgres", "-d", name, "-q", "-c", lock], stdout=subprocess.DEVNULL
         )
         await asyncio.sleep(0.5)
         started = time.monotonic()
-        publishers = flood(args.broker_port, args.messages, folder)
+        publishers = flood(port, messages, folder)
         peak = at_rest
         while locker.poll() is None:
             peak = max(peak, rss_kib(serve.pid))
             await asyncio.sleep(0.2)
-        published = all(p.poll() is not None for p in publishers)
         for p in publishers:
             p.wait()
         stalled_for = time.monotonic() - started
@@ -109,34 +129,43 @@ async def main() -> None:
             now = lines[-1].split(";")[0] if lines else ""
             same = same + 1 if now == last else 0
             last = now
-            peak = max(peak, rss_kib(serve.pid))
         drained = time.monotonic() - drain_start - 5
-        peak_hwm = rss_kib(serve.pid, "VmHWM")
+        peak = max(peak, rss_kib(serve.pid, "VmHWM"))
     finally:
         serve.terminate()
         serve.wait(20)
         await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
         await admin.close()
-    report(log, args.messages, stalled_for, published, at_rest, max(peak, peak_hwm), drained)
-
-
-def report(
-    log: Path, messages: int, stalled_for: float, published: bool, at_rest: int, peak: int, drained: float
-) -> None:
-    """The figures, side by side."""
     final = re.findall(r"clearing \d+: .*", log.read_text())[-1]
-    quarantined = int(re.search(r"([\d,]+) quarantined", final).group(1).replace(",", ""))  # type: ignore[union-attr]
+    quarantined = re.search(r"([\d,]+) quarantined", final)
     dropped = re.search(r"([\d,]+) dropped", final)
-    print(
-        f"flood: {messages:,} messages from 8 mosquitto_pub processes, database locked {stalled_for:.1f} s"
-        f" ({'all published during the stall' if published else 'publishing outlasted the stall'})"
+    return Figures(
+        label,
+        at_rest,
+        peak,
+        stalled_for,
+        int(dropped.group(1).replace(",", "")) if dropped else 0,
+        int(quarantined.group(1).replace(",", "")) if quarantined else 0,
+        drained,
     )
-    print(f"{'RSS at rest':>14} {'peak RSS':>10} {'peak/rest':>10} {'dropped':>10} {'quarantined':>12} {'drain s':>8}")
-    print(
-        f"{at_rest / 1024:>11.0f} MiB {peak / 1024:>6.0f} MiB {peak / at_rest:>10.2f}"
-        f" {dropped.group(1) if dropped else '0':>10} {quarantined:>12,} {drained:>8.1f}"
-    )
-    print(f"last progress line: {final}")
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--messages", type=int, default=200_000)
+    parser.add_argument("--stall", type=float, default=30.0, help="seconds the database stays locked")
+    args = parser.parse_args()
+    runs = [await flood_run("machine Mosquitto", 1883, args.messages, args.stall)]
+    with unlimited_mosquitto(Path(tempfile.mkdtemp())) as port:
+        runs.append(await flood_run("unlimited Mosquitto", port, args.messages, args.stall))
+    print(f"flood: {args.messages:,} messages of ~100 bytes from 8 mosquitto_pub processes, database locked by psql")
+    head = f"{'broker':<20} {'locked s':>8} {'RSS rest':>9} {'RSS peak':>9} {'peak/rest':>9}"
+    print(f"{head} {'dropped':>9} {'quarantined':>11} {'drain s':>7}")
+    for r in runs:
+        print(
+            f"{r.broker:<20} {r.stalled_for:>8.1f} {r.at_rest / 1024:>5.0f} MiB {r.peak / 1024:>5.0f} MiB"
+            f" {r.peak / r.at_rest:>9.2f} {r.dropped:>9,} {r.quarantined:>11,} {r.drained:>7.1f}"
+        )
 
 
 if __name__ == "__main__":
