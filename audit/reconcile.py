@@ -31,8 +31,7 @@ from cardsim.issuer import HostRefusal, IssuerHost
 from cardsim.keys import IssuerKeyStore
 from clearing.settlement import CSV_HEADER, DEBIT_KINDS, DEFAULT_RATE, PairLine, Settlement, settle
 from clearing.verify import expected_tac
-from terminals.messages import TXN_SCHEMA, CardRef, Kind, TxnRecord
-from terminals.terminal import CHINA
+from terminals.messages import CHINA, TXN_SCHEMA, CardRef, Kind, TxnRecord
 
 Ints = NDArray[np.int64]
 Objects = NDArray[np.object_]

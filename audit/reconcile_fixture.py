@@ -20,8 +20,7 @@ from cardsim.keys import IssuerKeyStore
 from cardsim.personalise import application_serial
 from clearing.settlement import DEBIT_KINDS, settle
 from clearing.verify import expected_tac
-from terminals.messages import TXN_SCHEMA, TxnRecord
-from terminals.terminal import CHINA
+from terminals.messages import CHINA, TXN_SCHEMA, TxnRecord
 
 DAY = "2026-11-24"
 CITIES = ("4510", "4560", "4530")

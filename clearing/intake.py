@@ -16,6 +16,7 @@ from typing import Any
 from cardsim.issuer import IssuerHost
 from clearing.verify import tac_problem
 from terminals.messages import (
+    CHINA,
     CITY_CODE,
     DEFAULT_LIMITS,
     Limits,
@@ -24,7 +25,6 @@ from terminals.messages import (
     parse_record,
     parse_uplink,
 )
-from terminals.terminal import CHINA
 
 
 @dataclass(frozen=True)

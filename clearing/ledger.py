@@ -52,8 +52,7 @@ from clearing.schema import (
     QuarantineTally,
     TerminalProgress,
 )
-from terminals.messages import RECORD_ID, TERMINAL_NO, TxnRecord
-from terminals.terminal import CHINA
+from terminals.messages import CHINA, RECORD_ID, TERMINAL_NO, TxnRecord
 
 Identity = tuple[str, str, str, int]
 LEDGER = cast(Table, LedgerRow.__table__)

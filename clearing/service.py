@@ -30,6 +30,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from clearing.intake import Intake, Refused, Topic, unexpected
 from clearing.ledger import Ledger, Outcome, Received, database_trouble
 from terminals.messages import (
+    CHINA,
     TERMINAL_NO,
     Ack,
     Health,
@@ -48,7 +49,6 @@ from terminals.messages import (
     parse_interop_ack,
 )
 from terminals.mqtt import BrokerUrl
-from terminals.terminal import CHINA
 
 log = logging.getLogger(__name__)
 # aiomqtt logs every dropped message; the service counts them and logs a summary instead

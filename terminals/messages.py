@@ -30,6 +30,8 @@ HOTLIST_SCHEMA: Final = "yikatong.hotlist/1"
 INTEROP_ACK_SCHEMA: Final = "yikatong.interop-ack/1"
 HEALTH_SCHEMA: Final = "yikatong.health/1"
 
+CHINA: Final = dt.timezone(dt.timedelta(hours=8), "CST")
+"""China Standard Time: record times, settlement days (00:00-24:00 +08:00) and card dates use it."""
 CITY_CODE: Final = re.compile(r"^[0-9]{4}$")
 CityCode = Annotated[str, Field(pattern=CITY_CODE.pattern)]
 TERMINAL_NO: Final = re.compile(r"^[0-9A-F]{12}$")

@@ -13,7 +13,7 @@ import enum
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Final, Protocol
+from typing import Any, Protocol
 
 from cardsim.apdu import SW
 from cardsim.bcd import bcd_date, bcd_time
@@ -39,14 +39,13 @@ from terminals.flows import (
 )
 from terminals.inspect import yuan
 from terminals.m1 import M1Error, M1Link, M1Reader, M1Transaction, M1Unsettled, m1_outcome, m1_purchase
-from terminals.messages import HOTLIST_SCHEMA, Hotlist, MessageError, TxnRecord, parse_hotlist
+from terminals.messages import CHINA, HOTLIST_SCHEMA, Hotlist, MessageError, TxnRecord, parse_hotlist
 from terminals.metro import TRIP_ENTRY, TRIP_EXIT, FareTable, exit_fare, parse_trip, trip_record
 from terminals.outbox import Outbox
 from terminals.reader import CardGone, Reader
 
 log = logging.getLogger(__name__)
 
-CHINA: Final = dt.timezone(dt.timedelta(hours=8), "CST")
 DEFAULT_KEY = 0xFFFFFFFFFFFF
 _COMMIT_STEPS = ("DEBIT FOR PURCHASE", "CREDIT FOR LOAD")
 

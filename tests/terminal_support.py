@@ -11,9 +11,10 @@ from support import KEYS
 from cardsim.issuer import IssuerHost
 from cardsim.m1_issue import KeyScheme, issue_m1_card
 from cardsim.mifare import Frame, M1Card, Profile
+from terminals.messages import CHINA
 from terminals.metro import FareTable
 from terminals.outbox import Outbox
-from terminals.terminal import CHINA, Kind, Terminal, TerminalConfig
+from terminals.terminal import Kind, Terminal, TerminalConfig
 
 FARES = FareTable.load()
 START = dt.datetime(2026, 11, 24, 8, 0, 0, tzinfo=CHINA)

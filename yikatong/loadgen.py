@@ -22,10 +22,9 @@ from pathlib import Path
 from typing import Any
 
 from cardsim.issuer import IssuerHost
-from terminals.messages import Ack, MessageError, TxnRecord, parse_hotlist
+from terminals.messages import CHINA, Ack, MessageError, TxnRecord, parse_hotlist
 from terminals.mqtt import BrokerUrl
 from terminals.outbox import MemoryOutbox, Outbox
-from terminals.terminal import CHINA
 from terminals.uplink import Uplink
 from yikatong.synthetic import SyntheticCard, SyntheticTerminal, record_fields
 

@@ -13,8 +13,7 @@ from typing import Any
 from cardsim.issuer import IssuerHost
 from cardsim.personalise import application_serial
 from clearing.verify import expected_tac
-from terminals.messages import TXN_SCHEMA, CardRef, Kind, TxnRecord
-from terminals.terminal import CHINA
+from terminals.messages import CHINA, TXN_SCHEMA, CardRef, Kind, TxnRecord
 
 
 @dataclass
