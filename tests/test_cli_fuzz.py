@@ -310,7 +310,8 @@ _BY_TYPE: dict[str, list[str]] = {
     "_card_id": ["45100000000000000001", "9C599B32", "9c599b32", "x"],
     "float": _FLOATS,
     "seconds": _FLOATS,
-    "_seconds": _FLOATS,
+    "interval": _FLOATS,
+    "session_expiry": ["0", "5", "300", "4294967294", "4294967295", "-1"],
     "int": _INTS,
     "file_path": PATHS,
 }

@@ -36,6 +36,9 @@ def hex_number(digits: int) -> Callable[[str], int]:
     return parse
 
 
+MAX_SESSION_EXPIRY = 0xFFFFFFFE  # MQTT 5's 0xFFFFFFFF means "never expires"
+
+
 def _whole(text: str, what: str, least: int, most: int) -> int:
     """A whole number of ASCII digits within least..most (argparse prints the reason and exits 2)."""
     bounds = f"at least {least} and at most {most}"
@@ -64,15 +67,29 @@ def positive(text: str) -> int:
     return _whole(text, "a whole number", 1, 2**31 - 1)
 
 
-def seconds(text: str) -> float:
-    """A duration: a number of seconds from 0 to 86400 (NaN would wait for ever, a negative one not at all)."""
+def _seconds(text: str, least: float) -> float:
     try:
         value = float(text)
     except ValueError:
         value = math.nan
-    if not 0 <= value <= 86400:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds from 0 to 86400")
+    if not least <= value <= 86400:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds from {least:g} to 86400")
     return value
+
+
+def seconds(text: str) -> float:
+    """A duration: a number of seconds from 0 to 86400 (NaN would wait for ever, a negative one not at all)."""
+    return _seconds(text, 0)
+
+
+def interval(text: str) -> float:
+    """The period of something repeated: 0.05 to 86400 seconds (0 or NaN would repeat it in a tight loop)."""
+    return _seconds(text, 0.05)
+
+
+def session_expiry(text: str) -> int:
+    """An MQTT 5 session expiry: whole seconds 0..MAX_SESSION_EXPIRY."""
+    return _whole(text, "a session expiry in whole seconds", 0, MAX_SESSION_EXPIRY)
 
 
 def city_code(text: str) -> str:

@@ -28,7 +28,16 @@ from clearing.service import HEALTH_EVERY, ClearingService, ClearingStats, publi
 from clearing.settlement import Settlement, export_day, settle_day
 from terminals.messages import CARD_ID, MAX_DEPTH, MAX_PAYLOAD, MAX_RECORDS, MAX_STRING, Limits
 from terminals.mqtt import BrokerUrl
-from yikatong.argtypes import broker_url, city_code, database_url, file_path, load_keys, positive
+from yikatong.argtypes import (
+    broker_url,
+    city_code,
+    database_url,
+    file_path,
+    interval,
+    load_keys,
+    positive,
+    session_expiry,
+)
 from yikatong.errors import CliError
 from yikatong.process import setup_logging, stop_on_sigterm
 
@@ -68,7 +77,7 @@ def register(groups: Any) -> None:
     serve.add_argument("--batch", type=positive, default=500, help="most messages per commit (default 500)")
     serve.add_argument(
         "--forward-interval",
-        type=_seconds,
+        type=interval,
         default=10.0,
         help="seconds before an unanswered forward is sent again (default 10)",
     )
@@ -77,7 +86,7 @@ def register(groups: Any) -> None:
     )
     serve.add_argument(
         "--session-expiry",
-        type=_expiry,
+        type=session_expiry,
         metavar="SECONDS",
         help="connect with MQTT 5 and let the broker forget this worker's session that long after it went away "
         "(default: an MQTT 3.1.1 session kept until the worker comes back; --shared: an hour)",
@@ -99,7 +108,7 @@ def register(groups: Any) -> None:
     )
     serve.add_argument(
         "--health-every",
-        type=_seconds,
+        type=interval,
         default=HEALTH_EVERY,
         metavar="SECONDS",
         help=f"seconds between retained health messages on yikatong/CITY/clearing/health (default {HEALTH_EVERY:g})",
@@ -188,22 +197,6 @@ def _day(text: str) -> str:
         return dt.date.fromisoformat(text).isoformat()
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a day like 2026-11-24") from None
-
-
-def _expiry(text: str) -> int:
-    if not (text.isascii() and text.isdigit()) or int(text) >= 0xFFFFFFFF:  # 0xFFFFFFFF: never (MQTT 5)
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of seconds from 0 to 4294967294")
-    return int(text)
-
-
-def _seconds(text: str) -> float:
-    try:
-        seconds = float(text)
-    except ValueError:
-        seconds = -1.0
-    if not 0.05 <= seconds <= 86400:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds between 0.05 and 86400")
-    return seconds
 
 
 def _percent(text: str) -> Decimal:
