@@ -103,7 +103,8 @@ def _acquirer_of(doc: Any) -> str | None:
 
 
 def _raw(doc: Any) -> bytes:
-    return json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode()
+    """A decoded record as bytes again (lone surrogates kept visible as escapes: they are not UTF-8)."""
+    return json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode("utf-8", "backslashreplace")
 
 
 class Intake:
@@ -135,10 +136,7 @@ class Intake:
         try:
             return self._record(topic, doc, raw, hotlist)
         except Exception as err:  # isolation: one record, not the batch or the service
-            try:
-                return Refused(unexpected("checking", err), raw or _raw(doc), _seq_of(doc))
-            except Exception:
-                return Refused(unexpected("checking", err), raw or b"")
+            return Refused(unexpected("checking", err), raw or _raw(doc), _seq_of(doc))
 
     def _record(self, topic: Topic, doc: Any, raw: bytes | None, hotlist: frozenset[str]) -> Verdict:
         """``raw`` is the payload when it holds just this record; a record of a batch is quarantined as its own

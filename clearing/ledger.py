@@ -312,7 +312,8 @@ class Ledger:
         if not refused:
             return
         day = dt.datetime.fromtimestamp(now, CHINA).date().isoformat()
-        senders = sorted({_sender(m) for _, m in refused})
+        by_sender = [(r, m, _sender(m)) for r, m in refused]
+        senders = sorted({sender for _, _, sender in by_sender})
         kept_before = dict(
             (
                 await db.execute(
@@ -325,8 +326,7 @@ class Ledger:
         kept = {sender: 0 for sender in senders}
         dropped = dict(kept)
         rows = []
-        for r, m in refused:
-            sender = _sender(m)
+        for r, m, sender in by_sender:
             if kept_before.get(sender, 0) + kept[sender] >= self.quarantine_cap:
                 dropped[sender] += 1
                 continue

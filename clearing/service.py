@@ -9,9 +9,8 @@ process exits and its supervisor restarts it, never a half-alive service.
 
 Backpressure: one queue between MQTT and the database writer, aiomqtt's own (the writer takes whole batches from
 it), holds at most ``MAX_BACKLOG_MESSAGES`` messages and ``max_backlog_bytes``; past that a message is dropped
-and counted. Dropping is
-safe: a terminal resends every record until the clearing's ack covers it, an acquirer resends unanswered
-forwards, and an issuer answers a forward again when it comes again.
+and counted. Dropping is safe: a terminal resends every record until the clearing's ack covers it, an acquirer
+resends unanswered forwards, and an issuer answers a forward again when it comes again.
 """
 
 from __future__ import annotations
@@ -31,6 +30,7 @@ from clearing.intake import Intake, Refused, Topic, unexpected
 from clearing.ledger import Ledger, Outcome, Received, database_trouble
 from terminals.messages import (
     CHINA,
+    HEALTH_SCHEMA,
     TERMINAL_NO,
     Ack,
     Health,
@@ -96,16 +96,12 @@ class IncomingQueue(asyncio.Queue[aiomqtt.Message]):
         self._on_drop = on_drop
 
     def put_nowait(self, item: aiomqtt.Message) -> None:
-        """Queue a message, or refuse it when the queue is full in number or bytes."""
+        """Queue a message, or refuse it when the queue is full in number or bytes (one message always fits)."""
         size = _size(item)
-        if self.bytes + size > self.limit and not self.empty():
+        if self.full() or (self.bytes + size > self.limit and not self.empty()):
             self._on_drop()
             raise asyncio.QueueFull
-        try:
-            super().put_nowait(item)
-        except asyncio.QueueFull:
-            self._on_drop()
-            raise
+        super().put_nowait(item)
         self.bytes += size
 
     def get_nowait(self) -> aiomqtt.Message:
@@ -312,7 +308,7 @@ class ClearingService:
         """The health message as of now."""
         stats = self.stats
         return Health(
-            schema="yikatong.health/1",
+            schema=HEALTH_SCHEMA,
             city=self.city,
             worker=self.worker,
             time=_iso(time.time()),
@@ -368,8 +364,7 @@ class ClearingService:
         behind every message the broker is pushing to us, and waiting for it would stall the writer. An answer
         the broker never confirms is safe to lose: terminals resend what is not acked (and are acked again),
         acquirers resend unanswered forwards, unanswered forwards are sent again, the health message comes again
-        in a few seconds. At most ``MAX_UNCONFIRMED``
-        answers are in flight; past that, the writer waits for the oldest."""
+        in a few seconds. At most ``MAX_UNCONFIRMED`` answers are in flight; past that, the writer waits."""
         while len(self._unconfirmed) >= MAX_UNCONFIRMED:
             await asyncio.wait(self._unconfirmed, return_when=asyncio.FIRST_COMPLETED)
         task = asyncio.create_task(client.publish(topic, payload, qos=1, retain=retain))
