@@ -73,10 +73,10 @@ def _json_value(rng: random.Random, depth: int = 0) -> Any:
     return {rng.choice(keys): _json_value(rng, depth + 1) for _ in range(rng.randrange(0, 5))}
 
 
-def _line(rng: random.Random) -> bytes:
+def garbage_line(rng: random.Random, longest: int = 80) -> bytes:
     """Bytes without newline, CR or NUL (one line for ``mosquitto_pub -l``) that are not JSON."""
     allowed = [b for b in range(1, 256) if b not in (0x0A, 0x0D)]
-    return b"\xff" + bytes(rng.choice(allowed) for _ in range(rng.randrange(1, 80)))
+    return b"\xff" + bytes(rng.choice(allowed) for _ in range(rng.randrange(1, longest)))
 
 
 # values that make the whole message break a limit (so a batch holding one is refused as one message)
@@ -138,7 +138,7 @@ def hostile_stream(city: str, terminal: str, genuine: list[TxnRecord], junk: int
         topic = rng.choice([own, *made_up, *odd])
         far = FAR + rng.randrange(10**6)
         if kind == 0:
-            return Message(topic, _line(rng), 1)
+            return Message(topic, garbage_line(rng), 1)
         if kind == 1:
             return Message(topic, _dumps(_json_value(rng)), 1)
         if kind == 2:
@@ -171,7 +171,7 @@ def hostile_stream(city: str, terminal: str, genuine: list[TxnRecord], junk: int
         if kind == 12:  # the interop topics: junk forwarded, or junk as an issuer's answer
             return Message(f"yikatong/interop/{city}/{rng.choice(['txn', 'ack'])}", _dumps(_json_value(rng)), 1)
         other = rng.choice(["4510", "4530"])  # another city's topic: not this clearing's business
-        return Message(f"yikatong/{other}/txn/{other}00000001", _line(rng), 0)
+        return Message(f"yikatong/{other}/txn/{other}00000001", garbage_line(rng), 0)
 
     share = max(1, junk // max(1, len(genuine)))
     for record in genuine:

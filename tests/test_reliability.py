@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 from clearing_support import DAY_START, HOST, ServeProcess, clearing, fresh_db, serve_process
+from hostile_stream import garbage_line
 from mqtt_support import mosquitto_pub_file, mosquitto_pub_lines, running, unique_terminal
 from reliability_support import (
     CuttableLink,
@@ -445,9 +446,7 @@ async def test_duplicate_flood_changes_nothing_and_is_acked_again(broker: Durabl
 
 
 def _garbage_lines(rng: random.Random, count: int) -> list[bytes]:
-    """Random bytes that are not JSON (no newline, CR or NUL: one line each for ``mosquitto_pub -l``)."""
-    allowed = [b for b in range(1, 256) if b not in (0x0A, 0x0D)]
-    return [b"\xff" + bytes(rng.choice(allowed) for _ in range(rng.randrange(1, 120))) for _ in range(count)]
+    return [garbage_line(rng, 120) for _ in range(count)]
 
 
 def _forged(terminal: str, city: str, seqs: list[int], seed: int) -> list[str]:
