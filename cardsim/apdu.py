@@ -26,6 +26,20 @@ class SW(enum.IntEnum):
         """Human wording, for error messages and `card show`."""
         return f"{self.value:04X} {self.name.lower().replace('_', ' ')}"
 
+    @classmethod
+    def known(cls, sw: int | None) -> SW | None:
+        """The spec status word ``sw`` is, or None for any other value (a card outside the spec)."""
+        try:
+            return None if sw is None else cls(sw)
+        except ValueError:
+            return None
+
+    @staticmethod
+    def wording(sw: int) -> str:
+        """``describe()`` for a spec status word, bare hex for any other."""
+        known = SW.known(sw)
+        return known.describe() if known is not None else f"{sw:04X}"
+
 
 class ApduError(Exception):
     """A command cannot be processed; carries the status word the card answers."""

@@ -46,8 +46,7 @@ def exchange(reader: Reader, step: str, apdu: bytes, response_len: int | None) -
     except ValueError as err:
         raise TransactionError(step, str(err)) from err
     if sw != SW.OK:
-        name = SW(sw).describe() if sw in SW._value2member_map_ else f"{sw:04X}"
-        raise TransactionError(step, f"answered {name}", sw)
+        raise TransactionError(step, f"answered {SW.wording(sw)}", sw)
     if response_len is not None and len(data) != response_len:
         raise TransactionError(step, f"answered {len(data)} bytes, expected {response_len}")
     return data

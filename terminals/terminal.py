@@ -207,7 +207,7 @@ class Terminal:
                 return TapResult("torn", f"TORN     card left during payment, tap again to finish ({err})")
             return TapResult("error", f"ERROR    card left, nothing charged ({err})")
         except TransactionError as err:
-            if journalled and err.step in _COMMIT_STEPS and err.sw in SW._value2member_map_:
+            if journalled and err.step in _COMMIT_STEPS and SW.known(err.sw) is not None:
                 self.outbox.drop_pending(journalled[0])  # a spec refusal of DEBIT/CREDIT: nothing changed
             elif journalled:
                 return TapResult("torn", f"TORN     {err}; tap again to finish")
