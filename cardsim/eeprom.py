@@ -10,19 +10,37 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Generic, Protocol, TypeVar
 
 
 class CardTorn(Exception):
     """Power was lost while the card was writing: it sends no response and must be powered on again."""
 
 
+class FieldUpdate(Protocol):
+    """A typed set of new values for some fields of a chip's state (a dataclass of the fields a commit changes)."""
+
+    def writes(self) -> list[tuple[str, object]]:
+        """(field name, new value) of each changed field, in the order the chip writes them."""
+        ...
+
+
+UpdateT = TypeVar("UpdateT", bound=FieldUpdate)
+
+
 @dataclass
-class Journal:
+class Journal(Generic[UpdateT]):
     """New values waiting to be copied into place; ``valid`` set is the commit point."""
 
-    updates: dict[str, Any]
+    updates: UpdateT
     valid: bool = False
+
+
+class Journalled(Protocol[UpdateT]):
+    """A chip state that keeps a commit journal. Its class should use slots, so that an update naming a field
+    the state does not have fails instead of adding an attribute."""
+
+    journal: Journal[UpdateT] | None
 
 
 @dataclass
@@ -41,31 +59,31 @@ class Eeprom:
         apply()
         self.writes += 1
 
-    def commit(self, target: Any, updates: dict[str, Any]) -> None:
-        """Write ``updates`` (attribute name → value) into ``target`` through its ``journal`` attribute."""
-        journal = Journal(dict(updates))
+    def commit(self, target: Journalled[UpdateT], updates: UpdateT) -> None:
+        """Write ``updates`` into ``target`` through its journal."""
+        journal = Journal(updates)
         self.write(lambda: setattr(target, "journal", journal))
         self.write(lambda: setattr(journal, "valid", True))
-        self.write_in_place(target, journal.updates)
+        self.write_in_place(target, updates)
         self.write(lambda: setattr(target, "journal", None))
 
-    def write_in_place(self, target: Any, updates: dict[str, Any]) -> None:
+    def write_in_place(self, target: object, updates: FieldUpdate) -> None:
         """Write each field straight into ``target``, one write each: with no journal around it (a flawed
         chip OS) a power cut leaves some fields new and others old."""
-        for name, value in updates.items():
+        for name, value in updates.writes():
             self.write(_setter(target, name, value))
 
 
-def _setter(target: Any, name: str, value: Any) -> Callable[[], None]:
+def _setter(target: object, name: str, value: object) -> Callable[[], None]:
     return lambda: setattr(target, name, value)
 
 
-def recover(target: Any) -> None:
+def recover(target: Journalled[UpdateT]) -> None:
     """Power-up recovery: replay a valid journal, drop an unfinished one (no power budget applies)."""
-    journal: Journal | None = target.journal
+    journal = target.journal
     if journal is None:
         return
     if journal.valid:
-        for name, value in journal.updates.items():
+        for name, value in journal.updates.writes():
             setattr(target, name, value)
     target.journal = None

@@ -7,7 +7,10 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias
+
+JSONValue: TypeAlias = "dict[str, JSONValue] | list[JSONValue] | str | int | float | bool | None"
+"""A JSON document as ``json.dumps`` takes it."""
 
 
 def write_text_atomic(path: Path, text: str) -> None:

@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 from cardsim.crypto import Algorithm
 from cardsim.eeprom import Journal
-from cardsim.files import read_json, write_text_atomic
+from cardsim.files import JSONValue, read_json, write_text_atomic
 from cardsim.mifare import BLOCK_SIZE, BLOCKS, M1State, Profile
 from cardsim.purse import (
     LOG_RECORD_SIZE,
@@ -22,6 +21,7 @@ from cardsim.purse import (
     Defect,
     PurseKeys,
     PurseState,
+    PurseUpdate,
     TransactionProof,
 )
 
@@ -35,28 +35,39 @@ class CardImageError(ValueError):
 # --- encoding ------------------------------------------------------------------------------------
 
 
-def _encode_value(name: str, value: Any) -> Any:
-    if name in ("log", "trips"):
-        return [r.hex().upper() for r in value]
-    if name == "proof":
-        if value is None:
-            return None
-        return {
-            "counter": value.counter,
-            "type": value.txn_type,
-            "mac2": value.mac2.hex().upper(),
-            "tac": value.tac.hex().upper(),
-        }
-    return value
+def _records(records: list[bytes]) -> JSONValue:
+    return [r.hex().upper() for r in records]
 
 
-def purse_to_json(state: PurseState) -> dict[str, Any]:
+def _proof(proof: TransactionProof | None) -> JSONValue:
+    if proof is None:
+        return None
+    return {
+        "counter": proof.counter,
+        "type": proof.txn_type,
+        "mac2": proof.mac2.hex().upper(),
+        "tac": proof.tac.hex().upper(),
+    }
+
+
+def _update_value(value: object) -> JSONValue:
+    """A journalled field's value as the state's own field is saved (record lists as hex, the proof as an object)."""
+    if isinstance(value, list):
+        return _records(value)
+    if isinstance(value, TransactionProof):
+        return _proof(value)
+    if isinstance(value, int):
+        return value
+    raise TypeError(f"no image encoding for a journalled {type(value).__name__}")
+
+
+def purse_to_json(state: PurseState) -> dict[str, JSONValue]:
     """The image document of a purse card."""
-    journal = None
+    journal: JSONValue = None
     if state.journal is not None:
         journal = {
             "valid": state.journal.valid,
-            "updates": {k: _encode_value(k, v) for k, v in state.journal.updates.items()},
+            "updates": {name: _update_value(value) for name, value in state.journal.updates.writes()},
         }
     return {
         "schema": SCHEMA,
@@ -79,14 +90,14 @@ def purse_to_json(state: PurseState) -> dict[str, Any]:
         "max_balance": state.max_balance,
         "offline_counter": state.offline_counter,
         "online_counter": state.online_counter,
-        "log": _encode_value("log", state.log),
-        "trips": _encode_value("trips", state.trips),
-        "proof": _encode_value("proof", state.proof),
+        "log": _records(state.log),
+        "trips": _records(state.trips),
+        "proof": _proof(state.proof),
         "mac_failures": state.mac_failures,
         "locked": state.locked,
         "blocked": state.blocked,
         "journal": journal,
-        "defects": sorted(d.value for d in state.defects),
+        "defects": [d.value for d in sorted(state.defects, key=lambda d: d.value)],
     }
 
 
@@ -96,7 +107,7 @@ def purse_to_json(state: PurseState) -> dict[str, Any]:
 class _Reader:
     """Typed field access that raises CardImageError naming the field."""
 
-    def __init__(self, doc: dict[str, Any], where: str) -> None:
+    def __init__(self, doc: dict[str, object], where: str) -> None:
         self.doc = doc
         self.where = where
 
@@ -115,23 +126,25 @@ class _Reader:
             raise self.fail(field, "must be true or false")
         return value
 
-    def hexbytes(self, field: str, length: int | None = None, value: Any = None) -> bytes:
+    def hexbytes(self, field: str, length: int | None = None, value: object = None) -> bytes:
         value = self.doc.get(field) if value is None else value
+        if not isinstance(value, str):
+            raise self.fail(field, "must be a hex string")
         try:
             raw = bytes.fromhex(value)
-        except (TypeError, ValueError):
+        except ValueError:
             raise self.fail(field, "must be a hex string") from None
         if length is not None and len(raw) != length:
             raise self.fail(field, f"must be {length} bytes")
         return raw
 
-    def records(self, field: str, size: int, most: int, value: Any = None) -> list[bytes]:
+    def records(self, field: str, size: int, most: int, value: object = None) -> list[bytes]:
         value = self.doc.get(field) if value is None else value
         if not isinstance(value, list) or len(value) > most:
             raise self.fail(field, f"must be a list of at most {most} records")
         return [self.hexbytes(field, size, v) for v in value]
 
-    def proof(self, value: Any) -> TransactionProof | None:
+    def proof(self, value: object) -> TransactionProof | None:
         if value is None:
             return None
         if not isinstance(value, dict):
@@ -145,7 +158,7 @@ class _Reader:
         )
 
 
-def purse_from_json(doc: Any, where: str = "card image") -> PurseState:
+def purse_from_json(doc: object, where: str = "card image") -> PurseState:
     """Rebuild a purse card's state from its image; CardImageError names what is wrong."""
     if not isinstance(doc, dict):
         raise CardImageError(f"{where}: not a JSON object")
@@ -189,7 +202,7 @@ def purse_from_json(doc: Any, where: str = "card image") -> PurseState:
     return state
 
 
-def _defects(r: _Reader, value: Any) -> frozenset[Defect]:
+def _defects(r: _Reader, value: object) -> frozenset[Defect]:
     """Planted chip OS flaws (absent on genuine cards' images)."""
     if not isinstance(value, list):
         raise r.fail("defects", "must be a list")
@@ -199,31 +212,43 @@ def _defects(r: _Reader, value: Any) -> frozenset[Defect]:
         raise r.fail("defects", f"may hold only {', '.join(d.value for d in Defect)}") from None
 
 
-def _journal(r: _Reader, value: Any) -> Journal | None:
+def _journal(r: _Reader, value: object) -> Journal[PurseUpdate] | None:
     if value is None:
         return None
     if not isinstance(value, dict) or not isinstance(value.get("updates"), dict):
         raise r.fail("journal", "must be null or an object with 'updates'")
     valid = _Reader(value, f"{r.where}: journal").flag("valid")
-    updates: dict[str, Any] = {}
-    for name, raw in value["updates"].items():
+    fields = _Reader(value["updates"], f"{r.where}: journal")
+    counts: dict[str, int] = {}
+    records: dict[str, list[bytes]] = {}
+    proof = None
+    for name, raw in fields.doc.items():  # in the document's order, so the first bad field is named
         if name in ("balance", "offline_counter", "online_counter", "mac_failures"):
-            updates[name] = _Reader(value["updates"], f"{r.where}: journal").integer(name, 0, 0xFFFFFFFF)
+            counts[name] = fields.integer(name, 0, 0xFFFFFFFF)
         elif name == "log":
-            updates[name] = r.records("journal.log", LOG_RECORD_SIZE, LOG_RECORDS, raw)
+            records[name] = r.records("journal.log", LOG_RECORD_SIZE, LOG_RECORDS, raw)
         elif name == "trips":
-            updates[name] = r.records("journal.trips", TRIP_RECORD_SIZE, TRIP_RECORDS, raw)
+            records[name] = r.records("journal.trips", TRIP_RECORD_SIZE, TRIP_RECORDS, raw)
         elif name == "proof":
-            updates[name] = r.proof(raw)
+            proof = r.proof(raw)
         else:
             raise r.fail("journal", f"has an unknown update {name!r}")
+    updates = PurseUpdate(
+        balance=counts.get("balance"),
+        offline_counter=counts.get("offline_counter"),
+        online_counter=counts.get("online_counter"),
+        log=records.get("log"),
+        proof=proof,
+        mac_failures=counts.get("mac_failures"),
+        trips=records.get("trips"),
+    )
     return Journal(updates, valid)
 
 
 # --- files ---------------------------------------------------------------------------------------
 
 
-def write_json_atomic(path: Path, doc: Any) -> None:
+def write_json_atomic(path: Path, doc: object) -> None:
     """Write JSON so that readers see the old file or the new one, never a half-written one."""
     write_text_atomic(path, json.dumps(doc, indent=2) + "\n")
 
@@ -241,17 +266,17 @@ def load_purse(path: Path) -> PurseState:
 # --- MIFARE Classic images -------------------------------------------------------------------------
 
 
-def m1_to_json(state: M1State) -> dict[str, Any]:
+def m1_to_json(state: M1State) -> dict[str, JSONValue]:
     """The image document of an M1 card: its 64 blocks as hex, and its chip profile."""
     return {
         "schema": SCHEMA,
         "tech": "m1",
         "profile": state.profile.value,
-        "blocks": [b.hex().upper() for b in state.blocks],
+        "blocks": _records(state.blocks),
     }
 
 
-def m1_from_json(doc: Any, where: str = "card image") -> M1State:
+def m1_from_json(doc: object, where: str = "card image") -> M1State:
     """Rebuild an M1 card's state from its image; CardImageError names what is wrong."""
     if not isinstance(doc, dict) or doc.get("schema") != SCHEMA or doc.get("tech") != "m1":
         raise CardImageError(f"{where}: not a {SCHEMA} image of an M1 card")

@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Final
 
 from cardsim import crypto
 from cardsim.apdu import SW, ApduError, Command, check_le, contactless_atr, parse_command, read_binary, respond, tlv
+from cardsim.commands import Credit, Debit, Initialize, InitializeAnswer, InitKind, PurchaseProof
 from cardsim.crypto import Algorithm, BlockKey
 from cardsim.eeprom import CardTorn, Eeprom, Journal, recover
+from cardsim.log_record import LogRecord
 
 AID: Final = bytes.fromhex("A000000632010105")
 PSE_NAME: Final = b"1PAY.SYS.DDF01"
@@ -31,7 +33,7 @@ SFI_INTEROP: Final = 0x17
 SFI_LOG: Final = 0x18
 SFI_TRIPS: Final = 0x1E
 LOG_RECORDS: Final = 10
-LOG_RECORD_SIZE: Final = 23
+LOG_RECORD_SIZE: Final = LogRecord.SIZE
 TRIP_RECORDS: Final = 30
 TRIP_RECORD_SIZE: Final = 48
 MAC_FAILURE_LIMIT: Final = 3
@@ -94,7 +96,25 @@ class TransactionProof:
     tac: bytes
 
 
-@dataclass
+@dataclass(frozen=True)
+class PurseUpdate:
+    """What one transaction commits to ``PurseState``; a field left None keeps its value. The field order is
+    the order the card writes them (and the order of a saved journal's fields)."""
+
+    balance: int | None = None
+    offline_counter: int | None = None
+    online_counter: int | None = None
+    log: list[bytes] | None = None
+    proof: TransactionProof | None = None
+    mac_failures: int | None = None
+    trips: list[bytes] | None = None
+
+    def writes(self) -> list[tuple[str, object]]:
+        """(field name, new value) of each changed field, in write order."""
+        return [(f.name, value) for f in fields(self) if (value := getattr(self, f.name)) is not None]
+
+
+@dataclass(slots=True)  # slots: a commit naming a field PurseState lacks fails instead of adding an attribute
 class PurseState:
     """Everything non-volatile on the card. Files are raw bytes; logs are newest first."""
 
@@ -115,7 +135,7 @@ class PurseState:
     mac_failures: int = 0
     locked: bool = False
     blocked: bool = False
-    journal: Journal | None = None
+    journal: Journal[PurseUpdate] | None = None
     defects: frozenset[Defect] = frozenset()
 
     @property
@@ -147,6 +167,7 @@ class _Carry:
 
 
 Handler = Callable[[Command, _Carry], bytes]
+_INIT_TYPES: Final = {InitKind.PURCHASE: TYPE_PURCHASE, InitKind.COMPOUND: TYPE_COMPOUND, InitKind.LOAD: TYPE_LOAD}
 
 
 class PurseCard:
@@ -250,16 +271,8 @@ class PurseCard:
         return ApduError(SW.APPLICATION_LOCKED)
 
     def _with_log(self, pending: _Pending, date: bytes, time: bytes) -> list[bytes]:
-        record = (
-            pending.counter.to_bytes(2)
-            + bytes(3)  # overdraft: not used by this project's products
-            + pending.amount.to_bytes(4)
-            + bytes([pending.txn_type])
-            + pending.terminal
-            + date
-            + time
-        )
-        return [record, *self.state.log[: LOG_RECORDS - 1]]
+        record = LogRecord(pending.counter, pending.amount, pending.txn_type, pending.terminal, date, time)
+        return [record.to_bytes(), *self.state.log[: LOG_RECORDS - 1]]
 
     # --- commands --------------------------------------------------------------------------------
 
@@ -311,16 +324,18 @@ class PurseCard:
         return respond(self.state.balance.to_bytes(4))
 
     def _initialize(self, cmd: Command, _: _Carry) -> bytes:
-        kinds = {0x01: TYPE_PURCHASE, 0x03: TYPE_COMPOUND, 0x00: TYPE_LOAD}
-        txn_type = kinds.get(cmd.p1)
-        if txn_type is None:
-            raise ApduError(SW.INS_NOT_SUPPORTED, "INITIALIZE supports P1 00, 01, 03")
+        try:
+            kind = InitKind(cmd.p1)
+        except ValueError:
+            raise ApduError(SW.INS_NOT_SUPPORTED, "INITIALIZE supports P1 00, 01, 03") from None
+        txn_type = _INIT_TYPES[kind]
         is_load = txn_type == TYPE_LOAD
-        self._expect(cmd, (cmd.p1, 0x02), 11, 16 if is_load else 15)
-        key_index, amount, terminal = cmd.data[0], int.from_bytes(cmd.data[1:5]), cmd.data[5:11]
+        self._expect(cmd, (cmd.p1, 0x02), Initialize.DATA_LENGTH, 16 if is_load else 15)
+        request = Initialize.from_command(kind, cmd)
+        amount, terminal = request.amount, request.terminal
         st = self.state
-        if key_index != st.key_index:
-            raise ApduError(SW.KEY_NOT_FOUND, f"key index {key_index:02X}")
+        if request.key_index != st.key_index:
+            raise ApduError(SW.KEY_NOT_FOUND, f"key index {request.key_index:02X}")
         counter = st.online_counter if is_load else st.offline_counter
         if counter >= COUNTER_MAX:
             raise ApduError(SW.CONDITIONS_NOT_SATISFIED, "transaction counter exhausted")
@@ -331,13 +346,12 @@ class PurseCard:
         random = self.rng(4)
         pending = _Pending(txn_type, amount, terminal, random, st.balance, counter)
         self._carry.pending = pending
-        head = st.balance.to_bytes(4) + counter.to_bytes(2)
-        tail = bytes([st.key_version, st.algorithm.algorithm_id]) + random
+        answer = InitializeAnswer(st.balance, counter, st.key_version, st.algorithm.algorithm_id, random)
         if not is_load:
-            return respond(head + bytes(3) + tail)  # overdraft limit 0
+            return respond(answer.to_bytes())
         pending.load_key = crypto.session_key(self._load_key, crypto.load_key_input(random, counter))
         mac1 = pending.load_key.mac(crypto.load_mac1_data(st.balance, amount, TYPE_LOAD, terminal))
-        return respond(head + tail + mac1)
+        return respond(replace(answer, mac1=mac1).to_bytes())
 
     def _update_capp_cache(self, cmd: Command, carried: _Carry) -> bytes:
         self._expect(cmd, (0x00, (SFI_TRIPS << 3)), TRIP_RECORD_SIZE, 0)
@@ -349,12 +363,12 @@ class PurseCard:
         return respond()
 
     def _debit(self, cmd: Command, carried: _Carry) -> bytes:
-        self._expect(cmd, (0x01, 0x00), 15, 8)
+        self._expect(cmd, (0x01, 0x00), Debit.DATA_LENGTH, Debit.ANSWER_LENGTH)
         pending = carried.pending
         if pending is None or pending.txn_type == TYPE_LOAD:
             raise ApduError(SW.CONDITIONS_NOT_SATISFIED, "DEBIT without INITIALIZE FOR PURCHASE")
-        seq = int.from_bytes(cmd.data[0:4])
-        date, time, mac1 = cmd.data[4:8], cmd.data[8:11], cmd.data[11:15]
+        debit = Debit.from_command(cmd)
+        seq, date, time, mac1 = debit.terminal_seq, debit.date, debit.time, debit.mac1
         sk = crypto.session_key(self._purchase_key, crypto.purchase_key_input(pending.random, pending.counter, seq))
         mac1_ok = sk.mac(crypto.purchase_mac1_data(pending.amount, pending.txn_type, pending.terminal, date, time))
         if mac1_ok != mac1 and not self._has(Defect.MAC1_UNCHECKED):
@@ -364,29 +378,32 @@ class PurseCard:
             crypto.purchase_tac_data(pending.amount, pending.txn_type, pending.terminal, seq, date, time)
         )
         new_balance = pending.balance - pending.amount
-        updates: dict[str, object] = {
-            "balance": new_balance,
-            "offline_counter": pending.counter + (0 if self._has(Defect.COUNTER_STUCK) else 1),
-            "log": self._with_log(pending, date, time),
-            "proof": TransactionProof(pending.counter, pending.txn_type, mac2, tac),
-            "mac_failures": 0,
-        }
+        trips = None
         if pending.trip_record is not None:
-            updates["trips"] = [pending.trip_record, *self.state.trips[: TRIP_RECORDS - 1]]
+            trips = [pending.trip_record, *self.state.trips[: TRIP_RECORDS - 1]]
+        updates = PurseUpdate(
+            balance=new_balance,
+            offline_counter=pending.counter + (0 if self._has(Defect.COUNTER_STUCK) else 1),
+            log=self._with_log(pending, date, time),
+            proof=TransactionProof(pending.counter, pending.txn_type, mac2, tac),
+            mac_failures=0,
+            trips=trips,
+        )
         if self._has(Defect.NO_JOURNAL):
             self.eeprom.write_in_place(self.state, updates)
         else:
             self.eeprom.commit(self.state, updates)
         if self._has(Defect.REPLAY) and new_balance >= pending.amount:
             self._carry.pending = replace(pending, balance=new_balance)
-        return respond(tac + mac2)
+        return respond(PurchaseProof(tac, mac2).debit_answer())
 
     def _credit(self, cmd: Command, carried: _Carry) -> bytes:
-        self._expect(cmd, (0x00, 0x00), 11, 4)
+        self._expect(cmd, (0x00, 0x00), Credit.DATA_LENGTH, Credit.ANSWER_LENGTH)
         pending = carried.pending
         if pending is None or pending.load_key is None:
             raise ApduError(SW.CONDITIONS_NOT_SATISFIED, "CREDIT without INITIALIZE FOR LOAD")
-        date, time, mac2 = cmd.data[0:4], cmd.data[4:7], cmd.data[7:11]
+        credit = Credit.from_command(cmd)
+        date, time, mac2 = credit.date, credit.time, credit.mac2
         expected = pending.load_key.mac(crypto.load_mac2_data(pending.amount, TYPE_LOAD, pending.terminal, date, time))
         if expected != mac2:
             raise self._mac_failed()
@@ -396,12 +413,12 @@ class PurseCard:
         )
         self.eeprom.commit(
             self.state,
-            {
-                "balance": new_balance,
-                "online_counter": pending.counter + 1,
-                "log": self._with_log(pending, date, time),
-                "mac_failures": 0,
-            },
+            PurseUpdate(
+                balance=new_balance,
+                online_counter=pending.counter + 1,
+                log=self._with_log(pending, date, time),
+                mac_failures=0,
+            ),
         )
         return respond(tac)
 
@@ -413,7 +430,7 @@ class PurseCard:
         counter = int.from_bytes(cmd.data)
         if proof is None or proof.counter != counter or proof.txn_type != cmd.p2:
             raise ApduError(SW.RECORD_NOT_FOUND, "no committed transaction with that counter")
-        return respond(proof.mac2 + proof.tac)
+        return respond(PurchaseProof(proof.tac, proof.mac2).prove_answer())
 
     def _application_block(self, cmd: Command, carried: _Carry) -> bytes:
         self._expect(cmd, (0x00, 0x00), 4, 0)

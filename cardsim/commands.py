@@ -1,0 +1,393 @@
+"""The purse and PSAM commands of spec card.md (parts A and B) and their answers, each with one byte layout.
+
+Terminals and the audit encode the commands and decode the answers; the simulated card and PSAM decode the same
+commands and encode the same answers, so a field cannot sit at one offset on one side and another on the other.
+Request classes are decoded only after the card has checked Lc against ``DATA_LENGTH``.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import ClassVar, Final
+
+from cardsim import crypto
+from cardsim.apdu import SW, ApduError, Command
+from cardsim.m1_issue import KeyScheme
+
+CLA_ISO: Final = 0x00
+CLA_PURSE: Final = 0x80
+
+
+class InitKind(enum.IntEnum):
+    """P1 of INITIALIZE: which transaction the card prepares."""
+
+    LOAD = 0x00
+    PURCHASE = 0x01
+    COMPOUND = 0x03
+
+
+def select(name: bytes) -> bytes:
+    """SELECT by name ``00 A4 04 00`` (no Le: the card answers its FCI)."""
+    return Command(CLA_ISO, 0xA4, 0x04, 0x00, name).to_bytes()
+
+
+def read_binary(sfi: int, le: int = 0) -> bytes:
+    """READ BINARY of a whole file by SFI from offset 0; Le 0 means 'all of it'."""
+    return Command(CLA_ISO, 0xB0, 0x80 | sfi, 0x00, le=le).to_bytes()
+
+
+def read_record(sfi: int, number: int) -> bytes:
+    """READ RECORD ``number`` (1 = newest) of the cyclic file ``sfi``."""
+    return Command(CLA_ISO, 0xB2, number, (sfi << 3) | 4, le=0).to_bytes()
+
+
+def get_balance() -> bytes:
+    """GET BALANCE ``80 5C 00 02 04`` (purse balance, 4 bytes)."""
+    return Command(CLA_PURSE, 0x5C, 0x00, 0x02, le=4).to_bytes()
+
+
+def get_challenge(size: int) -> bytes:
+    """GET CHALLENGE of ``size`` (4 or 8) random bytes."""
+    return Command(CLA_ISO, 0x84, 0x00, 0x00, le=size).to_bytes()
+
+
+def update_capp_data_cache(sfi: int, record: bytes) -> bytes:
+    """UPDATE CAPP DATA CACHE: the trip record the following DEBIT of a compound purchase writes to ``sfi``."""
+    return Command(CLA_PURSE, 0xDC, 0x00, sfi << 3, record).to_bytes()
+
+
+def get_transaction_prove(txn_type: int, counter: int) -> bytes:
+    """GET TRANSACTION PROVE ``80 5A 00 type``: MAC2 and TAC of the purchase with this card counter."""
+    return Command(CLA_PURSE, 0x5A, 0x00, txn_type, counter.to_bytes(2), le=8).to_bytes()
+
+
+def application_block(mac: bytes) -> bytes:
+    """APPLICATION BLOCK: the header the PSAM MACs (crypto.BLOCK_COMMAND_HEADER) followed by that MAC."""
+    if len(mac) != crypto.BLOCK_COMMAND_HEADER[4]:
+        raise ValueError("APPLICATION BLOCK carries a 4-byte MAC")
+    return crypto.BLOCK_COMMAND_HEADER + mac
+
+
+def credit_sam_for_purchase(mac2: bytes) -> bytes:
+    """PSAM CREDIT SAM FOR PURCHASE ``80 72``: the card's MAC2 for the PSAM to check."""
+    return Command(CLA_PURSE, 0x72, 0x00, 0x00, mac2).to_bytes()
+
+
+# --- purse commands with a data layout -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Initialize:
+    """INITIALIZE FOR LOAD/PURCHASE/COMPOUND ``80 50 P1 02 0B``: key index | amount(4) | terminal(6)."""
+
+    DATA_LENGTH: ClassVar[int] = 11
+
+    kind: InitKind
+    amount: int
+    terminal: bytes
+    key_index: int = 1
+
+    @property
+    def answer_length(self) -> int:
+        """16 bytes for a load (it carries MAC1), 15 for a purchase."""
+        return 16 if self.kind == InitKind.LOAD else 15
+
+    def to_apdu(self) -> bytes:
+        """The C-APDU."""
+        data = bytes([self.key_index]) + self.amount.to_bytes(4) + self.terminal
+        return Command(CLA_PURSE, 0x50, self.kind, 0x02, data, self.answer_length).to_bytes()
+
+    @classmethod
+    def from_command(cls, kind: InitKind, cmd: Command) -> Initialize:
+        """Decode the data of an INITIALIZE whose P1 the card read as ``kind``."""
+        d = cmd.data
+        return cls(kind, int.from_bytes(d[1:5]), d[5:11], d[0])
+
+
+@dataclass(frozen=True)
+class InitializeAnswer:
+    """The card's answer to INITIALIZE. Purchase: balance(4) | counter(2) | overdraft limit(3) | key version |
+    algorithm id | random(4). Load: balance(4) | counter(2) | key version | algorithm id | random(4) | MAC1(4).
+    ``mac1`` is present exactly for a load."""
+
+    balance: int
+    counter: int
+    key_version: int
+    algorithm_id: int
+    random: bytes
+    mac1: bytes = b""
+
+    def to_bytes(self) -> bytes:
+        """The response data."""
+        head = self.balance.to_bytes(4) + self.counter.to_bytes(2)
+        tail = bytes([self.key_version, self.algorithm_id]) + self.random
+        if not self.mac1:
+            return head + bytes(3) + tail  # overdraft limit 0
+        return head + tail + self.mac1
+
+    @classmethod
+    def from_bytes(cls, data: bytes, load: bool) -> InitializeAnswer:
+        """Decode a 16-byte load or 15-byte purchase answer (the caller has checked its length)."""
+        balance, counter = int.from_bytes(data[0:4]), int.from_bytes(data[4:6])
+        if load:
+            return cls(balance, counter, data[6], data[7], data[8:12], data[12:16])
+        return cls(balance, counter, data[9], data[10], data[11:15])
+
+
+@dataclass(frozen=True)
+class Debit:
+    """DEBIT FOR PURCHASE ``80 54 01 00 0F``: terminal sequence number(4) | date(4) | time(3) | MAC1(4)."""
+
+    DATA_LENGTH: ClassVar[int] = 15
+    ANSWER_LENGTH: ClassVar[int] = 8
+
+    terminal_seq: int
+    date: bytes
+    time: bytes
+    mac1: bytes
+
+    def to_apdu(self) -> bytes:
+        """The C-APDU."""
+        data = self.terminal_seq.to_bytes(4) + self.date + self.time + self.mac1
+        return Command(CLA_PURSE, 0x54, 0x01, 0x00, data, self.ANSWER_LENGTH).to_bytes()
+
+    @classmethod
+    def from_command(cls, cmd: Command) -> Debit:
+        """Decode the data of a DEBIT."""
+        d = cmd.data
+        return cls(int.from_bytes(d[0:4]), d[4:8], d[8:11], d[11:15])
+
+
+@dataclass(frozen=True)
+class PurchaseProof:
+    """TAC and MAC2 of a purchase: DEBIT answers TAC | MAC2, GET TRANSACTION PROVE answers MAC2 | TAC."""
+
+    tac: bytes
+    mac2: bytes
+
+    def debit_answer(self) -> bytes:
+        """The data of the DEBIT answer."""
+        return self.tac + self.mac2
+
+    def prove_answer(self) -> bytes:
+        """The data of the GET TRANSACTION PROVE answer."""
+        return self.mac2 + self.tac
+
+    @classmethod
+    def from_debit_answer(cls, data: bytes) -> PurchaseProof:
+        """Decode an 8-byte DEBIT answer."""
+        return cls(data[0:4], data[4:8])
+
+    @classmethod
+    def from_prove_answer(cls, data: bytes) -> PurchaseProof:
+        """Decode an 8-byte GET TRANSACTION PROVE answer."""
+        return cls(data[4:8], data[0:4])
+
+
+@dataclass(frozen=True)
+class Credit:
+    """CREDIT FOR LOAD ``80 52 00 00 0B``: date(4) | time(3) | MAC2(4); the card answers its TAC(4)."""
+
+    DATA_LENGTH: ClassVar[int] = 11
+    ANSWER_LENGTH: ClassVar[int] = 4
+
+    date: bytes
+    time: bytes
+    mac2: bytes
+
+    def to_apdu(self) -> bytes:
+        """The C-APDU."""
+        return Command(CLA_PURSE, 0x52, 0x00, 0x00, self.date + self.time + self.mac2, self.ANSWER_LENGTH).to_bytes()
+
+    @classmethod
+    def from_command(cls, cmd: Command) -> Credit:
+        """Decode the data of a CREDIT."""
+        d = cmd.data
+        return cls(d[0:4], d[4:7], d[7:11])
+
+
+# --- PSAM commands -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SequencedMac:
+    """A PSAM answer: the terminal transaction sequence number(4) it used, then the MAC(4) made with it."""
+
+    LENGTH: ClassVar[int] = 8
+
+    seq: int
+    mac: bytes
+
+    def to_bytes(self) -> bytes:
+        """The response data."""
+        return self.seq.to_bytes(4) + self.mac
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> SequencedMac:
+        """Decode an 8-byte answer."""
+        return cls(int.from_bytes(data[0:4]), data[4:8])
+
+
+@dataclass(frozen=True)
+class InitSamForPurchase:
+    """PSAM INIT SAM FOR PURCHASE ``80 70 00 00 1C``: card random(4) | card counter(2) | amount(4) | type |
+    date(4) | time(3) | key version | algorithm id | card serial(8); answered by a ``SequencedMac`` (MAC1)."""
+
+    DATA_LENGTH: ClassVar[int] = 0x1C
+
+    random: bytes
+    counter: int
+    amount: int
+    txn_type: int
+    date: bytes
+    time: bytes
+    key_version: int
+    algorithm_id: int
+    card_serial: bytes
+
+    def to_apdu(self) -> bytes:
+        """The C-APDU."""
+        data = (
+            self.random
+            + self.counter.to_bytes(2)
+            + self.amount.to_bytes(4)
+            + bytes([self.txn_type])
+            + self.date
+            + self.time
+            + bytes([self.key_version, self.algorithm_id])
+            + self.card_serial
+        )
+        return Command(CLA_PURSE, 0x70, 0x00, 0x00, data, SequencedMac.LENGTH).to_bytes()
+
+    @classmethod
+    def from_command(cls, cmd: Command) -> InitSamForPurchase:
+        """Decode the data of an INIT SAM FOR PURCHASE."""
+        d = cmd.data
+        return cls(
+            d[0:4], int.from_bytes(d[4:6]), int.from_bytes(d[6:10]), d[10], d[11:15], d[15:18], d[18], d[19], d[20:28]
+        )
+
+
+@dataclass(frozen=True)
+class ComputeBlockMac:
+    """Project command PSAM COMPUTE BLOCK MAC ``80 FA 00 00 0E``: card serial(8) | challenge(4) | key version |
+    algorithm id; answered by the 4-byte MAC of APPLICATION BLOCK."""
+
+    DATA_LENGTH: ClassVar[int] = 14
+    ANSWER_LENGTH: ClassVar[int] = 4
+
+    card_serial: bytes
+    challenge: bytes
+    key_version: int
+    algorithm_id: int
+
+    def to_apdu(self) -> bytes:
+        """The C-APDU."""
+        data = self.card_serial + self.challenge + bytes([self.key_version, self.algorithm_id])
+        return Command(CLA_PURSE, 0xFA, 0x00, 0x00, data, self.ANSWER_LENGTH).to_bytes()
+
+    @classmethod
+    def from_command(cls, cmd: Command) -> ComputeBlockMac:
+        """Decode the data of a COMPUTE BLOCK MAC."""
+        d = cmd.data
+        return cls(d[0:8], d[8:12], d[12], d[13])
+
+
+_SCHEME_CODES: Final = {KeyScheme.SHARED: 0x01, KeyScheme.DIVERSIFIED: 0x02}
+
+
+@dataclass(frozen=True)
+class M1SectorKeys:
+    """Project command PSAM M1 SECTOR KEYS ``80 FB sector 00 08``: city(2 BCD) | key version | scheme (01 shared,
+    02 diversified) | UID(4); answered by ``SectorKeys``."""
+
+    DATA_LENGTH: ClassVar[int] = 8
+
+    sector: int
+    city: str
+    key_version: int
+    scheme: KeyScheme
+    uid: bytes
+
+    def to_apdu(self) -> bytes:
+        """The C-APDU."""
+        data = bytes.fromhex(self.city) + bytes([self.key_version, _SCHEME_CODES[self.scheme]]) + self.uid
+        return Command(CLA_PURSE, 0xFB, self.sector, 0x00, data, SectorKeys.LENGTH).to_bytes()
+
+    @classmethod
+    def from_command(cls, cmd: Command) -> M1SectorKeys:
+        """Decode the data; ApduError 9403 for a scheme the PSAM has no keys for."""
+        d = cmd.data
+        scheme = next((s for s, code in _SCHEME_CODES.items() if code == d[3]), None)
+        if scheme is None:
+            raise ApduError(SW.KEY_NOT_FOUND, f"key scheme {d[3]:02X}")
+        return cls(cmd.p1, d[0:2].hex(), d[2], scheme, d[4:8])
+
+
+@dataclass(frozen=True)
+class SectorKeys:
+    """The answer to M1 SECTOR KEYS: key A(6) | key B(6)."""
+
+    LENGTH: ClassVar[int] = 12
+
+    key_a: bytes
+    key_b: bytes
+
+    def to_bytes(self) -> bytes:
+        """The response data."""
+        return self.key_a + self.key_b
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> SectorKeys:
+        """Decode a 12-byte answer."""
+        return cls(data[0:6], data[6:12])
+
+
+@dataclass(frozen=True)
+class M1RecordMac:
+    """Project command PSAM M1 RECORD MAC ``80 FC 00 00 1C``: city(2 BCD) | key version | UID(4) | counter(2) |
+    amount(4) | balance before(4) | balance after(4) | date(4) | time(3); answered by a ``SequencedMac``."""
+
+    DATA_LENGTH: ClassVar[int] = 0x1C
+
+    city: str
+    key_version: int
+    uid: bytes
+    counter: int
+    amount: int
+    balance_before: int
+    balance_after: int
+    date: bytes
+    time: bytes
+
+    def to_apdu(self) -> bytes:
+        """The C-APDU."""
+        data = (
+            bytes.fromhex(self.city)
+            + bytes([self.key_version])
+            + self.uid
+            + self.counter.to_bytes(2)
+            + self.amount.to_bytes(4)
+            + self.balance_before.to_bytes(4)
+            + self.balance_after.to_bytes(4)
+            + self.date
+            + self.time
+        )
+        return Command(CLA_PURSE, 0xFC, 0x00, 0x00, data, SequencedMac.LENGTH).to_bytes()
+
+    @classmethod
+    def from_command(cls, cmd: Command) -> M1RecordMac:
+        """Decode the data of an M1 RECORD MAC."""
+        d = cmd.data
+        return cls(
+            d[0:2].hex(),
+            d[2],
+            d[3:7],
+            int.from_bytes(d[7:9]),
+            int.from_bytes(d[9:13]),
+            int.from_bytes(d[13:17]),
+            int.from_bytes(d[17:21]),
+            d[21:25],
+            d[25:28],
+        )
