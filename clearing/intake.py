@@ -11,7 +11,6 @@ from __future__ import annotations
 import functools
 import json
 from dataclasses import dataclass
-from typing import Any
 
 from cardsim.issuer import IssuerHost
 from clearing.verify import tac_problem
@@ -83,12 +82,12 @@ def settlement_day(record: TxnRecord) -> str:
     return record.moment.astimezone(CHINA).date().isoformat()
 
 
-def _seq_of(doc: Any) -> int | None:
+def _seq_of(doc: object) -> int | None:
     seq = doc.get("seq") if isinstance(doc, dict) else None
     return seq if type(seq) is int and 1 <= seq < 2**63 else None
 
 
-def _record_id_of(doc: Any) -> str | None:
+def _record_id_of(doc: object) -> str | None:
     """The identity of a record that failed validation, when its parts are there (for the reviewer)."""
     if not isinstance(doc, dict) or not isinstance(doc.get("card"), dict):
         return None
@@ -97,12 +96,12 @@ def _record_id_of(doc: Any) -> str | None:
     return "-".join(str(p) for p in parts) if all(p is not None for p in parts) else None
 
 
-def _acquirer_of(doc: Any) -> str | None:
+def _acquirer_of(doc: object) -> str | None:
     acquirer = doc.get("acquirer") if isinstance(doc, dict) else None
     return acquirer if isinstance(acquirer, str) and CITY_CODE.match(acquirer) else None
 
 
-def _raw(doc: Any) -> bytes:
+def _raw(doc: object) -> bytes:
     """A decoded record as bytes again (lone surrogates kept visible as escapes: they are not UTF-8)."""
     return json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode("utf-8", "backslashreplace")
 
@@ -132,13 +131,13 @@ class Intake:
         single = len(docs) == 1
         return [self._guarded(topic, doc, payload if single else None, hotlist) for doc in docs]
 
-    def _guarded(self, topic: Topic, doc: Any, raw: bytes | None, hotlist: frozenset[str]) -> Verdict:
+    def _guarded(self, topic: Topic, doc: object, raw: bytes | None, hotlist: frozenset[str]) -> Verdict:
         try:
             return self._record(topic, doc, raw, hotlist)
         except Exception as err:  # isolation: one record, not the batch or the service
             return Refused(unexpected("checking", err), raw or _raw(doc), _seq_of(doc))
 
-    def _record(self, topic: Topic, doc: Any, raw: bytes | None, hotlist: frozenset[str]) -> Verdict:
+    def _record(self, topic: Topic, doc: object, raw: bytes | None, hotlist: frozenset[str]) -> Verdict:
         """``raw`` is the payload when it holds just this record; a record of a batch is quarantined as its own
         JSON."""
         try:

@@ -90,7 +90,7 @@ class TerminalAck:
 
 
 @dataclass
-class InteropAck:
+class InteropAnswer:
     """What to tell one acquiring city about the records it forwarded (record ids)."""
 
     acquirer: str
@@ -109,7 +109,7 @@ class Outcome:
     dropped: int = 0  # refused beyond the sender's daily quarantine cap: counted only
     poisoned: int = 0  # messages that could not be stored at all (quarantined whole, not acked)
     terminal_acks: list[TerminalAck] = field(default_factory=list)
-    interop_acks: list[InteropAck] = field(default_factory=list)
+    interop_answers: list[InteropAnswer] = field(default_factory=list)
     to_forward: list[TxnRecord] = field(default_factory=list)
 
 
@@ -174,7 +174,7 @@ def _merge(into: Outcome, part: Outcome) -> None:
             first.rejected = sorted(set(first.rejected) | set(ack.rejected))
         else:
             into.terminal_acks.append(ack)
-    into.interop_acks += part.interop_acks
+    into.interop_answers += part.interop_answers
     into.to_forward += part.to_forward
 
 
@@ -253,7 +253,7 @@ class Ledger:
         for ack in outcome.terminal_acks:  # only after the commit: a rolled-back mark must not be remembered
             self._marks[ack.terminal] = max(self._marks.get(ack.terminal, 0), ack.acked_through)
         kept = [(a, m) for identity, (a, m) in accepted.items() if identity not in lost]
-        outcome.interop_acks = self._interop_acks(kept, refused)
+        outcome.interop_answers = self._interop_answers(kept, refused)
         outcome.to_forward = [a.record for a, m in kept if a.forward and m.terminal is not None]
         return outcome
 
@@ -498,19 +498,19 @@ class Ledger:
         return out
 
     @staticmethod
-    def _interop_acks(
+    def _interop_answers(
         kept: list[tuple[Accepted, Received]], refused: list[tuple[Refused, Received]]
-    ) -> list[InteropAck]:
-        acks: dict[str, InteropAck] = {}
+    ) -> list[InteropAnswer]:
+        acks: dict[str, InteropAnswer] = {}
         for accepted, message in kept:
             if message.terminal is None:
                 record = accepted.record
-                acks.setdefault(record.acquirer, InteropAck(record.acquirer)).acked.append(record.record_id)
+                acks.setdefault(record.acquirer, InteropAnswer(record.acquirer)).acked.append(record.record_id)
         for refusal, message in refused:
             # a record without a valid id or acquirer cannot be named to anyone: it stays in the quarantine
             named = refusal.record_id is not None and RECORD_ID.match(refusal.record_id)
             if message.terminal is None and named and refusal.acquirer is not None:
-                answer = acks.setdefault(refusal.acquirer, InteropAck(refusal.acquirer))
+                answer = acks.setdefault(refusal.acquirer, InteropAnswer(refusal.acquirer))
                 answer.rejected.append((str(refusal.record_id), refusal.reason))
         return list(acks.values())
 

@@ -20,7 +20,7 @@ import datetime as dt
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import aiomqtt
@@ -29,8 +29,11 @@ from sqlalchemy.exc import SQLAlchemyError
 from clearing.intake import Intake, Refused, Topic, unexpected
 from clearing.ledger import Ledger, Outcome, Received, database_trouble
 from terminals.messages import (
+    ACK_SCHEMA,
     CHINA,
     HEALTH_SCHEMA,
+    HOTLIST_SCHEMA,
+    INTEROP_ACK_SCHEMA,
     TERMINAL_NO,
     Ack,
     Health,
@@ -47,6 +50,7 @@ from terminals.messages import (
     interop_ack_topic,
     interop_txn_topic,
     parse_interop_ack,
+    txn_topic,
 )
 from terminals.mqtt import BrokerUrl
 
@@ -129,7 +133,7 @@ async def publish_hotlist(client: aiomqtt.Client, ledger: Ledger) -> int:
     """Publish the city's hotlist from the database (retained, QoS 1); its version (0: none, nothing sent)."""
     version, cards = await ledger.hotlist_state()
     if version:
-        message = Hotlist(schema="yikatong.hotlist/1", version=version, cards=cards)
+        message = Hotlist(schema=HOTLIST_SCHEMA, version=version, cards=cards)
         await client.publish(hotlist_topic(ledger.city), message.to_json(), qos=1, retain=True)
     return version
 
@@ -152,6 +156,7 @@ class ClearingService:
         session_expiry: int | None = None,
         health_every: float = HEALTH_EVERY,
         max_backlog_bytes: int = MAX_BACKLOG_BYTES,
+        terminal_topics: Sequence[str] | None = None,
     ) -> None:
         self.broker = broker
         self.ledger = ledger
@@ -172,8 +177,10 @@ class ClearingService:
         self.session_expiry = session_expiry  # seconds: MQTT 5, the broker forgets the session that long after
         self.stats = ClearingStats()
         prefix = f"$share/clearing-{self.city}/" if shared else ""
+        # ``terminal_topics`` narrows the terminal side to those topics (the demo shares a broker with others)
+        terminal_side = terminal_topics if terminal_topics is not None else [txn_topic(self.city, "+")]
         self.subscriptions = [
-            prefix + f"yikatong/{self.city}/txn/+",
+            *(prefix + topic for topic in terminal_side),
             prefix + interop_txn_topic(self.city),
             prefix + interop_ack_topic(self.city),
         ]
@@ -181,7 +188,7 @@ class ClearingService:
         self._hotlist_read: tuple[float, frozenset[str]] | None = None
 
     async def run(self) -> None:
-        """Connect, subscribe, clear; reconnect with backoff whenever the broker goes away. Any other error of
+        """Connect, subscribe, clear; reconnect with backoff whenever the broker goes away. Another error of
         any of its tasks ends it (raised): the caller exits so that a supervisor restarts the service."""
         backoff = 0.2
         while True:
@@ -342,16 +349,16 @@ class ClearingService:
             if not TERMINAL_NO.match(ack.terminal):
                 continue  # a topic no terminal can own: nobody to answer
             message = Ack(
-                schema="yikatong.ack/1",
+                schema=ACK_SCHEMA,
                 terminal=ack.terminal,
                 acked_through=ack.acked_through,
                 rejected=[Rejection(seq=seq, reason=reason) for seq, reason in ack.rejected],
             )
             await self._send(client, ack_topic(self.city, ack.terminal), message.to_json())
             self.stats.acks += 1
-        for answer in outcome.interop_acks:
+        for answer in outcome.interop_answers:
             interop = InteropAck(
-                schema="yikatong.interop-ack/1",
+                schema=INTEROP_ACK_SCHEMA,
                 issuer=self.city,
                 acked=answer.acked,
                 rejected=[InteropRejection(record_id=r, reason=why) for r, why in answer.rejected],

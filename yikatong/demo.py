@@ -215,15 +215,18 @@ async def _pipe(
             bar.phase(f"starting the three clearings on {broker} (database {db_url.partition('://')[0]})")
             host = IssuerHost(keys)
             run_id = secrets.token_hex(3)  # a fresh MQTT identity: no session of an earlier run is resumed
+            # only the demo's own terminals: a shared broker carries other traffic too
             services = [
                 ClearingService(
-                    broker, Ledger(engine, city), Intake(city, host), worker=f"demo-{run_id}", persistent=False
+                    broker,
+                    Ledger(engine, city),
+                    Intake(city, host),
+                    worker=f"demo-{run_id}",
+                    persistent=False,
+                    terminal_topics=[txn_topic(city, t.terminal.hex().upper()) for t in day.terminals if t.city == city],
                 )
                 for city in CITIES
             ]
-            for service in services:  # only the demo's own terminals: a shared broker carries other traffic too
-                mine = [txn_topic(t.city, t.terminal.hex().upper()) for t in day.terminals if t.city == service.city]
-                service.subscriptions = mine + [s for s in service.subscriptions if "/interop/" in s]
             tasks = [asyncio.create_task(s.run()) for s in services]
             try:
                 await _until(lambda: all(s.stats.connected for s in services), 30, "the clearings to connect")
