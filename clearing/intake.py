@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import json
 from dataclasses import dataclass
+from typing import Literal
 
 from cardsim.issuer import IssuerHost
 from clearing.verify import tac_problem
@@ -58,7 +59,7 @@ Verdict = Accepted | Refused
 class Topic:
     """What a subscribed topic says about the sender."""
 
-    kind: str  # "terminal" | "interop"
+    kind: Literal["terminal", "interop"]
     terminal: str | None  # the terminal number in a terminal topic (whatever the publisher put there)
 
     @classmethod

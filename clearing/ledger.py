@@ -13,7 +13,6 @@ import hashlib
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, cast
 
 from sqlalchemy import (
     BigInteger,
@@ -39,28 +38,24 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from clearing.intake import Accepted, Refused, Verdict, settlement_day, unexpected
 from clearing.schema import (
+    CITY_STATE,
+    FLAGGED,
     FORWARD_ACKED,
     FORWARD_PENDING,
     FORWARD_REJECTED,
+    HOTLIST,
+    LEDGER,
+    PROGRESS,
+    QUARANTINE,
     SOURCE_INTEROP,
     SOURCE_TERMINAL,
-    CityState,
-    FlaggedCard,
+    TALLY,
     HotlistCard,
-    LedgerRow,
-    QuarantineRow,
-    QuarantineTally,
-    TerminalProgress,
 )
 from terminals.messages import CHINA, RECORD_ID, TERMINAL_NO, TxnRecord
 
 Identity = tuple[str, str, str, int]
-LEDGER = cast(Table, LedgerRow.__table__)
-QUARANTINE = cast(Table, QuarantineRow.__table__)
-PROGRESS = cast(Table, TerminalProgress.__table__)
-CITY_STATE = cast(Table, CityState.__table__)
 _IDENTITY = (LEDGER.c.issuer, LEDGER.c.card, LEDGER.c.kind, LEDGER.c.card_counter)
-TALLY = cast(Table, QuarantineTally.__table__)
 ACK_CHUNK = 1000  # terminals per statement of the ack bookkeeping: 2-3 parameters each, far below the limits
 QUARANTINE_KEEP = 64 * 1024  # bytes of a refused payload kept (with its length and SHA-256)
 QUARANTINE_CAP = 1000  # refused messages kept per sender and day; the rest are only counted
@@ -113,13 +108,14 @@ class Outcome:
     to_forward: list[TxnRecord] = field(default_factory=list)
 
 
-def _insert(connection: AsyncConnection, table: Any) -> Any:
+def _insert(connection: AsyncConnection, table: Table) -> postgresql.Insert | sqlite.Insert:
     """An INSERT that can say ON CONFLICT DO NOTHING on either backend."""
-    dialect = postgresql if connection.dialect.name == "postgresql" else sqlite
-    return dialect.insert(table)
+    if connection.dialect.name == "postgresql":
+        return postgresql.insert(table)
+    return sqlite.insert(table)
 
 
-def _row(city: str, accepted: Accepted, source: str, now: float) -> dict[str, Any]:
+def _row(city: str, accepted: Accepted, source: str, now: float) -> dict[str, object]:
     record = accepted.record
     forward = FORWARD_PENDING if accepted.forward and source == SOURCE_TERMINAL else None
     return {
@@ -180,6 +176,44 @@ def _merge(into: Outcome, part: Outcome) -> None:
 
 def _identity_in(identities: Iterable[Identity]) -> ColumnElement[bool]:
     return tuple_(*_IDENTITY).in_(list(identities))
+
+
+def _lowest_seqs(messages: Sequence[Received]) -> dict[str, int]:
+    """The lowest seq each terminal sent in these messages (accepted or refused alike)."""
+    lowest: dict[str, int] = {}
+    for message in messages:
+        if message.terminal is None or not TERMINAL_NO.match(message.terminal):
+            continue  # a topic no terminal can own has nobody to ack (and no progress row to keep)
+        seqs = [v.record.seq if isinstance(v, Accepted) else v.seq for v in message.verdicts]
+        known = [s for s in seqs if s is not None]
+        if known:
+            lowest[message.terminal] = min(lowest.get(message.terminal, known[0]), *known)
+    return lowest
+
+
+class _AboveMarks:
+    """Per terminal, as of one moment: its stored mark, the seqs above it in the ledger or the quarantine, and
+    those of them in the quarantine."""
+
+    def __init__(self, terminals: Sequence[str]) -> None:
+        self.stored: dict[str, int] = {}
+        self.seqs: dict[str, set[int]] = {t: set() for t in terminals}
+        self.quarantined: dict[str, set[int]] = {t: set() for t in terminals}
+
+    def gap_free(self, terminal: str, mark: int) -> int:
+        """How far the terminal's seqs run on from ``mark`` without a gap."""
+        through = mark
+        while through + 1 in self.seqs[terminal]:
+            through += 1
+        return through
+
+    def reasons_wanted(self, terminal: str, low: int, through: int) -> bool:
+        """Whether the ack of seqs ``low``..``through`` must read rejection reasons: quarantined seqs above the
+        stored mark are known; the range needs them when it holds one, or reaches at or below the stored mark
+        (a resend)."""
+        if low > through:
+            return False
+        return low <= self.stored.get(terminal, low) or any(low <= s <= through for s in self.quarantined[terminal])
 
 
 class Ledger:
@@ -373,67 +407,56 @@ class Ledger:
         ]
         outcome.conflicts += len(flags)
         if flags:
-            await db.execute(_insert(db, FlaggedCard.__table__).on_conflict_do_nothing(), flags)
+            await db.execute(_insert(db, FLAGGED).on_conflict_do_nothing(), flags)
 
     async def _terminal_acks(self, db: AsyncConnection, messages: Sequence[Received]) -> list[TerminalAck]:
         """Per terminal: the new gap-free mark, and the quarantined seqs from the lowest seq it just sent up to
         the mark (it still holds those; lower ones were acked before). A handful of statements per batch (per
         ``ACK_CHUNK`` terminals), however many terminals it holds."""
-        lowest: dict[str, int] = {}
-        for message in messages:
-            if message.terminal is None or not TERMINAL_NO.match(message.terminal):
-                continue  # a topic no terminal can own has nobody to ack (and no progress row to keep)
-            seqs = [v.record.seq if isinstance(v, Accepted) else v.seq for v in message.verdicts]
-            known = [s for s in seqs if s is not None]
-            if known:
-                lowest[message.terminal] = min(lowest.get(message.terminal, known[0]), *known)
+        lowest = _lowest_seqs(messages)
         terminals = sorted(lowest)  # one order for every worker: no deadlock on the progress rows
         new = [{"city": self.city, "terminal": t, "acked_through": 0} for t in terminals if t not in self._marks]
         if new:
             await db.execute(_insert(db, PROGRESS).on_conflict_do_nothing(), new)
-        stored, found, quarantined = await self._above_marks(db, terminals)
+        found = await self._above_marks(db, terminals)
         acks: list[TerminalAck] = []
-        moved: list[dict[str, Any]] = []
+        moved: list[tuple[str, int]] = []
         ask: list[tuple[str, int, int]] = []
         for terminal in terminals:
             # the mark only grows, so the one remembered here is a safe start even when other workers moved it on
-            mark = max(self._marks.get(terminal, 0), stored.get(terminal, 0))
-            through = mark
-            while through + 1 in found[terminal]:
-                through += 1
+            mark = max(self._marks.get(terminal, 0), found.stored.get(terminal, 0))
+            through = found.gap_free(terminal, mark)
             if through > mark:
-                moved.append({"b_terminal": terminal, "b_through": through})
-            low = lowest[terminal]
-            # quarantined seqs above the stored mark are known; the reasons are read when the range holds one,
-            # or reaches at or below the stored mark (a resend)
-            if low <= through and (
-                low <= stored.get(terminal, low) or any(low <= s <= through for s in quarantined[terminal])
-            ):
-                ask.append((terminal, low, through))
+                moved.append((terminal, through))
+            if found.reasons_wanted(terminal, lowest[terminal], through):
+                ask.append((terminal, lowest[terminal], through))
             acks.append(TerminalAck(terminal, through, []))
-        if moved:
-            await db.execute(
-                update(PROGRESS)
-                .where(
-                    PROGRESS.c.city == self.city,
-                    PROGRESS.c.terminal == bindparam("b_terminal"),
-                    PROGRESS.c.acked_through < bindparam("b_through"),
-                )
-                .values(acked_through=bindparam("b_through")),
-                moved,
-            )
+        await self._move_marks(db, moved)
         rejected = await self._rejected(db, ask)
         for ack in acks:
             ack.rejected = sorted(rejected.get(ack.terminal, {}).items())
         return acks
 
-    async def _above_marks(
-        self, db: AsyncConnection, terminals: Sequence[str]
-    ) -> tuple[dict[str, int], dict[str, set[int]], dict[str, set[int]]]:
+    async def _move_marks(self, db: AsyncConnection, moved: Sequence[tuple[str, int]]) -> None:
+        """Raise the terminals' stored marks (never lower one another worker raised further meanwhile)."""
+        if not moved:
+            return
+        await db.execute(
+            update(PROGRESS)
+            .where(
+                PROGRESS.c.city == self.city,
+                PROGRESS.c.terminal == bindparam("b_terminal"),
+                PROGRESS.c.acked_through < bindparam("b_through"),
+            )
+            .values(acked_through=bindparam("b_through")),
+            [{"b_terminal": terminal, "b_through": through} for terminal, through in moved],
+        )
+
+    async def _above_marks(self, db: AsyncConnection, terminals: Sequence[str]) -> _AboveMarks:
         """The terminals' stored marks, the seqs above them in the ledger or the quarantine, and those of them in
         the quarantine. Marks and seqs come from one statement (per chunk), so from one moment."""
 
-        def above(table: Table, in_quarantine: str, chunk: Sequence[str]) -> Select[Any]:
+        def above(table: Table, in_quarantine: str, chunk: Sequence[str]) -> Select[str, int, int | None, str]:
             joined = PROGRESS.outerjoin(
                 table,
                 and_(
@@ -448,19 +471,17 @@ class Ledger:
                 .where(PROGRESS.c.city == self.city, PROGRESS.c.terminal.in_(chunk))
             )
 
-        stored: dict[str, int] = {}
-        found: dict[str, set[int]] = {t: set() for t in terminals}
-        quarantined: dict[str, set[int]] = {t: set() for t in terminals}
+        found = _AboveMarks(terminals)
         for start in range(0, len(terminals), ACK_CHUNK):
             chunk = terminals[start : start + ACK_CHUNK]
             rows = await db.execute(union(above(LEDGER, "0", chunk), above(QUARANTINE, "1", chunk)))
             for terminal, mark, seq, in_quarantine in rows.all():
-                stored[terminal] = int(mark)
+                found.stored[terminal] = int(mark)
                 if seq is not None:
-                    found[terminal].add(int(seq))
+                    found.seqs[terminal].add(int(seq))
                     if in_quarantine:
-                        quarantined[terminal].add(int(seq))
-        return stored, found, quarantined
+                        found.quarantined[terminal].add(int(seq))
+        return found
 
     async def _rejected(self, db: AsyncConnection, ranges: Sequence[tuple[str, int, int]]) -> dict[str, dict[int, str]]:
         """Quarantined seq -> reason per terminal, for the (terminal, lowest seq, highest seq) ranges."""
@@ -567,7 +588,7 @@ class Ledger:
         """Rows per table (and forward status) for this city."""
         async with self.engine.connect() as db:
             out: dict[str, int] = {}
-            for name, table in (("ledger", LEDGER), ("quarantine", QUARANTINE), ("flagged", FlaggedCard.__table__)):
+            for name, table in (("ledger", LEDGER), ("quarantine", QUARANTINE), ("flagged", FLAGGED)):
                 out[name] = int(
                     (
                         await db.execute(select(func.count()).select_from(table).where(table.c.city == self.city))
@@ -598,7 +619,7 @@ class Ledger:
         """Put cards on the hotlist (in one transaction with the new version); (version, all cards)."""
         async with self.engine.begin() as db:
             await db.execute(
-                _insert(db, HotlistCard.__table__).on_conflict_do_nothing(),
+                _insert(db, HOTLIST).on_conflict_do_nothing(),
                 [{"city": self.city, "card": card, "added": time.time()} for card in cards],
             )
             await db.execute(

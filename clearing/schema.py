@@ -6,7 +6,9 @@ must match them (a test compares the migrated database with this metadata)."""
 
 from __future__ import annotations
 
-from sqlalchemy import BigInteger, Index, Integer, LargeBinary, MetaData, String, Text, UniqueConstraint
+from typing import cast
+
+from sqlalchemy import BigInteger, Index, Integer, LargeBinary, MetaData, String, Table, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 NAMING = {
@@ -143,3 +145,17 @@ class TerminalProgress(Base):
     city: Mapped[str] = mapped_column(String(4), primary_key=True)
     terminal: Mapped[str] = mapped_column(String(12), primary_key=True)
     acked_through: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+def _table(model: type[Base]) -> Table:
+    """A model's Core table, for the bulk statements (the declarative ``__table__`` is typed as any FromClause)."""
+    return cast(Table, model.__table__)
+
+
+LEDGER = _table(LedgerRow)
+QUARANTINE = _table(QuarantineRow)
+TALLY = _table(QuarantineTally)
+FLAGGED = _table(FlaggedCard)
+HOTLIST = _table(HotlistCard)
+CITY_STATE = _table(CityState)
+PROGRESS = _table(TerminalProgress)

@@ -16,13 +16,14 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from decimal import ROUND_HALF_EVEN, Decimal
 from pathlib import Path
-from typing import Any, cast
+from typing import Final, TypedDict
 
-from sqlalchemy import Table, func, select
+from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from clearing.schema import FORWARD_ACKED, FORWARD_PENDING, FORWARD_REJECTED, SOURCE_TERMINAL, LedgerRow
+from clearing.schema import FORWARD_ACKED, FORWARD_PENDING, FORWARD_REJECTED, LEDGER, SOURCE_TERMINAL
 
+SETTLEMENT_SCHEMA: Final = "yikatong.settlement/1"
 DEFAULT_RATE = Decimal("0.005")
 DEBIT_KINDS = ("purchase", "metro_entry", "metro_exit")
 CSV_HEADER = [
@@ -40,12 +41,34 @@ CSV_HEADER = [
     "time",
     "tac",
 ]
-LEDGER = cast(Table, LedgerRow.__table__)
 
 
 def fee(amount: int, rate: Decimal) -> int:
     """The interchange fee of one record in whole fen, rounded half-even."""
     return int((Decimal(amount) * rate).quantize(Decimal(1), rounding=ROUND_HALF_EVEN))
+
+
+class PairDoc(TypedDict):
+    """One pair of cities in the settlement file."""
+
+    acquirer: str
+    issuer: str
+    records: int
+    gross: int
+    fee: int
+    rate: str
+    issuer_owes_acquirer: int
+
+
+class SettlementDoc(TypedDict):
+    """The settlement file, ``settlement-DAY.json``."""
+
+    schema: str
+    day: str
+    pairs: list[PairDoc]
+    positions: dict[str, int]
+    net_sum: int
+    unsettled: dict[str, int]
 
 
 @dataclass(frozen=True)
@@ -82,10 +105,10 @@ class Settlement:
             net[line.issuer] -= line.owed
         return dict(sorted(net.items()))
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self) -> SettlementDoc:
         """A JSON-ready summary."""
         return {
-            "schema": "yikatong.settlement/1",
+            "schema": SETTLEMENT_SCHEMA,
             "day": self.day,
             "pairs": [
                 {

@@ -223,7 +223,7 @@ async def _pipe(
                     Intake(city, host),
                     worker=f"demo-{run_id}",
                     persistent=False,
-                    terminal_topics=[txn_topic(city, t.terminal.hex().upper()) for t in day.terminals if t.city == city],
+                    terminal_topics=[txn_topic(city, t.terminal.hex().upper()) for t in day.terminals_of(city)],
                 )
                 for city in CITIES
             ]

@@ -76,6 +76,10 @@ class Day:
     taps: list[Tap] = field(default_factory=list)
     tamper_at: int = -1  # the tampered card is rewritten just before this tap
 
+    def terminals_of(self, city: str) -> list[TerminalConfig]:
+        """The terminals of one city."""
+        return [t for t in self.terminals if t.city == city]
+
 
 def issue_fleet(keys: IssuerKeyStore, per_city: int, rng: random.Random) -> list[DemoCard]:
     """``per_city`` CPU cards of each algorithm and ``per_city`` M1 cards per city, then the planted ones."""
