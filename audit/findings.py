@@ -10,9 +10,12 @@ import datetime as dt
 import enum
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from yikatong import __version__
+
+if TYPE_CHECKING:  # the type only: a report needs no database driver
+    from clearing.settlement import SettlementDoc
 
 REPORT_SCHEMA: Final = "yikatong.audit-report/1"
 
@@ -186,7 +189,7 @@ class Report:
     subjects: list[dict[str, Any]] = field(default_factory=list)  # cards audited / cities reconciled
     checks: dict[str, int] = field(default_factory=dict)  # check name -> how many offending items
     skipped: list[str] = field(default_factory=list)  # probes not run, and why
-    settlement: dict[str, Any] | None = None
+    settlement: SettlementDoc | None = None
     hotlist: list[str] = field(default_factory=list)
     generated: str = field(default_factory=lambda: dt.datetime.now(dt.UTC).isoformat(timespec="seconds"))
 

@@ -42,7 +42,8 @@ from audit.reconcile import (
 from cardsim.files import read_json
 from cardsim.resources import fixture_path
 from clearing.db import DatabaseUrlError, open_engine
-from clearing.settlement import CSV_HEADER, LEDGER
+from clearing.schema import LEDGER
+from clearing.settlement import CSV_HEADER
 from terminals.messages import CARD_ID, CITY_CODE, TERMINAL_NO, TxnRecord
 
 

@@ -44,7 +44,8 @@ from cardsim.purse import PurseCard
 from cardsim.resources import fixture_path
 from clearing.db import DatabaseUrlError, migrate, open_engine
 from clearing.intake import Intake
-from clearing.ledger import LEDGER, Ledger
+from clearing.ledger import Ledger
+from clearing.schema import LEDGER
 from clearing.service import ClearingService
 from clearing.settlement import Settlement, export_day, settle_day
 from terminals.inspect import yuan
