@@ -17,9 +17,10 @@ from dataclasses import dataclass, field
 from typing import Final, Protocol
 
 from audit.findings import Finding, finding
-from cardsim import crypto
+from cardsim import commands, crypto
 from cardsim.apdu import SW, split_response
 from cardsim.bcd import bcd_date, bcd_time
+from cardsim.commands import Debit, Initialize, InitializeAnswer, InitKind
 from cardsim.crypto import Algorithm, BlockKey
 from cardsim.keys import IssuerKeyStore
 from cardsim.purse import TYPE_LOAD, TYPE_PURCHASE
@@ -103,34 +104,20 @@ class _Traced:
         return lines
 
 
-@dataclass(frozen=True)
-class _Init:
-    """An INITIALIZE response, decoded."""
-
-    balance: int
-    counter: int
-    key_version: int
-    algorithm_id: int
-    random: bytes
-    mac1: bytes = b""
-
-
 def _sw(answer: bytes) -> int:
     return split_response(answer)[1]
 
 
-def _initialize(card: _Traced, load: bool, amount: int) -> _Init | int:
+def _initialize(card: _Traced, load: bool, amount: int) -> InitializeAnswer | int:
     """INITIALIZE FOR LOAD/PURCHASE; the decoded answer, or the status word when refused."""
-    apdu = bytes([0x80, 0x50, 0x00 if load else 0x01, 0x02, 0x0B, 0x01]) + amount.to_bytes(4) + AUDIT_TERMINAL
-    data, sw = split_response(card.transmit(apdu + (b"\x10" if load else b"\x0f")))
-    if sw != SW.OK or len(data) != (16 if load else 15):
+    command = Initialize(InitKind.LOAD if load else InitKind.PURCHASE, amount, AUDIT_TERMINAL)
+    data, sw = split_response(card.transmit(command.to_apdu()))
+    if sw != SW.OK or len(data) != command.answer_length:
         return sw
-    if load:
-        return _Init(int.from_bytes(data[0:4]), int.from_bytes(data[4:6]), data[6], data[7], data[8:12], data[12:16])
-    return _Init(int.from_bytes(data[0:4]), int.from_bytes(data[4:6]), data[9], data[10], data[11:15])
+    return InitializeAnswer.from_bytes(data, load)
 
 
-def _debit_apdu(init: _Init, purchase_key: BlockKey | None, seq: int, spoil: bool = False) -> bytes:
+def _debit_apdu(init: InitializeAnswer, purchase_key: BlockKey | None, seq: int, spoil: bool = False) -> bytes:
     """DEBIT FOR PURCHASE of 1 fen after ``init``; MAC1 from the key, or zeros (spoilt) without one."""
     date, time = bcd_date(AUDIT_TIME), bcd_time(AUDIT_TIME)
     mac1 = bytes(4)
@@ -139,10 +126,10 @@ def _debit_apdu(init: _Init, purchase_key: BlockKey | None, seq: int, spoil: boo
         mac1 = sk.mac(crypto.purchase_mac1_data(1, TYPE_PURCHASE, AUDIT_TERMINAL, date, time))
     if spoil:
         mac1 = bytes(b ^ 0xFF for b in mac1)
-    return bytes.fromhex("805401000F") + seq.to_bytes(4) + date + time + mac1 + b"\x08"
+    return Debit(seq, date, time, mac1).to_apdu()
 
 
-def identify_keys(init: _Init, card_serial: bytes, city: str, sources: list[KeySource]) -> CardKeys | None:
+def identify_keys(init: InitializeAnswer, card_serial: bytes, city: str, sources: list[KeySource]) -> CardKeys | None:
     """The key set whose load key reproduces the card's load MAC1: diversified for this card, or the master
     itself (undiversified); None when no key the reviewer holds does."""
     alg = Algorithm.from_id(init.algorithm_id)
@@ -182,7 +169,7 @@ class _Probe:
         self.card.connect()
         select_purse(self.card)
 
-    def begin_purchase(self) -> _Init:
+    def begin_purchase(self) -> InitializeAnswer:
         """A clean session and INITIALIZE FOR PURCHASE of 1 fen; TransactionError when the card refuses."""
         self.fresh()
         init = _initialize(self.card, False, 1)
@@ -254,7 +241,7 @@ class _Probe:
             self.add("CPU-WEAK-RANDOM", [*problems, "first challenges: " + " ".join(sample)], chi_square=round(chi2))
 
     def _challenge(self) -> bytes:
-        data, sw = split_response(self.card.transmit(bytes.fromhex("0084000008")))
+        data, sw = split_response(self.card.transmit(commands.get_challenge(8)))
         if sw != SW.OK or len(data) != 8:
             raise TransactionError("GET CHALLENGE", f"answered {sw:04X}", sw)
         return data
@@ -333,11 +320,11 @@ class _Probe:
         answers = []
         for _ in range(LOCKOUT_TRIES):
             self.fresh()
-            challenge, sw = split_response(self.card.transmit(bytes.fromhex("0084000004")))
+            challenge, sw = split_response(self.card.transmit(commands.get_challenge(4)))
             if sw != SW.OK:
                 answers.append(sw)
                 break
-            sw = _sw(self.card.transmit(bytes.fromhex("841E000004") + bytes(b ^ 0x5A for b in challenge)))
+            sw = _sw(self.card.transmit(commands.application_block(bytes(b ^ 0x5A for b in challenge))))
             answers.append(sw)
             if sw != SW.MAC_INVALID:
                 break

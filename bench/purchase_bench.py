@@ -14,17 +14,22 @@ import os
 import time
 from collections.abc import Callable
 
-from cardsim import crypto
+from cardsim import commands, crypto
 from cardsim.crypto import Algorithm, BlockKey
 from cardsim.keys import IssuerKeyStore
 from cardsim.personalise import CardRequest, issue_cpu_card
-from cardsim.psam import Psam, PsamState
+from cardsim.psam import SFI_TERMINAL, Psam, PsamState
 from cardsim.purse import COUNTER_MAX, TYPE_PURCHASE, PurseCard
-from terminals.flows import psam_terminal_number, purchase
-from terminals.reader import InProcessReader
+from terminals.flows import exchange, purchase
+from terminals.reader import InProcessReader, Reader
 
 KEYS = IssuerKeyStore.test_set()
 WHEN = dt.datetime(2026, 11, 24, 8, 15, 2)
+
+
+def psam_terminal_number(sam: Reader) -> bytes:
+    """The 6-byte terminal number held by the PSAM (its SFI 0x16)."""
+    return exchange(sam, "PSAM READ BINARY", commands.read_binary(SFI_TERMINAL, 6), 6)
 
 
 def best_of(repeat: int, n: int, run: Callable[[int], None]) -> float:

@@ -12,10 +12,11 @@ from typing import Final
 
 from cardsim import crypto
 from cardsim.apdu import SW, ApduError, Command, check_le, contactless_atr, parse_command, read_binary, respond
+from cardsim.commands import ComputeBlockMac, InitSamForPurchase, M1RecordMac, M1SectorKeys, SectorKeys, SequencedMac
 from cardsim.crypto import Algorithm, BlockKey
 from cardsim.eeprom import Eeprom
 from cardsim.keys import IssuerKeySet, IssuerKeyStore, city_of_serial
-from cardsim.m1_issue import KeyScheme, sector_keys
+from cardsim.m1_issue import sector_keys
 
 ATR: Final = contactless_atr(b"YKT-PSAM")
 SFI_SERIAL: Final = 0x15
@@ -122,16 +123,14 @@ class Psam:
         return read_binary(cmd, {SFI_SERIAL: self.state.serial, SFI_TERMINAL: self.state.terminal})
 
     def _init_sam_for_purchase(self, cmd: Command) -> bytes:
-        self._expect(cmd, 0x1C, 8)
-        d = cmd.data
-        random, counter, amount, txn_type = d[0:4], int.from_bytes(d[4:6]), int.from_bytes(d[6:10]), d[10]
-        date, time, version, algorithm_id, serial = d[11:15], d[15:18], d[18], d[19], d[20:28]
-        card_key = self._card_key(serial, version, algorithm_id, "purchase")
+        self._expect(cmd, InitSamForPurchase.DATA_LENGTH, SequencedMac.LENGTH)
+        r = InitSamForPurchase.from_command(cmd)
+        card_key = self._card_key(r.card_serial, r.key_version, r.algorithm_id, "purchase")
         ttc = self._next_ttc()
-        sk = crypto.session_key(card_key, crypto.purchase_key_input(random, counter, ttc))
-        mac1 = sk.mac(crypto.purchase_mac1_data(amount, txn_type, self.state.terminal, date, time))
-        self._session = _Session(sk, amount)
-        return respond(ttc.to_bytes(4) + mac1)
+        sk = crypto.session_key(card_key, crypto.purchase_key_input(r.random, r.counter, ttc))
+        mac1 = sk.mac(crypto.purchase_mac1_data(r.amount, r.txn_type, self.state.terminal, r.date, r.time))
+        self._session = _Session(sk, r.amount)
+        return respond(SequencedMac(ttc, mac1).to_bytes())
 
     def _credit_sam_for_purchase(self, cmd: Command) -> bytes:
         self._expect(cmd, 4, 0)
@@ -144,38 +143,34 @@ class Psam:
         return respond()
 
     def _block_mac(self, cmd: Command) -> bytes:
-        """Project command COMPUTE BLOCK MAC: serial(8) challenge(4) key version(1) algorithm id(1)."""
-        self._expect(cmd, 14, 4)
-        serial, challenge, version, algorithm_id = cmd.data[0:8], cmd.data[8:12], cmd.data[12], cmd.data[13]
-        key = self._card_key(serial, version, algorithm_id, "maintenance")
-        block_key = crypto.session_key(key, crypto.block_key_input(challenge))
+        """Project command COMPUTE BLOCK MAC (commands.ComputeBlockMac)."""
+        self._expect(cmd, ComputeBlockMac.DATA_LENGTH, ComputeBlockMac.ANSWER_LENGTH)
+        r = ComputeBlockMac.from_command(cmd)
+        key = self._card_key(r.card_serial, r.key_version, r.algorithm_id, "maintenance")
+        block_key = crypto.session_key(key, crypto.block_key_input(r.challenge))
         return respond(block_key.mac(crypto.BLOCK_COMMAND_HEADER))
 
     def _m1_sector_keys(self, cmd: Command) -> bytes:
-        """Project command M1 SECTOR KEYS ``80 FB sector 00 08``: city(2 BCD) | key version(1) | scheme(1:
-        01 shared, 02 diversified) | UID(4) -> key A(6) | key B(6), as a MIFARE SAM gives a legacy reader."""
+        """Project command M1 SECTOR KEYS (commands.M1SectorKeys): a sector's keys A and B, as a MIFARE SAM
+        gives a legacy reader."""
         if cmd.p1 > 15 or cmd.p2 != 0:
             raise ApduError(SW.INS_NOT_SUPPORTED)
-        if len(cmd.data) != 8:
+        if len(cmd.data) != M1SectorKeys.DATA_LENGTH:
             raise ApduError(SW.WRONG_LENGTH)
-        check_le(cmd, 12)
-        schemes = {0x01: KeyScheme.SHARED, 0x02: KeyScheme.DIVERSIFIED}
-        scheme = schemes.get(cmd.data[3])
-        if scheme is None:
-            raise ApduError(SW.KEY_NOT_FOUND, f"key scheme {cmd.data[3]:02X}")
-        master = self._key_set(cmd.data[0:2].hex(), cmd.data[2]).purchase
-        key_a, key_b = sector_keys(scheme, master, cmd.data[4:8], cmd.p1)
-        return respond(key_a + key_b)
+        check_le(cmd, SectorKeys.LENGTH)
+        r = M1SectorKeys.from_command(cmd)
+        master = self._key_set(r.city, r.key_version).purchase
+        key_a, key_b = sector_keys(r.scheme, master, r.uid, r.sector)
+        return respond(SectorKeys(key_a, key_b).to_bytes())
 
     def _m1_record_mac(self, cmd: Command) -> bytes:
-        """Project command M1 RECORD MAC ``80 FC 00 00 1C``: city(2 BCD) | key version(1) | UID(4) | counter(2) |
-        amount(4) | balance before(4) | balance after(4) | date(4) | time(3) -> terminal seq(4) | MAC(4).
-        M1 cards have no TAC; this MAC lets the clearing check that a terminal with a PSAM made the record."""
-        self._expect(cmd, 0x1C, 8)
-        d = cmd.data
-        master = self._key_set(d[0:2].hex(), d[2]).purchase
-        uid, counter, amount = d[3:7], int.from_bytes(d[7:9]), int.from_bytes(d[9:13])
-        before, after, date, time = int.from_bytes(d[13:17]), int.from_bytes(d[17:21]), d[21:25], d[25:28]
+        """Project command M1 RECORD MAC (commands.M1RecordMac) -> terminal seq(4) | MAC(4). M1 cards have no
+        TAC; this MAC lets the clearing check that a terminal with a PSAM made the record."""
+        self._expect(cmd, M1RecordMac.DATA_LENGTH, SequencedMac.LENGTH)
+        r = M1RecordMac.from_command(cmd)
+        master = self._key_set(r.city, r.key_version).purchase
         ttc = self._next_ttc()
-        data = crypto.m1_record_data(uid, counter, amount, before, after, self.state.terminal, ttc, date, time)
-        return respond(ttc.to_bytes(4) + crypto.m1_record_key(master, uid).mac(data))
+        data = crypto.m1_record_data(
+            r.uid, r.counter, r.amount, r.balance_before, r.balance_after, self.state.terminal, ttc, r.date, r.time
+        )
+        return respond(SequencedMac(ttc, crypto.m1_record_key(master, r.uid).mac(data)).to_bytes())

@@ -6,13 +6,25 @@ import datetime as dt
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
-from cardsim import crypto
+from cardsim import commands, crypto
 from cardsim.apdu import SW, split_response
 from cardsim.bcd import bcd_date, bcd_time
+from cardsim.commands import (
+    ComputeBlockMac,
+    Credit,
+    Debit,
+    Initialize,
+    InitializeAnswer,
+    InitKind,
+    InitSamForPurchase,
+    PurchaseProof,
+    SequencedMac,
+)
 from cardsim.crypto import Algorithm
 from cardsim.issuer import IssuerHost, LoadRequest
 from cardsim.keys import city_of_serial
-from cardsim.purse import AID, LOG_RECORDS, SFI_LOG, TYPE_COMPOUND, TYPE_LOAD, TYPE_PURCHASE, PublicData
+from cardsim.log_record import LogRecord
+from cardsim.purse import AID, LOG_RECORDS, SFI_LOG, SFI_TRIPS, TYPE_COMPOUND, TYPE_LOAD, TYPE_PURCHASE, PublicData
 from terminals.reader import CardGone, Reader
 
 
@@ -54,7 +66,7 @@ def exchange(reader: Reader, step: str, apdu: bytes, response_len: int | None) -
 
 def select_purse(card: Reader) -> PublicData:
     """SELECT the purse application and decode the FCI (tag 9F0C carries SFI 0x15)."""
-    fci = exchange(card, "SELECT", bytes.fromhex("00A40400") + bytes([len(AID)]) + AID, None)
+    fci = exchange(card, "SELECT", commands.select(AID), None)
     marker = fci.find(b"\x9f\x0c\x1e")
     if not fci.startswith(b"\x6f") or marker < 0 or len(fci) < marker + 3 + 30:
         raise TransactionError("SELECT", "FCI does not carry the 30-byte public data (9F0C)")
@@ -64,11 +76,6 @@ def select_purse(card: Reader) -> PublicData:
     except ValueError as err:
         raise TransactionError("SELECT", str(err)) from err
     return PublicData(public)
-
-
-def psam_terminal_number(sam: Reader) -> bytes:
-    """The 6-byte terminal number held by the PSAM (its SFI 0x16)."""
-    return exchange(sam, "PSAM READ BINARY", bytes.fromhex("00B0960006"), 6)
 
 
 @dataclass(frozen=True)
@@ -113,60 +120,55 @@ def purchase(
     app = app or select_purse(card)
     compound = trip_record is not None
     txn_type = TYPE_COMPOUND if compound else TYPE_PURCHASE
-    init = bytes([0x80, 0x50, 0x03 if compound else 0x01, 0x02, 0x0B, 0x01]) + amount.to_bytes(4) + terminal
-    r = exchange(card, "INITIALIZE FOR PURCHASE", init + b"\x0f", 15)
-    balance, counter, key_version, algorithm_id, random = (
-        int.from_bytes(r[0:4]),
-        int.from_bytes(r[4:6]),
-        r[9],
-        r[10],
-        r[11:15],
-    )
-    try:
-        algorithm = Algorithm.from_id(algorithm_id)
-    except ValueError as err:
-        raise TransactionError("INITIALIZE FOR PURCHASE", str(err)) from err
+    init = _initialize(card, Initialize(InitKind.COMPOUND if compound else InitKind.PURCHASE, amount, terminal))
+    algorithm = _algorithm("INITIALIZE FOR PURCHASE", init)
+    balance, counter = init.balance, init.counter
     if trip_record is not None:
         trip = trip_record(balance - amount) if callable(trip_record) else trip_record
-        exchange(card, "UPDATE CAPP DATA CACHE", bytes.fromhex("80DC00F030") + trip, 0)
+        exchange(card, "UPDATE CAPP DATA CACHE", commands.update_capp_data_cache(SFI_TRIPS, trip), 0)
     date, time = bcd_date(when), bcd_time(when)
-    sam_init = (
-        bytes.fromhex("807000001C")
-        + random
-        + counter.to_bytes(2)
-        + amount.to_bytes(4)
-        + bytes([txn_type])
-        + date
-        + time
-        + bytes([key_version, algorithm_id])
-        + app.card_serial
+    sam_init = InitSamForPurchase(
+        init.random, counter, amount, txn_type, date, time, init.key_version, init.algorithm_id, app.card_serial
     )
-    s = exchange(sam, "INIT SAM FOR PURCHASE", sam_init + b"\x08", 8)
-    terminal_seq, mac1 = int.from_bytes(s[0:4]), s[4:8]
+    mac1 = SequencedMac.from_bytes(exchange(sam, "INIT SAM FOR PURCHASE", sam_init.to_apdu(), SequencedMac.LENGTH))
     intent = PurseTransaction(
         app.application_serial,
         app.city,
         algorithm,
-        key_version,
+        init.key_version,
         txn_type,
         amount,
         balance,
         balance - amount,
         counter,
         terminal,
-        terminal_seq,
+        mac1.seq,
         when,
         b"",
     )
     if before_debit is not None:
         before_debit(intent)
-    d = exchange(card, "DEBIT FOR PURCHASE", bytes.fromhex("805401000F") + s[0:4] + date + time + mac1 + b"\x08", 8)
-    done = replace(intent, tac=d[0:4], mac2=d[4:8])
+    debit = Debit(mac1.seq, date, time, mac1.mac)
+    proof = PurchaseProof.from_debit_answer(exchange(card, "DEBIT FOR PURCHASE", debit.to_apdu(), Debit.ANSWER_LENGTH))
+    done = replace(intent, tac=proof.tac, mac2=proof.mac2)
     try:
-        exchange(sam, "CREDIT SAM FOR PURCHASE", bytes.fromhex("8072000004") + done.mac2, 0)
+        exchange(sam, "CREDIT SAM FOR PURCHASE", commands.credit_sam_for_purchase(done.mac2), 0)
     except (TransactionError, CardGone) as err:
         raise Mac2NotVerified(done, str(err)) from err
     return done
+
+
+def _initialize(card: Reader, command: Initialize) -> InitializeAnswer:
+    step = "INITIALIZE FOR LOAD" if command.kind == InitKind.LOAD else "INITIALIZE FOR PURCHASE"
+    answer = exchange(card, step, command.to_apdu(), command.answer_length)
+    return InitializeAnswer.from_bytes(answer, load=command.kind == InitKind.LOAD)
+
+
+def _algorithm(step: str, init: InitializeAnswer) -> Algorithm:
+    try:
+        return Algorithm.from_id(init.algorithm_id)
+    except ValueError as err:
+        raise TransactionError(step, str(err)) from err
 
 
 def read_records(card: Reader, sfi: int, most: int) -> list[bytes]:
@@ -174,7 +176,7 @@ def read_records(card: Reader, sfi: int, most: int) -> list[bytes]:
     ``most`` are read; TransactionError for any other answer."""
     records = []
     for number in range(1, most + 1):
-        raw = card.transmit(bytes([0x00, 0xB2, number, (sfi << 3) | 4, 0x00]))
+        raw = card.transmit(commands.read_record(sfi, number))
         try:
             data, sw = split_response(raw)
         except ValueError as err:
@@ -188,16 +190,10 @@ def read_records(card: Reader, sfi: int, most: int) -> list[bytes]:
 
 
 def _log_entry(txn: PurseTransaction) -> bytes:
-    """The SFI 0x18 record the card writes for ``txn``: counter | overdraft | amount | type | terminal | date | time."""
-    return (
-        txn.card_counter.to_bytes(2)
-        + bytes(3)
-        + txn.amount.to_bytes(4)
-        + bytes([txn.txn_type])
-        + txn.terminal
-        + bcd_date(txn.when)
-        + bcd_time(txn.when)
-    )
+    """The SFI 0x18 record the card writes for ``txn``."""
+    return LogRecord(
+        txn.card_counter, txn.amount, txn.txn_type, txn.terminal, bcd_date(txn.when), bcd_time(txn.when)
+    ).to_bytes()
 
 
 def purchase_outcome(card: Reader, intent: PurseTransaction) -> PurseTransaction | None:
@@ -210,27 +206,26 @@ def purchase_outcome(card: Reader, intent: PurseTransaction) -> PurseTransaction
     """
     if _log_entry(intent) not in read_records(card, SFI_LOG, LOG_RECORDS):
         return None
-    apdu = bytes([0x80, 0x5A, 0x00, intent.txn_type, 0x02]) + intent.card_counter.to_bytes(2) + b"\x08"
+    apdu = commands.get_transaction_prove(intent.txn_type, intent.card_counter)
     try:
-        proof = exchange(card, "GET TRANSACTION PROVE", apdu, 8)
+        proof = PurchaseProof.from_prove_answer(exchange(card, "GET TRANSACTION PROVE", apdu, 8))
     except TransactionError as err:
         if err.sw == SW.RECORD_NOT_FOUND:
             raise Unsettled(
                 err.step, "the card made the payment but no longer proves it (used elsewhere since)"
             ) from err
         raise
-    return replace(intent, mac2=proof[0:4], tac=proof[4:8])
+    return replace(intent, mac2=proof.mac2, tac=proof.tac)
 
 
 def block_card(card: Reader, sam: Reader, app: PublicData) -> None:
     """APPLICATION BLOCK a (selected) hotlisted card: INITIALIZE (for the key version and algorithm, nothing is
     committed), GET CHALLENGE, PSAM COMPUTE BLOCK MAC, APPLICATION BLOCK."""
-    r = exchange(card, "INITIALIZE FOR PURCHASE", bytes.fromhex("805001020B01") + bytes(4) + bytes(6) + b"\x0f", 15)
-    challenge = exchange(card, "GET CHALLENGE", bytes.fromhex("0084000004"), 4)
-    mac = exchange(
-        sam, "PSAM COMPUTE BLOCK MAC", bytes.fromhex("80FA00000E") + app.card_serial + challenge + r[9:11] + b"\x04", 4
-    )
-    exchange(card, "APPLICATION BLOCK", bytes.fromhex("841E000004") + mac, 0)
+    init = _initialize(card, Initialize(InitKind.PURCHASE, 0, bytes(6)))
+    challenge = exchange(card, "GET CHALLENGE", commands.get_challenge(4), 4)
+    block_mac = ComputeBlockMac(app.card_serial, challenge, init.key_version, init.algorithm_id)
+    mac = exchange(sam, "PSAM COMPUTE BLOCK MAC", block_mac.to_apdu(), ComputeBlockMac.ANSWER_LENGTH)
+    exchange(card, "APPLICATION BLOCK", commands.application_block(mac), 0)
 
 
 def load(
@@ -249,36 +244,34 @@ def load(
     ``load_outcome`` settles an interrupted one on the card's next tap.
     """
     app = app or select_purse(card)
-    init = bytes.fromhex("805000020B01") + amount.to_bytes(4) + terminal + b"\x10"
-    r = exchange(card, "INITIALIZE FOR LOAD", init, 16)
-    balance, counter, key_version, algorithm_id, random, mac1 = (
-        int.from_bytes(r[0:4]),
-        int.from_bytes(r[4:6]),
-        r[6],
-        r[7],
-        r[8:12],
-        r[12:16],
-    )
+    init = _initialize(card, Initialize(InitKind.LOAD, amount, terminal))
     date, time = bcd_date(when), bcd_time(when)
-    try:
-        algorithm = Algorithm.from_id(algorithm_id)
-    except ValueError as err:
-        raise TransactionError("INITIALIZE FOR LOAD", str(err)) from err
+    algorithm = _algorithm("INITIALIZE FOR LOAD", init)
     mac2 = host.authorize_load(
         LoadRequest(
-            app.card_serial, key_version, algorithm_id, random, counter, balance, amount, terminal, mac1, date, time
+            app.card_serial,
+            init.key_version,
+            init.algorithm_id,
+            init.random,
+            init.counter,
+            init.balance,
+            amount,
+            terminal,
+            init.mac1,
+            date,
+            time,
         )
     )
     intent = PurseTransaction(
         app.application_serial,
         app.city,
         algorithm,
-        key_version,
+        init.key_version,
         TYPE_LOAD,
         amount,
-        balance,
-        balance + amount,
-        counter,
+        init.balance,
+        init.balance + amount,
+        init.counter,
         terminal,
         0,
         when,
@@ -286,7 +279,7 @@ def load(
     )
     if before_credit is not None:
         before_credit(intent)
-    tac = exchange(card, "CREDIT FOR LOAD", bytes.fromhex("805200000B") + date + time + mac2 + b"\x04", 4)
+    tac = exchange(card, "CREDIT FOR LOAD", Credit(date, time, mac2).to_apdu(), Credit.ANSWER_LENGTH)
     return replace(intent, tac=tac)
 
 

@@ -5,8 +5,10 @@ from __future__ import annotations
 import datetime as dt
 from dataclasses import dataclass, field
 
+from cardsim import commands
 from cardsim.apdu import SW
 from cardsim.bcd import parse_bcd_date, parse_bcd_datetime
+from cardsim.log_record import LogRecord
 from cardsim.purse import LOG_RECORDS, SFI_HOLDER, SFI_INTEROP, SFI_LOG, SFI_TRIPS, TRIP_RECORDS
 from terminals.flows import TransactionError, exchange, read_records, select_purse
 from terminals.reader import Reader
@@ -47,6 +49,19 @@ class CardInfo:
     trips: int = 0
 
 
+def _log_entry(raw: bytes) -> LogEntry:
+    """A log record as shown; its time is None when the card stored no valid BCD date and time."""
+    try:
+        record = LogRecord.from_bytes(raw)
+    except ValueError as err:
+        raise TransactionError("READ RECORD", str(err)) from err
+    try:
+        when: dt.datetime | None = parse_bcd_datetime(record.date, record.time)
+    except ValueError:
+        when = None
+    return LogEntry(record.counter, record.amount, record.txn_type, record.terminal.hex().upper(), when)
+
+
 def read_card_info(card: Reader) -> CardInfo:
     """SELECT, READ BINARY 0x15-0x17, GET BALANCE, READ RECORD of the logs."""
     try:
@@ -56,16 +71,10 @@ def read_card_info(card: Reader) -> CardInfo:
             return CardInfo(status=SW(err.sw).name.lower().replace("_", " "))
         raise
     pub = app.raw
-    holder = exchange(card, "READ BINARY 16", bytes([0x00, 0xB0, 0x80 | SFI_HOLDER, 0x00, 0x00]), None)
-    interop = exchange(card, "READ BINARY 17", bytes([0x00, 0xB0, 0x80 | SFI_INTEROP, 0x00, 0x00]), None)
-    balance = int.from_bytes(exchange(card, "GET BALANCE", bytes.fromhex("805C000204"), 4))
-    log = []
-    for rec in read_records(card, SFI_LOG, LOG_RECORDS):
-        try:
-            when: dt.datetime | None = parse_bcd_datetime(rec[16:20], rec[20:23])
-        except ValueError:
-            when = None
-        log.append(LogEntry(int.from_bytes(rec[0:2]), int.from_bytes(rec[5:9]), rec[9], rec[10:16].hex().upper(), when))
+    holder = exchange(card, "READ BINARY 16", commands.read_binary(SFI_HOLDER), None)
+    interop = exchange(card, "READ BINARY 17", commands.read_binary(SFI_INTEROP), None)
+    balance = int.from_bytes(exchange(card, "GET BALANCE", commands.get_balance(), 4))
+    log = [_log_entry(raw) for raw in read_records(card, SFI_LOG, LOG_RECORDS)]
     start: dt.date | None
     expiry: dt.date | None
     try:
