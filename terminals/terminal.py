@@ -17,10 +17,11 @@ from typing import Any, Protocol
 
 from cardsim.apdu import SW
 from cardsim.bcd import bcd_date, bcd_time
+from cardsim.commands import M1RecordMac, M1SectorKeys, SectorKeys, SequencedMac
 from cardsim.crypto import Algorithm
 from cardsim.issuer import HostRefusal, IssuerHost
 from cardsim.keys import IssuerKeyStore
-from cardsim.m1_issue import ISSUER_BLOCK, PURSE_SECTOR
+from cardsim.m1_issue import ISSUER_BLOCK, PURSE_SECTOR, KeyScheme
 from cardsim.psam import Psam, PsamState
 from cardsim.purse import SFI_TRIPS, TYPE_LOAD, PublicData
 from terminals.flows import (
@@ -391,11 +392,11 @@ class Terminal:
         (diversified, then shared); a card on factory keys names its issuer in block 1."""
         uid_int = int.from_bytes(uid)
         for city in self.accepted_cities:
-            for scheme in (0x02, 0x01):
-                apdu = bytes([0x80, 0xFB, PURSE_SECTOR, 0x00, 0x08, *bytes.fromhex(city), self.config.key_version])
-                keys = exchange(self.sam, "PSAM M1 SECTOR KEYS", apdu + bytes([scheme]) + uid + b"\x0c", 12)
-                if _authenticates(chip, uid_int, int.from_bytes(keys[6:12])):
-                    return city, int.from_bytes(keys[6:12])
+            for scheme in (KeyScheme.DIVERSIFIED, KeyScheme.SHARED):
+                apdu = M1SectorKeys(PURSE_SECTOR, city, self.config.key_version, scheme, uid).to_apdu()
+                keys = SectorKeys.from_bytes(exchange(self.sam, "PSAM M1 SECTOR KEYS", apdu, SectorKeys.LENGTH))
+                if _authenticates(chip, uid_int, int.from_bytes(keys.key_b)):
+                    return city, int.from_bytes(keys.key_b)
         if _authenticates(chip, uid_int, DEFAULT_KEY):
             chip.power_on()
             reader = M1Reader(chip, uid_int)
@@ -408,17 +409,20 @@ class Terminal:
 
     def _store_m1(self, txn: M1Transaction, issuer: str, pending: str) -> TxnRecord:
         uid = txn.uid.to_bytes(4)
-        data = (
-            bytes.fromhex(issuer)
-            + bytes([self.config.key_version])
-            + uid
-            + txn.counter.to_bytes(2)
-            + txn.amount.to_bytes(4)
-            + txn.balance_before.to_bytes(4)
-            + txn.balance_after.to_bytes(4)
-            + _bcd_date_time(txn.when)
+        command = M1RecordMac(
+            issuer,
+            self.config.key_version,
+            uid,
+            txn.counter,
+            txn.amount,
+            txn.balance_before,
+            txn.balance_after,
+            bcd_date(txn.when),
+            bcd_time(txn.when),
         )
-        answer = exchange(self.sam, "PSAM M1 RECORD MAC", bytes.fromhex("80FC00001C") + data + b"\x08", 8)
+        answer = SequencedMac.from_bytes(
+            exchange(self.sam, "PSAM M1 RECORD MAC", command.to_apdu(), SequencedMac.LENGTH)
+        )
         fields = {
             "kind": "purchase",
             "tech": "m1",
@@ -428,11 +432,11 @@ class Terminal:
             "balance_before": txn.balance_before,
             "balance_after": txn.balance_after,
             "terminal": self.terminal_hex,
-            "terminal_seq": int.from_bytes(answer[0:4]),
+            "terminal_seq": answer.seq,
             "psam": self.psam_serial.hex().upper(),
             "acquirer": self.config.city,
             "time": txn.when.isoformat(timespec="seconds"),
-            "tac": answer[4:8].hex().upper(),
+            "tac": answer.mac.hex().upper(),
             "key_version": self.config.key_version,
             "alg": Algorithm.SM4.value,
         }
@@ -446,10 +450,6 @@ def _authenticates(chip: M1Chip, uid: int, key_b: int) -> bool:
     except M1Error:
         return False
     return True
-
-
-def _bcd_date_time(when: dt.datetime) -> bytes:
-    return bcd_date(when) + bcd_time(when)
 
 
 def _intent_transaction(intent: dict[str, Any]) -> PurseTransaction:
