@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
 
 from cardsim.files import read_json
 from cardsim.resources import fixture_path
@@ -49,7 +48,7 @@ class IssuerKeyStore:
         return IssuerKeyStore([replace(s, load=None, tac=None) for s in self], test_keys=self.test_keys)
 
     @classmethod
-    def from_json(cls, doc: Any, source: str = "key file") -> IssuerKeyStore:
+    def from_json(cls, doc: object, source: str = "key file") -> IssuerKeyStore:
         """Parse a ``yikatong.keys/1`` document; KeyFileError names what is wrong."""
         if not isinstance(doc, dict) or doc.get("schema") != "yikatong.keys/1":
             raise KeyFileError(f"{source}: not a yikatong.keys/1 document")

@@ -6,7 +6,7 @@ import datetime as dt
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import Final
 
 from cardsim.bcd import bcd, parse_bcd_datetime
 from cardsim.resources import fixture_path
@@ -80,7 +80,7 @@ class FareTable:
             raise FareTableError(f"{source}: {err}") from err
 
     @classmethod
-    def _from_json(cls, doc: Any) -> FareTable:
+    def _from_json(cls, doc: object) -> FareTable:
         if not isinstance(doc, dict) or doc.get("schema") != "yikatong.metro/1":
             raise ValueError("not a yikatong.metro/1 document")
         cities = {}
