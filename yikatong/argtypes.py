@@ -1,5 +1,5 @@
-"""Argument types shared by the subcommands (argparse turns their ArgumentTypeError into exit code 2), and the
-key-file loader they share."""
+"""Argument types shared by the subcommands (argparse turns their ArgumentTypeError into exit code 2), the
+parser helpers they share (command groups, the --db option), and the key-file loader."""
 
 from __future__ import annotations
 
@@ -18,6 +18,9 @@ from yikatong.errors import CliError
 
 _HEX = set("0123456789abcdefABCDEF")
 _WHOLE = re.compile(r"\+?([0-9]+)")  # ASCII digits: isdigit() and int() take other scripts' too
+
+Subcommands = argparse._SubParsersAction[argparse.ArgumentParser]
+"""What ``add_subparsers`` returns: where a command or a command group registers its parsers."""
 
 MAX_FEN = 2**31 - 1
 """The most fen an amount or a balance can be: the card's amount and balance fields are 4 bytes, the M1 value
@@ -152,3 +155,10 @@ def load_keys(path: Path | None) -> IssuerKeyStore:
         return IssuerKeyStore.load(path) if path else IssuerKeyStore.test_set()
     except KeyFileError as err:
         raise CliError(str(err)) from err
+
+
+def command_group(groups: Subcommands, name: str, *, help_text: str, description: str) -> Subcommands:
+    """A command group, ``yikatong NAME SUBCOMMAND``: its parser, and where its subcommands are registered
+    (one is required; the chosen one lands in ``NAME_command``)."""
+    group = groups.add_parser(name, help=help_text, description=description)
+    return group.add_subparsers(dest=f"{name}_command", metavar="SUBCOMMAND", required=True)

@@ -9,7 +9,6 @@ import sys
 import textwrap
 import time
 from collections.abc import Callable
-from typing import Any
 
 from audit.chips import ChipAudit, audit_fleet, build_report
 from audit.cpu_audit import KeySource, audit_cpu
@@ -22,7 +21,7 @@ from terminals.flows import TransactionError
 from terminals.m1 import M1Error
 from terminals.reader import CardGone
 from yikatong import reconcile_cli
-from yikatong.argtypes import file_path, hex_number, positive
+from yikatong.argtypes import Subcommands, command_group, file_path, hex_number, positive
 from yikatong.audit_output import add_report_options, finish
 from yikatong.card_cli import load_image
 from yikatong.errors import CliError
@@ -31,15 +30,15 @@ _hex32 = hex_number(8)
 _hex48 = hex_number(12)
 
 
-def register(groups: Any) -> None:
+def register(groups: Subcommands) -> None:
     """Add the ``audit`` command group."""
-    audit = groups.add_parser(
+    sub = command_group(
+        groups,
         "audit",
-        help="chip audit of a card fleet, reconciliation of the cities' ledgers, Crypto-1 key recovery",
+        help_text="chip audit of a card fleet, reconciliation of the cities' ledgers, Crypto-1 key recovery",
         description="Security review tools. 'chips' and 'reconcile' write a JSON and an HTML report and exit 1 "
         "when a finding at or above --fail-on exists (0 otherwise, 2 on bad usage).",
     )
-    sub = audit.add_subparsers(dest="audit_command", metavar="SUBCOMMAND", required=True)
     _register_chips(sub)
     reconcile_cli.register(sub)
 
@@ -93,7 +92,7 @@ def _key_type(text: str) -> int:
     return types[text.upper()]
 
 
-def _register_nested(sub: Any) -> None:
+def _register_nested(sub: Subcommands) -> None:
     nested = sub.add_parser(
         "nested",
         help="recover other sector keys of a (simulated) M1 card from one known key",
@@ -146,7 +145,7 @@ def _mfkey32(args: argparse.Namespace) -> int:
     return _report(lambda: mfkey32(*values), (NoKeyFound,), _NOT_ONE_KEY)
 
 
-def _register_chips(sub: Any) -> None:
+def _register_chips(sub: Subcommands) -> None:
     chips = sub.add_parser(
         "chips",
         help="audit a fleet of cards (images, a generated fleet, or cards on a PC/SC reader)",

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any
 
 from audit.findings import Report, Severity
 from audit.html import render_html
@@ -43,19 +42,22 @@ def add_report_options(parser: argparse.ArgumentParser, kind: str) -> None:
     )
 
 
-def finish(report: Report, args: Any) -> int:
+def finish(report: Report, args: argparse.Namespace) -> int:
     """Write both reports, print the counts by severity and where the reports are; the exit code."""
+    json_path: Path = args.json  # the options add_report_options added
+    html_path: Path = args.html
+    fail_on: Severity = args.fail_on
     try:
-        for path in (args.json, args.html):
+        for path in (json_path, html_path):
             path.parent.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(args.json, report.to_json())
-        write_text_atomic(args.html, render_html(report))
+        write_json_atomic(json_path, report.to_json())
+        write_text_atomic(html_path, render_html(report))
     except OSError as err:
         raise CliError(f"cannot write the reports: {err}") from err
     counts = report.counts()
     print("findings by severity: " + ", ".join(f"{label} {n}" for label, n in counts.items()))
-    print(f"reports: {args.json} {args.html}")
-    code = report.exit_code(args.fail_on)
+    print(f"reports: {json_path} {html_path}")
+    code = report.exit_code(fail_on)
     if code:
-        print(f"exit 1: findings at or above {args.fail_on.label}")
+        print(f"exit 1: findings at or above {fail_on.label}")
     return code

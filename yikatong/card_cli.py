@@ -9,7 +9,6 @@ import re
 import secrets
 import sys
 from pathlib import Path
-from typing import Any
 
 from cardsim import vpcd
 from cardsim.apdu import split_response
@@ -23,19 +22,21 @@ from cardsim.purse import PurseCard, PurseState
 from terminals.flows import TransactionError
 from terminals.inspect import TXN_TYPES, read_card_info, yuan
 from terminals.reader import InProcessReader
-from yikatong.argtypes import city_code, fen, file_path, hex_number, load_keys
+from yikatong.argtypes import Subcommands, city_code, command_group, fen, file_path, hex_number, load_keys
 from yikatong.errors import CliError
 from yikatong.process import stop_on_sigterm
 
 CITY_NAMES = {"4510": "Jinan 济南", "4560": "Yantai 烟台", "4530": "Zibo 淄博"}
 
 
-def register(groups: Any) -> None:
+def register(groups: Subcommands) -> None:
     """Add the ``card`` command group."""
-    card = groups.add_parser(
-        "card", help="issue, show and serve simulated cards", description="Issue, show and serve simulated cards."
+    sub = command_group(
+        groups,
+        "card",
+        help_text="issue, show and serve simulated cards",
+        description="Issue, show and serve simulated cards.",
     )
-    sub = card.add_subparsers(dest="card_command", metavar="SUBCOMMAND", required=True)
 
     issue = sub.add_parser(
         "issue",

@@ -11,10 +11,9 @@ import json
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
-from typing import Any, TypeVar
 
 import aiomqtt
 from sqlalchemy.exc import SQLAlchemyError
@@ -29,8 +28,10 @@ from clearing.settlement import Settlement, export_day, settle_day
 from terminals.messages import CARD_ID, MAX_DEPTH, MAX_PAYLOAD, MAX_RECORDS, MAX_STRING, Limits
 from terminals.mqtt import BrokerUrl
 from yikatong.argtypes import (
+    Subcommands,
     broker_url,
     city_code,
+    command_group,
     database_url,
     file_path,
     interval,
@@ -43,18 +44,17 @@ from yikatong.process import setup_logging, stop_on_sigterm
 
 log = logging.getLogger("yikatong.clearing")
 DEFAULT_DB = "sqlite:///clearing.sqlite"
-T = TypeVar("T")
 
 
-def register(groups: Any) -> None:
+def register(groups: Subcommands) -> None:
     """Add the ``clearing`` command group."""
-    group = groups.add_parser(
+    sub = command_group(
+        groups,
         "clearing",
-        help="run a city's clearing (verify, store once, ack, forward), settle, hotlist",
+        help_text="run a city's clearing (verify, store once, ack, forward), settle, hotlist",
         description="The clearing receives the terminals' records over MQTT, verifies them, stores each once, "
         "acks them, forwards other cities' cards to their issuer, settles between cities and publishes the hotlist.",
     )
-    sub = group.add_subparsers(dest="clearing_command", metavar="SUBCOMMAND", required=True)
 
     serve = sub.add_parser(
         "serve",
@@ -240,10 +240,6 @@ async def _database(url: str, *, upgrade: bool = True) -> AsyncIterator[AsyncEng
         await engine.dispose()
 
 
-def _run_async(work: Callable[[], Coroutine[Any, Any, T]]) -> T:
-    return asyncio.run(work())
-
-
 # --- serve ----------------------------------------------------------------------------------------------
 
 
@@ -345,7 +341,7 @@ def _settle(args: argparse.Namespace) -> int:
                 raise CliError(f"cannot write the clearing files into {args.out}: {err}") from err
             return settlement, files
 
-    settlement, files = _run_async(work)
+    settlement, files = asyncio.run(work())
     summary = args.out / f"settlement-{args.day}.json"
     try:
         summary.write_text(json.dumps(settlement.to_json(), indent=2) + "\n", encoding="utf-8")
@@ -392,7 +388,7 @@ def _hotlist_add(args: argparse.Namespace) -> int:
                 ) from err
             return version, cards
 
-    version, cards = _run_async(work)
+    version, cards = asyncio.run(work())
     print(f"hotlist of {args.city}: version {version}, {len(cards)} card(s), published retained to {broker}")
     return 0
 
@@ -402,7 +398,7 @@ def _hotlist_list(args: argparse.Namespace) -> int:
         async with _database(args.db) as engine:
             return await Ledger(engine, args.city).hotlist_state()
 
-    version, cards = _run_async(work)
+    version, cards = asyncio.run(work())
     print(f"hotlist of {args.city}: version {version}, {len(cards)} card(s)")
     for card in cards:
         print(card)
@@ -415,7 +411,7 @@ def _status(args: argparse.Namespace) -> int:
             ledger = Ledger(engine, args.city)
             return await ledger.counts(), await ledger.quarantine_reasons(), (await ledger.hotlist_state())[0]
 
-    counts, reasons, version = _run_async(work)
+    counts, reasons, version = asyncio.run(work())
     print(f"clearing {args.city} in {args.db}")
     for name, count in counts.items():
         print(f"  {name:<18} {count:>10,}")
@@ -430,6 +426,6 @@ def _migrate(args: argparse.Namespace) -> int:
         async with _database(args.db) as engine:
             return await revision(engine)
 
-    current, head = _run_async(work)
+    current, head = asyncio.run(work())
     print(f"{args.db}: schema revision {current} (newest {head})")
     return 0

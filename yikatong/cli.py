@@ -40,7 +40,7 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     """The full argument parser (also used by tests and --help)."""
-    parser = _Parser(
+    parser: argparse.ArgumentParser = _Parser(  # typed as its base: the commands register on plain parsers
         prog="yikatong",
         description="City one-card (一卡通) smart-card simulator and audit service.",
         epilog="Run 'yikatong COMMAND --help' for the options of a command.",

@@ -23,7 +23,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
 
 from sqlalchemy import func, select
 from sqlalchemy.exc import SQLAlchemyError
@@ -56,7 +55,7 @@ from terminals.outbox import Outbox
 from terminals.reader import InProcessReader
 from terminals.terminal import TapResult, Terminal
 from terminals.uplink import Uplink
-from yikatong.argtypes import broker_url, database_url, file_path, load_keys, positive
+from yikatong.argtypes import Subcommands, broker_url, database_url, file_path, load_keys, positive
 from yikatong.demo_world import CITIES, DAY, Day, DemoCard, issue_fleet, plan_day, tamper, terminals
 from yikatong.errors import CliError
 
@@ -65,7 +64,7 @@ RUN_FILES = ["cards", "terminals", "clearing-files", "clearing.sqlite", "report.
 RUN_FILES += ["audit-chips.json", "audit-reconcile.json"]
 
 
-def register(groups: Any) -> None:
+def register(groups: Subcommands) -> None:
     """Add the ``demo`` command."""
     demo = groups.add_parser(
         "demo",

@@ -12,7 +12,6 @@ import random
 import secrets
 import sys
 from pathlib import Path
-from typing import Any
 
 import aiomqtt
 
@@ -21,6 +20,7 @@ from cardsim.issuer import IssuerHost
 from terminals.mqtt import BrokerUrl, given_or_embedded
 from terminals.outbox import OutboxError
 from yikatong.argtypes import (
+    Subcommands,
     broker_url,
     city_code,
     database_url,
@@ -31,10 +31,10 @@ from yikatong.argtypes import (
     session_expiry,
 )
 from yikatong.errors import CliError
-from yikatong.load_report import render_html, summary
+from yikatong.load_report import LoadSettings, LoadSummary, render_html, summary
 from yikatong.loadgen import PROFILES, LoadRun, Plan, Progress, SimTerminal, TimedQueue, open_outbox, terminal_numbers
 from yikatong.process import clearing_processes, setup_logging
-from yikatong.synthetic import synthetic_cards
+from yikatong.synthetic import SyntheticCard, synthetic_cards
 
 CITIES = ["4510", "4560", "4530"]
 SESSION_EXPIRY = 300  # seconds: a killed run rerun by hand with --state-dir finds its sessions; then they go
@@ -57,7 +57,7 @@ def _cities(text: str) -> list[str]:
     return cities
 
 
-def register(groups: Any) -> None:
+def register(groups: Subcommands) -> None:
     """Add the ``load`` command."""
     load = groups.add_parser(
         "load",
@@ -145,7 +145,7 @@ def run(args: argparse.Namespace) -> int:
     # cards keep their counters on the card, not in the state folder: a resumed run takes new cards, or the same
     # seed would replay the old cards' counters (clones, in the clearing's eyes)
     cards = synthetic_cards(args.cards, args.cities, secrets.randbits(32) if resumed else seed)
-    by_city: dict[str, list[Any]] = {}
+    by_city: dict[str, list[SyntheticCard]] = {}
     for card in cards:
         card.balance = 20_000
         by_city.setdefault(card.issuer, []).append(card)
@@ -177,7 +177,7 @@ def _terminals(args: argparse.Namespace, host: IssuerHost, seed: int) -> list[Si
 
 
 async def _run(
-    args: argparse.Namespace, terminals: list[SimTerminal], cards: dict[str, list[Any]], plan: Plan, seed: int
+    args: argparse.Namespace, terminals: list[SimTerminal], cards: dict[str, list[SyntheticCard]], plan: Plan, seed: int
 ) -> int:
     # a given broker is shared and outlives the run: the terminals' sessions must expire there (MQTT 5); the
     # embedded amqtt speaks MQTT 3.1.1 only, and its sessions end with it at the end of the run
@@ -210,7 +210,7 @@ async def _run(
             printer.done()
         finally:
             await asyncio.to_thread(stack.close)
-        settings = {
+        settings: LoadSettings = {
             "terminals": args.terminals,
             "cards": args.cards,
             "rate": plan.rate,
@@ -275,7 +275,7 @@ class _Printer:
             sys.stderr.write("\n")
 
 
-def _print_summary(doc: dict[str, Any]) -> None:
+def _print_summary(doc: LoadSummary) -> None:
     lat = doc["latency_ms"]
     ms = "  ".join(f"{k} {v if v is not None else '-'} ms" for k, v in lat.items())
     print()

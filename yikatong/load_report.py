@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import html
 from collections.abc import Sequence
-from typing import Any
+from typing import TypedDict
 
 import numpy as np
 
@@ -15,8 +15,48 @@ from yikatong.loadgen import LoadRun
 SUMMARY_SCHEMA = "yikatong.load-summary/1"
 PERCENTILES = (50, 95, 99)
 
+Percentiles = dict[str, float | None]
+"""``p50``, ``p95``, ``p99`` in milliseconds (None when nothing was timed)."""
+SecondDoc = dict[str, float | None]
+"""One second of the timeline: ``second``, ``offered``, ``generated``, ``acked``, ``rejected`` and the
+percentiles, flat."""
 
-def percentiles_ms(latencies: Sequence[float]) -> dict[str, float | None]:
+
+class LoadSettings(TypedDict):
+    """What the run was asked to do."""
+
+    terminals: int
+    cards: int
+    rate: float
+    duration: float
+    profile: str
+    broker: str
+    clearing: str  # "started" or "external"
+    session_expiry: int | None
+    seed: int
+
+
+class LoadSummary(TypedDict):
+    """The ``yikatong.load-summary/1`` document."""
+
+    schema: str
+    settings: LoadSettings
+    terminals: int
+    connected: int
+    connect_seconds: float
+    offered: int
+    generated: int
+    acked: int
+    rejected: int
+    unacked: int
+    generated_per_second: float
+    acked_per_second: float
+    drain_seconds: float
+    latency_ms: Percentiles
+    timeline: list[SecondDoc]
+
+
+def percentiles_ms(latencies: Sequence[float]) -> Percentiles:
     """p50/p95/p99 of latencies given in seconds, in milliseconds (None when there are none)."""
     if not latencies:
         return {f"p{p}": None for p in PERCENTILES}
@@ -24,12 +64,12 @@ def percentiles_ms(latencies: Sequence[float]) -> dict[str, float | None]:
     return {f"p{p}": round(float(v), 1) for p, v in zip(PERCENTILES, values, strict=True)}
 
 
-def summary(run: LoadRun, settings: dict[str, Any]) -> dict[str, Any]:
+def summary(run: LoadRun, settings: LoadSettings) -> LoadSummary:
     """The whole run as one JSON document: settings, totals, percentiles and the timeline."""
     latencies = [x for second in run.timeline for x in second.latencies]
     duration = run.plan.duration
     queued = run.queued()
-    timeline = [
+    timeline: list[SecondDoc] = [
         {
             "second": i,
             "offered": round(s.offered, 1),
@@ -100,7 +140,7 @@ def _chart(title: str, unit: str, series: list[tuple[str, str, list[float | None
     return f"<h2>{html.escape(title)} ({html.escape(unit)})</h2><p>{legend}</p>{''.join(parts)}"
 
 
-def render_html(doc: dict[str, Any]) -> str:
+def render_html(doc: LoadSummary) -> str:
     """The load report page."""
     timeline = doc["timeline"]
     settings = doc["settings"]
@@ -109,8 +149,8 @@ def render_html(doc: dict[str, Any]) -> str:
         "records per second",
         [
             ("offered", "#999", [s["offered"] for s in timeline]),
-            ("generated", "#1f77b4", [float(s["generated"]) for s in timeline]),
-            ("acked", "#2ca02c", [float(s["acked"]) for s in timeline]),
+            ("generated", "#1f77b4", [s["generated"] for s in timeline]),
+            ("acked", "#2ca02c", [s["acked"] for s in timeline]),
         ],
     )
     colours = dict(zip(PERCENTILES, ("#2ca02c", "#ff7f0e", "#d62728"), strict=True))

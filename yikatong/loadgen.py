@@ -19,7 +19,6 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from cardsim.issuer import IssuerHost
 from terminals.messages import CHINA, Ack, MessageError, TxnRecord, parse_hotlist
@@ -75,7 +74,7 @@ class TimedQueue:
         self.on_ack = on_ack  # set by the run that drives the terminal
         self._made: deque[tuple[int, float]] = deque()
 
-    def append(self, fields: dict[str, Any]) -> TxnRecord:
+    def append(self, fields: dict[str, object]) -> TxnRecord:
         """Store a record and start its clock."""
         record = self.inner.append(fields)
         self._made.append((record.seq, time.monotonic()))

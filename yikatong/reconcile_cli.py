@@ -10,13 +10,12 @@ import sys
 import textwrap
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 from audit.findings import Report
 from audit.ledger_sources import LedgerInputError, read_cities, read_clearing_file, read_database, read_settlement
 from audit.reconcile import Ledger, Options, day_number, reconcile
 from cardsim.keys import TEST_KEYS_FIXTURE
-from yikatong.argtypes import database_url, file_path, load_keys, positive
+from yikatong.argtypes import Subcommands, database_url, file_path, load_keys, positive
 from yikatong.audit_output import add_report_options, finish
 from yikatong.demo import DEFAULT_KEYS as DEMO_KEYS
 from yikatong.errors import CliError
@@ -24,7 +23,7 @@ from yikatong.errors import CliError
 _HOLDER = re.compile(r"([0-9]{4})=(.+)")
 
 
-def register(sub: Any) -> None:
+def register(sub: Subcommands) -> None:
     """Add ``reconcile`` to the ``audit`` subcommands."""
     parser = sub.add_parser(
         "reconcile",
