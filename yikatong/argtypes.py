@@ -8,6 +8,7 @@ import math
 import re
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypeAlias
 
 from sqlalchemy.engine import make_url
 
@@ -19,7 +20,7 @@ from yikatong.errors import CliError
 _HEX = set("0123456789abcdefABCDEF")
 _WHOLE = re.compile(r"\+?([0-9]+)")  # ASCII digits: isdigit() and int() take other scripts' too
 
-Subcommands = argparse._SubParsersAction[argparse.ArgumentParser]
+Subcommands: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"  # (not subscriptable at run time)
 """What ``add_subparsers`` returns: where a command or a command group registers its parsers."""
 
 MAX_FEN = 2**31 - 1

@@ -150,8 +150,8 @@ def run(args: argparse.Namespace) -> int:
     except LedgerInputError as err:
         raise CliError(str(err)) from err
     fares = FareTable.load()
-    cards = issue_fleet(keys, args.cards, rng)
-    day = plan_day(cards, terminals(fares, rng), args.rides, rng, cities.travel_minutes)
+    day = plan_day(issue_fleet(keys, args.cards, rng), terminals(fares, rng), args.rides, rng, cities.travel_minutes)
+    cards = day.cards
     cleared = asyncio.run(_pipe(args.broker, db_url, keys, fares, day, out, bar, rng))
     for card in cards:
         save_card(out / "cards" / f"{card.name}.json", card.state)
@@ -160,8 +160,12 @@ def run(args: argparse.Namespace) -> int:
         KeySource("published test keys", IssuerKeyStore.test_set(), True),
         KeySource("issuer keys", keys, keys.test_keys),
     ]
-    fleet = [FleetCard(card.name, card.state) for card in cards]
-    chips = audit_fleet(fleet, sources, [f"demo fleet ({len(cards)} cards)"], active=False)
+    chips = audit_fleet(
+        [FleetCard(card.name, card.state) for card in cards],
+        sources,
+        [f"demo fleet ({len(cards)} cards)"],
+        active=False,
+    )
     bar.phase("reconciling the three cities' ledgers")
     recon = _reconcile(db_url, keys, cities, out)
     page = render_combined("yikatong demo: chip audit and reconciliation", [chips, recon])
@@ -274,7 +278,7 @@ async def _ride(
         bar.phase(f"riding: {len(day.taps)} taps at {len(day.terminals)} terminals of 3 cities")
         for i, tap in enumerate(day.taps):
             if i == day.tamper_at:
-                tamper(next(c for c in day.cards if c.planted == "value block rewritten"))
+                tamper(day.fleet.tampered)
             terminal, uplink = by_number[tap.terminal.terminal]
             now[0] = tap.when
             result = _tap(terminal, tap.card, rng)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import datetime as dt
+import enum
 import random
 from dataclasses import dataclass, field
 
@@ -37,6 +38,15 @@ METRO_LINE = "M1"  # every city of the fare table has one
 TAMPER_BONUS = 10_000  # fen the fraudster writes onto the tampered M1 card
 
 
+class Plant(enum.Enum):
+    """What was planted on a card on purpose (the value is how the summary names it)."""
+
+    WEAK_RANDOM = "weak random generator"
+    FACTORY_KEYS = "factory default keys"
+    CLONE = "clone"
+    TAMPERED = "value block rewritten"
+
+
 @dataclass
 class DemoCard:
     """A card in a rider's pocket: its chip state, home city, where and when it was last tapped."""
@@ -44,7 +54,8 @@ class DemoCard:
     name: str
     home: str
     state: PurseState | M1State
-    planted: str = ""
+    plant: Plant | None = None
+    clone_of: DemoCard | None = None  # the card a planted clone copies
     city: str = ""
     last_tap: dt.datetime | None = None
     in_metro: str | None = None  # the station entered, while on a metro trip
@@ -56,6 +67,23 @@ class DemoCard:
     def tech(self) -> str:
         """cpu or m1."""
         return "m1" if isinstance(self.state, M1State) else "cpu"
+
+    @property
+    def planted(self) -> str:
+        """What was planted on the card, in words ("" for an ordinary card)."""
+        if self.clone_of is not None:
+            return f"clone of {self.clone_of.name}"
+        return self.plant.value if self.plant is not None else ""
+
+
+@dataclass(frozen=True)
+class Fleet:
+    """Every card of the demo, and the planted ones the day's plan needs by name."""
+
+    cards: list[DemoCard]
+    clone: DemoCard
+    original: DemoCard  # the card the clone copies: the two ride in different cities at about the same time
+    tampered: DemoCard
 
 
 @dataclass(frozen=True)
@@ -71,17 +99,22 @@ class Tap:
 class Day:
     """The demo's plan: the fleet, the terminals and, in order, the taps of the day (and the tampering)."""
 
-    cards: list[DemoCard]
+    fleet: Fleet
     terminals: list[TerminalConfig]
     taps: list[Tap] = field(default_factory=list)
     tamper_at: int = -1  # the tampered card is rewritten just before this tap
+
+    @property
+    def cards(self) -> list[DemoCard]:
+        """Every card of the fleet."""
+        return self.fleet.cards
 
     def terminals_of(self, city: str) -> list[TerminalConfig]:
         """The terminals of one city."""
         return [t for t in self.terminals if t.city == city]
 
 
-def issue_fleet(keys: IssuerKeyStore, per_city: int, rng: random.Random) -> list[DemoCard]:
+def issue_fleet(keys: IssuerKeyStore, per_city: int, rng: random.Random) -> Fleet:
     """``per_city`` CPU cards of each algorithm and ``per_city`` M1 cards per city, then the planted ones."""
     cards: list[DemoCard] = []
     for n, city in enumerate(CITIES):
@@ -97,16 +130,16 @@ def issue_fleet(keys: IssuerKeyStore, per_city: int, rng: random.Random) -> list
     weak = CardRequest("4510", Algorithm.SM4, 2000, 99, DAY, DAY.replace(year=2036))
     weak_state = issue_cpu_card(keys, weak)
     weak_state.defects = frozenset({Defect.WEAK_RANDOM})
-    cards.append(DemoCard("4510-sm4-weak-random", "4510", weak_state, "weak random generator"))
+    cards.append(DemoCard("4510-sm4-weak-random", "4510", weak_state, Plant.WEAK_RANDOM))
     factory = issue_m1_card(rng.randbytes(4), Profile.GENUINE, KeyScheme.DEFAULT, 3000, _master(keys, "4530"), "4530")
-    cards.append(DemoCard("4530-m1-factory-keys", "4530", factory, "factory default keys"))
+    cards.append(DemoCard("4530-m1-factory-keys", "4530", factory, Plant.FACTORY_KEYS))
     original = next(c for c in cards if c.home == "4510" and c.name.endswith("sm4-1"))
-    clone = DemoCard(f"{original.name}-clone", "4510", copy.deepcopy(original.state), f"clone of {original.name}")
+    clone = DemoCard(f"{original.name}-clone", "4510", copy.deepcopy(original.state), Plant.CLONE, original)
     clone.city = "4530"  # the clone rides in Zibo
     cards.append(clone)
     tampered = next(c for c in cards if c.home == "4560" and c.tech == "m1")
-    tampered.planted = "value block rewritten"
-    return cards
+    tampered.plant = Plant.TAMPERED
+    return Fleet(cards, clone, original, tampered)
 
 
 def _master(keys: IssuerKeyStore, city: str) -> bytes:
@@ -131,7 +164,7 @@ def terminals(fares: FareTable, rng: random.Random) -> list[TerminalConfig]:
 
 
 def plan_day(
-    cards: list[DemoCard],
+    fleet: Fleet,
     specs: list[TerminalConfig],
     rides: int,
     rng: random.Random,
@@ -139,49 +172,90 @@ def plan_day(
 ) -> Day:
     """``rides`` taps over the day, 30 s apart: each picks a rider, who rides in the city they are in (a CPU rider
     sometimes takes the train to another city first, when ``travel_minutes`` allows), tops up when low."""
-    day = Day(cards, specs)
-    by_kind = {(s.city, s.kind): [t for t in specs if t.city == s.city and t.kind is s.kind] for s in specs}
-    clone = next(c for c in cards if "clone" in c.planted)
-    original = next(c for c in cards if clone.name.startswith(c.name) and c is not clone)
-    tampered = next(c for c in cards if c.planted == "value block rewritten")
-    riders = [c for c in cards if c is not clone]
-    balance = {id(c): _balance(c) for c in cards}
-    when = FIRST_TAP
+    plan = _Planner(Day(fleet, specs), rng, travel_minutes)
+    riders = [c for c in fleet.cards if c is not fleet.clone]
+    # the clone and its original tap within minutes of each other, 40 minutes apart by train
+    clash = {rides // 3: fleet.clone, rides // 3 + 1: fleet.original, rides // 3 + 2: fleet.clone}
     for n in range(rides):
-        when += dt.timedelta(seconds=30)
-        # the clone and its original tap within minutes of each other, 40 minutes apart by train
-        card = clone if n in (rides // 3, rides // 3 + 2) else original if n == rides // 3 + 1 else rng.choice(riders)
+        plan.tick()
+        card = clash[n] if n in clash else rng.choice(riders)
         if n == 2 * rides // 3:
-            day.tamper_at = len(day.taps)  # rewritten now; it rides at once
-            day.taps.append(Tap(tampered, by_kind[(tampered.city, Kind.BUS)][0], when))
-            when += dt.timedelta(seconds=30)
+            plan.tamper()
+        plan.ride(card)
+    plan.close_the_metro()
+    return plan.day
+
+
+class _Planner:
+    """A day being planned: the clock, each card's balance as the plan expects it, the terminals by city and
+    kind. Each step draws from ``rng`` in a fixed order, so a seed gives one day."""
+
+    def __init__(self, day: Day, rng: random.Random, travel_minutes: dict[frozenset[str], int]) -> None:
+        self.day = day
+        self.rng = rng
+        self.travel_minutes = travel_minutes
+        self.when = FIRST_TAP
+        self.balance = {c.name: _balance(c) for c in day.cards}
+        self._terminals = {
+            (s.city, s.kind): [t for t in day.terminals_of(s.city) if t.kind is s.kind] for s in day.terminals
+        }
+
+    def tick(self) -> None:
+        """The next tap comes 30 s later."""
+        self.when += dt.timedelta(seconds=30)
+
+    def tamper(self) -> None:
+        """The fraudster rewrites the tampered card now (``Day.tamper_at``); it rides a bus at once."""
+        card = self.day.fleet.tampered
+        self.day.tamper_at = len(self.day.taps)
+        self._tap(card, self._of_kind(card, Kind.BUS)[0])
+        self.tick()
+
+    def ride(self, card: DemoCard) -> None:
+        """One rider's turn: leave the metro when inside it, else ride (CPU riders may travel and top up)."""
         if card.in_metro is not None:
-            exit_gate = rng.choice(by_kind[(card.city, Kind.METRO_EXIT)])
-            day.taps.append(Tap(card, exit_gate, when))
-            balance[id(card)] -= 700  # at most; the gate charges by distance
+            self._tap(card, self.rng.choice(self._of_kind(card, Kind.METRO_EXIT)))
+            self.balance[card.name] -= 700  # at most; the gate charges by distance
             card.in_metro = None
-            card.last_tap = when
-            continue
-        if card.tech == "cpu" and card is not clone and card is not original and rng.random() < 0.15:
-            _travel(card, when, rng, travel_minutes)
-        if card.tech == "cpu" and balance[id(card)] < LOW_BALANCE:
-            day.taps.append(Tap(card, by_kind[(card.city, Kind.TOPUP)][0], when))
-            balance[id(card)] += TOP_UP
-            when += dt.timedelta(seconds=30)
-        if card.tech == "cpu" and rng.random() < 0.4:
-            gate = rng.choice(by_kind[(card.city, Kind.METRO_ENTRY)])
-            day.taps.append(Tap(card, gate, when))
+        elif card.tech == "cpu":
+            self._ride_cpu(card)
+        elif self.balance[card.name] >= BUS_FARE[card.city]:  # an M1 card cannot be topped up here
+            self._bus(card)
+        card.last_tap = self.when
+
+    def close_the_metro(self) -> None:
+        """Riders still inside the metro leave at the end of the day."""
+        for card in self.day.cards:
+            if card.in_metro is not None:
+                self.tick()
+                self._tap(card, self._of_kind(card, Kind.METRO_EXIT)[0])
+                card.in_metro = None
+
+    def _ride_cpu(self, card: DemoCard) -> None:
+        fleet = self.day.fleet
+        if card is not fleet.clone and card is not fleet.original and self.rng.random() < 0.15:
+            _travel(card, self.when, self.rng, self.travel_minutes)
+        if self.balance[card.name] < LOW_BALANCE:
+            self._tap(card, self._of_kind(card, Kind.TOPUP)[0])
+            self.balance[card.name] += TOP_UP
+            self.tick()
+        if self.rng.random() < 0.4:
+            gate = self.rng.choice(self._of_kind(card, Kind.METRO_ENTRY))
+            self._tap(card, gate)
             card.in_metro = gate.station
-        elif card.tech == "cpu" or balance[id(card)] >= BUS_FARE[card.city]:
-            day.taps.append(Tap(card, rng.choice(by_kind[(card.city, Kind.BUS)]), when))
-            balance[id(card)] -= BUS_FARE[card.city]
-        card.last_tap = when
-    for card in cards:  # riders still inside the metro leave at the end of the day
-        if card.in_metro is not None:
-            when += dt.timedelta(seconds=30)
-            day.taps.append(Tap(card, by_kind[(card.city, Kind.METRO_EXIT)][0], when))
-            card.in_metro = None
-    return day
+        else:
+            self._bus(card)
+
+    def _bus(self, card: DemoCard) -> None:
+        self._tap(card, self.rng.choice(self._of_kind(card, Kind.BUS)))
+        self.balance[card.name] -= BUS_FARE[card.city]
+
+    def _of_kind(self, card: DemoCard, kind: Kind) -> list[TerminalConfig]:
+        """The terminals of a kind in the city the card is in."""
+        return self._terminals[(card.city, kind)]
+
+    def _tap(self, card: DemoCard, terminal: TerminalConfig) -> None:
+        self.day.taps.append(Tap(card, terminal, self.when))
 
 
 def _travel(card: DemoCard, when: dt.datetime, rng: random.Random, travel: dict[frozenset[str], int]) -> None:
