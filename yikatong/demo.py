@@ -241,9 +241,7 @@ async def _pipe(
                 cleared.flagged = sum(s.stats.conflicts for s in services)
                 cleared.unforwarded = await _unanswered_forwards(services, timeout=30)
             finally:
-                for task in tasks:
-                    task.cancel()
-                await asyncio.gather(*tasks, return_exceptions=True)
+                await _stop(tasks)
         cleared.settlement = await settle_day(engine, DAY.isoformat(), {}, Decimal("0.005"))
         await export_day(engine, DAY.isoformat(), out / "clearing-files")
         settlement_file = out / "clearing-files" / f"settlement-{DAY.isoformat()}.json"
@@ -291,11 +289,16 @@ async def _ride(
         await _until(lambda: all(u.all_acked() for u in uplinks), 60, "the acks", quiet=True)
         cleared.unacked = sum(t.outbox.queued() for t, _ in by_number.values())
     finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await _stop(tasks)
         for terminal, _ in by_number.values():
             terminal.outbox.close()
+
+
+async def _stop(tasks: list[asyncio.Task[None]]) -> None:
+    """Cancel the tasks and wait until they have ended (what they raise no longer matters: the run is over)."""
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def _unanswered_forwards(services: list[ClearingService], timeout: float) -> int:
@@ -339,24 +342,39 @@ def _reconcile(db_url: str, keys: IssuerKeyStore, cities: Cities, out: Path) -> 
 
 
 def _summary(day: Day, cleared: Cleared, chips: Report, recon: Report, out: Path) -> None:
-    positions = cleared.settlement.positions if cleared.settlement else {}
+    """Print what the run did: per city, the settlement, the planted cards, what the audits found, the files."""
     print()
+    _print_cities(cleared)
+    print(f"planted: {'; '.join(f'{c.name} ({c.planted})' for c in day.cards if c.planted)}")
+    print()
+    _print_chip_audit(chips)
+    counts = ", ".join(f"{rule} {n}" for rule, n in recon.checks.items() if n)
+    print(f"reconciliation: findings {counts or 'none'}")
+    print(f"  hotlist ({len(recon.hotlist)}): {' '.join(recon.hotlist) or '-'}")
+    print()
+    print(f"report: {out / 'report.html'}  (JSON: audit-chips.json, audit-reconcile.json)")
+    print(f"clearing files: {out / 'clearing-files'}; card images: {out / 'cards'}")
+
+
+def _print_cities(cleared: Cleared) -> None:
+    """A row per city (taps, ledger rows, net position), then the settlement and what is left waiting."""
+    positions = cleared.settlement.positions if cleared.settlement else {}
     print(f"{'city':<12} {'taps':>5} {'ok':>5} {'refused':>8} {'ledger rows':>12} {'net position (yuan)':>20}")
     for code, name in CITIES.items():
         taps = sum(n for (city, _), n in cleared.taps.items() if city == code)
         ok = cleared.taps[(code, "ok")]
-        print(
-            f"{code} {name:<7} {taps:>5} {ok:>5} {taps - ok:>8} {cleared.records.get(code, 0):>12} "
-            f"{yuan(positions.get(code, 0)) if positions.get(code, 0) >= 0 else '-' + yuan(-positions[code]):>20}"
-        )
+        net = positions.get(code, 0)
+        signed = yuan(net) if net >= 0 else "-" + yuan(-net)
+        print(f"{code} {name:<7} {taps:>5} {ok:>5} {taps - ok:>8} {cleared.records.get(code, 0):>12} {signed:>20}")
     total = sum(positions.values())
     print(
         f"settlement {DAY.isoformat()}: net positions sum to {total} fen; {cleared.unacked} records unacked, "
         f"{cleared.unforwarded} forwards unanswered, {cleared.quarantined} quarantined, {cleared.flagged} conflicts"
     )
-    planted = [c for c in day.cards if c.planted]
-    print(f"planted: {'; '.join(f'{c.name} ({c.planted})' for c in planted)}")
-    print()
+
+
+def _print_chip_audit(chips: Report) -> None:
+    """The counts by severity, then per rule at or above medium the cards it found (three named)."""
     counts = ", ".join(f"{label} {n}" for label, n in chips.counts().items() if n)
     print(f"chip audit: {len(chips.subjects)} cards; findings by severity: {counts or 'none'}")
     names = {str(s.get("subject")): str(s.get("source")) for s in chips.subjects}
@@ -367,9 +385,3 @@ def _summary(day: Day, cleared: Cleared, chips: Report, recon: Report, out: Path
     for rule, subjects in by_rule.items():
         shown = ", ".join(sorted(set(subjects))[:3]) + (", ..." if len(set(subjects)) > 3 else "")
         print(f"  {rule:<32} {len(subjects):>3}  {shown}")
-    counts = ", ".join(f"{rule} {n}" for rule, n in recon.checks.items() if n)
-    print(f"reconciliation: findings {counts or 'none'}")
-    print(f"  hotlist ({len(recon.hotlist)}): {' '.join(recon.hotlist) or '-'}")
-    print()
-    print(f"report: {out / 'report.html'}  (JSON: audit-chips.json, audit-reconcile.json)")
-    print(f"clearing files: {out / 'clearing-files'}; card images: {out / 'cards'}")
