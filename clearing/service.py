@@ -119,10 +119,11 @@ def _size(message: aiomqtt.Message) -> int:
     return len(message.payload) if isinstance(message.payload, bytes | bytearray | str) else 0
 
 
-def _worth_a_line(count: int) -> bool:
-    """Whether the ``count``-th time of a repeated event is logged (1st, 10th, every 1,000th): a flood must not
-    flood the log too."""
-    return count in (1, 10) or count % 1000 == 0
+def _warn_now_and_then(count: int, message: str, *args: object) -> None:
+    """Log a warning for the ``count``-th time of a repeated event only the 1st, 10th and every 1,000th time: a
+    flood must not flood the log too."""
+    if count in (1, 10) or count % 1000 == 0:
+        log.warning(message, *args)
 
 
 def _iso(epoch: float) -> str:
@@ -232,12 +233,12 @@ class ClearingService:
 
     def _dropped(self) -> None:
         self.stats.dropped += 1
-        if _worth_a_line(self.stats.dropped):
-            log.warning(
-                "clearing %s: backlog full (database behind): %d messages dropped so far; their senders resend them",
-                self.city,
-                self.stats.dropped,
-            )
+        _warn_now_and_then(
+            self.stats.dropped,
+            "clearing %s: backlog full (database behind): %d messages dropped so far; their senders resend them",
+            self.city,
+            self.stats.dropped,
+        )
 
     @property
     def backlog(self) -> int:
@@ -382,13 +383,13 @@ class ClearingService:
         self._unconfirmed.discard(task)
         if not task.cancelled() and task.exception() is not None:
             self.stats.unconfirmed += 1
-            if _worth_a_line(self.stats.unconfirmed):
-                log.warning(
-                    "clearing %s: %d answers not confirmed by the broker so far (%s); their receivers ask again",
-                    self.city,
-                    self.stats.unconfirmed,
-                    task.exception(),
-                )
+            _warn_now_and_then(
+                self.stats.unconfirmed,
+                "clearing %s: %d answers not confirmed by the broker so far (%s); their receivers ask again",
+                self.city,
+                self.stats.unconfirmed,
+                task.exception(),
+            )
 
     async def _forward(self, client: aiomqtt.Client, records: list[TxnRecord]) -> None:
         by_issuer: dict[str, list[str]] = defaultdict(list)

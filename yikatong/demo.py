@@ -152,7 +152,7 @@ def run(args: argparse.Namespace) -> int:
     fares = FareTable.load()
     day = plan_day(issue_fleet(keys, args.cards, rng), terminals(fares, rng), args.rides, rng, cities.travel_minutes)
     cards = day.cards
-    cleared = asyncio.run(_pipe(args.broker, db_url, keys, fares, day, out, bar, rng))
+    cleared = asyncio.run(_pipe(_Run(keys, fares, day, out, bar, rng), args.broker, db_url))
     for card in cards:
         save_card(out / "cards" / f"{card.name}.json", card.state)
     bar.phase("auditing the chips (through each card's own interface)")
@@ -194,16 +194,19 @@ def _fresh_run_folder(out: Path) -> None:
         raise CliError(f"cannot prepare the run folder {out}: {err.strerror}") from err
 
 
-async def _pipe(
-    broker_given: BrokerUrl | None,
-    db_url: str,
-    keys: IssuerKeyStore,
-    fares: FareTable,
-    day: Day,
-    out: Path,
-    bar: Bar,
-    rng: random.Random,
-) -> Cleared:
+@dataclass(frozen=True)
+class _Run:
+    """What every phase of the run works with."""
+
+    keys: IssuerKeyStore
+    fares: FareTable
+    day: Day
+    out: Path
+    bar: Bar
+    rng: random.Random
+
+
+async def _pipe(run: _Run, broker_given: BrokerUrl | None, db_url: str) -> Cleared:
     """Clearings and terminals over MQTT, the day's taps, then the settlement."""
     try:
         engine = open_engine(db_url)
@@ -216,8 +219,8 @@ async def _pipe(
             if (await db.execute(select(func.count()).select_from(LEDGER))).scalar_one():
                 raise CliError(f"database {db_url} already holds records: the demo needs an empty one")
         async with given_or_embedded(broker_given) as broker:
-            bar.phase(f"starting the three clearings on {broker} (database {db_url.partition('://')[0]})")
-            host = IssuerHost(keys)
+            run.bar.phase(f"starting the three clearings on {broker} (database {db_url.partition('://')[0]})")
+            host = IssuerHost(run.keys)
             run_id = secrets.token_hex(3)  # a fresh MQTT identity: no session of an earlier run is resumed
             # only the demo's own terminals: a shared broker carries other traffic too
             services = [
@@ -227,15 +230,15 @@ async def _pipe(
                     Intake(city, host),
                     worker=f"demo-{run_id}",
                     persistent=False,
-                    terminal_topics=[txn_topic(city, t.terminal.hex().upper()) for t in day.terminals_of(city)],
+                    terminal_topics=[txn_topic(city, t.terminal.hex().upper()) for t in run.day.terminals_of(city)],
                 )
                 for city in CITIES
             ]
             tasks = [asyncio.create_task(s.run()) for s in services]
             try:
                 await _until(lambda: all(s.stats.connected for s in services), 30, "the clearings to connect")
-                await _ride(broker, keys, fares, day, out, bar, rng, cleared)
-                bar.phase("settling the day between the cities")
+                await _ride(run, broker, cleared)
+                run.bar.phase("settling the day between the cities")
                 cleared.records = {s.city: s.stats.stored for s in services}
                 cleared.quarantined = sum(s.stats.quarantined for s in services)
                 cleared.flagged = sum(s.stats.conflicts for s in services)
@@ -243,8 +246,8 @@ async def _pipe(
             finally:
                 await _stop(tasks)
         cleared.settlement = await settle_day(engine, DAY.isoformat(), {}, Decimal("0.005"))
-        await export_day(engine, DAY.isoformat(), out / "clearing-files")
-        settlement_file = out / "clearing-files" / f"settlement-{DAY.isoformat()}.json"
+        await export_day(engine, DAY.isoformat(), run.out / "clearing-files")
+        settlement_file = run.out / "clearing-files" / f"settlement-{DAY.isoformat()}.json"
         write_text_atomic(settlement_file, json.dumps(cleared.settlement.to_json(), indent=2) + "\n")
     except (SQLAlchemyError, OSError) as err:
         raise CliError(f"database {db_url}: {str(err).splitlines()[0]}") from err
@@ -253,38 +256,31 @@ async def _pipe(
     return cleared
 
 
-async def _ride(
-    broker: BrokerUrl,
-    keys: IssuerKeyStore,
-    fares: FareTable,
-    day: Day,
-    out: Path,
-    bar: Bar,
-    rng: random.Random,
-    cleared: Cleared,
-) -> None:
+async def _ride(run: _Run, broker: BrokerUrl, cleared: Cleared) -> None:
     """Every tap of the day at its terminal, records published as they are made; then wait for every ack."""
-    now = [day.taps[0].when if day.taps else dt.datetime.now()]
-    host = IssuerHost(keys)
+    now = [run.day.taps[0].when if run.day.taps else dt.datetime.now()]
+    host = IssuerHost(run.keys)
     by_number: dict[bytes, tuple[Terminal, Uplink]] = {}
-    for config in day.terminals:
-        outbox = Outbox(out / "terminals" / f"{config.city}-{config.kind.value}-{config.terminal.hex().upper()}.sqlite")
-        terminal = Terminal(config, outbox, keys, fares=fares, host=host, clock=lambda: now[0])
+    for config in run.day.terminals:
+        outbox = Outbox(
+            run.out / "terminals" / f"{config.city}-{config.kind.value}-{config.terminal.hex().upper()}.sqlite"
+        )
+        terminal = Terminal(config, outbox, run.keys, fares=run.fares, host=host, clock=lambda: now[0])
         by_number[config.terminal] = (terminal, Uplink(broker, terminal, ack_timeout=3.0, max_backoff=2.0))
     tasks = [asyncio.create_task(uplink.run()) for _, uplink in by_number.values()]
     try:
-        bar.phase(f"riding: {len(day.taps)} taps at {len(day.terminals)} terminals of 3 cities")
-        for i, tap in enumerate(day.taps):
-            if i == day.tamper_at:
-                tamper(day.fleet.tampered)
+        run.bar.phase(f"riding: {len(run.day.taps)} taps at {len(run.day.terminals)} terminals of 3 cities")
+        for i, tap in enumerate(run.day.taps):
+            if i == run.day.tamper_at:
+                tamper(run.day.fleet.tampered)
             terminal, uplink = by_number[tap.terminal.terminal]
             now[0] = tap.when
-            result = _tap(terminal, tap.card, rng)
+            result = _tap(terminal, tap.card, run.rng)
             cleared.taps[(tap.terminal.city, result.status)] += 1
             uplink.notify()
-            bar.step("taps", i + 1, len(day.taps))
+            run.bar.step("taps", i + 1, len(run.day.taps))
             await asyncio.sleep(0)  # let the uplinks and clearings work while riders tap
-        bar.phase("waiting for the clearings' acks")
+        run.bar.phase("waiting for the clearings' acks")
         uplinks = [u for _, u in by_number.values()]
         await _until(lambda: all(u.all_acked() for u in uplinks), 60, "the acks", quiet=True)
         cleared.unacked = sum(t.outbox.queued() for t, _ in by_number.values())
