@@ -119,7 +119,8 @@ def _reconcile(args: argparse.Namespace) -> int:
 
 
 def _print_summary(report: Report) -> None:
-    rows = sum(int(s["records"]) for s in report.subjects)
+    records = [s["records"] for s in report.subjects]  # each city's row count
+    rows = sum(n for n in records if isinstance(n, int))
     cities = ", ".join(f"{s['city']} {s['name']} {s['records']:,}".replace("  ", " ") for s in report.subjects)
     print(f"reconciled {rows:,} ledger rows of {len(report.subjects)} cities ({cities})")
     print("checks: " + ", ".join(f"{rule} {n}" for rule, n in report.checks.items()))
