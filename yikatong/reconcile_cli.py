@@ -13,7 +13,7 @@ from pathlib import Path
 
 from audit.findings import Report
 from audit.ledger_sources import LedgerInputError, read_cities, read_clearing_file, read_database, read_settlement
-from audit.reconcile import Ledger, Options, day_number, reconcile
+from audit.reconcile import CityLedger, Options, day_number, reconcile
 from cardsim.keys import TEST_KEYS_FIXTURE
 from yikatong.argtypes import Subcommands, database_url, file_path, load_keys, positive
 from yikatong.audit_output import add_report_options, finish
@@ -80,7 +80,7 @@ def _day(text: str) -> str:
     return text
 
 
-def read_ledgers(files: Sequence[str], databases: Sequence[str], day: str | None = None) -> list[Ledger]:
+def read_ledgers(files: Sequence[str], databases: Sequence[str], day: str | None = None) -> list[CityLedger]:
     """The ledgers of files (``FILE`` or ``CITY=FILE``) and databases; CliError naming a bad input."""
     ledgers = []
     try:
