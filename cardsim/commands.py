@@ -2,17 +2,18 @@
 
 Terminals and the audit encode the commands and decode the answers; the simulated card and PSAM decode the same
 commands and encode the same answers, so a field cannot sit at one offset on one side and another on the other.
-Request classes are decoded only after the card has checked Lc against ``DATA_LENGTH``.
+Request data is decoded only after the card has checked Lc against its size.
 """
 
 from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import ClassVar, Final
+from typing import Annotated, ClassVar, Final
 
 from cardsim import crypto
 from cardsim.apdu import SW, ApduError, Command
+from cardsim.layout import U8, U16, U32, Layout
 from cardsim.m1_issue import KeyScheme
 
 CLA_ISO: Final = 0x00
@@ -25,6 +26,11 @@ class InitKind(enum.IntEnum):
     LOAD = 0x00
     PURCHASE = 0x01
     COMPOUND = 0x03
+
+    @property
+    def answer_length(self) -> int:
+        """16 bytes for a load (its answer carries MAC1), 15 for a purchase."""
+        return 16 if self is InitKind.LOAD else 15
 
 
 def select(name: bytes) -> bytes:
@@ -76,6 +82,23 @@ def credit_sam_for_purchase(mac2: bytes) -> bytes:
 # --- purse commands with a data layout -------------------------------------------------------------
 
 
+class CommandData(Layout):
+    """The data layout of a command with a fixed header: a subclass names its ``header`` (CLA INS P1 P2) and
+    ``le`` (the length of the answer) in its class statement, and they complete its C-APDU."""
+
+    HEADER: ClassVar[tuple[int, int, int, int]]
+    LE: ClassVar[int]
+
+    def __init_subclass__(cls, *, header: tuple[int, int, int, int], le: int, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.HEADER, cls.LE = header, le
+
+    def to_apdu(self) -> bytes:
+        """The C-APDU."""
+        cla, ins, p1, p2 = self.HEADER
+        return Command(cla, ins, p1, p2, self.to_bytes(), self.LE).to_bytes()
+
+
 @dataclass(frozen=True)
 class Initialize:
     """INITIALIZE FOR LOAD/PURCHASE/COMPOUND ``80 50 P1 02 0B``: key index | amount(4) | terminal(6)."""
@@ -87,15 +110,10 @@ class Initialize:
     terminal: bytes
     key_index: int = 1
 
-    @property
-    def answer_length(self) -> int:
-        """16 bytes for a load (it carries MAC1), 15 for a purchase."""
-        return 16 if self.kind == InitKind.LOAD else 15
-
     def to_apdu(self) -> bytes:
         """The C-APDU."""
         data = bytes([self.key_index]) + self.amount.to_bytes(4) + self.terminal
-        return Command(CLA_PURSE, 0x50, self.kind, 0x02, data, self.answer_length).to_bytes()
+        return Command(CLA_PURSE, 0x50, self.kind, 0x02, data, self.kind.answer_length).to_bytes()
 
     @classmethod
     def from_command(cls, kind: InitKind, cmd: Command) -> Initialize:
@@ -135,27 +153,14 @@ class InitializeAnswer:
 
 
 @dataclass(frozen=True)
-class Debit:
-    """DEBIT FOR PURCHASE ``80 54 01 00 0F``: terminal sequence number(4) | date(4) | time(3) | MAC1(4)."""
+class Debit(CommandData, header=(CLA_PURSE, 0x54, 0x01, 0x00), le=8):
+    """DEBIT FOR PURCHASE: terminal sequence number | date | time | MAC1; answered by a ``PurchaseProof``
+    (TAC | MAC2)."""
 
-    DATA_LENGTH: ClassVar[int] = 15
-    ANSWER_LENGTH: ClassVar[int] = 8
-
-    terminal_seq: int
-    date: bytes
-    time: bytes
-    mac1: bytes
-
-    def to_apdu(self) -> bytes:
-        """The C-APDU."""
-        data = self.terminal_seq.to_bytes(4) + self.date + self.time + self.mac1
-        return Command(CLA_PURSE, 0x54, 0x01, 0x00, data, self.ANSWER_LENGTH).to_bytes()
-
-    @classmethod
-    def from_command(cls, cmd: Command) -> Debit:
-        """Decode the data of a DEBIT."""
-        d = cmd.data
-        return cls(int.from_bytes(d[0:4]), d[4:8], d[8:11], d[11:15])
+    terminal_seq: U32
+    date: Annotated[bytes, 4]
+    time: Annotated[bytes, 3]
+    mac1: Annotated[bytes, 4]
 
 
 @dataclass(frozen=True)
@@ -185,112 +190,56 @@ class PurchaseProof:
 
 
 @dataclass(frozen=True)
-class Credit:
-    """CREDIT FOR LOAD ``80 52 00 00 0B``: date(4) | time(3) | MAC2(4); the card answers its TAC(4)."""
+class Credit(CommandData, header=(CLA_PURSE, 0x52, 0x00, 0x00), le=4):
+    """CREDIT FOR LOAD: date | time | MAC2; the card answers its TAC."""
 
-    DATA_LENGTH: ClassVar[int] = 11
-    ANSWER_LENGTH: ClassVar[int] = 4
-
-    date: bytes
-    time: bytes
-    mac2: bytes
-
-    def to_apdu(self) -> bytes:
-        """The C-APDU."""
-        return Command(CLA_PURSE, 0x52, 0x00, 0x00, self.date + self.time + self.mac2, self.ANSWER_LENGTH).to_bytes()
-
-    @classmethod
-    def from_command(cls, cmd: Command) -> Credit:
-        """Decode the data of a CREDIT."""
-        d = cmd.data
-        return cls(d[0:4], d[4:7], d[7:11])
+    date: Annotated[bytes, 4]
+    time: Annotated[bytes, 3]
+    mac2: Annotated[bytes, 4]
 
 
 # --- PSAM commands -----------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
-class SequencedMac:
-    """A PSAM answer: the terminal transaction sequence number(4) it used, then the MAC(4) made with it."""
+class SequencedMac(Layout):
+    """A PSAM answer: the terminal transaction sequence number it used, then the MAC made with it."""
 
-    LENGTH: ClassVar[int] = 8
-
-    seq: int
-    mac: bytes
-
-    def to_bytes(self) -> bytes:
-        """The response data."""
-        return self.seq.to_bytes(4) + self.mac
-
-    @classmethod
-    def from_bytes(cls, data: bytes) -> SequencedMac:
-        """Decode an 8-byte answer."""
-        return cls(int.from_bytes(data[0:4]), data[4:8])
+    seq: U32
+    mac: Annotated[bytes, 4]
 
 
 @dataclass(frozen=True)
-class InitSamForPurchase:
-    """PSAM INIT SAM FOR PURCHASE ``80 70 00 00 1C``: card random(4) | card counter(2) | amount(4) | type |
-    date(4) | time(3) | key version | algorithm id | card serial(8); answered by a ``SequencedMac`` (MAC1)."""
+class SectorKeys(Layout):
+    """The answer to M1 SECTOR KEYS."""
 
-    DATA_LENGTH: ClassVar[int] = 0x1C
-
-    random: bytes
-    counter: int
-    amount: int
-    txn_type: int
-    date: bytes
-    time: bytes
-    key_version: int
-    algorithm_id: int
-    card_serial: bytes
-
-    def to_apdu(self) -> bytes:
-        """The C-APDU."""
-        data = (
-            self.random
-            + self.counter.to_bytes(2)
-            + self.amount.to_bytes(4)
-            + bytes([self.txn_type])
-            + self.date
-            + self.time
-            + bytes([self.key_version, self.algorithm_id])
-            + self.card_serial
-        )
-        return Command(CLA_PURSE, 0x70, 0x00, 0x00, data, SequencedMac.LENGTH).to_bytes()
-
-    @classmethod
-    def from_command(cls, cmd: Command) -> InitSamForPurchase:
-        """Decode the data of an INIT SAM FOR PURCHASE."""
-        d = cmd.data
-        return cls(
-            d[0:4], int.from_bytes(d[4:6]), int.from_bytes(d[6:10]), d[10], d[11:15], d[15:18], d[18], d[19], d[20:28]
-        )
+    key_a: Annotated[bytes, 6]
+    key_b: Annotated[bytes, 6]
 
 
 @dataclass(frozen=True)
-class ComputeBlockMac:
-    """Project command PSAM COMPUTE BLOCK MAC ``80 FA 00 00 0E``: card serial(8) | challenge(4) | key version |
-    algorithm id; answered by the 4-byte MAC of APPLICATION BLOCK."""
+class InitSamForPurchase(CommandData, header=(CLA_PURSE, 0x70, 0x00, 0x00), le=SequencedMac.size()):
+    """PSAM INIT SAM FOR PURCHASE, answered by a ``SequencedMac`` (MAC1 for the DEBIT)."""
 
-    DATA_LENGTH: ClassVar[int] = 14
-    ANSWER_LENGTH: ClassVar[int] = 4
+    random: Annotated[bytes, 4]
+    counter: U16
+    amount: U32
+    txn_type: U8
+    date: Annotated[bytes, 4]
+    time: Annotated[bytes, 3]
+    key_version: U8
+    algorithm_id: U8
+    card_serial: Annotated[bytes, 8]
 
-    card_serial: bytes
-    challenge: bytes
-    key_version: int
-    algorithm_id: int
 
-    def to_apdu(self) -> bytes:
-        """The C-APDU."""
-        data = self.card_serial + self.challenge + bytes([self.key_version, self.algorithm_id])
-        return Command(CLA_PURSE, 0xFA, 0x00, 0x00, data, self.ANSWER_LENGTH).to_bytes()
+@dataclass(frozen=True)
+class ComputeBlockMac(CommandData, header=(CLA_PURSE, 0xFA, 0x00, 0x00), le=4):
+    """Project command PSAM COMPUTE BLOCK MAC, answered by the MAC of APPLICATION BLOCK."""
 
-    @classmethod
-    def from_command(cls, cmd: Command) -> ComputeBlockMac:
-        """Decode the data of a COMPUTE BLOCK MAC."""
-        d = cmd.data
-        return cls(d[0:8], d[8:12], d[12], d[13])
+    card_serial: Annotated[bytes, 8]
+    challenge: Annotated[bytes, 4]
+    key_version: U8
+    algorithm_id: U8
 
 
 _SCHEME_CODES: Final = {KeyScheme.SHARED: 0x01, KeyScheme.DIVERSIFIED: 0x02}
@@ -312,7 +261,7 @@ class M1SectorKeys:
     def to_apdu(self) -> bytes:
         """The C-APDU."""
         data = bytes.fromhex(self.city) + bytes([self.key_version, _SCHEME_CODES[self.scheme]]) + self.uid
-        return Command(CLA_PURSE, 0xFB, self.sector, 0x00, data, SectorKeys.LENGTH).to_bytes()
+        return Command(CLA_PURSE, 0xFB, self.sector, 0x00, data, SectorKeys.size()).to_bytes()
 
     @classmethod
     def from_command(cls, cmd: Command) -> M1SectorKeys:
@@ -325,68 +274,15 @@ class M1SectorKeys:
 
 
 @dataclass(frozen=True)
-class SectorKeys:
-    """The answer to M1 SECTOR KEYS: key A(6) | key B(6)."""
+class M1RecordMac(CommandData, header=(CLA_PURSE, 0xFC, 0x00, 0x00), le=SequencedMac.size()):
+    """Project command PSAM M1 RECORD MAC, answered by a ``SequencedMac``."""
 
-    LENGTH: ClassVar[int] = 12
-
-    key_a: bytes
-    key_b: bytes
-
-    def to_bytes(self) -> bytes:
-        """The response data."""
-        return self.key_a + self.key_b
-
-    @classmethod
-    def from_bytes(cls, data: bytes) -> SectorKeys:
-        """Decode a 12-byte answer."""
-        return cls(data[0:6], data[6:12])
-
-
-@dataclass(frozen=True)
-class M1RecordMac:
-    """Project command PSAM M1 RECORD MAC ``80 FC 00 00 1C``: city(2 BCD) | key version | UID(4) | counter(2) |
-    amount(4) | balance before(4) | balance after(4) | date(4) | time(3); answered by a ``SequencedMac``."""
-
-    DATA_LENGTH: ClassVar[int] = 0x1C
-
-    city: str
-    key_version: int
-    uid: bytes
-    counter: int
-    amount: int
-    balance_before: int
-    balance_after: int
-    date: bytes
-    time: bytes
-
-    def to_apdu(self) -> bytes:
-        """The C-APDU."""
-        data = (
-            bytes.fromhex(self.city)
-            + bytes([self.key_version])
-            + self.uid
-            + self.counter.to_bytes(2)
-            + self.amount.to_bytes(4)
-            + self.balance_before.to_bytes(4)
-            + self.balance_after.to_bytes(4)
-            + self.date
-            + self.time
-        )
-        return Command(CLA_PURSE, 0xFC, 0x00, 0x00, data, SequencedMac.LENGTH).to_bytes()
-
-    @classmethod
-    def from_command(cls, cmd: Command) -> M1RecordMac:
-        """Decode the data of an M1 RECORD MAC."""
-        d = cmd.data
-        return cls(
-            d[0:2].hex(),
-            d[2],
-            d[3:7],
-            int.from_bytes(d[7:9]),
-            int.from_bytes(d[9:13]),
-            int.from_bytes(d[13:17]),
-            int.from_bytes(d[17:21]),
-            d[21:25],
-            d[25:28],
-        )
+    city: Annotated[str, 2]
+    key_version: U8
+    uid: Annotated[bytes, 4]
+    counter: U16
+    amount: U32
+    balance_before: U32
+    balance_after: U32
+    date: Annotated[bytes, 4]
+    time: Annotated[bytes, 3]

@@ -2,38 +2,20 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import ClassVar
+from dataclasses import dataclass, field
+from typing import Annotated
+
+from cardsim.layout import U8, U16, U32, Layout
 
 
 @dataclass(frozen=True)
-class LogRecord:
-    """counter(2) | overdraft(3, always 0 here) | amount(4) | type | terminal(6) | date(4 BCD) | time(3 BCD)."""
+class LogRecord(Layout):
+    """One 23-byte record; the dates and times are BCD as the terminal sent them."""
 
-    SIZE: ClassVar[int] = 23
-
-    counter: int
-    amount: int
-    txn_type: int
-    terminal: bytes
-    date: bytes
-    time: bytes
-
-    def to_bytes(self) -> bytes:
-        """The 23-byte record."""
-        return (
-            self.counter.to_bytes(2)
-            + bytes(3)  # overdraft: not used by this project's products
-            + self.amount.to_bytes(4)
-            + bytes([self.txn_type])
-            + self.terminal
-            + self.date
-            + self.time
-        )
-
-    @classmethod
-    def from_bytes(cls, raw: bytes) -> LogRecord:
-        """Decode a record; ValueError when it is not 23 bytes."""
-        if len(raw) != cls.SIZE:
-            raise ValueError(f"log record of {len(raw)} bytes, expected {cls.SIZE}")
-        return cls(int.from_bytes(raw[0:2]), int.from_bytes(raw[5:9]), raw[9], raw[10:16], raw[16:20], raw[20:23])
+    counter: U16
+    overdraft: Annotated[bytes, 3] = field(default=bytes(3), kw_only=True)  # not used by this project's products
+    amount: U32
+    txn_type: U8
+    terminal: Annotated[bytes, 6]
+    date: Annotated[bytes, 4]
+    time: Annotated[bytes, 3]

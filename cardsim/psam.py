@@ -12,7 +12,14 @@ from typing import Final
 
 from cardsim import crypto
 from cardsim.apdu import SW, ApduError, Command, check_le, contactless_atr, parse_command, read_binary, respond
-from cardsim.commands import ComputeBlockMac, InitSamForPurchase, M1RecordMac, M1SectorKeys, SectorKeys, SequencedMac
+from cardsim.commands import (
+    ComputeBlockMac,
+    InitSamForPurchase,
+    M1RecordMac,
+    M1SectorKeys,
+    SectorKeys,
+    SequencedMac,
+)
 from cardsim.crypto import Algorithm, BlockKey
 from cardsim.eeprom import Eeprom
 from cardsim.keys import IssuerKeySet, IssuerKeyStore, city_of_serial
@@ -123,8 +130,8 @@ class Psam:
         return read_binary(cmd, {SFI_SERIAL: self.state.serial, SFI_TERMINAL: self.state.terminal})
 
     def _init_sam_for_purchase(self, cmd: Command) -> bytes:
-        self._expect(cmd, InitSamForPurchase.DATA_LENGTH, SequencedMac.LENGTH)
-        r = InitSamForPurchase.from_command(cmd)
+        self._expect(cmd, InitSamForPurchase.size(), SequencedMac.size())
+        r = InitSamForPurchase.from_bytes(cmd.data)
         card_key = self._card_key(r.card_serial, r.key_version, r.algorithm_id, "purchase")
         ttc = self._next_ttc()
         sk = crypto.session_key(card_key, crypto.purchase_key_input(r.random, r.counter, ttc))
@@ -144,8 +151,8 @@ class Psam:
 
     def _block_mac(self, cmd: Command) -> bytes:
         """Project command COMPUTE BLOCK MAC (commands.ComputeBlockMac)."""
-        self._expect(cmd, ComputeBlockMac.DATA_LENGTH, ComputeBlockMac.ANSWER_LENGTH)
-        r = ComputeBlockMac.from_command(cmd)
+        self._expect(cmd, ComputeBlockMac.size(), ComputeBlockMac.LE)
+        r = ComputeBlockMac.from_bytes(cmd.data)
         key = self._card_key(r.card_serial, r.key_version, r.algorithm_id, "maintenance")
         block_key = crypto.session_key(key, crypto.block_key_input(r.challenge))
         return respond(block_key.mac(crypto.BLOCK_COMMAND_HEADER))
@@ -157,7 +164,7 @@ class Psam:
             raise ApduError(SW.INS_NOT_SUPPORTED)
         if len(cmd.data) != M1SectorKeys.DATA_LENGTH:
             raise ApduError(SW.WRONG_LENGTH)
-        check_le(cmd, SectorKeys.LENGTH)
+        check_le(cmd, SectorKeys.size())
         r = M1SectorKeys.from_command(cmd)
         master = self._key_set(r.city, r.key_version).purchase
         key_a, key_b = sector_keys(r.scheme, master, r.uid, r.sector)
@@ -166,8 +173,8 @@ class Psam:
     def _m1_record_mac(self, cmd: Command) -> bytes:
         """Project command M1 RECORD MAC (commands.M1RecordMac) -> terminal seq(4) | MAC(4). M1 cards have no
         TAC; this MAC lets the clearing check that a terminal with a PSAM made the record."""
-        self._expect(cmd, M1RecordMac.DATA_LENGTH, SequencedMac.LENGTH)
-        r = M1RecordMac.from_command(cmd)
+        self._expect(cmd, M1RecordMac.size(), SequencedMac.size())
+        r = M1RecordMac.from_bytes(cmd.data)
         master = self._key_set(r.city, r.key_version).purchase
         ttc = self._next_ttc()
         data = crypto.m1_record_data(

@@ -14,7 +14,14 @@ from typing import Final
 
 from cardsim import crypto
 from cardsim.apdu import SW, ApduError, Command, check_le, contactless_atr, parse_command, read_binary, respond, tlv
-from cardsim.commands import Credit, Debit, Initialize, InitializeAnswer, InitKind, PurchaseProof
+from cardsim.commands import (
+    Credit,
+    Debit,
+    Initialize,
+    InitializeAnswer,
+    InitKind,
+    PurchaseProof,
+)
 from cardsim.crypto import Algorithm, BlockKey
 from cardsim.eeprom import CardTorn, Eeprom, Journal, recover
 from cardsim.log_record import LogRecord
@@ -33,7 +40,7 @@ SFI_INTEROP: Final = 0x17
 SFI_LOG: Final = 0x18
 SFI_TRIPS: Final = 0x1E
 LOG_RECORDS: Final = 10
-LOG_RECORD_SIZE: Final = LogRecord.SIZE
+LOG_RECORD_SIZE: Final = LogRecord.size()
 TRIP_RECORDS: Final = 30
 TRIP_RECORD_SIZE: Final = 48
 MAC_FAILURE_LIMIT: Final = 3
@@ -330,7 +337,7 @@ class PurseCard:
             raise ApduError(SW.INS_NOT_SUPPORTED, "INITIALIZE supports P1 00, 01, 03") from None
         txn_type = _INIT_TYPES[kind]
         is_load = txn_type == TYPE_LOAD
-        self._expect(cmd, (cmd.p1, 0x02), Initialize.DATA_LENGTH, 16 if is_load else 15)
+        self._expect(cmd, (cmd.p1, 0x02), Initialize.DATA_LENGTH, kind.answer_length)
         request = Initialize.from_command(kind, cmd)
         amount, terminal = request.amount, request.terminal
         st = self.state
@@ -363,11 +370,11 @@ class PurseCard:
         return respond()
 
     def _debit(self, cmd: Command, carried: _Carry) -> bytes:
-        self._expect(cmd, (0x01, 0x00), Debit.DATA_LENGTH, Debit.ANSWER_LENGTH)
+        self._expect(cmd, (0x01, 0x00), Debit.size(), Debit.LE)
         pending = carried.pending
         if pending is None or pending.txn_type == TYPE_LOAD:
             raise ApduError(SW.CONDITIONS_NOT_SATISFIED, "DEBIT without INITIALIZE FOR PURCHASE")
-        debit = Debit.from_command(cmd)
+        debit = Debit.from_bytes(cmd.data)
         seq, date, time, mac1 = debit.terminal_seq, debit.date, debit.time, debit.mac1
         sk = crypto.session_key(self._purchase_key, crypto.purchase_key_input(pending.random, pending.counter, seq))
         mac1_ok = sk.mac(crypto.purchase_mac1_data(pending.amount, pending.txn_type, pending.terminal, date, time))
@@ -398,11 +405,11 @@ class PurseCard:
         return respond(PurchaseProof(tac, mac2).debit_answer())
 
     def _credit(self, cmd: Command, carried: _Carry) -> bytes:
-        self._expect(cmd, (0x00, 0x00), Credit.DATA_LENGTH, Credit.ANSWER_LENGTH)
+        self._expect(cmd, (0x00, 0x00), Credit.size(), Credit.LE)
         pending = carried.pending
         if pending is None or pending.load_key is None:
             raise ApduError(SW.CONDITIONS_NOT_SATISFIED, "CREDIT without INITIALIZE FOR LOAD")
-        credit = Credit.from_command(cmd)
+        credit = Credit.from_bytes(cmd.data)
         date, time, mac2 = credit.date, credit.time, credit.mac2
         expected = pending.load_key.mac(crypto.load_mac2_data(pending.amount, TYPE_LOAD, pending.terminal, date, time))
         if expected != mac2:

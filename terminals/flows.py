@@ -130,7 +130,7 @@ def purchase(
     sam_init = InitSamForPurchase(
         init.random, counter, amount, txn_type, date, time, init.key_version, init.algorithm_id, app.card_serial
     )
-    mac1 = SequencedMac.from_bytes(exchange(sam, "INIT SAM FOR PURCHASE", sam_init.to_apdu(), SequencedMac.LENGTH))
+    mac1 = SequencedMac.from_bytes(exchange(sam, "INIT SAM FOR PURCHASE", sam_init.to_apdu(), SequencedMac.size()))
     intent = PurseTransaction(
         app.application_serial,
         app.city,
@@ -149,7 +149,7 @@ def purchase(
     if before_debit is not None:
         before_debit(intent)
     debit = Debit(mac1.seq, date, time, mac1.mac)
-    proof = PurchaseProof.from_debit_answer(exchange(card, "DEBIT FOR PURCHASE", debit.to_apdu(), Debit.ANSWER_LENGTH))
+    proof = PurchaseProof.from_debit_answer(exchange(card, "DEBIT FOR PURCHASE", debit.to_apdu(), Debit.LE))
     done = replace(intent, tac=proof.tac, mac2=proof.mac2)
     try:
         exchange(sam, "CREDIT SAM FOR PURCHASE", commands.credit_sam_for_purchase(done.mac2), 0)
@@ -160,7 +160,7 @@ def purchase(
 
 def _initialize(card: Reader, command: Initialize) -> InitializeAnswer:
     step = "INITIALIZE FOR LOAD" if command.kind == InitKind.LOAD else "INITIALIZE FOR PURCHASE"
-    answer = exchange(card, step, command.to_apdu(), command.answer_length)
+    answer = exchange(card, step, command.to_apdu(), command.kind.answer_length)
     return InitializeAnswer.from_bytes(answer, load=command.kind == InitKind.LOAD)
 
 
@@ -224,7 +224,7 @@ def block_card(card: Reader, sam: Reader, app: PublicData) -> None:
     init = _initialize(card, Initialize(InitKind.PURCHASE, 0, bytes(6)))
     challenge = exchange(card, "GET CHALLENGE", commands.get_challenge(4), 4)
     block_mac = ComputeBlockMac(app.card_serial, challenge, init.key_version, init.algorithm_id)
-    mac = exchange(sam, "PSAM COMPUTE BLOCK MAC", block_mac.to_apdu(), ComputeBlockMac.ANSWER_LENGTH)
+    mac = exchange(sam, "PSAM COMPUTE BLOCK MAC", block_mac.to_apdu(), ComputeBlockMac.LE)
     exchange(card, "APPLICATION BLOCK", commands.application_block(mac), 0)
 
 
@@ -279,7 +279,7 @@ def load(
     )
     if before_credit is not None:
         before_credit(intent)
-    tac = exchange(card, "CREDIT FOR LOAD", Credit(date, time, mac2).to_apdu(), Credit.ANSWER_LENGTH)
+    tac = exchange(card, "CREDIT FOR LOAD", Credit(date, time, mac2).to_apdu(), Credit.LE)
     return replace(intent, tac=tac)
 
 

@@ -394,7 +394,7 @@ class Terminal:
         for city in self.accepted_cities:
             for scheme in (KeyScheme.DIVERSIFIED, KeyScheme.SHARED):
                 apdu = M1SectorKeys(PURSE_SECTOR, city, self.config.key_version, scheme, uid).to_apdu()
-                keys = SectorKeys.from_bytes(exchange(self.sam, "PSAM M1 SECTOR KEYS", apdu, SectorKeys.LENGTH))
+                keys = SectorKeys.from_bytes(exchange(self.sam, "PSAM M1 SECTOR KEYS", apdu, SectorKeys.size()))
                 if _authenticates(chip, uid_int, int.from_bytes(keys.key_b)):
                     return city, int.from_bytes(keys.key_b)
         if _authenticates(chip, uid_int, DEFAULT_KEY):
@@ -421,7 +421,7 @@ class Terminal:
             bcd_time(txn.when),
         )
         answer = SequencedMac.from_bytes(
-            exchange(self.sam, "PSAM M1 RECORD MAC", command.to_apdu(), SequencedMac.LENGTH)
+            exchange(self.sam, "PSAM M1 RECORD MAC", command.to_apdu(), SequencedMac.size())
         )
         fields = {
             "kind": "purchase",
