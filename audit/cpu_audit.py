@@ -22,6 +22,7 @@ from cardsim.apdu import SW, split_response
 from cardsim.bcd import bcd_date, bcd_time
 from cardsim.commands import Debit, Initialize, InitializeAnswer, InitKind
 from cardsim.crypto import Algorithm, BlockKey
+from cardsim.files import JSONValue
 from cardsim.keys import IssuerKeyStore
 from cardsim.purse import TYPE_LOAD, TYPE_PURCHASE
 from terminals.flows import TransactionError, select_purse
@@ -112,7 +113,7 @@ def _initialize(card: _Traced, load: bool, amount: int) -> InitializeAnswer | in
     """INITIALIZE FOR LOAD/PURCHASE; the decoded answer, or the status word when refused."""
     command = Initialize(InitKind.LOAD if load else InitKind.PURCHASE, amount, AUDIT_TERMINAL)
     data, sw = split_response(card.transmit(command.to_apdu()))
-    if sw != SW.OK or len(data) != command.answer_length:
+    if sw != SW.OK or len(data) != command.kind.answer_length:
         return sw
     return InitializeAnswer.from_bytes(data, load)
 
@@ -161,7 +162,7 @@ class _Probe:
         self.card = _Traced(reader)
         self.result = result
 
-    def add(self, rule: str, evidence: list[str], **details: object) -> None:
+    def add(self, rule: str, evidence: list[str], **details: JSONValue) -> None:
         self.result.findings.append(finding(rule, self.result.serial, "cpu", self.result.city, evidence, **details))
 
     def fresh(self) -> None:
