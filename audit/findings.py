@@ -10,14 +10,18 @@ import datetime as dt
 import enum
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Final
+from importlib.metadata import version
+from typing import TYPE_CHECKING, Final
 
-from yikatong import __version__
+from cardsim.files import JSONValue
 
 if TYPE_CHECKING:  # the type only: a report needs no database driver
     from clearing.settlement import SettlementDoc
 
 REPORT_SCHEMA: Final = "yikatong.audit-report/1"
+TOOL: Final = f"yikatong {version('yikatong')}"
+"""What wrote a report: audit ships in the yikatong distribution, whose installed metadata gives the version
+(read here rather than from the yikatong package, which sits above audit)."""
 
 
 class Severity(enum.IntEnum):
@@ -156,9 +160,9 @@ class Finding:
     title: str
     evidence: tuple[str, ...]
     remediation: str
-    details: dict[str, Any] = field(default_factory=dict)
+    details: dict[str, JSONValue] = field(default_factory=dict)
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self) -> dict[str, JSONValue]:
         """The finding as a JSON object."""
         return {
             "id": self.id,
@@ -173,7 +177,7 @@ class Finding:
         }
 
 
-def finding(rule_id: str, subject: str, tech: str, city: str, evidence: list[str], **details: Any) -> Finding:
+def finding(rule_id: str, subject: str, tech: str, city: str, evidence: list[str], **details: JSONValue) -> Finding:
     """A finding of catalogue rule ``rule_id`` (chip or reconciliation), with its severity, title and remediation."""
     rule = CHIP_RULES.get(rule_id) or RECONCILE_RULES[rule_id]
     return Finding(rule_id, rule.severity, subject, tech, city, rule.title, tuple(evidence), rule.remediation, details)
@@ -186,7 +190,7 @@ class Report:
     kind: str  # "chips" or "reconcile"
     inputs: list[str]
     findings: list[Finding] = field(default_factory=list)
-    subjects: list[dict[str, Any]] = field(default_factory=list)  # cards audited / cities reconciled
+    subjects: list[dict[str, JSONValue]] = field(default_factory=list)  # cards audited / cities reconciled
     checks: dict[str, int] = field(default_factory=dict)  # check name -> how many offending items
     skipped: list[str] = field(default_factory=list)  # probes not run, and why
     settlement: SettlementDoc | None = None
@@ -207,12 +211,12 @@ class Report:
         worst = self.worst()
         return 1 if worst is not None and worst >= fail_on else 0
 
-    def to_json(self) -> dict[str, Any]:
-        """The report document (``yikatong.audit-report/1``)."""
+    def to_json(self) -> dict[str, object]:
+        """The report document (``yikatong.audit-report/1``; ``settlement`` is a SettlementDoc, a TypedDict)."""
         return {
             "schema": REPORT_SCHEMA,
             "kind": self.kind,
-            "tool": f"yikatong {__version__}",
+            "tool": TOOL,
             "generated": self.generated,
             "inputs": self.inputs,
             "counts": self.counts(),

@@ -15,10 +15,9 @@ from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from decimal import Decimal, InvalidOperation
 from types import MappingProxyType
-from typing import Any, Final
+from typing import Final
 
-from audit.findings import CHIP_RULES, RECONCILE_RULES, Finding, Report, Severity
-from yikatong import __version__
+from audit.findings import CHIP_RULES, RECONCILE_RULES, TOOL, Finding, Report, Severity
 
 FINDINGS_PER_RULE: Final = 200  # rows shown per rule in the reconciliation findings; the rest are counted
 EVIDENCE_VISIBLE: Final = 6  # evidence lines shown before the rest folds into <details>
@@ -132,7 +131,7 @@ def _css() -> str:
 
 
 def _e(value: object) -> str:
-    """Any value as escaped HTML text (quotes included, so it is safe in attributes too)."""
+    """A value of any type as escaped HTML text (quotes included, so it is safe in attributes too)."""
     return html.escape(value if isinstance(value, str) else _plain(value), quote=True)
 
 
@@ -222,7 +221,7 @@ def _evidence(lines: Sequence[str], visible: int = EVIDENCE_VISIBLE) -> str:
     )
 
 
-def _details(details: Mapping[str, Any]) -> str:
+def _details(details: Mapping[str, object]) -> str:
     if not details:
         return ""
     items = "".join(f"<dt>{_e(k)}</dt><dd><code>{_e(v)}</code></dd>" for k, v in details.items())
@@ -251,7 +250,7 @@ def _header(report: Report, title: str) -> str:
         '<p class="sub">yikatong city one-card audit report</p>'
         '<dl class="meta">'
         f'<dt>Generated</dt><dd><time id="generated">{_e(report.generated)}</time></dd>'
-        f"<dt>Tool</dt><dd>yikatong {_e(__version__)}</dd>"
+        f"<dt>Tool</dt><dd>{_e(TOOL)}</dd>"
         f"<dt>Inputs</dt><dd>{inputs}</dd>"
         f"<dt>Worst</dt><dd>{verdict}</dd>"
         "</dl></header>"
@@ -367,19 +366,19 @@ def _chart(findings: Sequence[Finding]) -> str:
     )
 
 
-def _subject_columns(subjects: Sequence[Mapping[str, Any]]) -> list[str]:
+def _subject_columns(subjects: Sequence[Mapping[str, object]]) -> list[str]:
     columns = [k for k in ("subject", "tech", "city") if any(k in s for s in subjects)]
     for s in subjects:
         columns.extend(k for k in s if k not in columns)
     return columns
 
 
-def _by_subject(report: Report) -> list[tuple[str, Mapping[str, Any], list[Finding]]]:
+def _by_subject(report: Report) -> list[tuple[str, Mapping[str, object], list[Finding]]]:
     """Cards in audit order (then subjects only findings name), each with its findings, most severe first."""
     found: dict[str, list[Finding]] = {}
     for f in report.findings:
         found.setdefault(f.subject, []).append(f)
-    out: list[tuple[str, Mapping[str, Any], list[Finding]]] = []
+    out: list[tuple[str, Mapping[str, object], list[Finding]]] = []
     seen: set[str] = set()
     for s in report.subjects:
         name = _plain(s.get("subject", ""))
@@ -396,7 +395,7 @@ def _by_subject(report: Report) -> list[tuple[str, Mapping[str, Any], list[Findi
     return out
 
 
-def _subject_cell(subject: Mapping[str, Any], column: str, card: int) -> str:
+def _subject_cell(subject: Mapping[str, object], column: str, card: int) -> str:
     if column not in subject:
         return ""
     value = subject[column]
@@ -407,7 +406,7 @@ def _subject_cell(subject: Mapping[str, Any], column: str, card: int) -> str:
     return _e(value)
 
 
-def _cards(report: Report, cards: Sequence[tuple[str, Mapping[str, Any], list[Finding]]]) -> str:
+def _cards(report: Report, cards: Sequence[tuple[str, Mapping[str, object], list[Finding]]]) -> str:
     if not report.subjects:
         return '<section id="cards"><h2>Cards audited</h2>' + _none() + "</section>"
     columns = _subject_columns(report.subjects)
@@ -436,7 +435,7 @@ def _finding_article(f: Finding, anchor: str) -> str:
     )
 
 
-def _card_findings(cards: Sequence[tuple[str, Mapping[str, Any], list[Finding]]]) -> str:
+def _card_findings(cards: Sequence[tuple[str, Mapping[str, object], list[Finding]]]) -> str:
     if not cards:
         return '<section id="findings"><h2>Findings per card</h2>' + _none() + "</section>"
     parts = ['<section id="findings"><h2>Findings per card</h2>']
@@ -532,7 +531,7 @@ def _hotlist(hotlist: Sequence[str]) -> str:
     return f'<section id="hotlist"><h2>Cards to hotlist</h2>{note}{body}</section>'
 
 
-def _pairs_table(pairs: Sequence[Any]) -> str:
+def _pairs_table(pairs: Sequence[object]) -> str:
     dicts = [p for p in pairs if isinstance(p, Mapping)]
     if not dicts:
         return _none()
@@ -567,7 +566,7 @@ def _pairs_table(pairs: Sequence[Any]) -> str:
     return _table(head, rows, frozenset(numeric))
 
 
-def _positions_table(positions: Mapping[str, Any], net_sum: object) -> str:
+def _positions_table(positions: Mapping[str, object], net_sum: object) -> str:
     rows = []
     total = 0
     for city, value in positions.items():
@@ -590,7 +589,7 @@ def _positions_table(positions: Mapping[str, Any], net_sum: object) -> str:
     return table.replace("</tbody></table>", f"</tbody>{foot}</tr></tfoot></table>")
 
 
-def _settlement(settlement: Mapping[str, Any] | None) -> str:
+def _settlement(settlement: Mapping[str, object] | None) -> str:
     if not settlement:
         return '<section id="settlement"><h2>Settlement</h2>' + _none() + "</section>"
     day = settlement.get("day")
@@ -668,10 +667,10 @@ def _page(title: str, mains: Sequence[str], generated: str) -> str:
     return (
         '<!doctype html>\n<html lang="en"><head><meta charset="utf-8">'
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
-        f'<meta name="generator" content="yikatong {_e(__version__)}">'
+        f'<meta name="generator" content="{_e(TOOL)}">'
         f"<title>{_e(title)}</title><style>{_css()}</style></head><body>"
         + "".join(mains)
-        + f"<footer>Generated {_e(generated)} by yikatong {_e(__version__)}. Severities: "
+        + f"<footer>Generated {_e(generated)} by {_e(TOOL)}. Severities: "
         + ", ".join(s.label for s in _ORDER)
         + ". Machine-readable findings: the JSON report (yikatong.audit-report/1).</footer>"
         "</body></html>\n"

@@ -12,18 +12,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Final
 
+from audit import m1_attacks as attacks
 from audit.findings import Finding, finding
-from audit.m1_attacks import (
-    DEFAULT_KEYS,
-    AttackFailed,
-    PrngClass,
-    accepts_backdoor_key,
-    classify_prng,
-    collect_nonces,
-    dictionary_attack,
-    has_gen1a_backdoor,
-    nested_attack,
-)
+from cardsim.files import JSONValue
 from cardsim.m1_issue import ISSUER_BLOCK, PURSE_SECTOR
 from cardsim.mifare import decode_access, key_b_readable, parse_value_block
 from terminals.m1 import BACKUP_BLOCK, PURSE_BLOCK, M1Error, M1Reader
@@ -45,9 +36,9 @@ class M1Audit:
     skipped: list[str] = field(default_factory=list)
     keys: dict[Slot, int] = field(default_factory=dict)
     recovered: dict[Slot, int] = field(default_factory=dict)
-    _found: list[tuple[str, list[str], dict[str, object]]] = field(default_factory=list)
+    _found: list[tuple[str, list[str], dict[str, JSONValue]]] = field(default_factory=list)
 
-    def add(self, rule: str, evidence: list[str], **details: object) -> None:
+    def add(self, rule: str, evidence: list[str], **details: JSONValue) -> None:
         """Record a finding about this card."""
         self._found.append((rule, evidence, details))
 
@@ -91,8 +82,8 @@ def _recover(chip: M1Chip, uid: int, result: M1Audit, targets: list[Slot], progr
         progress(f"M1 card {result.uid}: nested attack on {_slot_name(target)}")
         start = time.perf_counter()
         try:
-            key = nested_attack(chip, uid, known, (target[0] * 4 + 3, target[1]))
-        except (AttackFailed, M1Error) as err:
+            key = attacks.nested_attack(chip, uid, known, (target[0] * 4 + 3, target[1]))
+        except (attacks.AttackFailed, M1Error) as err:
             result.skipped.append(f"{result.uid}: nested attack on {_slot_name(target)} failed: {err}")
             continue
         seconds = time.perf_counter() - start
@@ -174,8 +165,8 @@ def audit_m1(chip: M1Chip, *, recover_all: bool = False, progress: Callable[[str
     uid_bytes, sak, atqa = chip.anticollision()
     uid = int.from_bytes(uid_bytes)
     result = M1Audit(uid_bytes.hex().upper())
-    nonces = collect_nonces(chip, NONCES)
-    prng = classify_prng(nonces)
+    nonces = attacks.collect_nonces(chip, NONCES)
+    prng = attacks.classify_prng(nonces)
     result.prng = prng.value
     nonce_text = " ".join(f"{n:08X}" for n in nonces)
     result.add(
@@ -183,14 +174,14 @@ def audit_m1(chip: M1Chip, *, recover_all: bool = False, progress: Callable[[str
         [f"ATQA {atqa.hex().upper()} SAK {sak:02X}: MIFARE Classic 1K", f"AUTH 60 03 answered plain nT {nonce_text}"],
     )
     progress(f"M1 card {result.uid}: backdoors, dictionary")
-    if prng is PrngClass.WEAK:
+    if prng is attacks.PrngClass.WEAK:
         result.add("M1-WEAK-PRNG", [f"{NONCES} tag nonces, all on the 16-bit LFSR: {nonce_text}"])
-    elif prng is PrngClass.STATIC:
+    elif prng is attacks.PrngClass.STATIC:
         result.add("M1-STATIC-NONCE", [f"{NONCES} authentications, the same nT every time: {nonce_text}"])
-    magic = has_gen1a_backdoor(chip)
-    if accepts_backdoor_key(chip, uid):
+    magic = attacks.has_gen1a_backdoor(chip)
+    if attacks.accepts_backdoor_key(chip, uid):
         result.add("M1-BACKDOOR-KEY", ["AUTH 64 03 with the vendor key A396EFA4E24F succeeds"])
-    found = dictionary_attack(chip, uid)
+    found = attacks.dictionary_attack(chip, uid)
     result.keys.update(found)
     if found:
         result.add(
@@ -198,7 +189,7 @@ def audit_m1(chip: M1Chip, *, recover_all: bool = False, progress: Callable[[str
             [f"{_slot_name(slot)} = {key:012X}" for slot, key in sorted(found.items())],
             slots=len(found),
         )
-    if result.keys and prng is PrngClass.WEAK:
+    if result.keys and prng is attacks.PrngClass.WEAK:
         targets = (
             [(s, t) for s in range(16) for t in (0x60, 0x61)]
             if recover_all
@@ -210,7 +201,7 @@ def audit_m1(chip: M1Chip, *, recover_all: bool = False, progress: Callable[[str
         _recover(chip, uid, result, targets, progress)
     elif not result.keys:
         result.skipped.append(
-            f"{result.uid}: no sector key known (none in the {len(DEFAULT_KEYS)}-key dictionary, "
+            f"{result.uid}: no sector key known (none in the {len(attacks.DEFAULT_KEYS)}-key dictionary, "
             f"{prng.value} PRNG): trailer and value-block checks not possible"
         )
     issuer = _read_with_any_key(chip, uid, result, ISSUER_BLOCK)
