@@ -16,10 +16,10 @@ import gc
 import io
 import json
 import re
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
-from typing import Any, Final
+from typing import Final
 
 import numpy as np
 from numpy.typing import NDArray
@@ -32,9 +32,9 @@ from audit.reconcile import (
     KINDS,
     BadValue,
     Cities,
+    CityLedger,
     ClaimedPair,
     ClaimedSettlement,
-    Ledger,
     Records,
     Source,
     day_number,
@@ -148,52 +148,71 @@ def _diagnose(line: str) -> str:
     return f"record_id {cells[0]!r} is not issuer-card-kind-card_counter ({issuer}-{card}-{kind}-{counter})"
 
 
-def read_clearing_file(path: Path, holder: str | None = None) -> Ledger:
+def read_clearing_file(path: Path, holder: str | None = None) -> CityLedger:
     """A daily clearing file (wire.md) as the ledger of ``holder``: by default the city in its acquirer column
     (one city per file), or in its name clearing-CITY-DAY.csv when it has no rows. A file with rows of other
     acquirers is the issuer side of ``holder``."""
+    text = _utf8(path)
+    with _no_gc():
+        columns, numbers = _read_columns(path, text)
+        try:
+            records = Records.from_columns({**columns, "line": numbers})
+        except BadValue as err:
+            raise LedgerInputError(f"{path} line {numbers[err.index]}: column time: {err}") from None
+    _check_limits(path, records, numbers)
+    acquirers = sorted(set(columns["acquirer"]))
+    if holder is None:
+        holder = _holder(path, acquirers)
+    return CityLedger(holder, (Source(str(path)),), records, issuer_side=any(a != holder for a in acquirers))
+
+
+def _utf8(path: Path) -> str:
+    """The file's text (a byte order mark dropped)."""
     try:
         data = path.read_bytes()
     except OSError as err:
         raise LedgerInputError(f"{path}: {err.strerror}") from err
     try:
-        text = data.decode("utf-8").removeprefix("\ufeff")
+        return data.decode("utf-8").removeprefix("\ufeff")
     except UnicodeDecodeError as err:
         line = data[: err.start].count(b"\n") + 1
         raise LedgerInputError(f"{path} line {line}: not UTF-8") from None
-    with _no_gc():
-        header, lines, numbers = _lines(path, text)
-        if not header or header[0] != CSV_HEADER:
-            missing = [name for name in CSV_HEADER if name not in (header[0] if header else [])]
-            why = f"missing columns {', '.join(missing)}" if missing else "columns out of order or unknown"
-            raise LedgerInputError(
-                f"{path} line 1: not a clearing file header ({why}); expected {','.join(CSV_HEADER)}"
-            )
-        if not all(map(_ROW.fullmatch, lines)):
-            bad = next(i for i, line in enumerate(lines) if not _ROW.fullmatch(line))
-            raise LedgerInputError(f"{path} line {numbers[bad]}: {_diagnose(lines[bad])}")
-        flat = ",".join(lines).split(",") if lines else []
-        columns = {name: flat[k :: len(CSV_HEADER)] for k, name in enumerate(CSV_HEADER)}
-        try:
-            records = Records.from_columns({**columns, "line": numbers})
-        except BadValue as err:
-            raise LedgerInputError(f"{path} line {numbers[err.index]}: column time: {err}") from None
+
+
+def _read_columns(path: Path, text: str) -> tuple[dict[str, list[str]], NDArray[np.int64]]:
+    """The CSV_HEADER columns of a clearing file's text, every value checked by its column's pattern, and the
+    line number of each row."""
+    header, lines, numbers = _lines(path, text)
+    if not header or header[0] != CSV_HEADER:
+        missing = [name for name in CSV_HEADER if name not in (header[0] if header else [])]
+        why = f"missing columns {', '.join(missing)}" if missing else "columns out of order or unknown"
+        raise LedgerInputError(f"{path} line 1: not a clearing file header ({why}); expected {','.join(CSV_HEADER)}")
+    if not all(map(_ROW.fullmatch, lines)):
+        bad = next(i for i, line in enumerate(lines) if not _ROW.fullmatch(line))
+        raise LedgerInputError(f"{path} line {numbers[bad]}: {_diagnose(lines[bad])}")
+    flat = ",".join(lines).split(",") if lines else []
+    return {name: flat[k :: len(CSV_HEADER)] for k, name in enumerate(CSV_HEADER)}, numbers
+
+
+def _check_limits(path: Path, records: Records, numbers: NDArray[np.int64]) -> None:
+    """Refuse the first number beyond the range of the wire record (the patterns only bound its digits)."""
     for name, most in _LIMITS.items():
         values = getattr(records, "counter" if name == "card_counter" else name)
         if len(values) and values.max() > most:
             at = int(np.argmax(values > most))
             raise LedgerInputError(f"{path} line {numbers[at]}: column {name}: {values[at]} exceeds {most}")
-    acquirers = sorted(set(columns["acquirer"]))
-    if holder is None:
-        named = _FILE_NAME.fullmatch(path.name)
-        if len(acquirers) > 1:
-            raise LedgerInputError(
-                f"{path}: rows of several acquirers ({', '.join(acquirers)}): name the holder city as CITY={path}"
-            )
-        if not acquirers and named is None:
-            raise LedgerInputError(f"{path}: no rows to tell whose ledger it is: name the holder city as CITY={path}")
-        holder = acquirers[0] if acquirers else str(named[1] if named else "")
-    return Ledger(holder, (Source(str(path)),), records, issuer_side=any(a != holder for a in acquirers))
+
+
+def _holder(path: Path, acquirers: list[str]) -> str:
+    """Whose ledger a file is when the command does not say: its one acquirer, or the city in its name."""
+    named = _FILE_NAME.fullmatch(path.name)
+    if len(acquirers) > 1:
+        raise LedgerInputError(
+            f"{path}: rows of several acquirers ({', '.join(acquirers)}): name the holder city as CITY={path}"
+        )
+    if not acquirers and named is None:
+        raise LedgerInputError(f"{path}: no rows to tell whose ledger it is: name the holder city as CITY={path}")
+    return acquirers[0] if acquirers else str(named[1] if named else "")
 
 
 def clearing_row(record: TxnRecord) -> list[str]:
@@ -217,7 +236,7 @@ def write_clearing_file(path: Path, rows: Iterable[Sequence[object]]) -> None:
 _SELECT: Final = ("id", "city", *CSV_HEADER[1:], "record")
 
 
-async def _read_ledgers(engine: AsyncEngine, name: str, day: str | None) -> list[Ledger]:
+async def _read_ledgers(engine: AsyncEngine, name: str, day: str | None) -> list[CityLedger]:
     table: Table = LEDGER
     async with engine.connect() as db:
         if not await db.run_sync(lambda sync: inspect(sync).has_table(table.name)):
@@ -227,23 +246,31 @@ async def _read_ledgers(engine: AsyncEngine, name: str, day: str | None) -> list
             query = query.where(table.c.day == day)
         result = await db.execute(query)
         rows = result.all()
-    by_city: dict[str, list[Any]] = {}
+    by_city: dict[str, list[Sequence[object]]] = {}
     for row in rows:
         by_city.setdefault(row.city, []).append(row)
     ledgers = []
     for city, city_rows in by_city.items():
-        columns: dict[str, list[Any]] = {column: [getattr(r, column) for r in city_rows] for column in _SELECT}
-        extra = [json.loads(text) for text in columns.pop("record")]  # the stored record says alg and key version
-        columns["alg"] = [doc["alg"] for doc in extra]
-        columns["key_version"] = [doc["key_version"] for doc in extra]
+        columns = {column: [r[k] for r in city_rows] for k, column in enumerate(_SELECT)}
+        stated = [_signed_with(text) for text in columns.pop("record")]
+        columns["alg"] = [alg for alg, _ in stated]
+        columns["key_version"] = [version for _, version in stated]
         columns["line"] = columns.pop("id")
         records = Records.from_columns(columns)
         # a city's database ledger holds both sides: its terminals' records and its cards' forwarded records
-        ledgers.append(Ledger(city, (Source(name, "ledger id"),), records, issuer_side=True))
+        ledgers.append(CityLedger(city, (Source(name, "ledger id"),), records, issuer_side=True))
     return ledgers
 
 
-def read_database(url: str, day: str | None = None) -> list[Ledger]:
+def _signed_with(stored: object) -> tuple[object, object]:
+    """The algorithm and key version a stored record (JSON text) says: the ledger's columns do not."""
+    if not isinstance(stored, str | bytes):
+        raise TypeError(f"stored record {stored!r} is not JSON text")
+    doc = json.loads(stored)
+    return doc["alg"], doc["key_version"]
+
+
+def read_database(url: str, day: str | None = None) -> list[CityLedger]:
     """The ledger of every city in a clearing database (``ledger.city`` is the holder); only ``day`` when given.
     Never creates or changes a database."""
     try:
@@ -255,7 +282,7 @@ def read_database(url: str, day: str | None = None) -> list[Ledger]:
     if engine.url.get_backend_name() == "sqlite" and not (database and Path(database).is_file()):
         raise LedgerInputError(f"database {name}: no such SQLite file")
 
-    async def work() -> list[Ledger]:
+    async def work() -> list[CityLedger]:
         try:
             return await _read_ledgers(engine, name, day)
         finally:
@@ -272,15 +299,16 @@ def read_database(url: str, day: str | None = None) -> list[Ledger]:
 # --- settlement file, cities -----------------------------------------------------------------------------
 
 
-def _whole(value: Any, unit: str = "fen") -> int:
+def _whole(value: object, unit: str = "fen") -> int:
     """A JSON whole number (not a bool, not a float); TypeError names what it should be."""
     if type(value) is not int:
         raise TypeError(f"{value!r} is not a whole number of {unit}")
     return value
 
 
-def _pair(doc: Any) -> tuple[tuple[str, str], ClaimedPair]:
-    """One pair line of a settlement file: (acquirer, issuer) and what the line states."""
+def _pair(doc: Mapping[str, object]) -> tuple[tuple[str, str], ClaimedPair]:
+    """One pair line of a settlement file: (acquirer, issuer) and what the line states (another shape of JSON
+    fails with TypeError or AttributeError, which the caller reports)."""
     rate = Decimal(str(doc["rate"]))
     if not rate.is_finite():
         raise ValueError(f"rate {doc['rate']!r} is not a number")

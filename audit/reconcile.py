@@ -16,17 +16,18 @@ from __future__ import annotations
 import datetime as dt
 import math
 from collections import Counter, defaultdict
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field, fields, replace
 from decimal import Decimal
 from itertools import repeat
-from typing import Any, Final, NamedTuple, get_args
+from typing import Final, NamedTuple, TypeAlias, TypedDict, TypeVar, get_args
 
 import numpy as np
-from numpy.typing import NDArray
+from numpy.typing import ArrayLike, NDArray
 
 from audit.findings import RECONCILE_RULES, Finding, Report, finding
+from cardsim.files import JSONValue
 from cardsim.issuer import HostRefusal, IssuerHost
 from cardsim.keys import IssuerKeyStore
 from clearing.settlement import CSV_HEADER, DEBIT_KINDS, DEFAULT_RATE, PairLine, Settlement, settle
@@ -35,6 +36,10 @@ from terminals.messages import CHINA, TXN_SCHEMA, CardRef, Kind, TxnRecord
 
 Ints = NDArray[np.int64]
 Objects = NDArray[np.object_]
+Column: TypeAlias = Sequence[object] | NDArray[np.generic]
+"""One column as a loader gives it: text from a file, the values of a database row, or numbers already."""
+Index: TypeAlias = NDArray[np.integer] | NDArray[np.bool_]
+R = TypeVar("R")
 
 KINDS: Final[tuple[str, ...]] = get_args(Kind)
 ALGS: Final[tuple[str, ...]] = get_args(TxnRecord.model_fields["alg"].annotation)
@@ -63,17 +68,15 @@ class BadValue(ValueError):
         self.index = index
 
 
-def instants(times: Sequence[str] | Objects) -> Ints:
+def instants(times: Column) -> Ints:
     """ISO 8601 times with their UTC offset as microseconds since the epoch; BadValue names the first bad one.
     Each distinct text is parsed once (a busy city has many records in the same second)."""
-    parse = dt.datetime.fromisoformat
-    known: dict[str, int] = dict.fromkeys(times, 0)
+    known: dict[object, int] = dict.fromkeys(times, 0)
     for text in known:
-        try:
-            moment = parse(text)
-        except ValueError:
+        moment = _time(text)
+        if moment is None:
             why = f"{text!r} is not an ISO 8601 time such as 2026-11-24T08:15:02+08:00"
-            raise BadValue(_index(times, text), why) from None
+            raise BadValue(_index(times, text), why)
         if moment.utcoffset() is None:
             raise BadValue(_index(times, text), f"{text!r} has no UTC offset (+08:00)")
         delta = moment - _EPOCH
@@ -81,14 +84,31 @@ def instants(times: Sequence[str] | Objects) -> Ints:
     return np.fromiter(map(known.__getitem__, times), dtype=np.int64, count=len(times))
 
 
-def _index(values: Sequence[str] | Objects, value: str) -> int:
+def _time(value: object) -> dt.datetime | None:
+    """``value`` as a time, or None when it is not ISO 8601 text."""
+    if not isinstance(value, str):
+        return None
+    try:
+        return dt.datetime.fromisoformat(value)
+    except ValueError:
+        return None
+
+
+def _index(values: Column, value: object) -> int:
     return next(i for i, x in enumerate(values) if x == value)
 
 
-def _hex(values: Sequence[str] | Objects) -> Ints:
+def _hex(values: Column) -> Ints:
     """Hex digits as numbers, each distinct text converted once."""
-    known = {text: int(text, 16) for text in dict.fromkeys(values)}
+    known = {text: int(_text(text), 16) for text in dict.fromkeys(values)}
     return np.fromiter(map(known.__getitem__, values), dtype=np.int64, count=len(values))
+
+
+def _text(value: object) -> str:
+    """``value`` when it is text; TypeError otherwise (what ``int(value, 16)`` would raise)."""
+    if not isinstance(value, str):
+        raise TypeError(f"{value!r} is not text")
+    return value
 
 
 def day_number(day: str) -> int:
@@ -100,13 +120,13 @@ def _day_text(number: int) -> str:
     return (_EPOCH.date() + dt.timedelta(days=number)).isoformat()
 
 
-def _ints(values: Any) -> Ints:
+def _ints(values: ArrayLike | Column) -> Ints:
     return np.asarray(values, dtype=np.int64)
 
 
 @dataclass(frozen=True)
 class Records:
-    """Ledger rows as columns, one entry per row, as the loaders read them. Money in fen."""
+    """CityLedger rows as columns, one entry per row, as the loaders read them. Money in fen."""
 
     issuer: Ints  # city code as a number (4510)
     acquirer: Ints
@@ -130,14 +150,14 @@ class Records:
         return len(self.issuer)
 
     @classmethod
-    def from_columns(cls, columns: Mapping[str, Sequence[Any] | NDArray[Any]], source: int = 0) -> Records:
+    def from_columns(cls, columns: Mapping[str, Column], source: int = 0) -> Records:
         """Rows from value lists named like the wire record: issuer, acquirer (city codes), card, kind,
         card_counter, terminal (hex), terminal_seq, amount, balance_before, balance_after, time (ISO 8601),
         tac (hex), and optionally alg, key_version and line. Values must already be valid (the loaders check
         them); a bad time raises BadValue."""
         count = len(columns["card"])
-        kinds = {name: i for i, name in enumerate(KINDS)}
-        algs = {name: i for i, name in enumerate(ALGS)}
+        kinds: dict[object, int] = {name: i for i, name in enumerate(KINDS)}
+        algs: dict[object, int] = {name: i for i, name in enumerate(ALGS)}
         time = np.array(columns["time"], dtype=object)
         return cls(
             issuer=_ints(columns["issuer"]),
@@ -164,7 +184,7 @@ class Records:
         """All rows of ``parts``, in order."""
         return cls(**{f.name: np.concatenate([getattr(p, f.name) for p in parts]) for f in fields(cls)})
 
-    def take(self, index: NDArray[Any]) -> Records:
+    def take(self, index: Index) -> Records:
         """The rows at ``index`` (integer positions or a boolean mask)."""
         return replace(self, **{f.name: getattr(self, f.name)[index] for f in fields(self)})
 
@@ -178,7 +198,7 @@ class Source:
 
 
 @dataclass(frozen=True)
-class Ledger:
+class CityLedger:
     """The rows one holder city keeps. ``issuer_side``: the rows include what the city holds as the cards'
     issuer (records forwarded by acquiring cities), so a record of its cards acquired elsewhere must be here."""
 
@@ -253,7 +273,7 @@ class Options:
 class _Table:
     """Every ledger's rows in one table sorted by (identity, content, holder), and what follows from that."""
 
-    def __init__(self, ledgers: Sequence[Ledger]) -> None:
+    def __init__(self, ledgers: Sequence[CityLedger]) -> None:
         self.ledgers = ledgers
         parts = [ledger.records for ledger in ledgers] or [Records.from_columns({key: [] for key in CSV_HEADER})]
         rows = Records.concat(parts)
@@ -273,7 +293,6 @@ class _Table:
         for column in _CONTENT:
             values = getattr(self.r, column)
             same[1:] &= values[1:] == values[:-1]
-        self.id_start = first  # first row of each record identity
         self.version_start = ~same  # first row of each distinct content of an identity
         self.copy = same & np.concatenate(([False], self.holder[1:] == self.holder[:-1]))
         self.starts = np.flatnonzero(first)
@@ -306,7 +325,7 @@ class _Table:
             f"({int(r.balance_before[i])} -> {int(r.balance_after[i])}), TAC {int(r.tac[i]):08X}"
         )
 
-    def finding(self, rule: str, i: int, evidence: list[str], city: str | None = None, **details: Any) -> Finding:
+    def finding(self, rule: str, i: int, evidence: list[str], city: str | None = None, **details: JSONValue) -> Finding:
         """A finding about the record of row ``i`` (its card's issuer city unless ``city`` is given)."""
         issuer = f"{int(self.r.issuer[i]):04d}"
         tech = "m1" if self.m1[i] else "cpu"
@@ -509,7 +528,21 @@ def _travel(t: _Table, cities: Cities, skipped: list[str]) -> list[Finding]:
     return found
 
 
-class _TacRows(NamedTuple):
+class RecordValues(TypedDict):
+    """The fields of a wire record that differ from record to record of one card (the TAC is not signed)."""
+
+    kind: str
+    card_counter: int
+    amount: int
+    balance_before: int
+    balance_after: int
+    terminal: str
+    terminal_seq: int
+    acquirer: str
+    time: str
+
+
+class TacRows(NamedTuple):
     """Rows whose TAC to compute, as the Python values clearing.verify works with."""
 
     position: list[int]
@@ -529,7 +562,7 @@ class _TacRows(NamedTuple):
     key_version: list[int]
 
     @classmethod
-    def of(cls, r: Records, positions: Ints) -> _TacRows:
+    def of(cls, r: Records, positions: Ints) -> TacRows:
         """The rows of ``r``, labelled by ``positions``."""
         return cls(
             positions.tolist(),
@@ -549,8 +582,8 @@ class _TacRows(NamedTuple):
             r.key_version.tolist(),
         )
 
-    def values(self, i: int) -> dict[str, Any]:
-        """The fields of row ``i`` that differ from record to record of one card (the TAC is not signed)."""
+    def values(self, i: int) -> RecordValues:
+        """The fields of row ``i`` that differ from record to record of one card."""
         return {
             "kind": self.kind[i],
             "card_counter": self.counter[i],
@@ -564,7 +597,7 @@ class _TacRows(NamedTuple):
         }
 
 
-class _Signer:
+class TacSigner:
     """The TAC a row must carry, by clearing.verify.expected_tac on the row as a wire record. Records are built
     without validation (the loaders checked the values; validating would cost more than the MAC): the first
     of a card, algorithm and key version is constructed, the next ones are copies of it with their own values
@@ -574,7 +607,7 @@ class _Signer:
         self.host = IssuerHost(keys)
         self._first: dict[tuple[str, str, str, int], TxnRecord] = {}
 
-    def tac(self, rows: _TacRows, i: int, alg: str, version: int) -> int:
+    def tac(self, rows: TacRows, i: int, alg: str, version: int) -> int:
         """The TAC (CPU) or record MAC (M1) of row ``i`` with algorithm ``alg`` and key ``version``; HostRefusal
         when the issuer's keys cannot make it."""
         issuer, card = rows.issuer[i], rows.card[i]
@@ -601,6 +634,9 @@ class _Signer:
         return int.from_bytes(expected_tac(self.host, record))
 
 
+Try: TypeAlias = tuple[str, int]  # (algorithm, key version) to verify a TAC with
+
+
 class _TacOutcome(NamedTuple):
     failed: list[tuple[int, str]]  # (position, why)
     unchecked: dict[str, int]  # why not -> records
@@ -611,59 +647,70 @@ def _verify_tacs(keys: IssuerKeyStore, part: Records, positions: Ints) -> _TacOu
     """Verify each row's TAC (CPU) or record MAC (M1). A clearing file does not say the card's algorithm or key
     version: every one the key store holds for the issuer is tried, the one that verified the card's previous
     record first."""
-    rows = _TacRows.of(part, positions)
-    signer = _Signer(keys)
-    versions: dict[str, list[int]] = defaultdict(list)
-    for key_set in keys:
-        versions[key_set.city].append(key_set.version)
-    every: dict[tuple[str, bool], tuple[tuple[str, int], ...]] = {
-        (city, m1): tuple((a, v) for v in sorted(vs, reverse=True) for a in (("sm4",) if m1 else ALGS))
-        for city, vs in versions.items()
-        for m1 in (False, True)  # the M1 record MAC is SM4 whatever the record says
-    }
-    order: dict[tuple[str, str], tuple[tuple[str, int], ...]] = {}  # per card: what verified first
+    rows = TacRows.of(part, positions)
+    signer = TacSigner(keys)
+    every = _every_try(keys)
+    first: dict[tuple[str, str], tuple[Try, ...]] = {}  # per card: what verified first
     failed: list[tuple[int, str]] = []
     unchecked: Counter[str] = Counter()
     checked: Counter[str] = Counter()
     for i, position in enumerate(rows.position):
-        issuer, card, alg, version = rows.issuer[i], rows.card[i], rows.alg[i], rows.key_version[i]
-        tries: tuple[tuple[str, int], ...]
-        if alg >= 0:
-            tries = ((ALGS[alg], version),) if keys.get(issuer, version) else ()
-        else:
-            tries = order.get((issuer, card)) or every.get((issuer, len(card) == 8), ())
+        issuer, card, version = rows.issuer[i], rows.card[i], rows.key_version[i]
+        tries = _tries(keys, rows, i, first.get((issuer, card)) or every.get((issuer, len(card) == 8), ()))
         if not tries:
             unchecked[f"no keys of issuer {issuer}" + (f" version {version}" if version >= 0 else "")] += 1
             continue
         checked[issuer] += 1
-        why = ""
-        for n, (alg_name, key_version) in enumerate(tries):
-            try:
-                good = signer.tac(rows, i, alg_name, key_version) == rows.tac[i]
-            except HostRefusal as err:
-                why = str(err)
-                break
-            if good:
-                if n:
-                    order[(issuer, card)] = (tries[n], *tries[:n], *tries[n + 1 :])
-                break
-        else:
-            mac = "M1 record MAC" if len(card) == 8 else "TAC"
-            tried = ", ".join(f"{a} v{v}" for a, v in tries)
-            why = f"{mac} does not verify with the keys of issuer {issuer} ({tried})"
-        if why:
-            failed.append((position, why))
+        verdict = _verify_row(signer, rows, i, tries)
+        if isinstance(verdict, str):
+            failed.append((position, verdict))
+        elif verdict:  # the card's next record tries what verified this one first
+            first[(issuer, card)] = (tries[verdict], *tries[:verdict], *tries[verdict + 1 :])
     return _TacOutcome(failed, dict(unchecked), dict(checked))
 
 
-def _sign(keys: IssuerKeyStore, part: Records, positions: Ints) -> list[int]:
-    rows, signer = _TacRows.of(part, positions), _Signer(keys)
-    return [
-        signer.tac(rows, i, ALGS[alg], v) for i, (alg, v) in enumerate(zip(rows.alg, rows.key_version, strict=True))
-    ]
+def _every_try(keys: IssuerKeyStore) -> dict[tuple[str, bool], tuple[Try, ...]]:
+    """Per issuer and technology (M1 or not): every algorithm and key version of the key store, newest first."""
+    versions: dict[str, list[int]] = defaultdict(list)
+    for key_set in keys:
+        versions[key_set.city].append(key_set.version)
+    return {
+        (city, m1): tuple((a, v) for v in sorted(vs, reverse=True) for a in (("sm4",) if m1 else ALGS))
+        for city, vs in versions.items()
+        for m1 in (False, True)  # the M1 record MAC is SM4 whatever the record says
+    }
 
 
-def _in_parts(work: Any, keys: IssuerKeyStore, rows: Records, positions: Ints, jobs: int, least: int) -> Iterator[Any]:
+def _tries(keys: IssuerKeyStore, rows: TacRows, i: int, otherwise: tuple[Try, ...]) -> tuple[Try, ...]:
+    """What to verify row ``i`` with: the algorithm and key version it states (none when the key store lacks
+    that version), else ``otherwise``."""
+    alg, version = rows.alg[i], rows.key_version[i]
+    if alg < 0:
+        return otherwise
+    return ((ALGS[alg], version),) if keys.get(rows.issuer[i], version) else ()
+
+
+def _verify_row(signer: TacSigner, rows: TacRows, i: int, tries: tuple[Try, ...]) -> int | str:
+    """The index in ``tries`` of the first algorithm and key version that verify row ``i``, or why none does."""
+    for n, (alg, version) in enumerate(tries):
+        try:
+            if signer.tac(rows, i, alg, version) == rows.tac[i]:
+                return n
+        except HostRefusal as err:
+            return str(err)
+    mac = "M1 record MAC" if len(rows.card[i]) == 8 else "TAC"
+    tried = ", ".join(f"{a} v{v}" for a, v in tries)
+    return f"{mac} does not verify with the keys of issuer {rows.issuer[i]} ({tried})"
+
+
+def in_parts(
+    work: Callable[[IssuerKeyStore, Records, Ints], R],
+    keys: IssuerKeyStore,
+    rows: Records,
+    positions: Ints,
+    jobs: int,
+    least: int,
+) -> Iterator[R]:
     """``work(keys, part of rows, their positions)`` in ``jobs`` processes; in this one for fewer than ``least``
     rows. The parts travel as numpy columns (cheap to send); each worker makes its own Python values."""
     if jobs <= 1 or len(positions) < least:
@@ -672,13 +719,6 @@ def _in_parts(work: Any, keys: IssuerKeyStore, rows: Records, positions: Ints, j
     parts = np.array_split(positions, jobs * 4)
     with ProcessPoolExecutor(jobs) as pool:
         yield from pool.map(work, repeat(keys), (rows.take(part) for part in parts), parts)
-
-
-def sign_tacs(keys: IssuerKeyStore, records: Records, jobs: int = 1, least: int = 20_000) -> Ints:
-    """The TAC (CPU) or record MAC (M1) of every row, with its algorithm and key version (which must be known):
-    for generating signed test data (benchmarks)."""
-    every = np.arange(len(records), dtype=np.int64)
-    return _ints([tac for part in _in_parts(_sign, keys, records, every, jobs, least) for tac in part])
 
 
 def _tacs(t: _Table, keys: IssuerKeyStore, options: Options, skipped: list[str]) -> list[Finding]:
@@ -690,7 +730,7 @@ def _tacs(t: _Table, keys: IssuerKeyStore, options: Options, skipped: list[str])
     failed: dict[str, list[tuple[int, str]]] = defaultdict(list)  # issuer -> (row, why)
     checked: Counter[str] = Counter()
     unchecked: Counter[str] = Counter()
-    for outcome in _in_parts(_verify_tacs, keys, t.r, versions, options.jobs, options.min_parallel):
+    for outcome in in_parts(_verify_tacs, keys, t.r, versions, options.jobs, options.min_parallel):
         unchecked.update(outcome.unchecked)
         checked.update(outcome.checked)
         for i, why in outcome.failed:
@@ -720,7 +760,7 @@ def _wrong_keys(t: _Table, issuer: str, rows: list[tuple[int, str]], options: Op
         f"for example {t.rid(samples[0][0])}: {samples[0][1]}",
         "records: " + "; ".join(f"{t.rid(i)} ({t.where(i)})" for i, _ in samples) + more,
     ]
-    ids = [t.rid(i) for i, _ in samples]
+    ids: list[JSONValue] = [t.rid(i) for i, _ in samples]
     return finding(
         "REC-TAC-KEYS", issuer, "", issuer, evidence, records=len(rows), key_file=options.key_file, samples=ids
     )
@@ -849,7 +889,7 @@ def _pair_findings(settlement: Settlement, claimed: ClaimedSettlement) -> list[F
     return found
 
 
-def _pair_finding(pair: tuple[str, str], evidence: list[str], **details: Any) -> Finding:
+def _pair_finding(pair: tuple[str, str], evidence: list[str], **details: JSONValue) -> Finding:
     """A REC-SETTLEMENT finding about a pair line (the field that is wrong, if any, in ``details``)."""
     subject = ":".join(pair) + (f" {details['field']}" if "field" in details else "")
     return finding("REC-SETTLEMENT", subject, "", "", evidence, acquirer=pair[0], issuer=pair[1], **details)
@@ -904,9 +944,9 @@ def _plain(number: Decimal) -> str:
 # --- the whole job ---------------------------------------------------------------------------------------
 
 
-def _merge(ledgers: Sequence[Ledger], day: str | None) -> list[Ledger]:
+def _merge(ledgers: Sequence[CityLedger], day: str | None) -> list[CityLedger]:
     """One ledger per holder city (sources of the same city merged), only rows of ``day`` when given."""
-    by_city: dict[str, list[Ledger]] = defaultdict(list)
+    by_city: dict[str, list[CityLedger]] = defaultdict(list)
     for ledger in ledgers:
         by_city[ledger.city].append(ledger)
     merged = []
@@ -919,11 +959,11 @@ def _merge(ledgers: Sequence[Ledger], day: str | None) -> list[Ledger]:
         records = Records.concat(parts)
         if day is not None:
             records = records.take((records.time_us + _CHINA_US) // _DAY_US == day_number(day))
-        merged.append(Ledger(city, tuple(sources), records, any(x.issuer_side for x in by_city[city])))
+        merged.append(CityLedger(city, tuple(sources), records, any(x.issuer_side for x in by_city[city])))
     return merged
 
 
-def reconcile(ledgers: Sequence[Ledger], options: Options) -> Report:
+def reconcile(ledgers: Sequence[CityLedger], options: Options) -> Report:
     """Reconcile the holders' ledgers: every check of audit.md, findings by RECONCILE_RULES ids."""
     merged = _merge(ledgers, options.day)
     table = _Table(merged)

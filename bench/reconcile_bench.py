@@ -24,7 +24,20 @@ from typing import TypeVar
 import numpy as np
 
 from audit.ledger_sources import read_cities, read_clearing_file, write_clearing_file
-from audit.reconcile import ALGS, KINDS, LOAD, Ledger, Options, Records, Source, reconcile, sign_tacs
+from audit.reconcile import (
+    ALGS,
+    KINDS,
+    LOAD,
+    CityLedger,
+    Ints,
+    Options,
+    Records,
+    Source,
+    TacRows,
+    TacSigner,
+    in_parts,
+    reconcile,
+)
 from cardsim.keys import IssuerKeyStore
 from cardsim.personalise import application_serial
 
@@ -89,10 +102,23 @@ def generate(count: int, cards: int, seed: int = 1) -> Records:
     )
 
 
-def ledgers_of(records: Records) -> list[Ledger]:
+def _sign(keys: IssuerKeyStore, part: Records, positions: Ints) -> list[int]:
+    rows, signer = TacRows.of(part, positions), TacSigner(keys)
+    return [
+        signer.tac(rows, i, ALGS[alg], v) for i, (alg, v) in enumerate(zip(rows.alg, rows.key_version, strict=True))
+    ]
+
+
+def sign_tacs(keys: IssuerKeyStore, records: Records, jobs: int = 1, least: int = 20_000) -> Ints:
+    """The TAC (CPU) or record MAC (M1) of every row, with its algorithm and key version (which must be known)."""
+    every = np.arange(len(records), dtype=np.int64)
+    return np.asarray([tac for part in in_parts(_sign, keys, records, every, jobs, least) for tac in part], np.int64)
+
+
+def ledgers_of(records: Records) -> list[CityLedger]:
     """Each city's ledger as its clearing database holds it: its terminals' records and its cards' forwards."""
     return [
-        Ledger(
+        CityLedger(
             str(city),
             (Source(f"bench ledger of {city}", "row"),),
             records.take((records.acquirer == city) | ((records.issuer == city) & (records.acquirer != city))),
