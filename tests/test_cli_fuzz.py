@@ -37,8 +37,8 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from reconcile_fixture import write_fixture
 
-from audit.reconcile_fixture import write_fixture
 from cardsim.resources import fixture_path
 from clearing.settlement import CSV_HEADER
 from yikatong import argtypes

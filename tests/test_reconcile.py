@@ -19,11 +19,11 @@ from clearing_support import HOST, fresh_db, signed_records
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from numpy.typing import NDArray
+from reconcile_fixture import DAY, Fixture, write_fixture
 
 from audit.findings import RECONCILE_RULES
 from audit.ledger_sources import LedgerInputError, read_cities, read_clearing_file
 from audit.reconcile import Cities, Options, Records, reconcile
-from audit.reconcile_fixture import DAY, Fixture, write_fixture
 from cardsim.keys import TEST_KEYS_FIXTURE, IssuerKeyStore
 from cardsim.resources import fixture_path
 from clearing.db import migrate, open_engine
