@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import enum
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TypeVar
+
+H = TypeVar("H")
 
 
 class SW(enum.IntEnum):
@@ -122,6 +126,26 @@ def check_le(cmd: Command, response_len: int) -> None:
     """Le may be absent, 00, or the exact response length; anything else is 6700."""
     if cmd.le not in (None, 0, response_len & 0xFF):
         raise ApduError(SW.WRONG_LENGTH, f"Le={cmd.le:02X} but the response has {response_len} bytes")
+
+
+def expect(cmd: Command, p1p2: tuple[int, int], lc: int, response_len: int) -> None:
+    """Check a command's P1 P2 (6D00: no such command), its data length (6700) and its Le (``check_le``)."""
+    if (cmd.p1, cmd.p2) != p1p2:
+        raise ApduError(SW.INS_NOT_SUPPORTED, "no such command for this P1/P2")
+    if len(cmd.data) != lc:
+        raise ApduError(SW.WRONG_LENGTH)
+    check_le(cmd, response_len)
+
+
+def route(raw: bytes, handlers: Mapping[tuple[int, int], H]) -> tuple[Command, H]:
+    """Parse a C-APDU and find the handler of its (CLA, INS); ApduError 6D00 when the card knows the class but
+    not the instruction, 6E00 when it knows neither (and ``parse_command``'s errors)."""
+    cmd = parse_command(raw)
+    handler = handlers.get((cmd.cla, cmd.ins))
+    if handler is None:
+        known_cla = any(cla == cmd.cla for cla, _ in handlers)
+        raise ApduError(SW.INS_NOT_SUPPORTED if known_cla else SW.CLA_NOT_SUPPORTED)
+    return cmd, handler
 
 
 def tlv(tag: int, value: bytes) -> bytes:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from cardsim import crypto
-from cardsim.apdu import SW, ApduError, Command, check_le, contactless_atr, parse_command, read_binary, respond
+from cardsim.apdu import SW, ApduError, Command, check_le, contactless_atr, expect, read_binary, respond, route
 from cardsim.commands import (
     ComputeBlockMac,
     InitSamForPurchase,
@@ -30,6 +30,7 @@ SFI_SERIAL: Final = 0x15
 SFI_TERMINAL: Final = 0x16
 TTC_MAX: Final = 0xFFFFFFFF
 _CACHE_LIMIT: Final = 4096
+_NO_PARAMETERS: Final = (0x00, 0x00)  # P1 P2 of every PSAM command but M1 SECTOR KEYS
 
 
 @dataclass
@@ -76,24 +77,13 @@ class Psam:
         """Process one C-APDU and return the R-APDU (data + SW)."""
         session, self._session = self._session, None
         try:
-            cmd = parse_command(apdu)
-            handler = self._handlers.get((cmd.cla, cmd.ins))
-            if handler is None:
-                raise ApduError(SW.INS_NOT_SUPPORTED if cmd.cla in (0x00, 0x80) else SW.CLA_NOT_SUPPORTED)
+            cmd, handler = route(apdu, self._handlers)
             if cmd.ins == 0x72:
                 self._session = session
             return handler(cmd)
         except ApduError as err:
             self._session = None
             return respond(sw=err.sw)
-
-    @staticmethod
-    def _expect(cmd: Command, lc: int, response_len: int) -> None:
-        if (cmd.p1, cmd.p2) != (0x00, 0x00):
-            raise ApduError(SW.INS_NOT_SUPPORTED)
-        if len(cmd.data) != lc:
-            raise ApduError(SW.WRONG_LENGTH)
-        check_le(cmd, response_len)
 
     def _card_key(self, serial: bytes, version: int, algorithm_id: int, usage: str) -> BlockKey:
         try:
@@ -130,7 +120,7 @@ class Psam:
         return read_binary(cmd, {SFI_SERIAL: self.state.serial, SFI_TERMINAL: self.state.terminal})
 
     def _init_sam_for_purchase(self, cmd: Command) -> bytes:
-        self._expect(cmd, InitSamForPurchase.size(), SequencedMac.size())
+        expect(cmd, _NO_PARAMETERS, InitSamForPurchase.size(), SequencedMac.size())
         r = InitSamForPurchase.from_bytes(cmd.data)
         card_key = self._card_key(r.card_serial, r.key_version, r.algorithm_id, "purchase")
         ttc = self._next_ttc()
@@ -140,7 +130,7 @@ class Psam:
         return respond(SequencedMac(ttc, mac1).to_bytes())
 
     def _credit_sam_for_purchase(self, cmd: Command) -> bytes:
-        self._expect(cmd, 4, 0)
+        expect(cmd, _NO_PARAMETERS, 4, 0)
         session = self._session
         self._session = None
         if session is None:
@@ -151,7 +141,7 @@ class Psam:
 
     def _block_mac(self, cmd: Command) -> bytes:
         """Project command COMPUTE BLOCK MAC (commands.ComputeBlockMac)."""
-        self._expect(cmd, ComputeBlockMac.size(), ComputeBlockMac.LE)
+        expect(cmd, _NO_PARAMETERS, ComputeBlockMac.size(), ComputeBlockMac.LE)
         r = ComputeBlockMac.from_bytes(cmd.data)
         key = self._card_key(r.card_serial, r.key_version, r.algorithm_id, "maintenance")
         block_key = crypto.session_key(key, crypto.block_key_input(r.challenge))
@@ -173,7 +163,7 @@ class Psam:
     def _m1_record_mac(self, cmd: Command) -> bytes:
         """Project command M1 RECORD MAC (commands.M1RecordMac) -> terminal seq(4) | MAC(4). M1 cards have no
         TAC; this MAC lets the clearing check that a terminal with a PSAM made the record."""
-        self._expect(cmd, M1RecordMac.size(), SequencedMac.size())
+        expect(cmd, _NO_PARAMETERS, M1RecordMac.size(), SequencedMac.size())
         r = M1RecordMac.from_bytes(cmd.data)
         master = self._key_set(r.city, r.key_version).purchase
         ttc = self._next_ttc()

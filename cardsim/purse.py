@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Final
 
 from cardsim import crypto
-from cardsim.apdu import SW, ApduError, Command, check_le, contactless_atr, parse_command, read_binary, respond, tlv
+from cardsim.apdu import SW, ApduError, Command, check_le, contactless_atr, expect, read_binary, respond, route, tlv
 from cardsim.commands import (
     Credit,
     Debit,
@@ -226,11 +226,7 @@ class PurseCard:
         """Process one C-APDU and return the R-APDU (data + SW)."""
         carried, self._carry = self._carry, _Carry()
         try:
-            cmd = parse_command(apdu)
-            handler = self._handlers.get((cmd.cla, cmd.ins))
-            if handler is None:
-                known_cla = any(cla == cmd.cla for cla, _ in self._handlers)
-                raise ApduError(SW.INS_NOT_SUPPORTED if known_cla else SW.CLA_NOT_SUPPORTED)
+            cmd, handler = route(apdu, self._handlers)
             return handler(cmd, carried)
         except ApduError as err:
             self._carry = _Carry()
@@ -259,11 +255,7 @@ class PurseCard:
 
     def _expect(self, cmd: Command, p1p2: tuple[int, int], lc: int, response_len: int) -> None:
         """Check header, Lc and Le of a purse command, then that the application may run it."""
-        if (cmd.p1, cmd.p2) != p1p2:
-            raise ApduError(SW.INS_NOT_SUPPORTED, "no such command for this P1/P2")
-        if len(cmd.data) != lc:
-            raise ApduError(SW.WRONG_LENGTH)
-        check_le(cmd, response_len)
+        expect(cmd, p1p2, lc, response_len)
         self._require_application()
 
     def _mac_failed(self) -> ApduError:
