@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import datetime as dt
 import random
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from cardsim.crypto import Algorithm
 from cardsim.files import read_json
@@ -72,7 +72,7 @@ def load_image_folder(folder: Path) -> Fleet:
 class _Entry:
     """Typed access to one fleet entry; errors name the file and entry."""
 
-    def __init__(self, doc: dict[str, Any], where: str) -> None:
+    def __init__(self, doc: Mapping[str, object], where: str) -> None:
         self.doc = doc
         self.where = where
 
@@ -99,7 +99,7 @@ class _Entry:
             raise self.fail(f"'{name}' may hold only {', '.join(choices)}")
         return list(value)
 
-    def sectors(self, plant: dict[str, Any], name: str) -> list[int]:
+    def sectors(self, plant: Mapping[str, object], name: str) -> list[int]:
         value = plant.get(name, [])
         if not isinstance(value, list) or not all(isinstance(v, int) and 0 <= v < 16 for v in value):
             raise self.fail(f"plant '{name}' must be a list of sectors 0..15")
