@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Final, TypeVar
 
 H = TypeVar("H")
+F = TypeVar("F", bound=Callable[..., bytes])
+_INSTRUCTION: Final = "apdu_instruction"
 
 
 class SW(enum.IntEnum):
@@ -135,6 +137,26 @@ def expect(cmd: Command, p1p2: tuple[int, int], lc: int, response_len: int) -> N
     if len(cmd.data) != lc:
         raise ApduError(SW.WRONG_LENGTH)
     check_le(cmd, response_len)
+
+
+def handles(cla: int, ins: int) -> Callable[[F], F]:
+    """Mark a card's method as the handler of the commands with this CLA and INS (collected by ``handlers``)."""
+
+    def mark(method: F) -> F:
+        setattr(method, _INSTRUCTION, (cla, ins))
+        return method
+
+    return mark
+
+
+def handlers(card: object) -> dict[tuple[int, int], Callable[..., bytes]]:
+    """The methods of ``card``'s class marked with ``handles``, bound to ``card``, by (CLA, INS)."""
+    table: dict[tuple[int, int], Callable[..., bytes]] = {}
+    for name, member in vars(type(card)).items():
+        instruction = getattr(member, _INSTRUCTION, None)
+        if instruction is not None:
+            table[instruction] = getattr(card, name)
+    return table
 
 
 def route(raw: bytes, handlers: Mapping[tuple[int, int], H]) -> tuple[Command, H]:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from cardsim import crypto
-from cardsim.apdu import SW, ApduError, Command, check_le, contactless_atr, expect, read_binary, respond, route
+from cardsim.apdu import SW, ApduError, Command, contactless_atr, expect, handlers, handles, read_binary, respond, route
 from cardsim.commands import (
     ComputeBlockMac,
     InitSamForPurchase,
@@ -59,14 +59,7 @@ class Psam:
         # Diversified keys by (usage, city, version, algorithm, card serial): a bus sees the same cards
         # every day, and diversifying costs two cipher set-ups.
         self._card_keys: dict[tuple[str, str, int, Algorithm, bytes], BlockKey] = {}
-        self._handlers: dict[tuple[int, int], Callable[[Command], bytes]] = {
-            (0x00, 0xB0): self._read_binary,
-            (0x80, 0x70): self._init_sam_for_purchase,
-            (0x80, 0x72): self._credit_sam_for_purchase,
-            (0x80, 0xFA): self._block_mac,
-            (0x80, 0xFB): self._m1_sector_keys,
-            (0x80, 0xFC): self._m1_record_mac,
-        }
+        self._handlers: dict[tuple[int, int], Callable[[Command], bytes]] = handlers(self)
 
     def power_on(self) -> bytes:
         """Reset the session; returns the ATR."""
@@ -116,9 +109,11 @@ class Psam:
         self.eeprom.write(lambda: setattr(self.state, "ttc", ttc + 1))
         return ttc
 
+    @handles(0x00, 0xB0)
     def _read_binary(self, cmd: Command) -> bytes:
         return read_binary(cmd, {SFI_SERIAL: self.state.serial, SFI_TERMINAL: self.state.terminal})
 
+    @handles(0x80, 0x70)
     def _init_sam_for_purchase(self, cmd: Command) -> bytes:
         expect(cmd, _NO_PARAMETERS, InitSamForPurchase.size(), SequencedMac.size())
         r = InitSamForPurchase.from_bytes(cmd.data)
@@ -129,6 +124,7 @@ class Psam:
         self._session = _Session(sk, r.amount)
         return respond(SequencedMac(ttc, mac1).to_bytes())
 
+    @handles(0x80, 0x72)
     def _credit_sam_for_purchase(self, cmd: Command) -> bytes:
         expect(cmd, _NO_PARAMETERS, 4, 0)
         session = self._session
@@ -139,6 +135,7 @@ class Psam:
             raise ApduError(SW.MAC_INVALID)
         return respond()
 
+    @handles(0x80, 0xFA)
     def _block_mac(self, cmd: Command) -> bytes:
         """Project command COMPUTE BLOCK MAC (commands.ComputeBlockMac)."""
         expect(cmd, _NO_PARAMETERS, ComputeBlockMac.size(), ComputeBlockMac.LE)
@@ -147,19 +144,19 @@ class Psam:
         block_key = crypto.session_key(key, crypto.block_key_input(r.challenge))
         return respond(block_key.mac(crypto.BLOCK_COMMAND_HEADER))
 
+    @handles(0x80, 0xFB)
     def _m1_sector_keys(self, cmd: Command) -> bytes:
         """Project command M1 SECTOR KEYS (commands.M1SectorKeys): a sector's keys A and B, as a MIFARE SAM
         gives a legacy reader."""
-        if cmd.p1 > 15 or cmd.p2 != 0:
+        if cmd.p1 > 15:  # a 1K card's sectors
             raise ApduError(SW.INS_NOT_SUPPORTED)
-        if len(cmd.data) != M1SectorKeys.DATA_LENGTH:
-            raise ApduError(SW.WRONG_LENGTH)
-        check_le(cmd, SectorKeys.size())
+        expect(cmd, (cmd.p1, 0x00), M1SectorKeys.DATA_LENGTH, SectorKeys.size())
         r = M1SectorKeys.from_command(cmd)
         master = self._key_set(r.city, r.key_version).purchase
         key_a, key_b = sector_keys(r.scheme, master, r.uid, r.sector)
         return respond(SectorKeys(key_a, key_b).to_bytes())
 
+    @handles(0x80, 0xFC)
     def _m1_record_mac(self, cmd: Command) -> bytes:
         """Project command M1 RECORD MAC (commands.M1RecordMac) -> terminal seq(4) | MAC(4). M1 cards have no
         TAC; this MAC lets the clearing check that a terminal with a PSAM made the record."""

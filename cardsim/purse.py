@@ -13,7 +13,20 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Final
 
 from cardsim import crypto
-from cardsim.apdu import SW, ApduError, Command, check_le, contactless_atr, expect, read_binary, respond, route, tlv
+from cardsim.apdu import (
+    SW,
+    ApduError,
+    Command,
+    check_le,
+    contactless_atr,
+    expect,
+    handlers,
+    handles,
+    read_binary,
+    respond,
+    route,
+    tlv,
+)
 from cardsim.commands import (
     Credit,
     Debit,
@@ -191,19 +204,7 @@ class PurseCard:
         self._maintenance_key = BlockKey(state.algorithm, state.keys.maintenance)
         self._selected = False
         self._carry = _Carry()
-        self._handlers: dict[tuple[int, int], Handler] = {
-            (0x00, 0xA4): self._select,
-            (0x00, 0x84): self._get_challenge,
-            (0x00, 0xB0): self._read_binary,
-            (0x00, 0xB2): self._read_record,
-            (0x80, 0x5C): self._get_balance,
-            (0x80, 0x50): self._initialize,
-            (0x80, 0x54): self._debit,
-            (0x80, 0x52): self._credit,
-            (0x80, 0xDC): self._update_capp_cache,
-            (0x80, 0x5A): self._get_transaction_prove,
-            (0x84, 0x1E): self._application_block,
-        }
+        self._handlers: dict[tuple[int, int], Handler] = handlers(self)
         recover(state)
 
     # --- power -----------------------------------------------------------------------------------
@@ -275,6 +276,7 @@ class PurseCard:
 
     # --- commands --------------------------------------------------------------------------------
 
+    @handles(0x00, 0xA4)
     def _select(self, cmd: Command, _: _Carry) -> bytes:
         if (cmd.p1, cmd.p2) != (0x04, 0x00):
             raise ApduError(SW.INS_NOT_SUPPORTED, "SELECT supports select by name only")
@@ -290,6 +292,7 @@ class PurseCard:
         self._selected = True
         return respond(tlv(0x6F, tlv(0x84, AID) + tlv(0xA5, tlv(0x9F0C, self.state.public_data))))
 
+    @handles(0x00, 0x84)
     def _get_challenge(self, cmd: Command, _: _Carry) -> bytes:
         if (cmd.p1, cmd.p2) != (0x00, 0x00):
             raise ApduError(SW.INS_NOT_SUPPORTED)
@@ -299,11 +302,13 @@ class PurseCard:
         self._carry.challenge = challenge
         return respond(challenge)
 
+    @handles(0x00, 0xB0)
     def _read_binary(self, cmd: Command, _: _Carry) -> bytes:
         self._require_application()
         st = self.state
         return read_binary(cmd, {SFI_PUBLIC: st.public_data, SFI_HOLDER: st.holder_data, SFI_INTEROP: st.interop_data})
 
+    @handles(0x00, 0xB2)
     def _read_record(self, cmd: Command, _: _Carry) -> bytes:
         self._require_application()
         files = {SFI_LOG: self.state.log, SFI_TRIPS: self.state.trips}
@@ -318,10 +323,12 @@ class PurseCard:
         check_le(cmd, len(record))
         return respond(record)
 
+    @handles(0x80, 0x5C)
     def _get_balance(self, cmd: Command, _: _Carry) -> bytes:
         self._expect(cmd, (0x00, 0x02), 0, 4)
         return respond(self.state.balance.to_bytes(4))
 
+    @handles(0x80, 0x50)
     def _initialize(self, cmd: Command, _: _Carry) -> bytes:
         try:
             kind = InitKind(cmd.p1)
@@ -352,6 +359,7 @@ class PurseCard:
         mac1 = pending.load_key.mac(crypto.load_mac1_data(st.balance, amount, TYPE_LOAD, terminal))
         return respond(replace(answer, mac1=mac1).to_bytes())
 
+    @handles(0x80, 0xDC)
     def _update_capp_cache(self, cmd: Command, carried: _Carry) -> bytes:
         self._expect(cmd, (0x00, (SFI_TRIPS << 3)), TRIP_RECORD_SIZE, 0)
         pending = carried.pending
@@ -361,6 +369,7 @@ class PurseCard:
         self._carry.pending = pending
         return respond()
 
+    @handles(0x80, 0x54)
     def _debit(self, cmd: Command, carried: _Carry) -> bytes:
         self._expect(cmd, (0x01, 0x00), Debit.size(), Debit.LE)
         pending = carried.pending
@@ -396,6 +405,7 @@ class PurseCard:
             self._carry.pending = replace(pending, balance=new_balance)
         return respond(PurchaseProof(tac, mac2).debit_answer())
 
+    @handles(0x80, 0x52)
     def _credit(self, cmd: Command, carried: _Carry) -> bytes:
         self._expect(cmd, (0x00, 0x00), Credit.size(), Credit.LE)
         pending = carried.pending
@@ -421,6 +431,7 @@ class PurseCard:
         )
         return respond(tac)
 
+    @handles(0x80, 0x5A)
     def _get_transaction_prove(self, cmd: Command, _: _Carry) -> bytes:
         if cmd.p2 not in (TYPE_PURCHASE, TYPE_COMPOUND):
             raise ApduError(SW.INS_NOT_SUPPORTED)
@@ -431,6 +442,7 @@ class PurseCard:
             raise ApduError(SW.RECORD_NOT_FOUND, "no committed transaction with that counter")
         return respond(PurchaseProof(proof.tac, proof.mac2).prove_answer())
 
+    @handles(0x84, 0x1E)
     def _application_block(self, cmd: Command, carried: _Carry) -> bytes:
         self._expect(cmd, (0x00, 0x00), 4, 0)
         if carried.challenge is None:
