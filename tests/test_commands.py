@@ -138,7 +138,11 @@ def test_a_commit_writes_every_field_of_the_update_and_only_those() -> None:
 
 
 def test_a_purse_update_field_the_state_lacks_fails() -> None:
+    class Misspelt:
+        def writes(self) -> list[tuple[str, object]]:
+            return [("balanse", 1)]
+
     state = _state()
-    with pytest.raises(AttributeError):
-        setattr(state, "balanse", 1)  # slots: a misspelt field cannot become a new attribute
+    with pytest.raises(AttributeError):  # slots: a misspelt field cannot become a new attribute
+        Eeprom().write_in_place(state, Misspelt())
     assert {f.name for f in dataclasses.fields(PurseUpdate)} <= {f.name for f in dataclasses.fields(PurseState)}
