@@ -29,6 +29,34 @@ PRNG_STEPS_PER_FRAME: Final = 160  # the PRNG runs freely; a frame exchange take
 RandomSource = Callable[[int], bytes]
 
 
+class M1Command(enum.IntEnum):
+    """The first byte of a MIFARE Classic command frame (the reader sends the block number after it)."""
+
+    AUTH_A = 0x60
+    AUTH_B = 0x61
+    BACKDOOR_AUTH_A = 0x64  # FM11RF08S vendor key
+    BACKDOOR_AUTH_B = 0x65
+    HALT = 0x50
+    READ = 0x30
+    WRITE = 0xA0
+    DECREMENT = 0xC0
+    INCREMENT = 0xC1
+    RESTORE = 0xC2
+    TRANSFER = 0xB0
+
+
+AUTH_COMMANDS: Final = (M1Command.AUTH_A, M1Command.AUTH_B, M1Command.BACKDOOR_AUTH_A, M1Command.BACKDOOR_AUTH_B)
+VALUE_COMMANDS: Final = (M1Command.DECREMENT, M1Command.INCREMENT, M1Command.RESTORE)
+# The access-condition column (see ``_allowed``) each data-block command needs.
+_OPERATIONS: Final[dict[int, int]] = {
+    M1Command.WRITE: 1,
+    M1Command.INCREMENT: 2,
+    M1Command.DECREMENT: 3,
+    M1Command.RESTORE: 3,
+    M1Command.TRANSFER: 3,
+}
+
+
 class Profile(enum.Enum):
     """What kind of chip the card is."""
 
@@ -216,7 +244,7 @@ class M1Card:
             return self._encrypted_command(auth, plain)
         if self._magic == 2:
             return self._magic_command(frame.data)
-        if len(frame.data) == 2 and frame.data[0] in (0x60, 0x61, 0x64, 0x65):
+        if len(frame.data) == 2 and frame.data[0] in AUTH_COMMANDS:
             return self._start_auth(frame.data[0], frame.data[1], nested=False)
         return None
 
@@ -245,9 +273,9 @@ class M1Card:
             self.state.blocks[self._magic_pending_write] = bytes(data)
             self._magic_pending_write = None
             return Frame(bytes([ACK]), bits=4)
-        if len(data) == 2 and data[1] < BLOCKS and data[0] == 0x30:
+        if len(data) == 2 and data[1] < BLOCKS and data[0] == M1Command.READ:
             return Frame(self.state.blocks[data[1]])
-        if len(data) == 2 and data[1] < BLOCKS and data[0] == 0xA0:
+        if len(data) == 2 and data[1] < BLOCKS and data[0] == M1Command.WRITE:
             self._magic_pending_write = data[1]
             return Frame(bytes([ACK]), bits=4)
         return None
@@ -329,30 +357,30 @@ class M1Card:
         if len(plain) != 2:
             return self._nak(auth)
         command, block = plain[0], plain[1]
-        if command in (0x60, 0x61, 0x64, 0x65):
+        if command in AUTH_COMMANDS:
             return self._start_auth(command, block, nested=True)
-        if command == 0x50:
+        if command == M1Command.HALT:
             self._reset_session()
             return None
         if block >= BLOCKS:
             return self._nak(auth)
-        if command == 0x30:
+        if command == M1Command.READ:
             return self._read(auth, block)
-        if block % 4 == 3 and command == 0xA0:
+        if block % 4 == 3 and command == M1Command.WRITE:
             return self._start_trailer_write(auth, block)
-        if block == 0 and command == 0xA0:
+        if block == 0 and command == M1Command.WRITE:
             return self._nak(auth)  # the manufacturer block is read-only on a genuine chip (Gen1a: backdoor only)
-        operation = {0xA0: 1, 0xC1: 2, 0xC0: 3, 0xC2: 3, 0xB0: 3}.get(command)
+        operation = _OPERATIONS.get(command)
         if operation is None or block % 4 == 3 or not self._allowed(auth, block, operation):
             return self._nak(auth)
-        if command == 0xB0:
+        if command == M1Command.TRANSFER:
             if self._register is None:
                 return self._nak(auth)
             address = self.state.blocks[block][12]
             self.state.blocks[block] = value_block(self._register, address)
             self._register = None
             return self._ack(auth, ACK)
-        if command in (0xC0, 0xC1, 0xC2) and parse_value_block(self.state.blocks[block]) is None:
+        if command in VALUE_COMMANDS and parse_value_block(self.state.blocks[block]) is None:
             return self._nak(auth)
         self._pending = (command, block)
         return self._ack(auth, ACK)
@@ -376,13 +404,13 @@ class M1Card:
     def _start_trailer_write(self, auth: _Auth, block: int) -> Frame:
         if block // 4 != auth.sector:
             return self._nak(auth)
-        self._pending = (0xA0, block)
+        self._pending = (M1Command.WRITE, block)
         return self._ack(auth, ACK)
 
     def _data_frame(self, auth: _Auth, plain: bytes) -> Frame | None:
         command, block = self._pending or (0, 0)
         self._pending = None
-        if command == 0xA0:
+        if command == M1Command.WRITE:
             if len(plain) != BLOCK_SIZE:
                 return self._nak(auth)
             if block % 4 == 3:
@@ -396,7 +424,8 @@ class M1Card:
             return self._nak(auth)
         operand = int.from_bytes(plain, "little", signed=True)
         value = parsed[0]
-        result = value + operand if command == 0xC1 else value - operand if command == 0xC0 else value
+        change: dict[int, int] = {M1Command.INCREMENT: operand, M1Command.DECREMENT: -operand}  # RESTORE: none
+        result = value + change.get(command, 0)
         if not -(2**31) <= result < 2**31:
             return self._nak(auth)
         self._register = result

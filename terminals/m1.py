@@ -11,7 +11,7 @@ from typing import Protocol
 
 from cardsim.bcd import bcd_date, bcd_time
 from cardsim.crypto1 import Crypto1, decrypt_bytes, encrypt_bytes, prng_successor
-from cardsim.mifare import ACK, Frame, parse_value_block, value_block
+from cardsim.mifare import ACK, Frame, M1Command, parse_value_block, value_block
 
 PURSE_BLOCK, BACKUP_BLOCK, RECORD_BLOCK = 4, 5, 6
 
@@ -64,7 +64,7 @@ class M1Reader:
         if answer.data[0] ^ ks != ACK:
             raise M1Error(f"{step}: refused (NAK)")
 
-    def authenticate(self, block: int, key: int, key_type: int = 0x60) -> None:
+    def authenticate(self, block: int, key: int, key_type: int = M1Command.AUTH_A) -> None:
         """Three-pass authentication to the sector of ``block``; nested when a session is open."""
         nested = self.cipher is not None
         answer = self._send(bytes([key_type, block]))
@@ -92,7 +92,7 @@ class M1Reader:
 
     def read_block(self, block: int) -> bytes:
         """READ (30): 16 bytes."""
-        answer = self._send(bytes([0x30, block]))
+        answer = self._send(bytes([M1Command.READ, block]))
         if answer is None or self.cipher is None:
             raise M1Error(f"READ block {block}: no answer")
         if answer.bits == 4:
@@ -104,7 +104,7 @@ class M1Reader:
 
     def write_block(self, block: int, data: bytes) -> None:
         """WRITE (A0) then the 16 data bytes."""
-        self._ack(self._send(bytes([0xA0, block])), f"WRITE block {block}")
+        self._ack(self._send(bytes([M1Command.WRITE, block])), f"WRITE block {block}")
         self._ack(self._send(data), f"WRITE block {block} data")
 
     def value_operation(self, command: int, block: int, operand: int) -> None:
@@ -117,7 +117,7 @@ class M1Reader:
 
     def transfer(self, block: int) -> None:
         """TRANSFER (B0): write the value register into ``block``."""
-        self._ack(self._send(bytes([0xB0, block])), f"TRANSFER block {block}")
+        self._ack(self._send(bytes([M1Command.TRANSFER, block])), f"TRANSFER block {block}")
 
 
 MAX_M1_AMOUNT = 0xFFFF  # the record block holds a 2-byte amount
@@ -143,13 +143,13 @@ def record_block(counter: int, when: dt.datetime, terminal: bytes, amount: int) 
 
 def _open_purse(reader: M1Reader, key_b: int) -> tuple[int, int]:
     """Authenticate sector 1 with key B; (balance, record counter), repairing a torn purse from the backup."""
-    reader.authenticate(PURSE_BLOCK, key_b, 0x61)
+    reader.authenticate(PURSE_BLOCK, key_b, M1Command.AUTH_B)
     parsed = parse_value_block(reader.read_block(PURSE_BLOCK))
     if parsed is None:
         backup = parse_value_block(reader.read_block(BACKUP_BLOCK))
         if backup is None:
             raise M1Error("purse and backup value blocks are both corrupted: card refused")
-        reader.value_operation(0xC2, BACKUP_BLOCK, 0)
+        reader.value_operation(M1Command.RESTORE, BACKUP_BLOCK, 0)
         reader.transfer(PURSE_BLOCK)
         parsed = backup
     counter = int.from_bytes(reader.read_block(RECORD_BLOCK)[0:2])
@@ -181,7 +181,7 @@ def m1_purchase(
     if before_write is not None:
         before_write(txn)
     reader.write_block(RECORD_BLOCK, record_block(counter + 1, when, terminal, amount))
-    reader.value_operation(0xC0, PURSE_BLOCK, amount)
+    reader.value_operation(M1Command.DECREMENT, PURSE_BLOCK, amount)
     reader.transfer(PURSE_BLOCK)
     reader.write_block(BACKUP_BLOCK, value_block(balance - amount, PURSE_BLOCK))
     return txn
