@@ -12,9 +12,6 @@ from cardsim.commands import (
     ComputeBlockMac,
     Credit,
     Debit,
-    Initialize,
-    InitializeAnswer,
-    InitKind,
     InitSamForPurchase,
     M1RecordMac,
     M1SectorKeys,
@@ -29,6 +26,7 @@ from cardsim.m1_issue import KeyScheme
 from cardsim.purse import PurseKeys, PurseState, PurseUpdate, TransactionProof
 
 TERMINAL = bytes.fromhex("001122334455")
+PURCHASE, COMPOUND = commands.InitKind.PURCHASE, commands.InitKind.COMPOUND
 SERIAL = bytes.fromhex("4510000000000001")
 DATE, TIME = bytes.fromhex("20261124"), bytes.fromhex("081502")
 
@@ -46,9 +44,15 @@ DATE, TIME = bytes.fromhex("20261124"), bytes.fromhex("081502")
         (commands.get_transaction_prove(0x09, 0x0102), "805A0009020102" + "08"),
         (commands.application_block(bytes.fromhex("0A0B0C0D")), "841E0000040A0B0C0D"),
         (commands.credit_sam_for_purchase(bytes.fromhex("01020304")), "807200000401020304"),
-        (Initialize(InitKind.PURCHASE, 300, TERMINAL).to_apdu(), "805001020B010000012C0011223344550F"),
-        (Initialize(InitKind.COMPOUND, 300, TERMINAL).to_apdu(), "805003020B010000012C0011223344550F"),
-        (Initialize(InitKind.LOAD, 700, TERMINAL).to_apdu(), "805000020B01000002BC00112233445510"),
+        (
+            commands.Initialize(PURCHASE, 300, TERMINAL).to_apdu(),
+            "805001020B010000012C0011223344550F",
+        ),
+        (
+            commands.Initialize(COMPOUND, 300, TERMINAL).to_apdu(),
+            "805003020B010000012C0011223344550F",
+        ),
+        (commands.Initialize(commands.InitKind.LOAD, 700, TERMINAL).to_apdu(), "805000020B01000002BC00112233445510"),
         (Debit(7, DATE, TIME, bytes(4)).to_apdu(), "805401000F00000007" + "20261124081502" + "00000000" + "08"),
         (Credit(DATE, TIME, bytes(4)).to_apdu(), "805200000B" + "20261124081502" + "00000000" + "04"),
         (
@@ -89,11 +93,11 @@ def test_the_card_side_decodes_what_the_terminal_encodes(
 
 
 def test_answers_round_trip() -> None:
-    purchase = InitializeAnswer(1000, 4, 1, 2, bytes.fromhex("01020304"))
-    load = InitializeAnswer(1000, 4, 1, 2, bytes.fromhex("01020304"), bytes.fromhex("0A0B0C0D"))
+    purchase = commands.InitializeAnswer(1000, 4, 1, 2, bytes.fromhex("01020304"))
+    load = commands.InitializeAnswer(1000, 4, 1, 2, bytes.fromhex("01020304"), bytes.fromhex("0A0B0C0D"))
     assert purchase.to_bytes().hex().upper() == "000003E80004" + "000000" + "0102" + "01020304"
-    assert InitializeAnswer.from_bytes(purchase.to_bytes(), load=False) == purchase
-    assert InitializeAnswer.from_bytes(load.to_bytes(), load=True) == load
+    assert commands.InitializeAnswer.from_bytes(purchase.to_bytes(), load=False) == purchase
+    assert commands.InitializeAnswer.from_bytes(load.to_bytes(), load=True) == load
     proof = PurchaseProof(tac=bytes.fromhex("01020304"), mac2=bytes.fromhex("0A0B0C0D"))
     assert proof.debit_answer().hex() == "010203040a0b0c0d" and proof.prove_answer().hex() == "0a0b0c0d01020304"
     assert PurchaseProof.from_debit_answer(proof.debit_answer()) == proof
