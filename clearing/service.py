@@ -52,7 +52,7 @@ from terminals.messages import (
     parse_interop_ack,
     txn_topic,
 )
-from terminals.mqtt import BrokerUrl
+from terminals.mqtt import BrokerUrl, LinkStats
 
 log = logging.getLogger(__name__)
 # aiomqtt logs every dropped message; the service counts them and logs a summary instead
@@ -67,11 +67,9 @@ MAX_BACKLOG_MESSAGES = 10_000  # a small message costs ~1 KiB of Python objects:
 
 
 @dataclass
-class ClearingStats:
+class ClearingStats(LinkStats):
     """What the service has done since it started."""
 
-    connected: bool = False
-    connections: int = 0
     messages: int = 0
     stored: int = 0
     duplicates: int = 0

@@ -9,14 +9,21 @@ import logging
 import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Protocol, cast
 from urllib.parse import unquote, urlsplit
 
 import aiomqtt
+from paho.mqtt.client import MQTT_CLEAN_START_FIRST_ONLY
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 DEFAULT_PORT = 1883
+
+
+class IncomingQueueFactory(Protocol):
+    """Makes the queue a client keeps incoming messages in (a class such as ``asyncio.Queue``, or a method)."""
+
+    def __call__(self, maxsize: int = 0) -> asyncio.Queue[aiomqtt.Message]: ...
 
 
 @dataclass(frozen=True)
@@ -55,21 +62,43 @@ class BrokerUrl:
         clean_session: bool = False,
         mqtt5: bool = False,
         session_expiry: int = 3600,
-        **options: Any,
+        queue_type: IncomingQueueFactory | None = None,
+        max_queued_incoming_messages: int | None = None,
+        logger: logging.Logger | None = None,
     ) -> aiomqtt.Client:
         """An aiomqtt client with a persistent session unless ``clean_session``: MQTT 3.1.1, or MQTT 5 (needed
-        for shared subscriptions; the session then outlives a disconnect by ``session_expiry`` seconds)."""
-        # small QoS 1 packets both ways (record, PUBACK, ack): Nagle's algorithm would hold them for delayed ACKs
-        options.setdefault("socket_options", [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)])
+        for shared subscriptions; the session then outlives a disconnect by ``session_expiry`` seconds).
+        ``queue_type``, ``max_queued_incoming_messages`` and ``logger`` go to aiomqtt as they are."""
+        expiry = None
         if mqtt5:
             expiry = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
             expiry.SessionExpiryInterval = 0 if clean_session else session_expiry
-            options.update(protocol=aiomqtt.ProtocolVersion.V5, clean_start=clean_session, properties=expiry)
-        else:
-            options.update(clean_session=clean_session)
         return aiomqtt.Client(
-            self.host, self.port, username=self.username, password=self.password, identifier=identifier, **options
+            self.host,
+            self.port,
+            username=self.username,
+            password=self.password,
+            identifier=identifier,
+            protocol=aiomqtt.ProtocolVersion.V5 if mqtt5 else None,
+            # MQTT 5 says clean start; 3.1.1 clean session (aiomqtt's defaults leave the other one alone)
+            clean_start=clean_session if mqtt5 else MQTT_CLEAN_START_FIRST_ONLY,
+            clean_session=None if mqtt5 else clean_session,
+            properties=expiry,
+            # aiomqtt only calls it, as queue_type(maxsize=...): a factory does as well as a class
+            queue_type=cast("type[asyncio.Queue[aiomqtt.Message]] | None", queue_type),
+            max_queued_incoming_messages=max_queued_incoming_messages,
+            logger=logger,
+            # small QoS 1 packets both ways (record, PUBACK, ack): Nagle's algorithm would hold them for delayed ACKs
+            socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
         )
+
+
+@dataclass
+class LinkStats:
+    """An MQTT client's link to its broker: up now or not, and how many connections it has made so far."""
+
+    connected: bool = False
+    connections: int = 0
 
 
 def free_port() -> int:
