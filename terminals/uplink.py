@@ -5,6 +5,9 @@ The broker's PUBACK only says the broker has the message; the record stays in th
 clearing. Records not acked within ``ack_timeout`` of the last traffic are sent again (the same bytes, the same
 seq): the clearing stores each record once and acks duplicates again. Lost connections are retried with
 backoff for as long as it takes; everything published while offline just waits in the outbox.
+
+The rules are ``terminals.uplink_policy``'s; this module carries them out over aiomqtt, with the outbox's
+calls (SQLite commits with synchronous=FULL) in a worker thread so that they do not stall the event loop.
 """
 
 from __future__ import annotations
@@ -13,29 +16,19 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Protocol
+from typing import ParamSpec, Protocol, TypeVar
 
 import aiomqtt
 
-from terminals.messages import MessageError, ack_topic, batch_payload, hotlist_topic, parse_ack, txn_topic
+from terminals.messages import Ack
 from terminals.mqtt import BrokerUrl
 from terminals.outbox import RecordQueue
+from terminals.uplink_policy import ApplyAck, OfferHotlist, UplinkPolicy, UplinkStats
 
 log = logging.getLogger(__name__)
 
-
-@dataclass
-class UplinkStats:
-    """What the uplink has done so far (published counts resends too)."""
-
-    connected: bool = False
-    connections: int = 0
-    published: int = 0
-    resends: int = 0
-    acked: int = 0
-    rejected: int = 0
-    last_error: str | None = None
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
 
 
 class Sender(Protocol):
@@ -53,7 +46,9 @@ class Sender(Protocol):
 
 class Uplink:
     """Publishes one terminal's outbox. Run ``run()`` as a task; ``notify()`` (from any thread) when a record
-    was added, so it goes out at once."""
+    was added, so it goes out at once. ``on_ack`` is called (on the event loop) after each ack the outbox
+    applied, with the ack and the (acked, rejected) counts. ``in_thread=False`` keeps the outbox's calls on the
+    event loop: for an outbox that is not thread-safe and never blocks (an in-memory one)."""
 
     def __init__(
         self,
@@ -64,28 +59,34 @@ class Uplink:
         ack_timeout: float = 10.0,
         max_backoff: float = 10.0,
         session_expiry: int | None = None,
+        on_ack: Callable[[Ack, int, int], None] | None = None,
+        in_thread: bool = True,
     ) -> None:
         self.broker = broker
         self.terminal = terminal
         self.outbox = terminal.outbox
-        city, number = terminal.city, terminal.terminal_hex
-        self.number = number
-        self.txn_topic = txn_topic(city, number)
-        self.ack_topic = ack_topic(city, number)
-        self.hotlist_topic = hotlist_topic(city)
-        self.batch = batch
-        self.ack_timeout = ack_timeout
-        self.max_backoff = max_backoff
+        self.number = terminal.terminal_hex
+        self.policy = UplinkPolicy(
+            terminal.city,
+            self.number,
+            now=time.monotonic(),
+            batch=batch,
+            ack_timeout=ack_timeout,
+            max_backoff=max_backoff,
+        )
         # None: an MQTT 3.1.1 session that never expires (a real terminal's: the acks queued while it is offline
         # wait for it however long that is); seconds: MQTT 5, the broker drops the session that long after the
         # terminal went away (the load generator's terminals, which must leave nothing on a shared broker)
         self.session_expiry = session_expiry
-        self.stats = UplinkStats()
+        self.on_ack = on_ack
+        self.in_thread = in_thread
         self._wake = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._sent_through = 0
-        self._published_max = 0  # the highest seq this uplink has ever published (only grows)
-        self._last_traffic = time.monotonic()
+
+    @property
+    def stats(self) -> UplinkStats:
+        """What the uplink has done so far."""
+        return self.policy.stats
 
     def notify(self) -> None:
         """A record was added to the outbox (thread-safe)."""
@@ -95,26 +96,21 @@ class Uplink:
     async def run(self) -> None:
         """Connect, publish and listen until cancelled; reconnect with backoff whenever the broker goes away."""
         self._loop = asyncio.get_running_loop()
-        backoff = 0.2
         while True:
             try:
                 async with self._client() as client:
-                    self.stats.connected, backoff = True, 0.2
-                    self.stats.connections += 1
+                    self.policy.connected()
                     log.info("uplink connected to %s", self.broker)
-                    await client.subscribe(self.ack_topic, qos=1)
-                    await client.subscribe(self.hotlist_topic, qos=1)
-                    self._sent_through = 0  # a new connection: send everything not yet acked
+                    await client.subscribe(self.policy.ack_topic, qos=1)
+                    await client.subscribe(self.policy.hotlist_topic, qos=1)
                     async with asyncio.TaskGroup() as tasks:
                         tasks.create_task(self._publish(client))
                         tasks.create_task(self._receive(client))
             except* aiomqtt.MqttError as group:
                 error = group.exceptions[0]
-                if self.stats.connected or self.stats.last_error != str(error):
+                if self.policy.lost(str(error)):
                     log.warning("uplink to %s: %s; retrying", self.broker, error)
-                self.stats.connected, self.stats.last_error = False, str(error)
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, self.max_backoff)
+            await asyncio.sleep(self.policy.retry_delay())
 
     def _client(self) -> aiomqtt.Client:
         identifier = f"yikatong-terminal-{self.number}"
@@ -122,60 +118,53 @@ class Uplink:
             return self.broker.client(identifier)
         return self.broker.client(identifier, mqtt5=True, session_expiry=self.session_expiry)
 
+    async def _store(self, call: Callable[_P, _T], *args: _P.args, **kwargs: _P.kwargs) -> _T:
+        """An outbox call, in a worker thread unless ``in_thread`` is off (the outbox takes its own lock: the tap
+        thread writes to it too)."""
+        if self.in_thread:
+            return await asyncio.to_thread(call, *args, **kwargs)
+        return call(*args, **kwargs)
+
     async def _publish(self, client: aiomqtt.Client) -> None:
         while True:
-            rows = self.outbox.unacked(self._sent_through, self.batch)
-            if rows:
-                payload = rows[0][1] if len(rows) == 1 else batch_payload([record for _, record in rows])
-                await client.publish(self.txn_topic, payload, qos=1)
-                self._sent_through = rows[-1][0]
-                self._published_max = max(self._published_max, self._sent_through)
-                self.stats.published += len(rows)
-                self._last_traffic = time.monotonic()
+            publication = self.policy.publication(await self._store(self.outbox.unacked, *self.policy.window()))
+            if publication is not None:
+                await client.publish(self.policy.txn_topic, publication.payload, qos=1)
+                self.policy.published(publication, time.monotonic())
                 continue
             self._wake.clear()
             try:
-                await asyncio.wait_for(self._wake.wait(), self.ack_timeout / 2)
+                await asyncio.wait_for(self._wake.wait(), self.policy.idle_wait)
             except TimeoutError:
-                quiet = time.monotonic() - self._last_traffic
-                if quiet >= self.ack_timeout and self.outbox.queued():
-                    log.info("no ack for %.0f s: sending the unacked records again", quiet)
-                    self.stats.resends += 1
-                    self._sent_through = 0
+                if self.policy.resend_due(time.monotonic()) and await self._store(self.outbox.queued) > 0:
+                    self.policy.resend(time.monotonic())
 
     async def _receive(self, client: aiomqtt.Client) -> None:
         async for message in client.messages:
             raw = message.payload
             payload = bytes(raw) if isinstance(raw, bytes | bytearray) else str(raw)
-            if message.topic.value == self.ack_topic:
-                self._on_ack(payload)
-            elif message.topic.value == self.hotlist_topic:
-                self.terminal.offer_hotlist(payload)
+            match self.policy.received(message.topic.value, payload):
+                case ApplyAck(ack):
+                    await self._apply(ack)
+                case OfferHotlist(hotlist):
+                    await self._store(self.terminal.offer_hotlist, hotlist)
 
-    def _on_ack(self, payload: bytes | str) -> None:
+    async def _apply(self, ack: Ack) -> None:
+        """Drop what the ack covers from the outbox, then count it and wake the publisher."""
+        applying = asyncio.ensure_future(self._store(self.outbox.apply_ack, ack))
         try:
-            ack = parse_ack(payload)
-        except MessageError as err:
-            log.warning("ack ignored: %s", err)
-            return
-        if ack.terminal != self.number:
-            log.warning("ack for terminal %s ignored (this is %s)", ack.terminal, self.number)
-            return
-        if ack.acked_through > self._published_max:
-            # an ack for records this terminal never sent (a forged seq on its topic, or a confused clearing):
-            # dropping them would lose them, so the ack counts only up to what was really published
-            log.warning(
-                "ack through %d beyond the records sent (%d): counted up to %d",
-                *(ack.acked_through, self._published_max, self._published_max),
-            )
-            ack = ack.model_copy(update={"acked_through": self._published_max})
-        acked, rejected = self.outbox.apply_ack(ack)
-        self.stats.acked += acked
-        self.stats.rejected += rejected
-        for rejection in ack.rejected:
-            log.warning("record %d rejected by the clearing: %s", rejection.seq, rejection.reason)
-        self._sent_through = max(self._sent_through, ack.acked_through)
-        self._last_traffic = time.monotonic()
+            acked, rejected = await asyncio.shield(applying)
+        except asyncio.CancelledError:
+            # the commit cannot be stopped once the thread runs it: count it before going, or the stats would
+            # miss records that have left the outbox
+            self._applied(ack, *await applying)
+            raise
+        self._applied(ack, acked, rejected)
+
+    def _applied(self, ack: Ack, acked: int, rejected: int) -> None:
+        self.policy.ack_applied(ack, acked, rejected, time.monotonic())
+        if self.on_ack is not None:
+            self.on_ack(ack, acked, rejected)
         self._wake.set()
 
     async def run_until(self, done: Callable[[], bool], timeout: float) -> bool:
@@ -194,9 +183,8 @@ class Uplink:
 
     def all_published(self) -> bool:
         """Every record in the outbox has reached the broker (PUBACK) at least once on this connection."""
-        newest = self.outbox.unacked(self._sent_through, 1)
-        return self.stats.connected and not newest
+        return self.policy.all_published(bool(self.outbox.unacked(self.policy.sent_through, 1)))
 
     def all_acked(self) -> bool:
         """The outbox is empty: the clearing has acked everything."""
-        return self.outbox.queued() == 0
+        return self.policy.all_acked(self.outbox.queued())

@@ -29,6 +29,7 @@ from terminals.mqtt import BrokerUrl, embedded_broker
 from terminals.reader import InProcessReader
 from terminals.terminal import Terminal
 from terminals.uplink import Uplink
+from terminals.uplink_policy import ApplyAck, Publication
 
 
 def outbox_records(terminal: Terminal) -> dict[int, str]:
@@ -224,8 +225,11 @@ def test_an_ack_beyond_what_was_published_drops_only_what_was_published() -> Non
     sender = Sender()
     for i in range(5):
         sender.outbox._records[i + 1] = "{}"  # five records waiting
-    uplink = Uplink(MOSQUITTO, sender)
-    uplink._published_max = 2  # only seqs 1 and 2 went out
-    uplink._on_ack(Ack(schema="yikatong.ack/1", terminal="451000000001", acked_through=5, rejected=[]).to_json())
+    uplink = Uplink(MOSQUITTO, sender, in_thread=False)
+    uplink.policy.published(Publication("{}", through=2, count=2), now=0.0)  # only seqs 1 and 2 went out
+    forged = Ack(schema="yikatong.ack/1", terminal="451000000001", acked_through=5, rejected=[]).to_json()
+    action = uplink.policy.received(uplink.policy.ack_topic, forged)
+    assert isinstance(action, ApplyAck)
+    asyncio.run(uplink._apply(action.ack))
     assert [seq for seq, _ in sender.outbox.unacked(0, 10)] == [3, 4, 5]
     assert uplink.stats.acked == 2
