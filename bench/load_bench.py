@@ -178,10 +178,6 @@ def _cards(count: int, seed: int) -> dict[str, list[SyntheticCard]]:
     return by_city
 
 
-def _ignore(_latencies: list[float], _acked: int, _rejected: int) -> None:
-    """Replaced by the run's own counter once it starts."""
-
-
 def _window(samples: list[tuple[float, float, float]], start: float, end: float) -> tuple[float, float]:
     """(cores of this process, cores of the broker) between two moments of the run (seconds)."""
     inside = [s for s in samples if start <= s[0] <= end]
@@ -197,7 +193,7 @@ async def overhead(
     """Part (a) for one terminal count."""
     seed = secrets.randbits(32)
     pairs = terminal_numbers(CITIES, terminals, random.Random(seed))
-    sims = [SimTerminal(HOST, c, n, TimedQueue(MemoryOutbox(), _ignore), 200) for c, n in pairs]
+    sims = [SimTerminal(HOST, c, n, TimedQueue(MemoryOutbox()), 200) for c, n in pairs]
     roster = folder / f"terminals-{terminals}.txt"
     roster.write_text("\n".join(n for _, n in pairs) + "\n")
     plan = QuietFirst(args.rate, args.idle + args.seconds, quiet=args.idle)

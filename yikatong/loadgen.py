@@ -18,6 +18,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 from cardsim.issuer import IssuerHost
@@ -65,13 +66,14 @@ class Plan:
 
 class TimedQueue:
     """An outbox wrapper that notes when each record was made and, when the clearing's ack covers it, how long
-    that took (the ack latency); records left from an earlier run have no start time and are not timed."""
+    that took (the ack latency; ``latencies``, or ``on_ack`` on each ack); records left from an earlier run have
+    no start time and are not timed."""
 
     def __init__(
         self, inner: MemoryOutbox | Outbox, on_ack: Callable[[list[float], int, int], None] | None = None
     ) -> None:
         self.inner = inner
-        self.on_ack = on_ack  # set by the run that drives the terminal
+        self.on_ack = on_ack
         self._made: deque[tuple[int, float]] = deque()
 
     def append(self, fields: dict[str, object]) -> TxnRecord:
@@ -85,14 +87,20 @@ class TimedQueue:
         return self.inner.unacked(after, limit)
 
     def apply_ack(self, ack: Ack) -> tuple[int, int]:
-        """As the inner outbox, timing the records the ack covers."""
+        """As the inner outbox; with ``on_ack``, timing the records the ack covers for it."""
         acked, rejected = self.inner.apply_ack(ack)
-        now, latencies = time.monotonic(), []
-        while self._made and self._made[0][0] <= ack.acked_through:
-            latencies.append(now - self._made.popleft()[1])
-        if (acked or rejected) and self.on_ack is not None:
-            self.on_ack(latencies, acked, rejected)
+        if self.on_ack is not None:
+            latencies = self.latencies(ack.acked_through)
+            if acked or rejected:
+                self.on_ack(latencies, acked, rejected)
         return acked, rejected
+
+    def latencies(self, acked_through: int) -> list[float]:
+        """How long the records up to ``acked_through`` waited from being made until now (each timed once)."""
+        now, latencies = time.monotonic(), []
+        while self._made and self._made[0][0] <= acked_through:
+            latencies.append(now - self._made.popleft()[1])
+        return latencies
 
     def queued(self) -> int:
         """As the inner outbox."""
@@ -177,8 +185,17 @@ class LoadRun:
         self.all_cards = [card for group in cards.values() for card in group]
         self.plan = plan
         self.rng = random.Random(seed)
+        # the outboxes stay on the event loop: the taps write them there too, and MemoryOutbox is not thread-safe
         self.uplinks = [
-            Uplink(broker, t, ack_timeout=ack_timeout, max_backoff=5.0, session_expiry=session_expiry)
+            Uplink(
+                broker,
+                t,
+                ack_timeout=ack_timeout,
+                max_backoff=5.0,
+                session_expiry=session_expiry,
+                on_ack=partial(self._on_ack, t.outbox),
+                in_thread=False,
+            )
             for t in self.terminals
         ]
         self.timeline: list[Second] = []
@@ -187,8 +204,6 @@ class LoadRun:
         self.connect_seconds = 0.0
         self.drain_seconds = 0.0
         self._started = 0.0
-        for terminal in self.terminals:
-            terminal.outbox.on_ack = self._on_ack
 
     def _second(self) -> Second:
         index = max(0, int(time.monotonic() - self._started)) if self._started else 0
@@ -196,8 +211,11 @@ class LoadRun:
             self.timeline.append(Second())
         return self.timeline[index]
 
-    def _on_ack(self, latencies: list[float], acked: int, rejected: int) -> None:
+    def _on_ack(self, queue: TimedQueue, ack: Ack, acked: int, rejected: int) -> None:
         """Count acks; records resumed from an earlier run's state files count but are not timed."""
+        latencies = queue.latencies(ack.acked_through)
+        if not (acked or rejected):  # an ack repeated: nothing new to count
+            return
         self.acked += acked
         self.rejected += rejected
         if self._started:
