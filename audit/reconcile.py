@@ -32,7 +32,7 @@ from cardsim.issuer import HostRefusal, IssuerHost
 from cardsim.keys import IssuerKeyStore
 from clearing.settlement import CSV_HEADER, DEBIT_KINDS, DEFAULT_RATE, PairLine, Settlement, settle
 from clearing.verify import expected_tac
-from terminals.messages import CHINA, TXN_SCHEMA, CardRef, Kind, TxnRecord
+from terminals.messages import CHINA, TXN_SCHEMA, CardRef, TxnKind, TxnRecord
 
 Ints = NDArray[np.int64]
 Objects = NDArray[np.object_]
@@ -41,7 +41,7 @@ Column: TypeAlias = Sequence[object] | NDArray[np.generic]
 Index: TypeAlias = NDArray[np.integer] | NDArray[np.bool_]
 R = TypeVar("R")
 
-KINDS: Final[tuple[str, ...]] = get_args(Kind)
+KINDS: Final[tuple[str, ...]] = get_args(TxnKind)
 ALGS: Final[tuple[str, ...]] = get_args(TxnRecord.model_fields["alg"].annotation)
 LOAD: Final = KINDS.index("load")
 CLONE_RULES: Final = frozenset(

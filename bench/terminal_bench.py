@@ -28,7 +28,7 @@ from terminals.messages import Ack, parse_record, parse_uplink
 from terminals.mqtt import BrokerUrl, embedded_broker
 from terminals.outbox import Outbox
 from terminals.reader import InProcessReader
-from terminals.terminal import Kind, Terminal, TerminalConfig
+from terminals.terminal import Terminal, TerminalConfig, TerminalKind
 from terminals.uplink import Uplink
 
 KEYS = IssuerKeyStore.test_set()
@@ -51,7 +51,7 @@ def bare_flow(n: int) -> float:
 
 
 def terminal(folder: Path, number: str) -> Terminal:
-    config = TerminalConfig("4510", Kind.BUS, bytes.fromhex(number), 1)
+    config = TerminalConfig("4510", TerminalKind.BUS, bytes.fromhex(number), 1)
     return Terminal(config, Outbox(folder / f"{number}.sqlite"), KEYS, host=IssuerHost(KEYS))
 
 

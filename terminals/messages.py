@@ -10,10 +10,13 @@ from __future__ import annotations
 import datetime as dt
 import json
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Annotated, Any, Final, Literal, TypeVar
+from typing import Annotated, Final, Literal, NoReturn, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from cardsim.files import JSONValue
 
 MAX_PAYLOAD: Final = 256 * 1024
 """Larger payloads are refused before JSON parsing (a batch of a few hundred records fits easily)."""
@@ -37,7 +40,8 @@ CityCode = Annotated[str, Field(pattern=CITY_CODE.pattern)]
 TERMINAL_NO: Final = re.compile(r"^[0-9A-F]{12}$")
 TerminalNo = Annotated[str, Field(pattern=TERMINAL_NO.pattern)]
 Fen = Annotated[int, Field(ge=0, le=2**31 - 1)]
-Kind = Literal["purchase", "load", "metro_entry", "metro_exit"]
+TxnKind = Literal["purchase", "load", "metro_entry", "metro_exit"]
+TxnAlg = Literal["3des", "sm4", "des"]
 CARD_ID: Final = re.compile(r"^[0-9]{20}$|^[0-9A-F]{8}$")
 """A CPU card serial (20 digits) or an M1 UID (8 hex digits)."""
 
@@ -72,12 +76,11 @@ class CardRef(_Model):
         return self.serial if self.serial is not None else str(self.uid)
 
 
-class TxnRecord(_Model):
-    """One completed card transaction (``yikatong.txn/1``)."""
+class TxnFields(_Model):
+    """What a terminal makes of one card transaction: every field of a ``TxnRecord`` but ``schema`` and ``seq``,
+    which the terminal's outbox gives it (see ``TxnRecord.numbered``). ``tac`` is empty until the card gave it."""
 
-    schema_: Literal["yikatong.txn/1"] = Field(TXN_SCHEMA, alias="schema")
-    seq: Annotated[int, Field(ge=1, le=2**63 - 1)]
-    kind: Kind
+    kind: TxnKind
     tech: Literal["cpu", "m1"]
     card: CardRef
     card_counter: Annotated[int, Field(ge=0, le=0xFFFF)]
@@ -89,13 +92,11 @@ class TxnRecord(_Model):
     psam: Annotated[str, Field(pattern=r"^[0-9A-F]{1,32}$")]
     acquirer: CityCode
     time: str
-    tac: Annotated[str, Field(pattern=r"^[0-9A-F]{8}$")]
+    tac: Annotated[str, Field(pattern=r"^([0-9A-F]{8})?$")]
     key_version: Annotated[int, Field(ge=0, le=255)]
-    alg: Literal["3des", "sm4", "des"]
+    alg: TxnAlg
     line: Annotated[str, Field(min_length=1, max_length=3)] | None = None
     station: Annotated[str, Field(min_length=1, max_length=4)] | None = None
-
-    model_config = ConfigDict(strict=True, extra="forbid", frozen=True, populate_by_name=True)
 
     @field_validator("time")
     @classmethod
@@ -111,7 +112,7 @@ class TxnRecord(_Model):
         return value
 
     @model_validator(mode="after")
-    def _consistent(self) -> TxnRecord:
+    def _consistent(self) -> TxnFields:
         if (self.tech == "cpu") != (self.card.serial is not None):
             raise ValueError("a cpu record names the card by 'serial', an m1 record by 'uid'")
         if self.kind == "load":
@@ -120,6 +121,34 @@ class TxnRecord(_Model):
         elif self.balance_after != self.balance_before - self.amount:
             raise ValueError("balance_after must be balance_before - amount")
         return self
+
+
+class _RecordHead(_Model):
+    """What an outbox adds to a terminal's ``TxnFields``: the schema and the terminal's record ``seq``."""
+
+    schema_: Literal["yikatong.txn/1"] = Field(TXN_SCHEMA, alias="schema")
+    seq: Annotated[int, Field(ge=1, le=2**63 - 1)]
+
+
+class TxnRecord(TxnFields, _RecordHead):
+    """One completed card transaction (``yikatong.txn/1``).
+
+    ``_RecordHead`` is the last base so that its fields come first (pydantic orders fields from the far end of
+    the MRO): the wire order and the order of validation errors stay schema, seq, kind, ..."""
+
+    tac: Annotated[str, Field(pattern=r"^[0-9A-F]{8}$")]
+
+    model_config = ConfigDict(strict=True, extra="forbid", frozen=True, populate_by_name=True)
+
+    @classmethod
+    def numbered(cls, seq: int, fields: TxnFields) -> TxnRecord:
+        """``fields`` as record ``seq`` of its terminal, validated (MessageError if not valid); a record passed
+        as ``fields`` keeps its content and takes the new ``seq``."""
+        content = {name: getattr(fields, name) for name in TxnFields.model_fields}
+        try:
+            return cls.model_validate({"schema": TXN_SCHEMA, "seq": seq, **content})
+        except ValidationError as err:
+            raise MessageError(_explain(err)) from err
 
     @property
     def moment(self) -> dt.datetime:
@@ -145,7 +174,7 @@ class Batch(_Model):
     """Several records in one publish (``yikatong.batch/1``)."""
 
     schema_: Literal["yikatong.batch/1"] = Field(BATCH_SCHEMA, alias="schema")
-    records: list[dict[str, Any]]
+    records: list[dict[str, object]]
 
     model_config = ConfigDict(strict=True, extra="forbid", frozen=True, populate_by_name=True)
 
@@ -296,7 +325,7 @@ def _check_text(text: str, limits: Limits) -> None:
         raise MessageError(f"JSON nested deeper than {limits.max_depth} levels (or unbalanced brackets)")
 
 
-def load_json(payload: bytes | str, limits: Limits = DEFAULT_LIMITS) -> Any:
+def load_json(payload: bytes | str, limits: Limits = DEFAULT_LIMITS) -> JSONValue:
     """Decode a payload: size, UTF-8, depth, string and number limits checked before parsing, then JSON (no
     NaN or Infinity, no lone UTF-16 surrogates); MessageError otherwise."""
     if len(payload) > limits.max_payload:
@@ -307,7 +336,7 @@ def load_json(payload: bytes | str, limits: Limits = DEFAULT_LIMITS) -> Any:
         raise MessageError(f"not UTF-8 JSON: {err}") from err
     _check_text(text, limits)
     try:
-        doc = json.loads(text, parse_constant=_no_constant)
+        doc: JSONValue = json.loads(text, parse_constant=_no_constant)
     except (json.JSONDecodeError, ValueError, RecursionError) as err:
         raise MessageError(f"not UTF-8 JSON: {err}") from err
     if "\\u" in text and _has_surrogate(doc):
@@ -315,11 +344,11 @@ def load_json(payload: bytes | str, limits: Limits = DEFAULT_LIMITS) -> Any:
     return doc
 
 
-def _no_constant(name: str) -> Any:
+def _no_constant(name: str) -> NoReturn:
     raise ValueError(f"{name} is not JSON")
 
 
-def _has_surrogate(doc: Any) -> bool:
+def _has_surrogate(doc: JSONValue) -> bool:
     """Whether a decoded value (depth already bounded) holds a string with a lone surrogate."""
     if isinstance(doc, str):
         return _SURROGATE.search(doc) is not None
@@ -330,7 +359,7 @@ def _has_surrogate(doc: Any) -> bool:
     return False
 
 
-def _validate(model: type[_M], schema: str, doc: Any) -> _M:
+def _validate(model: type[_M], schema: str, doc: object) -> _M:
     if not isinstance(doc, dict) or doc.get("schema") != schema:
         raise MessageError(f"not a {schema} object")
     try:
@@ -339,12 +368,12 @@ def _validate(model: type[_M], schema: str, doc: Any) -> _M:
         raise MessageError(_explain(err)) from err
 
 
-def parse_record(doc: Any) -> TxnRecord:
+def parse_record(doc: object) -> TxnRecord:
     """A decoded JSON value as a transaction record."""
     return _validate(TxnRecord, TXN_SCHEMA, doc)
 
 
-def parse_uplink(payload: bytes | str, limits: Limits = DEFAULT_LIMITS) -> list[Any]:
+def parse_uplink(payload: bytes | str, limits: Limits = DEFAULT_LIMITS) -> list[Mapping[str, object]]:
     """The record documents of a terminal publish: one record or a batch. Each is checked by ``parse_record``
     separately, so one bad record in a batch does not sink the others."""
     doc = load_json(payload, limits)

@@ -17,9 +17,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol, TypeVar
 
-from terminals.messages import TXN_SCHEMA, Ack, Hotlist, MessageError, TxnRecord, parse_hotlist, parse_record
+from pydantic import BaseModel
+
+from terminals.messages import Ack, Hotlist, MessageError, TxnFields, TxnRecord, parse_hotlist
+
+_Intent = TypeVar("_Intent", bound=BaseModel)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -46,9 +50,9 @@ class MemoryOutbox:
         self._records: dict[int, str] = {}
         self.next_seq = 1
 
-    def append(self, fields: dict[str, Any], done_pending: str | None = None) -> TxnRecord:
+    def append(self, fields: TxnFields) -> TxnRecord:
         """Give the record the next ``seq``, validate and keep it."""
-        record = parse_record({"schema": TXN_SCHEMA, "seq": self.next_seq, **fields})
+        record = TxnRecord.numbered(self.next_seq, fields)
         self._records[self.next_seq] = record.to_json()
         self.next_seq += 1
         return record
@@ -147,13 +151,13 @@ class Outbox:
 
     # --- records -------------------------------------------------------------------------------------
 
-    def append(self, fields: dict[str, Any], done_pending: str | None = None) -> TxnRecord:
+    def append(self, fields: TxnFields, done_pending: str | None = None) -> TxnRecord:
         """Give the record the next ``seq``, validate and store it, and (same transaction) clear the pending
-        entry it completes. Returns the stored record."""
+        entry it completes. Returns the stored record (a ``TxnRecord`` passed as ``fields`` takes the new seq)."""
         with self._transaction() as db:
             row = db.execute("SELECT value FROM meta WHERE key = 'next_seq'").fetchone()
             seq = 1 if row is None else int(row[0])
-            record = parse_record({"schema": TXN_SCHEMA, "seq": seq, **fields})
+            record = TxnRecord.numbered(seq, fields)
             db.execute(
                 "INSERT INTO outbox (seq, record, created) VALUES (?, ?, ?)", (seq, record.to_json(), time.time())
             )
@@ -215,19 +219,20 @@ class Outbox:
 
     # --- interrupted payments --------------------------------------------------------------------------
 
-    def set_pending(self, card: str, intent: dict[str, Any]) -> None:
+    def set_pending(self, card: str, intent: BaseModel) -> None:
         """Journal a payment about to be sent to the card (before DEBIT or the first M1 write)."""
+        # json.dumps of the plain dump: the same text as state files written before intents were models
+        text = json.dumps(intent.model_dump(mode="json", exclude_none=True))
         with self._transaction() as db:
             db.execute(
-                "INSERT OR REPLACE INTO pending (card, intent, created) VALUES (?, ?, ?)",
-                (card, json.dumps(intent), time.time()),
+                "INSERT OR REPLACE INTO pending (card, intent, created) VALUES (?, ?, ?)", (card, text, time.time())
             )
 
-    def pending(self, card: str) -> dict[str, Any] | None:
-        """The journalled payment of a card, if one was interrupted."""
+    def pending(self, card: str, model: type[_Intent]) -> _Intent | None:
+        """The journalled payment of a card, if one was interrupted, read as ``model``."""
         with self._lock:
             row = self._db.execute("SELECT intent FROM pending WHERE card = ?", (card,)).fetchone()
-        return None if row is None else dict(json.loads(row[0]))
+        return None if row is None else model.model_validate_json(row[0])
 
     def drop_pending(self, card: str) -> None:
         """Forget a journalled payment the card shows did not happen."""

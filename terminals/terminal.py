@@ -13,7 +13,9 @@ import enum
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Final, Protocol
+
+from pydantic import BaseModel, ConfigDict
 
 from cardsim.apdu import SW
 from cardsim.bcd import bcd_date, bcd_time
@@ -40,8 +42,19 @@ from terminals.flows import (
 )
 from terminals.inspect import yuan
 from terminals.m1 import M1Error, M1Link, M1Reader, M1Transaction, M1Unsettled, m1_outcome, m1_purchase
-from terminals.messages import CHINA, HOTLIST_SCHEMA, Hotlist, MessageError, TxnRecord, parse_hotlist
-from terminals.metro import TRIP_ENTRY, TRIP_EXIT, FareTable, exit_fare, parse_trip, trip_record
+from terminals.messages import (
+    CHINA,
+    HOTLIST_SCHEMA,
+    CardRef,
+    Hotlist,
+    MessageError,
+    TxnAlg,
+    TxnFields,
+    TxnKind,
+    TxnRecord,
+    parse_hotlist,
+)
+from terminals.metro import TRIP_ENTRY, TRIP_EXIT, CityFares, FareTable, Station, exit_fare, parse_trip, trip_record
 from terminals.outbox import Outbox
 from terminals.reader import CardGone, Reader
 
@@ -51,7 +64,7 @@ DEFAULT_KEY = 0xFFFFFFFFFFFF
 _COMMIT_STEPS = ("DEBIT FOR PURCHASE", "CREDIT FOR LOAD")
 
 
-class Kind(enum.Enum):
+class TerminalKind(enum.Enum):
     """What the terminal does with each card; ``value`` is the command-line name."""
 
     BUS = "bus"
@@ -60,11 +73,18 @@ class Kind(enum.Enum):
     TOPUP = "topup"
 
     @property
-    def wire(self) -> str:
+    def wire(self) -> TxnKind:
         """The record ``kind`` on the wire."""
-        return {"bus": "purchase", "metro-entry": "metro_entry", "metro-exit": "metro_exit", "topup": "load"}[
-            self.value
-        ]
+        return _WIRE_KIND[self]
+
+
+_WIRE_KIND: Final[dict[TerminalKind, TxnKind]] = {
+    TerminalKind.BUS: "purchase",
+    TerminalKind.METRO_ENTRY: "metro_entry",
+    TerminalKind.METRO_EXIT: "metro_exit",
+    TerminalKind.TOPUP: "load",
+}
+_WIRE_ALG: Final[dict[Algorithm, TxnAlg]] = {Algorithm.DES3: "3des", Algorithm.SM4: "sm4", Algorithm.DES: "des"}
 
 
 @dataclass(frozen=True)
@@ -72,7 +92,7 @@ class TerminalConfig:
     """How a terminal is set up. ``amount`` is the bus fare or the top-up amount (fen)."""
 
     city: str
-    kind: Kind
+    kind: TerminalKind
     terminal: bytes
     amount: int = 0
     line: str | None = None
@@ -80,18 +100,127 @@ class TerminalConfig:
     key_version: int = 1
 
 
+class TapOutcome(enum.StrEnum):
+    """How a tap ended: ``value`` is the word the demo counts and tests compare."""
+
+    OK = "ok"
+    REFUSED = "refused"
+    TORN = "torn"  # the card left after the payment was journalled: the next tap here finishes it
+    ERROR = "error"
+
+
 @dataclass(frozen=True)
 class TapResult:
-    """The outcome of one tap: ``status`` ok / refused / torn / error, a one-line ``message``, the record."""
+    """The outcome of one tap: its ``status``, a one-line ``message``, the record."""
 
-    status: str
+    status: TapOutcome
     message: str
     record: TxnRecord | None = None
 
     @property
     def ok(self) -> bool:
         """The rider may go through (or the top-up is done)."""
-        return self.status == "ok"
+        return self.status is TapOutcome.OK
+
+
+class PurseIntent(TxnFields):
+    """A CPU payment journalled just before DEBIT or CREDIT, as the pending table keeps it: the record to be
+    (``tac`` still empty) and the card's transaction type."""
+
+    txn_type: int
+
+    def transaction(self) -> PurseTransaction:
+        """The journalled payment, rebuilt for ``purchase_outcome`` or ``load_outcome``."""
+        return PurseTransaction(
+            application_serial=bytes.fromhex(self.card.id),
+            city=self.card.issuer,
+            algorithm=Algorithm(self.alg),
+            key_version=self.key_version,
+            txn_type=self.txn_type,
+            amount=self.amount,
+            balance_before=self.balance_before,
+            balance_after=self.balance_after,
+            card_counter=self.card_counter,
+            terminal=bytes.fromhex(self.terminal),
+            terminal_seq=self.terminal_seq,
+            when=dt.datetime.fromisoformat(self.time),
+            tac=b"",
+        )
+
+    def completed(self, tac: bytes) -> TxnFields:
+        """The record's fields once the card has shown the payment and its TAC (the outbox takes the
+        ``TxnFields`` part and leaves ``txn_type``)."""
+        return self.model_copy(update={"tac": tac.hex().upper()})
+
+
+class M1Intent(BaseModel):
+    """An M1 payment journalled just before the first write, as the pending table keeps it."""
+
+    model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
+
+    uid: int
+    counter: int
+    amount: int
+    balance_before: int
+    terminal: str  # lower-case hex, as journalled since the first version
+    time: str
+
+    @classmethod
+    def of(cls, txn: M1Transaction) -> M1Intent:
+        """The journal entry of a purchase about to be written."""
+        return cls(
+            uid=txn.uid,
+            counter=txn.counter,
+            amount=txn.amount,
+            balance_before=txn.balance_before,
+            terminal=txn.terminal.hex(),
+            time=txn.when.isoformat(),
+        )
+
+    def transaction(self) -> M1Transaction:
+        """The journalled purchase, rebuilt for ``m1_outcome``."""
+        return M1Transaction(
+            uid=self.uid,
+            counter=self.counter,
+            amount=self.amount,
+            balance_before=self.balance_before,
+            balance_after=self.balance_before - self.amount,
+            terminal=bytes.fromhex(self.terminal),
+            when=dt.datetime.fromisoformat(self.time),
+        )
+
+
+@dataclass
+class _Journal:
+    """What one tap has journalled: ``key`` names the card's pending payment once the tap is about to send it
+    (before DEBIT, CREDIT or the first M1 write). From then on a failure leaves the payment torn, not undone."""
+
+    outbox: Outbox
+    key: str | None = None
+
+    def write(self, key: str, intent: PurseIntent | M1Intent) -> None:
+        """Journal ``intent`` durably under the card's ``key``."""
+        self.outbox.set_pending(key, intent)
+        self.key = key
+
+
+@dataclass(frozen=True)
+class _Gate:
+    """A metro gate's fare tables and station."""
+
+    fares: FareTable
+    city_fares: CityFares
+    station: Station
+
+
+def _gate(config: TerminalConfig, fares: FareTable | None) -> _Gate | None:
+    """The gate of a metro terminal (ValueError when it lacks a part); None for other kinds."""
+    if config.kind not in (TerminalKind.METRO_ENTRY, TerminalKind.METRO_EXIT):
+        return None
+    if fares is None or config.line is None or config.station is None:
+        raise ValueError("a metro gate needs the fare table, its line and its station")
+    city_fares = fares.city(config.city)
+    return _Gate(fares, city_fares, city_fares.station(config.line, config.station))
 
 
 class M1Chip(M1Link, Protocol):
@@ -145,18 +274,10 @@ class Terminal:
         host: IssuerHost | None = None,
         clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(CHINA),
     ) -> None:
-        if config.kind in (Kind.METRO_ENTRY, Kind.METRO_EXIT):
-            if fares is None or config.line is None or config.station is None:
-                raise ValueError("a metro gate needs the fare table, its line and its station")
-            self.city_fares = fares.city(config.city)
-            self.station = self.city_fares.station(config.line, config.station)
-        if config.kind is Kind.TOPUP and host is None:
+        self.gate = _gate(config, fares)
+        if config.kind is TerminalKind.TOPUP and host is None:
             raise ValueError("a top-up machine needs the issuer host")
-        self.config = config
-        self.outbox = outbox
-        self.fares = fares
-        self.host = host
-        self.clock = clock
+        self.config, self.outbox, self.host, self.clock = config, outbox, host, clock
         self.terminal_hex = config.terminal.hex().upper()
         outbox.bind_terminal(self.terminal_hex, config.city)
         ttc = int(outbox.get_meta("psam_ttc") or 1)
@@ -195,99 +316,109 @@ class Terminal:
 
     def tap(self, card: Reader) -> TapResult:
         """One CPU card presentation on a reader, start to end."""
-        journalled: list[str] = []
+        journal = _Journal(self.outbox)
         try:
             check_atr(card.connect())
             app = select_purse(card)
-            return self._cpu(card, app, journalled)
+            return self._cpu(card, app, journal)
         except Mac2NotVerified as err:
-            record = self._store_cpu(err.transaction, journalled[0] if journalled else None)
-            return TapResult("ok", f"{self._ok_line(record)}  (warning: PSAM refused the card's MAC2)", record)
+            record = self._store_cpu(err.transaction, journal.key)
+            line = f"{self._ok_line(record)}  (warning: PSAM refused the card's MAC2)"
+            return TapResult(TapOutcome.OK, line, record)
         except CardGone as err:
-            if journalled:
-                return TapResult("torn", f"TORN     card left during payment, tap again to finish ({err})")
-            return TapResult("error", f"ERROR    card left, nothing charged ({err})")
+            if journal.key is not None:
+                return TapResult(TapOutcome.TORN, f"TORN     card left during payment, tap again to finish ({err})")
+            return TapResult(TapOutcome.ERROR, f"ERROR    card left, nothing charged ({err})")
         except TransactionError as err:
-            if journalled and err.step in _COMMIT_STEPS and SW.known(err.sw) is not None:
-                self.outbox.drop_pending(journalled[0])  # a spec refusal of DEBIT/CREDIT: nothing changed
-            elif journalled:
-                return TapResult("torn", f"TORN     {err}; tap again to finish")
-            return TapResult("refused" if err.sw is not None else "error", f"REFUSED  {err}")
+            if journal.key is not None and err.step in _COMMIT_STEPS and SW.known(err.sw) is not None:
+                self.outbox.drop_pending(journal.key)  # a spec refusal of DEBIT/CREDIT: nothing changed
+            elif journal.key is not None:
+                return TapResult(TapOutcome.TORN, f"TORN     {err}; tap again to finish")
+            return TapResult(TapOutcome.REFUSED if err.sw is not None else TapOutcome.ERROR, f"REFUSED  {err}")
         finally:
             card.disconnect()
 
-    def _cpu(self, card: Reader, app: PublicData, journalled: list[str]) -> TapResult:
+    def _cpu(self, card: Reader, app: PublicData, journal: _Journal) -> TapResult:
         serial = app.application_serial.hex()
         if serial in self._hot:
             block_card(card, self.sam, app)
-            return TapResult("refused", f"REFUSED  card {serial} is hotlisted: application blocked")
+            return TapResult(TapOutcome.REFUSED, f"REFUSED  card {serial} is hotlisted: application blocked")
         key = f"cpu:{serial}"
-        intent = self.outbox.pending(key)
-        if intent is not None:
-            interrupted = _intent_transaction(intent)
-            try:
-                if interrupted.txn_type == TYPE_LOAD:
-                    assert self.host is not None
-                    done = load_outcome(card, self.host, interrupted)
-                else:
-                    done = purchase_outcome(card, interrupted)
-            except Unsettled as err:
-                self.outbox.set_aside(key)
-                log.warning("card %s: %s; set aside, charging afresh", serial, err)
-                done = None
-            else:
-                if done is not None:
-                    record = self.outbox.append(_completed(intent, done.tac), key)
-                    return TapResult("ok", f"{self._ok_line(record)}  (finished the interrupted payment)", record)
-                self.outbox.drop_pending(key)
-                log.info("card %s: interrupted payment did not happen; charging afresh", serial)
+        finished = self._finish_cpu(card, key, serial)
+        if finished is not None:
+            return finished
 
-        def journal(txn: PurseTransaction) -> None:
-            self.outbox.set_pending(key, self._fields(txn) | {"txn_type": txn.txn_type})
-            journalled.append(key)
+        def before_commit(txn: PurseTransaction) -> None:
+            journal.write(key, PurseIntent(txn_type=txn.txn_type, **dict(self._fields(txn))))
 
-        if self.config.kind is Kind.TOPUP:
-            assert self.host is not None
-            try:
-                txn = load(
-                    card,
-                    self.host,
-                    self.config.terminal,
-                    self.config.amount,
-                    self.clock(),
-                    app=app,
-                    before_credit=journal,
-                )
-            except HostRefusal as err:
-                return TapResult("refused", f"REFUSED  issuer host: {err}")
-            record = self._store_cpu(txn, key)
-            return TapResult("ok", self._ok_line(record), record)
-
+        if self.config.kind is TerminalKind.TOPUP:
+            return self._top_up(card, app, key, before_commit)
         now = self.clock()
         amount, trip = self.config.amount, None
-        if self.config.kind in (Kind.METRO_ENTRY, Kind.METRO_EXIT):
-            amount, trip = self._metro(card, now)
-        txn = purchase(card, self.sam, self.config.terminal, amount, now, trip, app=app, before_debit=journal)
-        record = self._store_cpu(txn, key if journalled else None)
-        return TapResult("ok", self._ok_line(record), record)
+        if self.gate is not None:
+            amount, trip = self._metro(card, now, self.gate)
+        txn = purchase(card, self.sam, self.config.terminal, amount, now, trip, app=app, before_debit=before_commit)
+        record = self._store_cpu(txn, journal.key)
+        return TapResult(TapOutcome.OK, self._ok_line(record), record)
 
-    def _metro(self, card: Reader, now: dt.datetime) -> tuple[int, Callable[[int], bytes]]:
+    def _finish_cpu(self, card: Reader, key: str, serial: str) -> TapResult | None:
+        """Settle the card's interrupted payment, if one is journalled: recorded when the card shows it (the tap
+        ends there); forgotten, or set aside when the card cannot tell, and None (the tap charges afresh)."""
+        intent = self.outbox.pending(key, PurseIntent)
+        if intent is None:
+            return None
+        interrupted = intent.transaction()
+        try:
+            if interrupted.txn_type == TYPE_LOAD:
+                done = load_outcome(card, self._issuer_host(), interrupted)
+            else:
+                done = purchase_outcome(card, interrupted)
+        except Unsettled as err:
+            self.outbox.set_aside(key)
+            log.warning("card %s: %s; set aside, charging afresh", serial, err)
+            return None
+        if done is None:
+            self.outbox.drop_pending(key)
+            log.info("card %s: interrupted payment did not happen; charging afresh", serial)
+            return None
+        record = self.outbox.append(intent.completed(done.tac), key)
+        return TapResult(TapOutcome.OK, f"{self._ok_line(record)}  (finished the interrupted payment)", record)
+
+    def _top_up(
+        self, card: Reader, app: PublicData, key: str, before_credit: Callable[[PurseTransaction], None]
+    ) -> TapResult:
+        host = self._issuer_host()
+        try:
+            txn = load(
+                card, host, self.config.terminal, self.config.amount, self.clock(), app=app, before_credit=before_credit
+            )
+        except HostRefusal as err:
+            return TapResult(TapOutcome.REFUSED, f"REFUSED  issuer host: {err}")
+        record = self._store_cpu(txn, key)
+        return TapResult(TapOutcome.OK, self._ok_line(record), record)
+
+    def _issuer_host(self) -> IssuerHost:
+        """The issuer host a load needs (a top-up machine always has one; another kind of terminal meets a load
+        only in a state file it shares with an earlier top-up machine)."""
+        if self.host is None:
+            raise TransactionError("ISSUER HOST", "this terminal has no issuer host to settle a load with")
+        return self.host
+
+    def _metro(self, card: Reader, now: dt.datetime, gate: _Gate) -> tuple[int, Callable[[int], bytes]]:
         """Fare and trip record of a gate: entry pays 0; exit pays by distance from the entry on the card."""
-        entry = self.config.kind is Kind.METRO_ENTRY
+        entry = self.config.kind is TerminalKind.METRO_ENTRY
         amount = 0
         if not entry:
             trips = read_records(card, SFI_TRIPS, 1)
             last = parse_trip(trips[0]) if trips else None
-            assert self.fares is not None
-            amount = exit_fare(self.city_fares, self.fares, self.config.city, last, self.station, now)
-        station = self.station
+            amount = exit_fare(gate.city_fares, gate.fares, self.config.city, last, gate.station, now)
 
         def record(balance_after: int) -> bytes:
             return trip_record(
                 TRIP_ENTRY if entry else TRIP_EXIT,
                 self.config.terminal,
-                station.line,
-                station.code,
+                gate.station.line,
+                gate.station.code,
                 amount,
                 balance_after,
                 now,
@@ -297,28 +428,26 @@ class Terminal:
 
         return amount, record
 
-    def _fields(self, txn: PurseTransaction) -> dict[str, Any]:
-        metro = self.config.kind in (Kind.METRO_ENTRY, Kind.METRO_EXIT)
-        fields: dict[str, Any] = {
-            "kind": self.config.kind.wire,
-            "tech": "cpu",
-            "card": {"issuer": txn.city, "serial": txn.application_serial.hex()},
-            "card_counter": txn.card_counter,
-            "amount": txn.amount,
-            "balance_before": txn.balance_before,
-            "balance_after": txn.balance_after,
-            "terminal": txn.terminal.hex().upper(),
-            "terminal_seq": txn.terminal_seq,
-            "psam": self.psam_serial.hex().upper(),
-            "acquirer": self.config.city,
-            "time": txn.when.isoformat(timespec="seconds"),
-            "tac": txn.tac.hex().upper(),
-            "key_version": txn.key_version,
-            "alg": txn.algorithm.value,
-        }
-        if metro:
-            fields |= {"line": self.config.line, "station": self.config.station}
-        return fields
+    def _fields(self, txn: PurseTransaction) -> TxnFields:
+        return TxnFields(
+            kind=self.config.kind.wire,
+            tech="cpu",
+            card=CardRef(issuer=txn.city, serial=txn.application_serial.hex()),
+            card_counter=txn.card_counter,
+            amount=txn.amount,
+            balance_before=txn.balance_before,
+            balance_after=txn.balance_after,
+            terminal=txn.terminal.hex().upper(),
+            terminal_seq=txn.terminal_seq,
+            psam=self.psam_serial.hex().upper(),
+            acquirer=self.config.city,
+            time=txn.when.isoformat(timespec="seconds"),
+            tac=txn.tac.hex().upper(),
+            key_version=txn.key_version,
+            alg=_WIRE_ALG[txn.algorithm],
+            line=self.config.line if self.gate is not None else None,
+            station=self.config.station if self.gate is not None else None,
+        )
 
     def _store_cpu(self, txn: PurseTransaction, pending: str | None) -> TxnRecord:
         return self.outbox.append(self._fields(txn), pending)
@@ -335,46 +464,28 @@ class Terminal:
 
     def tap_m1(self, chip: M1Chip) -> TapResult:
         """One M1 card presentation (buses only: M1 cards carry no trip log)."""
-        journalled: list[str] = []
+        journal = _Journal(self.outbox)
         try:
-            return self._m1(chip, journalled)
+            return self._m1(chip, journal)
         except TransactionError as err:
-            return TapResult("error", f"ERROR    {err}")
+            return TapResult(TapOutcome.ERROR, f"ERROR    {err}")
         except M1Error as err:
-            if journalled:
-                return TapResult("torn", f"TORN     {err}; tap again to finish")
-            return TapResult("refused", f"REFUSED  {err}")
+            if journal.key is not None:
+                return TapResult(TapOutcome.TORN, f"TORN     {err}; tap again to finish")
+            return TapResult(TapOutcome.REFUSED, f"REFUSED  {err}")
 
-    def _m1(self, chip: M1Chip, journalled: list[str]) -> TapResult:
+    def _m1(self, chip: M1Chip, journal: _Journal) -> TapResult:
         uid_bytes, _, _ = chip.anticollision()
         uid = uid_bytes.hex().upper()
-        if self.config.kind is not Kind.BUS:
-            return TapResult("refused", f"REFUSED  M1 card {uid}: only bus terminals take M1 cards")
+        if self.config.kind is not TerminalKind.BUS:
+            return TapResult(TapOutcome.REFUSED, f"REFUSED  M1 card {uid}: only bus terminals take M1 cards")
         if uid in self._hot:
-            return TapResult("refused", f"REFUSED  M1 card {uid} is hotlisted")
+            return TapResult(TapOutcome.REFUSED, f"REFUSED  M1 card {uid} is hotlisted")
         issuer, key_b = self._m1_purse_key(chip, uid_bytes)
         key = f"m1:{uid}"
-        intent = self.outbox.pending(key)
-        if intent is not None:
-            chip.power_on()
-            txn = _m1_intent(intent)
-            try:
-                finished = m1_outcome(M1Reader(chip, txn.uid), key_b, txn)
-            except M1Unsettled as err:
-                self.outbox.set_aside(key)
-                log.warning("M1 card %s: %s; set aside, charging afresh", uid, err)
-                finished = False
-            else:
-                if not finished:
-                    self.outbox.drop_pending(key)
-            if finished:
-                record = self._store_m1(txn, issuer, key)
-                return TapResult("ok", f"{self._ok_line(record)}  (finished the interrupted payment)", record)
-
-        def journal(txn: M1Transaction) -> None:
-            self.outbox.set_pending(key, _m1_fields(txn))
-            journalled.append(key)
-
+        finished = self._finish_m1(chip, key, issuer, key_b)
+        if finished is not None:
+            return finished
         chip.power_on()
         txn = m1_purchase(
             M1Reader(chip, int.from_bytes(uid_bytes)),
@@ -382,10 +493,30 @@ class Terminal:
             self.config.terminal,
             self.config.amount,
             self.clock(),
-            before_write=journal,
+            before_write=lambda txn: journal.write(key, M1Intent.of(txn)),
         )
         record = self._store_m1(txn, issuer, key)
-        return TapResult("ok", self._ok_line(record), record)
+        return TapResult(TapOutcome.OK, self._ok_line(record), record)
+
+    def _finish_m1(self, chip: M1Chip, key: str, issuer: str, key_b: int) -> TapResult | None:
+        """Settle the card's interrupted purchase, if one is journalled: recorded when the card took the money
+        (the tap ends there); forgotten, or set aside when the card cannot tell, and None (charge afresh)."""
+        intent = self.outbox.pending(key, M1Intent)
+        if intent is None:
+            return None
+        chip.power_on()
+        txn = intent.transaction()
+        try:
+            finished = m1_outcome(M1Reader(chip, txn.uid), key_b, txn)
+        except M1Unsettled as err:
+            self.outbox.set_aside(key)
+            log.warning("M1 card %s: %s; set aside, charging afresh", key.removeprefix("m1:"), err)
+            return None
+        if not finished:
+            self.outbox.drop_pending(key)
+            return None
+        record = self._store_m1(txn, issuer, key)
+        return TapResult(TapOutcome.OK, f"{self._ok_line(record)}  (finished the interrupted payment)", record)
 
     def _m1_purse_key(self, chip: M1Chip, uid: bytes) -> tuple[str, int]:
         """Find the card's issuer and purse key B: the PSAM derives the candidates of each accepted city
@@ -423,23 +554,23 @@ class Terminal:
         answer = SequencedMac.from_bytes(
             exchange(self.sam, "PSAM M1 RECORD MAC", command.to_apdu(), SequencedMac.size())
         )
-        fields = {
-            "kind": "purchase",
-            "tech": "m1",
-            "card": {"issuer": issuer, "uid": uid.hex().upper()},
-            "card_counter": txn.counter,
-            "amount": txn.amount,
-            "balance_before": txn.balance_before,
-            "balance_after": txn.balance_after,
-            "terminal": self.terminal_hex,
-            "terminal_seq": answer.seq,
-            "psam": self.psam_serial.hex().upper(),
-            "acquirer": self.config.city,
-            "time": txn.when.isoformat(timespec="seconds"),
-            "tac": answer.mac.hex().upper(),
-            "key_version": self.config.key_version,
-            "alg": Algorithm.SM4.value,
-        }
+        fields = TxnFields(
+            kind="purchase",
+            tech="m1",
+            card=CardRef(issuer=issuer, uid=uid.hex().upper()),
+            card_counter=txn.counter,
+            amount=txn.amount,
+            balance_before=txn.balance_before,
+            balance_after=txn.balance_after,
+            terminal=self.terminal_hex,
+            terminal_seq=answer.seq,
+            psam=self.psam_serial.hex().upper(),
+            acquirer=self.config.city,
+            time=txn.when.isoformat(timespec="seconds"),
+            tac=answer.mac.hex().upper(),
+            key_version=self.config.key_version,
+            alg="sm4",
+        )
         return self.outbox.append(fields, pending)
 
 
@@ -450,51 +581,3 @@ def _authenticates(chip: M1Chip, uid: int, key_b: int) -> bool:
     except M1Error:
         return False
     return True
-
-
-def _intent_transaction(intent: dict[str, Any]) -> PurseTransaction:
-    """The journalled purchase, rebuilt for ``purchase_outcome``."""
-    return PurseTransaction(
-        bytes.fromhex(intent["card"]["serial"]),
-        intent["card"]["issuer"],
-        Algorithm(intent["alg"]),
-        intent["key_version"],
-        int(intent["txn_type"]),
-        intent["amount"],
-        intent["balance_before"],
-        intent["balance_after"],
-        intent["card_counter"],
-        bytes.fromhex(intent["terminal"]),
-        intent["terminal_seq"],
-        dt.datetime.fromisoformat(intent["time"]),
-        b"",
-    )
-
-
-def _completed(intent: dict[str, Any], tac: bytes) -> dict[str, Any]:
-    fields = {k: v for k, v in intent.items() if k != "txn_type"}
-    return fields | {"tac": tac.hex().upper()}
-
-
-def _m1_fields(txn: M1Transaction) -> dict[str, Any]:
-    return {
-        "uid": txn.uid,
-        "counter": txn.counter,
-        "amount": txn.amount,
-        "balance_before": txn.balance_before,
-        "terminal": txn.terminal.hex(),
-        "time": txn.when.isoformat(),
-    }
-
-
-def _m1_intent(intent: dict[str, Any]) -> M1Transaction:
-    amount, before = int(intent["amount"]), int(intent["balance_before"])
-    return M1Transaction(
-        int(intent["uid"]),
-        int(intent["counter"]),
-        amount,
-        before,
-        before - amount,
-        bytes.fromhex(intent["terminal"]),
-        dt.datetime.fromisoformat(intent["time"]),
-    )

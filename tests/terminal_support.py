@@ -14,7 +14,7 @@ from cardsim.mifare import Frame, M1Card, Profile
 from terminals.messages import CHINA
 from terminals.metro import FareTable
 from terminals.outbox import Outbox
-from terminals.terminal import Kind, Terminal, TerminalConfig
+from terminals.terminal import Terminal, TerminalConfig, TerminalKind
 
 FARES = FareTable.load()
 START = dt.datetime(2026, 11, 24, 8, 0, 0, tzinfo=CHINA)
@@ -33,7 +33,7 @@ class Clock:
 
 def make_terminal(
     state: Path,
-    kind: Kind = Kind.BUS,
+    kind: TerminalKind = TerminalKind.BUS,
     city: str = "4560",
     amount: int = 200,
     station: tuple[str, str] | None = None,

@@ -21,7 +21,7 @@ from terminals.messages import Ack, Rejection
 from terminals.outbox import MemoryOutbox
 from yikatong.cli import main
 from yikatong.loadgen import Plan, TimedQueue, rush_hour
-from yikatong.synthetic import SyntheticTerminal, record_fields, synthetic_cards
+from yikatong.synthetic import SyntheticTerminal, synthetic_cards
 
 CITIES = ("4510", "4560", "4530")
 
@@ -184,7 +184,7 @@ def test_timed_queue_times_what_an_ack_covers_and_counts_rejects() -> None:
     maker = SyntheticTerminal(IssuerHost(KEYS), "4510", "451000000001", dt.datetime(2026, 11, 24, 8))
     card = synthetic_cards(1, ["4510"])[0]
     for _ in range(5):
-        queue.append(record_fields(maker.purchase(card, 200)))
+        queue.append(maker.purchase(card, 200))
     assert [seq for seq, _ in queue.unacked(2, 10)] == [3, 4, 5]
     ack = Ack(
         schema="yikatong.ack/1", terminal="451000000001", acked_through=3, rejected=[Rejection(seq=2, reason="x")]

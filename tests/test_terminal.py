@@ -19,7 +19,7 @@ from clearing.verify import tac_problem
 from terminals.messages import HOTLIST_SCHEMA, Hotlist, TxnRecord, parse_record
 from terminals.metro import parse_trip
 from terminals.reader import CardGone, InProcessReader
-from terminals.terminal import Kind, Terminal
+from terminals.terminal import TapOutcome, Terminal, TerminalKind
 
 HOST = IssuerHost(KEYS)
 
@@ -33,7 +33,7 @@ def records(terminal: Terminal) -> list[TxnRecord]:
 
 
 def test_bus_purchase_of_another_citys_card_is_recorded_with_a_verifying_tac(tmp_path: Path) -> None:
-    term = make_terminal(tmp_path / "t.sqlite", Kind.BUS, city="4560", amount=200)
+    term = make_terminal(tmp_path / "t.sqlite", TerminalKind.BUS, city="4560", amount=200)
     card = new_card(Algorithm.DES3, 5000, city="4510")
     first, second = term.tap(InProcessReader(card)), term.tap(InProcessReader(card))
     assert first.ok and second.ok, (first.message, second.message)
@@ -65,7 +65,7 @@ def test_state_file_of_another_terminal_is_refused(tmp_path: Path) -> None:
 
 
 def test_top_up_machine_loads_through_the_issuer_host(tmp_path: Path) -> None:
-    term = make_terminal(tmp_path / "t.sqlite", Kind.TOPUP, city="4510", amount=5000)
+    term = make_terminal(tmp_path / "t.sqlite", TerminalKind.TOPUP, city="4510", amount=5000)
     card = new_card(Algorithm.SM4, 1000)
     result = term.tap(InProcessReader(card))
     assert result.ok and result.record is not None
@@ -76,9 +76,14 @@ def test_top_up_machine_loads_through_the_issuer_host(tmp_path: Path) -> None:
 
 def test_metro_entry_then_exit_charges_by_distance_and_logs_the_trip(tmp_path: Path) -> None:
     clock = Clock()
-    entry = make_terminal(tmp_path / "in.sqlite", Kind.METRO_ENTRY, "4510", station=("M1", "A00"), clock=clock)
+    entry = make_terminal(tmp_path / "in.sqlite", TerminalKind.METRO_ENTRY, "4510", station=("M1", "A00"), clock=clock)
     exit_ = make_terminal(
-        tmp_path / "out.sqlite", Kind.METRO_EXIT, "4510", station=("M1", "A05"), terminal="451000000002", clock=clock
+        tmp_path / "out.sqlite",
+        TerminalKind.METRO_EXIT,
+        "4510",
+        station=("M1", "A05"),
+        terminal="451000000002",
+        clock=clock,
     )
     card = new_card(Algorithm.SM4, 5000)
     assert entry.tap(InProcessReader(card)).ok
@@ -98,9 +103,14 @@ def test_metro_entry_then_exit_charges_by_distance_and_logs_the_trip(tmp_path: P
 
 def test_exit_between_lines_and_without_entry(tmp_path: Path) -> None:
     clock = Clock()
-    entry = make_terminal(tmp_path / "in.sqlite", Kind.METRO_ENTRY, "4510", station=("M2", "B02"), clock=clock)
+    entry = make_terminal(tmp_path / "in.sqlite", TerminalKind.METRO_ENTRY, "4510", station=("M2", "B02"), clock=clock)
     exit_ = make_terminal(
-        tmp_path / "out.sqlite", Kind.METRO_EXIT, "4510", station=("M1", "A01"), terminal="451000000002", clock=clock
+        tmp_path / "out.sqlite",
+        TerminalKind.METRO_EXIT,
+        "4510",
+        station=("M1", "A01"),
+        terminal="451000000002",
+        clock=clock,
     )
     card = new_card()
     entry.tap(InProcessReader(card))
@@ -117,9 +127,9 @@ def test_hotlisted_card_is_refused_and_blocked(tmp_path: Path) -> None:
     serial = card.state.public.application_serial.hex()
     assert term.offer_hotlist(hotlist(3, serial))
     result = term.tap(InProcessReader(card))
-    assert result.status == "refused" and "hotlisted" in result.message and card.state.blocked
+    assert result.status is TapOutcome.REFUSED and "hotlisted" in result.message and card.state.blocked
     again = term.tap(InProcessReader(card))
-    assert again.status == "refused" and "6A81" in again.message
+    assert again.status is TapOutcome.REFUSED and "6A81" in again.message
     assert records(term) == [] and card.state.balance == 5000
     # a restarted terminal still knows the list; malformed or older lists are ignored
     restarted = make_terminal(tmp_path / "t.sqlite")
@@ -154,9 +164,9 @@ def test_m1_hotlisted_and_wrong_kind(tmp_path: Path) -> None:
     uid = card.anticollision()[0].hex().upper()
     term = make_terminal(tmp_path / "t.sqlite")
     term.offer_hotlist(hotlist(1, uid))
-    assert term.tap_m1(card).status == "refused"
+    assert term.tap_m1(card).status is TapOutcome.REFUSED
     gate = make_terminal(
-        tmp_path / "g.sqlite", Kind.METRO_ENTRY, "4510", station=("M1", "A00"), terminal="4510000000AA"
+        tmp_path / "g.sqlite", TerminalKind.METRO_ENTRY, "4510", station=("M1", "A00"), terminal="4510000000AA"
     )
     assert "only bus" in gate.tap_m1(card).message
     assert records(term) == [] == records(gate)
@@ -190,12 +200,18 @@ def test_bus_purchase_torn_anywhere_is_charged_and_recorded_once(
     term = make_terminal(tmp_path / "t.sqlite", amount=300)
     card = PurseCard(new_card().state, seeded_rng(9))
     first = term.tap(CuttingReader(card, before_apdu, budget))
-    assert first.status in ("ok", "torn", "error"), first.message
+    assert first.status in (TapOutcome.OK, TapOutcome.TORN, TapOutcome.ERROR), first.message
     if restart:
         term = make_terminal(tmp_path / "t.sqlite", amount=300)
     second = term.tap(InProcessReader(card))
     assert second.ok, second.message
-    _settled(term, card, 1 if first.status != "ok" else 2, 300 if first.status != "ok" else 600, 5000)
+    _settled(
+        term,
+        card,
+        1 if first.status is not TapOutcome.OK else 2,
+        300 if first.status is not TapOutcome.OK else 600,
+        5000,
+    )
 
 
 @pytest.mark.parametrize(("before_apdu", "budget"), [*CUTS, (7, None), (8, None)])
@@ -204,9 +220,14 @@ def test_metro_gate_torn_anywhere_is_charged_and_recorded_once(
     tmp_path: Path, before_apdu: int | None, budget: int | None, gate: str
 ) -> None:
     clock = Clock()
-    entry = make_terminal(tmp_path / "in.sqlite", Kind.METRO_ENTRY, "4510", station=("M1", "A00"), clock=clock)
+    entry = make_terminal(tmp_path / "in.sqlite", TerminalKind.METRO_ENTRY, "4510", station=("M1", "A00"), clock=clock)
     exit_ = make_terminal(
-        tmp_path / "out.sqlite", Kind.METRO_EXIT, "4510", station=("M1", "A02"), terminal="451000000002", clock=clock
+        tmp_path / "out.sqlite",
+        TerminalKind.METRO_EXIT,
+        "4510",
+        station=("M1", "A02"),
+        terminal="451000000002",
+        clock=clock,
     )
     card = PurseCard(new_card().state, seeded_rng(9))
     term = entry if gate == "entry" else exit_
@@ -215,7 +236,7 @@ def test_metro_gate_torn_anywhere_is_charged_and_recorded_once(
     first = term.tap(CuttingReader(card, before_apdu, budget))
     retap = term.tap(InProcessReader(card))
     assert retap.ok, retap.message
-    if first.status == "ok":
+    if first.status is TapOutcome.OK:
         return  # the cut came after the payment finished: a second, normal trip followed
     _settled(term, card, 1, 0 if gate == "entry" else 200, 5000)
     trip = parse_trip(card.state.trips[0])
@@ -295,13 +316,13 @@ def test_m1_record_mac_key_is_the_one_crypto_module() -> None:
 def test_top_up_torn_anywhere_is_credited_and_recorded_once(
     tmp_path: Path, before_apdu: int | None, budget: int | None
 ) -> None:
-    term = make_terminal(tmp_path / "t.sqlite", Kind.TOPUP, city="4510", amount=1000)
+    term = make_terminal(tmp_path / "t.sqlite", TerminalKind.TOPUP, city="4510", amount=1000)
     card = PurseCard(new_card(balance=500).state, seeded_rng(9))
     first = term.tap(CuttingReader(card, before_apdu, budget))
     second = term.tap(InProcessReader(card))
     assert second.ok, second.message
     recs = records(term)
-    loads = 1 if first.status != "ok" else 2
+    loads = 1 if first.status is not TapOutcome.OK else 2
     assert len(recs) == loads and card.state.balance == 500 + 1000 * loads
     assert [r.card_counter for r in recs] == list(range(loads)) and term.outbox.counts().pending == 0
     for r in recs:
@@ -322,10 +343,28 @@ def test_card_torn_here_and_used_elsewhere_is_set_aside_not_stuck(tmp_path: Path
     here = make_terminal(tmp_path / "a.sqlite", terminal="456000000001")
     elsewhere = make_terminal(tmp_path / "b.sqlite", terminal="456000000002")
     card = new_card()
-    assert here.tap(LosingReader(card)).status == "torn" and card.state.balance == 4800
+    assert here.tap(LosingReader(card)).status is TapOutcome.TORN and card.state.balance == 4800
     assert elsewhere.tap(InProcessReader(card)).ok  # the card's proof now belongs to this newer purchase
     back = here.tap(InProcessReader(card))
     assert back.ok, back.message  # the rider is not stuck: charged afresh
     assert card.state.balance == 4400 and len(records(here)) == 1
     assert here.outbox.counts().pending == 1, "the unprovable payment stays on file for the operator"
     assert here.tap(InProcessReader(card)).ok and here.outbox.counts().pending == 1
+
+
+def test_a_journal_entry_written_by_an_earlier_version_is_finished(tmp_path: Path) -> None:
+    """The pending table keeps the text older terminals wrote (json.dumps of a flat dict): a state file left by
+    one of them with a torn purchase still finishes it, and a new journal entry is written in that same text."""
+    term = make_terminal(tmp_path / "t.sqlite", terminal="456000000001")
+    card = new_card()
+    assert term.tap(LosingReader(card)).status is TapOutcome.TORN
+    ((key, written),) = term.outbox._db.execute("SELECT card, intent FROM pending").fetchall()
+    fields = json.loads(written)
+    assert written == json.dumps(fields) and list(fields)[-3:] == ["key_version", "alg", "txn_type"]
+    assert fields["tac"] == "" and fields["card"] == {"issuer": "4510", "serial": key[4:]}
+    term.outbox._db.execute("UPDATE pending SET intent = ? WHERE card = ?", (json.dumps(fields, indent=1), key))
+    finished = term.tap(InProcessReader(card))
+    assert finished.ok and "finished the interrupted payment" in finished.message, finished.message
+    (record,) = records(term)
+    assert list(json.loads(record.to_json()))[:3] == ["schema", "seq", "kind"]  # the wire order
+    assert record.card_counter == fields["card_counter"] and term.outbox.counts().pending == 0

@@ -26,7 +26,7 @@ from cardsim.personalise import CardRequest, issue_cpu_card
 from cardsim.purse import Defect, PurseState
 from terminals.messages import CHINA
 from terminals.metro import FareTable
-from terminals.terminal import Kind, TerminalConfig
+from terminals.terminal import TerminalConfig, TerminalKind
 
 CITIES = {"4510": "Jinan", "4560": "Yantai", "4530": "Zibo"}
 BUS_FARE = {"4510": 200, "4560": 150, "4530": 100}  # fen
@@ -156,10 +156,10 @@ def terminals(fares: FareTable, rng: random.Random) -> list[TerminalConfig]:
     for city in CITIES:
         line = sorted((s for s in fares.city(city).stations.values() if s.line == METRO_LINE), key=lambda s: s.km)
         numbers = iter([bytes.fromhex(city) + rng.randbytes(4) for _ in range(7)])
-        configs += [TerminalConfig(city, Kind.BUS, next(numbers), BUS_FARE[city]) for _ in range(2)]
-        configs += [TerminalConfig(city, Kind.METRO_ENTRY, next(numbers), 0, s.line, s.code) for s in line[:2]]
-        configs += [TerminalConfig(city, Kind.METRO_EXIT, next(numbers), 0, s.line, s.code) for s in line[-2:]]
-        configs.append(TerminalConfig(city, Kind.TOPUP, next(numbers), TOP_UP))
+        configs += [TerminalConfig(city, TerminalKind.BUS, next(numbers), BUS_FARE[city]) for _ in range(2)]
+        configs += [TerminalConfig(city, TerminalKind.METRO_ENTRY, next(numbers), 0, s.line, s.code) for s in line[:2]]
+        configs += [TerminalConfig(city, TerminalKind.METRO_EXIT, next(numbers), 0, s.line, s.code) for s in line[-2:]]
+        configs.append(TerminalConfig(city, TerminalKind.TOPUP, next(numbers), TOP_UP))
     return configs
 
 
@@ -208,13 +208,13 @@ class _Planner:
         """The fraudster rewrites the tampered card now (``Day.tamper_at``); it rides a bus at once."""
         card = self.day.fleet.tampered
         self.day.tamper_at = len(self.day.taps)
-        self._tap(card, self._of_kind(card, Kind.BUS)[0])
+        self._tap(card, self._of_kind(card, TerminalKind.BUS)[0])
         self.tick()
 
     def ride(self, card: DemoCard) -> None:
         """One rider's turn: leave the metro when inside it, else ride (CPU riders may travel and top up)."""
         if card.in_metro is not None:
-            self._tap(card, self.rng.choice(self._of_kind(card, Kind.METRO_EXIT)))
+            self._tap(card, self.rng.choice(self._of_kind(card, TerminalKind.METRO_EXIT)))
             self.balance[card.name] -= 700  # at most; the gate charges by distance
             card.in_metro = None
         elif card.tech == "cpu":
@@ -228,7 +228,7 @@ class _Planner:
         for card in self.day.cards:
             if card.in_metro is not None:
                 self.tick()
-                self._tap(card, self._of_kind(card, Kind.METRO_EXIT)[0])
+                self._tap(card, self._of_kind(card, TerminalKind.METRO_EXIT)[0])
                 card.in_metro = None
 
     def _ride_cpu(self, card: DemoCard) -> None:
@@ -236,21 +236,21 @@ class _Planner:
         if card is not fleet.clone and card is not fleet.original and self.rng.random() < 0.15:
             _travel(card, self.when, self.rng, self.travel_minutes)
         if self.balance[card.name] < LOW_BALANCE:
-            self._tap(card, self._of_kind(card, Kind.TOPUP)[0])
+            self._tap(card, self._of_kind(card, TerminalKind.TOPUP)[0])
             self.balance[card.name] += TOP_UP
             self.tick()
         if self.rng.random() < 0.4:
-            gate = self.rng.choice(self._of_kind(card, Kind.METRO_ENTRY))
+            gate = self.rng.choice(self._of_kind(card, TerminalKind.METRO_ENTRY))
             self._tap(card, gate)
             card.in_metro = gate.station
         else:
             self._bus(card)
 
     def _bus(self, card: DemoCard) -> None:
-        self._tap(card, self.rng.choice(self._of_kind(card, Kind.BUS)))
+        self._tap(card, self.rng.choice(self._of_kind(card, TerminalKind.BUS)))
         self.balance[card.name] -= BUS_FARE[card.city]
 
-    def _of_kind(self, card: DemoCard, kind: Kind) -> list[TerminalConfig]:
+    def _of_kind(self, card: DemoCard, kind: TerminalKind) -> list[TerminalConfig]:
         """The terminals of a kind in the city the card is in."""
         return self._terminals[(card.city, kind)]
 

@@ -22,11 +22,11 @@ from functools import partial
 from pathlib import Path
 
 from cardsim.issuer import IssuerHost
-from terminals.messages import CHINA, Ack, MessageError, TxnRecord, parse_hotlist
+from terminals.messages import CHINA, Ack, MessageError, TxnFields, TxnRecord, parse_hotlist
 from terminals.mqtt import BrokerUrl
 from terminals.outbox import MemoryOutbox, Outbox
 from terminals.uplink import Uplink
-from yikatong.synthetic import SyntheticCard, SyntheticTerminal, record_fields
+from yikatong.synthetic import SyntheticCard, SyntheticTerminal
 
 TICK = 0.02  # seconds between pacing steps: small enough that taps come evenly, large enough to be cheap
 TOP_UP = 5000  # fen a rider loads when the card cannot pay the fare
@@ -76,7 +76,7 @@ class TimedQueue:
         self.on_ack = on_ack
         self._made: deque[tuple[int, float]] = deque()
 
-    def append(self, fields: dict[str, object]) -> TxnRecord:
+    def append(self, fields: TxnFields) -> TxnRecord:
         """Store a record and start its clock."""
         record = self.inner.append(fields)
         self._made.append((record.seq, time.monotonic()))
@@ -123,9 +123,9 @@ class SimTerminal:
         """One rider: pays the fare (topping up first when the card cannot); returns the records made."""
         made = 0
         if card.balance < self.fare:
-            self.outbox.append(record_fields(self.maker.top_up(card, TOP_UP)))
+            self.outbox.append(self.maker.top_up(card, TOP_UP))
             made += 1
-        self.outbox.append(record_fields(self.maker.purchase(card, self.fare)))
+        self.outbox.append(self.maker.purchase(card, self.fare))
         return made + 1
 
     def offer_hotlist(self, payload: bytes | str) -> bool:

@@ -5,15 +5,15 @@ flows. Test keys only: a real issuer's keys never sit beside a load generator.""
 from __future__ import annotations
 
 import datetime as dt
+import itertools
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 from cardsim.issuer import IssuerHost
 from cardsim.personalise import application_serial
 from clearing.verify import expected_tac
-from terminals.messages import CHINA, TXN_SCHEMA, CardRef, Kind, TxnRecord
+from terminals.messages import CHINA, TXN_SCHEMA, CardRef, TxnKind, TxnRecord
 
 
 @dataclass
@@ -55,14 +55,13 @@ class SyntheticTerminal:
         clock: Callable[[], dt.datetime] | None = None,
         seq: int = 0,
     ) -> None:
-        if (start is None) == (clock is None):
+        if clock is not None and start is None:
+            self.clock = clock
+        elif start is not None and clock is None:
+            self.clock = _seconds_after(start)
+        else:
             raise ValueError("give a start time or a clock")
-        self.host = host
-        self.city = city
-        self.terminal = terminal
-        self.now = start
-        self.clock = clock
-        self.seq = seq
+        self.host, self.city, self.terminal, self.seq = host, city, terminal, seq
 
     def purchase(self, card: SyntheticCard, amount: int) -> TxnRecord:
         """The next record of this terminal: ``card`` pays ``amount`` (its balance and counter move on)."""
@@ -79,13 +78,9 @@ class SyntheticTerminal:
         card.balance += amount
         return record
 
-    def _record(self, card: SyntheticCard, kind: Kind, amount: int, counter: int, after: int) -> TxnRecord:
+    def _record(self, card: SyntheticCard, kind: TxnKind, amount: int, counter: int, after: int) -> TxnRecord:
         self.seq += 1
-        if self.clock is not None:
-            when = self.clock()
-        else:
-            assert self.now is not None
-            self.now = when = self.now + dt.timedelta(seconds=1)
+        when = self.clock()
         unsigned = TxnRecord(
             schema=TXN_SCHEMA,
             seq=self.seq,
@@ -108,8 +103,7 @@ class SyntheticTerminal:
         return unsigned.model_copy(update={"tac": expected_tac(self.host, unsigned).hex().upper()})
 
 
-def record_fields(record: TxnRecord) -> dict[str, Any]:
-    """A record's fields without ``schema`` and ``seq``: what an outbox's ``append`` takes."""
-    fields = record.model_dump(mode="json", by_alias=True, exclude_none=True)
-    del fields["schema"], fields["seq"]
-    return fields
+def _seconds_after(start: dt.datetime) -> Callable[[], dt.datetime]:
+    """A clock that reads one second later at each call, the first time ``start`` + 1 s."""
+    seconds = itertools.count(1)
+    return lambda: start + dt.timedelta(seconds=next(seconds))

@@ -21,7 +21,7 @@ from terminals.mqtt import BrokerUrl
 from terminals.outbox import Outbox, OutboxError
 from terminals.pcsc import PcscReader, ReaderNotFound
 from terminals.reader import InProcessReader
-from terminals.terminal import Kind, TapResult, Terminal, TerminalConfig
+from terminals.terminal import TapResult, Terminal, TerminalConfig, TerminalKind
 from terminals.uplink import Uplink
 from yikatong.argtypes import (
     MAX_FEN,
@@ -110,7 +110,11 @@ def register(groups: Any) -> None:
 def _terminal_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--city", type=city_code, required=True, help="city of the terminal (4510, 4560, 4530)")
     parser.add_argument(
-        "--kind", type=Kind, required=True, choices=list(Kind), metavar="{bus,metro-entry,metro-exit,topup}"
+        "--kind",
+        type=TerminalKind,
+        required=True,
+        choices=list(TerminalKind),
+        metavar="{bus,metro-entry,metro-exit,topup}",
     )
     parser.add_argument("--fare", type=fen_amount, help="bus fare in fen, 1 to 2147483647 (bus terminals)")
     parser.add_argument("--amount", type=fen_amount, help="top-up amount in fen, 1 to 2147483647 (topup terminals)")
@@ -140,16 +144,16 @@ def _open_outbox(path: Path) -> Outbox:
 
 def _build_terminal(args: argparse.Namespace) -> Terminal:
     """A terminal from the command line; CliError for every missing or contradictory option."""
-    kind: Kind = args.kind
-    if kind is Kind.BUS and args.fare is None:
+    kind: TerminalKind = args.kind
+    if kind is TerminalKind.BUS and args.fare is None:
         raise CliError("a bus terminal needs --fare (fen)")
-    if kind is Kind.TOPUP and args.amount is None:
+    if kind is TerminalKind.TOPUP and args.amount is None:
         raise CliError("a topup terminal needs --amount (fen)")
-    if kind in (Kind.METRO_ENTRY, Kind.METRO_EXIT) and not (args.line and args.station):
+    if kind in (TerminalKind.METRO_ENTRY, TerminalKind.METRO_EXIT) and not (args.line and args.station):
         raise CliError(f"a {kind.value} gate needs --line and --station (the fare comes from the fare table)")
-    if args.fare is not None and kind is not Kind.BUS:
+    if args.fare is not None and kind is not TerminalKind.BUS:
         raise CliError(f"--fare is for bus terminals; a {kind.value} terminal does not take it")
-    if args.amount is not None and kind is not Kind.TOPUP:
+    if args.amount is not None and kind is not TerminalKind.TOPUP:
         raise CliError(f"--amount is for topup terminals; a {kind.value} terminal does not take it")
     state: Path = args.state or Path(f"terminal-{args.city}-{kind.value}.sqlite")
     outbox = _open_outbox(state)
@@ -160,7 +164,7 @@ def _build_terminal(args: argparse.Namespace) -> Terminal:
         number = stored
     else:
         number = args.city + secrets.token_hex(4).upper()
-    amount = args.fare if kind is Kind.BUS else (args.amount or 0)
+    amount = args.fare if kind is TerminalKind.BUS else (args.amount or 0)
     config = TerminalConfig(args.city, kind, bytes.fromhex(number), amount, args.line, args.station)
     keys = load_keys(args.keys)
     try:
@@ -322,7 +326,7 @@ def _existing_terminal(args: argparse.Namespace) -> Terminal:
     number, city = outbox.get_meta("terminal"), outbox.get_meta("city")
     if number is None or city is None:
         raise CliError(f"{args.state}: not a terminal state file (no terminal number)")
-    config = TerminalConfig(city, Kind.BUS, bytes.fromhex(number))
+    config = TerminalConfig(city, TerminalKind.BUS, bytes.fromhex(number))
     return Terminal(config, outbox, load_keys(getattr(args, "keys", None)))
 
 
