@@ -19,7 +19,8 @@ from clearing.verify import tac_problem
 from terminals.messages import HOTLIST_SCHEMA, Hotlist, TxnRecord, parse_record
 from terminals.metro import parse_trip
 from terminals.reader import CardGone, InProcessReader
-from terminals.terminal import TapOutcome, Terminal, TerminalKind
+from terminals.terminal import TapOutcome, Terminal
+from terminals.terminal import TerminalKind as Kind
 
 HOST = IssuerHost(KEYS)
 
@@ -33,7 +34,7 @@ def records(terminal: Terminal) -> list[TxnRecord]:
 
 
 def test_bus_purchase_of_another_citys_card_is_recorded_with_a_verifying_tac(tmp_path: Path) -> None:
-    term = make_terminal(tmp_path / "t.sqlite", TerminalKind.BUS, city="4560", amount=200)
+    term = make_terminal(tmp_path / "t.sqlite", Kind.BUS, city="4560", amount=200)
     card = new_card(Algorithm.DES3, 5000, city="4510")
     first, second = term.tap(InProcessReader(card)), term.tap(InProcessReader(card))
     assert first.ok and second.ok, (first.message, second.message)
@@ -65,7 +66,7 @@ def test_state_file_of_another_terminal_is_refused(tmp_path: Path) -> None:
 
 
 def test_top_up_machine_loads_through_the_issuer_host(tmp_path: Path) -> None:
-    term = make_terminal(tmp_path / "t.sqlite", TerminalKind.TOPUP, city="4510", amount=5000)
+    term = make_terminal(tmp_path / "t.sqlite", Kind.TOPUP, city="4510", amount=5000)
     card = new_card(Algorithm.SM4, 1000)
     result = term.tap(InProcessReader(card))
     assert result.ok and result.record is not None
@@ -76,14 +77,9 @@ def test_top_up_machine_loads_through_the_issuer_host(tmp_path: Path) -> None:
 
 def test_metro_entry_then_exit_charges_by_distance_and_logs_the_trip(tmp_path: Path) -> None:
     clock = Clock()
-    entry = make_terminal(tmp_path / "in.sqlite", TerminalKind.METRO_ENTRY, "4510", station=("M1", "A00"), clock=clock)
+    entry = make_terminal(tmp_path / "in.sqlite", Kind.METRO_ENTRY, "4510", station=("M1", "A00"), clock=clock)
     exit_ = make_terminal(
-        tmp_path / "out.sqlite",
-        TerminalKind.METRO_EXIT,
-        "4510",
-        station=("M1", "A05"),
-        terminal="451000000002",
-        clock=clock,
+        tmp_path / "out.sqlite", Kind.METRO_EXIT, "4510", station=("M1", "A05"), terminal="451000000002", clock=clock
     )
     card = new_card(Algorithm.SM4, 5000)
     assert entry.tap(InProcessReader(card)).ok
@@ -103,14 +99,9 @@ def test_metro_entry_then_exit_charges_by_distance_and_logs_the_trip(tmp_path: P
 
 def test_exit_between_lines_and_without_entry(tmp_path: Path) -> None:
     clock = Clock()
-    entry = make_terminal(tmp_path / "in.sqlite", TerminalKind.METRO_ENTRY, "4510", station=("M2", "B02"), clock=clock)
+    entry = make_terminal(tmp_path / "in.sqlite", Kind.METRO_ENTRY, "4510", station=("M2", "B02"), clock=clock)
     exit_ = make_terminal(
-        tmp_path / "out.sqlite",
-        TerminalKind.METRO_EXIT,
-        "4510",
-        station=("M1", "A01"),
-        terminal="451000000002",
-        clock=clock,
+        tmp_path / "out.sqlite", Kind.METRO_EXIT, "4510", station=("M1", "A01"), terminal="451000000002", clock=clock
     )
     card = new_card()
     entry.tap(InProcessReader(card))
@@ -166,7 +157,7 @@ def test_m1_hotlisted_and_wrong_kind(tmp_path: Path) -> None:
     term.offer_hotlist(hotlist(1, uid))
     assert term.tap_m1(card).status is TapOutcome.REFUSED
     gate = make_terminal(
-        tmp_path / "g.sqlite", TerminalKind.METRO_ENTRY, "4510", station=("M1", "A00"), terminal="4510000000AA"
+        tmp_path / "g.sqlite", Kind.METRO_ENTRY, "4510", station=("M1", "A00"), terminal="4510000000AA"
     )
     assert "only bus" in gate.tap_m1(card).message
     assert records(term) == [] == records(gate)
@@ -205,13 +196,7 @@ def test_bus_purchase_torn_anywhere_is_charged_and_recorded_once(
         term = make_terminal(tmp_path / "t.sqlite", amount=300)
     second = term.tap(InProcessReader(card))
     assert second.ok, second.message
-    _settled(
-        term,
-        card,
-        1 if first.status is not TapOutcome.OK else 2,
-        300 if first.status is not TapOutcome.OK else 600,
-        5000,
-    )
+    _settled(term, card, 1 if not first.ok else 2, 300 if not first.ok else 600, 5000)
 
 
 @pytest.mark.parametrize(("before_apdu", "budget"), [*CUTS, (7, None), (8, None)])
@@ -220,14 +205,9 @@ def test_metro_gate_torn_anywhere_is_charged_and_recorded_once(
     tmp_path: Path, before_apdu: int | None, budget: int | None, gate: str
 ) -> None:
     clock = Clock()
-    entry = make_terminal(tmp_path / "in.sqlite", TerminalKind.METRO_ENTRY, "4510", station=("M1", "A00"), clock=clock)
+    entry = make_terminal(tmp_path / "in.sqlite", Kind.METRO_ENTRY, "4510", station=("M1", "A00"), clock=clock)
     exit_ = make_terminal(
-        tmp_path / "out.sqlite",
-        TerminalKind.METRO_EXIT,
-        "4510",
-        station=("M1", "A02"),
-        terminal="451000000002",
-        clock=clock,
+        tmp_path / "out.sqlite", Kind.METRO_EXIT, "4510", station=("M1", "A02"), terminal="451000000002", clock=clock
     )
     card = PurseCard(new_card().state, seeded_rng(9))
     term = entry if gate == "entry" else exit_
@@ -316,13 +296,13 @@ def test_m1_record_mac_key_is_the_one_crypto_module() -> None:
 def test_top_up_torn_anywhere_is_credited_and_recorded_once(
     tmp_path: Path, before_apdu: int | None, budget: int | None
 ) -> None:
-    term = make_terminal(tmp_path / "t.sqlite", TerminalKind.TOPUP, city="4510", amount=1000)
+    term = make_terminal(tmp_path / "t.sqlite", Kind.TOPUP, city="4510", amount=1000)
     card = PurseCard(new_card(balance=500).state, seeded_rng(9))
     first = term.tap(CuttingReader(card, before_apdu, budget))
     second = term.tap(InProcessReader(card))
     assert second.ok, second.message
     recs = records(term)
-    loads = 1 if first.status is not TapOutcome.OK else 2
+    loads = 1 if not first.ok else 2
     assert len(recs) == loads and card.state.balance == 500 + 1000 * loads
     assert [r.card_counter for r in recs] == list(range(loads)) and term.outbox.counts().pending == 0
     for r in recs:

@@ -10,7 +10,6 @@ import os
 import secrets
 import sys
 from pathlib import Path
-from typing import Any
 
 from cardsim.image import CardImageError, load_card, save_card
 from cardsim.issuer import IssuerHost
@@ -25,8 +24,10 @@ from terminals.terminal import TapResult, Terminal, TerminalConfig, TerminalKind
 from terminals.uplink import Uplink
 from yikatong.argtypes import (
     MAX_FEN,
+    Subcommands,
     broker_url,
     city_code,
+    command_group,
     fen_amount,
     file_path,
     hex_number,
@@ -40,15 +41,15 @@ from yikatong.process import setup_logging, stop_on_sigterm
 log = logging.getLogger("yikatong.terminal")
 
 
-def register(groups: Any) -> None:
+def register(groups: Subcommands) -> None:
     """Add the ``terminal`` command group."""
-    group = groups.add_parser(
+    sub = command_group(
+        groups,
         "terminal",
-        help="run a terminal (bus, metro gate, top-up) on a PC/SC reader, or tap once",
+        help_text="run a terminal (bus, metro gate, top-up) on a PC/SC reader, or tap once",
         description="A terminal charges (or tops up) the cards presented to it, keeps every record in a durable "
         "outbox and publishes it to the clearing over MQTT until the clearing acks it.",
     )
-    sub = group.add_subparsers(dest="terminal_command", metavar="SUBCOMMAND", required=True)
 
     run = sub.add_parser(
         "run",
