@@ -86,7 +86,7 @@ def loaded_terminal(state: Path, city: str, count: int, issuers: tuple[str, ...]
     each terminal of a test its own ``seed``: the same cards at two terminals would be clones."""
     term = make_terminal(state, city=city, terminal=unique_terminal(city))
     for record in signed_records(count, city, term.terminal_hex, issuers, seed=seed):
-        term.outbox.append(record.model_dump(by_alias=True, exclude={"schema_", "seq"}, exclude_none=True))
+        term.outbox.append(record)
     return term
 
 
