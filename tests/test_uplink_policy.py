@@ -4,6 +4,7 @@ outbox, with a clock that moves only when a test says so."""
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 
@@ -12,6 +13,12 @@ from terminals.outbox import MemoryOutbox
 from terminals.uplink_policy import ApplyAck, OfferHotlist, Publication, UplinkPolicy
 
 NUMBER = "451000000001"
+
+
+@pytest.fixture(autouse=True)
+def _policy_logs(caplog: pytest.LogCaptureFixture) -> None:
+    """See the policy's lines whatever level an earlier in-process CLI run left on the ``terminals`` logger."""
+    caplog.set_level(logging.INFO, logger="terminals")
 
 
 class Drive:
