@@ -27,6 +27,12 @@ from yikatong.card_cli import load_image
 from yikatong.errors import CliError
 
 _hex32 = hex_number(8)
+
+
+def _words(parser: argparse.ArgumentParser, *words: tuple[str, str]) -> None:
+    """Positional 32-bit words of a sniffed authentication, in the order the attack takes them."""
+    for name, what in words:
+        parser.add_argument(name.lower(), metavar=name, type=_hex32, help=f"{what}, 8 hex digits")
 _hex48 = hex_number(12)
 
 
@@ -49,14 +55,14 @@ def register(groups: Subcommands) -> None:
         "the tag nonce and the encrypted reader nonce, reader answer and tag answer. Prints the 12-hex-digit key.",
         epilog="Example: yikatong audit mfkey64 9C599B32 82A4166C A1E458CE 6EEA41E0 5CADF439",
     )
-    for name, what in (
+    _words(
+        m64,
         ("UID", "card UID"),
         ("NT", "tag nonce nT"),
         ("NR", "encrypted reader nonce {nR}"),
         ("AR", "encrypted reader answer {aR}"),
         ("AT", "encrypted tag answer {aT}"),
-    ):
-        m64.add_argument(name.lower(), metavar=name, type=_hex32, help=f"{what}, 8 hex digits")
+    )
     m64.set_defaults(run=_mfkey64)
 
     m32 = sub.add_parser(
@@ -65,7 +71,8 @@ def register(groups: Subcommands) -> None:
         description="Recover the key a reader used from two of its authentication attempts against an "
         "emulated tag (same or different tag nonces): nT, {nR}, {aR} of each. Prints the 12-hex-digit key.",
     )
-    for name, what in (
+    _words(
+        m32,
         ("UID", "card UID"),
         ("NT0", "first tag nonce"),
         ("NR0", "first encrypted {nR}"),
@@ -73,8 +80,7 @@ def register(groups: Subcommands) -> None:
         ("NT1", "second tag nonce"),
         ("NR1", "second encrypted {nR}"),
         ("AR1", "second encrypted {aR}"),
-    ):
-        m32.add_argument(name.lower(), metavar=name, type=_hex32, help=f"{what}, 8 hex digits")
+    )
     m32.set_defaults(run=_mfkey32)
     _register_nested(sub)
 
