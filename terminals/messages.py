@@ -30,6 +30,13 @@ TXN_SCHEMA: Final = "yikatong.txn/1"
 BATCH_SCHEMA: Final = "yikatong.batch/1"
 ACK_SCHEMA: Final = "yikatong.ack/1"
 HOTLIST_SCHEMA: Final = "yikatong.hotlist/1"
+SNAPSHOT_SCHEMA: Final = "yikatong.hotlist-snapshot/1"
+CHUNK_SCHEMA: Final = "yikatong.hotlist-chunk/1"
+DELTA_SCHEMA: Final = "yikatong.hotlist-delta/1"
+MAX_CHUNK: Final = 160_000
+"""Base64 characters of snapshot data per chunk message: well inside the 256 KiB payload limit."""
+MAX_DELTA_CARDS: Final = 2000
+"""Cards a retained delta may carry in all its changes; beyond, the clearing publishes a new snapshot instead."""
 INTEROP_ACK_SCHEMA: Final = "yikatong.interop-ack/1"
 HEALTH_SCHEMA: Final = "yikatong.health/1"
 
@@ -101,15 +108,7 @@ class TxnFields(_Model):
     @field_validator("time")
     @classmethod
     def _aware_time(cls, value: str) -> str:
-        try:
-            moment = dt.datetime.fromisoformat(value)
-        except ValueError as err:
-            raise ValueError("time must be ISO 8601, e.g. 2026-11-24T08:15:02+08:00") from err
-        if moment.utcoffset() is None:
-            raise ValueError("time must carry its UTC offset (+08:00)")
-        if not 1970 <= moment.year <= 9998:  # the card's BCD date has 4 year digits; +08:00 must not overflow
-            raise ValueError("time must lie between the years 1970 and 9998")
-        return value
+        return _aware(value)
 
     @model_validator(mode="after")
     def _consistent(self) -> TxnFields:
@@ -241,14 +240,123 @@ class Hotlist(_Model):
     @field_validator("cards")
     @classmethod
     def _card_ids(cls, cards: list[str]) -> list[str]:
-        bad = [c for c in cards if not CARD_ID.match(c)]
-        if bad:
-            raise ValueError(f"not a 20-digit serial or 8-hex-digit UID: {bad[0]!r}")
-        return cards
+        return _card_ids(cards)
 
     def to_json(self) -> str:
         """The JSON payload."""
         return self.model_dump_json(by_alias=True)
+
+
+class HotlistSnapshot(_Model):
+    """The head of an issuer's full hotlist (``yikatong.hotlist-snapshot/1``, retained on
+    ``yikatong/{issuer}/hotlist/snapshot``): version ``version`` holds ``cards`` cards, sent as ``chunks`` chunk
+    messages whose data, joined and decompressed, has SHA-256 ``sha256`` (``terminals.hotlist``'s canonical form).
+    ``published`` is when the issuer published that version (liability at settlement counts from it)."""
+
+    schema_: Literal["yikatong.hotlist-snapshot/1"] = Field(SNAPSHOT_SCHEMA, alias="schema")
+    issuer: CityCode
+    version: Annotated[int, Field(ge=1, le=2**31 - 1)]
+    published: str
+    cards: Annotated[int, Field(ge=0, le=2**31 - 1)]
+    chunks: Annotated[int, Field(ge=1, le=10_000)]
+    sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+
+    model_config = ConfigDict(strict=True, extra="forbid", frozen=True, populate_by_name=True)
+
+    @field_validator("published")
+    @classmethod
+    def _aware_published(cls, value: str) -> str:
+        return _aware(value)
+
+    def to_json(self) -> str:
+        """The JSON payload."""
+        return self.model_dump_json(by_alias=True)
+
+
+class HotlistChunk(_Model):
+    """Chunk ``index`` of snapshot ``version`` (``yikatong.hotlist-chunk/1``, retained on
+    ``yikatong/{issuer}/hotlist/snapshot/{index}``): base64 of a slice of the compressed snapshot."""
+
+    schema_: Literal["yikatong.hotlist-chunk/1"] = Field(CHUNK_SCHEMA, alias="schema")
+    issuer: CityCode
+    version: Annotated[int, Field(ge=1, le=2**31 - 1)]
+    index: Annotated[int, Field(ge=0, lt=10_000)]
+    data: Annotated[str, Field(max_length=MAX_CHUNK, pattern=r"^[A-Za-z0-9+/]*={0,2}$")]
+
+    model_config = ConfigDict(strict=True, extra="forbid", frozen=True, populate_by_name=True)
+
+    def to_json(self) -> str:
+        """The JSON payload."""
+        return self.model_dump_json(by_alias=True)
+
+
+class HotlistChange(_Model):
+    """What one hotlist version added, and when it was published."""
+
+    version: Annotated[int, Field(ge=1, le=2**31 - 1)]
+    published: str
+    add: list[str]
+
+    model_config = ConfigDict(strict=True, extra="forbid", frozen=True, populate_by_name=True)
+
+    @field_validator("published")
+    @classmethod
+    def _aware_published(cls, value: str) -> str:
+        return _aware(value)
+
+    @field_validator("add")
+    @classmethod
+    def _card_ids(cls, cards: list[str]) -> list[str]:
+        return _card_ids(cards)
+
+
+class HotlistDelta(_Model):
+    """The changes of an issuer's hotlist since snapshot ``base`` (``yikatong.hotlist-delta/1``, retained on
+    ``yikatong/{issuer}/hotlist/delta``): ``changes`` are versions ``base``+1 .. ``version`` in order, so a
+    terminal at any version from ``base`` on catches up from this one message; one below ``base`` needs the
+    snapshot."""
+
+    schema_: Literal["yikatong.hotlist-delta/1"] = Field(DELTA_SCHEMA, alias="schema")
+    issuer: CityCode
+    base: Annotated[int, Field(ge=0, le=2**31 - 1)]
+    version: Annotated[int, Field(ge=1, le=2**31 - 1)]
+    changes: list[HotlistChange]
+
+    model_config = ConfigDict(strict=True, extra="forbid", frozen=True, populate_by_name=True)
+
+    @model_validator(mode="after")
+    def _in_order(self) -> HotlistDelta:
+        if [c.version for c in self.changes] != list(range(self.base + 1, self.version + 1)):
+            raise ValueError(f"changes must be versions {self.base + 1}..{self.version} in order")
+        if sum(len(c.add) for c in self.changes) > MAX_DELTA_CARDS:
+            raise ValueError(f"more than {MAX_DELTA_CARDS} cards in one delta")
+        return self
+
+    def to_json(self) -> str:
+        """The JSON payload."""
+        return self.model_dump_json(by_alias=True)
+
+
+def _card_ids(cards: list[str]) -> list[str]:
+    """``cards`` when each is a card id (CARD_ID); ValueError naming the first that is not."""
+    bad = [c for c in cards if not CARD_ID.match(c)]
+    if bad:
+        raise ValueError(f"not a 20-digit serial or 8-hex-digit UID: {bad[0]!r}")
+    return cards
+
+
+def _aware(value: str) -> str:
+    """``value`` when it is an ISO 8601 time with its UTC offset in the years 1970-9998 (a record's or a hotlist
+    version's time); ValueError otherwise."""
+    try:
+        moment = dt.datetime.fromisoformat(value)
+    except ValueError as err:
+        raise ValueError("time must be ISO 8601, e.g. 2026-11-24T08:15:02+08:00") from err
+    if moment.utcoffset() is None:
+        raise ValueError("time must carry its UTC offset (+08:00)")
+    if not 1970 <= moment.year <= 9998:  # the card's BCD date has 4 year digits; +08:00 must not overflow
+        raise ValueError("time must lie between the years 1970 and 9998")
+    return value
 
 
 class Health(_Model):
@@ -402,6 +510,21 @@ def parse_hotlist(payload: bytes | str) -> Hotlist:
     return _validate(Hotlist, HOTLIST_SCHEMA, load_json(payload))
 
 
+HOTLIST_LIMITS: Final = Limits(max_string=MAX_CHUNK)
+"""Hotlist messages from the issuers' clearings: a snapshot chunk is one long base64 string."""
+
+
+def parse_hotlist_message(payload: bytes | str) -> HotlistSnapshot | HotlistChunk | HotlistDelta:
+    """A message of an issuer's hotlist topics, told apart by its ``schema``; MessageError otherwise."""
+    doc = load_json(payload, HOTLIST_LIMITS)
+    schema = doc.get("schema") if isinstance(doc, dict) else None
+    if schema == CHUNK_SCHEMA:
+        return _validate(HotlistChunk, CHUNK_SCHEMA, doc)
+    if schema == DELTA_SCHEMA:
+        return _validate(HotlistDelta, DELTA_SCHEMA, doc)
+    return _validate(HotlistSnapshot, SNAPSHOT_SCHEMA, doc)
+
+
 def parse_health(payload: bytes | str) -> Health:
     """A clearing's health message."""
     return _validate(Health, HEALTH_SCHEMA, load_json(payload))
@@ -428,6 +551,33 @@ def ack_topic(city: str, terminal: str) -> str:
 def hotlist_topic(city: str) -> str:
     """The city's retained hotlist."""
     return f"yikatong/{city}/hotlist"
+
+
+def hotlist_snapshot_topic(issuer: str) -> str:
+    """The head of an issuer's retained full hotlist."""
+    return f"yikatong/{issuer}/hotlist/snapshot"
+
+
+def hotlist_chunk_topic(issuer: str, index: int) -> str:
+    """Chunk ``index`` of an issuer's retained full hotlist."""
+    return f"yikatong/{issuer}/hotlist/snapshot/{index}"
+
+
+def hotlist_delta_topic(issuer: str) -> str:
+    """An issuer's retained hotlist changes since its last snapshot."""
+    return f"yikatong/{issuer}/hotlist/delta"
+
+
+HOTLIST_FILTERS: Final = ("yikatong/+/hotlist/snapshot/#", "yikatong/+/hotlist/delta")
+"""What a terminal subscribes to: every issuer's hotlist, its own city's and every other city's."""
+
+
+def hotlist_issuer(topic: str) -> str | None:
+    """The issuer city of a hotlist topic, or None when ``topic`` is not one."""
+    parts = topic.split("/")
+    if len(parts) >= 4 and parts[0] == "yikatong" and parts[2] == "hotlist" and CITY_CODE.match(parts[1]):
+        return parts[1]
+    return None
 
 
 def health_topic(city: str) -> str:
