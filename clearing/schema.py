@@ -117,7 +117,7 @@ class FlaggedCard(Base):
 
 
 class HotlistCard(Base):
-    """A card on a city's hotlist."""
+    """A card on a city's hotlist, with the hotlist version that added it."""
 
     __tablename__ = "hotlist_card"
     __table_args__ = (UniqueConstraint("city", "card"),)
@@ -126,15 +126,29 @@ class HotlistCard(Base):
     city: Mapped[str] = mapped_column(String(4))
     card: Mapped[str] = mapped_column(String(20))
     added: Mapped[float] = mapped_column()
+    version: Mapped[int] = mapped_column(Integer, server_default="0")
+
+
+class HotlistVersion(Base):
+    """One version of a city's hotlist: when it was made and when it was first published to a broker (epoch
+    seconds; None until then). Liability for a hotlisted card's records counts from ``published``."""
+
+    __tablename__ = "hotlist_version"
+
+    city: Mapped[str] = mapped_column(String(4), primary_key=True)
+    version: Mapped[int] = mapped_column(Integer, primary_key=True)
+    created: Mapped[float] = mapped_column()
+    published: Mapped[float | None] = mapped_column()
 
 
 class CityState(Base):
-    """Per-city counters: the hotlist version."""
+    """Per-city counters: the hotlist version, and the version of the last full snapshot published (0: none)."""
 
     __tablename__ = "city_state"
 
     city: Mapped[str] = mapped_column(String(4), primary_key=True)
     hotlist_version: Mapped[int] = mapped_column(Integer, default=0)
+    snapshot_version: Mapped[int] = mapped_column(Integer, server_default="0")
 
 
 class TerminalProgress(Base):
@@ -157,5 +171,6 @@ QUARANTINE = _table(QuarantineRow)
 TALLY = _table(QuarantineTally)
 FLAGGED = _table(FlaggedCard)
 HOTLIST = _table(HotlistCard)
+HOTLIST_VERSION = _table(HotlistVersion)
 CITY_STATE = _table(CityState)
 PROGRESS = _table(TerminalProgress)

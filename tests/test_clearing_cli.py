@@ -41,7 +41,7 @@ async def test_migrated_schema_is_the_orm_schema(kind: str, tmp_path: Path) -> N
             revision = await conn.run_sync(lambda c: MigrationContext.configure(c).get_current_revision())
         await engine.dispose()
     assert diff == []
-    assert revision == "0002"
+    assert revision == "0003"
 
 
 def test_database_urls() -> None:
