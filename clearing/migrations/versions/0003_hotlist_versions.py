@@ -39,7 +39,8 @@ def upgrade() -> None:
     with op.batch_alter_table("city_state", schema=None) as batch_op:
         batch_op.add_column(sa.Column("snapshot_version", sa.Integer(), server_default="0", nullable=False))
     op.execute(
-        "UPDATE hotlist_card SET version = (SELECT s.hotlist_version FROM city_state s WHERE s.city = hotlist_card.city)"
+        "UPDATE hotlist_card SET version ="
+        " (SELECT s.hotlist_version FROM city_state s WHERE s.city = hotlist_card.city)"
         " WHERE EXISTS (SELECT 1 FROM city_state s WHERE s.city = hotlist_card.city)"
     )
     op.execute(
