@@ -126,7 +126,8 @@ class CardSet:
 
 
 def _holds(sorted_values: U32, value: int) -> bool:
-    at = int(np.searchsorted(sorted_values, value))
+    # as a uint32, not a Python int: numpy would otherwise widen the whole array to int64 at every lookup
+    at = int(np.searchsorted(sorted_values, np.uint32(value)))
     return at < sorted_values.size and int(sorted_values[at]) == value
 
 
