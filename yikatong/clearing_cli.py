@@ -24,7 +24,7 @@ from clearing.db import DatabaseUrlError, migrate, open_engine, revision
 from clearing.intake import Intake
 from clearing.ledger import QUARANTINE_CAP, Ledger
 from clearing.service import HEALTH_EVERY, ClearingService, ClearingStats, publish_hotlist
-from clearing.settlement import Settlement, export_day, settle_day
+from clearing.settlement import DEFAULT_GRACE, Grace, Settlement, export_day, settle_day
 from terminals.messages import CARD_ID, MAX_DEPTH, MAX_PAYLOAD, MAX_RECORDS, MAX_STRING, Limits
 from terminals.mqtt import BrokerUrl
 from yikatong.argtypes import (
@@ -142,6 +142,15 @@ def register(groups: Subcommands) -> None:
         metavar="ACQUIRER:ISSUER=PERCENT",
         help="the rate of one city pair, e.g. 4510:4560=0.4 (repeatable)",
     )
+    settle.add_argument(
+        "--hotlist-grace",
+        type=_grace,
+        action="append",
+        default=[],
+        metavar="SECONDS|ACQUIRER:ISSUER=SECONDS",
+        help=f"seconds after an issuer published a hotlist version from which a record of a card on it is the "
+        f"acquirer's loss: for every pair, or one pair, e.g. 4510:4560=300 (repeatable; default {DEFAULT_GRACE})",
+    )
     settle.set_defaults(run=_settle)
 
     hotlist = sub.add_parser("hotlist", help="put cards on a city's hotlist and publish it (retained)")
@@ -214,6 +223,14 @@ def _pair_rate(text: str) -> tuple[tuple[str, str], Decimal]:
     if match is None:
         raise argparse.ArgumentTypeError(f"{text!r} is not ACQUIRER:ISSUER=PERCENT, e.g. 4510:4560=0.4")
     return (match[1], match[2]), _percent(match[3])
+
+
+def _grace(text: str) -> tuple[tuple[str, str] | None, int]:
+    """``SECONDS`` (every pair: None) or ``ACQUIRER:ISSUER=SECONDS``."""
+    match = re.fullmatch(r"(?:([0-9]{4}):([0-9]{4})=)?([0-9]{1,9})", text.strip())
+    if match is None:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither SECONDS nor ACQUIRER:ISSUER=SECONDS, e.g. 4510:4560=300")
+    return ((match[1], match[2]) if match[1] else None), int(match[3])
 
 
 def _card_id(text: str) -> str:
@@ -331,10 +348,12 @@ def _print_stats(city: str, stats: ClearingStats, tail: str) -> None:
 
 def _settle(args: argparse.Namespace) -> int:
     rates = dict(args.pair_rate)
+    every = [seconds for pair, seconds in args.hotlist_grace if pair is None]
+    grace = Grace(every[-1] if every else DEFAULT_GRACE, {p: s for p, s in args.hotlist_grace if p is not None})
 
     async def work() -> tuple[Settlement, dict[str, int]]:
         async with _database(args.db) as engine:
-            settlement = await settle_day(engine, args.day, rates, args.rate, args.city)
+            settlement = await settle_day(engine, args.day, rates, args.rate, args.city, grace)
             try:
                 files = await export_day(engine, args.day, args.out, args.city)
             except OSError as err:
@@ -366,6 +385,15 @@ def _print_settlement(settlement: Settlement) -> None:
     print(f"sum of net positions: {sum(settlement.positions.values())} fen")
     for status, count in settlement.unsettled.items():
         print(f"note: {count:,} forwarded record(s) {status} by the issuer are not settled")
+    for x in settlement.lines:
+        if x.hotlisted_issuer or x.hotlisted_acquirer:
+            print(
+                f"hotlisted cards, acquirer {x.acquirer} issuer {x.issuer}: {x.hotlisted_issuer:,} fen the issuer's "
+                f"(in the gross), {x.hotlisted_acquirer:,} fen the acquirer's loss (after publish + {x.grace} s)"
+            )
+    if settlement.hotlist_versions:
+        known = ", ".join(f"{c} v{v}" if v else f"{c} none" for c, v in settlement.hotlist_versions.items())
+        print(f"issuers' hotlists in the database: {known}")
 
 
 # --- hotlist, status, migrate ---------------------------------------------------------------------------
