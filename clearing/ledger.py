@@ -44,14 +44,15 @@ from clearing.schema import (
     FORWARD_PENDING,
     FORWARD_REJECTED,
     HOTLIST,
+    HOTLIST_VERSION,
     LEDGER,
     PROGRESS,
     QUARANTINE,
     SOURCE_INTEROP,
     SOURCE_TERMINAL,
     TALLY,
-    HotlistCard,
 )
+from terminals.hotlist import CardSet
 from terminals.messages import CHINA, RECORD_ID, TERMINAL_NO, TxnRecord
 
 Identity = tuple[str, str, str, int]
@@ -63,6 +64,41 @@ _SENDER_KEY = 64  # characters of a topic's terminal segment kept as the tally's
 # SQLSTATE classes that blame the database, not the data: connection, rollback (deadlock, serialization),
 # resources, operator intervention, system error, lock not available
 _TROUBLE_STATES = ("08", "40", "53", "57", "58", "55P03")
+
+
+@dataclass(frozen=True)
+class HotlistAdded:
+    """What one ``add_to_hotlist`` made: the new version, the cards new to the list, the cards now on it."""
+
+    version: int
+    added: int
+    total: int
+
+
+@dataclass(frozen=True)
+class HotlistHead:
+    """A city's current hotlist version and the version of its last full snapshot published (0: none)."""
+
+    version: int
+    snapshot: int
+
+
+@dataclass(frozen=True)
+class VersionTimes:
+    """When a hotlist version was made and first published (epoch seconds; None: not published yet)."""
+
+    version: int
+    created: float
+    published: float | None
+
+
+@dataclass(frozen=True)
+class ListedCard:
+    """A card on the hotlist, the version that added it and when that version was first published."""
+
+    card: str
+    version: int
+    published: float | None
 
 
 @dataclass
@@ -228,7 +264,7 @@ class Ledger:
     async def hotlist(self) -> frozenset[str]:
         """The cards on this city's hotlist."""
         async with self.engine.connect() as db:
-            rows = await db.execute(select(HotlistCard.card).where(HotlistCard.city == self.city))
+            rows = await db.execute(select(HOTLIST.c.card).where(HOTLIST.c.city == self.city))
             return frozenset(rows.scalars())
 
     async def store(self, messages: Sequence[Received]) -> Outcome:
@@ -615,33 +651,116 @@ class Ledger:
             )
             return [(str(reason), int(n)) for reason, n in rows.all()]
 
-    async def add_to_hotlist(self, cards: Sequence[str]) -> tuple[int, list[str]]:
-        """Put cards on the hotlist (in one transaction with the new version); (version, all cards)."""
+    async def add_to_hotlist(self, cards: Sequence[str]) -> HotlistAdded:
+        """Put cards on the hotlist as a new version (created now, not yet published), in one transaction: the
+        version row and the cards new to the list, tagged with it (cards already listed keep their version)."""
+        now = time.time()
         async with self.engine.begin() as db:
             await db.execute(
-                _insert(db, HOTLIST).on_conflict_do_nothing(),
-                [{"city": self.city, "card": card, "added": time.time()} for card in cards],
+                _insert(db, CITY_STATE).on_conflict_do_nothing(),
+                {"city": self.city, "hotlist_version": 0, "snapshot_version": 0},
             )
-            await db.execute(
-                _insert(db, CITY_STATE).on_conflict_do_nothing(), {"city": self.city, "hotlist_version": 0}
-            )
-            await db.execute(
-                update(CITY_STATE)
-                .where(CITY_STATE.c.city == self.city)
-                .values(hotlist_version=CITY_STATE.c.hotlist_version + 1)
-            )
-        return await self.hotlist_state()
-
-    async def hotlist_state(self) -> tuple[int, list[str]]:
-        """(hotlist version, cards on it); version 0 when nothing was ever hotlisted."""
-        async with self.engine.connect() as db:
+            # the UPDATE takes the city's row lock (PostgreSQL): concurrent adds get one version each
             version = (
-                await db.execute(select(CITY_STATE.c.hotlist_version).where(CITY_STATE.c.city == self.city))
-            ).scalar_one_or_none()
-            listed = await db.execute(
-                select(HotlistCard.card).where(HotlistCard.city == self.city).order_by(HotlistCard.card)
+                await db.execute(
+                    update(CITY_STATE)
+                    .where(CITY_STATE.c.city == self.city)
+                    .values(hotlist_version=CITY_STATE.c.hotlist_version + 1)
+                    .returning(CITY_STATE.c.hotlist_version)
+                )
+            ).scalar_one()
+            await db.execute(
+                HOTLIST_VERSION.insert(), {"city": self.city, "version": version, "created": now, "published": None}
             )
-            return int(version or 0), list(listed.scalars())
+            if cards:
+                await db.execute(
+                    _insert(db, HOTLIST).on_conflict_do_nothing(),
+                    [{"city": self.city, "card": card, "added": now, "version": version} for card in cards],
+                )
+            counts = await db.execute(
+                select(func.count(), func.count().filter(HOTLIST.c.version == version)).where(
+                    HOTLIST.c.city == self.city
+                )
+            )
+            total, added = counts.one()
+        return HotlistAdded(int(version), int(added), int(total))
+
+    async def hotlist_head(self) -> HotlistHead:
+        """The current hotlist version and that of the last snapshot published (0 and 0: never hotlisted)."""
+        async with self.engine.connect() as db:
+            found = await db.execute(
+                select(CITY_STATE.c.hotlist_version, CITY_STATE.c.snapshot_version).where(
+                    CITY_STATE.c.city == self.city
+                )
+            )
+            row = found.one_or_none()
+        return HotlistHead(0, 0) if row is None else HotlistHead(int(row[0]), int(row[1]))
+
+    async def hotlist_versions(self, after: int = 0) -> list[VersionTimes]:
+        """The versions above ``after`` with when each was made and first published, oldest first."""
+        async with self.engine.connect() as db:
+            rows = await db.execute(
+                select(HOTLIST_VERSION.c.version, HOTLIST_VERSION.c.created, HOTLIST_VERSION.c.published)
+                .where(HOTLIST_VERSION.c.city == self.city, HOTLIST_VERSION.c.version > after)
+                .order_by(HOTLIST_VERSION.c.version)
+            )
+            return [VersionTimes(int(v), float(c), None if p is None else float(p)) for v, c, p in rows.all()]
+
+    async def hotlist_added(self, after: int) -> dict[int, list[str]]:
+        """The cards each version above ``after`` added (sorted), by version."""
+        async with self.engine.connect() as db:
+            rows = await db.execute(
+                select(HOTLIST.c.version, HOTLIST.c.card)
+                .where(HOTLIST.c.city == self.city, HOTLIST.c.version > after)
+                .order_by(HOTLIST.c.version, HOTLIST.c.card)
+            )
+            added: dict[int, list[str]] = {}
+            for version, card in rows.all():
+                added.setdefault(int(version), []).append(str(card))
+            return added
+
+    async def hotlist_cards(self, through: int) -> CardSet:
+        """The list as of version ``through``: every card a version up to it added."""
+        async with self.engine.connect() as db:
+            rows = await db.execute(
+                select(HOTLIST.c.card).where(HOTLIST.c.city == self.city, HOTLIST.c.version <= through)
+            )
+            return CardSet.of(rows.scalars())
+
+    async def hotlist_entries(self) -> list[ListedCard]:
+        """Every card on the list with the version that added it and when that version was first published."""
+        async with self.engine.connect() as db:
+            joined = HOTLIST.outerjoin(
+                HOTLIST_VERSION,
+                and_(HOTLIST_VERSION.c.city == HOTLIST.c.city, HOTLIST_VERSION.c.version == HOTLIST.c.version),
+            )
+            rows = await db.execute(
+                select(HOTLIST.c.card, HOTLIST.c.version, HOTLIST_VERSION.c.published)
+                .select_from(joined)
+                .where(HOTLIST.c.city == self.city)
+                .order_by(HOTLIST.c.card)
+            )
+            return [ListedCard(str(c), int(v), None if p is None else float(p)) for c, v, p in rows.all()]
+
+    async def mark_published(self, version: int, when: float, *, snapshot: bool = False) -> None:
+        """The broker confirmed the list through ``version``: each version up to it not yet published was
+        published at ``when``; with ``snapshot``, a full snapshot of ``version`` is out (never lowered)."""
+        async with self.engine.begin() as db:
+            await db.execute(
+                update(HOTLIST_VERSION)
+                .where(
+                    HOTLIST_VERSION.c.city == self.city,
+                    HOTLIST_VERSION.c.version <= version,
+                    HOTLIST_VERSION.c.published.is_(None),
+                )
+                .values(published=when)
+            )
+            if snapshot:
+                await db.execute(
+                    update(CITY_STATE)
+                    .where(CITY_STATE.c.city == self.city, CITY_STATE.c.snapshot_version < version)
+                    .values(snapshot_version=version)
+                )
 
 
 def _text(value: str | None, most: int = 2000) -> str | None:

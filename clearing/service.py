@@ -26,18 +26,17 @@ from dataclasses import dataclass
 import aiomqtt
 from sqlalchemy.exc import SQLAlchemyError
 
+from clearing.hotlist import publish_hotlist
 from clearing.intake import Intake, Refused, Topic, unexpected
 from clearing.ledger import Ledger, Outcome, Received, database_trouble
 from terminals.messages import (
     ACK_SCHEMA,
     CHINA,
     HEALTH_SCHEMA,
-    HOTLIST_SCHEMA,
     INTEROP_ACK_SCHEMA,
     TERMINAL_NO,
     Ack,
     Health,
-    Hotlist,
     InteropAck,
     InteropRejection,
     MessageError,
@@ -46,7 +45,6 @@ from terminals.messages import (
     ack_topic,
     batch_payload,
     health_topic,
-    hotlist_topic,
     interop_ack_topic,
     interop_txn_topic,
     parse_interop_ack,
@@ -128,15 +126,6 @@ def _iso(epoch: float) -> str:
     return dt.datetime.fromtimestamp(epoch, CHINA).isoformat(timespec="seconds")
 
 
-async def publish_hotlist(client: aiomqtt.Client, ledger: Ledger) -> int:
-    """Publish the city's hotlist from the database (retained, QoS 1); its version (0: none, nothing sent)."""
-    version, cards = await ledger.hotlist_state()
-    if version:
-        message = Hotlist(schema=HOTLIST_SCHEMA, version=version, cards=cards)
-        await client.publish(hotlist_topic(ledger.city), message.to_json(), qos=1, retain=True)
-    return version
-
-
 class ClearingService:
     """One clearing worker of one city. Run ``run()`` as a task (it reconnects until cancelled)."""
 
@@ -184,7 +173,7 @@ class ClearingService:
             prefix + interop_ack_topic(self.city),
         ]
         self._interop_ack = interop_ack_topic(self.city)
-        self._hotlist_read: tuple[float, frozenset[str]] | None = None
+        self._hotlist_read: tuple[float, int, frozenset[str]] | None = None  # (when, version, cards)
 
     async def run(self) -> None:
         """Connect, subscribe, clear; reconnect with backoff whenever the broker goes away. Another error of
@@ -207,7 +196,10 @@ class ClearingService:
                 async with client:
                     for topic in self.subscriptions:
                         await client.subscribe(topic, qos=1)
-                    await publish_hotlist(client, self.ledger)
+                    # the broker may have lost its retained copy (a restart without persistence): send it all
+                    published = await publish_hotlist(client, self.ledger, restore=True)
+                    if published.version:
+                        log.info("clearing %s: hotlist version %d published", self.city, published.version)
                     self.stats.connected, backoff = True, 0.2
                     self.stats.connections += 1
                     log.info("clearing %s connected to %s (%s)", self.city, self.broker, ", ".join(self.subscriptions))
@@ -328,11 +320,15 @@ class ClearingService:
         )
 
     async def _hotlist(self) -> frozenset[str]:
-        """The hotlist, read again at most once a second (``hotlist add`` runs in another process)."""
+        """The hotlist: its version checked at most once a second (``hotlist add`` runs in another process), its
+        cards read again only when the version moved (a province list is large)."""
         now = time.monotonic()
-        if self._hotlist_read is None or now - self._hotlist_read[0] > HOTLIST_REFRESH:
-            self._hotlist_read = (now, await self.ledger.hotlist())
-        return self._hotlist_read[1]
+        read = self._hotlist_read
+        if read is None or now - read[0] > HOTLIST_REFRESH:
+            version = (await self.ledger.hotlist_head()).version
+            cards = read[2] if read is not None and read[1] == version else await self.ledger.hotlist()
+            self._hotlist_read = read = (now, version, cards)
+        return read[2]
 
     def _count(self, outcome: Outcome) -> None:
         self.stats.batches += 1

@@ -10,6 +10,7 @@ import json
 from decimal import Decimal
 from pathlib import Path
 
+import aiomqtt
 import pytest
 from clearing_corpus import CITY, TERMINAL, Case, corpus, good_records
 from clearing_support import HOST, fresh_db, signed_records
@@ -18,11 +19,35 @@ from hypothesis import strategies as st
 from sqlalchemy import event, select
 
 from clearing.db import migrate, open_engine
+from clearing.hotlist import SNAPSHOT_AFTER_VERSIONS, Published, iso, publish_hotlist, send_snapshot, snapshot_reason
 from clearing.intake import Intake, Topic
-from clearing.ledger import QUARANTINE, Ledger, Outcome, Received
+from clearing.ledger import (
+    QUARANTINE,
+    HotlistAdded,
+    HotlistHead,
+    Ledger,
+    ListedCard,
+    Outcome,
+    Received,
+    VersionTimes,
+)
 from clearing.schema import FlaggedCard
 from clearing.settlement import CSV_HEADER, export_day, fee, settle, settle_day
-from terminals.messages import TxnRecord, batch_payload, txn_topic
+from terminals.hotlist import CardSet, decode_chunks
+from terminals.messages import (
+    DELTA_SCHEMA,
+    MAX_DELTA_CARDS,
+    HotlistChunk,
+    HotlistDelta,
+    HotlistSnapshot,
+    TxnRecord,
+    batch_payload,
+    hotlist_chunk_topic,
+    hotlist_delta_topic,
+    hotlist_snapshot_topic,
+    parse_hotlist_message,
+    txn_topic,
+)
 
 INTAKE = Intake(CITY, HOST)
 
@@ -124,6 +149,150 @@ async def test_hotlisted_cards_are_refused(desk: Desk) -> None:
     assert (await desk.send(first.to_json())).stored == 1
     outcome = await desk.send(second.to_json())
     assert _ack(outcome) == (2, [(2, f"card {second.card.id} is hotlisted")])
+
+
+def _cards(start: int, count: int) -> list[str]:
+    return [f"3104{n:016d}" for n in range(start, start + count)]
+
+
+class FakeBroker:
+    """Keeps retained messages as a broker does (an empty payload clears one) and the order they came in; the
+    publish numbered ``fail_at`` raises, as when the broker goes away."""
+
+    def __init__(self, fail_at: int | None = None) -> None:
+        self.retained: dict[str, bytes] = {}
+        self.sent: list[str] = []
+        self.fail_at = fail_at
+
+    async def publish(self, topic: str, payload: str | bytes, qos: int, retain: bool) -> None:
+        assert qos == 1 and retain
+        if len(self.sent) == self.fail_at:
+            raise aiomqtt.MqttError("broker gone")
+        self.sent.append(topic)
+        raw = payload.encode() if isinstance(payload, str) else payload
+        if raw:
+            self.retained[topic] = raw
+        else:
+            self.retained.pop(topic, None)
+
+    def get(self, topic: str) -> HotlistSnapshot | HotlistChunk | HotlistDelta:
+        return parse_hotlist_message(self.retained[topic])
+
+
+SNAPSHOT, CHUNK0, DELTA = hotlist_snapshot_topic(CITY), hotlist_chunk_topic(CITY, 0), hotlist_delta_topic(CITY)
+
+
+async def test_each_hotlist_add_is_a_version_tagging_the_cards_it_added(desk: Desk) -> None:
+    ledger = desk.ledger
+    assert await ledger.hotlist_head() == HotlistHead(0, 0)
+    assert await ledger.add_to_hotlist(["A1B2C3D4", *_cards(1, 1)]) == HotlistAdded(1, 2, 2)
+    assert await ledger.add_to_hotlist(["A1B2C3D4", *_cards(2, 1)]) == HotlistAdded(2, 1, 3)  # one was listed
+    assert await ledger.hotlist_added(after=0) == {1: [*_cards(1, 1), "A1B2C3D4"], 2: _cards(2, 1)}
+    assert await ledger.hotlist_added(after=1) == {2: _cards(2, 1)}
+    assert (await ledger.hotlist_cards(1)).cards() == [*_cards(1, 1), "A1B2C3D4"]
+    assert [v.published for v in await ledger.hotlist_versions()] == [None, None]
+    await ledger.mark_published(1, 1000.0)
+    await ledger.mark_published(2, 2000.0)
+    await ledger.mark_published(2, 3000.0, snapshot=True)  # a later publish keeps the first publish time
+    assert [(v.version, v.published) for v in await ledger.hotlist_versions()] == [(1, 1000.0), (2, 2000.0)]
+    assert await ledger.hotlist_entries() == [
+        ListedCard(_cards(1, 1)[0], 1, 1000.0),
+        ListedCard(_cards(2, 1)[0], 2, 2000.0),
+        ListedCard("A1B2C3D4", 1, 1000.0),
+    ]
+    assert await ledger.hotlist_head() == HotlistHead(2, 2)
+
+
+async def test_publishing_sends_a_snapshot_first_then_deltas_since_it(desk: Desk) -> None:
+    ledger, broker = desk.ledger, FakeBroker()
+    assert await publish_hotlist(broker, ledger) == Published(0) and broker.sent == []
+    await ledger.add_to_hotlist(["A1B2C3D4"])
+    assert await publish_hotlist(broker, ledger) == Published(1, "no snapshot yet", 1)
+    assert broker.sent == [CHUNK0, SNAPSHOT, DELTA]  # chunks before the head that names them
+    head, chunk, delta = broker.get(SNAPSHOT), broker.get(CHUNK0), broker.get(DELTA)
+    assert isinstance(head, HotlistSnapshot) and isinstance(chunk, HotlistChunk)
+    assert decode_chunks([chunk.data], head.sha256, head.cards).cards() == ["A1B2C3D4"]
+    (first,) = await ledger.hotlist_versions()
+    assert first.published is not None and head.published == iso(first.published)
+    assert delta == HotlistDelta(schema=DELTA_SCHEMA, issuer=CITY, base=1, version=1, changes=[])
+    await ledger.add_to_hotlist(_cards(1, 2))
+    await ledger.add_to_hotlist(_cards(3, 1))
+    broker.sent.clear()
+    assert await publish_hotlist(broker, ledger) == Published(3)
+    assert broker.sent == [DELTA]
+    delta = broker.get(DELTA)
+    assert isinstance(delta, HotlistDelta) and (delta.base, delta.version) == (1, 3)
+    times = {v.version: v.published for v in await ledger.hotlist_versions()}
+    assert [(c.version, c.add, c.published) for c in delta.changes] == [
+        (2, _cards(1, 2), iso(times[2] or 0)),
+        (3, _cards(3, 1), iso(times[3] or 0)),
+    ]
+    assert await ledger.hotlist_head() == HotlistHead(3, 1)
+
+
+@pytest.mark.parametrize(
+    ("versions", "cards", "asked", "reason"),
+    [
+        (3, MAX_DELTA_CARDS, False, None),
+        (3, MAX_DELTA_CARDS + 1, False, "more than a delta holds"),
+        (SNAPSHOT_AFTER_VERSIONS, 10, False, None),
+        (SNAPSHOT_AFTER_VERSIONS + 1, 10, False, "versions since snapshot"),
+        (1, 1, True, "asked for"),
+    ],
+)
+def test_a_new_snapshot_when_the_delta_would_grow_too_large(
+    versions: int, cards: int, asked: bool, reason: str | None
+) -> None:
+    pending = [VersionTimes(v, 0.0, None) for v in range(5, 5 + versions)]
+    found = snapshot_reason(HotlistHead(4 + versions, 4), pending, cards, asked=asked)
+    assert found is None if reason is None else reason in str(found)
+    assert snapshot_reason(HotlistHead(9, 0), pending, 1, asked=False) == "no snapshot yet"
+    assert "not all in the database" in str(snapshot_reason(HotlistHead(9, 4), pending[1:], 1, asked=False))
+
+
+async def test_more_cards_than_a_delta_holds_make_a_new_snapshot(desk: Desk) -> None:
+    ledger, broker = desk.ledger, FakeBroker()
+    await ledger.add_to_hotlist(_cards(0, 1))
+    await publish_hotlist(broker, ledger)
+    await ledger.add_to_hotlist(_cards(1, MAX_DELTA_CARDS + 1))
+    published = await publish_hotlist(broker, ledger)
+    assert published.version == 2 and "more than a delta holds" in str(published.snapshot_reason)
+    head = broker.get(SNAPSHOT)
+    assert isinstance(head, HotlistSnapshot) and (head.version, head.cards) == (2, MAX_DELTA_CARDS + 2)
+    assert broker.get(DELTA) == HotlistDelta(schema=DELTA_SCHEMA, issuer=CITY, base=2, version=2, changes=[])
+    assert await ledger.hotlist_head() == HotlistHead(2, 2)
+
+
+async def test_a_version_is_published_only_once_the_broker_confirmed_all_of_it(desk: Desk) -> None:
+    ledger = desk.ledger
+    await ledger.add_to_hotlist(_cards(0, 3))
+    with pytest.raises(aiomqtt.MqttError):
+        await publish_hotlist(FakeBroker(fail_at=1), ledger)  # the chunk went out, the head did not
+    assert [v.published for v in await ledger.hotlist_versions()] == [None]
+    assert await ledger.hotlist_head() == HotlistHead(1, 0)
+    assert await publish_hotlist(FakeBroker(), ledger) == Published(1, "no snapshot yet", 3)
+    assert [v.published is not None for v in await ledger.hotlist_versions()] == [True]
+
+
+async def test_a_restore_sends_the_snapshot_again_with_its_first_publish_time(desk: Desk) -> None:
+    ledger, broker = desk.ledger, FakeBroker()
+    await ledger.add_to_hotlist(_cards(0, 2))
+    await publish_hotlist(broker, ledger)
+    await ledger.add_to_hotlist(_cards(2, 1))
+    await publish_hotlist(broker, ledger)
+    before = dict(broker.retained)
+    empty = FakeBroker()  # a broker that lost its retained messages
+    assert await publish_hotlist(empty, ledger, restore=True) == Published(2)
+    assert empty.sent == [CHUNK0, SNAPSHOT, DELTA] and empty.retained == before
+
+
+async def test_a_smaller_snapshot_clears_the_chunks_the_larger_one_left(desk: Desk) -> None:
+    broker = FakeBroker()
+    for index in range(3):
+        broker.retained[hotlist_chunk_topic(CITY, index)] = b"old"
+    await send_snapshot(broker, CITY, 1, CardSet.of(_cards(0, 5)), 0.0, stale=3)
+    assert broker.sent[-2:] == [hotlist_chunk_topic(CITY, 1), hotlist_chunk_topic(CITY, 2)]
+    assert sorted(broker.retained) == [SNAPSHOT, CHUNK0]
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

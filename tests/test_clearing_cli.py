@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import csv
 import json
+import secrets
 import subprocess
 import sys
 from pathlib import Path
@@ -21,7 +22,18 @@ from clearing.db import async_url, migrate, open_engine
 from clearing.intake import Intake, Topic
 from clearing.ledger import Ledger, Received
 from clearing.schema import Base
-from terminals.messages import batch_payload, hotlist_topic, parse_hotlist, txn_topic
+from terminals.hotlist import decode_chunks
+from terminals.messages import (
+    HotlistChunk,
+    HotlistDelta,
+    HotlistSnapshot,
+    batch_payload,
+    hotlist_chunk_topic,
+    hotlist_delta_topic,
+    hotlist_snapshot_topic,
+    parse_hotlist_message,
+    txn_topic,
+)
 
 
 def yikatong(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
@@ -97,6 +109,8 @@ def test_settle_writes_files_and_prints_positions(tmp_path: Path) -> None:
         (["clearing", "serve", "--city", "45", "--broker", "mqtt://h"], "is not a 4-digit city code"),
         (["clearing", "serve", "--city", "4510", "--broker", "http://h"], "use mqtt://host"),
         (["clearing", "hotlist", "add", "1234", "--city", "4510", "--broker", "mqtt://h"], "neither a 20-digit"),
+        (["clearing", "hotlist", "add", "--city", "4510", "--broker", "mqtt://h"], "give the cards to hotlist"),
+        (["clearing", "hotlist", "add", "--file", "/no/such", "--city", "4510", "--broker", "mqtt://h"], "/no/such"),
         (["clearing", "status", "--city", "4510", "--db", "postgresql://nobody@127.0.0.1:1/x"], "database"),
     ],
 )
@@ -124,7 +138,8 @@ def test_serve_refuses_a_city_without_keys(tmp_path: Path) -> None:
 def test_hotlist_add_publishes_a_retained_hotlist(tmp_path: Path) -> None:
     require_mosquitto()
     url = f"sqlite:///{tmp_path / 'c.sqlite'}"
-    city = "4530"  # a city no other test's terminals listen to; the retained list is cleared after
+    # a city code of its own: every terminal follows every issuer's list; the retained list is cleared after
+    city = f"49{secrets.randbelow(100):02d}"
     try:
         first = yikatong(
             "clearing",
@@ -143,17 +158,45 @@ def test_hotlist_add_publishes_a_retained_hotlist(tmp_path: Path) -> None:
             "clearing", "hotlist", "add", "a1b2c3d4", "--city", city, "--broker", "mqtt://127.0.0.1:1883", "--db", url
         )
         assert second.returncode == 0 and "version 2, 2 card(s)" in second.stdout
-        seen = subprocess.run(
-            ["mosquitto_sub", "-h", "127.0.0.1", "-t", hotlist_topic(city), "-C", "1", "-W", "5"],
-            capture_output=True,
-            timeout=10,
-        )
-        hotlist = parse_hotlist(seen.stdout.strip())
-        assert (hotlist.version, hotlist.cards) == (2, ["31044530000000000007", "A1B2C3D4"])
-        listed = yikatong("clearing", "hotlist", "list", "--city", city, "--db", url)
-        assert listed.stdout.split()[-2:] == ["31044530000000000007", "A1B2C3D4"]
+        head, chunk, delta = (_retained(topic) for topic in _hotlist_topics(city))
+        assert isinstance(head, HotlistSnapshot) and isinstance(chunk, HotlistChunk)
+        assert (head.version, head.cards) == (1, 1)  # the first add made the snapshot
+        assert decode_chunks([chunk.data], head.sha256, head.cards).cards() == ["31044530000000000007"]
+        assert isinstance(delta, HotlistDelta) and (delta.base, delta.version) == (1, 2)
+        assert [(c.version, c.add) for c in delta.changes] == [(2, ["A1B2C3D4"])]
+        listed = yikatong("clearing", "hotlist", "list", "--city", city, "--db", url).stdout.splitlines()
+        assert listed[0] == f"hotlist of {city}: version 2, 2 card(s)"
+        assert [line.split()[:3] for line in listed[1:]] == [
+            ["31044530000000000007", "version", "1"],
+            ["A1B2C3D4", "version", "2"],
+        ]
+        assert all(" published 20" in line for line in listed[1:])
     finally:
-        subprocess.run(["mosquitto_pub", "-h", "127.0.0.1", "-t", hotlist_topic(city), "-r", "-n"], timeout=10)
+        for topic in _hotlist_topics(city):
+            subprocess.run(["mosquitto_pub", "-h", "127.0.0.1", "-t", topic, "-r", "-n"], timeout=10)
+
+
+def _hotlist_topics(city: str) -> list[str]:
+    return [hotlist_snapshot_topic(city), hotlist_chunk_topic(city, 0), hotlist_delta_topic(city)]
+
+
+def _retained(topic: str) -> HotlistSnapshot | HotlistChunk | HotlistDelta:
+    seen = subprocess.run(
+        ["mosquitto_sub", "-h", "127.0.0.1", "-t", topic, "-C", "1", "-W", "5"], capture_output=True, timeout=10
+    )
+    return parse_hotlist_message(seen.stdout.strip())
+
+
+def test_hotlist_add_names_the_bad_line_of_a_card_file(tmp_path: Path) -> None:
+    cards = tmp_path / "cards.txt"
+    cards.write_text("31044530000000000007\n\nA1B2C3D4\n3104453000000000000X\n")
+    url = f"sqlite:///{tmp_path / 'c.sqlite'}"
+    done = yikatong(
+        "clearing", "hotlist", "add", "--file", str(cards), "--city", "4530", "--broker", "mqtt://h", "--db", url
+    )
+    assert done.returncode == 2 and f"{cards} line 4: '3104453000000000000X' is neither" in done.stderr
+    listed = yikatong("clearing", "hotlist", "list", "--city", "4530", "--db", url)
+    assert listed.stdout == "hotlist of 4530: version 0, 0 card(s)\n"  # nothing added
 
 
 def test_hotlist_add_with_the_broker_down_keeps_it_and_says_so(tmp_path: Path) -> None:

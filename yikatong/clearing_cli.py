@@ -21,9 +21,10 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from cardsim.issuer import IssuerHost
 from clearing.db import DatabaseUrlError, migrate, open_engine, revision
+from clearing.hotlist import Published, iso, publish_hotlist
 from clearing.intake import Intake
-from clearing.ledger import QUARANTINE_CAP, Ledger
-from clearing.service import HEALTH_EVERY, ClearingService, ClearingStats, publish_hotlist
+from clearing.ledger import QUARANTINE_CAP, HotlistAdded, HotlistHead, Ledger, ListedCard
+from clearing.service import HEALTH_EVERY, ClearingService, ClearingStats
 from clearing.settlement import DEFAULT_GRACE, Grace, Settlement, export_day, settle_day
 from terminals.messages import CARD_ID, MAX_DEPTH, MAX_PAYLOAD, MAX_RECORDS, MAX_STRING, Limits
 from terminals.mqtt import BrokerUrl
@@ -159,16 +160,34 @@ def register(groups: Subcommands) -> None:
         "add",
         help="add cards and publish the new hotlist version",
         description="Add cards (20-digit CPU serial or 8-hex-digit M1 UID) to the city's hotlist in the database "
-        "and publish the whole list, retained, on yikatong/CITY/hotlist. The terminals refuse (and block) those "
-        "cards; the clearing rejects their records.",
+        "as a new version and publish it, retained, to every terminal of the network: a small delta on "
+        "yikatong/CITY/hotlist/delta, or a new full snapshot (compressed, in chunks) on "
+        "yikatong/CITY/hotlist/snapshot/# when the changes since the last one are too many for a delta. The "
+        "terminals refuse (and block) those cards; the clearing rejects their records.",
         epilog="Example: yikatong clearing hotlist add 45100000000000000001 --city 4510 --broker mqtt://127.0.0.1",
     )
-    add.add_argument("serial", nargs="+", type=_card_id, metavar="SERIAL", help="card serial or M1 UID")
+    add.add_argument("serial", nargs="*", type=_card_id, metavar="SERIAL", help="card serial or M1 UID")
+    add.add_argument(
+        "--file",
+        type=file_path,
+        metavar="PATH",
+        help="also the cards in this text file, one serial or UID a line (blank lines are skipped)",
+    )
+    add.add_argument(
+        "--snapshot",
+        action="store_true",
+        help="publish a new full snapshot even when a delta would do (terminals far behind catch up from it)",
+    )
     add.add_argument("--city", type=city_code, required=True, help="whose hotlist")
     add.add_argument("--broker", type=broker_url, required=True, help="mqtt://[user:password@]host[:port]")
     _db_option(add)
     add.set_defaults(run=_hotlist_add)
-    show = hot.add_parser("list", help="print a city's hotlist from the database")
+    show = hot.add_parser(
+        "list",
+        help="print a city's hotlist from the database",
+        description="The city's hotlist version and its cards, each with the version that added it and when "
+        "that version was first published to the broker (liability for its records counts from then).",
+    )
     show.add_argument("--city", type=city_code, required=True)
     _db_option(show)
     show.set_defaults(run=_hotlist_list)
@@ -401,35 +420,58 @@ def _print_settlement(settlement: Settlement) -> None:
 
 def _hotlist_add(args: argparse.Namespace) -> int:
     broker: BrokerUrl = args.broker
+    cards = [*args.serial, *(_card_file(args.file) if args.file is not None else [])]
+    if not cards:
+        raise CliError("give the cards to hotlist: SERIAL arguments, --file PATH, or both")
 
-    async def work() -> tuple[int, list[str]]:
+    async def work() -> tuple[HotlistAdded, Published]:
         async with _database(args.db) as engine:
             ledger = Ledger(engine, args.city)
-            version, cards = await ledger.add_to_hotlist(args.serial)
+            added = await ledger.add_to_hotlist(cards)
             try:
                 async with broker.client(f"yikatong-hotlist-{args.city}-{time.time_ns()}", clean_session=True) as c:
-                    await publish_hotlist(c, ledger)
+                    published = await publish_hotlist(c, ledger, snapshot=args.snapshot)
             except aiomqtt.MqttError as err:
                 raise CliError(
-                    f"hotlist version {version} is stored in {args.db} but not published ({broker}: {err}); "
+                    f"hotlist version {added.version} is stored in {args.db} but not published ({broker}: {err}); "
                     "the next 'clearing serve' of this city publishes it"
                 ) from err
-            return version, cards
+            return added, published
 
-    version, cards = asyncio.run(work())
-    print(f"hotlist of {args.city}: version {version}, {len(cards)} card(s), published retained to {broker}")
+    added, published = asyncio.run(work())
+    print(f"hotlist of {args.city}: version {added.version}, {added.total} card(s), published retained to {broker}")
+    if published.snapshot_reason is not None:
+        print(f"new snapshot of version {published.version} ({published.snapshot_reason})")
     return 0
 
 
-def _hotlist_list(args: argparse.Namespace) -> int:
-    async def work() -> tuple[int, list[str]]:
-        async with _database(args.db) as engine:
-            return await Ledger(engine, args.city).hotlist_state()
+def _card_file(path: Path) -> list[str]:
+    """The card ids of a file, one a line; CliError naming the first line that holds none."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise CliError(f"cannot read the cards from {path}: {err}") from err
+    cards = []
+    for number, line in enumerate(lines, 1):
+        if line.strip():
+            try:
+                cards.append(_card_id(line))
+            except argparse.ArgumentTypeError as err:
+                raise CliError(f"{path} line {number}: {err}") from err
+    return cards
 
-    version, cards = asyncio.run(work())
-    print(f"hotlist of {args.city}: version {version}, {len(cards)} card(s)")
-    for card in cards:
-        print(card)
+
+def _hotlist_list(args: argparse.Namespace) -> int:
+    async def work() -> tuple[HotlistHead, list[ListedCard]]:
+        async with _database(args.db) as engine:
+            ledger = Ledger(engine, args.city)
+            return await ledger.hotlist_head(), await ledger.hotlist_entries()
+
+    head, entries = asyncio.run(work())
+    print(f"hotlist of {args.city}: version {head.version}, {len(entries)} card(s)")
+    for entry in entries:
+        published = "not published yet" if entry.published is None else f"published {iso(entry.published)}"
+        print(f"{entry.card}  version {entry.version}  {published}")
     return 0
 
 
@@ -437,7 +479,7 @@ def _status(args: argparse.Namespace) -> int:
     async def work() -> tuple[dict[str, int], list[tuple[str, int]], int]:
         async with _database(args.db, upgrade=False) as engine:
             ledger = Ledger(engine, args.city)
-            return await ledger.counts(), await ledger.quarantine_reasons(), (await ledger.hotlist_state())[0]
+            return await ledger.counts(), await ledger.quarantine_reasons(), (await ledger.hotlist_head()).version
 
     counts, reasons, version = asyncio.run(work())
     print(f"clearing {args.city} in {args.db}")
