@@ -1,5 +1,5 @@
-"""Hotlists in compact form: the card set a terminal checks at every tap, and the snapshot codec both the
-issuer's clearing (encode) and the terminals (decode) use.
+"""Hotlists in compact form: the card set a terminal checks at every tap, the snapshot codec both the issuer's
+clearing (encode) and the terminals (decode) use, and ``HotlistBook``, every issuer's list as a terminal keeps it.
 
 A province list of a million cards must fit a terminal in a few MiB, so cards are kept as integers, not
 strings: a CPU serial (20 digits) is split into its first 11 digits, a group key, and its last 9 digits, a
@@ -17,14 +17,26 @@ import base64
 import hashlib
 import struct
 import zlib
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Final
 
 import numpy as np
 import numpy.typing as npt
 
-from terminals.messages import CARD_ID, MAX_CHUNK
+from terminals.messages import (
+    CARD_ID,
+    MAX_CHUNK,
+    HotlistChunk,
+    HotlistDelta,
+    HotlistSnapshot,
+    MessageError,
+    hotlist_chunk_topic,
+    hotlist_delta_topic,
+    hotlist_issuer,
+    hotlist_snapshot_topic,
+    parse_hotlist_message,
+)
 
 _GROUP: Final = 11  # digits of a serial that name its group; the other 9 fit a uint32
 _TAIL: Final = 10**9
@@ -144,17 +156,32 @@ def encode_chunks(cards: CardSet, size: int = MAX_CHUNK) -> tuple[str, list[str]
     return digest(canonical), [text[at : at + size] for at in range(0, len(text), size)] or [""]
 
 
+_MAX_CANONICAL: Final = _HEADER.size + MAX_CARDS * _SERIAL_BYTES
+# chunks a snapshot of MAX_CARDS cards may need at worst (zlib adds at most ~0.1 % and a few bytes to data it
+# cannot compress; base64 adds a third): a head announcing more is refused before any chunk is kept for it
+MAX_CHUNKS: Final = -(-4 * -(-(_MAX_CANONICAL + _MAX_CANONICAL // 1000 + 64) // 3) // MAX_CHUNK)
+
+
+def _inflate(compressed: bytes) -> bytes:
+    """Canonical bytes from their zlib form, never more than a hotlist of MAX_CARDS may be; HotlistError when
+    the data is corrupt, truncated or too large."""
+    inflater = zlib.decompressobj()
+    try:
+        canonical = inflater.decompress(compressed, _MAX_CANONICAL)
+    except zlib.error as err:
+        raise HotlistError(f"snapshot data corrupt: {err}") from err
+    if inflater.unconsumed_tail or not inflater.eof:
+        raise HotlistError("snapshot truncated, or larger than any hotlist may be")
+    return canonical
+
+
 def decode_chunks(chunks: Sequence[str], sha256: str, cards: int) -> CardSet:
     """The set sent as ``chunks``, checked against its head's ``sha256`` and card count; HotlistError if not."""
     try:
         compressed = b"".join(base64.b64decode(chunk, validate=True) for chunk in chunks)
-        inflater = zlib.decompressobj()
-        limit = _HEADER.size + MAX_CARDS * _SERIAL_BYTES
-        canonical = inflater.decompress(compressed, limit)
-        if inflater.unconsumed_tail or not inflater.eof:
-            raise HotlistError("snapshot truncated, or larger than any hotlist may be")
-    except (ValueError, zlib.error) as err:
+    except ValueError as err:
         raise HotlistError(f"snapshot data corrupt: {err}") from err
+    canonical = _inflate(compressed)
     if digest(canonical) != sha256:
         raise HotlistError("snapshot checksum does not match its head")
     found = CardSet.from_canonical(canonical)
@@ -165,3 +192,242 @@ def decode_chunks(chunks: Sequence[str], sha256: str, cards: int) -> CardSet:
 
 EMPTY: Final = CardSet({}, _empty())
 """The empty set (no hotlist known yet)."""
+
+
+# --- a terminal's book of every issuer's list ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class IssuerList:
+    """One issuer's hotlist as a terminal holds it: ``version`` (0: none yet), when the issuer ``published`` it
+    (ISO 8601, empty for none) and its ``cards``."""
+
+    issuer: str
+    version: int
+    published: str
+    cards: CardSet
+
+    def packed(self) -> bytes:
+        """The canonical bytes of the cards, zlib-compressed (how a terminal's state file keeps them)."""
+        return zlib.compress(self.cards.canonical(), 6)
+
+    @classmethod
+    def unpacked(cls, issuer: str, version: int, published: str, packed: bytes) -> IssuerList:
+        """The list kept as ``packed`` bytes; HotlistError when they are not a list."""
+        return cls(issuer, version, published, CardSet.from_canonical(_inflate(packed)))
+
+
+@dataclass(frozen=True)
+class Listing:
+    """A hotlist that holds a card: whose it is and which version."""
+
+    issuer: str
+    version: int
+
+
+@dataclass(frozen=True)
+class HotlistNews:
+    """What one offered message did: the ``issuer`` whose topic it came on (None: not a hotlist topic), the
+    ``version`` it made current (None: the list did not change), one ``note`` line for the log, and whether the
+    message was ``refused`` as invalid (the list held before is kept)."""
+
+    issuer: str | None
+    version: int | None
+    note: str
+    refused: bool = False
+
+
+@dataclass
+class _Incoming:
+    """What is on its way for one issuer: a snapshot being assembled (its head, its chunks by index), chunks of
+    a version whose head has not come yet (chunks are published first), and the newest delta not yet applied."""
+
+    head: HotlistSnapshot | None = None
+    chunks: dict[int, str] = field(default_factory=dict)
+    early_version: int = 0
+    early: dict[int, str] = field(default_factory=dict)
+    delta: HotlistDelta | None = None
+
+
+class HotlistBook:
+    """Every issuer's hotlist as one terminal keeps it, fed the messages of the hotlist topics (sans-IO: it reads
+    no clock and no network, it takes what it is offered).
+
+    An issuer's list moves on by its deltas in order, or by a whole snapshot on first start or after a gap (the
+    terminal was offline while the issuer's delta moved past its version). Anything invalid is refused with a
+    note and the list held before stays. Offer from one thread at a time; ``blocking``, ``versions``,
+    ``settled`` may be called from another meanwhile (the maps they read are replaced, never changed in place).
+    """
+
+    def __init__(self, lists: Iterable[IssuerList] = ()) -> None:
+        self._lists: Mapping[str, IssuerList] = dict(sorted({held.issuer: held for held in lists}.items()))
+        self._incoming: Mapping[str, _Incoming] = {}
+
+    # --- what a tap asks ---------------------------------------------------------------------------------
+
+    def blocking(self, card: str, issuer: str | None = None) -> Listing | None:
+        """The list that holds ``card``: the card's own ``issuer``'s when it does, else the first by city code;
+        None when no list holds it."""
+        lists = self._lists  # one read: another thread may replace the map
+        own = lists.get(issuer) if issuer is not None else None
+        if own is not None and card in own.cards:
+            return Listing(own.issuer, own.version)
+        for held in lists.values():
+            if card in held.cards:
+                return Listing(held.issuer, held.version)
+        return None
+
+    def held(self, issuer: str) -> IssuerList:
+        """The issuer's list as held now (version 0 and no cards when none has come)."""
+        return self._lists.get(issuer) or IssuerList(issuer, 0, "", EMPTY)
+
+    def lists(self) -> list[IssuerList]:
+        """Every list held, by issuer."""
+        return list(self._lists.values())
+
+    def version(self, issuer: str) -> int:
+        """The version held of the issuer's list (0: none)."""
+        return self.held(issuer).version
+
+    def versions(self) -> dict[str, int]:
+        """The version held of each issuer's list, by issuer."""
+        return {issuer: held.version for issuer, held in self._lists.items()}
+
+    def incomplete(self) -> list[str]:
+        """Issuers with a snapshot half assembled or a version gap waiting for the snapshot."""
+        return [issuer for issuer, incoming in self._incoming.items() if self._waiting(issuer, incoming)]
+
+    def settled(self) -> bool:
+        """No snapshot half assembled and no version gap waiting."""
+        return not self.incomplete()
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the card arrays of every list."""
+        return sum(held.cards.nbytes for held in self._lists.values())
+
+    # --- messages ----------------------------------------------------------------------------------------
+
+    def offer(self, topic: str, payload: bytes | str) -> HotlistNews:
+        """Take one message of a hotlist topic. Never raises: what it did, or why it was refused, is the news."""
+        issuer = hotlist_issuer(topic)
+        if issuer is None:
+            return HotlistNews(None, None, f"hotlist: {topic!r} is not a hotlist topic", refused=True)
+        if not payload:  # a retained message being cleared (a chunk topic a smaller snapshot no longer uses)
+            return HotlistNews(issuer, None, f"hotlist {issuer}: {topic} cleared")
+        try:
+            message = parse_hotlist_message(payload)
+            if topic != (home := _topic(message)):
+                raise MessageError(f"a message of {message.issuer}'s version {message.version} belongs on {home}")
+        except MessageError as err:
+            return self._refused(issuer, f"{topic}: {err}")
+        incoming = self._incoming.get(issuer)
+        if incoming is None:
+            incoming = _Incoming()
+            self._incoming = {**self._incoming, issuer: incoming}
+        if isinstance(message, HotlistSnapshot):
+            return self._head(incoming, message)
+        if isinstance(message, HotlistChunk):
+            return self._chunk(incoming, message)
+        return self._delta(incoming, message)
+
+    def _head(self, incoming: _Incoming, head: HotlistSnapshot) -> HotlistNews:
+        issuer, held = head.issuer, self.held(head.issuer)
+        if head.version <= held.version or (incoming.head is not None and head.version < incoming.head.version):
+            return HotlistNews(issuer, None, f"hotlist {issuer}: snapshot {head.version} ignored, not newer")
+        if head.cards > MAX_CARDS or head.chunks > MAX_CHUNKS:
+            return self._refused(issuer, f"snapshot {head.version} of {head.cards} cards in {head.chunks} chunks")
+        if incoming.head is None or head.version != incoming.head.version:
+            early = incoming.early if incoming.early_version == head.version else {}
+            incoming.chunks = {index: data for index, data in early.items() if index < head.chunks}
+            if incoming.early_version <= head.version:
+                incoming.early_version, incoming.early = 0, {}
+        incoming.head = head
+        return self._assemble(incoming, head)
+
+    def _chunk(self, incoming: _Incoming, chunk: HotlistChunk) -> HotlistNews:
+        issuer, head = chunk.issuer, incoming.head
+        if chunk.version <= self.version(issuer) or (head is not None and chunk.version < head.version):
+            return HotlistNews(issuer, None, f"hotlist {issuer}: chunk {chunk.index} of {chunk.version} ignored, old")
+        if head is None or chunk.version != head.version:  # ahead of its head: kept aside, one version at most
+            if chunk.version > incoming.early_version:
+                incoming.early_version, incoming.early = chunk.version, {}
+            if chunk.version == incoming.early_version and chunk.index < MAX_CHUNKS:
+                incoming.early[chunk.index] = chunk.data
+            return HotlistNews(issuer, None, f"hotlist {issuer}: chunk {chunk.index} of {chunk.version} kept aside")
+        if chunk.index >= head.chunks:
+            return self._refused(issuer, f"chunk {chunk.index} of snapshot {head.version}, which has {head.chunks}")
+        incoming.chunks[chunk.index] = chunk.data
+        return self._assemble(incoming, head)
+
+    def _assemble(self, incoming: _Incoming, head: HotlistSnapshot) -> HotlistNews:
+        """Land the snapshot once every chunk is in, then the delta that continues it."""
+        issuer = head.issuer
+        if len(incoming.chunks) < head.chunks:
+            return HotlistNews(
+                issuer, None, f"hotlist {issuer}: snapshot {head.version}, {len(incoming.chunks)}/{head.chunks} chunks"
+            )
+        chunks = [incoming.chunks[index] for index in range(head.chunks)]
+        incoming.head, incoming.chunks = None, {}
+        try:
+            cards = decode_chunks(chunks, head.sha256, head.cards)
+        except HotlistError as err:
+            return self._refused(issuer, f"snapshot {head.version}: {err}")
+        self._put(IssuerList(issuer, head.version, head.published, cards))
+        note = f"hotlist {issuer}: version {head.version} from its snapshot, {len(cards)} cards"
+        followed = self._follow(incoming, issuer)
+        return HotlistNews(issuer, self.version(issuer), note + (f", then {followed}" if followed else ""))
+
+    def _delta(self, incoming: _Incoming, delta: HotlistDelta) -> HotlistNews:
+        issuer = delta.issuer
+        if incoming.delta is None or delta.version >= incoming.delta.version:
+            incoming.delta = delta
+        followed = self._follow(incoming, issuer)
+        if followed:
+            return HotlistNews(issuer, self.version(issuer), f"hotlist {issuer}: {followed}")
+        if self._waiting(issuer, incoming):
+            return HotlistNews(
+                issuer,
+                None,
+                f"hotlist {issuer}: delta {delta.base}..{delta.version} cannot follow version "
+                f"{self.version(issuer)}: waiting for the snapshot",
+            )
+        return HotlistNews(issuer, None, f"hotlist {issuer}: delta up to {delta.version}, nothing new")
+
+    def _follow(self, incoming: _Incoming, issuer: str) -> str:
+        """Apply the issuer's newest delta where it continues the list held; what it did ("" for nothing)."""
+        delta, held = incoming.delta, self.held(issuer)
+        if delta is None or delta.base > held.version:
+            return ""
+        incoming.delta = None
+        changes = [change for change in delta.changes if change.version > held.version]
+        if not changes:
+            return ""
+        added = [card for change in changes for card in change.add]
+        cards = held.cards.with_cards(added)
+        self._put(IssuerList(issuer, delta.version, changes[-1].published, cards))
+        if incoming.head is not None and incoming.head.version <= delta.version:  # overtaken: no longer needed
+            incoming.head, incoming.chunks = None, {}
+        return f"version {delta.version} from its delta (+{len(cards) - len(held.cards)} cards, {len(cards)} in all)"
+
+    def _waiting(self, issuer: str, incoming: _Incoming) -> bool:
+        """A snapshot half assembled, or a delta that cannot follow the version held (a gap)."""
+        delta = incoming.delta
+        return incoming.head is not None or (delta is not None and delta.base > self.version(issuer))
+
+    def _put(self, held: IssuerList) -> None:
+        self._lists = dict(sorted({**self._lists, held.issuer: held}.items()))
+
+    def _refused(self, issuer: str, why: str) -> HotlistNews:
+        return HotlistNews(
+            issuer, None, f"hotlist {issuer}: refused {why}; keeping version {self.version(issuer)}", refused=True
+        )
+
+
+def _topic(message: HotlistSnapshot | HotlistChunk | HotlistDelta) -> str:
+    """The topic a valid message of this kind travels on."""
+    if isinstance(message, HotlistSnapshot):
+        return hotlist_snapshot_topic(message.issuer)
+    if isinstance(message, HotlistChunk):
+        return hotlist_chunk_topic(message.issuer, message.index)
+    return hotlist_delta_topic(message.issuer)

@@ -1,6 +1,6 @@
 """The terminal's durable state in one SQLite file: the outbox of records not yet acked by the clearing, the
-journal of payments a card left in the middle of, the last hotlist, the PSAM's counters and the terminal's
-identity.
+journal of payments a card left in the middle of, every issuer's last hotlist, the PSAM's counters and the
+terminal's identity.
 
 Every change is one SQLite transaction with ``synchronous=FULL``: when ``append`` returns, the record survives a
 power cut or SIGKILL, so the rider may go through. A record keeps the ``seq`` and JSON it was given the first
@@ -10,6 +10,7 @@ time; resending sends those same bytes.
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
 import threading
 import time
@@ -21,7 +22,10 @@ from typing import Protocol, TypeVar
 
 from pydantic import BaseModel
 
-from terminals.messages import Ack, Hotlist, MessageError, TxnFields, TxnRecord, parse_hotlist
+from terminals.hotlist import HotlistError, IssuerList
+from terminals.messages import Ack, TxnFields, TxnRecord
+
+log = logging.getLogger(__name__)
 
 _Intent = TypeVar("_Intent", bound=BaseModel)
 
@@ -31,6 +35,8 @@ CREATE TABLE IF NOT EXISTS outbox (seq INTEGER PRIMARY KEY, record TEXT NOT NULL
 CREATE TABLE IF NOT EXISTS pending (card TEXT PRIMARY KEY, intent TEXT NOT NULL, created REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS rejected (seq INTEGER PRIMARY KEY, record TEXT NOT NULL, reason TEXT NOT NULL,
                                      at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS hotlist (issuer TEXT PRIMARY KEY, version INTEGER NOT NULL, published TEXT NOT NULL,
+                                    cards BLOB NOT NULL);
 """
 
 
@@ -247,18 +253,26 @@ class Outbox:
                 "UPDATE pending SET card = 'unsettled:' || card || ':' || CAST(created AS TEXT) WHERE card = ?", (card,)
             )
 
-    # --- hotlist -----------------------------------------------------------------------------------------
+    # --- hotlists ----------------------------------------------------------------------------------------
 
-    def hotlist(self) -> Hotlist | None:
-        """The last hotlist received (kept across restarts, so an offline terminal still refuses those cards)."""
-        raw = self.get_meta("hotlist")
-        if raw is None:
-            return None
-        try:
-            return parse_hotlist(raw)
-        except MessageError:
-            return None
+    def hotlists(self) -> list[IssuerList]:
+        """Every issuer's last hotlist (kept across restarts, so an offline terminal still refuses those cards). A
+        row that cannot be read is logged and left out: that issuer's list comes again from the broker."""
+        with self._lock:
+            rows = self._db.execute("SELECT issuer, version, published, cards FROM hotlist ORDER BY issuer").fetchall()
+        lists = []
+        for issuer, version, published, cards in rows:
+            try:
+                lists.append(IssuerList.unpacked(str(issuer), int(version), str(published), bytes(cards)))
+            except HotlistError as err:
+                log.warning("%s: hotlist of %s version %s unreadable, left out: %s", self.path, issuer, version, err)
+        return lists
 
-    def save_hotlist(self, hotlist: Hotlist) -> None:
-        """Keep a newer hotlist."""
-        self.set_meta("hotlist", hotlist.to_json())
+    def save_hotlist(self, held: IssuerList) -> None:
+        """Keep an issuer's newer hotlist in place of the one before."""
+        packed = held.packed()
+        with self._transaction() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO hotlist (issuer, version, published, cards) VALUES (?, ?, ?, ?)",
+                (held.issuer, held.version, held.published, packed),
+            )

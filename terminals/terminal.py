@@ -1,5 +1,5 @@
 """A terminal: one kind of transaction (bus fare, metro entry or exit gate, top-up), its PSAM, its state file,
-and the hotlist. ``tap`` runs one card presentation to the end and returns one line for the rider.
+and every issuer's hotlist. ``tap`` runs one card presentation to the end and returns one line for the rider.
 
 A tap never raises for anything a card can do (answer garbage, leave, be hotlisted); it returns a
 ``TapResult``. A payment interrupted after DEBIT (or the first M1 write) is journalled and finished on the
@@ -40,20 +40,10 @@ from terminals.flows import (
     read_records,
     select_purse,
 )
+from terminals.hotlist import HotlistBook, HotlistNews
 from terminals.inspect import yuan
 from terminals.m1 import M1Error, M1Link, M1Reader, M1Transaction, M1Unsettled, m1_outcome, m1_purchase
-from terminals.messages import (
-    CHINA,
-    HOTLIST_SCHEMA,
-    CardRef,
-    Hotlist,
-    MessageError,
-    TxnAlg,
-    TxnFields,
-    TxnKind,
-    TxnRecord,
-    parse_hotlist,
-)
+from terminals.messages import CHINA, CardRef, TxnAlg, TxnFields, TxnKind, TxnRecord
 from terminals.metro import TRIP_ENTRY, TRIP_EXIT, CityFares, FareTable, Station, exit_fare, parse_trip, trip_record
 from terminals.outbox import Outbox
 from terminals.reader import CardGone, Reader
@@ -285,9 +275,7 @@ class Terminal:
         self.sam = PsamSlot(Psam(PsamState(self.psam_serial, config.terminal, keys.for_psam(), ttc)), outbox)
         self.sam.connect()
         self.accepted_cities = [config.city, *sorted({s.city for s in keys} - {config.city})]
-        stored = outbox.hotlist()
-        self.hotlist: Hotlist = stored or Hotlist(schema=HOTLIST_SCHEMA, version=0, cards=[])
-        self._hot = frozenset(self.hotlist.cards)
+        self.hotlists = HotlistBook(outbox.hotlists())
 
     @property
     def city(self) -> str:
@@ -296,21 +284,15 @@ class Terminal:
 
     # --- hotlist ----------------------------------------------------------------------------------------
 
-    def offer_hotlist(self, payload: bytes | str) -> bool:
-        """Take a hotlist payload from the broker: kept when valid and not older than ours; a malformed one is
-        logged and ignored (the old list stays). Returns whether it was taken."""
-        try:
-            hotlist = parse_hotlist(payload)
-        except MessageError as err:
-            log.warning("hotlist ignored, keeping version %d: %s", self.hotlist.version, err)
-            return False
-        if hotlist.version < self.hotlist.version:
-            log.warning("hotlist version %d ignored: older than %d", hotlist.version, self.hotlist.version)
-            return False
-        self.outbox.save_hotlist(hotlist)
-        self.hotlist, self._hot = hotlist, frozenset(hotlist.cards)
-        log.info("hotlist version %d: %d cards", hotlist.version, len(hotlist.cards))
-        return True
+    def offer_hotlist(self, topic: str, payload: bytes | str) -> HotlistNews:
+        """Take a message of an issuer's hotlist topics from the broker (``HotlistBook.offer``); a list it makes
+        newer is saved in the state file before this returns. Invalid messages are logged and ignored (the old
+        list stays)."""
+        news = self.hotlists.offer(topic, payload)
+        if news.issuer is not None and news.version is not None:
+            self.outbox.save_hotlist(self.hotlists.held(news.issuer))
+        log.log(logging.WARNING if news.refused else logging.INFO, "%s", news.note)
+        return news
 
     # --- taps ---------------------------------------------------------------------------------------------
 
@@ -340,9 +322,14 @@ class Terminal:
 
     def _cpu(self, card: Reader, app: PublicData, journal: _Journal) -> TapResult:
         serial = app.application_serial.hex()
-        if serial in self._hot:
+        listing = self.hotlists.blocking(serial, app.city)
+        if listing is not None:
             block_card(card, self.sam, app)
-            return TapResult(TapOutcome.REFUSED, f"REFUSED  card {serial} is hotlisted: application blocked")
+            return TapResult(
+                TapOutcome.REFUSED,
+                f"REFUSED  card {serial} is hotlisted by {listing.issuer} (list version {listing.version}): "
+                "application blocked",
+            )
         key = f"cpu:{serial}"
         finished = self._finish_cpu(card, key, serial)
         if finished is not None:
@@ -479,8 +466,12 @@ class Terminal:
         uid = uid_bytes.hex().upper()
         if self.config.kind is not TerminalKind.BUS:
             return TapResult(TapOutcome.REFUSED, f"REFUSED  M1 card {uid}: only bus terminals take M1 cards")
-        if uid in self._hot:
-            return TapResult(TapOutcome.REFUSED, f"REFUSED  M1 card {uid} is hotlisted")
+        listing = self.hotlists.blocking(uid)  # its issuer shows only after the key search
+        if listing is not None:
+            return TapResult(
+                TapOutcome.REFUSED,
+                f"REFUSED  M1 card {uid} is hotlisted by {listing.issuer} (list version {listing.version})",
+            )
         issuer, key_b = self._m1_purse_key(chip, uid_bytes)
         key = f"m1:{uid}"
         finished = self._finish_m1(chip, key, issuer, key_b)

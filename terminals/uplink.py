@@ -1,5 +1,5 @@
 """The terminal's uplink: publish the outbox over MQTT (QoS 1, persistent session), drop records only when the
-clearing's ack covers them, and keep the retained hotlist.
+clearing's ack covers them, and follow every issuer's retained hotlist.
 
 The broker's PUBACK only says the broker has the message; the record stays in the outbox until an ack from the
 clearing. Records not acked within ``ack_timeout`` of the last traffic are sent again (the same bytes, the same
@@ -20,7 +20,7 @@ from typing import ParamSpec, Protocol, TypeVar
 
 import aiomqtt
 
-from terminals.messages import Ack
+from terminals.messages import HOTLIST_FILTERS, Ack
 from terminals.mqtt import BrokerUrl
 from terminals.outbox import RecordQueue
 from terminals.uplink_policy import ApplyAck, OfferHotlist, UplinkPolicy, UplinkStats
@@ -32,8 +32,9 @@ _T = TypeVar("_T")
 
 
 class Sender(Protocol):
-    """What the uplink needs of a terminal: its city, number, outbox and a taker for hotlists (a ``Terminal``,
-    or a simulated terminal of the load generator)."""
+    """What the uplink needs of a terminal: its city, number, outbox and a taker for hotlist messages (a
+    ``Terminal``, or a simulated terminal of the load generator). What ``offer_hotlist`` returns is the terminal's
+    own business: the uplink does not look at it."""
 
     @property
     def city(self) -> str: ...
@@ -41,7 +42,7 @@ class Sender(Protocol):
     def terminal_hex(self) -> str: ...
     @property
     def outbox(self) -> RecordQueue: ...
-    def offer_hotlist(self, payload: bytes | str) -> bool: ...
+    def offer_hotlist(self, topic: str, payload: bytes | str) -> object: ...
 
 
 class Uplink:
@@ -102,7 +103,8 @@ class Uplink:
                     self.policy.connected()
                     log.info("uplink connected to %s", self.broker)
                     await client.subscribe(self.policy.ack_topic, qos=1)
-                    await client.subscribe(self.policy.hotlist_topic, qos=1)
+                    await client.subscribe([(topic, 1) for topic in HOTLIST_FILTERS])
+                    self.policy.subscribed(time.monotonic())
                     async with asyncio.TaskGroup() as tasks:
                         tasks.create_task(self._publish(client))
                         tasks.create_task(self._receive(client))
@@ -146,8 +148,10 @@ class Uplink:
             match self.policy.received(message.topic.value, payload):
                 case ApplyAck(ack):
                     await self._apply(ack)
-                case OfferHotlist(hotlist):
-                    await self._store(self.terminal.offer_hotlist, hotlist)
+                case OfferHotlist(topic, hotlist):
+                    # in the worker thread: a snapshot is decoded and the list saved (synchronous=FULL) there
+                    await self._store(self.terminal.offer_hotlist, topic, hotlist)
+                    self.policy.hotlist_offered(time.monotonic())
 
     async def _apply(self, ack: Ack) -> None:
         """Drop what the ack covers from the outbox, then count it and wake the publisher."""
@@ -180,6 +184,10 @@ class Uplink:
         finally:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
+
+    def hotlists_quiet(self, quiet: float = 0.3) -> bool:
+        """Subscribed, and no hotlist message for ``quiet`` seconds: the retained lists have come."""
+        return self.policy.hotlists_quiet(time.monotonic(), quiet)
 
     def all_published(self) -> bool:
         """Every record in the outbox has reached the broker (PUBACK) at least once on this connection."""

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from terminals.messages import Ack, MessageError, ack_topic, batch_payload, hotlist_topic, parse_ack, txn_topic
+from terminals.messages import Ack, MessageError, ack_topic, batch_payload, hotlist_issuer, parse_ack, txn_topic
 from terminals.mqtt import LinkStats
 
 log = logging.getLogger(__name__)
@@ -43,8 +43,9 @@ class Publication:
 
 @dataclass(frozen=True)
 class OfferHotlist:
-    """A message on the city's hotlist topic: hand it to the terminal."""
+    """A message on an issuer's hotlist topics: hand it to the terminal."""
 
+    topic: str
     payload: bytes | str
 
 
@@ -72,7 +73,6 @@ class UplinkPolicy:
         self.terminal = terminal
         self.txn_topic = txn_topic(city, terminal)
         self.ack_topic = ack_topic(city, terminal)
-        self.hotlist_topic = hotlist_topic(city)
         self.batch = batch
         self.ack_timeout = ack_timeout
         self.max_backoff = max_backoff
@@ -81,6 +81,7 @@ class UplinkPolicy:
         self._published_max = 0  # the highest seq this uplink has ever published (only grows)
         self._last_traffic = now
         self._backoff = FIRST_BACKOFF
+        self._hotlist_traffic: float | None = None  # when the hotlist filters were subscribed or last delivered
 
     # --- the connection ------------------------------------------------------------------------------------
 
@@ -89,6 +90,7 @@ class UplinkPolicy:
         self.stats.connected, self._backoff = True, FIRST_BACKOFF
         self.stats.connections += 1
         self.sent_through = 0
+        self._hotlist_traffic = None
 
     def lost(self, error: str) -> bool:
         """The connection failed or went away with ``error``; whether that is news worth a warning (not the same
@@ -151,10 +153,23 @@ class UplinkPolicy:
 
     # --- incoming ------------------------------------------------------------------------------------------
 
+    def subscribed(self, now: float) -> None:
+        """The hotlist filters are subscribed on this connection: the broker sends the retained lists now."""
+        self._hotlist_traffic = now
+
+    def hotlist_offered(self, now: float) -> None:
+        """A hotlist message was handed to the terminal."""
+        self._hotlist_traffic = now
+
+    def hotlists_quiet(self, now: float, quiet: float) -> bool:
+        """Subscribed on this connection and no hotlist message for ``quiet`` seconds: the retained lists are in
+        (the broker sends them right after the subscription, with no end marker)."""
+        return self.stats.connected and self._hotlist_traffic is not None and now - self._hotlist_traffic >= quiet
+
     def received(self, topic: str, payload: bytes | str) -> ApplyAck | OfferHotlist | None:
         """What to do with a message on a subscribed topic (None: nothing, the reason is logged)."""
-        if topic == self.hotlist_topic:
-            return OfferHotlist(payload)
+        if hotlist_issuer(topic) is not None:
+            return OfferHotlist(topic, payload)
         if topic != self.ack_topic:
             return None
         try:

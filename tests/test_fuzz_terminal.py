@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from support import new_card
 from terminal_support import make_terminal
 
-from terminals.messages import MessageError, parse_ack, parse_hotlist, parse_record, parse_uplink
+from terminals.messages import MessageError, parse_ack, parse_hotlist_message, parse_record, parse_uplink
 from terminals.reader import InProcessReader
 from terminals.terminal import TapOutcome
 
@@ -63,7 +63,7 @@ def payloads(draw: st.DrawFn) -> bytes:
 @settings(max_examples=400, deadline=None)
 @given(payloads())
 def test_message_parsers_raise_only_message_error(payload: bytes) -> None:
-    for parse in (parse_uplink, parse_ack, parse_hotlist):
+    for parse in (parse_uplink, parse_ack, parse_hotlist_message):
         with contextlib.suppress(MessageError):
             parse(payload)
     try:

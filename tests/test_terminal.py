@@ -6,7 +6,8 @@ import json
 from pathlib import Path
 
 import pytest
-from support import KEYS, CuttingReader, new_card, seeded_rng
+from hotlist_support import delta, snapshot
+from support import KEYS, CuttingReader, new_card, new_state, seeded_rng
 from terminal_support import FARES, Clock, CuttingChip, m1_card, make_terminal
 
 from cardsim import crypto
@@ -16,17 +17,13 @@ from cardsim.m1_issue import KeyScheme
 from cardsim.mifare import parse_value_block
 from cardsim.purse import PurseCard
 from clearing.verify import tac_problem
-from terminals.messages import HOTLIST_SCHEMA, Hotlist, TxnRecord, parse_record
+from terminals.messages import TxnRecord, hotlist_delta_topic, parse_record
 from terminals.metro import parse_trip
 from terminals.reader import CardGone, InProcessReader
 from terminals.terminal import TapOutcome, Terminal
 from terminals.terminal import TerminalKind as Kind
 
 HOST = IssuerHost(KEYS)
-
-
-def hotlist(version: int, *cards: str) -> str:
-    return Hotlist(schema=HOTLIST_SCHEMA, version=version, cards=list(cards)).to_json()
 
 
 def records(terminal: Terminal) -> list[TxnRecord]:
@@ -112,23 +109,27 @@ def test_exit_between_lines_and_without_entry(tmp_path: Path) -> None:
     assert exit_.tap(InProcessReader(card)).record.amount == 700  # type: ignore[union-attr]  # stale entry
 
 
-def test_hotlisted_card_is_refused_and_blocked(tmp_path: Path) -> None:
-    term = make_terminal(tmp_path / "t.sqlite")
-    card = new_card()
+def test_a_card_on_another_issuers_list_is_refused_and_blocked_naming_that_list(tmp_path: Path) -> None:
+    term = make_terminal(tmp_path / "t.sqlite", city="4560")
+    card = new_card(city="4510")
     serial = card.state.public.application_serial.hex()
-    assert term.offer_hotlist(hotlist(3, serial))
+    for topic, payload in [*snapshot("4510", 6, ["31044510999999999999"]), delta("4510", 6, [serial])]:
+        assert not term.offer_hotlist(topic, payload).refused
     result = term.tap(InProcessReader(card))
-    assert result.status is TapOutcome.REFUSED and "hotlisted" in result.message and card.state.blocked
+    assert result.status is TapOutcome.REFUSED and card.state.blocked
+    assert result.message == f"REFUSED  card {serial} is hotlisted by 4510 (list version 7): application blocked"
     again = term.tap(InProcessReader(card))
     assert again.status is TapOutcome.REFUSED and "6A81" in again.message
     assert records(term) == [] and card.state.balance == 5000
-    # a restarted terminal still knows the list; malformed or older lists are ignored
+    # a restarted terminal still enforces the list; a malformed or older message changes nothing
     restarted = make_terminal(tmp_path / "t.sqlite")
-    assert restarted.hotlist.version == 3 and serial in restarted.hotlist.cards
-    assert not restarted.offer_hotlist(b"{not json")
-    assert not restarted.offer_hotlist('{"schema":"yikatong.hotlist/1","version":"4","cards":[]}')
-    assert not restarted.offer_hotlist('{"schema":"yikatong.hotlist/1","version":2,"cards":[]}')
-    assert restarted.hotlist.version == 3 and serial in restarted.hotlist.cards
+    assert restarted.hotlists.versions() == {"4510": 7} and restarted.hotlists.blocking(serial) is not None
+    assert restarted.offer_hotlist(hotlist_delta_topic("4510"), b"{not json").refused
+    assert restarted.offer_hotlist(*delta("4510", 6, [])).version is None
+    assert restarted.hotlists.versions() == {"4510": 7} and restarted.hotlists.blocking(serial) is not None
+    other = PurseCard(new_state(city="4510", sequence=2), seeded_rng(2))
+    other.power_on()
+    assert restarted.tap(InProcessReader(other)).ok, "a card on no list is charged"
 
 
 @pytest.mark.parametrize("scheme", list(KeyScheme))
@@ -154,8 +155,10 @@ def test_m1_hotlisted_and_wrong_kind(tmp_path: Path) -> None:
     card = m1_card()
     uid = card.anticollision()[0].hex().upper()
     term = make_terminal(tmp_path / "t.sqlite")
-    term.offer_hotlist(hotlist(1, uid))
-    assert term.tap_m1(card).status is TapOutcome.REFUSED
+    term.offer_hotlist(*delta("4530", 0, [uid]))
+    refused = term.tap_m1(card)
+    assert refused.status is TapOutcome.REFUSED
+    assert refused.message == f"REFUSED  M1 card {uid} is hotlisted by 4530 (list version 1)"
     gate = make_terminal(
         tmp_path / "g.sqlite", Kind.METRO_ENTRY, "4510", station=("M1", "A00"), terminal="4510000000AA"
     )

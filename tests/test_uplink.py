@@ -1,5 +1,6 @@
 """The uplink on real brokers: the machine's Mosquitto, a private Mosquitto that is stopped and restarted, and
-the embedded amqtt broker. Records leave the outbox only on the clearing's ack; the hotlist follows the broker."""
+the embedded amqtt broker. Records leave the outbox only on the clearing's ack; every issuer's hotlist follows the
+broker, and ``terminal tap --broker`` takes the retained lists before it taps."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from hotlist_support import Message, delta, snapshot
 from mqtt_support import (
     MOSQUITTO,
     StubClearing,
@@ -21,10 +23,12 @@ from mqtt_support import (
     running,
     unique_terminal,
 )
-from support import new_card
+from support import new_card, new_state
 from terminal_support import make_terminal
 
-from terminals.messages import HOTLIST_SCHEMA, Hotlist, parse_record, parse_uplink
+from cardsim.image import save_card
+from terminals.hotlist import Listing
+from terminals.messages import hotlist_delta_topic, parse_record, parse_uplink
 from terminals.mqtt import BrokerUrl, embedded_broker
 from terminals.reader import InProcessReader
 from terminals.terminal import Terminal
@@ -106,21 +110,82 @@ async def test_broker_down_for_a_while_records_queue_and_drain(tmp_path: Path) -
     assert uplink.stats.connections >= 2
 
 
-async def test_hotlist_follows_the_retained_message_and_ignores_garbage(tmp_path: Path) -> None:
+async def publish(broker: BrokerUrl, messages: list[Message], *, retain: bool = True) -> None:
+    """Publish (topic, payload) messages in order, as an issuer's clearing does (QoS 1, retained)."""
+    async with broker.client("test-publisher", clean_session=True) as pub:
+        for topic, payload in messages:
+            await pub.publish(topic, payload, qos=1, retain=retain)
+
+
+CARD = "31044510000000000042"
+
+
+async def test_every_issuers_hotlist_follows_the_broker_and_garbage_is_refused(tmp_path: Path) -> None:
     async with embedded_broker() as broker:
-        term = make_terminal(tmp_path / "t.sqlite", terminal=unique_terminal())
+        term = make_terminal(tmp_path / "t.sqlite", city="4560", terminal=unique_terminal())
+        await publish(
+            broker, [*snapshot("4510", 2, [CARD], size=8), delta("4510", 2, []), delta("4530", 0, ["A1B2C3D4"])]
+        )
         uplink = Uplink(broker, term)
-        good = Hotlist(schema=HOTLIST_SCHEMA, version=7, cards=["31044510000000000042"]).to_json()
-        async with broker.client("test-publisher", clean_session=True) as pub:
-            await pub.publish("yikatong/4560/hotlist", good, qos=1, retain=True)
         async with running(uplink.run()):
-            await eventually(lambda: term.hotlist.version == 7)
-            async with broker.client("test-publisher", clean_session=True) as pub:
-                await pub.publish("yikatong/4560/hotlist", b'{"schema":"yikatong.hotlist/1","version":8}', qos=1)
-                await pub.publish("yikatong/4560/hotlist", b"\xff\xfe garbage", qos=1)
-            await asyncio.sleep(0.5)
-    assert term.hotlist.version == 7 and term.hotlist.cards == ["31044510000000000042"]
-    assert make_terminal(tmp_path / "t.sqlite", terminal=term.terminal_hex).hotlist.version == 7
+            await eventually(lambda: term.hotlists.versions() == {"4510": 3, "4530": 1})
+            await publish(broker, [(hotlist_delta_topic("4510"), "garbage"), delta("4510", 2, [], ["A0A0A0A0"])])
+            await eventually(lambda: term.hotlists.version("4510") == 4)
+            assert uplink.hotlists_quiet(0.0) and term.hotlists.settled()
+    assert term.hotlists.blocking(CARD) == Listing("4510", 4) and term.hotlists.blocking("A0A0A0A0") is not None
+    restarted = make_terminal(tmp_path / "t.sqlite", city="4560", terminal=term.terminal_hex)
+    assert restarted.hotlists.versions() == {"4510": 4, "4530": 1}
+
+
+def _tap_args(image: Path, state: Path, broker: BrokerUrl, *more: str) -> list[str]:
+    return _cli(
+        "terminal",
+        "tap",
+        "--card",
+        str(image),
+        "--city",
+        "4560",
+        "--kind",
+        "bus",
+        "--fare",
+        "100",
+        "--state",
+        str(state),
+        "--broker",
+        f"mqtt://{broker.host}:{broker.port}",
+        *more,
+    )
+
+
+async def test_tap_with_a_broker_takes_the_retained_lists_first(tmp_path: Path) -> None:
+    state = new_state(city="4510")
+    serial = state.public.application_serial.hex()
+    image = tmp_path / "card.json"
+    save_card(image, state)
+    async with embedded_broker() as broker:
+        await publish(broker, [*snapshot("4510", 5, [CARD, serial], size=8), delta("4510", 5)])
+        tap = await asyncio.to_thread(
+            subprocess.run, _tap_args(image, tmp_path / "t.sqlite", broker), capture_output=True, text=True
+        )
+    assert tap.returncode == 1, tap.stdout + tap.stderr
+    assert tap.stdout == f"REFUSED  card {serial} is hotlisted by 4510 (list version 5): application blocked\n"
+    assert tap.stderr == ""
+
+
+async def test_tap_with_a_broker_says_which_lists_it_could_not_take_and_taps_anyway(tmp_path: Path) -> None:
+    image = tmp_path / "card.json"
+    save_card(image, new_state(city="4510"))
+    async with embedded_broker() as broker:
+        *_, head = snapshot("4530", 2, [CARD], size=8)  # the head, its chunks never published
+        await publish(broker, [head, delta("4510", 0, [CARD])])
+        tap = await asyncio.to_thread(
+            subprocess.run,
+            _tap_args(image, tmp_path / "t.sqlite", broker, "--hotlist-wait", "1"),
+            capture_output=True,
+            text=True,
+        )
+    assert tap.returncode == 0 and tap.stdout.startswith("OK"), tap.stdout + tap.stderr
+    assert tap.stderr == "hotlists not all taken within 1 s (incomplete: 4530): tapping with the lists held (4510 v1)\n"
 
 
 def _cli(*args: str) -> list[str]:
@@ -219,7 +284,7 @@ def test_an_ack_beyond_what_was_published_drops_only_what_was_published() -> Non
         def __init__(self) -> None:
             self.outbox = MemoryOutbox()
 
-        def offer_hotlist(self, payload: bytes | str) -> bool:
+        def offer_hotlist(self, topic: str, payload: bytes | str) -> bool:
             return False
 
     sender = Sender()

@@ -180,9 +180,11 @@ def test_an_ack_beyond_what_was_published_counts_only_up_to_it(caplog: pytest.Lo
     assert "ack through 5 beyond the records sent (2): counted up to 2" in caplog.text
 
 
-def test_the_hotlist_topic_is_offered_to_the_terminal_and_other_topics_ignored() -> None:
+def test_every_issuers_hotlist_topics_are_offered_to_the_terminal_and_other_topics_ignored() -> None:
     policy = UplinkPolicy("4510", NUMBER, now=0.0)
-    assert policy.received("yikatong/4510/hotlist", b"anything") == OfferHotlist(b"anything")
+    for topic in ("yikatong/4510/hotlist/delta", "yikatong/4560/hotlist/snapshot", "yikatong/4530/hotlist/snapshot/3"):
+        assert policy.received(topic, b"anything") == OfferHotlist(topic, b"anything")
+    assert policy.received("yikatong/interop/4510/txn", b"{}") is None
     assert policy.received("yikatong/4510/ack/451000000002", ack(1, terminal="451000000002")) is None
     assert policy.received(policy.txn_topic, b"{}") is None
 
@@ -209,3 +211,18 @@ def test_reconnects_back_off_and_warn_once_per_failure() -> None:
     assert policy.stats.connections == 1 and policy.stats.connected and policy.retry_delay() == 0.2
     assert policy.lost("timed out"), "losing a live connection is news even with the same error as before"
     assert policy.stats.last_error == "timed out" and not policy.stats.connected
+
+
+def test_the_retained_hotlists_are_in_once_subscribed_and_quiet_for_a_moment() -> None:
+    policy = UplinkPolicy("4510", NUMBER, now=0.0)
+    assert not policy.hotlists_quiet(5.0, 0.3), "not connected"
+    policy.connected()
+    assert not policy.hotlists_quiet(5.0, 0.3), "not subscribed yet"
+    policy.subscribed(5.0)
+    assert not policy.hotlists_quiet(5.2, 0.3)
+    policy.hotlist_offered(5.25)
+    assert not policy.hotlists_quiet(5.5, 0.3) and policy.hotlists_quiet(5.6, 0.3)
+    policy.lost("gone")
+    assert not policy.hotlists_quiet(9.0, 0.3)
+    policy.connected()
+    assert not policy.hotlists_quiet(9.0, 0.3), "a new connection subscribes again"

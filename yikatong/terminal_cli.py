@@ -69,7 +69,8 @@ def register(groups: Subcommands) -> None:
         help="do one transaction and exit (0 done, 1 refused or failed)",
         description="Do one transaction with the card on a PC/SC reader (--reader) or with a card image file "
         "(--card, CPU or M1, updated in place), print one line and exit: 0 when the card was charged or loaded, "
-        "1 when it was refused or the tap failed. With --broker the outbox is published before exiting.",
+        "1 when it was refused or the tap failed. With --broker every issuer's retained hotlist is taken first "
+        "(at most --hotlist-wait seconds) and the outbox is published before exiting.",
         epilog="Example: yikatong terminal tap --card card.json --city 4510 --kind bus --fare 200",
     )
     source = tap.add_mutually_exclusive_group(required=True)
@@ -84,6 +85,12 @@ def register(groups: Subcommands) -> None:
         type=seconds,
         default=0.0,
         help="with --broker: also wait this long for the clearing's ack (default 0: the broker's PUBACK)",
+    )
+    tap.add_argument(
+        "--hotlist-wait",
+        type=seconds,
+        default=3.0,
+        help="with --broker: wait at most this long for the issuers' hotlists before tapping (default 3; 0: do not)",
     )
     tap.set_defaults(run=_tap)
 
@@ -194,6 +201,8 @@ def _print(result: TapResult) -> None:
 def _tap(args: argparse.Namespace) -> int:
     setup_logging(logging.WARNING)
     terminal = _build_terminal(args)
+    if args.broker is not None and args.hotlist_wait > 0:
+        asyncio.run(_take_hotlists(terminal, args.broker, args.hotlist_wait))
     if args.card is not None:
         result = _tap_image(terminal, args.card)
     else:
@@ -232,6 +241,23 @@ def _tap_image(terminal: Terminal, path: Path) -> TapResult:
             f"{path}: the card image could not be saved after the tap ({err.strerror}): {result.message}{kept}"
         ) from err
     return result
+
+
+async def _take_hotlists(terminal: Terminal, broker: BrokerUrl, wait: float) -> None:
+    """Take every issuer's retained hotlist before the tap: until each list is whole and none has come for a
+    moment, at most ``wait`` s; when that runs out, say so in one line and go on with the lists held."""
+    uplink = Uplink(broker, terminal)
+    book = terminal.hotlists
+    if await uplink.run_until(lambda: book.settled() and uplink.hotlists_quiet(), wait):
+        return
+    held = ", ".join(f"{issuer} v{version}" for issuer, version in book.versions().items()) or "none"
+    if uplink.stats.connections == 0:
+        why = f"broker {broker} unreachable"
+    elif book.incomplete():
+        why = f"incomplete: {', '.join(book.incomplete())}"
+    else:
+        why = "still arriving"
+    print(f"hotlists not all taken within {wait:g} s ({why}): tapping with the lists held ({held})", file=sys.stderr)
 
 
 async def _publish(terminal: Terminal, broker: BrokerUrl, ack_wait: float) -> None:
@@ -356,5 +382,11 @@ def _status(args: argparse.Namespace) -> int:
     print(f"rejected   {counts.rejected} record(s) the clearing refused")
     for seq, reason, _ in terminal.outbox.rejected()[-10:]:
         print(f"  seq {seq}: {reason}")
-    print(f"hotlist    version {terminal.hotlist.version}, {len(terminal.hotlist.cards)} card(s)")
+    lists = terminal.hotlists.lists()
+    if not lists:
+        print("hotlist    none received yet")
+    for n, held in enumerate(lists):
+        label = "hotlist" if n == 0 else ""
+        cards = len(held.cards)
+        print(f"{label:<10} {held.issuer} version {held.version}, {cards} card(s), published {held.published}")
     return 0
