@@ -37,8 +37,28 @@ _COLOURS: Final = MappingProxyType(
 )
 _ORDER: Final = tuple(sorted(Severity, reverse=True))  # most severe first
 _TECH_NAMES: Final = MappingProxyType({"cpu": "CPU", "m1": "M1", "": "other"})
-_LABELS: Final = MappingProxyType({"issuer_owes_acquirer": "issuer owes", "net_sum": "net sum"})
-_MONEY_KEYS: Final = frozenset({"gross", "fee", "issuer_owes_acquirer", "owed", "net", "amount", "net_sum"})
+_LABELS: Final = MappingProxyType(
+    {
+        "issuer_owes_acquirer": "issuer owes",
+        "net_sum": "net sum",
+        "hotlist_grace_seconds": "hotlist grace, s",
+        "hotlisted_issuer_fen": "hotlisted, issuer bears",
+        "hotlisted_acquirer_fen": "hotlisted, acquirer's loss",
+    }
+)
+_MONEY_KEYS: Final = frozenset(
+    {
+        "gross",
+        "fee",
+        "issuer_owes_acquirer",
+        "owed",
+        "net",
+        "amount",
+        "net_sum",
+        "hotlisted_issuer_fen",
+        "hotlisted_acquirer_fen",
+    }
+)
 
 _CSS_BASE: Final = """
 :root { --ink: #111827; --muted: #4b5563; --line: #d1d5db; --soft: #f3f4f6; --accent: #1e3a8a; }
@@ -612,12 +632,48 @@ def _settlement(settlement: Mapping[str, object] | None) -> str:
         )
     else:
         parts.append(_none())
-    known = {"schema", "day", "pairs", "lines", "positions", "net_sum", "unsettled"}
+    hotlisted = settlement.get("hotlisted")
+    parts.append("<h3>Records of hotlisted cards (who bears them)</h3>")
+    parts.append(_hotlisted_table(hotlisted, settlement.get("hotlist_versions")))
+    known = {"schema", "day", "pairs", "lines", "positions", "net_sum", "unsettled", "hotlisted", "hotlist_versions"}
     extra = {k: v for k, v in settlement.items() if k not in known}
     if extra:
         parts.append("<h3>Other</h3>" + _details(extra))
     parts.append("</section>")
     return "".join(parts)
+
+
+def _hotlisted_table(records: object, versions: object) -> str:
+    """Each record of a card on its issuer's hotlist: the list version, its publish time, the pair's grace and
+    who bears the record (the acquirer when it was taken after publish time + grace)."""
+    note = ""
+    if isinstance(versions, Mapping) and versions:
+        known = ", ".join(f"{_e(c)} v{_e(v)}" if v else f"{_e(c)} none" for c, v in versions.items())
+        note = f'<p class="note">Issuers\' hotlists the settlement knew: {known}.</p>'
+    rows = []
+    for x in records if isinstance(records, Sequence) else []:
+        if not isinstance(x, Mapping):
+            continue
+        liable = x.get("liable")
+        who = f"<strong>{_e(liable)}</strong>" if liable == "acquirer" else _e(liable)
+        published = x.get("published")
+        rows.append(
+            [
+                f"<code>{_e(x.get('record_id'))}</code>",
+                _e(x.get("acquirer")),
+                _e(x.get("issuer")),
+                _e(x.get("time")),
+                *_money(x.get("amount")),
+                _e(x.get("version")),
+                _e(published) if published else "never published",
+                _e(x.get("grace_seconds")),
+                who,
+            ]
+        )
+    if not rows:
+        return note + _none()
+    head = ["record", "acquirer", "issuer", "time", "amount, fen", "amount, yuan", "list version", "published"]
+    return note + _table([*head, "grace, s", "liable"], rows, frozenset({4, 5, 6, 8}))
 
 
 def _skipped(skipped: Sequence[str]) -> str:

@@ -1,5 +1,6 @@
 """Where ledgers come from for ``audit reconcile``: daily clearing files (CSV, wire.md), clearing databases
-(SQLite or PostgreSQL, the ``ledger`` table), a settlement file, and the cities table (travel times).
+(SQLite or PostgreSQL, the ``ledger`` table), a settlement file, the cities table (travel times), and the issuers'
+hotlists (a hotlist file, or the hotlist tables of a clearing database).
 
 Every problem with an input is a ``LedgerInputError`` naming the file and line (or the database) and what is
 wrong, so the command can say it in one line and write nothing. Clearing files are read column by column:
@@ -12,14 +13,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import csv
+import datetime as dt
 import gc
 import io
 import json
 import re
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
-from typing import Final
+from typing import Final, TypeVar
 
 import numpy as np
 from numpy.typing import NDArray
@@ -33,8 +35,11 @@ from audit.reconcile import (
     BadValue,
     Cities,
     CityLedger,
+    ClaimedHotlisted,
     ClaimedPair,
     ClaimedSettlement,
+    HotlistEntry,
+    HotlistHistory,
     Records,
     Source,
     day_number,
@@ -42,9 +47,11 @@ from audit.reconcile import (
 from cardsim.files import read_json
 from cardsim.resources import fixture_path
 from clearing.db import DatabaseUrlError, open_engine
-from clearing.schema import LEDGER
-from clearing.settlement import CSV_HEADER
-from terminals.messages import CARD_ID, CITY_CODE, TERMINAL_NO, TxnRecord
+from clearing.schema import HOTLIST, HOTLIST_VERSION, LEDGER
+from clearing.settlement import CSV_HEADER, SETTLEMENT_SCHEMA, VERSION_OF_CARD, Liable, publish_moment
+from terminals.messages import CARD_ID, CITY_CODE, RECORD_ID, TERMINAL_NO, TxnRecord
+
+T = TypeVar("T")
 
 
 class LedgerInputError(ValueError):
@@ -273,6 +280,30 @@ def _signed_with(stored: object) -> tuple[object, object]:
 def read_database(url: str, day: str | None = None) -> list[CityLedger]:
     """The ledger of every city in a clearing database (``ledger.city`` is the holder); only ``day`` when given.
     Never creates or changes a database."""
+    return _on_database(url, "a ledger row", lambda engine, name: _read_ledgers(engine, name, day))
+
+
+async def _read_hotlists(engine: AsyncEngine, name: str) -> dict[tuple[str, str], HotlistEntry]:
+    async with engine.connect() as db:
+        if not await db.run_sync(lambda sync: inspect(sync).has_table(HOTLIST_VERSION.name)):
+            return {}  # a database from before hotlist versions (migration 0003): no list has a publish time
+        rows = await db.execute(
+            select(HOTLIST.c.city, HOTLIST.c.card, HOTLIST.c.version, HOTLIST_VERSION.c.published).select_from(
+                HOTLIST.outerjoin(HOTLIST_VERSION, VERSION_OF_CARD)
+            )
+        )
+        return {(city, card): HotlistEntry(int(v), publish_moment(published)) for city, card, v, published in rows}
+
+
+def read_database_hotlists(url: str) -> dict[tuple[str, str], HotlistEntry]:
+    """Every city's hotlist in a clearing database, with the version that added each card and its publish time.
+    Never creates or changes a database."""
+    return _on_database(url, "a hotlist row", _read_hotlists)
+
+
+def _on_database(url: str, what: str, work: Callable[[AsyncEngine, str], Awaitable[T]]) -> T:
+    """``work(engine, name)`` on the clearing database at ``url`` (``name``: the URL without its password);
+    LedgerInputError naming the database when it is not there or cannot be read."""
     try:
         name = make_url(url).render_as_string(hide_password=True)
         engine = open_engine(url)
@@ -282,18 +313,18 @@ def read_database(url: str, day: str | None = None) -> list[CityLedger]:
     if engine.url.get_backend_name() == "sqlite" and not (database and Path(database).is_file()):
         raise LedgerInputError(f"database {name}: no such SQLite file")
 
-    async def work() -> list[CityLedger]:
+    async def run() -> T:
         try:
-            return await _read_ledgers(engine, name, day)
+            return await work(engine, name)
         finally:
             await engine.dispose()
 
     try:
-        return asyncio.run(work())
+        return asyncio.run(run())
     except (SQLAlchemyError, OSError) as err:
         raise LedgerInputError(f"database {name}: {str(err).splitlines()[0]}") from None
     except (KeyError, TypeError, ValueError) as err:
-        raise LedgerInputError(f"database {name}: a ledger row cannot be read ({err!r})") from None
+        raise LedgerInputError(f"database {name}: {what} cannot be read ({err!r})") from None
 
 
 # --- settlement file, cities -----------------------------------------------------------------------------
@@ -318,8 +349,44 @@ def _pair(doc: Mapping[str, object]) -> tuple[tuple[str, str], ClaimedPair]:
         _whole(doc["fee"]),
         rate,
         _whole(doc["issuer_owes_acquirer"]),
+        _optional(doc, "hotlist_grace_seconds", "seconds"),
+        _optional(doc, "hotlisted_issuer_fen"),
+        _optional(doc, "hotlisted_acquirer_fen"),
     )
     return (str(doc["acquirer"]), str(doc["issuer"])), line
+
+
+def _optional(doc: Mapping[str, object], key: str, unit: str = "fen") -> int | None:
+    """A whole number the file may leave out (a settlement file from before the field): None then."""
+    value = doc.get(key)
+    return None if value is None else _whole(value, unit)
+
+
+def _aware(value: object) -> dt.datetime:
+    """ISO 8601 text with a UTC offset as a time; ValueError otherwise."""
+    if not isinstance(value, str):
+        raise TypeError(f"{value!r} is not a time")
+    moment = dt.datetime.fromisoformat(value)
+    if moment.utcoffset() is None:
+        raise ValueError(f"{value!r} has no UTC offset (+08:00)")
+    return moment
+
+
+def _hotlisted(doc: Mapping[str, object]) -> ClaimedHotlisted:
+    """One entry of a settlement file's list of hotlisted records."""
+    record_id = doc["record_id"]
+    if not isinstance(record_id, str) or not RECORD_ID.match(record_id):
+        raise ValueError(f"record_id {record_id!r} is not issuer-card-kind-card_counter")
+    issuer, card, *_ = record_id.split("-")
+    published = doc["published"]
+    return ClaimedHotlisted(
+        record_id,
+        issuer,
+        card,
+        _whole(doc["version"], "version"),
+        None if published is None else _aware(published),
+        Liable(str(doc["liable"])),
+    )
 
 
 def read_settlement(path: Path) -> ClaimedSettlement:
@@ -327,8 +394,8 @@ def read_settlement(path: Path) -> ClaimedSettlement:
     pair line (a pair listed twice is refused), the positions and the net sum as the file states them."""
     doc = read_json(path, LedgerInputError)
     try:
-        if doc["schema"] != "yikatong.settlement/1":
-            raise ValueError("not a yikatong.settlement/1 document")
+        if doc["schema"] != SETTLEMENT_SCHEMA:
+            raise ValueError(f"not a {SETTLEMENT_SCHEMA} document")
         day = str(doc["day"])
         day_number(day)
         positions = {str(city): _whole(n) for city, n in doc["positions"].items()}
@@ -339,9 +406,16 @@ def read_settlement(path: Path) -> ClaimedSettlement:
                 raise ValueError(f"the pair acquirer {pair[0]}, issuer {pair[1]} is listed twice")
             pairs[pair] = line
         net_sum = None if doc.get("net_sum") is None else _whole(doc["net_sum"])
+        listed = doc.get("hotlisted")  # None in a file from before the list
+        hotlisted: dict[str, ClaimedHotlisted] = {}
+        for entry in listed or []:
+            record = _hotlisted(entry)
+            if record.record_id in hotlisted:
+                raise ValueError(f"the hotlisted record {record.record_id} is listed twice")
+            hotlisted[record.record_id] = record
     except (KeyError, TypeError, AttributeError, ValueError, InvalidOperation) as err:
         raise LedgerInputError(f"{path}: not a settlement file ({type(err).__name__}: {err})") from None
-    return ClaimedSettlement(str(path), day, positions, pairs, net_sum)
+    return ClaimedSettlement(str(path), day, positions, pairs, net_sum, None if listed is None else hotlisted)
 
 
 def read_cities(path: Path | None = None) -> Cities:
@@ -354,3 +428,74 @@ def read_cities(path: Path | None = None) -> Cities:
     except (KeyError, TypeError, AttributeError, ValueError) as err:
         raise LedgerInputError(f"{path}: not a cities table ({type(err).__name__}: {err})") from None
     return Cities(names, travel)
+
+
+# --- hotlist files ---------------------------------------------------------------------------------------
+
+HOTLIST_HEADER: Final = ["issuer", "card", "version", "published"]
+"""A hotlist file: one row per card on an issuer's list, the version that added it and when that version was first
+published (ISO 8601 with offset; empty: never)."""
+
+
+def read_hotlist_file(path: Path) -> dict[tuple[str, str], HotlistEntry]:
+    """The issuers' hotlists in a hotlist file, by (issuer, card); a card listed twice by one issuer is refused."""
+    text = _utf8(path)
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+    found: dict[tuple[str, str], HotlistEntry] = {}
+    try:
+        header = next(reader, [])
+        if header != HOTLIST_HEADER:
+            raise LedgerInputError(f"{path} line 1: not a hotlist file header; expected {','.join(HOTLIST_HEADER)}")
+        for row in reader:
+            if not row:
+                continue
+            key, entry = _hotlist_row(path, reader.line_num, row)
+            if key in found:
+                raise LedgerInputError(f"{path} line {reader.line_num}: card {key[1]} of {key[0]} is listed twice")
+            found[key] = entry
+    except csv.Error as err:
+        raise LedgerInputError(f"{path} line {reader.line_num + 1}: not CSV ({err})") from None
+    return found
+
+
+def _hotlist_row(path: Path, line: int, row: list[str]) -> tuple[tuple[str, str], HotlistEntry]:
+    if len(row) != len(HOTLIST_HEADER):
+        raise LedgerInputError(f"{path} line {line}: {len(row)} columns, expected {len(HOTLIST_HEADER)}")
+    issuer, card, version, published = row
+    if not CITY_CODE.match(issuer):
+        raise LedgerInputError(f"{path} line {line}: column issuer: {issuer[:40]!r} is not a 4-digit city code")
+    if not CARD_ID.match(card):
+        why = "a 20-digit card serial or an 8-hex-digit M1 UID"
+        raise LedgerInputError(f"{path} line {line}: column card: {card[:40]!r} is not {why}")
+    if not re.fullmatch("[0-9]{1,9}", version):
+        raise LedgerInputError(f"{path} line {line}: column version: {version[:40]!r} is not a whole number")
+    try:
+        moment = _aware(published) if published else None
+    except ValueError as err:
+        raise LedgerInputError(f"{path} line {line}: column published: {err}") from None
+    return (issuer, card), HotlistEntry(int(version), moment)
+
+
+def write_hotlist_file(path: Path, history: HotlistHistory) -> None:
+    """Write a hotlist file: the header, then one row per (issuer, card) in order."""
+    with path.open("w", newline="", encoding="utf-8") as out:
+        writer = csv.writer(out, lineterminator="\n")
+        writer.writerow(HOTLIST_HEADER)
+        for (issuer, card), entry in sorted(history.items()):
+            published = entry.published.isoformat() if entry.published else ""
+            writer.writerow([issuer, card, entry.version, published])
+
+
+def merge_hotlists(sources: Iterable[tuple[str, HotlistHistory]]) -> dict[tuple[str, str], HotlistEntry]:
+    """The hotlists of several sources (name, history) in one; a card two of them list differently is refused."""
+    merged: dict[tuple[str, str], HotlistEntry] = {}
+    seen: dict[tuple[str, str], str] = {}
+    for name, history in sources:
+        for key, entry in history.items():
+            if key in merged and merged[key] != entry:
+                raise LedgerInputError(
+                    f"card {key[1]} of {key[0]}: {seen[key]} says version {merged[key].version} published "
+                    f"{merged[key].published}, {name} version {entry.version} published {entry.published}"
+                )
+            merged[key], seen[key] = entry, name
+    return merged

@@ -3,7 +3,8 @@
 Input: ledgers, each what one holder city keeps (its terminals' records and, as the issuer of a card, the
 records other cities forwarded), held as columns (``Records``). Output: a ``Report`` of kind ``reconcile``:
 one finding per offending record with the ids of ``audit.findings.RECONCILE_RULES``, counts per check, the
-recomputed settlement and the cards to hotlist. docs/reconcile-choices.md explains the choices.
+recomputed settlement (with who bears each record of a hotlisted card) and the cards to hotlist.
+docs/reconcile-choices.md explains the choices.
 
 The structural checks work on numpy columns: every ledger's rows are put into one table sorted by record
 identity and content, so duplicates, conflicts and missing sides are comparisons of neighbours, and the
@@ -30,7 +31,18 @@ from audit.findings import RECONCILE_RULES, Finding, Report, finding
 from cardsim.files import JSONValue
 from cardsim.issuer import HostRefusal, IssuerHost
 from cardsim.keys import IssuerKeyStore
-from clearing.settlement import CSV_HEADER, DEBIT_KINDS, DEFAULT_RATE, PairLine, Settlement, settle
+from clearing.settlement import (
+    CSV_HEADER,
+    DEBIT_KINDS,
+    DEFAULT_GRACE,
+    DEFAULT_RATE,
+    Grace,
+    Hotlisted,
+    Liable,
+    PairLine,
+    Settlement,
+    settle,
+)
 from clearing.verify import expected_tac
 from terminals.messages import CHINA, TXN_SCHEMA, CardRef, TxnKind, TxnRecord
 
@@ -208,24 +220,61 @@ class CityLedger:
     issuer_side: bool
 
 
-PAIR_FIELDS: Final = ("records", "gross", "fee", "issuer_owes_acquirer")
-"""The figures of a settlement pair line that the records must give (the rate is the file's: records carry none)."""
+PAIR_FIELDS: Final = (
+    "records",
+    "gross",
+    "fee",
+    "issuer_owes_acquirer",
+    "hotlisted_issuer_fen",
+    "hotlisted_acquirer_fen",
+)
+"""The figures of a settlement pair line that the records must give (the rate and the hotlist grace are the
+file's: records carry none)."""
+
+
+@dataclass(frozen=True)
+class HotlistEntry:
+    """A card on its issuer's hotlist: the version that added it and when that version was first published
+    (None: never)."""
+
+    version: int
+    published: dt.datetime | None
+
+
+HotlistHistory: TypeAlias = Mapping[tuple[str, str], HotlistEntry]
+"""The issuers' hotlists by (issuer, card): only a card's own issuer's list makes a liability."""
 
 
 @dataclass(frozen=True)
 class ClaimedPair:
-    """One pair line of a settlement file as the file states it (fields named like its JSON keys; money in fen)."""
+    """One pair line of a settlement file as the file states it (fields named like its JSON keys; money in fen).
+    The hotlist fields are None in a file written before settlements had them."""
 
     records: int
     gross: int
     fee: int
     rate: Decimal
     issuer_owes_acquirer: int
+    hotlist_grace_seconds: int | None = None
+    hotlisted_issuer_fen: int | None = None
+    hotlisted_acquirer_fen: int | None = None
 
     @classmethod
     def of(cls, line: PairLine) -> ClaimedPair:
         """What a settled pair line (clearing.settlement) would state."""
-        return cls(line.records, line.gross, line.fee, line.rate, line.owed)
+        return cls(line.records, line.gross, line.fee, line.rate, line.owed, line.grace, *line.hotlisted)
+
+
+@dataclass(frozen=True)
+class ClaimedHotlisted:
+    """One record of a hotlisted card as the settlement file lists it."""
+
+    record_id: str
+    issuer: str
+    card: str
+    version: int
+    published: dt.datetime | None
+    liable: Liable
 
 
 @dataclass(frozen=True)
@@ -237,11 +286,22 @@ class ClaimedSettlement:
     positions: dict[str, int]
     pairs: dict[tuple[str, str], ClaimedPair]  # by (acquirer, issuer)
     net_sum: int | None = None  # the file's own total of its positions, when it states one
+    hotlisted: dict[str, ClaimedHotlisted] | None = None  # by record id; None: a file from before the list
 
     @property
     def rates(self) -> dict[tuple[str, str], Decimal]:
         """The interchange rate of each pair in the file."""
         return {pair: line.rate for pair, line in self.pairs.items()}
+
+    @property
+    def graces(self) -> dict[tuple[str, str], int]:
+        """The hotlist grace of each pair in the file that states one."""
+        return {pair: x.hotlist_grace_seconds for pair, x in self.pairs.items() if x.hotlist_grace_seconds is not None}
+
+    @property
+    def history(self) -> dict[tuple[str, str], HotlistEntry]:
+        """The hotlist entries the file's own list of hotlisted records implies."""
+        return {(x.issuer, x.card): HotlistEntry(x.version, x.published) for x in (self.hotlisted or {}).values()}
 
 
 @dataclass(frozen=True)
@@ -263,6 +323,8 @@ class Options:
     jobs: int = 1  # processes for TAC verification
     min_parallel: int = 20_000  # fewer TACs than this are verified in this process (workers take ~0.1 s to start)
     default_rate: Decimal = DEFAULT_RATE
+    default_grace: int = DEFAULT_GRACE  # seconds, for a pair the settlement file states no grace for
+    hotlists: HotlistHistory | None = None  # the issuers' lists; None: none given (the settlement file's are used)
     key_file: str = "the given key file"  # how findings name where ``keys`` came from
     key_hint: str = ""  # what to try when no TAC of an issuer verifies (e.g. the command's --keys)
 
@@ -769,10 +831,12 @@ def _wrong_keys(t: _Table, issuer: str, rows: list[tuple[int, str]], options: Op
 # --- settlement ------------------------------------------------------------------------------------------
 
 
-def _settlement(t: _Table, at_issuer: NDArray[np.bool_], options: Options) -> tuple[Settlement, list[Finding]]:
+def _settlement(
+    t: _Table, at_issuer: NDArray[np.bool_], options: Options, skipped: list[str]
+) -> tuple[Settlement, list[Finding]]:
     """Settle the records again (clearing.settlement.settle: cross-city debits, one per record identity; a
-    record the issuer's ledger lacks is left out, as the clearing settles only what the issuer acked) and
-    compare with the settlement file."""
+    record the issuer's ledger lacks is left out, as the clearing settles only what the issuer acked; a record
+    of a card on its issuer's hotlist judged by publish time + grace) and compare with the settlement file."""
     claimed = options.claimed
     r = t.r.take(t.starts)
     days = (r.time_us + _CHINA_US) // _DAY_US
@@ -788,15 +852,48 @@ def _settlement(t: _Table, at_issuer: NDArray[np.bool_], options: Options) -> tu
         label = ""
     left_out = int((debit & at_issuer).sum())
     debit &= ~at_issuer
+    hotlisted = _hotlisted(t, r, debit, _history(options, skipped))
+    debit[list(hotlisted)] = False  # settled apart, by who bears them
     keys = np.stack((r.acquirer[debit], r.issuer[debit], r.amount[debit]), axis=1)
     groups, counts = np.unique(keys, axis=0, return_counts=True) if len(keys) else (keys, np.zeros(0, np.int64))
     debits = [
         (f"{a:04d}", f"{i:04d}", amount, n) for (a, i, amount), n in zip(groups.tolist(), counts.tolist(), strict=True)
     ]
-    settlement = settle(label, debits, claimed.rates if claimed else {}, options.default_rate)
+    grace = Grace(options.default_grace, claimed.graces if claimed else {})
+    rates = claimed.rates if claimed else {}
+    settlement = settle(label, debits, rates, options.default_rate, hotlisted.values(), grace)
     if left_out:
         settlement.unsettled = {"missing at issuer": left_out}
     return settlement, _settlement_findings(settlement, claimed) if claimed else []
+
+
+def _history(options: Options, skipped: list[str]) -> HotlistHistory:
+    """The issuers' hotlists given; else the one the settlement file's list of hotlisted records implies (said in
+    ``skipped``: a hotlisted record the file leaves out cannot be found then)."""
+    if options.hotlists is not None:
+        return options.hotlists
+    claimed = options.claimed
+    if claimed is None or not claimed.hotlisted:
+        return {}
+    skipped.append(
+        f"hotlisted cards: no issuers' hotlists given (--hotlists FILE or a clearing database); the "
+        f"{len(claimed.hotlisted)} record(s) {claimed.source} lists were judged again, a hotlisted record it "
+        "leaves out is not found"
+    )
+    return claimed.history
+
+
+def _hotlisted(t: _Table, r: Records, debit: NDArray[np.bool_], history: HotlistHistory) -> dict[int, Hotlisted]:
+    """The debits of cards on their own issuer's hotlist, by identity (``r`` holds one row per identity)."""
+    found: dict[int, Hotlisted] = {}
+    for g in np.flatnonzero(debit).tolist() if history else []:
+        issuer = f"{int(r.issuer[g]):04d}"
+        entry = history.get((issuer, str(r.card[g])))
+        if entry is not None:
+            acquirer, time, amount = f"{int(r.acquirer[g]):04d}", str(r.time[g]), int(r.amount[g])
+            record_id = t.rid(int(t.starts[g]))
+            found[g] = Hotlisted(record_id, acquirer, issuer, time, amount, entry.version, entry.published)
+    return found
 
 
 def _settlement_findings(settlement: Settlement, claimed: ClaimedSettlement) -> list[Finding]:
@@ -805,6 +902,7 @@ def _settlement_findings(settlement: Settlement, claimed: ClaimedSettlement) -> 
         *_net_sum_findings(claimed),
         *_position_findings(settlement, claimed),
         *_pair_findings(settlement, claimed),
+        *_liability_findings(settlement, claimed),
     ]
 
 
@@ -875,7 +973,7 @@ def _pair_findings(settlement: Settlement, claimed: ClaimedSettlement) -> list[F
         problems: dict[str, list[str]] = defaultdict(list)
         for name in PAIR_FIELDS:
             stated, recomputed = getattr(says, name), getattr(gives, name, None)
-            if recomputed is not None and stated != recomputed:
+            if stated is not None and recomputed is not None and stated != recomputed:
                 problems[name].append(
                     f"{where}: {name} {_money(name, stated)} in the file, the records give {_money(name, recomputed)} "
                     f"({stated - recomputed:+})"
@@ -886,6 +984,44 @@ def _pair_findings(settlement: Settlement, claimed: ClaimedSettlement) -> list[F
             if problems[name]:
                 values = {"field": name, "claimed": getattr(says, name), "recomputed": getattr(gives, name, None)}
                 found.append(_pair_finding(pair, problems[name], **values))
+    return found
+
+
+def _liability_findings(settlement: Settlement, claimed: ClaimedSettlement) -> list[Finding]:
+    """Each record of a hotlisted card that the file charges to another party than the records give, or that only
+    one of them lists (subject: the record id). A file from before the list is not checked."""
+    if claimed.hotlisted is None:
+        return []
+    ours = {x.record.record_id: x for x in settlement.hotlisted}
+    found = []
+    for record_id in sorted(set(ours) | set(claimed.hotlisted)):
+        says, gives = claimed.hotlisted.get(record_id), ours.get(record_id)
+        if says is not None and gives is not None and says.liable is gives.liable:
+            continue
+        where = f"{claimed.source}: {record_id}"
+        if gives is None:
+            why = f"{where} is listed as a record of a hotlisted card; the records give no such debit that day"
+        else:
+            x = gives.record
+            published = x.published.isoformat() if x.published else "never published"
+            judged = (
+                f"taken by {x.acquirer} at {x.time}; {x.issuer}'s list version {x.version}, {published}, grace "
+                f"{gives.grace} s: the {gives.liable.value}'s"
+            )
+            stated = f"the file charges it to the {says.liable.value}" if says else "the file does not list it"
+            why = f"{where}: {stated}; the records give {judged}"
+        city = says.issuer if says else gives.record.issuer if gives else ""
+        found.append(
+            finding(
+                "REC-SETTLEMENT",
+                record_id,
+                "",
+                city,
+                [why],
+                claimed=says.liable.value if says else None,
+                recomputed=gives.liable.value if gives else None,
+            )
+        )
     return found
 
 
@@ -975,7 +1111,7 @@ def reconcile(ledgers: Sequence[CityLedger], options: Options) -> Report:
         skipped.append("TAC verification not run (--no-tac)")
     else:
         findings += _tacs(table, options.keys, options, skipped)
-    settlement, settled = _settlement(table, at_issuer, options)
+    settlement, settled = _settlement(table, at_issuer, options, skipped)
     findings += settled
     rank = {rule: n for n, rule in enumerate(RECONCILE_RULES)}
     findings.sort(key=lambda f: (rank[f.id], f.subject, f.city))

@@ -12,8 +12,17 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from audit.findings import Report
-from audit.ledger_sources import LedgerInputError, read_cities, read_clearing_file, read_database, read_settlement
-from audit.reconcile import CityLedger, Options, day_number, reconcile
+from audit.ledger_sources import (
+    LedgerInputError,
+    merge_hotlists,
+    read_cities,
+    read_clearing_file,
+    read_database,
+    read_database_hotlists,
+    read_hotlist_file,
+    read_settlement,
+)
+from audit.reconcile import CityLedger, HotlistEntry, Options, day_number, reconcile
 from cardsim.keys import TEST_KEYS_FIXTURE
 from yikatong.argtypes import Subcommands, database_url, file_path, load_keys, positive
 from yikatong.audit_output import add_report_options, finish
@@ -55,6 +64,15 @@ def register(sub: Subcommands) -> None:
         help="clearing database, sqlite:///FILE or postgresql+asyncpg://user@host/db (repeatable)",
     )
     parser.add_argument("--settlement", type=file_path, metavar="FILE", help="settlement-DAY.json to check")
+    parser.add_argument(
+        "--hotlists",
+        type=file_path,
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="the issuers' hotlists (CSV: issuer,card,version,published) for who bears a record of a hotlisted "
+        "card; the hotlist tables of each --db are read too (repeatable)",
+    )
     parser.add_argument("--day", type=_day, help="only records of this settlement day, YYYY-MM-DD")
     parser.add_argument(
         "--keys",
@@ -95,6 +113,19 @@ def read_ledgers(files: Sequence[str], databases: Sequence[str], day: str | None
     return ledgers
 
 
+def read_hotlists(files: Sequence[Path], databases: Sequence[str]) -> dict[tuple[str, str], HotlistEntry] | None:
+    """The issuers' hotlists from hotlist files and the databases' hotlist tables; None when neither is given
+    (reconcile then judges the settlement file's own list of hotlisted records); CliError naming a bad input."""
+    if not files and not databases:
+        return None
+    try:
+        parts = [(str(path), read_hotlist_file(path)) for path in files]
+        parts += [(f"database {url}", read_database_hotlists(url)) for url in databases]
+        return merge_hotlists(parts)
+    except LedgerInputError as err:
+        raise CliError(str(err)) from err
+
+
 def _reconcile(args: argparse.Namespace) -> int:
     if not args.files and not args.db:
         raise CliError("nothing to reconcile: give daily clearing files (FILE or CITY=FILE) or --db URL")
@@ -109,7 +140,8 @@ def _reconcile(args: argparse.Namespace) -> int:
     ledgers = read_ledgers(args.files, args.db, args.day)
     key_file = str(args.keys) if args.keys else f"fixtures/{TEST_KEYS_FIXTURE} (the default: the published test keys)"
     hint = f"the demo's cards use fixtures/{DEMO_KEYS}; pass --keys"
-    options = Options(cities, keys, claimed, args.day, args.jobs, key_file=key_file, key_hint=hint)
+    hotlists = read_hotlists(args.hotlists, args.db)
+    options = Options(cities, keys, claimed, args.day, args.jobs, key_file=key_file, key_hint=hint, hotlists=hotlists)
     report = reconcile(ledgers, options)
     for wrong in report.findings:
         if wrong.id == "REC-TAC-KEYS":
@@ -129,4 +161,13 @@ def _print_summary(report: Report) -> None:
     if report.settlement is not None:
         positions = ", ".join(f"{c} {n:+,}" for c, n in report.settlement["positions"].items())
         print(f"settlement {report.settlement['day']} from the records: {positions or 'nothing to settle'}")
+        hotlisted = report.settlement["hotlisted"]
+        if hotlisted:
+            bears = {
+                side: sum(x["amount"] for x in hotlisted if x["liable"] == side) for side in ("issuer", "acquirer")
+            }
+            print(
+                f"records of hotlisted cards: {len(hotlisted):,}; the issuers bear {bears['issuer']:,} fen, "
+                f"the acquirers {bears['acquirer']:,} fen"
+            )
     print(f"hotlist ({len(report.hotlist)}): {' '.join(report.hotlist) or '-'}")
