@@ -29,7 +29,6 @@ MAX_DIGITS: Final = 20
 TXN_SCHEMA: Final = "yikatong.txn/1"
 BATCH_SCHEMA: Final = "yikatong.batch/1"
 ACK_SCHEMA: Final = "yikatong.ack/1"
-HOTLIST_SCHEMA: Final = "yikatong.hotlist/1"
 SNAPSHOT_SCHEMA: Final = "yikatong.hotlist-snapshot/1"
 CHUNK_SCHEMA: Final = "yikatong.hotlist-chunk/1"
 DELTA_SCHEMA: Final = "yikatong.hotlist-delta/1"
@@ -222,25 +221,6 @@ class InteropAck(_Model):
     rejected: list[InteropRejection] = []
 
     model_config = ConfigDict(strict=True, extra="forbid", frozen=True, populate_by_name=True)
-
-    def to_json(self) -> str:
-        """The JSON payload."""
-        return self.model_dump_json(by_alias=True)
-
-
-class Hotlist(_Model):
-    """The cards a city's terminals must refuse and block (``yikatong.hotlist/1``, retained)."""
-
-    schema_: Literal["yikatong.hotlist/1"] = Field(HOTLIST_SCHEMA, alias="schema")
-    version: Annotated[int, Field(ge=0)]
-    cards: list[str]
-
-    model_config = ConfigDict(strict=True, extra="forbid", frozen=True, populate_by_name=True)
-
-    @field_validator("cards")
-    @classmethod
-    def _card_ids(cls, cards: list[str]) -> list[str]:
-        return _card_ids(cards)
 
     def to_json(self) -> str:
         """The JSON payload."""
@@ -505,11 +485,6 @@ def parse_interop_ack(payload: bytes | str, limits: Limits = DEFAULT_LIMITS) -> 
     return _validate(InteropAck, INTEROP_ACK_SCHEMA, load_json(payload, limits))
 
 
-def parse_hotlist(payload: bytes | str) -> Hotlist:
-    """A hotlist."""
-    return _validate(Hotlist, HOTLIST_SCHEMA, load_json(payload))
-
-
 HOTLIST_LIMITS: Final = Limits(max_string=MAX_CHUNK)
 """Hotlist messages from the issuers' clearings: a snapshot chunk is one long base64 string."""
 
@@ -546,11 +521,6 @@ def txn_topic(city: str, terminal: str) -> str:
 def ack_topic(city: str, terminal: str) -> str:
     """Where the clearing acks a terminal's records."""
     return f"yikatong/{city}/ack/{terminal}"
-
-
-def hotlist_topic(city: str) -> str:
-    """The city's retained hotlist."""
-    return f"yikatong/{city}/hotlist"
 
 
 def hotlist_snapshot_topic(issuer: str) -> str:

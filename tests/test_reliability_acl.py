@@ -1,5 +1,5 @@
 """Reliability with broker security: a private Mosquitto with password auth and an ACL that lets each terminal
-publish only on its own topic (username = terminal number) and read only its own acks and its city's hotlist;
+publish only on its own topic (username = terminal number) and read only its own acks and every issuer's hotlist;
 the clearing logs in as ``clearing``. Real terminals tap real cards, publish through their outboxes to an
 in-process clearing, and the ledger ends up holding exactly the records the terminals completed: none lost,
 none doubled. A terminal's credentials used on another terminal's topic are refused by the broker (the record
@@ -47,7 +47,7 @@ topic readwrite yikatong/#
 
 pattern write yikatong/+/txn/%u
 pattern read yikatong/+/ack/%u
-pattern read yikatong/+/hotlist
+pattern read yikatong/+/hotlist/#
 """
 
 
