@@ -9,6 +9,7 @@ import json
 import secrets
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,8 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from clearing_corpus import CITY, TERMINAL
 from clearing_support import HOST, fresh_db, signed_records
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from mqtt_support import require_mosquitto
 
 from clearing.db import async_url, migrate, open_engine
@@ -24,6 +27,7 @@ from clearing.ledger import Ledger, Received
 from clearing.schema import Base
 from terminals.hotlist import decode_chunks
 from terminals.messages import (
+    CARD_ID,
     HotlistChunk,
     HotlistDelta,
     HotlistSnapshot,
@@ -34,6 +38,8 @@ from terminals.messages import (
     parse_hotlist_message,
     txn_topic,
 )
+from yikatong.clearing_cli import _card_file
+from yikatong.errors import CliError
 
 
 def yikatong(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
@@ -197,6 +203,26 @@ def test_hotlist_add_names_the_bad_line_of_a_card_file(tmp_path: Path) -> None:
     assert done.returncode == 2 and f"{cards} line 4: '3104453000000000000X' is neither" in done.stderr
     listed = yikatong("clearing", "hotlist", "list", "--city", "4530", "--db", url)
     assert listed.stdout == "hotlist of 4530: version 0, 0 card(s)\n"  # nothing added
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    lines=st.lists(
+        st.one_of(st.sampled_from(["31044530000000000007", " a1b2c3d4 ", "", "A1B2C3D"]), st.text(max_size=30)),
+        max_size=8,
+    )
+)
+def test_a_card_file_gives_card_ids_or_one_clear_error(lines: list[str]) -> None:
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "cards.txt"
+        path.write_text("\n".join(lines), encoding="utf-8", errors="surrogatepass")
+        try:
+            cards = _card_file(path)
+        except CliError as err:
+            assert str(err).startswith(f"{path} line ") or "cannot read" in str(err)
+            return
+    assert all(CARD_ID.match(card) for card in cards)
+    assert len(cards) == sum(1 for line in "\n".join(lines).splitlines() if line.strip())
 
 
 def test_hotlist_add_with_the_broker_down_keeps_it_and_says_so(tmp_path: Path) -> None:
