@@ -315,7 +315,12 @@ def settle(
     return Settlement(day, lines, hotlisted=sorted(judged, key=lambda x: (x.record.acquirer, x.record.record_id)))
 
 
-def _moment(epoch: float | None) -> dt.datetime | None:
+VERSION_OF_CARD: Final = and_(HOTLIST_VERSION.c.city == HOTLIST.c.city, HOTLIST_VERSION.c.version == HOTLIST.c.version)
+"""Joins a hotlisted card to the list version that added it."""
+
+
+def publish_moment(epoch: float | None) -> dt.datetime | None:
+    """A stored publish time (epoch seconds, NULL: never published) as a time in +08:00."""
     return None if epoch is None else dt.datetime.fromtimestamp(epoch, CHINA)
 
 
@@ -339,7 +344,6 @@ async def settle_day(
         where.append(LEDGER.c.acquirer == acquirer)
     # only the card's own issuer's list counts: a card another city blocked is refused at that city's intake
     listed = and_(HOTLIST.c.city == LEDGER.c.issuer, HOTLIST.c.card == LEDGER.c.card)
-    version = and_(HOTLIST_VERSION.c.city == HOTLIST.c.city, HOTLIST_VERSION.c.version == HOTLIST.c.version)
     async with engine.connect() as db:
         rows = await db.execute(
             select(LEDGER.c.acquirer, LEDGER.c.issuer, LEDGER.c.amount, func.count())
@@ -359,11 +363,11 @@ async def settle_day(
                 HOTLIST.c.version,
                 HOTLIST_VERSION.c.published,
             )
-            .select_from(LEDGER.join(HOTLIST, listed).outerjoin(HOTLIST_VERSION, version))
+            .select_from(LEDGER.join(HOTLIST, listed).outerjoin(HOTLIST_VERSION, VERSION_OF_CARD))
             .where(*where, LEDGER.c.forward == FORWARD_ACKED)
         )
         hotlisted = [
-            Hotlisted(record_id(i, card, kind, counter), a, i, time, amount, v, _moment(published))
+            Hotlisted(record_id(i, card, kind, counter), a, i, time, amount, v, publish_moment(published))
             for i, card, kind, counter, a, time, amount, v, published in hot.all()
         ]
         settlement = settle(day, debits, rates, default, hotlisted, grace)

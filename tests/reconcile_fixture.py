@@ -1,7 +1,9 @@
 """A reconciliation fixture: one day of signed records of the three cities, written as the daily clearing files
 of each acquirer (clearing-CITY-DAY.csv) and the issuer side of each city (issuer-CITY-DAY.csv, records of its
 cards acquired elsewhere), with a settlement file; with ``plant=True`` one or more of every kind of problem
-audit reconcile looks for is planted, and the exact findings it must report are returned.
+audit reconcile looks for is planted, and the exact findings it must report are returned. With ``hotlisted=True``
+some cards are on their issuer's hotlist (a hotlist file), and the settlement charges their records to the issuer
+or the acquirer by publish time + grace.
 
 Deterministic for a seed. Records are signed with the published test keys, as a card and PSAM would sign them.
 """
@@ -14,11 +16,12 @@ import random
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from audit.ledger_sources import clearing_row, write_clearing_file
+from audit.ledger_sources import clearing_row, write_clearing_file, write_hotlist_file
+from audit.reconcile import HotlistEntry
 from cardsim.issuer import IssuerHost
 from cardsim.keys import IssuerKeyStore
 from cardsim.personalise import application_serial
-from clearing.settlement import DEBIT_KINDS, settle
+from clearing.settlement import DEBIT_KINDS, Grace, Hotlisted, settle
 from clearing.verify import expected_tac
 from terminals.messages import CHINA, TXN_SCHEMA, TxnRecord
 
@@ -141,9 +144,17 @@ class Fixture:
     settlement: Path
     expected: set[tuple[str, str]]  # (rule id, subject) of every finding, nothing more
     hotlist: list[str]
+    hotlists: Path | None = None  # the issuers' hotlist file (``hotlisted=True``)
+    liable: dict[str, str] = field(default_factory=dict)  # record id of a hotlisted card's debit -> who bears it
 
 
-def write_fixture(folder: Path, seed: int = 1, plant: bool = True, keys: IssuerKeyStore | None = None) -> Fixture:
+HOTLIST_GRACE = Grace(600, {("4510", "4530"): 120})
+"""The fixture's grace: the default, but two minutes for Zibo's cards at Jinan's terminals."""
+
+
+def write_fixture(
+    folder: Path, seed: int = 1, plant: bool = True, keys: IssuerKeyStore | None = None, hotlisted: bool = False
+) -> Fixture:
     """Write the fixture into ``folder`` (created); ``plant=False`` gives the same kind of day with no problems."""
     folder.mkdir(parents=True, exist_ok=True)
     traffic = _Traffic(IssuerHost(keys or IssuerKeyStore.test_set()), random.Random(seed))
@@ -157,20 +168,60 @@ def write_fixture(folder: Path, seed: int = 1, plant: bool = True, keys: IssuerK
     hotlist: set[str] = set()
     if plant:
         _plant(traffic, expected, hotlist)
+    history = _on_hotlists(traffic) if hotlisted else {}
     inputs = traffic.files(folder)
-    settled = [
-        (r.acquirer, r.card.issuer, r.amount, 1)
+    debits = [
+        r
         for i, r in enumerate(traffic.records)
         if r.kind in DEBIT_KINDS and r.acquirer != r.card.issuer and i not in traffic.dropped | traffic.not_at_issuer
     ]
-    doc = settle(DAY, settled, {}).to_json()
+    listed = [(r, history[(r.card.issuer, r.card.id)]) for r in debits if (r.card.issuer, r.card.id) in history]
+    settled = [(r.acquirer, r.card.issuer, r.amount, 1) for r in debits if (r.card.issuer, r.card.id) not in history]
+    hot = [
+        Hotlisted(r.record_id, r.acquirer, r.card.issuer, r.time, r.amount, e.version, e.published) for r, e in listed
+    ]
+    settlement = settle(DAY, settled, {}, hotlisted=hot, grace=HOTLIST_GRACE)
+    doc = settlement.to_json()
     if plant:  # a settlement that does not sum to zero: Yantai's position is 100 fen too high
         doc["positions"]["4560"] += 100
         doc["net_sum"] = sum(doc["positions"].values())
         expected |= {("REC-SETTLEMENT", DAY), ("REC-SETTLEMENT", "4560")}
-    settlement = folder / f"settlement-{DAY}.json"
-    settlement.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
-    return Fixture(inputs, settlement, expected, sorted(hotlist))
+    path = folder / f"settlement-{DAY}.json"
+    path.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
+    hotlists = folder / f"hotlists-{DAY}.csv" if hotlisted else None
+    if hotlists:
+        write_hotlist_file(hotlists, history)
+    liable = {x.record.record_id: x.liable.value for x in settlement.hotlisted}
+    return Fixture(inputs, path, expected, sorted(hotlist), hotlists, liable)
+
+
+def _on_hotlists(t: _Traffic) -> dict[tuple[str, str], HotlistEntry]:
+    """Cards on their issuer's hotlist, each on a card of its own: the issuers' lists (with one card another city
+    listed, which makes no liability)."""
+    base = _START + dt.timedelta(minutes=2)
+
+    def at(i: int) -> dt.datetime:
+        return dt.datetime.fromisoformat(t.records[i].time)
+
+    history: dict[tuple[str, str], HotlistEntry] = {}
+    # Jinan's card in Yantai twice: published 5 minutes before the first purchase (within the 10 minutes of grace,
+    # the issuer's), the second comes 130 minutes later (the acquirer's)
+    card = t.card("4510")
+    ids = t.day(card, ["4560", "4560"], base)
+    history[("4510", card.id)] = HotlistEntry(1, at(ids[1]) - dt.timedelta(minutes=5))
+    # Yantai's card in Zibo, on a version Yantai never published: the issuer's however late
+    card = t.card("4560", alg="3des")
+    ids = t.day(card, ["4530"], base)
+    history[("4560", card.id)] = HotlistEntry(1, None)
+    # Zibo's card in Jinan, published 5 minutes before: past the pair's 2-minute grace, the acquirer's
+    card = t.card("4530")
+    ids = t.day(card, ["4510"], base)
+    history[("4530", card.id)] = HotlistEntry(2, at(ids[1]) - dt.timedelta(minutes=5))
+    # a Jinan card on Zibo's list (not its issuer's): settled as any other record
+    card = t.card("4510", "m1")
+    ids = t.day(card, ["4530"], base)
+    history[("4530", card.id)] = HotlistEntry(2, at(ids[0]) - dt.timedelta(hours=1))
+    return history
 
 
 _FLEET = (("cpu", "sm4"), ("cpu", "3des"), ("cpu", "sm4"), ("m1", "sm4"))

@@ -5,6 +5,8 @@ ledgers read from real clearing databases (SQLite, PostgreSQL) built by the clea
 from __future__ import annotations
 
 import asyncio
+import csv
+import datetime as dt
 import json
 import subprocess
 import sys
@@ -19,17 +21,26 @@ from clearing_support import HOST, fresh_db, signed_records
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from numpy.typing import NDArray
-from reconcile_fixture import DAY, Fixture, write_fixture
+from reconcile_fixture import DAY, HOTLIST_GRACE, Fixture, write_fixture
+from sqlalchemy import select
 
 from audit.findings import RECONCILE_RULES
-from audit.ledger_sources import LedgerInputError, read_cities, read_clearing_file
+from audit.ledger_sources import (
+    LedgerInputError,
+    read_cities,
+    read_clearing_file,
+    read_hotlist_file,
+    read_settlement,
+    write_hotlist_file,
+)
 from audit.reconcile import Cities, Options, Records, reconcile
 from cardsim.keys import TEST_KEYS_FIXTURE, IssuerKeyStore
 from cardsim.resources import fixture_path
 from clearing.db import migrate, open_engine
 from clearing.intake import Intake, Topic
 from clearing.ledger import Ledger, Received
-from clearing.settlement import CSV_HEADER
+from clearing.schema import HOTLIST, HOTLIST_VERSION, LEDGER
+from clearing.settlement import CSV_HEADER, DEBIT_KINDS, settle
 from terminals.messages import TxnRecord, batch_payload, interop_txn_topic, txn_topic
 from yikatong.cli import main
 from yikatong.reconcile_cli import read_ledgers
@@ -550,6 +561,198 @@ async def test_a_forward_the_issuer_never_got_is_missing_on_its_side(kind: str, 
     assert {f["city"] for f in report["findings"]} == {"4510"}
     # the clearing did not settle the unacked forwards; reconciliation leaves them out the same way
     assert report["settlement"]["unsettled"] == {"missing at issuer": 2}
+
+
+# --- records of hotlisted cards: who bears them -----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def hot(tmp_path_factory: pytest.TempPathFactory) -> Fixture:
+    return write_fixture(tmp_path_factory.mktemp("hot"), seed=7, plant=False, hotlisted=True)
+
+
+def test_the_hotlist_fixture_has_records_on_both_sides_of_the_grace(hot: Fixture) -> None:
+    assert sorted(hot.liable.values()) == ["acquirer", "acquirer", "issuer", "issuer"]
+
+
+def test_hotlisted_records_are_charged_by_publish_time_plus_grace(hot: Fixture, tmp_path: Path) -> None:
+    assert hot.hotlists is not None
+    args = ("--hotlists", str(hot.hotlists), "--settlement", str(hot.settlement))
+    code, report = reconcile_cli(*hot.inputs, *args, out=tmp_path)
+    assert report is not None and (code, report["findings"], report["skipped"]) == (0, [], [])
+    claimed = json.loads(hot.settlement.read_text())
+    assert report["settlement"] == claimed
+    listed = {x["record_id"]: x for x in report["settlement"]["hotlisted"]}
+    assert {k: x["liable"] for k, x in listed.items()} == hot.liable
+    # the pair grace of 2 minutes makes Zibo's card at Jinan the acquirer's; Yantai's never-published list the issuer's
+    by_pair = {(x["acquirer"], x["issuer"]): x for x in listed.values()}
+    assert (by_pair[("4510", "4530")]["grace_seconds"], by_pair[("4510", "4530")]["liable"]) == (120, "acquirer")
+    assert by_pair[("4530", "4560")]["published"] is None and by_pair[("4530", "4560")]["liable"] == "issuer"
+    pairs = {(p["acquirer"], p["issuer"]): p for p in claimed["pairs"]}
+    for pair, line in pairs.items():
+        mine = [x for x in listed.values() if (x["acquirer"], x["issuer"]) == pair]
+        for side in ("issuer", "acquirer"):
+            assert line[f"hotlisted_{side}_fen"] == sum(x["amount"] for x in mine if x["liable"] == side)
+    page = (tmp_path / "report.html").read_text()
+    assert "Records of hotlisted cards" in page and all(record_id in page for record_id in hot.liable)
+
+
+def test_without_the_issuers_lists_the_settlement_files_own_list_is_judged(hot: Fixture, tmp_path: Path) -> None:
+    code, report = reconcile_cli(*hot.inputs, "--settlement", str(hot.settlement), out=tmp_path)
+    assert report is not None and (code, report["findings"]) == (0, [])
+    (note,) = report["skipped"]
+    assert "no issuers' hotlists given" in note and "4 record(s)" in note
+    assert {x["record_id"]: x["liable"] for x in report["settlement"]["hotlisted"]} == hot.liable
+
+
+def test_a_settlement_that_ignores_the_hotlists_is_reported(hot: Fixture, tmp_path: Path) -> None:
+    """The day settled as if no card were hotlisted: every pair with a late record has too much gross, and each
+    record of a hotlisted card is one the file does not list."""
+    assert hot.hotlists is not None
+    debits = [
+        (row["acquirer"], row["issuer"], int(row["amount"]), 1)
+        for path in hot.inputs
+        if "=" not in path  # the acquirers' files
+        for row in csv.DictReader(Path(path).read_text().splitlines())
+        if row["kind"] in DEBIT_KINDS and row["acquirer"] != row["issuer"]
+    ]
+    blind = tmp_path / hot.settlement.name
+    blind.write_text(json.dumps(settle(DAY, debits, {}, grace=HOTLIST_GRACE).to_json()))
+    args = ("--no-tac", "--hotlists", str(hot.hotlists), "--settlement", str(blind))
+    code, report = reconcile_cli(*hot.inputs, *args, out=tmp_path)
+    assert report is not None and code == 1
+    late = {k for k, v in hot.liable.items() if v == "acquirer"}
+    subjects = {f["subject"] for f in report["findings"]}
+    assert set(hot.liable) <= subjects  # each hotlisted record is named
+    assert {"4510:4530 gross", "4560:4510 gross", "4510:4530 hotlisted_acquirer_fen"} <= subjects
+    evidence = _settlement_evidence(report)
+    assert all("the file does not list it" in evidence[k] and "the acquirer's" in evidence[k] for k in late)
+
+
+def test_an_older_settlement_file_is_still_read(clean: Fixture, tmp_path: Path) -> None:
+    """A file written before the hotlist fields: the same checks, nothing missing reported."""
+
+    def strip(doc: dict[str, Any], pairs: dict[tuple[str, str], dict[str, Any]]) -> None:
+        for line in pairs.values():
+            for key in ("hotlist_grace_seconds", "hotlisted_issuer_fen", "hotlisted_acquirer_fen"):
+                del line[key]
+        del doc["hotlisted"], doc["hotlist_versions"]
+
+    older = _altered_settlement(clean, tmp_path, strip)
+    claimed = read_settlement(older)
+    assert claimed.hotlisted is None and claimed.graces == {}
+    code, report = reconcile_cli(*clean.inputs, "--settlement", str(older), out=tmp_path)
+    assert report is not None and (code, report["findings"], report["skipped"]) == (0, [], [])
+
+
+def test_a_settlement_file_charging_a_record_to_the_wrong_party_is_reported(hot: Fixture, tmp_path: Path) -> None:
+    assert hot.hotlists is not None
+    record_id = next(k for k, v in hot.liable.items() if v == "acquirer")
+    doc = json.loads(hot.settlement.read_text())
+    for x in doc["hotlisted"]:
+        if x["record_id"] == record_id:
+            x["liable"] = "issuer"
+    path = tmp_path / hot.settlement.name
+    path.write_text(json.dumps(doc))
+    args = ("--no-tac", "--hotlists", str(hot.hotlists), "--settlement", str(path))
+    code, report = reconcile_cli(*hot.inputs, *args, out=tmp_path)
+    assert report is not None and code == 1
+    assert found(report) == {("REC-SETTLEMENT", record_id)}
+    (wrong,) = report["findings"]
+    assert (wrong["details"]["claimed"], wrong["details"]["recomputed"]) == ("issuer", "acquirer")
+
+
+@pytest.mark.parametrize("kind", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+async def test_a_database_gives_the_issuers_lists_to_settle_and_reconcile(kind: str, tmp_path: Path) -> None:
+    async with fresh_db(kind, tmp_path) as url:
+        await _clear_day(url)
+        engine = open_engine(url)
+        async with engine.connect() as db:
+            rows = (await db.execute(select(LEDGER.c.card, LEDGER.c.time).where(LEDGER.c.issuer == "4510"))).all()
+        card = rows[0].card
+        first = min(dt.datetime.fromisoformat(r.time) for r in rows if r.card == card)
+        async with engine.begin() as db:  # Jinan lists the card a second before its first record: grace 0 below
+            published = (first - dt.timedelta(seconds=1)).timestamp()
+            await db.execute(
+                HOTLIST_VERSION.insert(), {"city": "4510", "version": 1, "created": 0.0, "published": published}
+            )
+            await db.execute(HOTLIST.insert(), {"city": "4510", "card": card, "added": 0.0, "version": 1})
+        await engine.dispose()
+        out = tmp_path / "files"
+        settle_args = ["clearing", "settle", "--day", DAY, "--db", url, "--out", str(out), "--hotlist-grace", "0"]
+        assert await asyncio.to_thread(main, settle_args) == 0
+        settlement = str(out / f"settlement-{DAY}.json")
+        code, report = await asyncio.to_thread(reconcile_cli, "--db", url, "--settlement", settlement, out=tmp_path)
+    assert report is not None and (code, report["findings"], report["skipped"]) == (0, [], [])
+    listed = report["settlement"]["hotlisted"]
+    assert listed and {x["liable"] for x in listed} == {"acquirer"} and {x["version"] for x in listed} == {1}
+    assert report["settlement"] == json.loads(Path(settlement).read_text()) | {"hotlist_versions": {}}
+
+
+# --- hotlist files and the settlement file's list under fuzzing ---------------------------------------------
+
+_HOT_CELL = st.one_of(
+    st.sampled_from(["4510", "45100000000000000001", "1D3B993F", "1", "0", "", "2026-11-24T08:00:00+08:00"]),
+    st.sampled_from(["2026-11-24T08:00:00", "x", "-1", "99999999999", '"', "4510,1"]),
+    st.text(max_size=10),
+)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    raw=st.one_of(
+        st.binary(max_size=200),
+        st.lists(st.lists(_HOT_CELL, min_size=3, max_size=5), max_size=4).map(
+            lambda rows: "\n".join(["issuer,card,version,published", *(",".join(r) for r in rows)]).encode()
+        ),
+    )
+)
+def test_every_hotlist_file_parses_or_gets_a_clear_error(tmp_path: Path, raw: bytes) -> None:
+    path = tmp_path / "hotlists.csv"
+    path.write_bytes(raw)
+    try:
+        history = read_hotlist_file(path)
+    except LedgerInputError as err:
+        assert str(err).startswith(str(path))
+    else:
+        assert len(history) <= raw.count(b"\n") + raw.count(b"\r")
+        again = tmp_path / "again.csv"
+        write_hotlist_file(again, history)
+        assert read_hotlist_file(again) == history
+
+
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers(-3, 10**12) | st.floats() | st.text(max_size=30),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+    max_leaves=8,
+)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    field=st.sampled_from(["record_id", "version", "published", "liable", None]),
+    value=_JSON,
+    pair_field=st.sampled_from(["hotlist_grace_seconds", "hotlisted_issuer_fen", "hotlisted_acquirer_fen"]),
+    pair_value=_JSON,
+    listed=_JSON,
+)
+def test_a_settlement_files_hotlist_fields_parse_or_get_a_clear_error(
+    hot: Fixture, tmp_path: Path, field: str | None, value: object, pair_field: str, pair_value: object, listed: object
+) -> None:
+    doc = json.loads(hot.settlement.read_text())
+    if field is None:
+        doc["hotlisted"] = listed
+    else:
+        doc["hotlisted"][0][field] = value
+    doc["pairs"][0][pair_field] = pair_value
+    path = tmp_path / "settlement.json"
+    path.write_text(json.dumps(doc))
+    try:
+        claimed = read_settlement(path)
+    except LedgerInputError as err:
+        assert str(err).startswith(f"{path}: not a settlement file")
+    else:
+        assert claimed.hotlisted is None or len(claimed.hotlisted) <= len(hot.liable)
 
 
 # --- the clearing-file parser under fuzzing -------------------------------------------------------------
