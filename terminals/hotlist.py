@@ -111,10 +111,10 @@ class CardSet:
 
     def canonical(self) -> bytes:
         """The canonical bytes of this set (see the module docstring)."""
-        keys = sorted(self.groups)
-        serials = [int(key) * _TAIL + int(tail) for key in keys for tail in self.groups[key]]
-        body = b"".join(n.to_bytes(_SERIAL_BYTES) for n in serials)
-        return _HEADER.pack(len(serials), int(self.uids.size)) + body + self.uids.astype(">u4").tobytes()
+        # serial = key * 10**9 + tail reaches 2**67: written as a 5-byte high and a 4-byte low part, in numpy
+        parts = [_serial_bytes(int(key), self.groups[key]) for key in sorted(self.groups)]
+        n_serials = sum(len(part) for part in parts) // _SERIAL_BYTES
+        return _HEADER.pack(n_serials, int(self.uids.size)) + b"".join(parts) + self.uids.astype(">u4").tobytes()
 
     @classmethod
     def from_canonical(cls, raw: bytes) -> CardSet:
@@ -125,16 +125,57 @@ class CardSet:
         if len(raw) != _HEADER.size + n_serials * _SERIAL_BYTES + n_uids * 4:
             raise HotlistError(f"snapshot of {len(raw)} bytes does not hold {n_serials} serials and {n_uids} UIDs")
         start = _HEADER.size
-        cards = [
-            f"{int.from_bytes(raw[at : at + _SERIAL_BYTES]):020d}"
-            for at in range(start, start + n_serials * _SERIAL_BYTES, _SERIAL_BYTES)
-        ]
-        uids = np.frombuffer(raw, dtype=">u4", count=n_uids, offset=start + n_serials * _SERIAL_BYTES)
-        try:
-            made = cls.of(cards)
-        except ValueError as err:
-            raise HotlistError(f"snapshot holds a serial out of range: {err}") from err
-        return cls(made.groups, np.unique(uids.astype(np.uint32)))
+        rows = np.frombuffer(raw, dtype=np.uint8, count=n_serials * _SERIAL_BYTES, offset=start)
+        keys, tails = _split_serials(rows.reshape(n_serials, _SERIAL_BYTES))
+        uids = np.frombuffer(raw, dtype=">u4", count=n_uids, offset=start + n_serials * _SERIAL_BYTES).astype(np.uint32)
+        if bool(np.any(np.diff(uids.astype(np.int64)) <= 0)):
+            raise HotlistError("snapshot UIDs not in strictly ascending order")
+        return cls(_grouped(keys, tails), uids)
+
+
+_LOW: Final = 2**32
+_MAX_KEY: Final = 10**_GROUP
+
+
+def _serial_bytes(key: int, tails: U32) -> bytes:
+    """The 9-byte big-endian serials ``key * 10**9 + tail`` of one group, in the order of ``tails``."""
+    high, low = divmod(key * _TAIL, _LOW)
+    summed = np.uint64(low) + tails.astype(np.uint64)  # < 2**33: no overflow
+    rows = np.empty((tails.size, _SERIAL_BYTES), dtype=np.uint8)
+    rows[:, :5] = (np.uint64(high) + (summed >> np.uint64(32))).astype(">u8").view(np.uint8).reshape(-1, 8)[:, 3:]
+    rows[:, 5:] = (summed & np.uint64(_LOW - 1)).astype(">u4").view(np.uint8).reshape(-1, 4)
+    return rows.tobytes()
+
+
+def _split_serials(rows: npt.NDArray[np.uint8]) -> tuple[npt.NDArray[np.uint64], U32]:
+    """(key, tail) of each 9-byte big-endian serial: ``serial // 10**9`` and ``serial % 10**9``; HotlistError
+    when a serial has more than 20 digits."""
+    high = np.zeros((rows.shape[0], 8), dtype=np.uint8)
+    high[:, 3:] = rows[:, :5]
+    high_value = high.view(">u8").reshape(-1).astype(np.uint64)  # serial >> 32, below 2**40
+    low_value = rows[:, 5:].copy().view(">u4").reshape(-1).astype(np.uint64)
+    # long division by 10**9 in base 2**32: the remainder of the high part times 2**32 still fits in 64 bits
+    quotient, remainder = np.divmod(high_value, np.uint64(_TAIL))
+    lower = remainder * np.uint64(_LOW) + low_value
+    keys = quotient * np.uint64(_LOW) + lower // np.uint64(_TAIL)
+    if keys.size and int(keys.max()) >= _MAX_KEY:
+        raise HotlistError("snapshot holds a serial out of range (more than 20 digits)")
+    return keys, (lower % np.uint64(_TAIL)).astype(np.uint32)
+
+
+def _grouped(keys: npt.NDArray[np.uint64], tails: U32) -> dict[str, U32]:
+    """The tails of each key, keyed by the key's 11 digits, from serials in strictly ascending order (as the
+    canonical form has them; HotlistError otherwise)."""
+    if not keys.size:
+        return {}
+    step = np.diff(keys.astype(np.int64))
+    if bool(np.any((step < 0) | ((step == 0) & (np.diff(tails.astype(np.int64)) <= 0)))):
+        raise HotlistError("snapshot serials not in strictly ascending order")
+    bounds = np.flatnonzero(step) + 1
+    return {
+        f"{int(group[0]):0{_GROUP}d}": group_tails
+        for group, group_tails in zip(np.split(keys, bounds), np.split(tails, bounds), strict=True)
+    }
 
 
 def _holds(sorted_values: U32, value: int) -> bool:

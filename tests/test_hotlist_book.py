@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import json
 import sqlite3
+import struct
 import zlib
 from collections.abc import Callable
 from pathlib import Path
@@ -16,7 +17,7 @@ from hotlist_support import Message, delta, published, snapshot
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from terminals.hotlist import MAX_CHUNKS, CardSet, HotlistBook, IssuerList, Listing
+from terminals.hotlist import MAX_CHUNKS, CardSet, HotlistBook, HotlistError, IssuerList, Listing
 from terminals.messages import (
     MessageError,
     hotlist_chunk_topic,
@@ -264,6 +265,48 @@ def test_an_unreadable_stored_list_is_left_out(tmp_path: Path) -> None:
     with outbox._transaction() as db:
         db.execute("UPDATE hotlist SET cards = ? WHERE issuer = '4560'", (zlib.compress(b"\x00\x00\x00\x09"),))
     assert [held.issuer for held in outbox.hotlists()] == ["4510"]
+
+
+# --- the canonical form ------------------------------------------------------------------------------------
+
+card_ids = st.one_of(
+    st.integers(0, 10**20 - 1).map(lambda n: f"{n:020d}"),
+    st.integers(10**18, 10**20 - 1).map(lambda n: f"{n:020d}"),  # the wide serials: past 2**64
+    st.integers(0, 2**32 - 1).map(lambda n: f"{n:08X}"),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(card_ids, max_size=40))
+def test_the_canonical_form_is_the_spec_bytes_and_reads_back(cards: list[str]) -> None:
+    card_set = CardSet.of(cards)
+    serials = sorted({int(card) for card in cards if len(card) == 20})
+    uids = sorted({int(card, 16) for card in cards if len(card) == 8})
+    spec = (
+        struct.pack(">II", len(serials), len(uids))
+        + b"".join(n.to_bytes(9, "big") for n in serials)
+        + b"".join(n.to_bytes(4, "big") for n in uids)
+    )
+    assert card_set.canonical() == spec
+    back = CardSet.from_canonical(spec)
+    assert back.cards() == card_set.cards() == sorted({c for c in cards if len(c) == 20}) + [f"{n:08X}" for n in uids]
+    assert all(card in back for card in cards)
+
+
+@pytest.mark.parametrize(
+    ("raw", "why"),
+    [
+        (struct.pack(">II", 2, 0) + (5).to_bytes(9, "big") + (3).to_bytes(9, "big"), "ascending"),
+        (struct.pack(">II", 2, 0) + (5).to_bytes(9, "big") * 2, "ascending"),
+        (struct.pack(">II", 0, 2) + bytes.fromhex("0000000200000001"), "ascending"),
+        (struct.pack(">II", 1, 0) + (10**20).to_bytes(9, "big"), "more than 20 digits"),
+        (struct.pack(">II", 1, 0) + b"\x00" * 8, "does not hold"),
+    ],
+    ids=["unsorted", "duplicate", "unsorted UIDs", "21 digits", "short"],
+)
+def test_bytes_that_are_no_canonical_form_are_refused(raw: bytes, why: str) -> None:
+    with pytest.raises(HotlistError, match=why):
+        CardSet.from_canonical(raw)
 
 
 # --- fuzzing -------------------------------------------------------------------------------------------------

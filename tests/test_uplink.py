@@ -170,6 +170,10 @@ async def test_tap_with_a_broker_takes_the_retained_lists_first(tmp_path: Path) 
     assert tap.returncode == 1, tap.stdout + tap.stderr
     assert tap.stdout == f"REFUSED  card {serial} is hotlisted by 4510 (list version 5): application blocked\n"
     assert tap.stderr == ""
+    status = subprocess.run(
+        _cli("terminal", "status", "--state", str(tmp_path / "t.sqlite")), capture_output=True, text=True, check=True
+    )
+    assert "hotlist    4510 version 5, 2 card(s), published 2026-11-24T08:05:00+08:00\n" in status.stdout
 
 
 async def test_tap_with_a_broker_says_which_lists_it_could_not_take_and_taps_anyway(tmp_path: Path) -> None:
