@@ -121,7 +121,9 @@ def register(groups: Subcommands) -> None:
         help="settle one day between cities and write the daily clearing files (CSV)",
         description="For the day (00:00-24:00 +08:00) and each pair of cities: gross purchases of the issuer's "
         "cards at the acquirer's terminals, the interchange fee (per record, half-even) and what the issuer owes; "
-        "then each city's net position (they sum to 0). Writes clearing-ACQUIRER-DAY.csv per acquirer and "
+        "then each city's net position (they sum to 0). A record of a card on its issuer's hotlist taken after "
+        "that list version's publish time + grace is the acquirer's loss, before it the issuer's (both amounts "
+        "per pair, each such record listed). Writes clearing-ACQUIRER-DAY.csv per acquirer and "
         "settlement-DAY.json into --out.",
         epilog="Example: yikatong clearing settle --day 2026-11-24 --out clearing-files/",
     )

@@ -43,7 +43,8 @@ def register(sub: Subcommands) -> None:
             "or from daily clearing files (CSV as 'clearing settle' writes them; the holder city of a file is its "
             "acquirer column, or CITY=FILE for a city's issuer-side file). Checks: records missing on the acquirer "
             "or issuer side, duplicates, conflicts, counter gaps and repeats, balance continuity, TACs (issuer "
-            "keys), M1 value-block tampering, impossible travel, and the day's settlement (--settlement). Suspected "
+            "keys), M1 value-block tampering, impossible travel, and the day's settlement (--settlement; who bears "
+            "each record of a hotlisted card: the issuers' lists from --hotlists or --db). Suspected "
             "clones make the report's hotlist. Exit 0, 1 when a finding at or above --fail-on exists, 2 on bad input "
             "(nothing written).",
             width=100,
