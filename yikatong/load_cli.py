@@ -6,17 +6,23 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import itertools
 import json
 import logging
 import random
 import secrets
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import aiomqtt
+from sqlalchemy.exc import SQLAlchemyError
 
 from cardsim.files import write_text_atomic
 from cardsim.issuer import IssuerHost
+from clearing.db import open_engine
+from clearing.hotlist import publish_hotlist
+from clearing.ledger import Ledger
 from terminals.mqtt import BrokerUrl, given_or_embedded
 from terminals.outbox import OutboxError
 from yikatong.argtypes import (
@@ -31,8 +37,19 @@ from yikatong.argtypes import (
     session_expiry,
 )
 from yikatong.errors import CliError
-from yikatong.load_report import LoadSettings, LoadSummary, render_html, summary
-from yikatong.loadgen import PROFILES, LoadRun, Plan, Progress, SimTerminal, TimedQueue, open_outbox, terminal_numbers
+from yikatong.load_report import HotlistDoc, LoadSettings, LoadSummary, render_html, summary
+from yikatong.loadgen import (
+    PROFILES,
+    HotlistAdd,
+    HotlistPlan,
+    LoadRun,
+    Plan,
+    Progress,
+    SimTerminal,
+    TimedQueue,
+    open_outbox,
+    terminal_numbers,
+)
 from yikatong.process import clearing_processes, setup_logging
 from yikatong.synthetic import SyntheticCard, synthetic_cards
 
@@ -121,6 +138,23 @@ def register(groups: Subcommands) -> None:
     load.add_argument("--connect-timeout", type=_positive_float, default=120.0, help="seconds to connect (120)")
     load.add_argument("--drain", type=_positive_float, default=60.0, help="seconds to wait for the last acks (60)")
     load.add_argument("--keys", type=file_path, help="issuer key file (default: the published TEST keys)")
+    load.add_argument(
+        "--hotlist-at",
+        type=_positive_float,
+        metavar="SECONDS",
+        help="this many seconds into the load, put --hotlist-cards of the run's cards on their issuers' hotlists "
+        "as 'clearing hotlist add' does (the issuer's database, then the list published to every terminal), "
+        "and report how that reached the terminals: per city the time to the first refusal of a listed card "
+        "(from the add on, each listed card is also tried at a terminal of every city until refused there), "
+        "and the time to each terminal holding the new version (p50/p99). With --external-clearing give --db",
+    )
+    load.add_argument(
+        "--hotlist-cards",
+        type=positive,
+        default=1,
+        metavar="N",
+        help="cards --hotlist-at lists, taken from each city in turn (default %(default)s)",
+    )
     load.set_defaults(run=run)
 
 
@@ -134,6 +168,12 @@ def run(args: argparse.Namespace) -> int:
             args.state_dir.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise CliError(f"cannot create {err.filename}: {err.strerror}") from err
+    if args.hotlist_at is not None and args.hotlist_at >= args.duration:
+        raise CliError(f"--hotlist-at {args.hotlist_at:g} is not within the --duration of {args.duration:g} s")
+    if args.hotlist_at is not None and args.external_clearing and args.db is None:
+        raise CliError("--hotlist-at with --external-clearing needs the clearing's --db: the hotlist is kept there")
+    if args.hotlist_cards > args.cards:
+        raise CliError(f"--hotlist-cards {args.hotlist_cards} is more than the run's {args.cards} cards")
     keys = load_keys(args.keys)
     missing = [c for c in args.cities if c not in {s.city for s in keys}]
     if missing:
@@ -185,11 +225,17 @@ async def _run(
     if args.broker is not None:
         await _require_mqtt5(args.broker)
     async with given_or_embedded(args.broker) as broker:
-        load = LoadRun(broker, terminals, cards, plan, seed=seed, session_expiry=expiry)
         out: Path = args.out
 
         def database(city: str) -> str:
             return str(args.db) if args.db else f"sqlite:///{out / f'clearing-{city}.sqlite'}"
+
+        hotlist = None
+        if args.hotlist_at is not None:
+            hotlist = HotlistPlan(
+                args.hotlist_at, listed_cards(cards, args.hotlist_cards), hotlist_adder(broker, database)
+            )
+        load = LoadRun(broker, terminals, cards, plan, seed=seed, session_expiry=expiry, hotlist=hotlist)
 
         print(
             f"load: {len(terminals):,} terminals, {args.cards:,} cards, {plan.rate:g} taps/s ({plan.profile}) for "
@@ -220,13 +266,44 @@ async def _run(
             "clearing": "external" if args.external_clearing else "started",
             "session_expiry": expiry,
             "seed": seed,
+            "hotlist_at": args.hotlist_at,
+            "hotlist_cards": args.hotlist_cards,
         }
         doc = summary(load, settings)
     write_text_atomic(args.out / "load-summary.json", json.dumps(doc, indent=1) + "\n")
     write_text_atomic(args.out / "load-report.html", render_html(doc))
     _print_summary(doc)
     print(f"wrote {args.out / 'load-summary.json'} and {args.out / 'load-report.html'}")
-    return 0 if doc["unacked"] == 0 and doc["rejected"] == 0 else 1
+    # a listed card's record taken before its terminal held the list may be rejected: that is the add's doing
+    expected = doc["hotlist"]["rejected"] if doc["hotlist"] is not None else 0
+    return 0 if doc["unacked"] == 0 and doc["rejected"] == expected else 1
+
+
+def listed_cards(cards: dict[str, list[SyntheticCard]], count: int) -> list[SyntheticCard]:
+    """``count`` of the run's cards to hotlist, one city's after another's in turn."""
+    turns = [card for group in itertools.zip_longest(*cards.values()) for card in group if card is not None]
+    return turns[:count]
+
+
+def hotlist_adder(broker: BrokerUrl, database: Callable[[str], str]) -> HotlistAdd:
+    """The load's ``clearing hotlist add``: the cards go into the issuer's database (``database(issuer)``) as a
+    new version, then the list is published to the broker the way the clearing publishes it. The database is
+    one a clearing has migrated already (not done here: the add's time is the add's alone)."""
+
+    async def add(issuer: str, cards: list[str]) -> int:
+        engine = open_engine(database(issuer))
+        try:
+            ledger = Ledger(engine, issuer)
+            added = await ledger.add_to_hotlist(cards)
+            async with broker.client(f"yikatong-hotlist-{issuer}-{secrets.token_hex(4)}", clean_session=True) as c:
+                await publish_hotlist(c, ledger)
+        except (aiomqtt.MqttError, SQLAlchemyError, OSError) as err:
+            raise CliError(f"--hotlist-at: the hotlist of {issuer} could not be added and published ({err})") from err
+        finally:
+            await engine.dispose()
+        return added.version
+
+    return add
 
 
 async def _require_mqtt5(broker: BrokerUrl, timeout: float = 10.0) -> None:
@@ -288,3 +365,37 @@ def _print_summary(doc: LoadSummary) -> None:
     print(f"ack latency      {ms}")
     print(f"rejected         {doc['rejected']:,}")
     print(f"unacked at end   {doc['unacked']:,} (after {doc['drain_seconds']} s of draining)")
+    if doc["hotlist"] is not None:
+        _print_hotlist(doc["hotlist"])
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:,.0f} ms"
+
+
+def _print_hotlist(news: HotlistDoc) -> None:
+    if news["at"] is None:
+        print("hotlist          not added: the load ended before --hotlist-at")
+        return
+    lists = ", ".join(
+        f"{issuer} version {version}, published in {_ms(news['published_ms'][issuer])}"
+        for issuer, version in news["versions"].items()
+    )
+    held = news["holding_ms"]
+    print(
+        f"hotlist          {len(news['cards']):,} card(s) added at {news['at']:.1f} s ({lists}); "
+        f"{news['holding']:,} terminals hold it, from the add: p50 {_ms(held['p50'])}  p99 {_ms(held['p99'])}"
+    )
+    refusals = "  ".join(
+        f"{city} {_ms(first)} ({news['refusals'][city]:,} refused)" for city, first in news["first_refusal_ms"].items()
+    )
+    print(f"first refusal    {refusals}")
+    print(
+        f"listed cards     {news['taken']:,} record(s) taken after the add before the terminal held the list, "
+        f"{news['rejected']:,} rejected by the clearing"
+    )
+    for issuer, version in news["ahead"].items():
+        print(
+            f"note: terminals held version {version} of {issuer}'s hotlist before the add made version "
+            f"{news['versions'][issuer]}: a list retained on the broker by another database; they ignore the new one"
+        )

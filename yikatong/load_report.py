@@ -34,6 +34,24 @@ class LoadSettings(TypedDict):
     clearing: str  # "started" or "external"
     session_expiry: int | None
     seed: int
+    hotlist_at: float | None  # seconds into the load when cards went on a hotlist (None: none did)
+    hotlist_cards: int
+
+
+class HotlistDoc(TypedDict):
+    """How a hotlist add during the run reached the terminals (times from the moment the add began)."""
+
+    at: float | None  # seconds into the load the add began (None: the load ended first)
+    cards: dict[str, str]  # card id -> its issuer
+    versions: dict[str, int]  # issuer -> the version the add made
+    published_ms: dict[str, float]  # issuer -> from the add to its version stored and published (broker's PUBACK)
+    ahead: dict[str, int]  # issuer -> a version at least as high the terminals held before (a stale retained list)
+    holding: int  # terminals holding every new version at the end
+    holding_ms: Percentiles  # from the add to each of them holding it
+    first_refusal_ms: dict[str, float | None]  # terminal city -> first refusal of a listed card there
+    refusals: dict[str, int]  # terminal city -> taps of listed cards refused
+    taken: int  # records of listed cards made after the add, before their terminal held the list
+    rejected: int  # records of listed cards the clearing rejected (not counted against the run)
 
 
 class LoadSummary(TypedDict):
@@ -53,6 +71,7 @@ class LoadSummary(TypedDict):
     acked_per_second: float
     drain_seconds: float
     latency_ms: Percentiles
+    hotlist: HotlistDoc | None
     timeline: list[SecondDoc]
 
 
@@ -95,7 +114,33 @@ def summary(run: LoadRun, settings: LoadSettings) -> LoadSummary:
         "acked_per_second": round(sum(s.acked for s in run.timeline[: int(duration)]) / duration, 1),
         "drain_seconds": round(run.drain_seconds, 2),
         "latency_ms": percentiles_ms(latencies),
+        "hotlist": _hotlist(run),
         "timeline": timeline,
+    }
+
+
+def _hotlist(run: LoadRun) -> HotlistDoc | None:
+    """The run's hotlist propagation (None when it had no hotlist plan)."""
+    if run.hotlist is None:
+        return None
+    news = run.propagation
+    holding = news.holding(run.terminals)
+    cities = sorted({t.city for t in run.terminals})
+    return {
+        "at": None if news.at is None else round(news.at, 3),
+        "cards": {card.serial: card.issuer for card in run.hotlist.cards},
+        "versions": news.versions,
+        "published_ms": {issuer: round(seconds * 1000, 1) for issuer, seconds in news.published.items()},
+        "ahead": news.ahead,
+        "holding": len(holding),
+        "holding_ms": percentiles_ms(holding),
+        "first_refusal_ms": {
+            city: None if city not in news.first_refusal else round(news.first_refusal[city] * 1000, 1)
+            for city in cities
+        },
+        "refusals": {city: news.refusals.get(city, 0) for city in cities},
+        "taken": len(news.records),
+        "rejected": news.rejected,
     }
 
 
@@ -140,6 +185,19 @@ def _chart(title: str, unit: str, series: list[tuple[str, str, list[float | None
     return f"<h2>{html.escape(title)} ({html.escape(unit)})</h2><p>{legend}</p>{''.join(parts)}"
 
 
+def _hotlist_rows(news: HotlistDoc | None) -> list[tuple[str, str]]:
+    """The report's rows on the hotlist add (none without one)."""
+    if news is None or news["at"] is None:
+        return []
+    held = news["holding_ms"]
+    firsts = news["first_refusal_ms"]
+    return [
+        ("hotlist add", f"{len(news['cards'])} card(s) at {news['at']} s: {news['versions']}"),
+        ("terminals holding it", f"{news['holding']:,}, from the add p50 {held['p50']} ms p99 {held['p99']} ms"),
+        ("first refusal", " ".join(f"{city} {ms} ms" for city, ms in firsts.items())),
+    ]
+
+
 def render_html(doc: LoadSummary) -> str:
     """The load report page."""
     timeline = doc["timeline"]
@@ -169,6 +227,7 @@ def render_html(doc: LoadSummary) -> str:
         ("unacked at the end", f"{doc['unacked']:,}"),
         ("ack latency", " ".join(f"{k} {v} ms" for k, v in lat.items())),
         ("broker", html.escape(str(settings["broker"]))),
+        *_hotlist_rows(doc["hotlist"]),
     ]
     table = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in rows)
     return (

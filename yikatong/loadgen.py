@@ -16,13 +16,14 @@ import math
 import random
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
 from cardsim.issuer import IssuerHost
-from terminals.messages import CHINA, Ack, MessageError, TxnFields, TxnRecord, parse_hotlist
+from terminals.hotlist import HotlistBook
+from terminals.messages import CHINA, Ack, TxnFields, TxnRecord
 from terminals.mqtt import BrokerUrl
 from terminals.outbox import MemoryOutbox, Outbox
 from terminals.uplink import Uplink
@@ -108,7 +109,8 @@ class TimedQueue:
 
 
 class SimTerminal:
-    """One simulated bus terminal: signs records like a PSAM would and keeps them until acked."""
+    """One simulated bus terminal: signs records like a PSAM would and keeps them until acked; refuses the cards
+    on the hotlists it holds (every issuer's, as a real terminal)."""
 
     def __init__(self, host: IssuerHost, city: str, number: str, outbox: TimedQueue, fare: int) -> None:
         self.city = city
@@ -117,10 +119,15 @@ class SimTerminal:
         self.fare = fare
         last = outbox.inner.next_seq - 1
         self.maker = SyntheticTerminal(host, city, number, clock=lambda: dt.datetime.now(CHINA), seq=last)
-        self.hotlist_version = 0
+        self.book = HotlistBook()
+        # issuer -> (version, monotonic time) of each list version as it was applied: when the news arrived
+        self.applied: dict[str, list[tuple[int, float]]] = {}
 
     def tap(self, card: SyntheticCard) -> int:
-        """One rider: pays the fare (topping up first when the card cannot); returns the records made."""
+        """One rider: pays the fare (topping up first when the card cannot); returns the records made, 0 when
+        the card is on a hotlist this terminal holds (refused: nothing is made)."""
+        if self.book.blocking(card.serial) is not None:
+            return 0
         made = 0
         if card.balance < self.fare:
             self.outbox.append(self.maker.top_up(card, TOP_UP))
@@ -128,13 +135,65 @@ class SimTerminal:
         self.outbox.append(self.maker.purchase(card, self.fare))
         return made + 1
 
-    def offer_hotlist(self, payload: bytes | str) -> bool:
-        """Keep the hotlist version (the simulated cards are never on it)."""
-        try:
-            self.hotlist_version = max(self.hotlist_version, parse_hotlist(payload).version)
-        except MessageError:
-            return False
-        return True
+    def offer_hotlist(self, topic: str, payload: bytes | str) -> bool:
+        """Take a hotlist message into the book, noting when a new version of a list was applied."""
+        news = self.book.offer(topic, payload)
+        if news.issuer is not None and news.version is not None:
+            self.applied.setdefault(news.issuer, []).append((news.version, time.monotonic()))
+        return not news.refused
+
+    def held_since(self, issuer: str, version: int) -> float | None:
+        """When this terminal first held ``version`` (or a later one) of ``issuer``'s list; None if not yet."""
+        return next((at for held, at in self.applied.get(issuer, []) if held >= version), None)
+
+
+HotlistAdd = Callable[[str, list[str]], Awaitable[int]]
+"""Put cards on an issuer's hotlist and publish it, as ``clearing hotlist add`` does: (issuer, card ids) -> the
+new version."""
+
+
+@dataclass(frozen=True)
+class HotlistPlan:
+    """At ``at`` seconds into the load, put ``cards`` (some of the run's) on their issuers' hotlists by ``add``."""
+
+    at: float
+    cards: Sequence[SyntheticCard]
+    add: HotlistAdd
+
+
+@dataclass
+class Propagation:
+    """What became of the hotlist add of a run; times are seconds since the add began."""
+
+    listed: frozenset[str] = frozenset()
+    added: float | None = None  # monotonic time the add began
+    at: float | None = None  # the same, in seconds into the load
+    versions: dict[str, int] = field(default_factory=dict)  # issuer -> the version the add made
+    published: dict[str, float] = field(default_factory=dict)  # issuer -> its add stored and published
+    ahead: dict[str, int] = field(default_factory=dict)  # issuer -> a version terminals held already, not below
+    first_refusal: dict[str, float] = field(default_factory=dict)  # terminal city -> first refusal of a listed card
+    refusals: dict[str, int] = field(default_factory=dict)  # terminal city -> taps of listed cards refused
+    # (terminal, seq) of the records of listed cards made after the add began (before their terminal held it)
+    records: set[tuple[str, int]] = field(default_factory=set)
+    rejected: int = 0  # of those, how many the clearing rejected
+
+    def refused(self, city: str) -> None:
+        """A terminal of ``city`` refused a listed card now."""
+        if self.added is not None:
+            self.first_refusal.setdefault(city, time.monotonic() - self.added)
+        self.refusals[city] = self.refusals.get(city, 0) + 1
+
+    def holding(self, terminals: Sequence[SimTerminal]) -> list[float]:
+        """For each terminal that holds every version the add made: how long after the add it got the last."""
+        if self.added is None or not self.versions:
+            return []
+        out = []
+        for terminal in terminals:
+            times = [terminal.held_since(issuer, version) for issuer, version in self.versions.items()]
+            known = [at for at in times if at is not None]
+            if len(known) == len(times):
+                out.append(max(known) - self.added)
+        return out
 
 
 @dataclass
@@ -166,7 +225,11 @@ class Progress:
 class LoadRun:
     """Drive ``terminals`` over ``broker`` at ``plan``; ``run()`` fills the per-second ``timeline``. With
     ``session_expiry`` (seconds) the terminals speak MQTT 5 and the broker forgets their sessions that long after
-    they disconnect; without, their MQTT 3.1.1 sessions last as long as the broker keeps them."""
+    they disconnect; without, their MQTT 3.1.1 sessions last as long as the broker keeps them. With ``hotlist``,
+    its cards go on their issuers' hotlists during the load and ``propagation`` tells how that reached the
+    terminals: from the add on, each listed card is also presented once a pacing step at a random terminal of
+    every city not yet seen refusing one (a blocked card tried everywhere), so the first refusal in a city
+    measures the list's way there, not how often the rider happens to ride."""
 
     def __init__(
         self,
@@ -178,6 +241,7 @@ class LoadRun:
         seed: int | None = None,
         ack_timeout: float = 10.0,
         session_expiry: int | None = None,
+        hotlist: HotlistPlan | None = None,
     ) -> None:
         self.broker = broker
         self.terminals = list(terminals)
@@ -198,6 +262,12 @@ class LoadRun:
             )
             for t in self.terminals
         ]
+        self.hotlist = hotlist
+        self.propagation = Propagation(frozenset(c.serial for c in hotlist.cards) if hotlist else frozenset())
+        self._by_city: dict[str, list[int]] = {}
+        for index, terminal in enumerate(self.terminals):
+            self._by_city.setdefault(terminal.city, []).append(index)
+        self._probes = 0
         self.timeline: list[Second] = []
         self.generated = self.acked = self.rejected = 0
         self.offered = 0.0  # taps due over the whole run
@@ -216,6 +286,9 @@ class LoadRun:
         latencies = queue.latencies(ack.acked_through)
         if not (acked or rejected):  # an ack repeated: nothing new to count
             return
+        if self.propagation.records:
+            listed = self.propagation.records
+            self.propagation.rejected += sum(1 for r in ack.rejected if (ack.terminal, r.seq) in listed)
         self.acked += acked
         self.rejected += rejected
         if self._started:
@@ -270,20 +343,21 @@ class LoadRun:
     async def _offer(self, report: Callable[[Progress], None]) -> None:
         self._started = time.monotonic()
         next_report, last, due, made_here = 1.0, 0.0, 0.0, 0
+        adding: asyncio.Task[None] | None = None
         while True:
             elapsed = time.monotonic() - self._started
             second = self._second()
             due += self.plan.due(last, elapsed)
             last = elapsed
             second.offered = self.plan.rate_at(int(elapsed) + 0.5)
+            if self.hotlist is not None and adding is None and elapsed >= self.hotlist.at:
+                adding = asyncio.create_task(self._add_hotlist(self.hotlist))
             while made_here < due:
                 index = self.rng.randrange(len(self.terminals))
-                terminal = self.terminals[index]
-                made = terminal.tap(self._pick_card(terminal))
+                self._tap(index, self._pick_card(self.terminals[index]), second)
                 made_here += 1
-                self.generated += made
-                second.generated += made
-                self.uplinks[index].notify()
+            if self.hotlist is not None and self.propagation.added is not None:
+                self._probe(self.hotlist.cards, second)
             if elapsed >= self.plan.duration:
                 self.offered = due
                 break
@@ -291,6 +365,44 @@ class LoadRun:
                 report(self._progress("load", elapsed))
                 next_report += 1.0
             await asyncio.sleep(TICK)
+        if adding is not None:
+            await adding  # its failure is the run's
+
+    def _tap(self, index: int, card: SyntheticCard, second: Second) -> None:
+        terminal = self.terminals[index]
+        made = terminal.tap(card)
+        if not made:
+            self.propagation.refused(terminal.city)
+            return
+        if self.propagation.added is not None and card.serial in self.propagation.listed:
+            last = terminal.maker.seq
+            self.propagation.records.update((terminal.terminal_hex, seq) for seq in range(last - made + 1, last + 1))
+        self.generated += made
+        second.generated += made
+        self.uplinks[index].notify()
+
+    def _probe(self, listed: Sequence[SyntheticCard], second: Second) -> None:
+        """A listed card presented at a random terminal of each city where none was refused yet."""
+        for city, indexes in self._by_city.items():
+            if city not in self.propagation.first_refusal:
+                card = listed[self._probes % len(listed)]
+                self._probes += 1
+                self._tap(self.rng.choice(indexes), card, second)
+
+    async def _add_hotlist(self, plan: HotlistPlan) -> None:
+        """Put the plan's cards on their issuers' lists (one add per issuer), noting versions terminals held."""
+        by_issuer: dict[str, list[str]] = {}
+        for card in plan.cards:
+            by_issuer.setdefault(card.issuer, []).append(card.serial)
+        held = {issuer: max(t.book.version(issuer) for t in self.terminals) for issuer in by_issuer}
+        self.propagation.added = time.monotonic()
+        self.propagation.at = self.propagation.added - self._started
+        for issuer, cards in by_issuer.items():
+            version = await plan.add(issuer, cards)
+            self.propagation.versions[issuer] = version
+            self.propagation.published[issuer] = time.monotonic() - self.propagation.added
+            if held[issuer] >= version:
+                self.propagation.ahead[issuer] = held[issuer]
 
     async def _drain(self, report: Callable[[Progress], None], timeout: float) -> None:
         deadline = time.monotonic() + timeout
