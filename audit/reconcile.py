@@ -886,7 +886,9 @@ def _history(options: Options, skipped: list[str]) -> HotlistHistory:
 def _hotlisted(t: _Table, r: Records, debit: NDArray[np.bool_], history: HotlistHistory) -> dict[int, Hotlisted]:
     """The debits of cards on their own issuer's hotlist, by identity (``r`` holds one row per identity)."""
     found: dict[int, Hotlisted] = {}
-    for g in np.flatnonzero(debit).tolist() if history else []:
+    listed = {card for _, card in history}  # a set lookup per debit first: most cards are on no list
+    rows = np.flatnonzero(debit).tolist() if history else []
+    for g in (g for g, card in zip(rows, r.card[rows].tolist(), strict=True) if card in listed):
         issuer = f"{int(r.issuer[g]):04d}"
         entry = history.get((issuer, str(r.card[g])))
         if entry is not None:

@@ -575,11 +575,14 @@ def test_the_hotlist_fixture_has_records_on_both_sides_of_the_grace(hot: Fixture
     assert sorted(hot.liable.values()) == ["acquirer", "acquirer", "issuer", "issuer"]
 
 
-def test_hotlisted_records_are_charged_by_publish_time_plus_grace(hot: Fixture, tmp_path: Path) -> None:
+def test_hotlisted_records_are_charged_by_publish_time_plus_grace(
+    hot: Fixture, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert hot.hotlists is not None
     args = ("--hotlists", str(hot.hotlists), "--settlement", str(hot.settlement))
     code, report = reconcile_cli(*hot.inputs, *args, out=tmp_path)
     assert report is not None and (code, report["findings"], report["skipped"]) == (0, [], [])
+    assert "records of hotlisted cards: 4; the issuers bear " in capsys.readouterr().out
     claimed = json.loads(hot.settlement.read_text())
     assert report["settlement"] == claimed
     listed = {x["record_id"]: x for x in report["settlement"]["hotlisted"]}
