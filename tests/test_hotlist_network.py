@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from clearing_support import serve_process
 from mqtt_support import PrivateMosquitto, private_mosquitto
 
 from terminals.hotlist import CardSet, encode_chunks
@@ -31,6 +32,7 @@ from terminals.messages import (
     hotlist_delta_topic,
     hotlist_snapshot_topic,
 )
+from terminals.mqtt import BrokerUrl
 
 JINAN, YANTAI, ZIBO = "4510", "4560", "4530"
 
@@ -183,3 +185,17 @@ def test_a_hotlist_of_200000_cards_reaches_a_terminal_and_is_enforced(net: Netwo
     served = net.tap(other, ZIBO, "zibo", wait=30)
     assert served.returncode == 0 and served.stdout.startswith("OK"), served.stdout + served.stderr
     assert net.lists("zibo")[0].startswith(f"{JINAN} version 1, 200000 card(s)")
+
+
+def test_a_list_kept_while_the_broker_was_down_is_published_when_clearing_serve_connects(net: Network) -> None:
+    image, serial = net.card("listed")
+    down = yikatong(
+        "clearing", "hotlist", "add", serial, "--city", JINAN, "--broker", "mqtt://127.0.0.1:1", "--db", net.db
+    )
+    assert down.returncode == 2 and "not published" in down.stderr
+    before = net.tap(net.copy(image, "before"), YANTAI, "yantai", wait=1)
+    assert before.returncode == 0 and before.stdout.startswith("OK"), before.stdout + before.stderr
+    with serve_process(BrokerUrl.parse(net.url), net.db, JINAN, "hotlist"):  # publishes before it says connected
+        tap = net.tap(image, YANTAI, "yantai")
+    assert refused(tap, JINAN, 1), tap.stdout + tap.stderr
+    assert "not published yet" not in yikatong("clearing", "hotlist", "list", "--city", JINAN, "--db", net.db).stdout
