@@ -635,7 +635,7 @@ def test_a_settlement_that_ignores_the_hotlists_is_reported(hot: Fixture, tmp_pa
 def test_an_older_settlement_file_is_still_read(clean: Fixture, tmp_path: Path) -> None:
     """A file written before the hotlist fields: the same checks, nothing missing reported."""
 
-    def strip(doc: dict[str, Any], pairs: dict[tuple[str, str], dict[str, Any]]) -> None:
+    def strip(doc: dict[str, object], pairs: dict[tuple[str, str], dict[str, object]]) -> None:
         for line in pairs.values():
             for key in ("hotlist_grace_seconds", "hotlisted_issuer_fen", "hotlisted_acquirer_fen"):
                 del line[key]
