@@ -16,6 +16,7 @@ import pytest
 from hotlist_support import Message, delta, published, snapshot
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from strategies import json_values
 
 from terminals.hotlist import MAX_CHUNKS, CardSet, HotlistBook, HotlistError, IssuerList, Listing
 from terminals.messages import (
@@ -313,11 +314,6 @@ def test_bytes_that_are_no_canonical_form_are_refused(raw: bytes, why: str) -> N
 
 GOOD: list[Message] = [*snapshot("4510", 3, [A, B, UID], size=8), delta("4510", 3, [C])]
 topics = st.sampled_from([topic for topic, _ in GOOD] + ["yikatong/4510/hotlist", "x", "yikatong/45a0/hotlist/delta"])
-json_values = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.text(max_size=20),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4),
-    max_leaves=10,
-)
 
 
 @st.composite
