@@ -18,20 +18,15 @@ from dataclasses import dataclass
 from typing import Final, Protocol
 
 from clearing.ledger import HotlistHead, Ledger, VersionTimes
-from terminals.hotlist import CardSet, encode_chunks
+from terminals.hotlist import CardSet, encode_chunks, snapshot_messages
 from terminals.messages import (
     CHINA,
-    CHUNK_SCHEMA,
     DELTA_SCHEMA,
     MAX_DELTA_CARDS,
-    SNAPSHOT_SCHEMA,
     HotlistChange,
-    HotlistChunk,
     HotlistDelta,
-    HotlistSnapshot,
     hotlist_chunk_topic,
     hotlist_delta_topic,
-    hotlist_snapshot_topic,
 )
 
 log = logging.getLogger(__name__)
@@ -128,23 +123,13 @@ async def send_snapshot(
     client: Publisher, city: str, version: int, cards: CardSet, published: float, stale: int
 ) -> None:
     """Publish snapshot ``version`` of ``city``'s list, ``cards``, first published at ``published``: every chunk,
-    then the head that names them; then clear the chunks ``len(chunks)``..``stale - 1`` that a larger earlier
-    snapshot left retained."""
-    sha256, chunks = encode_chunks(cards)
-    for index, data in enumerate(chunks):
-        chunk = HotlistChunk(schema=CHUNK_SCHEMA, issuer=city, version=version, index=index, data=data)
-        await client.publish(hotlist_chunk_topic(city, index), chunk.to_json(), qos=1, retain=True)
-    head = HotlistSnapshot(
-        schema=SNAPSHOT_SCHEMA,
-        issuer=city,
-        version=version,
-        published=iso(published),
-        cards=len(cards),
-        chunks=len(chunks),
-        sha256=sha256,
-    )
-    await client.publish(hotlist_snapshot_topic(city), head.to_json(), qos=1, retain=True)
-    for index in range(len(chunks), stale):
+    then the head that names them; then clear the chunk topics past its own up to ``stale - 1`` that a larger
+    earlier snapshot left retained."""
+    messages = snapshot_messages(city, version, cards, iso(published))
+    for topic, payload in messages:
+        await client.publish(topic, payload, qos=1, retain=True)
+    chunks = len(messages) - 1
+    for index in range(chunks, stale):
         await client.publish(hotlist_chunk_topic(city, index), b"", qos=1, retain=True)
 
 

@@ -26,7 +26,9 @@ import numpy.typing as npt
 
 from terminals.messages import (
     CARD_ID,
+    CHUNK_SCHEMA,
     MAX_CHUNK,
+    SNAPSHOT_SCHEMA,
     HotlistChunk,
     HotlistDelta,
     HotlistSnapshot,
@@ -195,6 +197,31 @@ def encode_chunks(cards: CardSet, size: int = MAX_CHUNK) -> tuple[str, list[str]
     text = base64.b64encode(zlib.compress(canonical, 6)).decode("ascii")
     size -= size % 4  # whole base64 quanta: each chunk decodes on its own
     return digest(canonical), [text[at : at + size] for at in range(0, len(text), size)] or [""]
+
+
+def snapshot_messages(
+    issuer: str, version: int, cards: CardSet, published: str, size: int = MAX_CHUNK
+) -> list[tuple[str, str]]:
+    """(topic, payload) of snapshot ``version`` of ``issuer``'s list holding ``cards``, published at ``published``
+    (ISO 8601): every chunk, then the head that names them, in the order an issuer's clearing publishes them."""
+    sha256, chunks = encode_chunks(cards, size)
+    messages = [
+        (
+            hotlist_chunk_topic(issuer, index),
+            HotlistChunk(schema=CHUNK_SCHEMA, issuer=issuer, version=version, index=index, data=data).to_json(),
+        )
+        for index, data in enumerate(chunks)
+    ]
+    head = HotlistSnapshot(
+        schema=SNAPSHOT_SCHEMA,
+        issuer=issuer,
+        version=version,
+        published=published,
+        cards=len(cards),
+        chunks=len(chunks),
+        sha256=sha256,
+    )
+    return [*messages, (hotlist_snapshot_topic(issuer), head.to_json())]
 
 
 _MAX_CANONICAL: Final = _HEADER.size + MAX_CARDS * _SERIAL_BYTES

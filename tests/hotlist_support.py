@@ -5,19 +5,13 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from terminals.hotlist import CardSet, encode_chunks
+from terminals.hotlist import CardSet, snapshot_messages
 from terminals.messages import (
-    CHUNK_SCHEMA,
     DELTA_SCHEMA,
     MAX_CHUNK,
-    SNAPSHOT_SCHEMA,
     HotlistChange,
-    HotlistChunk,
     HotlistDelta,
-    HotlistSnapshot,
-    hotlist_chunk_topic,
     hotlist_delta_topic,
-    hotlist_snapshot_topic,
 )
 
 Message = tuple[str, str]
@@ -31,25 +25,7 @@ def published(version: int) -> str:
 
 def snapshot(issuer: str, version: int, cards: Iterable[str], size: int = MAX_CHUNK) -> list[Message]:
     """The chunk messages of the snapshot, then its head (the order a clearing publishes them)."""
-    card_set = CardSet.of(cards)
-    sha256, chunks = encode_chunks(card_set, size)
-    messages = [
-        (
-            hotlist_chunk_topic(issuer, index),
-            HotlistChunk(schema=CHUNK_SCHEMA, issuer=issuer, version=version, index=index, data=data).to_json(),
-        )
-        for index, data in enumerate(chunks)
-    ]
-    head = HotlistSnapshot(
-        schema=SNAPSHOT_SCHEMA,
-        issuer=issuer,
-        version=version,
-        published=published(version),
-        cards=len(card_set),
-        chunks=len(chunks),
-        sha256=sha256,
-    )
-    return [*messages, (hotlist_snapshot_topic(issuer), head.to_json())]
+    return snapshot_messages(issuer, version, CardSet.of(cards), published(version), size)
 
 
 def delta(issuer: str, base: int, *added: list[str]) -> Message:
