@@ -47,8 +47,8 @@ from audit.reconcile import (
 from cardsim.files import read_json
 from cardsim.resources import fixture_path
 from clearing.db import DatabaseUrlError, open_engine
-from clearing.schema import HOTLIST, HOTLIST_VERSION, LEDGER
-from clearing.settlement import CSV_HEADER, SETTLEMENT_SCHEMA, VERSION_OF_CARD, Liable, publish_moment
+from clearing.schema import HOTLIST, HOTLIST_VERSION, LEDGER, VERSION_OF_CARD
+from clearing.settlement import CSV_HEADER, SETTLEMENT_SCHEMA, Liable, publish_moment
 from terminals.messages import CARD_ID, CITY_CODE, RECORD_ID, TERMINAL_NO, TxnRecord
 
 T = TypeVar("T")

@@ -51,6 +51,7 @@ from clearing.schema import (
     SOURCE_INTEROP,
     SOURCE_TERMINAL,
     TALLY,
+    VERSION_OF_CARD,
 )
 from terminals.hotlist import CardSet
 from terminals.messages import CHINA, RECORD_ID, TERMINAL_NO, TxnRecord
@@ -730,10 +731,7 @@ class Ledger:
     async def hotlist_entries(self) -> list[ListedCard]:
         """Every card on the list with the version that added it and when that version was first published."""
         async with self.engine.connect() as db:
-            joined = HOTLIST.outerjoin(
-                HOTLIST_VERSION,
-                and_(HOTLIST_VERSION.c.city == HOTLIST.c.city, HOTLIST_VERSION.c.version == HOTLIST.c.version),
-            )
+            joined = HOTLIST.outerjoin(HOTLIST_VERSION, VERSION_OF_CARD)
             rows = await db.execute(
                 select(HOTLIST.c.card, HOTLIST.c.version, HOTLIST_VERSION.c.published)
                 .select_from(joined)

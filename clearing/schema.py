@@ -6,9 +6,9 @@ must match them (a test compares the migrated database with this metadata)."""
 
 from __future__ import annotations
 
-from typing import cast
+from typing import Final, cast
 
-from sqlalchemy import BigInteger, Index, Integer, LargeBinary, MetaData, String, Table, Text, UniqueConstraint
+from sqlalchemy import BigInteger, Index, Integer, LargeBinary, MetaData, String, Table, Text, UniqueConstraint, and_
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 NAMING = {
@@ -172,5 +172,7 @@ TALLY = _table(QuarantineTally)
 FLAGGED = _table(FlaggedCard)
 HOTLIST = _table(HotlistCard)
 HOTLIST_VERSION = _table(HotlistVersion)
+VERSION_OF_CARD: Final = and_(HOTLIST_VERSION.c.city == HOTLIST.c.city, HOTLIST_VERSION.c.version == HOTLIST.c.version)
+"""Joins a hotlisted card to the list version that added it."""
 CITY_STATE = _table(CityState)
 PROGRESS = _table(TerminalProgress)

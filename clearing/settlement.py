@@ -36,6 +36,7 @@ from clearing.schema import (
     HOTLIST_VERSION,
     LEDGER,
     SOURCE_TERMINAL,
+    VERSION_OF_CARD,
 )
 from terminals.messages import CHINA
 
@@ -315,8 +316,6 @@ def settle(
     return Settlement(day, lines, hotlisted=sorted(judged, key=lambda x: (x.record.acquirer, x.record.record_id)))
 
 
-VERSION_OF_CARD: Final = and_(HOTLIST_VERSION.c.city == HOTLIST.c.city, HOTLIST_VERSION.c.version == HOTLIST.c.version)
-"""Joins a hotlisted card to the list version that added it."""
 
 
 def publish_moment(epoch: float | None) -> dt.datetime | None:
