@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Final, Protocol
 
 from clearing.ledger import HotlistHead, Ledger, VersionTimes
-from terminals.hotlist import CardSet, encode_chunks, snapshot_messages
+from terminals.hotlist import CardSet, snapshot_messages
 from terminals.messages import (
     CHINA,
     DELTA_SCHEMA,
@@ -92,14 +92,15 @@ async def publish_hotlist(
     reason = snapshot_reason(head, pending, sum(map(len, added.values())), asked=snapshot)
     if reason is not None:
         cards = await ledger.hotlist_cards(head.version)
-        before = await ledger.hotlist_cards(head.snapshot) if head.snapshot else None
-        stale = len(encode_chunks(before)[1]) if before is not None else 0
-        await send_snapshot(client, ledger.city, head.version, cards, first_published.get(head.version) or now, stale)
+        stale = await ledger.snapshot_chunks()
+        chunks = await send_snapshot(
+            client, ledger.city, head.version, cards, first_published.get(head.version) or now, stale
+        )
         await _send_delta(
             client,
             HotlistDelta(schema=DELTA_SCHEMA, issuer=ledger.city, base=head.version, version=head.version, changes=[]),
         )
-        await ledger.mark_published(head.version, now, snapshot=True)
+        await ledger.mark_published(head.version, now, snapshot=True, chunks=chunks)
         log.info("hotlist %s: snapshot of version %d (%d cards): %s", ledger.city, head.version, len(cards), reason)
         return Published(head.version, reason, len(cards))
     if restore:
@@ -121,16 +122,17 @@ async def publish_hotlist(
 
 async def send_snapshot(
     client: Publisher, city: str, version: int, cards: CardSet, published: float, stale: int
-) -> None:
+) -> int:
     """Publish snapshot ``version`` of ``city``'s list, ``cards``, first published at ``published``: every chunk,
     then the head that names them; then clear the chunk topics past its own up to ``stale - 1`` that a larger
-    earlier snapshot left retained."""
+    earlier snapshot left retained. Returns its chunk count."""
     messages = snapshot_messages(city, version, cards, iso(published))
     for topic, payload in messages:
         await client.publish(topic, payload, qos=1, retain=True)
     chunks = len(messages) - 1
     for index in range(chunks, stale):
         await client.publish(hotlist_chunk_topic(city, index), b"", qos=1, retain=True)
+    return chunks
 
 
 async def _send_delta(client: Publisher, delta: HotlistDelta) -> None:

@@ -697,6 +697,12 @@ class Ledger:
             row = found.one_or_none()
         return HotlistHead(0, 0) if row is None else HotlistHead(int(row[0]), int(row[1]))
 
+    async def snapshot_chunks(self) -> int:
+        """How many chunk topics the last full snapshot published filled (0: none yet)."""
+        async with self.engine.connect() as db:
+            found = await db.execute(select(CITY_STATE.c.snapshot_chunks).where(CITY_STATE.c.city == self.city))
+            return int(found.scalar_one_or_none() or 0)
+
     async def hotlist_versions(self, after: int = 0) -> list[VersionTimes]:
         """The versions above ``after`` with when each was made and first published, oldest first."""
         async with self.engine.connect() as db:
@@ -740,9 +746,10 @@ class Ledger:
             )
             return [ListedCard(str(c), int(v), None if p is None else float(p)) for c, v, p in rows.all()]
 
-    async def mark_published(self, version: int, when: float, *, snapshot: bool = False) -> None:
+    async def mark_published(self, version: int, when: float, *, snapshot: bool = False, chunks: int = 0) -> None:
         """The broker confirmed the list through ``version``: each version up to it not yet published was
-        published at ``when``; with ``snapshot``, a full snapshot of ``version`` is out (never lowered)."""
+        published at ``when``; with ``snapshot``, a full snapshot of ``version`` in ``chunks`` chunks is out (never
+        lowered)."""
         async with self.engine.begin() as db:
             await db.execute(
                 update(HOTLIST_VERSION)
@@ -757,7 +764,7 @@ class Ledger:
                 await db.execute(
                     update(CITY_STATE)
                     .where(CITY_STATE.c.city == self.city, CITY_STATE.c.snapshot_version < version)
-                    .values(snapshot_version=version)
+                    .values(snapshot_version=version, snapshot_chunks=chunks)
                 )
 
 

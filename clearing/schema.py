@@ -142,13 +142,15 @@ class HotlistVersion(Base):
 
 
 class CityState(Base):
-    """Per-city counters: the hotlist version, and the version of the last full snapshot published (0: none)."""
+    """Per-city counters: the hotlist version, and the version of the last full snapshot published (0: none) with
+    its chunk count (the chunk topics a later, smaller snapshot must clear)."""
 
     __tablename__ = "city_state"
 
     city: Mapped[str] = mapped_column(String(4), primary_key=True)
     hotlist_version: Mapped[int] = mapped_column(Integer, default=0)
     snapshot_version: Mapped[int] = mapped_column(Integer, server_default="0")
+    snapshot_chunks: Mapped[int] = mapped_column(Integer, server_default="0")
 
 
 class TerminalProgress(Base):

@@ -1,5 +1,5 @@
 """hotlist versions: the version that added each hotlisted card, when each version was made and first published,
-and the version of the last full snapshot published
+and the version and chunk count of the last full snapshot published
 
 Revision ID: 0003
 Revises: 0002
@@ -38,6 +38,7 @@ def upgrade() -> None:
         batch_op.add_column(sa.Column("version", sa.Integer(), server_default="0", nullable=False))
     with op.batch_alter_table("city_state", schema=None) as batch_op:
         batch_op.add_column(sa.Column("snapshot_version", sa.Integer(), server_default="0", nullable=False))
+        batch_op.add_column(sa.Column("snapshot_chunks", sa.Integer(), server_default="0", nullable=False))
     op.execute(
         "UPDATE hotlist_card SET version ="
         " (SELECT s.hotlist_version FROM city_state s WHERE s.city = hotlist_card.city)"
@@ -55,6 +56,7 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     with op.batch_alter_table("city_state", schema=None) as batch_op:
+        batch_op.drop_column("snapshot_chunks")
         batch_op.drop_column("snapshot_version")
     with op.batch_alter_table("hotlist_card", schema=None) as batch_op:
         batch_op.drop_column("version")
