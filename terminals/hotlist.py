@@ -191,10 +191,15 @@ def digest(canonical: bytes) -> str:
     return hashlib.sha256(canonical).hexdigest()
 
 
+def _compress(canonical: bytes) -> bytes:
+    """The zlib form of canonical bytes: what snapshot chunks carry and what a terminal's state file keeps."""
+    return zlib.compress(canonical, 6)
+
+
 def encode_chunks(cards: CardSet, size: int = MAX_CHUNK) -> tuple[str, list[str]]:
     """(sha256 of the canonical bytes, base64 chunks of the compressed snapshot, at least one)."""
     canonical = cards.canonical()
-    text = base64.b64encode(zlib.compress(canonical, 6)).decode("ascii")
+    text = base64.b64encode(_compress(canonical)).decode("ascii")
     size -= size % 4  # whole base64 quanta: each chunk decodes on its own
     return digest(canonical), [text[at : at + size] for at in range(0, len(text), size)] or [""]
 
@@ -243,8 +248,9 @@ def _inflate(compressed: bytes) -> bytes:
     return canonical
 
 
-def decode_chunks(chunks: Sequence[str], sha256: str, cards: int) -> CardSet:
-    """The set sent as ``chunks``, checked against its head's ``sha256`` and card count; HotlistError if not."""
+def decode_chunks(chunks: Sequence[str], sha256: str, cards: int) -> tuple[CardSet, bytes]:
+    """The set sent as ``chunks``, checked against its head's ``sha256`` and card count (HotlistError if not), and
+    its compressed form as it came (kept as is: compressing the set again would only rebuild these bytes)."""
     try:
         compressed = b"".join(base64.b64decode(chunk, validate=True) for chunk in chunks)
     except ValueError as err:
@@ -255,7 +261,7 @@ def decode_chunks(chunks: Sequence[str], sha256: str, cards: int) -> CardSet:
     found = CardSet.from_canonical(canonical)
     if len(found) != cards:
         raise HotlistError(f"snapshot holds {len(found)} cards, its head says {cards}")
-    return found
+    return found, compressed
 
 
 EMPTY: Final = CardSet({}, _empty())
@@ -274,10 +280,12 @@ class IssuerList:
     version: int
     published: str
     cards: CardSet
+    arrived: bytes | None = field(default=None, compare=False, repr=False)
+    """The compressed form of ``cards`` as a snapshot brought it (None: the list changed since)."""
 
     def packed(self) -> bytes:
         """The canonical bytes of the cards, zlib-compressed (how a terminal's state file keeps them)."""
-        return zlib.compress(self.cards.canonical(), 6)
+        return self.arrived if self.arrived is not None else _compress(self.cards.canonical())
 
     @classmethod
     def unpacked(cls, issuer: str, version: int, published: str, packed: bytes) -> IssuerList:
@@ -438,10 +446,10 @@ class HotlistBook:
         chunks = [incoming.chunks[index] for index in range(head.chunks)]
         incoming.head, incoming.chunks = None, {}
         try:
-            cards = decode_chunks(chunks, head.sha256, head.cards)
+            cards, arrived = decode_chunks(chunks, head.sha256, head.cards)
         except HotlistError as err:
             return self._refused(issuer, f"snapshot {head.version}: {err}")
-        self._put(IssuerList(issuer, head.version, head.published, cards))
+        self._put(IssuerList(issuer, head.version, head.published, cards, arrived))
         note = f"hotlist {issuer}: version {head.version} from its snapshot, {len(cards)} cards"
         followed = self._follow(incoming, issuer)
         return HotlistNews(issuer, self.version(issuer), note + (f", then {followed}" if followed else ""))

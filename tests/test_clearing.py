@@ -211,7 +211,7 @@ async def test_publishing_sends_a_snapshot_first_then_deltas_since_it(desk: Desk
     assert broker.sent == [CHUNK0, SNAPSHOT, DELTA]  # chunks before the head that names them
     head, chunk, delta = broker.get(SNAPSHOT), broker.get(CHUNK0), broker.get(DELTA)
     assert isinstance(head, HotlistSnapshot) and isinstance(chunk, HotlistChunk)
-    assert decode_chunks([chunk.data], head.sha256, head.cards).cards() == ["A1B2C3D4"]
+    assert decode_chunks([chunk.data], head.sha256, head.cards)[0].cards() == ["A1B2C3D4"]
     (first,) = await ledger.hotlist_versions()
     assert first.published is not None and head.published == iso(first.published)
     assert delta == HotlistDelta(schema=DELTA_SCHEMA, issuer=CITY, base=1, version=1, changes=[])

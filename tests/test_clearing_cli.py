@@ -167,7 +167,7 @@ def test_hotlist_add_publishes_a_retained_hotlist(tmp_path: Path) -> None:
         head, chunk, delta = (_retained(topic) for topic in _hotlist_topics(city))
         assert isinstance(head, HotlistSnapshot) and isinstance(chunk, HotlistChunk)
         assert (head.version, head.cards) == (1, 1)  # the first add made the snapshot
-        assert decode_chunks([chunk.data], head.sha256, head.cards).cards() == ["31044530000000000007"]
+        assert decode_chunks([chunk.data], head.sha256, head.cards)[0].cards() == ["31044530000000000007"]
         assert isinstance(delta, HotlistDelta) and (delta.base, delta.version) == (1, 2)
         assert [(c.version, c.add) for c in delta.changes] == [(2, ["A1B2C3D4"])]
         listed = yikatong("clearing", "hotlist", "list", "--city", city, "--db", url).stdout.splitlines()
