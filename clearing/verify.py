@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from cardsim import crypto
 from cardsim.bcd import bcd_date, bcd_time
 from cardsim.crypto import Algorithm
@@ -54,3 +56,8 @@ def tac_problem(host: IssuerHost, record: TxnRecord) -> str | None:
     if expected.hex().upper() != record.tac:
         return "TAC does not verify" if record.tech == "cpu" else "M1 record MAC does not verify"
     return None
+
+
+def tac_problems(host: IssuerHost, records: Sequence[TxnRecord]) -> list[str | None]:
+    """``tac_problem`` for many records at once, verdict for verdict in the same order."""
+    return [tac_problem(host, record) for record in records]
