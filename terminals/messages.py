@@ -17,14 +17,7 @@ from typing import Annotated, Final, Literal, NoReturn, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from cardsim.files import JSONValue
-
-MAX_PAYLOAD: Final = 256 * 1024
-"""Larger payloads are refused before JSON parsing (a batch of a few hundred records fits easily)."""
-MAX_RECORDS: Final = 1000
-MAX_DEPTH: Final = 8
-MAX_STRING: Final = 256
-MAX_DIGITS: Final = 20
-"""Longest number literal accepted (2^64 has 20 digits): longer ones are refused before Python parses them."""
+from terminals.limits import MAX_DEPTH, MAX_DIGITS, MAX_PAYLOAD, MAX_RECORDS, MAX_STRING
 
 TXN_SCHEMA: Final = "yikatong.txn/1"
 BATCH_SCHEMA: Final = "yikatong.batch/1"

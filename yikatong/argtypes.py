@@ -8,14 +8,13 @@ import math
 import re
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeAlias
+from typing import TYPE_CHECKING, TypeAlias
 
-from sqlalchemy.engine import make_url
-
-from cardsim.keys import IssuerKeyStore, KeyFileError
-from clearing.db import DatabaseUrlError, async_url
-from terminals.mqtt import BrokerUrl
 from yikatong.errors import CliError
+
+if TYPE_CHECKING:
+    from cardsim.keys import IssuerKeyStore
+    from terminals.mqtt import BrokerUrl
 
 _HEX = set("0123456789abcdefABCDEF")
 _WHOLE = re.compile(r"\+?([0-9]+)")  # ASCII digits: isdigit() and int() take other scripts' too
@@ -122,6 +121,8 @@ def file_path(text: str) -> Path:
 
 def broker_url(text: str) -> BrokerUrl:
     """``mqtt://[user:password@]host[:port]``."""
+    from terminals.mqtt import BrokerUrl  # (aiomqtt, paho: only for a command that is given a broker)
+
     try:
         return BrokerUrl.parse(text)
     except ValueError as err:
@@ -132,6 +133,10 @@ def database_url(text: str) -> str:
     """``sqlite:///FILE`` or ``postgresql+asyncpg://user@host/db``, checked before anything connects: the URL's
     form, and that a SQLite file can be where it says (a folder, or a file in a folder that does not exist, would
     only fail at connect time). The text itself is returned."""
+    from sqlalchemy.engine import make_url  # (SQLAlchemy, Alembic: only for a command that opens a database)
+
+    from clearing.db import DatabaseUrlError, async_url
+
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
@@ -152,6 +157,8 @@ def database_url(text: str) -> str:
 
 def load_keys(path: Path | None) -> IssuerKeyStore:
     """The issuer key file, or the published test keys; CliError naming the file when it is unusable."""
+    from cardsim.keys import IssuerKeyStore, KeyFileError
+
     try:
         return IssuerKeyStore.load(path) if path else IssuerKeyStore.test_set()
     except KeyFileError as err:

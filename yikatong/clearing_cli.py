@@ -4,7 +4,6 @@ manage the hotlist, migrate and inspect the database."""
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import datetime as dt
 import json
@@ -14,20 +13,10 @@ import time
 from collections.abc import AsyncIterator
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import aiomqtt
-from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.ext.asyncio import AsyncEngine
-
-from cardsim.issuer import IssuerHost
-from clearing.db import DatabaseUrlError, migrate, open_engine, revision
-from clearing.hotlist import Published, iso, publish_hotlist
-from clearing.intake import Intake
-from clearing.ledger import QUARANTINE_CAP, HotlistAdded, HotlistHead, Ledger, ListedCard
-from clearing.service import HEALTH_EVERY, ClearingService, ClearingStats
-from clearing.settlement import DEFAULT_GRACE, Grace, Settlement, export_day, settle_day
-from terminals.messages import CARD_ID, MAX_DEPTH, MAX_PAYLOAD, MAX_RECORDS, MAX_STRING, Limits
-from terminals.mqtt import BrokerUrl
+from clearing.defaults import DEFAULT_GRACE, HEALTH_EVERY, QUARANTINE_CAP
+from terminals.limits import MAX_DEPTH, MAX_PAYLOAD, MAX_RECORDS, MAX_STRING
 from yikatong.argtypes import (
     Subcommands,
     broker_url,
@@ -42,6 +31,18 @@ from yikatong.argtypes import (
 )
 from yikatong.errors import CliError
 from yikatong.process import setup_logging, stop_on_sigterm
+
+# the database, MQTT and message layers are imported by the commands that use them: --help and the other
+# commands start without them
+if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncEngine
+
+    from clearing.hotlist import Published
+    from clearing.intake import Intake
+    from clearing.ledger import HotlistAdded, HotlistHead, ListedCard
+    from clearing.service import ClearingStats
+    from clearing.settlement import Settlement
+    from terminals.mqtt import BrokerUrl
 
 log = logging.getLogger("yikatong.clearing")
 DEFAULT_DB = "sqlite:///clearing.sqlite"
@@ -255,6 +256,8 @@ def _grace(text: str) -> tuple[tuple[str, str] | None, int]:
 
 
 def _card_id(text: str) -> str:
+    from terminals.messages import CARD_ID
+
     card = text.strip().upper()
     if not CARD_ID.match(card):
         raise argparse.ArgumentTypeError(f"{text!r} is neither a 20-digit card serial nor an 8-hex-digit M1 UID")
@@ -264,6 +267,10 @@ def _card_id(text: str) -> str:
 @contextlib.asynccontextmanager
 async def _database(url: str, *, upgrade: bool = True) -> AsyncIterator[AsyncEngine]:
     """The engine, migrated; every database failure becomes a CliError naming the database."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from clearing.db import DatabaseUrlError, migrate, open_engine
+
     try:
         engine = open_engine(url)
     except DatabaseUrlError as err:
@@ -282,6 +289,12 @@ async def _database(url: str, *, upgrade: bool = True) -> AsyncIterator[AsyncEng
 
 
 def _serve(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from cardsim.issuer import IssuerHost
+    from clearing.intake import Intake
+    from terminals.messages import Limits
+
     setup_logging(logging.INFO)
     keys = load_keys(args.keys)
     limits = Limits(max_payload=args.max_payload)
@@ -298,6 +311,11 @@ def _serve(args: argparse.Namespace) -> int:
 
 async def _serve_async(args: argparse.Namespace, intake: Intake) -> int:
     """Run the service until Ctrl-C (exit 0) or until one of its tasks dies (logged, exit 1)."""
+    import asyncio
+
+    from clearing.ledger import Ledger
+    from clearing.service import ClearingService
+
     async with _database(args.db) as engine:
         ledger = Ledger(engine, args.city, quarantine_cap=args.quarantine_cap)
         service = ClearingService(
@@ -341,6 +359,8 @@ def _first(err: BaseException) -> str:
 
 
 async def _report(stats: ClearingStats, city: str, every: float) -> None:
+    import asyncio
+
     if every <= 0:
         return
     last, last_time = 0, time.monotonic()
@@ -368,6 +388,10 @@ def _print_stats(city: str, stats: ClearingStats, tail: str) -> None:
 
 
 def _settle(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from clearing.settlement import Grace, export_day, settle_day
+
     rates = dict(args.pair_rate)
     every = [seconds for pair, seconds in args.hotlist_grace if pair is None]
     grace = Grace(every[-1] if every else DEFAULT_GRACE, {p: s for p, s in args.hotlist_grace if p is not None})
@@ -421,6 +445,13 @@ def _print_settlement(settlement: Settlement) -> None:
 
 
 def _hotlist_add(args: argparse.Namespace) -> int:
+    import asyncio
+
+    import aiomqtt
+
+    from clearing.hotlist import publish_hotlist
+    from clearing.ledger import Ledger
+
     broker: BrokerUrl = args.broker
     cards = [*args.serial, *(_card_file(args.file) if args.file is not None else [])]
     if not cards:
@@ -464,6 +495,11 @@ def _card_file(path: Path) -> list[str]:
 
 
 def _hotlist_list(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from clearing.hotlist import iso
+    from clearing.ledger import Ledger
+
     async def work() -> tuple[HotlistHead, list[ListedCard]]:
         async with _database(args.db) as engine:
             ledger = Ledger(engine, args.city)
@@ -478,6 +514,10 @@ def _hotlist_list(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from clearing.ledger import Ledger
+
     async def work() -> tuple[dict[str, int], list[tuple[str, int]], int]:
         async with _database(args.db, upgrade=False) as engine:
             ledger = Ledger(engine, args.city)
@@ -494,6 +534,10 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _migrate(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from clearing.db import revision
+
     async def work() -> tuple[str | None, str | None]:
         async with _database(args.db) as engine:
             return await revision(engine)

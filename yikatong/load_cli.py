@@ -4,7 +4,6 @@ at an offered rate, with live progress and, at the end, the achieved rate, ack l
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import itertools
 import json
@@ -14,17 +13,8 @@ import secrets
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import aiomqtt
-from sqlalchemy.exc import SQLAlchemyError
-
-from cardsim.files import write_text_atomic
-from cardsim.issuer import IssuerHost
-from clearing.db import open_engine
-from clearing.hotlist import publish_hotlist
-from clearing.ledger import Ledger
-from terminals.mqtt import BrokerUrl, given_or_embedded
-from terminals.outbox import OutboxError
 from yikatong.argtypes import (
     Subcommands,
     broker_url,
@@ -37,21 +27,17 @@ from yikatong.argtypes import (
     session_expiry,
 )
 from yikatong.errors import CliError
-from yikatong.load_report import HotlistDoc, LoadSettings, LoadSummary, render_html, summary
-from yikatong.loadgen import (
-    PROFILES,
-    HotlistAdd,
-    HotlistPlan,
-    LoadRun,
-    Plan,
-    Progress,
-    SimTerminal,
-    TimedQueue,
-    open_outbox,
-    terminal_numbers,
-)
-from yikatong.process import clearing_processes, setup_logging
-from yikatong.synthetic import SyntheticCard, synthetic_cards
+from yikatong.load_profiles import PROFILES
+from yikatong.process import setup_logging
+
+# the load engine, MQTT and the database are imported by the command when it runs: --help and the other
+# commands start without them
+if TYPE_CHECKING:
+    from cardsim.issuer import IssuerHost
+    from terminals.mqtt import BrokerUrl
+    from yikatong.load_report import HotlistDoc, LoadSummary
+    from yikatong.loadgen import HotlistAdd, Plan, Progress, SimTerminal
+    from yikatong.synthetic import SyntheticCard
 
 CITIES = ["4510", "4560", "4530"]
 SESSION_EXPIRY = 300  # seconds: a killed run rerun by hand with --state-dir finds its sessions; then they go
@@ -160,6 +146,12 @@ def register(groups: Subcommands) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run the load; 0 when everything made was acked and nothing rejected."""
+    import asyncio
+
+    from cardsim.issuer import IssuerHost
+    from yikatong.loadgen import Plan
+    from yikatong.synthetic import synthetic_cards
+
     setup_logging(logging.ERROR)  # the uplinks' reconnect warnings would drown the progress line
     out: Path = args.out
     try:
@@ -195,6 +187,10 @@ def run(args: argparse.Namespace) -> int:
 
 def _terminals(args: argparse.Namespace, host: IssuerHost, seed: int) -> list[SimTerminal]:
     """New terminals, or those of --state-dir's roster when it has one (so a rerun resumes them)."""
+    from cardsim.files import write_text_atomic
+    from terminals.outbox import OutboxError
+    from yikatong.loadgen import SimTerminal, TimedQueue, open_outbox, terminal_numbers
+
     roster_path = args.state_dir / "terminals.json" if args.state_dir is not None else None
     if roster_path is not None and roster_path.exists():
         try:
@@ -219,6 +215,14 @@ def _terminals(args: argparse.Namespace, host: IssuerHost, seed: int) -> list[Si
 async def _run(
     args: argparse.Namespace, terminals: list[SimTerminal], cards: dict[str, list[SyntheticCard]], plan: Plan, seed: int
 ) -> int:
+    import asyncio
+
+    from cardsim.files import write_text_atomic
+    from terminals.mqtt import given_or_embedded
+    from yikatong.load_report import LoadSettings, render_html, summary
+    from yikatong.loadgen import HotlistPlan, LoadRun
+    from yikatong.process import clearing_processes
+
     # a given broker is shared and outlives the run: the terminals' sessions must expire there (MQTT 5); the
     # embedded amqtt speaks MQTT 3.1.1 only, and its sessions end with it at the end of the run
     expiry = None if args.broker is None else args.session_expiry
@@ -289,6 +293,12 @@ def hotlist_adder(broker: BrokerUrl, database: Callable[[str], str]) -> HotlistA
     """The load's ``clearing hotlist add``: the cards go into the issuer's database (``database(issuer)``) as a
     new version, then the list is published to the broker the way the clearing publishes it. The database is
     one a clearing has migrated already (not done here: the add's time is the add's alone)."""
+    import aiomqtt
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from clearing.db import open_engine
+    from clearing.hotlist import publish_hotlist
+    from clearing.ledger import Ledger
 
     async def add(issuer: str, cards: list[str]) -> int:
         engine = open_engine(database(issuer))
@@ -309,6 +319,10 @@ def hotlist_adder(broker: BrokerUrl, database: Callable[[str], str]) -> HotlistA
 async def _require_mqtt5(broker: BrokerUrl, timeout: float = 10.0) -> None:
     """One MQTT 5 connection (clean, no session left) so that a broker the terminals cannot use is said at once,
     not as terminals that never connect."""
+    import asyncio
+
+    import aiomqtt
+
     try:
         async with asyncio.timeout(timeout):
             async with broker.client(f"yikatong-load-probe-{secrets.token_hex(4)}", clean_session=True, mqtt5=True):

@@ -12,10 +12,13 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import quote
 
-from terminals.mqtt import BrokerUrl
 from yikatong.errors import CliError
+
+if TYPE_CHECKING:
+    from terminals.mqtt import BrokerUrl
 
 
 def setup_logging(level: int) -> None:
