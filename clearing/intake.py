@@ -1,20 +1,22 @@
-"""What the clearing makes of one MQTT message, before any storage: pure functions, no I/O.
+"""What the clearing makes of MQTT messages, before any storage: pure functions, no I/O.
 
 A terminal publish (``yikatong/{city}/txn/{terminal}``) or a forwarded batch (``yikatong/interop/{city}/txn``)
 becomes a list of verdicts, one per record: ``Accepted`` (the TAC verified, or the card belongs to another
 city and will be forwarded) or ``Refused`` (with the reason, the raw bytes and, when the record names one, the
-seq to ack as rejected). A payload that is not even a record list is one ``Refused`` without a seq.
+seq to ack as rejected). A payload that is not even a record list is one ``Refused`` without a seq. The TACs
+of every record of a batch of messages are verified together (``clearing.verify.tac_problems``).
 """
 
 from __future__ import annotations
 
 import functools
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 from cardsim.issuer import IssuerHost
-from clearing.verify import tac_problem
+from clearing.verify import tac_problem, tac_problems
 from terminals.messages import (
     CHINA,
     CITY_CODE,
@@ -53,6 +55,15 @@ class Refused:
 
 
 Verdict = Accepted | Refused
+
+
+@dataclass(frozen=True)
+class _Unverified:
+    """A record that passed every check but its TAC, with what a refusal of it needs."""
+
+    record: TxnRecord
+    doc: object
+    raw: bytes | None  # the payload when it holds just this record
 
 
 @dataclass(frozen=True)
@@ -119,8 +130,19 @@ class Intake:
             raise ValueError(f"the key store holds no keys of city {city}: this clearing cannot verify its cards")
 
     def message(self, topic: Topic, payload: bytes, hotlist: frozenset[str]) -> list[Verdict]:
-        """The verdicts on every record of one message. Never raises: whatever goes wrong with one record (an
-        error nobody foresaw included) refuses that record alone, with the error as its reason."""
+        """The verdicts on every record of one message (see ``messages``)."""
+        return self.messages([(topic, payload)], hotlist)[0]
+
+    def messages(self, items: Sequence[tuple[Topic, bytes]], hotlist: frozenset[str]) -> list[list[Verdict]]:
+        """The verdicts on every record of each message, the TACs of all of them verified in one batch. Never
+        raises: whatever goes wrong with one record (an error nobody foresaw included) refuses that record alone,
+        with the error as its reason."""
+        drafts = [self._drafts(topic, payload, hotlist) for topic, payload in items]
+        unverified = [d for message in drafts for d in message if isinstance(d, _Unverified)]
+        verified = iter(self._verify(unverified))
+        return [[next(verified) if isinstance(d, _Unverified) else d for d in message] for message in drafts]
+
+    def _drafts(self, topic: Topic, payload: bytes, hotlist: frozenset[str]) -> list[Verdict | _Unverified]:
         try:
             docs = parse_uplink(payload, self.limits)
         except MessageError as err:
@@ -132,13 +154,13 @@ class Intake:
         single = len(docs) == 1
         return [self._guarded(topic, doc, payload if single else None, hotlist) for doc in docs]
 
-    def _guarded(self, topic: Topic, doc: object, raw: bytes | None, hotlist: frozenset[str]) -> Verdict:
+    def _guarded(self, topic: Topic, doc: object, raw: bytes | None, hotlist: frozenset[str]) -> Verdict | _Unverified:
         try:
             return self._record(topic, doc, raw, hotlist)
         except Exception as err:  # isolation: one record, not the batch or the service
             return Refused(unexpected("checking", err), raw or _raw(doc), _seq_of(doc))
 
-    def _record(self, topic: Topic, doc: object, raw: bytes | None, hotlist: frozenset[str]) -> Verdict:
+    def _record(self, topic: Topic, doc: object, raw: bytes | None, hotlist: frozenset[str]) -> Verdict | _Unverified:
         """``raw`` is the payload when it holds just this record; a record of a batch is quarantined as its own
         JSON."""
         try:
@@ -148,9 +170,35 @@ class Intake:
         reason = self._problem(topic, record, hotlist)
         if reason is not None:
             return Refused(reason, raw or _raw(doc), record.seq, record.record_id, record.acquirer)
-        return Accepted(record, forward=record.card.issuer != self.city)
+        if record.card.issuer != self.city:
+            return Accepted(record, forward=True)  # the issuer city verifies the TAC
+        return _Unverified(record, doc, raw)
+
+    def _verify(self, unverified: Sequence[_Unverified]) -> list[Verdict]:
+        """The TAC verdicts, in one batch; if the batch raises, record by record, so that only the record that
+        trips the error is refused for it."""
+        try:
+            problems = tac_problems(self.host, [u.record for u in unverified])
+            return [self._verdict(u, problem) for u, problem in zip(unverified, problems, strict=True)]
+        except Exception:
+            return [self._verify_one(u) for u in unverified]
+
+    def _verify_one(self, unverified: _Unverified) -> Verdict:
+        try:
+            problem = tac_problem(self.host, unverified.record)
+        except Exception as err:  # isolation: one record, not the batch or the service
+            return Refused(unexpected("checking", err), unverified.raw or _raw(unverified.doc), unverified.record.seq)
+        return self._verdict(unverified, problem)
+
+    @staticmethod
+    def _verdict(unverified: _Unverified, problem: str | None) -> Verdict:
+        record = unverified.record
+        if problem is None:
+            return Accepted(record, forward=False)
+        return Refused(problem, unverified.raw or _raw(unverified.doc), record.seq, record.record_id, record.acquirer)
 
     def _problem(self, topic: Topic, record: TxnRecord, hotlist: frozenset[str]) -> str | None:
+        """What refuses the record before its TAC is looked at: sender, acquirer, issuer, hotlist."""
         issuer = record.card.issuer
         if topic.kind == "terminal":
             if record.terminal != topic.terminal:
@@ -163,6 +211,4 @@ class Intake:
             return f"unknown issuer {issuer}"
         if topic.kind == "terminal" and record.card.id in hotlist:
             return f"card {record.card.id} is hotlisted"
-        if issuer != self.city:
-            return None  # the issuer city verifies the TAC
-        return tac_problem(self.host, record)
+        return None

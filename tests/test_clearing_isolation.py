@@ -133,7 +133,11 @@ def test_an_unforeseen_error_in_a_check_costs_that_record_alone(monkeypatch: pyt
             raise ZeroDivisionError("a bug nobody foresaw")
         return None
 
+    def tac_problems(host: object, records: Any) -> list[str | None]:
+        return [tac_problem(host, record) for record in records]  # the batch trips on the poisoned record
+
     monkeypatch.setattr(clearing.intake, "tac_problem", tac_problem)
+    monkeypatch.setattr(clearing.intake, "tac_problems", tac_problems)
     verdicts = INTAKE.message(
         Topic("terminal", TERMINAL), batch_payload([r.to_json() for r in records]).encode(), frozenset()
     )
@@ -142,6 +146,33 @@ def test_an_unforeseen_error_in_a_check_costs_that_record_alone(monkeypatch: pyt
     assert isinstance(refusal, Refused)
     assert refusal.seq == poisoned
     assert refusal.reason == "internal error while checking: ZeroDivisionError: a bug nobody foresaw"
+
+
+def test_the_tacs_of_many_messages_are_verified_in_one_batch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A forged TAC and a bad record among good ones: one ``tac_problems`` call for every message, and the same
+    verdicts as message by message."""
+    good = good_records()
+    forged = json.loads(good[1].to_json()) | {"tac": "00000000" if good[1].tac != "00000000" else "11111111"}
+    payloads = [
+        good[0].to_json().encode(),
+        batch_payload([json.dumps(forged), good[2].to_json(), "{}"]).encode(),
+        good[3].to_json().encode(),
+    ]
+    topic = Topic("terminal", TERMINAL)
+    one_by_one = [INTAKE.message(topic, payload, frozenset()) for payload in payloads]
+    calls: list[int] = []
+    real = clearing.intake.tac_problems
+
+    def counted(host: Any, records: Any) -> list[str | None]:
+        calls.append(len(records))
+        return real(host, records)
+
+    monkeypatch.setattr(clearing.intake, "tac_problems", counted)
+    together = INTAKE.messages([(topic, payload) for payload in payloads], frozenset())
+    assert calls == [4]  # the record "{}" fails its schema before any TAC is looked at
+    assert together == one_by_one
+    assert [[isinstance(v, Refused) for v in m] for m in together] == [[False], [True, False, True], [False]]
+    assert "TAC does not verify" in str(getattr(together[1][0], "reason", ""))
 
 
 # --- isolation at the database ---------------------------------------------------------------------------------
