@@ -11,8 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-
 # Truth tables of the spec: fa and fb on 4 bits (index 8·y0+4·y1+2·y2+y3), fc on 5 bits.
 FA = 0xD938
 FB = 0xF22C
@@ -27,6 +25,10 @@ Word = Any  # an int, or a NumPy uint64 array of them
 
 def parity(x: Word) -> Word:
     """Even parity (XOR of all bits) of an int or of each element of an array."""
+    if isinstance(x, int):
+        return x.bit_count() & 1
+    import numpy as np  # only for arrays: the card and the reader, on ints, start without NumPy
+
     if isinstance(x, np.ndarray):
         return (np.bitwise_count(x) & 1).astype(x.dtype)
     return int(x).bit_count() & 1
@@ -67,11 +69,7 @@ class Crypto1:
 
     def copy(self) -> Crypto1:
         """An independent copy of this state."""
-        return (
-            Crypto1(self.odd.copy(), self.even.copy())
-            if isinstance(self.odd, np.ndarray)
-            else Crypto1(self.odd, self.even)
-        )
+        return Crypto1(self.odd, self.even) if isinstance(self.odd, int) else Crypto1(self.odd.copy(), self.even.copy())
 
     def peek(self) -> Word:
         """The next keystream bit, without clocking (it encrypts parity bits)."""

@@ -1,0 +1,409 @@
+/* Crypto-1 state recovery and the mfkey key searches in C: the hot loops of audit.crypto1_recovery and
+ * audit.mfkey (one recovery is ~10^7 filter evaluations, which NumPy does in ~0.7 s and this in ~0.05 s).
+ *
+ * The state and its operations are those of cardsim/crypto1.py (two 24-bit halves, the odd- and even-indexed
+ * LFSR bits; the filter reads the 20 low bits of the odd half); the recovery is the one documented in
+ * audit/crypto1_recovery.py: both halves are grown bit by bit from every 20-bit filter input that gives the
+ * first keystream bit, each half from its own keystream bits, recording the two bits every step contributes
+ * to the feedback of the other half; the halves are then joined where those records agree.
+ */
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define FA 0xD938u
+#define FB 0xF22Cu
+#define FC 0xEC57E80Au
+#define LF_POLY_ODD 0x29CE5Cu
+#define LF_POLY_EVEN 0x870804u
+#define MASK24 0xFFFFFFu
+#define SORT_BITS 11 /* the 22-bit feedback records are sorted in two passes of 11 bits */
+
+static inline uint32_t filter20(uint32_t x) {
+    uint32_t f = (((FB << 4) >> (x & 0xF)) & 16) | (((FA << 3) >> ((x >> 4) & 0xF)) & 8) |
+                 (((FB << 2) >> ((x >> 8) & 0xF)) & 4) | (((FB << 1) >> ((x >> 12) & 0xF)) & 2) |
+                 ((FA >> ((x >> 16) & 0xF)) & 1);
+    return (FC >> f) & 1;
+}
+
+/* filter20 of every 20-bit input, a bit each (128 KiB: it stays in the cache, where computing the filter
+ * twice per candidate was most of the recovery's instructions); filled once when the module is loaded. */
+static uint8_t filter_bits[1 << 17];
+
+/* filter20 of x (bit 0) and of x|1 (bit 1), for an even x. */
+static inline uint32_t filter_pair(uint32_t x) { return (filter_bits[(x & 0xFFFFF) >> 3] >> (x & 6)) & 3; }
+
+static inline uint32_t parity(uint32_t x) { return (uint32_t)__builtin_parity(x); }
+
+/* Bit n of a word in the order the cipher consumes it: bytes first to last, LSB first. */
+static inline uint32_t bebit(uint32_t x, int n) { return (x >> (n ^ 24)) & 1; }
+
+typedef struct {
+    uint32_t odd, even;
+} State;
+
+static inline uint32_t clock_bit(State *s, uint32_t in, int encrypted) {
+    uint32_t ks = filter20(s->odd);
+    uint32_t feed = (encrypted ? ks : 0) ^ in ^ parity((LF_POLY_ODD & s->odd) ^ (LF_POLY_EVEN & s->even));
+    uint32_t odd = s->odd;
+    s->odd = ((s->even << 1) | feed) & MASK24;
+    s->even = odd;
+    return ks;
+}
+
+static uint32_t clock_word(State *s, uint32_t in, int encrypted) {
+    uint32_t ks = 0;
+    for (int i = 0; i < 32; i++) ks |= clock_bit(s, bebit(in, i), encrypted) << (i ^ 24);
+    return ks;
+}
+
+static inline void rollback_bit(State *s, uint32_t in, int encrypted) {
+    uint32_t odd = s->odd & MASK24;
+    s->odd = s->even;
+    s->even = odd >> 1;
+    uint32_t out = (odd & 1) ^ in ^ parity((LF_POLY_EVEN & s->even) ^ (LF_POLY_ODD & s->odd));
+    if (encrypted) out ^= filter20(s->odd);
+    s->even |= out << 23;
+}
+
+static void rollback_word(State *s, uint32_t in, int encrypted) {
+    for (int i = 31; i >= 0; i--) rollback_bit(s, bebit(in, i), encrypted);
+}
+
+/* The 48-bit LFSR content in key order. */
+static uint64_t lfsr48(const State *s) {
+    uint64_t out = 0;
+    for (int i = 23; i >= 0; i--) {
+        out = out << 1 | ((s->odd >> (i ^ 3)) & 1);
+        out = out << 1 | ((s->even >> (i ^ 3)) & 1);
+    }
+    return out;
+}
+
+/* --- recovery ------------------------------------------------------------------------------------------ */
+
+typedef struct {
+    uint32_t value, record; /* a half state and its feedback contributions so far (2 bits a step) */
+} Half;
+
+/* A list of half states, and a spare buffer that each step writes into and then swaps with (the buffers are
+ * reused: fresh multi-megabyte ones would cost a page fault per 4 KiB at every step). */
+typedef struct {
+    Half *items, *spare;
+    size_t len, cap, spare_cap;
+} List;
+
+/* Make the spare buffer hold at least need items. Returns 0, or -1 when out of memory. */
+static int reserve_spare(List *list, size_t need) {
+    if (list->spare_cap >= need) return 0;
+    Half *grown = realloc(list->spare, sizeof(Half) * need);
+    if (grown == NULL) return -1;
+    list->spare = grown;
+    list->spare_cap = need;
+    return 0;
+}
+
+static void swap_spare(List *list, size_t len) {
+    Half *items = list->items;
+    size_t cap = list->cap;
+    list->items = list->spare;
+    list->cap = list->spare_cap;
+    list->spare = items;
+    list->spare_cap = cap;
+    list->len = len;
+}
+
+/* Every 20-bit filter input whose output is bit. Returns 0, or -1 when out of memory. */
+static int first_bits(List *list, uint32_t bit) {
+    if (reserve_spare(list, (size_t)1 << 20)) return -1;
+    size_t n = 0;
+    for (uint32_t x = 0; x < (1u << 20); x++)
+        if (((filter_bits[x >> 3] >> (x & 7)) & 1) == bit) list->spare[n++] = (Half){x, 0};
+    swap_spare(list, n);
+    return 0;
+}
+
+/* Append one state bit to every value, keeping the values whose filter output can be the keystream bit (one
+ * or both choices of the new bit); with tracked, the two feedback bits the longer value contributes (the
+ * parities under mask1 and mask2, XOR what was fed) are appended to its record and the value is cut to 24
+ * bits. Returns 0, or -1 when out of memory. */
+static inline Half child(uint32_t v, uint32_t record, int tracked, uint32_t mask1, uint32_t mask2, uint32_t fed) {
+    if (!tracked) return (Half){v, 0};
+    return (Half){v & MASK24, record << 2 | (((parity(v & mask1) << 1) | parity(v & mask2)) ^ fed)};
+}
+
+static int extend(List *list, uint32_t bit, int tracked, uint32_t mask1, uint32_t mask2, uint32_t fed) {
+    if (reserve_spare(list, 2 * list->len + 1)) return -1; /* at most two children each */
+    Half *out = list->spare;
+    size_t n = 0;
+    for (size_t i = 0; i < list->len; i++) {
+        uint32_t shifted = list->items[i].value << 1, record = list->items[i].record;
+        uint32_t f = filter_pair(shifted), f0 = f & 1;
+        if (f0 != f >> 1)
+            out[n++] = child(shifted | (f0 ^ bit), record, tracked, mask1, mask2, fed);
+        else if (f0 == bit) {
+            out[n++] = child(shifted, record, tracked, mask1, mask2, fed);
+            out[n++] = child(shifted | 1, record, tracked, mask1, mask2, fed);
+        }
+    }
+    swap_spare(list, n);
+    return 0;
+}
+
+/* Sort by record (22 bits): two stable counting passes. Returns 0, or -1 when out of memory. */
+static int sort_by_record(List *list) {
+    size_t *counts = malloc(sizeof(size_t) << SORT_BITS);
+    if (counts == NULL || reserve_spare(list, list->len + 1)) {
+        free(counts);
+        return -1;
+    }
+    Half *from = list->items, *to = list->spare;
+    for (int shift = 0; shift < 2 * SORT_BITS; shift += SORT_BITS) {
+        memset(counts, 0, sizeof(size_t) << SORT_BITS);
+        for (size_t i = 0; i < list->len; i++) counts[(from[i].record >> shift) & ((1u << SORT_BITS) - 1)]++;
+        size_t at = 0;
+        for (size_t b = 0; b < (1u << SORT_BITS); b++) {
+            size_t c = counts[b];
+            counts[b] = at;
+            at += c;
+        }
+        for (size_t i = 0; i < list->len; i++) to[counts[(from[i].record >> shift) & ((1u << SORT_BITS) - 1)]++] = from[i];
+        Half *swap = from;
+        from = to;
+        to = swap;
+    }
+    /* an even number of passes: the sorted items are back in list->items */
+    free(counts);
+    return 0;
+}
+
+/* Every cipher state that produces the 32 keystream bits ks2 while being fed in, positioned after those
+ * clocks: *states (malloc'ed, freed by the caller) and *count. Returns 0, or -1 when out of memory. */
+static int recover(uint32_t ks2, uint32_t in, State **states, size_t *count) {
+    uint32_t oks = 0, eks = 0;
+    for (int i = 31; i >= 0; i -= 2) oks = oks << 1 | bebit(ks2, i);
+    for (int i = 30; i >= 0; i -= 2) eks = eks << 1 | bebit(ks2, i);
+    List odd = {NULL, NULL, 0, 0, 0}, even = {NULL, NULL, 0, 0, 0};
+    int failed = first_bits(&odd, oks & 1) || first_bits(&even, eks & 1);
+    for (int step = 0; step < 4 && !failed; step++) {
+        oks >>= 1;
+        eks >>= 1;
+        failed = extend(&odd, oks & 1, 0, 0, 0, 0) || extend(&even, eks & 1, 0, 0, 0, 0);
+    }
+    in = (((in >> 16) & 0xFF) | (in << 16) | (in & 0xFF00)) << 1;
+    for (int step = 0; step < 11 && !failed; step++) {
+        oks >>= 1;
+        eks >>= 1;
+        in >>= 2;
+        failed = extend(&odd, oks & 1, 1, LF_POLY_EVEN << 1 | 1, LF_POLY_ODD << 1, 0) ||
+                 extend(&even, eks & 1, 1, LF_POLY_ODD, LF_POLY_EVEN << 1 | 1, in & 3);
+    }
+    failed = failed || sort_by_record(&odd) || sort_by_record(&even);
+    /* join the halves whose records agree: count the pairs, then make them */
+    size_t n = 0;
+    for (int pass = 0; pass < 2 && !failed; pass++) {
+        size_t i = 0, j = 0, made = 0;
+        while (i < odd.len && j < even.len) {
+            uint32_t r = odd.items[i].record;
+            if (r < even.items[j].record) {
+                i++;
+                continue;
+            }
+            if (r > even.items[j].record) {
+                j++;
+                continue;
+            }
+            size_t i_end = i, j_end = j;
+            while (i_end < odd.len && odd.items[i_end].record == r) i_end++;
+            while (j_end < even.len && even.items[j_end].record == r) j_end++;
+            if (pass == 0)
+                made += (i_end - i) * (j_end - j);
+            else
+                for (size_t a = i; a < i_end; a++)
+                    for (size_t b = j; b < j_end; b++) {
+                        uint32_t o = odd.items[a].value, e = even.items[b].value;
+                        e = (e << 1) ^ parity(e & LF_POLY_EVEN) ^ ((in & 4) ? 1 : 0);
+                        (*states)[made++] = (State){e ^ parity(o & LF_POLY_ODD), o};
+                    }
+            i = i_end;
+            j = j_end;
+        }
+        if (pass == 0) {
+            n = made;
+            *states = malloc(sizeof(State) * (n + 1));
+            failed = *states == NULL;
+        }
+    }
+    free(odd.items);
+    free(odd.spare);
+    free(even.items);
+    free(even.spare);
+    *count = n;
+    return failed ? -1 : 0;
+}
+
+/* --- Python interface ----------------------------------------------------------------------------------- */
+
+/* An int of 0..2^32-1 (O& converter): a larger or negative one is a ValueError, not silently cut. */
+static int word_arg(PyObject *obj, void *out) {
+    unsigned long long v = PyLong_AsUnsignedLongLong(obj);
+    if (v == (unsigned long long)-1 && PyErr_Occurred()) {
+        if (PyErr_ExceptionMatches(PyExc_OverflowError)) {
+            PyErr_Clear();
+            PyErr_SetString(PyExc_ValueError, "a 32-bit word must be 0..2**32-1");
+        }
+        return 0;
+    }
+    if (v > 0xFFFFFFFFull) {
+        PyErr_SetString(PyExc_ValueError, "a 32-bit word must be 0..2**32-1");
+        return 0;
+    }
+    *(uint32_t *)out = (uint32_t)v;
+    return 1;
+}
+
+static PyObject *py_recover_states(PyObject *self, PyObject *args) {
+    uint32_t ks2, in;
+    if (!PyArg_ParseTuple(args, "O&O&:recover_states", word_arg, &ks2, word_arg, &in)) return NULL;
+    State *states = NULL;
+    size_t n = 0;
+    int failed;
+    Py_BEGIN_ALLOW_THREADS
+    failed = recover(ks2, in, &states, &n);
+    Py_END_ALLOW_THREADS
+    if (failed) {
+        free(states);
+        return PyErr_NoMemory();
+    }
+    PyObject *odd = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)(n * sizeof(uint32_t)));
+    PyObject *even = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)(n * sizeof(uint32_t)));
+    if (odd != NULL && even != NULL) {
+        uint32_t *o = (uint32_t *)PyBytes_AS_STRING(odd), *e = (uint32_t *)PyBytes_AS_STRING(even);
+        for (size_t i = 0; i < n; i++) {
+            o[i] = states[i].odd;
+            e[i] = states[i].even;
+        }
+    }
+    free(states);
+    if (odd == NULL || even == NULL) {
+        Py_XDECREF(odd);
+        Py_XDECREF(even);
+        return NULL;
+    }
+    return Py_BuildValue("(NN)", odd, even);
+}
+
+/* The distinct keys of keys[0..n) as a Python list (sorted; n is small: the few candidates left). */
+static int compare_keys(const void *a, const void *b) {
+    uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+    return (x > y) - (x < y);
+}
+
+static PyObject *key_list(uint64_t *keys, size_t n) {
+    qsort(keys, n, sizeof(uint64_t), compare_keys);
+    PyObject *list = PyList_New(0);
+    for (size_t i = 0; list != NULL && i < n; i++) {
+        if (i > 0 && keys[i] == keys[i - 1]) continue;
+        PyObject *key = PyLong_FromUnsignedLongLong(keys[i]);
+        if (key == NULL || PyList_Append(list, key) < 0) Py_CLEAR(list);
+        Py_XDECREF(key);
+    }
+    return list;
+}
+
+static PyObject *py_mfkey32_keys(PyObject *self, PyObject *args) {
+    uint32_t ks2_0, nr0_enc, fed0, fed1, nr1_enc, ks2_1;
+    if (!PyArg_ParseTuple(args, "O&O&O&O&O&O&:mfkey32_keys", word_arg, &fed0, word_arg, &nr0_enc, word_arg, &ks2_0,
+                          word_arg, &fed1, word_arg, &nr1_enc, word_arg, &ks2_1))
+        return NULL;
+    State *states = NULL;
+    size_t n = 0, found = 0;
+    uint64_t *keys = NULL;
+    int failed;
+    Py_BEGIN_ALLOW_THREADS
+    failed = recover(ks2_0, 0, &states, &n);
+    if (!failed) {
+        keys = malloc(sizeof(uint64_t) * (n + 1));
+        failed = keys == NULL;
+    }
+    for (size_t i = 0; i < n && !failed; i++) {
+        State s = states[i];
+        rollback_word(&s, 0, 0);
+        rollback_word(&s, nr0_enc, 1);
+        rollback_word(&s, fed0, 0);
+        State t = s;
+        clock_word(&t, fed1, 0);
+        clock_word(&t, nr1_enc, 1);
+        if (clock_word(&t, 0, 0) == ks2_1) keys[found++] = lfsr48(&s);
+    }
+    Py_END_ALLOW_THREADS
+    free(states);
+    if (failed) {
+        free(keys);
+        return PyErr_NoMemory();
+    }
+    PyObject *list = key_list(keys, found);
+    free(keys);
+    return list;
+}
+
+static PyObject *py_mfkey64_keys(PyObject *self, PyObject *args) {
+    uint32_t fed, nr_enc, ks2, ks3;
+    if (!PyArg_ParseTuple(args, "O&O&O&O&:mfkey64_keys", word_arg, &fed, word_arg, &nr_enc, word_arg, &ks2, word_arg,
+                          &ks3))
+        return NULL;
+    State *states = NULL;
+    size_t n = 0, found = 0;
+    uint64_t *keys = NULL;
+    int failed;
+    Py_BEGIN_ALLOW_THREADS
+    failed = recover(ks2, 0, &states, &n);
+    if (!failed) {
+        keys = malloc(sizeof(uint64_t) * (n + 1));
+        failed = keys == NULL;
+    }
+    for (size_t i = 0; i < n && !failed; i++) {
+        State s = states[i], t = states[i];
+        if (clock_word(&t, 0, 0) != ks3) continue;
+        rollback_word(&s, 0, 0);
+        rollback_word(&s, nr_enc, 1);
+        rollback_word(&s, fed, 0);
+        keys[found++] = lfsr48(&s);
+    }
+    Py_END_ALLOW_THREADS
+    free(states);
+    if (failed) {
+        free(keys);
+        return PyErr_NoMemory();
+    }
+    PyObject *list = key_list(keys, found);
+    free(keys);
+    return list;
+}
+
+static PyMethodDef methods[] = {
+    {"recover_states", py_recover_states, METH_VARARGS,
+     "recover_states(ks2, fed) -> (odd, even): every Crypto-1 state that gives the 32 keystream bits ks2 while fed "
+     "the word fed, positioned after those clocks; the halves as native uint32 arrays in bytes."},
+    {"mfkey32_keys", py_mfkey32_keys, METH_VARARGS,
+     "mfkey32_keys(fed0, nr0_enc, ks2_0, fed1, nr1_enc, ks2_1) -> list of keys: those that, fed uid^nT and {nR} "
+     "of each of two authentications, give the keystream ks2 of its {aR} (sorted, distinct)."},
+    {"mfkey64_keys", py_mfkey64_keys, METH_VARARGS,
+     "mfkey64_keys(fed, nr_enc, ks2, ks3) -> list of keys: those that, fed uid^nT and {nR}, give the keystreams "
+     "ks2 of {aR} and ks3 of {aT} (sorted, distinct)."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "audit._crypto1", "Crypto-1 state recovery and mfkey key searches in C.", -1, methods,
+    NULL, NULL, NULL, NULL,
+};
+
+PyMODINIT_FUNC PyInit__crypto1(void) {
+    for (uint32_t x = 0; x < (1u << 20); x++) filter_bits[x >> 3] |= (uint8_t)(filter20(x) << (x & 7));
+    return PyModule_Create(&module);
+}
