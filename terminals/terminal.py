@@ -42,8 +42,9 @@ from terminals.flows import (
 )
 from terminals.hotlist import HotlistBook, HotlistNews
 from terminals.inspect import yuan
+from terminals.kinds import TerminalKind
 from terminals.m1 import M1Error, M1Link, M1Reader, M1Transaction, M1Unsettled, m1_outcome, m1_purchase
-from terminals.messages import CHINA, CardRef, TxnAlg, TxnFields, TxnKind, TxnRecord
+from terminals.messages import CHINA, CardRef, TxnAlg, TxnFields, TxnRecord
 from terminals.metro import TRIP_ENTRY, TRIP_EXIT, CityFares, FareTable, Station, exit_fare, parse_trip, trip_record
 from terminals.outbox import Outbox
 from terminals.reader import CardGone, Reader
@@ -54,26 +55,6 @@ DEFAULT_KEY = 0xFFFFFFFFFFFF
 _COMMIT_STEPS = ("DEBIT FOR PURCHASE", "CREDIT FOR LOAD")
 
 
-class TerminalKind(enum.Enum):
-    """What the terminal does with each card; ``value`` is the command-line name."""
-
-    BUS = "bus"
-    METRO_ENTRY = "metro-entry"
-    METRO_EXIT = "metro-exit"
-    TOPUP = "topup"
-
-    @property
-    def wire(self) -> TxnKind:
-        """The record ``kind`` on the wire."""
-        return _WIRE_KIND[self]
-
-
-_WIRE_KIND: Final[dict[TerminalKind, TxnKind]] = {
-    TerminalKind.BUS: "purchase",
-    TerminalKind.METRO_ENTRY: "metro_entry",
-    TerminalKind.METRO_EXIT: "metro_exit",
-    TerminalKind.TOPUP: "load",
-}
 _WIRE_ALG: Final[dict[Algorithm, TxnAlg]] = {Algorithm.DES3: "3des", Algorithm.SM4: "sm4", Algorithm.DES: "des"}
 
 

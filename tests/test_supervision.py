@@ -31,7 +31,7 @@ class DyingUplink:
 
 async def test_terminal_run_stops_when_its_uplink_dies(monkeypatch: pytest.MonkeyPatch) -> None:
     """Before, the tap loop went on without an uplink: records piled up in the outbox, nothing said why."""
-    monkeypatch.setattr(terminal_cli, "Uplink", DyingUplink)
+    monkeypatch.setattr("terminals.uplink.Uplink", DyingUplink)  # (terminal_cli imports it from there when it runs)
     loop = terminal_cli._run_loop(None, NoCard(), BrokerUrl("127.0.0.1", 1), None)  # type: ignore[arg-type]
     with pytest.raises(terminal_cli.UplinkDied) as died:
         await asyncio.wait_for(loop, timeout=10)

@@ -9,22 +9,17 @@ import sys
 import textwrap
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-from audit.chips import ChipAudit, audit_fleet, build_report
-from audit.cpu_audit import KeySource, audit_cpu
-from audit.fleet import Fleet, FleetError, generate_fleet, load_image_folder
-from audit.m1_attacks import AttackFailed, nested_attack
-from audit.mfkey import NoKeyFound, mfkey32, mfkey64
-from cardsim.keys import IssuerKeyStore, KeyFileError
-from cardsim.mifare import M1Card, M1State
-from terminals.flows import TransactionError
-from terminals.m1 import M1Error
-from terminals.reader import CardGone
 from yikatong import reconcile_cli
 from yikatong.argtypes import Subcommands, command_group, file_path, hex_number, positive
 from yikatong.audit_output import add_report_options, finish
-from yikatong.card_cli import load_image
 from yikatong.errors import CliError
+
+# each command imports the audit, card and terminal layers it uses: --help and mfkey32 start without them
+if TYPE_CHECKING:
+    from audit.cpu_audit import KeySource
+    from audit.fleet import Fleet
 
 _hex32 = hex_number(8)
 
@@ -33,6 +28,8 @@ def _words(parser: argparse.ArgumentParser, *words: tuple[str, str]) -> None:
     """Positional 32-bit words of a sniffed authentication, in the order the attack takes them."""
     for name, what in words:
         parser.add_argument(name.lower(), metavar=name, type=_hex32, help=f"{what}, 8 hex digits")
+
+
 _hex48 = hex_number(12)
 
 
@@ -117,6 +114,11 @@ def _register_nested(sub: Subcommands) -> None:
 
 
 def _nested(args: argparse.Namespace) -> int:
+    from audit.m1_attacks import AttackFailed, nested_attack
+    from cardsim.mifare import M1Card, M1State
+    from terminals.m1 import M1Error
+    from yikatong.card_cli import load_image
+
     state = load_image(args.image)
     if not isinstance(state, M1State):
         raise CliError(f"{args.image} is a CPU card; the nested attack is for MIFARE Classic")
@@ -143,10 +145,14 @@ _NOT_ONE_KEY = "these values do not come from one key's authentications"
 
 
 def _mfkey64(args: argparse.Namespace) -> int:
+    from audit.mfkey import NoKeyFound, mfkey64
+
     return _report(lambda: mfkey64(args.uid, args.nt, args.nr, args.ar, args.at), (NoKeyFound,), _NOT_ONE_KEY)
 
 
 def _mfkey32(args: argparse.Namespace) -> int:
+    from audit.mfkey import NoKeyFound, mfkey32
+
     values = (args.uid, args.nt0, args.nr0, args.ar0, args.nt1, args.nr1, args.ar1)
     return _report(lambda: mfkey32(*values), (NoKeyFound,), _NOT_ONE_KEY)
 
@@ -208,6 +214,9 @@ def _progress(message: str) -> None:
 
 
 def _key_sources(args: argparse.Namespace, fleet: Fleet | None) -> list[KeySource]:
+    from audit.cpu_audit import KeySource
+    from cardsim.keys import IssuerKeyStore, KeyFileError
+
     sources = [KeySource("published test keys", IssuerKeyStore.test_set(), True)]
     issuer = fleet.issuer_keys if fleet is not None else None
     if args.keys is not None:
@@ -221,6 +230,9 @@ def _key_sources(args: argparse.Namespace, fleet: Fleet | None) -> list[KeySourc
 
 
 def _chips(args: argparse.Namespace) -> int:
+    from audit.chips import audit_fleet
+    from audit.fleet import FleetError, generate_fleet, load_image_folder
+
     if args.reader is not None:
         return _chips_on_reader(args)
     try:
@@ -241,7 +253,11 @@ def _chips(args: argparse.Namespace) -> int:
 
 
 def _chips_on_reader(args: argparse.Namespace) -> int:
+    from audit.chips import ChipAudit, build_report
+    from audit.cpu_audit import audit_cpu
+    from terminals.flows import TransactionError
     from terminals.pcsc import PcscReader, ReaderNotFound  # pyscard needs pcscd; only this path uses it
+    from terminals.reader import CardGone
 
     try:
         reader = PcscReader(args.reader)

@@ -7,9 +7,6 @@ import argparse
 from pathlib import Path
 
 from audit.findings import Report, Severity
-from audit.html import render_html
-from cardsim.files import write_text_atomic
-from cardsim.image import write_json_atomic
 from yikatong.argtypes import file_path
 from yikatong.errors import CliError
 
@@ -44,6 +41,10 @@ def add_report_options(parser: argparse.ArgumentParser, kind: str) -> None:
 
 def finish(report: Report, args: argparse.Namespace) -> int:
     """Write both reports, print the counts by severity and where the reports are; the exit code."""
+    from audit.html import render_html
+    from cardsim.files import write_text_atomic
+    from cardsim.image import write_json_atomic
+
     json_path: Path = args.json  # the options add_report_options added
     html_path: Path = args.html
     fail_on: Severity = args.fail_on

@@ -9,22 +9,21 @@ import re
 import secrets
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cardsim import vpcd
-from cardsim.apdu import split_response
 from cardsim.crypto import Algorithm
-from cardsim.image import CardImageError, load_card, save_card, save_purse
-from cardsim.keys import IssuerKeyStore
-from cardsim.m1_issue import KeyScheme, issue_m1_card
+from cardsim.m1_issue import KeyScheme
 from cardsim.mifare import M1State, Profile, parse_value_block
-from cardsim.personalise import CARD_CLASSES, DEFAULT_MAX_BALANCE, CardRequest, IssueError, issue_cpu_card
-from cardsim.purse import PurseCard, PurseState
-from terminals.flows import TransactionError
-from terminals.inspect import TXN_TYPES, read_card_info, yuan
-from terminals.reader import InProcessReader
+from cardsim.personalise import CARD_CLASSES, DEFAULT_MAX_BALANCE
 from yikatong.argtypes import Subcommands, city_code, command_group, fen, file_path, hex_number, load_keys
 from yikatong.errors import CliError
 from yikatong.process import stop_on_sigterm
+
+# each command imports the card and reader layers it uses beyond what its options list
+if TYPE_CHECKING:
+    from cardsim.keys import IssuerKeyStore
+    from cardsim.purse import PurseCard, PurseState
 
 CITY_NAMES = {"4510": "Jinan 济南", "4560": "Yantai 烟台", "4530": "Zibo 淄博"}
 
@@ -161,6 +160,9 @@ def _ten_years_after(start: dt.date) -> dt.date:
 
 
 def _issue(args: argparse.Namespace) -> int:
+    from cardsim.personalise import CardRequest, IssueError, issue_cpu_card
+    from terminals.inspect import yuan
+
     out: Path = args.out
     if out.is_dir():
         raise CliError(f"{out} is a folder; --out names the image file to write")
@@ -203,6 +205,9 @@ def _issue(args: argparse.Namespace) -> int:
 
 
 def _issue_m1(args: argparse.Namespace, keys: IssuerKeyStore) -> int:
+    from cardsim.m1_issue import issue_m1_card
+    from terminals.inspect import yuan
+
     key_set = keys.get(args.city, args.key_version)
     if key_set is None:
         raise CliError(f"no issuer keys for city {args.city} version {args.key_version}")
@@ -221,6 +226,8 @@ def _issue_m1(args: argparse.Namespace, keys: IssuerKeyStore) -> int:
 
 
 def _save(path: Path, state: PurseState | M1State) -> None:
+    from cardsim.image import save_card
+
     try:
         save_card(path, state)
     except OSError as err:
@@ -229,6 +236,8 @@ def _save(path: Path, state: PurseState | M1State) -> None:
 
 def load_image(path: Path) -> PurseState | M1State:
     """A CPU or M1 card image; CliError (exit 2) naming the file and field when it is unusable."""
+    from cardsim.image import CardImageError, load_card
+
     try:
         return load_card(path)
     except CardImageError as err:
@@ -236,6 +245,8 @@ def load_image(path: Path) -> PurseState | M1State:
 
 
 def _open_card(path: Path) -> PurseCard:
+    from cardsim.purse import PurseCard
+
     state = load_image(path)
     if isinstance(state, M1State):
         raise CliError(f"{path} is an M1 card: vpcd carries APDUs, not Crypto-1 frames, so only CPU cards are served")
@@ -243,6 +254,8 @@ def _open_card(path: Path) -> PurseCard:
 
 
 def _show_m1(path: Path, state: M1State) -> int:
+    from terminals.inspect import yuan
+
     uid, sak, atqa = state.blocks[0][0:4], state.blocks[0][5], state.blocks[0][6:8]
     print(f"Card      M1 (MIFARE Classic 1K) UID {uid.hex().upper()}, SAK {sak:02X}, ATQA {atqa.hex().upper()}")
     print(f"Chip      {state.profile.value}")
@@ -260,6 +273,11 @@ def _show_m1(path: Path, state: M1State) -> int:
 
 
 def _show(args: argparse.Namespace) -> int:
+    from cardsim.purse import PurseCard
+    from terminals.flows import TransactionError
+    from terminals.inspect import TXN_TYPES, read_card_info, yuan
+    from terminals.reader import InProcessReader
+
     state = load_image(args.image)
     if isinstance(state, M1State):
         return _show_m1(args.image, state)
@@ -298,6 +316,10 @@ def _show(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from cardsim.apdu import split_response
+    from cardsim.image import save_purse
+    from terminals.inspect import yuan
+
     path: Path = args.image
     card = _open_card(path)
     saved_at = [card.eeprom.writes]  # every non-volatile change goes through the card's Eeprom

@@ -10,7 +10,6 @@ Defaults need nothing but pip: an embedded MQTT broker in this process and SQLit
 from __future__ import annotations
 
 import argparse
-import asyncio
 import datetime as dt
 import json
 import random
@@ -23,41 +22,27 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from sqlalchemy import func, select
-from sqlalchemy.exc import SQLAlchemyError
-
-from audit.chips import audit_fleet
-from audit.cpu_audit import KeySource
-from audit.findings import Report, Severity
-from audit.fleet import FleetCard
-from audit.html import render_combined
-from audit.ledger_sources import LedgerInputError, read_cities, read_database, read_settlement
-from audit.reconcile import Cities, Options, reconcile
-from cardsim.files import write_text_atomic
-from cardsim.image import save_card
-from cardsim.issuer import IssuerHost
-from cardsim.keys import IssuerKeyStore
-from cardsim.mifare import M1Card, M1State
-from cardsim.purse import PurseCard
-from cardsim.resources import fixture_path
-from clearing.db import DatabaseUrlError, migrate, open_engine
-from clearing.intake import Intake
-from clearing.ledger import Ledger
-from clearing.schema import LEDGER
-from clearing.service import ClearingService
-from clearing.settlement import Settlement, export_day, settle_day
-from terminals.inspect import yuan
-from terminals.messages import txn_topic
-from terminals.metro import FareTable
-from terminals.mqtt import BrokerUrl, given_or_embedded
-from terminals.outbox import Outbox
-from terminals.reader import InProcessReader
-from terminals.terminal import TapResult, Terminal
-from terminals.uplink import Uplink
 from yikatong.argtypes import Subcommands, broker_url, database_url, file_path, load_keys, positive
-from yikatong.demo_world import CITIES, DAY, Day, DemoCard, issue_fleet, plan_day, tamper, terminals
 from yikatong.errors import CliError
+
+# the whole product runs in a demo; its layers are imported by the phases that use them, so that the other
+# commands (which import this module for its options) start without them
+if TYPE_CHECKING:
+    import asyncio
+
+    from sqlalchemy.ext.asyncio import AsyncEngine
+
+    from audit.findings import Report
+    from audit.reconcile import Cities
+    from cardsim.keys import IssuerKeyStore
+    from clearing.service import ClearingService
+    from clearing.settlement import Settlement
+    from terminals.metro import FareTable
+    from terminals.mqtt import BrokerUrl
+    from terminals.terminal import TapResult, Terminal
+    from yikatong.demo_world import Day, DemoCard
 
 DEFAULT_KEYS = "keys/fleet-keys.json"  # issuer keys that are not the published test keys: the audit tells them apart
 RUN_FILES = ["cards", "terminals", "clearing-files", "clearing.sqlite", "report.html"]
@@ -134,6 +119,20 @@ class Cleared:
 
 def run(args: argparse.Namespace) -> int:
     """Run the demo; 0 when every record was cleared and the settlement sums to zero."""
+    import asyncio
+
+    from audit.chips import audit_fleet
+    from audit.cpu_audit import KeySource
+    from audit.fleet import FleetCard
+    from audit.html import render_combined
+    from audit.ledger_sources import LedgerInputError, read_cities
+    from cardsim.files import write_text_atomic
+    from cardsim.image import save_card
+    from cardsim.keys import IssuerKeyStore
+    from cardsim.resources import fixture_path
+    from terminals.metro import FareTable
+    from yikatong.demo_world import issue_fleet, plan_day, terminals
+
     out: Path = args.out
     keys = load_keys(args.keys or fixture_path(DEFAULT_KEYS))
     _fresh_run_folder(out)
@@ -208,6 +207,21 @@ class _Run:
 
 async def _pipe(run: _Run, broker_given: BrokerUrl | None, db_url: str) -> Cleared:
     """Clearings and terminals over MQTT, the day's taps, then the settlement."""
+    import asyncio
+
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from cardsim.files import write_text_atomic
+    from cardsim.issuer import IssuerHost
+    from clearing.db import DatabaseUrlError, migrate, open_engine
+    from clearing.intake import Intake
+    from clearing.ledger import Ledger
+    from clearing.service import ClearingService
+    from clearing.settlement import export_day, settle_day
+    from terminals.messages import txn_topic
+    from terminals.mqtt import given_or_embedded
+    from yikatong.demo_world import CITIES, DAY
+
     try:
         engine = open_engine(db_url)
     except DatabaseUrlError as err:
@@ -215,9 +229,7 @@ async def _pipe(run: _Run, broker_given: BrokerUrl | None, db_url: str) -> Clear
     cleared = Cleared()
     try:
         await migrate(engine)
-        async with engine.connect() as db:
-            if (await db.execute(select(func.count()).select_from(LEDGER))).scalar_one():
-                raise CliError(f"database {db_url} already holds records: the demo needs an empty one")
+        await _require_empty(engine, db_url)
         async with given_or_embedded(broker_given) as broker:
             run.bar.phase(f"starting the three clearings on {broker} (database {db_url.partition('://')[0]})")
             host = IssuerHost(run.keys)
@@ -256,8 +268,27 @@ async def _pipe(run: _Run, broker_given: BrokerUrl | None, db_url: str) -> Clear
     return cleared
 
 
+async def _require_empty(engine: AsyncEngine, db_url: str) -> None:
+    """CliError when the database already holds records: the demo needs an empty one."""
+    from sqlalchemy import func, select
+
+    from clearing.schema import LEDGER
+
+    async with engine.connect() as db:
+        if (await db.execute(select(func.count()).select_from(LEDGER))).scalar_one():
+            raise CliError(f"database {db_url} already holds records: the demo needs an empty one")
+
+
 async def _ride(run: _Run, broker: BrokerUrl, cleared: Cleared) -> None:
     """Every tap of the day at its terminal, records published as they are made; then wait for every ack."""
+    import asyncio
+
+    from cardsim.issuer import IssuerHost
+    from terminals.outbox import Outbox
+    from terminals.terminal import Terminal
+    from terminals.uplink import Uplink
+    from yikatong.demo_world import tamper
+
     now = [run.day.taps[0].when if run.day.taps else dt.datetime.now()]
     host = IssuerHost(run.keys)
     by_number: dict[bytes, tuple[Terminal, Uplink]] = {}
@@ -292,6 +323,8 @@ async def _ride(run: _Run, broker: BrokerUrl, cleared: Cleared) -> None:
 
 async def _stop(tasks: list[asyncio.Task[None]]) -> None:
     """Cancel the tasks and wait until they have ended (what they raise no longer matters: the run is over)."""
+    import asyncio
+
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
@@ -300,6 +333,8 @@ async def _stop(tasks: list[asyncio.Task[None]]) -> None:
 async def _unanswered_forwards(services: list[ClearingService], timeout: float) -> int:
     """Wait until every forwarded record has its issuer's answer (they come after the terminals' acks); how many
     are still unanswered when ``timeout`` runs out."""
+    import asyncio
+
     deadline = time.monotonic() + timeout
     while True:
         waiting = 0
@@ -311,6 +346,10 @@ async def _unanswered_forwards(services: list[ClearingService], timeout: float) 
 
 
 def _tap(terminal: Terminal, card: DemoCard, rng: random.Random) -> TapResult:
+    from cardsim.mifare import M1Card, M1State
+    from cardsim.purse import PurseCard
+    from terminals.reader import InProcessReader
+
     if isinstance(card.state, M1State):
         chip = M1Card(card.state, rng.randbytes)
         chip.power_on()
@@ -319,6 +358,8 @@ def _tap(terminal: Terminal, card: DemoCard, rng: random.Random) -> TapResult:
 
 
 async def _until(done: Callable[[], bool], timeout: float, what: str, *, quiet: bool = False) -> None:
+    import asyncio
+
     deadline = time.monotonic() + timeout
     while not done():
         if time.monotonic() > deadline:
@@ -329,6 +370,10 @@ async def _until(done: Callable[[], bool], timeout: float, what: str, *, quiet: 
 
 
 def _reconcile(db_url: str, keys: IssuerKeyStore, cities: Cities, out: Path) -> Report:
+    from audit.ledger_sources import LedgerInputError, read_database, read_settlement
+    from audit.reconcile import Options, reconcile
+    from yikatong.demo_world import DAY
+
     try:
         ledgers = read_database(db_url, DAY.isoformat())
         claimed = read_settlement(out / "clearing-files" / f"settlement-{DAY.isoformat()}.json")
@@ -354,6 +399,9 @@ def _summary(day: Day, cleared: Cleared, chips: Report, recon: Report, out: Path
 
 def _print_cities(cleared: Cleared) -> None:
     """A row per city (taps, ledger rows, net position), then the settlement and what is left waiting."""
+    from terminals.inspect import yuan
+    from yikatong.demo_world import CITIES, DAY
+
     positions = cleared.settlement.positions if cleared.settlement else {}
     print(f"{'city':<12} {'taps':>5} {'ok':>5} {'refused':>8} {'ledger rows':>12} {'net position (yuan)':>20}")
     for code, name in CITIES.items():
@@ -371,6 +419,8 @@ def _print_cities(cleared: Cleared) -> None:
 
 def _print_chip_audit(chips: Report) -> None:
     """The counts by severity, then per rule at or above medium the cards it found (three named)."""
+    from audit.findings import Severity
+
     counts = ", ".join(f"{label} {n}" for label, n in chips.counts().items() if n)
     print(f"chip audit: {len(chips.subjects)} cards; findings by severity: {counts or 'none'}")
     names = {str(s.get("subject")): str(s.get("source")) for s in chips.subjects}

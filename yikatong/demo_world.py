@@ -24,9 +24,10 @@ from cardsim.m1_issue import PURSE_SECTOR, KeyScheme, issue_m1_card
 from cardsim.mifare import M1State, Profile, parse_value_block, value_block
 from cardsim.personalise import CardRequest, issue_cpu_card
 from cardsim.purse import Defect, PurseState
+from terminals.kinds import TerminalKind
 from terminals.messages import CHINA
 from terminals.metro import FareTable
-from terminals.terminal import TerminalConfig, TerminalKind
+from terminals.terminal import TerminalConfig
 
 CITIES = {"4510": "Jinan", "4560": "Yantai", "4530": "Zibo"}
 BUS_FARE = {"4510": 200, "4560": 150, "4530": 100}  # fen

@@ -10,24 +10,17 @@ import sys
 import textwrap
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from audit.findings import Report
-from audit.ledger_sources import (
-    LedgerInputError,
-    merge_hotlists,
-    read_cities,
-    read_clearing_file,
-    read_database,
-    read_database_hotlists,
-    read_hotlist_file,
-    read_settlement,
-)
-from audit.reconcile import CityLedger, HotlistEntry, Options, day_number, reconcile
-from cardsim.keys import TEST_KEYS_FIXTURE
 from yikatong.argtypes import Subcommands, database_url, file_path, load_keys, positive
 from yikatong.audit_output import add_report_options, finish
 from yikatong.demo import DEFAULT_KEYS as DEMO_KEYS
 from yikatong.errors import CliError
+
+# the readers and the reconciliation (NumPy, pyarrow, SQLAlchemy) are imported when the command runs
+if TYPE_CHECKING:
+    from audit.findings import Report
+    from audit.reconcile import CityLedger, HotlistEntry
 
 _HOLDER = re.compile(r"([0-9]{4})=(.+)")
 
@@ -92,6 +85,8 @@ def register(sub: Subcommands) -> None:
 
 
 def _day(text: str) -> str:
+    from audit.reconcile import day_number
+
     try:
         day_number(text)
     except ValueError:
@@ -101,6 +96,8 @@ def _day(text: str) -> str:
 
 def read_ledgers(files: Sequence[str], databases: Sequence[str], day: str | None = None) -> list[CityLedger]:
     """The ledgers of files (``FILE`` or ``CITY=FILE``) and databases; CliError naming a bad input."""
+    from audit.ledger_sources import LedgerInputError, read_clearing_file, read_database
+
     ledgers = []
     try:
         for arg in files:
@@ -117,6 +114,8 @@ def read_ledgers(files: Sequence[str], databases: Sequence[str], day: str | None
 def read_hotlists(files: Sequence[Path], databases: Sequence[str]) -> dict[tuple[str, str], HotlistEntry] | None:
     """The issuers' hotlists from hotlist files and the databases' hotlist tables; None when neither is given
     (reconcile then judges the settlement file's own list of hotlisted records); CliError naming a bad input."""
+    from audit.ledger_sources import LedgerInputError, merge_hotlists, read_database_hotlists, read_hotlist_file
+
     if not files and not databases:
         return None
     try:
@@ -128,6 +127,10 @@ def read_hotlists(files: Sequence[Path], databases: Sequence[str]) -> dict[tuple
 
 
 def _reconcile(args: argparse.Namespace) -> int:
+    from audit.ledger_sources import LedgerInputError, read_cities, read_settlement
+    from audit.reconcile import Options, reconcile
+    from cardsim.keys import TEST_KEYS_FIXTURE
+
     if not args.files and not args.db:
         raise CliError("nothing to reconcile: give daily clearing files (FILE or CITY=FILE) or --db URL")
     keys = None if args.no_tac else load_keys(args.keys)

@@ -4,24 +4,14 @@ terminal's outbox."""
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import os
 import secrets
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from cardsim.image import CardImageError, load_card, save_card
-from cardsim.issuer import IssuerHost
-from cardsim.mifare import M1Card, M1State
-from cardsim.purse import PurseCard, PurseState
-from terminals.metro import FareTable, FareTableError
-from terminals.mqtt import BrokerUrl
-from terminals.outbox import Outbox, OutboxError
-from terminals.pcsc import PcscReader, ReaderNotFound
-from terminals.reader import InProcessReader
-from terminals.terminal import TapResult, Terminal, TerminalConfig, TerminalKind
-from terminals.uplink import Uplink
+from terminals.kinds import TerminalKind
 from yikatong.argtypes import (
     MAX_FEN,
     Subcommands,
@@ -37,6 +27,13 @@ from yikatong.argtypes import (
 )
 from yikatong.errors import CliError
 from yikatong.process import setup_logging, stop_on_sigterm
+
+# each command imports the terminal, card, MQTT and PC/SC layers when it runs: --help starts without them
+if TYPE_CHECKING:
+    from terminals.mqtt import BrokerUrl
+    from terminals.outbox import Outbox
+    from terminals.pcsc import PcscReader
+    from terminals.terminal import TapResult, Terminal
 
 log = logging.getLogger("yikatong.terminal")
 
@@ -144,6 +141,8 @@ def _terminal_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _open_outbox(path: Path) -> Outbox:
+    from terminals.outbox import Outbox, OutboxError
+
     try:
         return Outbox(path)
     except OutboxError as err:
@@ -152,6 +151,11 @@ def _open_outbox(path: Path) -> Outbox:
 
 def _build_terminal(args: argparse.Namespace) -> Terminal:
     """A terminal from the command line; CliError for every missing or contradictory option."""
+    from cardsim.issuer import IssuerHost
+    from terminals.metro import FareTable, FareTableError
+    from terminals.outbox import OutboxError
+    from terminals.terminal import Terminal, TerminalConfig
+
     kind: TerminalKind = args.kind
     if kind is TerminalKind.BUS and args.fare is None:
         raise CliError("a bus terminal needs --fare (fen)")
@@ -185,6 +189,8 @@ def _build_terminal(args: argparse.Namespace) -> Terminal:
 
 
 def _pcsc(name: str) -> PcscReader:
+    from terminals.pcsc import PcscReader, ReaderNotFound  # pyscard: only the commands on a reader
+
     try:
         return PcscReader(name)
     except ReaderNotFound as err:
@@ -199,6 +205,8 @@ def _print(result: TapResult) -> None:
 
 
 def _tap(args: argparse.Namespace) -> int:
+    import asyncio
+
     setup_logging(logging.WARNING)
     terminal = _build_terminal(args)
     if args.broker is not None and args.hotlist_wait > 0:
@@ -219,6 +227,11 @@ def _tap(args: argparse.Namespace) -> int:
 
 
 def _tap_image(terminal: Terminal, path: Path) -> TapResult:
+    from cardsim.image import CardImageError, load_card, save_card
+    from cardsim.mifare import M1Card, M1State
+    from cardsim.purse import PurseCard, PurseState
+    from terminals.reader import InProcessReader
+
     try:
         state = load_card(path)
     except CardImageError as err:
@@ -246,6 +259,8 @@ def _tap_image(terminal: Terminal, path: Path) -> TapResult:
 async def _take_hotlists(terminal: Terminal, broker: BrokerUrl, wait: float) -> None:
     """Take every issuer's retained hotlist before the tap: until each list is whole and none has come for a
     moment, at most ``wait`` s; when that runs out, say so in one line and go on with the lists held."""
+    from terminals.uplink import Uplink
+
     uplink = Uplink(broker, terminal)
     book = terminal.hotlists
     if await uplink.run_until(lambda: book.settled() and uplink.hotlists_quiet(), wait):
@@ -262,6 +277,8 @@ async def _take_hotlists(terminal: Terminal, broker: BrokerUrl, wait: float) -> 
 
 async def _publish(terminal: Terminal, broker: BrokerUrl, ack_wait: float) -> None:
     """Publish the outbox (until PUBACK), then wait up to ``ack_wait`` s for the clearing's ack."""
+    from terminals.uplink import Uplink
+
     uplink = Uplink(broker, terminal)
     queued = terminal.outbox.counts().queued
     if not queued:
@@ -278,6 +295,8 @@ async def _publish(terminal: Terminal, broker: BrokerUrl, ack_wait: float) -> No
 
 
 def _run(args: argparse.Namespace) -> int:
+    import asyncio
+
     setup_logging(logging.INFO)
     terminal = _build_terminal(args)
     reader = _pcsc(args.reader)
@@ -313,6 +332,10 @@ class UplinkDied(Exception):
 
 
 async def _run_loop(terminal: Terminal, reader: PcscReader, broker: BrokerUrl | None, count: int | None) -> None:
+    import asyncio
+
+    from terminals.uplink import Uplink
+
     uplink = Uplink(broker, terminal) if broker is not None else None
     task = asyncio.create_task(uplink.run()) if uplink is not None else None
     taps = 0
@@ -347,6 +370,8 @@ async def _run_loop(terminal: Terminal, reader: PcscReader, broker: BrokerUrl | 
 
 
 def _existing_terminal(args: argparse.Namespace) -> Terminal:
+    from terminals.terminal import Terminal, TerminalConfig
+
     if not args.state.is_file():
         raise CliError(f"{args.state}: no such terminal state file")
     outbox = _open_outbox(args.state)
@@ -358,6 +383,10 @@ def _existing_terminal(args: argparse.Namespace) -> Terminal:
 
 
 def _sync(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from terminals.uplink import Uplink
+
     setup_logging(logging.INFO)
     terminal = _existing_terminal(args)
     queued = terminal.outbox.counts().queued
