@@ -8,14 +8,12 @@ from dataclasses import dataclass
 from cardsim import crypto
 from cardsim.bcd import bcd, bcd_date
 from cardsim.crypto import Algorithm
+from cardsim.issue_options import CARD_CLASSES, DEFAULT_MAX_BALANCE
 from cardsim.keys import IssuerKeyStore
 from cardsim.purse import PurseKeys, PurseState
 
 T_UNION_PREFIX = "3104"
 """First four digits of every application serial (T-Union style); then city code, then 12 digits."""
-
-CARD_CLASSES = {1: "normal", 2: "student", 3: "elderly", 4: "test"}
-DEFAULT_MAX_BALANCE = 100_000  # fen: 1,000 yuan, the usual cap of a transit purse
 
 
 class IssueError(ValueError):

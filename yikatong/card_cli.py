@@ -13,9 +13,9 @@ from typing import TYPE_CHECKING
 
 from cardsim import vpcd
 from cardsim.crypto import Algorithm
+from cardsim.issue_options import CARD_CLASSES, DEFAULT_MAX_BALANCE
 from cardsim.m1_issue import KeyScheme
 from cardsim.mifare import M1State, Profile, parse_value_block
-from cardsim.personalise import CARD_CLASSES, DEFAULT_MAX_BALANCE
 from yikatong.argtypes import Subcommands, city_code, command_group, fen, file_path, hex_number, load_keys
 from yikatong.errors import CliError
 from yikatong.process import stop_on_sigterm
