@@ -8,9 +8,14 @@ chains blocks (CBC-MAC) and lays out the data that goes into them (spec card.md,
 from __future__ import annotations
 
 import enum
+from collections.abc import Sequence
+from typing import Final, TypeAlias
 
 from cryptography.hazmat.decrepit.ciphers.algorithms import TripleDES
 from cryptography.hazmat.primitives.ciphers import Cipher, CipherContext, algorithms, modes
+
+MAC_SIZE: Final = 4
+"""A purse MAC, TAC or M1 record MAC is the left 4 bytes of the last CBC block."""
 
 
 class Algorithm(enum.Enum):
@@ -75,14 +80,19 @@ class BlockKey:
         return self._ecb.update(data)
 
     def mac(self, data: bytes) -> bytes:
-        """Purse MAC: pad ``80 00..`` (always), CBC-MAC with IV 0, keep the left 4 bytes."""
+        """Purse MAC: pad ``80 00..`` (always), CBC-MAC with IV 0, keep the left MAC_SIZE bytes."""
         size = self.algorithm.block_size
         padded = pad80(data, size)
-        chain = bytes(size)
-        for offset in range(0, len(padded), size):
-            block = (int.from_bytes(chain) ^ int.from_bytes(padded[offset : offset + size])).to_bytes(size)
-            chain = self._ecb.update(block)
-        return chain[:4]
+        return self.cbc_macs([padded[offset : offset + size] for offset in range(0, len(padded), size)])[:MAC_SIZE]
+
+    def cbc_macs(self, steps: Sequence[bytes]) -> bytes:
+        """The last CBC block (IV 0) of many padded messages of as many blocks at once: ``steps[k]`` is the k-th
+        block of every message, concatenated in message order; so is the result. One ECB call per step serves
+        all the messages (a call costs as much as ~2 blocks)."""
+        chain = self._ecb.update(steps[0])
+        for blocks in steps[1:]:
+            chain = self._ecb.update((int.from_bytes(chain) ^ int.from_bytes(blocks)).to_bytes(len(blocks)))
+        return chain
 
 
 def pad80(data: bytes, block_size: int) -> bytes:
@@ -152,11 +162,53 @@ def purchase_mac2_data(amount: int) -> bytes:
     return amount.to_bytes(4)
 
 
+Layout: TypeAlias = tuple[tuple[str, int], ...]
+"""The fields a MAC covers, in order: (name, width in bytes). Integers go big-endian, bytes as they are; the
+clearing lays out whole columns of records by the same table (clearing.verify)."""
+
+PURCHASE_TAC: Final[Layout] = (
+    ("amount", 4),
+    ("txn_type", 1),
+    ("terminal", 6),
+    ("terminal_seq", 4),
+    ("date", 4),
+    ("time", 3),
+)
+LOAD_TAC: Final[Layout] = (
+    ("balance_after", 4),  # the new balance
+    ("counter", 2),  # the online counter before the increment
+    ("amount", 4),
+    ("txn_type", 1),
+    ("terminal", 6),
+    ("date", 4),
+    ("time", 3),
+)
+M1_RECORD: Final[Layout] = (
+    ("uid", 4),
+    ("counter", 2),
+    ("amount", 4),
+    ("balance_before", 4),
+    ("balance_after", 4),
+    ("terminal", 6),
+    ("terminal_seq", 4),
+    ("date", 4),
+    ("time", 3),
+)
+
+
+def pack(layout: Layout, *values: int | bytes) -> bytes:
+    """The data of ``layout`` from its field values in order."""
+    return b"".join(
+        value if isinstance(value, bytes) else value.to_bytes(width)
+        for value, (_, width) in zip(values, layout, strict=True)
+    )
+
+
 def purchase_tac_data(
     amount: int, txn_type: int, terminal: bytes, terminal_seq: int, date: bytes, time: bytes
 ) -> bytes:
-    """amount(4) | type(1) | terminal no(6) | terminal seq(4) | date(4) | time(3)."""
-    return amount.to_bytes(4) + bytes([txn_type]) + terminal + terminal_seq.to_bytes(4) + date + time
+    """amount(4) | type(1) | terminal no(6) | terminal seq(4) | date(4) | time(3) (PURCHASE_TAC)."""
+    return pack(PURCHASE_TAC, amount, txn_type, terminal, terminal_seq, date, time)
 
 
 def load_mac1_data(balance_before: int, amount: int, txn_type: int, terminal: bytes) -> bytes:
@@ -172,19 +224,12 @@ def load_mac2_data(amount: int, txn_type: int, terminal: bytes, date: bytes, tim
 def load_tac_data(
     new_balance: int, online_counter: int, amount: int, txn_type: int, terminal: bytes, date: bytes, time: bytes
 ) -> bytes:
-    """new balance(4) | online counter before increment(2) | amount(4) | type(1) | terminal(6) | date | time."""
-    return (
-        new_balance.to_bytes(4)
-        + online_counter.to_bytes(2)
-        + amount.to_bytes(4)
-        + bytes([txn_type])
-        + terminal
-        + date
-        + time
-    )
+    """new balance(4) | online counter before increment(2) | amount(4) | type(1) | terminal(6) | date | time
+    (LOAD_TAC)."""
+    return pack(LOAD_TAC, new_balance, online_counter, amount, txn_type, terminal, date, time)
 
 
-def m1_record_key(purchase_master: bytes, uid: bytes) -> BlockKey:
+def m1_record_key(purchase_master: bytes | BlockKey, uid: bytes) -> BlockKey:
     """Key of the terminal MAC on M1 records (M1 cards have no TAC): SM4, diversified with uid | ~uid."""
     return BlockKey(Algorithm.SM4, diversify(Algorithm.SM4, purchase_master, uid + bytes(b ^ 0xFF for b in uid)))
 
@@ -200,18 +245,9 @@ def m1_record_data(
     date: bytes,
     time: bytes,
 ) -> bytes:
-    """uid(4) | counter(2) | amount(4) | balance before(4) | balance after(4) | terminal(6) | seq(4) | date | time."""
-    return (
-        uid
-        + counter.to_bytes(2)
-        + amount.to_bytes(4)
-        + balance_before.to_bytes(4)
-        + balance_after.to_bytes(4)
-        + terminal
-        + terminal_seq.to_bytes(4)
-        + date
-        + time
-    )
+    """uid(4) | counter(2) | amount(4) | balance before(4) | balance after(4) | terminal(6) | seq(4) | date | time
+    (M1_RECORD)."""
+    return pack(M1_RECORD, uid, counter, amount, balance_before, balance_after, terminal, terminal_seq, date, time)
 
 
 BLOCK_COMMAND_HEADER = bytes.fromhex("841E000004")

@@ -46,23 +46,40 @@ class IssuerHost:
     def __init__(self, keys: IssuerKeyStore) -> None:
         self.keys = keys
         self._card_keys: dict[tuple[object, ...], BlockKey] = {}
+        # master keys ready to diversify with, by (city, version, usage, algorithm): a cipher context costs
+        # as much as ~15 blocks, and every card of an issuer starts from the same few masters
+        self._masters: dict[tuple[str, int, str, Algorithm], BlockKey] = {}
 
     def _key_set(self, card_serial: bytes, version: int) -> IssuerKeySet:
         try:
             city = city_of_serial(card_serial)
         except ValueError as err:
             raise HostRefusal(str(err)) from err
+        return self._version(city, version)
+
+    def _version(self, city: str, version: int) -> IssuerKeySet:
         key_set = self.keys.get(city, version)
         if key_set is None:
             raise HostRefusal(f"no keys for issuer {city} version {version}")
         return key_set
 
+    def _master(self, key_set: IssuerKeySet, alg: Algorithm, usage: str) -> BlockKey:
+        name = (key_set.city, key_set.version, usage, alg)
+        master = self._masters.get(name)
+        if master is None:
+            raw = getattr(key_set, usage)
+            if raw is None:
+                raise HostRefusal(f"this key store holds no {usage} keys")
+            master = self._masters[name] = BlockKey(alg, raw)
+        return master
+
+    def _diversified(self, card_serial: bytes, version: int, alg: Algorithm, usage: str) -> bytes:
+        master = self._master(self._key_set(card_serial, version), alg, usage)
+        return crypto.diversify(alg, master, card_serial)
+
     def card_key(self, card_serial: bytes, version: int, alg: Algorithm, usage: str) -> BlockKey:
         """A card's diversified key for one usage (purchase, load, tac, maintenance)."""
-        master = getattr(self._key_set(card_serial, version), usage)
-        if master is None:
-            raise HostRefusal(f"this key store holds no {usage} keys")
-        return BlockKey(alg, crypto.diversify(alg, master, card_serial))
+        return BlockKey(alg, self._diversified(card_serial, version, alg, usage))
 
     def authorize_load(self, req: LoadRequest) -> bytes:
         """Check the card's MAC1 and return MAC2 for CREDIT FOR LOAD; HostRefusal if MAC1 is wrong."""
@@ -80,19 +97,15 @@ class IssuerHost:
         """The card's TAC key, for verifying the TAC of its transactions."""
         return self._cached(
             ("tac", card_serial, version, alg),
-            lambda: crypto.tac_key(alg, self.card_key(card_serial, version, alg, "tac").key),
+            lambda: crypto.tac_key(alg, self._diversified(card_serial, version, alg, "tac")),
         )
 
     def m1_record_key(self, issuer: str, version: int, uid: bytes) -> BlockKey:
         """The key of an M1 card's record MAC (M1 cards have no TAC), from the issuer's purchase master."""
-
-        def derive() -> BlockKey:
-            key_set = self.keys.get(issuer, version)
-            if key_set is None:
-                raise HostRefusal(f"no keys for issuer {issuer} version {version}")
-            return crypto.m1_record_key(key_set.purchase, uid)
-
-        return self._cached(("m1", issuer, version, uid), derive)
+        return self._cached(
+            ("m1", issuer, version, uid),
+            lambda: crypto.m1_record_key(self._master(self._version(issuer, version), Algorithm.SM4, "purchase"), uid),
+        )
 
     def _cached(self, name: tuple[object, ...], derive: Callable[[], BlockKey]) -> BlockKey:
         key = self._card_keys.get(name)
