@@ -49,10 +49,13 @@ def async_url(text_url: str) -> str:
 
 def open_engine(text_url: str) -> AsyncEngine:
     """An async engine for the URL. SQLite gets WAL with full sync (a commit survives power loss: the clearing
-    acks only what it committed) and a busy timeout so several processes can share the file."""
+    acks only what it committed) and a busy timeout so several processes can share the file (30 s, or the URL's
+    ``?timeout=S``)."""
     url = async_url(text_url)
     if url.startswith("sqlite"):
-        engine = create_async_engine(url, connect_args={"timeout": 30})
+        # 30 s unless the URL says otherwise (?timeout=S): connect_args would override the URL's own
+        busy = {} if "timeout" in make_url(url).query else {"timeout": 30}
+        engine = create_async_engine(url, connect_args=busy)
 
         @event.listens_for(engine.sync_engine, "connect")
         def _pragmas(dbapi_connection: DBAPIConnection, _record: ConnectionPoolEntry) -> None:

@@ -400,8 +400,10 @@ async def test_two_workers_move_the_marks_of_the_same_terminals_at_once(tmp_path
                 await engine.dispose()
 
 
-async def test_ack_bookkeeping_costs_the_same_statements_for_3_or_60_terminals(tmp_path: Path) -> None:
-    """The database round trips of a batch do not grow with the terminals in it (first contact and after)."""
+@pytest.mark.parametrize("bulk_from", [1, 10**9], ids=["bulk", "statement"])
+async def test_ack_bookkeeping_costs_the_same_statements_for_3_or_60_terminals(tmp_path: Path, bulk_from: int) -> None:
+    """The database round trips of a batch do not grow with the terminals in it (first contact and after), the
+    records inserted in bulk or by a statement alike."""
     fleet = _fleet_records(63)
     async with fresh_db("sqlite", tmp_path) as url:
         engine = open_engine(url)
@@ -414,7 +416,7 @@ async def test_ack_bookkeeping_costs_the_same_statements_for_3_or_60_terminals(t
 
         event.listen(engine.sync_engine, "before_cursor_execute", count)
         try:
-            ledger = Ledger(engine, CITY)
+            ledger = Ledger(engine, CITY, bulk_from=bulk_from)
             costs = []
             for seq in (1, 2):
                 for terminals in (list(fleet)[:3], list(fleet)[3:]):

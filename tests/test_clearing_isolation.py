@@ -7,12 +7,13 @@ from __future__ import annotations
 import hashlib
 import json
 import signal
+import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from clearing_corpus import CITY, TERMINAL, good_records
+from clearing_corpus import CITY, TERMINAL, corpus, good_records
 from clearing_support import HOST, fresh_db
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -178,9 +179,11 @@ def test_the_tacs_of_many_messages_are_verified_in_one_batch(monkeypatch: pytest
 # --- isolation at the database ---------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("bulk_from", [1, 10**9], ids=["bulk", "statement"])
 async def test_a_message_the_database_refuses_costs_itself_alone(
-    ledger: Ledger, monkeypatch: pytest.MonkeyPatch
+    ledger: Ledger, monkeypatch: pytest.MonkeyPatch, bulk_from: int
 ) -> None:
+    ledger.bulk_from = bulk_from
     records = good_records()
     poison = records[2]
     real_row = clearing.ledger._row
@@ -208,7 +211,28 @@ async def test_a_message_the_database_refuses_costs_itself_alone(
     assert ack.acked_through == poison.seq - 1
 
 
-async def test_database_trouble_leaves_the_batch_unacked(tmp_path: Path) -> None:
+@pytest.mark.parametrize("fresh", [True, False], ids=["bulk-attempt", "known-resend"])
+async def test_duplicates_and_conflicts_in_a_bulk_batch_are_counted_exactly(ledger: Ledger, fresh: bool) -> None:
+    """A batch that repeats a stored record and replays a stored card counter with other content: through the
+    bulk path (COPY collides on PostgreSQL, SQLite inserts fewer rows than given) or, for a worker that acked
+    the repeat itself, straight through the statement path: the same outcome either way."""
+    ledger.bulk_from = 1
+    good = good_records()
+    (clone,) = [case for case in corpus() if case.name == "replayed-counter"]  # good[0]'s card and counter
+    first = await ledger.store([received(batch_payload([good[0].to_json(), good[1].to_json()]).encode())])
+    assert (first.stored, first.duplicates) == (2, 0)
+    again = Ledger(ledger.engine, CITY, bulk_from=1) if fresh else ledger
+    second = await again.store(
+        [received(batch_payload([r.to_json() for r in (good[0], good[2], good[3])]).encode()), received(clone.payload)]
+    )
+    assert (second.stored, second.duplicates, second.conflicts, second.quarantined) == (2, 1, 1, 1)
+    assert sorted(row.seq for row in await rows(ledger, LEDGER)) == [1, 2, 3, 4]
+    (ack,) = second.terminal_acks
+    assert ack.acked_through == 4
+
+
+@pytest.mark.parametrize("bulk_from", [1, 10**9], ids=["bulk", "statement"])
+async def test_database_trouble_leaves_the_batch_unacked(tmp_path: Path, bulk_from: int) -> None:
     """A locked SQLite database is the database's fault, not the data's: nothing is quarantined, the error
     reaches the service (which leaves the batch unacked)."""
     url = f"sqlite:///{tmp_path / 'locked.sqlite'}"
@@ -216,11 +240,11 @@ async def test_database_trouble_leaves_the_batch_unacked(tmp_path: Path) -> None
     await migrate(engine)
     await engine.dispose()
     locked = open_engine(url)
-    impatient = Ledger(open_engine(url + "?timeout=0.2"), CITY)
+    impatient = Ledger(open_engine(url + "?timeout=0.2"), CITY, bulk_from=bulk_from)
     try:
         async with locked.connect() as holder:
             await holder.execute(text("BEGIN EXCLUSIVE"))
-            with pytest.raises(OperationalError) as raised:
+            with pytest.raises((OperationalError, sqlite3.OperationalError)) as raised:  # the bulk path's: raw
                 await impatient.store([received(good_records()[0].to_json().encode())])
             assert database_trouble(raised.value)
             await holder.execute(text("ROLLBACK"))
