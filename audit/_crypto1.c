@@ -23,18 +23,30 @@
 #define MASK24 0xFFFFFFu
 #define SORT_BITS 11 /* the 22-bit feedback records are sorted in two passes of 11 bits */
 
-static inline uint32_t filter20(uint32_t x) {
-    uint32_t f = (((FB << 4) >> (x & 0xF)) & 16) | (((FA << 3) >> ((x >> 4) & 0xF)) & 8) |
-                 (((FB << 2) >> ((x >> 8) & 0xF)) & 4) | (((FB << 1) >> ((x >> 12) & 0xF)) & 2) |
-                 ((FA >> ((x >> 16) & 0xF)) & 1);
-    return (FC >> f) & 1;
-}
-
-/* filter20 of every 20-bit input, a bit each (128 KiB: it stays in the cache, where computing the filter
- * twice per candidate was most of the recovery's instructions); filled once when the module is loaded. */
+/* The non-linear filter over the 20 low bits of the odd half, fc(fb, fa, fb, fb, fa) by nibble (low nibble
+ * first), for every input: a bit each (128 KiB: it stays in the cache, where computing the filter twice per
+ * candidate was most of the recovery's instructions); filled once when the module is loaded. */
 static uint8_t filter_bits[1 << 17];
 
-/* filter20 of x (bit 0) and of x|1 (bit 1), for an even x. */
+static void fill_filter_bits(void) {
+    /* fc's input but for the low nibble's fb bit (16), from the 16 high bits; then each byte of the table,
+     * eight low nibbles, is one of 2 x 16 */
+    uint8_t bytes[16][2] = {{0}};
+    for (uint32_t rest = 0; rest < 16; rest++)
+        for (uint32_t low = 0; low < 16; low++)
+            bytes[rest][low >> 3] |= (uint8_t)(((FC >> (rest | (((FB << 4) >> low) & 16))) & 1) << (low & 7));
+    for (uint32_t high = 0; high < (1u << 16); high++) {
+        uint32_t rest = (((FA << 3) >> (high & 0xF)) & 8) | (((FB << 2) >> ((high >> 4) & 0xF)) & 4) |
+                        (((FB << 1) >> ((high >> 8) & 0xF)) & 2) | ((FA >> ((high >> 12) & 0xF)) & 1);
+        filter_bits[2 * high] = bytes[rest][0];
+        filter_bits[2 * high + 1] = bytes[rest][1];
+    }
+}
+
+/* The filter of x, from the table. */
+static inline uint32_t filter(uint32_t x) { return (filter_bits[(x & 0xFFFFF) >> 3] >> (x & 7)) & 1; }
+
+/* The filter of x (bit 0) and of x|1 (bit 1), for an even x. */
 static inline uint32_t filter_pair(uint32_t x) { return (filter_bits[(x & 0xFFFFF) >> 3] >> (x & 6)) & 3; }
 
 static inline uint32_t parity(uint32_t x) { return (uint32_t)__builtin_parity(x); }
@@ -47,7 +59,7 @@ typedef struct {
 } State;
 
 static inline uint32_t clock_bit(State *s, uint32_t in, int encrypted) {
-    uint32_t ks = filter20(s->odd);
+    uint32_t ks = filter(s->odd);
     uint32_t feed = (encrypted ? ks : 0) ^ in ^ parity((LF_POLY_ODD & s->odd) ^ (LF_POLY_EVEN & s->even));
     uint32_t odd = s->odd;
     s->odd = ((s->even << 1) | feed) & MASK24;
@@ -55,10 +67,17 @@ static inline uint32_t clock_bit(State *s, uint32_t in, int encrypted) {
     return ks;
 }
 
-static uint32_t clock_word(State *s, uint32_t in, int encrypted) {
-    uint32_t ks = 0;
-    for (int i = 0; i < 32; i++) ks |= clock_bit(s, bebit(in, i), encrypted) << (i ^ 24);
-    return ks;
+/* Clock 32 times, feeding a word in cipher order (its keystream is not wanted). */
+static void feed_word(State *s, uint32_t in, int encrypted) {
+    for (int i = 0; i < 32; i++) clock_bit(s, bebit(in, i), encrypted);
+}
+
+/* Whether the next 32 clocks give the keystream ks; stops at the first bit that differs (a wrong state is
+ * refused after two bits on average, not 32). */
+static int gives_keystream(State *s, uint32_t ks) {
+    for (int i = 0; i < 32; i++)
+        if (clock_bit(s, 0, 0) != bebit(ks, i)) return 0;
+    return 1;
 }
 
 static inline void rollback_bit(State *s, uint32_t in, int encrypted) {
@@ -66,7 +85,7 @@ static inline void rollback_bit(State *s, uint32_t in, int encrypted) {
     s->odd = s->even;
     s->even = odd >> 1;
     uint32_t out = (odd & 1) ^ in ^ parity((LF_POLY_EVEN & s->even) ^ (LF_POLY_ODD & s->odd));
-    if (encrypted) out ^= filter20(s->odd);
+    if (encrypted) out ^= filter(s->odd);
     s->even |= out << 23;
 }
 
@@ -336,9 +355,9 @@ static PyObject *py_mfkey32_keys(PyObject *self, PyObject *args) {
         rollback_word(&s, nr0_enc, 1);
         rollback_word(&s, fed0, 0);
         State t = s;
-        clock_word(&t, fed1, 0);
-        clock_word(&t, nr1_enc, 1);
-        if (clock_word(&t, 0, 0) == ks2_1) keys[found++] = lfsr48(&s);
+        feed_word(&t, fed1, 0);
+        feed_word(&t, nr1_enc, 1);
+        if (gives_keystream(&t, ks2_1)) keys[found++] = lfsr48(&s);
     }
     Py_END_ALLOW_THREADS
     free(states);
@@ -368,7 +387,7 @@ static PyObject *py_mfkey64_keys(PyObject *self, PyObject *args) {
     }
     for (size_t i = 0; i < n && !failed; i++) {
         State s = states[i], t = states[i];
-        if (clock_word(&t, 0, 0) != ks3) continue;
+        if (!gives_keystream(&t, ks3)) continue;
         rollback_word(&s, 0, 0);
         rollback_word(&s, nr_enc, 1);
         rollback_word(&s, fed, 0);
@@ -404,6 +423,6 @@ static struct PyModuleDef module = {
 };
 
 PyMODINIT_FUNC PyInit__crypto1(void) {
-    for (uint32_t x = 0; x < (1u << 20); x++) filter_bits[x >> 3] |= (uint8_t)(filter20(x) << (x & 7));
+    fill_filter_bits();
     return PyModule_Create(&module);
 }
