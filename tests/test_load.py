@@ -21,7 +21,9 @@ from terminals.messages import Ack, Rejection
 from terminals.outbox import MemoryOutbox
 from yikatong.cli import main
 from yikatong.load_cli import listed_cards
-from yikatong.loadgen import Plan, TimedQueue, rush_hour
+from yikatong.load_profiles import rush_hour
+from yikatong.load_schedule import Plan
+from yikatong.loadgen import TimedQueue
 from yikatong.synthetic import SyntheticTerminal, synthetic_cards
 
 CITIES = ("4510", "4560", "4530")
@@ -53,25 +55,29 @@ def test_embedded_run_every_record_made_is_in_the_ledger_once_and_acked(tmp_path
     rows = _terminal_rows(tmp_path)
     assert len(rows) == made and len(set(rows)) == made  # none lost, none doubled
     latency = doc["latency_ms"]
-    assert isinstance(latency, dict) and 0 < latency["p50"] <= latency["p95"] <= latency["p99"]
+    assert isinstance(latency, dict)
+    assert 0 < latency["p50"] <= latency["p90"] <= latency["p99"] <= latency["p99.9"] <= latency["max"]
     page = (tmp_path / "load-report.html").read_text()
-    assert page.count("<svg") == 2 and "<script" not in page and "http" not in page.replace("http://www.w3", "")
+    assert page.count("<svg") >= 2 and "<script" not in page and "http" not in page.replace("http://www.w3", "")
 
 
 def test_rush_hour_on_mosquitto_offers_peaks_over_a_quiet_base(tmp_path: Path) -> None:
-    require_mosquitto()
-    code, doc = _run_load(
-        tmp_path,
-        *("--terminals", "200", "--cards", "400", "--rate", "60", "--duration", "10"),
-        *("--profile", "rush-hour", "--broker", "mqtt://127.0.0.1:1883"),
-    )
+    """On a private Mosquitto: the machine's may carry other runs' records, which this run's clearings would
+    store too."""
+    with private_mosquitto(tmp_path) as broker:
+        code, doc = _run_load(
+            tmp_path / "out",
+            *("--terminals", "200", "--cards", "400", "--rate", "60", "--duration", "10"),
+            *("--profile", "rush-hour", "--broker", str(broker.url), "--session-expiry", "0"),
+        )
     assert code == 0, doc
     timeline = doc["timeline"]
     assert isinstance(timeline, list)
     offered = [s["offered"] for s in timeline[:10]]
     assert max(offered) > 2.5 * min(offered)  # peaks at 3 s and 7.5 s over a fifth of the rate
     assert offered.index(max(offered)) in (2, 3, 7)
-    assert len(set(_terminal_rows(tmp_path))) == doc["acked"] == doc["generated"]
+    assert sum(offered) == doc["offered"]  # every tap of the timetable falls in a second of the run
+    assert len(set(_terminal_rows(tmp_path / "out"))) == doc["acked"] == doc["generated"]
 
 
 def test_a_card_hotlisted_during_the_run_is_refused_in_every_city_and_the_propagation_reported(
@@ -199,6 +205,12 @@ def test_on_mosquitto_the_terminals_sessions_expire_after_the_run(tmp_path: Path
         (["--hotlist-at", "0"], "more than 0"),
         (["--hotlist-cards", "1001"], "more than the run's 1000 cards"),
         (["--hotlist-at", "5", "--external-clearing"], "needs the clearing's --db"),
+        (["--workers", "0"], "at least 1"),
+        (["--sweep", "--hotlist-at", "5"], "do not go together"),
+        (["--sweep", "--profile", "rush-hour"], "flat steps"),
+        (["--sweep-factor", "1"], "more than 1"),
+        (["--slo-ms", "0"], "more than 0"),
+        (["--clearing-metrics", "http://127.0.0.1:1/metrics"], "for an --external-clearing"),
     ],
 )
 def test_bad_arguments_exit_2_with_the_reason(
@@ -220,17 +232,17 @@ def test_plan_integrates_the_profile() -> None:
     assert rush_hour(0.0) == pytest.approx(0.2, abs=0.01) and rush_hour(0.52) < 0.3
 
 
-def test_timed_queue_times_what_an_ack_covers_and_counts_rejects() -> None:
-    seen: list[tuple[int, int, int]] = []
-    queue = TimedQueue(MemoryOutbox(), lambda lat, acked, rej: seen.append((len(lat), acked, rej)))
+def test_timed_queue_hands_out_the_moments_an_ack_covers_once() -> None:
+    queue = TimedQueue(MemoryOutbox())
     maker = SyntheticTerminal(IssuerHost(KEYS), "4510", "451000000001", dt.datetime(2026, 11, 24, 8))
     card = synthetic_cards(1, ["4510"])[0]
-    for _ in range(5):
-        queue.append(maker.purchase(card, 200))
+    for k in range(5):
+        queue.append(maker.purchase(card, 200), moment=100.0 + k, label=k % 2)
     assert [seq for seq, _ in queue.unacked(2, 10)] == [3, 4, 5]
     ack = Ack(
         schema="yikatong.ack/1", terminal="451000000001", acked_through=3, rejected=[Rejection(seq=2, reason="x")]
     )
     assert queue.apply_ack(ack) == (2, 1)
-    assert seen == [(3, 2, 1)] and queue.queued() == 2
-    assert queue.apply_ack(ack) == (0, 0) and seen == [(3, 2, 1)]  # the same ack again covers nothing new
+    assert queue.covered(3) == [(1, 100.0, 0), (2, 101.0, 1), (3, 102.0, 0)] and queue.queued() == 2
+    assert queue.covered(3) == []  # the same ack again covers nothing new
+    assert queue.covered(5) == [(4, 103.0, 1), (5, 104.0, 0)]

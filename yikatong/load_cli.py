@@ -1,5 +1,7 @@
-"""``yikatong load``: many simulated terminals in one process publishing signed records to the clearing over MQTT
-at an offered rate, with live progress and, at the end, the achieved rate, ack latency and a plot."""
+"""``yikatong load``: many simulated terminals, spread over worker processes, publishing signed records to the
+clearing over MQTT on a fixed timetable, with live progress and, at the end, the achieved rate, ack latency from
+each tap's moment, whether the generator kept its timetable, and a plot; ``--sweep`` finds the highest rate that
+keeps the p99 within an SLO."""
 
 from __future__ import annotations
 
@@ -8,9 +10,9 @@ import contextlib
 import itertools
 import json
 import logging
+import os
 import random
 import secrets
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -33,10 +35,10 @@ from yikatong.process import setup_logging
 # the load engine, MQTT and the database are imported by the command when it runs: --help and the other
 # commands start without them
 if TYPE_CHECKING:
-    from cardsim.issuer import IssuerHost
     from terminals.mqtt import BrokerUrl
-    from yikatong.load_report import HotlistDoc, LoadSummary
-    from yikatong.loadgen import HotlistAdd, Plan, Progress, SimTerminal
+    from yikatong.load_coordinator import RunResult
+    from yikatong.load_workers import WorkerSpec
+    from yikatong.loadgen import HotlistAdd
     from yikatong.synthetic import SyntheticCard
 
 CITIES = ["4510", "4560", "4530"]
@@ -53,6 +55,13 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _factor(text: str) -> float:
+    value = _positive_float(text)
+    if value <= 1:
+        raise argparse.ArgumentTypeError("must be more than 1")
+    return value
+
+
 def _cities(text: str) -> list[str]:
     cities = [city_code(part.strip()) for part in text.split(",") if part.strip()]
     if not cities or len(set(cities)) != len(cities):
@@ -65,16 +74,20 @@ def register(groups: Subcommands) -> None:
     load = groups.add_parser(
         "load",
         help="drive many simulated terminals against a broker and clearing; rate, ack latency, plot",
-        description="Simulate N bus terminals in this process, each with its own MQTT connection, outbox and uplink "
-        "(QoS 1, records kept until the clearing acks them). Taps are offered at --rate per second (open loop, "
-        "following --profile) for --duration seconds, by M cards of the cities (a fifth of riders in another "
-        "city); each record is signed with the test keys exactly as a PSAM would. Then the tool waits for the "
-        "outstanding acks and prints the achieved rate, ack latency p50/p95/p99 and rejects, and writes "
-        "load-summary.json and load-report.html (rate and latency over time) into --out. Without --broker an "
-        "embedded broker runs in this process; unless --external-clearing, a clearing process per city is "
-        "started on --db. Exit 0 when every record was acked and none rejected, 1 otherwise.",
-        epilog="Example: yikatong load --terminals 10000 --cards 20000 --rate 500 --duration 60 "
-        "--broker mqtt://127.0.0.1:1883 --profile rush-hour",
+        description="Simulate N bus terminals in --workers processes, each terminal with its own MQTT connection, "
+        "outbox and uplink (QoS 1, records kept until the clearing acks them). Taps are offered on a fixed "
+        "timetable at --rate per second (open loop, following --profile) for --duration seconds, by M cards of "
+        "the cities (a fifth of riders in another city); each record is signed with the test keys exactly as a "
+        "PSAM would. Ack latency runs from the moment each tap was due, so a generator that falls behind "
+        "cannot hide it; when it does, the progress line, the summary and the report say by how much. Then the "
+        "tool waits for the outstanding acks and prints the achieved rate, ack latency p50/p90/p95/p99/p99.9/max "
+        "(HDR histograms) and rejects, and writes load-summary.json and load-report.html (rate, latency, lag and "
+        "the clearings' queues over time) into --out. Without --broker an embedded broker runs in this process; "
+        "unless --external-clearing, a clearing process per city is started on --db, and its metrics are "
+        "scraped into the report. Exit 0 when every record was acked and none rejected (with --sweep: and a "
+        "step held), 1 otherwise.",
+        epilog="Examples: yikatong load --terminals 10000 --cards 20000 --rate 500 --duration 60 "
+        "--broker mqtt://127.0.0.1:1883 --profile rush-hour;  yikatong load --sweep --rate 200 --slo-ms 1000",
     )
     load.add_argument("--terminals", type=positive, default=100, help="simulated terminals (default 100)")
     load.add_argument("--cards", type=positive, default=1000, help="simulated cards, spread over the cities (1000)")
@@ -141,18 +154,69 @@ def register(groups: Subcommands) -> None:
         metavar="N",
         help="cards --hotlist-at lists, taken from each city in turn (default %(default)s)",
     )
+    load.add_argument(
+        "--workers",
+        type=positive,
+        default=os.cpu_count() or 1,
+        metavar="N",
+        help="worker processes sharing the terminals and the timetable, each on its own event loop "
+        "(default: one per core, %(default)s here)",
+    )
+    sweeping = load.add_argument_group(
+        "sweep",
+        "--sweep offers flat steps from --rate up, each --step-seconds long and drained before the next, until a "
+        "step's p99 ack latency passes --slo-ms (or a record stays unacked); the report gives every step and the "
+        "highest rate that held",
+    )
+    sweeping.add_argument("--sweep", action="store_true", help="step the offered rate up until the SLO breaks")
+    sweeping.add_argument(
+        "--slo-ms", type=_positive_float, default=1000.0, help="p99 ack latency a step must keep (ms, 1000)"
+    )
+    sweeping.add_argument(
+        "--sweep-factor",
+        type=_factor,
+        default=1.25,
+        help="each step offers this many times the last (more than 1; default %(default)s)",
+    )
+    sweeping.add_argument(
+        "--step-seconds", type=_positive_float, default=10.0, help="seconds of load per step (default 10)"
+    )
+    sweeping.add_argument("--sweep-steps", type=positive, default=20, help="steps at most (default 20)")
+    load.add_argument(
+        "--clearing-metrics",
+        action="append",
+        default=[],
+        metavar="URL",
+        help="with --external-clearing: a clearing's Prometheus endpoint (clearing serve --metrics-port) to scrape "
+        "once a second into the report; repeat for each (the clearings load starts are scraped anyway)",
+    )
     load.set_defaults(run=run)
 
 
+def _check(args: argparse.Namespace) -> None:
+    """Refuse argument combinations that cannot run."""
+    if args.hotlist_at is not None and args.hotlist_at >= args.duration:
+        raise CliError(f"--hotlist-at {args.hotlist_at:g} is not within the --duration of {args.duration:g} s")
+    if args.hotlist_at is not None and args.external_clearing and args.db is None:
+        raise CliError("--hotlist-at with --external-clearing needs the clearing's --db: the hotlist is kept there")
+    if args.hotlist_cards > args.cards:
+        raise CliError(f"--hotlist-cards {args.hotlist_cards} is more than the run's {args.cards} cards")
+    if args.sweep and args.hotlist_at is not None:
+        raise CliError("--sweep and --hotlist-at do not go together: a sweep's steps are drained one by one")
+    if args.sweep and args.profile != "flat":
+        raise CliError("--sweep offers flat steps: leave --profile out")
+    if args.clearing_metrics and not args.external_clearing:
+        raise CliError("--clearing-metrics is for an --external-clearing: the started clearings are scraped anyway")
+
+
 def run(args: argparse.Namespace) -> int:
-    """Run the load; 0 when everything made was acked and nothing rejected."""
+    """Run the load; 0 when everything made was acked and nothing rejected (and with --sweep, a step held)."""
     import asyncio
 
-    from cardsim.issuer import IssuerHost
-    from yikatong.loadgen import Plan
     from yikatong.synthetic import synthetic_cards
 
     setup_logging(logging.ERROR)  # the uplinks' reconnect warnings would drown the progress line
+    _check(args)
     out: Path = args.out
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -160,36 +224,25 @@ def run(args: argparse.Namespace) -> int:
             args.state_dir.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise CliError(f"cannot create {err.filename}: {err.strerror}") from err
-    if args.hotlist_at is not None and args.hotlist_at >= args.duration:
-        raise CliError(f"--hotlist-at {args.hotlist_at:g} is not within the --duration of {args.duration:g} s")
-    if args.hotlist_at is not None and args.external_clearing and args.db is None:
-        raise CliError("--hotlist-at with --external-clearing needs the clearing's --db: the hotlist is kept there")
-    if args.hotlist_cards > args.cards:
-        raise CliError(f"--hotlist-cards {args.hotlist_cards} is more than the run's {args.cards} cards")
     keys = load_keys(args.keys)
     missing = [c for c in args.cities if c not in {s.city for s in keys}]
     if missing:
         raise CliError(f"the key file holds no keys of city {', '.join(missing)}: records could not be signed")
     seed = args.seed if args.seed is not None else secrets.randbits(32)
-    host = IssuerHost(keys)
     resumed = args.state_dir is not None and (args.state_dir / "terminals.json").exists()
-    terminals = _terminals(args, host, seed)
+    pairs = _roster(args, seed)
     # cards keep their counters on the card, not in the state folder: a resumed run takes new cards, or the same
     # seed would replay the old cards' counters (clones, in the clearing's eyes)
     cards = synthetic_cards(args.cards, args.cities, secrets.randbits(32) if resumed else seed)
-    by_city: dict[str, list[SyntheticCard]] = {}
     for card in cards:
         card.balance = 20_000
-        by_city.setdefault(card.issuer, []).append(card)
-    plan = Plan(args.rate, args.duration, args.profile)
-    return asyncio.run(_run(args, terminals, by_city, plan, seed))
+    return asyncio.run(_run(args, pairs, cards, seed))
 
 
-def _terminals(args: argparse.Namespace, host: IssuerHost, seed: int) -> list[SimTerminal]:
-    """New terminals, or those of --state-dir's roster when it has one (so a rerun resumes them)."""
+def _roster(args: argparse.Namespace, seed: int) -> list[tuple[str, str]]:
+    """New terminals (city, number), or those of --state-dir's roster when it has one (so a rerun resumes them)."""
     from cardsim.files import write_text_atomic
-    from terminals.outbox import OutboxError
-    from yikatong.loadgen import SimTerminal, TimedQueue, open_outbox, terminal_numbers
+    from yikatong.loadgen import terminal_numbers
 
     roster_path = args.state_dir / "terminals.json" if args.state_dir is not None else None
     if roster_path is not None and roster_path.exists():
@@ -199,88 +252,131 @@ def _terminals(args: argparse.Namespace, host: IssuerHost, seed: int) -> list[Si
             raise CliError(f"{roster_path}: not a terminal roster ({err})") from err
         if len(pairs) != args.terminals:
             raise CliError(f"{roster_path} holds {len(pairs)} terminals, not --terminals {args.terminals}")
-    else:
-        pairs = terminal_numbers(args.cities, args.terminals, random.Random(seed))
-        if roster_path is not None:
-            write_text_atomic(roster_path, json.dumps(pairs) + "\n")
-    try:
-        return [
-            SimTerminal(host, city, number, TimedQueue(open_outbox(args.state_dir, number, city)), args.fare)
-            for city, number in pairs
-        ]
-    except OutboxError as err:
-        raise CliError(str(err)) from err
+        return pairs
+    pairs = terminal_numbers(args.cities, args.terminals, random.Random(seed))
+    if roster_path is not None:
+        write_text_atomic(roster_path, json.dumps(pairs) + "\n")
+    return pairs
 
 
-async def _run(
-    args: argparse.Namespace, terminals: list[SimTerminal], cards: dict[str, list[SyntheticCard]], plan: Plan, seed: int
-) -> int:
-    import asyncio
-
+async def _run(args: argparse.Namespace, pairs: list[tuple[str, str]], cards: list[SyntheticCard], seed: int) -> int:
     from cardsim.files import write_text_atomic
     from terminals.mqtt import given_or_embedded
+    from yikatong.load_console import print_summary
     from yikatong.load_report import LoadSettings, render_html, summary
-    from yikatong.loadgen import HotlistPlan, LoadRun
-    from yikatong.process import clearing_processes
+    from yikatong.load_workers import worker_specs
 
     # a given broker is shared and outlives the run: the terminals' sessions must expire there (MQTT 5); the
     # embedded amqtt speaks MQTT 3.1.1 only, and its sessions end with it at the end of the run
     expiry = None if args.broker is None else args.session_expiry
     if args.broker is not None:
         await _require_mqtt5(args.broker)
+    by_city: dict[str, list[SyntheticCard]] = {}
+    for card in cards:
+        by_city.setdefault(card.issuer, []).append(card)
+    listed = listed_cards(by_city, args.hotlist_cards) if args.hotlist_at is not None else []
     async with given_or_embedded(args.broker) as broker:
-        out: Path = args.out
-
-        def database(city: str) -> str:
-            return str(args.db) if args.db else f"sqlite:///{out / f'clearing-{city}.sqlite'}"
-
-        hotlist = None
-        if args.hotlist_at is not None:
-            hotlist = HotlistPlan(
-                args.hotlist_at, listed_cards(cards, args.hotlist_cards), hotlist_adder(broker, database)
-            )
-        load = LoadRun(broker, terminals, cards, plan, seed=seed, session_expiry=expiry, hotlist=hotlist)
-
+        specs = worker_specs(
+            args.workers,
+            pairs,
+            cards,
+            broker=broker,
+            keys=args.keys,
+            fare=args.fare,
+            seed=seed,
+            connect_timeout=args.connect_timeout,
+            state_dir=args.state_dir,
+            session_expiry=expiry,
+            hotlist_at=args.hotlist_at,
+            hotlist_cards=listed,
+        )
+        what = (
+            f"a sweep from {args.rate:g} taps/s, x{args.sweep_factor:g} every {args.step_seconds:g} s until p99 > "
+            f"{args.slo_ms:g} ms"
+            if args.sweep
+            else f"{args.rate:g} taps/s ({args.profile}) for {args.duration:g} s"
+        )
         print(
-            f"load: {len(terminals):,} terminals, {args.cards:,} cards, {plan.rate:g} taps/s ({plan.profile}) for "
-            f"{plan.duration:g} s on {broker}" + ("" if args.external_clearing else "; starting the clearings"),
+            f"load: {len(pairs):,} terminals in {len(specs)} worker process(es), {args.cards:,} cards, {what} on "
+            f"{broker}" + ("" if args.external_clearing else "; starting the clearings"),
             flush=True,
         )
-        stack = contextlib.ExitStack()
-        try:
-            if not args.external_clearing:
-                # in a thread: the embedded broker in this loop must serve the clearings while they start and stop
-                await asyncio.to_thread(
-                    lambda: stack.enter_context(
-                        clearing_processes(args.cities, broker, database, out, session_expiry=expiry)
-                    )
-                )
-            printer = _Printer()
-            await load.run(printer.show, connect_timeout=args.connect_timeout, drain_timeout=args.drain)
-            printer.done()
-        finally:
-            await asyncio.to_thread(stack.close)
+        result = await _conduct(args, broker, specs, expiry, listed)
         settings: LoadSettings = {
             "terminals": args.terminals,
             "cards": args.cards,
-            "rate": plan.rate,
-            "duration": plan.duration,
-            "profile": plan.profile,
+            "rate": args.rate,
+            "duration": args.duration,
+            "profile": args.profile,
             "broker": str(broker),
             "clearing": "external" if args.external_clearing else "started",
             "session_expiry": expiry,
             "seed": seed,
+            "workers": len(specs),
             "hotlist_at": args.hotlist_at,
             "hotlist_cards": args.hotlist_cards,
         }
-        doc = summary(load, settings)
+        doc = summary(result, settings)
     write_text_atomic(args.out / "load-summary.json", json.dumps(doc, indent=1) + "\n")
     write_text_atomic(args.out / "load-report.html", render_html(doc))
-    _print_summary(doc)
+    print_summary(doc)
     print(f"wrote {args.out / 'load-summary.json'} and {args.out / 'load-report.html'}")
     # a listed card's record taken before its terminal held the list may be rejected: that is the add's doing
     expected = doc["hotlist"]["rejected"] if doc["hotlist"] is not None else 0
-    return 0 if doc["unacked"] == 0 and doc["rejected"] == expected else 1
+    clean = doc["unacked"] == 0 and doc["rejected"] == expected
+    return 0 if clean and (doc["sweep"] is None or doc["sweep"]["held_rate"] is not None) else 1
+
+
+async def _conduct(
+    args: argparse.Namespace,
+    broker: BrokerUrl,
+    specs: list[WorkerSpec],
+    expiry: int | None,
+    listed: list[SyntheticCard],
+) -> RunResult:
+    """The clearings started (unless external), the workers connected, the load offered (or swept), merged."""
+    import asyncio
+
+    from yikatong.load_console import Printer
+    from yikatong.load_coordinator import Coordinator, Hotlist
+    from yikatong.load_schedule import Plan, Sweep
+    from yikatong.load_workers import WorkerPool
+    from yikatong.loadgen import HotlistPlan
+    from yikatong.process import clearing_processes
+
+    out: Path = args.out
+
+    def database(city: str) -> str:
+        return str(args.db) if args.db else f"sqlite:///{out / f'clearing-{city}.sqlite'}"
+
+    ports: dict[str, int] = {}
+    endpoints = {f"external-{i}": url for i, url in enumerate(args.clearing_metrics)}
+    stack = contextlib.ExitStack()
+    printer = Printer()
+    try:
+        if not args.external_clearing:
+            # in a thread: the embedded broker in this loop must serve the clearings while they start and stop
+            await asyncio.to_thread(
+                lambda: stack.enter_context(
+                    clearing_processes(args.cities, broker, database, out, session_expiry=expiry, metrics_ports=ports)
+                )
+            )
+        async with WorkerPool(specs) as pool:
+            coordinator = Coordinator(pool, printer.show, endpoints)
+            async with coordinator.watching():
+                await coordinator.connect()
+                if args.sweep:
+                    sweep = Sweep(args.rate, args.sweep_factor, args.step_seconds, args.sweep_steps, args.slo_ms / 1000)
+                    await coordinator.sweep(sweep, args.drain)
+                else:
+                    hotlist = None
+                    if args.hotlist_at is not None:
+                        hotlist = Hotlist(HotlistPlan(args.hotlist_at, listed), hotlist_adder(broker, database))
+                    await coordinator.run(Plan(args.rate, args.duration, args.profile), args.drain, hotlist)
+                return await coordinator.finish()
+    finally:
+        printer.done()
+        await asyncio.to_thread(stack.close)
 
 
 def listed_cards(cards: dict[str, list[SyntheticCard]], count: int) -> list[SyntheticCard]:
@@ -334,82 +430,3 @@ async def _require_mqtt5(broker: BrokerUrl, timeout: float = 10.0) -> None:
             "MQTT 5 on a given broker so that their sessions expire; Mosquitto 2 does; without --broker an "
             "embedded broker is used)"
         ) from err
-
-
-class _Printer:
-    """The live progress line: redrawn in place on a terminal, one line a second otherwise."""
-
-    def __init__(self) -> None:
-        self.tty = sys.stderr.isatty()
-
-    def show(self, p: Progress) -> None:
-        if p.phase == "connecting":
-            line = f"connecting {p.connected:,}/{p.terminals:,} terminals ({p.elapsed:.0f} s)"
-        elif p.phase == "load":
-            lat = p.last.latencies
-            tail = f"  p95 {sorted(lat)[int(len(lat) * 0.95)] * 1000:.0f} ms" if lat else ""
-            line = (
-                f"{p.elapsed:4.0f} s  offered {p.last.offered:,.0f}/s  made {p.last.generated:,}/s  acked "
-                f"{p.last.acked:,}/s{tail}  waiting {p.queued:,}  connected {p.connected:,}/{p.terminals:,}"
-                f"  rejected {p.rejected:,}"
-            )
-        else:
-            line = f"draining: {p.queued:,} records wait for their ack ({p.acked:,}/{p.generated:,} acked)"
-        if self.tty:
-            sys.stderr.write("\r\033[K" + line)
-        else:
-            sys.stderr.write(line + "\n")
-        sys.stderr.flush()
-
-    def done(self) -> None:
-        if self.tty:
-            sys.stderr.write("\n")
-
-
-def _print_summary(doc: LoadSummary) -> None:
-    lat = doc["latency_ms"]
-    ms = "  ".join(f"{k} {v if v is not None else '-'} ms" for k, v in lat.items())
-    print()
-    print(
-        f"terminals        {doc['terminals']:,} ({doc['connected']:,} connected, {doc['connect_seconds']} s to connect)"
-    )
-    print(f"offered          {doc['offered']:,} taps")
-    print(f"made             {doc['generated']:,} records ({doc['generated_per_second']:,}/s)")
-    print(f"acked            {doc['acked']:,} records ({doc['acked_per_second']:,}/s during the load)")
-    print(f"ack latency      {ms}")
-    print(f"rejected         {doc['rejected']:,}")
-    print(f"unacked at end   {doc['unacked']:,} (after {doc['drain_seconds']} s of draining)")
-    if doc["hotlist"] is not None:
-        _print_hotlist(doc["hotlist"])
-
-
-def _ms(value: float | None) -> str:
-    return "-" if value is None else f"{value:,.0f} ms"
-
-
-def _print_hotlist(news: HotlistDoc) -> None:
-    if news["at"] is None:
-        print("hotlist          not added: the load ended before --hotlist-at")
-        return
-    lists = ", ".join(
-        f"{issuer} version {version}, published in {_ms(news['published_ms'][issuer])}"
-        for issuer, version in news["versions"].items()
-    )
-    held = news["holding_ms"]
-    print(
-        f"hotlist          {len(news['cards']):,} card(s) added at {news['at']:.1f} s ({lists}); "
-        f"{news['holding']:,} terminals hold it, from the add: p50 {_ms(held['p50'])}  p99 {_ms(held['p99'])}"
-    )
-    refusals = "  ".join(
-        f"{city} {_ms(first)} ({news['refusals'][city]:,} refused)" for city, first in news["first_refusal_ms"].items()
-    )
-    print(f"first refusal    {refusals}")
-    print(
-        f"listed cards     {news['taken']:,} record(s) taken after the add before the terminal held the list, "
-        f"{news['rejected']:,} rejected by the clearing"
-    )
-    for issuer, version in news["ahead"].items():
-        print(
-            f"note: terminals held version {version} of {issuer}'s hotlist before the add made version "
-            f"{news['versions'][issuer]}: a list retained on the broker by another database; they ignore the new one"
-        )

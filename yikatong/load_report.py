@@ -1,25 +1,42 @@
-"""The load run's summary: figures from the per-second timeline (rates, ack latency percentiles), the
-``yikatong.load-summary/1`` JSON document, and one self-contained HTML page with the rate and latency over time
+"""The load run's summary: the ``yikatong.load-summary/2`` JSON document (rates, ack latency percentiles from the
+merged HDR histogram, whether the generator kept its timetable, the sweep's steps, the clearings' metrics, the
+per-second timeline) and one self-contained HTML page with the rates, latency, lag and clearing queues over time
 as inline SVG (no script, nothing fetched)."""
 
 from __future__ import annotations
 
+import base64
 import html
 from collections.abc import Sequence
-from typing import TypedDict
+from typing import TYPE_CHECKING, TypedDict
 
 import numpy as np
 
-from yikatong.loadgen import LoadRun
+from yikatong.load_metrics import MetricsDoc
+from yikatong.load_schedule import LATE
+from yikatong.load_stats import PERCENTILES, Counts, Percentiles, percentiles
 
-SUMMARY_SCHEMA = "yikatong.load-summary/1"
-PERCENTILES = (50, 95, 99)
+if TYPE_CHECKING:
+    from yikatong.load_coordinator import RunResult, StepResult
 
-Percentiles = dict[str, float | None]
-"""``p50``, ``p95``, ``p99`` in milliseconds (None when nothing was timed)."""
+SUMMARY_SCHEMA = "yikatong.load-summary/2"
+LATENCY_KEYS = [name for name, _ in PERCENTILES] + ["max"]
+RED, GREEN = "#c00", "#080"
+
 SecondDoc = dict[str, float | None]
-"""One second of the timeline: ``second``, ``offered``, ``generated``, ``acked``, ``rejected`` and the
-percentiles, flat."""
+"""One second of the timeline: ``second``, ``offered`` (taps due), ``generated``, ``acked``, ``rejected``, ``late``
+(taps due this second and made late), ``lag_s`` (the most one was late) and the latency percentiles of the acks
+that came in it, flat."""
+
+
+def percentiles_ms(latencies: Sequence[float]) -> dict[str, float | None]:
+    """p50/p95/p99 of a few latencies given in seconds, in milliseconds (None when there are none): for small
+    samples such as one per terminal (ack latencies go into HDR histograms instead)."""
+    points = (50, 95, 99)
+    if not latencies:
+        return {f"p{p}": None for p in points}
+    values = np.percentile(np.asarray(latencies) * 1000.0, points)
+    return {f"p{p}": round(float(v), 1) for p, v in zip(points, values, strict=True)}
 
 
 class LoadSettings(TypedDict):
@@ -34,6 +51,7 @@ class LoadSettings(TypedDict):
     clearing: str  # "started" or "external"
     session_expiry: int | None
     seed: int
+    workers: int
     hotlist_at: float | None  # seconds into the load when cards went on a hotlist (None: none did)
     hotlist_cards: int
 
@@ -47,18 +65,54 @@ class HotlistDoc(TypedDict):
     published_ms: dict[str, float]  # issuer -> from the add to its version stored and published (broker's PUBACK)
     ahead: dict[str, int]  # issuer -> a version at least as high the terminals held before (a stale retained list)
     holding: int  # terminals holding every new version at the end
-    holding_ms: Percentiles  # from the add to each of them holding it
+    holding_ms: dict[str, float | None]  # from the add to each of them holding it
     first_refusal_ms: dict[str, float | None]  # terminal city -> first refusal of a listed card there
     refusals: dict[str, int]  # terminal city -> taps of listed cards refused
     taken: int  # records of listed cards made after the add, before their terminal held the list
     rejected: int  # records of listed cards the clearing rejected (not counted against the run)
 
 
+class ScheduleDoc(TypedDict):
+    """Whether the generator made its taps at their moments."""
+
+    late_after_ms: float  # a tap made later than this after its moment is late
+    taps: int  # taps due by the timetables
+    late: int  # of those, made late
+    max_lag_s: float  # the most a tap was made after its moment
+    behind: bool  # any tap late: the latency includes the generator's own delay (it runs from each moment)
+
+
+class StepDoc(TypedDict):
+    """One step of a sweep (its taps by their moment, wherever their acks came)."""
+
+    rate: float
+    seconds: float
+    offered: int
+    generated: int
+    acked: int
+    rejected: int
+    unacked: int
+    late: int
+    max_lag_s: float
+    latency_ms: Percentiles
+    held: bool
+
+
+class SweepDoc(TypedDict):
+    """``--sweep``: the steps, and the highest offered rate whose p99 stayed within the SLO."""
+
+    slo_ms: float
+    held_rate: float | None  # None: not even the first step held
+    limit: str  # why the sweep stopped
+    steps: list[StepDoc]
+
+
 class LoadSummary(TypedDict):
-    """The ``yikatong.load-summary/1`` document."""
+    """The ``yikatong.load-summary/2`` document."""
 
     schema: str
     settings: LoadSettings
+    workers: int
     terminals: int
     connected: int
     connect_seconds: float
@@ -71,69 +125,123 @@ class LoadSummary(TypedDict):
     acked_per_second: float
     drain_seconds: float
     latency_ms: Percentiles
+    latency_hdr: str  # the run's ack latency histogram (µs), HdrHistogram.encode(): merge runs with decode/add
+    schedule: ScheduleDoc
     hotlist: HotlistDoc | None
+    sweep: SweepDoc | None
+    clearing_metrics: MetricsDoc | None
     timeline: list[SecondDoc]
 
 
-def percentiles_ms(latencies: Sequence[float]) -> Percentiles:
-    """p50/p95/p99 of latencies given in seconds, in milliseconds (None when there are none)."""
-    if not latencies:
-        return {f"p{p}": None for p in PERCENTILES}
-    values = np.percentile(np.asarray(latencies) * 1000.0, PERCENTILES)
-    return {f"p{p}": round(float(v), 1) for p, v in zip(PERCENTILES, values, strict=True)}
-
-
-def summary(run: LoadRun, settings: LoadSettings) -> LoadSummary:
-    """The whole run as one JSON document: settings, totals, percentiles and the timeline."""
-    latencies = [x for second in run.timeline for x in second.latencies]
-    duration = run.plan.duration
-    queued = run.queued()
-    timeline: list[SecondDoc] = [
-        {
-            "second": i,
-            "offered": round(s.offered, 1),
-            "generated": s.generated,
-            "acked": s.acked,
-            "rejected": s.rejected,
-            **percentiles_ms(s.latencies),
-        }
-        for i, s in enumerate(run.timeline)
-    ]
+def _schedule(counts: Counts) -> ScheduleDoc:
     return {
-        "schema": SUMMARY_SCHEMA,
-        "settings": settings,
-        "terminals": len(run.terminals),
-        "connected": run.connected(),
-        "connect_seconds": round(run.connect_seconds, 2),
-        "offered": round(run.offered),
-        "generated": run.generated,
-        "acked": run.acked,
-        "rejected": run.rejected,
-        "unacked": queued,
-        "generated_per_second": round(run.generated / duration, 1),
-        "acked_per_second": round(sum(s.acked for s in run.timeline[: int(duration)]) / duration, 1),
-        "drain_seconds": round(run.drain_seconds, 2),
-        "latency_ms": percentiles_ms(latencies),
-        "hotlist": _hotlist(run),
-        "timeline": timeline,
+        "late_after_ms": LATE * 1000,
+        "taps": counts.offered,
+        "late": counts.late,
+        "max_lag_s": round(counts.lag, 3),
+        "behind": counts.late > 0,
     }
 
 
-def _hotlist(run: LoadRun) -> HotlistDoc | None:
-    """The run's hotlist propagation (None when it had no hotlist plan)."""
-    if run.hotlist is None:
+def _step(step: StepResult) -> StepDoc:
+    counts = step.counts
+    return {
+        "rate": round(step.rate, 1),
+        "seconds": step.seconds,
+        "offered": counts.offered,
+        "generated": counts.generated,
+        "acked": counts.acked,
+        "rejected": counts.rejected,
+        "unacked": step.unacked,
+        "late": counts.late,
+        "max_lag_s": round(counts.lag, 3),
+        "latency_ms": percentiles(counts.latency),
+        "held": step.held,
+    }
+
+
+def _sweep(steps: list[StepResult]) -> SweepDoc | None:
+    if not steps:
         return None
+    held = [step for step in steps if step.held]
+    last = steps[-1]
+    if last.held:
+        limit = f"every step held, up to {last.rate:,.0f} taps/s: the sweep's steps ran out before the SLO broke"
+    else:
+        p99 = percentiles(last.counts.latency)["p99"]
+        why = f"{last.unacked:,} records unacked after its drain" if last.unacked else f"p99 {p99:,} ms"
+        limit = f"the step at {last.rate:,.0f} taps/s missed the SLO ({why})"
+        if last.counts.late:
+            limit += (
+                f"; the generator was behind its timetable there ({last.counts.late:,} taps late, up to "
+                f"{last.counts.lag:.2f} s): the limit may be this load generator's (more --workers, another machine)"
+            )
+    return {
+        "slo_ms": steps[0].slo * 1000,
+        "held_rate": round(held[-1].rate, 1) if held else None,
+        "limit": limit,
+        "steps": [_step(step) for step in steps],
+    }
+
+
+def _second(index: int, counts: Counts) -> SecondDoc:
+    doc: SecondDoc = {
+        "second": index,
+        "offered": counts.offered,
+        "generated": counts.generated,
+        "acked": counts.acked,
+        "rejected": counts.rejected,
+        "late": counts.late,
+        "lag_s": round(counts.lag, 3),
+    }
+    doc.update(percentiles(counts.latency))
+    return doc
+
+
+def summary(run: RunResult, settings: LoadSettings) -> LoadSummary:
+    """The whole run as one JSON document: settings, totals, percentiles, schedule, sweep, metrics, timeline."""
+    total = run.tally.total()
+    seconds = run.tally.seconds
+    offered_seconds = max(1, round(run.duration))
+    return {
+        "schema": SUMMARY_SCHEMA,
+        "settings": settings,
+        "workers": run.workers,
+        "terminals": run.terminals,
+        "connected": run.connected,
+        "connect_seconds": round(run.connect_seconds, 2),
+        "offered": total.offered,
+        "generated": run.generated,
+        "acked": run.acked,
+        "rejected": run.rejected,
+        "unacked": run.unacked,
+        "generated_per_second": round(run.generated / run.duration, 1) if run.duration else 0.0,
+        "acked_per_second": round(sum(s.acked for s in seconds[:offered_seconds]) / offered_seconds, 1),
+        "drain_seconds": round(run.drain_seconds, 2),
+        "latency_ms": percentiles(total.latency),
+        "latency_hdr": base64.b64encode(total.latency.encode()).decode("ascii"),
+        "schedule": _schedule(total),
+        "hotlist": _hotlist(run, settings),
+        "sweep": _sweep(run.steps),
+        "clearing_metrics": run.metrics,
+        "timeline": [_second(i, s) for i, s in enumerate(seconds)],
+    }
+
+
+def _hotlist(run: RunResult, settings: LoadSettings) -> HotlistDoc | None:
+    """The run's hotlist propagation (None when it had no hotlist add)."""
     news = run.propagation
-    holding = news.holding(run.terminals)
-    cities = sorted({t.city for t in run.terminals})
+    if news is None or settings["hotlist_at"] is None:
+        return None
+    cities = run.cities
     return {
         "at": None if news.at is None else round(news.at, 3),
-        "cards": {card.serial: card.issuer for card in run.hotlist.cards},
+        "cards": run.listed,
         "versions": news.versions,
         "published_ms": {issuer: round(seconds * 1000, 1) for issuer, seconds in news.published.items()},
         "ahead": news.ahead,
-        "holding": len(holding),
-        "holding_ms": percentiles_ms(holding),
+        "holding": len(run.holding),
+        "holding_ms": percentiles_ms(run.holding),
         "first_refusal_ms": {
             city: None if city not in news.first_refusal else round(news.first_refusal[city] * 1000, 1)
             for city in cities
@@ -151,25 +259,30 @@ def _polyline(points: list[tuple[float, float]], colour: str) -> str:
     return f'<polyline fill="none" stroke="{colour}" stroke-width="2" points="{text}"/>'
 
 
-def _chart(title: str, unit: str, series: list[tuple[str, str, list[float | None]]]) -> str:
-    """A line chart: x = second of the run, one line per series (None values leave a gap)."""
-    width, height, left, bottom, top = 760, 260, 60, 30, 20
+def _chart(
+    title: str, unit: str, series: list[tuple[str, str, list[float | None]]], xs: list[float] | None = None
+) -> str:
+    """A line chart, one line per series (None values leave a gap); x is the second of the run (``xs``: the
+    second of each value, when they are not one a second)."""
+    width, height, left, bottom, top = 760, 260, 70, 30, 20
     length = max((len(values) for _, _, values in series), default=1)
+    span = max(xs[-1] if xs else length - 1, 1)
     top_value = max((v for _, _, values in series for v in values if v is not None), default=1.0) or 1.0
     plot_w, plot_h = width - left - 20, height - bottom - top
 
     def at(i: int, v: float) -> tuple[float, float]:
-        return left + plot_w * i / max(1, length - 1), top + plot_h * (1 - v / top_value)
+        x = xs[i] if xs else i
+        return left + plot_w * x / span, top + plot_h * (1 - v / top_value)
 
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img">']
     parts.append(f"<title>{html.escape(title)}</title>")
     for k in range(5):
         value = top_value * k / 4
-        _, y = at(0, value)
+        y = top + plot_h * (1 - k / 4)
         parts.append(f'<line x1="{left}" x2="{width - 20}" y1="{y:.1f}" y2="{y:.1f}" stroke="#ddd"/>')
-        parts.append(f'<text x="{left - 6}" y="{y + 4:.1f}" text-anchor="end" font-size="11">{value:,.0f}</text>')
-    for k in range(0, length, max(1, length // 10)):
-        x, _ = at(k, 0)
+        parts.append(f'<text x="{left - 6}" y="{y + 4:.1f}" text-anchor="end" font-size="11">{value:,.4g}</text>')
+    for k in range(0, int(span) + 1, max(1, int(span) // 10)):
+        x = left + plot_w * k / span
         parts.append(f'<text x="{x:.1f}" y="{height - 10}" text-anchor="middle" font-size="11">{k}s</text>')
     for _, colour, values in series:
         run: list[tuple[float, float]] = []
@@ -185,17 +298,101 @@ def _chart(title: str, unit: str, series: list[tuple[str, str, list[float | None
     return f"<h2>{html.escape(title)} ({html.escape(unit)})</h2><p>{legend}</p>{''.join(parts)}"
 
 
-def _hotlist_rows(news: HotlistDoc | None) -> list[tuple[str, str]]:
+PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b")
+
+
+def _metrics_charts(metrics: MetricsDoc | None) -> str:
+    """Queue depth and stored rate of each clearing over the run (nothing without metrics)."""
+    if metrics is None or not metrics["timeline"]:
+        return ""
+    timeline = metrics["timeline"]
+    xs = [max(0.0, s["second"]) for s in timeline]
+    cities = sorted(metrics["cities"])
+    colours = dict(zip(cities, PALETTE, strict=False))
+    depth = [(city, colours[city], [s["queue_depth"].get(city) for s in timeline]) for city in cities]
+    stored = [(city, colours[city], [s["stored_per_second"].get(city) for s in timeline]) for city in cities]
+    return _chart("Clearing queue depth", "messages waiting, per city", depth, xs) + _chart(
+        "Clearing stored", "records per second, per city", stored, xs
+    )
+
+
+def _hotlist_rows(news: HotlistDoc | None) -> list[tuple[str, str, str]]:
     """The report's rows on the hotlist add (none without one)."""
     if news is None or news["at"] is None:
         return []
     held = news["holding_ms"]
     firsts = news["first_refusal_ms"]
     return [
-        ("hotlist add", f"{len(news['cards'])} card(s) at {news['at']} s: {news['versions']}"),
-        ("terminals holding it", f"{news['holding']:,}, from the add p50 {held['p50']} ms p99 {held['p99']} ms"),
-        ("first refusal", " ".join(f"{city} {ms} ms" for city, ms in firsts.items())),
+        ("hotlist add", f"{len(news['cards'])} card(s) at {news['at']} s: {news['versions']}", ""),
+        ("terminals holding it", f"{news['holding']:,}, from the add p50 {held['p50']} ms p99 {held['p99']} ms", ""),
+        ("first refusal", " ".join(f"{city} {ms} ms" for city, ms in firsts.items()), ""),
     ]
+
+
+def schedule_line(schedule: ScheduleDoc) -> str:
+    """One sentence on whether the generator kept its timetable."""
+    if not schedule["behind"]:
+        return f"on schedule: every one of {schedule['taps']:,} taps made within {schedule['late_after_ms']:.0f} ms"
+    share = schedule["late"] / max(1, schedule["taps"])
+    return (
+        f"BEHIND its timetable: {schedule['late']:,} of {schedule['taps']:,} taps ({share:.1%}) made more than "
+        f"{schedule['late_after_ms']:.0f} ms after their moment, up to {schedule['max_lag_s']:.2f} s late "
+        "(the latency counts from each tap's moment, so it includes this delay)"
+    )
+
+
+def _metrics_rows(metrics: MetricsDoc | None) -> list[tuple[str, str, str]]:
+    if metrics is None:
+        return []
+    rows = []
+    for city, doc in metrics["cities"].items():
+        commit, lag = doc["batch_commit_ms"], doc["ack_lag_ms"]
+        rows.append(
+            (
+                f"clearing {city}",
+                f"in {doc['records_in']:,}, stored {doc['records_stored']:,}, quarantined "
+                f"{doc['records_quarantined']:,}, forwarded {doc['records_forwarded']:,}; queue depth max "
+                f"{doc['queue_depth_max']:,.0f}; batch commit p50 {commit['p50']} ms p99 {commit['p99']} ms "
+                f"({commit['count']:,} commits); ack lag p50 {lag['p50']} ms p99 {lag['p99']} ms",
+                "",
+            )
+        )
+    if metrics["errors"]:
+        rows.append(("metrics scrapes failed", "; ".join(metrics["errors"]), RED))
+    return rows
+
+
+def _sweep_table(sweep: SweepDoc | None) -> str:
+    if sweep is None:
+        return ""
+    head = "".join(f"<th>{h}</th>" for h in ("offered/s", "taps", "records", "acked", "unacked", "late", "lag s"))
+    head += "".join(f"<th>{k} ms</th>" for k in LATENCY_KEYS) + "<th>held</th>"
+    rows = []
+    for step in sweep["steps"]:
+        lat = step["latency_ms"]
+        late = _colour(RED if step["late"] else "")
+        cells = [
+            f"<td>{step['rate']:,.0f}</td><td>{step['offered']:,}</td><td>{step['generated']:,}</td>",
+            f"<td>{step['acked']:,}</td><td>{step['unacked']:,}</td><td{late}>{step['late']:,}</td>",
+            f"<td{late}>{step['max_lag_s']}</td>",
+            *(f"<td>{lat[k]}</td>" for k in LATENCY_KEYS),
+            f'<td style="color:{GREEN if step["held"] else RED}">{"yes" if step["held"] else "no"}</td>',
+        ]
+        rows.append(f"<tr>{''.join(cells)}</tr>")
+    held = sweep["held_rate"]
+    verdict = (
+        f"highest offered rate that held (p99 &le; {sweep['slo_ms']:,.0f} ms): <b>{held:,.0f} taps/s</b>"
+        if held is not None
+        else f'<span style="color:{RED}">no step held p99 &le; {sweep["slo_ms"]:,.0f} ms</span>'
+    )
+    return (
+        f"<h2>Sweep</h2><p>{verdict}; {html.escape(sweep['limit'])}</p>"
+        f"<table border=1 cellspacing=0 cellpadding=3><tr>{head}</tr>{''.join(rows)}</table>"
+    )
+
+
+def _colour(colour: str) -> str:
+    return f' style="color:{colour}"' if colour else ""
 
 
 def render_html(doc: LoadSummary) -> str:
@@ -204,34 +401,46 @@ def render_html(doc: LoadSummary) -> str:
     settings = doc["settings"]
     rates = _chart(
         "Rate",
-        "records per second",
+        "per second",
         [
-            ("offered", "#999", [s["offered"] for s in timeline]),
-            ("generated", "#1f77b4", [s["generated"] for s in timeline]),
+            ("offered (taps due)", "#999", [s["offered"] for s in timeline]),
+            ("generated (records)", "#1f77b4", [s["generated"] for s in timeline]),
             ("acked", "#2ca02c", [s["acked"] for s in timeline]),
         ],
     )
-    colours = dict(zip(PERCENTILES, ("#2ca02c", "#ff7f0e", "#d62728"), strict=True))
+    colours = {"p50": "#2ca02c", "p99": "#ff7f0e", "p99.9": "#d62728"}
     latency = _chart(
-        "Ack latency",
-        "ms, per second of the run",
-        [(f"p{p}", colours[p], [s[f"p{p}"] for s in timeline]) for p in PERCENTILES],
+        "Ack latency from each tap's moment",
+        "ms, of the acks in each second of the run",
+        [(key, colour, [s[key] for s in timeline]) for key, colour in colours.items()],
     )
+    schedule = doc["schedule"]
+    lag = ""
+    if schedule["behind"]:
+        lag = _chart(
+            "Generator behind its timetable",
+            "s, most a tap due that second was late",
+            [("lag", RED, [s["lag_s"] for s in timeline])],
+        )
     lat = doc["latency_ms"]
-    rows = [
-        ("terminals", f"{doc['terminals']:,} ({doc['connected']:,} connected in {doc['connect_seconds']} s)"),
-        ("offered", f"{settings['rate']:,} taps/s peak, {settings['profile']}, {settings['duration']} s"),
-        ("generated", f"{doc['generated']:,} records ({doc['generated_per_second']:,}/s)"),
-        ("acked", f"{doc['acked']:,} records ({doc['acked_per_second']:,}/s during the load)"),
-        ("rejected", f"{doc['rejected']:,}"),
-        ("unacked at the end", f"{doc['unacked']:,}"),
-        ("ack latency", " ".join(f"{k} {v} ms" for k, v in lat.items())),
-        ("broker", html.escape(str(settings["broker"]))),
+    rows: list[tuple[str, str, str]] = [
+        ("terminals", f"{doc['terminals']:,} ({doc['connected']:,} connected in {doc['connect_seconds']} s)", ""),
+        ("workers", f"{doc['workers']} process(es)", ""),
+        ("offered", f"{settings['rate']:,} taps/s peak, {settings['profile']}, {settings['duration']} s", ""),
+        ("schedule", schedule_line(schedule), RED if schedule["behind"] else GREEN),
+        ("generated", f"{doc['generated']:,} records ({doc['generated_per_second']:,}/s)", ""),
+        ("acked", f"{doc['acked']:,} records ({doc['acked_per_second']:,}/s during the load)", ""),
+        ("rejected", f"{doc['rejected']:,}", ""),
+        ("unacked at the end", f"{doc['unacked']:,}", RED if doc["unacked"] else ""),
+        ("ack latency", " ".join(f"{k} {v} ms" for k, v in lat.items()), ""),
+        ("broker", str(settings["broker"]), ""),
         *_hotlist_rows(doc["hotlist"]),
+        *_metrics_rows(doc["clearing_metrics"]),
     ]
-    table = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in rows)
+    table = "".join(f"<tr><th>{html.escape(k)}</th><td{_colour(c)}>{html.escape(v)}</td></tr>" for k, v, c in rows)
     return (
         "<!doctype html><html lang=en><head><meta charset=utf-8><title>yikatong load run</title>"
         "<style>body{font-family:sans-serif;margin:2em}th{text-align:left;padding-right:1em}</style></head>"
-        f"<body><h1>yikatong load run</h1><table>{table}</table>{rates}{latency}</body></html>\n"
+        f"<body><h1>yikatong load run</h1><table>{table}</table>{_sweep_table(doc['sweep'])}{rates}{latency}{lag}"
+        f"{_metrics_charts(doc['clearing_metrics'])}</body></html>\n"
     )

@@ -1,18 +1,18 @@
-"""The load generator's engine: thousands of simulated terminals in one asyncio process, each with its own MQTT
-connection, outbox and uplink (the same ``Uplink`` a real terminal runs), fed at an offered rate that follows a
-profile. It measures what a load tester needs: the rate achieved, and for every record the time from its tap to
-the clearing's ack.
+"""The load generator's engine for one process: simulated terminals on one asyncio loop, each with its own MQTT
+connection, outbox and uplink (the same ``Uplink`` a real terminal runs), making taps on a fixed timetable
+(``yikatong.load_schedule``). It measures what a load tester needs: the rate achieved, for every record the time
+from the moment its tap was due to the clearing's ack, and how far behind its timetable the generator fell.
 
-The offered load is open-loop: taps are due at the profile's rate whatever the clearing does, so a slow clearing
-shows as growing queues and latency, not as a politely lower rate. If this process cannot make records as fast
-as they are due, ``generated`` falls behind ``offered`` and the summary says so.
+The offered load is open-loop: taps are due at their moments whatever the clearing does, so a slow clearing shows
+as growing queues and latency, not as a politely lower rate; a generator that cannot keep up makes its taps late
+and is charged for it (latency runs from the tap's moment), and the tally counts the taps it made late.
+``yikatong.load_workers`` runs one of these per worker process, each with its share of terminals and taps.
 """
 
 from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import math
 import random
 import time
 from collections import deque
@@ -21,87 +21,51 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
+import numpy as np
+
 from cardsim.issuer import IssuerHost
 from terminals.hotlist import HotlistBook
-from terminals.messages import CHINA, Ack, TxnFields, TxnRecord
+from terminals.messages import CHINA, Ack, TxnFields
 from terminals.mqtt import BrokerUrl
 from terminals.outbox import MemoryOutbox, Outbox
 from terminals.uplink import Uplink
+from yikatong.load_schedule import LATE, Pacer, Plan, Timetable
+from yikatong.load_stats import Counts, Tally
 from yikatong.synthetic import SyntheticCard, SyntheticTerminal
 
-TICK = 0.02  # seconds between pacing steps: small enough that taps come evenly, large enough to be cheap
+TICK = 0.02  # seconds: the longest the pacing loop sleeps (hotlist probes and progress run at this step)
 TOP_UP = 5000  # fen a rider loads when the card cannot pay the fare
 HOME_SHARE = 0.8  # share of taps by a card of the terminal's own city; the rest ride in another city
 
 
-def _peak(x: float, centre: float, width: float) -> float:
-    return math.exp(-(((x - centre) / width) ** 2) / 2)
-
-
-def rush_hour(x: float) -> float:
-    """A day compressed into the run: a morning and an evening peak (full rate) over a quiet base (a fifth)."""
-    return 0.2 + 0.8 * max(_peak(x, 0.3, 0.07), _peak(x, 0.75, 0.07))
-
-
-PROFILES: dict[str, Callable[[float], float]] = {"flat": lambda _x: 1.0, "rush-hour": rush_hour}
-"""Offered rate as a share of ``--rate``, by the fraction of the run gone (0..1)."""
-
-
-@dataclass(frozen=True)
-class Plan:
-    """What to offer: ``rate`` taps/s at the profile's peak for ``duration`` seconds."""
-
-    rate: float
-    duration: float
-    profile: str = "flat"
-
-    def due(self, since: float, until: float) -> float:
-        """Taps due between two moments of the run (seconds from its start; midpoint rule)."""
-        until = min(until, self.duration)
-        return max(0.0, until - since) * self.rate_at((since + until) / 2)
-
-    def rate_at(self, elapsed: float) -> float:
-        """The offered rate at ``elapsed`` seconds."""
-        return self.rate * PROFILES[self.profile](min(elapsed, self.duration) / self.duration)
-
-
 class TimedQueue:
-    """An outbox wrapper that notes when each record was made and, when the clearing's ack covers it, how long
-    that took (the ack latency; ``latencies``, or ``on_ack`` on each ack); records left from an earlier run have
-    no start time and are not timed."""
+    """An outbox wrapper that keeps, for each record made in this run, the moment its tap was due and its phase
+    (``covered`` hands them out as the clearing's acks cover them); records left from an earlier run have no
+    moment and are not timed."""
 
-    def __init__(
-        self, inner: MemoryOutbox | Outbox, on_ack: Callable[[list[float], int, int], None] | None = None
-    ) -> None:
+    def __init__(self, inner: MemoryOutbox | Outbox) -> None:
         self.inner = inner
-        self.on_ack = on_ack
-        self._made: deque[tuple[int, float]] = deque()
+        self._made: deque[tuple[int, float, int]] = deque()
 
-    def append(self, fields: TxnFields) -> TxnRecord:
-        """Store a record and start its clock."""
+    def append(self, fields: TxnFields, moment: float, label: int = 0) -> None:
+        """Store a record of a tap due at ``moment`` (monotonic clock) in phase ``label``."""
         record = self.inner.append(fields)
-        self._made.append((record.seq, time.monotonic()))
-        return record
+        self._made.append((record.seq, moment, label))
 
     def unacked(self, after: int = 0, limit: int = 100) -> list[tuple[int, str]]:
         """As the inner outbox."""
         return self.inner.unacked(after, limit)
 
     def apply_ack(self, ack: Ack) -> tuple[int, int]:
-        """As the inner outbox; with ``on_ack``, timing the records the ack covers for it."""
-        acked, rejected = self.inner.apply_ack(ack)
-        if self.on_ack is not None:
-            latencies = self.latencies(ack.acked_through)
-            if acked or rejected:
-                self.on_ack(latencies, acked, rejected)
-        return acked, rejected
+        """As the inner outbox."""
+        return self.inner.apply_ack(ack)
 
-    def latencies(self, acked_through: int) -> list[float]:
-        """How long the records up to ``acked_through`` waited from being made until now (each timed once)."""
-        now, latencies = time.monotonic(), []
+    def covered(self, acked_through: int) -> list[tuple[int, float, int]]:
+        """(seq, moment, phase) of the records up to ``acked_through`` not handed out before, oldest first."""
+        out = []
         while self._made and self._made[0][0] <= acked_through:
-            latencies.append(now - self._made.popleft()[1])
-        return latencies
+            out.append(self._made.popleft())
+        return out
 
     def queued(self) -> int:
         """As the inner outbox."""
@@ -123,16 +87,16 @@ class SimTerminal:
         # issuer -> (version, monotonic time) of each list version as it was applied: when the news arrived
         self.applied: dict[str, list[tuple[int, float]]] = {}
 
-    def tap(self, card: SyntheticCard) -> int:
-        """One rider: pays the fare (topping up first when the card cannot); returns the records made, 0 when
-        the card is on a hotlist this terminal holds (refused: nothing is made)."""
+    def tap(self, card: SyntheticCard, moment: float, label: int = 0) -> int:
+        """One rider, due at ``moment``: pays the fare (topping up first when the card cannot); returns the records
+        made, 0 when the card is on a hotlist this terminal holds (refused: nothing is made)."""
         if self.book.blocking(card.serial) is not None:
             return 0
         made = 0
         if card.balance < self.fare:
-            self.outbox.append(self.maker.top_up(card, TOP_UP))
+            self.outbox.append(self.maker.top_up(card, TOP_UP), moment, label)
             made += 1
-        self.outbox.append(self.maker.purchase(card, self.fare))
+        self.outbox.append(self.maker.purchase(card, self.fare), moment, label)
         return made + 1
 
     def offer_hotlist(self, topic: str, payload: bytes | str) -> bool:
@@ -154,11 +118,12 @@ new version."""
 
 @dataclass(frozen=True)
 class HotlistPlan:
-    """At ``at`` seconds into the load, put ``cards`` (some of the run's) on their issuers' hotlists by ``add``."""
+    """At ``at`` seconds into the load, put ``cards`` (some of the run's) on their issuers' hotlists by ``add``;
+    without ``add`` another process makes the add at that moment and this one only watches (a worker)."""
 
     at: float
     cards: Sequence[SyntheticCard]
-    add: HotlistAdd
+    add: HotlistAdd | None = None
 
 
 @dataclass
@@ -170,12 +135,18 @@ class Propagation:
     at: float | None = None  # the same, in seconds into the load
     versions: dict[str, int] = field(default_factory=dict)  # issuer -> the version the add made
     published: dict[str, float] = field(default_factory=dict)  # issuer -> its add stored and published
-    ahead: dict[str, int] = field(default_factory=dict)  # issuer -> a version terminals held already, not below
+    held: dict[str, int] = field(default_factory=dict)  # issuer -> the highest version a terminal held at the add
     first_refusal: dict[str, float] = field(default_factory=dict)  # terminal city -> first refusal of a listed card
     refusals: dict[str, int] = field(default_factory=dict)  # terminal city -> taps of listed cards refused
     # (terminal, seq) of the records of listed cards made after the add began (before their terminal held it)
     records: set[tuple[str, int]] = field(default_factory=set)
     rejected: int = 0  # of those, how many the clearing rejected
+
+    @property
+    def ahead(self) -> dict[str, int]:
+        """Issuer -> a version at least as high as the add's that terminals held already (they ignore the add's)."""
+        held = {issuer: self.held.get(issuer, 0) for issuer in self.versions}
+        return {issuer: version for issuer, version in held.items() if version >= self.versions[issuer]}
 
     def refused(self, city: str) -> None:
         """A terminal of ``city`` refused a listed card now."""
@@ -195,41 +166,46 @@ class Propagation:
                 out.append(max(known) - self.added)
         return out
 
-
-@dataclass
-class Second:
-    """What happened in one second of the run."""
-
-    offered: float = 0.0
-    generated: int = 0
-    acked: int = 0
-    rejected: int = 0
-    latencies: list[float] = field(default_factory=list)
+    def add(self, other: Propagation) -> None:
+        """Fold in what another worker saw of the same add (the add itself, versions and times, is this one's)."""
+        for issuer, version in other.held.items():
+            self.held[issuer] = max(self.held.get(issuer, 0), version)
+        for city, first in other.first_refusal.items():
+            self.first_refusal[city] = min(first, self.first_refusal.get(city, first))
+        for city, count in other.refusals.items():
+            self.refusals[city] = self.refusals.get(city, 0) + count
+        self.records |= other.records
+        self.rejected += other.rejected
 
 
 @dataclass
 class Progress:
-    """A live snapshot for the progress line."""
+    """A live snapshot for the progress line: totals so far and the last whole second of the load."""
 
     elapsed: float
-    phase: str
+    phase: str  # connecting, load, draining
     connected: int
     terminals: int
     generated: int
     acked: int
     rejected: int
     queued: int
-    last: Second
+    lag: float  # how far behind its timetable the generator is now, seconds
+    late: int  # taps made late so far
+    last: Counts | None = None  # the last whole second of the load (None: not in the load)
 
 
 class LoadRun:
-    """Drive ``terminals`` over ``broker`` at ``plan``; ``run()`` fills the per-second ``timeline``. With
-    ``session_expiry`` (seconds) the terminals speak MQTT 5 and the broker forgets their sessions that long after
-    they disconnect; without, their MQTT 3.1.1 sessions last as long as the broker keeps them. With ``hotlist``,
-    its cards go on their issuers' hotlists during the load and ``propagation`` tells how that reached the
-    terminals: from the add on, each listed card is also presented once a pacing step at a random terminal of
-    every city not yet seen refusing one (a blocked card tried everywhere), so the first refusal in a city
-    measures the list's way there, not how often the rider happens to ride."""
+    """Drive ``terminals`` over ``broker``: ``run()`` offers ``plan`` once (connect, offer, drain), or a caller
+    steps through ``connect``, ``offer`` (as often as it likes: the steps of a sweep) and ``drain`` itself. With
+    ``share`` (k, n) this is worker k of n: it makes every n-th tap of each timetable. Counts go into ``tally``
+    by seconds from ``started`` (the first offer's start). With ``session_expiry`` (seconds) the terminals speak
+    MQTT 5 and the broker forgets their sessions that long after they disconnect; without, their MQTT 3.1.1
+    sessions last as long as the broker keeps them. With ``hotlist``, its cards go on their issuers' hotlists during
+    the load and ``propagation`` tells how that reached the terminals: from the add on, each listed card is also
+    presented once a pacing step at a random terminal of every city not yet seen refusing one (a blocked card
+    tried everywhere), so the first refusal in a city measures the list's way there, not how often the rider
+    happens to ride."""
 
     def __init__(
         self,
@@ -242,12 +218,14 @@ class LoadRun:
         ack_timeout: float = 10.0,
         session_expiry: int | None = None,
         hotlist: HotlistPlan | None = None,
+        share: tuple[int, int] = (0, 1),
     ) -> None:
         self.broker = broker
         self.terminals = list(terminals)
         self.cards = cards
         self.all_cards = [card for group in cards.values() for card in group]
         self.plan = plan
+        self.share = share
         self.rng = random.Random(seed)
         # the outboxes stay on the event loop: the taps write them there too, and MemoryOutbox is not thread-safe
         self.uplinks = [
@@ -263,39 +241,45 @@ class LoadRun:
             for t in self.terminals
         ]
         self.hotlist = hotlist
+        # the listed cards as this worker's own objects (their counters move here); none when another worker has them
+        serials = {card.serial: card for card in self.all_cards}
+        self._listed = [serials[c.serial] for c in hotlist.cards if c.serial in serials] if hotlist else []
         self.propagation = Propagation(frozenset(c.serial for c in hotlist.cards) if hotlist else frozenset())
         self._by_city: dict[str, list[int]] = {}
         for index, terminal in enumerate(self.terminals):
             self._by_city.setdefault(terminal.city, []).append(index)
         self._probes = 0
-        self.timeline: list[Second] = []
-        self.generated = self.acked = self.rejected = 0
-        self.offered = 0.0  # taps due over the whole run
+        self.tally = Tally()
+        self.generated = self.acked = self.rejected = self.late = 0
+        self.schedule: list[tuple[float, Plan]] = []  # (start, plan) of each offer, on the monotonic clock
+        self.started: float | None = None
         self.connect_seconds = 0.0
         self.drain_seconds = 0.0
-        self._started = 0.0
+        self._tasks: list[asyncio.Task[None]] = []
+        self._pacer: Pacer | None = None
 
-    def _second(self) -> Second:
-        index = max(0, int(time.monotonic() - self._started)) if self._started else 0
-        while len(self.timeline) <= index:
-            self.timeline.append(Second())
-        return self.timeline[index]
+    def _second(self, now: float) -> int:
+        return int(now - self.started) if self.started is not None else 0
 
     def _on_ack(self, queue: TimedQueue, ack: Ack, acked: int, rejected: int) -> None:
-        """Count acks; records resumed from an earlier run's state files count but are not timed."""
-        latencies = queue.latencies(ack.acked_through)
+        """Count acks and time what they cover; records resumed from an earlier run's state files count but are not
+        timed."""
+        covered = queue.covered(ack.acked_through)
         if not (acked or rejected):  # an ack repeated: nothing new to count
             return
+        refused = {r.seq for r in ack.rejected}
         if self.propagation.records:
             listed = self.propagation.records
-            self.propagation.rejected += sum(1 for r in ack.rejected if (ack.terminal, r.seq) in listed)
+            self.propagation.rejected += sum(1 for seq in refused if (ack.terminal, seq) in listed)
         self.acked += acked
         self.rejected += rejected
-        if self._started:
-            second = self._second()
-            second.acked += acked
-            second.rejected += rejected
-            second.latencies.extend(latencies)
+        if self.started is None:
+            return
+        now = time.monotonic()
+        second = self._second(now)
+        self.tally.acked(second, acked, rejected)
+        for seq, moment, label in covered:
+            self.tally.timed(second, label, now - moment, seq in refused)
 
     def connected(self) -> int:
         """Terminals connected to the broker now."""
@@ -318,59 +302,72 @@ class LoadRun:
         connect_timeout: float = 120.0,
         drain_timeout: float = 60.0,
     ) -> None:
-        """Connect every terminal, offer the plan's load (taps; a tap that needs a top-up first makes two
+        """Connect every terminal, offer the plan's load from now (taps; a tap that needs a top-up first makes two
         records), then wait for the acks of what was made."""
-        tasks = [asyncio.create_task(u.run()) for u in self.uplinks]
-        began = time.monotonic()
         try:
-            await self._connect(report, began, connect_timeout)
-            self.connect_seconds = time.monotonic() - began
-            await self._offer(report)
-            drained = time.monotonic()
-            await self._drain(report, drain_timeout)
-            self.drain_seconds = time.monotonic() - drained
+            await self.connect(report, connect_timeout)
+            await self.offer(self.plan, time.monotonic(), report=report)
+            await self.drain(report, drain_timeout)
         finally:
-            for task in tasks:
-                task.cancel()
-            # a client that hangs in its disconnect must not hold the summary back
-            await asyncio.wait(tasks, timeout=15)
+            await self.close()
 
-    async def _connect(self, report: Callable[[Progress], None], began: float, timeout: float) -> None:
+    async def connect(self, report: Callable[[Progress], None], timeout: float) -> None:
+        """Start every terminal's uplink and wait until all are connected (or ``timeout``)."""
+        began = time.monotonic()
+        self._tasks = [asyncio.create_task(u.run()) for u in self.uplinks]
         while self.connected() < len(self.terminals) and time.monotonic() - began < timeout:
             await asyncio.sleep(0.5)
             report(self._progress("connecting", time.monotonic() - began))
+        self.connect_seconds = time.monotonic() - began
 
-    async def _offer(self, report: Callable[[Progress], None]) -> None:
-        self._started = time.monotonic()
-        next_report, last, due, made_here = 1.0, 0.0, 0.0, 0
+    async def close(self) -> None:
+        """Stop the uplinks."""
+        for task in self._tasks:
+            task.cancel()
+        if self._tasks:
+            # a client that hangs in its disconnect must not hold the summary back
+            await asyncio.wait(self._tasks, timeout=15)
+
+    async def offer(
+        self, plan: Plan, start: float, *, label: int = 0, report: Callable[[Progress], None] | None = None
+    ) -> None:
+        """Make this worker's taps of ``plan`` at their moments, second 0 being ``start`` (monotonic clock; the
+        run's second 0 is the first offer's start); ``label`` is the phase the taps count in."""
+        if self.started is None:
+            self.started = start
+        self.schedule.append((start, plan))
+        moments = Timetable(plan).moments(*self.share)
+        offset = start - self.started
+        due = np.bincount(np.floor(moments + offset % 1).astype(np.int64)) if len(moments) else np.zeros(0)
+        self.tally.due(label, [int(n) for n in due], int(offset))
+        self._pacer = pacer = Pacer(moments, start)
+        next_report, next_probe = start + 1.0, start
         adding: asyncio.Task[None] | None = None
-        while True:
-            elapsed = time.monotonic() - self._started
-            second = self._second()
-            due += self.plan.due(last, elapsed)
-            last = elapsed
-            second.offered = self.plan.rate_at(int(elapsed) + 0.5)
-            if self.hotlist is not None and adding is None and elapsed >= self.hotlist.at:
-                adding = asyncio.create_task(self._add_hotlist(self.hotlist))
-            while made_here < due:
+        while (wait := pacer.wait(time.monotonic())) is not None:
+            await asyncio.sleep(min(wait, TICK))
+            now = time.monotonic()
+            for moment in pacer.due(now):
                 index = self.rng.randrange(len(self.terminals))
-                self._tap(index, self._pick_card(self.terminals[index]), second)
-                made_here += 1
-            if self.hotlist is not None and self.propagation.added is not None:
-                self._probe(self.hotlist.cards, second)
-            if elapsed >= self.plan.duration:
-                self.offered = due
-                break
-            if elapsed >= next_report:
-                report(self._progress("load", elapsed))
+                self._tap(index, self._pick_card(self.terminals[index]), moment, label, now)
+            if self.hotlist is not None:
+                if self.propagation.added is None and now - self.started >= self.hotlist.at:
+                    adding = asyncio.create_task(self._add_hotlist(self.hotlist))
+                if self.propagation.added is not None and now >= next_probe:
+                    self._probe(now, label)
+                    next_probe = now + TICK
+            if report is not None and now >= next_report:
+                report(self._progress("load", now - self.started))
                 next_report += 1.0
-            await asyncio.sleep(TICK)
+        self._pacer = None
         if adding is not None:
             await adding  # its failure is the run's
 
-    def _tap(self, index: int, card: SyntheticCard, second: Second) -> None:
+    def _tap(self, index: int, card: SyntheticCard, moment: float, label: int, now: float) -> None:
         terminal = self.terminals[index]
-        made = terminal.tap(card)
+        made = terminal.tap(card, moment, label)
+        lag = now - moment
+        self.late += lag > LATE
+        self.tally.made(self._second(now), self._second(moment), label, made, lag, lag > LATE)
         if not made:
             self.propagation.refused(terminal.city)
             return
@@ -378,41 +375,49 @@ class LoadRun:
             last = terminal.maker.seq
             self.propagation.records.update((terminal.terminal_hex, seq) for seq in range(last - made + 1, last + 1))
         self.generated += made
-        second.generated += made
         self.uplinks[index].notify()
 
-    def _probe(self, listed: Sequence[SyntheticCard], second: Second) -> None:
-        """A listed card presented at a random terminal of each city where none was refused yet."""
+    def _probe(self, now: float, label: int) -> None:
+        """A listed card (of this worker's) presented at a random terminal of each city where none was refused
+        yet."""
         for city, indexes in self._by_city.items():
-            if city not in self.propagation.first_refusal:
-                card = listed[self._probes % len(listed)]
+            if self._listed and city not in self.propagation.first_refusal:
+                card = self._listed[self._probes % len(self._listed)]
                 self._probes += 1
-                self._tap(self.rng.choice(indexes), card, second)
+                self._tap(self.rng.choice(indexes), card, now, label, now)
 
     async def _add_hotlist(self, plan: HotlistPlan) -> None:
-        """Put the plan's cards on their issuers' lists (one add per issuer), noting versions terminals held."""
+        """Put the plan's cards on their issuers' lists (one add per issuer; another process does it when the plan
+        has no ``add``), noting the versions the terminals held."""
         by_issuer: dict[str, list[str]] = {}
         for card in plan.cards:
             by_issuer.setdefault(card.issuer, []).append(card.serial)
-        held = {issuer: max(t.book.version(issuer) for t in self.terminals) for issuer in by_issuer}
-        self.propagation.added = time.monotonic()
-        self.propagation.at = self.propagation.added - self._started
+        news = self.propagation
+        news.held = {issuer: max(t.book.version(issuer) for t in self.terminals) for issuer in by_issuer}
+        news.added = time.monotonic()
+        news.at = news.added - self.started if self.started is not None else 0.0
+        if plan.add is None:
+            return
         for issuer, cards in by_issuer.items():
-            version = await plan.add(issuer, cards)
-            self.propagation.versions[issuer] = version
-            self.propagation.published[issuer] = time.monotonic() - self.propagation.added
-            if held[issuer] >= version:
-                self.propagation.ahead[issuer] = held[issuer]
+            news.versions[issuer] = await plan.add(issuer, cards)
+            news.published[issuer] = time.monotonic() - news.added
 
-    async def _drain(self, report: Callable[[Progress], None], timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while self.queued() and time.monotonic() < deadline:
+    async def drain(self, report: Callable[[Progress], None], timeout: float) -> None:
+        """Wait until the clearing has acked every record made (or ``timeout``)."""
+        began = time.monotonic()
+        while self.queued() and time.monotonic() - began < timeout:
             await asyncio.sleep(0.5)
-            report(self._progress("draining", time.monotonic() - self._started))
+            report(self._progress("draining", time.monotonic() - (self.started or began)))
+        self.drain_seconds = time.monotonic() - began
+
+    def lag(self) -> float:
+        """How far behind its timetable the generator is now (0 outside an offer)."""
+        return self._pacer.lag(time.monotonic()) if self._pacer is not None else 0.0
 
     def _progress(self, phase: str, elapsed: float) -> Progress:
         index = int(elapsed) - 1
-        last = self.timeline[index] if phase == "load" and 0 <= index < len(self.timeline) else Second()
+        seconds = self.tally.seconds
+        last = seconds[index] if phase == "load" and 0 <= index < len(seconds) else None
         return Progress(
             elapsed,
             phase,
@@ -422,6 +427,8 @@ class LoadRun:
             self.acked,
             self.rejected,
             self.queued(),
+            self.lag(),
+            self.late,
             last,
         )
 

@@ -47,10 +47,12 @@ def clearing_processes(
     logs: Path,
     timeout: float = 60.0,
     session_expiry: int | None = None,
+    metrics_ports: dict[str, int] | None = None,
 ) -> Iterator[list[subprocess.Popen[bytes]]]:
     """``yikatong clearing serve`` for each city as its own process (a core of its own), waited for until each is
     subscribed; stopped with SIGTERM (then killed) on the way out. Output goes to ``logs/clearing-CITY.log``.
-    With ``session_expiry`` they speak MQTT 5 and leave no session on the broker that long after the run."""
+    With ``session_expiry`` they speak MQTT 5 and leave no session on the broker that long after the run; with
+    ``metrics_ports`` (city -> port) each serves its Prometheus metrics there."""
     procs: list[subprocess.Popen[bytes]] = []
     # a worker name of this run: a fixed MQTT identity would resume a stale session full of other runs' records
     worker = f"run-{secrets.token_hex(3)}"
@@ -61,6 +63,8 @@ def clearing_processes(
             command += ["--broker", _with_password(broker), "--db", db(city), "--report-every", "0", "--worker", worker]
             if session_expiry is not None:
                 command += ["--session-expiry", str(session_expiry)]
+            if metrics_ports and city in metrics_ports:
+                command += ["--metrics-port", str(metrics_ports[city])]
             with path.open("wb") as log:
                 procs.append(subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT))
         deadline = time.monotonic() + timeout
