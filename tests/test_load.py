@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from hdrh.histogram import HdrHistogram
 from mqtt_support import private_mosquitto, require_mosquitto
 from support import KEYS
 
@@ -59,6 +60,42 @@ def test_embedded_run_every_record_made_is_in_the_ledger_once_and_acked(tmp_path
     assert 0 < latency["p50"] <= latency["p90"] <= latency["p99"] <= latency["p99.9"] <= latency["max"]
     page = (tmp_path / "load-report.html").read_text()
     assert page.count("<svg") >= 2 and "<script" not in page and "http" not in page.replace("http://www.w3", "")
+
+
+SWEEP = ("--sweep", "--rate", "20", "--sweep-factor", "2", "--step-seconds", "1.5", "--sweep-steps", "3")
+
+
+def test_a_sweep_on_the_embedded_broker_steps_up_and_reports_the_highest_rate_that_held(tmp_path: Path) -> None:
+    """Three flat steps (20, 40, 80 taps/s) over two worker processes: a generous SLO holds at each, so the sweep
+    runs out of steps; each step's taps are all acked, and the workers' histograms add up to the run's."""
+    code, doc = _run_load(tmp_path, *SWEEP, "--terminals", "12", "--cards", "30", "--workers", "2")
+    assert code == 0, doc
+    sweep = doc["sweep"]
+    assert isinstance(sweep, dict) and doc["workers"] == 2
+    assert [(s["rate"], s["offered"], s["held"]) for s in sweep["steps"]] == [
+        (20, 30, True),
+        (40, 60, True),
+        (80, 120, True),
+    ]
+    assert all(s["acked"] == s["generated"] >= s["offered"] and s["unacked"] == 0 for s in sweep["steps"])
+    assert sweep["held_rate"] == 80 and sweep["slo_ms"] == 1000 and "ran out" in sweep["limit"]
+    timeline = doc["timeline"]
+    assert isinstance(timeline, list) and sum(s["offered"] for s in timeline) == doc["offered"] == 210
+    assert isinstance(doc["latency_hdr"], str)
+    merged = HdrHistogram.decode(doc["latency_hdr"])
+    assert merged.get_total_count() == doc["acked"] == sum(s["acked"] for s in sweep["steps"])
+    page = (tmp_path / "load-report.html").read_text()
+    assert "<h2>Sweep</h2>" in page and "highest offered rate that held" in page
+
+
+def test_a_sweep_whose_first_step_misses_the_slo_holds_no_rate_and_exits_1(tmp_path: Path) -> None:
+    code, doc = _run_load(tmp_path, *SWEEP, "--slo-ms", "0.001", "--terminals", "6", "--cards", "12")
+    assert code == 1
+    sweep = doc["sweep"]
+    assert isinstance(sweep, dict) and sweep["held_rate"] is None
+    assert [s["held"] for s in sweep["steps"]] == [False]  # the first step that does not hold ends the sweep
+    assert sweep["limit"].startswith("the step at 20 taps/s missed the SLO (p99 ")
+    assert doc["unacked"] == 0 and doc["acked"] == doc["generated"]  # drained all the same
 
 
 def test_rush_hour_on_mosquitto_offers_peaks_over_a_quiet_base(tmp_path: Path) -> None:

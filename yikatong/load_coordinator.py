@@ -120,7 +120,7 @@ class Coordinator:
     async def _watch(self) -> None:
         while True:
             await asyncio.sleep(SCRAPE_EVERY)
-            progress = self.pool.merged_progress()
+            progress = self.pool.merged_progress() if self.pool.fresh else None
             if progress is not None:
                 self.show(progress, self.note)
             if self.series is not None:

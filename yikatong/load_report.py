@@ -5,7 +5,6 @@ as inline SVG (no script, nothing fetched)."""
 
 from __future__ import annotations
 
-import base64
 import html
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, TypedDict
@@ -122,7 +121,7 @@ class LoadSummary(TypedDict):
     rejected: int
     unacked: int
     generated_per_second: float
-    acked_per_second: float
+    acked_per_second: float  # acks in the seconds taps were due in, per such second
     drain_seconds: float
     latency_ms: Percentiles
     latency_hdr: str  # the run's ack latency histogram (µs), HdrHistogram.encode(): merge runs with decode/add
@@ -202,7 +201,7 @@ def summary(run: RunResult, settings: LoadSettings) -> LoadSummary:
     """The whole run as one JSON document: settings, totals, percentiles, schedule, sweep, metrics, timeline."""
     total = run.tally.total()
     seconds = run.tally.seconds
-    offered_seconds = max(1, round(run.duration))
+    loaded = [s for s in seconds if s.offered]  # the seconds taps were due in (a sweep drains between steps)
     return {
         "schema": SUMMARY_SCHEMA,
         "settings": settings,
@@ -216,10 +215,10 @@ def summary(run: RunResult, settings: LoadSettings) -> LoadSummary:
         "rejected": run.rejected,
         "unacked": run.unacked,
         "generated_per_second": round(run.generated / run.duration, 1) if run.duration else 0.0,
-        "acked_per_second": round(sum(s.acked for s in seconds[:offered_seconds]) / offered_seconds, 1),
+        "acked_per_second": round(sum(s.acked for s in loaded) / max(1, len(loaded)), 1),
         "drain_seconds": round(run.drain_seconds, 2),
         "latency_ms": percentiles(total.latency),
-        "latency_hdr": base64.b64encode(total.latency.encode()).decode("ascii"),
+        "latency_hdr": total.latency.encode().decode("ascii"),  # HdrHistogram's own base64 text
         "schedule": _schedule(total),
         "hotlist": _hotlist(run, settings),
         "sweep": _sweep(run.steps),

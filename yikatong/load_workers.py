@@ -218,6 +218,7 @@ class WorkerPool:
     def __init__(self, specs: list[WorkerSpec]) -> None:
         self.specs = specs
         self.progress: list[ProgressWire | None] = [None] * len(specs)
+        self.fresh = False  # a worker reported since merged_progress was last taken
         self._inboxes: list[asyncio.Queue[tuple[Any, ...]]] = [asyncio.Queue() for _ in specs]
         self._conns: list[Connection] = []
         self._procs: list[multiprocessing.process.BaseProcess] = []
@@ -259,6 +260,7 @@ class WorkerPool:
             message = ("error", f"load worker {k} ended unexpectedly (exit code {code})")
         if message[0] == "progress":
             self.progress[k] = message[1]
+            self.fresh = True
         else:
             self._inboxes[k].put_nowait(message)
 
@@ -285,6 +287,7 @@ class WorkerPool:
         reports = [p for p in self.progress if p is not None]
         if len(reports) < len(self.progress):
             return None
+        self.fresh = False
         seconds = [
             p["last"] for p in reports if p["last"] is not None and p["second"] == min(r["second"] for r in reports)
         ]

@@ -1,0 +1,218 @@
+"""The load generator's timetable and accounting without a broker: each tap has a fixed moment, the workers'
+shares make exactly the plan's taps, a stalled event loop is charged to the taps that were due while it stalled
+(latency runs from the moment, not from when the tap was made), the generator's lateness is counted and shown in
+red, and HDR histograms add up across workers exactly."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import time
+
+import numpy as np
+import pytest
+from support import KEYS
+
+from cardsim.issuer import IssuerHost
+from terminals.messages import ACK_SCHEMA, Ack
+from terminals.mqtt import BrokerUrl
+from terminals.outbox import MemoryOutbox
+from yikatong.load_console import Printer
+from yikatong.load_coordinator import RunResult, StepResult
+from yikatong.load_report import LoadSettings, render_html, schedule_line, summary
+from yikatong.load_schedule import LATE, Pacer, Plan, Sweep, Timetable
+from yikatong.load_stats import Counts, Tally, percentiles, record
+from yikatong.loadgen import LoadRun, Progress, SimTerminal, TimedQueue
+from yikatong.synthetic import synthetic_cards
+
+HOST = IssuerHost(KEYS)
+
+
+def test_a_flat_timetable_puts_each_tap_in_the_middle_of_its_slot() -> None:
+    moments = Timetable(Plan(500, 60)).moments()
+    assert len(moments) == 30_000
+    assert moments[0] == pytest.approx(0.001) and moments[-1] == pytest.approx(59.999)
+    assert np.allclose(np.diff(moments), 0.002)
+    assert Timetable(Plan(500, 60)).per_second() == [500] * 60
+
+
+def test_the_workers_shares_make_exactly_the_plans_taps() -> None:
+    table = Timetable(Plan(333, 7.5, "rush-hour"))
+    shares = [table.moments(k, 3) for k in range(3)]
+    assert sorted(np.concatenate(shares).tolist()) == table.moments().tolist()
+    assert [len(s) for s in shares] == [len(table.moments()[k::3]) for k in range(3)]
+    with pytest.raises(ValueError, match="share 3 of 3"):
+        table.moments(3, 3)
+
+
+def test_a_rush_hour_timetable_follows_the_profile() -> None:
+    plan = Plan(100, 100, "rush-hour")
+    per_second = Timetable(plan).per_second()
+    assert sum(per_second) == Timetable(plan).taps == pytest.approx(sum(plan.due(s, s + 1) for s in range(100)), abs=1)
+    for second in (10, 30, 50, 75, 95):
+        assert per_second[second] == pytest.approx(plan.rate_at(second + 0.5), abs=2)
+
+
+def test_the_pacer_hands_out_what_is_due_and_says_how_late_it_is() -> None:
+    pacer = Pacer(np.array([0.1, 0.2, 0.3, 0.4]), start=10.0)
+    assert pacer.wait(10.0) == pytest.approx(0.1) and pacer.lag(10.0) == 0.0
+    assert pacer.due(10.15) == [pytest.approx(10.1)]
+    assert pacer.lag(10.35) == pytest.approx(0.15)  # the tap due at 10.2 is not made yet
+    assert pacer.due(10.35) == [pytest.approx(10.2), pytest.approx(10.3)]
+    assert pacer.due(10.35) == []
+    assert pacer.due(11.0) == [pytest.approx(10.4)] and pacer.wait(11.0) is None and pacer.lag(11.0) == 0.0
+
+
+def test_the_sweep_steps_up_by_its_factor() -> None:
+    assert Sweep(100, 1.5, 10, 4, 1.0).rates() == [100, 150, 225, 337.5]
+
+
+def _run() -> LoadRun:
+    terminals = [
+        SimTerminal(HOST, "4510", f"4510{k:08X}", TimedQueue(MemoryOutbox()), 200) for k in range(4)
+    ]  # no broker: the uplinks never run, the test acks by hand through each uplink's on_ack
+    cards = {"4510": synthetic_cards(40, ["4510"])}
+    return LoadRun(BrokerUrl("127.0.0.1", 1), terminals, cards, Plan(1, 1), seed=7)
+
+
+async def _ack_everything(run: LoadRun) -> None:
+    """The clearing of these tests: acks every record a few ms after it is made."""
+    while True:
+        for terminal, uplink in zip(run.terminals, run.uplinks, strict=True):
+            inner = terminal.outbox.inner
+            assert isinstance(inner, MemoryOutbox)
+            if inner.queued():
+                ack = Ack(schema=ACK_SCHEMA, terminal=terminal.terminal_hex, acked_through=inner.next_seq - 1)
+                assert uplink.on_ack is not None
+                uplink.on_ack(ack, *terminal.outbox.apply_ack(ack))
+        await asyncio.sleep(0.005)
+
+
+async def _offer_with_stall(plan: Plan, stall_at: float | None, stall: float) -> tuple[LoadRun, float]:
+    run = _run()
+    loop = asyncio.get_running_loop()
+    start = time.monotonic() + 0.05
+    if stall_at is not None:  # the event loop's clock is time.monotonic: the stall comes at that moment of the run
+        loop.call_at(start + stall_at, time.sleep, stall)
+    acker = asyncio.create_task(_ack_everything(run))
+    try:
+        await run.offer(plan, start)
+        await asyncio.sleep(0.05)
+    finally:
+        acker.cancel()
+    return run, start
+
+
+def test_a_stalled_loop_is_charged_to_the_taps_due_while_it_stalled() -> None:
+    """200 taps/s for 2 s; the loop blocks for 0.5 s at 0.6 s. The 100 taps due meanwhile are made only after
+    it, acked a few ms later: from their moments, they waited up to 0.5 s (the ~80 due more than 0.1 s before
+    the stall ended are late); the others barely waited."""
+    plan = Plan(200, 2.0)
+    run, _ = asyncio.run(_offer_with_stall(plan, 0.6, 0.5))
+    total = run.tally.total()
+    assert total.offered == 400 and total.generated == total.acked == 400  # 20,000 fen cards: no top-ups
+    assert total.late >= 78 and total.lag >= 0.45  # (0.6 + 0.5 - 0.1 - 0.6) s x 200/s, less the ends
+    lat = percentiles(total.latency)
+    assert lat["max"] is not None and lat["max"] >= 450  # from the moment: the stall is in the latency
+    assert lat["p50"] is not None and lat["p50"] < 100  # the taps outside the stall were acked at once
+    assert total.latency.get_count_at_value(1) == 0  # nothing measured from when it was made (~0)
+    # the lateness is charged to the seconds the taps were due in, the acks to when they came
+    assert [s.offered for s in run.tally.seconds[:2]] == [200, 200]
+    assert sum(s.late for s in run.tally.seconds) == total.late
+    assert run.tally.seconds[0].late + run.tally.seconds[1].late == total.late
+
+
+def test_a_loop_that_keeps_up_makes_every_tap_on_time() -> None:
+    run, _ = asyncio.run(_offer_with_stall(Plan(200, 1.0), None, 0.0))
+    total = run.tally.total()
+    assert total.offered == total.generated == 200
+    assert total.late == 0 and total.lag < LATE
+
+
+def _result(tally: Tally, steps: list[StepResult] | None = None) -> RunResult:
+    counts = tally.total()
+    return RunResult(
+        workers=2,
+        terminals=4,
+        cities=["4510"],
+        connected=4,
+        connect_seconds=0.1,
+        drain_seconds=0.1,
+        duration=2.0,
+        generated=counts.generated,
+        acked=counts.acked,
+        rejected=0,
+        unacked=0,
+        tally=tally,
+        steps=steps or [],
+    )
+
+
+SETTINGS: LoadSettings = {
+    "terminals": 4,
+    "cards": 40,
+    "rate": 200,
+    "duration": 2.0,
+    "profile": "flat",
+    "broker": "mqtt://127.0.0.1:1",
+    "clearing": "external",
+    "session_expiry": None,
+    "seed": 7,
+    "workers": 2,
+    "hotlist_at": None,
+    "hotlist_cards": 1,
+}
+
+
+def test_a_generator_behind_its_timetable_is_reported_in_red() -> None:
+    run, _ = asyncio.run(_offer_with_stall(Plan(200, 2.0), 0.6, 0.5))
+    doc = summary(_result(run.tally), SETTINGS)
+    schedule = doc["schedule"]
+    assert schedule["behind"] and schedule["late"] == run.tally.total().late and schedule["max_lag_s"] >= 0.45
+    assert schedule_line(schedule).startswith("BEHIND its timetable")
+    page = render_html(doc)
+    assert '<td style="color:#c00">BEHIND its timetable' in page and "Generator behind its timetable" in page
+    assert any(s["late"] for s in doc["timeline"])
+    live = Progress(1.5, "load", 4, 4, 300, 250, 0, 50, 0.4, 80, run.tally.seconds[0])
+    stream = io.StringIO()
+    Printer(stream).show(live)
+    assert "!BEHIND SCHEDULE by 0.40 s (80 taps late so far)!" in stream.getvalue()  # red on a terminal
+    on_time, _ = asyncio.run(_offer_with_stall(Plan(200, 1.0), None, 0.0))
+    calm = summary(_result(on_time.tally), SETTINGS)
+    assert not calm["schedule"]["behind"] and "BEHIND" not in render_html(calm)
+
+
+def test_histograms_add_up_across_workers_exactly() -> None:
+    rng = np.random.default_rng(3)
+    values = rng.lognormal(-3, 1.2, 5000)
+    whole, parts = Tally(), [Tally(), Tally(), Tally()]
+    for k, seconds in enumerate(values):
+        for tally in (whole, parts[k % 3]):
+            tally.made(int(k / 1000), int(k / 1000), k % 2, 1, 0.0, False)
+            tally.timed(int(k / 1000), k % 2, float(seconds), rejected=False)
+    merged = Tally()
+    for part in parts:
+        merged.add(Tally.from_wire(part.to_wire()))  # as the workers send theirs
+    assert percentiles(merged.total().latency) == percentiles(whole.total().latency)
+    assert merged.total().latency.get_total_count() == 5000 == merged.total().acked
+    for label in (0, 1):
+        assert percentiles(merged.phases[label].latency) == percentiles(whole.phases[label].latency)
+    assert [s.generated for s in merged.seconds] == [s.generated for s in whole.seconds]
+    exact = np.percentile(values * 1000, [50, 99, 99.9])
+    hdr = percentiles(merged.total().latency)
+    assert [hdr["p50"], hdr["p99"], hdr["p99.9"]] == pytest.approx(exact, rel=0.01)
+
+
+def test_a_sweep_step_holds_only_with_every_record_acked_within_the_slo() -> None:
+    fast, slow = Counts(), Counts()
+    for _ in range(100):
+        record(fast.latency, 0.2)
+        record(slow.latency, 1.5)
+    assert StepResult(100, 10, fast, 0, 1.0).held
+    assert not StepResult(100, 10, fast, 3, 1.0).held  # records left unacked
+    assert not StepResult(200, 10, slow, 0, 1.0).held
+    assert not StepResult(200, 10, Counts(), 0, 1.0).held  # nothing timed: nothing held
+    doc = summary(_result(Tally(), [StepResult(100, 10, fast, 0, 1.0), StepResult(125, 10, slow, 0, 1.0)]), SETTINGS)
+    sweep = doc["sweep"]
+    assert sweep is not None and sweep["held_rate"] == 100 and [s["held"] for s in sweep["steps"]] == [True, False]
+    assert sweep["limit"].startswith("the step at 125 taps/s missed the SLO (p99 1,50")  # HDR: within 0.1 %
