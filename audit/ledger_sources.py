@@ -21,7 +21,7 @@ import re
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
-from typing import Final, TypeVar
+from typing import TYPE_CHECKING, Final, TypeVar
 
 import numpy as np
 from numpy.typing import NDArray
@@ -31,7 +31,6 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from audit.reconcile import (
-    KINDS,
     BadValue,
     Cities,
     CityLedger,
@@ -43,15 +42,21 @@ from audit.reconcile import (
     Records,
     Source,
     day_number,
+    instants,
 )
 from cardsim.files import read_json
 from cardsim.resources import fixture_path
 from clearing.db import DatabaseUrlError, open_engine
 from clearing.schema import HOTLIST, HOTLIST_VERSION, LEDGER, VERSION_OF_CARD
 from clearing.settlement import CSV_HEADER, SETTLEMENT_SCHEMA, Liable, publish_moment
+from clearing.verify import KINDS
 from terminals.messages import CARD_ID, CITY_CODE, RECORD_ID, TERMINAL_NO, TxnRecord
 
+if TYPE_CHECKING:
+    import pyarrow as pa
+
 T = TypeVar("T")
+Ints = NDArray[np.int64]
 
 
 class LedgerInputError(ValueError):
@@ -155,35 +160,48 @@ def _diagnose(line: str) -> str:
     return f"record_id {cells[0]!r} is not issuer-card-kind-card_counter ({issuer}-{card}-{kind}-{counter})"
 
 
-def read_clearing_file(path: Path, holder: str | None = None) -> CityLedger:
+def read_clearing_file(path: Path, holder: str | None = None, *, columnar: bool = True) -> CityLedger:
     """A daily clearing file (wire.md) as the ledger of ``holder``: by default the city in its acquirer column
     (one city per file), or in its name clearing-CITY-DAY.csv when it has no rows. A file with rows of other
-    acquirers is the issuer side of ``holder``."""
-    text = _utf8(path)
+    acquirers is the issuer side of ``holder``. ``columnar``: read a plain file (no quotes, carriage returns or
+    non-ASCII bytes) with pyarrow's multithreaded CSV reader; any file it refuses, or any value that fails a
+    check, is read again line by line (``columnar=False``), which names the first problem."""
+    data = _file_bytes(path)
+    read = _columnar(path, data) if columnar else None
+    records, acquirers = read or _by_lines(path, data)
+    _check_limits(path, records, records.line)
+    if holder is None:
+        holder = _holder(path, acquirers)
+    return CityLedger(holder, (Source(str(path)),), records, issuer_side=any(a != holder for a in acquirers))
+
+
+def _file_bytes(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as err:
+        raise LedgerInputError(f"{path}: {err.strerror}") from err
+
+
+def _utf8(path: Path, data: bytes) -> str:
+    """A file's text (a byte order mark dropped)."""
+    try:
+        return data.decode("utf-8").removeprefix("\ufeff")
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        raise LedgerInputError(f"{path} line {line}: not UTF-8") from None
+
+
+def _by_lines(path: Path, data: bytes) -> tuple[Records, list[str]]:
+    """The rows of a clearing file and its acquirers, line by line: each column checked by one regular expression
+    over the whole column, and only when that fails searched for the first bad value (its line in the message)."""
+    text = _utf8(path, data)
     with _no_gc():
         columns, numbers = _read_columns(path, text)
         try:
             records = Records.from_columns({**columns, "line": numbers})
         except BadValue as err:
             raise LedgerInputError(f"{path} line {numbers[err.index]}: column time: {err}") from None
-    _check_limits(path, records, numbers)
-    acquirers = sorted(set(columns["acquirer"]))
-    if holder is None:
-        holder = _holder(path, acquirers)
-    return CityLedger(holder, (Source(str(path)),), records, issuer_side=any(a != holder for a in acquirers))
-
-
-def _utf8(path: Path) -> str:
-    """The file's text (a byte order mark dropped)."""
-    try:
-        data = path.read_bytes()
-    except OSError as err:
-        raise LedgerInputError(f"{path}: {err.strerror}") from err
-    try:
-        return data.decode("utf-8").removeprefix("\ufeff")
-    except UnicodeDecodeError as err:
-        line = data[: err.start].count(b"\n") + 1
-        raise LedgerInputError(f"{path} line {line}: not UTF-8") from None
+    return records, sorted(set(columns["acquirer"]))
 
 
 def _read_columns(path: Path, text: str) -> tuple[dict[str, list[str]], NDArray[np.int64]]:
@@ -220,6 +238,127 @@ def _holder(path: Path, acquirers: list[str]) -> str:
     if not acquirers and named is None:
         raise LedgerInputError(f"{path}: no rows to tell whose ledger it is: name the holder city as CITY={path}")
     return acquirers[0] if acquirers else str(named[1] if named else "")
+
+
+class _Refused(Exception):
+    """The columnar reader cannot vouch for a file: the line reader reads it again."""
+
+
+_CHECKS: Final = {name: re.compile(_FIELDS[name]) for name in ("acquirer", "issuer", "terminal", "card", "kind")}
+_NIBBLE: Final = np.full(256, 0xFF, dtype=np.uint8)  # hex digit -> its value; anything else -> FF
+_NIBBLE[np.frombuffer(b"0123456789ABCDEF", dtype=np.uint8)] = np.arange(16, dtype=np.uint8)
+
+
+def _columnar(path: Path, data: bytes) -> tuple[Records, list[str]] | None:
+    """The rows of a plain clearing file and its acquirers, read by pyarrow (multithreaded) and checked column
+    by column: few-valued columns by their patterns on each distinct value, numbers by length and digits, the
+    record id as the join of its parts. None when the file is not plain or anything fails."""
+    if not data.isascii() or b'"' in data or b"\r" in data:
+        return None  # quoting, other line breaks, a byte order mark or text beyond ASCII: the line reader's
+    import pyarrow as pa
+    import pyarrow.csv as pa_csv
+
+    try:
+        table = pa_csv.read_csv(
+            pa.py_buffer(data),
+            parse_options=pa_csv.ParseOptions(quote_char=False, newlines_in_values=False, ignore_empty_lines=False),
+            convert_options=pa_csv.ConvertOptions(
+                column_types=dict.fromkeys(CSV_HEADER, pa.string()),
+                null_values=[],
+                strings_can_be_null=False,
+                check_utf8=False,  # ASCII
+            ),
+        )
+        if table.column_names != CSV_HEADER:
+            return None
+        return _checked(table)
+    except (pa.ArrowException, _Refused, BadValue):
+        return None
+
+
+def _checked(table: pa.Table) -> tuple[Records, list[str]]:
+    """Records from the text columns of a clearing file; _Refused or BadValue when a value fails its check."""
+    import pyarrow.compute as pc
+
+    column = {name: table.column(name) for name in CSV_HEADER}
+    count = table.num_rows
+    acquirers, acquirer = _few(column["acquirer"], _CHECKS["acquirer"])
+    issuers, issuer = _few(column["issuer"], _CHECKS["issuer"])
+    kinds, kind = _few(column["kind"], _CHECKS["kind"])
+    cards, card = _few(column["card"], _CHECKS["card"])
+    terminals, terminal = _few(column["terminal"], _CHECKS["terminal"])
+    times, time = _few(column["time"], None)
+    numbers = {name: _digits(column[name], 5 if name == "card_counter" else 10) for name in _LIMITS}
+    parts = (column["issuer"], column["card"], column["kind"], column["card_counter"])
+    if count and not pc.all(pc.equal(pc.binary_join_element_wise(*parts, "-"), column["record_id"])).as_py():
+        raise _Refused("record_id")
+    as_int = np.array([int(x) for x in acquirers], dtype=np.int64)
+    records = Records(
+        issuer=np.array([int(x) for x in issuers], dtype=np.int64)[issuer],
+        acquirer=as_int[acquirer],
+        card=_objects(cards)[card],
+        kind=np.array([KINDS.index(x) for x in kinds], dtype=np.int64)[kind],
+        counter=numbers["card_counter"],
+        terminal=np.array([int(x, 16) for x in terminals], dtype=np.int64)[terminal],
+        terminal_seq=numbers["terminal_seq"],
+        amount=numbers["amount"],
+        balance_before=numbers["balance_before"],
+        balance_after=numbers["balance_after"],
+        time=_objects(times)[time],
+        time_us=instants(times)[time],
+        tac=_hex(column["tac"], 8),
+        alg=np.full(count, -1, dtype=np.int64),
+        key_version=np.full(count, -1, dtype=np.int64),
+        source=np.zeros(count, dtype=np.int64),
+        line=np.arange(2, count + 2, dtype=np.int64),  # plain: one row a line, after the header
+    )
+    return records, sorted(acquirers)
+
+
+def _objects(texts: list[str]) -> NDArray[np.object_]:
+    column = np.empty(len(texts), dtype=object)
+    column[:] = texts
+    return column
+
+
+def _few(column: pa.ChunkedArray, pattern: re.Pattern[str] | None) -> tuple[list[str], NDArray[np.intp]]:
+    """A column of few distinct values: those values (each matching ``pattern``, else _Refused) and the index
+    of each row's value among them."""
+    import pyarrow.compute as pc
+
+    distinct = pc.unique(column)
+    texts: list[str] = distinct.to_pylist()
+    if pattern is not None and not all(map(pattern.fullmatch, texts)):
+        raise _Refused(pattern.pattern)
+    return texts, pc.index_in(column, value_set=distinct).to_numpy().astype(np.intp)
+
+
+def _digits(column: pa.ChunkedArray, most: int) -> Ints:
+    """A column of 1 to ``most`` decimal digits as numbers (else _Refused)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if len(column):
+        lengths = pc.min_max(pc.binary_length(column)).as_py()
+        if lengths["min"] < 1 or lengths["max"] > most or not pc.all(pc.ascii_is_decimal(column)).as_py():
+            raise _Refused(f"[0-9]{{1,{most}}}")
+    return np.asarray(pc.cast(column, pa.int64()).to_numpy(), dtype=np.int64)
+
+
+def _hex(column: pa.ChunkedArray, width: int) -> Ints:
+    """A column of ``width`` upper-case hex digits as numbers (else _Refused), from the strings' bytes."""
+    raw = []
+    for chunk in column.chunks:
+        offsets = np.frombuffer(chunk.buffers()[1], dtype=np.int32, count=len(chunk) + 1, offset=chunk.offset * 4)
+        if (np.diff(offsets) != width).any():
+            raise _Refused(f"[0-9A-F]{{{width}}}")
+        if len(chunk):
+            raw.append(np.frombuffer(chunk.buffers()[2], dtype=np.uint8)[offsets[0] : offsets[-1]])
+    nibbles = _NIBBLE[np.concatenate(raw)] if raw else np.zeros(0, dtype=np.uint8)
+    if (nibbles == 0xFF).any():
+        raise _Refused(f"[0-9A-F]{{{width}}}")
+    packed = (nibbles[0::2] << 4 | nibbles[1::2]).reshape(-1, width // 2)  # two digits a byte, big-endian
+    return np.pad(packed, ((0, 0), (8 - width // 2, 0))).view(">u8")[:, 0].astype(np.int64)
 
 
 def clearing_row(record: TxnRecord) -> list[str]:
@@ -439,7 +578,7 @@ published (ISO 8601 with offset; empty: never)."""
 
 def read_hotlist_file(path: Path) -> dict[tuple[str, str], HotlistEntry]:
     """The issuers' hotlists in a hotlist file, by (issuer, card); a card listed twice by one issuer is refused."""
-    text = _utf8(path)
+    text = _utf8(path, _file_bytes(path))
     reader = csv.reader(io.StringIO(text, newline=""), strict=True)
     found: dict[tuple[str, str], HotlistEntry] = {}
     try:

@@ -8,33 +8,35 @@ docs/reconcile-choices.md explains the choices.
 
 The structural checks work on numpy columns: every ledger's rows are put into one table sorted by record
 identity and content, so duplicates, conflicts and missing sides are comparisons of neighbours, and the
-per-card checks are one more sort. Python loops run only over offending rows. TAC verification costs one MAC
-per record and runs in worker processes (``Options.jobs``).
+per-card checks are one more sort. Python loops run only over offending rows. TACs are verified in batches,
+the records of a card through one cipher context (clearing.verify), in forked worker processes
+(``Options.jobs``) while this one runs the other checks.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import math
+import multiprocessing
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from decimal import Decimal
-from itertools import repeat
-from typing import Final, NamedTuple, TypeAlias, TypedDict, TypeVar, get_args
+from functools import partial
+from multiprocessing.connection import Connection
+from typing import Final, NamedTuple, TypeAlias, TypeVar
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
 from audit.findings import RECONCILE_RULES, Finding, Report, finding
 from cardsim.files import JSONValue
-from cardsim.issuer import HostRefusal, IssuerHost
+from cardsim.issuer import IssuerHost
 from cardsim.keys import IssuerKeyStore
+from clearing.defaults import DEFAULT_GRACE
 from clearing.settlement import (
     CSV_HEADER,
     DEBIT_KINDS,
-    DEFAULT_GRACE,
     DEFAULT_RATE,
     Grace,
     Hotlisted,
@@ -43,8 +45,8 @@ from clearing.settlement import (
     Settlement,
     settle,
 )
-from clearing.verify import expected_tac
-from terminals.messages import CHINA, TXN_SCHEMA, CardRef, TxnKind, TxnRecord
+from clearing.verify import ALGS, KINDS, TXN_TYPES, TacColumns, expected_macs, local_bcd
+from terminals.messages import CHINA
 
 Ints = NDArray[np.int64]
 Objects = NDArray[np.object_]
@@ -53,8 +55,6 @@ Column: TypeAlias = Sequence[object] | NDArray[np.generic]
 Index: TypeAlias = NDArray[np.integer] | NDArray[np.bool_]
 R = TypeVar("R")
 
-KINDS: Final[tuple[str, ...]] = get_args(TxnKind)
-ALGS: Final[tuple[str, ...]] = get_args(TxnRecord.model_fields["alg"].annotation)
 LOAD: Final = KINDS.index("load")
 CLONE_RULES: Final = frozenset(
     {"REC-CONFLICT", "REC-COUNTER-REPEAT", "REC-IMPOSSIBLE-TRAVEL", "REC-M1-TAMPER", "REC-TAC"}
@@ -320,8 +320,8 @@ class Options:
     keys: IssuerKeyStore | None = None  # None: TACs are not checked
     claimed: ClaimedSettlement | None = None
     day: str | None = None  # only records of this settlement day
-    jobs: int = 1  # processes for TAC verification
-    min_parallel: int = 20_000  # fewer TACs than this are verified in this process (workers take ~0.1 s to start)
+    jobs: int = 1  # forked processes verifying TACs beside the other checks
+    min_parallel: int = 20_000  # fewer TACs than this are verified in this process, after the other checks
     default_rate: Decimal = DEFAULT_RATE
     default_grace: int = DEFAULT_GRACE  # seconds, for a pair the settlement file states no grace for
     hotlists: HotlistHistory | None = None  # the issuers' lists; None: none given (the settlement file's are used)
@@ -340,15 +340,17 @@ class _Table:
         parts = [ledger.records for ledger in ledgers] or [Records.from_columns({key: [] for key in CSV_HEADER})]
         rows = Records.concat(parts)
         holder = np.repeat(np.arange(len(parts), dtype=np.int64), [len(p) for p in parts])
-        card_no = _factorize(rows.issuer, rows.card)
+        card_no, m1 = _factorize(rows.issuer, rows.card)
         identity = (card_no * len(KINDS) + rows.kind) * _COUNTER_SPAN + rows.counter
-        # Identical copies must be neighbours: sort by a content hash (64 bits; a collision between two different
-        # contents could only split a run of copies) and compare neighbours exactly below.
-        order = np.lexsort((holder, _content_hash(rows), identity))
+        # Identical copies must be neighbours: sort by a content hash (its high bits, the holder in the low ones;
+        # a collision between two different contents could only split a run of copies) and compare neighbours
+        # exactly below.
+        bits = np.uint64(max(len(parts) - 1, 1).bit_length())
+        content = _content_hash(rows) >> bits << bits | holder.astype(np.uint64)
+        order = np.lexsort((content, identity))
         self.r, self.holder = rows.take(order), holder[order]
-        self.card_no, self.identity = card_no[order], identity[order]
+        self.card_no, self.identity, self.m1 = card_no[order], identity[order], m1[order]
         n = len(self.r)
-        self.m1 = np.fromiter((len(c) == 8 for c in self.r.card), dtype=bool, count=n)
         first = np.ones(n, dtype=bool)
         first[1:] = self.identity[1:] != self.identity[:-1]
         same = ~first
@@ -399,11 +401,19 @@ class _Table:
 _CONTENT = ("acquirer", "terminal", "terminal_seq", "amount", "balance_before", "balance_after", "time_us", "tac")
 
 
-def _factorize(issuer: Ints, card: Objects) -> Ints:
-    """A number per distinct (issuer, card)."""
-    index: dict[tuple[int, str], int] = {}
-    codes = [index.setdefault(key, len(index)) for key in zip(issuer.tolist(), card.tolist(), strict=True)]
-    return _ints(codes)
+def _factorize(issuer: Ints, card: Objects) -> tuple[Ints, NDArray[np.bool_]]:
+    """A number per distinct (issuer, card), in order of first appearance; and whether each row's card is an M1
+    UID (8 characters, not a 20-digit serial)."""
+    texts = card.tolist()
+    known = dict.fromkeys(texts, 0)  # each distinct text hashed once, then looked up
+    for n, text in enumerate(known):
+        known[text] = n
+    codes = np.fromiter(map(known.__getitem__, texts), dtype=np.int64, count=len(texts))
+    m1 = np.array([len(text) == 8 for text in known], dtype=bool)[codes]
+    distinct, first, inverse = np.unique(issuer * len(known) + codes, return_index=True, return_inverse=True)
+    rank = np.empty(len(distinct), dtype=np.int64)
+    rank[np.argsort(first, kind="stable")] = np.arange(len(distinct))
+    return rank[inverse], m1
 
 
 def _content_hash(rows: Records) -> NDArray[np.uint64]:
@@ -495,7 +505,8 @@ def _sequences(t: _Table) -> list[Finding]:
     sequence = np.where(~m1 & (r.kind == LOAD), 1, 0)  # CPU loads count on the online counter
     found: list[Finding] = []
 
-    by_counter = np.lexsort((r.time_us, r.counter, sequence, card))
+    counters = (card * 2 + sequence) * _COUNTER_SPAN + r.counter  # card, then counter, then counter value
+    by_counter = np.lexsort((r.time_us, counters))
     prev, nxt = _pairs(by_counter, card, sequence)
     step = r.counter[nxt] - r.counter[prev]
     forked = np.zeros(len(c), dtype=bool)
@@ -590,112 +601,6 @@ def _travel(t: _Table, cities: Cities, skipped: list[str]) -> list[Finding]:
     return found
 
 
-class RecordValues(TypedDict):
-    """The fields of a wire record that differ from record to record of one card (the TAC is not signed)."""
-
-    kind: str
-    card_counter: int
-    amount: int
-    balance_before: int
-    balance_after: int
-    terminal: str
-    terminal_seq: int
-    acquirer: str
-    time: str
-
-
-class TacRows(NamedTuple):
-    """Rows whose TAC to compute, as the Python values clearing.verify works with."""
-
-    position: list[int]
-    issuer: list[str]
-    card: list[str]
-    kind: list[str]
-    counter: list[int]
-    amount: list[int]
-    balance_before: list[int]
-    balance_after: list[int]
-    terminal: list[str]
-    terminal_seq: list[int]
-    acquirer: list[str]
-    time: list[str]
-    tac: list[int]
-    alg: list[int]
-    key_version: list[int]
-
-    @classmethod
-    def of(cls, r: Records, positions: Ints) -> TacRows:
-        """The rows of ``r``, labelled by ``positions``."""
-        return cls(
-            positions.tolist(),
-            [f"{x:04d}" for x in r.issuer.tolist()],
-            r.card.tolist(),
-            [KINDS[x] for x in r.kind.tolist()],
-            r.counter.tolist(),
-            r.amount.tolist(),
-            r.balance_before.tolist(),
-            r.balance_after.tolist(),
-            [f"{x:012X}" for x in r.terminal.tolist()],
-            r.terminal_seq.tolist(),
-            [f"{x:04d}" for x in r.acquirer.tolist()],
-            r.time.tolist(),
-            r.tac.tolist(),
-            r.alg.tolist(),
-            r.key_version.tolist(),
-        )
-
-    def values(self, i: int) -> RecordValues:
-        """The fields of row ``i`` that differ from record to record of one card."""
-        return {
-            "kind": self.kind[i],
-            "card_counter": self.counter[i],
-            "amount": self.amount[i],
-            "balance_before": self.balance_before[i],
-            "balance_after": self.balance_after[i],
-            "terminal": self.terminal[i],
-            "terminal_seq": self.terminal_seq[i],
-            "acquirer": self.acquirer[i],
-            "time": self.time[i],
-        }
-
-
-class TacSigner:
-    """The TAC a row must carry, by clearing.verify.expected_tac on the row as a wire record. Records are built
-    without validation (the loaders checked the values; validating would cost more than the MAC): the first
-    of a card, algorithm and key version is constructed, the next ones are copies of it with their own values
-    (a third of the cost). One per process: its IssuerHost caches the cards' TAC keys."""
-
-    def __init__(self, keys: IssuerKeyStore) -> None:
-        self.host = IssuerHost(keys)
-        self._first: dict[tuple[str, str, str, int], TxnRecord] = {}
-
-    def tac(self, rows: TacRows, i: int, alg: str, version: int) -> int:
-        """The TAC (CPU) or record MAC (M1) of row ``i`` with algorithm ``alg`` and key ``version``; HostRefusal
-        when the issuer's keys cannot make it."""
-        issuer, card = rows.issuer[i], rows.card[i]
-        record = self._first.get((issuer, card, alg, version))
-        if record is not None:
-            record = record.model_copy(update=rows.values(i))
-        else:
-            m1 = len(card) == 8
-            ref = CardRef.model_construct(issuer=issuer, serial=None if m1 else card, uid=card if m1 else None)
-            record = TxnRecord.model_construct(
-                schema_=TXN_SCHEMA,
-                seq=1,
-                tech="m1" if m1 else "cpu",
-                card=ref,
-                psam="0",
-                tac="00000000",
-                key_version=version,
-                alg=alg,
-                line=None,
-                station=None,
-                **rows.values(i),
-            )
-            self._first[(issuer, card, alg, version)] = record
-        return int.from_bytes(expected_tac(self.host, record))
-
-
 Try: TypeAlias = tuple[str, int]  # (algorithm, key version) to verify a TAC with
 
 
@@ -704,31 +609,117 @@ class _TacOutcome(NamedTuple):
     unchecked: dict[str, int]  # why not -> records
     checked: dict[str, int]  # issuer -> records whose TAC was checked
 
+    @classmethod
+    def of(cls, parts: Sequence[_TacOutcome]) -> _TacOutcome:
+        """The outcome of all the parts."""
+        unchecked: Counter[str] = Counter()
+        checked: Counter[str] = Counter()
+        for part in parts:
+            unchecked.update(part.unchecked)
+            checked.update(part.checked)
+        return cls([x for part in parts for x in part.failed], dict(unchecked), dict(checked))
 
-def _verify_tacs(keys: IssuerKeyStore, part: Records, positions: Ints) -> _TacOutcome:
-    """Verify each row's TAC (CPU) or record MAC (M1). A clearing file does not say the card's algorithm or key
-    version: every one the key store holds for the issuer is tried, the one that verified the card's previous
-    record first."""
-    rows = TacRows.of(part, positions)
-    signer = TacSigner(keys)
+
+def tac_columns(r: Records) -> TacColumns:
+    """The rows as clearing.verify takes them, with the algorithm and key version they state (-1: unknown)."""
+    date, time = local_bcd(r.time.tolist())
+    m1 = np.fromiter(map(len, r.card.tolist()), dtype=np.int64, count=len(r)) == 8
+    return TacColumns(
+        m1,
+        r.issuer,
+        r.card,
+        r.alg,
+        r.key_version,
+        TXN_TYPES[r.kind],
+        r.counter,
+        r.amount,
+        r.balance_before,
+        r.balance_after,
+        r.terminal,
+        r.terminal_seq,
+        date,
+        time,
+        r.tac,
+    )
+
+
+def _verify_tacs(keys: IssuerKeyStore, table: Records, positions: Ints) -> _TacOutcome:
+    """Verify the TAC (CPU) or record MAC (M1) of the rows of ``table`` at ``positions`` (the rows of a card
+    together), in batches (clearing.verify.expected_macs). A clearing file does not say the card's algorithm or
+    key version: every one the key store holds for the issuer is tried in turn, the one that verified the card's
+    first record first."""
+    host, rows = IssuerHost(keys), tac_columns(table.take(positions))
+    new = np.zeros(len(rows), dtype=bool)  # runs of rows of one card, stated algorithm and key version
+    new[:1] = True
+    for column in (rows.issuer, rows.card, rows.alg, rows.key_version):
+        new[1:] |= column[1:] != column[:-1]
+    starts = np.flatnonzero(new)
+    orders = _Orders()
     every = _every_try(keys)
-    first: dict[tuple[str, str], tuple[Try, ...]] = {}  # per card: what verified first
-    failed: list[tuple[int, str]] = []
-    unchecked: Counter[str] = Counter()
-    checked: Counter[str] = Counter()
-    for i, position in enumerate(rows.position):
-        issuer, card, version = rows.issuer[i], rows.card[i], rows.key_version[i]
-        tries = _tries(keys, rows, i, first.get((issuer, card)) or every.get((issuer, len(card) == 8), ()))
-        if not tries:
-            unchecked[f"no keys of issuer {issuer}" + (f" version {version}" if version >= 0 else "")] += 1
-            continue
-        checked[issuer] += 1
-        verdict = _verify_row(signer, rows, i, tries)
-        if isinstance(verdict, str):
-            failed.append((position, verdict))
-        elif verdict:  # the card's next record tries what verified this one first
-            first[(issuer, card)] = (tries[verdict], *tries[:verdict], *tries[verdict + 1 :])
-    return _TacOutcome(failed, dict(unchecked), dict(checked))
+    run_order = np.array([orders.number(_tries(keys, every, rows, i)) for i in starts.tolist()], dtype=np.int64)
+    # the first row of a card that has a choice finds what verifies it; its other rows try that first
+    choice = orders.longer_than(1)[run_order]
+    probes = starts[choice]
+    found, refused = _in_turn(host, rows, probes, run_order[choice], orders)
+    for run, at in zip(np.flatnonzero(choice).tolist(), found.tolist(), strict=True):
+        if at > 0:
+            run_order[run] = orders.first(int(run_order[run]), at)
+    order = np.repeat(run_order, np.diff(np.append(starts, len(rows))))
+    checked = orders.longer_than(0)[order]
+    rest = np.flatnonzero(checked & ~np.isin(np.arange(len(rows)), probes))
+    found_rest, refused_rest = _in_turn(host, rows, rest, order[rest], orders)
+    verified = np.zeros(len(rows), dtype=bool)
+    verified[probes[found >= 0]] = verified[rest[found_rest >= 0]] = True
+    why = {int(probes[j]): text for j, text in refused.items()}
+    why.update({int(rest[j]): text for j, text in refused_rest.items()})
+    failed = []
+    for i in np.flatnonzero(checked & ~verified).tolist():
+        if i not in why:
+            mac = "M1 record MAC" if rows.m1[i] else "TAC"
+            tried = ", ".join(f"{a} v{v}" for a, v in orders.tries[order[i]])
+            why[i] = f"{mac} does not verify with the keys of issuer {rows.issuer[i]:04d} ({tried})"
+        failed.append((int(positions[i]), why[i]))
+    codes, counts = np.unique(rows.issuer[checked], return_counts=True)
+    lacking, lacks = np.unique(np.stack((rows.issuer, rows.key_version))[:, ~checked], axis=1, return_counts=True)
+    unchecked = {
+        f"no keys of issuer {x:04d}" + (f" version {v}" if v >= 0 else ""): n
+        for (x, v), n in zip(lacking.T.tolist(), lacks.tolist(), strict=True)
+    }
+    return _TacOutcome(failed, unchecked, {f"{x:04d}": n for x, n in zip(codes.tolist(), counts.tolist(), strict=True)})
+
+
+class _Orders:
+    """The distinct orders in which rows try algorithms and key versions, numbered."""
+
+    def __init__(self) -> None:
+        self.tries: list[tuple[Try, ...]] = []
+        self._number: dict[tuple[Try, ...], int] = {}
+
+    def number(self, tries: tuple[Try, ...]) -> int:
+        """The number of an order of tries."""
+        if tries not in self._number:
+            self._number[tries] = len(self.tries)
+            self.tries.append(tries)
+        return self._number[tries]
+
+    def first(self, number: int, at: int) -> int:
+        """The order ``number`` with its try ``at`` moved to the front."""
+        old = self.tries[number]
+        return self.number((old[at], *old[:at], *old[at + 1 :]))
+
+    def longer_than(self, least: int) -> NDArray[np.bool_]:
+        """By number: whether the order holds more than ``least`` tries."""
+        return np.array([len(t) > least for t in self.tries], dtype=bool)
+
+    def table(self) -> tuple[Ints, Ints]:
+        """Every order as rows of algorithm (index into ALGS; -1 past its end) and key version."""
+        width = max((len(t) for t in self.tries), default=0)
+        algs = np.full((len(self.tries), width), -1, dtype=np.int64)
+        versions = np.zeros((len(self.tries), width), dtype=np.int64)
+        for n, tries in enumerate(self.tries):
+            for k, (alg, version) in enumerate(tries):
+                algs[n, k], versions[n, k] = ALGS.index(alg), version
+        return algs, versions
 
 
 def _every_try(keys: IssuerKeyStore) -> dict[tuple[str, bool], tuple[Try, ...]]:
@@ -743,69 +734,105 @@ def _every_try(keys: IssuerKeyStore) -> dict[tuple[str, bool], tuple[Try, ...]]:
     }
 
 
-def _tries(keys: IssuerKeyStore, rows: TacRows, i: int, otherwise: tuple[Try, ...]) -> tuple[Try, ...]:
+def _tries(
+    keys: IssuerKeyStore, every: Mapping[tuple[str, bool], tuple[Try, ...]], rows: TacColumns, i: int
+) -> tuple[Try, ...]:
     """What to verify row ``i`` with: the algorithm and key version it states (none when the key store lacks
-    that version), else ``otherwise``."""
-    alg, version = rows.alg[i], rows.key_version[i]
+    that version), else every one of its issuer."""
+    issuer, alg, version = f"{rows.issuer[i]:04d}", int(rows.alg[i]), int(rows.key_version[i])
     if alg < 0:
-        return otherwise
-    return ((ALGS[alg], version),) if keys.get(rows.issuer[i], version) else ()
+        return every.get((issuer, bool(rows.m1[i])), ())
+    return ((ALGS[alg], version),) if keys.get(issuer, version) else ()
 
 
-def _verify_row(signer: TacSigner, rows: TacRows, i: int, tries: tuple[Try, ...]) -> int | str:
-    """The index in ``tries`` of the first algorithm and key version that verify row ``i``, or why none does."""
-    for n, (alg, version) in enumerate(tries):
-        try:
-            if signer.tac(rows, i, alg, version) == rows.tac[i]:
-                return n
-        except HostRefusal as err:
-            return str(err)
-    mac = "M1 record MAC" if len(rows.card[i]) == 8 else "TAC"
-    tried = ", ".join(f"{a} v{v}" for a, v in tries)
-    return f"{mac} does not verify with the keys of issuer {rows.issuer[i]} ({tried})"
+def _in_turn(
+    host: IssuerHost, rows: TacColumns, index: Ints, order: Ints, orders: _Orders
+) -> tuple[Ints, dict[int, str]]:
+    """For each row at ``index``: which try of its order (by number) is the first that verifies it (-1: none); and,
+    by place in ``index``, why the keys of a try could not be made (the row is not tried further)."""
+    algs, versions = orders.table()
+    found = np.full(len(index), -1, dtype=np.int64)
+    refused: dict[int, str] = {}
+    pending = np.arange(len(index))
+    for k in range(algs.shape[1]):
+        pending = pending[algs[order[pending], k] >= 0]
+        if not len(pending):
+            break
+        trial = replace(rows.take(index[pending]), alg=algs[order[pending], k], key_version=versions[order[pending], k])
+        expected = expected_macs(host, trial)
+        done = expected.macs == trial.tac
+        found[pending[done]] = k
+        for j, why in expected.refused.items():
+            refused[int(pending[j])] = why
+            done[j] = True
+        pending = pending[~done]
+    return found, refused
 
 
-def in_parts(
-    work: Callable[[IssuerKeyStore, Records, Ints], R],
-    keys: IssuerKeyStore,
-    rows: Records,
-    positions: Ints,
-    jobs: int,
-    least: int,
-) -> Iterator[R]:
-    """``work(keys, part of rows, their positions)`` in ``jobs`` processes; in this one for fewer than ``least``
-    rows. The parts travel as numpy columns (cheap to send); each worker makes its own Python values."""
-    if jobs <= 1 or len(positions) < least:
-        yield work(keys, rows.take(positions), positions)
-        return
-    parts = np.array_split(positions, jobs * 4)
-    with ProcessPoolExecutor(jobs) as pool:
-        yield from pool.map(work, repeat(keys), (rows.take(part) for part in parts), parts)
-
-
-def _tacs(t: _Table, keys: IssuerKeyStore, options: Options, skipped: list[str]) -> list[Finding]:
-    """REC-TAC on every distinct version of every record, the rows of one card together (the algorithm and
-    key version that verified a card are tried first on its next record). An issuer none of whose TACs verifies
-    (at least TAC_KEYS_LEAST of them) gets one REC-TAC-KEYS finding instead."""
+def _start_tacs(t: _Table, keys: IssuerKeyStore, options: Options) -> Callable[[], _TacOutcome]:
+    """Start verifying the TAC of every distinct version of every record, the rows of a card together: in
+    ``options.jobs`` forked processes, which see the table without it being sent and verify while this process
+    runs the other checks; in this process when it is one job or few rows. The returned function waits."""
     versions = np.flatnonzero(t.version_start)
     versions = versions[np.argsort(t.card_no[versions], kind="stable")]
+    if options.jobs <= 1 or len(versions) < options.min_parallel:
+        return partial(_verify_tacs, keys, t.r, versions)
+    cards = t.card_no[versions]
+    cuts = np.searchsorted(cards, cards[np.linspace(0, len(cards), options.jobs + 1, dtype=np.int64)[1:-1]])
+    # the parts end at a change of card
+    waiting = [_forked(partial(_verify_tacs, keys, t.r, part)) for part in np.split(versions, cuts)]
+    return lambda: _TacOutcome.of([wait() for wait in waiting])
+
+
+def _forked(work: Callable[[], R]) -> Callable[[], R]:
+    """``work()`` in a forked child process (it sees this process's memory: nothing is sent but the result);
+    the returned function waits for its result, or raises what it raised."""
+    context = multiprocessing.get_context("fork")
+    receiving, sending = context.Pipe(duplex=False)
+    child = context.Process(target=_send_result, args=(sending, work), daemon=True)
+    child.start()
+    sending.close()
+
+    def result() -> R:
+        try:
+            done, value = receiving.recv()
+            answer: R = value
+        except EOFError:
+            raise RuntimeError(f"a TAC worker process ended with exit code {child.exitcode}") from None
+        finally:
+            receiving.close()
+            child.join()
+        if not done:
+            raise value
+        return answer
+
+    return result
+
+
+def _send_result(sending: Connection, work: Callable[[], object]) -> None:
+    try:
+        outcome: tuple[bool, object] = (True, work())
+    except Exception as err:
+        outcome = (False, err)
+    sending.send(outcome)
+    sending.close()
+
+
+def _tac_findings(t: _Table, outcome: _TacOutcome, options: Options, skipped: list[str]) -> list[Finding]:
+    """REC-TAC for each record whose TAC does not verify. An issuer none of whose TACs verifies (at least
+    TAC_KEYS_LEAST of them) gets one REC-TAC-KEYS finding instead."""
     failed: dict[str, list[tuple[int, str]]] = defaultdict(list)  # issuer -> (row, why)
-    checked: Counter[str] = Counter()
-    unchecked: Counter[str] = Counter()
-    for outcome in in_parts(_verify_tacs, keys, t.r, versions, options.jobs, options.min_parallel):
-        unchecked.update(outcome.unchecked)
-        checked.update(outcome.checked)
-        for i, why in outcome.failed:
-            failed[f"{int(t.r.issuer[i]):04d}"].append((i, why))
+    for i, why in outcome.failed:
+        failed[f"{int(t.r.issuer[i]):04d}"].append((i, why))
     found: list[Finding] = []
     for issuer, rows in sorted(failed.items()):
-        if len(rows) == checked[issuer] >= TAC_KEYS_LEAST:
+        if len(rows) == outcome.checked.get(issuer, 0) >= TAC_KEYS_LEAST:
             found.append(_wrong_keys(t, issuer, rows, options))
             continue
         for i, why in rows:
             holders = "; ".join(t.where(j) for j in t.rows_of(i) if _same_content(t, j, i))
             found.append(t.finding("REC-TAC", i, [why, t.describe(i), f"held by {holders}"]))
-    for why, count in sorted(unchecked.items()):
+    for why, count in sorted(outcome.unchecked.items()):
         skipped.append(f"TAC of {count} record(s) not checked: {why}")
     return found
 
@@ -854,10 +881,14 @@ def _settlement(
     debit &= ~at_issuer
     hotlisted = _hotlisted(t, r, debit, _history(options, skipped))
     debit[list(hotlisted)] = False  # settled apart, by who bears them
-    keys = np.stack((r.acquirer[debit], r.issuer[debit], r.amount[debit]), axis=1)
-    groups, counts = np.unique(keys, axis=0, return_counts=True) if len(keys) else (keys, np.zeros(0, np.int64))
+    # one number per (acquirer, issuer, amount): city codes have 4 digits, amounts 31 bits (the wire record's)
+    keys = (r.acquirer[debit] * 10_000 + r.issuer[debit]) << 31 | r.amount[debit]
+    groups, counts = np.unique(keys, return_counts=True)
     debits = [
-        (f"{a:04d}", f"{i:04d}", amount, n) for (a, i, amount), n in zip(groups.tolist(), counts.tolist(), strict=True)
+        (f"{pair // 10_000:04d}", f"{pair % 10_000:04d}", amount, n)
+        for pair, amount, n in zip(
+            (groups >> 31).tolist(), (groups & (2**31 - 1)).tolist(), counts.tolist(), strict=True
+        )
     ]
     grace = Grace(options.default_grace, claimed.graces if claimed else {})
     rates = claimed.rates if claimed else {}
@@ -1105,14 +1136,15 @@ def reconcile(ledgers: Sequence[CityLedger], options: Options) -> Report:
     """Reconcile the holders' ledgers: every check of audit.md, findings by RECONCILE_RULES ids."""
     merged = _merge(ledgers, options.day)
     table = _Table(merged)
+    tacs = None if options.keys is None else _start_tacs(table, options.keys, options)
     skipped: list[str] = []
     missing, at_issuer = _missing(table)
     findings = [*_duplicates(table), *_conflicts(table), *missing, *_sequences(table)]
     findings += _travel(table, options.cities, skipped)
-    if options.keys is None:
+    if tacs is None:
         skipped.append("TAC verification not run (--no-tac)")
     else:
-        findings += _tacs(table, options.keys, options, skipped)
+        findings += _tac_findings(table, tacs(), options, skipped)
     settlement, settled = _settlement(table, at_issuer, options, skipped)
     findings += settled
     rank = {rule: n for n, rule in enumerate(RECONCILE_RULES)}
