@@ -11,7 +11,8 @@ import json
 import subprocess
 import sys
 from collections import Counter
-from dataclasses import replace
+from collections.abc import Callable
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -803,6 +804,126 @@ def test_a_damaged_real_file_parses_or_names_its_line(
         read_clearing_file(path)
     except LedgerInputError as err:
         assert str(err).startswith(f"{path} line ") or "CITY=" in str(err)
+
+
+# --- the columnar (pyarrow) reader against the line reader ----------------------------------------------
+
+
+def _read_both(path: Path, holder: str | None) -> tuple[object, object]:
+    """What each reader makes of a file: the ledger as plain values, or the error message."""
+
+    def outcome(columnar: bool) -> object:
+        try:
+            ledger = read_clearing_file(path, holder, columnar=columnar)
+        except LedgerInputError as err:
+            return str(err)
+        columns = {
+            f.name: (str(value.dtype), value.tolist())
+            for f in fields(ledger.records)
+            for value in [getattr(ledger.records, f.name)]
+        }
+        return ledger.city, ledger.sources, ledger.issuer_side, columns
+
+    return outcome(True), outcome(False)
+
+
+def test_the_columnar_reader_reads_the_fixture_files_as_the_line_reader(planted: Fixture, hot: Fixture) -> None:
+    for arg in [*planted.inputs, *hot.inputs]:
+        holder, _, name = arg.rpartition("=")
+        columnar, by_lines = _read_both(Path(name), holder or None)
+        assert not isinstance(by_lines, str) and columnar == by_lines
+
+
+_NUMBER_CELL = st.integers(0, 2**32 + 5).map(str) | st.integers(0, 99).map(lambda n: f"{n:0{n % 4 + 8}d}")
+_ROW_CELLS = st.fixed_dictionaries(
+    {
+        "issuer": st.sampled_from(["4510", "4560", "4530", "0000"]),
+        "card": st.from_regex(r"[0-9]{20}|[0-9A-F]{8}", fullmatch=True),
+        "kind": st.sampled_from(["purchase", "load", "metro_entry", "metro_exit"]),
+        "card_counter": st.integers(0, 70_000).map(str) | st.integers(0, 9).map(lambda n: f"{n:05d}"),
+        "acquirer": st.sampled_from(["4510", "4560"]),
+        "terminal": st.from_regex(r"[0-9A-F]{12}", fullmatch=True),
+        "terminal_seq": _NUMBER_CELL,
+        "amount": _NUMBER_CELL,
+        "balance_before": _NUMBER_CELL,
+        "balance_after": _NUMBER_CELL,
+        "time": st.sampled_from(
+            [
+                "2026-11-24T08:00:00+08:00",
+                "2026-11-24T23:59:59.5-03:30",
+                "2026-11-24T00:00:00Z",
+                "2026-11-24 08:00+08:00",
+                "2026-11-24T08:00:00",  # no offset
+            ]
+        ),
+        "tac": st.from_regex(r"[0-9A-F]{8}", fullmatch=True),
+    }
+)
+_CELL_DAMAGE: dict[str, Callable[[str], str]] = {  # how to spoil one cell ("junk": replace it by junk text)
+    "lower case": str.lower,
+    "a digit more": lambda c: "0" + c,
+    "a character less": lambda c: c[1:],
+    "space before": lambda c: " " + c,
+    "space after": lambda c: c + " ",
+    "minus": lambda c: "-" + c,
+    "plus": lambda c: "+" + c,
+    "empty": lambda c: "",
+    "quoted": lambda c: f'"{c}"',
+    "comma": lambda c: c + ",X",
+    "non-ascii": lambda c: c[:-1] + "\u00e9",
+}
+_FILE_DAMAGE = ["junk", "crlf", "bom", "blank line", "no final newline", "header only", "bad header", "record id"]
+
+
+def _file(rows: list[dict[str, str]], damage: str, where: int, junk: str) -> bytes:
+    """A clearing file of ``rows`` (CSV_HEADER cells but the record id, made from its parts), damaged: the cell
+    ``where`` picks by a _CELL_DAMAGE (or junk, or another record's id), or the file by a _FILE_DAMAGE."""
+    lines = [",".join(CSV_HEADER)]
+    for n, row in enumerate(rows):
+        cells = {"record_id": "-".join(row[k] for k in ("issuer", "card", "kind", "card_counter")), **row}
+        if n == where % max(len(rows), 1):
+            column = CSV_HEADER[where % len(CSV_HEADER)]
+            if damage in _CELL_DAMAGE:
+                cells[column] = _CELL_DAMAGE[damage](cells[column])
+            elif damage == "junk":
+                cells[column] = junk
+            elif damage == "record id":
+                cells["record_id"] = cells["record_id"].replace("-", "-0", 1)
+        lines.append(",".join(cells[name] for name in CSV_HEADER))
+    if damage == "header only":
+        lines = lines[:1]
+    elif damage == "bad header":
+        lines[0] = lines[0].replace("amount", "Amount")
+    elif damage == "blank line":
+        lines.insert(1 + where % len(lines), "")
+    text = ("\r\n" if damage == "crlf" else "\n").join(lines) + ("" if damage == "no final newline" else "\n")
+    return (b"\xef\xbb\xbf" if damage == "bom" else b"") + text.encode()
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    rows=st.lists(_ROW_CELLS, max_size=6),
+    damage=st.sampled_from(["none", "none", "none", *_CELL_DAMAGE, *_FILE_DAMAGE]),
+    where=st.integers(0, 1000),
+    junk=st.text(max_size=6),
+    holder=st.sampled_from([None, "4510"]),
+)
+def test_the_columnar_reader_gives_the_line_readers_ledger_or_its_error(
+    tmp_path: Path, rows: list[dict[str, str]], damage: str, where: int, junk: str, holder: str | None
+) -> None:
+    path = tmp_path / "clearing-4510-2026-11-24.csv"
+    path.write_bytes(_file(rows, damage, where, junk))
+    columnar, by_lines = _read_both(path, holder)
+    assert columnar == by_lines
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(raw=st.binary(max_size=400) | st.text(max_size=400).map(lambda t: (",".join(CSV_HEADER) + "\n" + t).encode()))
+def test_the_columnar_reader_agrees_on_any_bytes(tmp_path: Path, raw: bytes) -> None:
+    path = tmp_path / "fuzz.csv"
+    path.write_bytes(raw)
+    columnar, by_lines = _read_both(path, "4510")
+    assert columnar == by_lines
 
 
 # --- the benchmark runs ---------------------------------------------------------------------------------
