@@ -67,6 +67,13 @@ class _Unverified:
 
 
 @dataclass(frozen=True)
+class Checked:
+    """Messages checked for everything but their TACs (``Intake.check``), for ``Intake.verify``."""
+
+    drafts: list[list[Verdict | _Unverified]]
+
+
+@dataclass(frozen=True)
 class Topic:
     """What a subscribed topic says about the sender."""
 
@@ -134,10 +141,20 @@ class Intake:
         return self.messages([(topic, payload)], hotlist)[0]
 
     def messages(self, items: Sequence[tuple[Topic, bytes]], hotlist: frozenset[str]) -> list[list[Verdict]]:
-        """The verdicts on every record of each message, the TACs of all of them verified in one batch. Never
-        raises: whatever goes wrong with one record (an error nobody foresaw included) refuses that record alone,
-        with the error as its reason."""
-        drafts = [self._drafts(topic, payload, hotlist) for topic, payload in items]
+        """The verdicts on every record of each message, the TACs of all of them verified in one batch: ``check``
+        then ``verify``. Never raises: whatever goes wrong with one record (an error nobody foresaw included)
+        refuses that record alone, with the error as its reason."""
+        return self.verify(self.check(items, hotlist))
+
+    def check(self, items: Sequence[tuple[Topic, bytes]], hotlist: frozenset[str]) -> Checked:
+        """Everything but the TACs: limits, schema, sender, issuer, hotlist. Uses no key, so it may run in a worker
+        thread while ``verify`` runs elsewhere."""
+        return Checked([self._drafts(topic, payload, hotlist) for topic, payload in items])
+
+    def verify(self, checked: Checked) -> list[list[Verdict]]:
+        """The verdicts of checked messages, their TACs verified in one batch. The issuer host's cipher contexts
+        are not thread-safe: call it from one thread at a time per host (the event loop's)."""
+        drafts = checked.drafts
         unverified = [d for message in drafts for d in message if isinstance(d, _Unverified)]
         verified = iter(self._verify(unverified))
         return [[next(verified) if isinstance(d, _Unverified) else d for d in message] for message in drafts]

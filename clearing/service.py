@@ -2,6 +2,9 @@
 hands them to the intake and the ledger in batches (one transaction per batch), and only after the commit
 publishes the acks, the interop acks and the forwards. Unanswered forwards are sent again.
 
+Two stages, one batch apart: while a batch commits, the next one is taken from MQTT and verified (its checks in
+a worker thread, so the event loop goes on receiving and answering meanwhile); its acks wait for its own commit.
+
 The loop never stops for bad input: every payload ends in the ledger or the quarantine (or is counted, past a
 sender's daily quarantine cap), whatever it raises. A database failure leaves the batch unacked (the terminals
 send it again) and the service goes on. A task that dies of anything else ends ``run`` with the error: the
@@ -19,16 +22,18 @@ import asyncio
 import datetime as dt
 import logging
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import aiomqtt
 from sqlalchemy.exc import SQLAlchemyError
 
+from clearing.defaults import HEALTH_EVERY
 from clearing.hotlist import publish_hotlist
 from clearing.intake import Intake, Refused, Topic, unexpected
 from clearing.ledger import Ledger, Outcome, Received, database_trouble
+from clearing.metrics import ClearingMetrics, Counts
 from terminals.messages import (
     ACK_SCHEMA,
     CHINA,
@@ -58,10 +63,10 @@ _QUIET_DROPS = logging.getLogger("clearing.mqtt")
 _QUIET_DROPS.setLevel(logging.ERROR)
 FORWARD_CHUNK = 200
 HOTLIST_REFRESH = 1.0
-HEALTH_EVERY = 5.0  # wire.md: at least every 10 s
 MAX_BACKLOG_BYTES = 32 * 1024 * 1024
 MAX_UNCONFIRMED = 1000  # answers published and not yet confirmed by the broker
 MAX_BACKLOG_MESSAGES = 10_000  # a small message costs ~1 KiB of Python objects: bound the count too
+OFFLOAD_BYTES = 32 * 1024  # payload bytes of a batch from which its checks pay a worker thread's hand-over
 
 
 @dataclass
@@ -69,6 +74,7 @@ class ClearingStats(LinkStats):
     """What the service has done since it started."""
 
     messages: int = 0
+    records: int = 0  # records taken from MQTT (a message that is no record list counts one)
     stored: int = 0
     duplicates: int = 0
     quarantined: int = 0
@@ -87,13 +93,16 @@ class ClearingStats(LinkStats):
 
 class IncomingQueue(asyncio.Queue[aiomqtt.Message]):
     """aiomqtt's queue of received messages, bounded by their payload bytes as well as their number: a message
-    that would pass ``limit`` is refused (``QueueFull``: aiomqtt drops it) and ``on_drop`` is called."""
+    that would pass ``limit`` is refused (``QueueFull``: aiomqtt drops it) and ``on_drop`` is called. It notes
+    when each message arrived (``taken`` hands those times over, in the order the messages were taken)."""
 
     def __init__(self, maxsize: int = 0, *, limit: int, on_drop: Callable[[], None]) -> None:
         super().__init__(maxsize)
         self.limit = limit
         self.bytes = 0
         self._on_drop = on_drop
+        self._arrivals: deque[float] = deque()
+        self._taken: list[float] = []
 
     def put_nowait(self, item: aiomqtt.Message) -> None:
         """Queue a message, or refuse it when the queue is full in number or bytes (one message always fits)."""
@@ -103,12 +112,27 @@ class IncomingQueue(asyncio.Queue[aiomqtt.Message]):
             raise asyncio.QueueFull
         super().put_nowait(item)
         self.bytes += size
+        self._arrivals.append(time.monotonic())
 
     def get_nowait(self) -> aiomqtt.Message:
         """The oldest message."""
         item = super().get_nowait()
         self.bytes -= _size(item)
+        self._taken.append(self._arrivals.popleft())
         return item
+
+    def taken(self) -> list[float]:
+        """When each message taken since the last call arrived (``time.monotonic``), in the order taken."""
+        times, self._taken = self._taken, []
+        return times
+
+
+@dataclass
+class _Verified:
+    """A batch of messages verified and waiting for its commit, with when each arrived."""
+
+    received: list[Received] = field(default_factory=list)
+    arrived: list[float] = field(default_factory=list)
 
 
 def _size(message: aiomqtt.Message) -> int:
@@ -164,6 +188,7 @@ class ClearingService:
         self.persistent = persistent
         self.session_expiry = session_expiry  # seconds: MQTT 5, the broker forgets the session that long after
         self.stats = ClearingStats()
+        self.metrics = ClearingMetrics(self.city, self._counts)
         prefix = f"$share/clearing-{self.city}/" if shared else ""
         # ``terminal_topics`` narrows the terminal side to those topics (the demo shares a broker with others)
         terminal_side = terminal_topics if terminal_topics is not None else [txn_topic(self.city, "+")]
@@ -203,8 +228,10 @@ class ClearingService:
                     self.stats.connected, backoff = True, 0.2
                     self.stats.connections += 1
                     log.info("clearing %s connected to %s (%s)", self.city, self.broker, ", ".join(self.subscriptions))
+                    verified: asyncio.Queue[_Verified] = asyncio.Queue(maxsize=1)  # one batch ahead of the commit
                     async with asyncio.TaskGroup() as tasks:
-                        tasks.create_task(self._process(client))
+                        tasks.create_task(self._take(client, verified))
+                        tasks.create_task(self._commit(client, verified))
                         tasks.create_task(self._reforward(client))
                         tasks.create_task(self._health(client))
             except* aiomqtt.MqttError as group:
@@ -235,10 +262,15 @@ class ClearingService:
         """Messages received and not yet taken into a batch."""
         return self._incoming.qsize() if self._incoming is not None else 0
 
-    async def _process(self, client: aiomqtt.Client) -> None:
+    def _counts(self) -> Counts:
+        stats = self.stats
+        return Counts(stats.records, stats.stored, stats.quarantined, stats.forwarded, self.backlog)
+
+    async def _take(self, client: aiomqtt.Client, verified: asyncio.Queue[_Verified]) -> None:
         """Take batches from aiomqtt's queue: the first message through its iterator (which raises when the
         connection is lost), the rest of the batch straight from the queue in the same turn of the event loop,
-        however hard the broker pushes (a reader task moving one message per turn starved the writer)."""
+        however hard the broker pushes (a reader task moving one message per turn starved the writer). Each is
+        verified while the one before commits."""
         incoming = self._incoming
         if incoming is None:
             raise RuntimeError("the MQTT client was made without the clearing's incoming queue")
@@ -247,48 +279,80 @@ class ClearingService:
             batch = [await anext(messages)]
             while len(batch) < self.batch and not incoming.empty():
                 batch.append(incoming.get_nowait())
-            await self.handle(client, batch)
+            ready = await self._verify(batch, incoming.taken())
+            if ready.received:
+                await verified.put(ready)
 
-    async def handle(self, client: aiomqtt.Client, messages: list[aiomqtt.Message]) -> None:
-        """Clear one batch of messages: verify, commit, then ack and forward. Bad input costs only its own
-        message; a database that is down or behind leaves the batch unacked (the senders resend it)."""
+    async def _verify(self, messages: list[aiomqtt.Message], arrived: list[float]) -> _Verified:
+        """The verdicts on a batch of messages (nothing when the hotlist cannot be read: the batch stays
+        unacked). Bad input costs only its own message."""
         self.stats.messages += len(messages)
         try:
             hotlist = await self._hotlist()
         except SQLAlchemyError as err:
             self.stats.failed_batches += 1
             log.error("clearing %s: hotlist not readable (%s); %d messages stay unacked", self.city, err, len(messages))
-            return
-        received: list[Received] = []
-        for message in messages:
+            return _Verified()
+        ready = _Verified()
+        to_check: list[tuple[Topic, bytes]] = []
+        places: list[int] = []  # where each message to check sits in ready.received
+        for message, when in zip(messages, arrived, strict=True):
             topic_name = message.topic.value
             payload = message.payload if isinstance(message.payload, bytes) else str(message.payload).encode()
             if topic_name == self._interop_ack:
                 refusal = await self._on_interop_ack(payload)
                 if refusal is not None:  # junk on the interop ack topic is quarantined like any other
-                    received.append(Received(topic_name, None, [refusal], payload))
+                    ready.received.append(Received(topic_name, None, [refusal], payload))
+                    ready.arrived.append(when)
                 continue
             topic = Topic.parse(topic_name, self.city)
             if topic is None:
                 log.warning("message on unexpected topic %r ignored", topic_name)
                 continue
-            verdicts = self.intake.message(topic, payload, hotlist)
-            received.append(Received(topic_name, topic.terminal, verdicts, payload))
-        if not received:
-            return
-        try:
-            outcome = await self.ledger.store(received)
-        except Exception as err:
-            if not database_trouble(err):
-                raise  # ledger.store isolates the data's faults: anything else is a bug, for the supervisor
-            self.stats.failed_batches += 1
-            log.error(
-                "clearing %s: batch of %d messages not stored (%s); they stay unacked", self.city, len(received), err
-            )
-            return
-        self.stats.last_commit = time.time()
-        self._count(outcome)
-        await self._answer(client, outcome)
+            places.append(len(ready.received))
+            to_check.append((topic, payload))
+            ready.received.append(Received(topic_name, topic.terminal, [], payload))
+            ready.arrived.append(when)
+        if to_check:
+            # a big batch is checked off the event loop (MQTT keeps flowing, the previous batch's commit goes on);
+            # the TACs on it: the issuer host's cipher contexts are not thread-safe, and a process's clearings may
+            # share a host
+            if sum(len(payload) for _, payload in to_check) >= OFFLOAD_BYTES:
+                checked = await asyncio.to_thread(self.intake.check, to_check, hotlist)
+            else:
+                checked = self.intake.check(to_check, hotlist)
+            verdicts = self.intake.verify(checked)
+            for index, message_verdicts in zip(places, verdicts, strict=True):
+                ready.received[index].verdicts = message_verdicts
+        self.stats.records += sum(len(r.verdicts) for r in ready.received)
+        return ready
+
+    async def _commit(self, client: aiomqtt.Client, verified: asyncio.Queue[_Verified]) -> None:
+        """Commit each verified batch, then ack and forward. A database that is down or behind leaves the batch
+        unacked (the senders resend it)."""
+        while True:
+            batch = await verified.get()
+            started = time.perf_counter()
+            try:
+                outcome = await self.ledger.store(batch.received)
+            except Exception as err:
+                if not database_trouble(err):
+                    raise  # ledger.store isolates the data's faults: anything else is a bug, for the supervisor
+                self.stats.failed_batches += 1
+                log.error(
+                    "clearing %s: batch of %d messages not stored (%s); they stay unacked",
+                    self.city,
+                    len(batch.received),
+                    err,
+                )
+                continue
+            self.metrics.commit_seconds.observe(time.perf_counter() - started)
+            self.stats.last_commit = time.time()
+            self._count(outcome)
+            await self._answer(client, outcome)
+            answered = time.monotonic()
+            for when in batch.arrived:
+                self.metrics.ack_lag.observe(answered - when)
 
     async def _health(self, client: aiomqtt.Client) -> None:
         """Publish the retained health message every ``health_every`` seconds, whatever the database does."""

@@ -10,8 +10,10 @@ import contextlib
 import json
 import os
 import subprocess
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import aiomqtt
 import pytest
@@ -21,7 +23,10 @@ from mqtt_support import MOSQUITTO, eventually, require_mosquitto, running, uniq
 from support import new_card
 from terminal_support import m1_card, make_terminal
 
+from clearing import intake as intake_module
 from clearing.db import open_engine
+from clearing.intake import Intake
+from clearing.service import OFFLOAD_BYTES
 from clearing.settlement import settle_day
 from terminals.messages import (
     ack_topic,
@@ -245,3 +250,40 @@ async def test_forwarded_records_that_fail_are_answered_by_id_or_quarantined(tmp
 async def _collect_payloads(client: aiomqtt.Client, into: list[str]) -> None:
     async for message in client.messages:
         into.append(message.payload.decode())  # type: ignore[union-attr]
+
+
+async def test_a_big_batch_is_checked_in_a_worker_thread_its_tacs_verified_on_the_event_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The clearings of one process (the demo's three) share an issuer host whose cipher contexts are not
+    thread-safe: a batch big enough is checked off the event loop, but every TAC is verified on it."""
+    checked: set[str] = set()
+    verified: set[str] = set()
+    check, tac_problems = Intake.check, intake_module.tac_problems
+
+    def check_here(intake: Intake, *args: Any) -> Any:
+        checked.add(threading.current_thread().name)
+        return check(intake, *args)
+
+    def verify_here(*args: Any) -> list[str | None]:
+        verified.add(threading.current_thread().name)
+        return tac_problems(*args)
+
+    monkeypatch.setattr(Intake, "check", check_here)
+    monkeypatch.setattr(intake_module, "tac_problems", verify_here)
+    records = [r.to_json() for r in signed_records(101, CITY, TERMINAL, issuers=(CITY,))]
+    big = batch_payload(records[:100])
+    assert len(big) >= OFFLOAD_BYTES
+    async with (
+        embedded_broker() as broker,
+        fresh_db("sqlite", tmp_path) as db,
+        clearing(broker, db, CITY) as service,
+        broker.client(f"pub-{os.getpid()}", clean_session=True) as publisher,
+    ):
+        await publisher.publish(txn_topic(CITY, TERMINAL), big, qos=1)
+        await eventually(lambda: service.stats.stored == 100)
+        await publisher.publish(txn_topic(CITY, TERMINAL), records[100], qos=1)
+        await eventually(lambda: service.stats.stored == 101)
+    loop_thread = threading.main_thread().name
+    assert verified == {loop_thread}
+    assert loop_thread in checked and len(checked) == 2  # the small message on the loop, the big one not
