@@ -162,6 +162,14 @@ def register(groups: Subcommands) -> None:
         help="worker processes sharing the terminals and the timetable, each on its own event loop "
         "(default: one per core, %(default)s here)",
     )
+    load.add_argument(
+        "--uplink",
+        choices=("lean", "aiomqtt"),
+        default="lean",
+        help="each terminal's uplink: lean (the real uplink's rules, terminals.uplink_policy, over one light "
+        "asyncio connection: a tenth of the CPU per idle terminal, half per tap) or aiomqtt (the real terminal's "
+        "Uplink itself, an aiomqtt client each); default %(default)s",
+    )
     sweeping = load.add_argument_group(
         "sweep",
         "--sweep offers flat steps from --rate up, each --step-seconds long and drained before the next, until a "
@@ -289,6 +297,7 @@ async def _run(args: argparse.Namespace, pairs: list[tuple[str, str]], cards: li
             session_expiry=expiry,
             hotlist_at=args.hotlist_at,
             hotlist_cards=listed,
+            lean=args.uplink == "lean",
         )
         what = (
             f"a sweep from {args.rate:g} taps/s, x{args.sweep_factor:g} every {args.step_seconds:g} s until p99 > "

@@ -54,6 +54,7 @@ class WorkerSpec:
     session_expiry: int | None = None
     hotlist_at: float | None = None  # the parent adds the cards at this moment; the worker watches
     hotlist_cards: list[SyntheticCard] = field(default_factory=list)
+    lean: bool = True  # LeanUplink per terminal (else the real Uplink)
 
 
 class ProgressWire(TypedDict):
@@ -142,6 +143,7 @@ def _build(spec: WorkerSpec) -> LoadRun:
         session_expiry=spec.session_expiry,
         hotlist=hotlist,
         share=(spec.share, spec.shares),
+        lean=spec.lean,
     )
 
 

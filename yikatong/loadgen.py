@@ -31,6 +31,7 @@ from terminals.outbox import MemoryOutbox, Outbox
 from terminals.uplink import Uplink
 from yikatong.load_schedule import LATE, Pacer, Plan, Timetable
 from yikatong.load_stats import Counts, Tally
+from yikatong.load_uplink import LeanUplink, LinkTimer
 from yikatong.synthetic import SyntheticCard, SyntheticTerminal
 
 TICK = 0.02  # seconds: the longest the pacing loop sleeps (hotlist probes and progress run at this step)
@@ -205,7 +206,8 @@ class LoadRun:
     the load and ``propagation`` tells how that reached the terminals: from the add on, each listed card is also
     presented once a pacing step at a random terminal of every city not yet seen refusing one (a blocked card
     tried everywhere), so the first refusal in a city measures the list's way there, not how often the rider
-    happens to ride."""
+    happens to ride. Each terminal's uplink is a ``LeanUplink`` (the real uplink's rules over a light connection),
+    or with ``lean=False`` the real terminal's ``Uplink`` itself (an aiomqtt client each: dearer)."""
 
     def __init__(
         self,
@@ -219,6 +221,7 @@ class LoadRun:
         session_expiry: int | None = None,
         hotlist: HotlistPlan | None = None,
         share: tuple[int, int] = (0, 1),
+        lean: bool = True,
     ) -> None:
         self.broker = broker
         self.terminals = list(terminals)
@@ -228,8 +231,19 @@ class LoadRun:
         self.share = share
         self.rng = random.Random(seed)
         # the outboxes stay on the event loop: the taps write them there too, and MemoryOutbox is not thread-safe
-        self.uplinks = [
-            Uplink(
+        self.timer = LinkTimer() if lean else None
+        self.uplinks: list[LeanUplink | Uplink] = [
+            LeanUplink(
+                broker,
+                t,
+                self.timer,
+                ack_timeout=ack_timeout,
+                max_backoff=5.0,
+                session_expiry=session_expiry,
+                on_ack=partial(self._on_ack, t.outbox),
+            )
+            if self.timer is not None
+            else Uplink(
                 broker,
                 t,
                 ack_timeout=ack_timeout,
@@ -315,6 +329,8 @@ class LoadRun:
         """Start every terminal's uplink and wait until all are connected (or ``timeout``)."""
         began = time.monotonic()
         self._tasks = [asyncio.create_task(u.run()) for u in self.uplinks]
+        if self.timer is not None:
+            self._tasks.append(asyncio.create_task(self.timer.run()))
         while self.connected() < len(self.terminals) and time.monotonic() - began < timeout:
             await asyncio.sleep(0.5)
             report(self._progress("connecting", time.monotonic() - began))
