@@ -25,10 +25,6 @@ from typing import TYPE_CHECKING, Final, TypeVar
 
 import numpy as np
 from numpy.typing import NDArray
-from sqlalchemy import Table, inspect, select
-from sqlalchemy.engine import make_url
-from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.ext.asyncio import AsyncEngine
 
 from audit.reconcile import (
     BadValue,
@@ -46,14 +42,13 @@ from audit.reconcile import (
 )
 from cardsim.files import read_json
 from cardsim.resources import fixture_path
-from clearing.db import DatabaseUrlError, open_engine
-from clearing.schema import HOTLIST, HOTLIST_VERSION, LEDGER, VERSION_OF_CARD
 from clearing.settlement import CSV_HEADER, SETTLEMENT_SCHEMA, Liable, publish_moment
 from clearing.verify import KINDS
 from terminals.messages import CARD_ID, CITY_CODE, RECORD_ID, TERMINAL_NO, TxnRecord
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # pyarrow and the database layers load when a file or a database is read
     import pyarrow as pa
+    from sqlalchemy.ext.asyncio import AsyncEngine
 
 T = TypeVar("T")
 Ints = NDArray[np.int64]
@@ -383,7 +378,11 @@ _SELECT: Final = ("id", "city", *CSV_HEADER[1:], "record")
 
 
 async def _read_ledgers(engine: AsyncEngine, name: str, day: str | None) -> list[CityLedger]:
-    table: Table = LEDGER
+    from sqlalchemy import inspect, select
+
+    from clearing.schema import LEDGER
+
+    table = LEDGER
     async with engine.connect() as db:
         if not await db.run_sync(lambda sync: inspect(sync).has_table(table.name)):
             raise LedgerInputError(f"database {name}: no clearing ledger table (not a yikatong clearing database)")
@@ -423,6 +422,10 @@ def read_database(url: str, day: str | None = None) -> list[CityLedger]:
 
 
 async def _read_hotlists(engine: AsyncEngine, name: str) -> dict[tuple[str, str], HotlistEntry]:
+    from sqlalchemy import inspect, select
+
+    from clearing.schema import HOTLIST, HOTLIST_VERSION, VERSION_OF_CARD
+
     async with engine.connect() as db:
         if not await db.run_sync(lambda sync: inspect(sync).has_table(HOTLIST_VERSION.name)):
             return {}  # a database from before hotlist versions (migration 0003): no list has a publish time
@@ -443,6 +446,11 @@ def read_database_hotlists(url: str) -> dict[tuple[str, str], HotlistEntry]:
 def _on_database(url: str, what: str, work: Callable[[AsyncEngine, str], Awaitable[T]]) -> T:
     """``work(engine, name)`` on the clearing database at ``url`` (``name``: the URL without its password);
     LedgerInputError naming the database when it is not there or cannot be read."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from clearing.db import DatabaseUrlError, open_engine
+
     try:
         name = make_url(url).render_as_string(hide_password=True)
         engine = open_engine(url)

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field, fields, replace
 from decimal import Decimal
 from functools import partial
 from multiprocessing.connection import Connection
-from typing import Final, NamedTuple, TypeAlias, TypeVar
+from typing import Any, Final, NamedTuple, TypeAlias, TypeVar
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
@@ -199,6 +199,22 @@ class Records:
     def take(self, index: Index) -> Records:
         """The rows at ``index`` (integer positions or a boolean mask)."""
         return replace(self, **{f.name: getattr(self, f.name)[index] for f in fields(self)})
+
+
+class _Rows:
+    """The rows of ``records`` at ``index``, each column taken when first read: a check reads a few of the
+    columns of most rows, and taking them all would copy the rest for nothing."""
+
+    def __init__(self, records: Records, index: Index) -> None:
+        self._records, self._index = records, index
+        self._taken: dict[str, NDArray[Any]] = {}
+
+    def __getattr__(self, name: str) -> NDArray[Any]:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        if name not in self._taken:
+            self._taken[name] = getattr(self._records, name)[self._index]
+        return self._taken[name]
 
 
 @dataclass(frozen=True)
@@ -500,7 +516,7 @@ def _sequences(t: _Table) -> list[Finding]:
     """Per card: counter gaps and repeats (ordered by counter, CPU offline and online counters apart), then
     balance continuity (M1 by counter, CPU by time) and M1 value-block tampering."""
     c = t.starts
-    r = t.r.take(c)
+    r = _Rows(t.r, c)
     card, m1 = t.card_no[c], t.m1[c]
     sequence = np.where(~m1 & (r.kind == LOAD), 1, 0)  # CPU loads count on the online counter
     found: list[Finding] = []
@@ -571,7 +587,7 @@ def _travel(t: _Table, cities: Cities, skipped: list[str]) -> list[Finding]:
     """REC-IMPOSSIBLE-TRAVEL: one card at two cities' terminals faster than the trip between them (every
     distinct version of a record counts: a clone's copy is an appearance of the card)."""
     v = np.flatnonzero(t.version_start)
-    r, card = t.r.take(v), t.card_no[v]
+    r, card = _Rows(t.r, v), t.card_no[v]
     prev, nxt = _pairs(np.lexsort((r.time_us, card)), card)
     moved = r.acquirer[prev] != r.acquirer[nxt]
     prev, nxt = prev[moved], nxt[moved]
@@ -865,7 +881,7 @@ def _settlement(
     record the issuer's ledger lacks is left out, as the clearing settles only what the issuer acked; a record
     of a card on its issuer's hotlist judged by publish time + grace) and compare with the settlement file."""
     claimed = options.claimed
-    r = t.r.take(t.starts)
+    r = _Rows(t.r, t.starts)
     days = (r.time_us + _CHINA_US) // _DAY_US
     debit = np.isin(r.kind, [KINDS.index(k) for k in DEBIT_KINDS]) & (r.issuer != r.acquirer)
     day = claimed.day if claimed else options.day
@@ -914,7 +930,7 @@ def _history(options: Options, skipped: list[str]) -> HotlistHistory:
     return claimed.history
 
 
-def _hotlisted(t: _Table, r: Records, debit: NDArray[np.bool_], history: HotlistHistory) -> dict[int, Hotlisted]:
+def _hotlisted(t: _Table, r: _Rows, debit: NDArray[np.bool_], history: HotlistHistory) -> dict[int, Hotlisted]:
     """The debits of cards on their own issuer's hotlist, by identity (``r`` holds one row per identity)."""
     found: dict[int, Hotlisted] = {}
     listed = {card for _, card in history}  # a set lookup per debit first: most cards are on no list

@@ -1,18 +1,24 @@
-"""Benchmark: `audit reconcile` over one day of a million records of three cities, with and without TAC
-verification, side by side; then the same ledgers read back from daily clearing files (CSV).
+"""Benchmark: `audit reconcile` over one day of a million records of three cities, every TAC verified: the
+ledgers in memory (as from a clearing database, algorithm and key version known), then read from the daily
+clearing files (CSV) by the line reader and by the columnar one (pyarrow) side by side, then reconciled per
+stage (checks alone, with the TACs in this process after them, with the TACs in --jobs forked processes beside
+them), then the whole command `yikatong audit reconcile FILES` end to end in a new process.
 
     python3 bench/reconcile_bench.py [--records 1000000] [--cards 30000] [--jobs 2] [--folder DIR]
 
 Not a test: it prints figures and asserts nothing. The day is generated with numpy (cards, counters, balances,
 times; 20 % of the records are other cities' cards, so they sit in two ledgers: the acquirer's and the
-issuer's) and every record is signed with the published test keys, so the TAC runs verify real MACs. The
-engine runs in this process; TAC verification uses --jobs worker processes (and one, for comparison).
+issuer's) and every record is signed with the published test keys, so the TAC runs verify real MACs. A
+clearing file does not say a card's algorithm: the first record of each card tries them.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -158,16 +164,16 @@ def timed(what: str, seconds: list[float], work: Callable[[], T]) -> T:
     begin = time.perf_counter()
     result = work()
     seconds.append(time.perf_counter() - begin)
-    print(f"  {what:<34} {seconds[-1]:7.2f} s", flush=True)
+    print(f"  {what:<42} {seconds[-1]:7.2f} s", flush=True)
     return result
 
 
 def main() -> None:
-    """Generate, sign, reconcile with and without TACs, write and read the CSV files; print the figures."""
+    """Generate and sign a day, reconcile it from memory and from its files, stage by stage; print the figures."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--records", type=int, default=1_000_000)
     parser.add_argument("--cards", type=int, default=30_000)
-    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="TAC worker processes")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="forked TAC processes")
     parser.add_argument("--folder", type=Path, help="where to write the CSV files (default: a temporary folder)")
     args = parser.parse_args()
     keys, cities = IssuerKeyStore.test_set(), read_cities()
@@ -175,45 +181,62 @@ def main() -> None:
     print(f"one day: {args.records:,} records, {cards:,} cards of 3 cities; {os.cpu_count()} CPUs")
     took: list[float] = []
     records = timed("generate (numpy)", took, lambda: generate(args.records, cards))
-    tacs = timed("sign TACs (batched)", took, lambda: sign_tacs(keys, records))
-    records = replace(records, tac=tacs)
+    records = replace(records, tac=timed("sign TACs (batched)", took, lambda: sign_tacs(keys, records)))
     ledgers = ledgers_of(records)
-    rows = sum(len(x.records) for x in ledgers)
-    print(f"  ledger rows {rows:,} (records of other cities' cards are in two ledgers)")
-    runs = {
-        "reconcile, no TAC": Options(cities),
-        "reconcile + TAC, 1 process": Options(cities, keys, jobs=1),
-        f"reconcile + TAC, {args.jobs} processes": Options(cities, keys, jobs=args.jobs),
+    print(f"  ledger rows {sum(len(x.records) for x in ledgers):,} (other cities' cards are in two ledgers)")
+    stages = {
+        "checks only (no TAC)": Options(cities),
+        "checks, then TACs in this process": Options(cities, keys, jobs=1),
+        f"checks beside TACs in {args.jobs} forked proc.": Options(cities, keys, jobs=args.jobs),
     }
-    findings = []
-    figures = {}
-    for name, options in runs.items():
-        report = timed(name, took, partial(reconcile, ledgers, options))
-        findings.append(len(report.findings))
-        figures[name] = took[-1]
+    findings: list[int] = []
+    figures: dict[str, float] = {}
+    print("ledgers in memory (algorithm and key version known, as from a database):")
+    for name, options in stages.items():
+        findings.append(len(timed(name, took, partial(reconcile, ledgers, options)).findings))
+        figures[f"memory: {name}"] = took[-1]
     with tempfile.TemporaryDirectory() as scratch:
         folder = args.folder or Path(scratch)
         folder.mkdir(parents=True, exist_ok=True)
         files = timed("write the clearing files (CSV)", took, lambda: write_files(records, folder))
         size = sum(path.stat().st_size for path, _ in files) / 2**20
-        read = timed(f"read the CSV files ({size:,.0f} MiB)", took, lambda: [read_clearing_file(*f) for f in files])
-        report = timed("reconcile them, no TAC", took, lambda: reconcile(read, Options(cities)))
-        figures["read CSV + reconcile, no TAC"] = took[-2] + took[-1]
-        findings.append(len(report.findings))
-        # a clearing file does not say the card's algorithm: the first record of each card tries them
-        checking = Options(cities, keys, jobs=args.jobs)
-        report = timed(f"reconcile them + TAC, {args.jobs} processes", took, lambda: reconcile(read, checking))
-        figures[f"read CSV + reconcile + TAC, {args.jobs} proc."] = took[-3] + took[-1]
-        findings.append(len(report.findings))
+        print(f"the {len(files)} clearing files ({size:,.0f} MiB):")
+        timed("import pyarrow (once per command)", took, lambda: importlib.import_module("pyarrow.csv"))
+        timed("read by the line reader (before)", took, lambda: [read_clearing_file(*f, columnar=False) for f in files])
+        figures["files: read, line reader (before)"] = took[-1]
+        read = timed("read by the columnar reader", took, lambda: [read_clearing_file(*f) for f in files])
+        figures["files: read, columnar reader"] = took[-1]
+        for name, options in stages.items():
+            findings.append(len(timed(name, took, partial(reconcile, read, options)).findings))
+            figures[f"files: {name}"] = took[-1]
+        print("the whole command, end to end (a new process: start, read, reconcile, write the reports):")
+        command = [str(f if holder is None else f"{holder}={f}") for f, holder in files]
+        timed(f"yikatong audit reconcile --jobs {args.jobs}", took, partial(run_command, command, args.jobs, folder))
+        figures["files: yikatong audit reconcile (whole)"] = took[-1]
     print(f"findings {max(findings)} (every run: {findings})")
-    print(f"{'':<40}{'seconds':>9} {'records/s':>12}")
+    print(f"{'':<52}{'seconds':>9} {'records/s':>12}")
     for name, seconds in figures.items():
-        print(f"{name:<40}{seconds:9.2f} {args.records / seconds:12,.0f}")
-    no_tac, with_tac = figures["reconcile, no TAC"], figures[f"reconcile + TAC, {args.jobs} processes"]
+        print(f"{name:<52}{seconds:9.2f} {args.records / seconds:12,.0f}")
+    before, after = figures["files: read, line reader (before)"], figures["files: read, columnar reader"]
+    checks, tacs = figures["files: checks only (no TAC)"], figures["files: checks, then TACs in this process"]
     print(
-        f"{args.records:,} records: {no_tac:.1f} s without TAC verification | {with_tac:.1f} s with it "
-        f"({args.jobs} processes)"
+        f"read: columnar {before / after:.1f}x the line reader | TACs alone (in this process) {tacs - checks:.2f} s "
+        f"| whole command {figures['files: yikatong audit reconcile (whole)']:.1f} s (aim < 5 s)"
     )
+
+
+def run_command(files: list[str], jobs: int, folder: Path) -> None:
+    """``yikatong audit reconcile FILES`` in a new Python process, its reports into ``folder``."""
+    reports = ["--json", str(folder / "audit-reconcile.json"), "--html", str(folder / "audit-reconcile.html")]
+    argv = ["audit", "reconcile", *files, "--jobs", str(jobs), *reports]
+    done = subprocess.run(
+        [sys.executable, "-c", "import sys; from yikatong.cli import main; sys.exit(main(sys.argv[1:]))", *argv],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if done.returncode not in (0, 1):  # 1: findings (none expected)
+        raise RuntimeError(f"audit reconcile exited {done.returncode}: {done.stderr}")
 
 
 if __name__ == "__main__":
