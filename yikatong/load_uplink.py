@@ -28,6 +28,7 @@ from yikatong import load_mqtt as mqtt
 log = logging.getLogger(__name__)
 
 KEEPALIVE = 60  # seconds, as aiomqtt's default
+CONNECTING = 100  # connections a process opens at once
 TIMEOUT = 10.0  # seconds for CONNACK, SUBACK and each PUBACK (aiomqtt's default), else the connection is dropped
 
 
@@ -87,10 +88,13 @@ class _Connection(asyncio.Protocol):
 
 
 class LinkTimer:
-    """Once a second, every lean uplink of this process checks its timeouts (one task, not one per terminal)."""
+    """Once a second, every lean uplink of this process checks its timeouts (one task, not one per terminal); and
+    at most ``CONNECTING`` of them connect at once (thousands of SYNs at one moment overflow the broker's accept
+    queue, and the kernel retries the rest after 1, 3, 7 s)."""
 
     def __init__(self) -> None:
         self.uplinks: list[LeanUplink] = []
+        self.connecting = asyncio.Semaphore(CONNECTING)
 
     async def run(self) -> None:
         """Tick the uplinks until cancelled."""
@@ -135,6 +139,7 @@ class LeanUplink:
         self.session_expiry = session_expiry
         self.version = mqtt.MQTT311 if session_expiry is None else mqtt.MQTT5
         self.on_ack = on_ack
+        self.timer = timer
         self.sent_at = 0.0  # when a packet last went out (keepalive)
         self._heard_at = 0.0  # when a packet last came in
         self._link: _Connection | None = None
@@ -163,13 +168,16 @@ class LeanUplink:
         while True:
             link: _Connection | None = None
             try:
-                _, made = await asyncio.wait_for(
-                    loop.create_connection(lambda: _Connection(self, self.version), self.broker.host, self.broker.port),
-                    TIMEOUT,
-                )
-                link = self._link = made
-                self._heard_at = time.monotonic()
-                await self._handshake(made)
+                async with self.timer.connecting:
+                    _, made = await asyncio.wait_for(
+                        loop.create_connection(
+                            lambda: _Connection(self, self.version), self.broker.host, self.broker.port
+                        ),
+                        TIMEOUT,
+                    )
+                    link = self._link = made
+                    self._heard_at = time.monotonic()
+                    await self._handshake(made)
                 self.policy.connected()
                 self.policy.subscribed(time.monotonic())
                 self._ready = True

@@ -16,10 +16,14 @@ Parent to worker: ``("offer", label, plan, start)``, ``("drain", timeout)``, ``(
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ctypes
 import gc
 import logging
 import multiprocessing
+import os
 import signal
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -35,6 +39,8 @@ from yikatong.load_stats import Counts, CountsWire, Tally, TallyWire
 from yikatong.loadgen import HotlistPlan, LoadRun, Progress, Propagation, SimTerminal, TimedQueue, open_outbox
 from yikatong.process import setup_logging
 from yikatong.synthetic import SyntheticCard
+
+PR_SET_PDEATHSIG = 1  # prctl(2)
 
 
 @dataclass(frozen=True)
@@ -55,6 +61,7 @@ class WorkerSpec:
     hotlist_at: float | None = None  # the parent adds the cards at this moment; the worker watches
     hotlist_cards: list[SyntheticCard] = field(default_factory=list)
     lean: bool = True  # LeanUplink per terminal (else the real Uplink)
+    parent: int = field(default_factory=os.getpid)  # the process that starts the worker
 
 
 class ProgressWire(TypedDict):
@@ -114,8 +121,18 @@ def worker_specs(
 # --- in the worker process ----------------------------------------------------------------------------------
 
 
+def _die_with(parent: int) -> None:
+    """Linux: this process gets SIGKILL when its parent ends, however it ends, as a thread would: a SIGKILLed
+    ``yikatong load`` must not leave workers making records into its state files."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # it ended before that took hold
+        os._exit(1)
+
+
 def worker_main(spec: WorkerSpec, conn: Connection) -> None:
     """A worker process: Ctrl-C is the parent's to handle (it stops the workers)."""
+    _die_with(spec.parent)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     setup_logging(logging.ERROR)
     try:
@@ -165,10 +182,23 @@ def _wire(progress: Progress, started: float | None) -> ProgressWire:
     }
 
 
+def _reader(conn: Connection, inbox: asyncio.Queue[tuple[Any, ...]]) -> Callable[[], None]:
+    """The parent's commands into ``inbox``; when the parent is gone, this worker goes at once (where the
+    kernel does not see to it)."""
+
+    def read() -> None:
+        try:
+            inbox.put_nowait(conn.recv())
+        except (EOFError, OSError):
+            os._exit(1)
+
+    return read
+
+
 async def _worker(spec: WorkerSpec, conn: Connection) -> None:
     loop = asyncio.get_running_loop()
     inbox: asyncio.Queue[tuple[Any, ...]] = asyncio.Queue()
-    loop.add_reader(conn.fileno(), lambda: inbox.put_nowait(conn.recv()))
+    loop.add_reader(conn.fileno(), _reader(conn, inbox))
     run = _build(spec)
 
     def report(progress: Progress) -> None:
@@ -232,7 +262,7 @@ class WorkerPool:
         for k, spec in enumerate(self.specs):
             mine, theirs = context.Pipe()
             proc = context.Process(target=worker_main, args=(spec, theirs), name=f"yikatong-load-{k}", daemon=True)
-            await asyncio.to_thread(proc.start)
+            proc.start()  # from this thread: the worker's parent-death signal follows the thread that started it
             theirs.close()
             self._conns.append(mine)
             self._procs.append(proc)
