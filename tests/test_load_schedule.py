@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import io
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -140,6 +142,7 @@ def _result(tally: Tally, steps: list[StepResult] | None = None) -> RunResult:
         drain_seconds=0.1,
         duration=2.0,
         generated=counts.generated,
+        published=counts.generated,
         acked=counts.acked,
         rejected=0,
         unacked=0,
@@ -216,3 +219,26 @@ def test_a_sweep_step_holds_only_with_every_record_acked_within_the_slo() -> Non
     sweep = doc["sweep"]
     assert sweep is not None and sweep["held_rate"] == 100 and [s["held"] for s in sweep["steps"]] == [True, False]
     assert sweep["limit"].startswith("the step at 125 taps/s missed the SLO (p99 1,50")  # HDR: within 0.1 %
+
+
+def test_a_worker_raises_its_open_files_limit_or_says_what_to_do() -> None:
+    """In a child process (the limit is the process's): the soft limit goes up to what the terminals need, and
+    past the hard limit the error names it and the way out."""
+    script = """
+import resource
+from yikatong.errors import CliError
+from yikatong.load_workers import open_files
+resource.setrlimit(resource.RLIMIT_NOFILE, (256, 512))
+open_files(400, "load worker 0")
+print(resource.getrlimit(resource.RLIMIT_NOFILE))
+try:
+    open_files(1000, "load worker 0")
+except CliError as err:
+    print(err)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True)
+    assert done.stdout.splitlines() == [
+        "(400, 512)",
+        "load worker 0 needs 1,000 open files (a socket per terminal) but may hold 512 (ulimit -Hn): raise the "
+        "limit, or spread the terminals over more --workers",
+    ]

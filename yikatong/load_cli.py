@@ -272,8 +272,10 @@ async def _run(args: argparse.Namespace, pairs: list[tuple[str, str]], cards: li
     from terminals.mqtt import given_or_embedded
     from yikatong.load_console import print_summary
     from yikatong.load_report import LoadSettings, render_html, summary
-    from yikatong.load_workers import worker_specs
+    from yikatong.load_workers import SPARE_FILES, open_files, worker_specs
 
+    if args.broker is None:  # the embedded broker holds every terminal's connection in this process
+        open_files(len(pairs) + SPARE_FILES, "the embedded broker (this process)")
     # a given broker is shared and outlives the run: the terminals' sessions must expire there (MQTT 5); the
     # embedded amqtt speaks MQTT 3.1.1 only, and its sessions end with it at the end of the run
     expiry = None if args.broker is None else args.session_expiry

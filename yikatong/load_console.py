@@ -76,6 +76,9 @@ def print_summary(doc: LoadSummary, colour: bool | None = None) -> None:
     print(f"made             {doc['generated']:,} records ({doc['generated_per_second']:,}/s)")
     print(f"acked            {doc['acked']:,} records ({doc['acked_per_second']:,}/s during the load)")
     print(f"ack latency      {ms} (from each tap's moment)")
+    if doc["resent"]:
+        resent = red(f"{doc['resent']:,}", colour)
+        print(f"sent again       {resent} records (no ack in time, or reconnects)")
     print(f"rejected         {doc['rejected']:,}")
     print(f"unacked at end   {doc['unacked']:,} (after {doc['drain_seconds']} s of draining)")
     if doc["sweep"] is not None:

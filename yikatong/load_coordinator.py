@@ -54,6 +54,7 @@ class RunResult:
     drain_seconds: float
     duration: float  # seconds of offered load (a sweep's steps together)
     generated: int
+    published: int  # records published, resends included
     acked: int
     rejected: int
     unacked: int
@@ -218,6 +219,7 @@ class Coordinator:
             drain_seconds=self.drain_seconds,
             duration=self.duration,
             generated=merged.generated,
+            published=merged.published,
             acked=merged.acked,
             rejected=merged.rejected,
             unacked=merged.queued,

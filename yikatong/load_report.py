@@ -117,6 +117,7 @@ class LoadSummary(TypedDict):
     connect_seconds: float
     offered: int
     generated: int
+    resent: int  # publications beyond one per record made (no ack within the uplink's ack timeout, reconnects)
     acked: int
     rejected: int
     unacked: int
@@ -211,6 +212,7 @@ def summary(run: RunResult, settings: LoadSettings) -> LoadSummary:
         "connect_seconds": round(run.connect_seconds, 2),
         "offered": total.offered,
         "generated": run.generated,
+        "resent": max(0, run.published - run.generated),
         "acked": run.acked,
         "rejected": run.rejected,
         "unacked": run.unacked,
@@ -429,6 +431,7 @@ def render_html(doc: LoadSummary) -> str:
         ("schedule", schedule_line(schedule), RED if schedule["behind"] else GREEN),
         ("generated", f"{doc['generated']:,} records ({doc['generated_per_second']:,}/s)", ""),
         ("acked", f"{doc['acked']:,} records ({doc['acked_per_second']:,}/s during the load)", ""),
+        ("sent again", f"{doc['resent']:,} (no ack in time, or a reconnect)", RED if doc["resent"] else ""),
         ("rejected", f"{doc['rejected']:,}", ""),
         ("unacked at the end", f"{doc['unacked']:,}", RED if doc["unacked"] else ""),
         ("ack latency", " ".join(f"{k} {v} ms" for k, v in lat.items()), ""),

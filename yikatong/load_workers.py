@@ -22,6 +22,7 @@ import gc
 import logging
 import multiprocessing
 import os
+import resource
 import signal
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -41,6 +42,7 @@ from yikatong.process import setup_logging
 from yikatong.synthetic import SyntheticCard
 
 PR_SET_PDEATHSIG = 1  # prctl(2)
+SPARE_FILES = 100  # open files beside the terminals' sockets (the interpreter's, state files' journals, pipes)
 
 
 @dataclass(frozen=True)
@@ -87,6 +89,7 @@ class WorkerResult(TypedDict):
     tally: TallyWire
     propagation: Propagation
     holding: list[float]  # per terminal holding the add's versions: seconds from the add
+    published: int  # records published, resends included
     generated: int
     acked: int
     rejected: int
@@ -139,6 +142,20 @@ def worker_main(spec: WorkerSpec, conn: Connection) -> None:
         asyncio.run(_worker(spec, conn))
     except (OutboxError, CliError, OSError) as err:
         conn.send(("error", f"worker {spec.share}: {err}"))
+
+
+def open_files(needed: int, who: str) -> None:
+    """Let this process hold ``needed`` open files (a socket each terminal): the soft limit is raised up to the
+    hard one; past that, a ``CliError`` that says what to do."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft >= needed or soft == resource.RLIM_INFINITY:
+        return
+    if hard != resource.RLIM_INFINITY and hard < needed:
+        raise CliError(
+            f"{who} needs {needed:,} open files (a socket per terminal) but may hold {hard:,} (ulimit -Hn): raise "
+            "the limit, or spread the terminals over more --workers"
+        )
+    resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
 
 
 def _build(spec: WorkerSpec) -> LoadRun:
@@ -199,6 +216,7 @@ async def _worker(spec: WorkerSpec, conn: Connection) -> None:
     loop = asyncio.get_running_loop()
     inbox: asyncio.Queue[tuple[Any, ...]] = asyncio.Queue()
     loop.add_reader(conn.fileno(), _reader(conn, inbox))
+    open_files(len(spec.terminals) + SPARE_FILES, f"load worker {spec.share}")
     run = _build(spec)
 
     def report(progress: Progress) -> None:
@@ -229,6 +247,7 @@ async def _worker(spec: WorkerSpec, conn: Connection) -> None:
         "tally": run.tally.to_wire(),
         "propagation": run.propagation,
         "holding": run.propagation.holding(run.terminals),
+        "published": sum(u.stats.published for u in run.uplinks),
         "generated": run.generated,
         "acked": run.acked,
         "rejected": run.rejected,
@@ -349,6 +368,7 @@ class Merged:
     tally: Tally
     propagation: Propagation
     holding: list[float]
+    published: int
     generated: int
     acked: int
     rejected: int
@@ -368,6 +388,7 @@ def merge(results: list[WorkerResult]) -> Merged:
         tally,
         propagation,
         holding,
+        sum(r["published"] for r in results),
         sum(r["generated"] for r in results),
         sum(r["acked"] for r in results),
         sum(r["rejected"] for r in results),
