@@ -59,7 +59,18 @@ def test_embedded_run_every_record_made_is_in_the_ledger_once_and_acked(tmp_path
     assert isinstance(latency, dict)
     assert 0 < latency["p50"] <= latency["p90"] <= latency["p99"] <= latency["p99.9"] <= latency["max"]
     page = (tmp_path / "load-report.html").read_text()
-    assert page.count("<svg") >= 2 and "<script" not in page and "http" not in page.replace("http://www.w3", "")
+    assert page.count("<svg") >= 4 and "<script" not in page and "http" not in page.replace("http://www.w3", "")
+    # the started clearings' metrics, scraped over HTTP during the run: what each stored is in its ledger
+    metrics = doc["clearing_metrics"]
+    assert isinstance(metrics, dict) and metrics["errors"] == [] and metrics["scrapes"] >= 3
+    for city in CITIES:
+        with sqlite3.connect(tmp_path / f"clearing-{city}.sqlite") as db:
+            (rows,) = db.execute("SELECT count(*) FROM ledger").fetchone()
+        figures = metrics["cities"][city]
+        assert figures["records_stored"] == rows > 0 and figures["records_quarantined"] == 0
+        assert figures["batch_commit_ms"]["count"] > 0 and figures["ack_lag_ms"]["p99"] is not None
+    assert [set(s["queue_depth"]) for s in metrics["timeline"]] == [set(CITIES)] * len(metrics["timeline"])
+    assert "Clearing queue depth" in page
 
 
 SWEEP = ("--sweep", "--rate", "20", "--sweep-factor", "2", "--step-seconds", "1.5", "--sweep-steps", "3")

@@ -348,6 +348,7 @@ async def _conduct(
     """The clearings started (unless external), the workers connected, the load offered (or swept), merged."""
     import asyncio
 
+    from terminals.mqtt import free_port
     from yikatong.load_console import Printer
     from yikatong.load_coordinator import Coordinator, Hotlist
     from yikatong.load_schedule import Plan, Sweep
@@ -360,8 +361,9 @@ async def _conduct(
     def database(city: str) -> str:
         return str(args.db) if args.db else f"sqlite:///{out / f'clearing-{city}.sqlite'}"
 
-    ports: dict[str, int] = {}
-    endpoints = {f"external-{i}": url for i, url in enumerate(args.clearing_metrics)}
+    ports = {} if args.external_clearing else {city: free_port() for city in args.cities}
+    endpoints = {city: f"http://127.0.0.1:{port}/metrics" for city, port in ports.items()}
+    endpoints |= {f"external-{i}": url for i, url in enumerate(args.clearing_metrics)}
     stack = contextlib.ExitStack()
     printer = Printer()
     try:
