@@ -84,7 +84,11 @@ def instants(times: Column) -> Ints:
     """ISO 8601 times with their UTC offset as microseconds since the epoch; BadValue names the first bad one.
     Each distinct text is parsed once (a busy city has many records in the same second)."""
     known: dict[object, int] = dict.fromkeys(times, 0)
+    usual = _usual_instants([text for text in known if isinstance(text, str) and len(text) == len(_USUAL)])
     for text in known:
+        if text in usual:
+            known[text] = usual[text]
+            continue
         moment = _time(text)
         if moment is None:
             why = f"{text!r} is not an ISO 8601 time such as 2026-11-24T08:15:02+08:00"
@@ -94,6 +98,45 @@ def instants(times: Column) -> Ints:
         delta = moment - _EPOCH
         known[text] = (delta.days * 86_400 + delta.seconds) * _US + delta.microseconds
     return np.fromiter(map(known.__getitem__, times), dtype=np.int64, count=len(times))
+
+
+_USUAL: Final = "2026-11-24T08:15:02+08:00"
+"""The form of almost every time: by arithmetic on all of them at once (each other text goes to fromisoformat)."""
+_NUMBERS: Final = ((0, 4), (5, 2), (8, 2), (11, 2), (14, 2), (17, 2), (20, 2), (23, 2))  # (at, digits) in _USUAL
+_SIGN: Final = 19
+_MONTH_DAYS: Final = np.array([0, 31, 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31], dtype=np.int64)
+
+
+def _usual_instants(texts: list[str]) -> dict[str, int]:
+    """The instant (microseconds since the epoch) of each text of the usual form (YYYY-MM-DDTHH:MM:SS+HH:MM) whose
+    fields are in range, as datetime.fromisoformat gives it; the others are left out."""
+    if not texts:
+        return {}
+    chars = np.array(texts, dtype=f"U{len(_USUAL)}").view(np.uint32).reshape(len(texts), len(_USUAL)).astype(np.int64)
+    digit = np.zeros(len(_USUAL), dtype=bool)
+    for at, width in _NUMBERS:
+        digit[at : at + width] = True
+    fixed = ~digit
+    fixed[_SIGN] = False
+    ok = ((chars[:, digit] >= ord("0")) & (chars[:, digit] <= ord("9"))).all(axis=1)
+    ok &= (chars[:, fixed] == [ord(c) for c in np.array(list(_USUAL))[fixed]]).all(axis=1)
+    ok &= (chars[:, _SIGN] == ord("+")) | (chars[:, _SIGN] == ord("-"))
+    sign = np.where(chars[:, _SIGN] == ord("-"), -1, 1)
+    year, month, day, hour, minute, second, off_hour, off_minute = (
+        (chars[:, at : at + width] - ord("0")) @ 10 ** np.arange(width - 1, -1, -1) for at, width in _NUMBERS
+    )
+    leap = (year % 4 == 0) & ((year % 100 != 0) | (year % 400 == 0))
+    month_days = _MONTH_DAYS[np.clip(month, 0, 12)] + (leap & (month == 2))
+    ok &= (year >= 1) & (month >= 1) & (month <= 12) & (day >= 1) & (day <= month_days)
+    ok &= (hour <= 23) & (minute <= 59) & (second <= 59) & (off_hour <= 23) & (off_minute <= 59)
+    # days from 1970-01-01 (proleptic Gregorian calendar; eras of 400 years counted from March)
+    y = year - (month <= 2)
+    era, year_of_era = y // 400, y % 400
+    day_of_year = (153 * np.where(month > 2, month - 3, month + 9) + 2) // 5 + day - 1
+    days = era * 146_097 + year_of_era * 365 + year_of_era // 4 - year_of_era // 100 + day_of_year - 719_468
+    seconds = days * 86_400 + hour * 3600 + minute * 60 + second - sign * (off_hour * 3600 + off_minute * 60)
+    values = (seconds * _US).tolist()
+    return {text: value for text, value, good in zip(texts, values, ok.tolist(), strict=True) if good}
 
 
 def _time(value: object) -> dt.datetime | None:
@@ -351,20 +394,25 @@ class Options:
 class _Table:
     """Every ledger's rows in one table sorted by (identity, content, holder), and what follows from that."""
 
-    def __init__(self, ledgers: Sequence[CityLedger]) -> None:
-        self.ledgers = ledgers
-        parts = [ledger.records for ledger in ledgers] or [Records.from_columns({key: [] for key in CSV_HEADER})]
-        rows = Records.concat(parts)
-        holder = np.repeat(np.arange(len(parts), dtype=np.int64), [len(p) for p in parts])
+    def __init__(self, holders: Sequence[_Holder]) -> None:
+        self.ledgers = holders
+        parts = [part for h in holders for part in h.parts] or [Records.from_columns({key: [] for key in CSV_HEADER})]
+        sizes = [sum(len(part) for part in h.parts) for h in holders] or [0]
+        holder = np.repeat(np.arange(len(sizes), dtype=np.int64), sizes)
+        columns = {f.name: np.concatenate([getattr(part, f.name) for part in parts]) for f in fields(Records)}
+        rows = Records(**columns)
         card_no, m1 = _factorize(rows.issuer, rows.card)
         identity = (card_no * len(KINDS) + rows.kind) * _COUNTER_SPAN + rows.counter
         # Identical copies must be neighbours: sort by a content hash (its high bits, the holder in the low ones;
         # a collision between two different contents could only split a run of copies) and compare neighbours
         # exactly below.
-        bits = np.uint64(max(len(parts) - 1, 1).bit_length())
+        bits = np.uint64(max(len(sizes) - 1, 1).bit_length())
         content = _content_hash(rows) >> bits << bits | holder.astype(np.uint64)
         order = np.lexsort((content, identity))
-        self.r, self.holder = rows.take(order), holder[order]
+        del rows
+        for name in list(columns):  # one column at a time: each unsorted one is freed for the next to reuse
+            columns[name] = columns[name][order]
+        self.r, self.holder = Records(**columns), holder[order]
         self.card_no, self.identity, self.m1 = card_no[order], identity[order], m1[order]
         n = len(self.r)
         first = np.ones(n, dtype=bool)
@@ -377,7 +425,7 @@ class _Table:
         self.copy = same & np.concatenate(([False], self.holder[1:] == self.holder[:-1]))
         self.starts = np.flatnonzero(first)
         self.group = np.cumsum(first) - 1  # identity group of each row
-        self.cities = [ledger.city for ledger in ledgers]
+        self.cities = [h.city for h in holders]
 
     def rid(self, i: int) -> str:
         """The record id (wire.md) of row ``i``."""
@@ -673,21 +721,19 @@ def _verify_tacs(keys: IssuerKeyStore, table: Records, positions: Ints) -> _TacO
     orders = _Orders()
     every = _every_try(keys)
     run_order = np.array([orders.number(_tries(keys, every, rows, i)) for i in starts.tolist()], dtype=np.int64)
-    # the first row of a card that has a choice finds what verifies it; its other rows try that first
+    # the first row of a card that has a choice finds what verifies it; all its rows then try that first
     choice = orders.longer_than(1)[run_order]
-    probes = starts[choice]
-    found, refused = _in_turn(host, rows, probes, run_order[choice], orders)
+    found, _ = _in_turn(host, rows.take(starts[choice]), run_order[choice], orders)
     for run, at in zip(np.flatnonzero(choice).tolist(), found.tolist(), strict=True):
         if at > 0:
             run_order[run] = orders.first(int(run_order[run]), at)
     order = np.repeat(run_order, np.diff(np.append(starts, len(rows))))
     checked = orders.longer_than(0)[order]
-    rest = np.flatnonzero(checked & ~np.isin(np.arange(len(rows)), probes))
-    found_rest, refused_rest = _in_turn(host, rows, rest, order[rest], orders)
+    index = np.flatnonzero(checked)
+    found, why = _in_turn(host, rows if len(index) == len(rows) else rows.take(index), order[index], orders)
     verified = np.zeros(len(rows), dtype=bool)
-    verified[probes[found >= 0]] = verified[rest[found_rest >= 0]] = True
-    why = {int(probes[j]): text for j, text in refused.items()}
-    why.update({int(rest[j]): text for j, text in refused_rest.items()})
+    verified[index[found >= 0]] = True
+    why = {int(index[j]): text for j, text in why.items()}
     failed = []
     for i in np.flatnonzero(checked & ~verified).tolist():
         if i not in why:
@@ -761,20 +807,19 @@ def _tries(
     return ((ALGS[alg], version),) if keys.get(issuer, version) else ()
 
 
-def _in_turn(
-    host: IssuerHost, rows: TacColumns, index: Ints, order: Ints, orders: _Orders
-) -> tuple[Ints, dict[int, str]]:
-    """For each row at ``index``: which try of its order (by number) is the first that verifies it (-1: none); and,
-    by place in ``index``, why the keys of a try could not be made (the row is not tried further)."""
+def _in_turn(host: IssuerHost, rows: TacColumns, order: Ints, orders: _Orders) -> tuple[Ints, dict[int, str]]:
+    """For each row: which try of its order (by number) is the first that verifies it (-1: none); and, by row, why
+    the keys of a try could not be made (the row is not tried further)."""
     algs, versions = orders.table()
-    found = np.full(len(index), -1, dtype=np.int64)
+    found = np.full(len(rows), -1, dtype=np.int64)
     refused: dict[int, str] = {}
-    pending = np.arange(len(index))
+    pending = np.arange(len(rows))
     for k in range(algs.shape[1]):
         pending = pending[algs[order[pending], k] >= 0]
         if not len(pending):
             break
-        trial = replace(rows.take(index[pending]), alg=algs[order[pending], k], key_version=versions[order[pending], k])
+        trying = rows if len(pending) == len(rows) else rows.take(pending)
+        trial = replace(trying, alg=algs[order[pending], k], key_version=versions[order[pending], k])
         expected = expected_macs(host, trial)
         done = expected.macs == trial.tac
         found[pending[done]] = k
@@ -1129,8 +1174,19 @@ def _plain(number: Decimal) -> str:
 # --- the whole job ---------------------------------------------------------------------------------------
 
 
-def _merge(ledgers: Sequence[CityLedger], day: str | None) -> list[CityLedger]:
-    """One ledger per holder city (sources of the same city merged), only rows of ``day`` when given."""
+@dataclass(frozen=True)
+class _Holder:
+    """One holder city's ledgers merged: their sources, and their rows in parts (one per ledger, sources numbered
+    on): the table concatenates every part once."""
+
+    city: str
+    sources: tuple[Source, ...]
+    parts: tuple[Records, ...]
+    issuer_side: bool
+
+
+def _merge(ledgers: Sequence[CityLedger], day: str | None) -> list[_Holder]:
+    """One holder per city (sources of the same city merged), only rows of ``day`` when given."""
     by_city: dict[str, list[CityLedger]] = defaultdict(list)
     for ledger in ledgers:
         by_city[ledger.city].append(ledger)
@@ -1139,12 +1195,12 @@ def _merge(ledgers: Sequence[CityLedger], day: str | None) -> list[CityLedger]:
         sources: list[Source] = []
         parts = []
         for ledger in by_city[city]:
-            parts.append(replace(ledger.records, source=ledger.records.source + len(sources)))
+            records = replace(ledger.records, source=ledger.records.source + len(sources))
+            if day is not None:
+                records = records.take((records.time_us + _CHINA_US) // _DAY_US == day_number(day))
+            parts.append(records)
             sources.extend(ledger.sources)
-        records = Records.concat(parts)
-        if day is not None:
-            records = records.take((records.time_us + _CHINA_US) // _DAY_US == day_number(day))
-        merged.append(CityLedger(city, tuple(sources), records, any(x.issuer_side for x in by_city[city])))
+        merged.append(_Holder(city, tuple(sources), tuple(parts), any(x.issuer_side for x in by_city[city])))
     return merged
 
 
@@ -1175,7 +1231,7 @@ def reconcile(ledgers: Sequence[CityLedger], options: Options) -> Report:
             {
                 "city": ledger.city,
                 "name": options.cities.names.get(ledger.city, ""),
-                "records": len(ledger.records),
+                "records": sum(len(part) for part in ledger.parts),
                 "issuer_side": ledger.issuer_side,
                 "sources": [s.name for s in ledger.sources],
             }

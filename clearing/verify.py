@@ -2,8 +2,8 @@
 
 Both ways share the key of a record (``_card_key``), the layouts of ``cardsim.crypto`` and its CBC chain
 (``BlockKey.cbc_macs``). Many records go as columns (``TacColumns``): neighbouring records of one card key form
-a run whose key is derived once (IssuerHost caches it per card), the data of every MAC is picked out of one
-byte matrix for all records at once, and each run goes through one ECB call per chaining step. numpy costs
+a run whose key is derived once (IssuerHost caches it per card), the data of every MAC is laid out for all
+records at once, and each run goes through one ECB call per chaining step. numpy costs
 ~60 us per batch whatever its size, so a few records go one by one (``tac_problems``).
 """
 
@@ -41,32 +41,7 @@ TXN_TYPES: Final = np.array([_TXN_TYPE[kind] for kind in KINDS], dtype=np.int64)
 _SM4: Final = ALGS.index(Algorithm.SM4.value)
 _MISMATCH: Final = ("TAC does not verify", "M1 record MAC does not verify")  # by m1
 
-# The MAC data of every record is picked out of one matrix: these numbers, each as 8 big-endian bytes
-_VALUES: Final = (
-    "uid",
-    "counter",
-    "amount",
-    "balance_before",
-    "balance_after",
-    "txn_type",
-    "terminal",
-    "terminal_seq",
-    "date",
-    "time",
-)
-_PAD: Final = len(_VALUES)  # then a column that holds 80 00 .. 00, to pick crypto.pad80's bytes from
 _LAYOUTS: Final = (crypto.PURCHASE_TAC, crypto.LOAD_TAC, crypto.M1_RECORD)
-
-
-def _picks(layout: crypto.Layout, size: int) -> NDArray[np.intp]:
-    """Which bytes of the matrix make the padded data of ``layout`` for blocks of ``size``."""
-    picked = [8 * _VALUES.index(name) + 8 - width + k for name, width in layout for k in range(width)]
-    padding = crypto.pad80(bytes(len(picked)), size)[len(picked) :]
-    return np.array(picked + [8 * _PAD + (byte != 0x80) for byte in padding], dtype=np.intp)
-
-
-_PICKS: Final = {(number, size): _picks(layout, size) for number, layout in enumerate(_LAYOUTS) for size in (8, 16)}
-"""By (layout number, block size): each layout once for DES-family keys, once for SM4."""
 
 
 @dataclass(frozen=True)
@@ -172,9 +147,10 @@ def expected_macs(host: IssuerHost, rows: TacColumns) -> Expected:
     count = len(rows)
     macs = np.full(count, -1, dtype=np.int64)
     refused: dict[int, str] = {}
-    picks = np.stack((rows.m1, rows.issuer, rows.alg, rows.key_version))  # what picks the key, but the card
-    new = np.ones(count, dtype=bool)
-    new[1:] = (picks[:, 1:] != picks[:, :-1]).any(axis=0) | (rows.card[1:] != rows.card[:-1])
+    new = np.ones(count, dtype=bool)  # the first row of each run
+    new[1:] = rows.card[1:] != rows.card[:-1]
+    for column in (rows.m1, rows.issuer, rows.alg, rows.key_version):  # the rest of what picks the key
+        new[1:] |= column[1:] != column[:-1]
     starts = np.flatnonzero(new).tolist()
     keys: dict[int, BlockKey] = {}  # by run
     for r, i in enumerate(starts):
@@ -195,22 +171,29 @@ def expected_macs(host: IssuerHost, rows: TacColumns) -> Expected:
     kind = np.where(rows.m1, 2, (rows.txn_type == TYPE_LOAD).astype(np.int64)) * 2 + wide
     if refused:
         kind[list(refused)] = -1
-    matrix = _matrix(rows)
     for number in set(kind.tolist()) - {-1}:
         index = np.flatnonzero(kind == number)
         size = 16 if number % 2 else 8
-        data = matrix[index][:, _PICKS[number // 2, size]]
-        macs[index] = _macs(data, size, run[index], keys)
+        macs[index] = _macs(_lay_out(rows, index, _LAYOUTS[number // 2], size), size, run[index], keys)
     return Expected(macs, refused)
 
 
-def _matrix(rows: TacColumns) -> NDArray[np.uint8]:
-    """The numbers the MACs cover, each as 8 big-endian bytes, in _VALUES order, and the padding column."""
-    uid = np.zeros(len(rows), dtype=np.int64)
-    if rows.m1.any():
-        uid[rows.m1] = [int(card, 16) for card in rows.card[rows.m1].tolist()]
-    values = [uid, *(getattr(rows, name) for name in _VALUES[1:]), np.full(len(rows), -(2**63), dtype=np.int64)]
-    return np.stack(values, axis=1).astype(">i8").view(np.uint8)
+def _lay_out(rows: TacColumns, index: Ints, layout: crypto.Layout, size: int) -> NDArray[np.uint8]:
+    """The MAC data of the records at ``index``, one row each: ``layout``'s fields big-endian, then
+    ``crypto.pad80``'s padding for blocks of ``size``."""
+    width = sum(w for _, w in layout)
+    padding = crypto.pad80(bytes(width), size)[width:]
+    data = np.empty((len(index), width + len(padding)), dtype=np.uint8)
+    at = 0
+    for name, w in layout:
+        if name == "uid":
+            values = np.array([int(card, 16) for card in rows.card[index].tolist()], dtype=np.int64)
+        else:
+            values = getattr(rows, name)[index]
+        data[:, at : at + w] = values.astype(">u8").view(np.uint8).reshape(-1, 8)[:, 8 - w :]
+        at += w
+    data[:, at:] = np.frombuffer(padding, dtype=np.uint8)
+    return data
 
 
 def _card_key(host: IssuerHost, m1: bool, issuer: str, card: str, alg: str, version: int) -> BlockKey:

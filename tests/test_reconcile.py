@@ -34,7 +34,7 @@ from audit.ledger_sources import (
     read_settlement,
     write_hotlist_file,
 )
-from audit.reconcile import Cities, Options, Records, reconcile
+from audit.reconcile import BadValue, Cities, Options, Records, instants, reconcile
 from cardsim.keys import TEST_KEYS_FIXTURE, IssuerKeyStore
 from cardsim.resources import fixture_path
 from clearing.db import migrate, open_engine
@@ -926,6 +926,68 @@ def test_the_columnar_reader_agrees_on_any_bytes(tmp_path: Path, raw: bytes) -> 
     path.write_bytes(raw)
     columnar, by_lines = _read_both(path, "4510")
     assert columnar == by_lines
+
+
+def _instants_one_by_one(texts: list[str]) -> list[int] | str:
+    """What instants must give: each text through datetime.fromisoformat, or the message for the first bad one."""
+    epoch = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+    values = []
+    for text in texts:
+        try:
+            moment = dt.datetime.fromisoformat(text)
+        except ValueError:
+            return f"{text!r} is not an ISO 8601 time such as 2026-11-24T08:15:02+08:00"
+        if moment.utcoffset() is None:
+            return f"{text!r} has no UTC offset (+08:00)"
+        delta = moment - epoch
+        values.append((delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds)
+    return values
+
+
+_OFFSETS = st.integers(-(24 * 60 - 1), 24 * 60 - 1).map(lambda m: dt.timezone(dt.timedelta(minutes=m)))
+_BEYOND = {  # a field of 2026-11-24T08:15:02+08:00 (where, how wide) and values just or far out of its range
+    (0, 4): [0],
+    (5, 2): [0, 13, 99],
+    (8, 2): [0, 29, 30, 31, 32, 99],  # 29: February of a year that is not a leap year
+    (11, 2): [24, 99],
+    (14, 2): [60, 99],
+    (17, 2): [60, 99],
+    (20, 2): [24, 99],
+    (23, 2): [60, 99],
+}
+
+
+@st.composite
+def _usual_time(draw: st.DrawFn) -> str:
+    """A time in the usual form: valid (any day of years 1 to 9999, any time, any offset), the 29th of February
+    of a year that may not be a leap year, or with one field out of range."""
+    day = draw(
+        st.integers(1, dt.date.max.toordinal()).map(dt.date.fromordinal)
+        | st.sampled_from([dt.date(year, 12, 31) for year in range(1, 10_000, 97)])  # every era of 400 years
+    )
+    if draw(st.booleans()):
+        day = dt.date(draw(st.sampled_from([1, 4, 100, 400, 1900, 2000, 2023, 2024, 2100, 9996, 9999])), 2, 28)
+    moment = dt.datetime.combine(day, draw(st.times()), draw(_OFFSETS))
+    text = moment.isoformat(timespec="seconds")
+    spoil = draw(st.sampled_from(["none", "29th", "field"]))
+    if spoil == "29th":
+        text = text[:5] + "02-29" + text[10:]
+    elif spoil == "field":
+        (at, width), values = draw(st.sampled_from(list(_BEYOND.items())))
+        text = f"{text[:at]}{draw(st.sampled_from(values)):0{width}d}{text[at + width :]}"
+    return text
+
+
+@settings(max_examples=300, deadline=None)
+@given(texts=st.lists(_usual_time() | st.datetimes(timezones=st.none() | st.timezones()).map(str), max_size=8))
+def test_instants_of_the_usual_form_by_arithmetic_are_fromisoformats(texts: list[str]) -> None:
+    """Times of the form 2026-11-24T08:15:02+08:00 are converted all at once by arithmetic: the same instants as
+    fromisoformat gives, and the same refusal of the first bad one."""
+    try:
+        got: list[int] | str = instants(texts).tolist()
+    except BadValue as err:
+        got = str(err)
+    assert got == _instants_one_by_one(texts)
 
 
 # --- the benchmark runs ---------------------------------------------------------------------------------
