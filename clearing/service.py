@@ -2,8 +2,9 @@
 hands them to the intake and the ledger in batches (one transaction per batch), and only after the commit
 publishes the acks, the interop acks and the forwards. Unanswered forwards are sent again.
 
-Two stages, one batch apart: while a batch commits, the next one is taken from MQTT and verified (its checks in
-a worker thread, so the event loop goes on receiving and answering meanwhile); its acks wait for its own commit.
+Two stages: while a batch commits, what arrives meanwhile is taken from MQTT and verified (a big batch's checks
+in a worker thread, so the event loop goes on receiving and answering), gathering into the next batch, which the
+commit stage takes whole when it is done; each batch's acks wait for its own commit.
 
 The loop never stops for bad input: every payload ends in the ledger or the quarantine (or is counted, past a
 sender's daily quarantine cap), whatever it raises. A database failure leaves the batch unacked (the terminals
@@ -135,6 +136,40 @@ class _Verified:
     arrived: list[float] = field(default_factory=list)
 
 
+class _Handover:
+    """The verified messages waiting for the commit stage, at most ``most`` of them. The taking stage adds to
+    them while a commit runs, so the next commit gets all that arrived meanwhile (not just what came first)."""
+
+    def __init__(self, most: int) -> None:
+        self.most = most
+        self._ready = _Verified()
+        self._changed = asyncio.Condition()
+
+    def room(self) -> int:
+        """How many more messages the waiting batch may take."""
+        return self.most - len(self._ready.received)
+
+    async def until_room(self) -> None:
+        """Wait until the waiting batch may take more."""
+        async with self._changed:
+            await self._changed.wait_for(lambda: self.room() > 0)
+
+    async def add(self, verified: _Verified) -> None:
+        """Add verified messages to the waiting batch."""
+        async with self._changed:
+            self._ready.received += verified.received
+            self._ready.arrived += verified.arrived
+            self._changed.notify_all()
+
+    async def take(self) -> _Verified:
+        """The waiting batch, once it holds a message."""
+        async with self._changed:
+            await self._changed.wait_for(lambda: bool(self._ready.received))
+            batch, self._ready = self._ready, _Verified()
+            self._changed.notify_all()
+            return batch
+
+
 def _size(message: aiomqtt.Message) -> int:
     return len(message.payload) if isinstance(message.payload, bytes | bytearray | str) else 0
 
@@ -228,7 +263,7 @@ class ClearingService:
                     self.stats.connected, backoff = True, 0.2
                     self.stats.connections += 1
                     log.info("clearing %s connected to %s (%s)", self.city, self.broker, ", ".join(self.subscriptions))
-                    verified: asyncio.Queue[_Verified] = asyncio.Queue(maxsize=1)  # one batch ahead of the commit
+                    verified = _Handover(self.batch)
                     async with asyncio.TaskGroup() as tasks:
                         tasks.create_task(self._take(client, verified))
                         tasks.create_task(self._commit(client, verified))
@@ -266,22 +301,23 @@ class ClearingService:
         stats = self.stats
         return Counts(stats.records, stats.stored, stats.quarantined, stats.forwarded, self.backlog)
 
-    async def _take(self, client: aiomqtt.Client, verified: asyncio.Queue[_Verified]) -> None:
+    async def _take(self, client: aiomqtt.Client, verified: _Handover) -> None:
         """Take batches from aiomqtt's queue: the first message through its iterator (which raises when the
         connection is lost), the rest of the batch straight from the queue in the same turn of the event loop,
         however hard the broker pushes (a reader task moving one message per turn starved the writer). Each is
-        verified while the one before commits."""
+        verified while the one before commits, and joins the batch waiting for the commit stage."""
         incoming = self._incoming
         if incoming is None:
             raise RuntimeError("the MQTT client was made without the clearing's incoming queue")
         messages = client.messages
         while True:
+            await verified.until_room()
             batch = [await anext(messages)]
-            while len(batch) < self.batch and not incoming.empty():
+            while len(batch) < verified.room() and not incoming.empty():
                 batch.append(incoming.get_nowait())
             ready = await self._verify(batch, incoming.taken())
             if ready.received:
-                await verified.put(ready)
+                await verified.add(ready)
 
     async def _verify(self, messages: list[aiomqtt.Message], arrived: list[float]) -> _Verified:
         """The verdicts on a batch of messages (nothing when the hotlist cannot be read: the batch stays
@@ -327,11 +363,11 @@ class ClearingService:
         self.stats.records += sum(len(r.verdicts) for r in ready.received)
         return ready
 
-    async def _commit(self, client: aiomqtt.Client, verified: asyncio.Queue[_Verified]) -> None:
+    async def _commit(self, client: aiomqtt.Client, verified: _Handover) -> None:
         """Commit each verified batch, then ack and forward. A database that is down or behind leaves the batch
         unacked (the senders resend it)."""
         while True:
-            batch = await verified.get()
+            batch = await verified.take()
             started = time.perf_counter()
             try:
                 outcome = await self.ledger.store(batch.received)
