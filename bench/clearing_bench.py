@@ -3,7 +3,7 @@ PostgreSQL.
 
     python3 bench/clearing_bench.py [--records 20000] [--terminals 20] [--batch 100] [--commit 5000]
         [--workers 2] [--rate 500] [--seconds 10] [--broker mqtt://127.0.0.1:1883]
-        [--pg postgresql+asyncpg://postgres@127.0.0.1:5432/postgres]
+        [--pg postgresql+asyncpg://postgres@127.0.0.1:5432/postgres] [--clearing-code DIR]
 
 For 100-record messages (``--batch``) and for 1-record messages it prints, as records/s:
 - the raw pipe: this process publishes the payloads (QoS 1, each PUBACK awaited) to a plain aiomqtt subscriber in
@@ -16,6 +16,10 @@ For 100-record messages (``--batch``) and for 1-record messages it prints, as re
   through its last seq. Beside it its ratio to the ceiling and to the raw pipe, and the CPU the clearing
   process(es) and the PostgreSQL server spent per record (µs; robust when the machine is busy).
 Then the publish -> ack latency of 1-record messages at a fixed offered load (``--rate``).
+
+``--clearing-code DIR`` runs the clearing processes from another source tree, to measure a before with the same
+bench: ``mkdir /tmp/before && git archive 018911e | tar -x -C /tmp/before`` then ``--clearing-code /tmp/before``
+(the parts alone are measured with this tree's code either way).
 
 Not a test: it prints figures and asserts nothing. Each database is new (the PostgreSQL ones are dropped after);
 each ingest run has new cards, so nothing is a duplicate.
@@ -174,9 +178,12 @@ async def insert_alone(db: str, records: list[TxnRecord], commit: int) -> float:
 
 
 @contextlib.asynccontextmanager
-async def clearing_processes(broker: BrokerUrl, db: str, workers: int, folder: Path) -> AsyncIterator[list[int]]:
-    """``workers`` ``yikatong clearing serve`` processes (shared subscription when more than one), waited for
-    until each is connected; their pids. Stopped afterwards."""
+async def clearing_processes(
+    broker: BrokerUrl, db: str, workers: int, folder: Path, code: Path | None
+) -> AsyncIterator[list[int]]:
+    """``workers`` ``yikatong clearing serve`` processes (shared subscription when more than one; from the source
+    tree ``code`` when given), waited for until each is connected; their pids. Stopped afterwards."""
+    env = os.environ if code is None else {**os.environ, "PYTHONPATH": str(code.resolve())}
     procs = []
     logs = []
     tag = secrets.token_hex(3)
@@ -186,7 +193,7 @@ async def clearing_processes(broker: BrokerUrl, db: str, workers: int, folder: P
         command += ["--db", db, "--worker", f"bench-{tag}-{index}", "--report-every", "0"]
         command += ["--shared"] if workers > 1 else []  # one worker: the default MQTT 3.1.1 session, wiped after
         with log.open("w") as out:
-            procs.append(subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT))
+            procs.append(subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=code))
         logs.append(log)
     try:
         deadline = time.monotonic() + 60
@@ -239,14 +246,16 @@ class Ingest:
     server_us: float | None  # CPU µs per record in the PostgreSQL server processes
 
 
-async def ingest(broker: BrokerUrl, db: str, stream: list[Message], workers: int, folder: Path) -> Ingest:
+async def ingest(
+    broker: BrokerUrl, db: str, stream: list[Message], workers: int, folder: Path, code: Path | None = None
+) -> Ingest:
     """Records/s from the first publish until every terminal is acked through its last seq."""
     total = sum(m.records for m in stream)
     last = {m.terminal: m.seq for m in stream}
     engine = open_engine(db)
     await migrate(engine)  # before the workers start: they would all migrate at once
     await engine.dispose()
-    async with clearing_processes(broker, db, workers, folder) as pids:
+    async with clearing_processes(broker, db, workers, folder, code) as pids:
         servers = await pg_backends(db) if db.startswith("postgresql") else []
         async with broker.client(f"bench-acks-{secrets.token_hex(3)}", clean_session=True) as acks:
             await acks.subscribe(f"yikatong/{CITY}/ack/+", qos=1)
@@ -268,7 +277,9 @@ async def ingest(broker: BrokerUrl, db: str, stream: list[Message], workers: int
 # --- latency at a fixed offered load -----------------------------------------------------------------------------
 
 
-async def latency(broker: BrokerUrl, db: str, rate: float, seconds: float, terminals: int, folder: Path) -> list[float]:
+async def latency(
+    broker: BrokerUrl, db: str, rate: float, seconds: float, terminals: int, folder: Path, code: Path | None
+) -> list[float]:
     """Publish single records at ``rate``/s spread over terminals; seconds from each publish to its ack."""
     stream = make_stream(int(rate * seconds), terminals, 1)
     sent: dict[tuple[str, int], float] = {}
@@ -277,7 +288,7 @@ async def latency(broker: BrokerUrl, db: str, rate: float, seconds: float, termi
     await migrate(engine)
     await engine.dispose()
     async with (
-        clearing_processes(broker, db, 1, folder),
+        clearing_processes(broker, db, 1, folder, code),
         broker.client(f"bench-lat-{secrets.token_hex(3)}", clean_session=True) as client,
     ):
         await client.subscribe(f"yikatong/{CITY}/ack/+", qos=1)
@@ -356,9 +367,8 @@ async def main(args: argparse.Namespace) -> None:
                     line(f"{store}: bulk insert alone ({args.commit:,}/commit)", insert)
                     line(f"{store}: ceiling, sum of the two parts", ceiling)
                 for workers in (1, args.workers) if store == "postgresql" and args.workers > 1 else (1,):
-                    got = await ingest(
-                        broker, await database(store), make_stream(records, args.terminals, batch), workers, folder
-                    )
+                    stream = make_stream(records, args.terminals, batch)
+                    got = await ingest(broker, await database(store), stream, workers, folder, args.clearing_code)
                     ratios = f"{got.rate / raw:4.2f}x raw"
                     if batch > 1:
                         ratios = f"{got.rate / ceiling:4.2f}x ceiling, " + ratios
@@ -372,7 +382,8 @@ async def main(args: argparse.Namespace) -> None:
                     )
         print(f"\nlatency, publish -> ack, 1-record messages at {args.rate:.0f} records/s for {args.seconds:.0f} s")
         for store in ("sqlite", "postgresql"):
-            delays = await latency(broker, await database(store), args.rate, args.seconds, args.terminals, folder)
+            db = await database(store)
+            delays = await latency(broker, db, args.rate, args.seconds, args.terminals, folder, args.clearing_code)
             print(
                 f"  {store:<11} {len(delays):>6,} acked   p50 {pct(delays, 50):6.1f} ms   p99 {pct(delays, 99):6.1f} ms"
             )
@@ -389,4 +400,5 @@ if __name__ == "__main__":
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--broker", default="mqtt://127.0.0.1:1883")
     parser.add_argument("--pg", default="postgresql+asyncpg://postgres@127.0.0.1:5432/postgres")
+    parser.add_argument("--clearing-code", type=Path, help="run the clearing processes from this source tree")
     asyncio.run(main(parser.parse_args()))
