@@ -159,7 +159,8 @@ def _insert(connection: AsyncConnection, table: Table) -> postgresql.Insert | sq
     return sqlite.insert(table)
 
 
-def _row(city: str, accepted: Accepted, source: str, now: float) -> dict[str, object]:
+def ledger_row(city: str, accepted: Accepted, source: str, now: float) -> dict[str, object]:
+    """The ledger row of an accepted record (column -> value), received at ``now`` from ``source``."""
     record = accepted.record
     forward = FORWARD_PENDING if accepted.forward and source == SOURCE_TERMINAL else None
     return {
@@ -192,7 +193,7 @@ class _BulkRefused(Exception):
     refused that does not blame the database): the batch is stored again through the statement path."""
 
 
-async def _bulk_insert(db: AsyncConnection, rows: list[dict[str, object]]) -> int:
+async def bulk_insert(db: AsyncConnection, rows: list[dict[str, object]]) -> int:
     """Insert ledger rows through the driver's fastest path; how many were new. PostgreSQL: COPY (several
     times cheaper on the server than INSERT ... ON CONFLICT), all or nothing, so one stored identity refuses
     it. SQLite: one prepared INSERT ... ON CONFLICT DO NOTHING run for every row (executemany). Database
@@ -421,11 +422,11 @@ class Ledger:
         same, else a conflict (added to ``refused``). Returns the identities that were conflicts, and the
         canonical record the ledger holds for each identity."""
         rows = [
-            _row(self.city, a, SOURCE_TERMINAL if m.terminal is not None else SOURCE_INTEROP, now)
+            ledger_row(self.city, a, SOURCE_TERMINAL if m.terminal is not None else SOURCE_INTEROP, now)
             for a, m in accepted.values()
         ]
         if bulk:
-            stored = await _bulk_insert(db, rows)
+            stored = await bulk_insert(db, rows)
             unsure = list(accepted) if stored < len(rows) else []  # which of them are new: the ledger says
         else:
             stmt: Insert = _insert(db, LEDGER).on_conflict_do_nothing().returning(*_IDENTITY)

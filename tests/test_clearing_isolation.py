@@ -186,7 +186,7 @@ async def test_a_message_the_database_refuses_costs_itself_alone(
     ledger.bulk_from = bulk_from
     records = good_records()
     poison = records[2]
-    real_row = clearing.ledger._row
+    real_row = clearing.ledger.ledger_row
 
     def row(city: str, accepted: Any, source: str, now: float) -> dict[str, Any]:
         out = real_row(city, accepted, source, now)
@@ -196,7 +196,7 @@ async def test_a_message_the_database_refuses_costs_itself_alone(
             out.update(tac="X" * 5000, amount=2**70)
         return out
 
-    monkeypatch.setattr(clearing.ledger, "_row", row)
+    monkeypatch.setattr(clearing.ledger, "ledger_row", row)
     messages = [received(r.to_json().encode()) for r in records]
     outcome = await ledger.store(messages)
     assert outcome.poisoned == 1
