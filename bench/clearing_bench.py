@@ -2,7 +2,7 @@
 PostgreSQL.
 
     python3 bench/clearing_bench.py [--records 20000] [--terminals 20] [--batch 100] [--commit 5000]
-        [--workers 2] [--rate 500] [--seconds 10] [--broker mqtt://127.0.0.1:1883]
+        [--workers 2] [--repeat 3] [--rate 500] [--seconds 10] [--broker mqtt://127.0.0.1:1883]
         [--pg postgresql+asyncpg://postgres@127.0.0.1:5432/postgres] [--clearing-code DIR]
 
 For 100-record messages (``--batch``) and for 1-record messages it prints, as records/s:
@@ -21,7 +21,8 @@ Then the publish -> ack latency of 1-record messages at a fixed offered load (``
 bench: ``mkdir /tmp/before && git archive 018911e | tar -x -C /tmp/before`` then ``--clearing-code /tmp/before``
 (the parts alone are measured with this tree's code either way).
 
-Not a test: it prints figures and asserts nothing. Each database is new (the PostgreSQL ones are dropped after);
+Each figure is the best of ``--repeat`` runs (other work on the machine only ever slows a run down). Not a test: it
+prints figures and asserts nothing. Each database is new (the PostgreSQL ones are dropped after);
 each ingest run has new cards, so nothing is a duplicate.
 """
 
@@ -341,9 +342,9 @@ def line(label: str, rate: float, note: str = "") -> None:
 async def main(args: argparse.Namespace) -> None:
     broker = BrokerUrl.parse(args.broker)
     folder = Path(tempfile.mkdtemp(prefix="clearing-bench-"))
-    print(
-        f"clearing ingest on {broker}: {args.records:,} records from {args.terminals} terminals; {os.cpu_count()} cores"
-    )
+    code = f"; clearing from {args.clearing_code}" if args.clearing_code else ""
+    print(f"clearing ingest on {broker}: {args.terminals} terminals; {os.cpu_count()} cores{code}")
+    print(f"each figure the best of {args.repeat} runs; CPU µs per record of the clearing process(es) and PostgreSQL")
     async with contextlib.AsyncExitStack() as stack:
 
         async def database(store: str) -> str:
@@ -354,27 +355,39 @@ async def main(args: argparse.Namespace) -> None:
         for batch in (args.batch, 1):
             records = args.records if batch > 1 else args.records // 4
             print(f"\n{batch} record(s) per message, {records:,} records")
-            raw = await raw_pipe(broker, make_stream(records, args.terminals, batch))
+            raw = max([await raw_pipe(broker, make_stream(records, args.terminals, batch)) for _ in range(args.repeat)])
             line("raw pipe (aiomqtt QoS 1, subscriber process)", raw)
             sample = records_of(make_stream(records, args.terminals, batch))
-            tac = tac_alone(sample)
+            tac = max(tac_alone(sample) for _ in range(args.repeat))
             if batch > 1:
                 line("TAC verification alone (batched)", tac)
             for store in ("sqlite", "postgresql"):
                 if batch > 1:
-                    insert = await insert_alone(await database(store), sample, args.commit)
+                    insert = max(
+                        [await insert_alone(await database(store), sample, args.commit) for _ in range(args.repeat)]
+                    )
                     ceiling = 1 / (1 / tac + 1 / insert)
                     line(f"{store}: bulk insert alone ({args.commit:,}/commit)", insert)
                     line(f"{store}: ceiling, sum of the two parts", ceiling)
                 for workers in (1, args.workers) if store == "postgresql" and args.workers > 1 else (1,):
-                    stream = make_stream(records, args.terminals, batch)
-                    got = await ingest(broker, await database(store), stream, workers, folder, args.clearing_code)
+                    runs = [
+                        await ingest(
+                            broker,
+                            await database(store),
+                            make_stream(records, args.terminals, batch),
+                            workers,
+                            folder,
+                            args.clearing_code,
+                        )
+                        for _ in range(args.repeat)
+                    ]
+                    got = max(runs, key=lambda run: run.rate)
                     ratios = f"{got.rate / raw:4.2f}x raw"
                     if batch > 1:
                         ratios = f"{got.rate / ceiling:4.2f}x ceiling, " + ratios
                     cpu = f"clearing {got.clearing_us:5.1f} µs/rec"
                     if got.server_us is not None:
-                        cpu += f", server {got.server_us:5.1f} µs/rec"
+                        cpu += f", server {got.server_us:5.1f}"
                     line(
                         f"{store}: ingest, {workers} clearing process{'es' if workers > 1 else ''}",
                         got.rate,
@@ -398,6 +411,7 @@ if __name__ == "__main__":
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="shared clearing processes (PG)")
     parser.add_argument("--rate", type=float, default=500.0, help="offered load of the latency run, records/s")
     parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--repeat", type=int, default=3, help="runs of each figure, the best printed (default 3)")
     parser.add_argument("--broker", default="mqtt://127.0.0.1:1883")
     parser.add_argument("--pg", default="postgresql+asyncpg://postgres@127.0.0.1:5432/postgres")
     parser.add_argument("--clearing-code", type=Path, help="run the clearing processes from this source tree")

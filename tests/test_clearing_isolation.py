@@ -21,7 +21,9 @@ from mqtt_support import MOSQUITTO, require_mosquitto
 from sqlalchemy import select, text
 from sqlalchemy.exc import OperationalError
 
+import clearing.intake
 import clearing.ledger
+import clearing.verify
 from clearing.db import migrate, open_engine
 from clearing.intake import Intake, Refused, Topic
 from clearing.ledger import LEDGER, QUARANTINE, QUARANTINE_KEEP, TALLY, Ledger, Received, database_trouble
@@ -162,7 +164,7 @@ def test_the_tacs_of_many_messages_are_verified_in_one_batch(monkeypatch: pytest
     topic = Topic("terminal", TERMINAL)
     one_by_one = [INTAKE.message(topic, payload, frozenset()) for payload in payloads]
     calls: list[int] = []
-    real = clearing.intake.tac_problems
+    real = clearing.verify.tac_problems
 
     def counted(host: Any, records: Any) -> list[str | None]:
         calls.append(len(records))
