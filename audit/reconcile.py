@@ -15,11 +15,13 @@ the records of a card through one cipher context (clearing.verify), in forked wo
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import importlib
 import math
 import multiprocessing
 from collections import Counter, defaultdict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from decimal import Decimal
 from functools import partial
@@ -1206,6 +1208,29 @@ def _merge(ledgers: Sequence[CityLedger], day: str | None) -> list[_Holder]:
 
 def reconcile(ledgers: Sequence[CityLedger], options: Options) -> Report:
     """Reconcile the holders' ledgers: every check of audit.md, findings by RECONCILE_RULES ids."""
+    with _small_pages():
+        return _reconcile(ledgers, options)
+
+
+@contextlib.contextmanager
+def _small_pages() -> Iterator[None]:
+    """numpy asks for transparent huge pages for its big arrays (where the kernel gives them on request): a fresh
+    one costs the zeroing of 2 MB, and once the TAC workers have forked, every huge page either side writes is
+    copied whole. With 4 KB pages reconcile spends half the system time (bench/reconcile_bench.py, 1M records).
+    numpy's own switch (numpy._core.multiarray._set_madvise_hugepage), set back after."""
+    multiarray = importlib.import_module("numpy._core.multiarray")
+    switch: Callable[[bool], bool] | None = getattr(multiarray, "_set_madvise_hugepage", None)
+    if switch is None:
+        yield
+        return
+    before = switch(False)
+    try:
+        yield
+    finally:
+        switch(before)
+
+
+def _reconcile(ledgers: Sequence[CityLedger], options: Options) -> Report:
     merged = _merge(ledgers, options.day)
     table = _Table(merged)
     tacs = None if options.keys is None else _start_tacs(table, options.keys, options)

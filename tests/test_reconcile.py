@@ -106,6 +106,17 @@ def test_engine_gives_the_same_findings_with_tac_checks_in_worker_processes(plan
     assert {(f.id, f.subject) for f in one.findings} == {x for x in planted.expected if x[0] != "REC-SETTLEMENT"}
 
 
+def test_reconcile_leaves_numpys_huge_page_switch_as_it_found_it(planted: Fixture) -> None:
+    """reconcile runs on 4 KB pages (huge pages cost their zeroing, and whole copies after the TAC workers
+    fork), then sets numpy's switch back."""
+    switch = np._core.multiarray._set_madvise_hugepage
+    ledgers = read_ledgers(planted.inputs, [])
+    for setting in (True, False):
+        switch(setting)
+        reconcile(ledgers, Options(read_cities(), IssuerKeyStore.test_set(), jobs=2, min_parallel=0))
+        assert switch(True) is setting
+
+
 def test_without_travel_times_no_travel_is_judged_and_the_report_says_so(planted: Fixture) -> None:
     report = reconcile(read_ledgers(planted.inputs, []), Options(Cities(), None))
     assert "REC-IMPOSSIBLE-TRAVEL" not in {f.id for f in report.findings}
