@@ -3,9 +3,10 @@
 hotlists (a hotlist file, or the hotlist tables of a clearing database).
 
 Every problem with an input is a ``LedgerInputError`` naming the file and line (or the database) and what is
-wrong, so the command can say it in one line and write nothing. Clearing files are read column by column:
-each column is checked by one regular expression over the whole column, and only when that fails is the
-column searched for the first bad value (its line goes into the message).
+wrong, so the command can say it in one line and write nothing. Clearing files are read column by column by
+pyarrow's CSV reader and checked column by column; a file it refuses or a value that fails is read again line
+by line, where each column is checked by one regular expression over the whole column and only when that fails
+searched for the first bad value (its line goes into the message).
 """
 
 from __future__ import annotations
@@ -159,9 +160,9 @@ def _diagnose(line: str) -> str:
 def read_clearing_file(path: Path, holder: str | None = None, *, columnar: bool = True) -> CityLedger:
     """A daily clearing file (wire.md) as the ledger of ``holder``: by default the city in its acquirer column
     (one city per file), or in its name clearing-CITY-DAY.csv when it has no rows. A file with rows of other
-    acquirers is the issuer side of ``holder``. ``columnar``: read a plain file (no quotes, carriage returns or
-    non-ASCII bytes) with pyarrow's multithreaded CSV reader; any file it refuses, or any value that fails a
-    check, is read again line by line (``columnar=False``), which names the first problem."""
+    acquirers is the issuer side of ``holder``. ``columnar``: read a plain file (ASCII, no carriage returns)
+    with pyarrow's multithreaded CSV reader; any file it refuses, or any value that fails a check (a quoted
+    value fails them all), is read again line by line (``columnar=False``), which names the first problem."""
     read = _columnar(path) if columnar else None
     records, acquirers = read or _by_lines(path, _file_bytes(path))
     _check_limits(path, records, records.line)
