@@ -55,6 +55,8 @@ def test_embedded_run_every_record_made_is_in_the_ledger_once_and_acked(tmp_path
     assert doc["acked"] == made and doc["rejected"] == 0 and doc["unacked"] == 0
     rows = _terminal_rows(tmp_path)
     assert len(rows) == made and len(set(rows)) == made  # none lost, none doubled
+    schedule = doc["schedule"]
+    assert isinstance(schedule, dict) and schedule["taps"] == 160 and 0 < schedule["cpu_busy"] <= 1  # /proc/stat
     latency = doc["latency_ms"]
     assert isinstance(latency, dict)
     assert 0 < latency["p50"] <= latency["p90"] <= latency["p99"] <= latency["p99.9"] <= latency["max"]

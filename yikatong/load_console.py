@@ -103,6 +103,8 @@ def _print_sweep(sweep: SweepDoc, colour: bool) -> None:
     for step in sweep["steps"]:
         lat = step["latency_ms"]
         late = f", {step['late']:,} taps late (up to {step['max_lag_s']:.2f} s)" if step["late"] else ""
+        if step["cpu_busy"] is not None:
+            late += f", CPU {step['cpu_busy']:.0%} busy"
         verdict = "held" if step["held"] else red("missed", colour)
         print(
             f"  {step['rate']:>9,.0f}/s  acked {step['acked']:,}/{step['generated']:,}  p50 {_ms(lat['p50'])}  "

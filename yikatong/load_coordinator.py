@@ -34,6 +34,7 @@ class StepResult:
     counts: Counts
     unacked: int  # records still waiting after the step's drain
     slo: float  # seconds
+    busy: float | None = None  # share of the machine's CPU busy while the step's taps were offered
 
     @property
     def held(self) -> bool:
@@ -64,6 +65,7 @@ class RunResult:
     holding: list[float] = field(default_factory=list)
     steps: list[StepResult] = field(default_factory=list)
     metrics: MetricsDoc | None = None
+    busy: float | None = None  # share of the machine's CPU busy while taps were offered (None: not on Linux)
 
 
 @dataclass(frozen=True)
@@ -72,6 +74,24 @@ class Hotlist:
 
     plan: HotlistPlan
     add: HotlistAdd
+
+
+def cpu_jiffies() -> tuple[int, int] | None:
+    """(busy, all) CPU time of the whole machine so far, in clock ticks (Linux /proc/stat; None elsewhere)."""
+    try:
+        with open("/proc/stat") as stat:
+            fields = [int(n) for n in stat.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle and iowait
+    return sum(fields) - idle, sum(fields)
+
+
+def busy_share(before: tuple[int, int] | None, after: tuple[int, int] | None) -> float | None:
+    """The share of the machine's CPU that was busy between two ``cpu_jiffies``."""
+    if before is None or after is None or after[1] <= before[1]:
+        return None
+    return (after[0] - before[0]) / (after[1] - before[1])
 
 
 def _fetch(url: str) -> str:
@@ -106,6 +126,7 @@ class Coordinator:
         self.steps: list[StepResult] = []
         self.propagation: Propagation | None = None
         self.listed: dict[str, str] = {}
+        self._busy: list[tuple[float, float | None]] = []  # (seconds, busy share) of each offer
 
     @contextlib.asynccontextmanager
     async def watching(self) -> AsyncIterator[None]:
@@ -133,13 +154,20 @@ class Coordinator:
         if self.series is not None:  # before the first tap: what the clearings had done already
             await scrape(self.series, 0.0)
 
-    async def _offer(self, label: int, plan: Plan) -> None:
+    async def _offer(self, label: int, plan: Plan) -> float | None:
+        """Offer ``plan`` on every worker from a moment just ahead; the share of the machine's CPU busy meanwhile
+        (the generator shares the cores with what it tests, and with anything else running)."""
         start = time.monotonic() + START_AFTER
         if self.started is None:
             self.started = start
         self.pool.send("offer", label, plan, start)
+        await asyncio.sleep(START_AFTER)
+        before = cpu_jiffies()
         await self.pool.expect("offered")
+        busy = busy_share(before, cpu_jiffies())
+        self._busy.append((plan.duration, busy))
         self.duration += plan.duration
+        return busy
 
     async def _drain(self, timeout: float) -> tuple[dict[int, Counts], int]:
         began = time.monotonic()
@@ -190,10 +218,10 @@ class Coordinator:
         """The sweep's steps, each drained before the next, until one does not hold."""
         for label, rate in enumerate(sweep.rates()):
             self.note = f"step {label + 1}/{sweep.steps} at {rate:,.0f}/s  "
-            await self._offer(label, Plan(rate, sweep.seconds))
+            busy = await self._offer(label, Plan(rate, sweep.seconds))
             self.note += "draining  "
             phases, queued = await self._drain(drain)
-            step = StepResult(rate, sweep.seconds, phases.get(label, Counts()), queued, sweep.slo)
+            step = StepResult(rate, sweep.seconds, phases.get(label, Counts()), queued, sweep.slo, busy)
             self.steps.append(step)
             if not step.held:
                 break
@@ -229,4 +257,12 @@ class Coordinator:
             holding=merged.holding,
             steps=self.steps,
             metrics=self.series.doc() if self.series is not None else None,
+            busy=self._busy_overall(),
         )
+
+    def _busy_overall(self) -> float | None:
+        """The offers' busy shares, weighted by their seconds (None when one is unknown)."""
+        known = [(seconds, busy) for seconds, busy in self._busy if busy is not None]
+        if not known or len(known) < len(self._busy):
+            return None
+        return sum(seconds * busy for seconds, busy in known) / sum(seconds for seconds, _ in known)

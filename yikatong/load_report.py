@@ -6,6 +6,7 @@ as inline SVG (no script, nothing fetched)."""
 from __future__ import annotations
 
 import html
+import os
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, TypedDict
 
@@ -79,6 +80,8 @@ class ScheduleDoc(TypedDict):
     late: int  # of those, made late
     max_lag_s: float  # the most a tap was made after its moment
     behind: bool  # any tap late: the latency includes the generator's own delay (it runs from each moment)
+    cpu_busy: float | None  # share of the machine's CPU busy while taps were offered (None: unknown)
+    cores: int  # the machine's
 
 
 class StepDoc(TypedDict):
@@ -95,6 +98,7 @@ class StepDoc(TypedDict):
     max_lag_s: float
     latency_ms: Percentiles
     held: bool
+    cpu_busy: float | None  # share of the machine's CPU busy while the step's taps were offered
 
 
 class SweepDoc(TypedDict):
@@ -133,13 +137,15 @@ class LoadSummary(TypedDict):
     timeline: list[SecondDoc]
 
 
-def _schedule(counts: Counts) -> ScheduleDoc:
+def _schedule(counts: Counts, busy: float | None) -> ScheduleDoc:
     return {
         "late_after_ms": LATE * 1000,
         "taps": counts.offered,
         "late": counts.late,
         "max_lag_s": round(counts.lag, 3),
         "behind": counts.late > 0,
+        "cpu_busy": None if busy is None else round(busy, 3),
+        "cores": os.cpu_count() or 1,
     }
 
 
@@ -157,6 +163,7 @@ def _step(step: StepResult) -> StepDoc:
         "max_lag_s": round(counts.lag, 3),
         "latency_ms": percentiles(counts.latency),
         "held": step.held,
+        "cpu_busy": None if step.busy is None else round(step.busy, 3),
     }
 
 
@@ -172,9 +179,11 @@ def _sweep(steps: list[StepResult]) -> SweepDoc | None:
         why = f"{last.unacked:,} records unacked after its drain" if last.unacked else f"p99 {p99:,} ms"
         limit = f"the step at {last.rate:,.0f} taps/s missed the SLO ({why})"
         if last.counts.late:
+            busy = f", the machine's CPU {last.busy:.0%} busy" if last.busy is not None else ""
             limit += (
                 f"; the generator was behind its timetable there ({last.counts.late:,} taps late, up to "
-                f"{last.counts.lag:.2f} s): the limit may be this load generator's (more --workers, another machine)"
+                f"{last.counts.lag:.2f} s{busy}): the limit may be this machine's, which the generator shares with "
+                "what it tests (more --workers, the generator on another machine)"
             )
     return {
         "slo_ms": steps[0].slo * 1000,
@@ -221,7 +230,7 @@ def summary(run: RunResult, settings: LoadSettings) -> LoadSummary:
         "drain_seconds": round(run.drain_seconds, 2),
         "latency_ms": percentiles(total.latency),
         "latency_hdr": total.latency.encode().decode("ascii"),  # HdrHistogram's own base64 text
-        "schedule": _schedule(total),
+        "schedule": _schedule(total, run.busy),
         "hotlist": _hotlist(run, settings),
         "sweep": _sweep(run.steps),
         "clearing_metrics": run.metrics,
@@ -331,14 +340,18 @@ def _hotlist_rows(news: HotlistDoc | None) -> list[tuple[str, str, str]]:
 
 
 def schedule_line(schedule: ScheduleDoc) -> str:
-    """One sentence on whether the generator kept its timetable."""
+    """One sentence on whether the generator kept its timetable (and how busy the machine was meanwhile)."""
+    busy = schedule["cpu_busy"]
+    cpu = "" if busy is None else f"; the machine's {schedule['cores']} cores {busy:.0%} busy during the load"
     if not schedule["behind"]:
-        return f"on schedule: every one of {schedule['taps']:,} taps made within {schedule['late_after_ms']:.0f} ms"
+        return (
+            f"on schedule: every one of {schedule['taps']:,} taps made within {schedule['late_after_ms']:.0f} ms{cpu}"
+        )
     share = schedule["late"] / max(1, schedule["taps"])
     return (
         f"BEHIND its timetable: {schedule['late']:,} of {schedule['taps']:,} taps ({share:.1%}) made more than "
         f"{schedule['late_after_ms']:.0f} ms after their moment, up to {schedule['max_lag_s']:.2f} s late "
-        "(the latency counts from each tap's moment, so it includes this delay)"
+        f"(the latency counts from each tap's moment, so it includes this delay){cpu}"
     )
 
 
@@ -366,7 +379,9 @@ def _metrics_rows(metrics: MetricsDoc | None) -> list[tuple[str, str, str]]:
 def _sweep_table(sweep: SweepDoc | None) -> str:
     if sweep is None:
         return ""
-    head = "".join(f"<th>{h}</th>" for h in ("offered/s", "taps", "records", "acked", "unacked", "late", "lag s"))
+    head = "".join(
+        f"<th>{h}</th>" for h in ("offered/s", "taps", "records", "acked", "unacked", "late", "lag s", "CPU busy")
+    )
     head += "".join(f"<th>{k} ms</th>" for k in LATENCY_KEYS) + "<th>held</th>"
     rows = []
     for step in sweep["steps"]:
@@ -376,6 +391,7 @@ def _sweep_table(sweep: SweepDoc | None) -> str:
             f"<td>{step['rate']:,.0f}</td><td>{step['offered']:,}</td><td>{step['generated']:,}</td>",
             f"<td>{step['acked']:,}</td><td>{step['unacked']:,}</td><td{late}>{step['late']:,}</td>",
             f"<td{late}>{step['max_lag_s']}</td>",
+            f"<td>{'-' if step['cpu_busy'] is None else format(step['cpu_busy'], '.0%')}</td>",
             *(f"<td>{lat[k]}</td>" for k in LATENCY_KEYS),
             f'<td style="color:{GREEN if step["held"] else RED}">{"yes" if step["held"] else "no"}</td>',
         ]
