@@ -99,6 +99,7 @@ def test_a_sweep_on_the_embedded_broker_steps_up_and_reports_the_highest_rate_th
     assert merged.get_total_count() == doc["acked"] == sum(s["acked"] for s in sweep["steps"])
     page = (tmp_path / "load-report.html").read_text()
     assert "<h2>Sweep</h2>" in page and "highest offered rate that held" in page
+    assert "a sweep: flat steps of 1.5 s from 20.0 taps/s, x2 each, at most 3, until p99 &gt; 1,000.0 ms" in page
 
 
 def test_a_sweep_whose_first_step_misses_the_slo_holds_no_rate_and_exits_1(tmp_path: Path) -> None:

@@ -164,6 +164,7 @@ SETTINGS: LoadSettings = {
     "workers": 2,
     "hotlist_at": None,
     "hotlist_cards": 1,
+    "sweep": None,
 }
 
 

@@ -326,6 +326,15 @@ async def _run(args: argparse.Namespace, pairs: list[tuple[str, str]], cards: li
             "workers": len(specs),
             "hotlist_at": args.hotlist_at,
             "hotlist_cards": args.hotlist_cards,
+            "sweep": None
+            if not args.sweep
+            else {
+                "start": args.rate,
+                "factor": args.sweep_factor,
+                "step_seconds": args.step_seconds,
+                "steps": args.sweep_steps,
+                "slo_ms": args.slo_ms,
+            },
         }
         doc = summary(result, settings)
     write_text_atomic(args.out / "load-summary.json", json.dumps(doc, indent=1) + "\n")

@@ -54,6 +54,17 @@ class LoadSettings(TypedDict):
     workers: int
     hotlist_at: float | None  # seconds into the load when cards went on a hotlist (None: none did)
     hotlist_cards: int
+    sweep: SweepSettings | None  # --sweep's steps (rate, duration and profile then do not apply)
+
+
+class SweepSettings(TypedDict):
+    """What ``--sweep`` was asked to do: flat steps from ``start`` taps/s, each ``factor`` times the last."""
+
+    start: float
+    factor: float
+    step_seconds: float
+    steps: int
+    slo_ms: float
 
 
 class HotlistDoc(TypedDict):
@@ -408,6 +419,16 @@ def _sweep_table(sweep: SweepDoc | None) -> str:
     )
 
 
+def _offered(settings: LoadSettings) -> str:
+    sweep = settings["sweep"]
+    if sweep is None:
+        return f"{settings['rate']:,} taps/s peak, {settings['profile']}, {settings['duration']} s"
+    return (
+        f"a sweep: flat steps of {sweep['step_seconds']:g} s from {sweep['start']:,} taps/s, x{sweep['factor']:g} "
+        f"each, at most {sweep['steps']}, until p99 > {sweep['slo_ms']:,} ms"
+    )
+
+
 def _colour(colour: str) -> str:
     return f' style="color:{colour}"' if colour else ""
 
@@ -443,7 +464,7 @@ def render_html(doc: LoadSummary) -> str:
     rows: list[tuple[str, str, str]] = [
         ("terminals", f"{doc['terminals']:,} ({doc['connected']:,} connected in {doc['connect_seconds']} s)", ""),
         ("workers", f"{doc['workers']} process(es)", ""),
-        ("offered", f"{settings['rate']:,} taps/s peak, {settings['profile']}, {settings['duration']} s", ""),
+        ("offered", _offered(settings), ""),
         ("schedule", schedule_line(schedule), RED if schedule["behind"] else GREEN),
         ("generated", f"{doc['generated']:,} records ({doc['generated_per_second']:,}/s)", ""),
         ("acked", f"{doc['acked']:,} records ({doc['acked_per_second']:,}/s during the load)", ""),
