@@ -101,12 +101,16 @@ def pad80(data: bytes, block_size: int) -> bytes:
     return padded + bytes(-len(padded) % block_size)
 
 
+_INVERT: Final = bytes(range(255, -1, -1))
+"""bytes.translate table: every byte to its complement (x ^ FF)."""
+
+
 def diversify(alg: Algorithm, master: BlockKey | bytes, card_serial: bytes) -> bytes:
     """Card key from an issuer master key and the 8-byte card serial (spec A, Cryptography)."""
     if len(card_serial) != 8:
         raise ValueError("card serial for diversification must be 8 bytes")
     mk = master if isinstance(master, BlockKey) else BlockKey(alg, master)
-    inverted = bytes(b ^ 0xFF for b in card_serial)
+    inverted = card_serial.translate(_INVERT)
     if alg is Algorithm.DES3:
         return mk.encrypt(card_serial) + mk.encrypt(inverted)
     if alg is Algorithm.DES:
@@ -128,7 +132,7 @@ def session_key(card_key: BlockKey, key_input: bytes) -> BlockKey:
 def tac_key(alg: Algorithm, dtk: bytes) -> BlockKey:
     """The TAC key: for 3DES cards the XOR of DTK's halves (single DES), single-DES cards its key, SM4 DTK."""
     if alg is Algorithm.DES3:
-        return BlockKey(alg, bytes(a ^ b for a, b in zip(dtk[:8], dtk[8:], strict=True)))
+        return BlockKey(alg, (int.from_bytes(dtk[:8]) ^ int.from_bytes(dtk[8:])).to_bytes(8))
     if alg is Algorithm.DES:
         return BlockKey(alg, dtk[:8])
     return BlockKey(alg, dtk)
@@ -231,7 +235,7 @@ def load_tac_data(
 
 def m1_record_key(purchase_master: bytes | BlockKey, uid: bytes) -> BlockKey:
     """Key of the terminal MAC on M1 records (M1 cards have no TAC): SM4, diversified with uid | ~uid."""
-    return BlockKey(Algorithm.SM4, diversify(Algorithm.SM4, purchase_master, uid + bytes(b ^ 0xFF for b in uid)))
+    return BlockKey(Algorithm.SM4, diversify(Algorithm.SM4, purchase_master, uid + uid.translate(_INVERT)))
 
 
 def m1_record_data(
