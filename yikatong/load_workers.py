@@ -172,7 +172,6 @@ def _build(spec: WorkerSpec) -> LoadRun:
         spec.broker,
         terminals,
         by_city,
-        Plan(1.0, 1.0),  # unused: the parent sends each plan with its offer
         seed=spec.seed * 1000 + spec.share,
         session_expiry=spec.session_expiry,
         hotlist=hotlist,

@@ -197,24 +197,27 @@ class Progress:
 
 
 class LoadRun:
-    """Drive ``terminals`` over ``broker``: ``run()`` offers ``plan`` once (connect, offer, drain), or a caller
-    steps through ``connect``, ``offer`` (as often as it likes: the steps of a sweep) and ``drain`` itself. With
-    ``share`` (k, n) this is worker k of n: it makes every n-th tap of each timetable. Counts go into ``tally``
-    by seconds from ``started`` (the first offer's start). With ``session_expiry`` (seconds) the terminals speak
-    MQTT 5 and the broker forgets their sessions that long after they disconnect; without, their MQTT 3.1.1
-    sessions last as long as the broker keeps them. With ``hotlist``, its cards go on their issuers' hotlists during
-    the load and ``propagation`` tells how that reached the terminals: from the add on, each listed card is also
-    presented once a pacing step at a random terminal of every city not yet seen refusing one (a blocked card
-    tried everywhere), so the first refusal in a city measures the list's way there, not how often the rider
-    happens to ride. Each terminal's uplink is a ``LeanUplink`` (the real uplink's rules over a light connection),
-    or with ``lean=False`` the real terminal's ``Uplink`` itself (an aiomqtt client each: dearer)."""
+    """Drive ``terminals`` over ``broker``: ``run()`` offers ``plan`` once (connect, offer, drain), or a caller (a
+    worker, with no ``plan``) steps through ``connect``, ``offer`` (as often as it likes: the steps of a sweep)
+    and ``drain`` itself. With ``share`` (k, n) this is worker k of n: it makes every n-th tap of each timetable.
+    Counts go into ``tally`` by seconds from ``started`` (the first offer's start).
+
+    With ``session_expiry`` (seconds) the terminals speak MQTT 5 and the broker forgets their sessions that long
+    after they disconnect; without, their MQTT 3.1.1 sessions last as long as the broker keeps them. Each
+    terminal's uplink is a ``LeanUplink`` (the real uplink's rules over a light connection), or with
+    ``lean=False`` the real terminal's ``Uplink`` itself (an aiomqtt client each: dearer).
+
+    With ``hotlist``, its cards go on their issuers' hotlists during the load and ``propagation`` tells how that
+    reached the terminals: from the add on, each listed card is also presented once a pacing step at a random
+    terminal of every city not yet seen refusing one (a blocked card tried everywhere), so the first refusal in a
+    city measures the list's way there, not how often the rider happens to ride."""
 
     def __init__(
         self,
         broker: BrokerUrl,
         terminals: Sequence[SimTerminal],
         cards: dict[str, list[SyntheticCard]],
-        plan: Plan,
+        plan: Plan | None = None,
         *,
         seed: int | None = None,
         ack_timeout: float = 10.0,
@@ -318,6 +321,8 @@ class LoadRun:
     ) -> None:
         """Connect every terminal, offer the plan's load from now (taps; a tap that needs a top-up first makes two
         records), then wait for the acks of what was made."""
+        if self.plan is None:
+            raise ValueError("LoadRun.run offers the plan the run was made with: give one")
         try:
             await self.connect(report, connect_timeout)
             await self.offer(self.plan, time.monotonic(), report=report)
