@@ -53,6 +53,8 @@ from io import BytesIO
 from pathlib import Path
 from typing import Any
 
+import aiomqtt
+
 from cardsim.issuer import IssuerHost
 from cardsim.keys import IssuerKeyStore
 from terminals.messages import ACK_SCHEMA, BATCH_SCHEMA, Ack, ack_topic
@@ -114,6 +116,29 @@ def mosquitto(folder: Path) -> Iterator[Mosquitto]:
     finally:
         proc.kill()
         proc.wait(10)
+
+
+@contextlib.contextmanager
+def broker_for(choice: str, folder: Path) -> Iterator[tuple[BrokerUrl, int | None]]:
+    """(broker URL, Mosquitto's pid when it is the bench's own): ``private`` or a given URL (bench/hotlist_bench)."""
+    if choice != "private":
+        yield BrokerUrl.parse(choice), None
+        return
+    with mosquitto(folder / "broker") as broker:
+        yield broker.url, broker.pid
+
+
+async def forget_sessions(broker: BrokerUrl, identifiers: list[str], parallel: int = 200) -> None:
+    """Connect once with a clean session as each client id: a shared broker drops what it kept for it."""
+    gate = asyncio.Semaphore(parallel)
+
+    async def forget(identifier: str) -> None:
+        async with gate:
+            with contextlib.suppress(aiomqtt.MqttError):
+                async with broker.client(identifier, clean_session=True):
+                    pass
+
+    await asyncio.gather(*(forget(i) for i in identifiers))
 
 
 def cpu_of(pid: int) -> float | None:
