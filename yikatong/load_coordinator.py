@@ -100,14 +100,19 @@ def _fetch(url: str) -> str:
     return text
 
 
+async def _figures(series: MetricsSeries, url: str, second: float) -> dict[str, CityMetrics]:
+    try:
+        return read_metrics(await asyncio.to_thread(_fetch, url))
+    except (OSError, MetricsError) as err:
+        series.failed(f"{url} at {second:.1f} s: {err}")
+        return {}
+
+
 async def scrape(series: MetricsSeries, second: float) -> None:
-    """One round over the endpoints into ``series``; an endpoint that fails is noted with its reason."""
+    """One round over the endpoints at once into ``series``; an endpoint that fails is noted with its reason."""
     figures: dict[str, CityMetrics] = {}
-    for url in series.endpoints.values():
-        try:
-            figures |= read_metrics(await asyncio.to_thread(_fetch, url))
-        except (OSError, MetricsError) as err:
-            series.failed(f"{url} at {second:.1f} s: {err}")
+    for found in await asyncio.gather(*(_figures(series, url, second) for url in series.endpoints.values())):
+        figures |= found
     series.add(second, figures)
 
 
@@ -176,7 +181,11 @@ class Coordinator:
         queued = 0
         for _, wires, waiting in await self.pool.expect("drained"):
             for label, wire in wires.items():
-                phases.setdefault(label, Counts()).add(Counts.from_wire(wire))
+                counts = Counts.from_wire(wire)
+                if label in phases:
+                    phases[label].add(counts)
+                else:
+                    phases[label] = counts
             queued += waiting
         self.drain_seconds = time.monotonic() - began
         return phases, queued
