@@ -233,12 +233,14 @@ async def _worker(spec: WorkerSpec, conn: Connection) -> None:
                 case ("offer", int(label), Plan() as plan, float(start)):
                     await run.offer(plan, start, label=label, report=report)
                     conn.send(("offered",))
-                case ("drain", float(timeout)):
-                    await run.drain(report, timeout)
+                case ("drain", int() | float() as timeout):
+                    await run.drain(report, float(timeout))
                     phases = {label: counts.to_wire() for label, counts in run.tally.phases.items()}
                     conn.send(("drained", phases, run.queued()))
                 case ("versions", dict(versions)):
                     run.propagation.versions = versions
+                case _:
+                    raise CliError(f"a load worker got a command it does not know: {command!r}")
     finally:
         await run.close()
         loop.remove_reader(conn.fileno())
