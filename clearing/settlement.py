@@ -28,6 +28,7 @@ from typing import Final, TypedDict
 from sqlalchemy import and_, func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from clearing.defaults import DEFAULT_GRACE
 from clearing.schema import (
     FORWARD_ACKED,
     FORWARD_PENDING,
@@ -43,8 +44,6 @@ from terminals.messages import CHINA
 SETTLEMENT_SCHEMA: Final = "yikatong.settlement/1"
 """Still /1: the hotlist fields are additions a reader of the first layout skips (docs/clearing-choices.md)."""
 DEFAULT_RATE = Decimal("0.005")
-DEFAULT_GRACE: Final = 600
-"""Seconds after a hotlist version's publish time from which the acquirer's terminals are expected to hold it."""
 DEBIT_KINDS = ("purchase", "metro_entry", "metro_exit")
 CSV_HEADER = [
     "record_id",
