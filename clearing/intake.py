@@ -26,6 +26,7 @@ from terminals.messages import (
     TxnRecord,
     parse_record,
     parse_uplink,
+    parse_uplink_records,
 )
 
 
@@ -57,13 +58,36 @@ class Refused:
 Verdict = Accepted | Refused
 
 
+class _Payload:
+    """A message's payload, for the refusal of one of its records: the payload itself when it holds just that
+    record, else the record's own JSON (the documents decoded again when a refusal first needs one, if the
+    records were validated straight from the text)."""
+
+    def __init__(self, payload: bytes, limits: Limits, count: int, docs: Sequence[object] | None = None) -> None:
+        self.payload = payload
+        self.limits = limits
+        self.count = count
+        self.docs = docs
+
+    def raw(self, index: int) -> bytes:
+        """What to quarantine for record ``index``."""
+        if self.count == 1:
+            return self.payload
+        if self.docs is None:
+            try:
+                self.docs = parse_uplink(self.payload, self.limits)
+            except Exception:  # isolation: the fast path took this payload, so it decodes, but if not: keep it whole
+                return self.payload
+        return _raw(self.docs[index])
+
+
 @dataclass(frozen=True)
 class _Unverified:
     """A record that passed every check but its TAC, with what a refusal of it needs."""
 
     record: TxnRecord
-    doc: object
-    raw: bytes | None  # the payload when it holds just this record
+    source: _Payload
+    index: int
 
 
 @dataclass(frozen=True)
@@ -161,6 +185,13 @@ class Intake:
 
     def _drafts(self, topic: Topic, payload: bytes, hotlist: frozenset[str]) -> list[Verdict | _Unverified]:
         try:
+            records = parse_uplink_records(payload, self.limits)
+        except Exception:  # the fast path vouches only for what it finishes: the checks below say what is wrong
+            records = None
+        if records is not None:
+            source = _Payload(payload, self.limits, len(records))
+            return [self._guarded(topic, source, i, record, hotlist) for i, record in enumerate(records)]
+        try:
             docs = parse_uplink(payload, self.limits)
         except MessageError as err:
             return [Refused(str(err), payload)]
@@ -168,28 +199,35 @@ class Intake:
             return [Refused(unexpected("decoding", err), payload)]
         if not docs:
             return [Refused("empty batch", payload)]
-        single = len(docs) == 1
-        return [self._guarded(topic, doc, payload if single else None, hotlist) for doc in docs]
+        source = _Payload(payload, self.limits, len(docs), docs)
+        return [self._guarded(topic, source, i, doc, hotlist) for i, doc in enumerate(docs)]
 
-    def _guarded(self, topic: Topic, doc: object, raw: bytes | None, hotlist: frozenset[str]) -> Verdict | _Unverified:
+    def _guarded(
+        self, topic: Topic, source: _Payload, index: int, item: object, hotlist: frozenset[str]
+    ) -> Verdict | _Unverified:
         try:
-            return self._record(topic, doc, raw, hotlist)
+            return self._record(topic, source, index, item, hotlist)
         except Exception as err:  # isolation: one record, not the batch or the service
-            return Refused(unexpected("checking", err), raw or _raw(doc), _seq_of(doc))
+            seq = item.seq if isinstance(item, TxnRecord) else _seq_of(item)
+            return Refused(unexpected("checking", err), source.raw(index), seq)
 
-    def _record(self, topic: Topic, doc: object, raw: bytes | None, hotlist: frozenset[str]) -> Verdict | _Unverified:
-        """``raw`` is the payload when it holds just this record; a record of a batch is quarantined as its own
-        JSON."""
-        try:
-            record = parse_record(doc)
-        except MessageError as err:
-            return Refused(str(err), raw or _raw(doc), _seq_of(doc), _record_id_of(doc), _acquirer_of(doc))
+    def _record(
+        self, topic: Topic, source: _Payload, index: int, item: object, hotlist: frozenset[str]
+    ) -> Verdict | _Unverified:
+        """``item`` is record ``index`` of the payload: validated already, or its decoded document."""
+        if isinstance(item, TxnRecord):
+            record = item
+        else:
+            try:
+                record = parse_record(item)
+            except MessageError as err:
+                return Refused(str(err), source.raw(index), _seq_of(item), _record_id_of(item), _acquirer_of(item))
         reason = self._problem(topic, record, hotlist)
         if reason is not None:
-            return Refused(reason, raw or _raw(doc), record.seq, record.record_id, record.acquirer)
+            return Refused(reason, source.raw(index), record.seq, record.record_id, record.acquirer)
         if record.card.issuer != self.city:
             return Accepted(record, forward=True)  # the issuer city verifies the TAC
-        return _Unverified(record, doc, raw)
+        return _Unverified(record, source, index)
 
     def _verify(self, unverified: Sequence[_Unverified]) -> list[Verdict]:
         """The TAC verdicts, in one batch; if the batch raises, record by record, so that only the record that
@@ -204,7 +242,8 @@ class Intake:
         try:
             problem = tac_problem(self.host, unverified.record)
         except Exception as err:  # isolation: one record, not the batch or the service
-            return Refused(unexpected("checking", err), unverified.raw or _raw(unverified.doc), unverified.record.seq)
+            raw = unverified.source.raw(unverified.index)
+            return Refused(unexpected("checking", err), raw, unverified.record.seq)
         return self._verdict(unverified, problem)
 
     @staticmethod
@@ -212,7 +251,8 @@ class Intake:
         record = unverified.record
         if problem is None:
             return Accepted(record, forward=False)
-        return Refused(problem, unverified.raw or _raw(unverified.doc), record.seq, record.record_id, record.acquirer)
+        raw = unverified.source.raw(unverified.index)
+        return Refused(problem, raw, record.seq, record.record_id, record.acquirer)
 
     def _problem(self, topic: Topic, record: TxnRecord, hotlist: frozenset[str]) -> str | None:
         """What refuses the record before its TAC is looked at: sender, acquirer, issuer, hotlist."""

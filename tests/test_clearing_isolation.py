@@ -27,7 +27,17 @@ import clearing.verify
 from clearing.db import migrate, open_engine
 from clearing.intake import Intake, Refused, Topic
 from clearing.ledger import LEDGER, QUARANTINE, QUARANTINE_KEEP, TALLY, Ledger, Received, database_trouble
-from terminals.messages import MAX_PAYLOAD, Limits, MessageError, batch_payload, load_json, parse_uplink, txn_topic
+from terminals.messages import (
+    MAX_PAYLOAD,
+    Limits,
+    MessageError,
+    batch_payload,
+    load_json,
+    parse_record,
+    parse_uplink,
+    parse_uplink_records,
+    txn_topic,
+)
 from yikatong import cli
 
 INTAKE = Intake(CITY, HOST)
@@ -176,6 +186,68 @@ def test_the_tacs_of_many_messages_are_verified_in_one_batch(monkeypatch: pytest
     assert together == one_by_one
     assert [[isinstance(v, Refused) for v in m] for m in together] == [[False], [True, False, True], [False]]
     assert "TAC does not verify" in str(getattr(together[1][0], "reason", ""))
+
+
+def _compact(doc: object) -> str:
+    return json.dumps(doc, separators=(",", ":"))
+
+
+def _splice(text: str, at: int, cut: int, insert: str) -> bytes:
+    at %= len(text) + 1
+    return (text[:at] + insert + text[at + cut :]).encode("utf-8", "surrogatepass")
+
+
+GOOD_BATCH = batch_payload([r.to_json() for r in good_records()[:2]])
+GOOD_ONE = good_records()[0].to_json()
+RECORD_KEYS = [*_record_doc(), "schema_", "line", "station", "extra"]
+CHANGED = st.tuples(
+    st.dictionaries(
+        st.sampled_from(RECORD_KEYS), JSON | st.text(st.sampled_from('A\ud800\udc00é"\\'), max_size=3), max_size=3
+    ),
+    st.sets(st.sampled_from(RECORD_KEYS), max_size=2),
+).map(lambda t: {k: v for k, v in _record_doc(**t[0]).items() if k not in t[1]})
+
+
+@settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.one_of(
+        # the fast path's own ground: compact text, one record or a batch with a record changed or missing fields
+        CHANGED.map(lambda doc: batch_payload([GOOD_ONE, _compact(doc)]).encode()),
+        CHANGED.map(lambda doc: _compact(doc).encode()),
+        # and text a few characters away from a valid payload: escapes, duplicates, brackets, control characters
+        st.tuples(
+            st.sampled_from([GOOD_BATCH, GOOD_ONE]),
+            st.integers(0, 2000),
+            st.integers(0, 3),
+            st.text(st.sampled_from('"\\{}[],:0123456789-.eE tnul\t\x00\x7fé\ud800schema_'), max_size=6),
+        ).map(lambda t: _splice(*t)),
+    )
+)
+def test_records_validated_from_the_text_are_those_of_the_checks(payload: bytes) -> None:
+    """Whatever ``parse_uplink_records`` vouches for, the limits and the record checks accept as the same records."""
+    fast = parse_uplink_records(payload)
+    if fast is not None:
+        assert fast == [parse_record(doc) for doc in parse_uplink(payload)]
+
+
+def test_usual_payloads_take_the_fast_path_and_refusals_keep_their_form(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Compact batches and single records are validated from the text; a record refused later (hotlist, TAC) is
+    quarantined as its payload when alone in it, else as its own JSON, as when the records are decoded first."""
+    good = good_records()
+    forged = json.loads(good[1].to_json()) | {"tac": "00000000" if good[1].tac != "00000000" else "11111111"}
+    payloads = [good[0].to_json().encode(), batch_payload([_compact(forged), good[2].to_json(), good[3].to_json()])]
+    items = [(Topic("terminal", TERMINAL), p if isinstance(p, bytes) else p.encode()) for p in payloads]
+    assert all(parse_uplink_records(payload) for _, payload in items)
+    hotlist = frozenset({good[2].card.id})  # the card of records 1 and 3
+    fast = INTAKE.messages(items, hotlist)
+    monkeypatch.setattr(clearing.intake, "parse_uplink_records", lambda payload, limits: None)
+    assert fast == INTAKE.messages(items, hotlist)
+    refused = [(v.seq, v.reason.split()[-1], v.raw) for m in fast for v in m if isinstance(v, Refused)]
+    assert refused == [
+        (1, "hotlisted", items[0][1]),
+        (2, "verify", _compact(forged).encode()),
+        (3, "hotlisted", good[2].to_json().encode()),
+    ]
 
 
 # --- isolation at the database ---------------------------------------------------------------------------------
