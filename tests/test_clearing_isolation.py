@@ -235,8 +235,8 @@ def test_usual_payloads_take_the_fast_path_and_refusals_keep_their_form(monkeypa
     quarantined as its payload when alone in it, else as its own JSON, as when the records are decoded first."""
     good = good_records()
     forged = json.loads(good[1].to_json()) | {"tac": "00000000" if good[1].tac != "00000000" else "11111111"}
-    payloads = [good[0].to_json().encode(), batch_payload([_compact(forged), good[2].to_json(), good[3].to_json()])]
-    items = [(Topic("terminal", TERMINAL), p if isinstance(p, bytes) else p.encode()) for p in payloads]
+    payloads = [good[0].to_json(), batch_payload([_compact(forged), good[2].to_json(), good[3].to_json()])]
+    items = [(Topic("terminal", TERMINAL), payload.encode()) for payload in payloads]
     assert all(parse_uplink_records(payload) for _, payload in items)
     hotlist = frozenset({good[2].card.id})  # the card of records 1 and 3
     fast = INTAKE.messages(items, hotlist)
