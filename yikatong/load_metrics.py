@@ -68,11 +68,25 @@ class CityMetrics:
     histograms: dict[str, Buckets] = field(default_factory=dict)  # HISTOGRAMS -> buckets
 
 
+LARGEST = 1e15  # a count, depth or sum of the clearing's is far below; beyond, differences could overflow
+
+
 def _number(text: str) -> float:
     try:
-        return float(text)
+        bound = float(text)
     except ValueError:
         raise MetricsError(f"bucket bound {text!r} is not a number") from None
+    if math.isnan(bound):
+        raise MetricsError("bucket bound NaN")
+    return bound
+
+
+def _finite(name: str, value: float) -> float:
+    """A sample's value; NaN, +-Inf (valid Prometheus text, but no figure of a clearing's) and absurd sizes are
+    refused here rather than left to break the report's rounding at the end of the run."""
+    if not math.isfinite(value) or abs(value) > LARGEST:
+        raise MetricsError(f"{name} is {value!r}, not a finite number within +-{LARGEST:g}")
+    return value
 
 
 def read_metrics(text: str) -> dict[str, CityMetrics]:
@@ -91,7 +105,7 @@ def read_metrics(text: str) -> dict[str, CityMetrics]:
             if city is None or not isinstance(sample.value, int | float):
                 continue
             figures = out.setdefault(city, CityMetrics())
-            value = float(sample.value)
+            value = _finite(sample.name, float(sample.value))
             if name in COUNTERS and sample.name.endswith("_total"):
                 figures.counters[name] = value
             elif name == "queue_depth":
