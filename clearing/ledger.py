@@ -6,14 +6,16 @@ that is after the commit. Several workers may write to one database at once: the
 record identity decides, and a record that lost the race is compared with the one that won.
 
 A batch of 50 records or more goes in through the driver's bulk path (COPY on PostgreSQL, executemany on
-SQLite); when that refuses it (a record already stored: COPY is all or nothing), the same batch is stored again
-in a new transaction with INSERT ... ON CONFLICT DO NOTHING RETURNING, so each record is still stored once.
+SQLite); when that refuses it (a record already stored: COPY is all or nothing), the same records go in through
+INSERT ... ON CONFLICT DO NOTHING RETURNING, so each record is still stored once: on PostgreSQL in the same
+transaction (COPY runs inside a savepoint, rolled back on refusal), on SQLite in a new one.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import logging
 import sqlite3
 import time
 from collections.abc import Iterable, Sequence
@@ -43,6 +45,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from clearing.defaults import QUARANTINE_CAP
 from clearing.intake import Accepted, Refused, Verdict, settlement_day, unexpected
+from clearing.now_and_then import warn_now_and_then
 from clearing.schema import (
     CITY_STATE,
     FLAGGED,
@@ -62,6 +65,7 @@ from clearing.schema import (
 from terminals.hotlist import CardSet
 from terminals.messages import CHINA, RECORD_ID, TERMINAL_NO, TxnRecord
 
+log = logging.getLogger(__name__)
 Identity = tuple[str, str, str, int]
 _IDENTITY = (LEDGER.c.issuer, LEDGER.c.card, LEDGER.c.kind, LEDGER.c.card_counter)
 ACK_CHUNK = 1000  # terminals per statement of the ack bookkeeping: 2-3 parameters each, far below the limits
@@ -190,14 +194,15 @@ def ledger_row(city: str, accepted: Accepted, source: str, now: float) -> dict[s
 
 class _BulkRefused(Exception):
     """The bulk insert did not go through (a record already stored, on PostgreSQL, or anything the driver
-    refused that does not blame the database): the batch is stored again through the statement path."""
+    refused that does not blame the database): the records go in through the statement path."""
 
 
 async def bulk_insert(db: AsyncConnection, rows: list[dict[str, object]]) -> int:
     """Insert ledger rows through the driver's fastest path; how many were new. PostgreSQL: COPY (several
     times cheaper on the server than INSERT ... ON CONFLICT), all or nothing, so one stored identity refuses
-    it. SQLite: one prepared INSERT ... ON CONFLICT DO NOTHING run for every row (executemany). Database
-    trouble propagates (the driver's own error); any other error raises ``_BulkRefused``."""
+    it; it runs in a savepoint, so a refusal leaves the transaction as it was. SQLite: one prepared INSERT ...
+    ON CONFLICT DO NOTHING run for every row (executemany); a refusal leaves the rows before it inserted.
+    Database trouble propagates (the driver's own error); any other error raises ``_BulkRefused``."""
     columns = list(rows[0])
     values = [tuple(row.values()) for row in rows]
     driver = (await db.get_raw_connection()).driver_connection
@@ -205,14 +210,16 @@ async def bulk_insert(db: AsyncConnection, rows: list[dict[str, object]]) -> int
         if driver is None:
             raise RuntimeError("the connection has no driver connection")
         if db.dialect.name == "postgresql":
-            if not driver.is_in_transaction():
-                await db.execute(select(literal_column("1")))  # COPY must run in the batch's transaction
-            await driver.copy_records_to_table(LEDGER.name, records=values, columns=columns)
+            async with db.begin_nested():  # SAVEPOINT (and so the batch's BEGIN) before the COPY
+                await driver.copy_records_to_table(LEDGER.name, records=values, columns=columns)
             return len(values)
         insert = _insert(db, LEDGER).on_conflict_do_nothing().compile(dialect=db.dialect, column_keys=columns)
         order = [columns.index(name) for name in insert.positiontup or ()]
         cursor = await driver.executemany(str(insert), [tuple(row[i] for i in order) for row in values])
-        return int(cursor.rowcount)
+        try:
+            return int(cursor.rowcount)
+        finally:
+            await cursor.close()
     except Exception as err:
         if database_trouble(err):
             raise  # the batch stays unacked, as on the statement path
@@ -229,6 +236,12 @@ def database_trouble(err: BaseException) -> bool:
         return _trouble_state(err.orig) is True
     if isinstance(err, sqlite3.OperationalError):  # locked, busy, I/O: SQLAlchemy's OperationalError
         return True
+    if type(err).__module__.startswith("asyncpg"):
+        import asyncpg  # loaded already (the error is its own); a clearing on SQLite never pays its import
+
+        # a lost or closed connection, with or without a SQLSTATE: SQLAlchemy's InterfaceError once wrapped
+        if isinstance(err, asyncpg.PostgresConnectionError | asyncpg.InterfaceError):
+            return True
     return _trouble_state(err) or isinstance(err, DisconnectionError | OSError | TimeoutError)
 
 
@@ -309,6 +322,7 @@ class Ledger:
         self.city = city
         self.quarantine_cap = quarantine_cap
         self.bulk_from = bulk_from
+        self.bulk_fallbacks = 0  # batches the bulk insert refused (stored through the statement path instead)
         self._marks: dict[str, int] = {}  # terminal -> gap-free mark last seen (a lower bound)
 
     async def hotlist(self) -> frozenset[str]:
@@ -343,12 +357,26 @@ class Ledger:
         return outcome
 
     async def _store(self, messages: Sequence[Received]) -> Outcome:
-        """One transaction, through the bulk path when it fits; if the bulk insert refuses the batch, once
-        more (from scratch, in a new transaction) through the statement path, which sorts it out."""
+        """One transaction, through the bulk path when it fits; if the bulk insert refuses the batch, through the
+        statement path, which sorts it out (PostgreSQL: in the same transaction; SQLite: once more from scratch,
+        in a new one)."""
         try:
             return await self._store_once(messages, self._bulk_fits(messages))
         except _BulkRefused:
             return await self._store_once(messages, bulk=False)
+
+    def _bulk_refused(self, refusal: _BulkRefused) -> None:
+        """Count a bulk insert's refusal and say so now and then: a stored identity (a resend another worker
+        or a lost ack made) is expected; anything else there may be a bug the statement path hides."""
+        self.bulk_fallbacks += 1
+        warn_now_and_then(
+            log,
+            self.bulk_fallbacks,
+            "clearing %s: bulk insert refused (%s); %d batches stored through the statement path so far",
+            self.city,
+            refusal,
+            self.bulk_fallbacks,
+        )
 
     def _bulk_fits(self, messages: Sequence[Received]) -> bool:
         """Whether the batch is worth a bulk insert: enough records, and none that this worker already acked
@@ -426,9 +454,16 @@ class Ledger:
             for a, m in accepted.values()
         ]
         if bulk:
-            stored = await bulk_insert(db, rows)
-            unsure = list(accepted) if stored < len(rows) else []  # which of them are new: the ledger says
-        else:
+            try:
+                stored = await bulk_insert(db, rows)
+            except _BulkRefused as refusal:
+                self._bulk_refused(refusal)
+                if db.dialect.name != "postgresql":
+                    raise  # rows before the refused one are in this transaction: a new one, from scratch
+                bulk = False  # the savepoint rolled back: the transaction is as it was
+            else:
+                unsure = list(accepted) if stored < len(rows) else []  # which of them are new: the ledger says
+        if not bulk:
             stmt: Insert = _insert(db, LEDGER).on_conflict_do_nothing().returning(*_IDENTITY)
             inserted = {tuple(r) for r in (await db.execute(stmt, rows)).all()}
             stored = len(inserted)

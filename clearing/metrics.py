@@ -9,6 +9,7 @@ twice; the two histograms are observed as batches commit and answers go out. Eve
 - ``yikatong_clearing_records_stored_total``: records committed to the ledger (duplicates not included)
 - ``yikatong_clearing_records_quarantined_total``: records and messages committed to the quarantine
 - ``yikatong_clearing_records_forwarded_total``: records forwarded to their issuer's clearing (resends included)
+- ``yikatong_clearing_bulk_fallbacks_total``: batches the bulk insert refused, stored through the statement path
 - ``yikatong_clearing_batch_commit_seconds``: how long each batch's storage took, its one transaction
 - ``yikatong_clearing_queue_depth``: messages received and not yet taken into a batch
 - ``yikatong_clearing_ack_lag_seconds``: from a message's receipt to its batch's answers being published
@@ -41,6 +42,7 @@ class Counts:
     quarantined: int
     forwarded: int
     queue_depth: int
+    bulk_fallbacks: int = 0
 
 
 class _CountsCollector(Collector):
@@ -57,6 +59,11 @@ class _CountsCollector(Collector):
             ("records_stored", "Records committed to the ledger (duplicates not included).", now.stored),
             ("records_quarantined", "Records and messages committed to the quarantine.", now.quarantined),
             ("records_forwarded", "Records forwarded to their issuer's clearing (resends included).", now.forwarded),
+            (
+                "bulk_fallbacks",
+                "Batches the bulk insert refused (stored through the statement path).",
+                now.bulk_fallbacks,
+            ),
         ):
             counter = CounterMetricFamily(PREFIX + name, text, labels=["city"])
             counter.add_metric([self.city], value)

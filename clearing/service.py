@@ -35,6 +35,7 @@ from clearing.hotlist import publish_hotlist
 from clearing.intake import Intake, Refused, Topic, unexpected
 from clearing.ledger import Ledger, Outcome, Received, database_trouble
 from clearing.metrics import ClearingMetrics, Counts
+from clearing.now_and_then import warn_now_and_then
 from terminals.messages import (
     ACK_SCHEMA,
     CHINA,
@@ -174,13 +175,6 @@ def _size(message: aiomqtt.Message) -> int:
     return len(message.payload) if isinstance(message.payload, bytes | bytearray | str) else 0
 
 
-def _warn_now_and_then(count: int, message: str, *args: object) -> None:
-    """Log a warning for the ``count``-th time of a repeated event only the 1st, 10th and every 1,000th time: a
-    flood must not flood the log too."""
-    if count in (1, 10) or count % 1000 == 0:
-        log.warning(message, *args)
-
-
 def _iso(epoch: float) -> str:
     return dt.datetime.fromtimestamp(epoch, CHINA).isoformat(timespec="seconds")
 
@@ -285,7 +279,8 @@ class ClearingService:
 
     def _dropped(self) -> None:
         self.stats.dropped += 1
-        _warn_now_and_then(
+        warn_now_and_then(
+            log,
             self.stats.dropped,
             "clearing %s: backlog full (database behind): %d messages dropped so far; their senders resend them",
             self.city,
@@ -299,7 +294,9 @@ class ClearingService:
 
     def _counts(self) -> Counts:
         stats = self.stats
-        return Counts(stats.records, stats.stored, stats.quarantined, stats.forwarded, self.backlog)
+        return Counts(
+            stats.records, stats.stored, stats.quarantined, stats.forwarded, self.backlog, self.ledger.bulk_fallbacks
+        )
 
     async def _take(self, client: aiomqtt.Client, verified: _Handover) -> None:
         """Take batches from aiomqtt's queue: the first message through its iterator (which raises when the
@@ -477,7 +474,8 @@ class ClearingService:
         self._unconfirmed.discard(task)
         if not task.cancelled() and task.exception() is not None:
             self.stats.unconfirmed += 1
-            _warn_now_and_then(
+            warn_now_and_then(
+                log,
                 self.stats.unconfirmed,
                 "clearing %s: %d answers not confirmed by the broker so far (%s); their receivers ask again",
                 self.city,

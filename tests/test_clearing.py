@@ -7,16 +7,18 @@ import asyncio
 import csv
 import datetime as dt
 import json
+import logging
 from decimal import Decimal
 from pathlib import Path
 
 import aiomqtt
+import asyncpg
 import pytest
 from clearing_corpus import CITY, TERMINAL, Case, corpus, good_records
 from clearing_support import HOST, fresh_db, signed_records
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from sqlalchemy import event, select
+from sqlalchemy import event, func, select
 
 from clearing.db import migrate, open_engine
 from clearing.hotlist import SNAPSHOT_AFTER_VERSIONS, Published, iso, publish_hotlist, send_snapshot, snapshot_reason
@@ -30,8 +32,9 @@ from clearing.ledger import (
     Outcome,
     Received,
     VersionTimes,
+    database_trouble,
 )
-from clearing.schema import FlaggedCard
+from clearing.schema import LEDGER, FlaggedCard
 from clearing.settlement import CSV_HEADER, export_day, fee, settle, settle_day
 from terminals.hotlist import CardSet, decode_chunks
 from terminals.messages import (
@@ -427,6 +430,48 @@ async def test_ack_bookkeeping_costs_the_same_statements_for_3_or_60_terminals(t
         finally:
             await engine.dispose()
     assert costs[0] == costs[1] and costs[2] == costs[3], costs
+
+
+@pytest.mark.postgres
+async def test_a_refused_copy_falls_back_inside_its_transaction_counted_and_logged(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A worker that did not ack a resend itself (another worker's records, a lost ack) sends it to COPY, which
+    collides: the batch goes through the statement path in the same transaction (one BEGIN), the fallback is
+    counted and logged, and the outcome is exact."""
+    fleet = _fleet_records(3)
+    async with fresh_db("postgres", tmp_path) as url:
+        engine = open_engine(url)
+        await migrate(engine)
+        begins = 0
+
+        def begun(*_args: object) -> None:
+            nonlocal begins
+            begins += 1
+
+        event.listen(engine.sync_engine, "begin", begun)
+        try:
+            await _store_batch(Ledger(engine, CITY, bulk_from=1), [(t, docs[0]) for t, docs in fleet.items()])
+            other = Ledger(engine, CITY, bulk_from=1)  # no marks of these terminals: the resends go to COPY
+            begins = 0
+            with caplog.at_level(logging.WARNING, "clearing.ledger"):
+                acks = await _store_batch(other, [(t, d) for t, docs in fleet.items() for d in docs[:2]])
+            assert acks == {t: (2, []) for t in fleet}
+            assert begins == 1
+            assert other.bulk_fallbacks == 1
+            assert "bulk insert refused (UniqueViolationError" in caplog.text
+            async with engine.connect() as db:
+                assert (await db.execute(select(func.count()).select_from(LEDGER))).scalar_one() == 6
+        finally:
+            await engine.dispose()
+
+
+def test_the_drivers_connection_errors_are_database_trouble() -> None:
+    """asyncpg's errors for a lost or closed connection (some carry no SQLSTATE) blame the database; a unique
+    violation blames the data."""
+    assert database_trouble(asyncpg.exceptions.ConnectionDoesNotExistError("connection was closed"))
+    assert database_trouble(asyncpg.InterfaceError("cannot perform operation: connection is closed"))
+    assert not database_trouble(asyncpg.UniqueViolationError("duplicate key value"))
 
 
 # --- settlement -------------------------------------------------------------------------------------------

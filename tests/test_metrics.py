@@ -79,6 +79,7 @@ async def test_metrics_endpoint_counts_what_was_sent_stored_quarantined_and_forw
     assert of_city(samples, "yikatong_clearing_records_quarantined_total") == 4 + 1
     assert of_city(samples, "yikatong_clearing_records_forwarded_total") == foreign
     assert of_city(samples, "yikatong_clearing_queue_depth") == 0
+    assert of_city(samples, "yikatong_clearing_bulk_fallbacks_total") == 0  # 10-record batches: no bulk insert
     commits = of_city(samples, "yikatong_clearing_batch_commit_seconds_count")
     assert 1 <= commits <= len(messages)
     assert of_city(samples, "yikatong_clearing_batch_commit_seconds_bucket", le="+Inf") == commits
@@ -88,7 +89,7 @@ async def test_metrics_endpoint_counts_what_was_sent_stored_quarantined_and_forw
 
 def test_each_service_has_its_own_registry() -> None:
     """Two services' metrics in one process: each endpoint shows its own numbers, the process-wide registry none."""
-    first = ClearingMetrics("4510", lambda: Counts(7, 5, 2, 1, 3))
+    first = ClearingMetrics("4510", lambda: Counts(7, 5, 2, 1, 3, 4))
     second = ClearingMetrics("4560", lambda: Counts(1, 1, 0, 0, 0))
     first.commit_seconds.observe(0.02)
     servers = [first.serve(0), second.serve(0)]
@@ -100,6 +101,8 @@ def test_each_service_has_its_own_registry() -> None:
     assert of_city(one, "yikatong_clearing_records_in_total", "4510") == 7
     assert of_city(one, "yikatong_clearing_records_quarantined_total", "4510") == 2
     assert of_city(one, "yikatong_clearing_queue_depth", "4510") == 3
+    assert of_city(one, "yikatong_clearing_bulk_fallbacks_total", "4510") == 4
+    assert of_city(two, "yikatong_clearing_bulk_fallbacks_total", "4560") == 0
     assert of_city(one, "yikatong_clearing_batch_commit_seconds_count", "4510") == 1
     assert of_city(two, "yikatong_clearing_records_in_total", "4560") == 1
     assert of_city(two, "yikatong_clearing_batch_commit_seconds_count", "4560") == 0
