@@ -68,6 +68,7 @@ HOTLIST_REFRESH = 1.0
 MAX_BACKLOG_BYTES = 32 * 1024 * 1024
 MAX_UNCONFIRMED = 1000  # answers published and not yet confirmed by the broker
 MAX_BACKLOG_MESSAGES = 10_000  # a small message costs ~1 KiB of Python objects: bound the count too
+FINISH_COMMIT = 30.0  # seconds a commit under way may take to finish when its task is cancelled
 OFFLOAD_BYTES = 32 * 1024  # payload bytes of a batch from which its checks pay a worker thread's hand-over
 
 
@@ -361,31 +362,49 @@ class ClearingService:
         return ready
 
     async def _commit(self, client: aiomqtt.Client, verified: _Handover) -> None:
-        """Commit each verified batch, then ack and forward. A database that is down or behind leaves the batch
-        unacked (the senders resend it)."""
+        """Commit each verified batch, then ack and forward. A commit under way is not cancelled with this task
+        (the broker went away, or the service stops): it finishes and is counted first (at most
+        ``FINISH_COMMIT`` seconds waited for), its answers lost with the connection (their senders resend, and
+        are acked as duplicates). Cancelling a driver mid-transaction is fragile, and a commit the database made
+        after its task was cancelled would never be counted."""
         while True:
             batch = await verified.take()
-            started = time.perf_counter()
+            storing = asyncio.create_task(self._store(batch))
             try:
-                outcome = await self.ledger.store(batch.received)
-            except Exception as err:
-                if not database_trouble(err):
-                    raise  # ledger.store isolates the data's faults: anything else is a bug, for the supervisor
-                self.stats.failed_batches += 1
-                log.error(
-                    "clearing %s: batch of %d messages not stored (%s); they stay unacked",
-                    self.city,
-                    len(batch.received),
-                    err,
-                )
+                outcome = await asyncio.shield(storing)
+            except asyncio.CancelledError:
+                done, _ = await asyncio.wait({storing}, timeout=FINISH_COMMIT)
+                if done:
+                    storing.result()  # a bug it raised goes to the supervisor as it would have
+                raise
+            if outcome is None:
                 continue
-            self.metrics.commit_seconds.observe(time.perf_counter() - started)
-            self.stats.last_commit = time.time()
-            self._count(outcome)
             await self._answer(client, outcome)
             answered = time.monotonic()
             for when in batch.arrived:
                 self.metrics.ack_lag.observe(answered - when)
+
+    async def _store(self, batch: _Verified) -> Outcome | None:
+        """Store a batch and count what it did; None when the database failed it (it stays unacked: the senders
+        resend it)."""
+        started = time.perf_counter()
+        try:
+            outcome = await self.ledger.store(batch.received)
+        except Exception as err:
+            if not database_trouble(err):
+                raise  # ledger.store isolates the data's faults: anything else is a bug, for the supervisor
+            self.stats.failed_batches += 1
+            log.error(
+                "clearing %s: batch of %d messages not stored (%s); they stay unacked",
+                self.city,
+                len(batch.received),
+                err,
+            )
+            return None
+        self.metrics.commit_seconds.observe(time.perf_counter() - started)
+        self.stats.last_commit = time.time()
+        self._count(outcome)
+        return outcome
 
     async def _health(self, client: aiomqtt.Client) -> None:
         """Publish the retained health message every ``health_every`` seconds, whatever the database does."""

@@ -19,13 +19,14 @@ import aiomqtt
 import pytest
 from clearing_corpus import CITY, TERMINAL, corpus, good_records
 from clearing_support import clearing, fresh_db, loaded_terminal, serve_process, signed_records, table_counts
-from mqtt_support import MOSQUITTO, eventually, require_mosquitto, running, unique_terminal
+from mqtt_support import MOSQUITTO, eventually, private_mosquitto, require_mosquitto, running, unique_terminal
 from support import new_card
 from terminal_support import m1_card, make_terminal
 
 from clearing import intake as intake_module
 from clearing.db import open_engine
 from clearing.intake import Intake
+from clearing.ledger import Ledger
 from clearing.service import OFFLOAD_BYTES
 from clearing.settlement import settle_day
 from terminals.messages import (
@@ -287,3 +288,37 @@ async def test_a_big_batch_is_checked_in_a_worker_thread_its_tacs_verified_on_th
     loop_thread = threading.main_thread().name
     assert verified == {loop_thread}
     assert loop_thread in checked and len(checked) == 2  # the small message on the loop, the big one not
+
+
+async def test_a_broker_lost_mid_commit_lets_the_commit_finish_and_count(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The broker goes away while a batch's transaction is open (the commit is slowed inside it): the commit is
+    not cancelled with the connection's tasks, it finishes, and what the service counted is what the ledger holds."""
+    require_mosquitto()
+    inside, release = asyncio.Event(), asyncio.Event()
+    acks = Ledger._terminal_acks
+
+    async def slow_acks(ledger: Ledger, *args: Any) -> Any:
+        inside.set()
+        await release.wait()
+        return await acks(ledger, *args)
+
+    monkeypatch.setattr(Ledger, "_terminal_acks", slow_acks)
+    records = [r.to_json() for r in signed_records(20, CITY, TERMINAL, issuers=(CITY,))]
+
+    def taking() -> bool:
+        return any(task.get_coro().__qualname__ == "ClearingService._take" for task in asyncio.all_tasks())
+
+    with private_mosquitto(tmp_path) as broker:
+        async with fresh_db("sqlite", tmp_path) as db, clearing(broker.url, db, CITY) as service:
+            async with broker.url.client(f"pub-{os.getpid()}", clean_session=True) as publisher:
+                await publisher.publish(txn_topic(CITY, TERMINAL), batch_payload(records), qos=1)
+                await asyncio.wait_for(inside.wait(), 20)
+            broker.stop()
+            await eventually(lambda: not taking())  # the connection's tasks are being torn down
+            await asyncio.sleep(0.2)
+            release.set()
+            await eventually(lambda: not service.stats.connected)
+            counts = await table_counts(db, CITY)
+    assert counts["ledger"] == service.stats.stored == len(records)
