@@ -277,8 +277,7 @@ def test_bad_arguments_exit_2_with_the_reason(
 
 def test_plan_integrates_the_profile() -> None:
     flat = Plan(100, 10)
-    assert flat.due(0, 10) == pytest.approx(1000)
-    assert flat.due(9, 12) == pytest.approx(100)  # nothing is due after the end
+    assert flat.rate_at(3) == 100 and flat.rate_at(12) == 100  # after the end: as at the end
     assert rush_hour(0.3) == pytest.approx(1.0) and rush_hour(0.75) == pytest.approx(1.0)
     assert rush_hour(0.0) == pytest.approx(0.2, abs=0.01) and rush_hour(0.52) < 0.3
 

@@ -9,7 +9,6 @@ import asyncio
 import io
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -22,10 +21,10 @@ from terminals.outbox import MemoryOutbox
 from yikatong.load_console import Printer
 from yikatong.load_coordinator import RunResult, StepResult
 from yikatong.load_report import LoadSettings, render_html, schedule_line, summary
-from yikatong.load_schedule import LATE, Pacer, Plan, Sweep, Timetable
+from yikatong.load_schedule import LATE, Pacer, Plan, Sweep, Timetable, per_second
 from yikatong.load_stats import Counts, Tally, percentiles, record
 from yikatong.loadgen import LoadRun, Progress, SimTerminal, TimedQueue
-from yikatong.synthetic import synthetic_cards
+from yikatong.synthetic import SyntheticCard, synthetic_cards
 
 HOST = IssuerHost(KEYS)
 
@@ -35,7 +34,8 @@ def test_a_flat_timetable_puts_each_tap_in_the_middle_of_its_slot() -> None:
     assert len(moments) == 30_000
     assert moments[0] == pytest.approx(0.001) and moments[-1] == pytest.approx(59.999)
     assert np.allclose(np.diff(moments), 0.002)
-    assert Timetable(Plan(500, 60)).per_second() == [500] * 60
+    assert per_second(moments) == [500] * 60
+    assert per_second(moments[:3], 0.9985) == [1, 2]  # started late in a second: the third tap is in the next
 
 
 def test_the_workers_shares_make_exactly_the_plans_taps() -> None:
@@ -49,36 +49,69 @@ def test_the_workers_shares_make_exactly_the_plans_taps() -> None:
 
 def test_a_rush_hour_timetable_follows_the_profile() -> None:
     plan = Plan(100, 100, "rush-hour")
-    per_second = Timetable(plan).per_second()
-    assert sum(per_second) == Timetable(plan).taps == pytest.approx(sum(plan.due(s, s + 1) for s in range(100)), abs=1)
+    table = Timetable(plan)
+    counts = per_second(table.moments())
+    assert sum(counts) == table.taps and len(counts) == 100
+    assert table.taps == pytest.approx(sum(plan.rate_at(s + 0.5) for s in range(100)), rel=0.01)
     for second in (10, 30, 50, 75, 95):
-        assert per_second[second] == pytest.approx(plan.rate_at(second + 0.5), abs=2)
+        assert counts[second] == pytest.approx(plan.rate_at(second + 0.5), abs=2)
+    assert per_second(table.moments()[:0]) == []
 
 
 def test_the_pacer_hands_out_what_is_due_and_says_how_late_it_is() -> None:
     pacer = Pacer(np.array([0.1, 0.2, 0.3, 0.4]), start=10.0)
-    assert pacer.wait(10.0) == pytest.approx(0.1) and pacer.lag(10.0) == 0.0
-    assert pacer.due(10.15) == [pytest.approx(10.1)]
+    assert pacer.wait(10.0) == pytest.approx(0.1) and pacer.lag(10.0) == 0.0 and pacer.take(10.0) is None
+    assert pacer.take(10.15) == pytest.approx(10.1) and pacer.take(10.15) is None
     assert pacer.lag(10.35) == pytest.approx(0.15)  # the tap due at 10.2 is not made yet
-    assert pacer.due(10.35) == [pytest.approx(10.2), pytest.approx(10.3)]
-    assert pacer.due(10.35) == []
-    assert pacer.due(11.0) == [pytest.approx(10.4)] and pacer.wait(11.0) is None and pacer.lag(11.0) == 0.0
+    assert [pacer.take(10.35), pacer.take(10.35), pacer.take(10.35)] == [pytest.approx(10.2), pytest.approx(10.3), None]
+    assert pacer.wait(10.35) == pytest.approx(0.05)
+    assert pacer.take(11.0) == pytest.approx(10.4) and pacer.wait(11.0) is None and pacer.lag(11.0) == 0.0
 
 
 def test_the_sweep_steps_up_by_its_factor() -> None:
     assert Sweep(100, 1.5, 10, 4, 1.0).rates() == [100, 150, 225, 337.5]
 
 
-def _run() -> LoadRun:
-    terminals = [
-        SimTerminal(HOST, "4510", f"4510{k:08X}", TimedQueue(MemoryOutbox()), 200) for k in range(4)
-    ]  # no broker: the uplinks never run, the test acks by hand through each uplink's on_ack
+class FakeTime:
+    """The run's clock and sleep in fake time, so the tests assert what the generator does, not how fast the machine
+    running them is: sleeping moves the clock (and lets the loop run the stand-in clearing); when the clock passes
+    ``stall_at`` it jumps ``stall`` seconds (the loop was blocked that long); each tap costs ``tap`` seconds."""
+
+    def __init__(self, start: float, stall_at: float | None = None, stall: float = 0.0, tap: float = 0.0) -> None:
+        self.now, self.stall_at, self.stall, self.tap = start, stall_at, stall, tap
+
+    def __call__(self) -> float:
+        return self.now
+
+    async def sleep(self, seconds: float) -> None:
+        await asyncio.sleep(0)  # the clearing acks what was made before the clock moves on
+        self.now += seconds
+        if self.stall_at is not None and self.now >= self.stall_at:
+            self.now += self.stall
+            self.stall_at = None
+
+
+class CostlyTerminal(SimTerminal):
+    """A simulated terminal whose taps take time on a fake clock."""
+
+    def __init__(self, clock: FakeTime, number: str) -> None:
+        super().__init__(HOST, "4510", number, TimedQueue(MemoryOutbox()), 200)
+        self.clock = clock
+
+    def tap(self, card: SyntheticCard, moment: float, label: int = 0) -> int:
+        self.clock.now += self.clock.tap
+        return super().tap(card, moment, label)
+
+
+def _run(clock: FakeTime) -> LoadRun:
+    # no broker: the uplinks never run, the test acks by hand through each uplink's on_ack
+    terminals = [CostlyTerminal(clock, f"4510{k:08X}") for k in range(4)]
     cards = {"4510": synthetic_cards(40, ["4510"])}
-    return LoadRun(BrokerUrl("127.0.0.1", 1), terminals, cards, Plan(1, 1), seed=7)
+    return LoadRun(BrokerUrl("127.0.0.1", 1), terminals, cards, seed=7, clock=clock, sleep=clock.sleep)
 
 
 async def _ack_everything(run: LoadRun) -> None:
-    """The clearing of these tests: acks every record a few ms after it is made."""
+    """The clearing of these tests: acks every record as soon as the loop runs it (the same fake moment)."""
     while True:
         for terminal, uplink in zip(run.terminals, run.uplinks, strict=True):
             inner = terminal.outbox.inner
@@ -87,48 +120,59 @@ async def _ack_everything(run: LoadRun) -> None:
                 ack = Ack(schema=ACK_SCHEMA, terminal=terminal.terminal_hex, acked_through=inner.next_seq - 1)
                 assert uplink.on_ack is not None
                 uplink.on_ack(ack, *terminal.outbox.apply_ack(ack))
-        await asyncio.sleep(0.005)
+        await asyncio.sleep(0)
 
 
-async def _offer_with_stall(plan: Plan, stall_at: float | None, stall: float) -> tuple[LoadRun, float]:
-    run = _run()
-    loop = asyncio.get_running_loop()
-    start = time.monotonic() + 0.05
-    if stall_at is not None:  # the event loop's clock is time.monotonic: the stall comes at that moment of the run
-        loop.call_at(start + stall_at, time.sleep, stall)
+async def _offer(plan: Plan, stall_at: float | None = None, stall: float = 0.0, tap: float = 0.0) -> LoadRun:
+    """Offer ``plan`` from second 1,000 of a fake clock, the loop blocked for ``stall`` s at ``stall_at`` s."""
+    clock = FakeTime(1000.0, None if stall_at is None else 1000.0 + stall_at, stall, tap)
+    run = _run(clock)
     acker = asyncio.create_task(_ack_everything(run))
     try:
-        await run.offer(plan, start)
-        await asyncio.sleep(0.05)
+        await run.offer(plan, 1000.0)
+        await asyncio.sleep(0)
     finally:
         acker.cancel()
-    return run, start
+    return run
 
 
 def test_a_stalled_loop_is_charged_to_the_taps_due_while_it_stalled() -> None:
     """200 taps/s for 2 s; the loop blocks for 0.5 s at 0.6 s. The 100 taps due meanwhile are made only after
-    it, acked a few ms later: from their moments, they waited up to 0.5 s (the ~80 due more than 0.1 s before
-    the stall ended are late); the others barely waited."""
-    plan = Plan(200, 2.0)
-    run, _ = asyncio.run(_offer_with_stall(plan, 0.6, 0.5))
+    it, and acked at once: from their moments, they waited up to 0.5 s (the 80 due more than 0.1 s before the
+    stall ended are late); the others did not wait."""
+    run = asyncio.run(_offer(Plan(200, 2.0), 0.6, 0.498))  # not 0.5: no tap exactly 0.1 s late
     total = run.tally.total()
     assert total.offered == 400 and total.generated == total.acked == 400  # 20,000 fen cards: no top-ups
-    assert total.late >= 78 and total.lag >= 0.45  # (0.6 + 0.5 - 0.1 - 0.6) s x 200/s, less the ends
+    assert total.late == 80 and total.lag == pytest.approx(0.498)  # the taps due at 0.6025 s to 0.9975 s
     lat = percentiles(total.latency)
-    assert lat["max"] is not None and lat["max"] >= 450  # from the moment: the stall is in the latency
-    assert lat["p50"] is not None and lat["p50"] < 100  # the taps outside the stall were acked at once
-    assert total.latency.get_count_at_value(1) == 0  # nothing measured from when it was made (~0)
+    assert lat["max"] == pytest.approx(498, rel=0.001)  # from the moment: the stall is in the latency
+    assert lat["p50"] == 0  # the taps outside the stall were acked at once
+    assert total.latency.get_count_at_value(1) == 300  # 1 µs: the lowest the histogram holds
     # the lateness is charged to the seconds the taps were due in, the acks to when they came
     assert [s.offered for s in run.tally.seconds[:2]] == [200, 200]
-    assert sum(s.late for s in run.tally.seconds) == total.late
-    assert run.tally.seconds[0].late + run.tally.seconds[1].late == total.late
+    assert [s.late for s in run.tally.seconds] == [80, 0]
+
+
+def test_taps_made_in_a_burst_are_timed_as_made_and_let_the_acks_in() -> None:
+    """1,000 taps/s for 2 s, the loop blocked for 0.5 s at 0.6 s, each tap costing 0.4 ms: the 500 taps due
+    meanwhile take 0.2 s to make, so the last of them is made 0.2 s after the first, and is late by as much (a
+    clock read once for the burst would say it was on time); taps keep being late until the generator has
+    caught up (the tap due at t s is made at 1.1 + 0.4 (t - 0.6) s: late before 1.267 s). The acks for the first
+    taps of the burst come while it goes on, not 0.2 s later at its end."""
+    run = asyncio.run(_offer(Plan(1000, 2.0), 0.6, 0.5, tap=0.0004))
+    total = run.tally.total()
+    assert total.offered == total.generated == total.acked == 2000
+    assert total.late == pytest.approx(667, abs=3)
+    lat = percentiles(total.latency)
+    assert lat["max"] is not None and 499 <= lat["max"] <= 500 + 0.4 * 16 + 1  # acked within a burst of taps
 
 
 def test_a_loop_that_keeps_up_makes_every_tap_on_time() -> None:
-    run, _ = asyncio.run(_offer_with_stall(Plan(200, 1.0), None, 0.0))
+    run = asyncio.run(_offer(Plan(200, 1.0)))
     total = run.tally.total()
-    assert total.offered == total.generated == 200
-    assert total.late == 0 and total.lag < LATE
+    assert total.offered == total.generated == total.acked == 200
+    assert total.late == 0 and total.lag < 1e-9 < LATE
+    assert percentiles(total.latency)["max"] == 0
 
 
 def _result(tally: Tally, steps: list[StepResult] | None = None) -> RunResult:
@@ -169,7 +213,7 @@ SETTINGS: LoadSettings = {
 
 
 def test_a_generator_behind_its_timetable_is_reported_in_red() -> None:
-    run, _ = asyncio.run(_offer_with_stall(Plan(200, 2.0), 0.6, 0.5))
+    run = asyncio.run(_offer(Plan(200, 2.0), 0.6, 0.5))
     doc = summary(_result(run.tally), SETTINGS)
     schedule = doc["schedule"]
     assert schedule["behind"] and schedule["late"] == run.tally.total().late and schedule["max_lag_s"] >= 0.45
@@ -181,7 +225,7 @@ def test_a_generator_behind_its_timetable_is_reported_in_red() -> None:
     stream = io.StringIO()
     Printer(stream).show(live)
     assert "!BEHIND SCHEDULE by 0.40 s (80 taps late so far)!" in stream.getvalue()  # red on a terminal
-    on_time, _ = asyncio.run(_offer_with_stall(Plan(200, 1.0), None, 0.0))
+    on_time = asyncio.run(_offer(Plan(200, 1.0)))
     calm = summary(_result(on_time.tally), SETTINGS)
     assert not calm["schedule"]["behind"] and "BEHIND" not in render_html(calm)
 

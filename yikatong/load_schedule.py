@@ -33,11 +33,6 @@ class Plan:
     duration: float
     profile: str = "flat"
 
-    def due(self, since: float, until: float) -> float:
-        """Taps due between two moments of the run (seconds from its start; midpoint rule)."""
-        until = min(until, self.duration)
-        return max(0.0, until - since) * self.rate_at((since + until) / 2)
-
     def rate_at(self, elapsed: float) -> float:
         """The offered rate at ``elapsed`` seconds."""
         return self.rate * PROFILES[self.profile](min(elapsed, self.duration) / self.duration)
@@ -62,11 +57,13 @@ class Timetable:
         # the cumulative count is flat where the profile offers nothing: interp takes the first such moment
         return np.asarray(np.interp(wanted, self._cumulative, self._t), dtype=np.float64)
 
-    def per_second(self) -> list[int]:
-        """Taps due in each whole second of the plan (the offered rate as scheduled)."""
-        seconds = int(np.ceil(self.plan.duration))
-        counts = np.bincount(np.floor(self.moments()).astype(np.int64), minlength=seconds)
-        return [int(c) for c in counts[:seconds]]
+
+def per_second(moments: Moments, shift: float = 0.0) -> list[int]:
+    """Taps due in each whole second (the offered rate as scheduled), the moments counted from ``shift`` seconds
+    into a second: a plan started part-way through a second of the run."""
+    if not len(moments):
+        return []
+    return [int(n) for n in np.bincount(np.floor(moments + shift).astype(np.int64))]
 
 
 class Pacer:
@@ -77,12 +74,13 @@ class Pacer:
         self._next = 0
         self.start = start
 
-    def due(self, now: float) -> list[float]:
-        """The moments (on the clock) of the taps due by ``now`` and not handed out before, oldest first."""
-        end = int(np.searchsorted(self._due, now, side="right"))
-        out = [float(t) for t in self._due[self._next : end]]
-        self._next = end
-        return out
+    def take(self, now: float) -> float | None:
+        """The moment (on the clock) of the oldest tap due by ``now`` and not handed out before, now handed out;
+        None when no tap is due (one at a time: the caller reads its clock again for each)."""
+        if self._next >= len(self._due) or self._due[self._next] > now:
+            return None
+        self._next += 1
+        return float(self._due[self._next - 1])
 
     def wait(self, now: float) -> float | None:
         """Seconds until the next tap is due (0 when one is due already); None when every tap was handed out."""
