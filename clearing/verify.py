@@ -42,6 +42,15 @@ _SM4: Final = ALGS.index(Algorithm.SM4.value)
 _MISMATCH: Final = ("TAC does not verify", "M1 record MAC does not verify")  # by m1
 
 _LAYOUTS: Final = (crypto.PURCHASE_TAC, crypto.LOAD_TAC, crypto.M1_RECORD)
+_AS_BYTES: Final = frozenset({"uid", "terminal", "date", "time"})  # given as bytes of their width, one by one
+
+
+class DoesNotFit(ValueError):
+    """A record's number is negative or too large for its field of the MAC data: no TAC or MAC covers it."""
+
+
+def _unfit(name: str, value: int, width: int) -> str:
+    return f"{name} {value} does not fit the MAC data's {width} bytes"
 
 
 @dataclass(frozen=True)
@@ -173,9 +182,27 @@ def expected_macs(host: IssuerHost, rows: TacColumns) -> Expected:
         kind[list(refused)] = -1
     for number in set(kind.tolist()) - {-1}:
         index = np.flatnonzero(kind == number)
-        size = 16 if number % 2 else 8
-        macs[index] = _macs(_lay_out(rows, index, _LAYOUTS[number // 2], size), size, run[index], keys)
+        layout = _LAYOUTS[number // 2]
+        unfit = _unfitting(rows, index, layout)
+        if unfit:  # refused, as one by one (each number of a row would be cut to its field's width below)
+            refused.update(unfit)
+            index = index[~np.isin(index, list(unfit))]
+        if len(index):
+            size = 16 if number % 2 else 8
+            macs[index] = _macs(_lay_out(rows, index, layout, size), size, run[index], keys)
     return Expected(macs, refused)
+
+
+def _unfitting(rows: TacColumns, index: Ints, layout: crypto.Layout) -> dict[int, str]:
+    """The rows at ``index`` with a number outside its field of ``layout``, with the reason ``tac_problem`` gives
+    (for the first such field)."""
+    out: dict[int, str] = {}
+    for name, width in layout:
+        if name not in _AS_BYTES:
+            values = getattr(rows, name)[index]
+            for i in np.flatnonzero((values < 0) | (values >= 1 << 8 * width)).tolist():
+                out.setdefault(int(index[i]), _unfit(name, int(values[i]), width))
+    return out
 
 
 def _lay_out(rows: TacColumns, index: Ints, layout: crypto.Layout, size: int) -> NDArray[np.uint8]:
@@ -219,7 +246,8 @@ def _macs(data: NDArray[np.uint8], size: int, run: Ints, keys: dict[int, BlockKe
 
 
 def expected_tac(host: IssuerHost, record: TxnRecord) -> bytes:
-    """The TAC (CPU) or M1 record MAC the record must carry; HostRefusal when the keys are missing."""
+    """The TAC (CPU) or M1 record MAC the record must carry; HostRefusal when the keys are missing, DoesNotFit
+    when a number of the record does not fit its field of the MAC data."""
     when = record.moment
     m1, card = record.tech == "m1", record.card.id
     values: dict[str, int | bytes] = {
@@ -236,6 +264,10 @@ def expected_tac(host: IssuerHost, record: TxnRecord) -> bytes:
     }
     key = _card_key(host, m1, record.card.issuer, card, record.alg, record.key_version)
     layout = _LAYOUTS[2 if m1 else int(values["txn_type"] == TYPE_LOAD)]
+    for name, width in layout:
+        value = values[name]
+        if isinstance(value, int) and not 0 <= value < 1 << 8 * width:
+            raise DoesNotFit(_unfit(name, value, width))
     return key.mac(crypto.pack(layout, *(values[name] for name, _ in layout)))
 
 
@@ -243,7 +275,7 @@ def tac_problem(host: IssuerHost, record: TxnRecord) -> str | None:
     """None when the record's TAC (or M1 record MAC) verifies with the issuer keys, else the reason."""
     try:
         expected = expected_tac(host, record)
-    except HostRefusal as err:
+    except (HostRefusal, DoesNotFit) as err:
         return str(err)
     return None if expected.hex().upper() == record.tac else _MISMATCH[record.tech == "m1"]
 

@@ -195,6 +195,41 @@ def test_expected_macs_are_the_single_records_macs() -> None:
             assert (expected.macs[i], i in expected.refused) == (mac, False)
 
 
+@pytest.mark.parametrize(
+    ("field", "value", "kinds"),
+    [
+        ("amount", 2**32, ["purchase", "load"]),
+        ("amount", -1, ["purchase"]),
+        ("card_counter", 2**16, ["load"]),  # the load TAC's online counter; an M1 record MAC's counter
+        ("terminal_seq", 2**32, ["purchase", "metro_entry"]),
+        ("balance_after", 2**40, ["load"]),
+    ],
+)
+def test_a_number_too_large_for_its_field_is_refused_in_a_batch_as_one_by_one(
+    always_batched: None, field: str, value: int, kinds: list[str]
+) -> None:
+    """A number beyond its field of the MAC data (the schema bounds them; a file or a bug may not) is refused
+    with the same reason whether the records go one by one or as columns, never cut to the field's width: a
+    record signed over the cut value would verify."""
+    batch = [r for r in corpus() if r.kind in kinds]
+    spoilt = [r.model_copy(update={field: value}) for r in batch]
+    cut = value % 2**32 if field != "card_counter" else value % 2**16
+    signed_cut = [r.model_copy(update={field: value}) for r in batch]
+    for i, record in enumerate(batch):  # signed over what the batched path used to see: the value cut
+        with contextlib.suppress(HostRefusal):
+            tac = expected_tac(SIGNER, record.model_copy(update={field: cut})).hex().upper()
+            signed_cut[i] = signed_cut[i].model_copy(update={"tac": tac})
+    reasons: set[str | None] = set()
+    for keys in VERIFIERS.values():
+        for records in (spoilt, signed_cut):
+            found = tac_problems(IssuerHost(keys), records)
+            assert found == _per_record(IssuerHost(keys), records)
+            reasons |= set(found)
+    named = {"card_counter": "counter"}.get(field, field)
+    assert None not in reasons
+    assert f"{named} {value} does not fit the MAC data's {4 if named != 'counter' else 2} bytes" in reasons
+
+
 def test_no_records_and_one_record(always_batched: None) -> None:
     assert tac_problems(SIGNER, []) == []
     assert expected_macs(SIGNER, TacColumns.of_records([])).macs.tolist() == []
