@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import struct
+import time
 
 import pytest
 from hypothesis import given, settings
@@ -15,10 +17,11 @@ from mqtt_support import StubClearing, eventually, running
 from support import KEYS
 
 from cardsim.issuer import IssuerHost
-from terminals.mqtt import embedded_broker
+from terminals.messages import ACK_SCHEMA, HOTLIST_FILTERS, Ack, ack_topic
+from terminals.mqtt import BrokerUrl, embedded_broker
 from terminals.outbox import MemoryOutbox
 from yikatong import load_mqtt as mqtt
-from yikatong.load_uplink import LeanUplink, LinkTimer
+from yikatong.load_uplink import LeanUplink, LinkTimer, _Connection
 from yikatong.loadgen import SimTerminal, TimedQueue
 from yikatong.synthetic import synthetic_cards
 
@@ -66,6 +69,27 @@ def test_mqtt5_properties_are_read_past() -> None:
     assert v5.feed(b"\x90\x07\x00\x02\x03\x1f\x00\x00\x01") == [mqtt.SubAck(2, (1,))]  # a reason string
     assert v5.feed(b"\x40\x03\x00\x02\x87") == [mqtt.PubAck(2, 0x87)]  # not authorised
     assert v5.feed(b"\xe0\x01\x8e") == [mqtt.Disconnect(0x8E)]  # session taken over
+
+
+def test_the_servers_keep_alive_is_read_from_connack() -> None:
+    v5 = mqtt.Decoder(mqtt.MQTT5)
+    # a reason string, a user property, then Server Keep Alive 5 s
+    props = b"\x1f\x00\x02ok" + b"\x26\x00\x01k\x00\x01v" + b"\x13\x00\x05"
+    assert v5.feed(b"\x20" + bytes([3 + len(props)]) + b"\x01\x00" + bytes([len(props)]) + props) == [
+        mqtt.ConnAck(True, 0, 5)
+    ]
+    assert v5.feed(b"\x20\x02\x00\x84") == [mqtt.ConnAck(False, 0x84)]  # a refusal without properties
+    with pytest.raises(mqtt.ProtocolError, match="property 0x7f"):
+        mqtt.Decoder(mqtt.MQTT5).feed(b"\x20\x05\x00\x00\x02\x7f\x00")
+    assert mqtt.Decoder(mqtt.MQTT311).feed(b"\x20\x02\x00\x00") == [mqtt.ConnAck(False, 0, None)]
+
+
+def test_packets_before_bad_bytes_in_one_read_are_returned_then_the_error() -> None:
+    decoder = mqtt.Decoder(mqtt.MQTT311)
+    assert decoder.feed(b"\xd0\x00" + b"\x40\x02\x00\x09" + b"\x10\x00") == [mqtt.PingResp(), mqtt.PubAck(9, 0)]
+    assert decoder.error is not None and "not one a broker sends" in str(decoder.error)
+    with pytest.raises(mqtt.ProtocolError, match="not one a broker sends"):
+        decoder.feed(b"\xd0\x00")
 
 
 def test_a_stream_cut_anywhere_gives_the_same_packets() -> None:
@@ -137,3 +161,164 @@ async def _lean_terminal_round_trip() -> tuple[int, int, int]:
 def test_a_lean_uplink_publishes_and_frees_what_the_clearing_acks() -> None:
     acked, distinct, connections = asyncio.run(_lean_terminal_round_trip())
     assert acked == 5 and distinct == 5 and connections == 1
+
+
+class _Transport(asyncio.Transport):
+    """A connection's far end in memory: keeps what is written, notes when it is closed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.written: list[bytes] = []
+        self.aborted = False
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self.written.append(bytes(data))
+
+    def is_closing(self) -> bool:
+        return self.aborted
+
+    def abort(self) -> None:
+        self.aborted = True
+
+    def close(self) -> None:
+        self.aborted = True
+
+
+class _BrokenOutbox(TimedQueue):
+    """An outbox whose acks fail (a full disk, a bug): the connection must end, not the event loop's handling."""
+
+    def apply_ack(self, ack: Ack) -> tuple[int, int]:
+        raise OSError("disk I/O error")
+
+
+def _ack_publish(terminal: SimTerminal, through: int) -> bytes:
+    ack = Ack(schema=ACK_SCHEMA, terminal=terminal.terminal_hex, acked_through=through)
+    topic = ack_topic(terminal.city, terminal.terminal_hex)
+    return mqtt.publish(topic, ack.to_json().encode(), qos=0, version=mqtt.MQTT311)
+
+
+async def _fed(outbox: TimedQueue, data: bytes) -> tuple[str, SimTerminal, list[object]]:
+    """Three records published by a lean uplink over a connection in memory, then ``data`` from the broker (after
+    the PUBACK of that publication): the reason the connection closed, the terminal, what the loop was told of
+    errors."""
+    loop = asyncio.get_running_loop()
+    told: list[object] = []
+    loop.set_exception_handler(lambda _loop, context: told.append(context))
+    terminal = SimTerminal(IssuerHost(KEYS), "4560", "4560ABCD0002", outbox, 200)
+    card = synthetic_cards(1, ["4560"])[0]
+    for _ in range(3):
+        terminal.tap(card, 0.0)
+    uplink = LeanUplink(BrokerUrl("127.0.0.1", 1), terminal, LinkTimer())
+    link = _Connection(uplink, mqtt.MQTT311)
+    link.connection_made(_Transport())
+    uplink.policy.connected()
+    uplink.policy.subscribed(time.monotonic())
+    uplink._link, uplink._ready = link, True  # as after the handshake
+    uplink.notify()
+    link.data_received(mqtt.puback(1) + data)
+    await asyncio.sleep(0)
+    assert link.closed.done()
+    return link.closed.result(), terminal, told
+
+
+def test_an_ack_before_bad_bytes_in_one_read_is_applied_then_the_connection_ends() -> None:
+    outbox = TimedQueue(MemoryOutbox())
+    probe = SimTerminal(IssuerHost(KEYS), "4560", "4560ABCD0002", TimedQueue(MemoryOutbox()), 200)
+    reason, terminal, told = asyncio.run(_fed(outbox, _ack_publish(probe, 2) + b"\x10\x00"))
+    assert "bad MQTT" in reason and "not one a broker sends" in reason
+    assert terminal.outbox.queued() == 1  # records 1 and 2 freed by the ack read before the bad bytes
+    assert told == []
+
+
+def test_an_outbox_failing_on_an_ack_ends_the_connection_with_the_reason() -> None:
+    probe = SimTerminal(IssuerHost(KEYS), "4560", "4560ABCD0002", TimedQueue(MemoryOutbox()), 200)
+    reason, terminal, told = asyncio.run(_fed(_BrokenOutbox(MemoryOutbox()), _ack_publish(probe, 2)))
+    assert "taking a Publish failed" in reason and "disk I/O error" in reason
+    assert terminal.outbox.queued() == 3 and told == []  # nothing lost; the loop's fatal-error path not taken
+
+
+class _ScriptedBroker:
+    """A broker of a few lines for what the embedded one will not do: answers CONNECT with ``connack``, SUBSCRIBE
+    with ``codes`` (one per filter), a QoS 1 PUBLISH with PUBACK, PINGREQ with PINGRESP; keeps the type of each
+    packet a client sent."""
+
+    def __init__(self, version: int, connack: bytes, codes: list[int]) -> None:
+        self.version, self.connack, self.codes = version, connack, codes
+        self.kinds: list[int] = []
+        self.connections = 0
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+            while True:
+                head = (await reader.readexactly(1))[0]
+                length, shift = 0, 0
+                while True:
+                    digit = (await reader.readexactly(1))[0]
+                    length |= (digit & 0x7F) << shift
+                    shift += 7
+                    if not digit & 0x80:
+                        break
+                body = await reader.readexactly(length)
+                kind = head >> 4
+                self.kinds.append(kind)
+                if kind == mqtt.CONNECT:
+                    writer.write(self.connack)
+                elif kind == mqtt.SUBSCRIBE:
+                    answer = body[:2] + (b"\x00" if self.version == mqtt.MQTT5 else b"") + bytes(self.codes)
+                    writer.write(bytes([0x90, len(answer)]) + answer)
+                elif kind == mqtt.PUBLISH and head & 0x06:
+                    topic_length = struct.unpack("!H", body[:2])[0]
+                    writer.write(mqtt.puback(struct.unpack("!H", body[2 + topic_length : 4 + topic_length])[0]))
+                elif kind == mqtt.PINGREQ:
+                    writer.write(b"\xd0\x00")
+
+
+async def _against(broker: _ScriptedBroker, session_expiry: int | None) -> tuple[LeanUplink, SimTerminal]:
+    server = await asyncio.start_server(broker.serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    terminal = SimTerminal(IssuerHost(KEYS), "4560", "4560ABCD0003", TimedQueue(MemoryOutbox()), 200)
+    timer = LinkTimer()
+    uplink = LeanUplink(BrokerUrl("127.0.0.1", port), terminal, timer, session_expiry=session_expiry)
+    return uplink, terminal
+
+
+async def _refused_hotlists() -> tuple[int, int, int]:
+    broker = _ScriptedBroker(mqtt.MQTT311, b"\x20\x02\x00\x00", [1] + [0x80] * len(HOTLIST_FILTERS))
+    uplink, terminal = await _against(broker, None)
+    card = synthetic_cards(1, ["4560"])[0]
+    async with running(uplink.run()):
+        await eventually(lambda: uplink.stats.connected, 10)
+        terminal.tap(card, 0.0)
+        uplink.notify()
+        await eventually(lambda: mqtt.PUBLISH in broker.kinds, 10)
+        await asyncio.sleep(0.2)  # a reconnect would show now
+    return broker.connections, uplink.stats.connections, broker.kinds.count(mqtt.PUBLISH)
+
+
+def test_a_refused_subscription_is_logged_once_and_records_still_go_out(caplog: pytest.LogCaptureFixture) -> None:
+    """As the real uplink (aiomqtt ignores SUBACK codes): the terminal publishes without its hotlists."""
+    with caplog.at_level(logging.WARNING, logger="yikatong.load_uplink"):
+        broker_connections, connections, published = asyncio.run(_refused_hotlists())
+    assert broker_connections == connections == 1 and published == 1
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and all(f in warnings[0] for f in HOTLIST_FILTERS)
+    assert "publishing all the same" in warnings[0]
+
+
+async def _server_keep_alive() -> tuple[int, list[int]]:
+    # MQTT 5 CONNACK: session not present, accepted, Server Keep Alive 2 s
+    broker = _ScriptedBroker(mqtt.MQTT5, b"\x20\x06\x00\x00\x03\x13\x00\x02", [1] * (1 + len(HOTLIST_FILTERS)))
+    uplink, _ = await _against(broker, 0)
+    async with running(uplink.run()):
+        await eventually(lambda: uplink.stats.connected, 10)
+        await eventually(lambda: mqtt.SUBSCRIBE in broker.kinds, 10)
+        kinds = len(broker.kinds)
+        uplink.tick(uplink.sent_at + 1.85)  # past 0.9 of 2 s (it would wait 54 s with the 60 it asked for)
+        await eventually(lambda: mqtt.PINGREQ in broker.kinds[kinds:], 10)
+        return uplink.keepalive, broker.kinds
+
+
+def test_the_brokers_keep_alive_is_the_one_kept() -> None:
+    keepalive, kinds = asyncio.run(_server_keep_alive())
+    assert keepalive == 2 and kinds[:2] == [mqtt.CONNECT, mqtt.SUBSCRIBE] and mqtt.PINGREQ in kinds

@@ -1,11 +1,12 @@
 """The few MQTT packets a simulated terminal of the load generator exchanges with its broker, as bytes, without
 I/O: CONNECT, SUBSCRIBE, PUBLISH (QoS 0 and 1), PUBACK, PINGREQ and DISCONNECT out; CONNACK, SUBACK, PUBLISH,
-PUBACK, PINGRESP and DISCONNECT in. MQTT 3.1.1 (protocol level 4) and MQTT 5 (level 5, properties read past,
-a session expiry interval sent).
+PUBACK, PINGRESP and DISCONNECT in. MQTT 3.1.1 (protocol level 4) and MQTT 5 (level 5, properties read past
+but for CONNACK's Server Keep Alive, a session expiry interval sent).
 
 ``Decoder.feed`` takes bytes as they come off the socket and returns the whole packets in them; anything that is
 not a well-formed packet a broker may send a client raises ``ProtocolError`` (the caller drops the connection),
-never another exception.
+never another exception. Packets whole before bad bytes in the same read are returned first (``Decoder.error``
+then holds the error, and the next ``feed`` raises it): what the broker said before it went wrong is not lost.
 """
 
 from __future__ import annotations
@@ -16,7 +17,17 @@ from dataclasses import dataclass
 MQTT311, MQTT5 = 4, 5
 CONNECT, CONNACK, PUBLISH, PUBACK, SUBSCRIBE, SUBACK, PINGREQ, PINGRESP, DISCONNECT = 1, 2, 3, 4, 8, 9, 12, 13, 14
 MAX_PACKET = 16 * 1024 * 1024  # bytes: far above a hotlist chunk; a broker sending more is not one we follow
-SESSION_EXPIRY = 0x11  # the MQTT 5 property id
+SESSION_EXPIRY, SERVER_KEEP_ALIVE = 0x11, 0x13  # MQTT 5 property ids
+# the size of each MQTT 5 property's value by its id: bytes, or VARINT, UTF8 (a length and the bytes: strings and
+# binary data) and PAIR (two strings: a user property)
+VARINT, UTF8, PAIR = -1, -2, -3
+PROPERTY_SIZES = (
+    dict.fromkeys((0x01, 0x17, 0x19, 0x24, 0x25, 0x28, 0x29, 0x2A), 1)
+    | dict.fromkeys((0x13, 0x21, 0x22, 0x23), 2)
+    | dict.fromkeys((0x02, 0x11, 0x18, 0x27), 4)
+    | {0x0B: VARINT, 0x26: PAIR}
+    | dict.fromkeys((0x03, 0x08, 0x09, 0x12, 0x15, 0x16, 0x1A, 0x1C, 0x1F), UTF8)
+)
 
 
 class ProtocolError(Exception):
@@ -89,10 +100,12 @@ DISCONNECT_PACKET = _packet(DISCONNECT, 0, b"")  # MQTT 5: no reason code means 
 
 @dataclass(frozen=True)
 class ConnAck:
-    """The broker's answer to CONNECT (code 0: accepted)."""
+    """The broker's answer to CONNECT (code 0: accepted); ``keepalive``: MQTT 5's Server Keep Alive, the seconds
+    the client must use instead of those it asked for (None: as asked)."""
 
     session_present: bool
     code: int
+    keepalive: int | None = None
 
 
 @dataclass(frozen=True)
@@ -177,6 +190,26 @@ class _Reader:
         if version == MQTT5:
             self.take(self.varint())
 
+    def numbers(self, version: int) -> dict[int, int]:
+        """The properties (MQTT 5) with a number for a value, by id; the others read past."""
+        out: dict[int, int] = {}
+        if version != MQTT5:
+            return out
+        props = _Reader(self.take(self.varint()))
+        while props.at < len(props.body):
+            prop = props.varint()
+            size = PROPERTY_SIZES.get(prop)
+            if size is None:
+                raise ProtocolError(f"property {prop:#x} is not an MQTT 5 property")
+            if size == VARINT:
+                out[prop] = props.varint()
+            elif size > 0:
+                out[prop] = int.from_bytes(props.take(size), "big")
+            else:
+                for _ in range(2 if size == PAIR else 1):
+                    props.take(props.u16())
+        return out
+
     def rest(self) -> bytes:
         out = self.body[self.at :]
         self.at = len(self.body)
@@ -197,7 +230,9 @@ def _decode(kind: int, flags: int, body: bytes, version: int) -> Packet:
         raise ProtocolError(f"packet type {kind} with flags {flags:#x}")
     if kind == CONNACK:
         session, code = r.u8(), r.u8()
-        return ConnAck(bool(session & 0x01), code)
+        # a refusal may come without properties (MQTT 3.1.1 brokers answer an MQTT 5 CONNECT so)
+        numbers = r.numbers(version) if r.at < len(body) else {}
+        return ConnAck(bool(session & 0x01), code, numbers.get(SERVER_KEEP_ALIVE))
     if kind == PUBACK:
         packet_id = r.u16()
         return PubAck(packet_id, r.u8() if r.at < len(body) else 0)
@@ -220,17 +255,32 @@ class Decoder:
 
     def __init__(self, version: int) -> None:
         self.version = version
+        self.error: ProtocolError | None = None  # bad bytes after the packets the last feed returned
         self._buffer = bytearray()
 
     def feed(self, data: bytes) -> list[Packet]:
-        """The packets completed by ``data`` (what is left waits for more)."""
+        """The packets completed by ``data`` (what is left waits for more). Bad bytes raise ``ProtocolError``, but
+        after whole packets before them in the stream: those are returned, the error kept in ``error`` and
+        raised by the next call."""
+        if self.error is not None:
+            raise self.error
         self._buffer += data
         out: list[Packet] = []
+        try:
+            self._packets(out)
+        except ProtocolError as err:
+            if not out:
+                raise
+            self.error = err
+        return out
+
+    def _packets(self, out: list[Packet]) -> None:
+        """Decode whole packets off the buffer into ``out``."""
         while len(self._buffer) >= 2:
             length, shift, at = 0, 0, 1
             while True:
                 if at >= len(self._buffer):
-                    return out  # the length itself is not complete yet
+                    return  # the length itself is not complete yet
                 digit = self._buffer[at]
                 length |= (digit & 0x7F) << shift
                 at += 1
@@ -242,9 +292,8 @@ class Decoder:
             if length > MAX_PACKET:
                 raise ProtocolError(f"a packet of {length:,} bytes (at most {MAX_PACKET:,})")
             if len(self._buffer) < at + length:
-                return out
+                return
             head = self._buffer[0]
             body = bytes(self._buffer[at : at + length])
             del self._buffer[: at + length]
             out.append(_decode(head >> 4, head & 0x0F, body, self.version))
-        return out

@@ -27,7 +27,7 @@ from yikatong import load_mqtt as mqtt
 
 log = logging.getLogger(__name__)
 
-KEEPALIVE = 60  # seconds, as aiomqtt's default
+KEEPALIVE = 60  # seconds asked for, as aiomqtt's default (an MQTT 5 broker may say another: Server Keep Alive)
 CONNECTING = 100  # connections a process opens at once
 TIMEOUT = 10.0  # seconds for CONNACK, SUBACK and each PUBACK (aiomqtt's default), else the connection is dropped
 
@@ -58,8 +58,15 @@ class _Connection(asyncio.Protocol):
         except mqtt.ProtocolError as err:
             self.close(f"broker sent bad MQTT: {err}")
             return
-        for packet in packets:
-            self.uplink.received(packet)
+        for packet in packets:  # whole packets before bad bytes in the same read are taken first
+            try:
+                self.uplink.received(packet)
+            except Exception as err:  # the outbox or hotlist book failing: this connection ends, not the loop
+                log.exception("uplink to %s: taking a %s failed", self.uplink.broker, type(packet).__name__)
+                self.close(f"taking a {type(packet).__name__} failed: {err!r}")
+                return
+        if self.decoder.error is not None:
+            self.close(f"broker sent bad MQTT: {self.decoder.error}")
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.close(str(exc) if exc else "connection closed by the broker")
@@ -95,6 +102,7 @@ class LinkTimer:
     def __init__(self) -> None:
         self.uplinks: list[LeanUplink] = []
         self.connecting = asyncio.Semaphore(CONNECTING)
+        self.refusal_told = False  # a refused subscription was logged (once a process: all terminals ask alike)
 
     async def run(self) -> None:
         """Tick the uplinks until cancelled."""
@@ -141,6 +149,7 @@ class LeanUplink:
         self.on_ack = on_ack
         self.timer = timer
         self.sent_at = 0.0  # when a packet last went out (keepalive)
+        self.keepalive = KEEPALIVE  # seconds, as the broker last said (0: none)
         self._heard_at = 0.0  # when a packet last came in
         self._link: _Connection | None = None
         self._ready = False  # subscribed: records may go out
@@ -226,12 +235,22 @@ class LeanUplink:
         assert isinstance(answer, mqtt.ConnAck)
         if answer.code != 0:
             raise LinkError(f"the broker refused the connection (CONNACK code {answer.code})")
+        self.keepalive = KEEPALIVE if answer.keepalive is None else answer.keepalive  # as paho does
         filters = [self.policy.ack_topic, *HOTLIST_FILTERS]
         link.send(mqtt.subscribe(self._packet_id(), filters, 1, version=self.version))
         granted = await self._expect(mqtt.SubAck)
         assert isinstance(granted, mqtt.SubAck)
-        if any(code >= 0x80 for code in granted.codes):
-            raise LinkError(f"the broker refused a subscription (SUBACK codes {list(granted.codes)})")
+        refused = [f for f, code in zip(filters, granted.codes, strict=False) if code >= 0x80]
+        if refused and not self.timer.refusal_told:
+            # the real uplink (aiomqtt) does not look at SUBACK codes and publishes all the same: so does this one
+            self.timer.refusal_told = True
+            log.warning(
+                "uplink to %s: the broker refused the subscription to %s (SUBACK codes %s); publishing all the same, "
+                "as a real terminal does (not said again for other terminals of this process)",
+                self.broker,
+                ", ".join(refused),
+                list(granted.codes),
+            )
 
     def _pump(self) -> None:
         """Publish the next message if none is in flight (the policy says which records)."""
@@ -286,9 +305,9 @@ class LeanUplink:
             return
         if self._inflight is not None and now - self._inflight[2] > TIMEOUT:
             link.close("Operation timed out")
-        elif now - self._heard_at > KEEPALIVE * 1.5:
+        elif self.keepalive and now - self._heard_at > self.keepalive * 1.5:
             link.close("no word from the broker within the keepalive")
-        elif now - self.sent_at >= KEEPALIVE * 0.9:
+        elif self.keepalive and now - self.sent_at >= self.keepalive * 0.9:
             link.send(mqtt.PINGREQ_PACKET)
         if self._inflight is None and self.policy.resend_due(now) and self.outbox.queued() > 0:
             self.policy.resend(now)
