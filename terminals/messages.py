@@ -158,7 +158,8 @@ class TxnRecord(TxnFields, _RecordHead):
 
     def to_json(self) -> str:
         """The compact JSON payload (field order fixed, optional fields left out when empty)."""
-        return self.model_dump_json(by_alias=True, exclude_none=True)
+        # model_dump_json's own work, without its wrapper's (a quarter of the cost for a record)
+        return self.__pydantic_serializer__.to_json(self, by_alias=True, exclude_none=True).decode()
 
 
 class Batch(_Model):

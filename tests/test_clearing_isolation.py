@@ -4,11 +4,13 @@ segment no terminal owns on PostgreSQL, a forged seq reported as rejected)."""
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import json
 import signal
 import sqlite3
 from collections.abc import AsyncIterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +27,10 @@ import clearing.intake
 import clearing.ledger
 import clearing.verify
 from clearing.db import migrate, open_engine
-from clearing.intake import Intake, Refused, Topic
+from clearing.intake import Intake, Refused, Topic, settlement_day
 from clearing.ledger import LEDGER, QUARANTINE, QUARANTINE_KEEP, TALLY, Ledger, Received, database_trouble
 from terminals.messages import (
+    CHINA,
     MAX_PAYLOAD,
     Limits,
     MessageError,
@@ -248,6 +251,22 @@ def test_usual_payloads_take_the_fast_path_and_refusals_keep_their_form(monkeypa
         (2, "verify", _compact(forged).encode()),
         (3, "hotlisted", good[2].to_json().encode()),
     ]
+
+
+def _week_date(moment: dt.datetime) -> str:
+    year, week, day = moment.isocalendar()
+    return f"{year:04d}-W{week:02d}-{day}T{moment.timetz().isoformat()}"
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    st.datetimes(dt.datetime(1970, 1, 2), dt.datetime(9998, 12, 30), timezones=st.sampled_from([CHINA, dt.UTC]))
+    | st.datetimes(dt.datetime(1970, 1, 2), dt.datetime(9998, 12, 30), timezones=st.timezones()),
+    st.sampled_from([dt.datetime.isoformat, partial(dt.datetime.isoformat, timespec="seconds"), _week_date]),
+)
+def test_the_settlement_day_read_from_the_time_is_the_calendars(moment: dt.datetime, form: Any) -> None:
+    record = good_records()[0].model_copy(update={"time": form(moment)})
+    assert settlement_day(record) == record.moment.astimezone(CHINA).date().isoformat()
 
 
 # --- isolation at the database ---------------------------------------------------------------------------------
