@@ -8,6 +8,7 @@ import csv
 import datetime as dt
 import json
 import logging
+from collections.abc import Awaitable, Callable
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -415,7 +416,7 @@ async def test_ack_bookkeeping_costs_the_same_statements_for_3_or_60_terminals(
     executemany both pass: SQLAlchemy's cursor events would not see the latter."""
     fleet = _fleet_records(63)
     statements = 0
-    handed = aiosqlite.Connection._execute
+    handed: Callable[..., Awaitable[Any]] = aiosqlite.Connection._execute
 
     async def counted(connection: aiosqlite.Connection, fn: Any, *args: Any, **kwargs: Any) -> Any:
         nonlocal statements

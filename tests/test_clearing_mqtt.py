@@ -308,7 +308,8 @@ async def test_a_broker_lost_mid_commit_lets_the_commit_finish_and_count(
     records = [r.to_json() for r in signed_records(20, CITY, TERMINAL, issuers=(CITY,))]
 
     def taking() -> bool:
-        return any(task.get_coro().__qualname__ == "ClearingService._take" for task in asyncio.all_tasks())
+        names = (getattr(task.get_coro(), "__qualname__", "") for task in asyncio.all_tasks())
+        return "ClearingService._take" in names
 
     with private_mosquitto(tmp_path) as broker:
         async with fresh_db("sqlite", tmp_path) as db, clearing(broker.url, db, CITY) as service:
