@@ -11,7 +11,8 @@ collector settings of ``clearing serve``) and asserts nothing. Rows:
 - from the text: ``parse_uplink_records``, which parses and validates a usual payload in one pydantic pass;
 - the intake's ``check`` (everything but the TACs), its ``verify`` (the batched TACs), and the whole
   ``Intake.messages``;
-- what storage adds per accepted record: its canonical JSON and its ledger row (``clearing.ledger.ledger_row``).
+- per accepted record: its ``Accepted`` verdict with the canonical JSON (part of ``verify``) and its ledger row
+  (``clearing.ledger.ledger_row``).
 """
 
 from __future__ import annotations
@@ -60,10 +61,8 @@ def stages(items: list[tuple[Topic, bytes]], intake: Intake) -> dict[str, Callab
         "intake check": lambda: intake.check(items, frozenset()),
         "intake verify (TACs)": lambda: intake.verify(checked),
         "intake messages": lambda: intake.messages(items, frozenset()),
-        "canonical JSON": lambda: [Accepted(a.record, a.forward).canonical for a in accepted],
-        "ledger row (+canonical)": lambda: [
-            ledger_row(CITY, Accepted(a.record, a.forward), SOURCE_TERMINAL, 0.0) for a in accepted
-        ],
+        "accepted (its canonical JSON)": lambda: [Accepted(a.record, a.forward) for a in accepted],
+        "ledger row": lambda: [ledger_row(CITY, a, SOURCE_TERMINAL, 0.0) for a in accepted],
     }
 
 

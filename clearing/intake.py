@@ -9,11 +9,10 @@ of every record of a batch of messages are verified together (``clearing.verify.
 
 from __future__ import annotations
 
-import functools
 import json
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from cardsim.issuer import IssuerHost
@@ -33,15 +32,16 @@ from terminals.messages import (
 
 @dataclass(frozen=True)
 class Accepted:
-    """A record to store. ``forward`` when another city issued the card (its clearing verifies the TAC)."""
+    """A record to store. ``forward`` when another city issued the card (its clearing verifies the TAC).
+    ``canonical`` is the record's canonical JSON: what is stored and compared when the same identity comes again
+    (made at once: every accepted record is stored, and Python 3.11's cached_property takes a lock per read)."""
 
     record: TxnRecord
     forward: bool
+    canonical: str = field(init=False, repr=False, compare=False)
 
-    @functools.cached_property
-    def canonical(self) -> str:
-        """The record's canonical JSON: what is stored and compared when the same identity comes again."""
-        return self.record.to_json()
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "canonical", self.record.to_json())
 
 
 @dataclass(frozen=True)
