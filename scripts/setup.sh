@@ -3,11 +3,12 @@
 # with the test tools). Safe to run again: it installs only what is missing.
 #   system: pcscd + vsmartcard-vpcd (the virtual PC/SC reader), mosquitto (+ clients), PostgreSQL (the
 #           clearing's scale-out database), and what pyscard builds against (swig, libpcsclite-dev, a C compiler)
+#           pcsc-tools (pcsc_scan, scriptor) and libnfc-bin (nfc-list, nfc-mfclassic): outside clients of the M1 readers
 #   python: this repo with its [test] extras
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(pcscd vsmartcard-vpcd libpcsclite-dev swig mosquitto mosquitto-clients postgresql gcc chromium)
+packages=(pcscd vsmartcard-vpcd libpcsclite-dev swig mosquitto mosquitto-clients postgresql gcc chromium pcsc-tools libnfc-bin)
 missing=()
 for pkg in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
