@@ -130,8 +130,9 @@ def _parse(buf: bytes) -> tuple[Decoded, int]:
     if len(buf) < end:
         return incomplete
     body = buf[body_at : body_at + n]
+    # A broken frame may be a truncated one with the next frame inside: skip only its start code and rescan.
     if (sum(body) + buf[body_at + n]) & 0xFF:
-        return FrameError("data checksum"), end
+        return FrameError("data checksum"), 3
     if buf[end - 1] != 0:
-        return FrameError("postamble"), end
+        return FrameError("postamble"), 3
     return Information(body[0], body[1:]), end

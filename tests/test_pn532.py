@@ -5,6 +5,9 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
+from cardsim.m1_issue import KeyScheme, issue_m1_card, sector_keys
+from cardsim.mifare import M1Card, Profile, value_block
+from cardsim.pn532 import Pn532
 from cardsim.pn532_frames import (
     ACK_FRAME,
     CHIP_TFI,
@@ -17,6 +20,7 @@ from cardsim.pn532_frames import (
     Information,
     encode,
 )
+from terminals.m1 import M1Reader
 
 WAKE_UP = bytes.fromhex("5555") + bytes(14)
 SAM_CONFIGURATION = bytes.fromhex("0000FF03FDD414011700")
@@ -58,7 +62,7 @@ def test_broken_frames_are_typed_errors() -> None:
     out = decoder.feed(bytes(bad_data) + bytes(bad_length) + FIRMWARE_REPLY)
     assert [item.reason for item in out if isinstance(item, FrameError)] == ["data checksum", "length checksum"]
     assert out[-1] == Information(CHIP_TFI, bytes.fromhex("0332010607"))
-    decoder.feed(FIRMWARE_REPLY[:7])
+    assert decoder.feed(FIRMWARE_REPLY[:7]) == []
     truncated = decoder.abandon()
     assert truncated is not None and truncated.reason == "truncated" and decoder.abandon() is None
     assert decoder.feed(FIRMWARE_REPLY) == [Information(CHIP_TFI, bytes.fromhex("0332010607"))]
@@ -78,3 +82,111 @@ def test_encode_then_decode_round_trips(tfi: int, data: bytes, noise: bytes) -> 
     noise = noise.replace(b"\x00", b"\x55")  # noise never forms a start code
     frames = FrameDecoder().feed(noise + encode(tfi, data))
     assert frames == [Information(tfi, data)]
+
+
+# --- the chip ------------------------------------------------------------------------------------
+
+UID = bytes.fromhex("9C599B32")
+
+
+def chip(keys: KeyScheme = KeyScheme.DEFAULT) -> Pn532:
+    state = issue_m1_card(UID, Profile.GENUINE, keys, 2500, bytes(16))
+    return Pn532(M1Card(state, bytes), lambda card, uid: M1Reader(card, uid, random=bytes(4)))
+
+
+def exchange(pn532: Pn532, data: bytes) -> bytes:
+    """Send one command; check the ACK and the reply's command code; the reply data after it."""
+    out = pn532.receive(encode(HOST_TFI, data))
+    assert out.startswith(ACK_FRAME)
+    [reply] = FrameDecoder().feed(out[len(ACK_FRAME) :])
+    assert isinstance(reply, Information) and reply.tfi == CHIP_TFI and reply.data[0] == data[0] + 1
+    return reply.data[1:]
+
+
+def h(text: str) -> bytes:
+    return bytes.fromhex(text)
+
+
+def test_libnfc_open_and_initiator_init_sequence() -> None:
+    pn532 = chip()
+    out = pn532.receive(WAKE_UP + SAM_CONFIGURATION)
+    assert out == ACK_FRAME + encode(CHIP_TFI, h("15"))
+    assert exchange(pn532, h("00 00 6C 69 62 6E 66 63")) == h("00 6C 69 62 6E 66 63")
+    assert exchange(pn532, h("02")) == h("32 01 06 07")
+    assert exchange(pn532, h("12 14")) == b""
+    assert exchange(pn532, h("06 63 02 63 03 63 0D 63 38 63 3D")) == h("80 80 00 00 00")
+    assert exchange(pn532, h("08 63 02 80 63 03 80")) == b""
+    for command in ("32 01 00", "32 01 01", "32 05 FF FF FF", "08 63 05 40 63 3C 10", "32 05 00 01 02"):
+        assert exchange(pn532, h(command)) == b""
+    assert exchange(pn532, h("06 63 05 63 3C")) == h("40 10")
+
+
+def test_list_passive_target_finds_the_card_only_for_106_kbps_a() -> None:
+    pn532 = chip()
+    assert exchange(pn532, h("4A 01 00")) == h("01 01 00 04 08 04") + UID
+    assert exchange(pn532, h("44 00")) == h("00")
+    assert exchange(pn532, h("4A 01 00") + UID) == h("01 01 00 04 08 04") + UID
+    assert exchange(pn532, h("4A 01 00 01 02 03 04")) == h("00")
+    assert exchange(pn532, h("4A 01 01 00 FF FF 01 00")) == h("00")
+    assert exchange(pn532, h("4A 01 03 00")) == h("00")
+    assert exchange(pn532, h("42 E0 50")) == h("01")  # no RATS from a Classic
+    assert exchange(pn532, h("52 00")) == h("00")
+    assert exchange(pn532, h("16 F0")) == h("00")
+
+
+def test_mifare_auth_read_write_and_value_operations() -> None:
+    pn532 = chip()
+    assert exchange(pn532, h("40 01 30 04")) == h("27")  # nothing listed yet
+    exchange(pn532, h("4A 01 00"))
+    assert exchange(pn532, h("40 01 30 04")) == h("13")  # not authenticated
+    assert exchange(pn532, h("40 01 60 04 FFFFFFFFFFFF") + UID) == h("00")
+    assert exchange(pn532, h("06 63 38")) == h("08")  # MFCrypto1On
+    assert exchange(pn532, h("40 01 30 04")) == h("00") + value_block(2500, 4)
+    assert exchange(pn532, h("40 01 C0 04") + (100).to_bytes(4, "little")) == h("00")
+    assert exchange(pn532, h("40 01 B0 04")) == h("00")
+    assert exchange(pn532, h("40 01 30 04")) == h("00") + value_block(2400, 4)
+    assert exchange(pn532, h("40 01 A0 06") + bytes(range(16))) == h("13")  # block 6 is written with key B
+    assert exchange(pn532, h("4A 01 00")) == h("01 01 00 04 08 04") + UID
+    assert exchange(pn532, h("40 01 61 04 FFFFFFFFFFFF") + UID) == h("00")
+    assert exchange(pn532, h("40 01 A0 06") + bytes(range(16))) == h("00")
+    assert exchange(pn532, h("40 01 30 06")) == h("00") + bytes(range(16))
+    assert exchange(pn532, h("40 01 30 08")) == h("13")  # another sector: the card NAKs and drops the session
+    assert exchange(pn532, h("40 01 30 04")) == h("13")
+    assert exchange(pn532, h("40 01 61 00 FFFFFFFFFFFF") + UID) == h("00")
+    assert exchange(pn532, h("08 63 38 00")) == b""  # the host turns Crypto-1 off
+    assert exchange(pn532, h("40 01 30 00")) == h("13")
+
+
+def test_a_wrong_key_gives_14_and_the_card_must_be_listed_again() -> None:
+    pn532 = chip(KeyScheme.SHARED)
+    exchange(pn532, h("4A 01 00"))
+    assert exchange(pn532, h("40 01 60 3F FFFFFFFFFFFF") + UID) == h("14")
+    assert exchange(pn532, h("40 01 60 3F FFFFFFFFFFFF") + UID) == h("27")
+    assert exchange(pn532, h("4A 01 00") + UID) == h("01 01 00 04 08 04") + UID
+    key_a = sector_keys(KeyScheme.SHARED, bytes(16), UID, 15)[0]
+    assert exchange(pn532, h("40 01 60 3F") + key_a + UID) == h("00")
+
+
+def test_bad_frames_get_what_a_pn532_gives_and_the_chip_goes_on() -> None:
+    pn532 = chip()
+    assert pn532.receive(encode(HOST_TFI, h("FE 01"))) == ACK_FRAME + ERROR_FRAME  # unknown command
+    assert pn532.receive(encode(HOST_TFI, h("06 63"))) == ACK_FRAME + ERROR_FRAME  # bad parameters
+    broken = bytearray(encode(HOST_TFI, h("02")))
+    broken[-2] ^= 0xFF
+    assert pn532.receive(bytes(broken)) == b""  # bad checksum: no ACK, the host resends
+    assert pn532.receive(encode(HOST_TFI, h("02"))[:5]) == b""  # truncated: waits for the rest
+    assert exchange(pn532, h("02")) == h("32 01 06 07")  # the resent frame is found inside the broken one
+    firmware = pn532.receive(encode(HOST_TFI, h("02")))
+    assert pn532.receive(NACK_FRAME) == firmware[len(ACK_FRAME) :]  # NACK: the last reply again
+
+
+@given(st.lists(st.binary(min_size=1, max_size=24), max_size=12))
+def test_any_commands_get_an_ack_and_never_a_nad_status(commands: list[bytes]) -> None:
+    pn532 = chip()
+    exchange(pn532, h("4A 01 00"))
+    for data in commands:
+        out = pn532.receive(encode(HOST_TFI, data))
+        assert out.startswith(ACK_FRAME)
+        [reply] = FrameDecoder().feed(out[len(ACK_FRAME) :])
+        if isinstance(reply, Information) and data[0] in (0x40, 0x42, 0x44, 0x52, 0x16):
+            assert not reply.data[1] & 0x80
