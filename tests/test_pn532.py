@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
+import os
+import select
+import shutil
+import subprocess
+import sys
+import tty
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from cardsim.image import load_card, save_card
 from cardsim.m1_issue import KeyScheme, issue_m1_card, sector_keys
-from cardsim.mifare import M1Card, Profile, value_block
+from cardsim.mifare import M1Card, M1State, Profile, value_block
 from cardsim.pn532 import Pn532
 from cardsim.pn532_frames import (
     ACK_FRAME,
@@ -190,3 +201,82 @@ def test_any_commands_get_an_ack_and_never_a_nad_status(commands: list[bytes]) -
         [reply] = FrameDecoder().feed(out[len(ACK_FRAME) :])
         if isinstance(reply, Information) and data[0] in (0x40, 0x42, 0x44, 0x52, 0x16):
             assert not reply.data[1] & 0x80
+
+
+# --- libnfc's own tools against the chip on a pty -----------------------------------------------
+
+needs_libnfc = pytest.mark.skipif(shutil.which("nfc-list") is None, reason="libnfc-bin is not installed")
+
+
+@pytest.fixture
+def served(tmp_path: Path) -> Iterator[tuple[Path, str]]:
+    """A default-key M1 image served by ``serve_pn532`` in a child process; (image, pty path)."""
+    image = tmp_path / "m1.json"
+    save_card(image, issue_m1_card(UID, Profile.GENUINE, KeyScheme.DEFAULT, 2500, bytes(16)))
+    code = "import sys; from pathlib import Path; from yikatong.pn532_serve import serve_pn532; "
+    code += "serve_pn532(Path(sys.argv[1]), say=lambda m: print(m, flush=True))"
+    child = subprocess.Popen([sys.executable, "-c", code, str(image)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout is not None
+        ready, _, _ = select.select([child.stdout], [], [], 60)
+        line = child.stdout.readline().strip() if ready else ""
+        assert line.startswith("LIBNFC_DEFAULT_DEVICE=pn532_uart:/dev/pts/"), line
+        yield image, line.removeprefix("LIBNFC_DEFAULT_DEVICE=pn532_uart:")
+    finally:
+        child.terminate()
+        child.wait(timeout=30)
+
+
+def libnfc(pty: str, *command: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, LIBNFC_AUTO_SCAN="false", LIBNFC_DEFAULT_DEVICE=f"pn532_uart:{pty}")
+    return subprocess.run(command, env=env, cwd=cwd, capture_output=True, text=True, timeout=120)
+
+
+NFC_LIST_TARGET = (  # libnfc prints two spaces after each hex byte
+    "ISO/IEC 14443A (106 kbps) target:\n"
+    "    ATQA (SENS_RES): 00  04  \n"
+    "       UID (NFCID1): 9c  59  9b  32  \n"
+    "      SAK (SEL_RES): 08  \n"
+)
+
+
+@needs_libnfc
+def test_nfc_list_finds_the_card(served: tuple[Path, str]) -> None:
+    _, pty = served
+    result = libnfc(pty, "nfc-list")
+    assert result.returncode == 0, result.stderr
+    assert "1 ISO14443A passive target(s) found:" in result.stdout and NFC_LIST_TARGET in result.stdout
+
+
+@needs_libnfc
+def test_nfc_mfclassic_dumps_the_image(served: tuple[Path, str], tmp_path: Path) -> None:
+    image, pty = served
+    result = libnfc(pty, "nfc-mfclassic", "r", "a", "u", "dump.mfd", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "Done, 64 of 64 blocks read." in result.stdout
+    state = load_card(image)
+    assert isinstance(state, M1State)
+    # the dump keeps key A (the key found) and the access bits, and leaves key B zero
+    expected = b"".join(b[:10] + bytes(6) if i % 4 == 3 else b for i, b in enumerate(state.blocks))
+    assert (tmp_path / "dump.mfd").read_bytes() == expected
+
+
+@needs_libnfc
+def test_bad_frames_on_the_pty_leave_the_chip_serving(served: tuple[Path, str]) -> None:
+    _, pty = served
+    fd = os.open(pty, os.O_RDWR | os.O_NOCTTY)
+    try:
+        tty.setraw(fd)
+        broken = bytearray(encode(HOST_TFI, h("02")))
+        broken[-2] ^= 0xFF
+        os.write(fd, bytes(broken) + encode(HOST_TFI, h("02"))[:4])  # a bad checksum, then a truncated frame
+        os.write(fd, encode(HOST_TFI, h("FE")))  # then an unknown command
+        wanted = ACK_FRAME + ERROR_FRAME
+        got = b""
+        while len(got) < len(wanted) and select.select([fd], [], [], 30)[0]:
+            got += os.read(fd, 64)
+        assert got == wanted
+    finally:
+        os.close(fd)
+    result = libnfc(pty, "nfc-list")
+    assert result.returncode == 0 and NFC_LIST_TARGET in result.stdout
