@@ -231,7 +231,7 @@ class M1Card:
 
     def transceive(self, frame: Frame) -> Frame | None:
         """Process one frame from the reader."""
-        if frame.bits == 7:
+        if frame.bits is not None:  # a short frame (7-bit REQA/WUPA/40, or a lone 43 byte)
             return self._short_frame(frame.data[0] if frame.data else 0)
         auth = self._auth
         if auth is not None and not auth.done:

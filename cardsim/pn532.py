@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Final, Protocol
 
-from cardsim.mifare import M1Card, M1Command
+from cardsim.mifare import BLOCK_SIZE, Frame, M1Card, M1Command
 from cardsim.pn532_frames import CHIP_TFI, HOST_TFI, Control, FrameDecoder, Information, encode, encode_control
 
 FIRMWARE: Final = bytes([0x32, 0x01, 0x06, 0x07])  # PN532 v1.6, ISO 14443A/B and 18092
@@ -24,7 +24,12 @@ DEFAULT_REGISTERS: Final[dict[int, int]] = {
     0x633C: 0x10,
     0x633D: 0x00,
 }
+TX_MODE: Final = 0x6302  # bit 7 TxCRCEn
+RX_MODE: Final = 0x6303  # bit 7 RxCRCEn
+MANUAL_RCV: Final = 0x630D  # 0x10 ParityDisable
 STATUS2: Final = 0x6338
+CONTROL: Final = 0x633C  # bits 2..0 RxLastBits
+BIT_FRAMING: Final = 0x633D  # bits 2..0 TxLastBits
 MF_CRYPTO1_ON: Final = 0x08
 # Status bytes (UM0701 §7.1); bit 7 (NAD) is never set because libnfc aborts on it.
 OK: Final = 0x00
@@ -59,6 +64,16 @@ class MifareSession(Protocol):
 
 
 SessionFactory = Callable[[M1Card, int], MifareSession]
+
+
+def crc_a(data: bytes) -> bytes:
+    """ISO/IEC 14443-3 CRC_A (initial 0x6363, reflected polynomial 0x8408), low byte first."""
+    crc = 0x6363
+    for byte in data:
+        mixed = byte ^ (crc & 0xFF)
+        mixed = (mixed ^ (mixed << 4)) & 0xFF
+        crc = (crc >> 8) ^ (mixed << 8) ^ (mixed << 3) ^ (mixed >> 4)
+    return crc.to_bytes(2, "little")
 
 
 class _Refused(Exception):
@@ -182,9 +197,29 @@ class Pn532:
         self._listed = True
         return bytes([1, 1]) + atqa[::-1] + bytes([sak, len(uid)]) + uid  # SENS_RES MSB first
 
-    def _communicate_thru(self, args: bytes) -> bytes | None:
-        # Raw frames (REQA, RATS, B'/SR probes, magic backdoor) are not carried yet: the field stays silent.
-        return bytes([TIMEOUT])
+    def _communicate_thru(self, args: bytes) -> bytes:
+        """A raw frame with the chip making parity (host-made parity, ParityDisable, is not carried yet)."""
+        self.registers[CONTROL] = self.registers.get(CONTROL, 0) & ~0x07
+        last_bits = self.registers.get(BIT_FRAMING, 0) & 0x07
+        if not args or not self._listed or self._crypto is not None or self.registers.get(MANUAL_RCV, 0) & 0x10:
+            return bytes([TIMEOUT])
+        if last_bits or (len(args) == 1 and not self.registers.get(TX_MODE, 0x80) & 0x80):
+            # a short frame (7-bit REQA/WUPA/40, or a lone byte such as the Gen1a 43 sent without CRC)
+            frame = Frame(args[:1], bits=last_bits or 8) if len(args) == 1 else None
+        elif self.registers.get(TX_MODE, 0x80) & 0x80:
+            frame = Frame(args)
+        elif len(args) > 2 and crc_a(args[:-2]) == args[-2:]:
+            frame = Frame(args[:-2])  # the host appended CRC_A itself; the card model carries none
+        else:
+            frame = None
+        answer = None if frame is None else self.card.transceive(frame)
+        if answer is None:
+            return bytes([TIMEOUT])
+        self.registers[CONTROL] = self.registers.get(CONTROL, 0) | ((answer.bits or 0) & 0x07)
+        data = answer.data
+        if len(data) == 16 and not self.registers.get(RX_MODE, 0x80) & 0x80:
+            data += crc_a(data)  # a block comes with its CRC_A, which the host now checks itself
+        return bytes([OK]) + data
 
     def _deselect(self, args: bytes) -> bytes | None:
         self._crypto = None
@@ -210,8 +245,10 @@ class Pn532:
         if code in (M1Command.AUTH_A, M1Command.AUTH_B) and len(command) >= 12:
             return self._authenticate(code, command[1], int.from_bytes(command[2:8]))
         crypto = self._crypto
-        if crypto is None or len(command) < 2:
-            raise _Refused(INVALID_FRAME if crypto is None else TIMEOUT)
+        if len(command) < 2:
+            raise _Refused(TIMEOUT)
+        if crypto is None:
+            return self._plain(command)
         block = command[1]
         try:
             if code == M1Command.READ and len(command) == 2:
@@ -228,6 +265,17 @@ class Pn532:
         except Exception as refused:  # the card's NAK or silence ends its session, as on air
             self._crypto = None
             raise _Refused(INVALID_FRAME) from refused
+        raise _Refused(INVALID_FRAME)
+
+    def _plain(self, command: bytes) -> bytes:
+        """READ or WRITE with no Crypto-1: only an unlocked Gen1a answers; any other card NAKs."""
+        answer = self.card.transceive(Frame(command[:2]))
+        if command[0] == M1Command.READ and answer is not None and len(answer.data) == BLOCK_SIZE:
+            return answer.data
+        if command[0] == M1Command.WRITE and len(command) == 2 + BLOCK_SIZE and answer is not None:
+            answer = self.card.transceive(Frame(command[2:]))
+            if answer is not None and answer.bits == 4:
+                return b""
         raise _Refused(INVALID_FRAME)
 
     def _authenticate(self, code: int, block: int, key: int) -> bytes:

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from cardsim.image import load_card, save_card
 from cardsim.m1_issue import KeyScheme, issue_m1_card, sector_keys
 from cardsim.mifare import M1Card, M1State, Profile, value_block
-from cardsim.pn532 import Pn532
+from cardsim.pn532 import Pn532, crc_a
 from cardsim.pn532_frames import (
     ACK_FRAME,
     CHIP_TFI,
@@ -191,6 +191,25 @@ def test_bad_frames_get_what_a_pn532_gives_and_the_chip_goes_on() -> None:
     assert pn532.receive(NACK_FRAME) == firmware[len(ACK_FRAME) :]  # NACK: the last reply again
 
 
+def test_raw_frames_unlock_a_gen1a_like_nfc_mfclassic_does() -> None:
+    assert crc_a(h("50 00")) == h("57 CD") and crc_a(h("60 04")) == h("D1 3D")
+    pn532 = Pn532(M1Card(issue_m1_card(UID, Profile.GEN1A, KeyScheme.SHARED, 0, bytes(16)), bytes), M1Reader)
+    exchange(pn532, h("4A 01 00"))
+    assert exchange(pn532, h("08 63 02 00 63 03 00")) == b""  # CRC off
+    assert exchange(pn532, h("42 50 00 57 CD")) == h("01")  # HLTA: no answer
+    assert exchange(pn532, h("08 63 3D 07")) == b""
+    assert exchange(pn532, h("42 40")) == h("00 0A")
+    assert exchange(pn532, h("06 63 3C")) == h("14")  # Initiator, RxLastBits 4
+    assert exchange(pn532, h("08 63 3D 00")) == b""
+    assert exchange(pn532, h("42 43")) == h("00 0A")
+    assert exchange(pn532, h("42 30 00") + crc_a(h("30 00"))) == h("00") + pn532.card.state.blocks[0] + crc_a(
+        pn532.card.state.blocks[0]
+    )
+    assert exchange(pn532, h("08 63 02 80 63 03 80")) == b""
+    assert exchange(pn532, h("40 01 A0 00") + bytes(16)) == h("00")  # block 0 too, with no key
+    assert exchange(pn532, h("40 01 30 00")) == h("00") + bytes(16)
+
+
 @given(st.lists(st.binary(min_size=1, max_size=24), max_size=12))
 def test_any_commands_get_an_ack_and_never_a_nad_status(commands: list[bytes]) -> None:
     pn532 = chip()
@@ -208,11 +227,10 @@ def test_any_commands_get_an_ack_and_never_a_nad_status(commands: list[bytes]) -
 needs_libnfc = pytest.mark.skipif(shutil.which("nfc-list") is None, reason="libnfc-bin is not installed")
 
 
-@pytest.fixture
-def served(tmp_path: Path) -> Iterator[tuple[Path, str]]:
-    """A default-key M1 image served by ``serve_pn532`` in a child process; (image, pty path)."""
+def serve_image(tmp_path: Path, state: M1State) -> Iterator[tuple[Path, str]]:
+    """Serve ``state`` with ``serve_pn532`` in a child process; yields (image, pty path), then stops it."""
     image = tmp_path / "m1.json"
-    save_card(image, issue_m1_card(UID, Profile.GENUINE, KeyScheme.DEFAULT, 2500, bytes(16)))
+    save_card(image, state)
     code = "import sys; from pathlib import Path; from yikatong.pn532_serve import serve_pn532; "
     code += "serve_pn532(Path(sys.argv[1]), say=lambda m: print(m, flush=True))"
     child = subprocess.Popen([sys.executable, "-c", code, str(image)], stdout=subprocess.PIPE, text=True)
@@ -225,6 +243,12 @@ def served(tmp_path: Path) -> Iterator[tuple[Path, str]]:
     finally:
         child.terminate()
         child.wait(timeout=30)
+
+
+@pytest.fixture
+def served(tmp_path: Path) -> Iterator[tuple[Path, str]]:
+    """A default-key genuine M1 card served on a pty."""
+    yield from serve_image(tmp_path, issue_m1_card(UID, Profile.GENUINE, KeyScheme.DEFAULT, 2500, bytes(16)))
 
 
 def libnfc(pty: str, *command: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
@@ -280,3 +304,26 @@ def test_bad_frames_on_the_pty_leave_the_chip_serving(served: tuple[Path, str]) 
         os.close(fd)
     result = libnfc(pty, "nfc-list")
     assert result.returncode == 0 and NFC_LIST_TARGET in result.stdout
+
+
+@pytest.fixture
+def gen1a(tmp_path: Path) -> Iterator[tuple[Path, str]]:
+    """A Gen1a card with shared (non-default) keys, served on a pty."""
+    yield from serve_image(tmp_path, issue_m1_card(UID, Profile.GEN1A, KeyScheme.SHARED, 2500, bytes(16)))
+
+
+@needs_libnfc
+def test_nfc_mfclassic_unlocked_read_and_write_of_a_gen1a(gen1a: tuple[Path, str], tmp_path: Path) -> None:
+    image, pty = gen1a
+    result = libnfc(pty, "nfc-mfclassic", "R", "a", "u", "dump.mfd", cwd=tmp_path)
+    assert result.returncode == 0 and "Card unlocked" in result.stdout, result.stdout + result.stderr
+    state = load_card(image)
+    assert isinstance(state, M1State)
+    dump = bytearray((tmp_path / "dump.mfd").read_bytes())
+    assert dump == b"".join(state.blocks)  # the backdoor reads every block, keys included
+    dump[16 * 8 : 16 * 9] = bytes(range(16))
+    (tmp_path / "new.mfd").write_bytes(dump)
+    result = libnfc(pty, "nfc-mfclassic", "W", "a", "u", "new.mfd", cwd=tmp_path)
+    assert "Done, 64 of 64 blocks written." in result.stdout, result.stdout + result.stderr
+    written = load_card(image)
+    assert isinstance(written, M1State) and written.blocks[8] == bytes(range(16))  # the image file was updated
