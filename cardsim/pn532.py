@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Final, Protocol
 
+from cardsim.crypto1 import odd_parity
 from cardsim.mifare import BLOCK_SIZE, Frame, M1Card, M1Command
 from cardsim.pn532_frames import CHIP_TFI, HOST_TFI, Control, FrameDecoder, Information, encode, encode_control
 
@@ -74,6 +75,24 @@ def crc_a(data: bytes) -> bytes:
         mixed = (mixed ^ (mixed << 4)) & 0xFF
         crc = (crc >> 8) ^ (mixed << 8) ^ (mixed << 3) ^ (mixed >> 4)
     return crc.to_bytes(2, "little")
+
+
+def wrap_bits(data: bytes, parity: tuple[int, ...]) -> tuple[bytes, int]:
+    """Host-made parity: each byte LSB first then its parity bit, packed LSB first; (bytes, TxLastBits)."""
+    stream: list[int] = []
+    for byte, p in zip(data, parity, strict=True):
+        stream += [(byte >> i) & 1 for i in range(8)] + [p]
+    packed = bytes(sum(bit << i for i, bit in enumerate(stream[k : k + 8])) for k in range(0, len(stream), 8))
+    return packed, len(stream) % 8
+
+
+def unwrap_bits(packed: bytes, last_bits: int) -> tuple[bytes, tuple[int, ...]]:
+    """The reverse of ``wrap_bits``: ``last_bits`` (0 = 8) valid bits in the last byte."""
+    total = len(packed) * 8 - ((8 - last_bits) % 8 if packed else 0)
+    stream = [(packed[k // 8] >> (k % 8)) & 1 for k in range(total)]
+    groups = [stream[k : k + 9] for k in range(0, total - total % 9, 9)]
+    data = bytes(sum(bit << i for i, bit in enumerate(group[:8])) for group in groups)
+    return data, tuple(group[8] for group in groups)
 
 
 class _Refused(Exception):
@@ -198,28 +217,44 @@ class Pn532:
         return bytes([1, 1]) + atqa[::-1] + bytes([sak, len(uid)]) + uid  # SENS_RES MSB first
 
     def _communicate_thru(self, args: bytes) -> bytes:
-        """A raw frame with the chip making parity (host-made parity, ParityDisable, is not carried yet)."""
+        """A raw frame; parity made by the chip, or by the host when ManualRCV has ParityDisable set."""
         self.registers[CONTROL] = self.registers.get(CONTROL, 0) & ~0x07
         last_bits = self.registers.get(BIT_FRAMING, 0) & 0x07
-        if not args or not self._listed or self._crypto is not None or self.registers.get(MANUAL_RCV, 0) & 0x10:
+        host_parity = bool(self.registers.get(MANUAL_RCV, 0) & 0x10)
+        if not args or not self._listed or self._crypto is not None:
             return bytes([TIMEOUT])
-        if last_bits or (len(args) == 1 and not self.registers.get(TX_MODE, 0x80) & 0x80):
-            # a short frame (7-bit REQA/WUPA/40, or a lone byte such as the Gen1a 43 sent without CRC)
-            frame = Frame(args[:1], bits=last_bits or 8) if len(args) == 1 else None
-        elif self.registers.get(TX_MODE, 0x80) & 0x80:
-            frame = Frame(args)
-        elif len(args) > 2 and crc_a(args[:-2]) == args[-2:]:
-            frame = Frame(args[:-2])  # the host appended CRC_A itself; the card model carries none
-        else:
-            frame = None
+        frame = self._air_frame(args, last_bits, host_parity)
         answer = None if frame is None else self.card.transceive(frame)
         if answer is None:
             return bytes([TIMEOUT])
-        self.registers[CONTROL] = self.registers.get(CONTROL, 0) | ((answer.bits or 0) & 0x07)
         data = answer.data
-        if len(data) == 16 and not self.registers.get(RX_MODE, 0x80) & 0x80:
-            data += crc_a(data)  # a block comes with its CRC_A, which the host now checks itself
+        if answer.bits is not None:
+            rx_bits = answer.bits  # a 4-bit ACK/NAK goes out as it is
+        elif host_parity:
+            parity = answer.parity or tuple(odd_parity(b) for b in data)
+            data, rx_bits = wrap_bits(data, parity)
+        else:
+            rx_bits = 0
+            if len(data) == BLOCK_SIZE and not self.registers.get(RX_MODE, 0x80) & 0x80:
+                data += crc_a(data)  # a block comes with its CRC_A, which the host now checks itself
+        self.registers[CONTROL] = self.registers.get(CONTROL, 0) | rx_bits
         return bytes([OK]) + data
+
+    def _air_frame(self, args: bytes, last_bits: int, host_parity: bool) -> Frame | None:
+        """The frame the card sees (CRC_A stripped: the card model carries none), or None if it is garbled."""
+        total = len(args) * 8 - (8 - last_bits) % 8
+        crc_by_chip = self.registers.get(TX_MODE, 0x80) & 0x80
+        if last_bits and len(args) != 1 and not host_parity:
+            return None
+        if total < 8 or (total == 8 and not crc_by_chip):
+            # a short frame (7-bit REQA/WUPA/40, or a lone byte such as the Gen1a 43 sent without CRC)
+            return Frame(args[:1], bits=total)
+        data, parity = unwrap_bits(args, last_bits) if host_parity else (args, ())
+        if crc_by_chip:
+            return Frame(data, parity)
+        if len(data) > 2 and crc_a(data[:-2]) == data[-2:]:
+            return Frame(data[:-2], parity[:-2])
+        return None
 
     def _deselect(self, args: bytes) -> bytes | None:
         self._crypto = None

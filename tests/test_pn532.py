@@ -15,10 +15,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from cardsim.crypto1 import odd_parity
 from cardsim.image import load_card, save_card
 from cardsim.m1_issue import KeyScheme, issue_m1_card, sector_keys
-from cardsim.mifare import M1Card, M1State, Profile, value_block
-from cardsim.pn532 import Pn532, crc_a
+from cardsim.mifare import Frame, M1Card, M1State, Profile, value_block
+from cardsim.pn532 import Pn532, crc_a, unwrap_bits, wrap_bits
 from cardsim.pn532_frames import (
     ACK_FRAME,
     CHIP_TFI,
@@ -208,6 +209,45 @@ def test_raw_frames_unlock_a_gen1a_like_nfc_mfclassic_does() -> None:
     assert exchange(pn532, h("08 63 02 80 63 03 80")) == b""
     assert exchange(pn532, h("40 01 A0 00") + bytes(16)) == h("00")  # block 0 too, with no key
     assert exchange(pn532, h("40 01 30 00")) == h("00") + bytes(16)
+
+
+class RawLink:
+    """An M1 link over InCommunicateThru with host-made parity, the way mfoc drives a PN532."""
+
+    def __init__(self, pn532: Pn532) -> None:
+        self.pn532 = pn532
+
+    def power_on(self) -> None:
+        exchange(self.pn532, h("32 01 00"))
+        exchange(self.pn532, h("32 01 01"))
+        exchange(self.pn532, h("4A 01 00"))
+        exchange(self.pn532, h("08 63 0D 10"))  # ParityDisable
+
+    def transceive(self, frame: Frame) -> Frame | None:
+        parity = frame.parity or tuple(odd_parity(b) for b in frame.data)
+        packed, tx_bits = wrap_bits(frame.data, parity)
+        exchange(self.pn532, bytes([0x08, 0x63, 0x3D, tx_bits]))
+        reply = exchange(self.pn532, h("42") + packed)
+        if reply[0] != 0:
+            return None
+        rx_bits = exchange(self.pn532, h("06 63 3C"))[0] & 0x07
+        if len(reply) == 2 and rx_bits and rx_bits < 8:
+            return Frame(reply[1:], bits=rx_bits)
+        data, answer_parity = unwrap_bits(reply[1:], rx_bits)
+        return Frame(data, answer_parity)
+
+
+def test_host_parity_frames_carry_a_nested_authentication() -> None:
+    assert wrap_bits(h("01 02 03 04 A1 B2 C3 D4"), (1, 0, 1, 0, 1, 1, 0, 0)) == (h("01 05 0C 24 10 5A F6 30 6A"), 0)
+    assert wrap_bits(h("60 04 D1 3D"), (1, 0, 0, 1)) == (h("60 09 44 EB 09"), 4)
+    assert unwrap_bits(h("11 22 33 44 05"), 4) == (h("11 91 0C A8"), (0, 1, 1, 0))
+    pn532 = chip(KeyScheme.SHARED)
+    link = RawLink(pn532)
+    link.power_on()
+    reader = M1Reader(link, int.from_bytes(UID), random=bytes(4))
+    reader.authenticate(3, int.from_bytes(sector_keys(KeyScheme.SHARED, bytes(16), UID, 0)[0]))
+    reader.authenticate(7, int.from_bytes(sector_keys(KeyScheme.SHARED, bytes(16), UID, 1)[0]))  # nested
+    assert reader.read_block(4) == value_block(2500, 4)
 
 
 @given(st.lists(st.binary(min_size=1, max_size=24), max_size=12))
