@@ -2,8 +2,9 @@
 
 Frames carry bytes and, once a sector is authenticated, Crypto-1 encrypted parity bits, so a reader-side
 Crypto-1 (``terminals.m1``) and the attacks in ``audit`` see exactly what they would see on air. CRC_A is left
-out of frames (docs/card-choices.md). Card profiles model the chips a fleet really holds: genuine (weak
-16-bit PRNG), hardened PRNG, static nonce, Gen1a magic backdoor, FM11RF08S-like backdoor key.
+out of frames (docs/card-choices.md), except that an encrypted command may carry it, as a raw-mode reader sends
+it. Card profiles model the chips a fleet really holds: genuine (weak 16-bit PRNG), hardened PRNG, static nonce,
+Gen1a magic backdoor, FM11RF08S-like backdoor key.
 """
 
 from __future__ import annotations
@@ -74,6 +75,16 @@ class Frame:
     data: bytes
     parity: tuple[int, ...] = ()
     bits: int | None = None
+
+
+def crc_a(data: bytes) -> bytes:
+    """ISO/IEC 14443-3 CRC_A (initial 0x6363, reflected polynomial 0x8408), low byte first."""
+    crc = 0x6363
+    for byte in data:
+        mixed = byte ^ (crc & 0xFF)
+        mixed = (mixed ^ (mixed << 4)) & 0xFF
+        crc = (crc >> 8) ^ (mixed << 8) ^ (mixed << 3) ^ (mixed >> 4)
+    return crc.to_bytes(2, "little")
 
 
 # --- access conditions ---------------------------------------------------------------------------
@@ -354,6 +365,8 @@ class M1Card:
     def _encrypted_command(self, auth: _Auth, plain: bytes) -> Frame | None:
         if self._pending is not None:
             return self._data_frame(auth, plain)
+        if len(plain) == 4 and crc_a(plain[:2]) == plain[2:]:
+            plain = plain[:2]  # a raw-mode reader (CRC off in its chip) sends the CRC_A itself
         if len(plain) != 2:
             return self._nak(auth)
         command, block = plain[0], plain[1]

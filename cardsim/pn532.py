@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Final, Protocol
 
 from cardsim.crypto1 import odd_parity
-from cardsim.mifare import BLOCK_SIZE, Frame, M1Card, M1Command
+from cardsim.mifare import BLOCK_SIZE, Frame, M1Card, M1Command, crc_a
 from cardsim.pn532_frames import CHIP_TFI, HOST_TFI, Control, FrameDecoder, Information, encode, encode_control
 
 FIRMWARE: Final = bytes([0x32, 0x01, 0x06, 0x07])  # PN532 v1.6, ISO 14443A/B and 18092
@@ -65,16 +65,6 @@ class MifareSession(Protocol):
 
 
 SessionFactory = Callable[[M1Card, int], MifareSession]
-
-
-def crc_a(data: bytes) -> bytes:
-    """ISO/IEC 14443-3 CRC_A (initial 0x6363, reflected polynomial 0x8408), low byte first."""
-    crc = 0x6363
-    for byte in data:
-        mixed = byte ^ (crc & 0xFF)
-        mixed = (mixed ^ (mixed << 4)) & 0xFF
-        crc = (crc >> 8) ^ (mixed << 8) ^ (mixed << 3) ^ (mixed >> 4)
-    return crc.to_bytes(2, "little")
 
 
 def wrap_bits(data: bytes, parity: tuple[int, ...]) -> tuple[bytes, int]:
@@ -254,7 +244,8 @@ class Pn532:
             return Frame(data, parity)
         if len(data) > 2 and crc_a(data[:-2]) == data[-2:]:
             return Frame(data[:-2], parity[:-2])
-        return None
+        # encrypted, so the CRC_A can only be checked by the card
+        return Frame(data, parity) if parity else None
 
     def _deselect(self, args: bytes) -> bytes | None:
         self._crypto = None

@@ -15,11 +15,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from cardsim.crypto1 import odd_parity
+from cardsim.crypto1 import encrypt_bytes, odd_parity
 from cardsim.image import load_card, save_card
 from cardsim.m1_issue import KeyScheme, issue_m1_card, sector_keys
-from cardsim.mifare import Frame, M1Card, M1State, Profile, value_block
-from cardsim.pn532 import Pn532, crc_a, unwrap_bits, wrap_bits
+from cardsim.mifare import Frame, M1Card, M1State, Profile, crc_a, value_block
+from cardsim.pn532 import Pn532, unwrap_bits, wrap_bits
 from cardsim.pn532_frames import (
     ACK_FRAME,
     CHIP_TFI,
@@ -248,6 +248,13 @@ def test_host_parity_frames_carry_a_nested_authentication() -> None:
     reader.authenticate(3, int.from_bytes(sector_keys(KeyScheme.SHARED, bytes(16), UID, 0)[0]))
     reader.authenticate(7, int.from_bytes(sector_keys(KeyScheme.SHARED, bytes(16), UID, 1)[0]))  # nested
     assert reader.read_block(4) == value_block(2500, 4)
+    # mfoc turns the chip's CRC off and encrypts the CRC_A of its nested AUTH along with it
+    assert exchange(pn532, h("08 63 02 00 63 03 00")) == b""
+    assert reader.cipher is not None
+    command = h("60 0B")
+    encrypted, parity = encrypt_bytes(reader.cipher, command + crc_a(command))
+    answer = link.transceive(Frame(encrypted, tuple(parity)))
+    assert answer is not None and len(answer.data) == 4  # the card's encrypted nonce
 
 
 @given(st.lists(st.binary(min_size=1, max_size=24), max_size=12))
