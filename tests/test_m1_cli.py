@@ -102,7 +102,6 @@ def test_nested_attack_from_the_command_line(tmp_path: Path) -> None:
             ],
             "invalid choice",
         ),
-        (["card", "serve", "{m1}"], "only CPU cards are served"),
         (
             ["audit", "nested", "{m1}", "--known-block", "3", "--known-key", "FFFFFFFFFFF", "--target-block", "7"],
             "not 12 hex digits",

@@ -23,7 +23,8 @@ from yikatong.process import stop_on_sigterm
 # each command imports the card and reader layers it uses beyond what its options list
 if TYPE_CHECKING:
     from cardsim.keys import IssuerKeyStore
-    from cardsim.purse import PurseCard, PurseState
+    from cardsim.part3 import Part3Reader
+    from cardsim.purse import PurseState
 
 CITY_NAMES = {"4510": "Jinan 济南", "4560": "Yantai 烟台", "4530": "Zibo 淄博"}
 
@@ -244,13 +245,40 @@ def load_image(path: Path) -> PurseState | M1State:
         raise CliError(str(err)) from err
 
 
-def _open_card(path: Path) -> PurseCard:
-    from cardsim.purse import PurseCard
+def part3_reader(state: M1State) -> Part3Reader:
+    """An ACR122U-like contactless reader (PC/SC Part 3 pseudo-APDUs) holding the M1 card ``state``."""
+    from cardsim.mifare import M1Card
+    from cardsim.part3 import Part3Reader
+    from terminals.m1 import M1Error, M1Reader
 
-    state = load_image(path)
-    if isinstance(state, M1State):
-        raise CliError(f"{path} is an M1 card: vpcd carries APDUs, not Crypto-1 frames, so only CPU cards are served")
-    return PurseCard(state, os.urandom)
+    return Part3Reader(M1Card(state, os.urandom), lambda c: M1Reader(c, int.from_bytes(c.anticollision()[0])), M1Error)
+
+
+def _serve_m1(args: argparse.Namespace, state: M1State) -> int:
+    """Serve an M1 image behind a virtual contactless reader; save the image whenever a block changes."""
+    path: Path = args.image
+    reader = part3_reader(state)
+    saved = list(state.blocks)
+
+    def after_exchange(c_apdu: bytes, r_apdu: bytes) -> None:
+        if args.verbose:
+            print(f"  > {c_apdu.hex().upper()}\n  < {r_apdu.hex().upper()}")
+        if state.blocks != saved:
+            changed = [i for i in range(len(saved)) if state.blocks[i] != saved[i]]
+            _save(path, state)
+            saved[:] = state.blocks
+            print(f"saved {path}: block(s) {', '.join(map(str, changed))} written")
+        sys.stdout.flush()
+
+    print(f"serving M1 card {state.blocks[0][0:4].hex().upper()} ({state.profile.value}) from {path}; Ctrl-C stops")
+    sys.stdout.flush()
+    stop_on_sigterm()
+    try:
+        vpcd.serve(reader, args.host, args.port, after_exchange, say=lambda m: print(m, flush=True))
+    except KeyboardInterrupt:
+        _save(path, state)
+        print(f"stopped; card image saved to {path}")
+    return 0
 
 
 def _show_m1(path: Path, state: M1State) -> int:
@@ -318,10 +346,14 @@ def _show(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     from cardsim.apdu import split_response
     from cardsim.image import save_purse
+    from cardsim.purse import PurseCard
     from terminals.inspect import yuan
 
     path: Path = args.image
-    card = _open_card(path)
+    state = load_image(path)
+    if isinstance(state, M1State):
+        return _serve_m1(args, state)
+    card = PurseCard(state, os.urandom)
     saved_at = [card.eeprom.writes]  # every non-volatile change goes through the card's Eeprom
 
     def after_exchange(c_apdu: bytes, r_apdu: bytes) -> None:
