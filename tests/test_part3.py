@@ -3,13 +3,22 @@ and through pcscd + vpcd with pcsc_scan and scriptor."""
 
 from __future__ import annotations
 
+import subprocess
+from pathlib import Path
+
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from support import ServedCard
 
+from cardsim.image import load_card, save_card
 from cardsim.m1_issue import KeyScheme, issue_m1_card
 from cardsim.mifare import M1State, Profile, value_block
 from cardsim.part3 import PART3_ATR, Part3Reader
+from terminals.pcsc import PcscReader, list_readers
 from yikatong.card_cli import part3_reader
+
+READER = "Virtual PCD 00 00"
 
 UID = bytes.fromhex("A1B2C3D4")
 KEY_A = "FFFFFFFFFFFF"  # default keys: A and B both FF..FF
@@ -118,3 +127,31 @@ def test_any_bytes_get_a_status_word(apdu: bytes, authenticated: bool) -> None:
         send(reader, "FF860000050100046100")
     answer = reader.transmit(apdu)
     assert len(answer) >= 2 and answer[-2] in (0x90, 0x63, 0x67, 0x6A, 0x6D, 0x6E)
+
+
+@pytest.mark.pcsc
+def test_pcsc_scan_names_it_and_scriptor_reads_and_writes(tmp_path: Path) -> None:
+    """The outside clients: pcsc_scan names the card from its ATR; scriptor loads a key, authenticates, reads the
+    purse value block and writes block 6, which lands in the saved image."""
+    assert READER in list_readers(), "run scripts/services.sh to start pcscd with vpcd"
+    image = tmp_path / "m1.json"
+    save_card(image, card())
+    data = bytes(range(16))
+    script = tmp_path / "script.txt"
+    script.write_text(
+        "FF 82 00 00 06 FF FF FF FF FF FF\nFF 86 00 00 05 01 00 04 61 00\nFF B0 00 04 10\n"
+        f"FF D6 00 06 10 {data.hex(' ').upper()}\n"
+    )
+    with ServedCard(image) as serve:
+        PcscReader(READER).wait_for_card(timeout=20)
+        # pcsc_scan runs until stopped; by 8 s it has printed the card and its ATR analysis
+        scan = subprocess.run(["timeout", "8", "pcsc_scan"], capture_output=True, text=True, timeout=60)
+        assert "3B 8F 80 01 80 4F 0C A0 00 00 03 06 03 00 01 00 00 00 00 6A" in scan.stdout, scan.stdout
+        assert "mifare classic 1k" in scan.stdout.lower(), scan.stdout
+        done = subprocess.run(["scriptor", "-r", READER, str(script)], capture_output=True, text=True, timeout=60)
+        answers = [line for line in done.stdout.splitlines() if line.startswith("<")]
+        # scriptor prints a data answer's status word on a line of its own
+        assert len(answers) == 4 and done.stdout.count("90 00 : Normal processing.") == 4, done.stdout + done.stderr
+        assert answers[2].startswith("< " + card().blocks[4].hex(" ").upper()), done.stdout
+    assert serve.returncode == 0, serve.output
+    assert load_card(image).blocks[6] == data  # type: ignore[union-attr]
