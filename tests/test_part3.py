@@ -142,8 +142,9 @@ def test_pcsc_scan_names_it_and_scriptor_reads_and_writes(tmp_path: Path) -> Non
         "FF 82 00 00 06 FF FF FF FF FF FF\nFF 86 00 00 05 01 00 04 61 00\nFF B0 00 04 10\n"
         f"FF D6 00 06 10 {data.hex(' ').upper()}\n"
     )
+    reader = PcscReader(READER)
     with ServedCard(image) as serve:
-        PcscReader(READER).wait_for_card(timeout=20)
+        reader.wait_for_card(timeout=20)
         # pcsc_scan runs until stopped; by 8 s it has printed the card and its ATR analysis
         scan = subprocess.run(["timeout", "8", "pcsc_scan"], capture_output=True, text=True, timeout=60)
         assert "3B 8F 80 01 80 4F 0C A0 00 00 03 06 03 00 01 00 00 00 00 6A" in scan.stdout, scan.stdout
@@ -153,5 +154,7 @@ def test_pcsc_scan_names_it_and_scriptor_reads_and_writes(tmp_path: Path) -> Non
         # scriptor prints a data answer's status word on a line of its own
         assert len(answers) == 4 and done.stdout.count("90 00 : Normal processing.") == 4, done.stdout + done.stderr
         assert answers[2].startswith("< " + card().blocks[4].hex(" ").upper()), done.stdout
+    # the next test's card must not meet this one's ATR, which pcscd keeps until vpcd reports the card gone
+    assert reader.wait_for_removal(timeout=30), "pcscd still sees the M1 card after card serve stopped"
     assert serve.returncode == 0, serve.output
     assert load_card(image).blocks[6] == data  # type: ignore[union-attr]
