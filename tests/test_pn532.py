@@ -275,12 +275,11 @@ needs_libnfc = pytest.mark.skipif(shutil.which("nfc-list") is None, reason="libn
 
 
 def serve_image(tmp_path: Path, state: M1State) -> Iterator[tuple[Path, str]]:
-    """Serve ``state`` with ``serve_pn532`` in a child process; yields (image, pty path), then stops it."""
+    """Serve ``state`` with ``yikatong card serve IMAGE --pn532``; yields (image, pty path), then stops it."""
     image = tmp_path / "m1.json"
     save_card(image, state)
-    code = "import sys; from pathlib import Path; from yikatong.pn532_serve import serve_pn532; "
-    code += "serve_pn532(Path(sys.argv[1]), say=lambda m: print(m, flush=True))"
-    child = subprocess.Popen([sys.executable, "-c", code, str(image)], stdout=subprocess.PIPE, text=True)
+    command = [sys.executable, "-m", "yikatong.cli", "card", "serve", str(image), "--pn532"]
+    child = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
     try:
         assert child.stdout is not None
         ready, _, _ = select.select([child.stdout], [], [], 60)
@@ -374,3 +373,36 @@ def test_nfc_mfclassic_unlocked_read_and_write_of_a_gen1a(gen1a: tuple[Path, str
     assert "Done, 64 of 64 blocks written." in result.stdout, result.stdout + result.stderr
     written = load_card(image)
     assert isinstance(written, M1State) and written.blocks[8] == bytes(range(16))  # the image file was updated
+
+
+def test_card_serve_pn532_refuses_a_cpu_card(tmp_path: Path) -> None:
+    image = tmp_path / "cpu.json"
+    issued = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "yikatong.cli",
+            "card",
+            "issue",
+            "--city",
+            "4510",
+            "--alg",
+            "sm4",
+            "--balance",
+            "100",
+            "--out",
+            str(image),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert issued.returncode == 0, issued.stderr
+    served = subprocess.run(
+        [sys.executable, "-m", "yikatong.cli", "card", "serve", str(image), "--pn532"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert served.returncode == 2
+    assert "is a CPU card: the PN532 emulator carries M1 cards only" in served.stderr

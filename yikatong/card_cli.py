@@ -122,6 +122,12 @@ def register(groups: Subcommands) -> None:
         help="vpcd port (default %(default)s = 'Virtual PCD 00 00'; 35964 is slot 01)",
     )
     serve.add_argument("-v", "--verbose", action="store_true", help="print every APDU exchanged")
+    serve.add_argument(
+        "--pn532",
+        action="store_true",
+        help="M1 cards: serve through an emulated NXP PN532 on a pseudo-terminal instead of vpcd, for libnfc's "
+        "tools (prints the LIBNFC_DEFAULT_DEVICE=pn532_uart:/dev/pts/N line to use)",
+    )
     serve.set_defaults(run=_serve)
 
 
@@ -254,6 +260,20 @@ def part3_reader(state: M1State) -> Part3Reader:
     return Part3Reader(M1Card(state, os.urandom), lambda c: M1Reader(c, int.from_bytes(c.anticollision()[0])), M1Error)
 
 
+def _serve_pn532(path: Path, state: object) -> int:
+    """Serve an M1 image through the emulated PN532 on a pty until Ctrl-C."""
+    from yikatong.pn532_serve import serve_pn532
+
+    if not isinstance(state, M1State):
+        raise CliError(f"{path} is a CPU card: the PN532 emulator carries M1 cards only (serve it without --pn532)")
+    stop_on_sigterm()
+    try:
+        serve_pn532(path, say=lambda m: print(m, flush=True))
+    except KeyboardInterrupt:
+        print(f"stopped; card image saved to {path}")
+    return 0
+
+
 def _serve_m1(args: argparse.Namespace, state: M1State) -> int:
     """Serve an M1 image behind a virtual contactless reader; save the image whenever a block changes."""
     path: Path = args.image
@@ -351,6 +371,8 @@ def _serve(args: argparse.Namespace) -> int:
 
     path: Path = args.image
     state = load_image(path)
+    if args.pn532:
+        return _serve_pn532(path, state)
     if isinstance(state, M1State):
         return _serve_m1(args, state)
     card = PurseCard(state, os.urandom)
