@@ -334,30 +334,48 @@ static PyObject *key_list(uint64_t *keys, size_t n) {
     return list;
 }
 
-static PyObject *py_mfkey32_keys(PyObject *self, PyObject *args) {
-    uint32_t ks2_0, nr0_enc, fed0, fed1, nr1_enc, ks2_1;
-    if (!PyArg_ParseTuple(args, "O&O&O&O&O&O&:mfkey32_keys", word_arg, &fed0, word_arg, &nr0_enc, word_arg, &ks2_0,
-                          word_arg, &fed1, word_arg, &nr1_enc, word_arg, &ks2_1))
-        return NULL;
+/* The state positioned after {aR}, rolled back through {aR}'s clocks, {nR} (encrypted) and uid^nT: at the key. */
+static State rolled_back(State s, uint32_t nr_enc, uint32_t fed) {
+    rollback_word(&s, 0, 0);
+    rollback_word(&s, nr_enc, 1);
+    rollback_word(&s, fed, 0);
+    return s;
+}
+
+/* Whether a candidate (its state after {aR}, and the same rolled back to the key) explains the other trace. */
+typedef int (*Explains)(const State *after_ar, const State *at_key, const uint32_t *other);
+
+/* mfkey32's second attempt: fed uid^nT1 and {nR1} from the key, the cipher gives the keystream of {aR1}. */
+static int explains_second_attempt(const State *after_ar, const State *at_key, const uint32_t *other) {
+    (void)after_ar;
+    State t = *at_key;
+    feed_word(&t, other[0], 0);
+    feed_word(&t, other[1], 1);
+    return gives_keystream(&t, other[2]);
+}
+
+/* mfkey64's tag answer: after {aR}, the cipher gives the keystream of {aT}. */
+static int explains_tag_answer(const State *after_ar, const State *at_key, const uint32_t *other) {
+    (void)at_key;
+    State t = *after_ar;
+    return gives_keystream(&t, other[0]);
+}
+
+/* The distinct keys of the states giving ks2 (the keystream of {aR}) that explain `other` too, as a sorted list. */
+static PyObject *key_search(uint32_t ks2, uint32_t nr_enc, uint32_t fed, Explains explains, const uint32_t *other) {
     State *states = NULL;
     size_t n = 0, found = 0;
     uint64_t *keys = NULL;
     int failed;
     Py_BEGIN_ALLOW_THREADS
-    failed = recover(ks2_0, 0, &states, &n);
+    failed = recover(ks2, 0, &states, &n);
     if (!failed) {
         keys = malloc(sizeof(uint64_t) * (n + 1));
         failed = keys == NULL;
     }
     for (size_t i = 0; i < n && !failed; i++) {
-        State s = states[i];
-        rollback_word(&s, 0, 0);
-        rollback_word(&s, nr0_enc, 1);
-        rollback_word(&s, fed0, 0);
-        State t = s;
-        feed_word(&t, fed1, 0);
-        feed_word(&t, nr1_enc, 1);
-        if (gives_keystream(&t, ks2_1)) keys[found++] = lfsr48(&s);
+        State at_key = rolled_back(states[i], nr_enc, fed);
+        if (explains(&states[i], &at_key, other)) keys[found++] = lfsr48(&at_key);
     }
     Py_END_ALLOW_THREADS
     free(states);
@@ -370,38 +388,20 @@ static PyObject *py_mfkey32_keys(PyObject *self, PyObject *args) {
     return list;
 }
 
+static PyObject *py_mfkey32_keys(PyObject *self, PyObject *args) {
+    uint32_t ks2_0, nr0_enc, fed0, other[3];
+    if (!PyArg_ParseTuple(args, "O&O&O&O&O&O&:mfkey32_keys", word_arg, &fed0, word_arg, &nr0_enc, word_arg, &ks2_0,
+                          word_arg, &other[0], word_arg, &other[1], word_arg, &other[2]))
+        return NULL;
+    return key_search(ks2_0, nr0_enc, fed0, explains_second_attempt, other);
+}
+
 static PyObject *py_mfkey64_keys(PyObject *self, PyObject *args) {
     uint32_t fed, nr_enc, ks2, ks3;
     if (!PyArg_ParseTuple(args, "O&O&O&O&:mfkey64_keys", word_arg, &fed, word_arg, &nr_enc, word_arg, &ks2, word_arg,
                           &ks3))
         return NULL;
-    State *states = NULL;
-    size_t n = 0, found = 0;
-    uint64_t *keys = NULL;
-    int failed;
-    Py_BEGIN_ALLOW_THREADS
-    failed = recover(ks2, 0, &states, &n);
-    if (!failed) {
-        keys = malloc(sizeof(uint64_t) * (n + 1));
-        failed = keys == NULL;
-    }
-    for (size_t i = 0; i < n && !failed; i++) {
-        State s = states[i], t = states[i];
-        if (!gives_keystream(&t, ks3)) continue;
-        rollback_word(&s, 0, 0);
-        rollback_word(&s, nr_enc, 1);
-        rollback_word(&s, fed, 0);
-        keys[found++] = lfsr48(&s);
-    }
-    Py_END_ALLOW_THREADS
-    free(states);
-    if (failed) {
-        free(keys);
-        return PyErr_NoMemory();
-    }
-    PyObject *list = key_list(keys, found);
-    free(keys);
-    return list;
+    return key_search(ks2, nr_enc, fed, explains_tag_answer, &ks3);
 }
 
 static PyMethodDef methods[] = {
