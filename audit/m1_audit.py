@@ -17,8 +17,7 @@ from audit.findings import Finding, finding
 from cardsim.files import JSONValue
 from cardsim.m1_issue import ISSUER_BLOCK, PURSE_SECTOR
 from cardsim.mifare import decode_access, key_b_readable, parse_value_block
-from terminals.m1 import BACKUP_BLOCK, PURSE_BLOCK, M1Error, M1Reader
-from terminals.terminal import M1Chip
+from terminals.m1 import BACKUP_BLOCK, PURSE_BLOCK, M1Chip, M1Error, M1Reader
 
 NONCES: Final = 8
 KEY_NAMES: Final = {0x60: "A", 0x61: "B"}

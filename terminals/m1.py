@@ -28,6 +28,13 @@ class M1Link(Protocol):
         ...
 
 
+class M1Chip(M1Link, Protocol):
+    """An M1 card in the field of a reader that passes raw frames: frames, plus the anticollision answer
+    (UID, SAK, ATQA)."""
+
+    def anticollision(self) -> tuple[bytes, int, bytes]: ...
+
+
 class M1Error(Exception):
     """The card refused or did not answer; the message says which step."""
 
@@ -36,8 +43,48 @@ class M1Unsettled(M1Error):
     """An interrupted purchase whose outcome the card no longer shows (it was used elsewhere since)."""
 
 
+class M1Session(Protocol):
+    """A reader session with one M1 card at block level: what every reader offers, a PC/SC Part 3 reader
+    included. Each method raises M1Error when the card refuses, stays silent or leaves."""
+
+    uid: int
+
+    def authenticate(self, block: int, key: int, key_type: int = M1Command.AUTH_A) -> None:
+        """Three-pass authentication to the sector of ``block`` with key A (60) or B (61)."""
+        ...
+
+    def read_block(self, block: int) -> bytes:
+        """One block, 16 bytes."""
+        ...
+
+    def write_block(self, block: int, data: bytes) -> None:
+        """Write one block."""
+        ...
+
+    def decrement(self, block: int, amount: int) -> None:
+        """Take ``amount`` off the value block ``block`` (DECREMENT, then TRANSFER into the same block)."""
+        ...
+
+    def restore(self, source: int, target: int) -> None:
+        """Copy the value block ``source`` into ``target`` of the same sector (RESTORE, then TRANSFER)."""
+        ...
+
+
+class M1Slot(Protocol):
+    """A reader with one M1 card in its field, at block level."""
+
+    def uid(self) -> bytes:
+        """The card's UID (4 bytes)."""
+        ...
+
+    def session(self) -> M1Session:
+        """A new session with nothing authenticated (a fresh field where the reader can cycle it)."""
+        ...
+
+
 class M1Reader:
-    """A reader session with one M1 card. ``random`` supplies reader nonces."""
+    """A reader session with one M1 card over raw frames (``M1Session`` and the single card commands).
+    ``random`` supplies reader nonces."""
 
     def __init__(self, link: M1Link, uid: int, random: bytes | None = None) -> None:
         self.link = link
@@ -119,6 +166,32 @@ class M1Reader:
         """TRANSFER (B0): write the value register into ``block``."""
         self._ack(self._send(bytes([M1Command.TRANSFER, block])), f"TRANSFER block {block}")
 
+    def decrement(self, block: int, amount: int) -> None:
+        """DECREMENT ``block`` by ``amount``, then TRANSFER into the same block."""
+        self.value_operation(M1Command.DECREMENT, block, amount)
+        self.transfer(block)
+
+    def restore(self, source: int, target: int) -> None:
+        """RESTORE ``source`` into the value register, then TRANSFER into ``target``."""
+        self.value_operation(M1Command.RESTORE, source, 0)
+        self.transfer(target)
+
+
+class FrameSlot:
+    """An M1 card on a raw-frame link (the in-process card, a PN532): each session a fresh field."""
+
+    def __init__(self, chip: M1Chip) -> None:
+        self.chip = chip
+
+    def uid(self) -> bytes:
+        """The UID from the anticollision answer."""
+        return self.chip.anticollision()[0]
+
+    def session(self) -> M1Reader:
+        """Cycle the field and open a frame-level session."""
+        self.chip.power_on()
+        return M1Reader(self.chip, int.from_bytes(self.uid()))
+
 
 MAX_M1_AMOUNT = 0xFFFF  # the record block holds a 2-byte amount
 
@@ -141,7 +214,7 @@ def record_block(counter: int, when: dt.datetime, terminal: bytes, amount: int) 
     return counter.to_bytes(2) + bcd_date(when)[1:] + bcd_time(when) + terminal + amount.to_bytes(2)
 
 
-def _open_purse(reader: M1Reader, key_b: int) -> tuple[int, int]:
+def _open_purse(reader: M1Session, key_b: int) -> tuple[int, int]:
     """Authenticate sector 1 with key B; (balance, record counter), repairing a torn purse from the backup."""
     reader.authenticate(PURSE_BLOCK, key_b, M1Command.AUTH_B)
     parsed = parse_value_block(reader.read_block(PURSE_BLOCK))
@@ -149,15 +222,14 @@ def _open_purse(reader: M1Reader, key_b: int) -> tuple[int, int]:
         backup = parse_value_block(reader.read_block(BACKUP_BLOCK))
         if backup is None:
             raise M1Error("purse and backup value blocks are both corrupted: card refused")
-        reader.value_operation(M1Command.RESTORE, BACKUP_BLOCK, 0)
-        reader.transfer(PURSE_BLOCK)
+        reader.restore(BACKUP_BLOCK, PURSE_BLOCK)
         parsed = backup
     counter = int.from_bytes(reader.read_block(RECORD_BLOCK)[0:2])
     return parsed[0], counter
 
 
 def m1_purchase(
-    reader: M1Reader,
+    reader: M1Session,
     key_b: int,
     terminal: bytes,
     amount: int,
@@ -181,13 +253,12 @@ def m1_purchase(
     if before_write is not None:
         before_write(txn)
     reader.write_block(RECORD_BLOCK, record_block(counter + 1, when, terminal, amount))
-    reader.value_operation(M1Command.DECREMENT, PURSE_BLOCK, amount)
-    reader.transfer(PURSE_BLOCK)
+    reader.decrement(PURSE_BLOCK, amount)
     reader.write_block(BACKUP_BLOCK, value_block(balance - amount, PURSE_BLOCK))
     return txn
 
 
-def m1_outcome(reader: M1Reader, key_b: int, txn: M1Transaction) -> bool:
+def m1_outcome(reader: M1Session, key_b: int, txn: M1Transaction) -> bool:
     """Whether an interrupted ``m1_purchase`` took the money (True) or not (False), read off the card.
 
     M1Unsettled when the card shows neither state (it was used elsewhere since): the outcome cannot be told.

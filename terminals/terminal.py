@@ -13,7 +13,7 @@ import enum
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Final, Protocol
+from typing import Final
 
 from pydantic import BaseModel, ConfigDict
 
@@ -43,7 +43,16 @@ from terminals.flows import (
 from terminals.hotlist import HotlistBook, HotlistNews
 from terminals.inspect import yuan
 from terminals.kinds import TerminalKind
-from terminals.m1 import M1Error, M1Link, M1Reader, M1Transaction, M1Unsettled, m1_outcome, m1_purchase
+from terminals.m1 import (
+    FrameSlot,
+    M1Chip,
+    M1Error,
+    M1Slot,
+    M1Transaction,
+    M1Unsettled,
+    m1_outcome,
+    m1_purchase,
+)
 from terminals.messages import CHINA, CardRef, TxnAlg, TxnFields, TxnRecord
 from terminals.metro import TRIP_ENTRY, TRIP_EXIT, CityFares, FareTable, Station, exit_fare, parse_trip, trip_record
 from terminals.outbox import Outbox
@@ -192,12 +201,6 @@ def _gate(config: TerminalConfig, fares: FareTable | None) -> _Gate | None:
         raise ValueError("a metro gate needs the fare table, its line and its station")
     city_fares = fares.city(config.city)
     return _Gate(fares, city_fares, city_fares.station(config.line, config.station))
-
-
-class M1Chip(M1Link, Protocol):
-    """An M1 card in the field: frames, plus the anticollision answer (UID, SAK, ATQA)."""
-
-    def anticollision(self) -> tuple[bytes, int, bytes]: ...
 
 
 def check_atr(atr: bytes) -> None:
@@ -431,10 +434,14 @@ class Terminal:
     # --- M1 -----------------------------------------------------------------------------------------------
 
     def tap_m1(self, chip: M1Chip) -> TapResult:
-        """One M1 card presentation (buses only: M1 cards carry no trip log)."""
+        """One M1 card presentation over raw frames (buses only: M1 cards carry no trip log)."""
+        return self.tap_m1_slot(FrameSlot(chip))
+
+    def tap_m1_slot(self, slot: M1Slot) -> TapResult:
+        """One M1 card presentation on any reader (``tap`` routes a PC/SC Part 3 card here)."""
         journal = _Journal(self.outbox)
         try:
-            return self._m1(chip, journal)
+            return self._m1(slot, journal)
         except TransactionError as err:
             return TapResult(TapOutcome.ERROR, f"ERROR    {err}")
         except M1Error as err:
@@ -442,8 +449,8 @@ class Terminal:
                 return TapResult(TapOutcome.TORN, f"TORN     {err}; tap again to finish")
             return TapResult(TapOutcome.REFUSED, f"REFUSED  {err}")
 
-    def _m1(self, chip: M1Chip, journal: _Journal) -> TapResult:
-        uid_bytes, _, _ = chip.anticollision()
+    def _m1(self, slot: M1Slot, journal: _Journal) -> TapResult:
+        uid_bytes = slot.uid()
         uid = uid_bytes.hex().upper()
         if self.config.kind is not TerminalKind.BUS:
             return TapResult(TapOutcome.REFUSED, f"REFUSED  M1 card {uid}: only bus terminals take M1 cards")
@@ -453,14 +460,13 @@ class Terminal:
                 TapOutcome.REFUSED,
                 f"REFUSED  M1 card {uid} is hotlisted by {listing.issuer} (list version {listing.version})",
             )
-        issuer, key_b = self._m1_purse_key(chip, uid_bytes)
+        issuer, key_b = self._m1_purse_key(slot, uid_bytes)
         key = f"m1:{uid}"
-        finished = self._finish_m1(chip, key, issuer, key_b)
+        finished = self._finish_m1(slot, key, issuer, key_b)
         if finished is not None:
             return finished
-        chip.power_on()
         txn = m1_purchase(
-            M1Reader(chip, int.from_bytes(uid_bytes)),
+            slot.session(),
             key_b,
             self.config.terminal,
             self.config.amount,
@@ -470,16 +476,15 @@ class Terminal:
         record = self._store_m1(txn, issuer, key)
         return TapResult(TapOutcome.OK, self._ok_line(record), record)
 
-    def _finish_m1(self, chip: M1Chip, key: str, issuer: str, key_b: int) -> TapResult | None:
+    def _finish_m1(self, slot: M1Slot, key: str, issuer: str, key_b: int) -> TapResult | None:
         """Settle the card's interrupted purchase, if one is journalled: recorded when the card took the money
         (the tap ends there); forgotten, or set aside when the card cannot tell, and None (charge afresh)."""
         intent = self.outbox.pending(key, M1Intent)
         if intent is None:
             return None
-        chip.power_on()
         txn = intent.transaction()
         try:
-            finished = m1_outcome(M1Reader(chip, txn.uid), key_b, txn)
+            finished = m1_outcome(slot.session(), key_b, txn)
         except M1Unsettled as err:
             self.outbox.set_aside(key)
             log.warning("M1 card %s: %s; set aside, charging afresh", key.removeprefix("m1:"), err)
@@ -490,19 +495,17 @@ class Terminal:
         record = self._store_m1(txn, issuer, key)
         return TapResult(TapOutcome.OK, f"{self._ok_line(record)}  (finished the interrupted payment)", record)
 
-    def _m1_purse_key(self, chip: M1Chip, uid: bytes) -> tuple[str, int]:
+    def _m1_purse_key(self, slot: M1Slot, uid: bytes) -> tuple[str, int]:
         """Find the card's issuer and purse key B: the PSAM derives the candidates of each accepted city
         (diversified, then shared); a card on factory keys names its issuer in block 1."""
-        uid_int = int.from_bytes(uid)
         for city in self.accepted_cities:
             for scheme in (KeyScheme.DIVERSIFIED, KeyScheme.SHARED):
                 apdu = M1SectorKeys(PURSE_SECTOR, city, self.config.key_version, scheme, uid).to_apdu()
                 keys = SectorKeys.from_bytes(exchange(self.sam, "PSAM M1 SECTOR KEYS", apdu, SectorKeys.size()))
-                if _authenticates(chip, uid_int, int.from_bytes(keys.key_b)):
+                if _authenticates(slot, int.from_bytes(keys.key_b)):
                     return city, int.from_bytes(keys.key_b)
-        if _authenticates(chip, uid_int, DEFAULT_KEY):
-            chip.power_on()
-            reader = M1Reader(chip, uid_int)
+        if _authenticates(slot, DEFAULT_KEY):
+            reader = slot.session()
             reader.authenticate(ISSUER_BLOCK, DEFAULT_KEY, 0x60)
             city = reader.read_block(ISSUER_BLOCK)[0:2].hex()
             if city in self.accepted_cities:
@@ -546,10 +549,9 @@ class Terminal:
         return self.outbox.append(fields, pending)
 
 
-def _authenticates(chip: M1Chip, uid: int, key_b: int) -> bool:
-    chip.power_on()
+def _authenticates(slot: M1Slot, key_b: int) -> bool:
     try:
-        M1Reader(chip, uid).authenticate(4 * PURSE_SECTOR, key_b, 0x61)
+        slot.session().authenticate(4 * PURSE_SECTOR, key_b, 0x61)
     except M1Error:
         return False
     return True
