@@ -17,6 +17,7 @@ from audit.m1_audit import KEY_NAMES, M1Audit, audit_m1
 from cardsim.mifare import M1Card
 from cardsim.purse import PurseCard, PurseState
 from terminals.flows import TransactionError
+from terminals.m1 import FrameSlot
 from terminals.reader import CardGone, InProcessReader
 
 Progress = Callable[[str], None]
@@ -68,7 +69,7 @@ def _opens(card: M1Audit, chip: M1Card, slot: tuple[int, int], key: int) -> bool
     known = card.keys.get(slot)
     if known is not None:
         return known == key
-    return try_key(chip, int(card.uid, 16), slot[0] * 4 + 3, key, slot[1])
+    return try_key(FrameSlot(chip), slot[0] * 4 + 3, key, slot[1])
 
 
 def _shared_m1_keys(audit: ChipAudit, progress: Progress) -> dict[str, list[str]]:

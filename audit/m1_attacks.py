@@ -17,7 +17,7 @@ import numpy as np
 from audit.crypto1_recovery import lfsr_recovery32
 from cardsim.crypto1 import bebit, encrypt_bytes, is_weak_nonce, odd_parity, prng_successor
 from cardsim.mifare import ACK, BACKDOOR_KEY, Frame
-from terminals.m1 import M1Error, M1Link, M1Reader
+from terminals.m1 import FrameSlot, M1Chip, M1Error, M1Link, M1Reader, M1Slot
 
 # The head of the public default-key dictionary (proxmark3 / libnfc lists).
 DEFAULT_KEYS = (
@@ -49,18 +49,17 @@ class AttackFailed(Exception):
     """The attack cannot work on this card (e.g. hardened PRNG) or found no key."""
 
 
-def try_key(link: M1Link, uid: int, block: int, key: int, key_type: int) -> bool:
-    """One fresh authentication attempt."""
-    link.power_on()
+def try_key(slot: M1Slot, block: int, key: int, key_type: int) -> bool:
+    """One fresh authentication attempt (any reader: Part 3 readers offer key types 60 and 61 only)."""
     try:
-        M1Reader(link, uid).authenticate(block, key, key_type)
+        slot.session().authenticate(block, key, key_type)
     except M1Error:
         return False
     return True
 
 
 def dictionary_attack(
-    link: M1Link, uid: int, keys: Iterable[int] = DEFAULT_KEYS, sectors: Iterable[int] = range(16)
+    slot: M1Slot, keys: Iterable[int] = DEFAULT_KEYS, sectors: Iterable[int] = range(16)
 ) -> dict[tuple[int, int], int]:
     """(sector, 0x60|0x61) -> key for every sector key found in ``keys``."""
     found: dict[tuple[int, int], int] = {}
@@ -68,7 +67,7 @@ def dictionary_attack(
     for sector in sectors:
         for key_type in (0x60, 0x61):
             for key in candidates:
-                if try_key(link, uid, sector * 4 + 3, key, key_type):
+                if try_key(slot, sector * 4 + 3, key, key_type):
                     found[(sector, key_type)] = key
                     break
     return found
@@ -105,9 +104,9 @@ def has_gen1a_backdoor(link: M1Link) -> bool:
     return all(f is not None and f.bits == 4 and f.data[0] == ACK for f in (first, second))
 
 
-def accepts_backdoor_key(link: M1Link, uid: int, block: int = 3) -> bool:
-    """True when the FM11RF08S-like vendor key opens the sector through auth command 64."""
-    return try_key(link, uid, block, BACKDOOR_KEY, 0x64)
+def accepts_backdoor_key(chip: M1Chip, block: int = 3) -> bool:
+    """True when the FM11RF08S-like vendor key opens the sector through auth command 64 (raw frames only)."""
+    return try_key(FrameSlot(chip), block, BACKDOOR_KEY, 0x64)
 
 
 def _distance(start: int, end: int, limit: int = 65536) -> int | None:
@@ -135,7 +134,7 @@ def _nested_nonce(
 
 
 def nested_attack(
-    link: M1Link,
+    link: M1Chip,
     uid: int,
     known: tuple[int, int, int],
     target: tuple[int, int],
@@ -194,6 +193,6 @@ def nested_attack(
     if survivors is None or len(survivors) == 0:
         raise AttackFailed("no key candidate survived")
     for key in survivors[:64]:
-        if try_key(link, uid, target[0], int(key), target[1]):
+        if try_key(FrameSlot(link), target[0], int(key), target[1]):
             return int(key)
     raise AttackFailed(f"{len(survivors)} candidates left, none authenticates")

@@ -17,7 +17,7 @@ from audit.findings import Finding, finding
 from cardsim.files import JSONValue
 from cardsim.m1_issue import ISSUER_BLOCK, PURSE_SECTOR
 from cardsim.mifare import decode_access, key_b_readable, parse_value_block
-from terminals.m1 import BACKUP_BLOCK, PURSE_BLOCK, M1Chip, M1Error, M1Reader
+from terminals.m1 import BACKUP_BLOCK, PURSE_BLOCK, FrameSlot, M1Chip, M1Error, M1Reader
 
 NONCES: Final = 8
 KEY_NAMES: Final = {0x60: "A", 0x61: "B"}
@@ -178,9 +178,9 @@ def audit_m1(chip: M1Chip, *, recover_all: bool = False, progress: Callable[[str
     elif prng is attacks.PrngClass.STATIC:
         result.add("M1-STATIC-NONCE", [f"{NONCES} authentications, the same nT every time: {nonce_text}"])
     magic = attacks.has_gen1a_backdoor(chip)
-    if attacks.accepts_backdoor_key(chip, uid):
+    if attacks.accepts_backdoor_key(chip):
         result.add("M1-BACKDOOR-KEY", ["AUTH 64 03 with the vendor key A396EFA4E24F succeeds"])
-    found = attacks.dictionary_attack(chip, uid)
+    found = attacks.dictionary_attack(FrameSlot(chip))
     result.keys.update(found)
     if found:
         result.add(

@@ -315,8 +315,6 @@ def settle(
     return Settlement(day, lines, hotlisted=sorted(judged, key=lambda x: (x.record.acquirer, x.record.record_id)))
 
 
-
-
 def publish_moment(epoch: float | None) -> dt.datetime | None:
     """A stored publish time (epoch seconds, NULL: never published) as a time in +08:00."""
     return None if epoch is None else dt.datetime.fromtimestamp(epoch, CHINA)

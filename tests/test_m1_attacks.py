@@ -18,6 +18,7 @@ from audit.m1_attacks import (
 )
 from cardsim.m1_issue import KeyScheme, issue_m1_card, sector_keys
 from cardsim.mifare import M1Card, Profile
+from terminals.m1 import FrameSlot
 
 
 def make(seed: int, profile: Profile = Profile.GENUINE, scheme: KeyScheme = KeyScheme.DIVERSIFIED):
@@ -48,10 +49,10 @@ def test_nested_attack_refuses_a_hardened_card() -> None:
 
 
 def test_dictionary_finds_default_keys_only_where_they_are() -> None:
-    card, _, uid = make(2, scheme=KeyScheme.DEFAULT)
-    assert len(dictionary_attack(card, int.from_bytes(uid))) == 32
-    card, _, uid = make(2, scheme=KeyScheme.DIVERSIFIED)
-    assert dictionary_attack(card, int.from_bytes(uid), sectors=range(4)) == {}
+    card, _, _ = make(2, scheme=KeyScheme.DEFAULT)
+    assert len(dictionary_attack(FrameSlot(card))) == 32
+    card, _, _ = make(2, scheme=KeyScheme.DIVERSIFIED)
+    assert dictionary_attack(FrameSlot(card), sectors=range(4)) == {}
 
 
 @pytest.mark.parametrize(
@@ -65,7 +66,7 @@ def test_dictionary_finds_default_keys_only_where_they_are() -> None:
     ],
 )
 def test_chip_profiles_are_told_apart(profile: Profile, prng: PrngClass, magic: bool, backdoor: bool) -> None:
-    card, _, uid = make(3, profile)
+    card, _, _ = make(3, profile)
     assert classify_prng(collect_nonces(card, 6)) is prng
     assert has_gen1a_backdoor(card) is magic
-    assert accepts_backdoor_key(card, int.from_bytes(uid)) is backdoor
+    assert accepts_backdoor_key(card) is backdoor
