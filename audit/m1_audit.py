@@ -3,6 +3,9 @@
 The order matters: the nonce class and backdoors first (no key needed), then the default-key dictionary; with
 one key known and a weak PRNG, the nested attack recovers the purse sector's keys (or every sector's); the
 known keys then open the trailers (key B readable? access bits consistent?) and the purse value blocks.
+
+What runs depends on the reader: the nonce, backdoor and nested checks need raw frames (the in-process card,
+a PN532); a PC/SC Part 3 reader offers only authenticate/read/write, so they are listed as skipped.
 """
 
 from __future__ import annotations
@@ -17,11 +20,18 @@ from audit.findings import Finding, finding
 from cardsim.files import JSONValue
 from cardsim.m1_issue import ISSUER_BLOCK, PURSE_SECTOR
 from cardsim.mifare import decode_access, key_b_readable, parse_value_block
-from terminals.m1 import BACKUP_BLOCK, PURSE_BLOCK, FrameSlot, M1Chip, M1Error, M1Reader
+from terminals.m1 import BACKUP_BLOCK, PURSE_BLOCK, FrameSlot, M1Chip, M1Error, M1Session, M1Slot
 
 NONCES: Final = 8
 KEY_NAMES: Final = {0x60: "A", 0x61: "B"}
 Slot = tuple[int, int]  # (sector, 0x60 key A | 0x61 key B)
+# The checks that need raw frames (nonces, short frames, auth command 64, nested authentication).
+RAW_FRAME_CHECKS: Final = (
+    "PRNG class (M1-WEAK-PRNG, M1-STATIC-NONCE)",
+    "Gen1a backdoor 40/43 (M1-MAGIC)",
+    "vendor backdoor key, auth 64 (M1-BACKDOOR-KEY)",
+    "nested key recovery (M1-KEY-RECOVERED)",
+)
 
 
 @dataclass
@@ -51,21 +61,20 @@ def _slot_name(slot: Slot) -> str:
     return f"sector {slot[0]} key {KEY_NAMES[slot[1]]}"
 
 
-def _session(chip: M1Chip, uid: int, slot: Slot, key: int) -> M1Reader:
-    """A fresh field and an authenticated session on the slot's sector."""
-    chip.power_on()
-    reader = M1Reader(chip, uid)
+def _session(card: M1Slot, slot: Slot, key: int) -> M1Session:
+    """A fresh session authenticated on the slot's sector."""
+    reader = card.session()
     reader.authenticate(slot[0] * 4 + 3, key, slot[1])
     return reader
 
 
-def _read_with_any_key(chip: M1Chip, uid: int, result: M1Audit, block: int) -> bytes | None:
+def _read_with_any_key(card: M1Slot, result: M1Audit, block: int) -> bytes | None:
     """The block read with any known key of its sector that may read it; None when none can."""
     for slot, key in sorted(result.keys.items()):
         if slot[0] != block // 4:
             continue
         try:
-            return _session(chip, uid, slot, key).read_block(block)
+            return _session(card, slot, key).read_block(block)
         except M1Error:
             continue
     return None
@@ -100,14 +109,14 @@ def _recover(chip: M1Chip, uid: int, result: M1Audit, targets: list[Slot], progr
         )
 
 
-def _trailers(chip: M1Chip, uid: int, result: M1Audit) -> None:
+def _trailers(card: M1Slot, result: M1Audit) -> None:
     """Read each trailer whose key A is known: key B readable, or access bits that block the sector."""
     for (sector, key_type), key in sorted(result.keys.items()):
         if key_type != 0x60:
             continue
         block = sector * 4 + 3
         try:
-            trailer = _session(chip, uid, (sector, key_type), key).read_block(block)
+            trailer = _session(card, (sector, key_type), key).read_block(block)
         except M1Error as err:
             # Every consistent trailer lets key A read its access bits: a refusal means they are broken.
             result.add(
@@ -129,9 +138,9 @@ def _trailers(chip: M1Chip, uid: int, result: M1Audit) -> None:
             )
 
 
-def _value_blocks(chip: M1Chip, uid: int, result: M1Audit) -> None:
+def _value_blocks(card: M1Slot, result: M1Audit) -> None:
     for block in (PURSE_BLOCK, BACKUP_BLOCK):
-        data = _read_with_any_key(chip, uid, result, block)
+        data = _read_with_any_key(card, result, block)
         if data is None:
             result.skipped.append(f"{result.uid}: value block {block}: no known key may read it")
         elif parse_value_block(data) is None:
@@ -142,13 +151,13 @@ def _value_blocks(chip: M1Chip, uid: int, result: M1Audit) -> None:
             )
 
 
-def _block0_writable(chip: M1Chip, uid: int, result: M1Audit) -> str | None:
+def _block0_writable(card: M1Slot, result: M1Audit) -> str | None:
     """Rewrite block 0 with its own content under each known sector-0 key; the evidence if the card accepts."""
     for slot, key in sorted(result.keys.items()):
         if slot[0] != 0:
             continue
         try:
-            reader = _session(chip, uid, slot, key)
+            reader = _session(card, slot, key)
             block0 = reader.read_block(0)
             reader.write_block(0, block0)
         except M1Error:
@@ -158,29 +167,58 @@ def _block0_writable(chip: M1Chip, uid: int, result: M1Audit) -> str | None:
 
 
 def audit_m1(chip: M1Chip, *, recover_all: bool = False, progress: Callable[[str], None] = lambda _: None) -> M1Audit:
-    """Run every M1 check on ``chip``; ``recover_all`` runs the nested attack on every sector, not just the
-    purse sector (each key costs about 2 s)."""
+    """Run every M1 check on a card that passes raw frames (in process, or on a PN532); ``recover_all`` runs
+    the nested attack on every sector, not just the purse sector."""
     chip.power_on()
-    uid_bytes, sak, atqa = chip.anticollision()
+    uid, sak, atqa = chip.anticollision()
+    identity = f"ATQA {atqa.hex().upper()} SAK {sak:02X}: MIFARE Classic 1K"
+    return _audit(FrameSlot(chip), chip, uid, identity, recover_all=recover_all, progress=progress)
+
+
+def audit_m1_blocks(
+    card: M1Slot, reader: str, identity: str, *, progress: Callable[[str], None] = lambda _: None
+) -> M1Audit:
+    """The checks a block-level reader permits (a PC/SC Part 3 reader named ``reader``): dictionary, trailers,
+    value blocks, block 0; the raw-frame checks are listed as skipped. ``identity`` says how the card was
+    recognised (its ATR)."""
+    result = _audit(card, None, card.uid(), identity, recover_all=False, progress=progress)
+    result.skipped.append(
+        f"{result.uid}: not checked on {reader} (it passes no raw frames; a PN532 does, --pn532): "
+        + "; ".join(RAW_FRAME_CHECKS)
+    )
+    return result
+
+
+def _audit(
+    card: M1Slot,
+    frames: M1Chip | None,
+    uid_bytes: bytes,
+    identity: str,
+    *,
+    recover_all: bool,
+    progress: Callable[[str], None],
+) -> M1Audit:
     uid = int.from_bytes(uid_bytes)
     result = M1Audit(uid_bytes.hex().upper())
-    nonces = attacks.collect_nonces(chip, NONCES)
-    prng = attacks.classify_prng(nonces)
-    result.prng = prng.value
-    nonce_text = " ".join(f"{n:08X}" for n in nonces)
-    result.add(
-        "M1-CRYPTO1",
-        [f"ATQA {atqa.hex().upper()} SAK {sak:02X}: MIFARE Classic 1K", f"AUTH 60 03 answered plain nT {nonce_text}"],
-    )
-    progress(f"M1 card {result.uid}: backdoors, dictionary")
-    if prng is attacks.PrngClass.WEAK:
-        result.add("M1-WEAK-PRNG", [f"{NONCES} tag nonces, all on the 16-bit LFSR: {nonce_text}"])
-    elif prng is attacks.PrngClass.STATIC:
-        result.add("M1-STATIC-NONCE", [f"{NONCES} authentications, the same nT every time: {nonce_text}"])
-    magic = attacks.has_gen1a_backdoor(chip)
-    if attacks.accepts_backdoor_key(chip):
-        result.add("M1-BACKDOOR-KEY", ["AUTH 64 03 with the vendor key A396EFA4E24F succeeds"])
-    found = attacks.dictionary_attack(FrameSlot(chip))
+    prng: attacks.PrngClass | None = None
+    magic = False
+    if frames is None:
+        result.add("M1-CRYPTO1", [identity])
+    else:
+        nonces = attacks.collect_nonces(frames, NONCES)
+        prng = attacks.classify_prng(nonces)
+        result.prng = prng.value
+        nonce_text = " ".join(f"{n:08X}" for n in nonces)
+        result.add("M1-CRYPTO1", [identity, f"AUTH 60 03 answered plain nT {nonce_text}"])
+        if prng is attacks.PrngClass.WEAK:
+            result.add("M1-WEAK-PRNG", [f"{NONCES} tag nonces, all on the 16-bit LFSR: {nonce_text}"])
+        elif prng is attacks.PrngClass.STATIC:
+            result.add("M1-STATIC-NONCE", [f"{NONCES} authentications, the same nT every time: {nonce_text}"])
+        progress(f"M1 card {result.uid}: backdoors, dictionary")
+        magic = attacks.has_gen1a_backdoor(frames)
+        if attacks.accepts_backdoor_key(frames):
+            result.add("M1-BACKDOOR-KEY", ["AUTH 64 03 with the vendor key A396EFA4E24F succeeds"])
+    found = attacks.dictionary_attack(card)
     result.keys.update(found)
     if found:
         result.add(
@@ -188,7 +226,7 @@ def audit_m1(chip: M1Chip, *, recover_all: bool = False, progress: Callable[[str
             [f"{_slot_name(slot)} = {key:012X}" for slot, key in sorted(found.items())],
             slots=len(found),
         )
-    if result.keys and prng is attacks.PrngClass.WEAK:
+    if frames is not None and result.keys and prng is attacks.PrngClass.WEAK:
         targets = (
             [(s, t) for s in range(16) for t in (0x60, 0x61)]
             if recover_all
@@ -197,21 +235,22 @@ def audit_m1(chip: M1Chip, *, recover_all: bool = False, progress: Callable[[str
                 (PURSE_SECTOR, 0x61),
             ]
         )
-        _recover(chip, uid, result, targets, progress)
+        _recover(frames, uid, result, targets, progress)
     elif not result.keys:
         result.skipped.append(
             f"{result.uid}: no sector key known (none in the {len(attacks.DEFAULT_KEYS)}-key dictionary, "
-            f"{prng.value} PRNG): trailer and value-block checks not possible"
+            f"{result.prng or 'unknown'} PRNG): trailer and value-block checks not possible"
         )
-    issuer = _read_with_any_key(chip, uid, result, ISSUER_BLOCK)
+    issuer = _read_with_any_key(card, result, ISSUER_BLOCK)
     if issuer is not None and issuer[:2].hex().isdigit():
         result.city = issuer[:2].hex()
-    written = _block0_writable(chip, uid, result)
+    written = _block0_writable(card, result)
     if magic or written:
         evidence = ["7-bit 40 then 43 both acknowledged (Gen1a backdoor)"] if magic else []
         result.add("M1-MAGIC", evidence + ([written] if written else []))
-    _trailers(chip, uid, result)
+    _trailers(card, result)
     if result.keys:
-        _value_blocks(chip, uid, result)
-    chip.power_on()
+        _value_blocks(card, result)
+    if frames is not None:
+        frames.power_on()
     return result
