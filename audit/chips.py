@@ -40,12 +40,17 @@ class ChipAudit:
     """The audit's results so far, card by card."""
 
     cpu: list[tuple[str, CpuAudit]] = field(default_factory=list)
-    m1: list[tuple[str, M1Audit, M1Card]] = field(default_factory=list)
+    # the card stays at hand for the fleet checks when it is simulated; a card on a reader has left by then
+    m1: list[tuple[str, M1Audit, M1Card | None]] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
 
     def add_cpu(self, name: str, result: CpuAudit) -> None:
         """A CPU card's audit (from an image or a reader)."""
         self.cpu.append((name, result))
+
+    def add_m1(self, name: str, result: M1Audit, chip: M1Card | None = None) -> None:
+        """An M1 card's audit; ``chip`` when the simulated card can still be tried with other cards' keys."""
+        self.m1.append((name, result, chip))
 
 
 def audit_image_card(
@@ -59,21 +64,23 @@ def audit_image_card(
             audit.add_cpu(card.name, audit_cpu(reader, sources, active=active, rig=reader, progress=progress))
         else:
             chip = M1Card(state, os.urandom)
-            audit.m1.append((card.name, audit_m1(chip, recover_all=recover_all, progress=progress), chip))
+            audit.add_m1(card.name, audit_m1(chip, recover_all=recover_all, progress=progress), chip)
     except (TransactionError, CardGone) as err:
         audit.failed.append(f"{card.name}: could not be audited: {err}")
 
 
-def _opens(card: M1Audit, chip: M1Card, slot: tuple[int, int], key: int) -> bool:
-    """Whether ``key`` opens the slot on this card (compared when known, else one authentication)."""
+def _opens(card: M1Audit, chip: M1Card | None, slot: tuple[int, int], key: int) -> bool:
+    """Whether ``key`` opens the slot on this card (compared when known, else one authentication when the
+    card is at hand)."""
     known = card.keys.get(slot)
-    if known is not None:
+    if known is not None or chip is None:
         return known == key
     return try_key(FrameSlot(chip), slot[0] * 4 + 3, key, slot[1])
 
 
 def _shared_m1_keys(audit: ChipAudit, progress: Progress) -> dict[str, list[str]]:
-    """Try every key an attack recovered on the same sector of every other M1 card of the fleet.
+    """Try every key an attack recovered on the same sector of every other M1 card of the fleet (compared
+    with the keys known of cards audited on a reader: they have left the field).
 
     Returns, per card UID, the evidence lines of keys it shares with other cards (dictionary keys are left to
     M1-DEFAULT-KEY).
