@@ -9,7 +9,7 @@ import sys
 import textwrap
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from yikatong import reconcile_cli
 from yikatong.argtypes import Subcommands, command_group, file_path, hex_number, positive
@@ -18,6 +18,7 @@ from yikatong.errors import CliError
 
 # each command imports the audit, card and terminal layers it uses: --help and mfkey32 start without them
 if TYPE_CHECKING:
+    from audit.chips import ChipAudit
     from audit.cpu_audit import KeySource
     from audit.fleet import Fleet
 
@@ -184,7 +185,10 @@ def _register_chips(sub: Subcommands) -> None:
         help="fleet file (yikatong.fleet/1) describing a mixed fleet to generate",
     )
     source.add_argument(
-        "--reader", metavar="NAME", help="PC/SC reader: audit CPU cards one by one as they are presented"
+        "--reader",
+        metavar="NAME",
+        help="PC/SC reader: audit cards one by one as they are presented (CPU cards; M1 cards through a Part 3 "
+        "reader get the checks it permits: no raw frames, so no PRNG, backdoor or nested checks)",
     )
     chips.add_argument(
         "--active", action="store_true", help="also run probes that spend money and lock the card (see above)"
@@ -252,10 +256,57 @@ def _chips(args: argparse.Namespace) -> int:
     return finish(report, args)
 
 
-def _chips_on_reader(args: argparse.Namespace) -> int:
+class _Station(Protocol):
+    """A reader the audit takes cards from, one at a time."""
+
+    name: str
+
+    def wait_for_card(self, timeout: float) -> object:
+        """Until a card is in the field; TimeoutError after ``timeout`` s."""
+        ...
+
+    def wait_for_removal(self, timeout: float) -> bool:
+        """Until the card has left the field (False after ``timeout`` s)."""
+        ...
+
+
+def _chips_at(
+    args: argparse.Namespace, station: _Station, where: str, audit_card: Callable[[str, ChipAudit], None]
+) -> int:
+    """Audit the cards presented at ``station`` one by one (``audit_card`` audits the one in the field), until
+    --count cards, a --wait with no card, or Ctrl-C; then write the report (input ``where``) of the cards
+    audited so far."""
     from audit.chips import ChipAudit, build_report
+
+    audit = ChipAudit()
+    audited = 0
+    try:
+        while args.count is None or audited < args.count:
+            _progress(f"present card {audited + 1} on {station.name} (Ctrl-C to finish and write the report)")
+            try:
+                station.wait_for_card(args.wait)
+            except TimeoutError as err:
+                if audited == 0:
+                    raise CliError(str(err)) from err
+                break
+            audited += 1
+            audit_card(f"card {audited} on {station.name}", audit)
+            if args.count is None or audited < args.count:
+                _progress("remove the card")
+                station.wait_for_removal(args.wait)
+    except KeyboardInterrupt:
+        _progress("stopped: writing the report of the cards audited so far")
+    report = build_report(audit, [where], active=args.active, progress=_progress)
+    return finish(report, args)
+
+
+def _chips_on_reader(args: argparse.Namespace) -> int:
+    """CPU purse cards, and M1 cards through a PC/SC Part 3 reader (the checks it permits), one by one."""
     from audit.cpu_audit import audit_cpu
+    from audit.m1_audit import audit_m1_blocks
     from terminals.flows import TransactionError
+    from terminals.m1 import M1Error
+    from terminals.part3 import CLASSIC_1K, Part3Slot, storage_card_name
     from terminals.pcsc import PcscReader, ReaderNotFound  # pyscard needs pcscd; only this path uses it
     from terminals.reader import CardGone
 
@@ -264,31 +315,22 @@ def _chips_on_reader(args: argparse.Namespace) -> int:
     except ReaderNotFound as err:
         raise CliError(str(err)) from err
     sources = _key_sources(args, None)
-    audit = ChipAudit()
-    audited = 0
-    try:
-        while args.count is None or audited < args.count:
-            _progress(f"present card {audited + 1} on {reader.name} (Ctrl-C to finish and write the report)")
-            try:
-                reader.wait_for_card(args.wait)
-            except TimeoutError as err:
-                if audited == 0:
-                    raise CliError(str(err)) from err
-                break
-            audited += 1
-            name = f"card {audited} on {reader.name}"
-            try:
+    where = f"PC/SC reader {reader.name}"
+
+    def audit_card(name: str, audit: ChipAudit) -> None:
+        try:
+            atr = reader.connect()
+            card_name = storage_card_name(atr)
+            if card_name is None:
                 audit.add_cpu(name, audit_cpu(reader, sources, active=args.active, progress=_progress))
-            except (TransactionError, CardGone) as err:
-                audit.failed.append(
-                    f"{name}: not audited: {err} (only CPU purse cards can be audited over PC/SC; "
-                    "audit M1 cards from their images or with a raw-frame reader)"
-                )
+            elif card_name == CLASSIC_1K:
+                identity = f"ATR {atr.hex().upper()}: PC/SC Part 3, {card_name}"
+                audit.add_m1(name, audit_m1_blocks(Part3Slot(reader), where, identity, progress=_progress))
+            else:
+                audit.failed.append(f"{name}: not audited: a {card_name} (only CPU purse cards and MIFARE Classic 1K)")
+        except (TransactionError, CardGone, M1Error) as err:
+            audit.failed.append(f"{name}: not audited: {err}")
+        finally:
             reader.disconnect()
-            if args.count is None or audited < args.count:
-                _progress("remove the card")
-                reader.wait_for_removal(args.wait)
-    except KeyboardInterrupt:
-        _progress("stopped: writing the report of the cards audited so far")
-    report = build_report(audit, [f"PC/SC reader {reader.name}"], active=args.active, progress=_progress)
-    return finish(report, args)
+
+    return _chips_at(args, reader, where, audit_card)
