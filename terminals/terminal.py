@@ -56,6 +56,7 @@ from terminals.m1 import (
 from terminals.messages import CHINA, CardRef, TxnAlg, TxnFields, TxnRecord
 from terminals.metro import TRIP_ENTRY, TRIP_EXIT, CityFares, FareTable, Station, exit_fare, parse_trip, trip_record
 from terminals.outbox import Outbox
+from terminals.part3 import CLASSIC_1K, Part3Slot, storage_card_name
 from terminals.reader import CardGone, Reader
 
 log = logging.getLogger(__name__)
@@ -281,10 +282,19 @@ class Terminal:
     # --- taps ---------------------------------------------------------------------------------------------
 
     def tap(self, card: Reader) -> TapResult:
-        """One CPU card presentation on a reader, start to end."""
+        """One card presentation on a reader, start to end: a CPU card, or (told by its PC/SC Part 3 ATR) a storage
+        card behind a contactless reader, of which an M1 card goes to ``tap_m1_slot``."""
         journal = _Journal(self.outbox)
         try:
-            check_atr(card.connect())
+            atr = card.connect()
+            check_atr(atr)
+            storage = storage_card_name(atr)
+            if storage == CLASSIC_1K:
+                return self.tap_m1_slot(Part3Slot(card))
+            if storage is not None:
+                return TapResult(
+                    TapOutcome.REFUSED, f"REFUSED  {storage} card: only {CLASSIC_1K} purse cards are taken here"
+                )
             app = select_purse(card)
             return self._cpu(card, app, journal)
         except Mac2NotVerified as err:
