@@ -17,7 +17,7 @@ import numpy as np
 from audit.crypto1_recovery import lfsr_recovery32
 from cardsim.crypto1 import bebit, encrypt_bytes, is_weak_nonce, odd_parity, prng_successor
 from cardsim.mifare import ACK, BACKDOOR_KEY, Frame
-from terminals.m1 import FrameSlot, M1Chip, M1Error, M1Link, M1Reader, M1Slot
+from terminals.m1 import FrameSlot, M1Chip, M1Error, M1Link, M1Reader, M1Slot, with_crc
 
 # The head of the public default-key dictionary (proxmark3 / libnfc lists).
 DEFAULT_KEYS = (
@@ -78,7 +78,7 @@ def collect_nonces(link: M1Link, count: int, block: int = 3) -> list[int]:
     nonces = []
     link.power_on()
     for _ in range(count):
-        answer = link.transceive(Frame(bytes([0x60, block])))
+        answer = link.transceive(Frame(with_crc(link, bytes([0x60, block]))))
         if answer is None or len(answer.data) != 4:
             raise AttackFailed("the card does not answer authentication requests")
         nonces.append(int.from_bytes(answer.data))
@@ -126,7 +126,7 @@ def _nested_nonce(
     reader = M1Reader(link, uid)
     reader.authenticate(block, key, key_type)
     assert reader.cipher is not None
-    enc, parities = encrypt_bytes(reader.cipher, bytes([target[1], target[0]]))
+    enc, parities = encrypt_bytes(reader.cipher, with_crc(link, bytes([target[1], target[0]])))
     answer = link.transceive(Frame(enc, tuple(parities)))
     if answer is None or len(answer.data) != 4 or len(answer.parity) != 4:
         raise AttackFailed("no encrypted nonce for the nested authentication")

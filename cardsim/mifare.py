@@ -2,8 +2,10 @@
 
 Frames carry bytes and, once a sector is authenticated, Crypto-1 encrypted parity bits, so a reader-side
 Crypto-1 (``terminals.m1``) and the attacks in ``audit`` see exactly what they would see on air. CRC_A is left
-out of frames (docs/card-choices.md), except that an encrypted command may carry it, as a raw-mode reader sends
-it. Card profiles model the chips a fleet really holds: genuine (weak 16-bit PRNG), hardened PRNG, static nonce,
+out of frames (docs/card-choices.md): the reader chip adds and checks it. A reader whose chip leaves CRC to the
+host (a PN532 in raw mode) sends it inside its frames, encrypted with the data; the card then accepts commands and
+data frames carrying a CRC_A and answers a READ of that session with its CRC_A too (``M1Card.transceive``). Card
+profiles model the chips a fleet really holds: genuine (weak 16-bit PRNG), hardened PRNG, static nonce,
 Gen1a magic backdoor, FM11RF08S-like backdoor key.
 """
 
@@ -213,6 +215,12 @@ class M1Card:
     _register: int | None = None  # value register after increment/decrement/restore
     _magic: int = 0  # Gen1a: 1 after 40, 2 after 43 (unlocked)
     _magic_pending_write: int | None = field(default=None)
+    _crc: bool = False  # the reader's last command carried a CRC_A: answer a READ with one
+
+    @property
+    def host_crc(self) -> bool:
+        """False: a reader talking to the card object directly leaves CRC_A out (``terminals.m1.M1Link``)."""
+        return False
 
     def power_on(self) -> None:
         """Field on: everything volatile is reset; a genuine PRNG restarts from its first nonce."""
@@ -222,6 +230,14 @@ class M1Card:
         self._register = None
         self._magic = 0
         self._magic_pending_write = None
+        self._crc = False
+
+    def select(self) -> None:
+        """A new selection without a power cycle (WUPA/anticollision after a halt or an abandoned
+        authentication): the session is dropped, the free-running PRNG keeps its place."""
+        nonce = self._nonce
+        self.power_on()
+        self._nonce = nonce
 
     def anticollision(self) -> tuple[bytes, int, bytes]:
         """UID, SAK and ATQA (REQA/anticollision/SELECT collapsed into one step)."""
@@ -241,7 +257,13 @@ class M1Card:
     # --- frame dispatch --------------------------------------------------------------------------
 
     def transceive(self, frame: Frame) -> Frame | None:
-        """Process one frame from the reader."""
+        """Process one frame from the reader.
+
+        Commands (2 bytes), block data (16) and value operands (4) may carry a CRC_A after them, checked after
+        decryption; a READ answer then carries one too, encrypted in the same keystream. A real card always
+        sends it, but this model leaves CRCs to the reader chip unless the reader shows, by sending one, that
+        its chip does not handle them: the model mirrors the reader so both kinds of reader see a true answer.
+        """
         if frame.bits is not None:  # a short frame (7-bit REQA/WUPA/40, or a lone 43 byte)
             return self._short_frame(frame.data[0] if frame.data else 0)
         auth = self._auth
@@ -255,9 +277,18 @@ class M1Card:
             return self._encrypted_command(auth, plain)
         if self._magic == 2:
             return self._magic_command(frame.data)
-        if len(frame.data) == 2 and frame.data[0] in AUTH_COMMANDS:
-            return self._start_auth(frame.data[0], frame.data[1], nested=False)
+        data = self._strip_crc(frame.data, 2)
+        if len(data) == 2 and data[0] in AUTH_COMMANDS:
+            return self._start_auth(data[0], data[1], nested=False)
         return None
+
+    def _strip_crc(self, data: bytes, size: int) -> bytes:
+        """``data`` without the CRC_A a host-CRC reader appends to a ``size``-byte frame; notes whether it did."""
+        self._crc = len(data) == size + 2 and crc_a(data[:size]) == data[size:]
+        return data[:size] if self._crc else data
+
+    def _with_crc(self, data: bytes) -> bytes:
+        return data + crc_a(data) if self._crc else data
 
     def _reset_session(self) -> None:
         self._auth = None
@@ -280,12 +311,16 @@ class M1Card:
 
     def _magic_command(self, data: bytes) -> Frame | None:
         """Gen1a after 40/43: plain READ and WRITE of any block, block 0 included."""
-        if self._magic_pending_write is not None and len(data) == BLOCK_SIZE:
-            self.state.blocks[self._magic_pending_write] = bytes(data)
+        if self._magic_pending_write is not None:
+            block = self._strip_crc(data, BLOCK_SIZE)
+            if len(block) != BLOCK_SIZE:
+                return None
+            self.state.blocks[self._magic_pending_write] = block
             self._magic_pending_write = None
             return Frame(bytes([ACK]), bits=4)
+        data = self._strip_crc(data, 2)
         if len(data) == 2 and data[1] < BLOCKS and data[0] == M1Command.READ:
-            return Frame(self.state.blocks[data[1]])
+            return Frame(self._with_crc(self.state.blocks[data[1]]))
         if len(data) == 2 and data[1] < BLOCKS and data[0] == M1Command.WRITE:
             self._magic_pending_write = data[1]
             return Frame(bytes([ACK]), bits=4)
@@ -365,8 +400,7 @@ class M1Card:
     def _encrypted_command(self, auth: _Auth, plain: bytes) -> Frame | None:
         if self._pending is not None:
             return self._data_frame(auth, plain)
-        if len(plain) == 4 and crc_a(plain[:2]) == plain[2:]:
-            plain = plain[:2]  # a raw-mode reader (CRC off in its chip) sends the CRC_A itself
+        plain = self._strip_crc(plain, 2)
         if len(plain) != 2:
             return self._nak(auth)
         command, block = plain[0], plain[1]
@@ -404,7 +438,7 @@ class M1Card:
         if block % 4 != 3:
             if not self._allowed(auth, block, 0):
                 return self._nak(auth)
-            return self._answer(auth, self.state.blocks[block])
+            return self._answer(auth, self._with_crc(self.state.blocks[block]))
         trailer = self.state.blocks[block]
         rights = _trailer_rights(auth, trailer)
         if rights is None:
@@ -412,7 +446,7 @@ class M1Card:
         rules, who = rights
         access = trailer[6:10] if who in rules[1] else bytes(4)
         key_b = trailer[10:16] if who in rules[3] else bytes(6)
-        return self._answer(auth, bytes(6) + access + key_b)  # key A never reads back
+        return self._answer(auth, self._with_crc(bytes(6) + access + key_b))  # key A never reads back
 
     def _start_trailer_write(self, auth: _Auth, block: int) -> Frame:
         if block // 4 != auth.sector:
@@ -423,6 +457,7 @@ class M1Card:
     def _data_frame(self, auth: _Auth, plain: bytes) -> Frame | None:
         command, block = self._pending or (0, 0)
         self._pending = None
+        plain = self._strip_crc(plain, BLOCK_SIZE if command == M1Command.WRITE else 4)
         if command == M1Command.WRITE:
             if len(plain) != BLOCK_SIZE:
                 return self._nak(auth)

@@ -201,7 +201,7 @@ class Pn532:
         wanted = args[2:]
         if wanted and wanted != uid:
             return b"\x00"
-        self.card.power_on()  # a fresh select: any session of the card is gone
+        self.card.select()  # a fresh selection: any session of the card is gone
         self._crypto = None
         self._listed = True
         return bytes([1, 1]) + atqa[::-1] + bytes([sak, len(uid)]) + uid  # SENS_RES MSB first
@@ -220,18 +220,21 @@ class Pn532:
         data = answer.data
         if answer.bits is not None:
             rx_bits = answer.bits  # a 4-bit ACK/NAK goes out as it is
-        elif host_parity:
-            parity = answer.parity or tuple(odd_parity(b) for b in data)
-            data, rx_bits = wrap_bits(data, parity)
         else:
+            tx_crc, rx_crc = (self.registers.get(r, 0x80) & 0x80 for r in (TX_MODE, RX_MODE))
+            if tx_crc and not rx_crc and not answer.parity and len(data) == BLOCK_SIZE:
+                # the chip sent the CRC_A, so the card model answered without one: the host checks it itself now
+                data += crc_a(data)
             rx_bits = 0
-            if len(data) == BLOCK_SIZE and not self.registers.get(RX_MODE, 0x80) & 0x80:
-                data += crc_a(data)  # a block comes with its CRC_A, which the host now checks itself
+            if host_parity:
+                parity = answer.parity or tuple(odd_parity(b) for b in data)
+                data, rx_bits = wrap_bits(data, parity)
         self.registers[CONTROL] = self.registers.get(CONTROL, 0) | rx_bits
         return bytes([OK]) + data
 
     def _air_frame(self, args: bytes, last_bits: int, host_parity: bool) -> Frame | None:
-        """The frame the card sees (CRC_A stripped: the card model carries none), or None if it is garbled."""
+        """The frame the card sees, or None if it is garbled. A CRC_A the chip adds is left out (the card model
+        carries none); one the host made stays in the frame, and the card checks it (after decryption)."""
         total = len(args) * 8 - (8 - last_bits) % 8
         crc_by_chip = self.registers.get(TX_MODE, 0x80) & 0x80
         if last_bits and len(args) != 1 and not host_parity:
@@ -239,13 +242,10 @@ class Pn532:
         if total < 8 or (total == 8 and not crc_by_chip):
             # a short frame (7-bit REQA/WUPA/40, or a lone byte such as the Gen1a 43 sent without CRC)
             return Frame(args[:1], bits=total)
-        data, parity = unwrap_bits(args, last_bits) if host_parity else (args, ())
-        if crc_by_chip:
+        if host_parity:
+            data, parity = unwrap_bits(args, last_bits)
             return Frame(data, parity)
-        if len(data) > 2 and crc_a(data[:-2]) == data[-2:]:
-            return Frame(data[:-2], parity[:-2])
-        # encrypted, so the CRC_A can only be checked by the card
-        return Frame(data, parity) if parity else None
+        return Frame(args, tuple(odd_parity(b) for b in args))  # the chip's parity: right only for plain bytes
 
     def _deselect(self, args: bytes) -> bytes | None:
         self._crypto = None

@@ -4,7 +4,7 @@
 #   system: pcscd + vsmartcard-vpcd (the virtual PC/SC reader), mosquitto (+ clients), PostgreSQL (the
 #           clearing's scale-out database), and what pyscard builds against (swig, libpcsclite-dev, a C compiler)
 #           pcsc-tools (pcsc_scan, scriptor) and libnfc-bin (nfc-list, nfc-mfclassic): outside clients of the M1 readers
-#   python: this repo with its [test] extras
+#   python: this repo with its [test] extras (pyserial for PN532 boards among them)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

@@ -11,13 +11,19 @@ from typing import Protocol
 
 from cardsim.bcd import bcd_date, bcd_time
 from cardsim.crypto1 import Crypto1, decrypt_bytes, encrypt_bytes, prng_successor
-from cardsim.mifare import ACK, Frame, M1Command, parse_value_block, value_block
+from cardsim.mifare import ACK, BLOCK_SIZE, Frame, M1Command, crc_a, parse_value_block, value_block
 
 PURSE_BLOCK, BACKUP_BLOCK, RECORD_BLOCK = 4, 5, 6
 
 
 class M1Link(Protocol):
     """Anything that carries frames to an M1 card (the card object itself, or a reader's raw mode)."""
+
+    @property
+    def host_crc(self) -> bool:
+        """True when the reader chip leaves CRC_A to the host (a PN532 in raw mode): the host appends it to
+        every command and data frame, inside the encryption, and finds it at the end of a block answer."""
+        ...
 
     def power_on(self) -> None:
         """Cycle the RF field: the card forgets any session."""
@@ -33,6 +39,11 @@ class M1Chip(M1Link, Protocol):
     (UID, SAK, ATQA)."""
 
     def anticollision(self) -> tuple[bytes, int, bytes]: ...
+
+
+def with_crc(link: M1Link, data: bytes) -> bytes:
+    """A command or data frame as ``link`` wants it: with its CRC_A when the host makes CRCs."""
+    return data + crc_a(data) if link.host_crc else data
 
 
 class M1Error(Exception):
@@ -97,6 +108,7 @@ class M1Reader:
         return int.from_bytes(self._random if self._random is not None else os.urandom(4))
 
     def _send(self, data: bytes) -> Frame | None:
+        data = with_crc(self.link, data)
         if self.cipher is None:
             return self.link.transceive(Frame(data))
         enc, parities = encrypt_bytes(self.cipher, data)
@@ -145,7 +157,11 @@ class M1Reader:
         if answer.bits == 4:
             self._ack(answer, f"READ block {block}")
         plain, parity_ok = decrypt_bytes(self.cipher, answer.data, list(answer.parity))
-        if len(plain) != 16 or not parity_ok:
+        if self.link.host_crc:
+            if crc_a(plain[:BLOCK_SIZE]) != plain[BLOCK_SIZE:]:
+                raise M1Error(f"READ block {block}: garbled answer (CRC_A)")
+            plain = plain[:BLOCK_SIZE]
+        if len(plain) != BLOCK_SIZE or not parity_ok:
             raise M1Error(f"READ block {block}: garbled answer")
         return plain
 

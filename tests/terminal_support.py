@@ -67,6 +67,10 @@ class CuttingChip:
         self.card = card
         self.left = frames
 
+    @property
+    def host_crc(self) -> bool:
+        return False
+
     def power_on(self) -> None:
         self.card.power_on()
 
