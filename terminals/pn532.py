@@ -89,7 +89,10 @@ class Pn532:
             reply = self._next(deadline, code)
             if isinstance(reply, FrameError):
                 self._write(control_frame(Control.NACK))
-                reply = self._next(self._clock() + self.timeout, code)
+                try:
+                    reply = self._next(self._clock() + self.timeout, code)
+                except Pn532Error as silent:
+                    raise Pn532Error(f"command {code:02X}: {_describe(reply)}, and no answer to the NACK") from silent
         except (OSError, ValueError) as err:  # pyserial's SerialException is an OSError; a closed port: ValueError
             raise Pn532Error(f"command {code:02X}: port error: {err}") from err
         if reply is Control.ERROR:

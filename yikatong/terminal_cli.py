@@ -1,5 +1,5 @@
-"""``yikatong terminal ...``: run a terminal on a PC/SC reader, do one tap for scripts, drain or inspect a
-terminal's outbox."""
+"""``yikatong terminal ...``: run a terminal on a PC/SC reader or a PN532 board, do one tap for scripts, drain or
+inspect a terminal's outbox."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ import logging
 import os
 import secrets
 import sys
+import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from terminals.kinds import TerminalKind
 from yikatong.argtypes import (
@@ -33,6 +34,7 @@ if TYPE_CHECKING:
     from terminals.mqtt import BrokerUrl
     from terminals.outbox import Outbox
     from terminals.pcsc import PcscReader
+    from terminals.pn532 import Pn532Link
     from terminals.terminal import TapResult, Terminal
 
 log = logging.getLogger("yikatong.terminal")
@@ -43,20 +45,23 @@ def register(groups: Subcommands) -> None:
     sub = command_group(
         groups,
         "terminal",
-        help_text="run a terminal (bus, metro gate, top-up) on a PC/SC reader, or tap once",
+        help_text="run a terminal (bus, metro gate, top-up) on a PC/SC reader or a PN532 board, or tap once",
         description="A terminal charges (or tops up) the cards presented to it, keeps every record in a durable "
         "outbox and publishes it to the clearing over MQTT until the clearing acks it.",
     )
 
     run = sub.add_parser(
         "run",
-        help="wait for cards on a PC/SC reader and charge each one; one line per card",
-        description="Run a terminal on a PC/SC reader until Ctrl-C: wait for a card, do the transaction, print "
-        "one line, wait for the card to be removed. Records go to the outbox first and then to the broker.",
+        help="wait for cards on a PC/SC reader or a PN532 board and charge each one; one line per card",
+        description="Run a terminal on a PC/SC reader (--reader) or a PN532 board on a serial port (--pn532, M1 "
+        "cards) until Ctrl-C: wait for a card, do the transaction, print one line, wait for the card to leave the "
+        "field. Records go to the outbox first and then to the broker.",
         epilog='Example: yikatong terminal run --reader "Virtual PCD 00 00" --city 4560 --kind bus --fare 200 '
         "--broker mqtt://127.0.0.1:1883",
     )
-    run.add_argument("--reader", required=True, help="PC/SC reader name, or a unique prefix of it")
+    station = run.add_mutually_exclusive_group(required=True)
+    station.add_argument("--reader", help="PC/SC reader name, or a unique prefix of it")
+    station.add_argument("--pn532", metavar="DEVICE", help="serial device of a PN532 board, e.g. /dev/ttyUSB0")
     _terminal_options(run)
     run.add_argument("--count", type=positive, help="stop after this many cards (default: run until Ctrl-C)")
     run.set_defaults(run=_run)
@@ -64,8 +69,9 @@ def register(groups: Subcommands) -> None:
     tap = sub.add_parser(
         "tap",
         help="do one transaction and exit (0 done, 1 refused or failed)",
-        description="Do one transaction with the card on a PC/SC reader (--reader) or with a card image file "
-        "(--card, CPU or M1, updated in place), print one line and exit: 0 when the card was charged or loaded, "
+        description="Do one transaction with the card on a PC/SC reader (--reader), on a PN532 board on a serial "
+        "port (--pn532, M1 cards), or with a card image file (--card, CPU or M1, updated in place), print one line "
+        "and exit: 0 when the card was charged or loaded, "
         "1 when it was refused or the tap failed. With --broker every issuer's retained hotlist is taken first "
         "(at most --hotlist-wait seconds) and the outbox is published before exiting.",
         epilog="Example: yikatong terminal tap --card card.json --city 4510 --kind bus --fare 200",
@@ -73,9 +79,10 @@ def register(groups: Subcommands) -> None:
     source = tap.add_mutually_exclusive_group(required=True)
     source.add_argument("--reader", help="PC/SC reader name, or a unique prefix of it")
     source.add_argument("--card", type=file_path, help="card image file (yikatong card issue)")
+    source.add_argument("--pn532", metavar="DEVICE", help="serial device of a PN532 board, e.g. /dev/ttyUSB0")
     _terminal_options(tap)
     tap.add_argument(
-        "--card-wait", type=seconds, default=10.0, help="seconds to wait for a card on the reader (default 10)"
+        "--card-wait", type=seconds, default=10.0, help="seconds to wait for a card on the reader or board (default 10)"
     )
     tap.add_argument(
         "--ack-wait",
@@ -197,6 +204,15 @@ def _pcsc(name: str) -> PcscReader:
         raise CliError(f"{err} (is pcscd running? scripts/services.sh starts it)") from err
 
 
+def _pn532(device: str) -> Pn532Link:
+    from terminals.pn532 import Pn532Error, open_pn532  # pyserial: only the commands on a board
+
+    try:
+        return open_pn532(device)
+    except Pn532Error as err:
+        raise CliError(str(err)) from err
+
+
 def _print(result: TapResult) -> None:
     print(result.message, flush=True)
 
@@ -213,6 +229,11 @@ def _tap(args: argparse.Namespace) -> int:
         asyncio.run(_take_hotlists(terminal, args.broker, args.hotlist_wait))
     if args.card is not None:
         result = _tap_image(terminal, args.card)
+    elif args.pn532 is not None:
+        with _pn532(args.pn532) as link:
+            if not link.wait_for_card(args.card_wait):
+                raise CliError(f"no card on the PN532 at {args.pn532} after {args.card_wait:g} s")
+            result = terminal.tap_m1(link)
     else:
         reader = _pcsc(args.reader)
         try:
@@ -299,7 +320,7 @@ def _run(args: argparse.Namespace) -> int:
 
     setup_logging(logging.INFO)
     terminal = _build_terminal(args)
-    reader = _pcsc(args.reader)
+    reader: _Station = _PcscStation(_pcsc(args.reader)) if args.reader is not None else _Pn532Station(args.pn532)
     # A shell that starts us in the background ignores SIGINT for us; Ctrl-C and kill -INT must still stop.
     stop_on_sigterm()
     cfg = terminal.config
@@ -322,6 +343,8 @@ def _run(args: argparse.Namespace) -> int:
             died.__cause__,
         )
         return 1
+    finally:
+        reader.close()
     counts = terminal.outbox.counts()
     print(f"stopped; {counts.queued} record(s) in the outbox, {counts.pending} interrupted payment(s)", flush=True)
     return 0
@@ -331,7 +354,84 @@ class UplinkDied(Exception):
     """The uplink task of ``terminal run`` ended with an error (its cause)."""
 
 
-async def _run_loop(terminal: Terminal, reader: PcscReader, broker: BrokerUrl | None, count: int | None) -> None:
+class _Station(Protocol):
+    """Where ``terminal run`` meets its cards: a PC/SC reader or a PN532 board."""
+
+    name: str
+
+    def card_present(self) -> bool:
+        """Whether a card is in the field now."""
+        ...
+
+    def tap(self, terminal: Terminal) -> TapResult:
+        """One transaction with the card present."""
+        ...
+
+    def wait_for_removal(self, timeout: float) -> bool:
+        """True once the card has left (within ``timeout`` s)."""
+        ...
+
+    def close(self) -> None:
+        """Let the device go."""
+        ...
+
+
+class _PcscStation:
+    def __init__(self, reader: PcscReader) -> None:
+        self.reader = reader
+        self.name = reader.name
+
+    def card_present(self) -> bool:
+        return self.reader.card_present()
+
+    def tap(self, terminal: Terminal) -> TapResult:
+        return terminal.tap(self.reader)
+
+    def wait_for_removal(self, timeout: float) -> bool:
+        return self.reader.wait_for_removal(timeout)
+
+    def close(self) -> None:
+        pass  # each tap connects and disconnects by itself
+
+
+class _Pn532Station:
+    """A PN532 board: a card is present while InListPassiveTarget selects one; it has left when polling finds
+    none, or another UID."""
+
+    def __init__(self, device: str) -> None:
+        self.link = _pn532(device)
+        self.name = f"the PN532 at {device}"
+        self._tapped = b""
+
+    def card_present(self) -> bool:
+        return self._poll() is not None
+
+    def tap(self, terminal: Terminal) -> TapResult:
+        self._tapped = self.link.anticollision()[0]
+        return terminal.tap_m1(self.link)
+
+    def wait_for_removal(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while self._poll() == self._tapped:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.1)
+        return True
+
+    def _poll(self) -> bytes | None:
+        from terminals.pn532 import Pn532Error
+
+        try:
+            target = self.link.list_target()
+        except Pn532Error as err:  # the board went away: stop with a clear line, the outbox keeps its records
+            raise CliError(f"{self.name}: {err}") from err
+        return None if target is None else target[0]
+
+    def close(self) -> None:
+        self.link.close()
+
+
+async def _run_loop(terminal: Terminal, reader: _Station, broker: BrokerUrl | None, count: int | None) -> None:
     import asyncio
 
     from terminals.uplink import Uplink
@@ -346,7 +446,7 @@ async def _run_loop(terminal: Terminal, reader: PcscReader, broker: BrokerUrl | 
             if not await asyncio.to_thread(reader.card_present):
                 await asyncio.sleep(0.1)
                 continue
-            result = await asyncio.to_thread(terminal.tap, reader)
+            result = await asyncio.to_thread(reader.tap, terminal)
             _print(result)
             taps += 1
             if uplink is not None:

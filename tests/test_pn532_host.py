@@ -1,0 +1,312 @@
+"""The PN532 host driver (terminals/pn532.py): against the emulated chip in memory and on a pty served by
+`yikatong card serve --pn532`, against broken ports, and `yikatong terminal tap|run --pn532`."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import json
+import os
+import subprocess
+import sys
+import tty
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from mqtt_support import private_mosquitto, unique_terminal
+from test_pn532 import serve_image
+
+from audit.m1_attacks import PrngClass, classify_prng, collect_nonces, has_gen1a_backdoor, nested_attack
+from cardsim.crypto1 import decrypt_bytes, encrypt_bytes
+from cardsim.image import load_card
+from cardsim.m1_issue import KeyScheme, issue_m1_card, sector_keys
+from cardsim.mifare import Frame, M1Card, M1State, Profile, crc_a, parse_value_block, value_block
+from cardsim.pn532 import Pn532 as EmulatedPn532
+from cardsim.pn532_frames import ACK_FRAME, CHIP_TFI, ERROR_FRAME, HOST_TFI, NACK_FRAME, encode
+from terminals.m1 import FrameSlot, M1Error, M1Reader, m1_purchase, with_crc
+from terminals.pn532 import Pn532, Pn532Error, Pn532Link, open_pn532
+
+UID = bytes.fromhex("9C599B32")
+WHEN = dt.datetime(2026, 12, 1, 8, 30, tzinfo=dt.timezone(dt.timedelta(hours=8)))
+
+
+def key(scheme: KeyScheme, sector: int, key_type: int) -> int:
+    return int.from_bytes(sector_keys(scheme, bytes(16), UID, sector)[key_type - 0x60])
+
+
+class FakeClock:
+    """Time that passes only when the port has nothing to read, so silence costs no real time."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class MemoryPort:
+    """An in-memory serial port; ``answer`` says what the device sends back to each write."""
+
+    def __init__(self) -> None:
+        self.clock = FakeClock()
+        self.inbox = bytearray()
+        self.written: list[bytes] = []
+
+    def answer(self, data: bytes) -> bytes:
+        return b""
+
+    def write(self, data: bytes, /) -> int:
+        self.written.append(data)
+        self.inbox += self.answer(data)
+        return len(data)
+
+    def read(self, size: int = 1, /) -> bytes:
+        if not self.inbox:
+            self.clock.now += 0.5
+        out = bytes(self.inbox[:size])
+        del self.inbox[:size]
+        return out
+
+    def flush(self) -> None:
+        pass
+
+    def reset_input_buffer(self) -> None:
+        self.inbox.clear()
+
+
+class EmulatorPort(MemoryPort):
+    """The emulated PN532 behind the port."""
+
+    def __init__(self, chip: EmulatedPn532) -> None:
+        super().__init__()
+        self.chip = chip
+
+    def answer(self, data: bytes) -> bytes:
+        return self.chip.receive(data)
+
+
+class ScriptedPort(MemoryPort):
+    """A device that answers each write with the next scripted bytes, then nothing."""
+
+    def __init__(self, replies: list[bytes]) -> None:
+        super().__init__()
+        self.replies = list(replies)
+
+    def answer(self, data: bytes) -> bytes:
+        return self.replies.pop(0) if self.replies else b""
+
+
+def emulated(profile: Profile = Profile.GENUINE, scheme: KeyScheme = KeyScheme.SHARED) -> tuple[Pn532Link, M1Card]:
+    card = M1Card(issue_m1_card(UID, profile, scheme, 2500, bytes(16)), os.urandom)
+    port = EmulatorPort(EmulatedPn532(card, M1Reader))
+    return Pn532Link(Pn532(port, clock=port.clock)), card
+
+
+# --- the driver against the emulated chip, in memory ---------------------------------------------
+
+
+def test_the_link_selects_the_card_and_carries_a_purchase() -> None:
+    link, card = emulated()
+    assert link.host_crc
+    assert link.wait_for_card(0) and link.anticollision() == (UID, 0x08, bytes.fromhex("0400"))
+    txn = m1_purchase(FrameSlot(link).session(), key(KeyScheme.SHARED, 1, 0x61), bytes(6), 300, WHEN)
+    assert (txn.balance_before, txn.balance_after) == (2500, 2200)
+    assert parse_value_block(card.state.blocks[4]) == (2200, 4) and card.state.blocks[5] == value_block(2200, 4)
+
+
+def test_host_crc_frames_are_exact_on_air() -> None:
+    """With the chip's CRC off the host sends CRC_A inside the encryption, and READ comes back as 16 + CRC_A,
+    encrypted in one keystream, with its encrypted parity bits."""
+    link, card = emulated()
+    reader = FrameSlot(link).session()
+    reader.authenticate(4, key(KeyScheme.SHARED, 1, 0x60))
+    assert reader.cipher is not None
+    encrypted, parity = encrypt_bytes(reader.cipher, with_crc(link, b"\x30\x04"))
+    answer = link.transceive(Frame(encrypted, tuple(parity)))
+    assert answer is not None and len(answer.data) == 18
+    plain, parity_ok = decrypt_bytes(reader.cipher, answer.data, list(answer.parity))
+    assert parity_ok and plain == card.state.blocks[4] + crc_a(card.state.blocks[4])
+    # a frame whose CRC_A is wrong is no command: the card NAKs and the session ends
+    encrypted, parity = encrypt_bytes(reader.cipher, b"\x30\x04\x00\x00")
+    nak = link.transceive(Frame(encrypted, tuple(parity)))
+    assert nak is not None and nak.bits == 4
+    with pytest.raises(M1Error):
+        reader.read_block(4)
+
+
+def test_short_frames_and_the_prng_through_the_link() -> None:
+    link, _ = emulated(Profile.GEN1A)
+    assert has_gen1a_backdoor(link)
+    link, _ = emulated()
+    assert not has_gen1a_backdoor(link)
+    assert classify_prng(collect_nonces(link, 5)) is PrngClass.WEAK
+    link, _ = emulated(Profile.HARDENED)
+    assert classify_prng(collect_nonces(link, 5)) is PrngClass.HARDENED
+
+
+def test_an_empty_field() -> None:
+    nothing = [ACK_FRAME + encode(CHIP_TFI, code) for code in (b"\x33", b"\x33", b"\x09", b"\x4b\x00")]
+    port = ScriptedPort(_wake_replies() + nothing * 2)
+    link = Pn532Link(Pn532(port, clock=port.clock))
+    assert not link.wait_for_card(0)
+    with pytest.raises(M1Error, match="no card in the field"):
+        link.power_on()
+
+
+# --- broken ports ---------------------------------------------------------------------------------
+
+FIRMWARE = ACK_FRAME + encode(CHIP_TFI, bytes.fromhex("03 32 01 06 07"))
+
+
+def _wake_replies() -> list[bytes]:
+    return [ACK_FRAME + encode(CHIP_TFI, b"\x15"), FIRMWARE, ACK_FRAME + encode(CHIP_TFI, b"\x33")]
+
+
+def _broken(frame: bytes) -> bytes:
+    bad = bytearray(frame)
+    bad[-2] ^= 0xFF
+    return bytes(bad)
+
+
+@pytest.mark.parametrize(
+    ("reply", "message"),
+    [
+        (b"", "no answer from the PN532"),
+        (ACK_FRAME, "no answer from the PN532"),
+        (FIRMWARE[len(ACK_FRAME) :], "instead of the ACK"),
+        (ACK_FRAME + ERROR_FRAME, "error frame"),
+        (ACK_FRAME + encode(HOST_TFI, bytes.fromhex("03 32 01 06 07")), "unexpected reply d4 03"),
+        (ACK_FRAME + encode(CHIP_TFI, bytes.fromhex("05 32 01 06 07")), "unexpected reply d5 05"),
+        (ACK_FRAME + _broken(FIRMWARE[len(ACK_FRAME) :]), "broken frame \\(data checksum\\)"),
+        (ACK_FRAME + encode(CHIP_TFI, bytes.fromhex("03 33 01 06 07")), "not a PN532"),
+    ],
+)
+def test_broken_replies_are_clear_errors(reply: bytes, message: str) -> None:
+    port = ScriptedPort([ACK_FRAME + encode(CHIP_TFI, b"\x15"), reply])
+    with pytest.raises(Pn532Error, match=message):
+        Pn532(port, clock=port.clock).wake_up()
+
+
+def test_a_broken_reply_is_asked_for_again_with_a_nack() -> None:
+    port = ScriptedPort([ACK_FRAME + _broken(FIRMWARE[len(ACK_FRAME) :]), FIRMWARE[len(ACK_FRAME) :]])
+    assert Pn532(port, clock=port.clock).command(0x02) == bytes.fromhex("32 01 06 07")
+    assert port.written[-1] == NACK_FRAME
+
+
+@given(st.lists(st.binary(max_size=40), max_size=12), st.lists(st.binary(max_size=30), max_size=6))
+def test_any_port_bytes_give_a_result_or_a_pn532_error(replies: list[bytes], frames: list[bytes]) -> None:
+    """Whatever the port returns, the driver answers or raises Pn532Error (an M1Error), nothing else."""
+    port = ScriptedPort(_wake_replies() + replies)
+    try:
+        link = Pn532Link(Pn532(port, clock=port.clock))
+        link.power_on()
+        for data in frames:
+            link.transceive(Frame(data))
+    except M1Error:
+        pass
+
+
+@given(st.binary(max_size=300))
+def test_any_reply_to_one_command_gives_data_or_a_pn532_error(noise: bytes) -> None:
+    port = ScriptedPort([noise, noise])
+    with contextlib.suppress(Pn532Error):
+        Pn532(port, clock=port.clock).command(0x42, b"\x26")
+
+
+# --- on a pty, served by `yikatong card serve --pn532` ---------------------------------------------
+
+
+@pytest.fixture
+def served(tmp_path: Path) -> Iterator[tuple[Path, str]]:
+    """A genuine card with shared keys served on a pty."""
+    yield from serve_image(tmp_path, issue_m1_card(UID, Profile.GENUINE, KeyScheme.SHARED, 2500, bytes(16)))
+
+
+def test_a_purchase_through_the_pty_charges_the_served_card(tmp_path: Path) -> None:
+    state = issue_m1_card(UID, Profile.GENUINE, KeyScheme.SHARED, 2500, bytes(16))
+    with contextlib.closing(serve_image(tmp_path, state)) as served:
+        image, pty = next(served)
+        with open_pn532(pty) as link:
+            assert link.wait_for_card(5) and link.anticollision()[0] == UID
+            m1_purchase(FrameSlot(link).session(), key(KeyScheme.SHARED, 1, 0x61), bytes(6), 150, WHEN)
+    # the server has stopped: the image it saved holds the new balance
+    saved = load_card(image)
+    assert isinstance(saved, M1State) and parse_value_block(saved.blocks[4]) == (2350, 4)
+
+
+def test_nested_attack_through_the_pty_recovers_a_sector_key(served: tuple[Path, str]) -> None:
+    _, pty = served
+    with open_pn532(pty) as link:
+        uid = int.from_bytes(link.anticollision()[0])
+        known = (3, key(KeyScheme.SHARED, 0, 0x60), 0x60)
+        assert nested_attack(link, uid, known, (11, 0x61)) == key(KeyScheme.SHARED, 2, 0x61)
+
+
+def test_a_pty_with_no_pn532_behind_it_is_a_clear_error(tmp_path: Path) -> None:
+    master, slave = os.openpty()
+    try:
+        tty.setraw(slave)
+        name = os.ttyname(slave)
+        with pytest.raises(Pn532Error, match="no answer from the PN532"):
+            open_pn532(name, timeout=0.2)
+        tap = ["terminal", "tap", "--pn532", name, "--city", "4560", "--kind", "bus", "--fare", "200"]
+        for device in (name, str(tmp_path / "no-such-device")):
+            tap[3] = device
+            done = subprocess.run(
+                [sys.executable, "-m", "yikatong.cli", *tap, "--state", str(tmp_path / "t.sqlite")],
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+            assert device in done.stderr
+    finally:
+        os.close(master)
+        os.close(slave)
+
+
+@pytest.mark.parametrize("command", ["tap", "run"])
+def test_terminal_on_the_pn532_charges_the_served_card_and_publishes(tmp_path: Path, command: str) -> None:
+    """`yikatong terminal tap|run --pn532 /dev/pts/N` against `card serve --pn532`: the image's balance drops by
+    the fare and mosquitto_sub on a private broker receives the m1 record with the card's UID."""
+    image, state = tmp_path / "m1.json", tmp_path / "terminal.sqlite"
+    issue = ["card", "issue", "--city", "4510", "--tech", "m1", "--uid", UID.hex(), "--balance", "3000"]
+    subprocess.run([sys.executable, "-m", "yikatong.cli", *issue, "--out", str(image)], check=True, capture_output=True)
+    issued = load_card(image)
+    assert isinstance(issued, M1State)
+    number = unique_terminal("4560")
+    with private_mosquitto(tmp_path) as broker:
+        topic = f"yikatong/4560/txn/{number}"
+        listen = ["-d", "-p", str(broker.port), "-q", "1", "-C", "1", "-W", "60", "-t", topic]
+        sub = subprocess.Popen(["stdbuf", "-oL", "mosquitto_sub", *listen], stdout=subprocess.PIPE, text=True)
+        try:
+            assert sub.stdout is not None
+            seen = [sub.stdout.readline() for _ in range(4)]  # CONNECT, CONNACK, SUBSCRIBE, SUBACK
+            assert "SUBACK" in seen[-1], seen
+            with contextlib.closing(serve_image(tmp_path, issued)) as served:  # serves it from the same file
+                _, pty = next(served)
+                tap = ["terminal", command, "--pn532", pty, "--city", "4560", "--kind", "bus", "--fare", "200"]
+                options = ["--terminal", number, "--state", str(state), "--broker", f"mqtt://127.0.0.1:{broker.port}"]
+                options += ["--count", "1"] if command == "run" else []
+                done = subprocess.run(
+                    [sys.executable, "-m", "yikatong.cli", *tap, *options], capture_output=True, text=True, timeout=120
+                )
+            assert done.returncode == 0, done.stdout + done.stderr
+            assert "OK       purchase card" in done.stdout and "-2.00 -> 28.00 yuan" in done.stdout, done.stdout
+            received = sub.stdout.read()
+        finally:
+            sub.kill()
+    payloads = [line for line in received.splitlines() if line.startswith("{")]
+    assert len(payloads) == 1, received
+    record = json.loads(payloads[0])
+    assert (record["tech"], record["card"]["uid"], record["amount"], record["balance_after"]) == (
+        "m1",
+        UID.hex().upper(),
+        200,
+        2800,
+    )
+    saved = load_card(image)
+    assert isinstance(saved, M1State) and parse_value_block(saved.blocks[4]) == (2800, 4)
