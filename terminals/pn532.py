@@ -17,7 +17,7 @@ from typing import Final, Protocol
 
 from cardsim.crypto1 import odd_parity
 from cardsim.mifare import Frame
-from cardsim.pn532 import BIT_FRAMING, CONTROL, MANUAL_RCV, RX_MODE, TX_MODE, unwrap_bits, wrap_bits
+from cardsim.pn532 import BIT_FRAMING, CONTROL, MANUAL_RCV, RX_MODE, STATUS2, TX_MODE, unwrap_bits, wrap_bits
 from cardsim.pn532_frames import CHIP_TFI, HOST_TFI, Control, FrameDecoder, FrameError, Information, encode
 from cardsim.pn532_frames import encode_control as control_frame
 from terminals.m1 import M1Error
@@ -126,8 +126,6 @@ def _describe(item: Information | Control | FrameError) -> str:
 
 # --- MIFARE Classic over raw frames ----------------------------------------------------------------------
 
-TIMEOUT_STATUS: Final = 0x01  # no answer on the RF side
-
 
 class Pn532Link:
     """An M1 card in the field of a PN532, over raw frames with host-made parity and CRC (``M1Chip``).
@@ -153,20 +151,21 @@ class Pn532Link:
         """Cycle the field and select a card: (UID, SAK, ATQA), or None when no card answers."""
         self.chip.command(0x32, b"\x01\x00")  # RF off: the card loses power and any session
         self.chip.command(0x32, b"\x01\x01")
-        # InListPassiveTarget needs the chip's own parity and CRC (anticollision, SELECT)
-        self.chip.command(0x08, _registers((TX_MODE, 0x80), (RX_MODE, 0x80), (MANUAL_RCV, 0x00)))
         self._target = self._select(b"")
         return self._target
 
     def _select(self, uid: bytes) -> tuple[bytes, int, bytes] | None:
+        """InListPassiveTarget (106 kbps type A; only ``uid`` if given), then raw mode for the selected card."""
+        # the chip's own parity, CRC and whole bytes for anticollision and SELECT, as libnfc and mfoc restore them
+        self.chip.command(0x08, _registers((TX_MODE, 0x80), (RX_MODE, 0x80), (MANUAL_RCV, 0x00), (BIT_FRAMING, 0)))
+        self._tx_bits = 0
         reply = self.chip.command(0x4A, b"\x01\x00" + uid)
         if reply[:1] == b"\x00":
             return None
         if len(reply) < 6 or reply[0] != 1 or len(reply) < 6 + reply[5]:
             raise Pn532Error(f"InListPassiveTarget: unexpected answer {reply.hex(' ')}")
         # Raw mode: no chip CRC, host-made parity, Crypto-1 of the chip off.
-        self.chip.command(0x08, _registers((TX_MODE, 0x00), (RX_MODE, 0x00), (MANUAL_RCV, 0x10), (0x6338, 0x00)))
-        self._tx_bits = None
+        self.chip.command(0x08, _registers((TX_MODE, 0x00), (RX_MODE, 0x00), (MANUAL_RCV, 0x10), (STATUS2, 0x00)))
         return reply[6 : 6 + reply[5]], reply[4], reply[2:4][::-1]  # SENS_RES comes MSB first
 
     def wait_for_card(self, timeout: float) -> bool:
