@@ -307,8 +307,8 @@ class Terminal:
             return TapResult(TapOutcome.ERROR, f"ERROR    card left, nothing charged ({err})")
         except TransactionError as err:
             if journal.key is not None and err.step in _COMMIT_STEPS and SW.known(err.sw) is not None:
-                self.outbox.drop_pending(journal.key)  # a spec refusal of DEBIT/CREDIT: nothing changed
-            elif journal.key is not None:
+                return self._refused_commit(card, journal.key, err)
+            if journal.key is not None:
                 return TapResult(TapOutcome.TORN, f"TORN     {err}; tap again to finish")
             return TapResult(TapOutcome.REFUSED if err.sw is not None else TapOutcome.ERROR, f"REFUSED  {err}")
         finally:
@@ -341,6 +341,18 @@ class Terminal:
         txn = purchase(card, self.sam, self.config.terminal, amount, now, trip, app=app, before_debit=before_commit)
         record = self._store_cpu(txn, journal.key)
         return TapResult(TapOutcome.OK, self._ok_line(record), record)
+
+    def _refused_commit(self, card: Reader, key: str, refusal: TransactionError) -> TapResult:
+        """A spec refusal of DEBIT/CREDIT means nothing changed; the card's log is asked to show it before the
+        journal is dropped, so a card that answers a refusal after committing still gets its record."""
+        try:
+            finished = self._finish_cpu(card, key, key.removeprefix("cpu:"))
+        except (TransactionError, CardGone) as err:
+            line = f"TORN     {refusal}, and the card could not show its log ({err}); tap again to finish"
+            return TapResult(TapOutcome.TORN, line)
+        if finished is not None:
+            return finished
+        return TapResult(TapOutcome.REFUSED, f"REFUSED  {refusal}")
 
     def _finish_cpu(self, card: Reader, key: str, serial: str) -> TapResult | None:
         """Settle the card's interrupted payment, if one is journalled: recorded when the card shows it (the tap

@@ -351,3 +351,30 @@ def test_a_journal_entry_written_by_an_earlier_version_is_finished(tmp_path: Pat
     (record,) = records(term)
     assert list(json.loads(record.to_json()))[:3] == ["schema", "seq", "kind"]  # the wire order
     assert record.card_counter == fields["card_counter"] and term.outbox.counts().pending == 0
+
+
+class RefusingAfterCommit:
+    """A card that commits DEBIT but answers it with a spec refusal (a lying or glitching card)."""
+
+    def __init__(self, card: PurseCard, sw: bytes) -> None:
+        self.card, self.sw = card, sw
+
+    def power_on(self) -> bytes:
+        return self.card.power_on()
+
+    def transmit(self, apdu: bytes) -> bytes:
+        answer = self.card.transmit(apdu)
+        return self.sw if apdu[:2] == b"\x80\x54" else answer  # DEBIT FOR PURCHASE
+
+
+@pytest.mark.parametrize("sw", ["9302", "6D00", "9401"])
+def test_a_refused_debit_is_checked_on_the_card_before_the_journal_is_dropped(tmp_path: Path, sw: str) -> None:
+    term = make_terminal(tmp_path / "t.sqlite")
+    card = new_card()
+    before = card.state.balance
+    result = term.tap(InProcessReader(RefusingAfterCommit(card, bytes.fromhex(sw))))  # type: ignore[arg-type]
+    assert card.state.balance == before - 200  # the card took the fare whatever it answered
+    assert result.status is TapOutcome.OK and result.record is not None, result.message
+    assert term.outbox.counts().queued == 1 and term.outbox.counts().pending == 0
+    honest = term.tap(InProcessReader(new_card()))  # a card that really refuses nothing still pays once
+    assert honest.ok and term.outbox.counts().queued == 2
