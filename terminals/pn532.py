@@ -177,6 +177,19 @@ class Pn532Link:
             time.sleep(POLL_INTERVAL)
         return True
 
+    def wait_for_removal(self, timeout: float) -> bool:
+        """Poll for up to ``timeout`` seconds until the card selected last has left the field (no card answers,
+        or another UID); True when it has."""
+        if self._target is None:
+            return True
+        present = self._target[0]
+        deadline = time.monotonic() + timeout
+        while (target := self.list_target()) is not None and target[0] == present:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(POLL_INTERVAL)
+        return True
+
     def power_on(self) -> None:
         """Cycle the field and select the card; M1Error when none is there."""
         if self.list_target() is None:

@@ -147,13 +147,22 @@ def test_short_frames_and_the_prng_through_the_link() -> None:
     assert classify_prng(collect_nonces(link, 5)) is PrngClass.HARDENED
 
 
-def test_an_empty_field() -> None:
-    nothing = [ACK_FRAME + encode(CHIP_TFI, code) for code in (b"\x33", b"\x33", b"\x09", b"\x4b\x00")]
+def test_an_empty_field_and_a_card_that_leaves() -> None:
+    def replies(*codes: str) -> list[bytes]:
+        return [ACK_FRAME + encode(CHIP_TFI, bytes.fromhex(code)) for code in codes]
+
+    nothing = replies("33", "33", "09", "4B 00")
     port = ScriptedPort(_wake_replies() + nothing * 2)
     link = Pn532Link(Pn532(port, clock=port.clock))
     assert not link.wait_for_card(0)
     with pytest.raises(M1Error, match="no card in the field"):
         link.power_on()
+    card = replies("33", "33", "09", "4B 01 01 00 04 08 04" + UID.hex(), "09")
+    port = ScriptedPort(_wake_replies() + card * 2 + nothing)
+    link = Pn532Link(Pn532(port, clock=port.clock))
+    assert link.wait_for_card(0) and link.anticollision() == (UID, 0x08, bytes.fromhex("0400"))
+    assert not link.wait_for_removal(0)  # still there
+    assert link.wait_for_removal(0)  # gone
 
 
 # --- broken ports ---------------------------------------------------------------------------------

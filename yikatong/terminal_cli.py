@@ -4,11 +4,12 @@ inspect a terminal's outbox."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import secrets
 import sys
-import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
@@ -395,37 +396,31 @@ class _PcscStation:
 
 
 class _Pn532Station:
-    """A PN532 board: a card is present while InListPassiveTarget selects one; it has left when polling finds
-    none, or another UID."""
+    """A PN532 board: a card is present while InListPassiveTarget selects one."""
 
     def __init__(self, device: str) -> None:
         self.link = _pn532(device)
         self.name = f"the PN532 at {device}"
-        self._tapped = b""
 
     def card_present(self) -> bool:
-        return self._poll() is not None
+        with self._board():
+            return self.link.list_target() is not None
 
     def tap(self, terminal: Terminal) -> TapResult:
-        self._tapped = self.link.anticollision()[0]
         return terminal.tap_m1(self.link)
 
     def wait_for_removal(self, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        while self._poll() == self._tapped:
-            if time.monotonic() >= deadline:
-                return False
-            time.sleep(0.1)
-        return True
+        with self._board():
+            return self.link.wait_for_removal(timeout)
 
-    def _poll(self) -> bytes | None:
+    @contextlib.contextmanager
+    def _board(self) -> Iterator[None]:
         from terminals.pn532 import Pn532Error
 
         try:
-            target = self.link.list_target()
+            yield
         except Pn532Error as err:  # the board went away: stop with a clear line, the outbox keeps its records
             raise CliError(f"{self.name}: {err}") from err
-        return None if target is None else target[0]
 
     def close(self) -> None:
         self.link.close()
