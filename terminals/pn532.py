@@ -60,7 +60,7 @@ class Pn532:
 
     def __init__(
         self, port: BytePort, *, timeout: float = DEFAULT_TIMEOUT, clock: Callable[[], float] = time.monotonic
-    ):
+    ) -> None:
         self.port = port
         self.timeout = timeout
         self._clock = clock
@@ -76,7 +76,7 @@ class Pn532:
 
     def command(self, code: int, data: bytes = b"", *, preamble: bytes = b"") -> bytes:
         """Send one command; the reply's data after its code. A broken reply frame is asked for again (NACK)
-        once, as UM0701 §6.2.1.3 lets the host do."""
+        once, as the PN532 user manual (UM0701) lets the host do."""
         try:
             self.port.reset_input_buffer()  # a late reply to an earlier command must not pass for this one
             self._decoder.abandon()
