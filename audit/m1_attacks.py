@@ -50,7 +50,8 @@ class AttackFailed(Exception):
 
 
 def try_key(slot: M1Slot, block: int, key: int, key_type: int) -> bool:
-    """One fresh authentication attempt (any reader: Part 3 readers offer key types 60 and 61 only)."""
+    """One fresh authentication attempt (any reader: Part 3 readers offer key types 60 and 61 only). A card
+    that left, or a reader that failed (M1Gone), is raised, not taken for a wrong key."""
     try:
         slot.session().authenticate(block, key, key_type)
     except M1Error:

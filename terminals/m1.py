@@ -50,6 +50,12 @@ class M1Error(Exception):
     """The card refused or did not answer; the message says which step."""
 
 
+class M1Gone(Exception):
+    """The card left or the reader failed: no answer of the card's at all. Not an ``M1Error``, so that nothing
+    takes it for a refusal (an audit for a wrong key); a terminal treats it like silence (the payment may be
+    torn)."""
+
+
 class M1Unsettled(M1Error):
     """An interrupted purchase whose outcome the card no longer shows (it was used elsewhere since)."""
 

@@ -12,7 +12,7 @@ from typing import Final
 
 from cardsim.mifare import M1Command
 from terminals.flows import TransactionError
-from terminals.m1 import M1Error
+from terminals.m1 import M1Error, M1Gone
 from terminals.reader import CardGone, Reader
 
 # 3B 8F 80 01 | 80 4F 0C | A0 00 00 03 06 (PC/SC RID) | SS | NN NN | 00 00 00 00 | TCK
@@ -64,7 +64,7 @@ def _command(reader: Reader, apdu: bytes, step: str, answer_length: int = 0) -> 
     try:
         answer = reader.transmit(apdu)
     except CardGone as err:
-        raise M1Error(f"{step}: card left ({err})") from err
+        raise M1Gone(f"{step}: card left ({err})") from err
     status, data = answer[-2:], answer[:-2]
     if status == _OK and len(data) == answer_length:
         return data
@@ -132,7 +132,7 @@ class Part3Slot:
         try:
             answer = self.reader.transmit(bytes.fromhex("FFD70000050200000000"))
         except CardGone as err:
-            raise M1Error(f"value command check (FF D7): card left ({err})") from err
+            raise M1Gone(f"value command check (FF D7): card left ({err})") from err
         if answer[-2:] in _NOT_SUPPORTED:
             raise M1Error(
                 "this reader has no MIFARE value-block command FF D7 (an ACS vendor command; it answered "

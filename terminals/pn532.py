@@ -20,7 +20,7 @@ from cardsim.mifare import Frame
 from cardsim.pn532 import BIT_FRAMING, CONTROL, MANUAL_RCV, RX_MODE, STATUS2, TX_MODE, unwrap_bits, wrap_bits
 from cardsim.pn532_frames import CHIP_TFI, HOST_TFI, Control, FrameDecoder, FrameError, Information, encode
 from cardsim.pn532_frames import encode_control as control_frame
-from terminals.m1 import M1Error
+from terminals.m1 import M1Gone
 
 # libnfc assumes the chip sleeps (LowVBat) and wakes it with this preamble before SAMConfiguration.
 WAKE_UP: Final = b"\x55\x55" + bytes(14)
@@ -29,10 +29,11 @@ DEFAULT_TIMEOUT: Final = 1.0  # seconds for one command's ACK and reply (libnfc:
 POLL_INTERVAL: Final = 0.1
 
 
-class Pn532Error(M1Error):
+class Pn532Error(M1Gone):
     """The PN532 or its port failed: silence, a broken or unexpected frame, an error frame, or a port error.
 
-    An ``M1Error``, so a terminal treats a board that fails mid-tap like a card that left the field."""
+    An ``M1Gone``: a terminal treats a board that fails mid-tap like a card that left the field, and an audit
+    stops instead of reading it as a wrong key."""
 
 
 class BytePort(Protocol):
@@ -191,9 +192,9 @@ class Pn532Link:
         return True
 
     def power_on(self) -> None:
-        """Cycle the field and select the card; M1Error when none is there."""
+        """Cycle the field and select the card; M1Gone when none is there."""
         if self.list_target() is None:
-            raise M1Error("no card in the field of the PN532")
+            raise M1Gone("no card in the field of the PN532")
 
     def anticollision(self) -> tuple[bytes, int, bytes]:
         """UID, SAK and ATQA of the selected card (selecting one first if none is)."""

@@ -47,6 +47,7 @@ from terminals.m1 import (
     FrameSlot,
     M1Chip,
     M1Error,
+    M1Gone,
     M1Slot,
     M1Transaction,
     M1Unsettled,
@@ -466,6 +467,10 @@ class Terminal:
             return self._m1(slot, journal)
         except TransactionError as err:
             return TapResult(TapOutcome.ERROR, f"ERROR    {err}")
+        except M1Gone as err:
+            if journal.key is not None:
+                return TapResult(TapOutcome.TORN, f"TORN     {err}; tap again to finish")
+            return TapResult(TapOutcome.ERROR, f"ERROR    {err}; nothing charged")
         except M1Error as err:
             if journal.key is not None:
                 return TapResult(TapOutcome.TORN, f"TORN     {err}; tap again to finish")

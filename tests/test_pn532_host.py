@@ -26,7 +26,7 @@ from cardsim.m1_issue import KeyScheme, issue_m1_card, sector_keys
 from cardsim.mifare import Frame, M1Card, M1State, Profile, crc_a, parse_value_block, value_block
 from cardsim.pn532 import Pn532 as EmulatedPn532
 from cardsim.pn532_frames import ACK_FRAME, CHIP_TFI, ERROR_FRAME, HOST_TFI, NACK_FRAME, encode
-from terminals.m1 import FrameSlot, M1Error, M1Reader, m1_purchase, with_crc
+from terminals.m1 import FrameSlot, M1Error, M1Gone, M1Reader, m1_purchase, with_crc
 from terminals.pn532 import Pn532, Pn532Error, Pn532Link, open_pn532
 
 UID = bytes.fromhex("9C599B32")
@@ -155,7 +155,7 @@ def test_an_empty_field_and_a_card_that_leaves() -> None:
     port = ScriptedPort(_wake_replies() + nothing * 2)
     link = Pn532Link(Pn532(port, clock=port.clock))
     assert not link.wait_for_card(0)
-    with pytest.raises(M1Error, match="no card in the field"):
+    with pytest.raises(M1Gone, match="no card in the field"):
         link.power_on()
     card = replies("33", "33", "09", "4B 01 01 00 04 08 04" + UID.hex(), "09")
     port = ScriptedPort(_wake_replies() + card * 2 + nothing)
@@ -207,14 +207,14 @@ def test_a_broken_reply_is_asked_for_again_with_a_nack() -> None:
 
 @given(st.lists(st.binary(max_size=40), max_size=12), st.lists(st.binary(max_size=30), max_size=6))
 def test_any_port_bytes_give_a_result_or_a_pn532_error(replies: list[bytes], frames: list[bytes]) -> None:
-    """Whatever the port returns, the driver answers or raises Pn532Error (an M1Error), nothing else."""
+    """Whatever the port returns, the driver answers, raises Pn532Error or says the card is gone (M1Gone)."""
     port = ScriptedPort(_wake_replies() + replies)
     try:
         link = Pn532Link(Pn532(port, clock=port.clock))
         link.power_on()
         for data in frames:
             link.transceive(Frame(data))
-    except M1Error:
+    except M1Gone:
         pass
 
 

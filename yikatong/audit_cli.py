@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from audit.chips import ChipAudit
     from audit.cpu_audit import KeySource
     from audit.fleet import Fleet
+    from terminals.pn532 import Pn532Link
 
 _hex32 = hex_number(8)
 
@@ -99,13 +100,20 @@ def _key_type(text: str) -> int:
 def _register_nested(sub: Subcommands) -> None:
     nested = sub.add_parser(
         "nested",
-        help="recover other sector keys of a (simulated) M1 card from one known key",
+        help="recover other sector keys of an M1 card (an image, or a card on a PN532) from one known key",
         description="Nested attack through the card's radio interface: authenticate with a known sector key, "
         "request a nested authentication to the target sector, predict its nonce (weak PRNG), filter by the "
-        "leaked parity bits and invert Crypto-1. Prints the 12-hex-digit target key.",
-        epilog="Example: yikatong audit nested m1.json --known-block 3 --known-key FFFFFFFFFFFF --target-block 7",
+        "leaked parity bits and invert Crypto-1. Prints the 12-hex-digit target key. It needs raw frames: a "
+        "simulated card (IMAGE) or a PN532 board (--pn532); a PC/SC Part 3 reader cannot do it.",
+        epilog="Examples:\n  yikatong audit nested m1.json --known-block 3 --known-key FFFFFFFFFFFF --target-block 7\n"
+        "  yikatong audit nested --pn532 /dev/ttyUSB0 --known-block 3 --known-key FFFFFFFFFFFF --target-block 7",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    nested.add_argument("image", type=file_path, help="M1 card image")
+    nested.add_argument("image", nargs="?", type=file_path, help="M1 card image (or --pn532)")
+    nested.add_argument("--pn532", metavar="DEVICE", help="attack the card on a PN532 board (serial device)")
+    nested.add_argument(
+        "--card-wait", type=positive, default=10, help="--pn532: seconds to wait for a card (default %(default)s)"
+    )
     nested.add_argument("--known-block", type=_block, required=True, help="a block of the sector with the known key")
     nested.add_argument("--known-key", type=_hex48, required=True, help="that sector's key, 12 hex digits")
     nested.add_argument("--known-type", type=_key_type, default=0x60, help="A or B (default A)")
@@ -117,17 +125,72 @@ def _register_nested(sub: Subcommands) -> None:
 def _nested(args: argparse.Namespace) -> int:
     from audit.m1_attacks import AttackFailed, nested_attack
     from cardsim.mifare import M1Card, M1State
-    from terminals.m1 import M1Error
+    from terminals.m1 import M1Error, M1Gone
     from yikatong.card_cli import load_image
 
+    if (args.image is None) == (args.pn532 is None):
+        raise CliError("give the card: an M1 image, or --pn532 DEVICE (not both)")
+    known, target = (args.known_block, args.known_key, args.known_type), (args.target_block, args.target_type)
+    failures = (AttackFailed, M1Error, M1Gone)
+    if args.pn532 is not None:
+        with _pn532_with_card(args.pn532, args.card_wait) as link:
+            uid = int.from_bytes(link.anticollision()[0])
+            return _report(lambda: nested_attack(link, uid, known, target), failures, "nested attack failed")
     state = load_image(args.image)
     if not isinstance(state, M1State):
         raise CliError(f"{args.image} is a CPU card; the nested attack is for MIFARE Classic")
     card = M1Card(state, os.urandom)
-    known, target = (args.known_block, args.known_key, args.known_type), (args.target_block, args.target_type)
-    return _report(
-        lambda: nested_attack(card, state.uid, known, target), (AttackFailed, M1Error), "nested attack failed"
-    )
+    return _report(lambda: nested_attack(card, state.uid, known, target), failures, "nested attack failed")
+
+
+def _open_pn532(device: str) -> Pn532Link:
+    from terminals.pn532 import Pn532Error, open_pn532  # pyserial: only the commands on a board
+
+    try:
+        return open_pn532(device)
+    except Pn532Error as err:
+        raise CliError(str(err)) from err
+
+
+def _pn532_with_card(device: str, wait: float) -> Pn532Link:
+    """The board at ``device`` with a card selected in its field (CliError when there is none in ``wait`` s)."""
+    link = _open_pn532(device)
+    if not link.wait_for_card(wait):
+        link.close()
+        raise CliError(f"no card on the PN532 at {device} after {wait:g} s")
+    return link
+
+
+class _Pn532Cards:
+    """The cards presented on a PN532 board, one at a time (``_Station``)."""
+
+    def __init__(self, link: Pn532Link, device: str) -> None:
+        self.link = link
+        self.name = f"the PN532 at {device}"
+
+    def wait_for_card(self, timeout: float) -> None:
+        if not self.link.wait_for_card(timeout):
+            raise TimeoutError(f"no card on {self.name} after {timeout:g} s")
+
+    def wait_for_removal(self, timeout: float) -> bool:
+        return self.link.wait_for_removal(timeout)
+
+
+def _chips_on_pn532(args: argparse.Namespace) -> int:
+    """M1 cards on a PN532 board, one by one, with every M1 check (raw frames)."""
+    from audit.m1_attacks import AttackFailed
+    from audit.m1_audit import audit_m1
+    from terminals.m1 import M1Error, M1Gone
+
+    def audit_card(name: str, audit: ChipAudit) -> None:
+        try:
+            audit.add_m1(name, audit_m1(link, recover_all=args.recover == "all", progress=_progress))
+        except (M1Error, M1Gone, AttackFailed) as err:
+            audit.failed.append(f"{name}: not audited: {err}")
+
+    with _open_pn532(args.pn532) as link:
+        cards = _Pn532Cards(link, args.pn532)
+        return _chips_at(args, cards, f"PN532 board {args.pn532} (raw frames)", audit_card)
 
 
 def _report(find: Callable[[], int], failures: tuple[type[Exception], ...], what: str) -> int:
@@ -173,7 +236,8 @@ def _register_chips(sub: Subcommands) -> None:
         ),
         epilog="Examples:\n  yikatong audit chips --fleet fixtures/fleets/planted.json --active\n"
         "  yikatong audit chips --cards cards/ --keys issuer-keys.json --fail-on critical\n"
-        "  yikatong audit chips --reader 'Virtual PCD 00 00' --count 1",
+        "  yikatong audit chips --reader 'Virtual PCD 00 00' --count 1\n"
+        "  yikatong audit chips --pn532 /dev/ttyUSB0 --count 1 --recover all",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     source = chips.add_mutually_exclusive_group(required=True)
@@ -190,6 +254,12 @@ def _register_chips(sub: Subcommands) -> None:
         help="PC/SC reader: audit cards one by one as they are presented (CPU cards; M1 cards through a Part 3 "
         "reader get the checks it permits: no raw frames, so no PRNG, backdoor or nested checks)",
     )
+    source.add_argument(
+        "--pn532",
+        metavar="DEVICE",
+        help="PN532 board on a serial port: audit M1 cards one by one as they are presented, with every M1 check "
+        "(raw frames: PRNG class, backdoors, nested key recovery)",
+    )
     chips.add_argument(
         "--active", action="store_true", help="also run probes that spend money and lock the card (see above)"
     )
@@ -205,9 +275,14 @@ def _register_chips(sub: Subcommands) -> None:
         default="purse",
         help="M1 nested attack targets: the purse sector's keys (default) or every sector (about 2 s a key)",
     )
-    chips.add_argument("--count", type=positive, help="--reader: stop after this many cards (default: until Ctrl-C)")
     chips.add_argument(
-        "--wait", type=positive, default=60, help="--reader: seconds to wait for each card (default %(default)s)"
+        "--count", type=positive, help="--reader/--pn532: stop after this many cards (default: until Ctrl-C)"
+    )
+    chips.add_argument(
+        "--wait",
+        type=positive,
+        default=60,
+        help="--reader/--pn532: seconds to wait for each card (default %(default)s)",
     )
     add_report_options(chips, "chips")
     chips.set_defaults(run=_chips)
@@ -239,6 +314,8 @@ def _chips(args: argparse.Namespace) -> int:
 
     if args.reader is not None:
         return _chips_on_reader(args)
+    if args.pn532 is not None:
+        return _chips_on_pn532(args)
     try:
         fleet = load_image_folder(args.cards) if args.cards is not None else generate_fleet(args.fleet)
     except FleetError as err:
@@ -305,7 +382,7 @@ def _chips_on_reader(args: argparse.Namespace) -> int:
     from audit.cpu_audit import audit_cpu
     from audit.m1_audit import audit_m1_blocks
     from terminals.flows import TransactionError
-    from terminals.m1 import M1Error
+    from terminals.m1 import M1Error, M1Gone
     from terminals.part3 import CLASSIC_1K, Part3Slot, storage_card_name
     from terminals.pcsc import PcscReader, ReaderNotFound  # pyscard needs pcscd; only this path uses it
     from terminals.reader import CardGone
@@ -328,7 +405,7 @@ def _chips_on_reader(args: argparse.Namespace) -> int:
                 audit.add_m1(name, audit_m1_blocks(Part3Slot(reader), where, identity, progress=_progress))
             else:
                 audit.failed.append(f"{name}: not audited: a {card_name} (only CPU purse cards and MIFARE Classic 1K)")
-        except (TransactionError, CardGone, M1Error) as err:
+        except (TransactionError, CardGone, M1Error, M1Gone) as err:
             audit.failed.append(f"{name}: not audited: {err}")
         finally:
             reader.disconnect()

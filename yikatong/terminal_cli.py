@@ -54,14 +54,15 @@ def register(groups: Subcommands) -> None:
     run = sub.add_parser(
         "run",
         help="wait for cards on a PC/SC reader or a PN532 board and charge each one; one line per card",
-        description="Run a terminal on a PC/SC reader (--reader) or a PN532 board on a serial port (--pn532, M1 "
-        "cards) until Ctrl-C: wait for a card, do the transaction, print one line, wait for the card to leave the "
-        "field. Records go to the outbox first and then to the broker.",
+        description="Run a terminal until Ctrl-C on a PC/SC reader (--reader: a CPU card, or an M1 card on a "
+        "contactless PC/SC Part 3 reader such as an ACR122U, told apart by the ATR) or on a PN532 board on a serial "
+        "port (--pn532, M1 cards): wait for a card, do the transaction, print one line, wait for the card to leave "
+        "the field. Records go to the outbox first and then to the broker.",
         epilog='Example: yikatong terminal run --reader "Virtual PCD 00 00" --city 4560 --kind bus --fare 200 '
         "--broker mqtt://127.0.0.1:1883",
     )
     station = run.add_mutually_exclusive_group(required=True)
-    station.add_argument("--reader", help="PC/SC reader name, or a unique prefix of it")
+    station.add_argument("--reader", help="PC/SC reader name, or a unique prefix of it (CPU cards; M1 on Part 3)")
     station.add_argument("--pn532", metavar="DEVICE", help="serial device of a PN532 board, e.g. /dev/ttyUSB0")
     _terminal_options(run)
     run.add_argument("--count", type=positive, help="stop after this many cards (default: run until Ctrl-C)")
@@ -70,15 +71,16 @@ def register(groups: Subcommands) -> None:
     tap = sub.add_parser(
         "tap",
         help="do one transaction and exit (0 done, 1 refused or failed)",
-        description="Do one transaction with the card on a PC/SC reader (--reader), on a PN532 board on a serial "
-        "port (--pn532, M1 cards), or with a card image file (--card, CPU or M1, updated in place), print one line "
+        description="Do one transaction with the card on a PC/SC reader (--reader: a CPU card, or an M1 card on a "
+        "contactless PC/SC Part 3 reader), on a PN532 board on a serial port (--pn532, M1 cards), or with a card "
+        "image file (--card, CPU or M1, updated in place), print one line "
         "and exit: 0 when the card was charged or loaded, "
         "1 when it was refused or the tap failed. With --broker every issuer's retained hotlist is taken first "
         "(at most --hotlist-wait seconds) and the outbox is published before exiting.",
         epilog="Example: yikatong terminal tap --card card.json --city 4510 --kind bus --fare 200",
     )
     source = tap.add_mutually_exclusive_group(required=True)
-    source.add_argument("--reader", help="PC/SC reader name, or a unique prefix of it")
+    source.add_argument("--reader", help="PC/SC reader name, or a unique prefix of it (CPU cards; M1 on Part 3)")
     source.add_argument("--card", type=file_path, help="card image file (yikatong card issue)")
     source.add_argument("--pn532", metavar="DEVICE", help="serial device of a PN532 board, e.g. /dev/ttyUSB0")
     _terminal_options(tap)
