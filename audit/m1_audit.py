@@ -171,7 +171,8 @@ def audit_m1(chip: M1Chip, *, recover_all: bool = False, progress: Callable[[str
     the nested attack on every sector, not just the purse sector."""
     chip.power_on()
     uid, sak, atqa = chip.anticollision()
-    identity = f"ATQA {atqa.hex().upper()} SAK {sak:02X}: MIFARE Classic 1K"
+    # ATQA as readers print it (nfc-list: 00 04), most significant byte first; the card sends it LSB first
+    identity = f"ATQA {atqa[::-1].hex().upper()} SAK {sak:02X}: MIFARE Classic 1K"
     return _audit(FrameSlot(chip), chip, uid, identity, recover_all=recover_all, progress=progress)
 
 

@@ -6,18 +6,21 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from support import ServedCard
+from test_pn532 import needs_libnfc, serve_image
 
 from cardsim.image import load_card, save_card
-from cardsim.m1_issue import KeyScheme, issue_m1_card
-from cardsim.mifare import Profile
+from cardsim.m1_issue import KeyScheme, issue_m1_card, sector_keys
+from cardsim.mifare import M1State, Profile
 from terminals.pcsc import PcscReader, list_readers
 
 READER = "Virtual PCD 00 00"
 UID = bytes.fromhex("5A6B7C8D")
+MASTER = bytes(range(16))
 
 
 def audit(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess[str], dict[str, object]]:
@@ -60,3 +63,74 @@ def test_part3_reader_audit_runs_the_checks_it_permits_and_names_the_rest(tmp_pa
         assert check in raw, raw
     assert image.read_text() == before  # the audit only reads, and block 0 refused its own bytes
     assert load_card(image) == state
+
+
+def served_pn532(tmp_path: Path, state: M1State) -> Iterator[tuple[Path, str]]:
+    """``card serve IMAGE --pn532`` (the emulated board on a pty) for the length of a test."""
+    yield from serve_image(tmp_path, state)
+
+
+def shared_card_with_a_default_sector() -> M1State:
+    """A fleet-shared-key card whose sector 0 was left on the factory key (a common issuing slip)."""
+    state = issue_m1_card(UID, Profile.GENUINE, KeyScheme.SHARED, 2000, MASTER, city="4560")
+    trailer = state.blocks[3]
+    state.blocks[3] = bytes.fromhex("FFFFFFFFFFFF") + trailer[6:10] + bytes.fromhex("FFFFFFFFFFFF")
+    return state
+
+
+@needs_libnfc
+def test_nested_attack_through_the_pn532_pty_recovers_a_key(tmp_path: Path) -> None:
+    state = issue_m1_card(UID, Profile.GENUINE, KeyScheme.SHARED, 2000, MASTER, city="4560")
+    known = sector_keys(KeyScheme.SHARED, MASTER, UID, 0)[0]
+    target = sector_keys(KeyScheme.SHARED, MASTER, UID, 2)[1]
+    for _, pty in served_pn532(tmp_path, state):
+        done = subprocess.run(
+            [sys.executable, "-m", "yikatong.cli", "audit", "nested", "--pn532", pty, "--known-block", "3",
+             "--known-key", known.hex().upper(), "--target-block", "11", "--target-type", "B"],
+            capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.strip() == target.hex().upper()
+
+
+@needs_libnfc
+def test_chips_audit_on_the_pn532_runs_the_raw_frame_checks_and_recovers_the_purse_keys(tmp_path: Path) -> None:
+    state = shared_card_with_a_default_sector()
+    for image, pty in served_pn532(tmp_path, state):
+        before = image.read_text()
+        done, report = audit(tmp_path, "--pn532", pty, "--count", "1", "--wait", "20")
+        assert done.returncode == 1, done.stderr
+        found = {f["id"]: f for f in report["findings"]}  # type: ignore[attr-defined]
+        assert {"M1-CRYPTO1", "M1-WEAK-PRNG", "M1-DEFAULT-KEY", "M1-KEY-RECOVERED"} <= set(found), found
+        assert "ATQA 0004 SAK 08" in found["M1-CRYPTO1"]["evidence"][0]
+        recovered = {
+            (f["details"]["sector"], f["details"]["key_type"], f["details"]["key"])
+            for f in report["findings"]  # type: ignore[attr-defined]
+            if f["id"] == "M1-KEY-RECOVERED"
+        }
+        keys = sector_keys(KeyScheme.SHARED, MASTER, UID, 1)
+        assert recovered == {(1, "A", keys[0].hex().upper()), (1, "B", keys[1].hex().upper())}
+        [subject] = report["subjects"]  # type: ignore[misc]
+        assert (subject["prng"], subject["city"]) == ("weak", "4560")
+        assert not [line for line in report["skipped"] if "raw frames" in line]  # type: ignore[attr-defined]
+        assert image.read_text() == before
+
+
+def test_nested_needs_exactly_one_card_source(tmp_path: Path) -> None:
+    for extra in ([], [str(tmp_path / "m1.json"), "--pn532", "/dev/null"]):
+        done = subprocess.run(
+            [sys.executable, "-m", "yikatong.cli", "audit", "nested", *extra, "--known-block", "3",
+             "--known-key", "FFFFFFFFFFFF", "--target-block", "7"],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert done.returncode == 2 and "not both" in done.stderr, done.stderr
+
+
+def test_a_device_that_is_no_pn532_is_a_clear_error(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "yikatong.cli", "audit", "chips", "--pn532", str(tmp_path / "ttyNONE"),
+         "--json", str(tmp_path / "r.json"), "--html", str(tmp_path / "r.html")],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 2 and "cannot open the serial port" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr
