@@ -70,6 +70,11 @@ class Profile(enum.Enum):
     FM11RF08S = "fm11rf08s"  # accepts a vendor backdoor key with auth command 64/65
 
 
+# Chips that answer a wrong reader answer with an encrypted NAK when its parity bits happen to be right (genuine
+# NXP-era chips and the clones that copy them); hardened chips (EV1, FM11RF08S) stay silent.
+NACK_LEAKING: Final = frozenset({Profile.GENUINE, Profile.GEN1A, Profile.STATIC_NONCE})
+
+
 @dataclass(frozen=True)
 class Frame:
     """One radio frame. ``bits`` is set for short frames (7-bit commands, 4-bit ACK/NAK)."""
@@ -357,9 +362,13 @@ class M1Card:
         self._auth = None
         if len(frame.data) != 8:
             return None
-        decrypt_bytes(auth.cipher, frame.data[0:4], list(frame.parity[0:4]), feed=True)  # nR enters the LFSR
-        ar, _ = decrypt_bytes(auth.cipher, frame.data[4:8], list(frame.parity[4:8]))
+        _, nr_parity = decrypt_bytes(auth.cipher, frame.data[0:4], list(frame.parity[0:4]), feed=True)  # nR enters
+        ar, ar_parity = decrypt_bytes(auth.cipher, frame.data[4:8], list(frame.parity[4:8]))
         if int.from_bytes(ar) != prng_successor(auth.nt, 64):
+            if nr_parity and ar_parity and self.state.profile in NACK_LEAKING:
+                # The flaw darkside uses: a wrong aR whose 8 parity bits all check gets a NAK encrypted with the
+                # next 4 keystream bits (the first of them also encrypted the last parity bit).
+                return self._ack(auth, NAK)
             return None
         trailer = self.state.blocks[auth.sector * 4 + 3]
         if auth.key_type == 0x61 and key_b_readable(trailer):

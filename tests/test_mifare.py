@@ -6,8 +6,10 @@ import datetime as dt
 
 import pytest
 
+from cardsim.crypto1 import Crypto1, encrypt_bytes, prng_successor
 from cardsim.m1_issue import KeyScheme, issue_m1_card, sector_keys
 from cardsim.mifare import (
+    NACK_LEAKING,
     Frame,
     M1Card,
     Profile,
@@ -142,3 +144,32 @@ def test_default_and_shared_key_schemes() -> None:
     assert sector_keys(KeyScheme.DIVERSIFIED, MASTER, UID, 2) != sector_keys(
         KeyScheme.DIVERSIFIED, MASTER, other_uid, 2
     )
+
+
+def _wrong_answer(c: M1Card, key: int, parity_right: bool) -> tuple[Frame | None, int]:
+    """Start AUTH 60 04, answer with a wrong aR whose parity bits are right (or one flipped); the card's answer and
+    the 4 keystream bits that follow aR."""
+    answer = c.transceive(Frame(bytes([0x60, 0x04])))
+    assert answer is not None
+    nt = int.from_bytes(answer.data)
+    reader = Crypto1.from_key(key)
+    reader.word(int.from_bytes(UID) ^ nt)
+    nr_enc, nr_par = encrypt_bytes(reader, bytes(4), feed=True)
+    ar_enc, ar_par = encrypt_bytes(reader, (prng_successor(nt, 64) ^ 1).to_bytes(4))
+    parity = nr_par + ar_par
+    if not parity_right:
+        parity[5] ^= 1
+    ks = sum(int(reader.bit()) << i for i in range(4))
+    return c.transceive(Frame(nr_enc + ar_enc, tuple(parity))), ks
+
+
+@pytest.mark.parametrize("profile", list(Profile))
+def test_a_wrong_answer_with_right_parity_gets_an_encrypted_nak_only_on_leaking_chips(profile: Profile) -> None:
+    c = card(profile)
+    key = keys(1)[0]
+    leaked, ks = _wrong_answer(c, key, parity_right=True)
+    if profile in NACK_LEAKING:
+        assert leaked is not None and leaked.bits == 4 and leaked.data[0] ^ ks == 0x04  # NAK under the keystream
+    else:
+        assert leaked is None
+    assert _wrong_answer(c, key, parity_right=False)[0] is None  # a parity error is never answered
