@@ -62,7 +62,8 @@ class M1Unsettled(M1Error):
 
 class M1Session(Protocol):
     """A reader session with one M1 card at block level: what every reader offers, a PC/SC Part 3 reader
-    included. Each method raises M1Error when the card refuses, stays silent or leaves."""
+    included. Each method raises M1Error when the card refuses or stays silent, M1Gone when it has left or the
+    reader failed."""
 
     uid: int
 
@@ -200,19 +201,28 @@ class M1Reader:
 
 
 class FrameSlot:
-    """An M1 card on a raw-frame link (the in-process card, a PN532): each session a fresh field."""
+    """An M1 card on a raw-frame link (the in-process card, a PN532): each session a fresh field, with the card
+    first seen there (another card answering means this one left)."""
 
     def __init__(self, chip: M1Chip) -> None:
         self.chip = chip
+        self._uid: bytes | None = None
 
     def uid(self) -> bytes:
-        """The UID from the anticollision answer."""
-        return self.chip.anticollision()[0]
+        """The UID from the first anticollision answer."""
+        if self._uid is None:
+            self._uid = self.chip.anticollision()[0]
+        return self._uid
 
     def session(self) -> M1Reader:
-        """Cycle the field and open a frame-level session."""
+        """Cycle the field and open a frame-level session; M1Gone when another card answers (a swap mid-tap
+        must not charge, nor hotlist-check, the wrong card)."""
+        uid = self.uid()
         self.chip.power_on()
-        return M1Reader(self.chip, int.from_bytes(self.uid()))
+        now = self.chip.anticollision()[0]
+        if now != uid:
+            raise M1Gone(f"card {uid.hex().upper()} left the field (card {now.hex().upper()} answers)")
+        return M1Reader(self.chip, int.from_bytes(uid))
 
 
 MAX_M1_AMOUNT = 0xFFFF  # the record block holds a 2-byte amount

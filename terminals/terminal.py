@@ -311,7 +311,9 @@ class Terminal:
                 return self._refused_commit(card, journal.key, err)
             if journal.key is not None:
                 return TapResult(TapOutcome.TORN, f"TORN     {err}; tap again to finish")
-            return TapResult(TapOutcome.REFUSED if err.sw is not None else TapOutcome.ERROR, f"REFUSED  {err}")
+            if err.sw is None:
+                return TapResult(TapOutcome.ERROR, f"ERROR    {err}")
+            return TapResult(TapOutcome.REFUSED, f"REFUSED  {err}")
         finally:
             card.disconnect()
 
@@ -348,7 +350,7 @@ class Terminal:
         journal is dropped, so a card that answers a refusal after committing still gets its record."""
         try:
             finished = self._finish_cpu(card, key, key.removeprefix("cpu:"))
-        except (TransactionError, CardGone) as err:
+        except (TransactionError, CardGone, HostRefusal) as err:
             line = f"TORN     {refusal}, and the card could not show its log ({err}); tap again to finish"
             return TapResult(TapOutcome.TORN, line)
         if finished is not None:

@@ -14,7 +14,7 @@ from cardsim import crypto
 from cardsim.crypto import Algorithm
 from cardsim.issuer import IssuerHost
 from cardsim.m1_issue import KeyScheme
-from cardsim.mifare import parse_value_block
+from cardsim.mifare import Frame, M1Card, parse_value_block
 from cardsim.purse import PurseCard
 from clearing.verify import tac_problem
 from terminals.messages import TxnRecord, hotlist_delta_topic, parse_record
@@ -378,3 +378,54 @@ def test_a_refused_debit_is_checked_on_the_card_before_the_journal_is_dropped(tm
     assert term.outbox.counts().queued == 1 and term.outbox.counts().pending == 0
     honest = term.tap(InProcessReader(new_card()))  # a card that really refuses nothing still pays once
     assert honest.ok and term.outbox.counts().queued == 2
+
+
+class TamperedDebit(RefusingAfterCommit):
+    """A line that corrupts DEBIT's MAC1 on its way: the card refuses it honestly (93 02), nothing changes."""
+
+    def transmit(self, apdu: bytes) -> bytes:
+        if apdu[:2] == b"\x80\x54":
+            apdu = apdu[:-2] + bytes([apdu[-2] ^ 0xFF]) + apdu[-1:]
+        return self.card.transmit(apdu)
+
+
+def test_an_honest_debit_refusal_is_confirmed_on_the_card_and_the_journal_dropped(tmp_path: Path) -> None:
+    term = make_terminal(tmp_path / "t.sqlite")
+    card = new_card()
+    result = term.tap(InProcessReader(TamperedDebit(card, b"")))  # type: ignore[arg-type]
+    assert result.status is TapOutcome.REFUSED and "9302" in result.message, result.message
+    assert card.state.balance == 5000 and term.outbox.counts().pending == 0 and term.outbox.counts().queued == 0
+
+
+class SwappingChip:
+    """Card A answers the first field; from the next power-up on, card B is in the field instead."""
+
+    def __init__(self, first: M1Card, second: M1Card) -> None:
+        self.cards, self.powered = (first, second), 0
+
+    @property
+    def host_crc(self) -> bool:
+        return False
+
+    def _card(self) -> M1Card:
+        return self.cards[min(self.powered, 1)]
+
+    def power_on(self) -> None:
+        self.powered += 1
+        self._card().power_on()
+
+    def anticollision(self) -> tuple[bytes, int, bytes]:
+        return self._card().anticollision()
+
+    def transceive(self, frame: Frame) -> Frame | None:
+        return self._card().transceive(frame)
+
+
+def test_an_m1_card_swapped_mid_tap_is_not_charged_nor_let_past_the_hotlist(tmp_path: Path) -> None:
+    first, second = m1_card(KeyScheme.SHARED, seed=3), m1_card(KeyScheme.SHARED, seed=4)
+    term = make_terminal(tmp_path / "t.sqlite")
+    term.offer_hotlist(*delta("4510", 0, [second.anticollision()[0].hex().upper()]))
+    result = term.tap_m1(SwappingChip(first, second))  # type: ignore[arg-type]
+    assert not result.ok and "left the field" in result.message, result.message
+    assert parse_value_block(first.state.blocks[4]) == (3000, 4) == parse_value_block(second.state.blocks[4])
+    assert records(term) == [] and term.outbox.counts().pending == 0
