@@ -4,16 +4,19 @@ that need the whole fleet (one broken card's keys tried on the others), gathered
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 from collections import defaultdict
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
+from audit.chip_makers import Maker, m1_maker, read_block0
 from audit.cpu_audit import CpuAudit, KeySource, audit_cpu
 from audit.findings import Report, finding
 from audit.fleet import FleetCard
 from audit.m1_attacks import try_key
-from audit.m1_audit import KEY_NAMES, M1Audit, audit_m1
+from audit.m1_audit import KEY_NAMES, KeyRecovery, M1Audit, audit_m1
+from cardsim.files import JSONValue
 from cardsim.mifare import M1Card
 from cardsim.purse import PurseCard, PurseState
 from terminals.flows import TransactionError
@@ -43,10 +46,15 @@ class ChipAudit:
     # the card stays at hand for the fleet checks when it is simulated; a card on a reader has left by then
     m1: list[tuple[str, M1Audit, M1Card | None]] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
+    issued_for: dict[str, str] = field(default_factory=dict)  # card name -> city, from the issuer's records
 
     def add_cpu(self, name: str, result: CpuAudit) -> None:
         """A CPU card's audit (from an image or a reader)."""
         self.cpu.append((name, result))
+
+    def recovered_keys(self) -> tuple[int, ...]:
+        """Every key an attack broke out of the M1 cards audited so far (distinct, in order)."""
+        return tuple(dict.fromkeys(k for _, m1, _ in self.m1 for k in m1.recovered.values()))
 
     def add_m1(self, name: str, result: M1Audit, chip: M1Card | None = None) -> None:
         """An M1 card's audit; ``chip`` when the simulated card can still be tried with other cards' keys."""
@@ -54,17 +62,31 @@ class ChipAudit:
 
 
 def audit_image_card(
-    card: FleetCard, sources: list[KeySource], audit: ChipAudit, *, active: bool, recover_all: bool, progress: Progress
+    card: FleetCard,
+    sources: list[KeySource],
+    audit: ChipAudit,
+    *,
+    active: bool,
+    recover_all: bool,
+    progress: Progress,
+    recovery: KeyRecovery | None = None,
 ) -> None:
-    """Audit one simulated card. It works on a copy: the image on disk, or the fleet, is never changed."""
+    """Audit one simulated card. It works on a copy: the image on disk, or the fleet, is never changed.
+    ``recovery`` runs the whole key-recovery chain on an M1 card, with the keys already broken out of the
+    fleet's other cards tried first."""
     state = copy.deepcopy(card.state)
+    if card.issued_for:
+        audit.issued_for[card.name] = card.issued_for
     try:
         if isinstance(state, PurseState):
             reader = SimulatedCpu(PurseCard(state, os.urandom), card.name)
             audit.add_cpu(card.name, audit_cpu(reader, sources, active=active, rig=reader, progress=progress))
         else:
             chip = M1Card(state, os.urandom)
-            audit.add_m1(card.name, audit_m1(chip, recover_all=recover_all, progress=progress), chip)
+            if recovery is not None:
+                recovery = replace(recovery, fleet_keys=audit.recovered_keys())
+            result = audit_m1(chip, recover_all=recover_all, recovery=recovery, progress=progress)
+            audit.add_m1(card.name, result, chip)
     except (TransactionError, CardGone) as err:
         audit.failed.append(f"{card.name}: could not be audited: {err}")
 
@@ -114,6 +136,23 @@ def _shared_cpu_keys(audit: ChipAudit) -> dict[str, list[str]]:
     return shared
 
 
+def _m1_maker(m1: M1Audit, chip: M1Card | None) -> Maker | None:
+    """The M1 audit's maker (read from block 0, or SAK/ATQA); for a simulated card audited before the audit kept
+    it, read here through the card's radio interface (anticollision, block 0 with a known sector-0 key)."""
+    maker = getattr(m1, "maker", None)
+    if isinstance(maker, Maker) or chip is None:
+        return maker if isinstance(maker, Maker) else None
+    _, sak, atqa = chip.anticollision()
+    return m1_maker(read_block0(FrameSlot(chip), m1.keys), sak, atqa)
+
+
+def _maker_columns(maker: Maker | None) -> dict[str, JSONValue]:
+    """The subject row's chip maker columns (the fleet view counts them)."""
+    if maker is None:
+        return {"chip maker": "unknown", "maker country": "", "maker evidence": "not read"}
+    return {"chip maker": maker.label, "maker country": maker.country, "maker evidence": maker.evidence}
+
+
 def build_report(audit: ChipAudit, inputs: list[str], *, active: bool, progress: Progress) -> Report:
     """The fleet checks (shared keys), then one report of every card's findings."""
     report = Report("chips", inputs)
@@ -135,22 +174,31 @@ def build_report(audit: ChipAudit, inputs: list[str], *, active: bool, progress:
                 "keys": "unknown"
                 if keys is None
                 else f"{keys.source.name}, {'diversified' if keys.diversified else 'NOT diversified'}",
+                **_maker_columns(result.maker),
             }
         )
         report.findings += findings
         report.skipped += result.skipped
-    for name, m1, _ in audit.m1:
+    for name, m1, chip in audit.m1:
         if m1.uid in m1_shared:
             m1.add("M1-UNDIVERSIFIED", m1_shared[m1.uid])
         findings = m1.findings
+        # The city is read from block 1 when a sector-0 key is known; else the issuer's records name it, and say so.
+        city, city_from = m1.city, "card (block 1)" if m1.city else "unknown (block 1 not read: no sector-0 key)"
+        if not city and audit.issued_for.get(name):
+            city, city_from = audit.issued_for[name], "issuer record (block 1 not read: no sector-0 key)"
+            findings = [dataclasses.replace(f, city=city) for f in findings]
         report.subjects.append(
             {
                 "subject": m1.uid,
                 "source": name,
                 "tech": "m1",
-                "city": m1.city,
+                "city": city,
+                "city from": city_from,
+                "algorithm": "crypto-1",
                 "prng": m1.prng,
                 "keys known": f"{len(m1.keys)} of 32",
+                **_maker_columns(_m1_maker(m1, chip)),
             }
         )
         report.findings += findings
@@ -173,12 +221,16 @@ def audit_fleet(
     *,
     active: bool,
     recover_all: bool = False,
+    recovery: KeyRecovery | None = None,
     progress: Progress = lambda _: None,
 ) -> Report:
-    """Audit every card of a fleet (simulated cards) and build the report."""
+    """Audit every card of a fleet (simulated cards) and build the report; ``recovery``: the whole key-recovery
+    chain on each M1 card (``audit chips --recover-keys``)."""
     audit = ChipAudit()
     cards = list(cards)
     for i, card in enumerate(cards, 1):
         progress(f"[{i}/{len(cards)}] {card.name}")
-        audit_image_card(card, sources, audit, active=active, recover_all=recover_all, progress=progress)
+        audit_image_card(
+            card, sources, audit, active=active, recover_all=recover_all, progress=progress, recovery=recovery
+        )
     return build_report(audit, inputs, active=active, progress=progress)

@@ -68,6 +68,24 @@ CHIP_RULES: Final[dict[str, Rule]] = {
     "M1-KEY-RECOVERED": Rule(
         Severity.CRITICAL, "a sector key was recovered by an attack", f"rotate the fleet's M1 keys; {_M1_MIGRATE}"
     ),
+    "M1-DARKSIDE": Rule(
+        Severity.CRITICAL,
+        "a sector key fell to the darkside attack with no key known (the chip leaks an encrypted NAK)",
+        _M1_MIGRATE,
+    ),
+    "M1-HARDNESTED": Rule(
+        Severity.CRITICAL,
+        "a sector key of a hardened (random-nonce) chip fell to the hardnested attack from one known key",
+        _M1_MIGRATE,
+    ),
+    "M1-STATIC-NESTED": Rule(
+        Severity.CRITICAL, "a sector key fell to the static nested attack (the chip's nonce never changes)", _M1_MIGRATE
+    ),
+    "M1-BACKDOOR-RECOVERY": Rule(
+        Severity.CRITICAL,
+        "sector keys fell through the vendor backdoor key and the chip's static encrypted nonces (FM11RF08S)",
+        f"withdraw the chip series; {_M1_MIGRATE}",
+    ),
     "M1-UNDIVERSIFIED": Rule(
         Severity.HIGH, "the same sector key on different cards", "diversify sector keys per card UID"
     ),

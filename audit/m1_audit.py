@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Final
 
 from audit import m1_attacks as attacks
+from audit.autopwn import ATTACK_RULES, DICTIONARY, REUSED, Autopwn, autopwn
 from audit.findings import Finding, finding
 from cardsim.files import JSONValue
 from cardsim.m1_issue import ISSUER_BLOCK, PURSE_SECTOR
@@ -45,6 +46,8 @@ class M1Audit:
     skipped: list[str] = field(default_factory=list)
     keys: dict[Slot, int] = field(default_factory=dict)
     recovered: dict[Slot, int] = field(default_factory=dict)
+    attacks: dict[str, int] = field(default_factory=dict)  # keys each attack of the chain broke
+    recovery_seconds: float = 0.0
     _found: list[tuple[str, list[str], dict[str, JSONValue]]] = field(default_factory=list)
 
     def add(self, rule: str, evidence: list[str], **details: JSONValue) -> None:
@@ -55,6 +58,59 @@ class M1Audit:
     def findings(self) -> list[Finding]:
         """The findings, each naming the card's city as far as the audit could read it."""
         return [finding(rule, self.uid, "m1", self.city, evidence, **d) for rule, evidence, d in self._found]
+
+
+@dataclass(frozen=True)
+class KeyRecovery:
+    """``audit chips --recover-keys``: the whole chain on each M1 card, within ``max_seconds`` a card.
+    ``fleet_keys`` (keys broken out of other cards of the fleet) are tried before any attack;
+    ``hardnested_key_bits`` fixes part of each unknown key for hardnested (a test-size search, said in the
+    report)."""
+
+    max_seconds: float | None = None
+    fleet_keys: tuple[int, ...] = ()
+    hardnested_key_bits: tuple[int, int] | None = None
+
+
+def _default_keys(result: M1Audit, found: dict[Slot, int]) -> None:
+    if found:
+        result.add(
+            "M1-DEFAULT-KEY",
+            [f"{_slot_name(slot)} = {key:012X}" for slot, key in sorted(found.items())],
+            slots=len(found),
+        )
+
+
+def _take_autopwn(result: M1Audit, pwn: Autopwn) -> None:
+    """The chain's keys into the audit: public-dictionary keys are M1-DEFAULT-KEY, each attack's keys its own
+    finding (a key reused from another sector counts for the attack that broke it), stages that could not run
+    go to the skipped lines."""
+    result.keys.update({slot: found.key for slot, found in pwn.keys.items()})
+    _default_keys(result, {slot: f.key for slot, f in pwn.keys.items() if f.how == DICTIONARY})
+    for slot, found in sorted(pwn.keys.items()):
+        source = found.source if found.how == REUSED else None
+        first = found if source is None else pwn.keys[source]
+        rule = ATTACK_RULES.get(first.how)
+        if rule is None:
+            continue  # dictionary, fleet keys, key B read from a trailer: not an attack's
+        result.recovered[slot] = found.key
+        result.attacks[first.how] = result.attacks.get(first.how, 0) + 1
+        how = first.how if source is None else f"{first.how} (the key of sector {source[0]})"
+        result.add(
+            rule,
+            [f"{_slot_name(slot)} = {found.key:012X}, by {how} in {found.seconds:.2f} s, checked by authenticating"],
+            sector=slot[0],
+            key_type=KEY_NAMES[slot[1]],
+            key=f"{found.key:012X}",
+            seconds=round(found.seconds, 2),
+            attack=first.how,
+        )
+    result.recovery_seconds = sum(stage.seconds for stage in pwn.stages)
+    for stage in pwn.stages:
+        if stage.outcome != "ran":
+            result.skipped.append(f"{result.uid}: key recovery, {stage.name} {stage.outcome}: {stage.why}")
+    if pwn.missing:
+        result.skipped.append(f"{result.uid}: {len(pwn.missing)} of 32 keys not recovered")
 
 
 def _slot_name(slot: Slot) -> str:
@@ -116,7 +172,12 @@ def _trailers(card: M1Slot, result: M1Audit) -> None:
             continue
         block = sector * 4 + 3
         try:
-            trailer = _session(card, (sector, key_type), key).read_block(block)
+            reader = _session(card, (sector, key_type), key)
+        except M1Error as err:  # the key worked before: an authentication failing now tells nothing of the trailer
+            result.skipped.append(f"{result.uid}: trailer of sector {sector} not read: {err}")
+            continue
+        try:
+            trailer = reader.read_block(block)
         except M1Error as err:
             # Every consistent trailer lets key A read its access bits: a refusal means they are broken.
             result.add(
@@ -166,14 +227,21 @@ def _block0_writable(card: M1Slot, result: M1Audit) -> str | None:
     return None
 
 
-def audit_m1(chip: M1Chip, *, recover_all: bool = False, progress: Callable[[str], None] = lambda _: None) -> M1Audit:
+def audit_m1(
+    chip: M1Chip,
+    *,
+    recover_all: bool = False,
+    recovery: KeyRecovery | None = None,
+    progress: Callable[[str], None] = lambda _: None,
+) -> M1Audit:
     """Run every M1 check on a card that passes raw frames (in process, or on a PN532); ``recover_all`` runs
-    the nested attack on every sector, not just the purse sector."""
+    the nested attack on every sector, not just the purse sector; ``recovery`` runs the whole key-recovery
+    chain instead (``audit.autopwn``: darkside, nested, hardnested, static nested, backdoor)."""
     chip.power_on()
     uid, sak, atqa = chip.anticollision()
     # ATQA as readers print it (nfc-list: 00 04), most significant byte first; the card sends it LSB first
     identity = f"ATQA {atqa[::-1].hex().upper()} SAK {sak:02X}: MIFARE Classic 1K"
-    return _audit(FrameSlot(chip), chip, uid, identity, recover_all=recover_all, progress=progress)
+    return _audit(FrameSlot(chip), chip, uid, identity, recover_all=recover_all, recovery=recovery, progress=progress)
 
 
 def audit_m1_blocks(
@@ -182,7 +250,7 @@ def audit_m1_blocks(
     """The checks a block-level reader permits (a PC/SC Part 3 reader named ``reader``): dictionary, trailers,
     value blocks, block 0; the raw-frame checks are listed as skipped. ``identity`` says how the card was
     recognised (its ATR)."""
-    result = _audit(card, None, card.uid(), identity, recover_all=False, progress=progress)
+    result = _audit(card, None, card.uid(), identity, recover_all=False, recovery=None, progress=progress)
     result.skipped.append(
         f"{result.uid}: not checked on {reader} (it passes no raw frames; a PN532 does, --pn532): "
         + "; ".join(RAW_FRAME_CHECKS)
@@ -197,6 +265,7 @@ def _audit(
     identity: str,
     *,
     recover_all: bool,
+    recovery: KeyRecovery | None,
     progress: Callable[[str], None],
 ) -> M1Audit:
     uid = int.from_bytes(uid_bytes)
@@ -219,25 +288,27 @@ def _audit(
         magic = attacks.has_gen1a_backdoor(frames)
         if attacks.accepts_backdoor_key(frames):
             result.add("M1-BACKDOOR-KEY", ["AUTH 64 03 with the vendor key A396EFA4E24F succeeds"])
-    found = attacks.dictionary_attack(card)
-    result.keys.update(found)
-    if found:
-        result.add(
-            "M1-DEFAULT-KEY",
-            [f"{_slot_name(slot)} = {key:012X}" for slot, key in sorted(found.items())],
-            slots=len(found),
+    if frames is not None and recovery is not None:
+        pwn = autopwn(
+            frames,
+            max_seconds=recovery.max_seconds,
+            fleet_keys=recovery.fleet_keys,
+            hardnested_key_bits=recovery.hardnested_key_bits,
+            progress=progress,
         )
-    if frames is not None and result.keys and prng is attacks.PrngClass.WEAK:
-        targets = (
-            [(s, t) for s in range(16) for t in (0x60, 0x61)]
-            if recover_all
-            else [
-                (PURSE_SECTOR, 0x60),
-                (PURSE_SECTOR, 0x61),
-            ]
-        )
-        _recover(frames, uid, result, targets, progress)
-    elif not result.keys:
+        _take_autopwn(result, pwn)
+    else:
+        found = attacks.dictionary_attack(card)
+        result.keys.update(found)
+        _default_keys(result, found)
+        if frames is not None and result.keys and prng is attacks.PrngClass.WEAK:
+            targets = (
+                [(s, t) for s in range(16) for t in (0x60, 0x61)]
+                if recover_all
+                else [(PURSE_SECTOR, 0x60), (PURSE_SECTOR, 0x61)]
+            )
+            _recover(frames, uid, result, targets, progress)
+    if not result.keys:
         result.skipped.append(
             f"{result.uid}: no sector key known (none in the {len(attacks.DEFAULT_KEYS)}-key dictionary, "
             f"{result.prng or 'unknown'} PRNG): trailer and value-block checks not possible"

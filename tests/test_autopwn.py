@@ -1,0 +1,93 @@
+"""``audit autopwn``: the whole M1 key-recovery chain on one card, its table, dump and keys file."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+from audit.autopwn import DICTIONARY, REUSED, autopwn
+from cardsim.image import save_card
+from cardsim.m1_issue import KeyScheme, issue_m1_card
+from cardsim.mifare import M1Card, M1State, Profile
+
+SEED = 20
+
+
+def slipshod_card(profile: Profile = Profile.GENUINE, seed: int = SEED) -> M1State:
+    """Diversified keys, but sector 0 left on the factory key and sectors 2..15 given sector 1's keys (an issuer's
+    slip that keeps the chain short enough for CI: two nested attacks, the rest reused)."""
+    rnd = random.Random(seed)
+    state = issue_m1_card(rnd.randbytes(4), profile, KeyScheme.DIVERSIFIED, 2500, rnd.randbytes(16), city="4530")
+    state.blocks[3] = bytes.fromhex("FFFFFFFFFFFF") + state.blocks[3][6:10] + bytes.fromhex("FFFFFFFFFFFF")
+    sector1 = state.blocks[7]
+    for sector in range(2, 16):
+        trailer = state.blocks[sector * 4 + 3]
+        state.blocks[sector * 4 + 3] = sector1[0:6] + trailer[6:10] + sector1[10:16]
+    return state
+
+
+def test_weak_card_falls_entirely_and_each_key_says_how() -> None:
+    state = slipshod_card()
+    result = autopwn(M1Card(state, os.urandom))
+    assert not result.missing
+    for (sector, key_type), found in result.keys.items():
+        assert found.key == state.sector_key(sector, key_type)
+    assert {result.keys[(0, t)].how for t in (0x60, 0x61)} == {DICTIONARY}
+    assert {result.keys[(1, t)].how for t in (0x60, 0x61)} == {"nested"}
+    assert {f.how for s, f in result.keys.items() if s[0] >= 2} == {REUSED}
+    assert result.dump() == b"".join(state.blocks)  # every block read, trailers completed with the keys
+    assert [s.name for s in result.stages] == ["dictionary", "nested"]
+    assert "32 of 32 keys" in result.table()
+
+
+def test_a_budget_that_runs_out_keeps_the_keys_found_and_says_why() -> None:
+    state = slipshod_card()
+    result = autopwn(M1Card(state, os.urandom), max_seconds=0.001)
+    assert {s for s, f in result.keys.items() if f.how == DICTIONARY} == {(0, 0x60), (0, 0x61)}
+    assert len(result.missing) == 30
+    [stage] = [s for s in result.stages if s.name == "nested"]
+    assert stage.outcome == "failed" and "budget" in stage.why
+
+
+def test_cli_writes_the_dump_the_json_and_the_keys_and_leaves_the_image(tmp_path: Path) -> None:
+    state = slipshod_card()
+    image = tmp_path / "m1.json"
+    save_card(image, state)
+    before = image.read_bytes()
+    out = tmp_path / "out"
+    done = subprocess.run(
+        [sys.executable, "-m", "yikatong.cli", "audit", "autopwn", str(image), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "32 of 32 keys" in done.stdout and "nested" in done.stdout
+    uid = state.blocks[0][:4].hex().upper()
+    assert (out / f"m1-{uid}.mfd").read_bytes() == b"".join(state.blocks)
+    doc = json.loads((out / f"m1-{uid}.json").read_text())
+    assert doc["Card"]["UID"] == uid and doc["SectorKeys"]["1"]["KeyAFound"] == "nested"
+    keys = (out / f"m1-{uid}-keys.dic").read_text().split()
+    assert sorted(keys) == sorted({f"{state.sector_key(s, t):012X}" for s in range(16) for t in (0x60, 0x61)})
+    assert image.read_bytes() == before
+
+
+def test_cli_refuses_a_cpu_image_and_two_card_sources(tmp_path: Path) -> None:
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        command = [sys.executable, "-m", "yikatong.cli", "audit", "autopwn", *args]
+        return subprocess.run(command, capture_output=True, text=True, timeout=60)
+
+    both = run(str(tmp_path / "m1.json"), "--pn532", "/dev/null")
+    assert both.returncode == 2 and "one card" in both.stderr
+    cpu = tmp_path / "cpu.json"
+    subprocess.run(
+        [sys.executable, "-m", "yikatong.cli", "card", "issue", "--city", "4510", "--alg", "sm4", "--balance", "100",
+         "--out", str(cpu)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    refused = run(str(cpu))
+    assert refused.returncode == 2 and "CPU card" in refused.stderr and "Traceback" not in refused.stderr
