@@ -4,7 +4,6 @@ that need the whole fleet (one broken card's keys tried on the others), gathered
 from __future__ import annotations
 
 import copy
-import dataclasses
 import os
 from collections import defaultdict
 from collections.abc import Callable, Iterable
@@ -187,7 +186,7 @@ def build_report(audit: ChipAudit, inputs: list[str], *, active: bool, progress:
         city, city_from = m1.city, "card (block 1)" if m1.city else "unknown (block 1 not read: no sector-0 key)"
         if not city and audit.issued_for.get(name):
             city, city_from = audit.issued_for[name], "issuer record (block 1 not read: no sector-0 key)"
-            findings = [dataclasses.replace(f, city=city) for f in findings]
+            findings = [replace(f, city=city) for f in findings]
         report.subjects.append(
             {
                 "subject": m1.uid,

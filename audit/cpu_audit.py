@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Final, Protocol
 
+from audit.chip_makers import Maker, cpu_maker
 from audit.findings import Finding, finding
 from cardsim import commands, crypto
 from cardsim.apdu import SW, split_response
@@ -74,6 +75,7 @@ class CpuAudit:
     findings: list[Finding] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     keys: CardKeys | None = None
+    maker: Maker | None = None  # from the ATR's historical bytes
 
 
 class _Traced:
@@ -345,12 +347,12 @@ def audit_cpu(
     """Run every applicable CPU check on the card in ``reader``; TransactionError/CardGone when the card
     cannot be audited at all (it left, or it is not a purse)."""
     probe = _Probe(reader, CpuAudit("", "", ""))
-    probe.card.connect()
+    atr = probe.card.connect()
     app = select_purse(probe.card)
     probe.card.take()  # each probe's evidence starts with its own SELECT
     serial = app.application_serial.hex().upper()
     result = probe.result
-    result.serial, result.city = serial, app.city
+    result.serial, result.city, result.maker = serial, app.city, cpu_maker(atr)
     progress(f"CPU card {serial}: algorithm, keys, randomness")
     probe.algorithm_and_keys(sources, app.card_serial)
     probe.randomness()

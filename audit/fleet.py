@@ -5,7 +5,9 @@ A fleet file lists card entries; each makes ``count`` cards (default 1):
 - CPU: ``city``, ``alg`` (3des, sm4, des), ``keys`` ("issuer": diversified from the fleet's key file,
   "test": diversified from the published test keys, "undiversified": the issuer master keys themselves),
   ``defects`` (chip OS flaws, cardsim.purse.Defect values);
-- M1: ``city``, ``profile`` (cardsim.mifare.Profile), ``m1_keys`` (default, shared, diversified) and ``plant``:
+- M1: ``city``, ``profile`` (cardsim.mifare.Profile), ``maker`` (cardsim.issue_options.M1_CHIP_MAKERS: the chip
+  maker's block 0; default the manufacturer data of older images), ``m1_keys`` (default, shared, diversified) and
+  ``plant``:
   ``default_sectors`` (keys FFFFFFFFFFFF), ``keyb_readable_sectors`` (transport access bits), ``broken_access_sectors``
   (inconsistent access bits), ``broken_value`` (purse value block redundancy broken);
 - ``expect``: the finding ids the audit must report for each card of the entry (used by the tests).
@@ -15,13 +17,17 @@ from __future__ import annotations
 
 import datetime as dt
 import random
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Final
 
+from audit.findings import Finding, Severity
 from cardsim.crypto import Algorithm
-from cardsim.files import read_json
+from cardsim.files import JSONValue, read_json
 from cardsim.image import CardImageError, load_card
+from cardsim.issue_options import M1_CHIP_MAKERS
 from cardsim.keys import IssuerKeyStore, KeyFileError
 from cardsim.m1_issue import PURSE_SECTOR, KeyScheme, issue_m1_card
 from cardsim.mifare import TRANSPORT_ACCESS, M1State, Profile
@@ -38,11 +44,13 @@ class FleetError(ValueError):
 
 @dataclass(frozen=True)
 class FleetCard:
-    """One card to audit: where it came from, its state, and (generated fleets) the findings planted in it."""
+    """One card to audit: where it came from, its state, and (generated fleets) the findings planted in it and the
+    city the issuer's records say it was issued for ("" when no record: a folder of images)."""
 
     name: str
     state: PurseState | M1State
     expect: frozenset[str] | None = None
+    issued_for: str = ""
 
 
 @dataclass(frozen=True)
@@ -107,6 +115,8 @@ class _Entry:
 
 
 def _cpu_card(entry: _Entry, issuer: IssuerKeyStore, sequence: int) -> PurseState:
+    if "maker" in entry.doc:
+        raise entry.fail("'maker' is for M1 cards (a CPU card's maker is in its ATR, which the card model keeps fixed)")
     keys_kind = entry.choice("keys", ["issuer", "test", "undiversified"], "issuer")
     store = IssuerKeyStore.test_set() if keys_kind == "test" else issuer
     request = CardRequest(
@@ -141,6 +151,7 @@ def _m1_card(entry: _Entry, issuer: IssuerKeyStore, uid: bytes) -> M1State:
         entry.integer("balance", 5000, 0, 100_000),
         key_set.purchase,
         city,
+        entry.choice("maker", list(M1_CHIP_MAKERS)) if "maker" in entry.doc else None,
     )
     plant = entry.doc.get("plant", {})
     if not isinstance(plant, dict):
@@ -196,5 +207,148 @@ def generate_fleet(path: Path) -> Fleet:
                 state = _cpu_card(entry, issuer, len(cards) + 1)
             else:
                 state = _m1_card(entry, issuer, rng.randbytes(4))
-            cards.append(FleetCard(label, state, expect))
+            cards.append(FleetCard(label, state, expect, str(raw["city"])))
     return Fleet(cards, issuer, str(path))
+
+
+# --- the fleet view (the plan's goal: chips and algorithms of domestic origin) ----------------------
+
+ALGORITHM_NAMES: Final = {"crypto-1": "M1 Crypto-1", "des": "CPU single DES", "3des": "CPU 3DES", "sm4": "CPU SM4"}
+DOMESTIC_ALGORITHM: Final = "sm4"
+REPLACE_FROM: Final = Severity.MEDIUM
+"""A card joins the replace-first list with a finding of at least this severity (every M1 card: Crypto-1 is high)."""
+
+
+@dataclass(frozen=True)
+class CardView:
+    """One card as the fleet view sees it: its subject row of the report and its findings, summed up."""
+
+    subject: str
+    city: str
+    tech: str
+    algorithm: str  # a key of ALGORITHM_NAMES, "" when the audit could not tell
+    maker: str  # company and chip, "unknown" when the card did not tell
+    country: str  # "" when unknown
+    worst: Severity | None
+    findings: int
+    key_seconds: float | None  # how fast its first key fell: 0 for a dictionary key, None when none fell
+
+    def to_json(self) -> dict[str, JSONValue]:
+        """The card's row as JSON."""
+        return {
+            "subject": self.subject,
+            "city": self.city,
+            "tech": self.tech,
+            "algorithm": ALGORITHM_NAMES.get(self.algorithm, self.algorithm),
+            "maker": self.maker,
+            "country": self.country,
+            "worst": self.worst.label if self.worst is not None else None,
+            "findings": self.findings,
+            "key_seconds": self.key_seconds,
+        }
+
+
+@dataclass
+class CityView:
+    """Counts of one city's cards (or the whole fleet's)."""
+
+    cards: int = 0
+    by_tech: Counter[str] = field(default_factory=Counter)
+    by_algorithm: Counter[str] = field(default_factory=Counter)
+    by_maker: Counter[str] = field(default_factory=Counter)
+    domestic_chip: int = 0
+    foreign_chip: int = 0
+    domestic_algorithm: int = 0
+
+    def add(self, card: CardView) -> None:
+        """Count one card."""
+        self.cards += 1
+        self.by_tech[card.tech] += 1
+        self.by_algorithm[card.algorithm] += 1
+        self.by_maker[f"{card.maker} ({card.country})" if card.country else card.maker] += 1
+        self.domestic_chip += card.country == "China"
+        self.foreign_chip += card.country not in ("", "China")
+        self.domestic_algorithm += card.algorithm == DOMESTIC_ALGORITHM
+
+    def share(self, count: int) -> float:
+        """``count`` as a share of the cards (0 for no cards)."""
+        return round(count / self.cards, 4) if self.cards else 0.0
+
+    def to_json(self) -> dict[str, JSONValue]:
+        """The counts and the domestic shares as JSON."""
+        return {
+            "cards": self.cards,
+            "tech": dict(sorted(self.by_tech.items())),
+            "algorithm": {ALGORITHM_NAMES.get(a, a or "unknown"): n for a, n in sorted(self.by_algorithm.items())},
+            "maker": dict(sorted(self.by_maker.items())),
+            "domestic_chip": self.domestic_chip,
+            "foreign_chip": self.foreign_chip,
+            "unknown_chip": self.cards - self.domestic_chip - self.foreign_chip,
+            "domestic_algorithm": self.domestic_algorithm,
+            "domestic_chip_share": self.share(self.domestic_chip),
+            "domestic_algorithm_share": self.share(self.domestic_algorithm),
+        }
+
+
+@dataclass
+class FleetView:
+    """Per city and for the whole fleet: cards by technology, algorithm and chip maker, the shares already on
+    domestic chips and on SM4, and the cards to replace first."""
+
+    cities: dict[str, CityView]
+    total: CityView
+    replace_first: list[CardView]
+
+    def to_json(self) -> dict[str, JSONValue]:
+        """The report's ``fleet`` section."""
+        return {
+            "cities": {city: view.to_json() for city, view in self.cities.items()},
+            "total": self.total.to_json(),
+            "replace_first": [card.to_json() for card in self.replace_first],
+        }
+
+
+def _key_seconds(findings: Sequence[Finding]) -> float | None:
+    """How fast the card's first key fell: 0 when a dictionary key opens a sector, else the fastest attack's
+    seconds (a finding's ``seconds`` detail), None when no key fell."""
+    if any(f.id == "M1-DEFAULT-KEY" for f in findings):
+        return 0.0
+    seconds = [float(s) for f in findings if isinstance(s := f.details.get("seconds"), int | float)]
+    return min(seconds, default=None)
+
+
+def _text(subject: Mapping[str, JSONValue], key: str) -> str:
+    value = subject.get(key, "")
+    return value if isinstance(value, str) else ""
+
+
+def fleet_view(subjects: Sequence[Mapping[str, JSONValue]], findings: Sequence[Finding]) -> FleetView:
+    """The fleet view of a chip report's cards (its ``subjects`` rows: city, tech, algorithm, chip maker, maker
+    country) and their findings. The replace-first list is ordered by the worst finding, then by how fast a key
+    fell (fastest first; cards with no fallen key last), then by subject."""
+    by_subject: dict[str, list[Finding]] = {}
+    for f in findings:
+        by_subject.setdefault(f.subject, []).append(f)
+    cities: dict[str, CityView] = {}
+    total = CityView()
+    cards = []
+    for subject in subjects:
+        name = _text(subject, "subject")
+        own = by_subject.get(name, [])
+        card = CardView(
+            name,
+            _text(subject, "city"),
+            _text(subject, "tech"),
+            _text(subject, "algorithm"),
+            _text(subject, "chip maker") or "unknown",
+            _text(subject, "maker country"),
+            max((f.severity for f in own), default=None),
+            len(own),
+            _key_seconds(own),
+        )
+        cities.setdefault(card.city or "no city", CityView()).add(card)
+        total.add(card)
+        cards.append(card)
+    urgent = [c for c in cards if c.worst is not None and c.worst >= REPLACE_FROM]
+    urgent.sort(key=lambda c: (-(c.worst or 0), c.key_seconds is None, c.key_seconds or 0.0, c.subject))
+    return FleetView(dict(sorted(cities.items())), total, urgent)

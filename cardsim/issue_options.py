@@ -8,3 +8,12 @@ from typing import Final
 CARD_CLASSES: Final = {1: "normal", 2: "student", 3: "elderly", 4: "test"}
 DEFAULT_MAX_BALANCE: Final = 100_000
 """Fen: 1,000 yuan, the usual cap of a transit purse."""
+
+M1_CHIP_MAKERS: Final = {
+    "nxp": "NXP MF1ICS5005 (Netherlands)",
+    "fudan-fm11rf08": "Fudan FM11RF08 (China)",
+    "fudan-fm11rf08s": "Fudan FM11RF08S (China)",
+    "infineon": "Infineon SLE66R35, SAK 88 (Germany)",
+}
+"""The chip makers an M1 card can be issued with (``--chip-maker``): each lays down that maker's block 0
+manufacturer data (``cardsim.m1_issue``); without one, block 0 keeps the manufacturer data 62..69 of older images."""
