@@ -18,6 +18,7 @@ from types import MappingProxyType
 from typing import Final
 
 from audit.findings import CHIP_RULES, RECONCILE_RULES, TOOL, Finding, Report, Severity
+from audit.fleet import ALGORITHM_NAMES, CityView, FleetView, fleet_view
 
 FINDINGS_PER_RULE: Final = 200  # rows shown per rule in the reconciliation findings; the rest are counted
 EVIDENCE_VISIBLE: Final = 6  # evidence lines shown before the rest folds into <details>
@@ -386,6 +387,149 @@ def _chart(findings: Sequence[Finding]) -> str:
     )
 
 
+# The fleet view's segments: algorithms from the domestic SM4 to the broken Crypto-1, chip origins.
+_ALGORITHM_COLOURS: Final = (
+    ("sm4", "#15803d"),
+    ("3des", "#ca8a04"),
+    ("des", "#ea580c"),
+    ("crypto-1", "#b91c1c"),
+    ("", "#9ca3af"),
+)
+_ORIGIN_COLOURS: Final = (("domestic chip", "#15803d"), ("foreign chip", "#2563eb"), ("maker unknown", "#9ca3af"))
+
+
+def _percent(part: int, whole: int) -> str:
+    return f"{100 * part / whole:.0f}%" if whole else "n/a"
+
+
+def _fleet_segments(view: CityView) -> list[list[tuple[str, int, str]]]:
+    """Two bars of one city: cards by algorithm, cards by chip origin (label, count, colour)."""
+    algorithms = [(ALGORITHM_NAMES.get(a, "unknown"), view.by_algorithm[a], c) for a, c in _ALGORITHM_COLOURS]
+    unknown = view.cards - view.domestic_chip - view.foreign_chip
+    origin_counts = (view.domestic_chip, view.foreign_chip, unknown)
+    origins = [(label, n, c) for (label, c), n in zip(_ORIGIN_COLOURS, origin_counts, strict=True)]
+    return [algorithms, origins]
+
+
+def _fleet_chart(fleet: FleetView) -> str:
+    """Per city two bars as shares of its cards: by algorithm (SM4 to Crypto-1) and by chip origin."""
+    rows = [
+        (city, kind, segments)
+        for city, view in fleet.cities.items()
+        for kind, segments in zip(("algorithm", "chip"), _fleet_segments(view), strict=True)
+    ]
+    width, left, right, legend_h, row_h, bar_h, bottom = 860, 190, 64, 70, 28, 18, 54
+    plot_w = width - left - right
+    plot_bottom = legend_h + row_h * len(rows)
+    height = plot_bottom + bottom
+    parts = [
+        f'<svg viewBox="0 0 {width} {height}" role="img" aria-labelledby="fleet-chart-title" font-size="13" '
+        'preserveAspectRatio="xMinYMin meet">',
+        '<title id="fleet-chart-title">Cards per city by algorithm and by chip origin, as shares of the city\'s '
+        "cards</title>",
+    ]
+    legend = [(ALGORITHM_NAMES.get(a, "algorithm unknown"), c) for a, c in _ALGORITHM_COLOURS] + list(_ORIGIN_COLOURS)
+    for i, (label, colour) in enumerate(legend):
+        lx, ly = left + (i % 5) * 128, 10 + (i // 5) * 22
+        parts.append(
+            f'<rect x="{lx}" y="{ly}" width="14" height="14" rx="2" fill="{colour}"/>'
+            f'<text x="{lx + 20}" y="{ly + 12}" fill="#111827">{_e(label)}</text>'
+        )
+    for pct in range(0, 101, 20):
+        tx = left + plot_w * pct / 100
+        parts.append(
+            f'<line x1="{tx:.1f}" y1="{legend_h - 6}" x2="{tx:.1f}" y2="{plot_bottom}" '
+            f'stroke="{"#6b7280" if pct == 0 else "#e5e7eb"}" stroke-width="1"/>'
+            f'<text x="{tx:.1f}" y="{plot_bottom + 17}" text-anchor="middle" fill="#4b5563">{pct}%</text>'
+        )
+    parts.append(
+        f'<text x="{left + plot_w / 2:.1f}" y="{height - 10}" text-anchor="middle" fill="#111827" '
+        'font-weight="600">share of the city\'s cards</text>'
+    )
+    for row, (city, kind, segments) in enumerate(rows):
+        y = legend_h + row * row_h + (row_h - bar_h) / 2
+        total = sum(n for _, n, _ in segments)
+        label = f"{city} · {kind}"
+        parts.append(
+            f'<text x="{left - 10}" y="{y + bar_h - 4:.1f}" text-anchor="end" fill="#111827">{_e(label)}</text>'
+        )
+        x = float(left)
+        for name, n, colour in segments:
+            if not n:
+                continue
+            w = plot_w * n / total
+            parts.append(
+                f'<rect x="{x:.1f}" y="{y:.1f}" width="{w:.1f}" height="{bar_h}" fill="{colour}">'
+                f"<title>{_e(label)}: {n:,} {_e(name)} ({_percent(n, total)})</title></rect>"
+            )
+            if w >= 8 * len(str(n)) + 6:
+                parts.append(
+                    f'<text x="{x + w / 2:.1f}" y="{y + bar_h - 4:.1f}" text-anchor="middle" fill="#ffffff" '
+                    f'font-size="11">{n:,}</text>'
+                )
+            x += w
+    parts.append("</svg>")
+    return (
+        '<figure class="chart">'
+        + "".join(parts)
+        + "<figcaption>Per city: its cards by purse algorithm (SM4 is the domestic algorithm the plan asks for) and "
+        "by the origin of their chips, as read from each card.</figcaption></figure>"
+    )
+
+
+def _fleet_counts(counter: Counter[str], names: Mapping[str, str] | None = None) -> str:
+    return "<br>".join(f"{_e((names or {}).get(k, k) or 'unknown')}: {n:,}" for k, n in sorted(counter.items()))
+
+
+def _fleet(report: Report) -> str:
+    """The fleet view (chip reports): per city the cards by technology, algorithm and chip maker, the shares on
+    domestic chips and on SM4, a chart of both, and the cards to replace first."""
+    fleet = fleet_view(report.subjects, report.findings)
+    if not fleet.total.cards:
+        return '<section id="fleet"><h2>Fleet view</h2>' + _none() + "</section>"
+    rows = []
+    for city, view in [*fleet.cities.items(), ("whole fleet", fleet.total)]:
+        rows.append(
+            [
+                _e(city),
+                f"{view.cards:,}",
+                _fleet_counts(view.by_tech, _TECH_NAMES),
+                _fleet_counts(view.by_algorithm, ALGORITHM_NAMES),
+                _fleet_counts(view.by_maker),
+                f'<span data-share="domestic-chip">{_percent(view.domestic_chip, view.cards)}</span>',
+                f'<span data-share="domestic-algorithm">{_percent(view.domestic_algorithm, view.cards)}</span>',
+            ]
+        )
+    head = ["city", "cards", "technology", "algorithm", "chip maker", "on domestic chips", "on SM4"]
+    table = _table(head, rows, frozenset({1, 5, 6}))
+    first = [
+        [
+            f"{i:,}",
+            f"<code>{_e(c.subject)}</code>",
+            _e(c.city or "no city"),
+            _e(ALGORITHM_NAMES.get(c.algorithm, c.algorithm or "unknown")),
+            _e(f"{c.maker} ({c.country})" if c.country else c.maker),
+            _badge(c.worst) if c.worst is not None else "",
+            "none" if c.key_seconds is None else f"{c.key_seconds:.2f}",
+        ]
+        for i, c in enumerate(fleet.replace_first, 1)
+    ]
+    replace = (
+        _table(["#", "card", "city", "algorithm", "chip maker", "worst", "first key fell, s"], first, frozenset({0, 6}))
+        if first
+        else _none()
+    )
+    return (
+        '<section id="fleet"><h2>Fleet view: chips and algorithms of domestic origin</h2>'
+        + table
+        + _fleet_chart(fleet)
+        + '<h3 id="replace-first">Cards to replace first</h3>'
+        + "<p>Ordered by the worst finding, then by how fast a key fell (0 s: a public dictionary key).</p>"
+        + replace
+        + "</section>"
+    )
+
+
 def _subject_columns(subjects: Sequence[Mapping[str, object]]) -> list[str]:
     columns = [k for k in ("subject", "tech", "city") if any(k in s for s in subjects)]
     for s in subjects:
@@ -697,6 +841,7 @@ def _main(report: Report, title: str, prefix: str = "") -> str:
         cards = _by_subject(report)
         sections += [
             ("chart", "Chart", chart),
+            ("fleet", "Fleet view", _fleet(report)),
             ("cards", "Cards", _cards(report, cards)),
             ("findings", "Findings", _card_findings(cards)),
         ]

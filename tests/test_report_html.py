@@ -199,19 +199,20 @@ def test_chip_report_structure() -> None:
     assert page.startswith("<!doctype html>")
     assert "<title>Chip security audit</title>" in page
     assert_counts(dom, CHIPS_EXPECTED)
-    assert {"summary", "chart", "cards", "findings", "skipped", "settlement"} <= dom.ids()
+    assert {"summary", "chart", "fleet", "cards", "findings", "skipped", "settlement"} <= dom.ids()
     assert {"card-1", "card-2", "card-3"} <= dom.ids()
     assert "2026-11-24T08:00:00+00:00" in page
     assert "m1 &amp; &lt;friends&gt;.json" in page  # inputs escaped too
     # the cards table: every key of every subject is a column
-    headers = [data for data in dom.text if data in {"subject", "tech", "city", "algorithm", "profile"}]
+    cards = Dom(page[page.index('<section id="cards">') :])
+    headers = [data for data in cards.text if data in {"subject", "tech", "city", "algorithm", "profile"}]
     assert headers[:5] == ["subject", "tech", "city", "algorithm", "profile"]
     # a recovered key and its time are shown; long APDU evidence folds into <details>
     assert "A0A1A2A3A4A5" in page and "0.42" in page
     assert "34 more lines" in page
     assert dom.tags()["details"] >= 1
-    # the chart: inline SVG with a bar per technology and city, a legend and axis labels
-    assert dom.tags()["svg"] == 1
+    # the chart: inline SVG with a bar per technology and city, a legend and axis labels (the second: the fleet view)
+    assert dom.tags()["svg"] == 2
     for label in ("CPU · 4510", "CPU · 4560", "M1 · 4530", "number of findings", "technology · city"):
         assert label in dom.text
     assert "CPU-TEARING on 04A1B2C3: not a CPU card" in page
@@ -273,7 +274,7 @@ def test_unbalanced_settlement_is_flagged() -> None:
 
 def test_empty_sections_say_none() -> None:
     for kind, sections in (
-        ("chips", ("chart", "cards", "findings", "skipped")),
+        ("chips", ("chart", "fleet", "cards", "findings", "skipped")),
         ("reconcile", ("checks", "chart", "findings", "hotlist", "settlement", "skipped")),
     ):
         page = render_html(Report(kind=kind, inputs=[]))
@@ -331,7 +332,8 @@ def test_chromium_renders_counts_and_no_injected_script(
     assert dom.tags()["main"] == 1, "Chromium did not dump the rendered page"
     assert_counts(dom, expected)
     assert_inert(dom)
-    assert dom.tags()["svg"] == 1 and dom.tags()["rect"] > 6  # the chart survived parsing
+    assert dom.tags()["svg"] == (2 if report.kind == "chips" else 1)  # the charts survived parsing (chips: fleet view)
+    assert dom.tags()["rect"] > 6
 
 
 @pytest.mark.browser

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 from cardsim import vpcd
 from cardsim.crypto import Algorithm
-from cardsim.issue_options import CARD_CLASSES, DEFAULT_MAX_BALANCE
+from cardsim.issue_options import CARD_CLASSES, DEFAULT_MAX_BALANCE, M1_CHIP_MAKERS
 from cardsim.m1_issue import KeyScheme
 from cardsim.mifare import M1State, Profile, parse_value_block
 from yikatong.argtypes import Subcommands, city_code, command_group, fen, file_path, hex_number, load_keys
@@ -68,6 +68,13 @@ def register(groups: Subcommands) -> None:
         default=KeyScheme.DIVERSIFIED.value,
         help="M1 sector keys: default (FFFFFFFFFFFF), shared by the fleet, or diversified per UID "
         "(default %(default)s)",
+    )
+    issue.add_argument(
+        "--chip-maker",
+        choices=list(M1_CHIP_MAKERS),
+        help="M1 chip maker, laid down in block 0 as that maker's chips carry it: "
+        + ", ".join(f"{k} {v}" for k, v in M1_CHIP_MAKERS.items())
+        + " (default: the manufacturer data 62..69 of older images)",
     )
     issue.add_argument("--uid", type=_uid, help="M1 UID, 8 hex digits (default: random)")
     issue.add_argument("--balance", required=True, type=fen, help="opening balance in fen (分)")
@@ -180,6 +187,8 @@ def _issue(args: argparse.Namespace) -> int:
     keys = load_keys(args.keys)
     if args.tech == "m1":
         return _issue_m1(args, keys)
+    if args.chip_maker is not None:
+        raise CliError("--chip-maker is for M1 cards (--tech m1): a CPU card's maker is in its ATR")
     if args.alg is None:
         raise CliError("--alg is required for a CPU card (3des or sm4)")
     start = args.start or dt.date.today()
@@ -222,11 +231,12 @@ def _issue_m1(args: argparse.Namespace, keys: IssuerKeyStore) -> int:
     if args.balance >= 2**31:
         raise CliError("an M1 purse holds at most 2147483647 fen")
     state = issue_m1_card(
-        uid, Profile(args.profile), KeyScheme(args.m1_keys), args.balance, key_set.purchase, args.city
+        uid, Profile(args.profile), KeyScheme(args.m1_keys), args.balance, key_set.purchase, args.city, args.chip_maker
     )
     _save(args.out, state)
+    maker = f", {M1_CHIP_MAKERS[args.chip_maker]}" if args.chip_maker else ""
     print(
-        f"issued M1 card {uid.hex().upper()} ({args.profile}, {args.m1_keys} keys), "
+        f"issued M1 card {uid.hex().upper()} ({args.profile}{maker}, {args.m1_keys} keys), "
         f"balance {yuan(args.balance)} yuan -> {args.out}"
     )
     return 0
@@ -302,11 +312,14 @@ def _serve_m1(args: argparse.Namespace, state: M1State) -> int:
 
 
 def _show_m1(path: Path, state: M1State) -> int:
+    from audit.chip_makers import m1_maker
     from terminals.inspect import yuan
 
     uid, sak, atqa = state.blocks[0][0:4], state.blocks[0][5], state.blocks[0][6:8]
     print(f"Card      M1 (MIFARE Classic 1K) UID {uid.hex().upper()}, SAK {sak:02X}, ATQA {atqa.hex().upper()}")
     print(f"Chip      {state.profile.value}")
+    maker = m1_maker(state.blocks[0], sak, atqa)
+    print(f"Maker     {maker.label}{f' ({maker.country})' if maker.known else ''}: {maker.evidence}")
     purse = parse_value_block(state.blocks[4])
     print(f"Balance   {yuan(purse[0]) + ' yuan' if purse else 'value block corrupted'}")
     record = state.blocks[6]

@@ -160,7 +160,8 @@ def run(args: argparse.Namespace) -> int:
         KeySource("issuer keys", keys, keys.test_keys),
     ]
     chips = audit_fleet(
-        [FleetCard(card.name, card.state) for card in cards],
+        # the issuer's records name each card's city: the report shows it for M1 cards whose block 1 stays unread
+        [FleetCard(card.name, card.state, issued_for=card.home) for card in cards],
         sources,
         [f"demo fleet ({len(cards)} cards)"],
         active=False,

@@ -37,6 +37,7 @@ DAY = dt.date(2026, 11, 24)
 FIRST_TAP = dt.datetime(2026, 11, 24, 7, 0, tzinfo=CHINA)
 METRO_LINE = "M1"  # every city of the fare table has one
 TAMPER_BONUS = 10_000  # fen the fraudster writes onto the tampered M1 card
+M1_MAKERS = ("nxp", "fudan-fm11rf08", "nxp", "infineon")  # the legacy M1 fleet's chips, mostly imported
 
 
 class Plant(enum.Enum):
@@ -126,13 +127,16 @@ def issue_fleet(keys: IssuerKeyStore, per_city: int, rng: random.Random) -> Flee
                 cards.append(DemoCard(f"{city}-{alg.value}-{i + 1}", city, issue_cpu_card(keys, request)))
         master = _master(keys, city)
         for i in range(per_city):
-            state = issue_m1_card(rng.randbytes(4), Profile.GENUINE, KeyScheme.DIVERSIFIED, 3000, master, city)
+            maker = M1_MAKERS[(n + i) % len(M1_MAKERS)]
+            state = issue_m1_card(rng.randbytes(4), Profile.GENUINE, KeyScheme.DIVERSIFIED, 3000, master, city, maker)
             cards.append(DemoCard(f"{city}-m1-{i + 1}", city, state))
     weak = CardRequest("4510", Algorithm.SM4, 2000, 99, DAY, DAY.replace(year=2036))
     weak_state = issue_cpu_card(keys, weak)
     weak_state.defects = frozenset({Defect.WEAK_RANDOM})
     cards.append(DemoCard("4510-sm4-weak-random", "4510", weak_state, Plant.WEAK_RANDOM))
-    factory = issue_m1_card(rng.randbytes(4), Profile.GENUINE, KeyScheme.DEFAULT, 3000, _master(keys, "4530"), "4530")
+    factory = issue_m1_card(
+        rng.randbytes(4), Profile.GENUINE, KeyScheme.DEFAULT, 3000, _master(keys, "4530"), "4530", "fudan-fm11rf08"
+    )
     cards.append(DemoCard("4530-m1-factory-keys", "4530", factory, Plant.FACTORY_KEYS))
     original = next(c for c in cards if c.home == "4510" and c.name.endswith("sm4-1"))
     clone = DemoCard(f"{original.name}-clone", "4510", copy.deepcopy(original.state), Plant.CLONE, original)
