@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, replace
 from audit.chip_makers import Maker, m1_maker, read_block0
 from audit.cpu_audit import CpuAudit, KeySource, audit_cpu
 from audit.findings import Report, finding
-from audit.fleet import FleetCard
+from audit.fleet import FleetCard, fleet_view
 from audit.m1_attacks import try_key
 from audit.m1_audit import KEY_NAMES, KeyRecovery, M1Audit, audit_m1
 from cardsim.files import JSONValue
@@ -210,6 +210,7 @@ def build_report(audit: ChipAudit, inputs: list[str], *, active: bool, progress:
         by_rule[f.id] += 1
     report.checks = dict(sorted(by_rule.items()))
     report.findings.sort(key=lambda f: (-f.severity, f.subject, f.id))
+    report.fleet = fleet_view(report.subjects, report.findings).to_json()
     return report
 
 

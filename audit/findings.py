@@ -213,6 +213,7 @@ class Report:
     skipped: list[str] = field(default_factory=list)  # probes not run, and why
     settlement: SettlementDoc | None = None
     hotlist: list[str] = field(default_factory=list)
+    fleet: dict[str, JSONValue] | None = None  # chips: the fleet view (audit.fleet.FleetView.to_json)
     generated: str = field(default_factory=lambda: dt.datetime.now(dt.UTC).isoformat(timespec="seconds"))
 
     def counts(self) -> dict[str, int]:
@@ -244,4 +245,5 @@ class Report:
             "skipped": self.skipped,
             "settlement": self.settlement,
             "hotlist": self.hotlist,
+            "fleet": self.fleet,
         }

@@ -164,6 +164,7 @@ def _names(report: Report) -> dict[str, str]:
 
 def test_fleet_view_counts_and_shares(small_report: Report) -> None:
     view = fleet_view(small_report.subjects, small_report.findings).to_json()
+    assert json.loads(json.dumps(small_report.to_json()))["fleet"] == view, "the JSON report carries the view"
     cities = view["cities"]
     assert isinstance(cities, dict) and list(cities) == ["4510", "4530", "4560"]
     assert cities["4510"] == {
