@@ -299,22 +299,51 @@ static void fill_ahead(void) {
 
 static inline uint32_t odd_parity8(uint32_t byte) { return 1 ^ parity(byte & 0xFF); }
 
-/* The low 21 bits of one half of variant 0's state at clock 67 that give every variant's two NAK bits read
- * from that half, under the relation d; returns how many were written to out (room for 2^21). */
-static size_t half_candidates(const Leaks *l, const uint8_t *d, int odd, uint32_t *out) {
-    uint32_t offset[8];
-    int low = odd ? 1 : 0;
-    for (int c = 0; c < 8; c++) offset[c] = odd ? ahead[d[c]].odd : ahead[d[c]].even;
-    size_t n = 0;
-    for (uint32_t x = 0; x < (1u << 21); x++) {
-        int c = 0;
-        for (; c < 8; c++) {
-            uint32_t y = x ^ offset[c];
-            if (filter(y >> 1) != ((l->nak[c] >> low) & 1u) || filter(y) != ((l->nak[c] >> (low + 2)) & 1u)) break;
-        }
-        if (c == 8) out[n++] = x;
+#define RELATIONS 16
+
+/* A growable list of half states. */
+typedef struct {
+    uint32_t *items;
+    size_t len, cap;
+} Words;
+
+static int push_word(Words *w, uint32_t x) {
+    if (w->len == w->cap) {
+        size_t cap = w->cap ? 2 * w->cap : 64;
+        uint32_t *grown = realloc(w->items, sizeof(uint32_t) * cap);
+        if (grown == NULL) return -1;
+        w->items = grown;
+        w->cap = cap;
     }
-    return n;
+    w->items[w->len++] = x;
+    return 0;
+}
+
+/* For every relation d, the low 21 bits of one half of variant 0's state at clock 67 that give every variant's
+ * two NAK bits read from that half, in one pass over the 2^21 values: variant 0 (d = 0 in every relation) sorts
+ * out 3 in 4 with two filter lookups, the rest get the two bits of all 8 differences once and are matched against
+ * each relation. Returns 0, or -1 when out of memory. */
+static int half_candidates(const Leaks *l, const uint8_t d[RELATIONS][8], int odd, Words out[RELATIONS]) {
+    int low = odd ? 1 : 0;
+    uint32_t want[8], offset[8];
+    for (int c = 0; c < 8; c++) {
+        want[c] = ((l->nak[c] >> low) & 1u) << 1 | ((l->nak[c] >> (low + 2)) & 1u);
+        offset[c] = odd ? ahead[c].odd : ahead[c].even;
+    }
+    for (uint32_t x = 0; x < (1u << 21); x++) {
+        if ((filter(x >> 1) << 1 | filter(x)) != want[0]) continue;
+        uint32_t got[8];
+        for (int diff = 1; diff < 8; diff++) {
+            uint32_t y = x ^ offset[diff];
+            got[diff] = filter(y >> 1) << 1 | filter(y);
+        }
+        for (int r = 0; r < RELATIONS; r++) {
+            int c = 1;
+            while (c < 8 && got[d[r][c]] == want[c]) c++;
+            if (c == 8 && push_word(&out[r], x)) return -1;
+        }
+    }
+    return 0;
 }
 
 /* Whether a candidate state at clock 67 of variant 0 explains every leak (each variant run forward from the
@@ -371,39 +400,40 @@ static int last_parities_check(const Leaks *l, const uint8_t *d, State x0) {
 /* Every key that explains the leaks: *keys (malloc'ed, freed by the caller; may repeat) and *found. Returns 0,
  * or -1 when out of memory. */
 static int darkside_search(const Leaks *l, uint64_t **keys, size_t *found) {
-    uint32_t *odd = malloc(sizeof(uint32_t) << 21), *even = malloc(sizeof(uint32_t) << 21);
-    size_t cap = 16, n = 0;
-    uint64_t *out = malloc(sizeof(uint64_t) * cap);
-    int failed = odd == NULL || even == NULL || out == NULL;
     /* d(c): bit 0 is c's bit 0 (clock 29); bit 1 flips with bit 0 when clock 30's keystream reads it (a);
      * bit 2 flips by a function g of bits 0-1 (clock 31's keystream reads both; g(0) = 0, g(1..3) from g3) */
-    for (int a = 0; a < 2 && !failed; a++)
-        for (int g3 = 0; g3 < 8 && !failed; g3++) {
-            uint8_t d[8];
-            for (int c = 0; c < 8; c++) {
-                uint32_t d0 = c & 1, d1 = ((c >> 1) & 1) ^ (a & d0), low = d0 | d1 << 1;
-                uint32_t d2 = ((c >> 2) & 1) ^ (low ? (g3 >> (low - 1)) & 1 : 0);
-                d[c] = (uint8_t)(low | d2 << 2);
-            }
-            size_t no = half_candidates(l, d, 1, odd), ne = half_candidates(l, d, 0, even);
-            for (size_t i = 0; i < no && !failed; i++)
-                for (size_t j = 0; j < ne && !failed; j++)
-                    for (uint32_t top = 0; top < 64 && !failed; top++) {
-                        State x0 = {odd[i] | (top & 7) << 21, even[j] | (top >> 3) << 21};
-                        uint64_t key;
-                        if (!last_parities_check(l, d, x0) || !explains_leaks(l, x0, &key)) continue;
-                        if (n == cap) {
-                            uint64_t *grown = realloc(out, sizeof(uint64_t) * cap * 2);
-                            failed = grown == NULL;
-                            if (failed) break;
-                            out = grown;
-                            cap *= 2;
-                        }
-                        out[n++] = key;
-                    }
+    uint8_t d[RELATIONS][8];
+    for (int r = 0; r < RELATIONS; r++)
+        for (int c = 0; c < 8; c++) {
+            uint32_t a = (uint32_t)r >> 3, g3 = (uint32_t)r & 7;
+            uint32_t d0 = c & 1, d1 = ((c >> 1) & 1) ^ (a & d0), low = d0 | d1 << 1;
+            uint32_t d2 = ((c >> 2) & 1) ^ (low ? (g3 >> (low - 1)) & 1 : 0);
+            d[r][c] = (uint8_t)(low | d2 << 2);
         }
-    free(odd);
-    free(even);
+    Words odd[RELATIONS] = {{0}}, even[RELATIONS] = {{0}};
+    size_t cap = 16, n = 0;
+    uint64_t *out = malloc(sizeof(uint64_t) * cap);
+    int failed = out == NULL || half_candidates(l, d, 1, odd) || half_candidates(l, d, 0, even);
+    for (int r = 0; r < RELATIONS && !failed; r++)
+        for (size_t i = 0; i < odd[r].len && !failed; i++)
+            for (size_t j = 0; j < even[r].len && !failed; j++)
+                for (uint32_t top = 0; top < 64 && !failed; top++) {
+                    State x0 = {odd[r].items[i] | (top & 7) << 21, even[r].items[j] | (top >> 3) << 21};
+                    uint64_t key;
+                    if (!last_parities_check(l, d[r], x0) || !explains_leaks(l, x0, &key)) continue;
+                    if (n == cap) {
+                        uint64_t *grown = realloc(out, sizeof(uint64_t) * cap * 2);
+                        failed = grown == NULL;
+                        if (failed) break;
+                        out = grown;
+                        cap *= 2;
+                    }
+                    out[n++] = key;
+                }
+    for (int r = 0; r < RELATIONS; r++) {
+        free(odd[r].items);
+        free(even[r].items);
+    }
     *keys = out;
     *found = n;
     return failed ? -1 : 0;
