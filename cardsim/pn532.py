@@ -236,11 +236,9 @@ class Pn532:
         """The frame the card sees, or None if it is garbled. A CRC_A the chip adds is left out (the card model
         carries none); one the host made stays in the frame, and the card checks it (after decryption)."""
         total = len(args) * 8 - (8 - last_bits) % 8
-        crc_by_chip = self.registers.get(TX_MODE, 0x80) & 0x80
         if last_bits and len(args) != 1 and not host_parity:
             return None
-        if total < 8 or (total == 8 and not crc_by_chip):
-            # a short frame (7-bit REQA/WUPA/40, or a lone byte such as the Gen1a 43 sent without CRC)
+        if total < 8:  # a short frame (7-bit REQA/WUPA/40); a lone byte such as the Gen1a 43 has its parity bit
             return Frame(args[:1], bits=total)
         if host_parity:
             data, parity = unwrap_bits(args, last_bits)

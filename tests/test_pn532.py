@@ -211,6 +211,20 @@ def test_raw_frames_unlock_a_gen1a_like_nfc_mfclassic_does() -> None:
     assert exchange(pn532, h("40 01 30 00")) == h("00") + bytes(16)
 
 
+def test_a_gen1a_takes_43_only_as_a_whole_byte_right_after_the_7_bit_40() -> None:
+    pn532 = Pn532(M1Card(issue_m1_card(UID, Profile.GEN1A, KeyScheme.SHARED, 0, bytes(16)), bytes), M1Reader)
+    exchange(pn532, h("4A 01 00"))
+    assert exchange(pn532, h("08 63 02 00 63 03 00 63 3D 07")) == b""  # CRC off, TxLastBits 7
+    assert exchange(pn532, h("42 40")) == h("00 0A")
+    assert exchange(pn532, h("42 43")) == h("01")  # 43 in 7 bits: no answer, and the 40 is spent
+    assert exchange(pn532, h("08 63 3D 00")) == b""
+    assert exchange(pn532, h("42 43")) == h("01")  # a whole 43, but not right after a 40
+    assert exchange(pn532, h("08 63 3D 07")) == b""
+    assert exchange(pn532, h("42 40")) == h("00 0A")
+    assert exchange(pn532, h("08 63 3D 00")) == b""
+    assert exchange(pn532, h("42 43")) == h("00 0A")  # unlocked
+
+
 class RawLink:
     """An M1 link over InCommunicateThru with host-made parity, the way mfoc drives a PN532."""
 
