@@ -27,6 +27,7 @@ WAKE_UP: Final = b"\x55\x55" + bytes(14)
 PN532_IC: Final = 0x32
 DEFAULT_TIMEOUT: Final = 1.0  # seconds for one command's ACK and reply (libnfc: 0.35 s, 1 s at wake-up)
 POLL_INTERVAL: Final = 0.1
+REMOVAL_POLLS: Final = 3  # empty polls in a row (about 0.3 s) before a card counts as gone
 
 
 class Pn532Error(M1Gone):
@@ -140,6 +141,7 @@ class Pn532Link:
         self._close = close
         self._target: tuple[bytes, int, bytes] | None = None
         self._tx_bits: int | None = None  # BitFraming TxLastBits as last written
+        self._last_uid: bytes | None = None  # the card a poll found last, until it is seen to leave
         chip.wake_up()
         chip.command(0x32, b"\x05\x00\x01\x02")  # MaxRetries: one activation try, so polling returns at once
 
@@ -153,6 +155,8 @@ class Pn532Link:
         self.chip.command(0x32, b"\x01\x00")  # RF off: the card loses power and any session
         self.chip.command(0x32, b"\x01\x01")
         self._target = self._select(b"")
+        if self._target is not None:
+            self._last_uid = self._target[0]
         return self._target
 
     def _select(self, uid: bytes) -> tuple[bytes, int, bytes] | None:
@@ -179,17 +183,26 @@ class Pn532Link:
         return True
 
     def wait_for_removal(self, timeout: float) -> bool:
-        """Poll for up to ``timeout`` seconds until the card selected last has left the field (no card answers,
-        or another UID); True when it has."""
-        if self._target is None:
+        """Poll for up to ``timeout`` seconds until the card selected last has left the field; True when it has:
+        another UID answers, or no card answers ``REMOVAL_POLLS`` polls in a row. A card at the edge of the field
+        drops out of single polls; taking one empty poll for "gone" would let a terminal charge it again. A run
+        of empty polls begun before ``timeout`` is finished."""
+        present = self._last_uid
+        if present is None:
             return True
-        present = self._target[0]
         deadline = time.monotonic() + timeout
-        while (target := self.list_target()) is not None and target[0] == present:
-            if time.monotonic() >= deadline:
+        empty = 0
+        while True:
+            target = self.list_target()
+            if target is not None and target[0] != present:
+                return True
+            empty = 0 if target is not None else empty + 1
+            if empty >= REMOVAL_POLLS:
+                self._last_uid = None
+                return True
+            if not empty and time.monotonic() >= deadline:
                 return False
             time.sleep(POLL_INTERVAL)
-        return True
 
     def power_on(self) -> None:
         """Cycle the field and select the card; M1Gone when none is there."""

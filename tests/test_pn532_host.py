@@ -20,14 +20,26 @@ from mqtt_support import private_mosquitto, unique_terminal
 from test_pn532 import serve_image
 
 from audit.m1_attacks import PrngClass, classify_prng, collect_nonces, has_gen1a_backdoor, nested_attack
-from cardsim.crypto1 import decrypt_bytes, encrypt_bytes
+from cardsim.crypto1 import decrypt_bytes, encrypt_bytes, odd_parity
 from cardsim.image import load_card
 from cardsim.m1_issue import KeyScheme, issue_m1_card, sector_keys
 from cardsim.mifare import Frame, M1Card, M1State, Profile, crc_a, parse_value_block, value_block
 from cardsim.pn532 import Pn532 as EmulatedPn532
-from cardsim.pn532_frames import ACK_FRAME, CHIP_TFI, ERROR_FRAME, HOST_TFI, NACK_FRAME, encode
+from cardsim.pn532 import wrap_bits
+from cardsim.pn532_frames import (
+    ACK_FRAME,
+    CHIP_TFI,
+    ERROR_FRAME,
+    HOST_TFI,
+    NACK_FRAME,
+    FrameDecoder,
+    Information,
+    encode,
+)
 from terminals.m1 import FrameSlot, M1Error, M1Gone, M1Reader, m1_purchase, with_crc
-from terminals.pn532 import Pn532, Pn532Error, Pn532Link, open_pn532
+from terminals.pn532 import REMOVAL_POLLS, Pn532, Pn532Error, Pn532Link, open_pn532
+from yikatong import audit_cli, devices, terminal_cli
+from yikatong.cli import main
 
 UID = bytes.fromhex("9C599B32")
 WHEN = dt.datetime(2026, 12, 1, 8, 30, tzinfo=dt.timezone(dt.timedelta(hours=8)))
@@ -147,6 +159,29 @@ def test_short_frames_and_the_prng_through_the_link() -> None:
     assert classify_prng(collect_nonces(link, 5)) is PrngClass.HARDENED
 
 
+def test_the_gen1a_probe_sends_what_libnfc_sends() -> None:
+    """HLTA with its CRC_A, 40 as a 7-bit short frame, then 43 as a whole byte with its parity bit: in raw mode
+    (host parity) 36, 7 and 9 bits on air."""
+    link, _ = emulated(Profile.GEN1A)
+    port = link.chip.port
+    assert isinstance(port, MemoryPort)
+    start = len(port.written)
+    assert has_gen1a_backdoor(link)
+    commands = [f.data for f in FrameDecoder().feed(b"".join(port.written[start:])) if isinstance(f, Information)]
+    hlta = wrap_bits(bytes.fromhex("50 00 57 CD"), tuple(odd_parity(b) for b in bytes.fromhex("50 00 57 CD")))
+    unlock = wrap_bits(b"\x43", (odd_parity(0x43),))
+    assert (hlta[1], unlock[1]) == (4, 1)
+    sent = [c[1:] for c in commands if c[0] == 0x42 or c[:3] == bytes.fromhex("08 63 3D")]
+    assert sent[:6] == [
+        bytes.fromhex("63 3D 04"),
+        hlta[0],
+        bytes.fromhex("63 3D 07"),
+        b"\x40",
+        b"\x63\x3d\x01",
+        unlock[0],
+    ]
+
+
 def test_an_empty_field_and_a_card_that_leaves() -> None:
     def replies(*codes: str) -> list[bytes]:
         return [ACK_FRAME + encode(CHIP_TFI, bytes.fromhex(code)) for code in codes]
@@ -158,11 +193,37 @@ def test_an_empty_field_and_a_card_that_leaves() -> None:
     with pytest.raises(M1Gone, match="no card in the field"):
         link.power_on()
     card = replies("33", "33", "09", "4B 01 01 00 04 08 04" + UID.hex(), "09")
-    port = ScriptedPort(_wake_replies() + card * 2 + nothing)
+    port = ScriptedPort(_wake_replies() + card * 2 + nothing * REMOVAL_POLLS)
     link = Pn532Link(Pn532(port, clock=port.clock))
     assert link.wait_for_card(0) and link.anticollision() == (UID, 0x08, bytes.fromhex("0400"))
     assert not link.wait_for_removal(0)  # still there
-    assert link.wait_for_removal(0)  # gone
+    assert link.wait_for_removal(0)  # gone: the empty polls begun before the time ran out are finished
+    assert not port.replies
+
+
+def _polls(port: MemoryPort) -> int:
+    return sum(1 for data in port.written if data[5:7] == bytes.fromhex("D4 4A"))
+
+
+def test_a_card_at_the_edge_of_the_field_is_not_taken_for_gone() -> None:
+    """One empty poll between two that find the card is no removal (terminal run would charge it again): only
+    REMOVAL_POLLS empty polls in a row are, or another card."""
+
+    def replies(*codes: str) -> list[bytes]:
+        return [ACK_FRAME + encode(CHIP_TFI, bytes.fromhex(code)) for code in codes]
+
+    card = replies("33", "33", "09", "4B 01 01 00 04 08 04" + UID.hex(), "09")
+    other = replies("33", "33", "09", "4B 01 01 00 04 08 04 11223344", "09")
+    nothing = replies("33", "33", "09", "4B 00")
+    flicker = card + nothing + card + nothing * (REMOVAL_POLLS - 1) + card
+    port = ScriptedPort(_wake_replies() + flicker + nothing * REMOVAL_POLLS + card + nothing + other)
+    link = Pn532Link(Pn532(port, clock=port.clock))
+    assert link.wait_for_card(0) and _polls(port) == 1
+    assert not link.wait_for_removal(0) and _polls(port) == 1 + 2  # empty once, then the card again
+    assert not link.wait_for_removal(0) and _polls(port) == 3 + REMOVAL_POLLS  # one empty poll short
+    assert link.wait_for_removal(0) and _polls(port) == 3 + 2 * REMOVAL_POLLS  # gone
+    assert link.wait_for_card(0)
+    assert link.wait_for_removal(60) and not port.replies  # after one empty poll another card answers
 
 
 # --- broken ports ---------------------------------------------------------------------------------
@@ -223,6 +284,107 @@ def test_any_reply_to_one_command_gives_data_or_a_pn532_error(noise: bytes) -> N
     port = ScriptedPort([noise, noise])
     with contextlib.suppress(Pn532Error):
         Pn532(port, clock=port.clock).command(0x42, b"\x26")
+
+
+# --- a board that fails in the middle of a command ------------------------------------------------
+
+
+class DyingPort(EmulatorPort):
+    """The emulated board until ``die``, then silence (a board that lost power or its cable); ``closed`` says
+    whether the command closed it."""
+
+    def __init__(self, chip: EmulatedPn532) -> None:
+        super().__init__(chip)
+        self.alive, self.closed, self.die_when_opened = True, False, False
+
+    def die(self) -> None:
+        self.alive = False
+
+    def answer(self, data: bytes) -> bytes:
+        return super().answer(data) if self.alive else b""
+
+    def close(self) -> None:
+        self.closed = True
+
+
+@pytest.fixture
+def board(monkeypatch: pytest.MonkeyPatch) -> DyingPort:
+    """The board every --pn532 command opens (in process): the emulated chip with a default-key card."""
+    card = M1Card(issue_m1_card(UID, Profile.GENUINE, KeyScheme.DEFAULT, 2500, bytes(16), city="4560"), os.urandom)
+    port = DyingPort(EmulatedPn532(card, M1Reader))
+
+    def open_board(device: str) -> Pn532Link:
+        link = Pn532Link(Pn532(port, clock=port.clock), port.close)
+        if port.die_when_opened:
+            port.die()
+        return link
+
+    monkeypatch.setattr(devices, "open_pn532_board", open_board)
+    # terminal run in process: no signal handlers or logging set up for the whole test session
+    monkeypatch.setattr(terminal_cli, "stop_on_sigterm", lambda: None)
+    monkeypatch.setattr(terminal_cli, "setup_logging", lambda level: None)
+    return port
+
+
+TERMINAL = ["--pn532", "/dev/fake", "--city", "4560", "--kind", "bus", "--fare", "200"]
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["terminal", "tap", *TERMINAL],
+        ["terminal", "run", *TERMINAL, "--count", "1"],
+        ["audit", "nested", "--pn532", "/dev/fake", "--known-block", "3", "--known-key", "FFFFFFFFFFFF",
+         "--target-block", "7"],
+        ["audit", "chips", "--pn532", "/dev/fake", "--count", "1"],
+    ],
+)  # fmt: skip
+def test_a_board_that_goes_silent_is_a_clear_error_and_its_port_is_closed(
+    board: DyingPort, command: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    board.die_when_opened = True
+    files = ["--state", str(tmp_path / "t.sqlite")] if command[0] == "terminal" else []
+    if command[1] == "chips":
+        files = ["--json", str(tmp_path / "r.json"), "--html", str(tmp_path / "r.html")]
+    assert main([*command, *files]) == 2
+    err = capsys.readouterr().err
+    assert "yikatong: error: the PN532 at /dev/fake: command 32: no answer from the PN532" in err, err
+    assert board.closed
+
+
+def test_a_board_that_dies_mid_audit_leaves_the_report_of_the_cards_audited(
+    board: DyingPort, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    said: list[str] = []
+
+    def progress(message: str) -> None:
+        said.append(message)
+        if message == "remove the card":
+            board.die()
+
+    monkeypatch.setattr(audit_cli, "_progress", progress)
+    report = tmp_path / "r.json"
+    done = main(
+        [
+            "audit",
+            "chips",
+            "--pn532",
+            "/dev/fake",
+            "--count",
+            "3",
+            "--json",
+            str(report),
+            "--html",
+            str(tmp_path / "r.html"),
+        ]
+    )
+    assert done == 1  # the card's findings (a default-key card) are in the report
+    assert [line for line in said if line.startswith("stopped: the PN532 at /dev/fake failed (command 32: no answer")]
+    written = json.loads(report.read_text())
+    assert [subject["subject"] for subject in written["subjects"]] == [UID.hex().upper()]
+    assert "M1-DEFAULT-KEY" in {finding["id"] for finding in written["findings"]}
+    assert [line for line in written["skipped"] if "the PN532 at /dev/fake failed after 1 card(s)" in line]
+    assert board.closed
 
 
 # --- on a pty, served by `yikatong card serve --pn532` ---------------------------------------------

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
 from yikatong import reconcile_cli
-from yikatong.argtypes import Subcommands, command_group, file_path, hex_number, positive
+from yikatong.argtypes import Subcommands, command_group, file_path, hex_number, positive, seconds
 from yikatong.audit_output import add_report_options, finish
 from yikatong.errors import CliError
 
@@ -21,7 +21,6 @@ if TYPE_CHECKING:
     from audit.chips import ChipAudit
     from audit.cpu_audit import KeySource
     from audit.fleet import Fleet
-    from terminals.pn532 import Pn532Link
 
 _hex32 = hex_number(8)
 
@@ -112,7 +111,7 @@ def _register_nested(sub: Subcommands) -> None:
     nested.add_argument("image", nargs="?", type=file_path, help="M1 card image (or --pn532)")
     nested.add_argument("--pn532", metavar="DEVICE", help="attack the card on a PN532 board (serial device)")
     nested.add_argument(
-        "--card-wait", type=positive, default=10, help="--pn532: seconds to wait for a card (default %(default)s)"
+        "--card-wait", type=seconds, default=10.0, help="--pn532: seconds to wait for a card on the board (default 10)"
     )
     nested.add_argument("--known-block", type=_block, required=True, help="a block of the sector with the known key")
     nested.add_argument("--known-key", type=_hex48, required=True, help="that sector's key, 12 hex digits")
@@ -127,13 +126,14 @@ def _nested(args: argparse.Namespace) -> int:
     from cardsim.mifare import M1Card, M1State
     from terminals.m1 import M1Error, M1Gone
     from yikatong.card_cli import load_image
+    from yikatong.devices import pn532_with_card
 
     if (args.image is None) == (args.pn532 is None):
         raise CliError("give the card: an M1 image, or --pn532 DEVICE (not both)")
     known, target = (args.known_block, args.known_key, args.known_type), (args.target_block, args.target_type)
     failures = (AttackFailed, M1Error, M1Gone)
     if args.pn532 is not None:
-        with _pn532_with_card(args.pn532, args.card_wait) as link:
+        with pn532_with_card(args.pn532, args.card_wait) as link:
             uid = int.from_bytes(link.anticollision()[0])
             return _report(lambda: nested_attack(link, uid, known, target), failures, "nested attack failed")
     state = load_image(args.image)
@@ -143,54 +143,21 @@ def _nested(args: argparse.Namespace) -> int:
     return _report(lambda: nested_attack(card, state.uid, known, target), failures, "nested attack failed")
 
 
-def _open_pn532(device: str) -> Pn532Link:
-    from terminals.pn532 import Pn532Error, open_pn532  # pyserial: only the commands on a board
-
-    try:
-        return open_pn532(device)
-    except Pn532Error as err:
-        raise CliError(str(err)) from err
-
-
-def _pn532_with_card(device: str, wait: float) -> Pn532Link:
-    """The board at ``device`` with a card selected in its field (CliError when there is none in ``wait`` s)."""
-    link = _open_pn532(device)
-    if not link.wait_for_card(wait):
-        link.close()
-        raise CliError(f"no card on the PN532 at {device} after {wait:g} s")
-    return link
-
-
-class _Pn532Cards:
-    """The cards presented on a PN532 board, one at a time (``_Station``)."""
-
-    def __init__(self, link: Pn532Link, device: str) -> None:
-        self.link = link
-        self.name = f"the PN532 at {device}"
-
-    def wait_for_card(self, timeout: float) -> None:
-        if not self.link.wait_for_card(timeout):
-            raise TimeoutError(f"no card on {self.name} after {timeout:g} s")
-
-    def wait_for_removal(self, timeout: float) -> bool:
-        return self.link.wait_for_removal(timeout)
-
-
 def _chips_on_pn532(args: argparse.Namespace) -> int:
     """M1 cards on a PN532 board, one by one, with every M1 check (raw frames)."""
     from audit.m1_attacks import AttackFailed
     from audit.m1_audit import audit_m1
     from terminals.m1 import M1Error, M1Gone
+    from yikatong.devices import Pn532Board
 
     def audit_card(name: str, audit: ChipAudit) -> None:
         try:
-            audit.add_m1(name, audit_m1(link, recover_all=args.recover == "all", progress=_progress))
+            audit.add_m1(name, audit_m1(board.link, recover_all=args.recover == "all", progress=_progress))
         except (M1Error, M1Gone, AttackFailed) as err:
             audit.failed.append(f"{name}: not audited: {err}")
 
-    with _open_pn532(args.pn532) as link:
-        cards = _Pn532Cards(link, args.pn532)
-        return _chips_at(args, cards, f"PN532 board {args.pn532} (raw frames)", audit_card)
+    with Pn532Board(args.pn532) as board:
+        return _chips_at(args, board, f"PN532 board {args.pn532} (raw frames)", audit_card)
 
 
 def _report(find: Callable[[], int], failures: tuple[type[Exception], ...], what: str) -> int:
@@ -351,9 +318,10 @@ def _chips_at(
     args: argparse.Namespace, station: _Station, where: str, audit_card: Callable[[str, ChipAudit], None]
 ) -> int:
     """Audit the cards presented at ``station`` one by one (``audit_card`` audits the one in the field), until
-    --count cards, a --wait with no card, or Ctrl-C; then write the report (input ``where``) of the cards
-    audited so far."""
+    --count cards, a --wait with no card, Ctrl-C or a failure of the station (M1Gone: a PN532 board that stops
+    answering); then write the report (input ``where``) of the cards audited so far."""
     from audit.chips import ChipAudit, build_report
+    from terminals.m1 import M1Gone
 
     audit = ChipAudit()
     audited = 0
@@ -373,6 +341,11 @@ def _chips_at(
                 station.wait_for_removal(args.wait)
     except KeyboardInterrupt:
         _progress("stopped: writing the report of the cards audited so far")
+    except M1Gone as err:
+        if audited == 0:
+            raise CliError(f"{station.name}: {err}") from err
+        audit.failed.append(f"{station.name} failed after {audited} card(s), the audit stopped there: {err}")
+        _progress(f"stopped: {station.name} failed ({err}); writing the report of the cards audited so far")
     report = build_report(audit, [where], active=args.active, progress=_progress)
     return finish(report, args)
 

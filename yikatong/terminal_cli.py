@@ -4,12 +4,10 @@ inspect a terminal's outbox."""
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import os
 import secrets
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
@@ -27,6 +25,7 @@ from yikatong.argtypes import (
     positive,
     seconds,
 )
+from yikatong.devices import Pn532Board, pn532_with_card
 from yikatong.errors import CliError
 from yikatong.process import setup_logging, stop_on_sigterm
 
@@ -35,7 +34,6 @@ if TYPE_CHECKING:
     from terminals.mqtt import BrokerUrl
     from terminals.outbox import Outbox
     from terminals.pcsc import PcscReader
-    from terminals.pn532 import Pn532Link
     from terminals.terminal import TapResult, Terminal
 
 log = logging.getLogger("yikatong.terminal")
@@ -207,15 +205,6 @@ def _pcsc(name: str) -> PcscReader:
         raise CliError(f"{err} (is pcscd running? scripts/services.sh starts it)") from err
 
 
-def _pn532(device: str) -> Pn532Link:
-    from terminals.pn532 import Pn532Error, open_pn532  # pyserial: only the commands on a board
-
-    try:
-        return open_pn532(device)
-    except Pn532Error as err:
-        raise CliError(str(err)) from err
-
-
 def _print(result: TapResult) -> None:
     print(result.message, flush=True)
 
@@ -233,9 +222,7 @@ def _tap(args: argparse.Namespace) -> int:
     if args.card is not None:
         result = _tap_image(terminal, args.card)
     elif args.pn532 is not None:
-        with _pn532(args.pn532) as link:
-            if not link.wait_for_card(args.card_wait):
-                raise CliError(f"no card on the PN532 at {args.pn532} after {args.card_wait:g} s")
+        with pn532_with_card(args.pn532, args.card_wait) as link:
             result = terminal.tap_m1(link)
     else:
         reader = _pcsc(args.reader)
@@ -321,6 +308,8 @@ async def _publish(terminal: Terminal, broker: BrokerUrl, ack_wait: float) -> No
 def _run(args: argparse.Namespace) -> int:
     import asyncio
 
+    from terminals.m1 import M1Gone
+
     setup_logging(logging.INFO)
     terminal = _build_terminal(args)
     reader: _Station = _PcscStation(_pcsc(args.reader)) if args.reader is not None else _Pn532Station(args.pn532)
@@ -336,6 +325,8 @@ def _run(args: argparse.Namespace) -> int:
         asyncio.run(_run_loop(terminal, reader, args.broker, args.count))
     except KeyboardInterrupt:
         pass
+    except M1Gone as err:  # the board failed while polling: stop with a clear line, the outbox keeps its records
+        raise CliError(f"{reader.name}: {err}") from err
     except UplinkDied as died:  # never a half-alive terminal that taps on without delivering
         log.critical("terminal %s: its uplink died", terminal.terminal_hex, exc_info=died.__cause__)
         log.critical(
@@ -397,35 +388,11 @@ class _PcscStation:
         pass  # each tap connects and disconnects by itself
 
 
-class _Pn532Station:
-    """A PN532 board: a card is present while InListPassiveTarget selects one."""
-
-    def __init__(self, device: str) -> None:
-        self.link = _pn532(device)
-        self.name = f"the PN532 at {device}"
-
-    def card_present(self) -> bool:
-        with self._board():
-            return self.link.list_target() is not None
+class _Pn532Station(Pn532Board):
+    """A PN532 board under ``terminal run``: M1 cards, over raw frames."""
 
     def tap(self, terminal: Terminal) -> TapResult:
         return terminal.tap_m1(self.link)
-
-    def wait_for_removal(self, timeout: float) -> bool:
-        with self._board():
-            return self.link.wait_for_removal(timeout)
-
-    @contextlib.contextmanager
-    def _board(self) -> Iterator[None]:
-        from terminals.pn532 import Pn532Error
-
-        try:
-            yield
-        except Pn532Error as err:  # the board went away: stop with a clear line, the outbox keeps its records
-            raise CliError(f"{self.name}: {err}") from err
-
-    def close(self) -> None:
-        self.link.close()
 
 
 async def _run_loop(terminal: Terminal, reader: _Station, broker: BrokerUrl | None, count: int | None) -> None:
