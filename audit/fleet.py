@@ -2,7 +2,8 @@
 fleet to generate, with weaknesses planted on purpose and, per card, the findings the audit must report.
 
 A fleet file lists card entries; each makes ``count`` cards (default 1):
-- CPU: ``city``, ``alg`` (3des, sm4, des), ``keys`` ("issuer": diversified from the fleet's key file,
+- CPU: ``city``, ``alg`` (3des, sm4, des), ``maker`` (cardsim.issue_options.CPU_CHIP_MAKERS: that maker's ATR
+  historical bytes; default the simulator's own), ``keys`` ("issuer": diversified from the fleet's key file,
   "test": diversified from the published test keys, "undiversified": the issuer master keys themselves),
   ``defects`` (chip OS flaws, cardsim.purse.Defect values);
 - M1: ``city``, ``profile`` (cardsim.mifare.Profile), ``maker`` (cardsim.issue_options.M1_CHIP_MAKERS: the chip
@@ -27,7 +28,7 @@ from audit.findings import Finding, Severity
 from cardsim.crypto import Algorithm
 from cardsim.files import JSONValue, read_json
 from cardsim.image import CardImageError, load_card
-from cardsim.issue_options import M1_CHIP_MAKERS
+from cardsim.issue_options import CPU_CHIP_MAKERS, M1_CHIP_MAKERS
 from cardsim.keys import IssuerKeyStore, KeyFileError
 from cardsim.m1_issue import PURSE_SECTOR, KeyScheme, issue_m1_card
 from cardsim.mifare import TRANSPORT_ACCESS, M1State, Profile
@@ -115,8 +116,6 @@ class _Entry:
 
 
 def _cpu_card(entry: _Entry, issuer: IssuerKeyStore, sequence: int) -> PurseState:
-    if "maker" in entry.doc:
-        raise entry.fail("'maker' is for M1 cards (a CPU card's maker is in its ATR, which the card model keeps fixed)")
     keys_kind = entry.choice("keys", ["issuer", "test", "undiversified"], "issuer")
     store = IssuerKeyStore.test_set() if keys_kind == "test" else issuer
     request = CardRequest(
@@ -126,6 +125,7 @@ def _cpu_card(entry: _Entry, issuer: IssuerKeyStore, sequence: int) -> PurseStat
         sequence=sequence,
         start=dt.date(2026, 1, 1),
         expiry=dt.date(2036, 1, 1),
+        chip_maker=entry.choice("maker", list(CPU_CHIP_MAKERS)) if "maker" in entry.doc else None,
     )
     try:
         state = issue_cpu_card(store, request)

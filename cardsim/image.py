@@ -98,6 +98,7 @@ def purse_to_json(state: PurseState) -> dict[str, JSONValue]:
         "blocked": state.blocked,
         "journal": journal,
         "defects": [d.value for d in sorted(state.defects, key=lambda d: d.value)],
+        "atr_historical": state.atr_historical.hex().upper(),
     }
 
 
@@ -199,6 +200,10 @@ def purse_from_json(doc: object, where: str = "card image") -> PurseState:
     )
     state.journal = _journal(r, doc.get("journal"))
     state.defects = _defects(r, doc.get("defects", []))
+    if "atr_historical" in doc:  # the chip maker's ATR bytes (older images: the simulator's own)
+        state.atr_historical = r.hexbytes("atr_historical")
+        if len(state.atr_historical) > 15:
+            raise r.fail("atr_historical", "must be at most 15 bytes")
     return state
 
 

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass
+from typing import Final
 
 from cardsim import crypto
 from cardsim.bcd import bcd, bcd_date
 from cardsim.crypto import Algorithm
-from cardsim.issue_options import CARD_CLASSES, DEFAULT_MAX_BALANCE
+from cardsim.issue_options import CARD_CLASSES, CPU_CHIP_MAKERS, DEFAULT_MAX_BALANCE
 from cardsim.keys import IssuerKeyStore
-from cardsim.purse import PurseKeys, PurseState
+from cardsim.purse import HISTORICAL, PurseKeys, PurseState
 
 T_UNION_PREFIX = "3104"
 """First four digits of every application serial (T-Union style); then city code, then 12 digits."""
@@ -35,6 +36,17 @@ class CardRequest:
     holder: str = ""
     interoperable: bool = True
     max_balance: int = DEFAULT_MAX_BALANCE
+    chip_maker: str | None = None  # one of CPU_CHIP_MAKERS; None: the simulator's own ATR
+
+
+# ATR historical bytes per maker (where each comes from: docs/audit-choices.md, "Fleet view"). Fudan's end with the
+# chip's 4-byte UID, here the last 4 bytes of the card serial.
+_HISTORICAL: Final = {
+    "fudan-fm1208": bytes.fromhex("20900000000000"),
+    "huada-ciu": bytes.fromhex("813F017511010281010A"),  # a stand-in: the CIU9872B's contact historical bytes
+    "nxp-jcop": b"JCOP41V221",
+    "infineon-cipurse": bytes.fromhex("77433254000901"),
+}
 
 
 def application_serial(city: str, sequence: int) -> bytes:
@@ -57,6 +69,8 @@ def issue_cpu_card(keys: IssuerKeyStore, req: CardRequest) -> PurseState:
         raise IssueError(f"card class must be one of {sorted(CARD_CLASSES)}")
     if req.expiry <= req.start:
         raise IssueError("expiry must be after the start date")
+    if req.chip_maker is not None and req.chip_maker not in CPU_CHIP_MAKERS:
+        raise IssueError(f"CPU chip maker must be one of {', '.join(CPU_CHIP_MAKERS)}, not {req.chip_maker!r}")
     city = bcd(req.city)
     serial = application_serial(req.city, req.sequence)
     public = (
@@ -98,4 +112,13 @@ def issue_cpu_card(keys: IssuerKeyStore, req: CardRequest) -> PurseState:
         interop_data=interop,
         balance=req.balance,
         max_balance=req.max_balance,
+        atr_historical=_historical(req.chip_maker, card_serial),
     )
+
+
+def _historical(maker: str | None, card_serial: bytes) -> bytes:
+    """The ATR historical bytes of a chip of this maker (Fudan's carry the chip UID: the serial's last 4 bytes)."""
+    if maker is None:
+        return HISTORICAL
+    historical = _HISTORICAL[maker]
+    return historical + card_serial[-4:] if maker == "fudan-fm1208" else historical

@@ -41,7 +41,9 @@ from cardsim.log_record import LogRecord
 
 AID: Final = bytes.fromhex("A000000632010105")
 PSE_NAME: Final = b"1PAY.SYS.DDF01"
-ATR: Final = contactless_atr(b"YIKATONG")
+HISTORICAL: Final = b"YIKATONG"
+"""The historical bytes of the simulator's own ATR; a card issued for a chip maker carries that maker's."""
+ATR: Final = contactless_atr(HISTORICAL)
 
 TYPE_LOAD: Final = 0x02
 TYPE_PURCHASE: Final = 0x06
@@ -157,6 +159,7 @@ class PurseState:
     blocked: bool = False
     journal: Journal[PurseUpdate] | None = None
     defects: frozenset[Defect] = frozenset()
+    atr_historical: bytes = HISTORICAL  # the chip's ATS historical bytes: a reader shows them in the ATR
 
     @property
     def public(self) -> PublicData:
@@ -214,7 +217,7 @@ class PurseCard:
         recover(self.state)
         self.power_off()
         self._weak_draws = 0
-        return ATR
+        return contactless_atr(self.state.atr_historical)
 
     def power_off(self) -> None:
         """Power loss or field off: volatile state is gone, non-volatile state stays."""

@@ -20,7 +20,7 @@ from audit.html import render_html
 from cardsim.apdu import contactless_atr
 from cardsim.crypto import Algorithm
 from cardsim.image import load_card
-from cardsim.issue_options import M1_CHIP_MAKERS
+from cardsim.issue_options import CPU_CHIP_MAKERS, M1_CHIP_MAKERS
 from cardsim.keys import IssuerKeyStore
 from cardsim.m1_issue import KeyScheme, issue_m1_card
 from cardsim.mifare import DEFAULT_KEY, M1Card, M1State, Profile
@@ -109,13 +109,27 @@ def test_historical_bytes_follow_the_interface_bytes() -> None:
         assert not read.known and f"ATR {bad.upper()}" in read.evidence
 
 
-def test_cpu_audit_reads_the_maker_from_the_atr() -> None:
-    """The simulated CPU card's ATR carries 'YIKATONG': no maker, and the report says what it read."""
+CPU_EXPECTED = {
+    "fudan-fm1208": ("Fudan Microelectronics", "China", "FM1208"),
+    "huada-ciu": ("CEC Huada Electronic Design", "China", "CIU98 series"),
+    "nxp-jcop": ("NXP", "Netherlands", "JCOP"),
+    "infineon-cipurse": ("Infineon", "Germany", "SLS 32 (CIPURSE)"),
+}
+
+
+@pytest.mark.parametrize("maker", [*CPU_CHIP_MAKERS, None])
+def test_cpu_audit_reads_the_maker_from_the_atr(maker: str | None) -> None:
+    """Issued with a maker, the card's ATR carries that maker's historical bytes and the audit names it; the
+    simulator's own ATR ('YIKATONG') names none, and the report says what it read."""
     keys = IssuerKeyStore.test_set()
-    request = CardRequest("4510", Algorithm.SM4, 100, 1, dt.date(2026, 1, 1), dt.date(2036, 1, 1))
+    request = CardRequest("4510", Algorithm.SM4, 100, 1, dt.date(2026, 1, 1), dt.date(2036, 1, 1), chip_maker=maker)
     reader = SimulatedCpu(PurseCard(issue_cpu_card(keys, request), os.urandom), "cpu")
     result = audit_cpu(reader, [KeySource("test", keys, True)], active=False)
-    assert result.maker is not None and not result.maker.known and "'YIKATONG'" in result.maker.evidence
+    assert result.maker is not None
+    if maker is None:
+        assert not result.maker.known and "'YIKATONG'" in result.maker.evidence
+    else:
+        assert (result.maker.company, result.maker.country, result.maker.chip) == CPU_EXPECTED[maker]
 
 
 SMALL_FLEET = {
@@ -123,7 +137,7 @@ SMALL_FLEET = {
     "keys": str(fixture_path("keys/fleet-keys.json")),
     "seed": 7,
     "cards": [
-        {"name": "jinan-sm4", "tech": "cpu", "city": "4510", "alg": "sm4"},
+        {"name": "jinan-sm4", "tech": "cpu", "city": "4510", "alg": "sm4", "maker": "huada-ciu"},
         {
             "name": "jinan-nxp",
             "tech": "m1",
@@ -171,12 +185,12 @@ def test_fleet_view_counts_and_shares(small_report: Report) -> None:
         "cards": 2,
         "tech": {"cpu": 1, "m1": 1},
         "algorithm": {"M1 Crypto-1": 1, "CPU SM4": 1},
-        "maker": {"NXP MF1ICS5005 (Netherlands)": 1, "unknown": 1},
-        "domestic_chip": 0,
+        "maker": {"CEC Huada Electronic Design CIU98 series (China)": 1, "NXP MF1ICS5005 (Netherlands)": 1},
+        "domestic_chip": 1,
         "foreign_chip": 1,
-        "unknown_chip": 1,
+        "unknown_chip": 0,
         "domestic_algorithm": 1,
-        "domestic_chip_share": 0.0,
+        "domestic_chip_share": 0.5,
         "domestic_algorithm_share": 0.5,
     }
     yantai = cities["4560"]
@@ -195,7 +209,7 @@ def test_fleet_view_counts_and_shares(small_report: Report) -> None:
     assert yantai["domestic_chip_share"] == 0.3333
     total = view["total"]
     assert isinstance(total, dict)
-    assert (total["cards"], total["domestic_chip_share"], total["domestic_algorithm_share"]) == (6, 0.1667, 0.1667)
+    assert (total["cards"], total["domestic_chip_share"], total["domestic_algorithm_share"]) == (6, 0.3333, 0.1667)
 
 
 def test_replace_first_by_worst_finding_then_key_speed(small_report: Report) -> None:
@@ -236,7 +250,7 @@ def test_report_html_has_the_fleet_table_and_chart(small_report: Report) -> None
     section = section[: section.index("</section>")]
     assert "<table>" in section and "on domestic chips" in section and "<svg" in section
     assert 'id="fleet-chart-title"' in section and "4560 · chip" in section and "4510 · algorithm" in section
-    assert '<span data-share="domestic-chip">17%</span>' in section  # the whole fleet: 1 of 6
+    assert '<span data-share="domestic-chip">33%</span>' in section  # the whole fleet: 2 of 6
     assert '<span data-share="domestic-algorithm">50%</span>' in section  # Jinan: 1 of 2 on SM4
     replace = section[section.index("Cards to replace first") :]
     uids = {str(s["source"]): str(s["subject"]) for s in small_report.subjects}
@@ -247,7 +261,7 @@ def test_report_html_has_the_fleet_table_and_chart(small_report: Report) -> None
 def test_fleet_file_maker_errors(tmp_path: Path) -> None:
     for card, message in [
         ({"name": "x", "tech": "m1", "city": "4510", "maker": "nokia"}, "'maker' must be one of nxp"),
-        ({"name": "x", "tech": "cpu", "city": "4510", "alg": "sm4", "maker": "nxp"}, "'maker' is for M1 cards"),
+        ({"name": "x", "tech": "cpu", "city": "4510", "alg": "sm4", "maker": "nxp"}, "'maker' must be one of fudan"),
     ]:
         path = tmp_path / "bad.json"
         path.write_text(json.dumps({**SMALL_FLEET, "cards": [card]}))
@@ -268,11 +282,20 @@ def test_card_issue_chip_maker(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert "Maker     Fudan Microelectronics FM11RF08S (China): block 0" in capsys.readouterr().out
     assert main(["card", "issue", "--help"]) == 0
     helptext = " ".join(capsys.readouterr().out.split())
-    assert "--chip-maker {nxp,fudan-fm11rf08,fudan-fm11rf08s,infineon}" in helptext
+    assert (
+        "--chip-maker {fudan-fm1208,huada-ciu,nxp-jcop,infineon-cipurse,nxp,fudan-fm11rf08,fudan-fm11rf08s,infineon}"
+        in helptext
+    )
     assert main([*base, "--chip-maker", "nokia", "--out", str(tmp_path / "x.json")]) == 2
     err = capsys.readouterr().err
     assert "invalid choice: 'nokia'" in err and "'fudan-fm11rf08s'" in err
-    cpu = ["card", "issue", "--city", "4510", "--alg", "sm4", "--balance", "1", "--chip-maker", "nxp"]
-    assert main([*cpu, "--out", str(tmp_path / "cpu.json")]) == 2
-    assert "--chip-maker is for M1 cards" in capsys.readouterr().err
+    cpu = ["card", "issue", "--city", "4510", "--alg", "sm4", "--balance", "1", "--chip-maker"]
+    assert main([*cpu, "nxp", "--out", str(tmp_path / "cpu.json")]) == 2
+    assert "--chip-maker nxp makes M1 chips; a CPU card's is one of fudan-fm1208" in capsys.readouterr().err
+    assert main([*base, "--chip-maker", "huada-ciu", "--out", str(tmp_path / "x.json")]) == 2
+    assert "--chip-maker huada-ciu makes CPU chips; an M1 card's is one of nxp" in capsys.readouterr().err
     assert not (tmp_path / "x.json").exists() and not (tmp_path / "cpu.json").exists()
+    assert main([*cpu, "fudan-fm1208", "--out", str(tmp_path / "cpu.json")]) == 0
+    cpu_state = load_card(tmp_path / "cpu.json")
+    assert not isinstance(cpu_state, M1State)
+    assert cpu_maker(PurseCard(cpu_state, os.urandom).power_on()).chip == "FM1208", "the image keeps the maker"

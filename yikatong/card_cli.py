@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 from cardsim import vpcd
 from cardsim.crypto import Algorithm
-from cardsim.issue_options import CARD_CLASSES, DEFAULT_MAX_BALANCE, M1_CHIP_MAKERS
+from cardsim.issue_options import CARD_CLASSES, CPU_CHIP_MAKERS, DEFAULT_MAX_BALANCE, M1_CHIP_MAKERS
 from cardsim.m1_issue import KeyScheme
 from cardsim.mifare import M1State, Profile, parse_value_block
 from yikatong.argtypes import Subcommands, city_code, command_group, fen, file_path, hex_number, load_keys
@@ -71,8 +71,10 @@ def register(groups: Subcommands) -> None:
     )
     issue.add_argument(
         "--chip-maker",
-        choices=list(M1_CHIP_MAKERS),
-        help="M1 chip maker, laid down in block 0 as that maker's chips carry it: "
+        choices=[*CPU_CHIP_MAKERS, *M1_CHIP_MAKERS],
+        help="chip maker, as the card shows it to a reader. CPU cards (its ATR's historical bytes): "
+        + ", ".join(f"{k} {v}" for k, v in CPU_CHIP_MAKERS.items())
+        + " (default: the simulator's own, YIKATONG). M1 cards (block 0): "
         + ", ".join(f"{k} {v}" for k, v in M1_CHIP_MAKERS.items())
         + " (default: the manufacturer data 62..69 of older images)",
     )
@@ -187,8 +189,10 @@ def _issue(args: argparse.Namespace) -> int:
     keys = load_keys(args.keys)
     if args.tech == "m1":
         return _issue_m1(args, keys)
-    if args.chip_maker is not None:
-        raise CliError("--chip-maker is for M1 cards (--tech m1): a CPU card's maker is in its ATR")
+    if args.chip_maker is not None and args.chip_maker not in CPU_CHIP_MAKERS:
+        raise CliError(
+            f"--chip-maker {args.chip_maker} makes M1 chips; a CPU card's is one of {', '.join(CPU_CHIP_MAKERS)}"
+        )
     if args.alg is None:
         raise CliError("--alg is required for a CPU card (3des or sm4)")
     start = args.start or dt.date.today()
@@ -206,6 +210,7 @@ def _issue(args: argparse.Namespace) -> int:
         holder=args.holder,
         interoperable=not args.local_only,
         max_balance=args.max_balance,
+        chip_maker=args.chip_maker,
     )
     try:
         state = issue_cpu_card(keys, req)
@@ -224,6 +229,10 @@ def _issue_m1(args: argparse.Namespace, keys: IssuerKeyStore) -> int:
     from cardsim.m1_issue import issue_m1_card
     from terminals.inspect import yuan
 
+    if args.chip_maker is not None and args.chip_maker not in M1_CHIP_MAKERS:
+        raise CliError(
+            f"--chip-maker {args.chip_maker} makes CPU chips; an M1 card's is one of {', '.join(M1_CHIP_MAKERS)}"
+        )
     key_set = keys.get(args.city, args.key_version)
     if key_set is None:
         raise CliError(f"no issuer keys for city {args.city} version {args.key_version}")

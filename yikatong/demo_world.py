@@ -37,6 +37,8 @@ DAY = dt.date(2026, 11, 24)
 FIRST_TAP = dt.datetime(2026, 11, 24, 7, 0, tzinfo=CHINA)
 METRO_LINE = "M1"  # every city of the fare table has one
 TAMPER_BONUS = 10_000  # fen the fraudster writes onto the tampered M1 card
+SM4_MAKERS = ("fudan-fm1208", "huada-ciu")  # the SM4 cards: domestic chips, as the plan asks
+DES3_MAKERS = ("nxp-jcop", "infineon-cipurse", "fudan-fm1208")
 M1_MAKERS = ("nxp", "fudan-fm11rf08", "nxp", "infineon")  # the legacy M1 fleet's chips, mostly imported
 
 
@@ -123,14 +125,23 @@ def issue_fleet(keys: IssuerKeyStore, per_city: int, rng: random.Random) -> Flee
         for alg in (Algorithm.DES3, Algorithm.SM4):
             for i in range(per_city):
                 sequence = 100 * n + 10 * (alg is Algorithm.SM4) + i + 1
-                request = CardRequest(city, alg, rng.randrange(800, 3000), sequence, DAY, DAY.replace(year=2036))
+                makers = SM4_MAKERS if alg is Algorithm.SM4 else DES3_MAKERS
+                request = CardRequest(
+                    city,
+                    alg,
+                    rng.randrange(800, 3000),
+                    sequence,
+                    DAY,
+                    DAY.replace(year=2036),
+                    chip_maker=makers[(n + i) % len(makers)],
+                )
                 cards.append(DemoCard(f"{city}-{alg.value}-{i + 1}", city, issue_cpu_card(keys, request)))
         master = _master(keys, city)
         for i in range(per_city):
             maker = M1_MAKERS[(n + i) % len(M1_MAKERS)]
             state = issue_m1_card(rng.randbytes(4), Profile.GENUINE, KeyScheme.DIVERSIFIED, 3000, master, city, maker)
             cards.append(DemoCard(f"{city}-m1-{i + 1}", city, state))
-    weak = CardRequest("4510", Algorithm.SM4, 2000, 99, DAY, DAY.replace(year=2036))
+    weak = CardRequest("4510", Algorithm.SM4, 2000, 99, DAY, DAY.replace(year=2036), chip_maker="huada-ciu")
     weak_state = issue_cpu_card(keys, weak)
     weak_state.defects = frozenset({Defect.WEAK_RANDOM})
     cards.append(DemoCard("4510-sm4-weak-random", "4510", weak_state, Plant.WEAK_RANDOM))
