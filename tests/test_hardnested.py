@@ -64,7 +64,7 @@ def test_hardnested_recovers_a_key_of_a_hardened_card(seed: int, sector: int, ke
     assert lines[-1].startswith(f"hardnested: key {expected:012X}")
 
 
-@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("seed", range(5))
 def test_the_sum_and_bit_flip_properties_keep_the_key(seed: int) -> None:
     """The state the card started from (the key) is in what the properties leave; they do cut the space."""
     chip, uid = card(Profile.HARDENED, 10 + seed)
