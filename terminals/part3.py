@@ -111,24 +111,30 @@ class Part3Session:
 
 class Part3Slot:
     """``M1Slot`` over a connected Part 3 reader. Part 3 has no command to cycle the field: a new session is a
-    new key load and authentication in the same field (a failed one leaves the card to the reader's care)."""
+    new key load and authentication in the same field (a failed one leaves the card to the reader's care).
 
-    def __init__(self, reader: Reader) -> None:
+    ``purchase=True`` makes it a terminal's slot: its first ``uid`` also makes sure the reader has the ACS value
+    command FF D7 (``check_value_command``), so that a reader without it refuses the card before anything is
+    written. Other users (the audit) send no value command at all."""
+
+    def __init__(self, reader: Reader, *, purchase: bool = False) -> None:
         self.reader = reader
+        self.purchase = purchase
         self._uid: bytes | None = None
 
     def uid(self) -> bytes:
-        """The UID (GET DATA, FF CA), asked once. The first call also makes sure the reader has the ACS value
-        command FF D7, so that a reader without it refuses the card before anything is written."""
+        """The UID (GET DATA, FF CA), asked once; for a purchase slot the FF D7 check follows it."""
         if self._uid is None:
             uid = _command(self.reader, bytes.fromhex("FFCA000000"), "GET UID (FF CA)", 4)
-            self._check_value_command()
+            if self.purchase:
+                self.check_value_command()
             self._uid = uid
         return self._uid
 
-    def _check_value_command(self) -> None:
-        """DECREMENT block 0 by 0: a reader with FF D7 refuses it with 63 00 (block 0 is never a value block, and
-        this session authenticated nothing); a reader without answers 6A 81, 6D 00 or 6E 00."""
+    def check_value_command(self) -> None:
+        """M1Error when the reader has no FF D7. It sends DECREMENT block 0 by 0: a reader with FF D7 refuses it
+        with 63 00 (block 0 is never a value block, and nothing is authenticated yet); a reader without answers
+        6A 81, 6D 00 or 6E 00. Only for a purchase: it is a (refused) write command."""
         try:
             answer = self.reader.transmit(bytes.fromhex("FFD70000050200000000"))
         except CardGone as err:

@@ -1,5 +1,5 @@
-"""The chip audit of M1 cards through readers: a PC/SC Part 3 reader (pcscd + vpcd, the checks it permits)
-and an emulated PN532 on a pty (raw frames: every check, nested key recovery included)."""
+"""The chip audit of M1 cards through readers: a PC/SC Part 3 reader (in process, and pcscd + vpcd: the checks
+it permits) and an emulated PN532 on a pty (raw frames: every check, nested key recovery included)."""
 
 from __future__ import annotations
 
@@ -11,12 +11,16 @@ from pathlib import Path
 
 import pytest
 from support import ServedCard
-from test_pn532 import needs_libnfc, serve_image
+from test_part3 import ScriptedReader
+from test_pn532 import serve_image
 
+from audit.m1_audit import audit_m1_blocks
 from cardsim.image import load_card, save_card
 from cardsim.m1_issue import KeyScheme, issue_m1_card, sector_keys
 from cardsim.mifare import M1State, Profile
+from terminals.part3 import Part3Slot
 from terminals.pcsc import PcscReader, list_readers
+from terminals.reader import InProcessReader
 
 READER = "Virtual PCD 00 00"
 UID = bytes.fromhex("5A6B7C8D")
@@ -35,6 +39,54 @@ def audit(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess[str],
     )
     assert report.exists(), done.stdout + done.stderr
     return done, json.loads(report.read_text())
+
+
+class RecordingReader(ScriptedReader):
+    """A Part 3 reader that keeps every APDU it is sent and refuses (63 00) the ``fail``-th GENERAL AUTHENTICATE
+    (FF 86) to ``block`` with key A, as a card at the edge of the field does now and then."""
+
+    def __init__(self, state: M1State, d7: bytes | None = None, block: int = 0, fail: int = 0) -> None:
+        super().__init__(state, d7=d7)
+        self.apdus: list[bytes] = []
+        self.block, self.fail, self.auths = block, fail, 0
+
+    def transmit(self, apdu: bytes) -> bytes:
+        self.apdus.append(apdu)
+        if self.fail and apdu[:2] == b"\xff\x86" and apdu[7:9] == bytes([self.block, 0x60]):
+            self.auths += 1
+            if self.auths == self.fail:
+                return b"\x63\x00"
+        return super().transmit(apdu)
+
+
+def part3_audit(reader: RecordingReader) -> tuple[set[str], list[str]]:
+    """audit_m1_blocks as ``audit chips --reader`` runs it: (finding ids, skipped lines)."""
+    result = audit_m1_blocks(Part3Slot(InProcessReader(reader)), "a Part 3 reader", "ATR ...: PC/SC Part 3")
+    return {f.id for f in result.findings}, result.skipped
+
+
+@pytest.mark.parametrize("d7", [None, "6D00", "6A81"])
+def test_part3_audit_sends_no_value_command_and_audits_on_a_reader_without_ff_d7(d7: str | None) -> None:
+    state = issue_m1_card(UID, Profile.GENUINE, KeyScheme.DEFAULT, 1500, MASTER, city="4510")
+    before = list(state.blocks)
+    reader = RecordingReader(state, d7=None if d7 is None else bytes.fromhex(d7))
+    found, _ = part3_audit(reader)
+    assert found == {"M1-CRYPTO1", "M1-DEFAULT-KEY"}
+    assert not [apdu for apdu in reader.apdus if apdu[:2] == b"\xff\xd7"]  # a passive audit: no DECREMENT
+    assert state.blocks == before
+
+
+def test_a_trailer_authentication_that_fails_once_is_skipped_not_taken_for_broken_access_bits() -> None:
+    state = issue_m1_card(UID, Profile.GENUINE, KeyScheme.DEFAULT, 1500, MASTER, city="4510")
+    # key A of sector 2: found by the dictionary (1st authentication), refused when the trailer is read (2nd)
+    reader = RecordingReader(state, block=11, fail=2)
+    found, skipped = part3_audit(reader)
+    assert "M1-ACCESS-BITS" not in found and reader.auths >= 2
+    assert [line for line in skipped if "trailer of sector 2 not read" in line and "63 00" in line]
+    # the same refusal after a successful authentication is the finding
+    state.blocks[11] = state.blocks[11][:6] + bytes.fromhex("FFFFFFFF") + state.blocks[11][10:]
+    found, _ = part3_audit(RecordingReader(state))
+    assert "M1-ACCESS-BITS" in found
 
 
 @pytest.mark.pcsc
@@ -78,7 +130,6 @@ def shared_card_with_a_default_sector() -> M1State:
     return state
 
 
-@needs_libnfc
 def test_nested_attack_through_the_pn532_pty_recovers_a_key(tmp_path: Path) -> None:
     state = issue_m1_card(UID, Profile.GENUINE, KeyScheme.SHARED, 2000, MASTER, city="4560")
     known = sector_keys(KeyScheme.SHARED, MASTER, UID, 0)[0]
@@ -93,7 +144,6 @@ def test_nested_attack_through_the_pn532_pty_recovers_a_key(tmp_path: Path) -> N
         assert done.stdout.strip() == target.hex().upper()
 
 
-@needs_libnfc
 def test_chips_audit_on_the_pn532_runs_the_raw_frame_checks_and_recovers_the_purse_keys(tmp_path: Path) -> None:
     state = shared_card_with_a_default_sector()
     for image, pty in served_pn532(tmp_path, state):

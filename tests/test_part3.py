@@ -23,8 +23,9 @@ from cardsim.m1_issue import KeyScheme, issue_m1_card
 from cardsim.mifare import M1State, Profile, parse_value_block, value_block
 from cardsim.part3 import PART3_ATR, Part3Reader
 from terminals.flows import TransactionError
+from terminals.m1 import M1Error
 from terminals.messages import TxnRecord, parse_record
-from terminals.part3 import storage_card_name
+from terminals.part3 import Part3Slot, storage_card_name
 from terminals.pcsc import PcscReader, list_readers
 from terminals.reader import CardGone, InProcessReader
 from terminals.terminal import TapOutcome, Terminal
@@ -289,6 +290,19 @@ def test_a_reader_without_the_acs_value_command_refuses_before_writing(tmp_path:
     assert result.status is TapOutcome.REFUSED
     assert "no MIFARE value-block command FF D7" in result.message and answer[:2] in result.message
     assert state.blocks == before and records(term) == [] and term.outbox.counts().pending == 0
+
+
+def test_only_a_purchase_slot_checks_for_ff_d7() -> None:
+    """The terminal's slot (purchase=True) asks for FF D7 right after the UID; any other slot (the audit's) sends
+    no value command at all."""
+    state = m1_card().state
+    uid = state.blocks[0][0:4]
+    no_d7 = ScriptedReader(state, d7=bytes.fromhex("6D00"))
+    assert Part3Slot(InProcessReader(no_d7)).uid() == uid and no_d7.sent == 1
+    with pytest.raises(M1Error, match=r"no MIFARE value-block command FF D7 .* 6D 00"):
+        Part3Slot(InProcessReader(no_d7), purchase=True).uid()
+    acs = ScriptedReader(state)
+    assert Part3Slot(InProcessReader(acs), purchase=True).uid() == uid and acs.sent == 2
 
 
 def test_a_reader_failing_the_decrement_leaves_a_torn_tap_naming_the_step(tmp_path: Path) -> None:
