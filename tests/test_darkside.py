@@ -76,8 +76,8 @@ def test_bad_input_is_a_clear_error() -> None:
 
 
 def test_the_nak_a_genuine_chip_sends_leaks_the_same(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A genuine chip's leaked NAK reads 0x5 (transmission error), where the model sends 0x4: both are solved."""
-    monkeypatch.setattr(cardsim.mifare, "NAK", 0x5)
+    """A genuine chip's leaked NAK reads 0x5 (transmission error); a chip that leaks 0x4 instead is solved too."""
+    monkeypatch.setattr(cardsim.mifare, "NAK_TRANSMISSION", 0x4)
     master, uid = bytes(range(16)), bytes.fromhex("1A2B3C4D")
     chip = card(Profile.GENUINE, master, uid, 21)
     expected = int.from_bytes(sector_keys(KeyScheme.DIVERSIFIED, master, uid, 9)[0])

@@ -169,7 +169,7 @@ def test_a_wrong_answer_with_right_parity_gets_an_encrypted_nak_only_on_leaking_
     key = keys(1)[0]
     leaked, ks = _wrong_answer(c, key, parity_right=True)
     if profile in NACK_LEAKING:
-        assert leaked is not None and leaked.bits == 4 and leaked.data[0] ^ ks == 0x04  # NAK under the keystream
+        assert leaked is not None and leaked.bits == 4 and leaked.data[0] ^ ks == 0x05  # NAK 5 under the keystream
     else:
         assert leaked is None
     assert _wrong_answer(c, key, parity_right=False)[0] is None  # a parity error is never answered
