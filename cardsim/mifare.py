@@ -22,6 +22,7 @@ BLOCKS: Final = 64
 BLOCK_SIZE: Final = 16
 ACK: Final = 0x0A
 NAK: Final = 0x04
+NAK_TRANSMISSION: Final = 0x05  # what a genuine chip leaks to a wrong aR with right parity (Garcia et al. 2009)
 TRANSPORT_ACCESS: Final = bytes.fromhex("FF078069")
 DEFAULT_KEY: Final = 0xFFFFFFFFFFFF
 BACKDOOR_KEY: Final = 0xA396EFA4E24F
@@ -368,9 +369,9 @@ class M1Card:
         ar, ar_parity = decrypt_bytes(auth.cipher, frame.data[4:8], list(frame.parity[4:8]))
         if int.from_bytes(ar) != prng_successor(auth.nt, 64):
             if nr_parity and ar_parity and self.state.profile in NACK_LEAKING:
-                # The flaw darkside uses: a wrong aR whose 8 parity bits all check gets a NAK encrypted with the
-                # next 4 keystream bits (the first of them also encrypted the last parity bit).
-                return self._ack(auth, NAK)
+                # The flaw darkside uses: a wrong aR whose 8 parity bits all check gets the transmission-error
+                # NAK (5) encrypted with the next 4 keystream bits (the first also encrypted the last parity bit).
+                return self._ack(auth, NAK_TRANSMISSION)
             return None
         trailer = self.state.blocks[auth.sector * 4 + 3]
         if auth.key_type == 0x61 and key_b_readable(trailer):
