@@ -291,7 +291,7 @@ class Terminal:
             check_atr(atr)
             storage = storage_card_name(atr)
             if storage == CLASSIC_1K:
-                return self.tap_m1_slot(Part3Slot(card))
+                return self.tap_m1_slot(Part3Slot(card, purchase=True))
             if storage is not None:
                 return TapResult(
                     TapOutcome.REFUSED, f"REFUSED  {storage} card: only {CLASSIC_1K} purse cards are taken here"

@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
-from yikatong import reconcile_cli
+from yikatong import autopwn_cli, reconcile_cli
 from yikatong.argtypes import Subcommands, command_group, file_path, hex_number, positive, seconds
 from yikatong.audit_output import add_report_options, finish
 from yikatong.errors import CliError
@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from audit.chips import ChipAudit
     from audit.cpu_audit import KeySource
     from audit.fleet import Fleet
+    from audit.m1_audit import KeyRecovery
 
 _hex32 = hex_number(8)
 
@@ -45,6 +46,7 @@ def register(groups: Subcommands) -> None:
     )
     _register_chips(sub)
     reconcile_cli.register(sub)
+    autopwn_cli.register(sub)
 
     m64 = sub.add_parser(
         "mfkey64",
@@ -152,7 +154,13 @@ def _chips_on_pn532(args: argparse.Namespace) -> int:
 
     def audit_card(name: str, audit: ChipAudit) -> None:
         try:
-            audit.add_m1(name, audit_m1(board.link, recover_all=args.recover == "all", progress=_progress))
+            result = audit_m1(
+                board.link,
+                recover_all=args.recover == "all",
+                recovery=_recovery(args, audit.recovered_keys()),
+                progress=_progress,
+            )
+            audit.add_m1(name, result)
         except (M1Error, M1Gone, AttackFailed) as err:
             audit.failed.append(f"{name}: not audited: {err}")
 
@@ -240,7 +248,19 @@ def _register_chips(sub: Subcommands) -> None:
         "--recover",
         choices=["purse", "all"],
         default="purse",
-        help="M1 nested attack targets: the purse sector's keys (default) or every sector (about 2 s a key)",
+        help="M1 nested attack targets: the purse sector's keys (default) or every sector (about 0.3 s a key)",
+    )
+    chips.add_argument(
+        "--recover-keys",
+        action="store_true",
+        help="run the whole M1 key-recovery chain on each M1 card (as 'audit autopwn': dictionary, backdoor, "
+        "darkside, nested, static nested, hardnested; keys broken on one card are tried on the next); the report "
+        "shows the keys recovered per card, the attack that got them and the time",
+    )
+    chips.add_argument(
+        "--max-seconds",
+        type=seconds,
+        help="--recover-keys: time budget per M1 card; keys found before it runs out are kept (default: none)",
     )
     chips.add_argument(
         "--count", type=positive, help="--reader/--pn532: stop after this many cards (default: until Ctrl-C)"
@@ -253,6 +273,17 @@ def _register_chips(sub: Subcommands) -> None:
     )
     add_report_options(chips, "chips")
     chips.set_defaults(run=_chips)
+
+
+def _recovery(args: argparse.Namespace, fleet_keys: tuple[int, ...]) -> KeyRecovery | None:
+    """--recover-keys: the chain's settings (None without it)."""
+    from audit.m1_audit import KeyRecovery
+
+    if not args.recover_keys:
+        if args.max_seconds is not None:
+            raise CliError("--max-seconds is the budget of --recover-keys: give both")
+        return None
+    return KeyRecovery(max_seconds=args.max_seconds, fleet_keys=fleet_keys)
 
 
 def _progress(message: str) -> None:
@@ -279,6 +310,8 @@ def _chips(args: argparse.Namespace) -> int:
     from audit.chips import audit_fleet
     from audit.fleet import FleetError, generate_fleet, load_image_folder
 
+    _recovery(args, ())  # a misused --max-seconds is refused before any card is touched
+
     if args.reader is not None:
         return _chips_on_reader(args)
     if args.pn532 is not None:
@@ -295,6 +328,7 @@ def _chips(args: argparse.Namespace) -> int:
         [fleet.source],
         active=args.active,
         recover_all=args.recover == "all",
+        recovery=_recovery(args, ()),
         progress=_progress,
     )
     return finish(report, args)

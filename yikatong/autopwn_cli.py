@@ -87,15 +87,10 @@ def _on_image(args: argparse.Namespace) -> Autopwn:
 
 def _on_pn532(args: argparse.Namespace) -> Autopwn:
     from audit.autopwn import autopwn
-    from terminals.pn532 import Pn532Error, open_pn532
+    from yikatong.devices import pn532_with_card
 
-    try:
-        with open_pn532(args.pn532) as link:
-            if not link.wait_for_card(args.card_wait):
-                raise CliError(f"no card on the PN532 at {args.pn532} after {args.card_wait:g} s")
-            return autopwn(link, max_seconds=args.max_seconds, progress=_progress)
-    except Pn532Error as err:
-        raise CliError(f"the PN532 at {args.pn532}: {err}") from err
+    with pn532_with_card(args.pn532, args.card_wait) as link:
+        return autopwn(link, max_seconds=args.max_seconds, progress=_progress)
 
 
 def _on_reader(args: argparse.Namespace) -> Autopwn:
