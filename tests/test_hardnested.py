@@ -118,9 +118,9 @@ def test_cards_it_cannot_work_on_are_refused_with_the_reason() -> None:
 def test_bad_input_is_a_clear_error() -> None:
     chip, uid = card(Profile.HARDENED, 7)
     known = (3, sector_key(uid, 0, 0x60), 0x60)
-    with pytest.raises(AttackFailed, match="key type 60 or 61"):
+    with pytest.raises(AttackFailed, match="target key type 60 or 61"):
         hardnested_attack(chip, uid, known, (7, 0x64))
-    with pytest.raises(AttackFailed, match=r"block 0\.\.63"):
+    with pytest.raises(AttackFailed, match=r"blocks 0\.\.63.*target \(64, 96\)"):
         hardnested_attack(chip, uid, known, (64, 0x60))
     with pytest.raises(AttackFailed, match="outside the 48-bit mask"):
         hardnested_attack(chip, uid, known, (7, 0x60), known_key_bits=(0xFF, 0x100))
