@@ -6,17 +6,18 @@ out of frames (docs/card-choices.md): the reader chip adds and checks it. A read
 host (a PN532 in raw mode) sends it inside its frames, encrypted with the data; the card then accepts commands and
 data frames carrying a CRC_A and answers a READ of that session with its CRC_A too (``M1Card.transceive``). Card
 profiles model the chips a fleet really holds: genuine (weak 16-bit PRNG), hardened PRNG, static nonce,
-Gen1a magic backdoor, FM11RF08S-like backdoor key.
+Gen1a magic backdoor, FM11RF08S (static encrypted nested nonces, vendor backdoor key; docs/research/static-nested.md).
 """
 
 from __future__ import annotations
 
 import enum
+import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Final
 
-from cardsim.crypto1 import Crypto1, decrypt_bytes, encrypt_bytes, odd_parity, prng_successor
+from cardsim.crypto1 import Crypto1, Word, decrypt_bytes, encrypt_bytes, odd_parity, prng_successor
 
 BLOCKS: Final = 64
 BLOCK_SIZE: Final = 16
@@ -74,6 +75,56 @@ class Profile(enum.Enum):
 # Chips that answer a wrong reader answer with an encrypted NAK when its parity bits happen to be right (genuine
 # NXP-era chips and the clones that copy them); hardened chips (EV1, FM11RF08S) stay silent.
 NACK_LEAKING: Final = frozenset({Profile.GENUINE, Profile.GEN1A, Profile.STATIC_NONCE})
+
+
+# --- FM11RF08S static nested nonces ----------------------------------------------------------------
+# The nonce of a nested authentication on an FM11RF08S is a function of a 16-bit value fixed per sector and of
+# the sector key the command names (key A for 60/64, key B for 61/65), whichever key encrypts it (ePrint 2024/1275;
+# the relation Proxmark3's tools/mfc/card_only/staticnested_2x1nt_rf08s*.c invert): from the sector's value the
+# chip's 16-bit LFSR runs 8 steps and takes in one key byte through two nibble substitutions, for each key byte
+# from the first to the last, then runs 14 more steps. The nonce is that LFSR state followed by the state 16
+# steps later, like every weak-PRNG nonce. Values are in nonce byte order; each table is packed 4 bits an entry.
+_RF08S_SUB_A: Final = sum(v << 4 * i for i, v in enumerate((0, 8, 9, 4, 6, 11, 1, 15, 12, 5, 2, 13, 10, 14, 3, 7)))
+_RF08S_SUB_B: Final = sum(v << 4 * i for i, v in enumerate((0, 13, 1, 14, 4, 10, 15, 7, 5, 3, 8, 6, 9, 2, 12, 11)))
+
+
+def _swap16(x: Word) -> Word:
+    return ((x & 0xFF) << 8) | (x >> 8)
+
+
+def lfsr16(x: Word, steps: int) -> Word:
+    """The 16-bit tag PRNG (x^16+x^14+x^13+x^11+1), state in nonce byte order, ``steps`` on (negative: back)."""
+    x = _swap16(x)
+    for _ in range(steps):
+        x = (x >> 1) | ((x ^ (x >> 2) ^ (x >> 3) ^ (x >> 5)) & 1) << 15
+    for _ in range(-steps):
+        x = ((x << 1) & 0xFFFF) | (((x >> 15) ^ (x >> 1) ^ (x >> 2) ^ (x >> 4)) & 1)
+    return _swap16(x)
+
+
+def _rf08s_key_byte(key: Word, index: int) -> Word:
+    """Key byte ``index`` (0 = first) through the substitutions: tables A, B on its nibbles, swapped every byte."""
+    byte = (key >> (8 * (5 - index))) & 0xFF
+    low, high = (_RF08S_SUB_A, _RF08S_SUB_B) if index % 2 else (_RF08S_SUB_B, _RF08S_SUB_A)
+    return ((low >> 4 * (byte & 0xF)) & 0xF) | ((high >> 4 * (byte >> 4)) & 0xF) << 4
+
+
+def fm11rf08s_nested_nonce(seed: int, key: int) -> int:
+    """The static nested nonce of an FM11RF08S sector whose 16-bit value is ``seed``, for the slot holding ``key``."""
+    x = seed
+    for index in range(6):
+        x = lfsr16(x, 8) ^ _rf08s_key_byte(key, index)
+    x = lfsr16(x, 14)
+    return int(x << 16 | lfsr16(x, 16))
+
+
+def fm11rf08s_seed(nt: int, key: Word) -> Word:
+    """The sector value behind nested nonce ``nt`` if the slot holds ``key`` (an int, or a uint64 array of
+    candidates): key A and key B of one sector give the same value, the filter the recovery uses."""
+    x: Word = lfsr16(nt >> 16, -14)
+    for index in range(5, -1, -1):
+        x = lfsr16(x ^ _rf08s_key_byte(key, index), -8)
+    return x
 
 
 @dataclass(frozen=True)
@@ -250,15 +301,31 @@ class M1Card:
         block0 = self.state.blocks[0]
         return block0[0:4], block0[5], block0[6:8]
 
-    def _next_nonce(self) -> int:
+    def _next_nonce(self, command: int, sector: int, nested: bool) -> int:
+        """The tag nonce for an authentication ``command`` to ``sector``, as the chip makes it."""
         profile = self.state.profile
-        if profile is Profile.STATIC_NONCE:
-            return STATIC_NONCE
         if profile is Profile.HARDENED:
             return int.from_bytes(self.rng(4))
+        if profile is Profile.STATIC_NONCE:
+            # The PRNG restarts from the same value at every first authentication and runs on a fixed clock, so a
+            # nested nonce lies exactly one frame's steps further each time (no reader timing in it).
+            self._nonce = prng_successor(self._nonce, PRNG_STEPS_PER_FRAME) if nested else STATIC_NONCE
+            return self._nonce
+        if profile is Profile.FM11RF08S and nested:
+            # Static encrypted nonce: fixed for the sector and the key the command names; the free-running PRNG
+            # then goes on from it (a later first authentication's nonce lies a reader-timing distance further).
+            slot_key = self.state.sector_key(sector, 0x60 if command in (0x60, 0x64) else 0x61)
+            self._nonce = fm11rf08s_nested_nonce(self._fm11rf08s_seed(sector), slot_key)
+            return self._nonce
         jitter = self.rng(1)[0] & 3  # the reader's timing is never exact
         self._nonce = prng_successor(self._nonce, PRNG_STEPS_PER_FRAME + jitter)
         return self._nonce
+
+    def _fm11rf08s_seed(self, sector: int) -> int:
+        """The sector's 16-bit nonce value. How the chip chooses it is not published (it stays the same when keys
+        change, so nonces recorded in the supply chain still serve); here it follows from the UID."""
+        digest = hashlib.blake2s(self.state.blocks[0][0:4] + bytes([sector]), digest_size=2).digest()
+        return int.from_bytes(digest)
 
     # --- frame dispatch --------------------------------------------------------------------------
 
@@ -346,7 +413,7 @@ class M1Card:
             key = BACKDOOR_KEY
         else:
             key = self.state.sector_key(sector, command)
-        nt = self._next_nonce()
+        nt = self._next_nonce(command, sector, nested)
         cipher = Crypto1.from_key(key)
         # uid^nT enters the cipher; in a nested authentication the nonce goes out encrypted with that very
         # keystream, each parity bit with the keystream bit after its byte.
