@@ -9,7 +9,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 
-from audit.chip_makers import Maker, m1_maker, read_block0
+from audit.chip_makers import Maker
 from audit.cpu_audit import CpuAudit, KeySource, audit_cpu
 from audit.findings import Report, finding
 from audit.fleet import FleetCard, fleet_view
@@ -135,16 +135,6 @@ def _shared_cpu_keys(audit: ChipAudit) -> dict[str, list[str]]:
     return shared
 
 
-def _m1_maker(m1: M1Audit, chip: M1Card | None) -> Maker | None:
-    """The M1 audit's maker (read from block 0, or SAK/ATQA); for a simulated card audited before the audit kept
-    it, read here through the card's radio interface (anticollision, block 0 with a known sector-0 key)."""
-    maker = getattr(m1, "maker", None)
-    if isinstance(maker, Maker) or chip is None:
-        return maker if isinstance(maker, Maker) else None
-    _, sak, atqa = chip.anticollision()
-    return m1_maker(read_block0(FrameSlot(chip), m1.keys), sak, atqa)
-
-
 def _maker_columns(maker: Maker | None) -> dict[str, JSONValue]:
     """The subject row's chip maker columns (the fleet view counts them)."""
     if maker is None:
@@ -178,7 +168,7 @@ def build_report(audit: ChipAudit, inputs: list[str], *, active: bool, progress:
         )
         report.findings += findings
         report.skipped += result.skipped
-    for name, m1, chip in audit.m1:
+    for name, m1, _ in audit.m1:
         if m1.uid in m1_shared:
             m1.add("M1-UNDIVERSIFIED", m1_shared[m1.uid])
         findings = m1.findings
@@ -197,7 +187,9 @@ def build_report(audit: ChipAudit, inputs: list[str], *, active: bool, progress:
                 "algorithm": "crypto-1",
                 "prng": m1.prng,
                 "keys known": f"{len(m1.keys)} of 32",
-                **_maker_columns(_m1_maker(m1, chip)),
+                "keys broken by": ", ".join(f"{how} {n}" for how, n in sorted(m1.attacks.items())),
+                "recovery seconds": round(m1.recovery_seconds, 1),
+                **_maker_columns(m1.maker),
             }
         )
         report.findings += findings

@@ -17,6 +17,7 @@ from typing import Final
 
 from audit import m1_attacks as attacks
 from audit.autopwn import ATTACK_RULES, DICTIONARY, REUSED, Autopwn, autopwn
+from audit.chip_makers import Maker, m1_maker, read_block0
 from audit.findings import Finding, finding
 from cardsim.files import JSONValue
 from cardsim.m1_issue import ISSUER_BLOCK, PURSE_SECTOR
@@ -46,6 +47,7 @@ class M1Audit:
     skipped: list[str] = field(default_factory=list)
     keys: dict[Slot, int] = field(default_factory=dict)
     recovered: dict[Slot, int] = field(default_factory=dict)
+    maker: Maker | None = None  # from block 0 (a sector-0 key known), else SAK/ATQA
     attacks: dict[str, int] = field(default_factory=dict)  # keys each attack of the chain broke
     recovery_seconds: float = 0.0
     _found: list[tuple[str, list[str], dict[str, JSONValue]]] = field(default_factory=list)
@@ -241,7 +243,10 @@ def audit_m1(
     uid, sak, atqa = chip.anticollision()
     # ATQA as readers print it (nfc-list: 00 04), most significant byte first; the card sends it LSB first
     identity = f"ATQA {atqa[::-1].hex().upper()} SAK {sak:02X}: MIFARE Classic 1K"
-    return _audit(FrameSlot(chip), chip, uid, identity, recover_all=recover_all, recovery=recovery, progress=progress)
+    result = _audit(FrameSlot(chip), chip, uid, identity, recover_all=recover_all, recovery=recovery, progress=progress)
+    result.maker = m1_maker(read_block0(FrameSlot(chip), result.keys), sak, atqa)
+    chip.power_on()
+    return result
 
 
 def audit_m1_blocks(
@@ -251,6 +256,8 @@ def audit_m1_blocks(
     value blocks, block 0; the raw-frame checks are listed as skipped. ``identity`` says how the card was
     recognised (its ATR)."""
     result = _audit(card, None, card.uid(), identity, recover_all=False, recovery=None, progress=progress)
+    block0 = read_block0(card, result.keys)  # no SAK/ATQA over Part 3: block 0 holds the card's copies
+    result.maker = None if block0 is None else m1_maker(block0, block0[5], block0[6:8])
     result.skipped.append(
         f"{result.uid}: not checked on {reader} (it passes no raw frames; a PN532 does, --pn532): "
         + "; ".join(RAW_FRAME_CHECKS)

@@ -47,6 +47,7 @@ if TYPE_CHECKING:
 DEFAULT_KEYS = "keys/fleet-keys.json"  # issuer keys that are not the published test keys: the audit tells them apart
 RUN_FILES = ["cards", "terminals", "clearing-files", "clearing.sqlite", "report.html"]
 RUN_FILES += ["audit-chips.json", "audit-reconcile.json"]
+M1_RECOVERY_SECONDS = 20.0  # a card's key-recovery budget in the demo (a weak-PRNG card falls in about 10 s)
 
 
 def register(groups: Subcommands) -> None:
@@ -126,6 +127,7 @@ def run(args: argparse.Namespace) -> int:
     from audit.fleet import FleetCard
     from audit.html import render_combined
     from audit.ledger_sources import LedgerInputError, read_cities
+    from audit.m1_audit import KeyRecovery
     from cardsim.files import write_text_atomic
     from cardsim.image import save_card
     from cardsim.keys import IssuerKeyStore
@@ -165,6 +167,8 @@ def run(args: argparse.Namespace) -> int:
         sources,
         [f"demo fleet ({len(cards)} cards)"],
         active=False,
+        # every M1 card through the whole key-recovery chain, a bounded time each (the report says when it ran out)
+        recovery=KeyRecovery(max_seconds=M1_RECOVERY_SECONDS),
     )
     bar.phase("reconciling the three cities' ledgers")
     recon = _reconcile(db_url, keys, cities, out)
@@ -430,5 +434,21 @@ def _print_chip_audit(chips: Report) -> None:
         if f.severity >= Severity.MEDIUM:
             by_rule.setdefault(f"{f.severity.label:<8} {f.id}", []).append(names.get(f.subject, f.subject))
     for rule, subjects in by_rule.items():
-        shown = ", ".join(sorted(set(subjects))[:3]) + (", ..." if len(set(subjects)) > 3 else "")
-        print(f"  {rule:<32} {len(subjects):>3}  {shown}")
+        cards = sorted(set(subjects))
+        shown = ", ".join(cards[:3]) + (", ..." if len(cards) > 3 else "")
+        print(f"  {rule:<32} {len(cards):>3} card{'s' if len(cards) > 1 else ' '}  {shown}")
+    m1 = [s for s in chips.subjects if s.get("tech") == "m1"]
+    if m1:
+        whole = sum(s.get("keys known") == "32 of 32" for s in m1)
+        broken: dict[str, int] = {}
+        for s in m1:
+            for part in str(s.get("keys broken by") or "").split(", "):
+                if part:
+                    how, n = part.rsplit(" ", 1)
+                    broken[how] = broken.get(how, 0) + int(n)
+        seconds = sum(float(str(s.get("recovery seconds") or 0)) for s in m1)
+        attacks = ", ".join(f"{how} {n} keys" for how, n in sorted(broken.items())) or "no attack needed"
+        print(
+            f"M1 key recovery: {whole} of {len(m1)} cards with all 32 keys ({attacks}; the rest from the public "
+            f"dictionary or keys broken on another card), {seconds:.1f} s"
+        )

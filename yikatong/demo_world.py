@@ -139,7 +139,8 @@ def issue_fleet(keys: IssuerKeyStore, per_city: int, rng: random.Random) -> Flee
         master = _master(keys, city)
         for i in range(per_city):
             maker = M1_MAKERS[(n + i) % len(M1_MAKERS)]
-            state = issue_m1_card(rng.randbytes(4), Profile.GENUINE, KeyScheme.DIVERSIFIED, 3000, master, city, maker)
+            # one key set for the city's whole M1 fleet, as legacy fleets had: one broken card breaks them all
+            state = issue_m1_card(rng.randbytes(4), Profile.GENUINE, KeyScheme.SHARED, 3000, master, city, maker)
             cards.append(DemoCard(f"{city}-m1-{i + 1}", city, state))
     weak = CardRequest("4510", Algorithm.SM4, 2000, 99, DAY, DAY.replace(year=2036), chip_maker="huada-ciu")
     weak_state = issue_cpu_card(keys, weak)
