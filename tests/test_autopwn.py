@@ -10,6 +10,9 @@ import sys
 from pathlib import Path
 
 from audit.autopwn import DICTIONARY, REUSED, autopwn
+from audit.chips import audit_fleet
+from audit.fleet import FleetCard
+from audit.m1_audit import KeyRecovery
 from cardsim.image import save_card
 from cardsim.m1_issue import KeyScheme, issue_m1_card
 from cardsim.mifare import M1Card, M1State, Profile
@@ -91,3 +94,37 @@ def test_cli_refuses_a_cpu_image_and_two_card_sources(tmp_path: Path) -> None:
     )  # fmt: skip
     refused = run(str(cpu))
     assert refused.returncode == 2 and "CPU card" in refused.stderr and "Traceback" not in refused.stderr
+
+
+def one_key_card(profile: Profile, seed: int, default_sector0: bool) -> tuple[M1State, int]:
+    """Every sector on one random key (A = B), sector 0 on the factory key if asked: one attack, the rest reused."""
+    rnd = random.Random(seed)
+    state = issue_m1_card(rnd.randbytes(4), profile, KeyScheme.DIVERSIFIED, 2500, rnd.randbytes(16), city="4560")
+    key = rnd.randbytes(6)
+    for sector in range(16):
+        trailer = state.blocks[sector * 4 + 3]
+        own = bytes.fromhex("FFFFFFFFFFFF") if default_sector0 and sector == 0 else key
+        state.blocks[sector * 4 + 3] = own + trailer[6:10] + own
+    return state, int.from_bytes(key)
+
+
+def test_chips_recover_keys_reports_each_attack_with_its_finding() -> None:
+    darkside, _ = one_key_card(Profile.GENUINE, 31, default_sector0=False)
+    hardened, hard_key = one_key_card(Profile.HARDENED, 32, default_sector0=True)
+    static, _ = one_key_card(Profile.STATIC_NONCE, 33, default_sector0=True)
+    backdoor, _ = one_key_card(Profile.FM11RF08S, 34, default_sector0=False)  # a whole diversified card: the bench
+    mask = (1 << 48) - (1 << 22)  # hardnested at test size: 22 bits open (the bench runs all 48)
+    named = {"darkside": darkside, "hardnested": hardened, "static": static, "backdoor": backdoor}
+    recovery = KeyRecovery(hardnested_key_bits=(mask, hard_key & mask))
+    report = audit_fleet([FleetCard(n, s) for n, s in named.items()], [], ["fleet"], active=False, recovery=recovery)
+    names = {s["subject"]: s["source"] for s in report.subjects}
+    found: dict[str, set[str]] = {}
+    for f in report.findings:
+        found.setdefault(str(names[f.subject]), set()).add(f.id)
+    assert "M1-DARKSIDE" in found["darkside"] and "M1-DEFAULT-KEY" not in found["darkside"]
+    assert "M1-HARDNESTED" in found["hardnested"]
+    assert "M1-STATIC-NESTED" in found["static"]
+    assert "M1-BACKDOOR-RECOVERY" in found["backdoor"]
+    assert all(s["keys known"] == "32 of 32" for s in report.subjects), report.subjects
+    rows = {s["source"]: s["keys broken by"] for s in report.subjects}
+    assert rows["darkside"] == "darkside 32" and rows["backdoor"] == "backdoor 32"
