@@ -1,7 +1,8 @@
-"""Benchmark: seconds per mfkey32 key, per nested-attack key and per darkside key (median over N random keys and
-cards), with the cost of the Crypto-1 state recovery alone (lfsr_recovery32) beside them, in one run.
+"""Benchmark: seconds per mfkey32 key, per nested-attack key, per darkside key and per static-nested key (median
+over N random keys and cards), whole FM11RF08S cards through the backdoor, with the cost of the Crypto-1 state
+recovery alone (lfsr_recovery32) beside them, in one run.
 
-    python3 bench/m1_attack_bench.py [--keys 20] [--hardnested-keys 5] [--hardnested-bits 30]
+    python3 bench/m1_attack_bench.py [--keys 20] [--backdoor-cards 3] [--hardnested-keys 5] [--hardnested-bits 30]
 
 Darkside stands beside Proxmark3's published figure: its client announced "Expected execution time is about
 25seconds on average" for `hf mf darkside` (RfidResearchGroup/proxmark3, client/src/mifare/mifarehost.c, from
@@ -32,6 +33,7 @@ from audit.darkside import darkside_attack
 from audit.hardnested import candidate_states, collect_nested_nonces, hardnested_attack
 from audit.m1_attacks import nested_attack
 from audit.mfkey import mfkey32
+from audit.static_nested import backdoor_recovery, static_nested_attack
 from cardsim.crypto1 import auth_trace, prng_successor
 from cardsim.m1_issue import KeyScheme, issue_m1_card, sector_keys
 from cardsim.mifare import M1Card, Profile
@@ -42,6 +44,7 @@ def main() -> None:
     parser.add_argument("--keys", type=int, default=20)
     parser.add_argument("--hardnested-keys", type=int, default=5)
     parser.add_argument("--hardnested-bits", type=int, default=30)
+    parser.add_argument("--backdoor-cards", type=int, default=3, help="whole FM11RF08S cards (30 s to 2 min each)")
     args = parser.parse_args()
     rnd = random.Random(2009)
     recovery, m32, nested, darkside = [], [], [], []
@@ -86,8 +89,39 @@ def main() -> None:
         f"{'darkside (through card)':<24} {statistics.median(darkside):>7.2f} {max(darkside):>7.2f}   "
         "Proxmark3 on the device: ~25 s on average (published)"
     )
+    static_rows(min(args.keys, 10), args.backdoor_cards)
     if args.hardnested_keys:
         hardnested_rows(args.hardnested_keys, args.hardnested_bits)
+
+
+def static_rows(keys: int, cards: int) -> None:
+    """Static nested per key on random static-nonce cards, and whole FM11RF08S cards through the backdoor."""
+    rnd = random.Random(2024)
+    static, backdoor = [], []
+    for _ in range(keys):
+        master, uid = rnd.randbytes(16), rnd.randbytes(4)
+        card = M1Card(issue_m1_card(uid, Profile.STATIC_NONCE, KeyScheme.DIVERSIFIED, 100, master), rnd.randbytes)
+        known = (3, int.from_bytes(sector_keys(KeyScheme.DIVERSIFIED, master, uid, 0)[0]), 0x60)
+        sector, key_type = rnd.randrange(1, 16), rnd.choice((0x60, 0x61))
+        expected = int.from_bytes(sector_keys(KeyScheme.DIVERSIFIED, master, uid, sector)[key_type - 0x60])
+        start = time.perf_counter()
+        if static_nested_attack(card, int.from_bytes(uid), known, (sector * 4 + 3, key_type)) != expected:
+            raise SystemExit("static nested missed a key")
+        static.append(time.perf_counter() - start)
+    for _ in range(cards):
+        master, uid = rnd.randbytes(16), rnd.randbytes(4)
+        state = issue_m1_card(uid, Profile.FM11RF08S, KeyScheme.DIVERSIFIED, 100, master)
+        start = time.perf_counter()
+        if len(backdoor_recovery(M1Card(state, rnd.randbytes), int.from_bytes(uid))) != 32:
+            raise SystemExit("the backdoor recovery missed keys")
+        backdoor.append(time.perf_counter() - start)
+    print(f"{'static nested':<24} {statistics.median(static):>7.2f} {max(static):>7.2f}   ({keys} static-nonce cards)")
+    if backdoor:
+        print(
+            f"{'FM11RF08S, whole card':<24} {statistics.median(backdoor):>7.2f} {max(backdoor):>7.2f}   "
+            f"all 32 keys through the backdoor, {cards} diversified cards "
+            f"({statistics.median(backdoor) / 32:.2f} s a key)"
+        )
 
 
 def hardnested_rows(keys: int, bits: int, rate_seconds: float = 5.0) -> None:
