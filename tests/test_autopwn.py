@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from audit.autopwn import DICTIONARY, REUSED, autopwn
 from audit.chips import audit_fleet
 from audit.fleet import FleetCard
@@ -128,3 +130,20 @@ def test_chips_recover_keys_reports_each_attack_with_its_finding() -> None:
     assert all(s["keys known"] == "32 of 32" for s in report.subjects), report.subjects
     rows = {s["source"]: s["keys broken by"] for s in report.subjects}
     assert rows["darkside"] == "darkside 32" and rows["backdoor"] == "backdoor 32"
+
+
+@pytest.mark.parametrize("profile", list(Profile))
+def test_each_profile_ends_with_all_keys_or_says_which_stage_could_not_run(profile: Profile) -> None:
+    """No default key anywhere: weak-PRNG and static chips fall to darkside, an FM11RF08S to its backdoor; a
+    hardened chip keeps its keys, and the stages say why (no leak for darkside, no known key for hardnested)."""
+    state, key = one_key_card(profile, 40 + list(Profile).index(profile), default_sector0=False)
+    result = autopwn(M1Card(state, os.urandom))
+    stages = {s.name: s for s in result.stages}
+    if profile is Profile.HARDENED:
+        assert len(result.missing) == 32
+        assert stages["darkside"].outcome == "failed" and "random" in stages["darkside"].why
+        assert stages["hardnested"].outcome == "skipped" and "known key" in stages["hardnested"].why
+    else:
+        assert not result.missing and {f.key for f in result.keys.values()} == {key}
+        first = "backdoor" if profile is Profile.FM11RF08S else "darkside"
+        assert stages[first].outcome == "ran", result.stages
