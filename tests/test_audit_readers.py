@@ -184,3 +184,44 @@ def test_a_device_that_is_no_pn532_is_a_clear_error(tmp_path: Path) -> None:
     )  # fmt: skip
     assert done.returncode == 2 and "cannot open the serial port" in done.stderr, done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_autopwn_through_the_pn532_pty_breaks_a_card_with_no_default_key(tmp_path: Path) -> None:
+    from test_autopwn import one_key_card
+
+    state, key = one_key_card(Profile.GENUINE, 51, default_sector0=False)
+    for _, pty in served_pn532(tmp_path, state):
+        done = subprocess.run(
+            [sys.executable, "-m", "yikatong.cli", "audit", "autopwn", "--pn532", pty, "--out", str(tmp_path)],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert "32 of 32 keys" in done.stdout and "darkside" in done.stdout
+    uid = state.blocks[0][:4].hex().upper()
+    assert (tmp_path / f"m1-{uid}-keys.dic").read_text() == f"{key:012X}\n"
+
+
+@pytest.mark.pcsc
+def test_autopwn_on_a_part3_reader_dumps_the_card_and_names_the_stages_it_cannot_run(tmp_path: Path) -> None:
+    assert READER in list_readers(), "run scripts/services.sh to start pcscd with vpcd"
+    state = issue_m1_card(UID, Profile.GENUINE, KeyScheme.DEFAULT, 1500, bytes(16), city="4510")  # pcscd is slow
+    image = tmp_path / "m1.json"
+    save_card(image, state)
+    reader = PcscReader(READER)
+    with ServedCard(image) as serve:
+        reader.wait_for_card(timeout=20)
+        done = subprocess.run(
+            [sys.executable, "-m", "yikatong.cli", "audit", "autopwn", "--reader", READER, "--out", str(tmp_path)],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+    assert reader.wait_for_removal(timeout=30), "pcscd still sees the M1 card after card serve stopped"
+    assert serve.returncode == 0, serve.output
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "32 of 32 keys" in done.stdout
+    for stage in ("backdoor", "darkside", "nested / static nested / hardnested"):
+        assert f"{stage}: skipped" in done.stdout and "passes no raw frames" in done.stdout, done.stdout
+    assert (tmp_path / f"m1-{UID.hex().upper()}.mfd").read_bytes() == b"".join(state.blocks)  # read through Part 3
