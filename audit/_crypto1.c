@@ -11,61 +11,15 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
-#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
-#define FA 0xD938u
-#define FB 0xF22Cu
-#define FC 0xEC57E80Au
-#define LF_POLY_ODD 0x29CE5Cu
-#define LF_POLY_EVEN 0x870804u
-#define MASK24 0xFFFFFFu
+#include "crypto1_core.h"
+
 #define SORT_BITS 11 /* the 22-bit feedback records are sorted in two passes of 11 bits */
 
-/* The non-linear filter over the 20 low bits of the odd half, fc(fb, fa, fb, fb, fa) by nibble (low nibble
- * first), for every input: a bit each (128 KiB: it stays in the cache, where computing the filter twice per
- * candidate was most of the recovery's instructions); filled once when the module is loaded. */
-static uint8_t filter_bits[1 << 17];
-
-static void fill_filter_bits(void) {
-    /* fc's input but for the low nibble's fb bit (16), from the 16 high bits; then each byte of the table,
-     * eight low nibbles, is one of 2 x 16 */
-    uint8_t bytes[16][2] = {{0}};
-    for (uint32_t rest = 0; rest < 16; rest++)
-        for (uint32_t low = 0; low < 16; low++)
-            bytes[rest][low >> 3] |= (uint8_t)(((FC >> (rest | (((FB << 4) >> low) & 16))) & 1) << (low & 7));
-    for (uint32_t high = 0; high < (1u << 16); high++) {
-        uint32_t rest = (((FA << 3) >> (high & 0xF)) & 8) | (((FB << 2) >> ((high >> 4) & 0xF)) & 4) |
-                        (((FB << 1) >> ((high >> 8) & 0xF)) & 2) | ((FA >> ((high >> 12) & 0xF)) & 1);
-        filter_bits[2 * high] = bytes[rest][0];
-        filter_bits[2 * high + 1] = bytes[rest][1];
-    }
-}
-
-/* The filter of x, from the table. */
-static inline uint32_t filter(uint32_t x) { return (filter_bits[(x & 0xFFFFF) >> 3] >> (x & 7)) & 1; }
-
 /* The filter of x (bit 0) and of x|1 (bit 1), for an even x. */
-static inline uint32_t filter_pair(uint32_t x) { return (filter_bits[(x & 0xFFFFF) >> 3] >> (x & 6)) & 3; }
-
-static inline uint32_t parity(uint32_t x) { return (uint32_t)__builtin_parity(x); }
-
-/* Bit n of a word in the order the cipher consumes it: bytes first to last, LSB first. */
-static inline uint32_t bebit(uint32_t x, int n) { return (x >> (n ^ 24)) & 1; }
-
-typedef struct {
-    uint32_t odd, even;
-} State;
-
-static inline uint32_t clock_bit(State *s, uint32_t in, int encrypted) {
-    uint32_t ks = filter(s->odd);
-    uint32_t feed = (encrypted ? ks : 0) ^ in ^ parity((LF_POLY_ODD & s->odd) ^ (LF_POLY_EVEN & s->even));
-    uint32_t odd = s->odd;
-    s->odd = ((s->even << 1) | feed) & MASK24;
-    s->even = odd;
-    return ks;
-}
+static inline uint32_t filter_pair(uint32_t x) { return (filter_table[(x & 0xFFFFF) >> 3] >> (x & 6)) & 3; }
 
 /* Clock 32 times, feeding a word in cipher order (its keystream is not wanted). */
 static void feed_word(State *s, uint32_t in, int encrypted) {
@@ -144,7 +98,7 @@ static int first_bits(List *list, uint32_t bit) {
     if (reserve_spare(list, (size_t)1 << 20)) return -1;
     size_t n = 0;
     for (uint32_t x = 0; x < (1u << 20); x++)
-        if (((filter_bits[x >> 3] >> (x & 7)) & 1) == bit) list->spare[n++] = (Half){x, 0};
+        if (filter(x) == bit) list->spare[n++] = (Half){x, 0};
     swap_spare(list, n);
     return 0;
 }
@@ -490,13 +444,18 @@ static PyObject *py_recover_states(PyObject *self, PyObject *args) {
     return Py_BuildValue("(NN)", odd, even);
 }
 
-/* The distinct keys of keys[0..n) as a Python list (sorted; n is small: the few candidates left). */
 static int compare_keys(const void *a, const void *b) {
     uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
     return (x > y) - (x < y);
 }
 
-static PyObject *key_list(uint64_t *keys, size_t n) {
+/* The distinct keys of keys[0..n) as a Python list (sorted; n is small: the few candidates left), or a
+ * MemoryError when the search that made them failed; frees keys either way. */
+static PyObject *key_list(uint64_t *keys, size_t n, int failed) {
+    if (failed) {
+        free(keys);
+        return PyErr_NoMemory();
+    }
     qsort(keys, n, sizeof(uint64_t), compare_keys);
     PyObject *list = PyList_New(0);
     for (size_t i = 0; list != NULL && i < n; i++) {
@@ -505,6 +464,7 @@ static PyObject *key_list(uint64_t *keys, size_t n) {
         if (key == NULL || PyList_Append(list, key) < 0) Py_CLEAR(list);
         Py_XDECREF(key);
     }
+    free(keys);
     return list;
 }
 
@@ -553,13 +513,7 @@ static PyObject *key_search(uint32_t ks2, uint32_t nr_enc, uint32_t fed, Explain
     }
     Py_END_ALLOW_THREADS
     free(states);
-    if (failed) {
-        free(keys);
-        return PyErr_NoMemory();
-    }
-    PyObject *list = key_list(keys, found);
-    free(keys);
-    return list;
+    return key_list(keys, found, failed);
 }
 
 static PyObject *py_mfkey32_keys(PyObject *self, PyObject *args) {
@@ -604,13 +558,7 @@ static PyObject *py_darkside_keys(PyObject *self, PyObject *args) {
     Py_BEGIN_ALLOW_THREADS
     failed = darkside_search(&l, &keys, &found);
     Py_END_ALLOW_THREADS
-    if (failed) {
-        free(keys);
-        return PyErr_NoMemory();
-    }
-    PyObject *list = key_list(keys, found);
-    free(keys);
-    return list;
+    return key_list(keys, found, failed);
 }
 
 static PyMethodDef methods[] = {
@@ -635,7 +583,7 @@ static struct PyModuleDef module = {
 };
 
 PyMODINIT_FUNC PyInit__crypto1(void) {
-    fill_filter_bits();
+    fill_filter_table();
     fill_ahead();
     return PyModule_Create(&module);
 }

@@ -1,45 +1,20 @@
 /* The hot loops of the hardnested attack (audit/hardnested.py): the sum-property counts of every half state,
  * and the brute force of (odd, even) initial states against the collected encrypted nonces, on threads.
  *
- * The state is kept as cardsim/crypto1.py keeps it (two 24-bit halves, odd- and even-indexed LFSR bits; the
- * filter reads the 20 low bits of the odd half; a clock shifts the even half left by one, puts the feedback
- * bit at bit 0 and swaps the halves). The initial state of an authentication is the key itself, so a state
- * that explains every nonce is the key.
+ * The state and its clock are those of crypto1_core.h (as cardsim/crypto1.py has them). The initial state of an
+ * authentication is the key itself, so a state that explains every nonce is the key.
  */
 
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
 #include <pthread.h>
-#include <stdint.h>
 #include <stdlib.h>
-#include <string.h>
 
-#define FA 0xD938u
-#define FB 0xF22Cu
-#define FC 0xEC57E80Au
-#define LF_POLY_ODD 0x29CE5Cu
-#define LF_POLY_EVEN 0x870804u
-#define MASK24 0xFFFFFFu
+#include "crypto1_core.h"
+
 #define MAX_FOUND 4096 /* more survivors than this means too few nonces: the caller collects more */
 #define MAX_THREADS 64
-
-/* The filter of every 20-bit input, one bit each (128 KiB, it stays in the L2 cache): one load per clock
- * instead of five nibble look-ups. Filled when the module is loaded. */
-static uint8_t filter_table[1 << 17];
-
-static uint32_t filter_slow(uint32_t x) {
-    uint32_t f = (((FB << 4) >> (x & 0xF)) & 16) | (((FA << 3) >> ((x >> 4) & 0xF)) & 8) |
-                 (((FB << 2) >> ((x >> 8) & 0xF)) & 4) | (((FB << 1) >> ((x >> 12) & 0xF)) & 2) |
-                 ((FA >> ((x >> 16) & 0xF)) & 1);
-    return (FC >> f) & 1;
-}
-
-static void fill_filter_table(void) {
-    for (uint32_t x = 0; x < (1u << 20); x++) filter_table[x >> 3] |= (uint8_t)(filter_slow(x) << (x & 7));
-}
-
-static inline uint32_t filter(uint32_t x) { return (filter_table[(x & 0xFFFFF) >> 3] >> (x & 7)) & 1; }
 
 /* The XOR of the filter outputs the 20 low bits of a half give while it takes k fed bits (k = 0..4 low bits of
  * ``fed``, first fed highest), starting with ``first`` shifts: this is the half's share of the parity of the
@@ -96,17 +71,12 @@ typedef struct {
  * encrypted parity bit checks. A wrong state fails after ~17 clocks on average (each check halves them). */
 static inline int explains(uint32_t odd, uint32_t even, const Work *w) {
     for (size_t n = 0; n < w->n_nonces; n++) {
-        uint32_t o = odd, e = even, fed = w->fed[n], target = w->targets[n], acc = 0;
+        State s = {odd, even};
+        uint32_t fed = w->fed[n], target = w->targets[n], acc = 0;
         for (int i = 0; i < 32; i++) {
-            uint32_t ks = filter(o);
-            acc ^= ks;
-            uint32_t feed = ks ^ ((fed >> (i ^ 24)) & 1) ^
-                            (uint32_t)__builtin_parity((LF_POLY_ODD & o) ^ (LF_POLY_EVEN & e));
-            uint32_t t = o;
-            o = ((e << 1) | feed) & MASK24;
-            e = t;
+            acc ^= clock_bit(&s, bebit(fed, i), 1);
             if ((i & 7) == 7) {
-                if ((acc ^ filter(o)) != ((target >> (i >> 3)) & 1)) return 0;
+                if ((acc ^ filter(s.odd)) != ((target >> (i >> 3)) & 1)) return 0;
                 acc = 0;
             }
         }
