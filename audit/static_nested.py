@@ -22,11 +22,19 @@ from collections.abc import Callable, Iterable
 
 import numpy as np
 
-from audit.crypto1_recovery import lfsr_recovery32
-from audit.m1_attacks import AttackFailed, PrngClass, _distance, classify_prng, collect_nonces, try_key
-from cardsim.crypto1 import Crypto1, bebit, encrypt_bytes, odd_parity, prng_successor
-from cardsim.mifare import BACKDOOR_KEY, Frame, fm11rf08s_seed
-from terminals.m1 import FrameSlot, M1Chip, M1Error, M1Reader, with_crc
+from audit.m1_attacks import (
+    AttackFailed,
+    PrngClass,
+    classify_prng,
+    collect_nonces,
+    key_states,
+    nested_request,
+    nonce_distance,
+    try_key,
+)
+from cardsim.crypto1 import prng_successor
+from cardsim.mifare import BACKDOOR_KEY, fm11rf08s_seed
+from terminals.m1 import FrameSlot, M1Chip, M1Error, M1Reader
 
 Progress = Callable[[str], None]
 Slot = tuple[int, int]  # (sector, 0x60|0x61)
@@ -51,20 +59,9 @@ class _Clock:
 
 def key_candidates(uid: int, nt: int, enc_nt: int, parities: tuple[int, ...]) -> np.ndarray:
     """Every key (sorted uint64) under which a nested authentication to a card ``uid`` sends nonce ``nt`` as
-    ``enc_nt`` with encrypted ``parities``; empty when the parity bits show ``nt`` is not the nonce sent.
-
-    The first three parity bits are encrypted with keystream bits inside the 32 recovered, so they only check
-    the guess of ``nt``; the fourth, encrypted with the next bit, halves the recovered states.
-    """
-    ks = enc_nt ^ nt
-    plain = nt.to_bytes(4)
-    if len(parities) != 4 or any(parities[i] ^ odd_parity(plain[i]) != bebit(ks, 8 * (i + 1)) for i in range(3)):
-        return np.array([], dtype=np.uint64)
-    states = lfsr_recovery32(ks, nt ^ uid)
-    keep = states.peek() == parities[3] ^ odd_parity(plain[3])
-    kept = Crypto1(states.odd[keep], states.even[keep])
-    kept.rollback_word(nt ^ uid)
-    return np.unique(kept.lfsr())
+    ``enc_nt`` with encrypted ``parities``; empty when the parity bits show ``nt`` is not the nonce sent."""
+    states = key_states(uid, nt, enc_nt, parities)
+    return np.array([], dtype=np.uint64) if states is None else np.unique(states.lfsr())
 
 
 def _check(
@@ -97,17 +94,6 @@ def _session(chip: M1Chip, uid: int, known: tuple[int, int, int]) -> M1Reader:
     return reader
 
 
-def _encrypted_nonce(chip: M1Chip, reader: M1Reader, target: tuple[int, int]) -> tuple[int, tuple[int, ...]]:
-    """Inside the reader's session, request an authentication to ``target`` = (block, command): the nonce the
-    card sends encrypted, and its encrypted parity bits (the reader does not go on)."""
-    assert reader.cipher is not None
-    enc, parities = encrypt_bytes(reader.cipher, with_crc(chip, bytes([target[1], target[0]])))
-    answer = chip.transceive(Frame(enc, tuple(parities)))
-    if answer is None or len(answer.data) != 4 or len(answer.parity) != 4:
-        raise AttackFailed(f"no encrypted nonce for a nested AUTH {target[1]:02X} {target[0]}")
-    return int.from_bytes(answer.data), answer.parity
-
-
 # --- static nested -------------------------------------------------------------------------------
 
 
@@ -119,7 +105,7 @@ def _static_distances(chip: M1Chip, uid: int, known: tuple[int, int, int]) -> li
     distances = []
     for _ in range(2):
         reader.authenticate(known[0], known[1], known[2])
-        distance = _distance(first, reader.last_nt)
+        distance = nonce_distance(first, reader.last_nt)
         if distance is None:
             raise AttackFailed("the nested nonces are not on the PRNG sequence of the first one")
         distances.append(distance)
@@ -156,7 +142,7 @@ def static_nested_attack(
             first = reader.last_nt
             for _ in range(depth - 1):
                 reader.authenticate(known[0], known[1], known[2])
-            enc, parities = _encrypted_nonce(chip, reader, target)
+            enc, parities = nested_request(chip, reader, target)
             guesses = range(max(0, distance - WINDOW), distance + WINDOW + 1)
             found = np.unique(
                 np.concatenate([key_candidates(uid, prng_successor(first, d), enc, parities) for d in guesses])
@@ -185,7 +171,7 @@ def _backdoor_sample(chip: M1Chip, uid: int, sector: int, key_type: int) -> tupl
     reader.authenticate(block, BACKDOOR_KEY, backdoor)
     nt = reader.last_nt
     reader = _session(chip, uid, (block, BACKDOOR_KEY, backdoor))
-    enc, parities = _encrypted_nonce(chip, reader, (block, key_type))
+    enc, parities = nested_request(chip, reader, (block, key_type))
     return nt, enc, parities
 
 
