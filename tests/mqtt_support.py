@@ -179,3 +179,34 @@ def mosquitto_pub_file(port: int, topic: str, payload: bytes, folder: Path) -> N
     command = [binary, "-h", "127.0.0.1", "-p", str(port), "-q", "1", "-t", topic, "-f", str(path)]
     done = subprocess.run(command, capture_output=True, timeout=60)
     assert done.returncode == 0, f"mosquitto_pub -f on {topic}: {done.stderr.decode(errors='replace')}"
+
+
+class MosquittoSub:
+    """An outside client: ``mosquitto_sub`` on one topic of a local broker, for one QoS 1 message."""
+
+    def __init__(self, port: int, topic: str) -> None:
+        listen = ["-d", "-p", str(port), "-q", "1", "-C", "1", "-W", "60", "-t", topic]
+        # line-buffered, so that its SUBACK line shows before the caller goes on
+        self.proc = subprocess.Popen(["stdbuf", "-oL", "mosquitto_sub", *listen], stdout=subprocess.PIPE, text=True)
+        self.output = ""
+        assert self.proc.stdout is not None
+        seen = [self.proc.stdout.readline() for _ in range(4)]  # CONNECT, CONNACK, SUBSCRIBE, SUBACK
+        assert "SUBACK" in seen[-1], seen
+
+    def payloads(self) -> list[str]:
+        """The payload lines it printed (its debug lines left out); waits until it exits on its one message
+        (-C 1) or after 60 s (-W 60). Its whole output stays in ``output`` for failure messages."""
+        assert self.proc.stdout is not None
+        self.output = self.proc.stdout.read()
+        return [line for line in self.output.splitlines() if line.startswith("{")]
+
+
+@contextlib.contextmanager
+def mosquitto_sub(port: int, topic: str) -> Iterator[MosquittoSub]:
+    """A ``MosquittoSub`` subscribed (its SUBACK seen) for the block, killed after it."""
+    sub = MosquittoSub(port, topic)
+    try:
+        yield sub
+    finally:
+        sub.proc.kill()
+        sub.proc.wait(10)
