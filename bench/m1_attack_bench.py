@@ -94,25 +94,32 @@ def main() -> None:
         hardnested_rows(args.hardnested_keys, args.hardnested_bits)
 
 
+def random_card(rnd: random.Random, profile: Profile) -> tuple[M1Card, int, tuple[int, int, int], tuple[int, int], int]:
+    """A random diversified card of ``profile``: (card, uid, its sector 0 key A as (block, key, type), a random
+    target (block, type) in sectors 1-15, the target's key)."""
+    master, uid = rnd.randbytes(16), rnd.randbytes(4)
+    card = M1Card(issue_m1_card(uid, profile, KeyScheme.DIVERSIFIED, 100, master), rnd.randbytes)
+    known = (3, int.from_bytes(sector_keys(KeyScheme.DIVERSIFIED, master, uid, 0)[0]), 0x60)
+    sector, key_type = rnd.randrange(1, 16), rnd.choice((0x60, 0x61))
+    expected = int.from_bytes(sector_keys(KeyScheme.DIVERSIFIED, master, uid, sector)[key_type - 0x60])
+    return card, int.from_bytes(uid), known, (sector * 4 + 3, key_type), expected
+
+
 def static_rows(keys: int, cards: int) -> None:
     """Static nested per key on random static-nonce cards, and whole FM11RF08S cards through the backdoor."""
     rnd = random.Random(2024)
     static, backdoor = [], []
     for _ in range(keys):
-        master, uid = rnd.randbytes(16), rnd.randbytes(4)
-        card = M1Card(issue_m1_card(uid, Profile.STATIC_NONCE, KeyScheme.DIVERSIFIED, 100, master), rnd.randbytes)
-        known = (3, int.from_bytes(sector_keys(KeyScheme.DIVERSIFIED, master, uid, 0)[0]), 0x60)
-        sector, key_type = rnd.randrange(1, 16), rnd.choice((0x60, 0x61))
-        expected = int.from_bytes(sector_keys(KeyScheme.DIVERSIFIED, master, uid, sector)[key_type - 0x60])
+        card, uid, known, target, expected = random_card(rnd, Profile.STATIC_NONCE)
         start = time.perf_counter()
-        if static_nested_attack(card, int.from_bytes(uid), known, (sector * 4 + 3, key_type)) != expected:
+        if static_nested_attack(card, uid, known, target) != expected:
             raise SystemExit("static nested missed a key")
         static.append(time.perf_counter() - start)
     for _ in range(cards):
-        master, uid = rnd.randbytes(16), rnd.randbytes(4)
-        state = issue_m1_card(uid, Profile.FM11RF08S, KeyScheme.DIVERSIFIED, 100, master)
+        master, uid_bytes = rnd.randbytes(16), rnd.randbytes(4)
+        state = issue_m1_card(uid_bytes, Profile.FM11RF08S, KeyScheme.DIVERSIFIED, 100, master)
         start = time.perf_counter()
-        if len(backdoor_recovery(M1Card(state, rnd.randbytes), int.from_bytes(uid))) != 32:
+        if len(backdoor_recovery(M1Card(state, rnd.randbytes), int.from_bytes(uid_bytes))) != 32:
             raise SystemExit("the backdoor recovery missed keys")
         backdoor.append(time.perf_counter() - start)
     print(f"{'static nested':<24} {statistics.median(static):>7.2f} {max(static):>7.2f}   ({keys} static-nonce cards)")
@@ -131,28 +138,20 @@ def hardnested_rows(keys: int, bits: int, rate_seconds: float = 5.0) -> None:
     threads = len(os.sched_getaffinity(0))
     test_size, collect, full, rates, idle_rates, projected = [], [], [], [], [], []
     for _ in range(keys):
-        master, uid = rnd.randbytes(16), rnd.randbytes(4)
-        card = M1Card(issue_m1_card(uid, Profile.HARDENED, KeyScheme.DIVERSIFIED, 100, master), rnd.randbytes)
-        known = (3, int.from_bytes(sector_keys(KeyScheme.DIVERSIFIED, master, uid, 0)[0]), 0x60)
-        sector, key_type = rnd.randrange(1, 16), rnd.choice((0x60, 0x61))
-        expected = int.from_bytes(sector_keys(KeyScheme.DIVERSIFIED, master, uid, sector)[key_type - 0x60])
-        target = (sector * 4 + 3, key_type)
+        card, uid, known, target, expected = random_card(rnd, Profile.HARDENED)
         mask = (1 << 48) - 1 - sum(1 << b for b in rnd.sample(range(48), bits))
         start = time.perf_counter()
-        if (
-            hardnested_attack(card, int.from_bytes(uid), known, target, known_key_bits=(mask, expected & mask))
-            != expected
-        ):
+        if hardnested_attack(card, uid, known, target, known_key_bits=(mask, expected & mask)) != expected:
             raise SystemExit("hardnested missed a key")
         test_size.append(time.perf_counter() - start)
 
         start = time.perf_counter()
-        nonces = collect_nested_nonces(card, int.from_bytes(uid), known, target)
+        nonces = collect_nested_nonces(card, uid, known, target)
         collect.append(time.perf_counter() - start)
         pairs = candidate_states(nonces)
         space = sum(len(odd) * len(even) for odd, even in pairs)
         odd, even = max(pairs, key=lambda pair: len(pair[0]) * len(pair[1]))
-        fed, targets = nonces.checks(int.from_bytes(uid))
+        fed, targets = nonces.checks(uid)
         done, start, cpu = 0, time.perf_counter(), time.process_time()
         step = max(1, (1 << 24) // len(even))
         for i in range(0, len(odd), step):
