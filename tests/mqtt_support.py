@@ -10,6 +10,7 @@ import secrets
 import shutil
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -210,3 +211,17 @@ def mosquitto_sub(port: int, topic: str) -> Iterator[MosquittoSub]:
     finally:
         sub.proc.kill()
         sub.proc.wait(10)
+
+
+def terminal_purchase(command: str, device: list[str], number: str, state: Path, port: int) -> None:
+    """``yikatong terminal tap|run`` (``command``) on ``device`` (``--reader NAME`` or ``--pn532 PTY``): one
+    2.00 yuan bus fare in city 4560 as terminal ``number``, publishing to the broker on ``port``; asserts that it
+    charged a 30.00 yuan card."""
+    tap = ["terminal", command, *device, "--city", "4560", "--kind", "bus", "--fare", "200"]
+    options = ["--terminal", number, "--state", str(state), "--broker", f"mqtt://127.0.0.1:{port}"]
+    options += ["--count", "1"] if command == "run" else []
+    done = subprocess.run(
+        [sys.executable, "-m", "yikatong.cli", *tap, *options], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "OK       purchase card" in done.stdout and "-2.00 -> 28.00 yuan" in done.stdout, done.stdout

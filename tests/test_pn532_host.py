@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from mqtt_support import mosquitto_sub, private_mosquitto, unique_terminal
+from mqtt_support import mosquitto_sub, private_mosquitto, terminal_purchase, unique_terminal
 from test_pn532 import serve_image
 
 from audit.m1_attacks import PrngClass, classify_prng, collect_nonces, has_gen1a_backdoor, nested_attack
@@ -455,14 +455,7 @@ def test_terminal_on_the_pn532_charges_the_served_card_and_publishes(tmp_path: P
     ):
         with contextlib.closing(serve_image(tmp_path, issued)) as served:  # serves it from the same file
             _, pty = next(served)
-            tap = ["terminal", command, "--pn532", pty, "--city", "4560", "--kind", "bus", "--fare", "200"]
-            options = ["--terminal", number, "--state", str(state), "--broker", f"mqtt://127.0.0.1:{broker.port}"]
-            options += ["--count", "1"] if command == "run" else []
-            done = subprocess.run(
-                [sys.executable, "-m", "yikatong.cli", *tap, *options], capture_output=True, text=True, timeout=120
-            )
-        assert done.returncode == 0, done.stdout + done.stderr
-        assert "OK       purchase card" in done.stdout and "-2.00 -> 28.00 yuan" in done.stdout, done.stdout
+            terminal_purchase(command, ["--pn532", pty], number, state, broker.port)
         payloads = sub.payloads()
     assert len(payloads) == 1, sub.output
     record = json.loads(payloads[0])
