@@ -309,9 +309,10 @@ class FleetView:
 
 
 def _key_seconds(findings: Sequence[Finding]) -> float | None:
-    """How fast the card's first key fell: 0 when a dictionary key opens a sector, else the fastest attack's
-    seconds (a finding's ``seconds`` detail), None when no key fell."""
-    if any(f.id == "M1-DEFAULT-KEY" for f in findings):
+    """How fast the card's first key fell: 0 when a dictionary key opens a sector or its keys are another card's
+    (known before it was touched), else the fastest attack's seconds (a finding's ``seconds`` detail), None when
+    no key fell."""
+    if any(f.id in ("M1-DEFAULT-KEY", "M1-UNDIVERSIFIED") for f in findings):
         return 0.0
     seconds = [float(s) for f in findings if isinstance(s := f.details.get("seconds"), int | float)]
     return min(seconds, default=None)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import enum
 import statistics
-from collections.abc import Iterable
+from collections.abc import Container, Iterable, Iterator
 from typing import Final
 
 import numpy as np
@@ -65,15 +65,23 @@ def dictionary_attack(
     slot: M1Slot, keys: Iterable[int] = DEFAULT_KEYS, sectors: Iterable[int] = range(16)
 ) -> dict[tuple[int, int], int]:
     """(sector, 0x60|0x61) -> key for every sector key found in ``keys``."""
-    found: dict[tuple[int, int], int] = {}
+    return dict(dictionary_hits(slot, keys, sectors))
+
+
+def dictionary_hits(
+    slot: M1Slot, keys: Iterable[int], sectors: Iterable[int] = range(16), skip: Container[tuple[int, int]] = ()
+) -> Iterator[tuple[tuple[int, int], int]]:
+    """Each (sector, 0x60|0x61) and the key of ``keys`` that opens it, as soon as it is found (a caller keeps
+    what fell even if the card leaves later); slots in ``skip`` are not tried."""
     candidates = list(keys)
     for sector in sectors:
         for key_type in (0x60, 0x61):
+            if (sector, key_type) in skip:
+                continue
             for key in candidates:
                 if try_key(slot, sector * 4 + 3, key, key_type):
-                    found[(sector, key_type)] = key
+                    yield (sector, key_type), key
                     break
-    return found
 
 
 def collect_nonces(link: M1Link, count: int, block: int = 3) -> list[int]:

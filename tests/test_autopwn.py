@@ -11,13 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from audit.autopwn import DICTIONARY, REUSED, autopwn
+from audit.autopwn import DICTIONARY, REUSED, TRAILER, autopwn
 from audit.chips import audit_fleet
 from audit.fleet import FleetCard
 from audit.m1_audit import KeyRecovery
 from cardsim.image import save_card
 from cardsim.m1_issue import KeyScheme, issue_m1_card
-from cardsim.mifare import M1Card, M1State, Profile
+from cardsim.mifare import TRANSPORT_ACCESS, Frame, M1Card, M1State, Profile
+from terminals.m1 import M1Gone
 
 SEED = 20
 
@@ -147,3 +148,55 @@ def test_each_profile_ends_with_all_keys_or_says_which_stage_could_not_run(profi
         assert not result.missing and {f.key for f in result.keys.values()} == {key}
         first = "backdoor" if profile is Profile.FM11RF08S else "darkside"
         assert stages[first].outcome == "ran", result.stages
+
+
+class LeavingCard:
+    """An M1 card that leaves the field (M1Gone) after ``fields`` power-ups."""
+
+    def __init__(self, card: M1Card, fields: int) -> None:
+        self.card, self.fields = card, fields
+
+    @property
+    def host_crc(self) -> bool:
+        return False
+
+    def power_on(self) -> None:
+        self.fields -= 1
+        if self.fields < 0:
+            raise M1Gone("no card in the field")
+        self.card.power_on()
+
+    def anticollision(self) -> tuple[bytes, int, bytes]:
+        return self.card.anticollision()
+
+    def transceive(self, frame: Frame) -> Frame | None:
+        return self.card.transceive(frame)
+
+
+def test_a_card_that_leaves_mid_chain_keeps_the_keys_found_and_says_so() -> None:
+    state = slipshod_card()
+    result = autopwn(LeavingCard(M1Card(state, os.urandom), 60))  # type: ignore[arg-type]
+    assert {(0, 0x60), (0, 0x61)} <= set(result.keys) and result.missing
+    assert result.stages[-1].name == "card" and "no card in the field" in result.stages[-1].why
+
+
+def test_key_b_readable_in_a_trailer_is_read_once_key_a_falls_to_an_attack() -> None:
+    state = slipshod_card()
+    trailer = state.blocks[23]  # sector 5: its own keys, and key B readable (transport access bits)
+    state.blocks[23] = bytes.fromhex("A1A2A3A4A5A6") + TRANSPORT_ACCESS + bytes.fromhex("B1B2B3B4B5B6")
+    assert trailer != state.blocks[23]
+    result = autopwn(M1Card(state, os.urandom))
+    assert result.keys[(5, 0x60)].how == "nested" and result.keys[(5, 0x61)].how == TRAILER
+    assert result.keys[(5, 0x61)].key == 0xB1B2B3B4B5B6 and not result.missing
+
+
+def test_a_backdoor_slot_that_cannot_fall_is_listed_and_the_other_sectors_still_tried() -> None:
+    state, key = one_key_card(Profile.FM11RF08S, 60, default_sector0=False)
+    trailer = state.blocks[7]  # sector 1: its own keys, key B readable data (the chip refuses it as a key)
+    state.blocks[7] = bytes.fromhex("C1C2C3C4C5C6") + TRANSPORT_ACCESS + bytes.fromhex("D1D2D3D4D5D6")
+    assert trailer != state.blocks[7]
+    result = autopwn(M1Card(state, os.urandom))
+    stage = next(s for s in result.stages if s.name == "backdoor")
+    assert "budget" not in stage.why
+    assert result.keys[(1, 0x61)].how == TRAILER  # read with key A, not broken
+    assert not result.missing and result.keys[(15, 0x60)].key == key
