@@ -27,8 +27,8 @@ FIELD_CYCLES_PER_NONCE = 64  # a genuine chip gives the wanted nT again after ~4
 ROUNDS = 3  # {nR} prefixes tried before giving up (each round's search is exhaustive: a miss means bad data)
 _COMMON_PARITY = 0b111  # the parity bits of {nR}'s first 3 bytes: the same for every variant
 # The plaintext of the leaked NAK: a genuine chip answers 0x5 (transmission error; Garcia et al. 2009, section 3.1,
-# and Proxmark3's darkside), the card model (cardsim/mifare.py) answers 0x4. Both are tried: the wrong one
-# explains none of the leaks.
+# and Proxmark3's darkside), as the card model (cardsim/mifare.py NAK_TRANSMISSION) does; some chips are reported
+# to answer 0x4. Both are tried, 0x5 first: the wrong one explains none of the leaks.
 NAK_CODES = (0x5, 0x4)
 
 

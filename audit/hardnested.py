@@ -238,7 +238,8 @@ def hardnested_attack(
         f"2^{math.log2(space):.1f} states left of 2^{48 - (known_key_bits or (0, 0))[0].bit_count()}"
     )
     fed, targets = nonces.checks(uid)
-    threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    threads = min(cores, 64)  # the C brute force takes at most 64 threads
     done, rate, started = 0, 0.0, time.monotonic()
     for odd, even in pairs:
         step = max(1, min(len(odd), int((rate or 2e7) * CHUNK_SECONDS) // len(even)))
@@ -247,7 +248,7 @@ def hardnested_attack(
             if deadline is not None and time.monotonic() > deadline:
                 left = (space - done) / rate if rate else float("inf")
                 raise AttackFailed(
-                    f"budget of {max_seconds} s ran out: brute-forced {done / space:.1%} of 2^{math.log2(space):.1f} "
+                    f"budget of {max_seconds:g} s ran out: brute-forced {done / space:.1%} of 2^{math.log2(space):.1f} "
                     f"states at {rate / 1e6:.1f} M/s, ~{left:.0f} s more needed"
                 )
             chunk = odd[i : i + step]

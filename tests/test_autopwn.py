@@ -200,3 +200,17 @@ def test_a_backdoor_slot_that_cannot_fall_is_listed_and_the_other_sectors_still_
     assert "budget" not in stage.why
     assert result.keys[(1, 0x61)].how == TRAILER  # read with key A, not broken
     assert not result.missing and result.keys[(15, 0x60)].key == key
+
+
+def test_cli_keys_file_is_tried_before_any_attack_and_a_bad_line_is_named(tmp_path: Path) -> None:
+    state, key = one_key_card(Profile.HARDENED, 70, default_sector0=False)  # no attack could break it here
+    image = tmp_path / "m1.json"
+    save_card(image, state)
+    keys = tmp_path / "keys.dic"
+    keys.write_text(f"# from another card\nFFFFFFFFFFFF\n\n{key:012X}\n")
+    command = [sys.executable, "-m", "yikatong.cli", "audit", "autopwn", str(image), "--out", str(tmp_path)]
+    done = subprocess.run([*command, "--keys", str(keys)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "fleet key" in done.stdout, done.stdout + done.stderr
+    keys.write_text("FFFFFFFFFFFF\nnot a key\n")
+    bad = subprocess.run([*command, "--keys", str(keys)], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "keys.dic:2" in bad.stderr, bad.stderr

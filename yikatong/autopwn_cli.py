@@ -44,6 +44,13 @@ def register(sub: Subcommands) -> None:
         type=seconds,
         help="time budget for the whole chain; keys found before it runs out are kept (default: none)",
     )
+    autopwn.add_argument(
+        "--keys",
+        type=file_path,
+        metavar="FILE",
+        help="keys found elsewhere (one 12-hex-digit key a line, '#' comments; e.g. another card's m1-UID-keys.dic), "
+        "tried after the public dictionary and before any attack",
+    )
     autopwn.add_argument("--out", type=file_path, default=Path("."), help="folder for the dump and keys (default .)")
     autopwn.add_argument(
         "--card-wait", type=seconds, default=10.0, help="--pn532/--reader: seconds to wait for a card (default 10)"
@@ -59,6 +66,7 @@ def _autopwn(args: argparse.Namespace) -> int:
     sources = [args.image is not None, args.pn532 is not None, args.reader is not None]
     if sum(sources) != 1:
         raise CliError("give one card: an M1 image, --pn532 DEVICE or --reader NAME")
+    args.fleet_keys = _read_keys(args.keys) if args.keys is not None else ()
     from audit.m1_attacks import AttackFailed
     from terminals.m1 import M1Gone
 
@@ -82,7 +90,8 @@ def _on_image(args: argparse.Namespace) -> Autopwn:
     state = load_image(args.image)
     if not isinstance(state, M1State):
         raise CliError(f"{args.image} is a CPU card; autopwn is for MIFARE Classic")
-    return autopwn(M1Card(state, os.urandom), max_seconds=args.max_seconds, progress=_progress)
+    card = M1Card(state, os.urandom)
+    return autopwn(card, max_seconds=args.max_seconds, fleet_keys=args.fleet_keys, progress=_progress)
 
 
 def _on_pn532(args: argparse.Namespace) -> Autopwn:
@@ -90,7 +99,7 @@ def _on_pn532(args: argparse.Namespace) -> Autopwn:
     from yikatong.devices import pn532_with_card
 
     with pn532_with_card(args.pn532, args.card_wait) as link:
-        return autopwn(link, max_seconds=args.max_seconds, progress=_progress)
+        return autopwn(link, max_seconds=args.max_seconds, fleet_keys=args.fleet_keys, progress=_progress)
 
 
 def _on_reader(args: argparse.Namespace) -> Autopwn:
@@ -108,11 +117,29 @@ def _on_reader(args: argparse.Namespace) -> Autopwn:
         name = storage_card_name(atr)
         if name != CLASSIC_1K:
             raise CliError(f"the card on {reader.name} is {'a CPU card' if name is None else name}: not a Classic 1K")
-        return autopwn_blocks(Part3Slot(reader), f"PC/SC reader {reader.name}", progress=_progress)
+        where = f"PC/SC reader {reader.name}"
+        return autopwn_blocks(Part3Slot(reader), where, fleet_keys=args.fleet_keys, progress=_progress)
     except TransactionError as err:
         raise CliError(str(err)) from err
     finally:
         reader.disconnect()
+
+
+def _read_keys(path: Path) -> tuple[int, ...]:
+    """A keys file: one 12-hex-digit key a line; blank lines and '#' comments ignored. CliError names a bad line."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise CliError(f"{path}: cannot read the keys file ({err})") from err
+    keys = []
+    for number, line in enumerate(lines, 1):
+        text = line.split("#", 1)[0].strip()
+        if not text:
+            continue
+        if len(text) != 12 or any(c not in "0123456789abcdefABCDEF" for c in text):
+            raise CliError(f"{path}:{number}: a key is 12 hex digits, not {text[:40]!r}")
+        keys.append(int(text, 16))
+    return tuple(keys)
 
 
 def _finish(result: Autopwn, out: Path) -> int:
