@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import os
+import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
@@ -217,12 +218,18 @@ def audit_fleet(
     progress: Progress = lambda _: None,
 ) -> Report:
     """Audit every card of a fleet (simulated cards) and build the report; ``recovery``: the whole key-recovery
-    chain on each M1 card (``audit chips --recover-keys``)."""
+    chain on each M1 card (``audit chips --recover-keys``), each card's budget cut to what is left of the fleet's
+    (``KeyRecovery.fleet_seconds``) when one is set."""
     audit = ChipAudit()
     cards = list(cards)
+    start = time.monotonic()
     for i, card in enumerate(cards, 1):
         progress(f"[{i}/{len(cards)}] {card.name}")
+        budget = recovery
+        if recovery is not None and recovery.fleet_seconds is not None:
+            left = max(0.0, recovery.fleet_seconds - (time.monotonic() - start))
+            budget = replace(recovery, max_seconds=min(recovery.max_seconds or left, left))
         audit_image_card(
-            card, sources, audit, active=active, recover_all=recover_all, progress=progress, recovery=recovery
+            card, sources, audit, active=active, recover_all=recover_all, progress=progress, recovery=budget
         )
     return build_report(audit, inputs, active=active, progress=progress)

@@ -70,6 +70,7 @@ class KeyRecovery:
     report)."""
 
     max_seconds: float | None = None
+    fleet_seconds: float | None = None  # a whole fleet's budget (audit_fleet cuts each card's to what is left)
     fleet_keys: tuple[int, ...] = ()
     hardnested_key_bits: tuple[int, int] | None = None
 
