@@ -113,7 +113,7 @@ def _take_autopwn(result: M1Audit, pwn: Autopwn) -> None:
         if stage.outcome != "ran":
             result.skipped.append(f"{result.uid}: key recovery, {stage.name} {stage.outcome}: {stage.why}")
     if pwn.missing:
-        result.skipped.append(f"{result.uid}: {len(pwn.missing)} of 32 keys not recovered")
+        result.skipped.append(f"{result.uid}: key recovery left {len(pwn.missing)} of 32 keys unknown")
 
 
 def _slot_name(slot: Slot) -> str:
