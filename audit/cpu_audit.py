@@ -3,7 +3,8 @@
 What a reviewer with a reader and the issuer's keys can do: read the algorithm id, check whose keys the card
 holds from the MAC1 that INITIALIZE FOR LOAD returns (no money moves), draw challenges, and, with ``active``,
 probe the purse: a DEBIT with a wrong MAC1, a replayed DEBIT, the counter across purchases, power cuts at every
-write (when the reader can cut power: a tearing rig) and, last because it locks the card, the MAC lockout.
+write of a metro DEBIT (when the reader can cut power: a tearing rig), each judged on everything the DEBIT touches
+against what the spec says it must write, and, last because it locks the card, the MAC lockout.
 Active probes spend at most a few fen of the card's balance.
 """
 
@@ -25,8 +26,10 @@ from cardsim.commands import Debit, Initialize, InitializeAnswer, InitKind
 from cardsim.crypto import Algorithm, BlockKey
 from cardsim.files import JSONValue
 from cardsim.keys import IssuerKeyStore
-from cardsim.purse import TYPE_LOAD, TYPE_PURCHASE
+from cardsim.log_record import LogRecord
+from cardsim.purse import SFI_LOG, SFI_TRIPS, TYPE_COMPOUND, TYPE_LOAD, TYPE_PURCHASE
 from terminals.flows import TransactionError, select_purse
+from terminals.metro import trip_record
 from terminals.reader import CardGone, Reader
 
 AUDIT_TERMINAL: Final = bytes.fromhex("A0D100000001")  # the reviewer's terminal number in DEBIT and its MAC1
@@ -38,6 +41,8 @@ a good card is flagged about once in a million audits."""
 POWER_UPS: Final = 4
 LOCKOUT_TRIES: Final = 10
 TEAR_POINTS: Final = 16
+TRIP_SINGLE: Final = 0x06
+"""The tearing probe's trip record type (spec card.md: 06 single): no gate reads it as an open metro entry."""
 
 
 class TearingRig(Protocol):
@@ -63,6 +68,7 @@ class CardKeys:
     diversified: bool
     load_key: bytes
     purchase: BlockKey
+    tac: BlockKey | None  # None when the key set holds no TAC key: the tearing probe then checks MAC2 alone
 
 
 @dataclass
@@ -111,22 +117,33 @@ def _sw(answer: bytes) -> int:
     return split_response(answer)[1]
 
 
-def _initialize(card: _Traced, load: bool, amount: int) -> InitializeAnswer | int:
-    """INITIALIZE FOR LOAD/PURCHASE; the decoded answer, or the status word when refused."""
-    command = Initialize(InitKind.LOAD if load else InitKind.PURCHASE, amount, AUDIT_TERMINAL)
+def _initialize(card: _Traced, kind: InitKind, amount: int) -> InitializeAnswer | int:
+    """INITIALIZE FOR LOAD/PURCHASE/COMPOUND; the decoded answer, or the status word when refused."""
+    command = Initialize(kind, amount, AUDIT_TERMINAL)
     data, sw = split_response(card.transmit(command.to_apdu()))
-    if sw != SW.OK or len(data) != command.kind.answer_length:
+    if sw != SW.OK or len(data) != kind.answer_length:
         return sw
-    return InitializeAnswer.from_bytes(data, load)
+    return InitializeAnswer.from_bytes(data, kind is InitKind.LOAD)
 
 
-def _debit_apdu(init: InitializeAnswer, purchase_key: BlockKey | None, seq: int, spoil: bool = False) -> bytes:
+def _session(purchase_key: BlockKey, init: InitializeAnswer, seq: int) -> BlockKey:
+    """The purchase session key of a DEBIT with terminal sequence ``seq`` after ``init``."""
+    return crypto.session_key(purchase_key, crypto.purchase_key_input(init.random, init.counter, seq))
+
+
+def _debit_apdu(
+    init: InitializeAnswer,
+    purchase_key: BlockKey | None,
+    seq: int,
+    spoil: bool = False,
+    txn_type: int = TYPE_PURCHASE,
+    when: dt.datetime = AUDIT_TIME,
+) -> bytes:
     """DEBIT FOR PURCHASE of 1 fen after ``init``; MAC1 from the key, or zeros (spoilt) without one."""
-    date, time = bcd_date(AUDIT_TIME), bcd_time(AUDIT_TIME)
+    date, time = bcd_date(when), bcd_time(when)
     mac1 = bytes(4)
     if purchase_key is not None:
-        sk = crypto.session_key(purchase_key, crypto.purchase_key_input(init.random, init.counter, seq))
-        mac1 = sk.mac(crypto.purchase_mac1_data(1, TYPE_PURCHASE, AUDIT_TERMINAL, date, time))
+        mac1 = _session(purchase_key, init, seq).mac(crypto.purchase_mac1_data(1, txn_type, AUDIT_TERMINAL, date, time))
     if spoil:
         mac1 = bytes(b ^ 0xFF for b in mac1)
     return Debit(seq, date, time, mac1).to_apdu()
@@ -146,8 +163,75 @@ def identify_keys(init: InitializeAnswer, card_serial: bytes, city: str, sources
             sk = crypto.session_key(BlockKey(alg, load_key), crypto.load_key_input(init.random, init.counter))
             if sk.mac(data) == init.mac1:
                 purchase = crypto.diversify(alg, key_set.purchase, card_serial) if diversified else key_set.purchase
-                return CardKeys(source, diversified, load_key, BlockKey(alg, purchase))
+                tac = None
+                if key_set.tac is not None:
+                    dtk = crypto.diversify(alg, key_set.tac, card_serial) if diversified else key_set.tac
+                    tac = crypto.tac_key(alg, dtk)
+                return CardKeys(source, diversified, load_key, BlockKey(alg, purchase), tac)
     return None
+
+
+# The parts of the card a DEBIT writes, as the tearing probe reads them back.
+BALANCE: Final = "balance"
+COUNTER: Final = "offline counter"
+LOG: Final = "newest log record"
+PROOF: Final = "transaction proof"
+TRIP: Final = "newest trip record"
+
+
+def _audit_trip(balance_after: int, when: dt.datetime, city: str) -> bytes:
+    """The trip record the tearing probe's metro DEBIT carries: a 1-fen single journey at the audit terminal."""
+    return trip_record(TRIP_SINGLE, AUDIT_TERMINAL, "AUD", "0", 1, balance_after, when, city, AUDIT_TERMINAL)
+
+
+def _expected_debit(
+    old: dict[str, str], init: InitializeAnswer, keys: CardKeys, seq: int, when: dt.datetime, trip: bytes
+) -> dict[str, str]:
+    """What a 1-fen metro DEBIT must leave (spec card.md), from the state before it: balance - 1, counter + 1, a
+    log record of the DEBIT, the MAC2 | TAC of the DEBIT for its counter, the trip record it carried."""
+    date, time = bcd_date(when), bcd_time(when)
+    mac2 = _session(keys.purchase, init, seq).mac(crypto.purchase_mac2_data(1))
+    tac = b""
+    if keys.tac is not None:
+        tac = keys.tac.mac(crypto.purchase_tac_data(1, TYPE_COMPOUND, AUDIT_TERMINAL, seq, date, time))
+    record = LogRecord(init.counter, 1, TYPE_COMPOUND, AUDIT_TERMINAL, date, time).to_bytes()
+    return {
+        BALANCE: str(int(old[BALANCE]) - 1),
+        COUNTER: str(int(old[COUNTER]) + 1),
+        LOG: record.hex().upper(),
+        PROOF: (mac2 + tac).hex().upper(),
+        TRIP: trip.hex().upper(),
+    }
+
+
+def _judge(
+    old: dict[str, str], expected: dict[str, str], after: dict[str, str], unjudged: frozenset[str]
+) -> dict[str, list[str]]:
+    """The parts a DEBIT changes, sorted by what they hold after a cut: the 'old' value, the 'new' one, or
+    'neither'."""
+    verdict: dict[str, list[str]] = {"old": [], "new": [], "neither": []}
+    for part, value in after.items():
+        if part in unjudged or expected[part] == old[part]:
+            continue  # such a part cannot tell the old state from the new
+        side = "new" if value == expected[part] else "old" if value == old[part] else "neither"
+        verdict[side].append(part)
+    return verdict
+
+
+def _tearing_evidence(
+    writes: int,
+    old: dict[str, str],
+    expected: dict[str, str],
+    after: dict[str, str],
+    verdict: dict[str, list[str]],
+    unjudged: frozenset[str],
+) -> list[str]:
+    """The lines that show a mixed state: which parts are old and which new at this tear point, then each part."""
+    sides = "; ".join(f"{side}: {', '.join(parts)}" for side, parts in verdict.items() if parts)
+    lines = [f"power cut after {writes} writes of the DEBIT leaves a mix ({sides}), expected all old or all new"]
+    lines += [f"{part}: before {old[part]}, spec's new {expected[part]}, after the cut {after[part]}" for part in after]
+    lines += [f"{part} not judged: it does not step on this card (CPU-COUNTER)" for part in sorted(unjudged)]
+    return lines
 
 
 def chi_square(data: bytes) -> float:
@@ -172,18 +256,48 @@ class _Probe:
         self.card.connect()
         select_purse(self.card)
 
-    def begin_purchase(self) -> InitializeAnswer:
-        """A clean session and INITIALIZE FOR PURCHASE of 1 fen; TransactionError when the card refuses."""
+    def begin_purchase(self, kind: InitKind = InitKind.PURCHASE) -> InitializeAnswer:
+        """A clean session and INITIALIZE FOR PURCHASE (or COMPOUND) of 1 fen; TransactionError when the card
+        refuses."""
         self.fresh()
-        init = _initialize(self.card, False, 1)
+        init = _initialize(self.card, kind, 1)
         if isinstance(init, int):
-            raise TransactionError("INITIALIZE FOR PURCHASE", f"answered {init:04X}", init)
+            raise TransactionError(f"INITIALIZE FOR {kind.name}", f"answered {init:04X}", init)
         return init
 
     def state(self) -> tuple[int, int]:
         """(balance, offline counter) from an INITIALIZE FOR PURCHASE that is never completed."""
         init = self.begin_purchase()
         return init.balance, init.counter
+
+    def read(self, apdu: bytes, what: str) -> bytes:
+        """The data of a read command; empty when the card holds no such record (6A83)."""
+        data, sw = split_response(self.card.transmit(apdu))
+        if sw == SW.RECORD_NOT_FOUND:
+            return b""
+        if sw != SW.OK:
+            raise TransactionError(what, f"answered {sw:04X}", sw)
+        return data
+
+    def debit_state(self, proof_counter: int | None, tac_known: bool) -> dict[str, str]:
+        """Everything a metro DEBIT touches, read in a clean session, as the evidence prints it: the balance
+        (GET BALANCE), the offline counter (an INITIALIZE never completed), the newest log and trip records and
+        the transaction proof (GET TRANSACTION PROVE) for ``proof_counter`` (None: the counter just read)."""
+        init = self.begin_purchase()
+        counter = init.counter if proof_counter is None else proof_counter
+        balance = self.read(commands.get_balance(), "GET BALANCE")
+        log = self.read(commands.read_record(SFI_LOG, 1), "READ RECORD (transaction log)")
+        trip = self.read(commands.read_record(SFI_TRIPS, 1), "READ RECORD (trip log)")
+        proof = self.read(commands.get_transaction_prove(TYPE_COMPOUND, counter), "GET TRANSACTION PROVE")
+        if not tac_known:
+            proof = proof[:4]  # MAC2 alone: without the TAC key the TAC cannot be computed
+        return {
+            BALANCE: str(int.from_bytes(balance)),
+            COUNTER: str(init.counter),
+            LOG: log.hex().upper() or "none",
+            PROOF: proof.hex().upper() or "none",
+            TRIP: trip.hex().upper() or "none",
+        }
 
     def purchase(self, key: BlockKey, seq: int) -> tuple[bytes, bytes]:
         """A 1-fen purchase: (the DEBIT APDU, the card's answer)."""
@@ -194,10 +308,10 @@ class _Probe:
 
     def algorithm_and_keys(self, sources: list[KeySource], card_serial: bytes) -> None:
         self.fresh()
-        init = _initialize(self.card, True, 1)
+        init = _initialize(self.card, InitKind.LOAD, 1)
         if isinstance(init, int):
             self.result.skipped.append(f"{self.result.serial}: key check: INITIALIZE FOR LOAD answered {init:04X}")
-            init = _initialize(self.card, False, 0)
+            init = _initialize(self.card, InitKind.PURCHASE, 0)
             if isinstance(init, int):
                 raise TransactionError("INITIALIZE FOR PURCHASE", f"answered {init:04X}", init)
             evidence = self.card.take()
@@ -254,7 +368,7 @@ class _Probe:
     def wrong_mac1(self) -> None:
         balance, _ = self.state()
         self.fresh()
-        init = _initialize(self.card, False, 1)
+        init = _initialize(self.card, InitKind.PURCHASE, 1)
         if isinstance(init, int):
             self.result.skipped.append(f"{self.result.serial}: wrong-MAC1 probe: INITIALIZE answered {init:04X}")
             return
@@ -275,8 +389,8 @@ class _Probe:
         if _sw(first) == SW.OK and _sw(again) == SW.OK:
             self.add("CPU-REPLAY", [*evidence, f"balance {before} -> {after} fen for one 1-fen purchase"])
 
-    def counter(self, key: BlockKey) -> tuple[int, int]:
-        """Two purchases; the (balance, counter) change one untorn purchase makes on this card."""
+    def counter(self, key: BlockKey) -> bool:
+        """Two purchases; whether the offline counter stepped by one each time."""
         states = [self.state()]
         for seq in (3, 4):
             _, answer = self.purchase(key, seq)
@@ -285,39 +399,53 @@ class _Probe:
             states.append(self.state())
         evidence = self.card.take()
         counters = [c for _, c in states]
-        if any(b != a + 1 for a, b in itertools.pairwise(counters)):
-            self.add("CPU-COUNTER", [*evidence, f"offline counter across two purchases: {counters}"])
-        return states[1][0] - states[0][0], states[1][1] - states[0][1]
+        if all(b == a + 1 for a, b in itertools.pairwise(counters)):
+            return True
+        self.add("CPU-COUNTER", [*evidence, f"offline counter across two purchases: {counters}"])
+        return False
 
-    def tearing(self, key: BlockKey, rig: TearingRig, step: tuple[int, int]) -> None:
-        """Cut power after 0, 1, 2... writes of a DEBIT; each outcome must be all-old or all-new."""
+    def tearing(self, keys: CardKeys, rig: TearingRig, counter_steps: bool) -> None:
+        """Cut power after 0, 1, 2... writes of a 1-fen metro DEBIT, until one completes. After each cut everything
+        the DEBIT touches must be all old or all new, the new state computed from the old one as the spec says the
+        DEBIT writes it: judged against what this card did before, one flaw would hide another."""
+        # A counter that never steps reads 'old' after every DEBIT, torn or not; CPU-COUNTER has reported it.
+        unjudged = frozenset() if counter_steps else frozenset({COUNTER})
+        tac_known = keys.tac is not None
         for writes in range(TEAR_POINTS):
-            before = self.state()
-            init = self.begin_purchase()
-            rig.tear_after(writes)
-            try:
-                self.card.transmit(_debit_apdu(init, key, 10 + writes))
-                torn = False
-            except CardGone:
-                torn = True
-            finally:
-                rig.tear_after(None)
-            after = self.state()
-            change = (after[0] - before[0], after[1] - before[1])
-            evidence = self.card.take()
-            if change not in ((0, 0), step):
-                self.add(
-                    "CPU-TEARING",
-                    [
-                        *evidence,
-                        f"power cut after {writes} writes: (balance, counter) {before} -> {after}, "
-                        f"expected no change or {step}",
-                    ],
-                    writes=writes,
+            seq, when = 10 + writes, AUDIT_TIME + dt.timedelta(seconds=writes)  # each log record differs
+            old = self.debit_state(None, tac_known)
+            init = self.begin_purchase(InitKind.COMPOUND)
+            trip = _audit_trip(int(old[BALANCE]) - 1, when, self.result.city)
+            sw = _sw(self.card.transmit(commands.update_capp_data_cache(SFI_TRIPS, trip)))
+            if sw != SW.OK:
+                self.result.skipped.append(
+                    f"{self.result.serial}: tearing probe: UPDATE CAPP DATA CACHE answered {sw:04X}"
                 )
                 return
-            if not torn:
+            rig.tear_after(writes)
+            try:
+                answer = self.card.transmit(_debit_apdu(init, keys.purchase, seq, txn_type=TYPE_COMPOUND, when=when))
+            except CardGone:
+                answer = None
+            finally:
+                rig.tear_after(None)
+            if answer is not None:
+                self.card.take()
+                if _sw(answer) != SW.OK:
+                    self.result.skipped.append(f"{self.result.serial}: tearing probe: DEBIT answered {_sw(answer):04X}")
                 return  # the DEBIT finished before the cut: every point has been tried
+            expected = _expected_debit(old, init, keys, seq, when, trip)
+            after = self.debit_state(init.counter, tac_known)
+            verdict = _judge(old, expected, after, unjudged)
+            if verdict["neither"] or (verdict["old"] and verdict["new"]):
+                self.add(
+                    "CPU-TEARING",
+                    [*self.card.take(), *_tearing_evidence(writes, old, expected, after, verdict, unjudged)],
+                    writes=writes,
+                    **{side: list[JSONValue](parts) for side, parts in verdict.items()},
+                )
+                return
+            self.card.take()
 
     def lockout(self) -> None:
         answers = []
@@ -366,10 +494,10 @@ def audit_cpu(
         result.skipped.append(f"{serial}: replay, counter and tearing probes need the card's purchase key (--keys)")
     else:
         probe.replay(keys.purchase)
-        step = probe.counter(keys.purchase)
+        counter_steps = probe.counter(keys.purchase)
         if rig is None:
             result.skipped.append(f"{serial}: tearing probe needs a reader that can cut power mid-command")
         else:
-            probe.tearing(keys.purchase, rig, step)
+            probe.tearing(keys, rig, counter_steps)
     probe.lockout()
     return result

@@ -4,6 +4,7 @@ PC/SC stack."""
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import json
 import os
@@ -19,15 +20,18 @@ from hypothesis import strategies as st
 from support import ServedCard
 
 from audit.autopwn import ATTACK_RULES
-from audit.chips import audit_fleet
-from audit.cpu_audit import CHI2_LIMIT, KeySource, chi_square
+from audit.chips import SimulatedCpu, audit_fleet
+from audit.cpu_audit import CHI2_LIMIT, KeySource, audit_cpu, chi_square
 from audit.findings import CHIP_RULES, Report
 from audit.fleet import FleetError, generate_fleet
+from cardsim.crypto import Algorithm
 from cardsim.image import save_card
 from cardsim.keys import IssuerKeyStore
 from cardsim.mifare import M1State
-from cardsim.purse import PurseState
+from cardsim.personalise import CardRequest, issue_cpu_card
+from cardsim.purse import PurseCard, PurseState
 from cardsim.resources import fixture_path
+from terminals.metro import parse_trip
 from terminals.pcsc import list_readers
 
 PLANTED = fixture_path("fleets/planted.json")
@@ -88,7 +92,22 @@ def test_findings_carry_evidence_remediation_and_recovered_keys(active_report: R
     }
     assert all(f.details["seconds"] >= 0 for f in recovered)
     tearing = next(f for f in active_report.findings if f.id == "CPU-TEARING")
-    assert any("power cut" in line for line in tearing.evidence)
+    assert any("power cut after 1 writes of the DEBIT leaves a mix (old: " in line for line in tearing.evidence)
+    assert tearing.details["new"] == ["balance"] and "newest log record" in str(tearing.details["old"])
+
+
+def test_tearing_cuts_on_a_journalled_card_reach_both_sides_of_the_commit_and_are_not_reported() -> None:
+    """Every cut leaves all old or all new: some torn DEBITs committed (recovered from the journal), some did
+    not, and the audit's trip records are single journeys that no metro gate takes for an open entry."""
+    keys = IssuerKeyStore.load(fixture_path("keys/fleet-keys.json"))
+    state = issue_cpu_card(keys, CardRequest("4510", Algorithm.SM4, 5000, 1, dt.date(2026, 1, 1), dt.date(2036, 1, 1)))
+    reader = SimulatedCpu(PurseCard(state, os.urandom), "cpu")
+    result = audit_cpu(reader, sources(keys), active=True, rig=reader)
+    assert {f.id for f in result.findings} == {"CPU-SM4"}
+    # The DEBIT that completed is the newest; its time says how many cut points came before it (one a second).
+    points = int(f"{state.trips[0][31]:02x}") + 1
+    assert 1 < len(state.trips) < points and state.journal is None
+    assert all(parse_trip(record) is None for record in state.trips)
 
 
 def test_passive_audit_runs_no_active_probe_and_says_so() -> None:
