@@ -121,6 +121,11 @@ CHIP_RULES: Final[dict[str, Rule]] = {
         Severity.HIGH, "a transaction cut mid-way leaves a mixed state", "use a chip OS with journalled commits"
     ),
     "CPU-WEAK-RANDOM": Rule(Severity.HIGH, "card randoms repeat or are biased", _CPU_FIX),
+    "CPU-ROBUSTNESS": Rule(
+        Severity.HIGH,
+        "a malformed or out-of-order command changes the card's state, or is not answered with a status word",
+        _CPU_FIX,
+    ),
     "CPU-TEST-KEYS": Rule(
         Severity.CRITICAL,
         "card keys derive from the published test master keys",

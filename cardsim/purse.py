@@ -74,6 +74,7 @@ class Defect(enum.Enum):
     COUNTER_STUCK = "counter-stuck"  # the offline counter does not move on DEBIT
     NO_JOURNAL = "no-journal"  # DEBIT writes its fields one by one: a power cut leaves a mix
     WEAK_RANDOM = "weak-random"  # randoms from a 16-value cycle that restarts at power-up
+    FUZZ_CORRUPTS = "fuzz-corrupts"  # a DEBIT whose data is not 15 bytes moves the offline counter, then 6700
 
 
 @dataclass(frozen=True)
@@ -374,6 +375,10 @@ class PurseCard:
 
     @handles(0x80, 0x54)
     def _debit(self, cmd: Command, carried: _Carry) -> bytes:
+        if self._has(Defect.FUZZ_CORRUPTS) and len(cmd.data) != Debit.size():
+            # the flawed OS reserves the counter as the DEBIT arrives and checks the length only afterwards
+            counter = min(self.state.offline_counter + 1, COUNTER_MAX)
+            self.eeprom.write(lambda: setattr(self.state, "offline_counter", counter))
         self._expect(cmd, (0x01, 0x00), Debit.size(), Debit.LE)
         pending = carried.pending
         if pending is None or pending.txn_type == TYPE_LOAD:
