@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Final, Protocol
 
 from audit.chip_makers import Maker, cpu_maker
+from audit.cpu_fuzz import robustness_probe
 from audit.findings import Finding, finding
 from cardsim import commands, crypto
 from cardsim.apdu import SW, split_response
@@ -447,6 +448,14 @@ class _Probe:
                 return
             self.card.take()
 
+    def robustness(self) -> None:
+        """The bounded APDU fuzz (audit.cpu_fuzz): every answer a status word, nothing on the card changed. Active:
+        a flawed card changes state; it opens no session, so it spends nothing and counts no MAC failure."""
+        found = robustness_probe(self.card)
+        self.card.take()  # the fuzz's own ~1,300 lines: its evidence names the commands that mattered
+        if found.evidence:
+            self.add("CPU-ROBUSTNESS", found.evidence, commands=found.sent)
+
     def lockout(self) -> None:
         answers = []
         for _ in range(LOCKOUT_TRIES):
@@ -485,7 +494,9 @@ def audit_cpu(
     probe.algorithm_and_keys(sources, app.card_serial)
     probe.randomness()
     if not active:
-        result.skipped.append(f"{serial}: active probes (wrong MAC1, replay, counter, tearing, lockout) need --active")
+        result.skipped.append(
+            f"{serial}: active probes (wrong MAC1, replay, counter, tearing, robustness fuzz, lockout) need --active"
+        )
         return result
     progress(f"CPU card {serial}: active probes")
     probe.wrong_mac1()
@@ -499,5 +510,7 @@ def audit_cpu(
             result.skipped.append(f"{serial}: tearing probe needs a reader that can cut power mid-command")
         else:
             probe.tearing(keys, rig, counter_steps)
+    progress(f"CPU card {serial}: robustness fuzz")
+    probe.robustness()  # before the lockout, after which every command answers 9303
     probe.lockout()
     return result

@@ -35,7 +35,7 @@ from terminals.metro import parse_trip
 from terminals.pcsc import list_readers
 
 PLANTED = fixture_path("fleets/planted.json")
-ACTIVE_ONLY = {"CPU-MAC1-NOT-CHECKED", "CPU-REPLAY", "CPU-NO-LOCKOUT", "CPU-COUNTER", "CPU-TEARING"}
+ACTIVE_ONLY = {"CPU-MAC1-NOT-CHECKED", "CPU-REPLAY", "CPU-NO-LOCKOUT", "CPU-COUNTER", "CPU-TEARING", "CPU-ROBUSTNESS"}
 CONTROLS = ("cpu-clean-control", "m1-clean-control")
 
 

@@ -27,6 +27,7 @@ FINDING: dict[Defect, str] = {
     Defect.COUNTER_STUCK: "CPU-COUNTER",
     Defect.NO_JOURNAL: "CPU-TEARING",
     Defect.WEAK_RANDOM: "CPU-WEAK-RANDOM",
+    Defect.FUZZ_CORRUPTS: "CPU-ROBUSTNESS",
 }
 ALGORITHM_FINDING = {Algorithm.SM4: "CPU-SM4", Algorithm.DES3: "CPU-3DES"}
 DEFECT_SETS = [frozenset[Defect](), *(frozenset({d}) for d in FINDING)] + [
