@@ -62,6 +62,9 @@ typedef struct {
     const uint32_t *fed;    /* per nonce: uid ^ {nT} */
     const uint8_t *targets; /* per nonce, bit k: parity(keystream byte k) ^ keystream bit 8k+8 */
     size_t n_nonces;
+    const uint32_t *fed8;    /* brute_force8: the nonces of the chosen first byte B, checked from the state after B */
+    const uint8_t *targets8;
+    size_t n8;
     size_t begin, end; /* this thread's share of the odd list */
     uint64_t found[MAX_FOUND];
     size_t n_found;
@@ -84,6 +87,46 @@ static inline int explains(uint32_t odd, uint32_t even, const Work *w) {
     return 1;
 }
 
+/* Undo one clock that consumed the encrypted bit whose plain value was ``in``: the inverse of clock_bit(s, in, 1). */
+static inline void rollback_bit(State *s, uint32_t in) {
+    uint32_t odd = s->even, even = s->odd;
+    uint32_t out = even & 1;
+    even >>= 1;
+    out ^= parity((LF_POLY_EVEN & even) ^ (LF_POLY_ODD & odd)) ^ in ^ filter(odd);
+    s->odd = odd;
+    s->even = even | (out & 1) << 23;
+}
+
+/* Whether the state after the first byte (B, the same for every nonce of fed8) explains bytes 1..3 of each nonce
+ * of B: clocks 8..31 only. A wrong state fails after ~16 clocks on average, as in explains(). */
+static inline int explains8(uint32_t odd, uint32_t even, const Work *w) {
+    for (size_t n = 0; n < w->n8; n++) {
+        State s = {odd, even};
+        uint32_t fed = w->fed8[n], target = w->targets8[n], acc = 0;
+        for (int i = 8; i < 32; i++) {
+            acc ^= clock_bit(&s, bebit(fed, i), 1);
+            if ((i & 7) == 7) {
+                if ((acc ^ filter(s.odd)) != ((target >> (i >> 3)) & 1)) return 0;
+                acc = 0;
+            }
+        }
+    }
+    return 1;
+}
+
+static void *run8(void *arg) {
+    Work *w = arg;
+    for (size_t i = w->begin; i < w->end; i++)
+        for (size_t j = 0; j < w->n_even; j++) {
+            if (!explains8(w->odd[i], w->even[j], w)) continue;
+            State s = {w->odd[i], w->even[j]};
+            for (int k = 7; k >= 0; k--) rollback_bit(&s, bebit(w->fed8[0], k));
+            if (explains(s.odd, s.even, w) && w->n_found < MAX_FOUND)
+                w->found[w->n_found++] = ((uint64_t)s.odd << 24) | s.even;
+        }
+    return NULL;
+}
+
 static void *run(void *arg) {
     Work *w = arg;
     for (size_t i = w->begin; i < w->end; i++)
@@ -96,15 +139,17 @@ static void *run(void *arg) {
 /* brute_force(odd, even, fed, targets, threads) -> list[int]: every pair of the odd list x the even list
  * (native uint32 arrays) that explains all nonces, as odd << 24 | even. The odd list is split over threads;
  * the GIL is released. */
-static PyObject *brute_force(PyObject *self, PyObject *args) {
-    (void)self;
-    Py_buffer odd, even, fed, targets;
-    int threads;
-    if (!PyArg_ParseTuple(args, "y*y*y*y*i", &odd, &even, &fed, &targets, &threads)) return NULL;
+static PyObject *search(Py_buffer odd, Py_buffer even, Py_buffer fed, Py_buffer targets, Py_buffer *fed8,
+                        Py_buffer *targets8, int threads) {
     PyObject *result = NULL;
     Work *works = NULL;
+    void *(*runner)(void *) = fed8 ? run8 : run;
     if (odd.len % 4 || even.len % 4 || fed.len % 4 || (size_t)targets.len != (size_t)fed.len / 4) {
         PyErr_SetString(PyExc_ValueError, "odd, even and fed are uint32 arrays; one target byte per fed word");
+        goto done;
+    }
+    if (fed8 && (fed8->len % 4 || fed8->len == 0 || (size_t)targets8->len != (size_t)fed8->len / 4)) {
+        PyErr_SetString(PyExc_ValueError, "fed8 is a non-empty uint32 array; one target byte per fed8 word");
         goto done;
     }
     if (threads < 1 || threads > MAX_THREADS) {
@@ -129,16 +174,19 @@ static PyObject *brute_force(PyObject *self, PyObject *args) {
         w->fed = fed.buf;
         w->targets = targets.buf;
         w->n_nonces = (size_t)fed.len / 4;
+        w->fed8 = fed8 ? fed8->buf : NULL;
+        w->targets8 = fed8 ? targets8->buf : NULL;
+        w->n8 = fed8 ? (size_t)fed8->len / 4 : 0;
         w->begin = n_odd * (size_t)t / (size_t)threads;
         w->end = n_odd * (size_t)(t + 1) / (size_t)threads;
-        started[t] = t > 0 && pthread_create(&ids[t], NULL, run, w) == 0;
+        started[t] = t > 0 && pthread_create(&ids[t], NULL, runner, w) == 0;
     }
-    run(&works[0]);
+    runner(&works[0]);
     for (int t = 1; t < threads; t++) {
         if (started[t])
             pthread_join(ids[t], NULL);
         else
-            run(&works[t]); /* no thread to be had: do its share here */
+            runner(&works[t]); /* no thread to be had: do its share here */
     }
     Py_END_ALLOW_THREADS
     result = PyList_New(0);
@@ -154,8 +202,37 @@ static PyObject *brute_force(PyObject *self, PyObject *args) {
         }
 done:
     free(works);
+    return result;
+}
+
+static PyObject *brute_force(PyObject *self, PyObject *args) {
+    (void)self;
+    Py_buffer odd, even, fed, targets;
+    int threads;
+    if (!PyArg_ParseTuple(args, "y*y*y*y*i", &odd, &even, &fed, &targets, &threads)) return NULL;
+    PyObject *result = search(odd, even, fed, targets, NULL, NULL, threads);
     PyBuffer_Release(&odd);
     PyBuffer_Release(&even);
+    PyBuffer_Release(&fed);
+    PyBuffer_Release(&targets);
+    return result;
+}
+
+/* brute_force8(odd8, even8, fed8, targets8, fed, targets, threads) -> list[int]: the same search over states
+ * *after the first byte B* (odd8 x even8): each pair is checked first against bytes 1..3 of the nonces of B
+ * (fed8, targets8: uid ^ {nT} and a bits, every {nT} starting with B), then rolled back over B to the initial
+ * state, which must explain every nonce of fed; the initial states found are returned as odd << 24 | even. */
+static PyObject *brute_force8(PyObject *self, PyObject *args) {
+    (void)self;
+    Py_buffer odd, even, fed8, targets8, fed, targets;
+    int threads;
+    if (!PyArg_ParseTuple(args, "y*y*y*y*y*y*i", &odd, &even, &fed8, &targets8, &fed, &targets, &threads))
+        return NULL;
+    PyObject *result = search(odd, even, fed, targets, &fed8, &targets8, threads);
+    PyBuffer_Release(&odd);
+    PyBuffer_Release(&even);
+    PyBuffer_Release(&fed8);
+    PyBuffer_Release(&targets8);
     PyBuffer_Release(&fed);
     PyBuffer_Release(&targets);
     return result;
@@ -164,6 +241,8 @@ done:
 static PyMethodDef methods[] = {
     {"half_sums", half_sums, METH_NOARGS, "Sum-property counts (p of the odd, q of the even half) per 20-bit pattern."},
     {"brute_force", brute_force, METH_VARARGS, "States of odd x even that explain every encrypted nonce."},
+    {"brute_force8", brute_force8, METH_VARARGS,
+     "Initial states whose state after the first byte B is in odd8 x even8 and that explain every nonce."},
     {NULL, NULL, 0, NULL},
 };
 

