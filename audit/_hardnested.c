@@ -136,9 +136,7 @@ static void *run(void *arg) {
     return NULL;
 }
 
-/* brute_force(odd, even, fed, targets, threads) -> list[int]: every pair of the odd list x the even list
- * (native uint32 arrays) that explains all nonces, as odd << 24 | even. The odd list is split over threads;
- * the GIL is released. */
+/* The search of brute_force and brute_force8 (with fed8, targets8): odd x even, split over threads. */
 static PyObject *search(Py_buffer odd, Py_buffer even, Py_buffer fed, Py_buffer targets, Py_buffer *fed8,
                         Py_buffer *targets8, int threads) {
     PyObject *result = NULL;
@@ -205,6 +203,9 @@ done:
     return result;
 }
 
+/* brute_force(odd, even, fed, targets, threads) -> list[int]: every pair of the odd list x the even list
+ * (native uint32 arrays) that explains all nonces, as odd << 24 | even. The odd list is split over threads;
+ * the GIL is released. */
 static PyObject *brute_force(PyObject *self, PyObject *args) {
     (void)self;
     Py_buffer odd, even, fed, targets;

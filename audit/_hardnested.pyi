@@ -8,3 +8,10 @@ def brute_force(odd: bytes, even: bytes, fed: bytes, targets: bytes, threads: in
     """Every initial state of the odd x even lists (native uint32 arrays) that explains all nonces (``fed``: uid ^
     {nT} as native uint32, ``targets``: their a bits, one byte each), as odd << 24 | even; on ``threads``
     threads, without the GIL."""
+
+def brute_force8(
+    odd: bytes, even: bytes, fed8: bytes, targets8: bytes, fed: bytes, targets: bytes, threads: int, /
+) -> list[int]:
+    """The same over states *after the first byte B* (odd x even): each is checked against bytes 1..3 of the
+    nonces of B (``fed8``: uid ^ {nT}, all starting with B; ``targets8``: their a bits), then rolled back over B;
+    the initial states that explain all of ``fed`` are returned as odd << 24 | even."""

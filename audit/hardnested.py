@@ -28,9 +28,9 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -50,7 +50,6 @@ CHUNK_SECONDS = 1.0  # one brute-force call between progress lines and budget ch
 # distinct second bytes (or the budget or MAX_NONCES stops it), so that its Sum(a8) is guessed well.
 SUM8_SAMPLES = 48
 SUM8_FROM_BITS = 37  # collect on for Sum(a8) only when at least this many key bits are unknown
-B_NONCES = 16  # nonces kept per first byte: the brute force checks the chosen first byte's from after that byte
 # The values p(16 - q) + (16 - p)q can take (p, q = 0..16): the possible Sum(a0) and Sum(a8).
 SUM_VALUES = sorted({p * (16 - q) + (16 - p) * q for p in range(17) for q in range(17)})
 
@@ -108,7 +107,7 @@ class NestedNonces:
         self.a0: dict[int, int] = {}
         self.nonces: dict[int, int] = {}  # {nT} -> a bits
         self.a8: dict[int, dict[int, int]] = {}  # first byte -> {second byte: a8 bit}
-        self.by_first: dict[int, dict[int, int]] = {}  # first byte -> up to B_NONCES of its {nT} -> a bits
+        self.by_first: dict[int, dict[int, tuple[int, int]]] = {}  # first byte -> {second byte: ({nT}, a bits)}
 
     def add(self, enc: int, parities: tuple[int, ...]) -> None:
         """One encrypted nonce and its four encrypted parity bits; AttackFailed when a first byte (or first two
@@ -126,9 +125,7 @@ class NestedNonces:
         a8[second] = a >> 1 & 1
         if len(self.nonces) < BRUTE_NONCES:
             self.nonces[enc] = a
-        mine = self.by_first.setdefault(first, {})
-        if len(mine) < B_NONCES:
-            mine[enc] = a
+        self.by_first.setdefault(first, {}).setdefault(second, (enc, a))
 
     def most_second_bytes(self) -> int:
         """The most distinct second bytes seen after one first byte."""
@@ -141,6 +138,15 @@ class NestedNonces:
     def flip_differs(self, mask: int) -> bool:
         """Whether some pair of first bytes that differ in the bits of ``mask`` gave different a0 bits."""
         return any(self.a0[v] != self.a0[v ^ mask] for v in self.a0 if v ^ mask in self.a0)
+
+    def first_checks(self, uid: int, first: int, sum8: int = 128) -> tuple[bytes, bytes]:
+        """brute_force8's checks of the first byte ``first``: uid ^ {nT} of one nonce per second byte seen, and
+        its a bits; under a guess ``sum8`` the nonces whose a8 is the rarer value come first (a wrong state of
+        that guess passes such a check a quarter of the time at Sum(a8) = 192, against three quarters for the
+        other: twice the rate measured)."""
+        rare = 0 if sum8 > 128 else 1
+        mine = sorted(self.by_first[first].values(), key=lambda item: (item[1] >> 1 & 1) != rare)
+        return np.array([uid ^ enc for enc, _ in mine], dtype=np.uint32).tobytes(), bytes(a for _, a in mine)
 
     def checks(self, uid: int) -> tuple[bytes, bytes]:
         """The brute force's inputs: uid ^ {nT} per nonce (native uint32) and its a bits (a byte each)."""
@@ -302,35 +308,81 @@ def sum8_plan(nonces: NestedNonces, known_key_bits: tuple[int, int] | None = Non
     for flip, half, clocks in FLIPS:
         feels = _filter_feels_first_input(halves[half] >> np.uint32(4), clocks)
         halves[half] = halves[half][feels == nonces.flip_differs(flip)]
+    by_sum8 = _by_sum8(halves, nonces.sum_a0(), p_table, q_table)
+    best = min((_plan(first, seconds, by_sum8) for first, seconds in nonces.a8.items()), key=lambda plan: plan.expected)
+    # second-byte flips after B: a pair of second bytes v, v ^ mask with different a8 bits means the half after B
+    # can feel that bit (the first-byte argument, from the state after B); the converse would need every pair
+    # seen, so only this side cuts
+    seconds = nonces.a8[best.first]
+    cut = False
+    for flip, half, clocks in FLIPS:
+        if any(seconds[v] != seconds[v ^ flip] for v in seconds if v ^ flip in seconds):
+            halves[half] = halves[half][_filter_feels_first_input(halves[half], clocks)]
+            cut = True
+    if cut:
+        best = _plan(best.first, seconds, _by_sum8(halves, nonces.sum_a0(), p_table, q_table))
+    return best
+
+
+def _by_sum8(
+    halves: dict[str, np.ndarray], sum_a0: int, p_table: np.ndarray, q_table: np.ndarray
+) -> dict[int, list[tuple[np.ndarray, np.ndarray]]]:
+    """The (odd, even) lists of states after the first byte that give ``sum_a0``, by the Sum(a8) they give."""
     groups = {}
     for half, table in (("odd", p_table), ("even", q_table)):
         h = halves[half]
-        groups[half] = _keyed_groups(h, table[(h >> np.uint32(4)) & np.uint32(0xFFFFF)] * 17 + table[h & np.uint32(0xFFFFF)])
+        groups[half] = _keyed_groups(
+            h, table[(h >> np.uint32(4)) & np.uint32(0xFFFFF)] * 17 + table[h & np.uint32(0xFFFFF)]
+        )
     by_sum8: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {}
     for pk, odd in groups["odd"].items():
         for qk, even in groups["even"].items():
-            if _sum(pk // 17, qk // 17) == nonces.sum_a0():
+            if _sum(pk // 17, qk // 17) == sum_a0:
                 by_sum8.setdefault(_sum(pk % 17, qk % 17), []).append((odd, even))
+    return by_sum8
+
+
+def _plan(first: int, seconds: dict[int, int], by_sum8: dict[int, list[tuple[np.ndarray, np.ndarray]]]) -> Sum8Plan:
+    """The guesses of first byte ``first`` whose second bytes gave ``seconds`` (second byte -> a8 bit)."""
     spaces = {v: sum(len(o) * len(e) for o, e in pairs) for v, pairs in by_sum8.items()}
-    best: Sum8Plan | None = None
-    for first, seconds in nonces.a8.items():
-        if first not in nonces.by_first:
-            continue
-        seen, ones = len(seconds), sum(seconds.values())
-        like = {v: _hypergeometric(v, seen, ones) for v in by_sum8}
-        order = sorted((v for v in by_sum8 if like[v] > 0), key=lambda v: -like[v])
-        weights = [spaces[v] * like[v] for v in order]
-        total = sum(weights) or 1.0
-        posterior = [w / total for w in weights]
-        expected, before = 0.0, 0
-        for v, prob in zip(order, posterior, strict=True):
-            expected += prob * (before + spaces[v] / 2)
-            before += spaces[v]
-        if best is None or expected < best.expected:
-            guesses = [Sum8Guess(v, like[v], spaces[v], by_sum8[v]) for v in order]
-            best = Sum8Plan(first, guesses, posterior, expected)
-    assert best is not None
-    return best
+    seen, ones = len(seconds), sum(seconds.values())
+    like = {v: _hypergeometric(v, seen, ones) for v in by_sum8}
+    order = sorted((v for v in by_sum8 if like[v] > 0), key=lambda v: -like[v])
+    weights = [spaces[v] * like[v] for v in order]
+    total = sum(weights) or 1.0
+    posterior = [w / total for w in weights]
+    expected, before = 0.0, 0
+    for v, prob in zip(order, posterior, strict=True):
+        expected += prob * (before + spaces[v] / 2)
+        before += spaces[v]
+    return Sum8Plan(first, [Sum8Guess(v, like[v], spaces[v], by_sum8[v]) for v in order], posterior, expected)
+
+
+Work = list[tuple[np.ndarray, np.ndarray, tuple[bytes, bytes] | None]]
+
+
+def _search(
+    nonces: NestedNonces, uid: int, known_key_bits: tuple[int, int] | None, use_sum8: bool
+) -> tuple[int, Work, str]:
+    """(states in all, the (odd, even, the first byte's checks or None) lists to brute-force in order, a
+    progress line's tail): with Sum(a8), the plan's guesses in order over states after its first byte;
+    without, the initial states Sum(a0) and the flips leave."""
+    work: Work = []
+    if not use_sum8:
+        pairs = candidate_states(nonces, known_key_bits)
+        return sum(len(o) * len(e) for o, e in pairs), [(odd, even, None) for odd, even in pairs], ""
+    plan = sum8_plan(nonces, known_key_bits)
+    for guess in plan.guesses:
+        checks = nonces.first_checks(uid, plan.first, guess.sum8)
+        work += [(odd, even, checks) for odd, even in guess.pairs]
+    seconds = nonces.a8[plan.first]
+    shown = ", ".join(f"{g.sum8} ({p:.0%})" for g, p in zip(plan.guesses[:4], plan.posterior[:4], strict=False))
+    line = (
+        f"; first byte {plan.first:02X} ({sum(seconds.values())} of {len(seconds)} second bytes give a8 = 1): "
+        f"Sum(a8) guesses {shown}{', ...' if len(plan.guesses) > 4 else ''}, "
+        f"2^{math.log2(max(plan.expected, 1)):.1f} states expected to be tried"
+    )
+    return plan.space, work, line
 
 
 def hardnested_attack(
@@ -366,27 +418,7 @@ def hardnested_attack(
     nonces = collect_nested_nonces(chip, uid, known, target, deadline, progress, samples)
     flips = " ".join(f"{m:02X}" for m, _, _ in FLIPS if nonces.flip_differs(m)) or "none"
     fed, targets = nonces.checks(uid)
-    # work: (odd, even, the first byte's checks or None) lists to brute-force, in order
-    work: list[tuple[np.ndarray, np.ndarray, tuple[bytes, bytes] | None]] = []
-    if use_sum8:
-        plan = sum8_plan(nonces, known_key_bits)
-        space = plan.space
-        mine = nonces.by_first[plan.first]
-        first_checks = (np.array([uid ^ enc for enc in mine], dtype=np.uint32).tobytes(), bytes(mine.values()))
-        for guess in plan.guesses:
-            work += [(odd, even, first_checks) for odd, even in guess.pairs]
-        seconds = nonces.a8[plan.first]
-        shown = ", ".join(f"{g.sum8} ({p:.0%})" for g, p in zip(plan.guesses[:4], plan.posterior[:4], strict=False))
-        sum8_line = (
-            f"; first byte {plan.first:02X} ({sum(seconds.values())} of {len(seconds)} second bytes give a8 = 1): "
-            f"Sum(a8) guesses {shown}{', ...' if len(plan.guesses) > 4 else ''}, "
-            f"2^{math.log2(max(plan.expected, 1)):.1f} states expected to be tried"
-        )
-    else:
-        pairs = candidate_states(nonces, known_key_bits)
-        space = sum(len(o) * len(e) for o, e in pairs)
-        work = [(odd, even, None) for odd, even in pairs]
-        sum8_line = ""
+    space, work, sum8_line = _search(nonces, uid, known_key_bits, use_sum8)
     if space == 0:
         raise AttackFailed("no state fits the nonces (the known key bits are wrong?)")
     progress(

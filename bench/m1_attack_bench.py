@@ -27,15 +27,18 @@ import os
 import random
 import statistics
 import time
+from collections.abc import Callable
 
-from audit._hardnested import brute_force
+import numpy as np
+
+from audit._hardnested import brute_force, brute_force8, half_sums
 from audit.crypto1_recovery import lfsr_recovery32
 from audit.darkside import darkside_attack
-from audit.hardnested import candidate_states, collect_nested_nonces, hardnested_attack
+from audit.hardnested import SUM8_SAMPLES, candidate_states, collect_nested_nonces, hardnested_attack, sum8_plan
 from audit.m1_attacks import nested_attack
 from audit.mfkey import mfkey32
 from audit.static_nested import backdoor_recovery, static_nested_attack
-from cardsim.crypto1 import auth_trace, prng_successor
+from cardsim.crypto1 import Crypto1, auth_trace, prng_successor
 from cardsim.m1_issue import KeyScheme, issue_m1_card, sector_keys
 from cardsim.mifare import M1Card, Profile
 
@@ -132,12 +135,34 @@ def static_rows(keys: int, cards: int) -> None:
         )
 
 
+def _rate(
+    search: Callable[..., object], odd: np.ndarray, even: np.ndarray, rest: tuple[object, ...], seconds: float
+) -> tuple[float, float]:
+    """(wall rate, idle-core rate) of ``search(odd chunk, even, *rest)`` over ``odd`` x ``even`` for about
+    ``seconds`` (``rest`` ends with the thread count)."""
+    threads = rest[-1]
+    assert isinstance(threads, int)
+    done, start, cpu = 0, time.perf_counter(), time.process_time()
+    step = max(1, (1 << 24) // len(even))
+    for i in range(0, len(odd), step):
+        search(odd[i : i + step].tobytes(), even.tobytes(), *rest)
+        done += len(odd[i : i + step]) * len(even)
+        if time.perf_counter() - start > seconds:
+            break
+    # on a machine others load too, the CPU time the threads got tells the rate of idle cores
+    return done / (time.perf_counter() - start), done / (time.process_time() - cpu) * threads
+
+
 def hardnested_rows(keys: int, bits: int, rate_seconds: float = 5.0) -> None:
-    """Hardnested on ``keys`` random hardened cards: end to end with ``bits`` unknown key bits, then full size
-    (collection and state space measured, the brute force's rate measured on the real lists and projected)."""
+    """Hardnested on ``keys`` random hardened cards: end to end with ``bits`` unknown key bits, then full size:
+    the collection, the states Sum(a0) and the flips leave (the search without Sum(a8), brute_force's rate),
+    and with Sum(a8) the states tried before the key (the true guess's place in the plan: the states of the
+    guesses before it and half of its own) and the plan's own expectation, at brute_force8's rate."""
     rnd = random.Random(2015)
     threads = len(os.sched_getaffinity(0))
-    test_size, collect, full, rates, idle_rates, projected = [], [], [], [], [], []
+    p_table, q_table = (bytes(t) for t in half_sums())
+    test_size, collect, spaces, tried, expected_tried, idle_rates, idle_rates8 = [], [], [], [], [], [], []
+    projected, projected8 = [], []
     for _ in range(keys):
         card, uid, known, target, expected = random_card(rnd, Profile.HARDENED)
         mask = (1 << 48) - 1 - sum(1 << b for b in rnd.sample(range(48), bits))
@@ -147,41 +172,57 @@ def hardnested_rows(keys: int, bits: int, rate_seconds: float = 5.0) -> None:
         test_size.append(time.perf_counter() - start)
 
         start = time.perf_counter()
-        nonces = collect_nested_nonces(card, uid, known, target)
+        nonces = collect_nested_nonces(card, uid, known, target, sum8_samples=SUM8_SAMPLES)
         collect.append(time.perf_counter() - start)
         pairs = candidate_states(nonces)
         space = sum(len(odd) * len(even) for odd, even in pairs)
         odd, even = max(pairs, key=lambda pair: len(pair[0]) * len(pair[1]))
         fed, targets = nonces.checks(uid)
-        done, start, cpu = 0, time.perf_counter(), time.process_time()
-        step = max(1, (1 << 24) // len(even))
-        for i in range(0, len(odd), step):
-            brute_force(odd[i : i + step].tobytes(), even.tobytes(), fed, targets, threads)
-            done += len(odd[i : i + step]) * len(even)
-            if time.perf_counter() - start > rate_seconds:
-                break
-        rate = done / (time.perf_counter() - start)
-        # on a machine others load too, the CPU time the threads got tells the rate of idle cores
-        idle_rate = done / (time.process_time() - cpu) * threads
-        full.append(space)
-        rates.append(rate)
+        rate, idle_rate = _rate(brute_force, odd, even, (fed, targets, threads), rate_seconds)
+        del pairs, odd, even
+        plan = sum8_plan(nonces)
+        state = Crypto1.from_key(expected)
+        for i in range(8):
+            state.bit((uid ^ next(iter(nonces.by_first[plan.first].values()))[0]) >> (24 + i) & 1, encrypted=True)
+        p, q = p_table[state.odd & 0xFFFFF], q_table[state.even & 0xFFFFF]
+        true_sum8 = p * (16 - q) + (16 - p) * q
+        place = [g.sum8 for g in plan.guesses].index(true_sum8)
+        to_key = sum(g.space for g in plan.guesses[:place]) + plan.guesses[place].space / 2
+        odd, even = max(plan.guesses[0].pairs, key=lambda pair: len(pair[0]) * len(pair[1]))
+        first = nonces.first_checks(uid, plan.first, plan.guesses[0].sum8)
+        rate8, idle_rate8 = _rate(brute_force8, odd, even, (*first, fed, targets, threads), rate_seconds)
+        spaces.append(space)
+        tried.append(to_key)
+        expected_tried.append(plan.expected)
         idle_rates.append(idle_rate)
+        idle_rates8.append(idle_rate8)
         projected.append(collect[-1] + space / 2 / idle_rate)
+        projected8.append(collect[-1] + to_key / idle_rate8)
         print(
-            f"  card {len(full)}: {nonces.count} nonces in {collect[-1]:.1f} s, Sum(a0) {nonces.sum_a0()}, "
-            f"2^{math.log2(space):.1f} states left, {rate / 1e6:.1f} M states/s ({idle_rate / 1e6:.1f} on idle cores), "
-            f"projected {projected[-1] / 3600:.0f} h on idle cores"
+            f"  card {len(spaces)}: {nonces.count} nonces in {collect[-1]:.1f} s, Sum(a0) {nonces.sum_a0()}: "
+            f"2^{math.log2(space):.1f} states left, {idle_rate / 1e6:.1f} M states/s on idle cores "
+            f"({rate / 1e6:.1f} measured), projected {projected[-1] / 3600:.0f} h; "
+            f"Sum(a8) of {plan.first:02X} ({len(nonces.a8[plan.first])} second bytes) is {true_sum8}, guess "
+            f"{place + 1} of {len(plan.guesses)}: 2^{math.log2(to_key):.1f} states tried to the key "
+            f"(plan expected 2^{math.log2(plan.expected):.1f}), {idle_rate8 / 1e6:.1f} M states/s "
+            f"({rate8 / 1e6:.1f} measured), projected {projected8[-1] / 3600:.1f} h"
         )
     print(f"hardnested, {keys} random hardened cards, {threads} threads; seconds per key (median / max)")
     print(f"{f'{bits} unknown key bits':<24} {statistics.median(test_size):>7.2f} {max(test_size):>7.2f}   end to end")
     print(
         f"{'48 bits: collection':<24} {statistics.median(collect):>7.2f} {max(collect):>7.2f}   "
-        f"states left 2^{math.log2(statistics.median(full)):.1f} (median)"
+        f"(on to {SUM8_SAMPLES} second bytes after one first byte)"
     )
     print(
-        f"{'48 bits: projected':<24} {statistics.median(projected):>7.0f} {max(projected):>7.0f}   "
-        f"at {statistics.median(idle_rates) / 1e6:.1f} M states/s on idle cores ({statistics.median(rates) / 1e6:.1f} "
-        "measured; Proxmark3: 512 to 1152 M keys/s, 8 threads AVX2)"
+        f"{'48 bits: Sum(a0) only':<24} {statistics.median(projected):>7.0f} {max(projected):>7.0f}   "
+        f"projected: 2^{math.log2(statistics.median(spaces)):.1f} states left (median), half of them at "
+        f"{statistics.median(idle_rates) / 1e6:.1f} M states/s on idle cores"
+    )
+    print(
+        f"{'48 bits: with Sum(a8)':<24} {statistics.median(projected8):>7.0f} {max(projected8):>7.0f}   "
+        f"projected: 2^{math.log2(statistics.median(tried)):.1f} states tried to the key (median; plan expected "
+        f"2^{math.log2(statistics.median(expected_tried)):.1f}) at {statistics.median(idle_rates8) / 1e6:.1f} M "
+        "states/s on idle cores (Proxmark3: 512 to 1152 M keys/s, 8 threads AVX2)"
     )
 
 

@@ -11,12 +11,14 @@ import numpy as np
 import pytest
 from test_pn532_host import emulated, key
 
+from audit._hardnested import brute_force8
 from audit.hardnested import (
     BRUTE_NONCES,
     NestedNonces,
     candidate_states,
     collect_nested_nonces,
     hardnested_attack,
+    sum8_plan,
 )
 from audit.m1_attacks import AttackFailed
 from cardsim.crypto1 import Crypto1
@@ -43,6 +45,24 @@ def fixed_bits(key: int, unknown: int, seed: int) -> tuple[int, int]:
     open_bits = random.Random(seed).sample(range(48), unknown)
     mask = (1 << 48) - 1 - sum(1 << b for b in open_bits)
     return mask, key & mask
+
+
+TOP_BYTE = 0xFF << 40  # the key bits that are the 4 high bits of both halves: Sum(a8) needs them open
+
+
+def fixed_bits_sum8(key: int, unknown: int, seed: int) -> tuple[int, int]:
+    """known_key_bits that leave key byte 0 and ``unknown - 8`` more random key bits open (the Sum(a8) search)."""
+    open_bits = random.Random(seed).sample(range(40), unknown - 8)
+    mask = (1 << 40) - 1 - sum(1 << b for b in open_bits)
+    return mask, key & mask
+
+
+def after_first_byte(key: int, uid: int, enc: int) -> Crypto1:
+    """The cipher state of a nested authentication with ``key`` after the first byte of {nT} = ``enc``."""
+    state = Crypto1.from_key(key)
+    for i in range(8):
+        state.bit((uid ^ enc) >> (24 + i) & 1, encrypted=True)
+    return state
 
 
 @pytest.mark.parametrize(("seed", "sector", "key_type"), [(1, 5, 0x61), (2, 12, 0x60)])
@@ -76,6 +96,51 @@ def test_the_sum_and_bit_flip_properties_keep_the_key(seed: int) -> None:
     state = Crypto1.from_key(expected)
     assert any(np.isin(state.odd, odd).any() and np.isin(state.even, even).any() for odd, even in pairs)
     assert sum(len(odd) * len(even) for odd, even in pairs) < 2**20
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_the_sum8_guesses_keep_the_key(seed: int) -> None:
+    """After the chosen first byte, the key's state is in the lists of exactly one Sum(a8) guess (never one
+    dropped as impossible), the guesses split the Sum(a0) space, and brute_force8 finds the key from there."""
+    chip, uid = card(Profile.HARDENED, 20 + seed)
+    expected = sector_key(uid, 4, 0x61)
+    nonces = collect_nested_nonces(chip, uid, (3, sector_key(uid, 0, 0x60), 0x60), (19, 0x61), sum8_samples=24)
+    assert max(len(seconds) for seconds in nonces.a8.values()) >= 24
+    bits = fixed_bits_sum8(expected, 22, seed)
+    plan = sum8_plan(nonces, bits)
+    state = after_first_byte(expected, uid, next(iter(nonces.by_first[plan.first].values()))[0])
+    holding = [
+        g for g in plan.guesses if any(np.isin(state.odd, o).any() and np.isin(state.even, e).any() for o, e in g.pairs)
+    ]
+    assert len(holding) == 1
+    # the guesses split what Sum(a0) and the flips leave (the 4 high bits of the halves traded for the 4 fed-back
+    # bits below them), less the guesses the second bytes seen rule out
+    assert plan.space <= sum(len(o) * len(e) for o, e in candidate_states(nonces, bits))
+    assert abs(sum(plan.posterior) - 1) < 1e-9 and plan.expected < plan.space
+    fed, targets = nonces.checks(uid)
+    first = nonces.first_checks(uid, plan.first)
+    for odd, even in holding[0].pairs:
+        if np.isin(state.odd, odd).any() and np.isin(state.even, even).any():
+            key_state = Crypto1.from_key(expected)
+            found = brute_force8(odd.tobytes(), even.tobytes(), *first, fed, targets, 2)
+            assert found == [key_state.odd << 24 | key_state.even]
+
+
+@pytest.mark.parametrize(("seed", "sector", "key_type"), [(8, 6, 0x60), (9, 14, 0x61)])
+def test_hardnested_recovers_a_key_through_the_sum8_search(seed: int, sector: int, key_type: int) -> None:
+    chip, uid = card(Profile.HARDENED, seed)
+    expected = sector_key(uid, sector, key_type)
+    lines: list[str] = []
+    got = hardnested_attack(
+        chip,
+        uid,
+        (3, sector_key(uid, 0, 0x60), 0x60),
+        (sector * 4 + 3, key_type),
+        progress=lines.append,
+        known_key_bits=fixed_bits_sum8(expected, 26, seed),
+    )
+    assert got == expected
+    assert any("states left of 2^26; first byte" in line and "Sum(a8) guesses" in line for line in lines)
 
 
 def test_a_budget_too_small_says_how_far_it_got() -> None:
@@ -128,3 +193,7 @@ def test_bad_input_is_a_clear_error() -> None:
         nonces = NestedNonces()
         nonces.add(0x12345678, (0, 0, 0, 0))
         nonces.add(0x12000000, (1, 0, 0, 0))
+    with pytest.raises(AttackFailed, match="first bytes 1234 came with both a8 readings"):
+        nonces = NestedNonces()
+        nonces.add(0x12345678, (0, 0, 0, 0))
+        nonces.add(0x12340000, (0, 1, 0, 0))
