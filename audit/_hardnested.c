@@ -13,6 +13,8 @@
 
 #include "crypto1_core.h"
 
+#include <string.h>
+
 #define MAX_FOUND 4096 /* more survivors than this means too few nonces: the caller collects more */
 #define MAX_THREADS 64
 
@@ -65,6 +67,7 @@ typedef struct {
     const uint32_t *fed8;    /* brute_force8: the nonces of the chosen first byte B, checked from the state after B */
     const uint8_t *targets8;
     size_t n8;
+    const void *planes; /* bitsliced brute_force8: the even list as bit planes, 24 vectors per block of lanes */
     size_t begin, end; /* this thread's share of the odd list */
     uint64_t found[MAX_FOUND];
     size_t n_found;
@@ -127,6 +130,123 @@ static void *run8(void *arg) {
     return NULL;
 }
 
+
+/* Bitsliced brute_force8: one vector holds one bit of LANES states (the same odd half, LANES even halves of the
+ * list), so one pass of the clock below is a clock of LANES states. The state is kept as the stream of LFSR
+ * bits z: before clock t, bit k of the odd half is z[t + 47 - 2k] and bit k of the even half z[t + 46 - 2k]
+ * (from the clock: the odd half after a clock is the even half shifted with the feedback below, the even half
+ * the old odd half), and clock t appends the feedback as z[t + 48]: nothing moves. The filter is its truth
+ * tables as multiplexer trees over the planes (constant leaves fold away). A block stops at the first check that
+ * leaves no lane alive; the lanes alive after every nonce of B are checked one by one as run8 does. */
+#if defined(__GNUC__)
+#define BITSLICED 1
+#pragma GCC diagnostic ignored "-Wpsabi" /* vectors passed between always-inline functions only */
+typedef uint64_t V __attribute__((vector_size(32)));
+#define LANES 256
+#define ALWAYS static inline __attribute__((always_inline))
+
+ALWAYS V v_all(uint32_t bit) { return (V){0, 0, 0, 0} - (uint64_t)(bit & 1); }
+ALWAYS V mux(V s, V a, V b) { return a ^ ((a ^ b) & s); } /* s ? b : a, per bit */
+ALWAYS V lut1(uint32_t t, V x) {
+    t &= 3;
+    return t == 0 ? v_all(0) : t == 1 ? ~x : t == 2 ? x : v_all(1);
+}
+ALWAYS V lut2(uint32_t t, V x0, V x1) { return mux(x1, lut1(t, x0), lut1(t >> 2, x0)); }
+ALWAYS V lut3(uint32_t t, V x0, V x1, V x2) { return mux(x2, lut2(t & 0xF, x0, x1), lut2(t >> 4, x0, x1)); }
+ALWAYS V lut4(uint32_t t, V x0, V x1, V x2, V x3) {
+    return mux(x3, lut3(t & 0xFF, x0, x1, x2), lut3(t >> 8, x0, x1, x2));
+}
+ALWAYS V lut5(uint32_t t, V x0, V x1, V x2, V x3, V x4) {
+    return mux(x4, lut4(t & 0xFFFF, x0, x1, x2, x3), lut4(t >> 16, x0, x1, x2, x3));
+}
+
+/* The filter of the state before the clock at z (odd half bit k at z[47 - 2k]). */
+ALWAYS V bs_filter(const V *z) {
+#define ODD(k) z[47 - 2 * (k)]
+    V a = lut4(FB, ODD(0), ODD(1), ODD(2), ODD(3));
+    V b = lut4(FA, ODD(4), ODD(5), ODD(6), ODD(7));
+    V c = lut4(FB, ODD(8), ODD(9), ODD(10), ODD(11));
+    V d = lut4(FB, ODD(12), ODD(13), ODD(14), ODD(15));
+    V e = lut4(FA, ODD(16), ODD(17), ODD(18), ODD(19));
+#undef ODD
+    return lut5(FC, e, d, c, b, a);
+}
+
+/* The linear feedback of the state at z: the taps of LF_POLY_ODD and LF_POLY_EVEN (x0, 5, 9, 10, 12, ...). */
+ALWAYS V bs_feedback(const V *z) {
+    return z[43] ^ z[41] ^ z[39] ^ z[35] ^ z[29] ^ z[27] ^ z[25] ^ z[19] ^ z[17] ^ z[15] ^ z[9] ^ z[5] ^ z[42] ^
+           z[24] ^ z[14] ^ z[12] ^ z[10] ^ z[0];
+}
+
+ALWAYS int none(V x) { return (x[0] | x[1] | x[2] | x[3]) == 0; }
+
+/* The lanes of (odd, the block's even planes) that explain bytes 1..3 of every nonce of B, from after B. */
+ALWAYS V bs_explains8(uint32_t odd, const V *even, V alive, const Work *w) {
+    V z[48 + 24];
+    for (size_t n = 0; n < w->n8; n++) {
+        for (int k = 0; k < 24; k++) {
+            z[47 - 2 * k] = v_all(odd >> k);
+            z[46 - 2 * k] = even[k];
+        }
+        uint32_t fed = w->fed8[n], target = w->targets8[n];
+        V acc = v_all(0);
+        for (int t = 0; t < 24; t++) {
+            V ks = bs_filter(z + t);
+            z[48 + t] = bs_feedback(z + t) ^ ks ^ v_all(bebit(fed, 8 + t));
+            acc ^= ks;
+            if ((t & 7) == 7) {
+                alive &= ~(acc ^ bs_filter(z + t + 1) ^ v_all(target >> ((t >> 3) + 1)));
+                if (none(alive)) return alive;
+                acc = v_all(0);
+            }
+        }
+    }
+    return alive;
+}
+
+#if defined(__x86_64__) && !defined(__clang__)
+__attribute__((target_clones("avx2", "default")))
+#endif
+static void *run8_bitsliced(void *arg) {
+    Work *w = arg;
+    const V *planes = w->planes;
+    size_t blocks = (w->n_even + LANES - 1) / LANES;
+    for (size_t i = w->begin; i < w->end; i++)
+        for (size_t b = 0; b < blocks; b++) {
+            size_t lanes = w->n_even - b * LANES < LANES ? w->n_even - b * LANES : LANES;
+            V valid;
+            for (int q = 0; q < 4; q++)
+                valid[q] = lanes >= 64 * (size_t)(q + 1) ? ~0ull
+                           : lanes > 64 * (size_t)q  ? (1ull << (lanes - 64 * (size_t)q)) - 1
+                                                      : 0;
+            V alive = bs_explains8(w->odd[i], planes + 24 * b, valid, w);
+            if (none(alive)) continue;
+            for (size_t l = 0; l < lanes; l++) {
+                if (!((alive[l / 64] >> (l % 64)) & 1)) continue;
+                State s = {w->odd[i], w->even[b * LANES + l]};
+                for (int k = 7; k >= 0; k--) rollback_bit(&s, bebit(w->fed8[0], k));
+                if (explains(s.odd, s.even, w) && w->n_found < MAX_FOUND)
+                    w->found[w->n_found++] = ((uint64_t)s.odd << 24) | s.even;
+            }
+        }
+    return NULL;
+}
+
+/* The even list as bit planes: 24 vectors per block of LANES halves (the last block's spare lanes zero). */
+static V *even_planes(const uint32_t *even, size_t n) {
+    size_t blocks = (n + LANES - 1) / LANES;
+    V *planes = aligned_alloc(32, (blocks ? blocks : 1) * 24 * sizeof(V));
+    if (planes == NULL) return NULL;
+    memset(planes, 0, (blocks ? blocks : 1) * 24 * sizeof(V));
+    for (size_t j = 0; j < n; j++)
+        for (int k = 0; k < 24; k++)
+            planes[24 * (j / LANES) + k][(j % LANES) / 64] |= (uint64_t)((even[j] >> k) & 1) << (j % 64);
+    return planes;
+}
+#else
+#define BITSLICED 0
+#endif
+
 static void *run(void *arg) {
     Work *w = arg;
     for (size_t i = w->begin; i < w->end; i++)
@@ -138,10 +258,23 @@ static void *run(void *arg) {
 
 /* The search of brute_force and brute_force8 (with fed8, targets8): odd x even, split over threads. */
 static PyObject *search(Py_buffer odd, Py_buffer even, Py_buffer fed, Py_buffer targets, Py_buffer *fed8,
-                        Py_buffer *targets8, int threads) {
+                        Py_buffer *targets8, int threads, int bitsliced) {
     PyObject *result = NULL;
     Work *works = NULL;
+    void *planes = NULL;
     void *(*runner)(void *) = fed8 ? run8 : run;
+#if BITSLICED
+    if (fed8 && bitsliced && even.len >= 4 * 64) { /* fewer even halves than that leave most lanes empty */
+        planes = even_planes(even.buf, (size_t)even.len / 4);
+        if (planes == NULL) {
+            PyErr_NoMemory();
+            goto done;
+        }
+        runner = run8_bitsliced;
+    }
+#else
+    (void)bitsliced;
+#endif
     if (odd.len % 4 || even.len % 4 || fed.len % 4 || (size_t)targets.len != (size_t)fed.len / 4) {
         PyErr_SetString(PyExc_ValueError, "odd, even and fed are uint32 arrays; one target byte per fed word");
         goto done;
@@ -175,6 +308,7 @@ static PyObject *search(Py_buffer odd, Py_buffer even, Py_buffer fed, Py_buffer 
         w->fed8 = fed8 ? fed8->buf : NULL;
         w->targets8 = fed8 ? targets8->buf : NULL;
         w->n8 = fed8 ? (size_t)fed8->len / 4 : 0;
+        w->planes = planes;
         w->begin = n_odd * (size_t)t / (size_t)threads;
         w->end = n_odd * (size_t)(t + 1) / (size_t)threads;
         started[t] = t > 0 && pthread_create(&ids[t], NULL, runner, w) == 0;
@@ -200,6 +334,7 @@ static PyObject *search(Py_buffer odd, Py_buffer even, Py_buffer fed, Py_buffer 
         }
 done:
     free(works);
+    free(planes);
     return result;
 }
 
@@ -211,7 +346,7 @@ static PyObject *brute_force(PyObject *self, PyObject *args) {
     Py_buffer odd, even, fed, targets;
     int threads;
     if (!PyArg_ParseTuple(args, "y*y*y*y*i", &odd, &even, &fed, &targets, &threads)) return NULL;
-    PyObject *result = search(odd, even, fed, targets, NULL, NULL, threads);
+    PyObject *result = search(odd, even, fed, targets, NULL, NULL, threads, 0);
     PyBuffer_Release(&odd);
     PyBuffer_Release(&even);
     PyBuffer_Release(&fed);
@@ -219,17 +354,19 @@ static PyObject *brute_force(PyObject *self, PyObject *args) {
     return result;
 }
 
-/* brute_force8(odd8, even8, fed8, targets8, fed, targets, threads) -> list[int]: the same search over states
+/* brute_force8(odd8, even8, fed8, targets8, fed, targets, threads, bitsliced=True) -> list[int]: the same search over states
  * *after the first byte B* (odd8 x even8): each pair is checked first against bytes 1..3 of the nonces of B
  * (fed8, targets8: uid ^ {nT} and a bits, every {nT} starting with B), then rolled back over B to the initial
- * state, which must explain every nonce of fed; the initial states found are returned as odd << 24 | even. */
+ * state, which must explain every nonce of fed; the initial states found are returned as odd << 24 | even.
+ * Bitsliced (256 states a vector) unless ``bitsliced`` is false or the even list is short. */
 static PyObject *brute_force8(PyObject *self, PyObject *args) {
     (void)self;
     Py_buffer odd, even, fed8, targets8, fed, targets;
-    int threads;
-    if (!PyArg_ParseTuple(args, "y*y*y*y*y*y*i", &odd, &even, &fed8, &targets8, &fed, &targets, &threads))
+    int threads, bitsliced = 1;
+    if (!PyArg_ParseTuple(args, "y*y*y*y*y*y*i|p", &odd, &even, &fed8, &targets8, &fed, &targets, &threads,
+                          &bitsliced))
         return NULL;
-    PyObject *result = search(odd, even, fed, targets, &fed8, &targets8, threads);
+    PyObject *result = search(odd, even, fed, targets, &fed8, &targets8, threads, bitsliced);
     PyBuffer_Release(&odd);
     PyBuffer_Release(&even);
     PyBuffer_Release(&fed8);

@@ -10,8 +10,17 @@ def brute_force(odd: bytes, even: bytes, fed: bytes, targets: bytes, threads: in
     threads, without the GIL."""
 
 def brute_force8(
-    odd: bytes, even: bytes, fed8: bytes, targets8: bytes, fed: bytes, targets: bytes, threads: int, /
+    odd: bytes,
+    even: bytes,
+    fed8: bytes,
+    targets8: bytes,
+    fed: bytes,
+    targets: bytes,
+    threads: int,
+    bitsliced: bool = True,
+    /,
 ) -> list[int]:
     """The same over states *after the first byte B* (odd x even): each is checked against bytes 1..3 of the
     nonces of B (``fed8``: uid ^ {nT}, all starting with B; ``targets8``: their a bits), then rolled back over B;
-    the initial states that explain all of ``fed`` are returned as odd << 24 | even."""
+    the initial states that explain all of ``fed`` are returned as odd << 24 | even. Bitsliced (256 states a
+    vector, AVX2 where the CPU has it) unless ``bitsliced`` is false or the even list has fewer than 64."""

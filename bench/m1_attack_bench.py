@@ -136,12 +136,15 @@ def static_rows(keys: int, cards: int) -> None:
 
 
 def _rate(
-    search: Callable[..., object], odd: np.ndarray, even: np.ndarray, rest: tuple[object, ...], seconds: float
+    search: Callable[..., object],
+    odd: np.ndarray,
+    even: np.ndarray,
+    rest: tuple[object, ...],
+    threads: int,
+    seconds: float,
 ) -> tuple[float, float]:
     """(wall rate, idle-core rate) of ``search(odd chunk, even, *rest)`` over ``odd`` x ``even`` for about
-    ``seconds`` (``rest`` ends with the thread count)."""
-    threads = rest[-1]
-    assert isinstance(threads, int)
+    ``seconds`` on ``threads`` threads (``rest`` passes them)."""
     done, start, cpu = 0, time.perf_counter(), time.process_time()
     step = max(1, (1 << 24) // len(even))
     for i in range(0, len(odd), step):
@@ -178,7 +181,7 @@ def hardnested_rows(keys: int, bits: int, rate_seconds: float = 5.0) -> None:
         space = sum(len(odd) * len(even) for odd, even in pairs)
         odd, even = max(pairs, key=lambda pair: len(pair[0]) * len(pair[1]))
         fed, targets = nonces.checks(uid)
-        rate, idle_rate = _rate(brute_force, odd, even, (fed, targets, threads), rate_seconds)
+        rate, idle_rate = _rate(brute_force, odd, even, (fed, targets, threads), threads, rate_seconds)
         del pairs, odd, even
         plan = sum8_plan(nonces)
         state = Crypto1.from_key(expected)
@@ -190,7 +193,8 @@ def hardnested_rows(keys: int, bits: int, rate_seconds: float = 5.0) -> None:
         to_key = sum(g.space for g in plan.guesses[:place]) + plan.guesses[place].space / 2
         odd, even = max(plan.guesses[0].pairs, key=lambda pair: len(pair[0]) * len(pair[1]))
         first = nonces.first_checks(uid, plan.first, plan.guesses[0].sum8)
-        rate8, idle_rate8 = _rate(brute_force8, odd, even, (*first, fed, targets, threads), rate_seconds)
+        rate8, idle_rate8 = _rate(brute_force8, odd, even, (*first, fed, targets, threads), threads, rate_seconds)
+        scalar8 = _rate(brute_force8, odd, even, (*first, fed, targets, threads, False), threads, rate_seconds)[1]
         spaces.append(space)
         tried.append(to_key)
         expected_tried.append(plan.expected)
@@ -205,7 +209,7 @@ def hardnested_rows(keys: int, bits: int, rate_seconds: float = 5.0) -> None:
             f"Sum(a8) of {plan.first:02X} ({len(nonces.a8[plan.first])} second bytes) is {true_sum8}, guess "
             f"{place + 1} of {len(plan.guesses)}: 2^{math.log2(to_key):.1f} states tried to the key "
             f"(plan expected 2^{math.log2(plan.expected):.1f}), {idle_rate8 / 1e6:.1f} M states/s "
-            f"({rate8 / 1e6:.1f} measured), projected {projected8[-1] / 3600:.1f} h"
+            f"({rate8 / 1e6:.1f} measured; {scalar8 / 1e6:.1f} not bitsliced), projected {projected8[-1] / 60:.1f} min"
         )
     print(f"hardnested, {keys} random hardened cards, {threads} threads; seconds per key (median / max)")
     print(f"{f'{bits} unknown key bits':<24} {statistics.median(test_size):>7.2f} {max(test_size):>7.2f}   end to end")

@@ -122,8 +122,15 @@ def test_the_sum8_guesses_keep_the_key(seed: int) -> None:
     for odd, even in holding[0].pairs:
         if np.isin(state.odd, odd).any() and np.isin(state.even, even).any():
             key_state = Crypto1.from_key(expected)
-            found = brute_force8(odd.tobytes(), even.tobytes(), *first, fed, targets, 2)
-            assert found == [key_state.odd << 24 | key_state.even]
+            for bitsliced in (True, False):
+                found = brute_force8(odd.tobytes(), even.tobytes(), *first, fed, targets, 2, bitsliced)
+                assert found == [key_state.odd << 24 | key_state.even]
+            # with few checks many wrong states pass: the bitsliced kernel passes the same ones as the plain one
+            weak = (first[0][:8], first[1][:2], fed[:4], targets[:1])
+            some = odd[:20].tobytes()
+            assert brute_force8(some, even.tobytes(), *weak, 2, True) == brute_force8(
+                some, even.tobytes(), *weak, 2, False
+            )
 
 
 @pytest.mark.parametrize(("seed", "sector", "key_type"), [(8, 6, 0x60), (9, 14, 0x61)])
