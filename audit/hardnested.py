@@ -18,8 +18,13 @@ halves (``cardsim.crypto1.Crypto1``). Each nonce gives, for byte k, the bit
   gives different a0 bits; when it can, some pair does (exact for j = 7 and 6 by counting, and found for every
   one of thousands of random states checked for 5 and 4). For j < 4 the bit reaches a feedback tap and no single
   half decides it.
+- Second-byte sum property (``sum8_plan``): after a chosen first byte B the halves' 20 low bits hold the
+  initial halves' (bits 4..23) and decide Sum(a8) of B's second bytes the same way, so in the states after B
+  Sum(a0), Sum(a8) and the flips all split by halves. Sum(a8) is guessed from the second bytes seen after B
+  (collected on to ``SUM8_SAMPLES`` at full size), the guesses searched in order of likelihood.
 - What is left, odd x even, is brute-forced in C (``audit._hardnested``, both cores): a state survives when it
-  explains every parity bit of the collected nonces; the survivor is checked by authenticating.
+  explains every parity bit of the collected nonces; the survivor is checked by authenticating. States after B
+  go through ``brute_force8`` (bitsliced, 256 a vector; rolled back over B when they pass B's nonces).
 
 ``known_key_bits = (mask, value)`` fixes key bits (a test-size search: CI fixes most of the key).
 """
@@ -202,8 +207,13 @@ def collect_nested_nonces(
         except M1Error as e:
             raise AttackFailed(f"the known key does not open block {known[0]}: {e}") from e
         nonces.add(enc, parities)
-        if nonces.count % 256 == 0:
+        if nonces.count % 256 == 0 and len(nonces.a0) < 256:
             progress(f"hardnested: {nonces.count} nonces, {len(nonces.a0)} of 256 first bytes seen")
+        elif nonces.count % 1024 == 0:
+            progress(
+                f"hardnested: {nonces.count} nonces, every first byte seen, at most {nonces.most_second_bytes()} "
+                f"of the {sum8_samples} second bytes after one that Sum(a8) wants"
+            )
     progress(
         f"hardnested: {nonces.count} nonces collected, every first byte seen, at most "
         f"{nonces.most_second_bytes()} second bytes after one"
