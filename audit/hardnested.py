@@ -55,8 +55,6 @@ CHUNK_SECONDS = 1.0  # one brute-force call between progress lines and budget ch
 # distinct second bytes (or the budget or MAX_NONCES stops it), so that its Sum(a8) is guessed well.
 SUM8_SAMPLES = 48
 SUM8_FROM_BITS = 37  # collect on for Sum(a8) only when at least this many key bits are unknown
-# The values p(16 - q) + (16 - p)q can take (p, q = 0..16): the possible Sum(a0) and Sum(a8).
-SUM_VALUES = sorted({p * (16 - q) + (16 - p) * q for p in range(17) for q in range(17)})
 
 Progress = Callable[[str], None]
 
