@@ -2,7 +2,8 @@
 
 What a reviewer with a reader and the issuer's keys can do: read the algorithm id, check whose keys the card
 holds from the MAC1 that INITIALIZE FOR LOAD returns (no money moves), draw challenges, and, with ``active``,
-probe the purse: a DEBIT with a wrong MAC1, a replayed DEBIT, the counter across purchases, power cuts at every
+probe the purse: a DEBIT with a wrong MAC1, a replayed DEBIT, the counter across purchases, the load path (a
+CREDIT with a wrong MAC2, a replayed CREDIT, a DEBIT above the balance), power cuts at every
 write of a metro DEBIT (when the reader can cut power: a tearing rig), each judged on everything the DEBIT touches
 against what the spec says it must write, and, last because it locks the card, the MAC lockout.
 Active probes spend at most a few fen of the card's balance.
@@ -23,7 +24,7 @@ from audit.findings import Finding, finding
 from cardsim import commands, crypto
 from cardsim.apdu import SW, split_response
 from cardsim.bcd import bcd_date, bcd_time
-from cardsim.commands import Debit, Initialize, InitializeAnswer, InitKind
+from cardsim.commands import Credit, Debit, Initialize, InitializeAnswer, InitKind
 from cardsim.crypto import Algorithm, BlockKey
 from cardsim.files import JSONValue
 from cardsim.keys import IssuerKeyStore
@@ -132,6 +133,11 @@ def _session(purchase_key: BlockKey, init: InitializeAnswer, seq: int) -> BlockK
     return crypto.session_key(purchase_key, crypto.purchase_key_input(init.random, init.counter, seq))
 
 
+def _spoilt(mac: bytes) -> bytes:
+    """A MAC with every bit inverted: wrong, whatever the key."""
+    return bytes(b ^ 0xFF for b in mac)
+
+
 def _debit_apdu(
     init: InitializeAnswer,
     purchase_key: BlockKey | None,
@@ -139,15 +145,25 @@ def _debit_apdu(
     spoil: bool = False,
     txn_type: int = TYPE_PURCHASE,
     when: dt.datetime = AUDIT_TIME,
+    amount: int = 1,
 ) -> bytes:
-    """DEBIT FOR PURCHASE of 1 fen after ``init``; MAC1 from the key, or zeros (spoilt) without one."""
+    """DEBIT FOR PURCHASE of ``amount`` fen after ``init``; MAC1 from the key, or zeros (spoilt) without one."""
     date, time = bcd_date(when), bcd_time(when)
     mac1 = bytes(4)
     if purchase_key is not None:
-        mac1 = _session(purchase_key, init, seq).mac(crypto.purchase_mac1_data(1, txn_type, AUDIT_TERMINAL, date, time))
-    if spoil:
-        mac1 = bytes(b ^ 0xFF for b in mac1)
-    return Debit(seq, date, time, mac1).to_apdu()
+        mac1 = _session(purchase_key, init, seq).mac(
+            crypto.purchase_mac1_data(amount, txn_type, AUDIT_TERMINAL, date, time)
+        )
+    return Debit(seq, date, time, _spoilt(mac1) if spoil else mac1).to_apdu()
+
+
+def _credit_apdu(init: InitializeAnswer, load_key: bytes, spoil: bool = False) -> bytes:
+    """CREDIT FOR LOAD of 1 fen after ``init``, with the MAC2 the issuer host would compute (inverted: spoilt)."""
+    date, time = bcd_date(AUDIT_TIME), bcd_time(AUDIT_TIME)
+    key = BlockKey(Algorithm.from_id(init.algorithm_id), load_key)
+    sk = crypto.session_key(key, crypto.load_key_input(init.random, init.counter))
+    mac2 = sk.mac(crypto.load_mac2_data(1, TYPE_LOAD, AUDIT_TERMINAL, date, time))
+    return Credit(date, time, _spoilt(mac2) if spoil else mac2).to_apdu()
 
 
 def identify_keys(init: InitializeAnswer, card_serial: bytes, city: str, sources: list[KeySource]) -> CardKeys | None:
@@ -405,6 +421,58 @@ class _Probe:
         self.add("CPU-COUNTER", [*evidence, f"offline counter across two purchases: {counters}"])
         return False
 
+    def begin_load(self) -> InitializeAnswer | None:
+        """A clean session and INITIALIZE FOR LOAD of 1 fen; None (and a skipped line) when the card refuses."""
+        self.fresh()
+        init = _initialize(self.card, InitKind.LOAD, 1)
+        if isinstance(init, int):
+            self.result.skipped.append(f"{self.result.serial}: load probe: INITIALIZE FOR LOAD answered {init:04X}")
+            return None
+        return init
+
+    def loads(self, keys: CardKeys) -> None:
+        """The load path: a 1-fen CREDIT with a wrong MAC2, a genuine 1-fen CREDIT sent twice, and a DEBIT of one
+        fen more than the balance. A good card refuses all but the first genuine CREDIT, so it ends 1 fen richer,
+        and the wrong MAC2's MAC failure is cleared by that CREDIT before the lockout probe counts failures."""
+        before, _ = self.state()
+        self.card.take()
+        init = self.begin_load()
+        if init is None:
+            return
+        answer = self.card.transmit(_credit_apdu(init, keys.load_key, spoil=True))
+        evidence = self.card.take()
+        after, _ = self.state()
+        if _sw(answer) == SW.OK or after != before:
+            self.add("CPU-MAC2-NOT-CHECKED", [*evidence, f"balance {before} -> {after} fen after a wrong MAC2"])
+        self.card.take()
+        init = self.begin_load()
+        if init is None:
+            return
+        apdu = _credit_apdu(init, keys.load_key)
+        first, again = self.card.transmit(apdu), self.card.transmit(apdu)
+        evidence = self.card.take()
+        if _sw(first) == SW.OK and _sw(again) == SW.OK:
+            balance, _ = self.state()
+            self.add(
+                "CPU-REPLAY", [*evidence, f"replayed CREDIT FOR LOAD: balance {after} -> {balance} for one 1-fen load"]
+            )
+        self.overdraft(keys.purchase)
+
+    def overdraft(self, key: BlockKey) -> None:
+        """INITIALIZE FOR PURCHASE and DEBIT of one fen more than the balance: the spec's card refuses the
+        INITIALIZE (9401); a card whose DEBIT then succeeds lets a purse go negative."""
+        before, _ = self.state()
+        self.card.take()
+        self.fresh()
+        init = _initialize(self.card, InitKind.PURCHASE, before + 1)
+        if isinstance(init, int):
+            self.card.take()
+            return
+        answer = self.card.transmit(_debit_apdu(init, key, 5, amount=before + 1))
+        evidence = self.card.take()
+        if _sw(answer) == SW.OK:
+            self.add("CPU-OVERDRAFT", [*evidence, f"DEBIT of {before + 1} fen from a balance of {before} fen accepted"])
+
     def tearing(self, keys: CardKeys, rig: TearingRig, counter_steps: bool) -> None:
         """Cut power after 0, 1, 2... writes of a 1-fen metro DEBIT, until one completes. After each cut everything
         the DEBIT touches must be all old or all new, the new state computed from the old one as the spec says the
@@ -495,17 +563,21 @@ def audit_cpu(
     probe.randomness()
     if not active:
         result.skipped.append(
-            f"{serial}: active probes (wrong MAC1, replay, counter, tearing, robustness fuzz, lockout) need --active"
+            f"{serial}: active probes (wrong MAC1, replay, counter, loads, tearing, robustness fuzz, lockout) need"
+            " --active"
         )
         return result
     progress(f"CPU card {serial}: active probes")
     probe.wrong_mac1()
     keys = result.keys
     if keys is None:
-        result.skipped.append(f"{serial}: replay, counter and tearing probes need the card's purchase key (--keys)")
+        result.skipped.append(
+            f"{serial}: replay, counter, load and tearing probes need the card's purchase key (--keys)"
+        )
     else:
         probe.replay(keys.purchase)
         counter_steps = probe.counter(keys.purchase)
+        probe.loads(keys)
         if rig is None:
             result.skipped.append(f"{serial}: tearing probe needs a reader that can cut power mid-command")
         else:

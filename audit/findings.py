@@ -115,6 +115,10 @@ CHIP_RULES: Final[dict[str, Rule]] = {
     "CPU-SM4": Rule(Severity.PASS, "purse uses SM4, the domestic algorithm the 2009 plan asks for", "none"),
     "CPU-MAC1-NOT-CHECKED": Rule(Severity.CRITICAL, "a DEBIT with a wrong MAC1 is accepted", _CPU_FIX),
     "CPU-REPLAY": Rule(Severity.CRITICAL, "a replayed DEBIT is accepted twice", _CPU_FIX),
+    "CPU-MAC2-NOT-CHECKED": Rule(
+        Severity.CRITICAL, "a CREDIT FOR LOAD with a wrong MAC2 is accepted (free money)", _CPU_FIX
+    ),
+    "CPU-OVERDRAFT": Rule(Severity.CRITICAL, "a DEBIT larger than the balance is accepted", _CPU_FIX),
     "CPU-NO-LOCKOUT": Rule(Severity.HIGH, "repeated MAC failures never lock the application", _CPU_FIX),
     "CPU-COUNTER": Rule(Severity.HIGH, "the transaction counter does not increase by one", _CPU_FIX),
     "CPU-TEARING": Rule(
