@@ -114,7 +114,7 @@ CHIP_RULES: Final[dict[str, Rule]] = {
     "CPU-3DES": Rule(Severity.INFO, "purse uses 3DES", "plan the move to SM4 (the domestic algorithm)"),
     "CPU-SM4": Rule(Severity.PASS, "purse uses SM4, the domestic algorithm the 2009 plan asks for", "none"),
     "CPU-MAC1-NOT-CHECKED": Rule(Severity.CRITICAL, "a DEBIT with a wrong MAC1 is accepted", _CPU_FIX),
-    "CPU-REPLAY": Rule(Severity.CRITICAL, "a replayed DEBIT is accepted twice", _CPU_FIX),
+    "CPU-REPLAY": Rule(Severity.CRITICAL, "a replayed DEBIT or CREDIT is accepted twice", _CPU_FIX),
     "CPU-MAC2-NOT-CHECKED": Rule(
         Severity.CRITICAL, "a CREDIT FOR LOAD with a wrong MAC2 is accepted (free money)", _CPU_FIX
     ),

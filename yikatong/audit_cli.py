@@ -204,9 +204,11 @@ def _register_chips(sub: Subcommands) -> None:
             "Run every applicable check of the audit catalogue (spec audit.md) through each card's own "
             "interface: APDUs for CPU purse cards, radio frames and Crypto-1 authentications for MIFARE Classic cards. "
             "Without --active only probes that change nothing on the card run. With --active the audit also sends a "
-            "DEBIT with a wrong MAC1, replays a DEBIT, makes small purchases to watch the counter, cuts power "
-            "mid-DEBIT (simulated cards) and finally sends wrong MACs until the card locks: each card loses a few "
-            "fen and ends LOCKED. Card images are audited on a copy; files are never changed.",
+            "DEBIT with a wrong MAC1, replays a DEBIT, makes small purchases to watch the counter, loads with a "
+            "wrong MAC2, replays a CREDIT, tries an overdraft, cuts power mid-DEBIT and judges the whole state "
+            "(simulated cards), fuzzes the card with malformed APDUs and finally sends wrong MACs until the card "
+            "locks: each card moves a few fen and ends LOCKED. Card images are audited on a copy; files are never "
+            "changed.",
             width=100,
         ),
         epilog="Examples:\n  yikatong audit chips --fleet fixtures/fleets/planted.json --active\n"
