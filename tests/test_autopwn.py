@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from support import new_state
 
 from audit.autopwn import DICTIONARY, REUSED, TRAILER, autopwn
 from audit.chips import audit_fleet
@@ -90,11 +91,7 @@ def test_cli_refuses_a_cpu_image_and_two_card_sources(tmp_path: Path) -> None:
     both = run(str(tmp_path / "m1.json"), "--pn532", "/dev/null")
     assert both.returncode == 2 and "one card" in both.stderr
     cpu = tmp_path / "cpu.json"
-    subprocess.run(
-        [sys.executable, "-m", "yikatong.cli", "card", "issue", "--city", "4510", "--alg", "sm4", "--balance", "100",
-         "--out", str(cpu)],
-        check=True, capture_output=True,
-    )  # fmt: skip
+    save_card(cpu, new_state())
     refused = run(str(cpu))
     assert refused.returncode == 2 and "CPU card" in refused.stderr and "Traceback" not in refused.stderr
 

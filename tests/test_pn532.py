@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from support import new_state
 
 from cardsim.crypto1 import encrypt_bytes, odd_parity
 from cardsim.image import load_card, save_card
@@ -395,27 +396,7 @@ def test_nfc_mfclassic_unlocked_read_and_write_of_a_gen1a(gen1a: tuple[Path, str
 
 def test_card_serve_pn532_refuses_a_cpu_card(tmp_path: Path) -> None:
     image = tmp_path / "cpu.json"
-    issued = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "yikatong.cli",
-            "card",
-            "issue",
-            "--city",
-            "4510",
-            "--alg",
-            "sm4",
-            "--balance",
-            "100",
-            "--out",
-            str(image),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert issued.returncode == 0, issued.stderr
+    save_card(image, new_state())
     served = subprocess.run(
         [sys.executable, "-m", "yikatong.cli", "card", "serve", str(image), "--pn532"],
         capture_output=True,
