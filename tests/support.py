@@ -21,6 +21,14 @@ TERMINAL = bytes.fromhex("001122334455")
 WHEN = dt.datetime(2026, 11, 24, 8, 15, 2)
 
 
+def yikatong(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """``yikatong ARGS`` as a child process, its output captured as text. The child is killed after ``timeout``
+    seconds: a command that hangs fails its own test and leaves nothing running behind the suite."""
+    return subprocess.run(
+        [sys.executable, "-m", "yikatong.cli", *args], capture_output=True, text=True, timeout=timeout
+    )
+
+
 def seeded_rng(seed: int = 1):
     """A reproducible random source for cards."""
     gen = random.Random(seed)

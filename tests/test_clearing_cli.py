@@ -8,7 +8,6 @@ import csv
 import json
 import secrets
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from clearing_support import HOST, fresh_db, signed_records
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from mqtt_support import require_mosquitto
+from support import yikatong
 
 from clearing.db import async_url, migrate, open_engine
 from clearing.intake import Intake, Topic
@@ -40,12 +40,6 @@ from terminals.messages import (
 )
 from yikatong.clearing_cli import _card_file
 from yikatong.errors import CliError
-
-
-def yikatong(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "yikatong.cli", *args], capture_output=True, text=True, timeout=timeout
-    )
 
 
 @pytest.mark.parametrize("kind", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])

@@ -13,13 +13,13 @@ import base64
 import re
 import shutil
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from clearing_support import serve_process
 from mqtt_support import PrivateMosquitto, private_mosquitto
+from support import yikatong
 
 from terminals.hotlist import CardSet, encode_chunks
 from terminals.messages import (
@@ -35,12 +35,6 @@ from terminals.messages import (
 from terminals.mqtt import BrokerUrl
 
 JINAN, YANTAI, ZIBO = "4510", "4560", "4530"
-
-
-def yikatong(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "yikatong.cli", *args], capture_output=True, text=True, timeout=timeout
-    )
 
 
 @pytest.fixture
