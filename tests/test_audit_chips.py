@@ -38,14 +38,13 @@ PLANTED = fixture_path("fleets/planted.json")
 ACTIVE_ONLY = {
     "CPU-MAC1-NOT-CHECKED",
     "CPU-MAC2-NOT-CHECKED",
+    "CPU-OVERDRAFT",
     "CPU-REPLAY",
     "CPU-NO-LOCKOUT",
     "CPU-COUNTER",
     "CPU-TEARING",
     "CPU-ROBUSTNESS",
 }
-UNPLANTED = {"CPU-OVERDRAFT"}
-"""Probed on every card, but no simulated chip OS flaw lets a DEBIT pass the balance: no card can plant it."""
 CONTROLS = ("cpu-clean-control", "m1-clean-control")
 
 
@@ -84,7 +83,7 @@ def test_planted_fleet_reports_exactly_the_planted_findings(active_report: Repor
     assert found == expected
     # Every catalogue finding is planted somewhere, and the control cards hold none but their algorithm/Crypto-1.
     # (the key-recovery chain's own findings need --recover-keys: tests/test_autopwn.py plants those)
-    planted = set(CHIP_RULES) - set(ATTACK_RULES.values()) - UNPLANTED | {"M1-KEY-RECOVERED"}
+    planted = set(CHIP_RULES) - set(ATTACK_RULES.values()) | {"M1-KEY-RECOVERED"}
     assert set().union(*expected.values()) == planted
     assert found["cpu-clean-control"] == {"CPU-SM4"} and found["m1-clean-control"] == {"M1-CRYPTO1"}
 
@@ -150,7 +149,7 @@ def test_cli_on_card_images_writes_reports_leaves_images_unchanged_and_gates(tmp
     cards = tmp_path / "cards"
     cards.mkdir()
     for card in fleet.cards:
-        if card.name in (*CONTROLS, "cpu-replay"):
+        if card.name in (*CONTROLS, "cpu-replay", "cpu-overdraft"):  # the overdraft wraps the copy's balance
             save_card(cards / f"{card.name}.json", card.state)
     digest = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in cards.iterdir()}
     keys = str(fixture_path("keys/fleet-keys.json"))
@@ -158,11 +157,13 @@ def test_cli_on_card_images_writes_reports_leaves_images_unchanged_and_gates(tmp
     assert done.returncode == 1, done.stderr  # CPU-REPLAY is critical, at or above the default 'high'
     doc = json.loads((tmp_path / "audit-chips.json").read_text())
     assert doc["schema"] == "yikatong.audit-report/1" and doc["kind"] == "chips"
-    assert sorted(f["id"] for f in doc["findings"]) == ["CPU-REPLAY", "CPU-SM4", "CPU-SM4", "M1-CRYPTO1"]
-    assert doc["counts"] == {"critical": 1, "high": 1, "medium": 0, "low": 0, "info": 0, "pass": 2}
+    found = sorted(f["id"] for f in doc["findings"])
+    assert found == ["CPU-3DES", "CPU-OVERDRAFT", "CPU-REPLAY", "CPU-SM4", "CPU-SM4", "M1-CRYPTO1"]
+    assert doc["counts"] == {"critical": 2, "high": 1, "medium": 0, "low": 0, "info": 1, "pass": 2}
     assert "<html" in (tmp_path / "audit-chips.html").read_text()
     assert {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in cards.iterdir()} == digest
     (cards / "cpu-replay.json").unlink()
+    (cards / "cpu-overdraft.json").unlink()
     # The clean controls: only M1-CRYPTO1 (high) remains, so the gate depends on --fail-on.
     args = ["audit", "chips", "--cards", str(cards), "--keys", keys, "--json", "c.json", "--html", "c.html"]
     assert run_cli(*args, "--fail-on", "critical", cwd=tmp_path).returncode == 0
@@ -205,7 +206,7 @@ def test_bad_usage_exits_2(tmp_path: Path) -> None:
         (lambda doc: doc["cards"][0].update(defects=["sloppy"]), "cards[0] (cpu-clean-control): 'defects' may hold"),
         (lambda doc: doc["cards"][1].update(alg="aes"), "cards[1] (cpu-3des): 'alg' must be one of"),
         (lambda doc: doc.update(schema="x"), "not a yikatong.fleet/1 document"),
-        (lambda doc: doc["cards"][13].update(plant={"default_sectors": [16]}), "sectors 0..15"),
+        (lambda doc: doc["cards"][15].update(plant={"default_sectors": [16]}), "sectors 0..15"),
     ],
 )
 def test_bad_fleet_files_name_the_entry(
