@@ -25,11 +25,11 @@ from audit.cpu_audit import CHI2_LIMIT, KeySource, audit_cpu, chi_square
 from audit.findings import CHIP_RULES, Report
 from audit.fleet import FleetError, generate_fleet
 from cardsim.crypto import Algorithm
-from cardsim.image import save_card
+from cardsim.image import purse_to_json, save_card
 from cardsim.keys import IssuerKeyStore
 from cardsim.mifare import M1State
 from cardsim.personalise import CardRequest, issue_cpu_card
-from cardsim.purse import PurseCard, PurseState
+from cardsim.purse import Defect, PurseCard, PurseState
 from cardsim.resources import fixture_path
 from terminals.metro import parse_trip
 from terminals.pcsc import list_readers
@@ -142,6 +142,48 @@ def test_chi_square_of_uniform_and_biased_bytes() -> None:
     assert chi_square(bytes(range(256)) * 8) == 0
     assert chi_square(bytes(2048)) > CHI2_LIMIT
     assert chi_square(os.urandom(2048)) < CHI2_LIMIT  # fails about once in a million runs
+
+
+@pytest.mark.parametrize(
+    ("balance", "defects", "issuer_max", "amounts"),
+    [
+        (5000, {Defect.NO_MAX_BALANCE}, 100_000, [95_001, 2**32 - 5000]),  # past the maximum, and past 4 bytes
+        (5000, set(), 100_000, None),  # a genuine card refuses both (6985)
+        (5000, set(), 1000, [1]),  # a card whose own maximum is above the one the issuer publishes
+        (0, {Defect.NO_MAX_BALANCE}, 100_000, [100_001]),  # no 4-byte amount takes a zero balance past 4 bytes
+    ],
+    ids=["no-max-balance", "genuine", "above-published", "zero-balance"],
+)
+def test_the_load_limit_probe_is_passive_and_reports_the_loads_a_card_accepts(
+    balance: int, defects: set[Defect], issuer_max: int, amounts: list[int] | None
+) -> None:
+    keys = IssuerKeyStore.load(fixture_path("keys/fleet-keys.json"))
+    request = CardRequest("4510", Algorithm.SM4, balance, 1, dt.date(2026, 1, 1), dt.date(2036, 1, 1))
+    state = issue_cpu_card(keys, request)
+    state.defects = frozenset(defects)
+    before = purse_to_json(state)
+    reader = SimulatedCpu(PurseCard(state, os.urandom), "cpu")
+    result = audit_cpu(reader, sources(keys), active=False, rig=reader, issuer_max=issuer_max)
+    found = [f.details["amounts"] for f in result.findings if f.id == "CPU-LOAD-ABOVE-MAX"]
+    assert found == ([] if amounts is None else [amounts])
+    assert purse_to_json(state) == before  # INITIALIZE FOR LOAD alone: nothing on the card changed
+    [skipped] = result.skipped
+    assert "need --active" in skipped and "tearing probe needs --active and a reader that can cut power" in skipped
+
+
+def test_cli_max_balance_is_the_issuers_published_maximum(tmp_path: Path) -> None:
+    keys = IssuerKeyStore.load(fixture_path("keys/fleet-keys.json"))
+    cards = tmp_path / "cards"
+    cards.mkdir()
+    request = CardRequest("4510", Algorithm.SM4, 5000, 1, dt.date(2026, 1, 1), dt.date(2036, 1, 1))
+    save_card(cards / "card.json", issue_cpu_card(keys, request))
+    args = ["audit", "chips", "--cards", str(cards), "--fail-on", "high"]
+    assert run_cli(*args, cwd=tmp_path).returncode == 0  # the default maximum: 100,000 fen, the card's own
+    assert run_cli(*args, "--max-balance", "4999", cwd=tmp_path).returncode == 1
+    doc = json.loads((tmp_path / "audit-chips.json").read_text())
+    [found] = [f for f in doc["findings"] if f["id"] == "CPU-LOAD-ABOVE-MAX"]
+    assert found["severity"] == "high" and found["details"] == {"balance": 5000, "issuer_max": 4999, "amounts": [1]}
+    assert "--max-balance FEN" in run_cli("audit", "chips", "--help").stdout
 
 
 def test_cli_on_card_images_writes_reports_leaves_images_unchanged_and_gates(tmp_path: Path) -> None:
