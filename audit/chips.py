@@ -17,6 +17,7 @@ from audit.fleet import FleetCard, fleet_view
 from audit.m1_attacks import try_key
 from audit.m1_audit import KEY_NAMES, KeyRecovery, M1Audit, audit_m1
 from cardsim.files import JSONValue
+from cardsim.issue_options import DEFAULT_MAX_BALANCE
 from cardsim.mifare import M1Card
 from cardsim.purse import PurseCard, PurseState
 from terminals.flows import TransactionError
@@ -70,17 +71,19 @@ def audit_image_card(
     recover_all: bool,
     progress: Progress,
     recovery: KeyRecovery | None = None,
+    issuer_max: int = DEFAULT_MAX_BALANCE,
 ) -> None:
     """Audit one simulated card. It works on a copy: the image on disk, or the fleet, is never changed.
     ``recovery`` runs the whole key-recovery chain on an M1 card, with the keys already broken out of the
-    fleet's other cards tried first."""
+    fleet's other cards tried first; ``issuer_max``: the issuer's published maximum balance (fen)."""
     state = copy.deepcopy(card.state)
     if card.issued_for:
         audit.issued_for[card.name] = card.issued_for
     try:
         if isinstance(state, PurseState):
             reader = SimulatedCpu(PurseCard(state, os.urandom), card.name)
-            audit.add_cpu(card.name, audit_cpu(reader, sources, active=active, rig=reader, progress=progress))
+            cpu = audit_cpu(reader, sources, active=active, rig=reader, issuer_max=issuer_max, progress=progress)
+            audit.add_cpu(card.name, cpu)
         else:
             chip = M1Card(state, os.urandom)
             if recovery is not None:
@@ -216,10 +219,11 @@ def audit_fleet(
     recover_all: bool = False,
     recovery: KeyRecovery | None = None,
     progress: Progress = lambda _: None,
+    issuer_max: int = DEFAULT_MAX_BALANCE,
 ) -> Report:
     """Audit every card of a fleet (simulated cards) and build the report; ``recovery``: the whole key-recovery
     chain on each M1 card (``audit chips --recover-keys``), each card's budget cut to what is left of the fleet's
-    (``KeyRecovery.fleet_seconds``) when one is set."""
+    (``KeyRecovery.fleet_seconds``) when one is set; ``issuer_max``: the issuer's published maximum balance (fen)."""
     audit = ChipAudit()
     cards = list(cards)
     start = time.monotonic()
@@ -230,6 +234,13 @@ def audit_fleet(
             left = max(0.0, recovery.fleet_seconds - (time.monotonic() - start))
             budget = replace(recovery, max_seconds=min(recovery.max_seconds or left, left))
         audit_image_card(
-            card, sources, audit, active=active, recover_all=recover_all, progress=progress, recovery=budget
+            card,
+            sources,
+            audit,
+            active=active,
+            recover_all=recover_all,
+            progress=progress,
+            recovery=budget,
+            issuer_max=issuer_max,
         )
     return build_report(audit, inputs, active=active, progress=progress)

@@ -1,8 +1,9 @@
 """Chip audit of one CPU purse card through its APDU interface only (spec audit.md, the CPU-* findings).
 
 What a reviewer with a reader and the issuer's keys can do: read the algorithm id, check whose keys the card
-holds from the MAC1 that INITIALIZE FOR LOAD returns (no money moves), draw challenges, and, with ``active``,
-probe the purse: a DEBIT with a wrong MAC1, a replayed DEBIT, the counter across purchases, the load path (a
+holds from the MAC1 that INITIALIZE FOR LOAD returns (no money moves), draw challenges, ask for loads past the
+issuer's maximum balance and past the 4-byte balance (INITIALIZE FOR LOAD alone), and, with ``active``, probe the
+purse: a DEBIT with a wrong MAC1, a replayed DEBIT, the counter across purchases, the load path (a
 CREDIT with a wrong MAC2, a replayed CREDIT, a DEBIT above the balance), power cuts at every
 write of a metro DEBIT (when the reader can cut power: a tearing rig), each judged on everything the DEBIT touches
 against what the spec says it must write, and, last because it locks the card, the MAC lockout.
@@ -27,9 +28,10 @@ from cardsim.bcd import bcd_date, bcd_time
 from cardsim.commands import Credit, Debit, Initialize, InitializeAnswer, InitKind
 from cardsim.crypto import Algorithm, BlockKey
 from cardsim.files import JSONValue
+from cardsim.issue_options import DEFAULT_MAX_BALANCE
 from cardsim.keys import IssuerKeyStore
 from cardsim.log_record import LogRecord
-from cardsim.purse import SFI_LOG, SFI_TRIPS, TYPE_COMPOUND, TYPE_LOAD, TYPE_PURCHASE
+from cardsim.purse import BALANCE_MODULUS, SFI_LOG, SFI_TRIPS, TYPE_COMPOUND, TYPE_LOAD, TYPE_PURCHASE
 from terminals.flows import TransactionError, select_purse
 from terminals.metro import trip_record
 from terminals.reader import CardGone, Reader
@@ -45,6 +47,9 @@ LOCKOUT_TRIES: Final = 10
 TEAR_POINTS: Final = 16
 TRIP_SINGLE: Final = 0x06
 """The tearing probe's trip record type (spec card.md: 06 single): no gate reads it as an open metro entry."""
+
+
+_POWER_CUT: Final = "a reader that can cut power mid-command (simulated cards have one, a PC/SC reader has not)"
 
 
 class TearingRig(Protocol):
@@ -353,6 +358,32 @@ class _Probe:
         if not keys.diversified:
             self.add("CPU-UNDIVERSIFIED", proof, key_source=keys.source.name)
 
+    def load_limits(self, issuer_max: int) -> None:
+        """INITIALIZE FOR LOAD of one fen past the issuer's published maximum balance (the card does not tell
+        its own), and of one fen past the 4-byte balance, which any card must refuse. No CREDIT follows, so
+        nothing on the card changes, whatever it answers."""
+        self.card.take()  # the randomness probe's challenges are not this probe's evidence
+        self.fresh()
+        balance = int.from_bytes(self.read(commands.get_balance(), "GET BALANCE"))
+        limits = {f"the issuer's maximum balance of {issuer_max} fen": issuer_max, "the 4-byte balance": 0xFFFFFFFF}
+        accepted: dict[int, str] = {}
+        for what, limit in limits.items():
+            amount = max(1, limit - balance + 1)
+            if amount >= BALANCE_MODULUS:
+                continue  # a zero balance: no 4-byte amount can take it past 4 bytes
+            if not isinstance(_initialize(self.card, InitKind.LOAD, amount), int):
+                line = f"INITIALIZE FOR LOAD of {amount} fen on a balance of {balance} fen, past {what}: 9000"
+                accepted[amount] = line
+        evidence = self.card.take()
+        if accepted:
+            self.add(
+                "CPU-LOAD-ABOVE-MAX",
+                [*evidence, *accepted.values()],
+                balance=balance,
+                issuer_max=issuer_max,
+                amounts=list[JSONValue](accepted),
+            )
+
     def randomness(self) -> None:
         draws = []
         for _ in range(POWER_UPS):
@@ -547,10 +578,12 @@ def audit_cpu(
     *,
     active: bool,
     rig: TearingRig | None = None,
+    issuer_max: int = DEFAULT_MAX_BALANCE,
     progress: Callable[[str], None] = lambda _: None,
 ) -> CpuAudit:
-    """Run every applicable CPU check on the card in ``reader``; TransactionError/CardGone when the card
-    cannot be audited at all (it left, or it is not a purse)."""
+    """Run every applicable CPU check on the card in ``reader``; ``issuer_max``: the maximum balance the issuer
+    publishes for its cards, in fen. TransactionError/CardGone when the card cannot be audited at all (it left,
+    or it is not a purse)."""
     probe = _Probe(reader, CpuAudit("", "", ""))
     atr = probe.card.connect()
     app = select_purse(probe.card)
@@ -558,13 +591,14 @@ def audit_cpu(
     serial = app.application_serial.hex().upper()
     result = probe.result
     result.serial, result.city, result.maker = serial, app.city, cpu_maker(atr)
-    progress(f"CPU card {serial}: algorithm, keys, randomness")
+    progress(f"CPU card {serial}: algorithm, keys, randomness, load limits")
     probe.algorithm_and_keys(sources, app.card_serial)
     probe.randomness()
+    probe.load_limits(issuer_max)
     if not active:
         result.skipped.append(
-            f"{serial}: active probes (wrong MAC1, replay, counter, loads, tearing, robustness fuzz, lockout) need"
-            " --active"
+            f"{serial}: active probes (wrong MAC1, replay, counter, loads, robustness fuzz, lockout) need --active;"
+            f" the tearing probe needs --active and {_POWER_CUT}"
         )
         return result
     progress(f"CPU card {serial}: active probes")
@@ -579,7 +613,7 @@ def audit_cpu(
         counter_steps = probe.counter(keys.purchase)
         probe.loads(keys)
         if rig is None:
-            result.skipped.append(f"{serial}: tearing probe needs a reader that can cut power mid-command")
+            result.skipped.append(f"{serial}: tearing probe needs {_POWER_CUT}")
         else:
             probe.tearing(keys, rig, counter_steps)
     progress(f"CPU card {serial}: robustness fuzz")

@@ -119,6 +119,11 @@ CHIP_RULES: Final[dict[str, Rule]] = {
         Severity.CRITICAL, "a CREDIT FOR LOAD with a wrong MAC2 is accepted (free money)", _CPU_FIX
     ),
     "CPU-OVERDRAFT": Rule(Severity.CRITICAL, "a DEBIT larger than the balance is accepted", _CPU_FIX),
+    "CPU-LOAD-ABOVE-MAX": Rule(
+        Severity.HIGH,
+        "a load above the maximum balance, or past the 4-byte balance, is accepted",
+        f"{_CPU_FIX}; until then the issuer host refuses such loads",
+    ),
     "CPU-NO-LOCKOUT": Rule(Severity.HIGH, "repeated MAC failures never lock the application", _CPU_FIX),
     "CPU-COUNTER": Rule(Severity.HIGH, "the transaction counter does not increase by one", _CPU_FIX),
     "CPU-TEARING": Rule(

@@ -179,6 +179,9 @@ def purse_from_json(doc: object, where: str = "card image") -> PurseState:
         raise r.fail("files", "must be an object")
     kr, fr = _Reader(keys_doc, f"{where}: keys"), _Reader(files_doc, f"{where}: files")
     max_balance = r.integer("max_balance", 0, 0xFFFFFFFF)
+    defects = _defects(r, doc.get("defects", []))
+    # a card planted with a flaw that lets its balance past the maximum may have been saved there
+    balance_limit = 0xFFFFFFFF if defects & {Defect.NO_MAX_BALANCE, Defect.OVERDRAFT} else max_balance
     state = PurseState(
         algorithm=algorithm,
         key_version=r.integer("key_version", 0, 255),
@@ -187,7 +190,7 @@ def purse_from_json(doc: object, where: str = "card image") -> PurseState:
         public_data=fr.hexbytes("15", 30),
         holder_data=fr.hexbytes("16"),
         interop_data=fr.hexbytes("17"),
-        balance=r.integer("balance", 0, max_balance),
+        balance=r.integer("balance", 0, balance_limit),
         max_balance=max_balance,
         offline_counter=r.integer("offline_counter", 0, 0xFFFF),
         online_counter=r.integer("online_counter", 0, 0xFFFF),
@@ -199,7 +202,7 @@ def purse_from_json(doc: object, where: str = "card image") -> PurseState:
         blocked=r.flag("blocked"),
     )
     state.journal = _journal(r, doc.get("journal"))
-    state.defects = _defects(r, doc.get("defects", []))
+    state.defects = defects
     if "atr_historical" in doc:  # the chip maker's ATR bytes (older images: the simulator's own)
         state.atr_historical = r.hexbytes("atr_historical")
         if len(state.atr_historical) > 15:

@@ -60,6 +60,8 @@ TRIP_RECORDS: Final = 30
 TRIP_RECORD_SIZE: Final = 48
 MAC_FAILURE_LIMIT: Final = 3
 COUNTER_MAX: Final = 0xFFFF
+BALANCE_MODULUS: Final = 1 << 32
+"""The balance is a 4-byte register: a flawed card's arithmetic wraps there (a genuine card never reaches it)."""
 
 RandomSource = Callable[[int], bytes]
 
@@ -76,6 +78,8 @@ class Defect(enum.Enum):
     WEAK_RANDOM = "weak-random"  # randoms from a 16-value cycle that restarts at power-up
     FUZZ_CORRUPTS = "fuzz-corrupts"  # a DEBIT whose data is not 15 bytes moves the offline counter, then 6700
     MAC2_UNCHECKED = "mac2-unchecked"  # CREDIT FOR LOAD never compares the issuer's MAC2: free money
+    NO_MAX_BALANCE = "no-max-balance"  # INITIALIZE FOR LOAD ignores the maximum balance; the balance wraps at 2**32
+    OVERDRAFT = "overdraft-wraps"  # a DEBIT above the balance is accepted and the 4-byte balance wraps around
 
 
 @dataclass(frozen=True)
@@ -350,9 +354,9 @@ class PurseCard:
         counter = st.online_counter if is_load else st.offline_counter
         if counter >= COUNTER_MAX:
             raise ApduError(SW.CONDITIONS_NOT_SATISFIED, "transaction counter exhausted")
-        if is_load and st.balance + amount > st.max_balance:
+        if is_load and st.balance + amount > st.max_balance and not self._has(Defect.NO_MAX_BALANCE):
             raise ApduError(SW.CONDITIONS_NOT_SATISFIED, "load would exceed the maximum balance")
-        if not is_load and amount > st.balance:
+        if not is_load and amount > st.balance and not self._has(Defect.OVERDRAFT):
             raise ApduError(SW.INSUFFICIENT_BALANCE)
         random = self.rng(4)
         pending = _Pending(txn_type, amount, terminal, random, st.balance, counter)
@@ -394,7 +398,7 @@ class PurseCard:
         tac = self._tac_key.mac(
             crypto.purchase_tac_data(pending.amount, pending.txn_type, pending.terminal, seq, date, time)
         )
-        new_balance = pending.balance - pending.amount
+        new_balance = (pending.balance - pending.amount) % BALANCE_MODULUS
         trips = None
         if pending.trip_record is not None:
             trips = [pending.trip_record, *self.state.trips[: TRIP_RECORDS - 1]]
@@ -425,7 +429,7 @@ class PurseCard:
         expected = pending.load_key.mac(crypto.load_mac2_data(pending.amount, TYPE_LOAD, pending.terminal, date, time))
         if expected != mac2 and not self._has(Defect.MAC2_UNCHECKED):
             raise self._mac_failed()
-        new_balance = pending.balance + pending.amount
+        new_balance = (pending.balance + pending.amount) % BALANCE_MODULUS
         tac = self._tac_key.mac(
             crypto.load_tac_data(new_balance, pending.counter, pending.amount, TYPE_LOAD, pending.terminal, date, time)
         )

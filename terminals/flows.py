@@ -123,6 +123,10 @@ def purchase(
     init = _initialize(card, Initialize(InitKind.COMPOUND if compound else InitKind.PURCHASE, amount, terminal))
     algorithm = _algorithm("INITIALIZE FOR PURCHASE", init)
     balance, counter = init.balance, init.counter
+    if amount > balance:  # a card that lets a purse go below zero: not charged, whatever it would do
+        raise TransactionError(
+            "INITIALIZE FOR PURCHASE", f"the card accepted {amount} fen on a balance of {balance} fen; not charged"
+        )
     if trip_record is not None:
         trip = trip_record(balance - amount) if callable(trip_record) else trip_record
         exchange(card, "UPDATE CAPP DATA CACHE", commands.update_capp_data_cache(SFI_TRIPS, trip), 0)
@@ -228,6 +232,11 @@ def block_card(card: Reader, sam: Reader, app: PublicData) -> None:
     exchange(card, "APPLICATION BLOCK", commands.application_block(mac), 0)
 
 
+RECORD_FEN_MAX = 2**31 - 1
+"""The largest balance a transaction record carries (terminals.messages.Fen)."""
+_LOAD_REFUSED = "the load would take the balance above the card's maximum (or its load counter is used up)"
+
+
 def load(
     card: Reader,
     host: IssuerHost,
@@ -244,7 +253,17 @@ def load(
     ``load_outcome`` settles an interrupted one on the card's next tap.
     """
     app = app or select_purse(card)
-    init = _initialize(card, Initialize(InitKind.LOAD, amount, terminal))
+    try:
+        init = _initialize(card, Initialize(InitKind.LOAD, amount, terminal))
+    except TransactionError as err:
+        if err.sw != SW.CONDITIONS_NOT_SATISFIED:
+            raise
+        raise TransactionError(err.step, f"answered {SW.wording(err.sw)}: {_LOAD_REFUSED}", err.sw) from err
+    if init.balance + amount > RECORD_FEN_MAX:
+        # only a card that ignores its maximum balance gets here: refused before the issuer authorises anything
+        raise TransactionError(
+            "INITIALIZE FOR LOAD", f"balance {init.balance} + {amount} fen is past what any purse may hold; not loaded"
+        )
     date, time = bcd_date(when), bcd_time(when)
     algorithm = _algorithm("INITIALIZE FOR LOAD", init)
     mac2 = host.authorize_load(

@@ -25,11 +25,11 @@ from audit.cpu_audit import CHI2_LIMIT, KeySource, audit_cpu, chi_square
 from audit.findings import CHIP_RULES, Report
 from audit.fleet import FleetError, generate_fleet
 from cardsim.crypto import Algorithm
-from cardsim.image import save_card
+from cardsim.image import purse_to_json, save_card
 from cardsim.keys import IssuerKeyStore
 from cardsim.mifare import M1State
 from cardsim.personalise import CardRequest, issue_cpu_card
-from cardsim.purse import PurseCard, PurseState
+from cardsim.purse import Defect, PurseCard, PurseState
 from cardsim.resources import fixture_path
 from terminals.metro import parse_trip
 from terminals.pcsc import list_readers
@@ -38,14 +38,13 @@ PLANTED = fixture_path("fleets/planted.json")
 ACTIVE_ONLY = {
     "CPU-MAC1-NOT-CHECKED",
     "CPU-MAC2-NOT-CHECKED",
+    "CPU-OVERDRAFT",
     "CPU-REPLAY",
     "CPU-NO-LOCKOUT",
     "CPU-COUNTER",
     "CPU-TEARING",
     "CPU-ROBUSTNESS",
 }
-UNPLANTED = {"CPU-OVERDRAFT"}
-"""Probed on every card, but no simulated chip OS flaw lets a DEBIT pass the balance: no card can plant it."""
 CONTROLS = ("cpu-clean-control", "m1-clean-control")
 
 
@@ -84,7 +83,7 @@ def test_planted_fleet_reports_exactly_the_planted_findings(active_report: Repor
     assert found == expected
     # Every catalogue finding is planted somewhere, and the control cards hold none but their algorithm/Crypto-1.
     # (the key-recovery chain's own findings need --recover-keys: tests/test_autopwn.py plants those)
-    planted = set(CHIP_RULES) - set(ATTACK_RULES.values()) - UNPLANTED | {"M1-KEY-RECOVERED"}
+    planted = set(CHIP_RULES) - set(ATTACK_RULES.values()) | {"M1-KEY-RECOVERED"}
     assert set().union(*expected.values()) == planted
     assert found["cpu-clean-control"] == {"CPU-SM4"} and found["m1-clean-control"] == {"M1-CRYPTO1"}
 
@@ -145,12 +144,54 @@ def test_chi_square_of_uniform_and_biased_bytes() -> None:
     assert chi_square(os.urandom(2048)) < CHI2_LIMIT  # fails about once in a million runs
 
 
+@pytest.mark.parametrize(
+    ("balance", "defects", "issuer_max", "amounts"),
+    [
+        (5000, {Defect.NO_MAX_BALANCE}, 100_000, [95_001, 2**32 - 5000]),  # past the maximum, and past 4 bytes
+        (5000, set(), 100_000, None),  # a genuine card refuses both (6985)
+        (5000, set(), 1000, [1]),  # a card whose own maximum is above the one the issuer publishes
+        (0, {Defect.NO_MAX_BALANCE}, 100_000, [100_001]),  # no 4-byte amount takes a zero balance past 4 bytes
+    ],
+    ids=["no-max-balance", "genuine", "above-published", "zero-balance"],
+)
+def test_the_load_limit_probe_is_passive_and_reports_the_loads_a_card_accepts(
+    balance: int, defects: set[Defect], issuer_max: int, amounts: list[int] | None
+) -> None:
+    keys = IssuerKeyStore.load(fixture_path("keys/fleet-keys.json"))
+    request = CardRequest("4510", Algorithm.SM4, balance, 1, dt.date(2026, 1, 1), dt.date(2036, 1, 1))
+    state = issue_cpu_card(keys, request)
+    state.defects = frozenset(defects)
+    before = purse_to_json(state)
+    reader = SimulatedCpu(PurseCard(state, os.urandom), "cpu")
+    result = audit_cpu(reader, sources(keys), active=False, rig=reader, issuer_max=issuer_max)
+    found = [f.details["amounts"] for f in result.findings if f.id == "CPU-LOAD-ABOVE-MAX"]
+    assert found == ([] if amounts is None else [amounts])
+    assert purse_to_json(state) == before  # INITIALIZE FOR LOAD alone: nothing on the card changed
+    [skipped] = result.skipped
+    assert "need --active" in skipped and "tearing probe needs --active and a reader that can cut power" in skipped
+
+
+def test_cli_max_balance_is_the_issuers_published_maximum(tmp_path: Path) -> None:
+    keys = IssuerKeyStore.load(fixture_path("keys/fleet-keys.json"))
+    cards = tmp_path / "cards"
+    cards.mkdir()
+    request = CardRequest("4510", Algorithm.SM4, 5000, 1, dt.date(2026, 1, 1), dt.date(2036, 1, 1))
+    save_card(cards / "card.json", issue_cpu_card(keys, request))
+    args = ["audit", "chips", "--cards", str(cards), "--fail-on", "high"]
+    assert run_cli(*args, cwd=tmp_path).returncode == 0  # the default maximum: 100,000 fen, the card's own
+    assert run_cli(*args, "--max-balance", "4999", cwd=tmp_path).returncode == 1
+    doc = json.loads((tmp_path / "audit-chips.json").read_text())
+    [found] = [f for f in doc["findings"] if f["id"] == "CPU-LOAD-ABOVE-MAX"]
+    assert found["severity"] == "high" and found["details"] == {"balance": 5000, "issuer_max": 4999, "amounts": [1]}
+    assert "--max-balance FEN" in run_cli("audit", "chips", "--help").stdout
+
+
 def test_cli_on_card_images_writes_reports_leaves_images_unchanged_and_gates(tmp_path: Path) -> None:
     fleet = generate_fleet(PLANTED)
     cards = tmp_path / "cards"
     cards.mkdir()
     for card in fleet.cards:
-        if card.name in (*CONTROLS, "cpu-replay"):
+        if card.name in (*CONTROLS, "cpu-replay", "cpu-overdraft"):  # the overdraft wraps the copy's balance
             save_card(cards / f"{card.name}.json", card.state)
     digest = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in cards.iterdir()}
     keys = str(fixture_path("keys/fleet-keys.json"))
@@ -158,11 +199,13 @@ def test_cli_on_card_images_writes_reports_leaves_images_unchanged_and_gates(tmp
     assert done.returncode == 1, done.stderr  # CPU-REPLAY is critical, at or above the default 'high'
     doc = json.loads((tmp_path / "audit-chips.json").read_text())
     assert doc["schema"] == "yikatong.audit-report/1" and doc["kind"] == "chips"
-    assert sorted(f["id"] for f in doc["findings"]) == ["CPU-REPLAY", "CPU-SM4", "CPU-SM4", "M1-CRYPTO1"]
-    assert doc["counts"] == {"critical": 1, "high": 1, "medium": 0, "low": 0, "info": 0, "pass": 2}
+    found = sorted(f["id"] for f in doc["findings"])
+    assert found == ["CPU-3DES", "CPU-OVERDRAFT", "CPU-REPLAY", "CPU-SM4", "CPU-SM4", "M1-CRYPTO1"]
+    assert doc["counts"] == {"critical": 2, "high": 1, "medium": 0, "low": 0, "info": 1, "pass": 2}
     assert "<html" in (tmp_path / "audit-chips.html").read_text()
     assert {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in cards.iterdir()} == digest
     (cards / "cpu-replay.json").unlink()
+    (cards / "cpu-overdraft.json").unlink()
     # The clean controls: only M1-CRYPTO1 (high) remains, so the gate depends on --fail-on.
     args = ["audit", "chips", "--cards", str(cards), "--keys", keys, "--json", "c.json", "--html", "c.html"]
     assert run_cli(*args, "--fail-on", "critical", cwd=tmp_path).returncode == 0
@@ -205,7 +248,7 @@ def test_bad_usage_exits_2(tmp_path: Path) -> None:
         (lambda doc: doc["cards"][0].update(defects=["sloppy"]), "cards[0] (cpu-clean-control): 'defects' may hold"),
         (lambda doc: doc["cards"][1].update(alg="aes"), "cards[1] (cpu-3des): 'alg' must be one of"),
         (lambda doc: doc.update(schema="x"), "not a yikatong.fleet/1 document"),
-        (lambda doc: doc["cards"][13].update(plant={"default_sectors": [16]}), "sectors 0..15"),
+        (lambda doc: doc["cards"][15].update(plant={"default_sectors": [16]}), "sectors 0..15"),
     ],
 )
 def test_bad_fleet_files_name_the_entry(

@@ -29,6 +29,8 @@ FINDING: dict[Defect, str] = {
     Defect.WEAK_RANDOM: "CPU-WEAK-RANDOM",
     Defect.FUZZ_CORRUPTS: "CPU-ROBUSTNESS",
     Defect.MAC2_UNCHECKED: "CPU-MAC2-NOT-CHECKED",
+    Defect.NO_MAX_BALANCE: "CPU-LOAD-ABOVE-MAX",
+    Defect.OVERDRAFT: "CPU-OVERDRAFT",
 }
 ALGORITHM_FINDING = {Algorithm.SM4: "CPU-SM4", Algorithm.DES3: "CPU-3DES"}
 DEFECT_SETS = [frozenset[Defect](), *(frozenset({d}) for d in FINDING)] + [

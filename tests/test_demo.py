@@ -28,6 +28,10 @@ def _check_run(out: Path, printed: str) -> None:
     names = {s["source"]: s["subject"] for s in chips["subjects"]}
     assert "CPU-WEAK-RANDOM" in by_card[names["4510-sm4-weak-random"]]
     assert "M1-DEFAULT-KEY" in by_card[names["4530-m1-factory-keys"]]
+    # the chip that ignores its maximum balance, found without --active (a load asked for, none made)
+    assert by_card[names["4530-sm4-1"]] == {"CPU-SM4", "CPU-LOAD-ABOVE-MAX"}
+    assert re.search(r"^  high +CPU-LOAD-ABOVE-MAX +1 card +4530-sm4-1$", printed, re.MULTILINE), printed
+    assert "4530-sm4-1 (loads past its maximum balance)" in printed
     assert by_card[names["4560-sm4-1"]] == {"CPU-SM4"}  # an ordinary card: only its algorithm
     # every M1 card's keys recovered, or the reason it stopped said in the report
     for m1 in (s for s in chips["subjects"] if s["tech"] == "m1"):

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from support import KEYS, TERMINAL, WHEN, new_card, new_psam, readers, sw
 
 from cardsim import crypto
-from cardsim.crypto import Algorithm
+from cardsim.commands import InitializeAnswer
+from cardsim.crypto import Algorithm, BlockKey
+from cardsim.image import load_purse, save_card
 from cardsim.issuer import HostRefusal, IssuerHost
-from cardsim.purse import AID, LOG_RECORDS, TRIP_RECORDS, PurseCard
-from terminals.flows import TransactionError, load, purchase, select_purse
+from cardsim.purse import AID, LOG_RECORDS, TRIP_RECORDS, Defect, PurseCard
+from terminals.flows import RECORD_FEN_MAX, TransactionError, load, purchase, select_purse
 
 SELECT = bytes.fromhex("00A4040008") + AID
 ALGS = list(Algorithm)
@@ -66,6 +70,38 @@ def test_load_over_the_purse_limit_is_refused() -> None:
     with pytest.raises(TransactionError) as err:
         load(readers(card, new_psam())[0], IssuerHost(KEYS), TERMINAL, 200, WHEN)
     assert err.value.sw == 0x6985 and card.state.balance == 99_900
+    assert "above the card's maximum" in str(err.value)  # the terminal says what 6985 means here
+
+
+def test_a_card_that_ignores_its_maximum_is_loaded_past_it_but_never_past_what_a_record_holds(tmp_path: Path) -> None:
+    card = new_card(balance=99_900)
+    card.state.defects = frozenset({Defect.NO_MAX_BALANCE})
+    reader, host = readers(card, new_psam())[0], IssuerHost(KEYS)
+    assert load(reader, host, TERMINAL, 200, WHEN).balance_after == card.state.balance == 100_100
+    with pytest.raises(TransactionError, match="past what any purse may hold"):
+        load(reader, host, TERMINAL, RECORD_FEN_MAX, WHEN)  # refused before the issuer host authorises it
+    assert card.state.balance == 100_100 and card.state.online_counter == 1
+    save_card(tmp_path / "card.json", card.state)  # the flawed card's image keeps its balance past the maximum
+    assert load_purse(tmp_path / "card.json").balance == 100_100
+
+
+def test_a_card_that_allows_overdraft_wraps_its_balance_and_the_terminal_charges_nothing() -> None:
+    card, psam = new_card(balance=50), new_psam()
+    card.state.defects = frozenset({Defect.OVERDRAFT})
+    with pytest.raises(TransactionError, match="accepted 80 fen on a balance of 50 fen; not charged"):
+        purchase(*readers(card, psam), TERMINAL, 80, WHEN)
+    assert card.state.balance == 50
+    card.transmit(SELECT)
+    answer = init_purchase(card, 80)
+    assert sw(answer) == 0x9000  # a genuine card answers 9401
+    init = InitializeAnswer.from_bytes(answer[:-2], load=False)
+    key = BlockKey(Algorithm.SM4, card.state.keys.purchase)
+    session = crypto.session_key(key, crypto.purchase_key_input(init.random, init.counter, 1))
+    mac1 = session.mac(
+        crypto.purchase_mac1_data(80, 0x06, TERMINAL, bytes.fromhex("20261124"), bytes.fromhex("081502"))
+    )
+    assert sw(debit(card, mac1)) == 0x9000
+    assert card.state.balance == 2**32 - 30  # 50 - 80, wrapped round the 4-byte balance
 
 
 def test_interop_purchase_with_cards_of_every_city() -> None:

@@ -11,8 +11,9 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
+from cardsim.issue_options import DEFAULT_MAX_BALANCE
 from yikatong import autopwn_cli, reconcile_cli
-from yikatong.argtypes import Subcommands, command_group, file_path, hex_number, positive, seconds
+from yikatong.argtypes import Subcommands, command_group, fen, file_path, hex_number, positive, seconds
 from yikatong.audit_output import add_report_options, finish
 from yikatong.errors import CliError
 
@@ -203,12 +204,14 @@ def _register_chips(sub: Subcommands) -> None:
         description=textwrap.fill(
             "Run every applicable check of the audit catalogue (spec audit.md) through each card's own "
             "interface: APDUs for CPU purse cards, radio frames and Crypto-1 authentications for MIFARE Classic cards. "
-            "Without --active only probes that change nothing on the card run. With --active the audit also sends a "
-            "DEBIT with a wrong MAC1, replays a DEBIT, makes small purchases to watch the counter, loads with a "
-            "wrong MAC2, replays a CREDIT, tries an overdraft, cuts power mid-DEBIT and judges the whole state "
-            "(simulated cards), fuzzes the card with malformed APDUs and finally sends wrong MACs until the card "
-            "locks: each card moves a few fen and ends LOCKED. Card images are audited on a copy; files are never "
-            "changed.",
+            "Without --active only probes that change nothing on the card run (among them INITIALIZE FOR LOAD past "
+            "--max-balance and past the 4-byte balance, with no CREDIT after it). With --active the audit also sends "
+            "a DEBIT with a wrong MAC1, replays a DEBIT, makes small purchases to watch the counter, loads with a "
+            "wrong MAC2, replays a CREDIT, tries an overdraft, fuzzes the card with malformed APDUs and finally sends "
+            "wrong MACs until the card locks: each card moves a few fen and ends LOCKED. Cutting power mid-DEBIT "
+            "and judging the whole state (tearing) also needs a reader that can cut power: simulated cards (--cards, "
+            "--fleet) have one; --reader has not, so that probe is skipped there. Card images are audited on a copy; "
+            "files are never changed.",
             width=100,
         ),
         epilog="Examples:\n  yikatong audit chips --fleet fixtures/fleets/planted.json --active\n"
@@ -239,6 +242,14 @@ def _register_chips(sub: Subcommands) -> None:
     )
     chips.add_argument(
         "--active", action="store_true", help="also run probes that spend money and lock the card (see above)"
+    )
+    chips.add_argument(
+        "--max-balance",
+        type=fen,
+        default=DEFAULT_MAX_BALANCE,
+        metavar="FEN",
+        help="the issuer's published maximum balance of its CPU cards (a card does not tell its own); a card that "
+        "accepts a load past it is CPU-LOAD-ABOVE-MAX (default %(default)s)",
     )
     chips.add_argument(
         "--keys",
@@ -332,6 +343,7 @@ def _chips(args: argparse.Namespace) -> int:
         recover_all=args.recover == "all",
         recovery=_recovery(args, ()),
         progress=_progress,
+        issuer_max=args.max_balance,
     )
     return finish(report, args)
 
@@ -408,7 +420,8 @@ def _chips_on_reader(args: argparse.Namespace) -> int:
             atr = reader.connect()
             card_name = storage_card_name(atr)
             if card_name is None:
-                audit.add_cpu(name, audit_cpu(reader, sources, active=args.active, progress=_progress))
+                result = audit_cpu(reader, sources, active=args.active, issuer_max=args.max_balance, progress=_progress)
+                audit.add_cpu(name, result)
             elif card_name == CLASSIC_1K:
                 identity = f"ATR {atr.hex().upper()}: PC/SC Part 3, {card_name}"
                 audit.add_m1(name, audit_m1_blocks(Part3Slot(reader), where, identity, progress=_progress))

@@ -57,7 +57,7 @@ def register(groups: Subcommands) -> None:
         "demo",
         help="run the whole pipeline (cards, terminals, MQTT, clearing, settlement, audit) and print a summary",
         description="Issue a fleet for Jinan 4510, Yantai 4560 and Zibo 4530 (CPU 3DES and SM4 purses, legacy M1 "
-        "cards, plus a planted clone, a tampered M1 card and two weak chips), run a day of riders through bus, metro "
+        "cards, plus a planted clone, a tampered M1 card and three weak chips), run a day of riders through bus, metro "
         "and top-up terminals of the three cities (some riders take the train to another city), publish the "
         "records over MQTT to the three clearings, settle the day, audit the chips and reconcile the ledgers. "
         "Prints a summary table and writes report.html, the reports' JSON, the clearing files and the card images "

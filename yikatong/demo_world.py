@@ -7,7 +7,9 @@ Planted cards, and what should catch them:
   reconciliation reports the counter repeat and the impossible travel, and puts the card on its hotlist;
 - a Yantai M1 card whose value block is rewritten mid-day with a cracked key: reconciliation reports the balance
   rise with no load (REC-M1-TAMPER);
-- a Jinan SM4 card with a weak random generator, and a Zibo M1 card still on factory keys: the chip audit.
+- a Jinan SM4 card with a weak random generator, and a Zibo M1 card still on factory keys: the chip audit;
+- a Zibo SM4 card whose chip ignores its maximum balance on loads: the chip audit (CPU-LOAD-ABOVE-MAX), without
+  --active, since it only asks for such a load (INITIALIZE FOR LOAD) and moves no money.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ class Plant(enum.Enum):
     FACTORY_KEYS = "factory default keys"
     CLONE = "clone"
     TAMPERED = "value block rewritten"
+    NO_MAX_BALANCE = "loads past its maximum balance"
 
 
 @dataclass
@@ -156,6 +159,10 @@ def issue_fleet(keys: IssuerKeyStore, per_city: int, rng: random.Random) -> Flee
     cards.append(clone)
     tampered = next(c for c in cards if c.home == "4560" and c.tech == "m1")
     tampered.plant = Plant.TAMPERED
+    capless = next(c for c in cards if c.home == "4530" and c.name.endswith("sm4-1"))
+    assert isinstance(capless.state, PurseState)  # an SM4 card: a CPU purse
+    capless.state.defects = frozenset({Defect.NO_MAX_BALANCE})
+    capless.plant = Plant.NO_MAX_BALANCE
     return Fleet(cards, clone, original, tampered)
 
 
