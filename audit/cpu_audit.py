@@ -2,7 +2,8 @@
 
 What a reviewer with a reader and the issuer's keys can do: read the algorithm id, check whose keys the card
 holds from the MAC1 that INITIALIZE FOR LOAD returns (no money moves), draw challenges, and, with ``active``,
-probe the purse: a DEBIT with a wrong MAC1, a replayed DEBIT, the counter across purchases, the load path (a
+probe the purse: a DEBIT with a wrong MAC1, plain writes of the card class and expiry (each put back), a
+replayed DEBIT, the counter across purchases, the load path (a
 CREDIT with a wrong MAC2, a replayed CREDIT, a DEBIT above the balance), power cuts at every
 write of a metro DEBIT (when the reader can cut power: a tearing rig), each judged on everything the DEBIT touches
 against what the spec says it must write, and, last because it locks the card, the MAC lockout.
@@ -19,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Final, Protocol
 
 from audit.chip_makers import Maker, cpu_maker
+from audit.cpu_files import plain_write_probe
 from audit.cpu_fuzz import robustness_probe
 from audit.findings import Finding, finding
 from cardsim import commands, crypto
@@ -516,6 +518,19 @@ class _Probe:
                 return
             self.card.take()
 
+    def protected_files(self) -> None:
+        """Plain (MAC-less) writes of the card class and the expiry date (audit.cpu_files), each put back."""
+        found = plain_write_probe(self.card)
+        trace = self.card.take()
+        self.result.skipped += [f"{self.result.serial}: plain-write probe: {line}" for line in found.skipped]
+        if found.written:
+            self.add(
+                "CPU-UNPROTECTED-FILE",
+                [*trace, *found.evidence],
+                files=list[JSONValue](found.written),
+                restored=found.restored,
+            )
+
     def robustness(self) -> None:
         """The bounded APDU fuzz (audit.cpu_fuzz): every answer a status word, nothing on the card changed. Active:
         a flawed card changes state; it opens no session, so it spends nothing and counts no MAC failure."""
@@ -563,12 +578,13 @@ def audit_cpu(
     probe.randomness()
     if not active:
         result.skipped.append(
-            f"{serial}: active probes (wrong MAC1, replay, counter, loads, tearing, robustness fuzz, lockout) need"
-            " --active"
+            f"{serial}: active probes (wrong MAC1, plain file writes, replay, counter, loads, tearing, robustness"
+            " fuzz, lockout) need --active"
         )
         return result
     progress(f"CPU card {serial}: active probes")
     probe.wrong_mac1()
+    probe.protected_files()
     keys = result.keys
     if keys is None:
         result.skipped.append(

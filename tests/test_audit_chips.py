@@ -43,6 +43,7 @@ ACTIVE_ONLY = {
     "CPU-COUNTER",
     "CPU-TEARING",
     "CPU-ROBUSTNESS",
+    "CPU-UNPROTECTED-FILE",
 }
 UNPLANTED = {"CPU-OVERDRAFT"}
 """Probed on every card, but no simulated chip OS flaw lets a DEBIT pass the balance: no card can plant it."""
@@ -205,7 +206,7 @@ def test_bad_usage_exits_2(tmp_path: Path) -> None:
         (lambda doc: doc["cards"][0].update(defects=["sloppy"]), "cards[0] (cpu-clean-control): 'defects' may hold"),
         (lambda doc: doc["cards"][1].update(alg="aes"), "cards[1] (cpu-3des): 'alg' must be one of"),
         (lambda doc: doc.update(schema="x"), "not a yikatong.fleet/1 document"),
-        (lambda doc: doc["cards"][13].update(plant={"default_sectors": [16]}), "sectors 0..15"),
+        (lambda doc: doc["cards"][14].update(plant={"default_sectors": [16]}), "sectors 0..15"),
     ],
 )
 def test_bad_fleet_files_name_the_entry(

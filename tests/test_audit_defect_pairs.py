@@ -29,6 +29,7 @@ FINDING: dict[Defect, str] = {
     Defect.WEAK_RANDOM: "CPU-WEAK-RANDOM",
     Defect.FUZZ_CORRUPTS: "CPU-ROBUSTNESS",
     Defect.MAC2_UNCHECKED: "CPU-MAC2-NOT-CHECKED",
+    Defect.PLAIN_WRITE: "CPU-UNPROTECTED-FILE",
 }
 ALGORITHM_FINDING = {Algorithm.SM4: "CPU-SM4", Algorithm.DES3: "CPU-3DES"}
 DEFECT_SETS = [frozenset[Defect](), *(frozenset({d}) for d in FINDING)] + [
