@@ -520,6 +520,7 @@ class _Probe:
 
     def protected_files(self) -> None:
         """Plain (MAC-less) writes of the card class and the expiry date (audit.cpu_files), each put back."""
+        self.card.take()  # what earlier probes left: the evidence starts with this probe's power-up
         found = plain_write_probe(self.card)
         trace = self.card.take()
         self.result.skipped += [f"{self.result.serial}: plain-write probe: {line}" for line in found.skipped]

@@ -52,6 +52,9 @@ def test_a_plain_write_card_is_reported_critical_and_left_with_its_own_files() -
     [found] = [f for f in result.findings if f.id == "CPU-UNPROTECTED-FILE"]
     assert found.severity is Severity.CRITICAL is CHIP_RULES["CPU-UNPROTECTED-FILE"].severity
     assert found.details == {"files": NAMES, "restored": True}
+    # the trace is this probe's own: a power-up, SELECT, then the read of SFI 15
+    assert found.evidence[0] == "power on" and found.evidence[1].startswith("> 00A4040008A000000632010105  < 6F")
+    assert found.evidence[2].startswith("> 00B0950000  < ")
     evidence = "\n".join(found.evidence)
     assert "plain UPDATE BINARY of SFI 16 card class (offset 0) 01 -> 02 answered 9000, no MAC" in evidence
     assert "SFI 15 expiry date (offset 24) 20360101 -> 20991231 answered 9000" in evidence
