@@ -7,13 +7,15 @@ from __future__ import annotations
 import copy
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from support import KEYS, new_card, sw
 
 from cardsim import commands, crypto
 from cardsim.commands import CLA_ISO_SM
 from cardsim.crypto import Algorithm
 from cardsim.eeprom import CardTorn
-from cardsim.image import purse_from_json, purse_to_json
+from cardsim.image import CardImageError, purse_from_json, purse_to_json
 from cardsim.issuer import IssuerHost
 from cardsim.purse import AID, BINARY_FILES, MAC_FAILURE_LIMIT, SFI_HOLDER, SFI_PUBLIC, Defect, PurseCard
 
@@ -164,3 +166,44 @@ def test_a_torn_write_leaves_the_old_file_or_the_new_one(through_image: bool) ->
         assert answer is None or (sw(answer), after) == (0x9000, new)
         outcomes.add(after == new)
     assert outcomes == {True, False}, "the cuts must reach both sides of the commit point"
+
+
+FILE_VALUES = st.one_of(
+    st.one_of(st.binary(max_size=40), st.binary(min_size=30, max_size=30)).map(lambda b: b.hex().upper()),
+    st.sampled_from(["XYZ", "0", None, 7, []]),
+)
+
+
+def file_content(name: str, value: object) -> bytes | None:
+    """The file a journal value stands for; None when it is none (no hex, or SFI 15 not 30 bytes)."""
+    try:
+        raw = bytes.fromhex(value) if isinstance(value, str) else None
+    except ValueError:
+        return None
+    return None if raw is None or (name == "public_data" and len(raw) != 30) else raw
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    updates=st.dictionaries(st.sampled_from(list(BINARY_FILES.values())), FILE_VALUES, min_size=1), valid=st.booleans()
+)
+def test_an_image_with_a_pending_file_write_loads_exactly_or_names_the_field(
+    updates: dict[str, object], valid: bool
+) -> None:
+    """A card saved in the middle of a file write (`card serve` saves after each command) keeps the write's journal:
+    it loads back as saved, and a journal file value that is no hex, or no 30 bytes for SFI 15, names its field."""
+    doc = purse_to_json(new_card().state) | {"journal": {"valid": valid, "updates": updates}}
+    contents = {name: file_content(name, value) for name, value in updates.items()}
+    bad = [name for name, content in contents.items() if content is None]
+    if bad:
+        with pytest.raises(CardImageError, match=f"x.json: journal: field '({'|'.join(bad)})' must be"):
+            purse_from_json(doc, "x.json")
+        return
+    state = purse_from_json(doc, "x.json")
+    assert state.journal is not None and purse_to_json(state)["journal"] == doc["journal"]
+    card = PurseCard(state, new_card().rng)
+    card.power_on()  # a valid journal is replayed, an unfinished one dropped
+    for name in BINARY_FILES.values():
+        assert getattr(card.state, name) == (
+            contents.get(name) if valid and name in contents else getattr(new_card().state, name)
+        )
