@@ -190,8 +190,9 @@ def file_content(name: str, value: object) -> bytes | None:
 def test_an_image_with_a_pending_file_write_loads_exactly_or_names_the_field(
     updates: dict[str, object], valid: bool
 ) -> None:
-    """A card saved in the middle of a file write (`card serve` saves after each command) keeps the write's journal:
-    it loads back as saved, and a journal file value that is no hex, or no 30 bytes for SFI 15, names its field."""
+    """A card saved in the middle of a file write (`card serve` saves after every non-volatile write) keeps the
+    write's journal: it loads back as saved, and a journal file value that is no hex, or no 30 bytes for SFI 15,
+    names its field."""
     doc = purse_to_json(new_card().state) | {"journal": {"valid": valid, "updates": updates}}
     contents = {name: file_content(name, value) for name, value in updates.items()}
     bad = [name for name, content in contents.items() if content is None]
