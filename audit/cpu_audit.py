@@ -3,7 +3,8 @@
 What a reviewer with a reader and the issuer's keys can do: read the algorithm id, check whose keys the card
 holds from the MAC1 that INITIALIZE FOR LOAD returns (no money moves), draw challenges, ask for loads past the
 issuer's maximum balance and past the 4-byte balance (INITIALIZE FOR LOAD alone), and, with ``active``, probe the
-purse: a DEBIT with a wrong MAC1, a replayed DEBIT, the counter across purchases, the load path (a
+purse: a DEBIT with a wrong MAC1, plain writes of the card class and expiry (each put back), a replayed DEBIT,
+the counter across purchases, the load path (a
 CREDIT with a wrong MAC2, a replayed CREDIT, a DEBIT above the balance), power cuts at every
 write of a metro DEBIT (when the reader can cut power: a tearing rig), each judged on everything the DEBIT touches
 against what the spec says it must write, and, last because it locks the card, the MAC lockout.
@@ -20,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Final, Protocol
 
 from audit.chip_makers import Maker, cpu_maker
+from audit.cpu_files import plain_write_probe
 from audit.cpu_fuzz import robustness_probe
 from audit.findings import Finding, finding
 from cardsim import commands, crypto
@@ -547,6 +549,20 @@ class _Probe:
                 return
             self.card.take()
 
+    def protected_files(self) -> None:
+        """Plain (MAC-less) writes of the card class and the expiry date (audit.cpu_files), each put back."""
+        self.card.take()  # what earlier probes left: the evidence starts with this probe's power-up
+        found = plain_write_probe(self.card)
+        trace = self.card.take()
+        self.result.skipped += [f"{self.result.serial}: plain-write probe: {line}" for line in found.skipped]
+        if found.written:
+            self.add(
+                "CPU-UNPROTECTED-FILE",
+                [*trace, *found.evidence],
+                files=list[JSONValue](found.written),
+                restored=found.restored,
+            )
+
     def robustness(self) -> None:
         """The bounded APDU fuzz (audit.cpu_fuzz): every answer a status word, nothing on the card changed. Active:
         a flawed card changes state; it opens no session, so it spends nothing and counts no MAC failure."""
@@ -597,12 +613,13 @@ def audit_cpu(
     probe.load_limits(issuer_max)
     if not active:
         result.skipped.append(
-            f"{serial}: active probes (wrong MAC1, replay, counter, loads, robustness fuzz, lockout) need --active;"
-            f" the tearing probe needs --active and {_POWER_CUT}"
+            f"{serial}: active probes (wrong MAC1, plain file writes, replay, counter, loads, robustness fuzz,"
+            f" lockout) need --active; the tearing probe needs --active and {_POWER_CUT}"
         )
         return result
     progress(f"CPU card {serial}: active probes")
     probe.wrong_mac1()
+    probe.protected_files()
     keys = result.keys
     if keys is None:
         result.skipped.append(

@@ -9,9 +9,11 @@ model's answer to any bytes is tests/test_fuzz.py's business).
 
 The fuzz spends no money and cannot lock the card: it never opens a session (no well-formed INITIALIZE or GET
 CHALLENGE is among its commands, and the state read after each one ends with a READ RECORD, which closes any
-session the card opened), so the MAC-bearing DEBIT, CREDIT and APPLICATION BLOCK it sends all arrive without
-one and are refused (6985) before any MAC is compared: no MAC failure is counted toward the lockout. The card's
-state is read with INITIALIZE FOR PURCHASE and FOR LOAD of 0 fen, which commit nothing.
+session the card opened), so the MAC-bearing DEBIT, CREDIT, APPLICATION BLOCK and secure-messaging UPDATE BINARY
+it sends all arrive without one and are refused (6985, or a length error) before any MAC is compared: no MAC
+failure is counted toward the lockout. The card's state is read with INITIALIZE FOR PURCHASE and FOR LOAD of 0 fen,
+which commit nothing. It sends no plain UPDATE BINARY: on a card that takes one it would write (the plain-write
+probe, audit.cpu_files, tries that and puts the bytes back).
 """
 
 from __future__ import annotations
@@ -23,12 +25,12 @@ from typing import Final
 
 from cardsim import commands
 from cardsim.apdu import Command
-from cardsim.commands import CLA_ISO, CLA_PURSE, Initialize, InitializeAnswer, InitKind
+from cardsim.commands import CLA_ISO, CLA_ISO_SM, CLA_PURSE, Initialize, InitializeAnswer, InitKind
 from cardsim.purse import AID, LOG_RECORDS, SFI_HOLDER, SFI_INTEROP, SFI_LOG, SFI_PUBLIC, SFI_TRIPS, TRIP_RECORDS
 from terminals.reader import CardGone, Reader
 
 DEFAULT_BUDGET: Final = 200
-"""Fuzz commands per card: the 112 structured cases, then seeded random ones. The reads around them make about
+"""Fuzz commands per card: the 122 structured cases, then seeded random ones. The reads around them make about
 1,300 APDUs in all: 0.03 s on a simulated card, about a minute through pcscd and vpcd."""
 DEFAULT_SEED: Final = 22
 FUZZ_TERMINAL: Final = bytes.fromhex("A0D1000000F2")  # the terminal number of the state-reading INITIALIZEs
@@ -65,6 +67,8 @@ TEMPLATES: Final = (
     Template("UPDATE CAPP DATA CACHE", bytes([CLA_PURSE, 0xDC, 0x00, SFI_TRIPS << 3]), 48, None, session=True),
     Template("GET TRANSACTION PROVE", bytes([CLA_PURSE, 0x5A, 0x00, 0x06]), 2, 8),
     Template("APPLICATION BLOCK", bytes([CLA_SECURE, 0x1E, 0x00, 0x00]), 4, None, session=True),
+    # one byte of SFI 16 and a MAC
+    Template("UPDATE BINARY (secure messaging)", bytes([CLA_ISO_SM, 0xD6, 0x80 | SFI_HOLDER, 0x00]), 5, None, True),
 )
 """Data is all zeros: key index 0 makes even a well-formed INITIALIZE a refusal (9403), never a session."""
 
@@ -134,10 +138,11 @@ def _edge_cases() -> Iterator[FuzzCase]:
 def _random_cases(rng: random.Random) -> Iterator[FuzzCase]:
     """Unknown INS in the card's classes, unknown classes, then endless random APDUs (some on real headers)."""
     known = {(t.header[0], t.header[1]) for t in TEMPLATES}
-    for cla in (CLA_ISO, CLA_PURSE, CLA_SECURE):
+    classes = (CLA_ISO, CLA_PURSE, CLA_SECURE, CLA_ISO_SM)
+    for cla in classes:
         for ins in rng.sample([i for i in range(256) if (cla, i) not in known], 3):
             yield FuzzCase(f"unknown INS {cla:02X} {ins:02X}", bytes([cla, ins, 0x00, 0x00]))
-    for cla in rng.sample([c for c in range(256) if c not in {CLA_ISO, CLA_PURSE, CLA_SECURE}], 4):
+    for cla in rng.sample([c for c in range(256) if c not in classes], 4):
         yield FuzzCase(f"unknown CLA {cla:02X}", bytes([cla, 0xB0, 0x95, 0x00, 0x00]))
     while True:
         if rng.random() < 0.5:

@@ -118,6 +118,11 @@ CHIP_RULES: Final[dict[str, Rule]] = {
     "CPU-MAC2-NOT-CHECKED": Rule(
         Severity.CRITICAL, "a CREDIT FOR LOAD with a wrong MAC2 is accepted (free money)", _CPU_FIX
     ),
+    "CPU-UNPROTECTED-FILE": Rule(
+        Severity.CRITICAL,
+        "a public file (card class, expiry) is rewritten without secure messaging: anyone can forge a discount",
+        f"{_CPU_FIX}; check the card class and expiry of the cards against the issuer's records",
+    ),
     "CPU-OVERDRAFT": Rule(Severity.CRITICAL, "a DEBIT larger than the balance is accepted", _CPU_FIX),
     "CPU-LOAD-ABOVE-MAX": Rule(
         Severity.HIGH,

@@ -13,12 +13,15 @@ _INSTRUCTION: Final = "apdu_instruction"
 
 
 class SW(enum.IntEnum):
-    """The status words of spec card.md; the simulated cards answer no others (docs/card-choices.md)."""
+    """The status words of spec card.md, and two of ISO 7816-4 for file writes (which the spec does not list); the
+    simulated cards answer no others (docs/card-choices.md)."""
 
     OK = 0x9000
     WRONG_LENGTH = 0x6700
     FILE_NOT_FOUND = 0x6A82
     RECORD_NOT_FOUND = 0x6A83
+    COMMAND_INCOMPATIBLE_WITH_FILE = 0x6981  # ISO 7816-4, for UPDATE RECORD of a binary file and the reverse
+    SECURITY_STATUS_NOT_SATISFIED = 0x6982  # ISO 7816-4, for a plain write of a file that needs secure messaging
     CONDITIONS_NOT_SATISFIED = 0x6985
     INS_NOT_SUPPORTED = 0x6D00
     CLA_NOT_SUPPORTED = 0x6E00

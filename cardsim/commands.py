@@ -18,6 +18,8 @@ from cardsim.m1_issue import KeyScheme
 
 CLA_ISO: Final = 0x00
 CLA_PURSE: Final = 0x80
+CLA_ISO_SM: Final = 0x04
+"""The ISO class with secure messaging: the command's data ends with a MAC (UPDATE BINARY of the public files)."""
 
 
 class InitKind(enum.IntEnum):
@@ -46,6 +48,12 @@ def read_binary(sfi: int, le: int = 0) -> bytes:
 def read_record(sfi: int, number: int) -> bytes:
     """READ RECORD ``number`` (1 = newest) of the cyclic file ``sfi``."""
     return Command(CLA_ISO, 0xB2, number, (sfi << 3) | 4, le=0).to_bytes()
+
+
+def update_binary(sfi: int, offset: int, data: bytes, cla: int = CLA_ISO) -> bytes:
+    """UPDATE BINARY ``cla D6 (80|SFI) offset``: ``data`` written at ``offset`` of the binary file ``sfi``. With
+    ``CLA_ISO_SM`` the data must end with the secure-messaging MAC (crypto.secure_message_data)."""
+    return Command(cla, 0xD6, 0x80 | sfi, offset, data).to_bytes()
 
 
 def get_balance() -> bytes:

@@ -254,5 +254,11 @@ def m1_record_data(
     return pack(M1_RECORD, uid, counter, amount, balance_before, balance_after, terminal, terminal_seq, date, time)
 
 
-BLOCK_COMMAND_HEADER = bytes.fromhex("841E000004")
-"""What the APPLICATION BLOCK MAC covers: the command header with Lc."""
+def secure_message_data(header: bytes, data: bytes) -> bytes:
+    """What the MAC of a secure-messaging command covers (project choice, docs/card-choices.md): its header
+    CLA INS P1 P2, Lc as sent (the data and the 4-byte MAC), and the data."""
+    return header + bytes([len(data) + MAC_SIZE]) + data
+
+
+BLOCK_COMMAND_HEADER = secure_message_data(bytes.fromhex("841E0000"), b"")
+"""What the APPLICATION BLOCK MAC covers: the command header with Lc (84 1E 00 00 04)."""

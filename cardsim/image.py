@@ -14,8 +14,10 @@ from cardsim.eeprom import Journal
 from cardsim.files import JSONValue, read_json, write_text_atomic
 from cardsim.mifare import BLOCK_SIZE, BLOCKS, M1State, Profile
 from cardsim.purse import (
+    BINARY_FILES,
     LOG_RECORD_SIZE,
     LOG_RECORDS,
+    PUBLIC_DATA_SIZE,
     TRIP_RECORD_SIZE,
     TRIP_RECORDS,
     Defect,
@@ -51,13 +53,16 @@ def _proof(proof: TransactionProof | None) -> JSONValue:
 
 
 def _update_value(value: object) -> JSONValue:
-    """A journalled field's value as the state's own field is saved (record lists as hex, the proof as an object)."""
+    """A journalled field's value as the state's own field is saved (record lists and files as hex, the proof as an
+    object)."""
     if isinstance(value, list):
         return _records(value)
     if isinstance(value, TransactionProof):
         return _proof(value)
     if isinstance(value, int):
         return value
+    if isinstance(value, bytes):  # a public file's new content, hex like the files themselves
+        return value.hex().upper()
     raise TypeError(f"no image encoding for a journalled {type(value).__name__}")
 
 
@@ -187,7 +192,7 @@ def purse_from_json(doc: object, where: str = "card image") -> PurseState:
         key_version=r.integer("key_version", 0, 255),
         key_index=r.integer("key_index", 0, 255),
         keys=PurseKeys(*(kr.hexbytes(k, 16) for k in ("purchase", "load", "tac", "maintenance"))),
-        public_data=fr.hexbytes("15", 30),
+        public_data=fr.hexbytes("15", PUBLIC_DATA_SIZE),
         holder_data=fr.hexbytes("16"),
         interop_data=fr.hexbytes("17"),
         balance=r.integer("balance", 0, balance_limit),
@@ -230,6 +235,7 @@ def _journal(r: _Reader, value: object) -> Journal[PurseUpdate] | None:
     counts: dict[str, int] = {}
     records: dict[str, list[bytes]] = {}
     proof = None
+    files: dict[str, bytes] = {}
     for name, raw in fields.doc.items():  # in the document's order, so the first bad field is named
         if name in ("balance", "offline_counter", "online_counter", "mac_failures"):
             counts[name] = fields.integer(name, 0, 0xFFFFFFFF)
@@ -239,6 +245,8 @@ def _journal(r: _Reader, value: object) -> Journal[PurseUpdate] | None:
             records[name] = r.records("journal.trips", TRIP_RECORD_SIZE, TRIP_RECORDS, raw)
         elif name == "proof":
             proof = r.proof(raw)
+        elif name in BINARY_FILES.values():
+            files[name] = fields.hexbytes(name, PUBLIC_DATA_SIZE if name == "public_data" else None)
         else:
             raise r.fail("journal", f"has an unknown update {name!r}")
     updates = PurseUpdate(
@@ -249,6 +257,9 @@ def _journal(r: _Reader, value: object) -> Journal[PurseUpdate] | None:
         proof=proof,
         mac_failures=counts.get("mac_failures"),
         trips=records.get("trips"),
+        public_data=files.get("public_data"),
+        holder_data=files.get("holder_data"),
+        interop_data=files.get("interop_data"),
     )
     return Journal(updates, valid)
 

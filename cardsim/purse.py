@@ -28,6 +28,8 @@ from cardsim.apdu import (
     tlv,
 )
 from cardsim.commands import (
+    CLA_ISO,
+    CLA_ISO_SM,
     Credit,
     Debit,
     Initialize,
@@ -50,6 +52,7 @@ TYPE_PURCHASE: Final = 0x06
 TYPE_COMPOUND: Final = 0x09
 
 SFI_PUBLIC: Final = 0x15
+PUBLIC_DATA_SIZE: Final = 30
 SFI_HOLDER: Final = 0x16
 SFI_INTEROP: Final = 0x17
 SFI_LOG: Final = 0x18
@@ -62,6 +65,9 @@ MAC_FAILURE_LIMIT: Final = 3
 COUNTER_MAX: Final = 0xFFFF
 BALANCE_MODULUS: Final = 1 << 32
 """The balance is a 4-byte register: a flawed card's arithmetic wraps there (a genuine card never reaches it)."""
+BINARY_FILES: Final = {SFI_PUBLIC: "public_data", SFI_HOLDER: "holder_data", SFI_INTEROP: "interop_data"}
+"""The public binary files: SFI -> the ``PurseState`` (and ``PurseUpdate``) field that holds the file."""
+RECORD_FILES: Final = (SFI_LOG, SFI_TRIPS)
 
 RandomSource = Callable[[int], bytes]
 
@@ -80,6 +86,7 @@ class Defect(enum.Enum):
     MAC2_UNCHECKED = "mac2-unchecked"  # CREDIT FOR LOAD never compares the issuer's MAC2: free money
     NO_MAX_BALANCE = "no-max-balance"  # INITIALIZE FOR LOAD ignores the maximum balance; the balance wraps at 2**32
     OVERDRAFT = "overdraft-wraps"  # a DEBIT above the balance is accepted and the 4-byte balance wraps around
+    PLAIN_WRITE = "plain-write"  # UPDATE BINARY of the public files works without secure messaging
 
 
 @dataclass(frozen=True)
@@ -136,6 +143,9 @@ class PurseUpdate:
     proof: TransactionProof | None = None
     mac_failures: int | None = None
     trips: list[bytes] | None = None
+    public_data: bytes | None = None
+    holder_data: bytes | None = None
+    interop_data: bytes | None = None
 
     def writes(self) -> list[tuple[str, object]]:
         """(field name, new value) of each changed field, in write order."""
@@ -314,8 +324,68 @@ class PurseCard:
     @handles(0x00, 0xB0)
     def _read_binary(self, cmd: Command, _: _Carry) -> bytes:
         self._require_application()
-        st = self.state
-        return read_binary(cmd, {SFI_PUBLIC: st.public_data, SFI_HOLDER: st.holder_data, SFI_INTEROP: st.interop_data})
+        return read_binary(cmd, {sfi: getattr(self.state, name) for sfi, name in BINARY_FILES.items()})
+
+    @handles(CLA_ISO, 0xD6)
+    def _update_binary_plain(self, cmd: Command, carried: _Carry) -> bytes:
+        return self._update_binary(cmd, carried, secure=False)
+
+    @handles(CLA_ISO_SM, 0xD6)
+    def _update_binary_secure(self, cmd: Command, carried: _Carry) -> bytes:
+        return self._update_binary(cmd, carried, secure=True)
+
+    def _update_binary(self, cmd: Command, carried: _Carry, secure: bool) -> bytes:
+        """UPDATE BINARY ``(00|04) D6 (80|SFI) offset`` of a public file: with secure messaging only (CLA 04, the
+        data followed by a MAC with a session key from the maintenance key and the GET CHALLENGE just before)."""
+        self._require_application()
+        sfi = cmd.p1 & 0x1F if cmd.p1 & 0xE0 == 0x80 else None
+        if sfi in RECORD_FILES:
+            raise ApduError(SW.COMMAND_INCOMPATIBLE_WITH_FILE, "UPDATE BINARY of a record file")
+        name = BINARY_FILES.get(sfi) if sfi is not None else None
+        if name is None:
+            raise ApduError(SW.FILE_NOT_FOUND)
+        if not secure and not self._has(Defect.PLAIN_WRITE):
+            raise ApduError(SW.SECURITY_STATUS_NOT_SATISFIED, "the public files are written with secure messaging")
+        content: bytes = getattr(self.state, name)
+        data = cmd.data[: -crypto.MAC_SIZE] if secure else cmd.data
+        if not data or cmd.p2 + len(data) > len(content):
+            raise ApduError(SW.WRONG_LENGTH, f"{len(data)} bytes at offset {cmd.p2} of a {len(content)}-byte file")
+        check_le(cmd, 0)
+        if secure:
+            if carried.challenge is None:
+                raise ApduError(SW.CONDITIONS_NOT_SATISFIED, "secure messaging needs a GET CHALLENGE first")
+            key = crypto.session_key(self._maintenance_key, crypto.block_key_input(carried.challenge[:4]))
+            header = bytes([cmd.cla, cmd.ins, cmd.p1, cmd.p2])
+            if key.mac(crypto.secure_message_data(header, data)) != cmd.data[-crypto.MAC_SIZE :]:
+                raise self._mac_failed()
+        new = content[: cmd.p2] + data + content[cmd.p2 + len(data) :]
+        update = PurseUpdate(
+            mac_failures=0 if secure else None,
+            public_data=new if sfi == SFI_PUBLIC else None,
+            holder_data=new if sfi == SFI_HOLDER else None,
+            interop_data=new if sfi == SFI_INTEROP else None,
+        )
+        self.eeprom.commit(self.state, update)  # journalled, as the purse: a power cut leaves the old file or the new
+        return respond()
+
+    @handles(CLA_ISO, 0xDC)
+    def _update_record_plain(self, cmd: Command, _: _Carry) -> bytes:
+        return self._update_record(cmd)
+
+    @handles(CLA_ISO_SM, 0xDC)
+    def _update_record_secure(self, cmd: Command, _: _Carry) -> bytes:
+        return self._update_record(cmd)
+
+    def _update_record(self, cmd: Command) -> bytes:
+        """UPDATE RECORD ``(00|04) DC rec (SFI<<3|4)``: refused. The public files are binary (6981); the logs are
+        written by the card's own DEBIT and CREDIT only (6982); any other SFI is absent (6A82)."""
+        self._require_application()
+        sfi = cmd.p2 >> 3
+        if sfi in BINARY_FILES:
+            raise ApduError(SW.COMMAND_INCOMPATIBLE_WITH_FILE, "UPDATE RECORD of a binary file")
+        if sfi in RECORD_FILES:
+            raise ApduError(SW.SECURITY_STATUS_NOT_SATISFIED, "the logs are written by the card alone")
+        raise ApduError(SW.FILE_NOT_FOUND)
 
     @handles(0x00, 0xB2)
     def _read_record(self, cmd: Command, _: _Carry) -> bytes:

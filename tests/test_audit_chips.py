@@ -44,6 +44,7 @@ ACTIVE_ONLY = {
     "CPU-COUNTER",
     "CPU-TEARING",
     "CPU-ROBUSTNESS",
+    "CPU-UNPROTECTED-FILE",
 }
 CONTROLS = ("cpu-clean-control", "m1-clean-control")
 
@@ -248,7 +249,7 @@ def test_bad_usage_exits_2(tmp_path: Path) -> None:
         (lambda doc: doc["cards"][0].update(defects=["sloppy"]), "cards[0] (cpu-clean-control): 'defects' may hold"),
         (lambda doc: doc["cards"][1].update(alg="aes"), "cards[1] (cpu-3des): 'alg' must be one of"),
         (lambda doc: doc.update(schema="x"), "not a yikatong.fleet/1 document"),
-        (lambda doc: doc["cards"][15].update(plant={"default_sectors": [16]}), "sectors 0..15"),
+        (lambda doc: doc["cards"][16].update(plant={"default_sectors": [16]}), "sectors 0..15"),
     ],
 )
 def test_bad_fleet_files_name_the_entry(

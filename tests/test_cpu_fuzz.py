@@ -201,7 +201,12 @@ def test_any_answers_from_a_card_never_break_the_probe(answers: list[bytes | Non
     assert result.sent == budget and len(flagged) == bad
 
 
-HEADERS = st.sampled_from([bytes.fromhex(h) for h in ("80540100", "80520000", "80500102", "00B20104", "80DC00F0")])
+HEADERS = st.sampled_from(
+    [
+        bytes.fromhex(h)
+        for h in ("80540100", "80520000", "80500102", "00B20104", "80DC00F0", "00D69600", "04D69500", "00DC01B4")
+    ]
+)
 RAW_APDUS = st.one_of(st.binary(max_size=64), st.builds(bytes.__add__, HEADERS, st.binary(max_size=40)))
 
 

@@ -18,6 +18,10 @@ KNOWN = [
     (0x00, 0x84),
     (0x00, 0xB0),
     (0x00, 0xB2),
+    (0x00, 0xD6),
+    (0x04, 0xD6),
+    (0x00, 0xDC),
+    (0x04, 0xDC),
     (0x80, 0x5C),
     (0x80, 0x50),
     (0x80, 0x54),
@@ -43,8 +47,8 @@ def apdus(draw: st.DrawFn) -> bytes:
     if choice == 1:
         return SELECT
     cla, ins = draw(st.sampled_from(KNOWN)) if choice < 4 else (draw(st.integers(0, 255)), draw(st.integers(0, 255)))
-    p1 = draw(st.sampled_from([0x00, 0x01, 0x02, 0x03, 0x95, 0x96, 0x98, draw(st.integers(0, 255))]))
-    p2 = draw(st.sampled_from([0x00, 0x02, 0x06, 0x09, 0xC4, 0xF0, draw(st.integers(0, 255))]))
+    p1 = draw(st.sampled_from([0x00, 0x01, 0x02, 0x03, 0x95, 0x96, 0x97, 0x98, draw(st.integers(0, 255))]))
+    p2 = draw(st.sampled_from([0x00, 0x02, 0x06, 0x09, 0xB4, 0xC4, 0xF0, draw(st.integers(0, 255))]))
     data = draw(st.binary(max_size=60))
     header = bytes([cla, ins, p1, p2])
     tail = draw(st.sampled_from(["case1", "case2", "case3", "case4", "badlc"]))
@@ -67,11 +71,13 @@ def apdus(draw: st.DrawFn) -> bytes:
 def test_card_never_raises_and_never_moves_money(alg: Algorithm, commands: list[bytes], select_first: bool) -> None:
     card = new_card(alg)
     money = (card.state.balance, card.state.offline_counter, card.state.online_counter, list(card.state.log))
+    files = (card.state.public_data, card.state.holder_data, card.state.interop_data)
     for apdu in ([SELECT] if select_first else []) + commands:
         r = card.transmit(apdu)
         assert len(r) >= 2
         assert int.from_bytes(r[-2:]) in SPEC_SWS, f"{apdu.hex()} -> {r.hex()}"
     assert (card.state.balance, card.state.offline_counter, card.state.online_counter, card.state.log) == money
+    assert (card.state.public_data, card.state.holder_data, card.state.interop_data) == files  # no MAC, no write
     assert card.state.journal is None
 
 

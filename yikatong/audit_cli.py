@@ -205,13 +205,13 @@ def _register_chips(sub: Subcommands) -> None:
             "Run every applicable check of the audit catalogue (spec audit.md) through each card's own "
             "interface: APDUs for CPU purse cards, radio frames and Crypto-1 authentications for MIFARE Classic cards. "
             "Without --active only probes that change nothing on the card run (among them INITIALIZE FOR LOAD past "
-            "--max-balance and past the 4-byte balance, with no CREDIT after it). With --active the audit also sends "
-            "a DEBIT with a wrong MAC1, replays a DEBIT, makes small purchases to watch the counter, loads with a "
-            "wrong MAC2, replays a CREDIT, tries an overdraft, fuzzes the card with malformed APDUs and finally sends "
-            "wrong MACs until the card locks: each card moves a few fen and ends LOCKED. Cutting power mid-DEBIT "
-            "and judging the whole state (tearing) also needs a reader that can cut power: simulated cards (--cards, "
-            "--fleet) have one; --reader has not, so that probe is skipped there. Card images are audited on a copy; "
-            "files are never changed.",
+            "--max-balance and past the 4-byte balance, with no CREDIT after it). With --active the audit also sends a "
+            "DEBIT with a wrong MAC1, rewrites the card class and expiry without a MAC (and puts them back), replays a "
+            "DEBIT, makes small purchases to watch the counter, loads with a wrong MAC2, replays a CREDIT, tries an "
+            "overdraft, fuzzes the card with malformed APDUs and finally sends wrong MACs until the card locks: each "
+            "card moves a few fen and ends LOCKED. Cutting power mid-DEBIT and judging the whole state (tearing) also "
+            "needs a reader that can cut power: simulated cards (--cards, --fleet) have one; --reader has not, so that "
+            "probe is skipped there. Card images are audited on a copy; files are never changed.",
             width=100,
         ),
         epilog="Examples:\n  yikatong audit chips --fleet fixtures/fleets/planted.json --active\n"
