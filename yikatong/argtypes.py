@@ -95,6 +95,13 @@ def session_expiry(text: str) -> int:
     return _whole(text, "a session expiry in whole seconds", 0, MAX_SESSION_EXPIRY)
 
 
+def tcp_port(text: str) -> int:
+    """A TCP port, 0..65535 (0: any free one, where the command says so)."""
+    if not (text.isascii() and text.isdigit() and len(text) <= 5) or int(text) > 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a TCP port (0 to 65535; 0: any free one)")
+    return int(text)
+
+
 def city_code(text: str) -> str:
     """A 4-digit city code (GB/T 13497), e.g. 4510."""
     if not re.fullmatch(r"[0-9]{4}", text):

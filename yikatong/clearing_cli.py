@@ -28,6 +28,7 @@ from yikatong.argtypes import (
     load_keys,
     positive,
     session_expiry,
+    tcp_port,
 )
 from yikatong.errors import CliError
 from yikatong.process import setup_logging, stop_on_sigterm
@@ -117,7 +118,7 @@ def register(groups: Subcommands) -> None:
     )
     serve.add_argument(
         "--metrics-port",
-        type=_port,
+        type=tcp_port,
         metavar="PORT",
         help="serve Prometheus metrics on http://127.0.0.1:PORT/metrics (0: a free port, printed at start): records "
         "in/stored/quarantined/forwarded, batch commit seconds, queue depth, ack lag (docs/clearing-choices.md)",
@@ -369,13 +370,6 @@ async def _serve_async(args: argparse.Namespace, intake: Intake) -> int:
                 metrics.close()
             _print_stats(args.city, service.stats, "stopped")
     return 0
-
-
-def _port(text: str) -> int:
-    """A TCP port, 0..65535 (0: any free one)."""
-    if not (text.isascii() and text.isdigit() and len(text) <= 5) or int(text) > 65535:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a TCP port (0 to 65535; 0: any free one)")
-    return int(text)
 
 
 def _first(err: BaseException) -> str:

@@ -23,7 +23,7 @@ import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
-from yikatong import __version__, audit_cli, card_cli, clearing_cli, demo, load_cli, terminal_cli
+from yikatong import __version__, audit_cli, card_cli, clearing_cli, demo, load_cli, pki_cli, terminal_cli
 from yikatong.errors import CliError, one_line
 
 DEBUG_VARIABLE = "YIKATONG_DEBUG"
@@ -53,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     clearing_cli.register(groups)
     audit_cli.register(groups)
     load_cli.register(groups)
+    pki_cli.register(groups)
     return parser
 
 
