@@ -19,7 +19,7 @@ from clearing.defaults import DEFAULT_GRACE, HEALTH_EVERY, QUARANTINE_CAP
 from terminals.limits import MAX_DEPTH, MAX_PAYLOAD, MAX_RECORDS, MAX_STRING
 from yikatong.argtypes import (
     Subcommands,
-    broker_url,
+    broker_options,
     city_code,
     command_group,
     database_url,
@@ -70,7 +70,7 @@ def register(groups: Subcommands) -> None:
         "--db postgresql+asyncpg://postgres@127.0.0.1/test --shared --worker a",
     )
     serve.add_argument("--city", type=city_code, required=True, help="the city this clearing serves (4510, ...)")
-    serve.add_argument("--broker", type=broker_url, required=True, help="mqtt://[user:password@]host[:port]")
+    broker_options(serve, required=True)
     _db_option(serve)
     serve.add_argument("--keys", type=file_path, help="issuer key file (default: the published TEST keys)")
     serve.add_argument(
@@ -190,7 +190,7 @@ def register(groups: Subcommands) -> None:
         help="publish a new full snapshot even when a delta would do (terminals far behind catch up from it)",
     )
     add.add_argument("--city", type=city_code, required=True, help="whose hotlist")
-    add.add_argument("--broker", type=broker_url, required=True, help="mqtt://[user:password@]host[:port]")
+    broker_options(add, required=True)
     _db_option(add)
     add.set_defaults(run=_hotlist_add)
     show = hot.add_parser(
