@@ -21,7 +21,7 @@ from mqtt_support import PrivateMosquitto, private_mosquitto
 from support import yikatong
 
 from clearing.pki import Identity, Pki
-from terminals.messages import txn_topic
+from terminals.messages import hotlist_delta_topic, txn_topic
 from terminals.mqtt import BrokerUrl, TlsFiles
 
 CITY = "4560"
@@ -198,6 +198,24 @@ async def _until(url: BrokerUrl, *, connects: bool) -> None:
     """Until a connection with ``url``'s certificate succeeds (or fails): a SIGHUP takes effect a moment later."""
     while await _connects(url, REFUSED_WITHIN if not connects else 10) != connects:
         await asyncio.sleep(0.05)
+
+
+async def test_the_clearing_publishes_the_hotlist_and_only_it(network: TlsNetwork, tmp_path: Path) -> None:
+    """``clearing hotlist add`` over TLS with the clearing's certificate: every terminal reads the retained list;
+    a terminal's certificate cannot overwrite it."""
+    serial = "45600000000000000042"  # (the first version goes out as a snapshot, with an empty retained delta)
+    db = f"sqlite:///{tmp_path / 'hotlist.sqlite'}"
+    clearing_dir = str(network.device(Identity.clearing(CITY)))
+    add = ["clearing", "hotlist", "add", serial, "--city", CITY, "--db", db, "--broker", str(network.broker.url)]
+    done = yikatong(*add, "--tls-dir", clearing_dir)
+    assert done.returncode == 0 and "published retained" in done.stdout, done.stdout + done.stderr
+    delta = hotlist_delta_topic(CITY)
+    async with network.url(Identity.terminal(OTHER)).client("tls-forger", clean_session=True) as forger:
+        await forger.publish(delta, b"forged", qos=1, retain=True)  # acked, dropped: a terminal only reads it
+    async with network.url(Identity.terminal(HONEST)).client("tls-hotlist-reader", clean_session=True) as reader:
+        await reader.subscribe(delta, qos=1)
+        message = await anext(aiter(reader.messages))
+    assert message.payload == b'{"schema":"yikatong.hotlist-delta/1","issuer":"4560","base":1,"version":1,"changes":[]}'
 
 
 # --- mqtts:// URLs and the TLS options, without a broker ----------------------------------------------------
