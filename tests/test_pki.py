@@ -205,3 +205,18 @@ def test_device_names_parse_or_are_refused(text: str) -> None:
             continue
         assert identity.name.upper() == text.upper() and "/" not in identity.folder
         assert identity.common_name.endswith(identity.name)
+
+
+def test_pki_crl_signs_fresh_crls_and_drops_expired_devices_from_the_acl(tmp_path: Path) -> None:
+    pki = Pki.create(tmp_path / "pki", ["4510"])
+    past = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+    pki.issue(Identity.terminal("451000000009"), not_before=past, not_after=dt.datetime.now(dt.UTC) + dt.timedelta(1))
+    assert "user terminal:451000000009" in (pki.folder / "acl").read_text()
+    before = x509.load_pem_x509_crl((pki.folder / "ca/4510/crl.pem").read_bytes())
+    assert main(["pki", "crl", "--pki", str(pki.folder)]) == 0
+    after = x509.load_pem_x509_crl((pki.folder / "ca/4510/crl.pem").read_bytes())
+    number = after.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
+    assert number == before.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number + 1
+    assert after.next_update_utc is not None and after.next_update_utc > dt.datetime.now(dt.UTC) + dt.timedelta(6)
+    pki.write_acl(now=dt.datetime.now(dt.UTC) + dt.timedelta(2))  # as 'pki crl' two days later
+    assert "terminal:451000000009" not in (pki.folder / "acl").read_text()

@@ -72,13 +72,18 @@ async def _connects(url: BrokerUrl, timeout: float = 10) -> bool:
         return False
 
 
-async def test_terminal_taps_and_the_clearing_stores_and_acks_over_tls(network: TlsNetwork, tmp_path: Path) -> None:
+@pytest.mark.parametrize("shared", [False, True], ids=["worker", "shared-worker"])
+async def test_terminal_taps_and_the_clearing_stores_and_acks_over_tls(
+    network: TlsNetwork, tmp_path: Path, shared: bool
+) -> None:
+    """(``--shared``: an MQTT 5 shared subscription, $share/clearing-CITY/..., which the ACL allows as the topic.)"""
     card, state = tmp_path / "card.json", tmp_path / "terminal.sqlite"
     issued = yikatong("card", "issue", "--city", CITY, "--alg", "sm4", "--balance", "3000", "--out", str(card))
     assert issued.returncode == 0, issued.stderr
     db = f"sqlite:///{tmp_path / 'clearing.sqlite'}"
     clearing_dir = str(network.device(Identity.clearing(CITY)))
-    with serve_process(network.broker.url, db, CITY, "tls", "--tls-dir", clearing_dir) as serve:
+    extra = ["--shared"] if shared else []
+    with serve_process(network.broker.url, db, CITY, "tls", "--tls-dir", clearing_dir, *extra) as serve:
         tap = ["terminal", "tap", "--card", str(card), "--city", CITY, "--kind", "bus", "--fare", "200"]
         tap += ["--terminal", HONEST, "--state", str(state), "--broker", str(network.broker.url)]
         tap += ["--tls-dir", str(network.device(Identity.terminal(HONEST))), "--ack-wait", "60"]
