@@ -243,7 +243,11 @@ def test_mqtts_url_parses_with_its_default_port() -> None:
         (["--broker", "mqtts://127.0.0.1", "--ca", "x.pem"], "mqtts:// needs --tls-dir DIR"),
         (["--broker", "mqtt://127.0.0.1", "--tls-dir", "{honest}"], "are for an mqtts:// --broker"),
         (["--tls-dir", "{honest}"], "are for an mqtts:// --broker"),
-        (["--broker", "mqtts://127.0.0.1", "--tls-dir", "/no/such"], "--ca /no/such/ca.pem: no such file"),
+        (["--broker", "mqtts://127.0.0.1", "--tls-dir", "/no/such"], "--tls-dir /no/such: no such folder"),
+        (
+            ["--broker", "mqtts://127.0.0.1", "--tls-dir", "{honest}", "--cert", "/no/cert.pem"],
+            "--cert /no/cert.pem: no such",
+        ),
         (["--broker", "mqtts://127.0.0.1", "--tls-dir", "{honest}", "--key", "{other}/key.pem"], "TLS files"),
         (["--broker", "mqtts://127.0.0.1", "--tls-dir", "{honest}", "--ca", "{honest}/key.pem"], "TLS files"),
     ],

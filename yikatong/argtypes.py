@@ -168,6 +168,8 @@ def resolve_broker(args: argparse.Namespace) -> None:
     from terminals.mqtt import TlsFiles
 
     if args.tls_dir is not None:
+        if not args.tls_dir.is_dir():
+            raise CliError(f"--tls-dir {args.tls_dir}: no such folder (the one 'yikatong pki issue' wrote)")
         base = TlsFiles.folder(args.tls_dir)
         files = TlsFiles(args.ca or base.ca, args.cert or base.cert, args.key or base.key)
     elif all(given.values()):
