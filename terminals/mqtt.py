@@ -1,5 +1,5 @@
-"""Broker addresses (``mqtt://[user[:password]@]host[:port]``), aiomqtt clients for them, and the embedded
-amqtt broker that lets everything run with pip alone."""
+"""Broker addresses (``mqtt://[user[:password]@]host[:port]``, or ``mqtts://`` over TLS with a client
+certificate), aiomqtt clients for them, and the embedded amqtt broker that lets everything run with pip alone."""
 
 from __future__ import annotations
 
@@ -7,8 +7,10 @@ import asyncio
 import contextlib
 import logging
 import socket
+import ssl
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Protocol, cast
 from urllib.parse import unquote, urlsplit
 
@@ -18,6 +20,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 DEFAULT_PORT = 1883
+DEFAULT_TLS_PORT = 8883
 
 
 class IncomingQueueFactory(Protocol):
@@ -27,33 +30,66 @@ class IncomingQueueFactory(Protocol):
 
 
 @dataclass(frozen=True)
+class TlsFiles:
+    """A device's TLS files, as ``yikatong pki issue`` writes them: the CA that signed the broker, the device's
+    certificate (with its CA after it) and its private key."""
+
+    ca: Path
+    cert: Path
+    key: Path
+
+    @classmethod
+    def folder(cls, folder: Path) -> TlsFiles:
+        """The files of a ``pki issue`` folder: ca.pem, cert.pem, key.pem."""
+        return cls(folder / "ca.pem", folder / "cert.pem", folder / "key.pem")
+
+    def context(self) -> ssl.SSLContext:
+        """A client context: TLS 1.2 or later, the broker's certificate checked against ``ca`` and its name, this
+        device's certificate offered. OSError or ssl.SSLError when a file is missing or unusable."""
+        context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(self.ca))
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        context.load_cert_chain(str(self.cert), str(self.key))
+        return context
+
+
+@dataclass(frozen=True)
 class BrokerUrl:
-    """Where the MQTT broker is, and how to log in."""
+    """Where the MQTT broker is, and how to log in: ``tls`` set for an ``mqtts://`` broker."""
 
     host: str
     port: int = DEFAULT_PORT
     username: str | None = None
     password: str | None = None
+    secure: bool = False  # mqtts://: TLS, and ``tls`` must be given before a client is made
+    tls: TlsFiles | None = None
 
     @classmethod
     def parse(cls, text: str) -> BrokerUrl:
-        """``mqtt://host[:port]`` with optional ``user:password@``; ValueError says what is wrong."""
+        """``mqtt://host[:port]`` or ``mqtts://host[:port]`` (TLS; port 8883 by default) with optional
+        ``user:password@``; ValueError says what is wrong. An mqtts broker needs its TLS files (``with_tls``)."""
         parts = urlsplit(text)
-        if parts.scheme != "mqtt":
-            raise ValueError(f"broker {text!r}: use mqtt://host[:port] (TLS and websockets are not supported)")
+        if parts.scheme not in ("mqtt", "mqtts"):
+            raise ValueError(f"broker {text!r}: use mqtt://host[:port] or mqtts://host[:port] (no websockets)")
+        secure = parts.scheme == "mqtts"
         try:
-            port = parts.port or DEFAULT_PORT
+            port = parts.port or (DEFAULT_TLS_PORT if secure else DEFAULT_PORT)
         except ValueError as err:
             raise ValueError(f"broker {text!r}: {err}") from None
         if not parts.hostname or parts.path not in ("", "/") or parts.query:
-            raise ValueError(f"broker {text!r}: expected mqtt://host[:port]")
+            raise ValueError(f"broker {text!r}: expected {parts.scheme}://host[:port]")
         user = unquote(parts.username) if parts.username else None
         password = unquote(parts.password) if parts.password else None
-        return cls(parts.hostname, port, user, password)
+        return cls(parts.hostname, port, user, password, secure)
+
+    def with_tls(self, tls: TlsFiles) -> BrokerUrl:
+        """This ``mqtts://`` broker with the device's TLS files."""
+        if not self.secure:
+            raise ValueError(f"broker {self}: TLS files are for an mqtts:// broker")
+        return replace(self, tls=tls)
 
     def __str__(self) -> str:
         user = f"{self.username}@" if self.username else ""
-        return f"mqtt://{user}{self.host}:{self.port}"
+        return f"{'mqtts' if self.secure else 'mqtt'}://{user}{self.host}:{self.port}"
 
     def client(
         self,
@@ -69,6 +105,8 @@ class BrokerUrl:
         """An aiomqtt client with a persistent session unless ``clean_session``: MQTT 3.1.1, or MQTT 5 (needed
         for shared subscriptions; the session then outlives a disconnect by ``session_expiry`` seconds).
         ``queue_type``, ``max_queued_incoming_messages`` and ``logger`` go to aiomqtt as they are."""
+        if self.secure and self.tls is None:
+            raise ValueError(f"broker {self}: mqtts:// needs the TLS files (CA, certificate, key)")
         expiry = None
         if mqtt5:
             expiry = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
@@ -78,6 +116,7 @@ class BrokerUrl:
             self.port,
             username=self.username,
             password=self.password,
+            tls_context=None if self.tls is None else self.tls.context(),
             identifier=identifier,
             protocol=aiomqtt.ProtocolVersion.V5 if mqtt5 else None,
             # MQTT 5 says clean start; 3.1.1 clean session (aiomqtt's defaults leave the other one alone)

@@ -8,6 +8,7 @@ import contextlib
 import json
 import secrets
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import aiomqtt
 
+from clearing.pki import Pki
 from terminals.messages import Ack, MessageError, parse_record, parse_uplink
 from terminals.mqtt import BrokerUrl, free_port
 
@@ -39,21 +41,35 @@ class PrivateMosquitto:
     """A Mosquitto of our own on a free port (persistence on, in ``folder``), to stop and start at will.
 
     With ``password_file`` (made by ``mosquitto_passwd``) anonymous clients are refused; with ``acl_file`` each
-    user may read and write only what the file allows. Mosquitto reads both after it has given up root for its
-    ``mosquitto`` user, which cannot enter pytest's private tmp folders: with either file it keeps its user."""
+    user may read and write only what the file allows. With ``tls`` (a PKI folder holding a server certificate for
+    127.0.0.1) it listens with TLS only, as ``yikatong pki mosquitto-conf`` writes it: a client certificate of the
+    PKI required, its CN the username, the PKI's CRL and ACL. Mosquitto reads these files after it has given up
+    root for its ``mosquitto`` user, which cannot enter pytest's private tmp folders: with any of them it keeps
+    its user."""
 
-    def __init__(self, folder: Path, *, password_file: Path | None = None, acl_file: Path | None = None) -> None:
+    def __init__(
+        self,
+        folder: Path,
+        *,
+        password_file: Path | None = None,
+        acl_file: Path | None = None,
+        tls: Path | None = None,
+    ) -> None:
         self.port = free_port()
-        self.url = BrokerUrl("127.0.0.1", self.port)
         self.conf = folder / "mosquitto.conf"
-        anonymous = "false" if password_file is not None else "true"
-        conf = f"listener {self.port} 127.0.0.1\nallow_anonymous {anonymous}\n"
+        if tls is not None:  # the listener 'yikatong pki mosquitto-conf' writes; the server certificate is 127.0.0.1's
+            self.url = BrokerUrl("127.0.0.1", self.port, secure=True)
+            conf = Pki(tls).mosquitto_listener(tls / "devices" / "server-127.0.0.1", self.port, "127.0.0.1")
+        else:
+            self.url = BrokerUrl("127.0.0.1", self.port)
+            anonymous = "false" if password_file is not None else "true"
+            conf = f"listener {self.port} 127.0.0.1\nallow_anonymous {anonymous}\n"
         conf += f"persistence true\npersistence_location {folder}/\n"
         if password_file is not None:
             conf += f"password_file {password_file}\n"
         if acl_file is not None:
             conf += f"acl_file {acl_file}\n"
-        if password_file is not None or acl_file is not None:
+        if password_file is not None or acl_file is not None or tls is not None:
             conf += "user root\n"  # "root": do not change user (only takes effect when started as root)
         self.conf.write_text(conf)
         self.proc: subprocess.Popen[bytes] | None = None
@@ -71,6 +87,11 @@ class PrivateMosquitto:
             time.sleep(0.05)
         raise AssertionError(f"private mosquitto did not start on port {self.port}")
 
+    def reload(self) -> None:
+        """SIGHUP: Mosquitto reads its configuration again, the ACL and the CRL with it."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGHUP)
+
     def stop(self) -> None:
         if self.proc is not None:
             self.proc.kill()
@@ -80,9 +101,9 @@ class PrivateMosquitto:
 
 @contextlib.contextmanager
 def private_mosquitto(
-    folder: Path, *, password_file: Path | None = None, acl_file: Path | None = None
+    folder: Path, *, password_file: Path | None = None, acl_file: Path | None = None, tls: Path | None = None
 ) -> Iterator[PrivateMosquitto]:
-    broker = PrivateMosquitto(folder, password_file=password_file, acl_file=acl_file)
+    broker = PrivateMosquitto(folder, password_file=password_file, acl_file=acl_file, tls=tls)
     broker.start()
     try:
         yield broker

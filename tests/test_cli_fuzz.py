@@ -124,6 +124,8 @@ def _write_template(folder: Path) -> None:
         ok(*tap)
         ok(*tap, "--state", "state.sqlite")
         ok("clearing", "migrate")
+        ok("pki", "init", "--out", "pki", "--city", "4510")
+        ok("pki", "issue", "--terminal", "451000000001", "--pki", "pki", "--out", "tls")  # a device's TLS folder
     card, m1 = (json.loads((folder / name).read_text()) for name in ("card.json", "m1.json"))
     docs = {
         **_shapes(card, m1),
@@ -278,8 +280,16 @@ _CITIES = ["4510", "4560", "4530", "9999", "0000"]
 _FEN = ["0", "1", "200", "5000", "99999", "2147483647", "2147483648", "4294967296", "999999999999"]
 _FLOATS = ["0", "0.01", "-1", "nan", "inf", "1e308", "5"]
 _INTS = ["1", "2", "0", "-1", "99999999999999999999"]
-_BAD_BROKERS = ["mqtt://", "http://127.0.0.1", "mqtt://h:99999", "mqtt://h/x", "mqtts://h", "127.0.0.1:1883"]
-_GOOD_BROKERS = ["mqtt://127.0.0.1:1", "mqtt://u:p@127.0.0.1:1883", *_BAD_BROKERS]
+_BAD_BROKERS = [
+    "mqtt://",
+    "http://127.0.0.1",
+    "mqtt://h:99999",
+    "mqtt://h/x",
+    "mqtts://",
+    "mqtts://h/x",
+    "127.0.0.1:1883",
+]
+_GOOD_BROKERS = ["mqtt://127.0.0.1:1", "mqtt://u:p@127.0.0.1:1883", "mqtts://127.0.0.1:1", *_BAD_BROKERS]
 _DATABASES = [
     "sqlite:///clearing.sqlite",
     "sqlite:///new.sqlite",
@@ -336,6 +346,11 @@ _BY_DEST: dict[str, list[str]] = {
     "files": [*_LEDGERS, "card.json", f"clearing-4510-{DAY}.csv", f"4510=clearing-4510-{DAY}.csv", "9999=garbage.csv"],
     "worker": ["a", ""],
     "host": ["127.0.0.1"],
+    "tls_dir": ["tls", "pki", "card.json"],
+    "cert": ["tls/cert.pem", "tls/key.pem", "card.json"],
+    "key": ["tls/key.pem", "tls/cert.pem"],
+    "ca": ["tls/ca.pem", "pki/chain.pem", "card.json"],
+    "pki": ["pki", "tls"],
 }
 
 

@@ -3,7 +3,9 @@ publish only on its own topic (username = terminal number) and read only its own
 the clearing logs in as ``clearing``. Real terminals tap real cards, publish through their outboxes to an
 in-process clearing, and the ledger ends up holding exactly the records the terminals completed: none lost,
 none doubled. A terminal's credentials used on another terminal's topic are refused by the broker (the record
-never reaches the clearing), and a client without the right password does not get in at all."""
+never reaches the clearing), and a client without the right password does not get in at all. The main scenario
+runs over TLS too, each device with its own certificate (``yikatong pki``; tests/test_tls_broker.py has the
+certificate refusals)."""
 
 from __future__ import annotations
 
@@ -30,8 +32,9 @@ from reliability_support import completed, cpu_card, ledger_view
 from terminal_support import make_terminal
 
 from cardsim.crypto import Algorithm
+from clearing.pki import Identity, Pki
 from terminals.messages import ack_topic, txn_topic
-from terminals.mqtt import BrokerUrl
+from terminals.mqtt import BrokerUrl, TlsFiles
 from terminals.reader import InProcessReader
 from terminals.uplink import Uplink
 
@@ -53,14 +56,18 @@ pattern read yikatong/+/hotlist/#
 
 @dataclass
 class AclBroker:
-    """The private Mosquitto, its terminal users and everyone's password."""
+    """The private Mosquitto, its terminal users and how each logs in: a password, or over TLS (``tls_dirs``) the
+    certificate ``yikatong pki issue`` made for it, its CN the username and the PKI's ACL in force."""
 
     url: BrokerUrl  # without credentials
     terminals: list[str]
     passwords: dict[str, str]
+    tls_dirs: dict[str, Path] | None = None
 
     def login(self, user: str, password: str | None = None) -> BrokerUrl:
         """The broker URL with ``user``'s credentials (or another ``password``)."""
+        if self.tls_dirs is not None:
+            return self.url.with_tls(TlsFiles.folder(self.tls_dirs[user]))
         return BrokerUrl(self.url.host, self.url.port, user, self.passwords[user] if password is None else password)
 
 
@@ -72,17 +79,42 @@ def write_password_file(path: Path, passwords: dict[str, str]) -> None:
         subprocess.run([binary, "-b", *create, str(path), user, password], check=True, capture_output=True, timeout=20)
 
 
-@pytest.fixture
-def acl_broker(tmp_path: Path) -> Iterator[AclBroker]:
+@contextlib.contextmanager
+def password_acl_broker(folder: Path) -> Iterator[AclBroker]:
     """A private Mosquitto with ``allow_anonymous false``, a password per terminal (three) and the ACL."""
     terminals = [unique_terminal(CITY) for _ in range(3)]
     passwords = {user: secrets.token_hex(8) for user in [CLEARING_USER, *terminals]}
-    folder = tmp_path / "broker"
     folder.mkdir()
     write_password_file(folder / "passwords", passwords)
     (folder / "acl").write_text(ACL)
     with private_mosquitto(folder, password_file=folder / "passwords", acl_file=folder / "acl") as broker:
         yield AclBroker(broker.url, terminals, passwords)
+
+
+@contextlib.contextmanager
+def tls_acl_broker(folder: Path) -> Iterator[AclBroker]:
+    """The same over TLS: a certificate per terminal (three) and for the clearing, from ``yikatong pki``, whose
+    ACL gives each terminal its own topics (docs/terminal-identity.md)."""
+    terminals = [unique_terminal(CITY) for _ in range(3)]
+    pki = Pki.create(folder / "pki", [CITY])
+    pki.issue(Identity.server("127.0.0.1"))
+    dirs = {number: pki.issue(Identity.terminal(number))[1] for number in terminals}
+    dirs[CLEARING_USER] = pki.issue(Identity.clearing(CITY))[1]
+    with private_mosquitto(folder, tls=pki.folder) as broker:
+        yield AclBroker(broker.url, terminals, {}, dirs)
+
+
+@pytest.fixture(params=["password", "tls"])
+def acl_broker(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[AclBroker]:
+    """The ACL broker with passwords, and over TLS with client certificates."""
+    with (password_acl_broker if request.param == "password" else tls_acl_broker)(tmp_path / "broker") as broker:
+        yield broker
+
+
+@pytest.fixture
+def password_broker(tmp_path: Path) -> Iterator[AclBroker]:
+    with password_acl_broker(tmp_path / "broker") as broker:
+        yield broker
 
 
 async def listen(broker: BrokerUrl, topics: list[str], into: list[str], ready: asyncio.Event) -> None:
@@ -114,7 +146,10 @@ def puback_reason_v5(broker: BrokerUrl, topic: str, payload: str) -> int:
     client = paho.Client(
         CallbackAPIVersion.VERSION2, client_id=f"probe-v5-{secrets.token_hex(3)}", protocol=paho.MQTTv5
     )
-    client.username_pw_set(broker.username, broker.password)
+    if broker.tls is not None:
+        client.tls_set_context(broker.tls.context())
+    else:
+        client.username_pw_set(broker.username, broker.password)
     client.on_connect = on_connect
     client.on_publish = on_publish
     client.connect(broker.host, broker.port)
@@ -187,8 +222,9 @@ async def test_acl_each_terminal_only_on_its_own_topic_ledger_holds_each_complet
     rows, quarantined = [(r.terminal, r.seq) for r in view.rows], len(view.quarantine)
     done = set().union(*(completed(t) for t in terminals))
     records = len(done)
+    mode = "tls" if acl_broker.tls_dirs else "password"
     summary = (
-        f"acl: {len(terminals)} terminals, {records} records completed, {len(rows)} in ledger, "
+        f"acl ({mode}): {len(terminals)} terminals, {records} records completed, {len(rows)} in ledger, "
         f"{view.doubled} doubled, {quarantined} quarantined, {foreign_refused} foreign publishes refused "
         f"(MQTT 5 PUBACK {reason}, MQTT 3.1.1 dropped), "
         f"A's credentials read {len(seen_by_a)} messages on {len(set(seen_by_a))} topic(s)"
@@ -204,20 +240,20 @@ async def test_acl_each_terminal_only_on_its_own_topic_ledger_holds_each_complet
 
 
 async def test_acl_wrong_or_no_credentials_cannot_connect_and_the_terminal_keeps_its_records(
-    acl_broker: AclBroker, tmp_path: Path
+    password_broker: AclBroker, tmp_path: Path
 ) -> None:
     """No password or a wrong one: the broker refuses the connection (aiomqtt, mosquitto_pub). A terminal with
     a wrong password keeps its records in the outbox; with the right one they reach the ledger, each once."""
-    number = acl_broker.terminals[0]
+    number = password_broker.terminals[0]
     topic = txn_topic(CITY, number)
     refused = 0
-    for url in (acl_broker.url, acl_broker.login(number, "wrong-password")):
+    for url in (password_broker.url, password_broker.login(number, "wrong-password")):
         with pytest.raises(aiomqtt.MqttError):
             async with url.client(f"intruder-{secrets.token_hex(3)}", clean_session=True):
                 pass
         refused += 1
     for credentials in ([], ["-u", number, "-P", "wrong-password"]):
-        command = ["mosquitto_pub", "-h", "127.0.0.1", "-p", str(acl_broker.url.port), "-q", "1", "-t", topic]
+        command = ["mosquitto_pub", "-h", "127.0.0.1", "-p", str(password_broker.url.port), "-q", "1", "-t", topic]
         pub = subprocess.run([*command, "-m", "x", *credentials], capture_output=True, text=True, timeout=20)
         assert pub.returncode != 0, f"mosquitto_pub {' '.join(credentials) or '(anonymous)'} got in: {pub.stderr}"
         refused += 1
@@ -227,15 +263,17 @@ async def test_acl_wrong_or_no_credentials_cannot_connect_and_the_terminal_keeps
     for _ in range(3):
         assert terminal.tap(InProcessReader(card)).ok
     async with fresh_db("sqlite", tmp_path) as db:
-        async with clearing(acl_broker.login(CLEARING_USER), db, CITY) as service:
-            locked_out = Uplink(acl_broker.login(number, "wrong-password"), terminal, ack_timeout=2.0, max_backoff=0.2)
+        async with clearing(password_broker.login(CLEARING_USER), db, CITY) as service:
+            locked_out = Uplink(
+                password_broker.login(number, "wrong-password"), terminal, ack_timeout=2.0, max_backoff=0.2
+            )
             assert not await locked_out.run_until(locked_out.all_acked, 1.5), "acked with a wrong password"
             assert locked_out.stats.connections == 0 and "authori" in (locked_out.stats.last_error or "").lower(), (
                 f"wrong password: {locked_out.stats}"
             )
             queued = terminal.outbox.counts().queued
             assert queued == 3 and service.stats.messages == 0, f"{queued} queued, {service.stats.messages} arrived"
-            uplink = Uplink(acl_broker.login(number), terminal, ack_timeout=2.0)
+            uplink = Uplink(password_broker.login(number), terminal, ack_timeout=2.0)
             assert await uplink.run_until(uplink.all_acked, 20), "not acked with the right password"
         view = await ledger_view(db, CITY)
     rows, quarantined = [(r.terminal, r.seq) for r in view.rows], len(view.quarantine)

@@ -95,6 +95,13 @@ def session_expiry(text: str) -> int:
     return _whole(text, "a session expiry in whole seconds", 0, MAX_SESSION_EXPIRY)
 
 
+def tcp_port(text: str) -> int:
+    """A TCP port, 0..65535 (0: any free one, where the command says so)."""
+    if not (text.isascii() and text.isdigit() and len(text) <= 5) or int(text) > 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a TCP port (0 to 65535; 0: any free one)")
+    return int(text)
+
+
 def city_code(text: str) -> str:
     """A 4-digit city code (GB/T 13497), e.g. 4510."""
     if not re.fullmatch(r"[0-9]{4}", text):
@@ -120,13 +127,63 @@ def file_path(text: str) -> Path:
 
 
 def broker_url(text: str) -> BrokerUrl:
-    """``mqtt://[user:password@]host[:port]``."""
+    """``mqtt://[user:password@]host[:port]`` or ``mqtts://...`` (its TLS files: ``resolve_broker``)."""
     from terminals.mqtt import BrokerUrl  # (aiomqtt, paho: only for a command that is given a broker)
 
     try:
         return BrokerUrl.parse(text)
     except ValueError as err:
         raise argparse.ArgumentTypeError(str(err)) from None
+
+
+BROKER_HELP = "mqtt://[user:password@]host[:port], or mqtts://host[:port] (TLS, port 8883) with --tls-dir"
+
+
+def broker_options(parser: argparse.ArgumentParser, *, required: bool = False, default_help: str = "") -> None:
+    """``--broker`` and the TLS files an ``mqtts://`` broker needs (``resolve_broker`` joins them)."""
+    parser.add_argument("--broker", type=broker_url, required=required, help=BROKER_HELP + default_help)
+    tls = parser.add_argument_group("TLS, for an mqtts:// --broker (the files 'yikatong pki issue' writes)")
+    tls.add_argument("--tls-dir", type=file_path, metavar="DIR", help="this device's folder: ca.pem, cert.pem, key.pem")
+    tls.add_argument("--ca", type=file_path, metavar="FILE", help="CA certificate(s) the broker's is checked against")
+    tls.add_argument("--cert", type=file_path, metavar="FILE", help="this device's certificate (then its CA)")
+    tls.add_argument("--key", type=file_path, metavar="FILE", help="this device's TLS private key (not --keys)")
+
+
+def resolve_broker(args: argparse.Namespace) -> None:
+    """Give an ``mqtts://`` ``args.broker`` its TLS files (``--tls-dir``, each overridden by ``--ca/--cert/--key``),
+    checked now so that a missing or mismatched file is one clear line, not a failed connection later. A command
+    that takes no TLS files refuses an mqtts broker (CliError), and TLS files without an mqtts broker."""
+    broker = getattr(args, "broker", None)
+    if not hasattr(args, "tls_dir"):
+        if broker is not None and broker.secure:
+            raise CliError(f"broker {broker}: this command does not speak TLS yet (use mqtt://)")
+        return
+    given = {"--ca": args.ca, "--cert": args.cert, "--key": args.key}
+    if broker is None or not broker.secure:
+        if args.tls_dir is not None or any(given.values()):
+            raise CliError("--tls-dir, --ca, --cert and --key are for an mqtts:// --broker")
+        return
+    import ssl
+
+    from terminals.mqtt import TlsFiles
+
+    if args.tls_dir is not None:
+        if not args.tls_dir.is_dir():
+            raise CliError(f"--tls-dir {args.tls_dir}: no such folder (the one 'yikatong pki issue' wrote)")
+        base = TlsFiles.folder(args.tls_dir)
+        files = TlsFiles(args.ca or base.ca, args.cert or base.cert, args.key or base.key)
+    elif all(given.values()):
+        files = TlsFiles(args.ca, args.cert, args.key)
+    else:
+        raise CliError(f"broker {broker}: mqtts:// needs --tls-dir DIR (from 'pki issue') or --ca, --cert and --key")
+    for option, path in zip(given, (files.ca, files.cert, files.key), strict=True):
+        if not path.is_file():
+            raise CliError(f"{option} {path}: no such file")
+    try:
+        files.context()
+    except (OSError, ssl.SSLError) as err:
+        raise CliError(f"TLS files {files.cert}, {files.key}, {files.ca}: {err}") from None
+    args.broker = broker.with_tls(files)
 
 
 def database_url(text: str) -> str:

@@ -19,7 +19,7 @@ from clearing.defaults import DEFAULT_GRACE, HEALTH_EVERY, QUARANTINE_CAP
 from terminals.limits import MAX_DEPTH, MAX_PAYLOAD, MAX_RECORDS, MAX_STRING
 from yikatong.argtypes import (
     Subcommands,
-    broker_url,
+    broker_options,
     city_code,
     command_group,
     database_url,
@@ -28,6 +28,7 @@ from yikatong.argtypes import (
     load_keys,
     positive,
     session_expiry,
+    tcp_port,
 )
 from yikatong.errors import CliError
 from yikatong.process import setup_logging, stop_on_sigterm
@@ -69,7 +70,7 @@ def register(groups: Subcommands) -> None:
         "--db postgresql+asyncpg://postgres@127.0.0.1/test --shared --worker a",
     )
     serve.add_argument("--city", type=city_code, required=True, help="the city this clearing serves (4510, ...)")
-    serve.add_argument("--broker", type=broker_url, required=True, help="mqtt://[user:password@]host[:port]")
+    broker_options(serve, required=True)
     _db_option(serve)
     serve.add_argument("--keys", type=file_path, help="issuer key file (default: the published TEST keys)")
     serve.add_argument(
@@ -117,7 +118,7 @@ def register(groups: Subcommands) -> None:
     )
     serve.add_argument(
         "--metrics-port",
-        type=_port,
+        type=tcp_port,
         metavar="PORT",
         help="serve Prometheus metrics on http://127.0.0.1:PORT/metrics (0: a free port, printed at start): records "
         "in/stored/quarantined/forwarded, batch commit seconds, queue depth, ack lag (docs/clearing-choices.md)",
@@ -189,7 +190,7 @@ def register(groups: Subcommands) -> None:
         help="publish a new full snapshot even when a delta would do (terminals far behind catch up from it)",
     )
     add.add_argument("--city", type=city_code, required=True, help="whose hotlist")
-    add.add_argument("--broker", type=broker_url, required=True, help="mqtt://[user:password@]host[:port]")
+    broker_options(add, required=True)
     _db_option(add)
     add.set_defaults(run=_hotlist_add)
     show = hot.add_parser(
@@ -369,13 +370,6 @@ async def _serve_async(args: argparse.Namespace, intake: Intake) -> int:
                 metrics.close()
             _print_stats(args.city, service.stats, "stopped")
     return 0
-
-
-def _port(text: str) -> int:
-    """A TCP port, 0..65535 (0: any free one)."""
-    if not (text.isascii() and text.isdigit() and len(text) <= 5) or int(text) > 65535:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a TCP port (0 to 65535; 0: any free one)")
-    return int(text)
 
 
 def _first(err: BaseException) -> str:

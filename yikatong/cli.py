@@ -23,7 +23,8 @@ import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
-from yikatong import __version__, audit_cli, card_cli, clearing_cli, demo, load_cli, terminal_cli
+from yikatong import __version__, audit_cli, card_cli, clearing_cli, demo, load_cli, pki_cli, terminal_cli
+from yikatong.argtypes import resolve_broker
 from yikatong.errors import CliError, one_line
 
 DEBUG_VARIABLE = "YIKATONG_DEBUG"
@@ -53,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     clearing_cli.register(groups)
     audit_cli.register(groups)
     load_cli.register(groups)
+    pki_cli.register(groups)
     return parser
 
 
@@ -79,6 +81,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args = build_parser().parse_args(argv)
         except SystemExit as done:  # --help, --version, usage errors (printed): the code, returned like the rest
             return done.code if isinstance(done.code, int) else 0 if done.code is None else 2
+        resolve_broker(args)  # an mqtts:// broker gets its TLS files, checked, before any command runs
         code: int = args.run(args)
     except CliError as err:
         print(f"yikatong: error: {one_line(str(err))}", file=sys.stderr)

@@ -15,7 +15,7 @@ from terminals.kinds import TerminalKind
 from yikatong.argtypes import (
     MAX_FEN,
     Subcommands,
-    broker_url,
+    broker_options,
     city_code,
     command_group,
     fen_amount,
@@ -106,7 +106,7 @@ def register(groups: Subcommands) -> None:
         "the clearing's acks. Exit 0 when the outbox is empty, 1 if records remain after --timeout.",
     )
     sync.add_argument("--state", type=file_path, required=True, help="the terminal's state file")
-    sync.add_argument("--broker", type=broker_url, required=True, help="mqtt://[user:password@]host[:port]")
+    broker_options(sync, required=True)
     sync.add_argument("--timeout", type=seconds, default=60.0, help="give up after this many seconds (default 60)")
     sync.add_argument("--keys", type=file_path, help="issuer key file (default: the published TEST keys)")
     sync.set_defaults(run=_sync)
@@ -141,7 +141,7 @@ def _terminal_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--state", type=file_path, help="terminal state file (outbox; default terminal-CITY-KIND.sqlite in this folder)"
     )
-    parser.add_argument("--broker", type=broker_url, help="mqtt://[user:password@]host[:port] (default: offline)")
+    broker_options(parser, default_help=" (default: offline)")
     parser.add_argument("--fares", type=file_path, help="metro fare table (default: the one in fixtures)")
     parser.add_argument(
         "--keys", type=file_path, help="issuer key file for the PSAM (default: the published TEST keys)"

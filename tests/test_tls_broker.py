@@ -1,0 +1,269 @@
+"""Terminal identity over TLS on a real Mosquitto (issue 18): a private broker started with the listener
+``yikatong pki mosquitto-conf`` writes (client certificate required, CN as username, the PKI's CRL and ACL).
+A terminal with its own certificate taps a card and its record is stored and acked by a real ``clearing serve``;
+a terminal cannot publish on another terminal's topic; revoked (after SIGHUP), expired, foreign and missing
+certificates do not get in; ``mosquitto_pub`` and ``openssl s_client``, clients nobody here wrote, agree."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import shutil
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiomqtt
+import pytest
+from clearing_support import serve_process, table_counts
+from mqtt_support import PrivateMosquitto, private_mosquitto
+from support import yikatong
+
+from clearing.pki import Identity, Pki
+from terminals.messages import hotlist_delta_topic, txn_topic
+from terminals.mqtt import BrokerUrl, TlsFiles
+
+CITY = "4560"
+REFUSED_WITHIN = 3.0  # seconds to wait for a connection expected to be refused (a good one takes milliseconds)
+HONEST, OTHER, STOLEN, EXPIRED = (f"{CITY}0000{n:04X}" for n in (0xA1, 0xA2, 0xA3, 0xA4))
+
+
+@dataclass
+class TlsNetwork:
+    pki: Pki
+    broker: PrivateMosquitto
+    foreign: Path  # a device folder from another PKI with the HONEST terminal's name
+
+    def device(self, identity: Identity) -> Path:
+        return self.pki.folder / "devices" / identity.folder
+
+    def url(self, identity: Identity | Path) -> BrokerUrl:
+        folder = identity if isinstance(identity, Path) else self.device(identity)
+        return self.broker.url.with_tls(TlsFiles.folder(folder))
+
+
+@pytest.fixture(scope="module")
+def network(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TlsNetwork]:
+    top = tmp_path_factory.mktemp("tls")
+    pki = Pki.create(top / "pki", [CITY, "4510"])
+    for identity in [Identity.terminal(HONEST), Identity.terminal(OTHER), Identity.terminal(STOLEN)]:
+        pki.issue(identity)
+    pki.issue(Identity.clearing(CITY))
+    pki.issue(Identity.server("127.0.0.1"))
+    past = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+    pki.issue(Identity.terminal(EXPIRED), not_before=past, not_after=past + dt.timedelta(days=30))
+    _, foreign = Pki.create(top / "foreign", [CITY]).issue(Identity.terminal(HONEST))
+    shutil.copy(pki.folder / "ca/root/cert.pem", foreign / "ca.pem")  # it trusts our broker; we do not trust it
+    (top / "broker").mkdir()
+    with private_mosquitto(top / "broker", tls=pki.folder) as broker:
+        yield TlsNetwork(pki, broker, foreign)
+
+
+async def _connects(url: BrokerUrl, timeout: float = 10) -> bool:
+    """Whether a client with ``url``'s certificate gets in. A refused handshake shows in aiomqtt only as its
+    connect timing out (paho logs the TLS alert): ``timeout`` shortens the wait where a refusal is expected."""
+    try:
+        async with aiomqtt.Client(
+            url.host, url.port, identifier="probe", tls_context=url.tls.context() if url.tls else None, timeout=timeout
+        ):
+            return True
+    except aiomqtt.MqttError:
+        return False
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["worker", "shared-worker"])
+async def test_terminal_taps_and_the_clearing_stores_and_acks_over_tls(
+    network: TlsNetwork, tmp_path: Path, shared: bool
+) -> None:
+    """(``--shared``: an MQTT 5 shared subscription, $share/clearing-CITY/..., which the ACL allows as the topic.)"""
+    card, state = tmp_path / "card.json", tmp_path / "terminal.sqlite"
+    issued = yikatong("card", "issue", "--city", CITY, "--alg", "sm4", "--balance", "3000", "--out", str(card))
+    assert issued.returncode == 0, issued.stderr
+    db = f"sqlite:///{tmp_path / 'clearing.sqlite'}"
+    clearing_dir = str(network.device(Identity.clearing(CITY)))
+    extra = ["--shared"] if shared else []
+    with serve_process(network.broker.url, db, CITY, "tls", "--tls-dir", clearing_dir, *extra) as serve:
+        tap = ["terminal", "tap", "--card", str(card), "--city", CITY, "--kind", "bus", "--fare", "200"]
+        tap += ["--terminal", HONEST, "--state", str(state), "--broker", str(network.broker.url)]
+        tap += ["--tls-dir", str(network.device(Identity.terminal(HONEST))), "--ack-wait", "60"]
+        done = yikatong(*tap)
+        assert done.returncode == 0 and "OK       purchase" in done.stdout, done.stdout + done.stderr
+        assert "stay in the outbox" not in done.stderr and "unreachable" not in done.stderr, done.stderr
+        status = yikatong("terminal", "status", "--state", str(state))
+        assert "outbox     0 record(s) not yet acked" in status.stdout, status.stdout
+        assert serve.stop() == 1
+    counts = await table_counts(db, CITY)
+    assert counts["ledger"] == 1 and counts["quarantine"] == 0
+
+
+async def test_a_terminal_cannot_publish_on_another_terminals_topic(network: TlsNetwork) -> None:
+    """MQTT 3.1.1: Mosquitto acks the forbidden publish and drops it. The clearing-side subscriber gets the
+    terminal's next (allowed) message and nothing before it: the same client's messages keep their order."""
+    clearing = network.url(Identity.clearing(CITY))
+    async with clearing.client("tls-clearing-side", clean_session=True) as sub:
+        await sub.subscribe(txn_topic(CITY, "+"), qos=1)
+        async with network.url(Identity.terminal(HONEST)).client("tls-honest", clean_session=True) as honest:
+            await honest.publish(txn_topic(CITY, OTHER), b"forged", qos=1)
+            await honest.publish(txn_topic("4510", HONEST), b"wrong city", qos=1)
+            await honest.publish(txn_topic(CITY, HONEST), b"marker", qos=1)
+        seen = []
+        async for message in sub.messages:
+            seen.append((message.topic.value, message.payload))
+            if message.payload == b"marker":
+                break
+    assert seen == [(txn_topic(CITY, HONEST), b"marker")]
+
+
+async def test_a_revoked_certificate_cannot_connect_after_sighup(network: TlsNetwork) -> None:
+    """Revoked and SIGHUP: new connections are refused; one already open stays open (Mosquitto does not recheck
+    it) but its publishes are dropped, as the ACL lost its user block (docs/terminal-identity.md says so)."""
+    stolen = network.url(Identity.terminal(STOLEN))
+    assert await _connects(stolen)
+    clearing = network.url(Identity.clearing(CITY))
+    async with clearing.client("tls-revoke-watch", clean_session=True) as sub:
+        await sub.subscribe(txn_topic(CITY, "+"), qos=1)
+        async with stolen.client("tls-stolen", clean_session=True) as thief:
+            await thief.publish(txn_topic(CITY, STOLEN), b"before", qos=1)
+            serial = next(e.serial for e in network.pki.index() if e.subject == f"terminal:{STOLEN}")
+            done = yikatong("pki", "revoke", serial, "--pki", str(network.pki.folder))
+            assert done.returncode == 0, done.stderr
+            network.broker.reload()
+            await asyncio.wait_for(_until(stolen, connects=False), 20)
+            await thief.publish(txn_topic(CITY, STOLEN), b"after", qos=1)  # acked (3.1.1) and dropped
+        # the broker handled "after" before it acked it: a later message from anyone comes after it
+        async with network.url(Identity.terminal(HONEST)).client("tls-honest-2", clean_session=True) as honest:
+            await honest.publish(txn_topic(CITY, HONEST), b"marker", qos=1)
+        seen = []
+        async for message in sub.messages:
+            seen.append(message.payload)
+            if message.payload == b"marker":
+                break
+    assert seen == [b"before", b"marker"]
+    assert await _connects(network.url(Identity.terminal(HONEST)))  # the others of its city are still in
+
+
+@pytest.mark.parametrize("who", ["expired", "foreign"])
+async def test_expired_and_foreign_certificates_cannot_connect(network: TlsNetwork, who: str) -> None:
+    folder = network.device(Identity.terminal(EXPIRED)) if who == "expired" else network.foreign
+    assert not await _connects(network.url(folder), REFUSED_WITHIN)
+    assert await _connects(network.url(Identity.terminal(HONEST)))
+
+
+def _mosquitto_pub(network: TlsNetwork, topic: str, *tls: str) -> subprocess.CompletedProcess[str]:
+    ca = str(network.pki.folder / "ca/root/cert.pem")
+    command = ["mosquitto_pub", "-h", "127.0.0.1", "-p", str(network.broker.port), "--cafile", ca, *tls]
+    return subprocess.run(
+        [*command, "-q", "1", "-t", topic, "-m", "outside"], capture_output=True, text=True, timeout=30
+    )
+
+
+async def test_mosquitto_pub_needs_a_certificate(network: TlsNetwork) -> None:
+    topic = txn_topic(CITY, HONEST)
+    assert _mosquitto_pub(network, topic).returncode != 0
+    device = network.device(Identity.terminal(HONEST))
+    clearing = network.url(Identity.clearing(CITY))
+    async with clearing.client("tls-outside-check", clean_session=True) as sub:
+        await sub.subscribe(txn_topic(CITY, "+"), qos=1)
+        done = _mosquitto_pub(network, topic, "--cert", str(device / "cert.pem"), "--key", str(device / "key.pem"))
+        assert done.returncode == 0, done.stderr
+        message = await anext(aiter(sub.messages))
+        assert (message.topic.value, message.payload) == (topic, b"outside")
+
+
+def test_openssl_s_client_sees_the_brokers_certificate(network: TlsNetwork) -> None:
+    device = network.device(Identity.terminal(HONEST))
+    command = ["openssl", "s_client", "-connect", f"127.0.0.1:{network.broker.port}", "-verify_return_error"]
+    command += ["-CAfile", str(device / "ca.pem"), "-cert", str(device / "cert.pem"), "-key", str(device / "key.pem")]
+    command += ["-verify_ip", "127.0.0.1", "-showcerts"]
+    done = subprocess.run(command, input="", capture_output=True, text=True, timeout=30)
+    assert "Verify return code: 0 (ok)" in done.stdout, done.stdout + done.stderr
+    assert "CN = 127.0.0.1" in done.stdout and "yikatong network root CA" in done.stdout
+
+
+async def test_crl_file_without_the_citys_crl_locks_the_city_out(network: TlsNetwork) -> None:
+    """Mosquitto checks the CRL of the client's own CA only (OpenSSL's CRL_CHECK, not CRL_CHECK_ALL): a city whose
+    CA has no CRL in crlfile cannot connect at all; the root's CRL is not needed."""
+    crl = network.pki.folder / "crl.pem"
+    whole = crl.read_bytes()
+    honest = network.url(Identity.terminal(HONEST))
+    try:
+        crl.write_bytes((network.pki.folder / "ca/4510/crl.pem").read_bytes())
+        network.broker.reload()
+        await asyncio.wait_for(_until(honest, connects=False), 20)
+        crl.write_bytes((network.pki.folder / f"ca/{CITY}/crl.pem").read_bytes())  # its own city's only
+        network.broker.reload()
+        await asyncio.wait_for(_until(honest, connects=True), 20)
+    finally:
+        crl.write_bytes(whole)
+        network.broker.reload()
+
+
+async def _until(url: BrokerUrl, *, connects: bool) -> None:
+    """Until a connection with ``url``'s certificate succeeds (or fails): a SIGHUP takes effect a moment later."""
+    while await _connects(url, REFUSED_WITHIN if not connects else 10) != connects:
+        await asyncio.sleep(0.05)
+
+
+async def test_the_clearing_publishes_the_hotlist_and_only_it(network: TlsNetwork, tmp_path: Path) -> None:
+    """``clearing hotlist add`` over TLS with the clearing's certificate: every terminal reads the retained list;
+    a terminal's certificate cannot overwrite it."""
+    serial = "45600000000000000042"  # (the first version goes out as a snapshot, with an empty retained delta)
+    db = f"sqlite:///{tmp_path / 'hotlist.sqlite'}"
+    clearing_dir = str(network.device(Identity.clearing(CITY)))
+    add = ["clearing", "hotlist", "add", serial, "--city", CITY, "--db", db, "--broker", str(network.broker.url)]
+    done = yikatong(*add, "--tls-dir", clearing_dir)
+    assert done.returncode == 0 and "published retained" in done.stdout, done.stdout + done.stderr
+    delta = hotlist_delta_topic(CITY)
+    async with network.url(Identity.terminal(OTHER)).client("tls-forger", clean_session=True) as forger:
+        await forger.publish(delta, b"forged", qos=1, retain=True)  # acked, dropped: a terminal only reads it
+    async with network.url(Identity.terminal(HONEST)).client("tls-hotlist-reader", clean_session=True) as reader:
+        await reader.subscribe(delta, qos=1)
+        message = await anext(aiter(reader.messages))
+    assert message.payload == b'{"schema":"yikatong.hotlist-delta/1","issuer":"4560","base":1,"version":1,"changes":[]}'
+
+
+# --- mqtts:// URLs and the TLS options, without a broker ----------------------------------------------------
+
+
+def test_mqtts_url_parses_with_its_default_port() -> None:
+    url = BrokerUrl.parse("mqtts://broker.example")
+    assert (url.host, url.port, url.secure, url.tls) == ("broker.example", 8883, True, None)
+    assert str(url) == "mqtts://broker.example:8883" and BrokerUrl.parse("mqtt://h").port == 1883
+    with pytest.raises(ValueError, match="needs the TLS files"):
+        url.client("x")
+    with pytest.raises(ValueError, match="mqtts://"):
+        BrokerUrl.parse("mqtt://h").with_tls(TlsFiles.folder(Path("x")))
+
+
+@pytest.mark.parametrize(
+    ("args", "said"),
+    [
+        (["--broker", "mqtts://127.0.0.1"], "mqtts:// needs --tls-dir DIR"),
+        (["--broker", "mqtts://127.0.0.1", "--ca", "x.pem"], "mqtts:// needs --tls-dir DIR"),
+        (["--broker", "mqtt://127.0.0.1", "--tls-dir", "{honest}"], "are for an mqtts:// --broker"),
+        (["--tls-dir", "{honest}"], "are for an mqtts:// --broker"),
+        (["--broker", "mqtts://127.0.0.1", "--tls-dir", "/no/such"], "--tls-dir /no/such: no such folder"),
+        (
+            ["--broker", "mqtts://127.0.0.1", "--tls-dir", "{honest}", "--cert", "/no/cert.pem"],
+            "--cert /no/cert.pem: no such",
+        ),
+        (["--broker", "mqtts://127.0.0.1", "--tls-dir", "{honest}", "--key", "{other}/key.pem"], "TLS files"),
+        (["--broker", "mqtts://127.0.0.1", "--tls-dir", "{honest}", "--ca", "{honest}/key.pem"], "TLS files"),
+    ],
+)
+def test_tls_options_refused_with_one_clear_line(
+    network: TlsNetwork, tmp_path: Path, args: list[str], said: str
+) -> None:
+    honest, other = network.device(Identity.terminal(HONEST)), network.device(Identity.terminal(OTHER))
+    filled = [a.format(honest=honest, other=other) for a in args]
+    tap = ["terminal", "tap", "--card", "no-card.json", "--city", CITY, "--kind", "bus", "--fare", "200"]
+    done = yikatong(*tap, "--state", str(tmp_path / "t.sqlite"), *filled)
+    assert done.returncode == 2 and said in done.stderr, done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr
+    assert "PRIVATE KEY" not in done.stderr
+
+
+def test_commands_without_tls_refuse_an_mqtts_broker() -> None:
+    done = yikatong("demo", "--broker", "mqtts://127.0.0.1")
+    assert done.returncode == 2 and "does not speak TLS yet" in done.stderr, done.stderr
