@@ -13,7 +13,8 @@ from cardsim.crypto import Algorithm, BlockKey
 from cardsim.image import load_purse, save_card
 from cardsim.issuer import HostRefusal, IssuerHost
 from cardsim.purse import AID, LOG_RECORDS, TRIP_RECORDS, Defect, PurseCard
-from terminals.flows import RECORD_FEN_MAX, TransactionError, load, purchase, select_purse
+from terminals.flows import TransactionError, load, purchase, select_purse
+from terminals.limits import MAX_FEN
 
 SELECT = bytes.fromhex("00A4040008") + AID
 ALGS = list(Algorithm)
@@ -79,7 +80,7 @@ def test_a_card_that_ignores_its_maximum_is_loaded_past_it_but_never_past_what_a
     reader, host = readers(card, new_psam())[0], IssuerHost(KEYS)
     assert load(reader, host, TERMINAL, 200, WHEN).balance_after == card.state.balance == 100_100
     with pytest.raises(TransactionError, match="past what any purse may hold"):
-        load(reader, host, TERMINAL, RECORD_FEN_MAX, WHEN)  # refused before the issuer host authorises it
+        load(reader, host, TERMINAL, MAX_FEN, WHEN)  # refused before the issuer host authorises it
     assert card.state.balance == 100_100 and card.state.online_counter == 1
     save_card(tmp_path / "card.json", card.state)  # the flawed card's image keeps its balance past the maximum
     assert load_purse(tmp_path / "card.json").balance == 100_100
@@ -88,9 +89,9 @@ def test_a_card_that_ignores_its_maximum_is_loaded_past_it_but_never_past_what_a
 def test_a_card_that_allows_overdraft_wraps_its_balance_and_the_terminal_charges_nothing() -> None:
     card, psam = new_card(balance=50), new_psam()
     card.state.defects = frozenset({Defect.OVERDRAFT})
-    with pytest.raises(TransactionError, match="accepted 80 fen on a balance of 50 fen; not charged"):
+    with pytest.raises(TransactionError, match="accepted 80 fen on a balance of 50 fen; not charged") as err:
         purchase(*readers(card, psam), TERMINAL, 80, WHEN)
-    assert card.state.balance == 50
+    assert err.value.sw == 0x9401 and card.state.balance == 50  # the refusal a genuine card gives
     card.transmit(SELECT)
     answer = init_purchase(card, 80)
     assert sw(answer) == 0x9000  # a genuine card answers 9401

@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from terminals.kinds import TerminalKind
+from terminals.limits import MAX_FEN
 from yikatong.argtypes import (
-    MAX_FEN,
     Subcommands,
     broker_url,
     city_code,
@@ -129,8 +129,8 @@ def _terminal_options(parser: argparse.ArgumentParser) -> None:
         choices=list(TerminalKind),
         metavar="{bus,metro-entry,metro-exit,topup}",
     )
-    parser.add_argument("--fare", type=fen_amount, help="bus fare in fen, 1 to 2147483647 (bus terminals)")
-    parser.add_argument("--amount", type=fen_amount, help="top-up amount in fen, 1 to 2147483647 (topup terminals)")
+    parser.add_argument("--fare", type=fen_amount, help=f"bus fare in fen, 1 to {MAX_FEN} (bus terminals)")
+    parser.add_argument("--amount", type=fen_amount, help=f"top-up amount in fen, 1 to {MAX_FEN} (topup terminals)")
     parser.add_argument("--line", help="metro line of the gate, e.g. M1 (metro gates)")
     parser.add_argument("--station", help="metro station of the gate, e.g. A03 (metro gates)")
     parser.add_argument(
