@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
+from cardsim.issue_options import DEFAULT_MAX_BALANCE
 from terminals.kinds import TerminalKind
 from terminals.limits import MAX_FEN
 from yikatong.argtypes import (
@@ -18,6 +19,7 @@ from yikatong.argtypes import (
     broker_url,
     city_code,
     command_group,
+    fen,
     fen_amount,
     file_path,
     hex_number,
@@ -131,6 +133,12 @@ def _terminal_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--fare", type=fen_amount, help=f"bus fare in fen, 1 to {MAX_FEN} (bus terminals)")
     parser.add_argument("--amount", type=fen_amount, help=f"top-up amount in fen, 1 to {MAX_FEN} (topup terminals)")
+    parser.add_argument(
+        "--max-balance",
+        type=fen,
+        help=f"the issuer's maximum balance in fen: the issuer host authorises no load past it, whatever the card "
+        f"would take (default {DEFAULT_MAX_BALANCE}; topup terminals)",
+    )
     parser.add_argument("--line", help="metro line of the gate, e.g. M1 (metro gates)")
     parser.add_argument("--station", help="metro station of the gate, e.g. A03 (metro gates)")
     parser.add_argument(
@@ -173,8 +181,9 @@ def _build_terminal(args: argparse.Namespace) -> Terminal:
         raise CliError(f"a {kind.value} gate needs --line and --station (the fare comes from the fare table)")
     if args.fare is not None and kind is not TerminalKind.BUS:
         raise CliError(f"--fare is for bus terminals; a {kind.value} terminal does not take it")
-    if args.amount is not None and kind is not TerminalKind.TOPUP:
-        raise CliError(f"--amount is for topup terminals; a {kind.value} terminal does not take it")
+    for given, option in ((args.amount, "--amount"), (args.max_balance, "--max-balance")):
+        if given is not None and kind is not TerminalKind.TOPUP:
+            raise CliError(f"{option} is for topup terminals; a {kind.value} terminal does not take it")
     state: Path = args.state or Path(f"terminal-{args.city}-{kind.value}.sqlite")
     outbox = _open_outbox(state)
     stored = outbox.get_meta("terminal")
@@ -189,7 +198,8 @@ def _build_terminal(args: argparse.Namespace) -> Terminal:
     keys = load_keys(args.keys)
     try:
         fares = FareTable.load(args.fares)
-        return Terminal(config, outbox, keys, fares=fares, host=IssuerHost(keys))
+        host = IssuerHost(keys, DEFAULT_MAX_BALANCE if args.max_balance is None else args.max_balance)
+        return Terminal(config, outbox, keys, fares=fares, host=host)
     except (FareTableError, OutboxError) as err:
         raise CliError(str(err)) from err
     except (KeyError, ValueError) as err:
