@@ -208,19 +208,31 @@ def test_a_torn_write_leaves_the_old_file_or_the_new_one(through_image: bool) ->
     assert outcomes == {True, False}, "the cuts must reach both sides of the commit point"
 
 
+FILE_SIZES = {name: len(getattr(new_card().state, name)) for name in BINARY_FILES.values()}
 FILE_VALUES = st.one_of(
-    st.one_of(st.binary(max_size=40), st.binary(min_size=30, max_size=30)).map(lambda b: b.hex().upper()),
+    st.one_of(
+        st.binary(max_size=40),
+        st.sampled_from(sorted(FILE_SIZES.values())).flatmap(lambda n: st.binary(min_size=n, max_size=n)),
+    ).map(lambda b: b.hex().upper()),
     st.sampled_from(["XYZ", "0", None, 7, []]),
 )
 
 
 def file_content(name: str, value: object) -> bytes | None:
-    """The file a journal value stands for; None when it is none (no hex, or SFI 15 not 30 bytes)."""
+    """The file a journal value stands for; None when it is none (no hex, or not as long as the file)."""
     try:
         raw = bytes.fromhex(value) if isinstance(value, str) else None
     except ValueError:
         return None
-    return None if raw is None or (name == "public_data" and len(raw) != 30) else raw
+    return None if raw is None or len(raw) != FILE_SIZES[name] else raw
+
+
+def test_a_journal_value_that_would_resize_a_file_is_refused_naming_the_field() -> None:
+    doc = purse_to_json(new_card().state)
+    doc["journal"] = {"valid": True, "updates": {"holder_data": "02" * (FILE_SIZES["holder_data"] + 1)}}
+    expected = f"x.json: journal: field 'holder_data' must be {FILE_SIZES['holder_data']} bytes, as long as the file"
+    with pytest.raises(CardImageError, match=expected):
+        purse_from_json(doc, "x.json")
 
 
 @settings(max_examples=200, deadline=None)
@@ -231,8 +243,8 @@ def test_an_image_with_a_pending_file_write_loads_exactly_or_names_the_field(
     updates: dict[str, object], valid: bool
 ) -> None:
     """A card saved in the middle of a file write (`card serve` saves after every non-volatile write) keeps the
-    write's journal: it loads back as saved, and a journal file value that is no hex, or no 30 bytes for SFI 15,
-    names its field."""
+    write's journal: it loads back as saved, and a journal file value that is no hex, or not as long as its file
+    (a replay would resize it), names its field."""
     doc = purse_to_json(new_card().state) | {"journal": {"valid": valid, "updates": updates}}
     contents = {name: file_content(name, value) for name, value in updates.items()}
     bad = [name for name, content in contents.items() if content is None]
