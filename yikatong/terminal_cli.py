@@ -258,8 +258,8 @@ def _tap_image(terminal: Terminal, path: Path) -> TapResult:
     except CardImageError as err:
         raise CliError(str(err)) from err
     if isinstance(state, PurseState) and state.balance > MAX_FEN:
-        # the image format lets a purse hold up to 2^32-1 fen; a record carries at most 2^31-1: refuse before the
-        # card is charged, not after (the record could not be stored)
+        # the image format lets a purse hold up to 2^32-1 fen; a record carries at most MAX_FEN: such an image is a
+        # bad input here, named by its path (a card on a reader holding that much is refused by the tap itself)
         raise CliError(f"{path}: balance {state.balance} fen is more than a transaction record carries ({MAX_FEN})")
     if isinstance(state, M1State):
         chip = M1Card(state, os.urandom)
