@@ -363,19 +363,29 @@ class _Probe:
     def load_limits(self, issuer_max: int) -> None:
         """INITIALIZE FOR LOAD of one fen past the issuer's published maximum balance (the card does not tell
         its own), and of one fen past the 4-byte balance, which any card must refuse. No CREDIT follows, so
-        nothing on the card changes, whatever it answers."""
+        nothing on the card changes, whatever it answers. An answer other than the data or the refusal (6985)
+        tests nothing: it is listed as skipped, and the rest of the audit goes on."""
         self.card.take()  # the randomness probe's challenges are not this probe's evidence
         self.fresh()
-        balance = int.from_bytes(self.read(commands.get_balance(), "GET BALANCE"))
+        data, sw = split_response(self.card.transmit(commands.get_balance()))
+        if sw != SW.OK or len(data) != 4:
+            self.card.take()
+            self._skip_load_limits(f"GET BALANCE answered {sw:04X} with {len(data)} bytes: no limit tested")
+            return
+        balance = int.from_bytes(data)
         limits = {f"the issuer's maximum balance of {issuer_max} fen": issuer_max, "the 4-byte balance": 0xFFFFFFFF}
         accepted: dict[int, str] = {}
         for what, limit in limits.items():
             amount = max(1, limit - balance + 1)
             if amount >= BALANCE_MODULUS:
                 continue  # a zero balance: no 4-byte amount can take it past 4 bytes
-            if not isinstance(_initialize(self.card, InitKind.LOAD, amount), int):
+            answer = _initialize(self.card, InitKind.LOAD, amount)
+            if not isinstance(answer, int):
                 line = f"INITIALIZE FOR LOAD of {amount} fen on a balance of {balance} fen, past {what}: 9000"
                 accepted[amount] = line
+            elif answer != SW.CONDITIONS_NOT_SATISFIED:
+                why = f"INITIALIZE FOR LOAD of {amount} fen answered {answer:04X}, not 6985: {what} not tested"
+                self._skip_load_limits(why)
         evidence = self.card.take()
         if accepted:
             self.add(
@@ -385,6 +395,9 @@ class _Probe:
                 issuer_max=issuer_max,
                 amounts=list[JSONValue](accepted),
             )
+
+    def _skip_load_limits(self, why: str) -> None:
+        self.result.skipped.append(f"{self.result.serial}: load-limit probe: {why}")
 
     def randomness(self) -> None:
         draws = []

@@ -67,7 +67,8 @@ def _write(card: Reader, sfi: int, offset: int, data: bytes) -> int:
 
 def plain_write_probe(card: Reader) -> PlainWrites:
     """Power up, SELECT the purse, and for each target: read the file, write the forged bytes without a MAC, read
-    it back; when the file changed, write the original bytes back the same way and check them. TransactionError
+    it back; when the file changed, write the original bytes back the same way and check them. A read back the
+    card does not answer with 9000 proves nothing: the target is listed as skipped. TransactionError
     when the purse cannot be selected, CardGone when the card leaves."""
     result = PlainWrites()
     card.connect()
@@ -82,7 +83,13 @@ def plain_write_probe(card: Reader) -> PlainWrites:
         original = content[t.offset : end]
         forged = t.value_for(original)
         sw = _write(card, t.sfi, t.offset, forged)
-        after, _ = _read(card, t.sfi)
+        after, read_sw = _read(card, t.sfi)
+        if read_sw != SW.OK:  # a failed read says nothing of the file: not taken for a forged one
+            line = f"{name}: plain UPDATE BINARY answered {sw:04X}, the read back {read_sw:04X} ({len(after)} bytes)"
+            if sw == SW.OK:  # it may have been written: the original bytes go back all the same
+                line += f"; the original bytes written back ({_write(card, t.sfi, t.offset, original):04X})"
+            result.skipped.append(line)
+            continue
         if after == content:
             continue  # refused (a genuine card: 6982), or accepted and not written: nothing to put back
         result.written.append(name)

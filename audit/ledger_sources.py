@@ -46,6 +46,7 @@ from cardsim.files import read_json
 from cardsim.resources import fixture_path
 from clearing.settlement import CSV_HEADER, SETTLEMENT_SCHEMA, Liable, publish_moment
 from clearing.verify import KINDS
+from terminals.limits import MAX_FEN
 from terminals.messages import CARD_ID, CITY_CODE, RECORD_ID, TERMINAL_NO, TxnRecord
 
 if TYPE_CHECKING:  # pyarrow and the database layers load when a file or a database is read
@@ -90,9 +91,9 @@ _ROW = re.compile(",".join(_SAME.get(name, pattern) for name, pattern in _FIELDS
 _LIMITS: Final = {  # the ranges of the wire record (terminals.messages.TxnRecord)
     "terminal_seq": 0xFFFFFFFF,
     "card_counter": 0xFFFF,
-    "amount": 2**31 - 1,
-    "balance_before": 2**31 - 1,
-    "balance_after": 2**31 - 1,
+    "amount": MAX_FEN,
+    "balance_before": MAX_FEN,
+    "balance_after": MAX_FEN,
 }
 _WHAT: Final = {
     "record_id": "issuer-card-kind-card_counter",

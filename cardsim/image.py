@@ -206,7 +206,7 @@ def purse_from_json(doc: object, where: str = "card image") -> PurseState:
         locked=r.flag("locked"),
         blocked=r.flag("blocked"),
     )
-    state.journal = _journal(r, doc.get("journal"))
+    state.journal = _journal(r, doc.get("journal"), {name: len(getattr(state, name)) for name in BINARY_FILES.values()})
     state.defects = defects
     if "atr_historical" in doc:  # the chip maker's ATR bytes (older images: the simulator's own)
         state.atr_historical = r.hexbytes("atr_historical")
@@ -225,7 +225,9 @@ def _defects(r: _Reader, value: object) -> frozenset[Defect]:
         raise r.fail("defects", f"may hold only {', '.join(d.value for d in Defect)}") from None
 
 
-def _journal(r: _Reader, value: object) -> Journal[PurseUpdate] | None:
+def _journal(r: _Reader, value: object, file_sizes: dict[str, int]) -> Journal[PurseUpdate] | None:
+    """The pending write of a card saved in the middle of one; ``file_sizes``: the length of each public file, which
+    a write never changes (replaying a value of another length would resize the file)."""
     if value is None:
         return None
     if not isinstance(value, dict) or not isinstance(value.get("updates"), dict):
@@ -246,7 +248,9 @@ def _journal(r: _Reader, value: object) -> Journal[PurseUpdate] | None:
         elif name == "proof":
             proof = r.proof(raw)
         elif name in BINARY_FILES.values():
-            files[name] = fields.hexbytes(name, PUBLIC_DATA_SIZE if name == "public_data" else None)
+            files[name] = fields.hexbytes(name)
+            if len(files[name]) != file_sizes[name]:
+                raise fields.fail(name, f"must be {file_sizes[name]} bytes, as long as the file a write replaces")
         else:
             raise r.fail("journal", f"has an unknown update {name!r}")
     updates = PurseUpdate(

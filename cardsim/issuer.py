@@ -11,12 +11,13 @@ from dataclasses import dataclass
 
 from cardsim import crypto
 from cardsim.crypto import Algorithm, BlockKey
+from cardsim.issue_options import DEFAULT_MAX_BALANCE
 from cardsim.keys import IssuerKeySet, IssuerKeyStore, city_of_serial
 from cardsim.purse import TYPE_LOAD
 
 
 class HostRefusal(Exception):
-    """The issuer host refuses a request (unknown keys, card MAC1 wrong)."""
+    """The issuer host refuses a request (unknown keys, card MAC1 wrong, a load past the maximum balance)."""
 
 
 @dataclass(frozen=True)
@@ -43,8 +44,11 @@ class IssuerHost:
     """Card keys (TAC, M1 record MAC) kept: a clearing verifies the same cards all day, and deriving costs 3
     ciphers."""
 
-    def __init__(self, keys: IssuerKeyStore) -> None:
+    def __init__(self, keys: IssuerKeyStore, max_balance: int = DEFAULT_MAX_BALANCE) -> None:
+        """``max_balance``: the most fen the issuer's cards may hold (its published product maximum); the host
+        authorises no load past it, whether or not the card would refuse it itself."""
         self.keys = keys
+        self.max_balance = max_balance
         self._card_keys: dict[tuple[object, ...], BlockKey] = {}
         # master keys ready to diversify with, by (city, version, usage, algorithm): a cipher context costs
         # as much as ~15 blocks, and every card of an issuer starts from the same few masters
@@ -82,7 +86,8 @@ class IssuerHost:
         return BlockKey(alg, self._diversified(card_serial, version, alg, usage))
 
     def authorize_load(self, req: LoadRequest) -> bytes:
-        """Check the card's MAC1 and return MAC2 for CREDIT FOR LOAD; HostRefusal if MAC1 is wrong."""
+        """Check the card's MAC1 and return MAC2 for CREDIT FOR LOAD; HostRefusal if MAC1 is wrong or the load
+        would take the balance (which MAC1 vouches for) past the issuer's maximum balance."""
         try:
             alg = Algorithm.from_id(req.algorithm_id)
         except ValueError as err:
@@ -91,6 +96,11 @@ class IssuerHost:
         sk = crypto.session_key(card_load_key, crypto.load_key_input(req.random, req.online_counter))
         if sk.mac(crypto.load_mac1_data(req.balance, req.amount, TYPE_LOAD, req.terminal)) != req.mac1:
             raise HostRefusal("card MAC1 does not verify: not a genuine card of this issuer")
+        if req.balance + req.amount > self.max_balance:  # a card that ignores its maximum gets no MAC2 for it
+            raise HostRefusal(
+                f"a load of {req.amount} fen on a balance of {req.balance} fen would pass the issuer's maximum balance"
+                f" of {self.max_balance} fen"
+            )
         return sk.mac(crypto.load_mac2_data(req.amount, TYPE_LOAD, req.terminal, req.date, req.time))
 
     def tac_key(self, card_serial: bytes, version: int, alg: Algorithm) -> BlockKey:

@@ -25,11 +25,14 @@ from cardsim.issuer import IssuerHost, LoadRequest
 from cardsim.keys import city_of_serial
 from cardsim.log_record import LogRecord
 from cardsim.purse import AID, LOG_RECORDS, SFI_LOG, SFI_TRIPS, TYPE_COMPOUND, TYPE_LOAD, TYPE_PURCHASE, PublicData
+from terminals.limits import MAX_FEN
 from terminals.reader import CardGone, Reader
 
 
 class TransactionError(Exception):
-    """A step did not succeed; ``sw`` is the status word when the card or PSAM answered one."""
+    """A step did not succeed; ``sw`` is the status word when the card or PSAM answered one, or the refusal a
+    genuine card would have answered where the terminal refuses for a card outside the spec (so a tap reads
+    REFUSED, not ERROR)."""
 
     def __init__(self, step: str, message: str, sw: int | None = None) -> None:
         super().__init__(f"{step}: {message}")
@@ -123,9 +126,17 @@ def purchase(
     init = _initialize(card, Initialize(InitKind.COMPOUND if compound else InitKind.PURCHASE, amount, terminal))
     algorithm = _algorithm("INITIALIZE FOR PURCHASE", init)
     balance, counter = init.balance, init.counter
+    if balance > MAX_FEN:  # a card that wrapped or ignored its maximum: no record could carry the purchase
+        raise TransactionError(
+            "INITIALIZE FOR PURCHASE",
+            f"the card holds {balance} fen, past what a transaction record carries ({MAX_FEN}); not charged",
+            SW.CONDITIONS_NOT_SATISFIED,
+        )
     if amount > balance:  # a card that lets a purse go below zero: not charged, whatever it would do
         raise TransactionError(
-            "INITIALIZE FOR PURCHASE", f"the card accepted {amount} fen on a balance of {balance} fen; not charged"
+            "INITIALIZE FOR PURCHASE",
+            f"the card accepted {amount} fen on a balance of {balance} fen; not charged",
+            SW.INSUFFICIENT_BALANCE,
         )
     if trip_record is not None:
         trip = trip_record(balance - amount) if callable(trip_record) else trip_record
@@ -232,8 +243,6 @@ def block_card(card: Reader, sam: Reader, app: PublicData) -> None:
     exchange(card, "APPLICATION BLOCK", commands.application_block(mac), 0)
 
 
-RECORD_FEN_MAX = 2**31 - 1
-"""The largest balance a transaction record carries (terminals.messages.Fen)."""
 _LOAD_REFUSED = "the load would take the balance above the card's maximum (or its load counter is used up)"
 
 
@@ -259,10 +268,12 @@ def load(
         if err.sw != SW.CONDITIONS_NOT_SATISFIED:
             raise
         raise TransactionError(err.step, f"answered {SW.wording(err.sw)}: {_LOAD_REFUSED}", err.sw) from err
-    if init.balance + amount > RECORD_FEN_MAX:
+    if init.balance + amount > MAX_FEN:
         # only a card that ignores its maximum balance gets here: refused before the issuer authorises anything
         raise TransactionError(
-            "INITIALIZE FOR LOAD", f"balance {init.balance} + {amount} fen is past what any purse may hold; not loaded"
+            "INITIALIZE FOR LOAD",
+            f"balance {init.balance} + {amount} fen is past what any purse may hold; not loaded",
+            SW.CONDITIONS_NOT_SATISFIED,
         )
     date, time = bcd_date(when), bcd_time(when)
     algorithm = _algorithm("INITIALIZE FOR LOAD", init)

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 from typing import Final
 
+MAX_FEN: Final = 2**31 - 1
+"""The most fen an amount or a balance can be in a record (wire.md's amounts take 0..2^31-1; the card's 4-byte fields
+and the M1 signed 32-bit value block hold no more in a valid purse): every layer checks against this one number."""
 MAX_PAYLOAD: Final = 256 * 1024
 """Larger payloads are refused before JSON parsing (a batch of a few hundred records fits easily)."""
 MAX_RECORDS: Final = 1000

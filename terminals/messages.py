@@ -17,7 +17,7 @@ from typing import Annotated, Final, Literal, NoReturn, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from cardsim.files import JSONValue
-from terminals.limits import MAX_DEPTH, MAX_DIGITS, MAX_PAYLOAD, MAX_RECORDS, MAX_STRING
+from terminals.limits import MAX_DEPTH, MAX_DIGITS, MAX_FEN, MAX_PAYLOAD, MAX_RECORDS, MAX_STRING
 
 TXN_SCHEMA: Final = "yikatong.txn/1"
 BATCH_SCHEMA: Final = "yikatong.batch/1"
@@ -38,7 +38,7 @@ CITY_CODE: Final = re.compile(r"^[0-9]{4}$")
 CityCode = Annotated[str, Field(pattern=CITY_CODE.pattern)]
 TERMINAL_NO: Final = re.compile(r"^[0-9A-F]{12}$")
 TerminalNo = Annotated[str, Field(pattern=TERMINAL_NO.pattern)]
-Fen = Annotated[int, Field(ge=0, le=2**31 - 1)]
+Fen = Annotated[int, Field(ge=0, le=MAX_FEN)]
 TxnKind = Literal["purchase", "load", "metro_entry", "metro_exit"]
 TxnAlg = Literal["3des", "sm4", "des"]
 CARD_ID: Final = re.compile(r"^[0-9]{20}$|^[0-9A-F]{8}$")

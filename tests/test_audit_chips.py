@@ -172,6 +172,55 @@ def test_the_load_limit_probe_is_passive_and_reports_the_loads_a_card_accepts(
     assert "need --active" in skipped and "tearing probe needs --active and a reader that can cut power" in skipped
 
 
+class OddAnswers(SimulatedCpu):
+    """A weak-random card that answers ``sw`` to GET BALANCE (``step`` "balance") or to every INITIALIZE FOR LOAD
+    of more than one fen ("load": the load-limit probe's, not the key check's)."""
+
+    def __init__(self, step: str, sw: bytes) -> None:
+        state = issue_cpu_card(
+            IssuerKeyStore.test_set(),
+            CardRequest("4510", Algorithm.SM4, 5000, 1, dt.date(2026, 1, 1), dt.date(2036, 1, 1)),
+        )
+        state.defects = frozenset({Defect.WEAK_RANDOM})
+        super().__init__(PurseCard(state, os.urandom), "cpu")
+        self.step, self.sw = step, sw
+
+    def transmit(self, apdu: bytes) -> bytes:
+        balance = apdu[:4] == bytes.fromhex("805C0002")
+        big_load = apdu[:4] == bytes.fromhex("80500002") and int.from_bytes(apdu[6:10]) > 1
+        if (balance and self.step == "balance") or (big_load and self.step == "load"):
+            return self.sw
+        return super().transmit(apdu)
+
+
+@pytest.mark.parametrize(
+    ("step", "sw", "skipped"),
+    [
+        ("balance", b"\x6a\x81", ["load-limit probe: GET BALANCE answered 6A81 with 0 bytes: no limit tested"]),
+        (
+            "load",
+            b"\x93\x03",
+            [
+                "load-limit probe: INITIALIZE FOR LOAD of 95001 fen answered 9303, not 6985: the issuer's maximum "
+                "balance of 100000 fen not tested",
+                "load-limit probe: INITIALIZE FOR LOAD of 4294962296 fen answered 9303, not 6985: the 4-byte "
+                "balance not tested",
+            ],
+        ),
+        ("load", b"\x69\x85", []),  # the refusal of a genuine card: tested, and nothing found
+    ],
+    ids=["balance-refused", "load-locked", "load-refused"],
+)
+def test_a_load_limit_probe_that_cannot_test_says_so_and_the_audit_keeps_its_findings(
+    step: str, sw: bytes, skipped: list[str]
+) -> None:
+    reader = OddAnswers(step, sw)
+    result = audit_cpu(reader, sources(None), active=False)
+    assert {f.id for f in result.findings} == {"CPU-SM4", "CPU-TEST-KEYS", "CPU-WEAK-RANDOM"}
+    assert [line.removeprefix(f"{result.serial}: ") for line in result.skipped[:-1]] == skipped
+    assert "need --active" in result.skipped[-1]
+
+
 def test_cli_max_balance_is_the_issuers_published_maximum(tmp_path: Path) -> None:
     keys = IssuerKeyStore.load(fixture_path("keys/fleet-keys.json"))
     cards = tmp_path / "cards"
@@ -184,7 +233,10 @@ def test_cli_max_balance_is_the_issuers_published_maximum(tmp_path: Path) -> Non
     doc = json.loads((tmp_path / "audit-chips.json").read_text())
     [found] = [f for f in doc["findings"] if f["id"] == "CPU-LOAD-ABOVE-MAX"]
     assert found["severity"] == "high" and found["details"] == {"balance": 5000, "issuer_max": 4999, "amounts": [1]}
-    assert "--max-balance FEN" in run_cli("audit", "chips", "--help").stdout
+    shown = run_cli("audit", "chips", "--help").stdout
+    assert "--max-balance FEN" in shown
+    # what the active probes cost, said plainly: a few fen, unless the card has the overdraft flaw
+    assert "left holding a wrapped balance of about 4.29 billion fen" in " ".join(shown.split())
 
 
 def test_cli_on_card_images_writes_reports_leaves_images_unchanged_and_gates(tmp_path: Path) -> None:

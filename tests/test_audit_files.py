@@ -117,6 +117,49 @@ def test_a_short_file_is_skipped_and_said_so() -> None:
     assert result.skipped == ["SFI 17 card class: READ BINARY answered 9000 with 8 bytes"]
 
 
+@pytest.mark.parametrize(
+    ("defects", "read_back", "skipped"),
+    [
+        (
+            frozenset(),
+            b"\x6f\x00",
+            "SFI 16 card class: plain UPDATE BINARY answered 6982, the read back 6F00 (0 bytes)",
+        ),
+        (frozenset(), b"\x01\x65\x81", "answered 6982, the read back 6581 (1 bytes)"),  # data, but not 9000
+        (
+            PLAIN_WRITE,
+            b"\x6a\x82",
+            "answered 9000, the read back 6A82 (0 bytes); the original bytes written back (9000)",
+        ),
+    ],
+    ids=["genuine-error", "genuine-data-and-error", "flawed-error"],
+)
+def test_a_read_back_that_fails_is_skipped_not_taken_for_a_forged_file(
+    defects: frozenset[Defect], read_back: bytes, skipped: str
+) -> None:
+    card = new_card()
+    card.state.defects = defects
+    original = files_of(card.state)
+    after_write = False
+
+    class FailingReadBack(InProcessReader):
+        """The card answers ``read_back`` to the READ BINARY of SFI 16 that follows a write to it."""
+
+        def transmit(self, apdu: bytes) -> bytes:
+            nonlocal after_write
+            if apdu[:3] == b"\x00\xd6\x96":
+                after_write = True
+            elif apdu[:3] == b"\x00\xb0\x96" and after_write:
+                after_write = False
+                return read_back
+            return super().transmit(apdu)
+
+    result = plain_write_probe(FailingReadBack(card))
+    assert result.written == (NAMES[::2] if defects else [])  # SFI 16 not judged; the other two as they are
+    assert len(result.skipped) == 1 and result.skipped[0].endswith(skipped), result.skipped
+    assert files_of(card.state) == original
+
+
 def test_the_cli_audits_a_copy_and_leaves_the_card_image_unchanged(tmp_path: Path) -> None:
     state = new_state()
     state.defects = PLAIN_WRITE

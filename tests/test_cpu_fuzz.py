@@ -130,6 +130,13 @@ def test_cases_are_bounded_seeded_and_cover_each_kind_of_malformed_command() -> 
         assert kind in labels
 
 
+def test_the_file_writes_the_card_knows_are_never_sent_as_unknown_ins() -> None:
+    writes = {(0x00, 0xD6), (0x00, 0xDC), (0x04, 0xD6), (0x04, 0xDC)}  # plain or MAC'd UPDATE BINARY / RECORD
+    for seed in range(300):  # each seed draws 3 unknown INS per class: a write among them would be found here
+        unknown = [case.apdu for case in fuzz_cases(seed=seed) if case.label.startswith("unknown INS")]
+        assert len(unknown) == 12 and not {(apdu[0], apdu[1]) for apdu in unknown} & writes, seed
+
+
 def test_state_reads_leave_the_purse_selected_with_no_session() -> None:
     card = used_card()
     reader = InProcessReader(card)

@@ -147,3 +147,23 @@ def test_images_are_plain_json_people_can_read(tmp_path: Path) -> None:
     save_purse(path, new_card().state)
     doc = json.loads(path.read_text())
     assert doc["schema"] == "yikatong.card/1" and doc["algorithm"] == "sm4" and doc["balance"] == 5000
+
+
+def test_a_top_up_past_the_issuers_maximum_is_refused_by_the_host_it_is_configured_with(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    card = str(tmp_path / "card.json")
+    issue = ["card", "issue", "--city", "4510", "--alg", "sm4", "--balance", "90000", "--max-balance", "500000"]
+    assert main([*issue, "--out", card]) == 0
+    top_up = ["terminal", "tap", "--card", card, "--city", "4510", "--kind", "topup", "--amount", "20000"]
+    top_up += ["--state", str(tmp_path / "t.sqlite")]
+    capsys.readouterr()
+    assert main(top_up) == 1  # the card would take it; the host holds the product maximum (100,000 fen)
+    out = capsys.readouterr().out
+    assert "REFUSED  issuer host: a load of 20000 fen on a balance of 90000 fen would pass the issuer's maximum " in out
+    assert load_purse(Path(card)).balance == 90_000
+    assert main([*top_up, "--max-balance", "500000"]) == 0
+    assert load_purse(Path(card)).balance == 110_000
+    bus = ["terminal", "tap", "--card", card, "--city", "4510", "--kind", "bus", "--fare", "1", "--max-balance", "1"]
+    assert main(bus) == 2
+    assert "--max-balance is for topup terminals" in capsys.readouterr().err

@@ -13,7 +13,8 @@ from cardsim.crypto import Algorithm, BlockKey
 from cardsim.image import load_purse, save_card
 from cardsim.issuer import HostRefusal, IssuerHost
 from cardsim.purse import AID, LOG_RECORDS, TRIP_RECORDS, Defect, PurseCard
-from terminals.flows import RECORD_FEN_MAX, TransactionError, load, purchase, select_purse
+from terminals.flows import TransactionError, load, purchase, select_purse
+from terminals.limits import MAX_FEN
 
 SELECT = bytes.fromhex("00A4040008") + AID
 ALGS = list(Algorithm)
@@ -73,13 +74,22 @@ def test_load_over_the_purse_limit_is_refused() -> None:
     assert "above the card's maximum" in str(err.value)  # the terminal says what 6985 means here
 
 
-def test_a_card_that_ignores_its_maximum_is_loaded_past_it_but_never_past_what_a_record_holds(tmp_path: Path) -> None:
+def test_a_card_that_ignores_its_maximum_is_held_to_it_by_the_issuer_host_and_to_what_a_record_holds(
+    tmp_path: Path,
+) -> None:
     card = new_card(balance=99_900)
     card.state.defects = frozenset({Defect.NO_MAX_BALANCE})
-    reader, host = readers(card, new_psam())[0], IssuerHost(KEYS)
+    reader = readers(card, new_psam())[0]
+    past = "a load of 200 fen on a balance of 99900 fen would pass the issuer's maximum balance of 100000 fen"
+    with pytest.raises(HostRefusal, match=past):
+        load(reader, IssuerHost(KEYS), TERMINAL, 200, WHEN)  # the product maximum by default
+    with pytest.raises(HostRefusal, match="of 100050 fen"):
+        load(reader, IssuerHost(KEYS, max_balance=100_050), TERMINAL, 200, WHEN)
+    assert card.state.balance == 99_900 and card.state.online_counter == 0
+    host = IssuerHost(KEYS, max_balance=100_100)  # a host configured with a higher maximum than this card's
     assert load(reader, host, TERMINAL, 200, WHEN).balance_after == card.state.balance == 100_100
     with pytest.raises(TransactionError, match="past what any purse may hold"):
-        load(reader, host, TERMINAL, RECORD_FEN_MAX, WHEN)  # refused before the issuer host authorises it
+        load(reader, host, TERMINAL, MAX_FEN, WHEN)  # refused before the issuer host authorises it
     assert card.state.balance == 100_100 and card.state.online_counter == 1
     save_card(tmp_path / "card.json", card.state)  # the flawed card's image keeps its balance past the maximum
     assert load_purse(tmp_path / "card.json").balance == 100_100
@@ -88,9 +98,9 @@ def test_a_card_that_ignores_its_maximum_is_loaded_past_it_but_never_past_what_a
 def test_a_card_that_allows_overdraft_wraps_its_balance_and_the_terminal_charges_nothing() -> None:
     card, psam = new_card(balance=50), new_psam()
     card.state.defects = frozenset({Defect.OVERDRAFT})
-    with pytest.raises(TransactionError, match="accepted 80 fen on a balance of 50 fen; not charged"):
+    with pytest.raises(TransactionError, match="accepted 80 fen on a balance of 50 fen; not charged") as err:
         purchase(*readers(card, psam), TERMINAL, 80, WHEN)
-    assert card.state.balance == 50
+    assert err.value.sw == 0x9401 and card.state.balance == 50  # the refusal a genuine card gives
     card.transmit(SELECT)
     answer = init_purchase(card, 80)
     assert sw(answer) == 0x9000  # a genuine card answers 9401

@@ -17,7 +17,16 @@ from cardsim.crypto import Algorithm
 from cardsim.eeprom import CardTorn
 from cardsim.image import CardImageError, purse_from_json, purse_to_json
 from cardsim.issuer import IssuerHost
-from cardsim.purse import AID, BINARY_FILES, MAC_FAILURE_LIMIT, SFI_HOLDER, SFI_PUBLIC, Defect, PurseCard
+from cardsim.purse import (
+    AID,
+    BINARY_FILES,
+    MAC_FAILURE_LIMIT,
+    SFI_HOLDER,
+    SFI_INTEROP,
+    SFI_PUBLIC,
+    Defect,
+    PurseCard,
+)
 
 SELECT = commands.select(AID)
 EXPIRY = 24  # offset of the expiry date in SFI 15 (spec card.md)
@@ -30,11 +39,19 @@ def selected(alg: Algorithm = Algorithm.SM4, defects: frozenset[Defect] = frozen
     return card
 
 
-def secure_apdu(card: PurseCard, challenge: bytes, sfi: int, offset: int, data: bytes, spoil: bool = False) -> bytes:
-    """UPDATE BINARY with the MAC the issuer computes from its master maintenance key and the card's challenge."""
+def sm_header(sfi: int, offset: int) -> bytes:
+    return bytes([CLA_ISO_SM, 0xD6, 0x80 | sfi, offset])
+
+
+def sm_mac(card: PurseCard, challenge: bytes, covered: bytes) -> bytes:
+    """The MAC the issuer computes over ``covered`` from its master maintenance key and the card's challenge."""
     key = IssuerHost(KEYS).card_key(card.state.public.card_serial, 1, card.state.algorithm, "maintenance")
-    header = bytes([CLA_ISO_SM, 0xD6, 0x80 | sfi, offset])
-    mac = crypto.session_key(key, crypto.block_key_input(challenge)).mac(crypto.secure_message_data(header, data))
+    return crypto.session_key(key, crypto.block_key_input(challenge)).mac(covered)
+
+
+def secure_apdu(card: PurseCard, challenge: bytes, sfi: int, offset: int, data: bytes, spoil: bool = False) -> bytes:
+    """UPDATE BINARY with the issuer's secure-messaging MAC of this very command."""
+    mac = sm_mac(card, challenge, crypto.secure_message_data(sm_header(sfi, offset), data))
     if spoil:
         mac = bytes(b ^ 0xFF for b in mac)
     return commands.update_binary(sfi, offset, data + mac, cla=CLA_ISO_SM)
@@ -99,6 +116,29 @@ def test_secure_messaging_needs_the_challenge_just_before() -> None:
     card.transmit(commands.get_balance())  # the challenge served that command
     assert sw(card.transmit(secure_apdu(card, challenge, SFI_HOLDER, 0, b"\x02"))) == 0x6985
     assert card.state.mac_failures == 0 and card.state.holder_data[0] != 0x02
+
+
+SM_DATA = b"\x02\x03"
+SIGNED = crypto.secure_message_data(sm_header(SFI_HOLDER, 0), SM_DATA)  # what the issuer signed: SFI 16, offset 0
+
+
+@pytest.mark.parametrize(
+    ("covered", "sfi", "offset", "data"),
+    [
+        (SIGNED, SFI_INTEROP, 0, SM_DATA),  # sent to SFI 17
+        (SIGNED, SFI_HOLDER, 1, SM_DATA),  # to offset 1
+        (SIGNED, SFI_HOLDER, 0, SM_DATA[:1]),  # a shorter Lc: the command cut short
+        (sm_header(SFI_HOLDER, 0) + bytes([len(SM_DATA) + 3]) + SM_DATA, SFI_HOLDER, 0, SM_DATA),  # MAC of Lc - 1
+    ],
+    ids=["sfi-17", "offset-1", "shorter-lc-sent", "shorter-lc-signed"],
+)
+def test_the_secure_messaging_mac_covers_the_header(covered: bytes, sfi: int, offset: int, data: bytes) -> None:
+    card = selected()
+    before = files(card)
+    challenge = card.transmit(commands.get_challenge(4))[:4]
+    apdu = commands.update_binary(sfi, offset, data + sm_mac(card, challenge, covered), cla=CLA_ISO_SM)
+    assert sw(card.transmit(apdu)) == 0x9302  # as signed it writes: the first test of this file
+    assert files(card) == before and card.state.mac_failures == 1
 
 
 @pytest.mark.parametrize(
@@ -168,19 +208,31 @@ def test_a_torn_write_leaves_the_old_file_or_the_new_one(through_image: bool) ->
     assert outcomes == {True, False}, "the cuts must reach both sides of the commit point"
 
 
+FILE_SIZES = {name: len(getattr(new_card().state, name)) for name in BINARY_FILES.values()}
 FILE_VALUES = st.one_of(
-    st.one_of(st.binary(max_size=40), st.binary(min_size=30, max_size=30)).map(lambda b: b.hex().upper()),
+    st.one_of(
+        st.binary(max_size=40),
+        st.sampled_from(sorted(FILE_SIZES.values())).flatmap(lambda n: st.binary(min_size=n, max_size=n)),
+    ).map(lambda b: b.hex().upper()),
     st.sampled_from(["XYZ", "0", None, 7, []]),
 )
 
 
 def file_content(name: str, value: object) -> bytes | None:
-    """The file a journal value stands for; None when it is none (no hex, or SFI 15 not 30 bytes)."""
+    """The file a journal value stands for; None when it is none (no hex, or not as long as the file)."""
     try:
         raw = bytes.fromhex(value) if isinstance(value, str) else None
     except ValueError:
         return None
-    return None if raw is None or (name == "public_data" and len(raw) != 30) else raw
+    return None if raw is None or len(raw) != FILE_SIZES[name] else raw
+
+
+def test_a_journal_value_that_would_resize_a_file_is_refused_naming_the_field() -> None:
+    doc = purse_to_json(new_card().state)
+    doc["journal"] = {"valid": True, "updates": {"holder_data": "02" * (FILE_SIZES["holder_data"] + 1)}}
+    expected = f"x.json: journal: field 'holder_data' must be {FILE_SIZES['holder_data']} bytes, as long as the file"
+    with pytest.raises(CardImageError, match=expected):
+        purse_from_json(doc, "x.json")
 
 
 @settings(max_examples=200, deadline=None)
@@ -191,8 +243,8 @@ def test_an_image_with_a_pending_file_write_loads_exactly_or_names_the_field(
     updates: dict[str, object], valid: bool
 ) -> None:
     """A card saved in the middle of a file write (`card serve` saves after every non-volatile write) keeps the
-    write's journal: it loads back as saved, and a journal file value that is no hex, or no 30 bytes for SFI 15,
-    names its field."""
+    write's journal: it loads back as saved, and a journal file value that is no hex, or not as long as its file
+    (a replay would resize it), names its field."""
     doc = purse_to_json(new_card().state) | {"journal": {"valid": valid, "updates": updates}}
     contents = {name: file_content(name, value) for name, value in updates.items()}
     bad = [name for name, content in contents.items() if content is None]

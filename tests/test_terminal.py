@@ -15,8 +15,9 @@ from cardsim.crypto import Algorithm
 from cardsim.issuer import IssuerHost
 from cardsim.m1_issue import KeyScheme
 from cardsim.mifare import Frame, M1Card, parse_value_block
-from cardsim.purse import PurseCard
+from cardsim.purse import Defect, PurseCard
 from clearing.verify import tac_problem
+from terminals.limits import MAX_FEN
 from terminals.messages import TxnRecord, hotlist_delta_topic, parse_record
 from terminals.metro import parse_trip
 from terminals.reader import CardGone, InProcessReader
@@ -46,6 +47,20 @@ def test_bus_purchase_of_another_citys_card_is_recorded_with_a_verifying_tac(tmp
     assert tac_problem(HOST, r1) is None and tac_problem(HOST, r2) is None
     assert tac_problem(HOST, r1.model_copy(update={"amount": 100, "balance_after": 4900})) == "TAC does not verify"
     assert card.state.balance == 4600
+
+
+def test_a_wrapped_card_and_an_overdraft_are_refused_before_any_money_moves(tmp_path: Path) -> None:
+    term = make_terminal(tmp_path / "t.sqlite", Kind.BUS, amount=200)
+    card = new_card(balance=100)
+    card.state.defects = frozenset({Defect.OVERDRAFT})  # would accept both and wrap its 4-byte balance
+    short = term.tap(InProcessReader(card))
+    assert short.status is TapOutcome.REFUSED, short.message
+    assert "accepted 200 fen on a balance of 100 fen; not charged" in short.message
+    card.state.balance = 2**32 - 1  # what an overdraft probe leaves on such a card: more than a record carries
+    wrapped = term.tap(InProcessReader(card))
+    assert wrapped.status is TapOutcome.REFUSED, wrapped.message
+    assert f"holds {2**32 - 1} fen, past what a transaction record carries ({MAX_FEN})" in wrapped.message
+    assert card.state.balance == 2**32 - 1 and card.state.offline_counter == 0 and records(term) == []
 
 
 def test_psam_sequence_and_record_seq_survive_a_restart(tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeAlias
 
+from terminals.limits import MAX_FEN
 from yikatong.errors import CliError
 
 if TYPE_CHECKING:
@@ -21,10 +22,6 @@ _WHOLE = re.compile(r"\+?([0-9]+)")  # ASCII digits: isdigit() and int() take ot
 
 Subcommands: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"  # (not subscriptable at run time)
 """What ``add_subparsers`` returns: where a command or a command group registers its parsers."""
-
-MAX_FEN = 2**31 - 1
-"""The most fen an amount or a balance can be: the card's amount and balance fields are 4 bytes, the M1 value
-block is a signed 32-bit number, and the wire record (terminals.messages) takes 0..2^31-1."""
 
 
 def hex_number(digits: int) -> Callable[[str], int]:

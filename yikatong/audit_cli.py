@@ -203,13 +203,16 @@ def _register_chips(sub: Subcommands) -> None:
         help="audit a fleet of cards (images, a generated fleet, or cards on a PC/SC reader)",
         description=textwrap.fill(
             "Run every applicable check of the audit catalogue (spec audit.md) through each card's own "
-            "interface: APDUs for CPU purse cards, radio frames and Crypto-1 authentications for MIFARE Classic cards. "
-            "Without --active only probes that change nothing on the card run (among them INITIALIZE FOR LOAD past "
-            "--max-balance and past the 4-byte balance, with no CREDIT after it). With --active the audit also sends a "
-            "DEBIT with a wrong MAC1, rewrites the card class and expiry without a MAC (and puts them back), replays a "
-            "DEBIT, makes small purchases to watch the counter, loads with a wrong MAC2, replays a CREDIT, tries an "
-            "overdraft, fuzzes the card with malformed APDUs and finally sends wrong MACs until the card locks: each "
-            "card moves a few fen and ends LOCKED. Cutting power mid-DEBIT and judging the whole state (tearing) also "
+            "interface: APDUs for CPU purse cards, radio frames and Crypto-1 authentications for MIFARE Classic "
+            "cards. Without --active only probes that change nothing on the card run (among them INITIALIZE FOR LOAD "
+            "past --max-balance and past the 4-byte balance, with no CREDIT after it). With --active the audit also "
+            "sends a DEBIT with a wrong MAC1, rewrites the card class and expiry without a MAC (and puts them back), "
+            "replays a DEBIT, makes small purchases to watch the counter, loads with a wrong MAC2, replays a CREDIT, "
+            "tries an overdraft, fuzzes the card with malformed APDUs and finally sends wrong MACs until the card "
+            "locks: each card that refuses the overdraft moves a few fen and ends LOCKED. A card with the overdraft "
+            "flaw takes the overdraft DEBIT of balance + 1 fen and is left holding a wrapped balance of about 4.29 "
+            "billion fen: on a card image that is the audit's copy; through --reader it is the card itself (locked "
+            "afterwards, if its lockout works). Cutting power mid-DEBIT and judging the whole state (tearing) also "
             "needs a reader that can cut power: simulated cards (--cards, --fleet) have one; --reader has not, so that "
             "probe is skipped there. Card images are audited on a copy; files are never changed.",
             width=100,

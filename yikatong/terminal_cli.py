@@ -11,13 +11,15 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
+from cardsim.issue_options import DEFAULT_MAX_BALANCE
 from terminals.kinds import TerminalKind
+from terminals.limits import MAX_FEN
 from yikatong.argtypes import (
-    MAX_FEN,
     Subcommands,
     broker_options,
     city_code,
     command_group,
+    fen,
     fen_amount,
     file_path,
     hex_number,
@@ -129,8 +131,14 @@ def _terminal_options(parser: argparse.ArgumentParser) -> None:
         choices=list(TerminalKind),
         metavar="{bus,metro-entry,metro-exit,topup}",
     )
-    parser.add_argument("--fare", type=fen_amount, help="bus fare in fen, 1 to 2147483647 (bus terminals)")
-    parser.add_argument("--amount", type=fen_amount, help="top-up amount in fen, 1 to 2147483647 (topup terminals)")
+    parser.add_argument("--fare", type=fen_amount, help=f"bus fare in fen, 1 to {MAX_FEN} (bus terminals)")
+    parser.add_argument("--amount", type=fen_amount, help=f"top-up amount in fen, 1 to {MAX_FEN} (topup terminals)")
+    parser.add_argument(
+        "--max-balance",
+        type=fen,
+        help=f"the issuer's maximum balance in fen: the issuer host authorises no load past it, whatever the card "
+        f"would take (default {DEFAULT_MAX_BALANCE}; topup terminals)",
+    )
     parser.add_argument("--line", help="metro line of the gate, e.g. M1 (metro gates)")
     parser.add_argument("--station", help="metro station of the gate, e.g. A03 (metro gates)")
     parser.add_argument(
@@ -173,8 +181,9 @@ def _build_terminal(args: argparse.Namespace) -> Terminal:
         raise CliError(f"a {kind.value} gate needs --line and --station (the fare comes from the fare table)")
     if args.fare is not None and kind is not TerminalKind.BUS:
         raise CliError(f"--fare is for bus terminals; a {kind.value} terminal does not take it")
-    if args.amount is not None and kind is not TerminalKind.TOPUP:
-        raise CliError(f"--amount is for topup terminals; a {kind.value} terminal does not take it")
+    for given, option in ((args.amount, "--amount"), (args.max_balance, "--max-balance")):
+        if given is not None and kind is not TerminalKind.TOPUP:
+            raise CliError(f"{option} is for topup terminals; a {kind.value} terminal does not take it")
     state: Path = args.state or Path(f"terminal-{args.city}-{kind.value}.sqlite")
     outbox = _open_outbox(state)
     stored = outbox.get_meta("terminal")
@@ -189,7 +198,8 @@ def _build_terminal(args: argparse.Namespace) -> Terminal:
     keys = load_keys(args.keys)
     try:
         fares = FareTable.load(args.fares)
-        return Terminal(config, outbox, keys, fares=fares, host=IssuerHost(keys))
+        host = IssuerHost(keys, DEFAULT_MAX_BALANCE if args.max_balance is None else args.max_balance)
+        return Terminal(config, outbox, keys, fares=fares, host=host)
     except (FareTableError, OutboxError) as err:
         raise CliError(str(err)) from err
     except (KeyError, ValueError) as err:
@@ -248,8 +258,8 @@ def _tap_image(terminal: Terminal, path: Path) -> TapResult:
     except CardImageError as err:
         raise CliError(str(err)) from err
     if isinstance(state, PurseState) and state.balance > MAX_FEN:
-        # the image format lets a purse hold up to 2^32-1 fen; a record carries at most 2^31-1: refuse before the
-        # card is charged, not after (the record could not be stored)
+        # the image format lets a purse hold up to 2^32-1 fen; a record carries at most MAX_FEN: such an image is a
+        # bad input here, named by its path (a card on a reader holding that much is refused by the tap itself)
         raise CliError(f"{path}: balance {state.balance} fen is more than a transaction record carries ({MAX_FEN})")
     if isinstance(state, M1State):
         chip = M1Card(state, os.urandom)
