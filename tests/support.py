@@ -13,12 +13,14 @@ from cardsim.crypto import Algorithm
 from cardsim.keys import IssuerKeyStore
 from cardsim.personalise import CardRequest, issue_cpu_card
 from cardsim.psam import Psam, PsamState
-from cardsim.purse import PurseCard, PurseState
+from cardsim.purse import BINARY_FILES, PurseCard, PurseState
 from terminals.reader import CardGone, InProcessReader
 
 KEYS = IssuerKeyStore.test_set()
 TERMINAL = bytes.fromhex("001122334455")
 WHEN = dt.datetime(2026, 11, 24, 8, 15, 2)
+# The second vpcd slot: its reader name and the port `card serve` connects to (the PC/SC stack tests hold the first).
+SLOT_01 = ("Virtual PCD 00 01", "35964")
 
 
 def yikatong(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
@@ -37,6 +39,11 @@ def seeded_rng(seed: int = 1):
 
 def new_state(alg: Algorithm = Algorithm.SM4, balance: int = 5000, city: str = "4510", sequence: int = 1) -> PurseState:
     return issue_cpu_card(KEYS, CardRequest(city, alg, balance, sequence, dt.date(2026, 1, 1), dt.date(2036, 1, 1)))
+
+
+def files_of(state: PurseState) -> list[bytes]:
+    """The bytes of the card's public files SFI 15, 16 and 17."""
+    return [getattr(state, name) for name in BINARY_FILES.values()]
 
 
 def new_card(alg: Algorithm = Algorithm.SM4, balance: int = 5000, city: str = "4510", seed: int = 1) -> PurseCard:

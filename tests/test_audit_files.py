@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from support import ServedCard, new_card, new_state, seeded_rng
+from support import SLOT_01, ServedCard, files_of, new_card, new_state, seeded_rng
 
 from audit.chips import SimulatedCpu
 from audit.cpu_audit import KeySource, audit_cpu
@@ -21,17 +21,12 @@ from cardsim import commands
 from cardsim.apdu import split_response
 from cardsim.image import load_purse, save_card
 from cardsim.keys import IssuerKeyStore
-from cardsim.purse import AID, BINARY_FILES, SFI_HOLDER, Defect, PurseCard, PurseState
+from cardsim.purse import AID, BINARY_FILES, SFI_HOLDER, Defect, PurseCard
 from terminals.pcsc import PcscReader, list_readers
 from terminals.reader import InProcessReader, Reader
 
 PLAIN_WRITE = frozenset({Defect.PLAIN_WRITE})
-SLOT_01 = ("Virtual PCD 00 01", "35964")  # the second vpcd slot: the PC/SC stack tests hold the first
 NAMES = ["SFI 15 expiry date", "SFI 16 card class", "SFI 17 card class"]
-
-
-def files_of(state: PurseState) -> list[bytes]:
-    return [getattr(state, name) for name in BINARY_FILES.values()]
 
 
 def read_files(reader: Reader) -> list[bytes]:

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from support import KEYS, TERMINAL, WHEN, ServedCard, new_card, new_psam, new_state, readers, seeded_rng
+from support import KEYS, SLOT_01, TERMINAL, WHEN, ServedCard, new_card, new_psam, new_state, readers, seeded_rng
 
 from audit.cpu_fuzz import (
     DEFAULT_BUDGET,
@@ -37,7 +37,6 @@ from terminals.pcsc import PcscReader, list_readers
 from terminals.reader import CardGone, InProcessReader
 
 SPEC_SWS = {int(s) for s in SW}
-SLOT_01 = ("Virtual PCD 00 01", "35964")  # the second vpcd slot: the PC/SC stack tests hold the first
 
 
 class RecordingReader(InProcessReader):

@@ -9,7 +9,7 @@ import copy
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from support import KEYS, new_card, sw
+from support import KEYS, files_of, new_card, sw
 
 from cardsim import commands, crypto
 from cardsim.commands import CLA_ISO_SM
@@ -63,10 +63,6 @@ def secure_write(card: PurseCard, sfi: int, offset: int, data: bytes, spoil: boo
     return card.transmit(secure_apdu(card, challenge, sfi, offset, data, spoil))
 
 
-def files(card: PurseCard) -> list[bytes]:
-    return [getattr(card.state, name) for name in BINARY_FILES.values()]
-
-
 @pytest.mark.parametrize("alg", list(Algorithm))
 @pytest.mark.parametrize("sfi", list(BINARY_FILES))
 def test_a_secure_messaging_write_changes_the_file_and_reads_back(alg: Algorithm, sfi: int) -> None:
@@ -102,10 +98,10 @@ def test_a_plain_write_is_refused_unless_the_defect_is_planted(sfi: int) -> None
 
 def test_wrong_macs_count_toward_the_lockout_and_change_nothing() -> None:
     card = selected()
-    before = files(card)
+    before = files_of(card.state)
     answers = [sw(secure_write(card, SFI_HOLDER, 0, b"\x02", spoil=True)) for _ in range(MAC_FAILURE_LIMIT)]
     assert answers == [0x9302] * (MAC_FAILURE_LIMIT - 1) + [0x9303]
-    assert card.state.locked and files(card) == before
+    assert card.state.locked and files_of(card.state) == before
 
 
 def test_secure_messaging_needs_the_challenge_just_before() -> None:
@@ -169,11 +165,11 @@ def test_update_record_and_other_files_are_refused_for_good(apdu: str, status: i
 )
 def test_writes_outside_the_file_are_wrong_length(offset: int, data: bytes) -> None:
     flawed = selected(defects=frozenset({Defect.PLAIN_WRITE}))
-    before = files(flawed)
+    before = files_of(flawed.state)
     plain = bytes([0x00, 0xD6, 0x80 | SFI_PUBLIC, offset]) + (bytes([len(data)]) + data if data else b"")
     assert sw(flawed.transmit(plain)) == 0x6700
     assert sw(secure_write(flawed, SFI_PUBLIC, offset, data)) == 0x6700
-    assert files(flawed) == before and flawed.state.mac_failures == 0
+    assert files_of(flawed.state) == before and flawed.state.mac_failures == 0
 
 
 def test_the_card_must_be_selected_and_le_must_fit() -> None:
@@ -187,7 +183,7 @@ def test_the_card_must_be_selected_and_le_must_fit() -> None:
 
 @pytest.mark.parametrize("through_image", [False, True], ids=["in-memory", "saved-and-loaded"])
 def test_a_torn_write_leaves_the_old_file_or_the_new_one(through_image: bool) -> None:
-    old = files(selected())
+    old = files_of(selected().state)
     outcomes = set()
     for budget in range(6):
         card = selected()
@@ -200,7 +196,7 @@ def test_a_torn_write_leaves_the_old_file_or_the_new_one(through_image: bool) ->
         if through_image:
             card = PurseCard(purse_from_json(purse_to_json(card.state)), card.rng)
         card.power_on()
-        after = files(card)
+        after = files_of(card.state)
         new = [old[0][:EXPIRY] + bytes.fromhex("20991231") + old[0][28:], *old[1:]]
         assert after in (old, new) and card.state.journal is None
         assert answer is None or (sw(answer), after) == (0x9000, new)
