@@ -130,11 +130,11 @@ SIGNED = crypto.secure_message_data(sm_header(SFI_HOLDER, 0), SM_DATA)  # what t
 )
 def test_the_secure_messaging_mac_covers_the_header(covered: bytes, sfi: int, offset: int, data: bytes) -> None:
     card = selected()
-    before = files(card)
+    before = files_of(card.state)
     challenge = card.transmit(commands.get_challenge(4))[:4]
     apdu = commands.update_binary(sfi, offset, data + sm_mac(card, challenge, covered), cla=CLA_ISO_SM)
     assert sw(card.transmit(apdu)) == 0x9302  # as signed it writes: the first test of this file
-    assert files(card) == before and card.state.mac_failures == 1
+    assert files_of(card.state) == before and card.state.mac_failures == 1
 
 
 @pytest.mark.parametrize(
