@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import re
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -20,15 +21,18 @@ from clearing_support import serve_process, table_counts
 from hypothesis import given
 from hypothesis import strategies as st
 from mqtt_support import PrivateMosquitto, private_mosquitto
+from reliability_support import cpu_card
 from support import yikatong
+from terminal_support import make_terminal
 
 from clearing.pki import Identity, Pki
 from terminals.messages import hotlist_delta_topic, txn_topic
 from terminals.mqtt import BrokerUrl, ConnectRefused, TlsFiles, tls_refusal
+from terminals.reader import InProcessReader
 
 CITY = "4560"
 REFUSED_WITHIN = 3.0  # seconds to wait for a connection expected to be refused (a good one takes milliseconds)
-HONEST, OTHER, STOLEN, EXPIRED = (f"{CITY}0000{n:04X}" for n in (0xA1, 0xA2, 0xA3, 0xA4))
+HONEST, OTHER, STOLEN, EXPIRED, LOST = (f"{CITY}0000{n:04X}" for n in (0xA1, 0xA2, 0xA3, 0xA4, 0xA5))
 
 
 @dataclass
@@ -223,6 +227,41 @@ async def test_the_clearing_publishes_the_hotlist_and_only_it(network: TlsNetwor
         await reader.subscribe(delta, qos=1)
         message = await anext(aiter(reader.messages))
     assert message.payload == b'{"schema":"yikatong.hotlist-delta/1","issuer":"4560","base":1,"version":1,"changes":[]}'
+
+
+async def test_a_revoked_terminal_says_why_in_its_log_and_status_at_the_first_attempt(
+    network: TlsNetwork, tmp_path: Path
+) -> None:
+    """The broker's TLS alert in words, at once: the client fails with it (aiomqtt alone times out after 10 s
+    saying "Operation timed out"), ``terminal sync`` logs it once, ``terminal status`` shows it, the record stays."""
+    _, folder = network.pki.issue(Identity.terminal(LOST))
+    url = network.url(folder)
+    assert await _connects(url)
+    serial = next(e.serial for e in network.pki.index() if e.subject == f"terminal:{LOST}")
+    assert yikatong("pki", "revoke", serial, "--pki", str(network.pki.folder)).returncode == 0
+    network.broker.reload()
+    await asyncio.wait_for(_until(url, connects=False), 20)
+    with pytest.raises(ConnectRefused, match=r"^broker refused the TLS handshake: certificate revoked$"):
+        async with url.client("tls-lost", clean_session=True, connect_timeout=60):  # refused long before 60 s
+            pass
+
+    state = tmp_path / "lost.sqlite"
+    terminal = make_terminal(state, city=CITY, terminal=LOST)
+    assert terminal.tap(InProcessReader(cpu_card(1, city=CITY))).ok
+    terminal.outbox.close()
+    sync = ["terminal", "sync", "--state", str(state), "--broker", str(network.broker.url), "--tls-dir", str(folder)]
+    done = yikatong(*sync, "--timeout", "2")
+    assert done.returncode == 1, done.stdout + done.stderr
+    said = f"uplink to {network.broker.url}: broker refused the TLS handshake: certificate revoked; retrying"
+    assert done.stderr.count(said) == 1 and "timed out" not in done.stderr, done.stderr  # once, not every retry
+    status = yikatong("terminal", "status", "--state", str(state))
+    assert "outbox     1 record(s) not yet acked" in status.stdout, status.stdout
+    assert re.search(
+        r"^broker     last connection failed at \d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ: "
+        r"broker refused the TLS handshake: certificate revoked$",
+        status.stdout,
+        re.MULTILINE,
+    ), status.stdout
 
 
 @pytest.mark.parametrize("who", ["expired", "foreign"])
