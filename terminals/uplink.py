@@ -230,7 +230,7 @@ class Uplink:
         return self.policy.all_published(bool(self.outbox.unacked(self.policy.sent_through, 1)))
 
     def all_acked(self) -> bool:
-        """The outbox is empty: the clearing has acked everything."""
+        """Nothing waits in the outbox for the clearing's ack (records the broker refused wait for the operator)."""
         return self.policy.all_acked(self.outbox.queued())
 
 

@@ -233,7 +233,8 @@ async def test_a_revoked_terminal_says_why_in_its_log_and_status_at_the_first_at
     network: TlsNetwork, tmp_path: Path
 ) -> None:
     """The broker's TLS alert in words, at once: the client fails with it (aiomqtt alone times out after 10 s
-    saying "Operation timed out"), ``terminal sync`` logs it once, ``terminal status`` shows it, the record stays."""
+    saying "Operation timed out"), ``terminal sync`` logs it once, ``terminal tap`` says it, ``terminal status``
+    shows it, the records stay."""
     _, folder = network.pki.issue(Identity.terminal(LOST))
     url = network.url(folder)
     assert await _connects(url)
@@ -254,8 +255,19 @@ async def test_a_revoked_terminal_says_why_in_its_log_and_status_at_the_first_at
     assert done.returncode == 1, done.stdout + done.stderr
     said = f"uplink to {network.broker.url}: broker refused the TLS handshake: certificate revoked; retrying"
     assert done.stderr.count(said) == 1 and "timed out" not in done.stderr, done.stderr  # once, not every retry
+    card = tmp_path / "card.json"
+    assert (
+        yikatong("card", "issue", "--city", CITY, "--alg", "sm4", "--balance", "3000", "--out", str(card)).returncode
+        == 0
+    )
+    tap = ["terminal", "tap", "--card", str(card), "--city", CITY, "--kind", "bus", "--fare", "200"]
+    tap += ["--state", str(state), "--broker", str(network.broker.url), "--tls-dir", str(folder)]
+    done = yikatong(*tap, "--hotlist-wait", "0")
+    assert done.returncode == 0 and done.stdout.startswith("OK"), done.stdout + done.stderr
+    kept = f"broker {network.broker.url} unreachable (broker refused the TLS handshake: certificate revoked): 2 record"
+    assert kept in done.stderr, done.stderr
     status = yikatong("terminal", "status", "--state", str(state))
-    assert "outbox     1 record(s) not yet acked" in status.stdout, status.stdout
+    assert "outbox     2 record(s) not yet acked" in status.stdout, status.stdout
     assert re.search(
         r"^broker     last connection failed at \d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ: "
         r"broker refused the TLS handshake: certificate revoked$",

@@ -302,8 +302,9 @@ async def _publish(terminal: Terminal, broker: BrokerUrl, ack_wait: float) -> No
     if not queued:
         return
     if not await uplink.run_until(uplink.all_published, 10.0):
-        why = uplink.stats.last_error if uplink.stats.connections == 0 and uplink.stats.last_error else "unreachable"
-        print(f"broker {broker} {why}: {queued} record(s) kept in the outbox", file=sys.stderr)
+        error = uplink.stats.last_error if uplink.stats.connections == 0 else None
+        why = f" ({error})" if error else ""
+        print(f"broker {broker} unreachable{why}: {queued} record(s) kept in the outbox", file=sys.stderr)
         return
     if uplink.stats.refused:
         print(_refused_line(terminal.outbox, uplink.stats.refused), file=sys.stderr)
