@@ -14,7 +14,7 @@ import logging
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,17 +35,23 @@ CREATE TABLE IF NOT EXISTS outbox (seq INTEGER PRIMARY KEY, record TEXT NOT NULL
 CREATE TABLE IF NOT EXISTS pending (card TEXT PRIMARY KEY, intent TEXT NOT NULL, created REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS rejected (seq INTEGER PRIMARY KEY, record TEXT NOT NULL, reason TEXT NOT NULL,
                                      at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS refused (seq INTEGER PRIMARY KEY, reason TEXT NOT NULL, at REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS hotlist (issuer TEXT PRIMARY KEY, version INTEGER NOT NULL, published TEXT NOT NULL,
                                     cards BLOB NOT NULL);
 """
 
+_QUEUED = "SELECT COUNT(*) FROM outbox WHERE seq NOT IN (SELECT seq FROM refused)"
+
 
 class RecordQueue(Protocol):
-    """What the uplink sends from: records by seq, dropped when an ack covers them."""
+    """What the uplink sends from: records by seq, dropped when an ack covers them, set aside (kept, not sent)
+    when the broker refuses them; and the last connection failure, for ``terminal status``."""
 
     def unacked(self, after: int = 0, limit: int = 100) -> list[tuple[int, str]]: ...
     def apply_ack(self, ack: Ack) -> tuple[int, int]: ...
     def queued(self) -> int: ...
+    def refuse(self, seqs: Sequence[int], reason: str) -> None: ...
+    def note_link(self, error: str | None) -> None: ...
 
 
 class MemoryOutbox:
@@ -54,7 +60,9 @@ class MemoryOutbox:
 
     def __init__(self) -> None:
         self._records: dict[int, str] = {}
+        self._refused: dict[int, str] = {}
         self.next_seq = 1
+        self.link_error: str | None = None
 
     def append(self, fields: TxnFields) -> TxnRecord:
         """Give the record the next ``seq``, validate and keep it."""
@@ -64,10 +72,10 @@ class MemoryOutbox:
         return record
 
     def unacked(self, after: int = 0, limit: int = 100) -> list[tuple[int, str]]:
-        """Up to ``limit`` records with seq > ``after``, oldest first (dicts keep insertion order)."""
+        """Up to ``limit`` records with seq > ``after`` and not refused, oldest first (dicts keep insertion order)."""
         rows: list[tuple[int, str]] = []
         for seq, record in self._records.items():
-            if seq > after:
+            if seq > after and seq not in self._refused:
                 rows.append((seq, record))
                 if len(rows) == limit:
                     break
@@ -78,12 +86,21 @@ class MemoryOutbox:
         covered = [seq for seq in self._records if seq <= ack.acked_through]
         for seq in covered:
             del self._records[seq]
+            self._refused.pop(seq, None)
         rejected = len({r.seq for r in ack.rejected} & set(covered))
         return len(covered) - rejected, rejected
 
     def queued(self) -> int:
-        """How many records wait for the clearing's ack."""
-        return len(self._records)
+        """How many records wait to be sent or acked (the refused ones wait for the operator)."""
+        return len(self._records) - len(self._refused)
+
+    def refuse(self, seqs: Sequence[int], reason: str) -> None:
+        """The broker refused these records: keep them, unsent, with the reason."""
+        self._refused.update((seq, reason) for seq in seqs if seq in self._records)
+
+    def note_link(self, error: str | None) -> None:
+        """The last connection failure (None: connected)."""
+        self.link_error = error
 
 
 class OutboxError(Exception):
@@ -92,12 +109,23 @@ class OutboxError(Exception):
 
 @dataclass(frozen=True)
 class OutboxCounts:
-    """How much is waiting: records not yet acked, interrupted payments, records the clearing rejected."""
+    """How much is waiting: records to send or not yet acked, interrupted payments, records the clearing
+    rejected, records the broker refused (still in the outbox, not sent)."""
 
     queued: int
     pending: int
     rejected: int
     next_seq: int
+    refused: int = 0
+
+
+@dataclass(frozen=True)
+class Refused:
+    """A record the broker refused: kept in the outbox, not sent again until ``Outbox.retry_refused``."""
+
+    seq: int
+    reason: str
+    at: float  # time.time() of the refusal
 
 
 class Outbox:
@@ -173,10 +201,13 @@ class Outbox:
         return record
 
     def unacked(self, after: int = 0, limit: int = 100) -> list[tuple[int, str]]:
-        """Up to ``limit`` stored records with seq > ``after``, oldest first, as (seq, JSON)."""
+        """Up to ``limit`` stored records with seq > ``after`` and not refused by the broker, oldest first, as
+        (seq, JSON)."""
         with self._lock:
             rows = self._db.execute(
-                "SELECT seq, record FROM outbox WHERE seq > ? ORDER BY seq LIMIT ?", (after, limit)
+                "SELECT seq, record FROM outbox WHERE seq > ? AND seq NOT IN (SELECT seq FROM refused) "
+                "ORDER BY seq LIMIT ?",
+                (after, limit),
             ).fetchall()
         return [(int(seq), str(record)) for seq, record in rows]
 
@@ -194,12 +225,48 @@ class Outbox:
                         (seq, record, reasons[seq], now),
                     )
             db.execute("DELETE FROM outbox WHERE seq <= ?", (ack.acked_through,))
+            db.execute("DELETE FROM refused WHERE seq <= ?", (ack.acked_through,))
         return len(rows) - sum(1 for seq, _ in rows if seq in reasons), sum(1 for seq, _ in rows if seq in reasons)
 
     def queued(self) -> int:
-        """How many records wait for the clearing's ack."""
+        """How many records wait to be sent or for the clearing's ack (the refused ones wait for the operator)."""
         with self._lock:
-            return int(self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0])
+            return int(self._db.execute(_QUEUED).fetchone()[0])
+
+    def refuse(self, seqs: Sequence[int], reason: str) -> None:
+        """The broker refused these records: keep them in the outbox with the reason and the time, unsent."""
+        now = time.time()
+        with self._transaction() as db:
+            db.executemany(
+                "INSERT OR REPLACE INTO refused (seq, reason, at) SELECT seq, ?, ? FROM outbox WHERE seq = ?",
+                [(reason, now, seq) for seq in seqs],
+            )
+
+    def refused(self) -> list[Refused]:
+        """The records the broker refused, oldest first."""
+        with self._lock:
+            rows = self._db.execute("SELECT seq, reason, at FROM refused ORDER BY seq").fetchall()
+        return [Refused(int(seq), str(reason), float(at)) for seq, reason, at in rows]
+
+    def retry_refused(self) -> int:
+        """Send the refused records again (the operator fixed what the broker refused): how many."""
+        with self._transaction() as db:
+            return db.execute("DELETE FROM refused").rowcount
+
+    def link_error(self) -> tuple[str, float] | None:
+        """The last connection failure the uplink kept and its time.time(), or None (connected since)."""
+        error, at = self.get_meta("link_error"), self.get_meta("link_error_at")
+        return None if error is None or at is None else (error, float(at))
+
+    def note_link(self, error: str | None) -> None:
+        """Keep the last connection failure for ``terminal status``, with its time; None (connected) clears it."""
+        if error is None and self.get_meta("link_error") is None:
+            return
+        with self._transaction() as db:
+            db.execute("DELETE FROM meta WHERE key IN ('link_error', 'link_error_at')")
+            if error is not None:
+                db.execute("INSERT INTO meta (key, value) VALUES ('link_error', ?)", (error,))
+                db.execute("INSERT INTO meta (key, value) VALUES ('link_error_at', ?)", (repr(time.time()),))
 
     @property
     def next_seq(self) -> int:
@@ -217,11 +284,13 @@ class Outbox:
     def counts(self) -> OutboxCounts:
         """What is waiting."""
         with self._lock:
-            queued = self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0]
+            queued = self._db.execute(_QUEUED).fetchone()[0]
+            refused = self._db.execute("SELECT COUNT(*) FROM refused").fetchone()[0]
             pending = self._db.execute("SELECT COUNT(*) FROM pending").fetchone()[0]
             rejected = self._db.execute("SELECT COUNT(*) FROM rejected").fetchone()[0]
             row = self._db.execute("SELECT value FROM meta WHERE key = 'next_seq'").fetchone()
-        return OutboxCounts(int(queued), int(pending), int(rejected), 1 if row is None else int(row[0]))
+        next_seq = 1 if row is None else int(row[0])
+        return OutboxCounts(int(queued), int(pending), int(rejected), next_seq, int(refused))
 
     # --- interrupted payments --------------------------------------------------------------------------
 

@@ -6,6 +6,13 @@ clearing. Records not acked within ``ack_timeout`` of the last traffic are sent 
 seq): the clearing stores each record once and acks duplicates again. Lost connections are retried with
 backoff for as long as it takes; everything published while offline just waits in the outbox.
 
+The uplink speaks MQTT 5 where the broker does (and 3.1.1 where it does not, e.g. the embedded amqtt), so that
+the broker can say no: a PUBACK reason code that refuses a message (135 "not authorized": the ACL denies the
+topic) marks its records refused in the outbox with the reason, logs one line, and they are not sent again until
+the operator says so (``terminal sync --retry-refused``); a transient one (quota exceeded) is retried after a
+backoff. A connection the broker refuses (a revoked certificate's TLS alert, a bad password) is told in words in
+the log and kept in the state file for ``terminal status``.
+
 The rules are ``terminals.uplink_policy``'s; this module carries them out over aiomqtt, with the outbox's
 calls (SQLite commits with synchronous=FULL) in a worker thread so that they do not stall the event loop.
 """
@@ -19,13 +26,19 @@ from collections.abc import Callable
 from typing import ParamSpec, Protocol, TypeVar
 
 import aiomqtt
+from aiomqtt.exceptions import MqttConnectError
+from paho.mqtt.reasoncodes import ReasonCode
 
 from terminals.messages import HOTLIST_FILTERS, Ack
-from terminals.mqtt import BrokerUrl
+from terminals.mqtt import NEVER_EXPIRES, BrokerUrl, ConnectRefused, ReasonedClient, connection_error, tls_refusal
 from terminals.outbox import RecordQueue
-from terminals.uplink_policy import ApplyAck, OfferHotlist, UplinkPolicy, UplinkStats
+from terminals.uplink_policy import ApplyAck, OfferHotlist, Refuse, RetryAfter, UplinkPolicy, UplinkStats
 
 log = logging.getLogger(__name__)
+
+# seconds to wait for the CONNACK to a first MQTT 5 CONNECT: a 3.1.1-only broker may not answer it at all (amqtt
+# 0.12 waits for the rest of a packet it misreads), and then the terminal falls back to 3.1.1
+MQTT5_PROBE = 3.0
 
 _P = ParamSpec("_P")
 _T = TypeVar("_T")
@@ -74,8 +87,9 @@ class Uplink:
             batch=batch,
             ack_timeout=ack_timeout,
             max_backoff=max_backoff,
+            mqtt5=broker.speaks_mqtt5,
         )
-        # None: an MQTT 3.1.1 session that never expires (a real terminal's: the acks queued while it is offline
+        # None: a session that never expires (a real terminal's: the acks queued while it is offline
         # wait for it however long that is); seconds: MQTT 5, the broker drops the session that long after the
         # terminal went away (the load generator's terminals, which must leave nothing on a shared broker)
         self.session_expiry = session_expiry
@@ -98,27 +112,45 @@ class Uplink:
         """Connect, publish and listen until cancelled; reconnect with backoff whenever the broker goes away."""
         self._loop = asyncio.get_running_loop()
         while True:
+            connected = again_now = False
             try:
                 async with self._client() as client:
+                    connected = True
                     self.policy.connected()
-                    log.info("uplink connected to %s", self.broker)
-                    await client.subscribe(self.policy.ack_topic, qos=1)
+                    log.info("uplink connected to %s (MQTT %s)", self.broker, "5" if self.policy.mqtt5 else "3.1.1")
+                    await self._store(self.outbox.note_link, None)
+                    granted = await client.subscribe(self.policy.ack_topic, qos=1)
+                    self.policy.subscription_granted(_suback_codes(granted))
                     await client.subscribe([(topic, 1) for topic in HOTLIST_FILTERS])
                     self.policy.subscribed(time.monotonic())
                     async with asyncio.TaskGroup() as tasks:
                         tasks.create_task(self._publish(client))
                         tasks.create_task(self._receive(client))
             except* aiomqtt.MqttError as group:
-                error = group.exceptions[0]
-                if self.policy.lost(str(error)):
-                    log.warning("uplink to %s: %s; retrying", self.broker, error)
-            await asyncio.sleep(self.policy.retry_delay())
+                again_now = await self._failed(group.exceptions[0], connected)
+            if not again_now:
+                await asyncio.sleep(self.policy.retry_delay())
 
-    def _client(self) -> aiomqtt.Client:
+    async def _failed(self, error: BaseException, connected: bool) -> bool:
+        """A connection attempt failed or a connection was lost: fall back to MQTT 3.1.1 when the broker says it
+        does not speak MQTT 5 (True: try again at once), else log the failure in words when it is news and keep it
+        in the state file."""
+        if not connected and self.session_expiry is None and _speaks_no_mqtt5(error) and self.policy.fall_back():
+            return True
+        text = connection_error(error)
+        if self.policy.lost(text):
+            log.warning("uplink to %s: %s; retrying", self.broker, text)
+            await self._store(self.outbox.note_link, text)
+        return False
+
+    def _client(self) -> ReasonedClient:
         identifier = f"yikatong-terminal-{self.number}"
-        if self.session_expiry is None:
-            return self.broker.client(identifier)
-        return self.broker.client(identifier, mqtt5=True, session_expiry=self.session_expiry)
+        if self.session_expiry is not None:  # the load generator's terminals: MQTT 5, to make the session end
+            return self.broker.client(identifier, mqtt5=True, session_expiry=self.session_expiry)
+        probe = MQTT5_PROBE if self.policy.probing else None
+        return self.broker.client(
+            identifier, mqtt5=self.policy.mqtt5, session_expiry=NEVER_EXPIRES, connect_timeout=probe
+        )
 
     async def _store(self, call: Callable[_P, _T], *args: _P.args, **kwargs: _P.kwargs) -> _T:
         """An outbox call, in a worker thread unless ``in_thread`` is off (the outbox takes its own lock: the tap
@@ -127,12 +159,16 @@ class Uplink:
             return await asyncio.to_thread(call, *args, **kwargs)
         return call(*args, **kwargs)
 
-    async def _publish(self, client: aiomqtt.Client) -> None:
+    async def _publish(self, client: ReasonedClient) -> None:
         while True:
             publication = self.policy.publication(await self._store(self.outbox.unacked, *self.policy.window()))
             if publication is not None:
-                await client.publish(self.policy.txn_topic, publication.payload, qos=1)
-                self.policy.published(publication, time.monotonic())
+                reason = await client.publish_for_reason(self.policy.txn_topic, publication.payload, qos=1)
+                match self.policy.acknowledged(publication, reason.value, time.monotonic()):
+                    case Refuse(seqs, why):
+                        await self._store(self.outbox.refuse, seqs, why)
+                    case RetryAfter(delay):
+                        await asyncio.sleep(delay)
                 continue
             self._wake.clear()
             try:
@@ -141,7 +177,7 @@ class Uplink:
                 if self.policy.resend_due(time.monotonic()) and await self._store(self.outbox.queued) > 0:
                     self.policy.resend(time.monotonic())
 
-    async def _receive(self, client: aiomqtt.Client) -> None:
+    async def _receive(self, client: ReasonedClient) -> None:
         async for message in client.messages:
             raw = message.payload
             payload = bytes(raw) if isinstance(raw, bytes | bytearray) else str(raw)
@@ -194,5 +230,21 @@ class Uplink:
         return self.policy.all_published(bool(self.outbox.unacked(self.policy.sent_through, 1)))
 
     def all_acked(self) -> bool:
-        """The outbox is empty: the clearing has acked everything."""
+        """Nothing waits in the outbox for the clearing's ack (records the broker refused wait for the operator)."""
         return self.policy.all_acked(self.outbox.queued())
+
+
+def _speaks_no_mqtt5(error: BaseException) -> bool:
+    """Whether a failed MQTT 5 connection attempt says that the broker does not speak MQTT 5: a CONNACK with
+    "unsupported protocol version" (NATS), the connection closed before any CONNACK without a TLS alert, or no
+    CONNACK at all within ``MQTT5_PROBE`` (aiomqtt's "Operation timed out")."""
+    if isinstance(error, MqttConnectError):
+        return getattr(error.rc, "value", error.rc) in (1, 0x84)  # 3.1.1 return code 1; MQTT 5 reason 0x84
+    if isinstance(error, ConnectRefused):
+        return tls_refusal(str(error)) is None
+    return str(error) == "Operation timed out"
+
+
+def _suback_codes(granted: tuple[int, ...] | list[ReasonCode]) -> list[int]:
+    """aiomqtt's subscribe result as numbers: granted QoS (0-2) or, over MQTT 5, reason codes (0x80 up: refused)."""
+    return [code if isinstance(code, int) else code.value for code in granted]

@@ -10,6 +10,7 @@ answers out over aiomqtt.
 
 from __future__ import annotations
 
+import enum
 import logging
 from dataclasses import dataclass
 
@@ -21,6 +22,36 @@ log = logging.getLogger(__name__)
 FIRST_BACKOFF = 0.2  # seconds before the first reconnect; doubled after each failure up to max_backoff
 
 
+class Outcome(enum.Enum):
+    """What a PUBACK reason code means for the records in the message."""
+
+    DELIVERED = "delivered"  # the broker has them: wait for the clearing's ack
+    RETRY = "retry"  # the broker cannot take them now: the same message again after a backoff
+    REFUSED = "refused"  # the broker will not take them: kept in the outbox as refused, not sent again
+
+
+# MQTT 5 PUBACK reason codes (MQTT 5.0, 3.4.2.1), all of them, and what the uplink does (docs/terminal-identity.md)
+PUBACK_REASONS: dict[int, tuple[str, Outcome]] = {
+    0x00: ("success", Outcome.DELIVERED),
+    0x10: ("no matching subscribers", Outcome.DELIVERED),  # taken; the clearing's persistent session gets it
+    0x80: ("unspecified error", Outcome.RETRY),
+    0x83: ("implementation specific error", Outcome.REFUSED),  # "valid, but not willing to accept it"
+    0x87: ("not authorized", Outcome.REFUSED),  # the ACL denies this client the topic
+    0x90: ("topic name invalid", Outcome.REFUSED),
+    0x91: ("packet identifier in use", Outcome.RETRY),
+    0x97: ("quota exceeded", Outcome.RETRY),
+    0x99: ("payload format invalid", Outcome.REFUSED),
+}
+
+
+def puback_outcome(code: int) -> tuple[str, Outcome]:
+    """The name of a PUBACK reason code and what to do: a code the table lacks is a success below 0x80 (as MQTT 5
+    says of every reason code) and a refusal from 0x80 on (shown to the operator rather than resent blindly)."""
+    if code in PUBACK_REASONS:
+        return PUBACK_REASONS[code]
+    return f"reason code 0x{code:02X}", Outcome.DELIVERED if code < 0x80 else Outcome.REFUSED
+
+
 @dataclass
 class UplinkStats(LinkStats):
     """What the uplink has done so far (published counts resends too)."""
@@ -29,6 +60,8 @@ class UplinkStats(LinkStats):
     resends: int = 0
     acked: int = 0
     rejected: int = 0
+    refused: int = 0  # records the broker refused (PUBACK reason code)
+    declined: int = 0  # messages the broker could not take for now (a transient reason code), sent again
     last_error: str | None = None
 
 
@@ -39,6 +72,22 @@ class Publication:
     payload: str
     through: int  # the highest seq in it
     count: int
+    seqs: tuple[int, ...] = ()  # every seq in it, oldest first
+
+
+@dataclass(frozen=True)
+class Refuse:
+    """The broker refused a message: mark its records refused (with ``reason``) in the outbox."""
+
+    seqs: tuple[int, ...]
+    reason: str
+
+
+@dataclass(frozen=True)
+class RetryAfter:
+    """The broker cannot take the message now: wait ``delay`` seconds, then send it again."""
+
+    delay: float
 
 
 @dataclass(frozen=True)
@@ -69,6 +118,7 @@ class UplinkPolicy:
         batch: int = 100,
         ack_timeout: float = 10.0,
         max_backoff: float = 10.0,
+        mqtt5: bool | None = None,
     ) -> None:
         self.terminal = terminal
         self.txn_topic = txn_topic(city, terminal)
@@ -82,12 +132,18 @@ class UplinkPolicy:
         self._last_traffic = now
         self._backoff = FIRST_BACKOFF
         self._hotlist_traffic: float | None = None  # when the hotlist filters were subscribed or last delivered
+        # the protocol of the next connection; None: MQTT 5 until the broker shows that it speaks only 3.1.1
+        self.mqtt5 = mqtt5 is not False
+        self._may_fall_back = mqtt5 is None
+        self._mqtt5_connected = False
+        self._decline_backoff = FIRST_BACKOFF
 
     # --- the connection ------------------------------------------------------------------------------------
 
     def connected(self) -> None:
         """A connection is up: count it, reset the backoff, and send everything not yet acked again."""
         self.stats.connected, self._backoff = True, FIRST_BACKOFF
+        self._mqtt5_connected |= self.mqtt5
         self.stats.connections += 1
         self.sent_through = 0
         self._hotlist_traffic = None
@@ -98,6 +154,21 @@ class UplinkPolicy:
         news = self.stats.connected or self.stats.last_error != error
         self.stats.connected, self.stats.last_error = False, error
         return news
+
+    def fall_back(self) -> bool:
+        """An MQTT 5 connection attempt was refused in a way that says the broker does not speak it (CONNACK
+        "unsupported protocol version", or closed before any CONNACK): speak MQTT 3.1.1 from now on, unless MQTT 5
+        connections have worked before (then it was something else). Whether it switched."""
+        if not self.probing:
+            return False
+        self.mqtt5 = False
+        log.info("the broker does not speak MQTT 5: MQTT 3.1.1 from now on (no reason codes on PUBACK)")
+        return True
+
+    @property
+    def probing(self) -> bool:
+        """Trying MQTT 5 on a broker not yet known to speak it (the CONNACK wait is kept short)."""
+        return self._may_fall_back and self.mqtt5 and not self._mqtt5_connected
 
     def retry_delay(self) -> float:
         """Seconds to wait before the next connection attempt (doubles each time, up to ``max_backoff``)."""
@@ -117,7 +188,32 @@ class UplinkPolicy:
         if not rows:
             return None
         payload = rows[0][1] if len(rows) == 1 else batch_payload([record for _, record in rows])
-        return Publication(payload, rows[-1][0], len(rows))
+        return Publication(payload, rows[-1][0], len(rows), tuple(seq for seq, _ in rows))
+
+    def acknowledged(self, publication: Publication, code: int, now: float) -> Refuse | RetryAfter | None:
+        """The broker's PUBACK for ``publication`` came with reason ``code`` (always 0 over MQTT 3.1.1): None when
+        it took the records (``published`` is done), else what to do. One log line per refused message."""
+        name, outcome = puback_outcome(code)
+        if outcome is Outcome.DELIVERED:
+            self._decline_backoff = FIRST_BACKOFF
+            self.published(publication, now)
+            return None
+        self._last_traffic = now
+        seqs = _seq_ranges(publication.seqs)
+        if outcome is Outcome.RETRY:
+            delay, self._decline_backoff = self._decline_backoff, min(self._decline_backoff * 2, self.max_backoff)
+            self.stats.declined += 1
+            log.warning("broker declined record(s) %s for now (PUBACK %d %s): again in %.1f s", seqs, code, name, delay)
+            return RetryAfter(delay)
+        reason = f"PUBACK {code} {name}"
+        self.stats.refused += publication.count
+        self.sent_through = max(self.sent_through, publication.through)
+        log.warning(
+            "record(s) %s refused by the broker (%s): kept in the outbox, not sent again until "
+            "terminal sync --retry-refused",
+            *(seqs, reason),
+        )
+        return Refuse(publication.seqs, reason)
 
     def published(self, publication: Publication, now: float) -> None:
         """The broker has the message (PUBACK)."""
@@ -152,6 +248,13 @@ class UplinkPolicy:
         return queued == 0
 
     # --- incoming ------------------------------------------------------------------------------------------
+
+    def subscription_granted(self, codes: list[int]) -> None:
+        """The broker's SUBACK for the ack topic: a refusal (0x80 up, e.g. 135 not authorized) is logged, as the
+        clearing's acks will never come and the records stay in the outbox."""
+        if any(code >= 0x80 for code in codes):
+            name = ", ".join(f"{code} {puback_outcome(code)[0]}" for code in codes)
+            log.warning("broker refused the subscription to %s (SUBACK %s): no ack can come", self.ack_topic, name)
 
     def subscribed(self, now: float) -> None:
         """The hotlist filters are subscribed on this connection: the broker sends the retained lists now."""
@@ -198,3 +301,14 @@ class UplinkPolicy:
             log.warning("record %d rejected by the clearing: %s", rejection.seq, rejection.reason)
         self.sent_through = max(self.sent_through, ack.acked_through)
         self._last_traffic = now
+
+
+def _seq_ranges(seqs: tuple[int, ...]) -> str:
+    """Seqs for a log line: "7", "3-5", "3-5, 9"."""
+    runs: list[list[int]] = []
+    for seq in seqs:
+        if runs and seq == runs[-1][-1] + 1:
+            runs[-1].append(seq)
+        else:
+            runs.append([seq])
+    return ", ".join(str(run[0]) if len(run) == 1 else f"{run[0]}-{run[-1]}" for run in runs)

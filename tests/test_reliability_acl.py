@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import queue
+import re
 import secrets
 import shutil
 import subprocess
+import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,11 +27,12 @@ import aiomqtt
 import paho.mqtt.client as paho
 import pytest
 from clearing_support import clearing, fresh_db
-from mqtt_support import eventually, private_mosquitto, running, unique_terminal
+from mqtt_support import PrivateMosquitto, eventually, private_mosquitto, running, unique_terminal
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from reliability_support import completed, cpu_card, ledger_view
+from support import yikatong
 from terminal_support import make_terminal
 
 from cardsim.crypto import Algorithm
@@ -63,6 +67,7 @@ class AclBroker:
     terminals: list[str]
     passwords: dict[str, str]
     tls_dirs: dict[str, Path] | None = None
+    mosquitto: PrivateMosquitto | None = None  # (password mode) to change its ACL file and reload it
 
     def login(self, user: str, password: str | None = None) -> BrokerUrl:
         """The broker URL with ``user``'s credentials (or another ``password``)."""
@@ -88,7 +93,7 @@ def password_acl_broker(folder: Path) -> Iterator[AclBroker]:
     write_password_file(folder / "passwords", passwords)
     (folder / "acl").write_text(ACL)
     with private_mosquitto(folder, password_file=folder / "passwords", acl_file=folder / "acl") as broker:
-        yield AclBroker(broker.url, terminals, passwords)
+        yield AclBroker(broker.url, terminals, passwords, mosquitto=broker)
 
 
 @contextlib.contextmanager
@@ -284,3 +289,70 @@ async def test_acl_wrong_or_no_credentials_cannot_connect_and_the_terminal_keeps
     print(summary)
     assert set(rows) == completed(terminal) == {(number, 1), (number, 2), (number, 3)}, summary
     assert len(rows) == 3 and view.doubled == 0 and quarantined == 0, summary
+
+
+async def test_a_terminal_on_a_topic_it_may_not_use_sees_its_records_refused_and_the_others_lose_nothing(
+    password_broker: AclBroker, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A terminal set up with another terminal's login (A's) publishes on its own topic, which the ACL gives only
+    to its own user: over MQTT 5 the broker answers PUBACK 135, and at the first publish its two records are kept
+    in the outbox marked refused with the reason, one log line says so, they are not sent again (no resend, no
+    second refusal) and ``terminal status`` shows them. Three honest terminals tap meanwhile and lose nothing.
+    Once the ACL allows the topic (and the broker reloaded it), ``terminal sync --retry-refused`` delivers them."""
+    caplog.set_level(logging.WARNING, logger="terminals")
+    numbers, port = password_broker.terminals, password_broker.url.port
+    misplaced = unique_terminal(CITY)
+    terminals = [make_terminal(tmp_path / f"t{n}.sqlite", city=CITY, terminal=t) for n, t in enumerate(numbers)]
+    wrong = make_terminal(tmp_path / "misplaced.sqlite", city=CITY, terminal=misplaced)
+    for n in range(2):
+        assert wrong.tap(InProcessReader(cpu_card(90 + n))).ok
+    cards = [cpu_card(n + 1) for n in range(len(terminals))]
+    uplinks = [Uplink(password_broker.login(t.terminal_hex), t, batch=4, ack_timeout=2.0) for t in terminals]
+    refused_uplink = Uplink(password_broker.login(numbers[0]), wrong, batch=4, ack_timeout=2.0)
+
+    async with fresh_db("sqlite", tmp_path) as db:
+        async with clearing(password_broker.login(CLEARING_USER), db, CITY):
+            async with uplinks_running([*uplinks, refused_uplink]):
+                for _ in range(5):
+                    for terminal, uplink, card in zip(terminals, uplinks, cards, strict=True):
+                        assert terminal.tap(InProcessReader(card)).ok
+                        uplink.notify()
+                    await asyncio.sleep(0.01)
+                await eventually(lambda: wrong.outbox.counts().refused == 2, timeout=30)
+                refused_at = time.monotonic()
+                await eventually(lambda: all(u.all_acked() for u in uplinks), timeout=30)
+                # two ack timeouts more: an uplink that resent refused records would have done so by now
+                await eventually(lambda: time.monotonic() - refused_at > 2 * refused_uplink.policy.ack_timeout)
+                stats = refused_uplink.stats
+            assert (stats.refused, stats.published, stats.resends) == (2, 0, 0), stats
+            lines = [r.getMessage() for r in caplog.records if "refused by the broker" in r.getMessage()]
+            assert lines == [
+                "record(s) 1-2 refused by the broker (PUBACK 135 not authorized): kept in the outbox, not sent "
+                "again until terminal sync --retry-refused"
+            ], lines
+            assert wrong.outbox.counts().queued == 0 and [r.seq for r in wrong.outbox.refused()] == [1, 2]
+            status = yikatong("terminal", "status", "--state", str(tmp_path / "misplaced.sqlite"))
+            assert "refused    2 record(s) the broker refused, kept unsent" in status.stdout, status.stdout
+            for seq in (1, 2):
+                line = rf"^  seq {seq} at \d{{4}}-\d\d-\d\dT\d\d:\d\d:\d\dZ: PUBACK 135 not authorized$"
+                assert re.search(line, status.stdout, re.MULTILINE), status.stdout
+            honest_done = set().union(*(completed(t) for t in terminals))
+            assert len(honest_done) == 15
+            assert {(r.terminal, r.seq) for r in (await ledger_view(db, CITY)).rows} == honest_done
+
+            # the operator gives A's login that terminal's topics too; the retry delivers what was refused
+            assert password_broker.mosquitto is not None
+            acl = tmp_path / "broker" / "acl"
+            topics = f"topic write {txn_topic(CITY, misplaced)}\ntopic read {ack_topic(CITY, misplaced)}\n"
+            acl.write_text(acl.read_text() + f"\nuser {numbers[0]}\n{topics}")
+            password_broker.mosquitto.reload()
+            a = password_broker.login(numbers[0])
+            await eventually(lambda: puback_reason_v5(a, txn_topic(CITY, misplaced), "not a record") == 0)
+            broker = f"mqtt://{numbers[0]}:{password_broker.passwords[numbers[0]]}@127.0.0.1:{port}"
+            sync = ["terminal", "sync", "--state", str(tmp_path / "misplaced.sqlite"), "--broker", broker]
+            done = await asyncio.to_thread(yikatong, *sync, "--retry-refused", "--timeout", "30")
+            assert done.returncode == 0, done.stdout + done.stderr
+            assert "2 refused record(s) to send again" in done.stdout and "done: 2 acked" in done.stdout, done.stdout
+        view = await ledger_view(db, CITY)
+    assert {(r.terminal, r.seq) for r in view.rows} == honest_done | completed(wrong)
+    assert view.doubled == 0

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import re
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -17,16 +18,21 @@ from pathlib import Path
 import aiomqtt
 import pytest
 from clearing_support import serve_process, table_counts
+from hypothesis import given
+from hypothesis import strategies as st
 from mqtt_support import PrivateMosquitto, private_mosquitto
+from reliability_support import cpu_card
 from support import yikatong
+from terminal_support import make_terminal
 
 from clearing.pki import Identity, Pki
 from terminals.messages import hotlist_delta_topic, txn_topic
-from terminals.mqtt import BrokerUrl, TlsFiles
+from terminals.mqtt import BrokerUrl, ConnectRefused, TlsFiles, tls_refusal
+from terminals.reader import InProcessReader
 
 CITY = "4560"
 REFUSED_WITHIN = 3.0  # seconds to wait for a connection expected to be refused (a good one takes milliseconds)
-HONEST, OTHER, STOLEN, EXPIRED = (f"{CITY}0000{n:04X}" for n in (0xA1, 0xA2, 0xA3, 0xA4))
+HONEST, OTHER, STOLEN, EXPIRED, LOST = (f"{CITY}0000{n:04X}" for n in (0xA1, 0xA2, 0xA3, 0xA4, 0xA5))
 
 
 @dataclass
@@ -223,7 +229,141 @@ async def test_the_clearing_publishes_the_hotlist_and_only_it(network: TlsNetwor
     assert message.payload == b'{"schema":"yikatong.hotlist-delta/1","issuer":"4560","base":1,"version":1,"changes":[]}'
 
 
+async def test_a_revoked_terminal_says_why_in_its_log_and_status_at_the_first_attempt(
+    network: TlsNetwork, tmp_path: Path
+) -> None:
+    """The broker's TLS alert in words, at once: the client fails with it (aiomqtt alone times out after 10 s
+    saying "Operation timed out"), ``terminal sync`` logs it once, ``terminal tap`` says it, ``terminal status``
+    shows it, the records stay."""
+    _, folder = network.pki.issue(Identity.terminal(LOST))
+    url = network.url(folder)
+    assert await _connects(url)
+    serial = next(e.serial for e in network.pki.index() if e.subject == f"terminal:{LOST}")
+    assert yikatong("pki", "revoke", serial, "--pki", str(network.pki.folder)).returncode == 0
+    network.broker.reload()
+    await asyncio.wait_for(_until(url, connects=False), 20)
+    with pytest.raises(ConnectRefused, match=r"^broker refused the TLS handshake: certificate revoked$"):
+        async with url.client("tls-lost", clean_session=True, connect_timeout=60):  # refused long before 60 s
+            pass
+
+    state = tmp_path / "lost.sqlite"
+    terminal = make_terminal(state, city=CITY, terminal=LOST)
+    assert terminal.tap(InProcessReader(cpu_card(1, city=CITY))).ok
+    terminal.outbox.close()
+    sync = ["terminal", "sync", "--state", str(state), "--broker", str(network.broker.url), "--tls-dir", str(folder)]
+    done = yikatong(*sync, "--timeout", "2")
+    assert done.returncode == 1, done.stdout + done.stderr
+    said = f"uplink to {network.broker.url}: broker refused the TLS handshake: certificate revoked; retrying"
+    assert done.stderr.count(said) == 1 and "timed out" not in done.stderr, done.stderr  # once, not every retry
+    card = tmp_path / "card.json"
+    assert (
+        yikatong("card", "issue", "--city", CITY, "--alg", "sm4", "--balance", "3000", "--out", str(card)).returncode
+        == 0
+    )
+    tap = ["terminal", "tap", "--card", str(card), "--city", CITY, "--kind", "bus", "--fare", "200"]
+    tap += ["--state", str(state), "--broker", str(network.broker.url), "--tls-dir", str(folder)]
+    done = yikatong(*tap, "--hotlist-wait", "0")
+    assert done.returncode == 0 and done.stdout.startswith("OK"), done.stdout + done.stderr
+    kept = f"broker {network.broker.url} unreachable (broker refused the TLS handshake: certificate revoked): 2 record"
+    assert kept in done.stderr, done.stderr
+    status = yikatong("terminal", "status", "--state", str(state))
+    assert "outbox     2 record(s) not yet acked" in status.stdout, status.stdout
+    assert re.search(
+        r"^broker     last connection failed at \d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ: "
+        r"broker refused the TLS handshake: certificate revoked$",
+        status.stdout,
+        re.MULTILINE,
+    ), status.stdout
+
+
+@pytest.mark.parametrize("who", ["expired", "foreign"])
+async def test_expired_and_foreign_certificates_are_told_in_words(network: TlsNetwork, who: str) -> None:
+    folder = network.device(Identity.terminal(EXPIRED)) if who == "expired" else network.foreign
+    alert = "certificate expired" if who == "expired" else "unknown ca"
+    with pytest.raises(ConnectRefused, match=f"^broker refused the TLS handshake: {alert}$"):
+        async with network.url(folder).client(f"tls-{who}", clean_session=True, connect_timeout=60):
+            pass
+
+
 # --- mqtts:// URLs and the TLS options, without a broker ----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "words"),
+    [
+        (
+            "failed to receive on socket: [SSL: SSLV3_ALERT_CERTIFICATE_REVOKED] sslv3 alert certificate revoked "
+            "(_ssl.c:2580)",
+            "broker refused the TLS handshake: certificate revoked",
+        ),
+        (
+            "[SSL: TLSV1_ALERT_UNKNOWN_CA] tlsv1 alert unknown ca (_ssl.c:2580)",
+            "broker refused the TLS handshake: unknown ca",
+        ),
+        (
+            "[SSL: TLSV13_ALERT_CERTIFICATE_REQUIRED] tlsv13 alert certificate required (_ssl.c:2580)",
+            "broker refused the TLS handshake: certificate required",
+        ),
+        (
+            "[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed: unable to get local issuer certificate "
+            "(_ssl.c:1006)",
+            "broker's certificate not trusted: unable to get local issuer certificate",
+        ),
+        ("[SSL: WRONG_VERSION_NUMBER] wrong version number (_ssl.c:1006)", "TLS error: wrong version number"),
+        ("[Errno 111] Connection refused", None),
+        ("Operation timed out", None),
+    ],
+)
+def test_tls_errors_are_told_in_words(text: str, words: str | None) -> None:
+    assert tls_refusal(text) == words
+
+
+_CODES = st.text(st.sampled_from("ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_"), min_size=1, max_size=40)
+
+
+@given(st.text(max_size=300))
+def test_tls_refusal_takes_any_text(text: str) -> None:
+    words = tls_refusal(text)
+    assert words is None or words.startswith(("broker refused", "broker's certificate", "TLS error"))
+    if "[SSL: " not in text:
+        assert words is None
+
+
+@given(st.text(max_size=60), st.sampled_from(["SSLV3", "TLSV1", "TLSV13"]), _CODES, st.integers(0, 99999))
+def test_every_tls_alert_is_told_as_the_broker_refusing(prefix: str, kind: str, alert: str, line: int) -> None:
+    text = f"{prefix}[SSL: {kind}_ALERT_{alert}] {kind.lower()} alert whatever (_ssl.c:{line})"
+    assert tls_refusal(text) == f"broker refused the TLS handshake: {alert.replace('_', ' ').lower()}"
+
+
+@pytest.mark.parametrize(("query", "speaks"), [("", None), ("?mqtt=5", True), ("?mqtt=3.1.1", False)])
+def test_a_broker_url_may_say_which_mqtt_it_speaks(query: str, speaks: bool | None) -> None:
+    url = BrokerUrl.parse(f"mqtts://broker.example{query}")
+    assert url.speaks_mqtt5 is speaks and str(url) == f"mqtts://broker.example:8883{query}"
+    for bad in ("?mqtt=4", "?mqtt=5&mqtt=5", "?protocol=5", "?mqtt", "#frag"):
+        with pytest.raises(ValueError, match="broker"):
+            BrokerUrl.parse(f"mqtt://h{bad}")
+
+
+@given(
+    st.sampled_from(["mqtt", "mqtts"]),
+    st.from_regex(r"[a-z][a-z0-9.-]{0,20}", fullmatch=True),
+    st.integers(1, 65535),
+    st.sampled_from([None, True, False]),
+)
+def test_broker_urls_read_back_as_written(scheme: str, host: str, port: int, speaks: bool | None) -> None:
+    url = BrokerUrl(host, port, secure=scheme == "mqtts", speaks_mqtt5=speaks)
+    assert BrokerUrl.parse(str(url)) == url
+
+
+@given(st.sampled_from(["", "mqtt://", "mqtts://", "mqtt://h", "mqtt://h:1?"]), st.text(max_size=80))
+def test_any_broker_text_parses_or_says_why(start: str, rest: str) -> None:
+    text = start + rest
+    try:
+        url = BrokerUrl.parse(text)
+    except ValueError as err:
+        assert str(err).startswith("broker ")
+    else:
+        assert BrokerUrl.parse(str(url)).speaks_mqtt5 is url.speaks_mqtt5
 
 
 def test_mqtts_url_parses_with_its_default_port() -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -76,6 +77,29 @@ async def test_mosquitto_records_leave_the_outbox_only_on_the_clearings_ack(tmp_
 async def test_amqtt_records_leave_the_outbox_only_on_the_clearings_ack(tmp_path: Path) -> None:
     async with embedded_broker() as broker:
         await _delivery_only_on_clearing_ack(broker, tmp_path)
+
+
+async def test_uplink_speaks_mqtt5_to_mosquitto_and_falls_back_to_3_1_1_on_amqtt(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Mosquitto answers the MQTT 5 CONNECT; amqtt 0.12 does not answer it at all (its URL here does not say
+    ?mqtt=3.1.1), so the uplink gives up on MQTT 5 after its short wait and delivers over 3.1.1."""
+    require_mosquitto()
+    caplog.set_level(logging.INFO, logger="terminals")
+    term = make_terminal(tmp_path / "t.sqlite", terminal=unique_terminal())
+    tap_n(term, 1)
+    to_mosquitto = Uplink(MOSQUITTO, term)
+    assert await to_mosquitto.run_until(to_mosquitto.all_published, 20)
+    assert to_mosquitto.policy.mqtt5 and not to_mosquitto.policy.probing
+    async with embedded_broker() as amqtt:
+        assert str(amqtt).endswith("?mqtt=3.1.1")
+        unsaid = BrokerUrl(amqtt.host, amqtt.port)
+        uplink = Uplink(unsaid, term)
+        async with running(StubClearing(amqtt).run()):
+            assert await uplink.run_until(uplink.all_acked, 30)
+    assert not uplink.policy.mqtt5 and uplink.stats.connections == 1
+    assert "the broker does not speak MQTT 5: MQTT 3.1.1 from now on (no reason codes on PUBACK)" in caplog.messages
+    assert f"uplink connected to {unsaid} (MQTT 3.1.1)" in caplog.messages
 
 
 async def test_rejected_records_leave_the_outbox_into_the_rejected_table(tmp_path: Path) -> None:
@@ -152,7 +176,7 @@ def _tap_args(image: Path, state: Path, broker: BrokerUrl, *more: str) -> list[s
         "--state",
         str(state),
         "--broker",
-        f"mqtt://{broker.host}:{broker.port}",
+        str(broker),  # with ?mqtt=3.1.1: the embedded amqtt speaks only that
         *more,
     )
 

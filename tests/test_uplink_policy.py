@@ -7,10 +7,22 @@ import json
 import logging
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from terminals.messages import ACK_SCHEMA, BATCH_SCHEMA, Ack, Rejection
 from terminals.outbox import MemoryOutbox
-from terminals.uplink_policy import ApplyAck, OfferHotlist, Publication, UplinkPolicy
+from terminals.uplink_policy import (
+    PUBACK_REASONS,
+    ApplyAck,
+    OfferHotlist,
+    Outcome,
+    Publication,
+    Refuse,
+    RetryAfter,
+    UplinkPolicy,
+    puback_outcome,
+)
 
 NUMBER = "451000000001"
 
@@ -68,7 +80,7 @@ def test_first_send_publishes_one_record_as_stored_and_several_as_a_batch() -> N
     one = Drive(1)
     assert one.policy.window() == (0, 100)
     publication = one.publish()
-    assert publication == Publication('{"seq": 1}', through=1, count=1)
+    assert publication == Publication('{"seq": 1}', through=1, count=1, seqs=(1,))
     assert one.policy.window() == (1, 100) and one.policy.stats.published == 1
     assert one.publish() is None
 
@@ -226,3 +238,83 @@ def test_the_retained_hotlists_are_in_once_subscribed_and_quiet_for_a_moment() -
     assert not policy.hotlists_quiet(9.0, 0.3)
     policy.connected()
     assert not policy.hotlists_quiet(9.0, 0.3), "a new connection subscribes again"
+
+
+# --- what the broker's PUBACK says (MQTT 5 reason codes) ---------------------------------------------------------
+
+
+def test_a_refusing_puback_marks_the_records_refused_once_and_they_are_not_sent_again(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    drive = Drive(3, batch=2)
+    first = drive.policy.publication(drive.outbox.unacked(*drive.policy.window()))
+    assert first is not None and first.seqs == (1, 2)
+    action = drive.policy.acknowledged(first, 0x87, drive.now)
+    assert action == Refuse((1, 2), "PUBACK 135 not authorized")
+    drive.outbox.refuse(action.seqs, action.reason)
+    refusals = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
+    assert refusals == [
+        "record(s) 1-2 refused by the broker (PUBACK 135 not authorized): kept in the outbox, not sent again until "
+        "terminal sync --retry-refused"
+    ]
+    assert drive.policy.stats.refused == 2 and drive.policy.stats.published == 0
+    assert drive.publish_all() == [1]  # seq 3 still goes out
+    drive.now += 10
+    assert drive.policy.resend_due(drive.now) and drive.outbox.queued() == 1  # only seq 3 waits
+    drive.policy.resend(drive.now)
+    assert [seq for seq, _ in drive.outbox.unacked(*drive.policy.window())] == [3]
+
+
+def test_a_transient_puback_is_sent_again_after_a_growing_backoff() -> None:
+    drive = Drive(1)
+    publication = drive.policy.publication(drive.outbox.unacked(*drive.policy.window()))
+    assert publication is not None
+    delays = []
+    for _ in range(8):
+        action = drive.policy.acknowledged(publication, 0x97, drive.now)
+        assert isinstance(action, RetryAfter)
+        delays.append(action.delay)
+        assert drive.policy.window() == (0, 100)  # the same records go again
+    assert delays == [0.2, 0.4, 0.8, 1.6, 3.2, 6.4, 10.0, 10.0] and drive.policy.stats.declined == 8
+    assert drive.policy.acknowledged(publication, 0x10, drive.now) is None  # no subscribers: the broker has it
+    assert drive.policy.window() == (1, 100) and drive.policy.stats.published == 1
+    action = drive.policy.acknowledged(publication, 0x80, drive.now)
+    assert action == RetryAfter(0.2)  # the backoff started again after a success
+
+
+@given(st.integers(0, 255))
+def test_every_puback_reason_code_has_a_name_and_an_outcome(code: int) -> None:
+    name, outcome = puback_outcome(code)
+    assert name
+    if code < 0x80:
+        assert outcome is Outcome.DELIVERED
+    elif code in (0x80, 0x91, 0x97):
+        assert outcome is Outcome.RETRY
+    else:
+        assert outcome is Outcome.REFUSED
+    assert (code in PUBACK_REASONS) == (name != f"reason code 0x{code:02X}")
+
+
+def test_mqtt5_falls_back_to_3_1_1_only_while_undecided() -> None:
+    undecided = UplinkPolicy("4510", NUMBER, now=0.0)
+    assert undecided.mqtt5 and undecided.probing
+    assert undecided.fall_back() and not undecided.mqtt5 and not undecided.probing
+    assert not undecided.fall_back()
+    worked = UplinkPolicy("4510", NUMBER, now=0.0)
+    worked.connected()
+    worked.lost("gone")
+    assert not worked.probing and not worked.fall_back() and worked.mqtt5  # MQTT 5 worked: something else failed
+    said = UplinkPolicy("4510", NUMBER, now=0.0, mqtt5=True)  # ?mqtt=5
+    assert not said.probing and not said.fall_back() and said.mqtt5
+    old = UplinkPolicy("4510", NUMBER, now=0.0, mqtt5=False)  # ?mqtt=3.1.1
+    assert not old.mqtt5 and not old.probing
+
+
+def test_a_refused_ack_subscription_is_logged(caplog: pytest.LogCaptureFixture) -> None:
+    policy = UplinkPolicy("4510", NUMBER, now=0.0)
+    policy.subscription_granted([1])
+    assert not caplog.records
+    policy.subscription_granted([0x87])
+    assert caplog.messages == [
+        f"broker refused the subscription to yikatong/4510/ack/{NUMBER} (SUBACK 135 not authorized): no ack can come"
+    ]

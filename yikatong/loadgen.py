@@ -71,6 +71,14 @@ class TimedQueue:
         """As the inner outbox."""
         return self.inner.queued()
 
+    def refuse(self, seqs: Sequence[int], reason: str) -> None:
+        """As the inner outbox."""
+        self.inner.refuse(seqs, reason)
+
+    def note_link(self, error: str | None) -> None:
+        """As the inner outbox."""
+        self.inner.note_link(error)
+
 
 class SimTerminal:
     """One simulated bus terminal: signs records like a PSAM would and keeps them until acked; refuses the cards

@@ -105,9 +105,16 @@ def register(groups: Subcommands) -> None:
         "sync",
         help="publish a terminal's outbox and wait until the clearing has acked it",
         description="Publish every record left in a terminal's outbox (e.g. after it ran offline) and wait for "
-        "the clearing's acks. Exit 0 when the outbox is empty, 1 if records remain after --timeout.",
+        "the clearing's acks. Records the broker refused (MQTT 5 PUBACK reason code, e.g. 135 not authorized) stay "
+        "in the outbox unsent until --retry-refused. Exit 0 when the outbox is empty, 1 if records remain after "
+        "--timeout or the broker refused some.",
     )
     sync.add_argument("--state", type=file_path, required=True, help="the terminal's state file")
+    sync.add_argument(
+        "--retry-refused",
+        action="store_true",
+        help="send the records the broker refused again (once its ACL or the terminal's certificate is fixed)",
+    )
     broker_options(sync, required=True)
     sync.add_argument("--timeout", type=seconds, default=60.0, help="give up after this many seconds (default 60)")
     sync.add_argument("--keys", type=file_path, help="issuer key file (default: the published TEST keys)")
@@ -305,8 +312,12 @@ async def _publish(terminal: Terminal, broker: BrokerUrl, ack_wait: float) -> No
     if not queued:
         return
     if not await uplink.run_until(uplink.all_published, 10.0):
-        print(f"broker {broker} unreachable: {queued} record(s) kept in the outbox", file=sys.stderr)
+        error = uplink.stats.last_error if uplink.stats.connections == 0 else None
+        why = f" ({error})" if error else ""
+        print(f"broker {broker} unreachable{why}: {queued} record(s) kept in the outbox", file=sys.stderr)
         return
+    if uplink.stats.refused:
+        print(_refused_line(terminal.outbox, uplink.stats.refused), file=sys.stderr)
     if ack_wait > 0 and not await uplink.run_until(uplink.all_acked, ack_wait):
         left = terminal.outbox.counts().queued
         print(f"published; {left} record(s) stay in the outbox until the clearing acks them", file=sys.stderr)
@@ -350,7 +361,11 @@ def _run(args: argparse.Namespace) -> int:
     finally:
         reader.close()
     counts = terminal.outbox.counts()
-    print(f"stopped; {counts.queued} record(s) in the outbox, {counts.pending} interrupted payment(s)", flush=True)
+    refused = f", {counts.refused} refused by the broker (terminal status)" if counts.refused else ""
+    print(
+        f"stopped; {counts.queued} record(s) in the outbox{refused}, {counts.pending} interrupted payment(s)",
+        flush=True,
+    )
     return 0
 
 
@@ -463,17 +478,37 @@ def _sync(args: argparse.Namespace) -> int:
 
     setup_logging(logging.INFO)
     terminal = _existing_terminal(args)
+    if args.retry_refused:
+        print(f"{terminal.outbox.retry_refused()} refused record(s) to send again", flush=True)
     queued = terminal.outbox.counts().queued
     print(f"terminal {terminal.terminal_hex}: {queued} record(s) to deliver to {args.broker}", flush=True)
     uplink = Uplink(args.broker, terminal)
     done = asyncio.run(uplink.run_until(uplink.all_acked, args.timeout))
-    left = terminal.outbox.counts().queued
+    counts = terminal.outbox.counts()
     print(
         f"{'done' if done else 'timed out'}: {uplink.stats.acked} acked, {uplink.stats.rejected} rejected, "
-        f"{left} left in the outbox",
+        f"{counts.queued} left in the outbox",
         flush=True,
     )
-    return 0 if done else 1
+    if counts.refused:
+        print(_refused_line(terminal.outbox, counts.refused), flush=True)
+    return 0 if done and not counts.refused else 1
+
+
+def _utc(moment: float) -> str:
+    import datetime as dt
+
+    return dt.datetime.fromtimestamp(moment, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _refused_line(outbox: Outbox, count: int) -> str:
+    """One line for records the broker refused, with the newest reason."""
+    refused = outbox.refused()
+    reason = refused[-1].reason if refused else "see terminal status"
+    return (
+        f"{count} record(s) refused by the broker ({reason}): kept in the outbox; "
+        "terminal sync --retry-refused sends them again"
+    )
 
 
 def _status(args: argparse.Namespace) -> int:
@@ -485,6 +520,14 @@ def _status(args: argparse.Namespace) -> int:
     print(f"rejected   {counts.rejected} record(s) the clearing refused")
     for seq, reason, _ in terminal.outbox.rejected()[-10:]:
         print(f"  seq {seq}: {reason}")
+    refused = terminal.outbox.refused()
+    print(f"refused    {counts.refused} record(s) the broker refused, kept unsent (terminal sync --retry-refused)")
+    for record in refused[-10:]:
+        print(f"  seq {record.seq} at {_utc(record.at)}: {record.reason}")
+    link = terminal.outbox.link_error()
+    if link is not None:
+        error, at = link
+        print(f"broker     last connection failed at {_utc(at)}: {error}")
     lists = terminal.hotlists.lists()
     if not lists:
         print("hotlist    none received yet")
