@@ -23,6 +23,7 @@ import aiomqtt
 from terminals.messages import HOTLIST_FILTERS, Ack
 from terminals.mqtt import BrokerUrl
 from terminals.outbox import RecordQueue
+from terminals.signing import Signer
 from terminals.uplink_policy import ApplyAck, OfferHotlist, UplinkPolicy, UplinkStats
 
 log = logging.getLogger(__name__)
@@ -81,6 +82,8 @@ class Uplink:
         self.session_expiry = session_expiry
         self.on_ack = on_ack
         self.in_thread = in_thread
+        # a terminal with a certificate signs what it publishes: the clearing learns who did (terminals/signing.py)
+        self.signer = None if broker.tls is None else Signer.of(broker.tls)
         self._wake = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -131,7 +134,8 @@ class Uplink:
         while True:
             publication = self.policy.publication(await self._store(self.outbox.unacked, *self.policy.window()))
             if publication is not None:
-                await client.publish(self.policy.txn_topic, publication.payload, qos=1)
+                payload = publication.payload if self.signer is None else self.signer.seal(publication.payload)
+                await client.publish(self.policy.txn_topic, payload, qos=1)
                 self.policy.published(publication, time.monotonic())
                 continue
             self._wake.clear()
