@@ -62,8 +62,9 @@ class _Trusted:
 
 
 class Identities:
-    """The signature checks of one city's clearing. ``check`` returns the terminal that signed a message, or
-    why it is refused; ``required`` says whether an unsigned message is refused too."""
+    """The signature checks of one city's clearing: ``check`` gives the terminal that signed a message, or raises
+    IdentityRefusal with the reason; ``required`` says whether the intake refuses unsigned messages too. The CRL
+    file, when given, is read again when it changes (looked at once per ``crl_every`` seconds at most)."""
 
     def __init__(
         self,
@@ -76,10 +77,10 @@ class Identities:
         crl_every: float = CRL_CHECK_EVERY,
     ) -> None:
         self.city = city
-        self.crl_every = crl_every
         self.city_ca = city_ca
         self.crl = crl
         self.required = required
+        self.crl_every = crl_every
         self._store = Store(roots)
         self._cache: dict[bytes, _Trusted | str] = {}
         self._revoked: frozenset[int] = frozenset()
@@ -124,7 +125,7 @@ class Identities:
         if isinstance(trusted, str):
             raise IdentityRefusal(trusted)
         if not trusted.not_before <= moment <= trusted.not_after:
-            raise IdentityRefusal(f"certificate of terminal:{trusted.terminal} not valid now (expired or not yet)")
+            raise IdentityRefusal(f"certificate of terminal {trusted.terminal} not valid now (expired or not yet)")
         self._refresh_crl()
         if trusted.serial in self._revoked:
             raise IdentityRefusal(f"certificate of terminal {trusted.terminal} revoked (serial {trusted.serial:X})")
