@@ -137,6 +137,22 @@ def test_expired_certificate_fails_verification(pki_dir: Path) -> None:
     assert "terminal:456000000003" not in (pki_dir / "acl").read_text()
 
 
+def test_a_device_folder_is_reused_only_while_its_certificate_is_valid(tmp_path: Path) -> None:
+    """(What ``demo --issue-certificates-only`` keeps.) Revoked, expired, another device's or none: issue again."""
+    pki = Pki.create(tmp_path / "pki", ["4560"])
+    number, other = Identity.terminal("4560000000B1"), Identity.terminal("4560000000B2")
+    assert not pki.holds_valid(number)
+    issued, folder = pki.issue(number)
+    assert pki.holds_valid(number) and not pki.holds_valid(other)
+    assert not pki.holds_valid(number, now=dt.datetime.now(dt.UTC) + dt.timedelta(days=31))
+    (folder.parent / other.folder).mkdir()
+    (folder.parent / other.folder / "cert.pem").write_bytes((folder / "cert.pem").read_bytes())
+    (folder.parent / other.folder / "key.pem").write_bytes((folder / "key.pem").read_bytes())
+    assert not pki.holds_valid(other)  # a copy of another device's folder
+    pki.revoke(issued.serial)
+    assert not pki.holds_valid(number)
+
+
 def test_init_again_keeps_the_keys_and_adds_a_city(pki_dir: Path) -> None:
     root_key = (pki_dir / "ca/root/key.pem").read_bytes()
     assert main(["pki", "init", "--out", str(pki_dir), "--city", "4599"]) == 0
