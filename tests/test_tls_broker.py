@@ -265,5 +265,5 @@ def test_tls_options_refused_with_one_clear_line(
 
 
 def test_commands_without_tls_refuse_an_mqtts_broker() -> None:
-    done = yikatong("demo", "--broker", "mqtts://127.0.0.1")
+    done = yikatong("load", "--broker", "mqtts://127.0.0.1")
     assert done.returncode == 2 and "does not speak TLS yet" in done.stderr, done.stderr

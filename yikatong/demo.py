@@ -40,7 +40,7 @@ if TYPE_CHECKING:
     from audit.reconcile import Cities
     from cardsim.keys import IssuerKeyStore
     from clearing.identity import Identities
-    from clearing.pki import Identity
+    from clearing.pki import Identity, Pki
     from clearing.service import ClearingService
     from clearing.settlement import Settlement
     from terminals.metro import FareTable
@@ -227,22 +227,32 @@ def _demo_devices(configs: list[TerminalConfig]) -> list[Identity]:
     return clearings + [Identity.terminal(config.terminal.hex().upper()) for config in configs]
 
 
-def _issue_certificates(folder: Path, configs: list[TerminalConfig]) -> int:
-    """``--issue-certificates-only``: a certificate for each of the demo's devices that has no valid one in the
-    PKI folder (the ACL is rewritten with them); the others are kept."""
+def _missing_certificates(folder: Path, configs: list[TerminalConfig]) -> tuple[Pki, list[Identity], int]:
+    """The PKI folder, the demo's devices that hold no valid certificate in it, and how many devices it has."""
     from clearing.pki import Pki, PkiError
 
     try:
         pki = Pki(folder)
-        missing = [device for device in _demo_devices(configs) if not pki.holds_valid(device)]
-        for device in missing:
-            pki.issue(device)
     except PkiError as err:
         raise CliError(str(err)) from err
-    kept = len(_demo_devices(configs)) - len(missing)
+    devices = _demo_devices(configs)
+    return pki, [device for device in devices if not pki.holds_valid(device)], len(devices)
+
+
+def _issue_certificates(folder: Path, configs: list[TerminalConfig]) -> int:
+    """``--issue-certificates-only``: a certificate for each of the demo's devices that has no valid one in the
+    PKI folder (the ACL is rewritten with them); the others are kept."""
+    from clearing.pki import PkiError
+
+    pki, missing, devices = _missing_certificates(folder, configs)
+    try:
+        for device in missing:
+            pki.issue(device)
+    except PkiError as err:  # a city without a CA in the folder
+        raise CliError(str(err)) from err
     print(
-        f"issued {len(missing)} certificates for the demo's terminals and clearings, kept {kept} valid ones "
-        f"({folder / 'devices'})"
+        f"issued {len(missing)} certificates for the demo's terminals and clearings, kept {devices - len(missing)} "
+        f"valid ones ({folder / 'devices'})"
     )
     if missing:
         print(f"the broker's ACL {folder / 'acl'} lists them now: start Mosquitto, or send it SIGHUP, before the run")
@@ -251,17 +261,10 @@ def _issue_certificates(folder: Path, configs: list[TerminalConfig]) -> int:
 
 def _require_certificates(folder: Path, configs: list[TerminalConfig]) -> None:
     """CliError unless the PKI folder holds a valid certificate for each of the demo's devices."""
-    from clearing.pki import Pki, PkiError
-
-    try:
-        pki = Pki(folder)
-    except PkiError as err:
-        raise CliError(str(err)) from err
-    devices = _demo_devices(configs)
-    missing = [device for device in devices if not pki.holds_valid(device)]
+    _, missing, devices = _missing_certificates(folder, configs)
     if missing:
         raise CliError(
-            f"{folder} holds no valid certificate for {len(missing)} of the demo's {len(devices)} terminals and "
+            f"{folder} holds no valid certificate for {len(missing)} of the demo's {devices} terminals and "
             f"clearings (first: {missing[0].common_name}): run 'yikatong demo --pki {folder} "
             "--issue-certificates-only' with the same --seed and --cards, reload the broker (SIGHUP), run again"
         )
@@ -276,14 +279,17 @@ def _as_device(broker: BrokerUrl, pki: Path | None, device: Identity) -> BrokerU
 
 def _identities(pki: Path | None, city: str) -> Identities | None:
     """A demo clearing's signature checks over TLS: its city's CA, the PKI's CRL; unsigned records refused."""
-    from clearing.identity import Identities
+    from clearing.identity import Identities, IdentityError
     from clearing.pki import Identity
     from terminals.mqtt import TlsFiles
 
     if pki is None:
         return None
     folder = pki / "devices" / Identity.clearing(city).folder
-    return Identities.of(city, TlsFiles.folder(folder), crl=pki / "crl.pem")
+    try:
+        return Identities.of(city, TlsFiles.folder(folder), crl=pki / "crl.pem")
+    except IdentityError as err:
+        raise CliError(str(err)) from err
 
 
 def _prepare_run(out: Path, db: str | None) -> str:
