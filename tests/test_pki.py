@@ -103,7 +103,8 @@ def test_revoked_certificate_is_in_the_crl_and_out_of_the_acl(pki_dir: Path) -> 
         text=True,
         check=True,
     ).stdout
-    assert f"Serial Number: {issued.serial}" in after and "yikatong city 4510 CA" in after
+    printed = issued.serial.zfill(len(issued.serial) + len(issued.serial) % 2)  # openssl prints whole bytes
+    assert f"Serial Number: {printed}" in after and "yikatong city 4510 CA" in after
     assert _crl_number(before) + 1 == _crl_number(after)
     assert "terminal:451000000001" not in (pki_dir / "acl").read_text()
     assert "revoked" in yikatong("pki", "list", "--pki", str(pki_dir)).stdout
