@@ -330,3 +330,14 @@ def test_tls_options_refused_with_one_clear_line(
 def test_commands_without_tls_refuse_an_mqtts_broker() -> None:
     done = yikatong("load", "--broker", "mqtts://127.0.0.1")
     assert done.returncode == 2 and "does not speak TLS yet" in done.stderr, done.stderr
+
+
+@pytest.mark.parametrize(
+    ("crl", "said"),
+    [("/no/such.pem", "--crl /no/such.pem: no such file"), ("ca/4510/crl.pem", "no CRL of the city 4560 CA in it")],
+)
+def test_serve_refuses_a_crl_file_it_cannot_use(network: TlsNetwork, tmp_path: Path, crl: str, said: str) -> None:
+    clearing_dir = str(network.device(Identity.clearing(CITY)))
+    serve = ["clearing", "serve", "--city", CITY, "--broker", str(network.broker.url), "--tls-dir", clearing_dir]
+    done = yikatong(*serve, "--db", f"sqlite:///{tmp_path / 'c.sqlite'}", "--crl", str(network.pki.folder / crl))
+    assert done.returncode == 2 and said in done.stderr, done.stderr
