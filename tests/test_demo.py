@@ -5,8 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
+import signal
 import sqlite3
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -93,7 +97,7 @@ async def test_demo_over_tls_on_mosquitto_with_a_certificate_per_device(tmp_path
     (tmp_path / "broker").mkdir()
     with private_mosquitto(tmp_path / "broker", tls=pki) as broker:
         args = ["demo", "--out", str(tmp_path / "run"), "--broker", str(broker.url), "--pki", str(pki)]
-        done = await asyncio.to_thread(yikatong, *args, timeout=420)
+        done = await asyncio.to_thread(_demo_or_where_it_hangs, args, 420)
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"starting the three clearings on mqtts://127.0.0.1:{broker.port}" in done.stderr, done.stderr
     _check_run(tmp_path / "run", done.stdout)
@@ -102,6 +106,21 @@ async def test_demo_over_tls_on_mosquitto_with_a_certificate_per_device(tmp_path
         reasons = [row[0] for row in db.execute("SELECT reason FROM quarantine")]
     ok = sum(int(m) for m in re.findall(r"^\d{4} \w+ +\d+ +(\d+)", done.stdout, re.MULTILINE))
     assert terminal_rows == ok and not [r for r in reasons if r.startswith("identity")], reasons
+
+
+def _demo_or_where_it_hangs(args: list[str], timeout: float) -> subprocess.CompletedProcess[str]:
+    """``yikatong ARGS`` as a child process; one still running after ``timeout`` seconds is made to print where
+    each of its threads is (SIGABRT with PYTHONFAULTHANDLER), and the test fails with that."""
+    env = {**os.environ, "PYTHONFAULTHANDLER": "1"}
+    command = [sys.executable, "-m", "yikatong.cli", *args]
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) as proc:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGABRT)
+            out, err = proc.communicate(timeout=30)
+            pytest.fail(f"yikatong {' '.join(args)} still ran after {timeout:.0f} s; its threads then:\n{err[-8000:]}")
+    return subprocess.CompletedProcess(command, proc.returncode, out, err)
 
 
 def test_demo_over_tls_needs_its_pki(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
