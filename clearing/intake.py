@@ -5,6 +5,12 @@ becomes a list of verdicts, one per record: ``Accepted`` (the TAC verified, or t
 city and will be forwarded) or ``Refused`` (with the reason, the raw bytes and, when the record names one, the
 seq to ack as rejected). A payload that is not even a record list is one ``Refused`` without a seq. The TACs
 of every record of a batch of messages are verified together (``clearing.verify.tac_problems``).
+
+A terminal message may come signed (``terminals.signing``): with ``Identities`` (the network CA) the clearing
+checks that the certificate is trusted, that it signed the payload and that it names the topic's terminal
+(each record must name it too); a message that fails is refused whole, without a seq, as its publisher is not
+the topic's terminal (nothing may be acked to that terminal on its account). Without them the envelope is
+opened unchecked.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from cardsim.issuer import IssuerHost
+from clearing.identity import Identities, IdentityRefusal
 from clearing.verify import tac_problem, tac_problems
 from terminals.messages import (
     CHINA,
@@ -28,6 +35,7 @@ from terminals.messages import (
     parse_uplink,
     parse_uplink_records,
 )
+from terminals.signing import is_sealed, unseal
 
 
 @dataclass(frozen=True)
@@ -157,12 +165,15 @@ def _raw(doc: object) -> bytes:
 
 
 class Intake:
-    """The checks of one city's clearing: schema, sender, issuer, hotlist, TAC."""
+    """The checks of one city's clearing: identity (with ``identities``), schema, sender, issuer, hotlist, TAC."""
 
-    def __init__(self, city: str, host: IssuerHost, limits: Limits = DEFAULT_LIMITS) -> None:
+    def __init__(
+        self, city: str, host: IssuerHost, limits: Limits = DEFAULT_LIMITS, identities: Identities | None = None
+    ) -> None:
         self.city = city
         self.host = host
         self.limits = limits
+        self.identities = identities
         self.issuers = {key_set.city for key_set in host.keys}
         if city not in self.issuers:
             raise ValueError(f"the key store holds no keys of city {city}: this clearing cannot verify its cards")
@@ -191,6 +202,11 @@ class Intake:
         return [[next(verified) if isinstance(d, _Unverified) else d for d in message] for message in drafts]
 
     def _drafts(self, topic: Topic, payload: bytes, hotlist: frozenset[str]) -> list[Verdict | _Unverified]:
+        if topic.kind == "terminal":
+            opened = self._opened(topic, payload)
+            if isinstance(opened, Refused):
+                return [opened]
+            payload = opened
         try:
             records = parse_uplink_records(payload, self.limits)
         except Exception:  # the fast path vouches only for what it finishes: the checks below say what is wrong
@@ -208,6 +224,30 @@ class Intake:
             return [Refused("empty batch", payload)]
         source = _Payload(payload, self.limits, len(docs), docs)
         return [self._guarded(topic, source, i, doc, hotlist) for i, doc in enumerate(docs)]
+
+    def _opened(self, topic: Topic, payload: bytes) -> bytes | Refused:
+        """The payload to check of a terminal message: a signed one's own (its signer checked against the topic
+        when this clearing has the network CA), an unsigned one as it is unless signatures are required."""
+        if not is_sealed(payload):
+            if self.identities is not None and self.identities.required:
+                return Refused(
+                    "identity: unsigned (this clearing requires terminals to sign with their certificate)", payload
+                )
+            return payload
+        try:
+            sealed = unseal(payload)
+            if self.identities is None:
+                return sealed.payload
+            signer = self.identities.check(sealed)
+        except (MessageError, IdentityRefusal) as err:
+            return Refused(f"identity: {err}", payload)
+        except Exception as err:  # isolation: a certificate that trips a library bug costs this message alone
+            return Refused(unexpected("checking the signature", err), payload)
+        if signer != topic.terminal:
+            return Refused(
+                f"identity: certificate of terminal {signer} on the topic of terminal {topic.terminal}", payload
+            )
+        return sealed.payload
 
     def _guarded(
         self, topic: Topic, source: _Payload, index: int, item: object, hotlist: frozenset[str]

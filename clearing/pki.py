@@ -290,6 +290,21 @@ class Pki:
         self.write_acl()
         return issued, folder
 
+    def holds_valid(self, identity: Identity, now: dt.datetime | None = None) -> bool:
+        """Whether ``devices/{kind}-{name}`` holds a certificate of this PKI's index that is valid ``now`` and not
+        revoked (what the demo reuses instead of issuing again)."""
+        path = self.folder / "devices" / identity.folder / "cert.pem"
+        if not (path.is_file() and (path.parent / "key.pem").is_file()):
+            return False
+        try:
+            serial = f"{x509.load_pem_x509_certificates(path.read_bytes())[0].serial_number:X}"
+        except ValueError:
+            return False
+        moment = now or _now()
+        return any(
+            e.serial == serial and e.subject == identity.common_name and e.valid_at(moment) for e in self.index()
+        )
+
     def revoke(self, serial: str) -> Issued:
         """Revoke a certificate by its serial (hex, as ``openssl x509 -serial`` prints it): recorded in the index,
         in its CA's CRL (rewritten now, with crl.pem) and out of the ACL."""

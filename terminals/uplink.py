@@ -32,6 +32,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 from terminals.messages import HOTLIST_FILTERS, Ack
 from terminals.mqtt import NEVER_EXPIRES, BrokerUrl, ConnectRefused, ReasonedClient, connection_error, tls_refusal
 from terminals.outbox import RecordQueue
+from terminals.signing import Signer
 from terminals.uplink_policy import ApplyAck, OfferHotlist, Refuse, RetryAfter, UplinkPolicy, UplinkStats
 
 log = logging.getLogger(__name__)
@@ -95,6 +96,8 @@ class Uplink:
         self.session_expiry = session_expiry
         self.on_ack = on_ack
         self.in_thread = in_thread
+        # a terminal with a certificate signs what it publishes: the clearing learns who did (terminals/signing.py)
+        self.signer = None if broker.tls is None else Signer.of(broker.tls)
         self._wake = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -163,7 +166,8 @@ class Uplink:
         while True:
             publication = self.policy.publication(await self._store(self.outbox.unacked, *self.policy.window()))
             if publication is not None:
-                reason = await client.publish_for_reason(self.policy.txn_topic, publication.payload, qos=1)
+                payload = publication.payload if self.signer is None else self.signer.seal(publication.payload)
+                reason = await client.publish_for_reason(self.policy.txn_topic, payload, qos=1)
                 match self.policy.acknowledged(publication, reason.value, time.monotonic()):
                     case Refuse(seqs, why):
                         await self._store(self.outbox.refuse, seqs, why)

@@ -3,6 +3,7 @@ addresses are the topics the code uses."""
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import pytest
 import yaml
 from pydantic import BaseModel
 
-from terminals import messages
+from terminals import messages, signing
 
 DOC = yaml.safe_load((Path(__file__).parent.parent / "docs" / "asyncapi.yaml").read_text())
 MODELS: dict[str, type[BaseModel]] = {
@@ -42,6 +43,18 @@ def test_schema_fields_match_the_model(name: str) -> None:
     assert (
         schema["properties"]["schema"] == {"const": schema_id}
         and DOC["components"]["messages"][name]["name"] == schema_id
+    )
+
+
+def test_the_signed_envelope_is_what_terminals_send() -> None:
+    schema = DOC["components"]["schemas"]["signed"]
+    sent = json.loads(signing.seal('{"schema":"yikatong.txn/1"}', "QUJD", b"sig"))
+    assert list(schema["properties"]) == schema["required"] == list(sent)  # the fixed order too
+    assert schema["properties"]["schema"] == {"const": signing.SIGNED_SCHEMA} == {"const": sent["schema"]}
+    assert DOC["components"]["messages"]["signed"]["name"] == signing.SIGNED_SCHEMA
+    assert (schema["properties"]["cert"]["maxLength"], schema["properties"]["sig"]["maxLength"]) == (
+        signing.MAX_CERT,
+        signing.MAX_SIG,
     )
 
 

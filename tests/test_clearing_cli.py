@@ -108,6 +108,8 @@ def test_settle_writes_files_and_prints_positions(tmp_path: Path) -> None:
         (["clearing", "settle", "--day", "2026-11-24", "--db", "mysql://x@y/z"], "only SQLite and PostgreSQL"),
         (["clearing", "serve", "--city", "45", "--broker", "mqtt://h"], "is not a 4-digit city code"),
         (["clearing", "serve", "--city", "4510", "--broker", "http://h"], "use mqtt://host"),
+        (["clearing", "serve", "--city", "4510", "--broker", "mqtt://h", "--require-identity"], "need the network CA"),
+        (["clearing", "serve", "--city", "4510", "--broker", "mqtt://h", "--crl", "crl.pem"], "need the network CA"),
         (["clearing", "hotlist", "add", "1234", "--city", "4510", "--broker", "mqtt://h"], "neither a 20-digit"),
         (["clearing", "hotlist", "add", "--city", "4510", "--broker", "mqtt://h"], "give the cards to hotlist"),
         (["clearing", "hotlist", "add", "--file", "/no/such", "--city", "4510", "--broker", "mqtt://h"], "/no/such"),

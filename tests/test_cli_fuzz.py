@@ -351,6 +351,7 @@ _BY_DEST: dict[str, list[str]] = {
     "key": ["tls/key.pem", "tls/cert.pem"],
     "ca": ["tls/ca.pem", "pki/chain.pem", "card.json"],
     "pki": ["pki", "tls"],
+    "crl": ["pki/crl.pem", "tls/cert.pem", "card.json"],
 }
 
 
@@ -570,6 +571,7 @@ FOUND = [
     (["audit", "chips", "--fleet", "shapes-fleet.json"], 2, "'seed' must be a whole number"),
     (["card", "show", "new\nline\x85.json"], 2, "new\\nline\\x85.json"),
     (["card", "show", "\u202ecard.json"], 2, "\\u202ecard.json"),
+    (["pki", "init", "--out=--"], 2, "argument --out: expected a value, not '--'"),
 ]  # fmt: skip
 
 

@@ -5,13 +5,17 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
+import signal
 import sqlite3
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 from clearing_support import fresh_db
-from mqtt_support import require_mosquitto
+from mqtt_support import private_mosquitto, require_mosquitto
 from support import yikatong
 
 from yikatong.cli import main
@@ -74,6 +78,56 @@ async def test_demo_on_mosquitto_and_postgresql(tmp_path: Path) -> None:
         # a second run on a database that holds records is refused, naming it
         second = await asyncio.to_thread(yikatong, *args, timeout=120)
         assert second.returncode == 2 and "already holds records" in second.stderr, second.stderr
+
+
+async def test_demo_over_tls_on_mosquitto_with_a_certificate_per_device(tmp_path: Path) -> None:
+    """The operator's steps (README): a PKI, the broker's certificate, the demo's devices issued before the broker
+    starts (it reads the ACL then); the demo runs to its summary over mqtts://, every terminal signing its records
+    and every clearing checking them: each completed tap is one ledger row, nothing quarantined, nothing unacked."""
+    require_mosquitto()
+    pki = tmp_path / "pki"
+    assert yikatong("pki", "init", "--out", str(pki)).returncode == 0
+    assert yikatong("pki", "issue", "--server", "127.0.0.1", "--pki", str(pki)).returncode == 0
+    refused = yikatong("demo", "--out", str(tmp_path / "run"), "--broker", "mqtts://127.0.0.1:1", "--pki", str(pki))
+    assert refused.returncode == 2 and "--issue-certificates-only" in refused.stderr, refused.stderr
+    issued = yikatong("demo", "--pki", str(pki), "--issue-certificates-only")
+    assert issued.returncode == 0 and "issued 24 certificates" in issued.stdout, issued.stdout + issued.stderr
+    again = yikatong("demo", "--pki", str(pki), "--issue-certificates-only")
+    assert again.returncode == 0 and "issued 0 certificates" in again.stdout and "kept 24" in again.stdout
+    (tmp_path / "broker").mkdir()
+    with private_mosquitto(tmp_path / "broker", tls=pki) as broker:
+        args = ["demo", "--out", str(tmp_path / "run"), "--broker", str(broker.url), "--pki", str(pki)]
+        done = await asyncio.to_thread(_demo_or_where_it_hangs, args, 420)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"starting the three clearings on mqtts://127.0.0.1:{broker.port}" in done.stderr, done.stderr
+    _check_run(tmp_path / "run", done.stdout)
+    with sqlite3.connect(tmp_path / "run" / "clearing.sqlite") as db:
+        terminal_rows = db.execute("SELECT COUNT(*) FROM ledger WHERE source = 'terminal'").fetchone()[0]
+        reasons = [row[0] for row in db.execute("SELECT reason FROM quarantine")]
+    ok = sum(int(m) for m in re.findall(r"^\d{4} \w+ +\d+ +(\d+)", done.stdout, re.MULTILINE))
+    assert terminal_rows == ok and not [r for r in reasons if r.startswith("identity")], reasons
+
+
+def _demo_or_where_it_hangs(args: list[str], timeout: float) -> subprocess.CompletedProcess[str]:
+    """``yikatong ARGS`` as a child process; one still running after ``timeout`` seconds is made to print where
+    each of its threads is (SIGABRT with PYTHONFAULTHANDLER), and the test fails with that."""
+    env = {**os.environ, "PYTHONFAULTHANDLER": "1"}
+    command = [sys.executable, "-m", "yikatong.cli", *args]
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) as proc:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGABRT)
+            out, err = proc.communicate(timeout=30)
+            pytest.fail(f"yikatong {' '.join(args)} still ran after {timeout:.0f} s; its threads then:\n{err[-8000:]}")
+    return subprocess.CompletedProcess(command, proc.returncode, out, err)
+
+
+def test_demo_over_tls_needs_its_pki(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["demo", "--out", str(tmp_path), "--broker", "mqtts://127.0.0.1:1"]) == 2
+    assert "need --pki DIR" in capsys.readouterr().err
+    assert main(["demo", "--out", str(tmp_path), "--pki", str(tmp_path)]) == 2
+    assert "--pki is for an mqtts:// --broker" in capsys.readouterr().err
 
 
 def test_demo_bad_database_url_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

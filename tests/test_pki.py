@@ -103,7 +103,8 @@ def test_revoked_certificate_is_in_the_crl_and_out_of_the_acl(pki_dir: Path) -> 
         text=True,
         check=True,
     ).stdout
-    assert f"Serial Number: {issued.serial}" in after and "yikatong city 4510 CA" in after
+    printed = issued.serial.zfill(len(issued.serial) + len(issued.serial) % 2)  # openssl prints whole bytes
+    assert f"Serial Number: {printed}" in after and "yikatong city 4510 CA" in after
     assert _crl_number(before) + 1 == _crl_number(after)
     assert "terminal:451000000001" not in (pki_dir / "acl").read_text()
     assert "revoked" in yikatong("pki", "list", "--pki", str(pki_dir)).stdout
@@ -135,6 +136,22 @@ def test_expired_certificate_fails_verification(pki_dir: Path) -> None:
     checked = _verify(pki_dir, folder / "cert.pem")
     assert checked.returncode != 0 and "expired" in checked.stdout + checked.stderr
     assert "terminal:456000000003" not in (pki_dir / "acl").read_text()
+
+
+def test_a_device_folder_is_reused_only_while_its_certificate_is_valid(tmp_path: Path) -> None:
+    """(What ``demo --issue-certificates-only`` keeps.) Revoked, expired, another device's or none: issue again."""
+    pki = Pki.create(tmp_path / "pki", ["4560"])
+    number, other = Identity.terminal("4560000000B1"), Identity.terminal("4560000000B2")
+    assert not pki.holds_valid(number)
+    issued, folder = pki.issue(number)
+    assert pki.holds_valid(number) and not pki.holds_valid(other)
+    assert not pki.holds_valid(number, now=dt.datetime.now(dt.UTC) + dt.timedelta(days=31))
+    (folder.parent / other.folder).mkdir()
+    (folder.parent / other.folder / "cert.pem").write_bytes((folder / "cert.pem").read_bytes())
+    (folder.parent / other.folder / "key.pem").write_bytes((folder / "key.pem").read_bytes())
+    assert not pki.holds_valid(other)  # a copy of another device's folder
+    pki.revoke(issued.serial)
+    assert not pki.holds_valid(number)
 
 
 def test_init_again_keeps_the_keys_and_adds_a_city(pki_dir: Path) -> None:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import aiomqtt
 import pytest
-from clearing_support import serve_process, table_counts
+from clearing_support import serve_process, signed_records, table_counts
 from hypothesis import given
 from hypothesis import strategies as st
 from mqtt_support import PrivateMosquitto, private_mosquitto
@@ -25,10 +25,13 @@ from reliability_support import cpu_card
 from support import yikatong
 from terminal_support import make_terminal
 
+from clearing.db import open_engine
+from clearing.ledger import Ledger
 from clearing.pki import Identity, Pki
-from terminals.messages import hotlist_delta_topic, txn_topic
+from terminals.messages import TxnRecord, ack_topic, hotlist_delta_topic, parse_ack, txn_topic
 from terminals.mqtt import BrokerUrl, ConnectRefused, TlsFiles, tls_refusal
 from terminals.reader import InProcessReader
+from terminals.signing import Signer
 
 CITY = "4560"
 REFUSED_WITHIN = 3.0  # seconds to wait for a connection expected to be refused (a good one takes milliseconds)
@@ -119,6 +122,66 @@ async def test_a_terminal_cannot_publish_on_another_terminals_topic(network: Tls
             if message.payload == b"marker":
                 break
     assert seen == [(txn_topic(CITY, HONEST), b"marker")]
+
+
+async def test_behind_a_wrong_acl_the_clearing_quarantines_what_the_topics_terminal_did_not_sign(
+    network: TlsNetwork, tmp_path: Path
+) -> None:
+    """Issue 18 item 3, defence in depth: an ACL that wrongly lets HONEST write on every terminal topic of the
+    city. HONEST's signed and unsigned copies of a record on OTHER's topic are quarantined (identity reasons) and
+    ack nothing; OTHER's own signed record of the same seq is then stored once and acked."""
+    acl = network.pki.folder / "acl"
+    kept = acl.read_text()
+    (record,) = signed_records(1, CITY, OTHER, issuers=(CITY,), cards=1, seed=77)
+    forged = Signer.of(TlsFiles.folder(network.device(Identity.terminal(HONEST)))).seal(record.to_json())
+    genuine = Signer.of(TlsFiles.folder(network.device(Identity.terminal(OTHER)))).seal(record.to_json())
+    db = f"sqlite:///{tmp_path / 'clearing.sqlite'}"
+    clearing_dir = str(network.device(Identity.clearing(CITY)))
+    wrong = kept.replace(f"user terminal:{HONEST}\n", f"user terminal:{HONEST}\ntopic write {txn_topic(CITY, '+')}\n")
+    assert wrong != kept
+    try:
+        acl.write_text(wrong)
+        network.broker.reload()
+        with serve_process(network.broker.url, db, CITY, "wrong-acl", "--tls-dir", clearing_dir) as serve:
+            async with network.url(Identity.terminal(OTHER)).client("tls-other", clean_session=True) as other:
+                await other.subscribe(ack_topic(CITY, OTHER), qos=1)
+                reasons = await _quarantined_while(network.url(Identity.terminal(HONEST)), OTHER, forged, record, db)
+                await other.publish(txn_topic(CITY, OTHER), genuine, qos=1)
+                message = await asyncio.wait_for(anext(aiter(other.messages)), 20)
+            assert serve.stop() == 1
+    finally:
+        acl.write_text(kept)
+        network.broker.reload()
+    assert set(reasons) == {
+        f"identity: certificate of terminal {HONEST} on the topic of terminal {OTHER}",
+        "identity: unsigned (this clearing requires terminals to sign with their certificate)",
+    }, reasons
+    ack = parse_ack(message.payload)  # type: ignore[arg-type]
+    assert (ack.terminal, ack.acked_through, ack.rejected) == (OTHER, 1, [])
+    counts = await table_counts(db, CITY)
+    assert counts["ledger"] == 1 and counts["quarantine"] == sum(reasons.values())
+
+
+async def _quarantined_while(
+    intruder: BrokerUrl, victim: str, forged: str, record: TxnRecord, db: str
+) -> dict[str, int]:
+    """Publish the forged copy (signed by the intruder) and the unsigned copy of ``record`` on the victim's topic
+    until the clearing has quarantined both (the broker takes the wrong ACL at its reload, a moment after the
+    signal); the quarantine's reasons with their counts."""
+    engine = open_engine(db)
+    try:
+        ledger = Ledger(engine, CITY)
+        async with intruder.client("tls-wrong-acl", clean_session=True) as client:
+            for _ in range(100):
+                for payload in (forged, record.to_json()):
+                    await client.publish(txn_topic(CITY, victim), payload, qos=1)
+                await asyncio.sleep(0.2)
+                reasons = dict(await ledger.quarantine_reasons())
+                if len(reasons) >= 2:
+                    return reasons
+        raise AssertionError(f"the clearing did not quarantine both copies: {reasons}")
+    finally:
+        await engine.dispose()
 
 
 async def test_a_revoked_certificate_cannot_connect_after_sighup(network: TlsNetwork) -> None:
@@ -405,5 +468,16 @@ def test_tls_options_refused_with_one_clear_line(
 
 
 def test_commands_without_tls_refuse_an_mqtts_broker() -> None:
-    done = yikatong("demo", "--broker", "mqtts://127.0.0.1")
+    done = yikatong("load", "--broker", "mqtts://127.0.0.1")
     assert done.returncode == 2 and "does not speak TLS yet" in done.stderr, done.stderr
+
+
+@pytest.mark.parametrize(
+    ("crl", "said"),
+    [("/no/such.pem", "--crl /no/such.pem: no such file"), ("ca/4510/crl.pem", "no CRL of the city 4560 CA in it")],
+)
+def test_serve_refuses_a_crl_file_it_cannot_use(network: TlsNetwork, tmp_path: Path, crl: str, said: str) -> None:
+    clearing_dir = str(network.device(Identity.clearing(CITY)))
+    serve = ["clearing", "serve", "--city", CITY, "--broker", str(network.broker.url), "--tls-dir", clearing_dir]
+    done = yikatong(*serve, "--db", f"sqlite:///{tmp_path / 'c.sqlite'}", "--crl", str(network.pki.folder / crl))
+    assert done.returncode == 2 and said in done.stderr, done.stderr

@@ -152,7 +152,7 @@ def resolve_broker(args: argparse.Namespace) -> None:
     that takes no TLS files refuses an mqtts broker (CliError), and TLS files without an mqtts broker."""
     broker = getattr(args, "broker", None)
     if not hasattr(args, "tls_dir"):
-        if broker is not None and broker.secure:
+        if broker is not None and broker.secure and not hasattr(args, "pki"):  # the demo: a PKI folder of its own
             raise CliError(f"broker {broker}: this command does not speak TLS yet (use mqtt://)")
         return
     given = {"--ca": args.ca, "--cert": args.cert, "--key": args.key}

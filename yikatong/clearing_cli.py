@@ -39,6 +39,7 @@ if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncEngine
 
     from clearing.hotlist import Published
+    from clearing.identity import Identities
     from clearing.intake import Intake
     from clearing.ledger import HotlistAdded, HotlistHead, ListedCard
     from clearing.service import ClearingStats
@@ -123,6 +124,7 @@ def register(groups: Subcommands) -> None:
         help="serve Prometheus metrics on http://127.0.0.1:PORT/metrics (0: a free port, printed at start): records "
         "in/stored/quarantined/forwarded, batch commit seconds, queue depth, ack lag (docs/clearing-choices.md)",
     )
+    _identity_options(serve)
     serve.set_defaults(run=_serve)
 
     settle = sub.add_parser(
@@ -222,6 +224,21 @@ def register(groups: Subcommands) -> None:
     mig.set_defaults(run=_migrate)
 
 
+def _identity_options(serve: argparse.ArgumentParser) -> None:
+    """``serve``'s --require-identity and --crl."""
+    identity = serve.add_argument_group("terminal identity, over mqtts:// (docs/terminal-identity.md)")
+    identity.add_argument(
+        "--require-identity",
+        action=argparse.BooleanOptionalAction,
+        help="refuse (quarantine) a terminal message that is not signed with the certificate of the topic's "
+        "terminal (default: on with an mqtts:// --broker; signed messages are checked either way, against the CA "
+        "of --tls-dir/--ca and the CA that issued this clearing's certificate)",
+    )
+    identity.add_argument(
+        "--crl", type=file_path, metavar="FILE", help="the PKI's crl.pem: certificates it revokes sign nothing"
+    )
+
+
 def _db_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--db",
@@ -308,7 +325,7 @@ def _serve(args: argparse.Namespace) -> int:
     keys = load_keys(args.keys)
     limits = Limits(max_payload=args.max_payload)
     try:
-        intake = Intake(args.city, IssuerHost(keys), limits)
+        intake = Intake(args.city, IssuerHost(keys), limits, _identities(args))
     except ValueError as err:
         raise CliError(str(err)) from err
     stop_on_sigterm()
@@ -320,6 +337,22 @@ def _serve(args: argparse.Namespace) -> int:
         return asyncio.run(_serve_async(args, intake))
     except KeyboardInterrupt:
         return 0
+
+
+def _identities(args: argparse.Namespace) -> Identities | None:
+    """The signature checks of ``serve``: with an mqtts:// broker (its TLS files name the network CA), required
+    unless --no-require-identity; none over plain mqtt://, where --require-identity and --crl are refused."""
+    from clearing.identity import Identities
+
+    tls = args.broker.tls
+    if tls is None:
+        if args.require_identity or args.crl is not None:
+            raise CliError("--require-identity and --crl need the network CA: an mqtts:// --broker with --tls-dir")
+        return None
+    if args.crl is not None and not args.crl.is_file():
+        raise CliError(f"--crl {args.crl}: no such file")
+    required = args.require_identity is not False
+    return Identities.of(args.city, tls, crl=args.crl, required=required)
 
 
 async def _serve_async(args: argparse.Namespace, intake: Intake) -> int:

@@ -4,7 +4,9 @@ record over MQTT to the three clearings, settle the day, audit the chips and rec
 and write one HTML report.
 
 Defaults need nothing but pip: an embedded MQTT broker in this process and SQLite files in the run folder.
-``--broker`` and ``--db`` put the same run onto Mosquitto and PostgreSQL.
+``--broker`` and ``--db`` put the same run onto Mosquitto and PostgreSQL; ``--broker mqtts://... --pki DIR`` runs
+it over TLS, each terminal and clearing with its own certificate from the PKI folder (issued beforehand with
+``--issue-certificates-only``: the broker reads its ACL at start and on SIGHUP).
 """
 
 from __future__ import annotations
@@ -37,11 +39,13 @@ if TYPE_CHECKING:
     from audit.findings import Report
     from audit.reconcile import Cities
     from cardsim.keys import IssuerKeyStore
+    from clearing.identity import Identities
+    from clearing.pki import Identity, Pki
     from clearing.service import ClearingService
     from clearing.settlement import Settlement
     from terminals.metro import FareTable
     from terminals.mqtt import BrokerUrl
-    from terminals.terminal import TapResult, Terminal
+    from terminals.terminal import TapResult, Terminal, TerminalConfig
     from yikatong.demo_world import Day, DemoCard
 
 DEFAULT_KEYS = "keys/fleet-keys.json"  # issuer keys that are not the published test keys: the audit tells them apart
@@ -63,10 +67,28 @@ def register(groups: Subcommands) -> None:
         "Prints a summary table and writes report.html, the reports' JSON, the clearing files and the card images "
         "into --out. Exit 0 when every record was cleared and the settlement balances, 1 otherwise.",
         epilog="Examples: yikatong demo | yikatong demo --broker mqtt://127.0.0.1:1883 "
-        "--db postgresql+asyncpg://postgres@127.0.0.1/demo",
+        "--db postgresql+asyncpg://postgres@127.0.0.1/demo | over TLS (README): yikatong demo --pki pki "
+        "--issue-certificates-only, (re)start Mosquitto, then yikatong demo --broker mqtts://127.0.0.1:8883 --pki pki",
     )
     demo.add_argument("--out", type=file_path, default=Path("run/demo"), help="run folder (default %(default)s)")
-    demo.add_argument("--broker", type=broker_url, help="mqtt://[user:password@]host[:port] (default: embedded)")
+    demo.add_argument(
+        "--broker",
+        type=broker_url,
+        help="mqtt://[user:password@]host[:port], or mqtts://host[:port] with --pki (default: embedded, plain)",
+    )
+    demo.add_argument(
+        "--pki",
+        type=file_path,
+        metavar="DIR",
+        help="a 'yikatong pki init' folder: over mqtts:// each of the demo's terminals and clearings connects with "
+        "its own certificate from DIR/devices, signs or checks records with it, and the clearings read DIR/crl.pem",
+    )
+    demo.add_argument(
+        "--issue-certificates-only",
+        action="store_true",
+        help="issue into --pki the certificates the demo's terminals and clearings (for this --seed and --cards) "
+        "lack, keep the valid ones, and exit; then start the broker or send it SIGHUP (it reads the ACL then)",
+    )
     demo.add_argument(
         "--db",
         type=database_url,
@@ -138,12 +160,7 @@ def run(args: argparse.Namespace) -> int:
 
     out: Path = args.out
     keys = load_keys(args.keys or fixture_path(DEFAULT_KEYS))
-    _fresh_run_folder(out)
-    db_url = args.db or f"sqlite:///{out / 'clearing.sqlite'}"
-    try:
-        database_url(db_url)  # --db was checked by argparse; the default one names --out, which may not do
-    except argparse.ArgumentTypeError as err:
-        raise CliError(f"--out {out}: {err}") from err
+    _check_tls_options(args)
     bar = Bar()
     rng = random.Random(args.seed)
     bar.phase(f"issuing the fleet ({args.cards} cards of each kind per city, plus the planted ones)")
@@ -152,9 +169,16 @@ def run(args: argparse.Namespace) -> int:
     except LedgerInputError as err:
         raise CliError(str(err)) from err
     fares = FareTable.load()
-    day = plan_day(issue_fleet(keys, args.cards, rng), terminals(fares, rng), args.rides, rng, cities.travel_minutes)
+    fleet = issue_fleet(keys, args.cards, rng)
+    configs = terminals(fares, rng)  # after the fleet: the same seed and --cards give the same terminal numbers
+    if args.issue_certificates_only:
+        return _issue_certificates(args.pki, configs)
+    if args.pki is not None:
+        _require_certificates(args.pki, configs)
+    db_url = _prepare_run(out, args.db)
+    day = plan_day(fleet, configs, args.rides, rng, cities.travel_minutes)
     cards = day.cards
-    cleared = asyncio.run(_pipe(_Run(keys, fares, day, out, bar, rng), args.broker, db_url))
+    cleared = asyncio.run(_pipe(_Run(keys, fares, day, out, bar, rng, args.pki), args.broker, db_url))
     for card in cards:
         save_card(out / "cards" / f"{card.name}.json", card.state)
     bar.phase("auditing the chips (through each card's own interface)")
@@ -183,6 +207,102 @@ def run(args: argparse.Namespace) -> int:
     return 0 if balanced and cleared.unacked == 0 and cleared.unforwarded == 0 else 1
 
 
+def _check_tls_options(args: argparse.Namespace) -> None:
+    """--pki goes with an mqtts:// --broker or --issue-certificates-only, and they with it."""
+    secure = args.broker is not None and args.broker.secure
+    if (secure or args.issue_certificates_only) and args.pki is None:
+        raise CliError(
+            "an mqtts:// --broker and --issue-certificates-only need --pki DIR (a 'yikatong pki init' folder)"
+        )
+    if args.pki is not None and not (secure or args.issue_certificates_only):
+        raise CliError("--pki is for an mqtts:// --broker (or --issue-certificates-only)")
+
+
+def _demo_devices(configs: list[TerminalConfig]) -> list[Identity]:
+    """The demo's clearings and terminals, as the PKI names them."""
+    from clearing.pki import Identity
+    from yikatong.demo_world import CITIES
+
+    clearings = [Identity.clearing(city) for city in CITIES]
+    return clearings + [Identity.terminal(config.terminal.hex().upper()) for config in configs]
+
+
+def _missing_certificates(folder: Path, configs: list[TerminalConfig]) -> tuple[Pki, list[Identity], int]:
+    """The PKI folder, the demo's devices that hold no valid certificate in it, and how many devices it has."""
+    from clearing.pki import Pki, PkiError
+
+    try:
+        pki = Pki(folder)
+    except PkiError as err:
+        raise CliError(str(err)) from err
+    devices = _demo_devices(configs)
+    return pki, [device for device in devices if not pki.holds_valid(device)], len(devices)
+
+
+def _issue_certificates(folder: Path, configs: list[TerminalConfig]) -> int:
+    """``--issue-certificates-only``: a certificate for each of the demo's devices that has no valid one in the
+    PKI folder (the ACL is rewritten with them); the others are kept."""
+    from clearing.pki import PkiError
+
+    pki, missing, devices = _missing_certificates(folder, configs)
+    try:
+        for device in missing:
+            pki.issue(device)
+    except PkiError as err:  # a city without a CA in the folder
+        raise CliError(str(err)) from err
+    print(
+        f"issued {len(missing)} certificates for the demo's terminals and clearings, kept {devices - len(missing)} "
+        f"valid ones ({folder / 'devices'})"
+    )
+    if missing:
+        print(f"the broker's ACL {folder / 'acl'} lists them now: start Mosquitto, or send it SIGHUP, before the run")
+    return 0
+
+
+def _require_certificates(folder: Path, configs: list[TerminalConfig]) -> None:
+    """CliError unless the PKI folder holds a valid certificate for each of the demo's devices."""
+    _, missing, devices = _missing_certificates(folder, configs)
+    if missing:
+        raise CliError(
+            f"{folder} holds no valid certificate for {len(missing)} of the demo's {devices} terminals and "
+            f"clearings (first: {missing[0].common_name}): run 'yikatong demo --pki {folder} "
+            "--issue-certificates-only' with the same --seed and --cards, reload the broker (SIGHUP), run again"
+        )
+
+
+def _as_device(broker: BrokerUrl, pki: Path | None, device: Identity) -> BrokerUrl:
+    """The broker as one of the demo's devices reaches it: over TLS with its own folder of the PKI, if any."""
+    from terminals.mqtt import TlsFiles
+
+    return broker if pki is None else broker.with_tls(TlsFiles.folder(pki / "devices" / device.folder))
+
+
+def _identities(pki: Path | None, city: str) -> Identities | None:
+    """A demo clearing's signature checks over TLS: its city's CA, the PKI's CRL; unsigned records refused."""
+    from clearing.identity import Identities, IdentityError
+    from clearing.pki import Identity
+    from terminals.mqtt import TlsFiles
+
+    if pki is None:
+        return None
+    folder = pki / "devices" / Identity.clearing(city).folder
+    try:
+        return Identities.of(city, TlsFiles.folder(folder), crl=pki / "crl.pem")
+    except IdentityError as err:
+        raise CliError(str(err)) from err
+
+
+def _prepare_run(out: Path, db: str | None) -> str:
+    """A fresh run folder, and the database URL: --db, or a SQLite file in the folder."""
+    _fresh_run_folder(out)
+    db_url = db or f"sqlite:///{out / 'clearing.sqlite'}"
+    try:
+        database_url(db_url)  # --db was checked by argparse; the default one names --out, which may not do
+    except argparse.ArgumentTypeError as err:
+        raise CliError(f"--out {out}: {err}") from err
+    return db_url
+
+
 def _fresh_run_folder(out: Path) -> None:
     """Create the run folder; remove what an earlier demo left there (only the demo's own files)."""
     try:
@@ -209,6 +329,7 @@ class _Run:
     out: Path
     bar: Bar
     rng: random.Random
+    pki: Path | None  # over mqtts://: the PKI folder of the devices' certificates
 
 
 async def _pipe(run: _Run, broker_given: BrokerUrl | None, db_url: str) -> Cleared:
@@ -222,6 +343,7 @@ async def _pipe(run: _Run, broker_given: BrokerUrl | None, db_url: str) -> Clear
     from clearing.db import DatabaseUrlError, migrate, open_engine
     from clearing.intake import Intake
     from clearing.ledger import Ledger
+    from clearing.pki import Identity
     from clearing.service import ClearingService
     from clearing.settlement import export_day, settle_day
     from terminals.messages import txn_topic
@@ -243,9 +365,9 @@ async def _pipe(run: _Run, broker_given: BrokerUrl | None, db_url: str) -> Clear
             # only the demo's own terminals: a shared broker carries other traffic too
             services = [
                 ClearingService(
-                    broker,
+                    _as_device(broker, run.pki, Identity.clearing(city)),
                     Ledger(engine, city),
-                    Intake(city, host),
+                    Intake(city, host, identities=_identities(run.pki, city)),
                     worker=f"demo-{run_id}",
                     persistent=False,
                     terminal_topics=[txn_topic(city, t.terminal.hex().upper()) for t in run.day.terminals_of(city)],
@@ -290,6 +412,7 @@ async def _ride(run: _Run, broker: BrokerUrl, cleared: Cleared) -> None:
     import asyncio
 
     from cardsim.issuer import IssuerHost
+    from clearing.pki import Identity
     from terminals.outbox import Outbox
     from terminals.terminal import Terminal
     from terminals.uplink import Uplink
@@ -303,7 +426,8 @@ async def _ride(run: _Run, broker: BrokerUrl, cleared: Cleared) -> None:
             run.out / "terminals" / f"{config.city}-{config.kind.value}-{config.terminal.hex().upper()}.sqlite"
         )
         terminal = Terminal(config, outbox, run.keys, fares=run.fares, host=host, clock=lambda: now[0])
-        by_number[config.terminal] = (terminal, Uplink(broker, terminal, ack_timeout=3.0, max_backoff=2.0))
+        device = _as_device(broker, run.pki, Identity.terminal(config.terminal.hex().upper()))
+        by_number[config.terminal] = (terminal, Uplink(device, terminal, ack_timeout=3.0, max_backoff=2.0))
     tasks = [asyncio.create_task(uplink.run()) for _, uplink in by_number.values()]
     try:
         run.bar.phase(f"riding: {len(run.day.taps)} taps at {len(run.day.terminals)} terminals of 3 cities")
