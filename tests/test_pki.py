@@ -80,29 +80,26 @@ def test_server_certificate_is_for_server_auth_on_its_name(pki_dir: Path) -> Non
     assert _verify(pki_dir, cert, "-purpose", "sslserver", "-verify_ip", "127.0.0.2").returncode != 0
 
 
+def _crl_text(crl: Path) -> str:
+    """The CRL as ``openssl crl -text`` prints it."""
+    return subprocess.run(
+        ["openssl", "crl", "-text", "-noout", "-in", str(crl)], capture_output=True, text=True, check=True
+    ).stdout
+
+
 def test_revoked_certificate_is_in_the_crl_and_out_of_the_acl(pki_dir: Path) -> None:
     pki = Pki(pki_dir)
     issued, folder = pki.issue(Identity.terminal("451000000001"))
     crl_check = ("-crl_check", "-CRLfile", str(pki_dir / "crl.pem"))
     assert _verify(pki_dir, folder / "cert.pem", *crl_check).returncode == 0
-    before = subprocess.run(
-        ["openssl", "crl", "-text", "-noout", "-in", str(pki_dir / "ca/4510/crl.pem")],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
+    before = _crl_text(pki_dir / "ca/4510/crl.pem")
     assert issued.serial not in before
 
     done = yikatong("pki", "revoke", issued.serial.lower(), "--pki", str(pki_dir))
     assert done.returncode == 0 and "revoked terminal:451000000001" in done.stdout, done.stderr
     checked = _verify(pki_dir, folder / "cert.pem", *crl_check)
     assert checked.returncode != 0 and "certificate revoked" in checked.stdout + checked.stderr
-    after = subprocess.run(
-        ["openssl", "crl", "-text", "-noout", "-in", str(pki_dir / "ca/4510/crl.pem")],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
+    after = _crl_text(pki_dir / "ca/4510/crl.pem")
     printed = issued.serial.zfill(len(issued.serial) + len(issued.serial) % 2)  # openssl prints whole bytes
     assert f"Serial Number: {printed}" in after and "yikatong city 4510 CA" in after
     assert _crl_number(before) + 1 == _crl_number(after)
