@@ -249,6 +249,34 @@ class Pki:
         """A new key and certificate for ``identity``, written to ``out`` (default ``devices/{kind}-{name}``);
         valid ``days`` (defaults by kind) from now, or exactly ``not_before``..``not_after`` (tests make expired
         certificates so). Recorded in the index; a terminal's or clearing's topics go into the ACL."""
+        issued, folder = self._make(identity, days=days, out=out, not_before=not_before, not_after=not_after)
+        self._save_index([*self.index(), issued])
+        self.write_acl()
+        return issued, folder
+
+    def issue_all(self, identities: Iterable[Identity]) -> list[Issued]:
+        """``issue`` for each of ``identities`` with its default validity, the index and the ACL written once at
+        the end (written after each, a fleet of N costs N times the index: quadratic). PkiError, with nothing
+        issued, when a city of theirs has no CA here."""
+        wanted = list(identities)
+        for city in sorted({identity.city for identity in wanted}):
+            self._ca(city)
+        made = [self._make(identity)[0] for identity in wanted]
+        if made:
+            self._save_index([*self.index(), *made])
+            self.write_acl()
+        return made
+
+    def _make(
+        self,
+        identity: Identity,
+        *,
+        days: int | None = None,
+        out: Path | None = None,
+        not_before: dt.datetime | None = None,
+        not_after: dt.datetime | None = None,
+    ) -> tuple[Issued, Path]:
+        """The key and certificate of ``issue``, written to their folder; neither indexed nor in the ACL yet."""
         ca_cert, ca_key = self._ca(identity.city)
         start = not_before or _now() - dt.timedelta(minutes=5)  # a little slack for clocks a bit behind
         default_days = {"terminal": TERMINAL_DAYS, "clearing": CLEARING_DAYS, "server": SERVER_DAYS}[identity.kind]
@@ -286,24 +314,28 @@ class Pki:
         issued = Issued(
             f"{cert.serial_number:X}", identity.common_name, identity.kind, identity.city, _iso(start), _iso(end)
         )
-        self._save_index([*self.index(), issued])
-        self.write_acl()
         return issued, folder
 
     def holds_valid(self, identity: Identity, now: dt.datetime | None = None) -> bool:
         """Whether ``devices/{kind}-{name}`` holds a certificate of this PKI's index that is valid ``now`` and not
         revoked (what the demo reuses instead of issuing again)."""
+        return not self.lacking([identity], now)
+
+    def lacking(self, identities: Iterable[Identity], now: dt.datetime | None = None) -> list[Identity]:
+        """Those of ``identities`` that ``holds_valid`` would say no to (the index read once for all)."""
+        moment = now or _now()
+        valid = {(e.serial, e.subject) for e in self.index() if e.valid_at(moment)}
+        return [identity for identity in identities if (self._serial_in(identity), identity.common_name) not in valid]
+
+    def _serial_in(self, identity: Identity) -> str | None:
+        """The serial of the certificate in the identity's device folder (None: no certificate and key there)."""
         path = self.folder / "devices" / identity.folder / "cert.pem"
         if not (path.is_file() and (path.parent / "key.pem").is_file()):
-            return False
+            return None
         try:
-            serial = f"{x509.load_pem_x509_certificates(path.read_bytes())[0].serial_number:X}"
+            return f"{x509.load_pem_x509_certificates(path.read_bytes())[0].serial_number:X}"
         except ValueError:
-            return False
-        moment = now or _now()
-        return any(
-            e.serial == serial and e.subject == identity.common_name and e.valid_at(moment) for e in self.index()
-        )
+            return None
 
     def revoke(self, serial: str) -> Issued:
         """Revoke a certificate by its serial (hex, as ``openssl x509 -serial`` prints it): recorded in the index,

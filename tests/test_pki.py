@@ -151,6 +151,21 @@ def test_a_device_folder_is_reused_only_while_its_certificate_is_valid(tmp_path:
     assert not pki.holds_valid(number)
 
 
+def test_a_fleet_is_issued_at_once_or_not_at_all(tmp_path: Path) -> None:
+    """(What ``load --issue-certificates-only`` does for thousands of terminals: one index and ACL write.)"""
+    pki = Pki.create(tmp_path / "pki", ["4560"])
+    fleet = [Identity.terminal(f"45600000{n:04X}") for n in range(3)] + [Identity.clearing("4560")]
+    with pytest.raises(PkiError, match="no CA for city 4510"):
+        pki.issue_all([*fleet, Identity.terminal("4510000000C1")])
+    assert pki.index() == [] and not (pki.folder / "devices").exists()  # nothing issued
+    assert pki.lacking(fleet) == fleet
+    made = pki.issue_all(fleet)
+    assert [e.subject for e in made] == [d.common_name for d in fleet] == [e.subject for e in pki.index()]
+    assert pki.lacking(fleet) == [] and all(pki.holds_valid(device) for device in fleet)
+    acl = (pki.folder / "acl").read_text()
+    assert all(f"user {device.common_name}" in acl for device in fleet)
+
+
 def test_init_again_keeps_the_keys_and_adds_a_city(pki_dir: Path) -> None:
     root_key = (pki_dir / "ca/root/key.pem").read_bytes()
     assert main(["pki", "init", "--out", str(pki_dir), "--city", "4599"]) == 0

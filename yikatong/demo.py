@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 
 from yikatong.argtypes import Subcommands, broker_url, database_url, file_path, load_keys, positive
 from yikatong.errors import CliError
+from yikatong.pki_devices import as_device, check_pki_options, issue_certificates, require_certificates
 
 # the whole product runs in a demo; its layers are imported by the phases that use them, so that the other
 # commands (which import this module for its options) start without them
@@ -40,7 +41,7 @@ if TYPE_CHECKING:
     from audit.reconcile import Cities
     from cardsim.keys import IssuerKeyStore
     from clearing.identity import Identities
-    from clearing.pki import Identity, Pki
+    from clearing.pki import Identity
     from clearing.service import ClearingService
     from clearing.settlement import Settlement
     from terminals.metro import FareTable
@@ -160,7 +161,7 @@ def run(args: argparse.Namespace) -> int:
 
     out: Path = args.out
     keys = load_keys(args.keys or fixture_path(DEFAULT_KEYS))
-    _check_tls_options(args)
+    check_pki_options(args)
     bar = Bar()
     rng = random.Random(args.seed)
     bar.phase(f"issuing the fleet ({args.cards} cards of each kind per city, plus the planted ones)")
@@ -172,9 +173,10 @@ def run(args: argparse.Namespace) -> int:
     fleet = issue_fleet(keys, args.cards, rng)
     configs = terminals(fares, rng)  # after the fleet: the same seed and --cards give the same terminal numbers
     if args.issue_certificates_only:
-        return _issue_certificates(args.pki, configs)
+        return issue_certificates(args.pki, _demo_devices(configs), "the demo's")
     if args.pki is not None:
-        _require_certificates(args.pki, configs)
+        issuing = f"'yikatong demo --pki {args.pki} --issue-certificates-only' with the same --seed and --cards"
+        require_certificates(args.pki, _demo_devices(configs), "the demo's", issuing)
     db_url = _prepare_run(out, args.db)
     day = plan_day(fleet, configs, args.rides, rng, cities.travel_minutes)
     cards = day.cards
@@ -207,17 +209,6 @@ def run(args: argparse.Namespace) -> int:
     return 0 if balanced and cleared.unacked == 0 and cleared.unforwarded == 0 else 1
 
 
-def _check_tls_options(args: argparse.Namespace) -> None:
-    """--pki goes with an mqtts:// --broker or --issue-certificates-only, and they with it."""
-    secure = args.broker is not None and args.broker.secure
-    if (secure or args.issue_certificates_only) and args.pki is None:
-        raise CliError(
-            "an mqtts:// --broker and --issue-certificates-only need --pki DIR (a 'yikatong pki init' folder)"
-        )
-    if args.pki is not None and not (secure or args.issue_certificates_only):
-        raise CliError("--pki is for an mqtts:// --broker (or --issue-certificates-only)")
-
-
 def _demo_devices(configs: list[TerminalConfig]) -> list[Identity]:
     """The demo's clearings and terminals, as the PKI names them."""
     from clearing.pki import Identity
@@ -225,56 +216,6 @@ def _demo_devices(configs: list[TerminalConfig]) -> list[Identity]:
 
     clearings = [Identity.clearing(city) for city in CITIES]
     return clearings + [Identity.terminal(config.terminal.hex().upper()) for config in configs]
-
-
-def _missing_certificates(folder: Path, configs: list[TerminalConfig]) -> tuple[Pki, list[Identity], int]:
-    """The PKI folder, the demo's devices that hold no valid certificate in it, and how many devices it has."""
-    from clearing.pki import Pki, PkiError
-
-    try:
-        pki = Pki(folder)
-    except PkiError as err:
-        raise CliError(str(err)) from err
-    devices = _demo_devices(configs)
-    return pki, [device for device in devices if not pki.holds_valid(device)], len(devices)
-
-
-def _issue_certificates(folder: Path, configs: list[TerminalConfig]) -> int:
-    """``--issue-certificates-only``: a certificate for each of the demo's devices that has no valid one in the
-    PKI folder (the ACL is rewritten with them); the others are kept."""
-    from clearing.pki import PkiError
-
-    pki, missing, devices = _missing_certificates(folder, configs)
-    try:
-        for device in missing:
-            pki.issue(device)
-    except PkiError as err:  # a city without a CA in the folder
-        raise CliError(str(err)) from err
-    print(
-        f"issued {len(missing)} certificates for the demo's terminals and clearings, kept {devices - len(missing)} "
-        f"valid ones ({folder / 'devices'})"
-    )
-    if missing:
-        print(f"the broker's ACL {folder / 'acl'} lists them now: start Mosquitto, or send it SIGHUP, before the run")
-    return 0
-
-
-def _require_certificates(folder: Path, configs: list[TerminalConfig]) -> None:
-    """CliError unless the PKI folder holds a valid certificate for each of the demo's devices."""
-    _, missing, devices = _missing_certificates(folder, configs)
-    if missing:
-        raise CliError(
-            f"{folder} holds no valid certificate for {len(missing)} of the demo's {devices} terminals and "
-            f"clearings (first: {missing[0].common_name}): run 'yikatong demo --pki {folder} "
-            "--issue-certificates-only' with the same --seed and --cards, reload the broker (SIGHUP), run again"
-        )
-
-
-def _as_device(broker: BrokerUrl, pki: Path | None, device: Identity) -> BrokerUrl:
-    """The broker as one of the demo's devices reaches it: over TLS with its own folder of the PKI, if any."""
-    from terminals.mqtt import TlsFiles
-
-    return broker if pki is None else broker.with_tls(TlsFiles.folder(pki / "devices" / device.folder))
 
 
 def _identities(pki: Path | None, city: str) -> Identities | None:
@@ -365,7 +306,7 @@ async def _pipe(run: _Run, broker_given: BrokerUrl | None, db_url: str) -> Clear
             # only the demo's own terminals: a shared broker carries other traffic too
             services = [
                 ClearingService(
-                    _as_device(broker, run.pki, Identity.clearing(city)),
+                    as_device(broker, run.pki, Identity.clearing(city)),
                     Ledger(engine, city),
                     Intake(city, host, identities=_identities(run.pki, city)),
                     worker=f"demo-{run_id}",
@@ -426,7 +367,7 @@ async def _ride(run: _Run, broker: BrokerUrl, cleared: Cleared) -> None:
             run.out / "terminals" / f"{config.city}-{config.kind.value}-{config.terminal.hex().upper()}.sqlite"
         )
         terminal = Terminal(config, outbox, run.keys, fares=run.fares, host=host, clock=lambda: now[0])
-        device = _as_device(broker, run.pki, Identity.terminal(config.terminal.hex().upper()))
+        device = as_device(broker, run.pki, Identity.terminal(config.terminal.hex().upper()))
         by_number[config.terminal] = (terminal, Uplink(device, terminal, ack_timeout=3.0, max_backoff=2.0))
     tasks = [asyncio.create_task(uplink.run()) for _, uplink in by_number.values()]
     try:
