@@ -572,6 +572,11 @@ FOUND = [
     (["card", "show", "new\nline\x85.json"], 2, "new\\nline\\x85.json"),
     (["card", "show", "\u202ecard.json"], 2, "\\u202ecard.json"),
     (["pki", "init", "--out=--"], 2, "argument --out: expected a value, not '--'"),
+    (["load", "--broker", "mqtts://127.0.0.1:1"], 2, "need --pki DIR"),
+    (["load", "--broker", "mqtts://127.0.0.1:1", "--pki", "pki"], 2, "--pki needs --seed N"),
+    (["load", "--broker", "mqtts://127.0.0.1:1", "--pki", "pki", "--seed", "1", "--cities", "4510"], 2,
+     "run 'yikatong load --pki pki --issue-certificates-only' with the same"),
+    (["load", "--pki", "pki", "--issue-certificates-only", "--seed", "1"], 2, "no CA for city 4530 in pki"),
 ]  # fmt: skip
 
 

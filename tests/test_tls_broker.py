@@ -7,9 +7,12 @@ certificates do not get in; ``mosquitto_pub`` and ``openssl s_client``, clients 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
+import json
 import re
 import shutil
+import sqlite3
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -467,9 +470,50 @@ def test_tls_options_refused_with_one_clear_line(
     assert "PRIVATE KEY" not in done.stderr
 
 
-def test_commands_without_tls_refuse_an_mqtts_broker() -> None:
-    done = yikatong("load", "--broker", "mqtts://127.0.0.1")
-    assert done.returncode == 2 and "does not speak TLS yet" in done.stderr, done.stderr
+def test_load_runs_over_tls_with_a_certificate_per_terminal(network: TlsNetwork, tmp_path: Path) -> None:
+    """20 simulated terminals, each with its own certificate (issued by --issue-certificates-only, then the
+    broker reloads the ACL), signing what they publish to the load's own clearings, which require signatures."""
+    run = ["load", "--broker", str(network.broker.url), "--pki", str(network.pki.folder), "--seed", "18"]
+    run += ["--terminals", "20", "--cities", f"{CITY},4510"]
+    issued = yikatong(*run, "--issue-certificates-only")
+    assert issued.returncode == 0 and "issued 21 certificates" in issued.stdout, issued.stdout + issued.stderr
+    again = yikatong(*run, "--issue-certificates-only")  # the clearing of CITY was issued by the fixture
+    assert "issued 0 certificates" in again.stdout and "kept 22" in again.stdout, again.stdout
+    network.broker.reload()
+    out = tmp_path / "run"
+    done = yikatong(*run, "--cards", "40", "--rate", "20", "--duration", "3", "--workers", "2", "--out", str(out))
+    assert done.returncode == 0, done.stdout + done.stderr
+    doc = json.loads((out / "load-summary.json").read_text())
+    assert doc["generated"] > 0 and doc["acked"] == doc["generated"], doc
+    assert doc["unacked"] == 0 and doc["rejected"] == 0 and doc["settings"]["broker"].startswith("mqtts://")
+    stored: list[tuple[str, int]] = []  # (terminal, seq) of what the acquirers stored from their terminals
+    for city in (CITY, "4510"):
+        with contextlib.closing(sqlite3.connect(out / f"clearing-{city}.sqlite")) as db:
+            stored += db.execute("SELECT terminal, seq FROM ledger WHERE source = 'terminal'").fetchall()
+            assert db.execute("SELECT count(*) FROM quarantine").fetchone() == (0,)  # no identity refused
+    assert len(stored) == len(set(stored)) == doc["generated"]  # each record once, none lost
+
+
+@pytest.mark.parametrize(
+    ("args", "said"),
+    [
+        (["--broker", "mqtts://127.0.0.1"], "an mqtts:// --broker and --issue-certificates-only need --pki DIR"),
+        (["--pki", "{pki}", "--seed", "1"], "--pki is for an mqtts:// --broker"),
+        (["--broker", "mqtts://127.0.0.1", "--pki", "{pki}"], "--pki needs --seed N (or --state-dir DIR)"),
+        (["--broker", "mqtts://127.0.0.1", "--pki", "/no/such", "--seed", "1"], "not a PKI folder"),
+        (
+            ["--broker", "mqtts://127.0.0.1", "--pki", "{pki}", "--seed", "1", "--terminals", "3"],
+            "holds no valid certificate for 3 of the load's 4 terminals and clearings",
+        ),
+    ],
+)
+def test_load_refuses_tls_options_with_one_clear_line(network: TlsNetwork, args: list[str], said: str) -> None:
+    filled = [a.format(pki=network.pki.folder) for a in args]
+    done = yikatong("load", "--cities", CITY, *filled)
+    assert done.returncode == 2 and said in done.stderr, done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr
+    if "holds no valid" in said:
+        assert "--issue-certificates-only" in done.stderr
 
 
 @pytest.mark.parametrize(

@@ -20,7 +20,8 @@ import time
 from collections.abc import Callable
 
 from terminals.messages import HOTLIST_FILTERS, Ack
-from terminals.mqtt import BrokerUrl
+from terminals.mqtt import BrokerUrl, connection_error
+from terminals.signing import Signer
 from terminals.uplink import Sender
 from terminals.uplink_policy import ApplyAck, OfferHotlist, Publication, UplinkPolicy, UplinkStats
 from yikatong import load_mqtt as mqtt
@@ -144,6 +145,10 @@ class LeanUplink:
             ack_timeout=ack_timeout,
             max_backoff=max_backoff,
         )
+        # over mqtts:// the terminal's own certificate: its TLS context (made once; each connection a handshake)
+        # and its signature on every message, as terminals.uplink does
+        self.tls = None if broker.tls is None else broker.tls.context()
+        self.signer = None if broker.tls is None else Signer.of(broker.tls)
         self.session_expiry = session_expiry
         self.version = mqtt.MQTT311 if session_expiry is None else mqtt.MQTT5
         self.on_ack = on_ack
@@ -180,7 +185,7 @@ class LeanUplink:
                 async with self.timer.connecting:
                     _, made = await asyncio.wait_for(
                         loop.create_connection(
-                            lambda: _Connection(self, self.version), self.broker.host, self.broker.port
+                            lambda: _Connection(self, self.version), self.broker.host, self.broker.port, ssl=self.tls
                         ),
                         TIMEOUT,
                     )
@@ -192,8 +197,8 @@ class LeanUplink:
                 self._ready = True
                 self._pump()
                 raise LinkError(await made.closed)
-            except (OSError, LinkError, TimeoutError) as err:
-                if self.policy.lost(str(err) or type(err).__name__):
+            except (OSError, LinkError, TimeoutError) as err:  # ssl.SSLError is an OSError
+                if self.policy.lost(connection_error(err)):
                     log.warning("uplink to %s: %s; retrying", self.broker, err)
             finally:
                 self._ready, self._inflight, self._link = False, None, None
@@ -262,7 +267,7 @@ class LeanUplink:
             return
         packet_id = self._packet_id()
         self._inflight = (packet_id, publication, time.monotonic())
-        payload = publication.payload.encode()
+        payload = (publication.payload if self.signer is None else self.signer.seal(publication.payload)).encode()
         link.send(mqtt.publish(self.policy.txn_topic, payload, qos=1, packet_id=packet_id, version=self.version))
 
     def received(self, packet: mqtt.Packet) -> None:

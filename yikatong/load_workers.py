@@ -63,6 +63,7 @@ class WorkerSpec:
     hotlist_at: float | None = None  # the parent adds the cards at this moment; the worker watches
     hotlist_cards: list[SyntheticCard] = field(default_factory=list)
     lean: bool = True  # LeanUplink per terminal (else the real Uplink)
+    pki: Path | None = None  # over mqtts://: the PKI folder holding each terminal's certificate
     parent: int = field(default_factory=os.getpid)  # the process that starts the worker
 
 
@@ -177,6 +178,7 @@ def _build(spec: WorkerSpec) -> LoadRun:
         hotlist=hotlist,
         share=(spec.share, spec.shares),
         lean=spec.lean,
+        pki=spec.pki,
     )
 
 

@@ -22,6 +22,7 @@ from functools import partial
 from pathlib import Path
 
 from cardsim.issuer import IssuerHost
+from clearing.pki import Identity
 from terminals.hotlist import HotlistBook
 from terminals.messages import CHINA, Ack, TxnFields
 from terminals.mqtt import BrokerUrl
@@ -30,6 +31,7 @@ from terminals.uplink import Uplink
 from yikatong.load_schedule import LATE, Pacer, Plan, Timetable, per_second
 from yikatong.load_stats import Counts, Tally
 from yikatong.load_uplink import LeanUplink, LinkTimer
+from yikatong.pki_devices import as_device
 from yikatong.synthetic import SyntheticCard, SyntheticTerminal
 
 TICK = 0.02  # seconds: the longest the pacing loop sleeps (hotlist probes and progress run at this step)
@@ -212,7 +214,9 @@ class LoadRun:
     With ``session_expiry`` (seconds) the terminals speak MQTT 5 and the broker forgets their sessions that long
     after they disconnect; without, their MQTT 3.1.1 sessions last as long as the broker keeps them. Each
     terminal's uplink is a ``LeanUplink`` (the real uplink's rules over a light connection), or with
-    ``lean=False`` the real terminal's ``Uplink`` itself (an aiomqtt client each: dearer).
+    ``lean=False`` the real terminal's ``Uplink`` itself (an aiomqtt client each: dearer). With ``pki`` (over an
+    ``mqtts://`` broker) each terminal connects with its own certificate from that PKI folder and signs what it
+    publishes.
 
     With ``hotlist``, its cards go on their issuers' hotlists during the load and ``propagation`` tells how that
     reached the terminals: from the add on, each listed card is also presented once a pacing step at a random
@@ -235,6 +239,7 @@ class LoadRun:
         hotlist: HotlistPlan | None = None,
         share: tuple[int, int] = (0, 1),
         lean: bool = True,
+        pki: Path | None = None,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
@@ -248,9 +253,13 @@ class LoadRun:
         self.rng = random.Random(seed)
         # the outboxes stay on the event loop: the taps write them there too, and MemoryOutbox is not thread-safe
         self.timer = LinkTimer() if lean else None
+
+        def terminal_broker(terminal: SimTerminal) -> BrokerUrl:  # over mqtts://, with its own certificate
+            return as_device(broker, pki, Identity.terminal(terminal.terminal_hex))
+
         self.uplinks: list[LeanUplink | Uplink] = [
             LeanUplink(
-                broker,
+                terminal_broker(t),
                 t,
                 self.timer,
                 ack_timeout=ack_timeout,
@@ -260,7 +269,7 @@ class LoadRun:
             )
             if self.timer is not None
             else Uplink(
-                broker,
+                terminal_broker(t),
                 t,
                 ack_timeout=ack_timeout,
                 max_backoff=5.0,

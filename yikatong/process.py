@@ -48,11 +48,16 @@ def clearing_processes(
     timeout: float = 60.0,
     session_expiry: int | None = None,
     metrics_ports: dict[str, int] | None = None,
+    pki: Path | None = None,
 ) -> Iterator[list[subprocess.Popen[bytes]]]:
     """``yikatong clearing serve`` for each city as its own process (a core of its own), waited for until each is
     subscribed; stopped with SIGTERM (then killed) on the way out. Output goes to ``logs/clearing-CITY.log``.
     With ``session_expiry`` they speak MQTT 5 and leave no session on the broker that long after the run; with
-    ``metrics_ports`` (city -> port) each serves its Prometheus metrics there."""
+    ``metrics_ports`` (city -> port) each serves its Prometheus metrics there. Over an ``mqtts://`` broker, ``pki``
+    is the PKI folder: each connects with its city's clearing certificate and checks the terminals' signatures
+    (required over mqtts) against the CAs and the PKI's CRL."""
+    from clearing.pki import Identity
+
     procs: list[subprocess.Popen[bytes]] = []
     # a worker name of this run: a fixed MQTT identity would resume a stale session full of other runs' records
     worker = f"run-{secrets.token_hex(3)}"
@@ -63,6 +68,9 @@ def clearing_processes(
             command += ["--broker", _with_password(broker), "--db", db(city), "--report-every", "0", "--worker", worker]
             if session_expiry is not None:
                 command += ["--session-expiry", str(session_expiry)]
+            if pki is not None:
+                folder = pki / "devices" / Identity.clearing(city).folder
+                command += ["--tls-dir", str(folder), "--crl", str(pki / "crl.pem")]
             if metrics_ports and city in metrics_ports:
                 command += ["--metrics-port", str(metrics_ports[city])]
             with path.open("wb") as log:
@@ -93,7 +101,8 @@ def _with_password(broker: BrokerUrl) -> str:
     if broker.username is None:
         return str(broker)
     secret = f":{quote(broker.password, safe='')}" if broker.password else ""
-    return f"mqtt://{quote(broker.username, safe='')}{secret}@{broker.host}:{broker.port}"
+    scheme = "mqtts" if broker.secure else "mqtt"
+    return f"{scheme}://{quote(broker.username, safe='')}{secret}@{broker.host}:{broker.port}"
 
 
 def _last_line(path: Path) -> str:
