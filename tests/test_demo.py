@@ -4,6 +4,7 @@ to its summary on the embedded defaults and on Mosquitto + PostgreSQL, and the p
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -133,3 +134,35 @@ def test_demo_over_tls_needs_its_pki(tmp_path: Path, capsys: pytest.CaptureFixtu
 def test_demo_bad_database_url_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["demo", "--out", str(tmp_path), "--db", "mysql://x"]) == 2
     assert "error" in capsys.readouterr().err
+
+
+async def test_stopping_cancels_again_a_task_that_lost_its_cancel() -> None:
+    from yikatong.demo import _stop
+
+    async def deaf_once() -> None:
+        # as asyncio.wait_for of Python 3.11 does with a cancel that comes with the answer
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.sleep(3600)
+        await asyncio.sleep(3600)
+
+    task = asyncio.create_task(deaf_once())
+    await asyncio.sleep(0)
+    await _stop([task])
+    assert task.cancelled()
+
+
+async def test_stopping_gives_up_on_a_task_that_ignores_every_cancel_and_names_it() -> None:
+    from yikatong.demo import _stop
+    from yikatong.errors import CliError
+
+    async def deaf() -> None:
+        while True:
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.sleep(3600)
+
+    task = asyncio.create_task(deaf(), name="terminal 451000000001")
+    await asyncio.sleep(0)
+    with pytest.raises(CliError, match=r"gave up stopping 1 tasks after 2 s: terminal 451000000001"):
+        await _stop([task], timeout=2)
+    task.cancel()  # the test leaves nothing running: a last cancel from outside it, then the loop drops it
+    task.get_coro().close()
