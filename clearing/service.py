@@ -265,7 +265,7 @@ class ClearingService:
                         tasks.create_task(self._reforward(client))
                         tasks.create_task(self._health(client))
             except* aiomqtt.MqttError as group:
-                stop_if_cancelled()
+                stop_if_cancelled(group)
                 log.warning("clearing %s: broker %s: %s; retrying", self.city, self.broker, group.exceptions[0])
                 self.stats.connected = False
             finally:  # answers still in flight on the old connection are lost; their receivers ask again

@@ -138,7 +138,7 @@ class Uplink:
                         tasks.create_task(self._publish(client))
                         tasks.create_task(self._receive(client))
             except* aiomqtt.MqttError as group:
-                stop_if_cancelled()
+                stop_if_cancelled(group)
                 again_now = await self._failed(group.exceptions[0], connected)
             if not again_now:
                 await asyncio.sleep(self.policy.retry_delay())
