@@ -57,7 +57,7 @@ from terminals.messages import (
     parse_interop_ack,
     txn_topic,
 )
-from terminals.mqtt import BrokerUrl, LinkStats
+from terminals.mqtt import BrokerUrl, LinkStats, stop_if_cancelled
 
 log = logging.getLogger(__name__)
 # aiomqtt logs every dropped message; the service counts them and logs a summary instead
@@ -265,6 +265,7 @@ class ClearingService:
                         tasks.create_task(self._reforward(client))
                         tasks.create_task(self._health(client))
             except* aiomqtt.MqttError as group:
+                stop_if_cancelled(group)
                 log.warning("clearing %s: broker %s: %s; retrying", self.city, self.broker, group.exceptions[0])
                 self.stats.connected = False
             finally:  # answers still in flight on the old connection are lost; their receivers ask again
@@ -410,9 +411,9 @@ class ClearingService:
         """Publish the retained health message every ``health_every`` seconds, whatever the database does."""
         while True:
             try:
-                self._unanswered = await asyncio.wait_for(
-                    self.ledger.count_pending_forwards(), timeout=max(1.0, self.health_every / 2)
-                )
+                # not asyncio.wait_for: in Python 3.11 it loses a cancel that comes with the count
+                async with asyncio.timeout(max(1.0, self.health_every / 2)):
+                    self._unanswered = await self.ledger.count_pending_forwards()
             except (SQLAlchemyError, TimeoutError) as err:
                 log.debug("clearing %s: pending forwards not counted for the health message: %s", self.city, err)
             await self._send(client, health_topic(self.city), self.health().to_json(), retain=True)

@@ -7,13 +7,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import re
 import socket
 import ssl
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Protocol, cast
+from typing import Any, Protocol, TypeVar, cast
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 import aiomqtt
@@ -27,6 +28,8 @@ DEFAULT_PORT = 1883
 DEFAULT_TLS_PORT = 8883
 MQTT_VERSIONS = {"5": True, "3.1.1": False}  # ?mqtt=...: what the broker speaks (absent: try 5, fall back)
 NEVER_EXPIRES = 0xFFFFFFFF  # MQTT 5 Session Expiry Interval: the session outlives any disconnect
+
+_T = TypeVar("_T")
 
 # "[SSL: SSLV3_ALERT_CERTIFICATE_REVOKED] sslv3 alert certificate revoked (_ssl.c:2580)", as OpenSSL words an error
 _SSL_ERROR = re.compile(r"\[SSL: (?P<code>[A-Z0-9_]+)\] (?P<text>[^()\[\]]*?)\s*(?:\(_ssl\.c:\d+\))?\s*$")
@@ -56,6 +59,20 @@ def connection_error(error: BaseException) -> str:
     return tls_refusal(str(error)) or str(error) or type(error).__name__
 
 
+def stop_if_cancelled(lost: BaseExceptionGroup[aiomqtt.MqttError]) -> None:
+    """Raise CancelledError when an MqttError caught by an ``except*`` that goes on to reconnect took the place of
+    a cancel: aiomqtt's ``__aexit__``, cancelled while connected, waits for the disconnect and raises MqttError
+    ("Operation timed out") in place of the CancelledError when the broker is slow, and so may a TaskGroup's child
+    that is being cancelled. Taken for a lost connection, the cancel would be lost and whoever cancelled would
+    wait for ever. (Not ``Task.cancelling()``: a TaskGroup of Python 3.11 leaves it raised after a child failed.)"""
+    for error in lost.exceptions:
+        cause = error.__context__
+        while cause is not None:
+            if isinstance(cause, asyncio.CancelledError):
+                raise asyncio.CancelledError
+            cause = cause.__context__
+
+
 class ConnectRefused(aiomqtt.MqttError):
     """The connection ended before the broker's CONNACK (a TLS alert after the handshake, or the broker closed
     it, as a broker does with a protocol version it does not speak). The text says why."""
@@ -82,6 +99,18 @@ class ReasonedClient(aiomqtt.Client):
             return await super().__aenter__()
         finally:
             self.timeout = usual
+
+    async def _wait_for(self, fut: Awaitable[_T], timeout: float | None) -> _T:
+        """aiomqtt's wait for the broker (CONNACK, SUBACK, PUBACK, the disconnect), with a cancellation that
+        cannot be lost: asyncio.wait_for of Python 3.11 returns the result instead of raising CancelledError when
+        the answer came in the same turn of the event loop as the cancel, and the task runs on as if never asked
+        to stop. MqttError "Operation timed out" after ``timeout`` (None: the client's; math.inf: none)."""
+        limit = self.timeout if timeout is None else timeout
+        try:
+            async with asyncio.timeout(None if limit == math.inf else limit):
+                return await fut
+        except TimeoutError:
+            raise aiomqtt.MqttError("Operation timed out") from None
 
     async def publish_for_reason(self, topic: str, payload: bytes | str, qos: int = 1) -> ReasonCode:
         """Publish and wait for the broker's acknowledgement; its reason code (always success over MQTT 3.1.1,

@@ -30,7 +30,15 @@ from aiomqtt.exceptions import MqttConnectError
 from paho.mqtt.reasoncodes import ReasonCode
 
 from terminals.messages import HOTLIST_FILTERS, Ack
-from terminals.mqtt import NEVER_EXPIRES, BrokerUrl, ConnectRefused, ReasonedClient, connection_error, tls_refusal
+from terminals.mqtt import (
+    NEVER_EXPIRES,
+    BrokerUrl,
+    ConnectRefused,
+    ReasonedClient,
+    connection_error,
+    stop_if_cancelled,
+    tls_refusal,
+)
 from terminals.outbox import RecordQueue
 from terminals.signing import Signer
 from terminals.uplink_policy import ApplyAck, OfferHotlist, Refuse, RetryAfter, UplinkPolicy, UplinkStats
@@ -130,6 +138,7 @@ class Uplink:
                         tasks.create_task(self._publish(client))
                         tasks.create_task(self._receive(client))
             except* aiomqtt.MqttError as group:
+                stop_if_cancelled(group)
                 again_now = await self._failed(group.exceptions[0], connected)
             if not again_now:
                 await asyncio.sleep(self.policy.retry_delay())
@@ -176,7 +185,9 @@ class Uplink:
                 continue
             self._wake.clear()
             try:
-                await asyncio.wait_for(self._wake.wait(), self.policy.idle_wait)
+                # not asyncio.wait_for: in Python 3.11 it loses a cancel that comes with the wake-up
+                async with asyncio.timeout(self.policy.idle_wait):
+                    await self._wake.wait()
             except TimeoutError:
                 if self.policy.resend_due(time.monotonic()) and await self._store(self.outbox.queued) > 0:
                     self.policy.resend(time.monotonic())

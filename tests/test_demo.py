@@ -4,6 +4,7 @@ to its summary on the embedded defaults and on Mosquitto + PostgreSQL, and the p
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -108,6 +109,29 @@ async def test_demo_over_tls_on_mosquitto_with_a_certificate_per_device(tmp_path
     assert terminal_rows == ok and not [r for r in reasons if r.startswith("identity")], reasons
 
 
+async def test_demo_ends_with_its_summary_when_the_broker_stops_answering_during_the_ride(tmp_path: Path) -> None:
+    """The broker stopped (SIGSTOP: connections open, nothing answered) from the first tap to the end of the run:
+    the demo waits its minute for the acks, stops its terminals and clearings, settles what reached the ledgers
+    and prints its summary with the records still unacked, exit 1; it does not hang."""
+    (tmp_path / "broker").mkdir()
+    out = tmp_path / "run"
+    with private_mosquitto(tmp_path / "broker") as broker:
+        assert broker.proc is not None
+        args = ["demo", "--out", str(out), "--broker", str(broker.url)]
+        demo = asyncio.create_task(asyncio.to_thread(_demo_or_where_it_hangs, args, 300))
+        try:
+            while not list((out / "terminals").glob("*.sqlite")) and not demo.done():
+                await asyncio.sleep(0.05)  # the ride begins with the terminals' outboxes
+            broker.proc.send_signal(signal.SIGSTOP)
+            done = await demo
+        finally:
+            broker.proc.send_signal(signal.SIGCONT)
+    assert done.returncode == 1, done.stderr[-3000:]
+    unacked = re.search(r"net positions sum to 0 fen; (\d+) records unacked", done.stdout)
+    assert unacked is not None and int(unacked[1]) > 0, done.stdout
+    assert "report:" in done.stdout
+
+
 def _demo_or_where_it_hangs(args: list[str], timeout: float) -> subprocess.CompletedProcess[str]:
     """``yikatong ARGS`` as a child process; one still running after ``timeout`` seconds is made to print where
     each of its threads is (SIGABRT with PYTHONFAULTHANDLER), and the test fails with that."""
@@ -133,3 +157,35 @@ def test_demo_over_tls_needs_its_pki(tmp_path: Path, capsys: pytest.CaptureFixtu
 def test_demo_bad_database_url_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["demo", "--out", str(tmp_path), "--db", "mysql://x"]) == 2
     assert "error" in capsys.readouterr().err
+
+
+async def test_stopping_cancels_again_a_task_that_lost_its_cancel() -> None:
+    from yikatong.demo import _stop
+
+    async def deaf_once() -> None:
+        # as asyncio.wait_for of Python 3.11 does with a cancel that comes with the answer
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.sleep(3600)
+        await asyncio.sleep(3600)
+
+    task = asyncio.create_task(deaf_once())
+    await asyncio.sleep(0)
+    await _stop([task])
+    assert task.cancelled()
+
+
+async def test_stopping_gives_up_on_a_task_that_ignores_every_cancel_and_names_it() -> None:
+    from yikatong.demo import _stop
+    from yikatong.errors import CliError
+
+    async def deaf() -> None:
+        while True:
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.sleep(3600)
+
+    task = asyncio.create_task(deaf(), name="terminal 451000000001")
+    await asyncio.sleep(0)
+    with pytest.raises(CliError, match=r"gave up stopping 1 tasks after 2 s: terminal 451000000001"):
+        await _stop([task], timeout=2)
+    task.cancel()  # the test leaves nothing running: a last cancel from outside it, then the loop drops it
+    task.get_coro().close()

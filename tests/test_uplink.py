@@ -326,3 +326,59 @@ def test_an_ack_beyond_what_was_published_drops_only_what_was_published() -> Non
     asyncio.run(uplink._apply(action.ack))
     assert [seq for seq, _ in sender.outbox.unacked(0, 10)] == [3, 4, 5]
     assert uplink.stats.acked == 2
+
+
+async def test_a_cancel_that_comes_with_the_brokers_answer_is_not_lost() -> None:
+    """asyncio.wait_for of Python 3.11 returns an answer that came in the same turn as the cancel and drops the
+    cancel: a client waiting for a CONNACK (or PUBACK) would go on as if never asked to stop."""
+    client = BrokerUrl("127.0.0.1", 1).client("cancel-test")
+    answer: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+    waiting = asyncio.create_task(client._wait_for(answer, timeout=None))
+    await asyncio.sleep(0)  # the task waits for the answer
+    answer.set_result("CONNACK")
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+
+
+async def _cancelled_within(task: asyncio.Task[None], seconds: float) -> bool:
+    """Whether the task ended cancelled within ``seconds`` (a bound for a hang, not a timing)."""
+    done, _ = await asyncio.wait({task}, timeout=seconds)
+    if not done:
+        task.cancel()  # once more, so that the test leaves nothing running
+        await asyncio.wait({task}, timeout=seconds)
+    return bool(done) and task.cancelled()
+
+
+async def test_an_uplink_woken_as_it_is_cancelled_stops(tmp_path: Path) -> None:
+    """A record's wake-up in the same turn as the cancel (the demo stops its uplinks as the last acks come)."""
+    async with embedded_broker() as broker:
+        term = make_terminal(tmp_path / "t.sqlite", terminal=unique_terminal())
+        uplink = Uplink(broker, term)
+        task = asyncio.create_task(uplink.run())
+        await eventually(lambda: uplink.stats.connections == 1)
+        await asyncio.sleep(0.2)  # the publisher waits for a record
+        uplink.notify()
+        task.cancel()
+        assert await _cancelled_within(task, 15)
+
+
+async def test_an_uplink_stops_when_its_disconnect_times_out(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Cancelled while connected, aiomqtt waits for the disconnect and, when the broker does not confirm it in
+    time, raises MqttError in place of the CancelledError: the uplink must not take it for a lost connection."""
+    import aiomqtt
+
+    from terminals.mqtt import ReasonedClient
+
+    async def slow_broker(self: ReasonedClient, *exc: object) -> None:
+        await ReasonedClient.__base__.__aexit__(self, *exc)  # type: ignore[union-attr]
+        raise aiomqtt.MqttError("Operation timed out")  # what aiomqtt raises when the disconnect is not confirmed
+
+    monkeypatch.setattr(ReasonedClient, "__aexit__", slow_broker)  # before connecting: ``async with`` looks it up then
+    async with embedded_broker() as broker:
+        term = make_terminal(tmp_path / "t.sqlite", terminal=unique_terminal())
+        uplink = Uplink(broker, term, max_backoff=0.1)
+        task = asyncio.create_task(uplink.run())
+        await eventually(lambda: uplink.stats.connections == 1)
+        task.cancel()
+        assert await _cancelled_within(task, 15)

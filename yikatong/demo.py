@@ -53,6 +53,7 @@ DEFAULT_KEYS = "keys/fleet-keys.json"  # issuer keys that are not the published 
 RUN_FILES = ["cards", "terminals", "clearing-files", "clearing.sqlite", "report.html"]
 RUN_FILES += ["audit-chips.json", "audit-reconcile.json"]
 M1_RECOVERY_SECONDS = 20.0  # a card's key-recovery budget in the demo (a weak-PRNG card falls in about 10 s)
+STOP_SECONDS = 30.0  # terminals and clearings stop well within it: each one's disconnect is bounded by 10 s
 M1_FLEET_SECONDS = 35.0  # all M1 cards together: the demo stays under a minute on a busy machine, and says so
 
 
@@ -315,7 +316,7 @@ async def _pipe(run: _Run, broker_given: BrokerUrl | None, db_url: str) -> Clear
                 )
                 for city in CITIES
             ]
-            tasks = [asyncio.create_task(s.run()) for s in services]
+            tasks = [asyncio.create_task(s.run(), name=f"clearing {s.city}") for s in services]
             try:
                 await _until(lambda: all(s.stats.connected for s in services), 30, "the clearings to connect")
                 await _ride(run, broker, cleared)
@@ -369,7 +370,7 @@ async def _ride(run: _Run, broker: BrokerUrl, cleared: Cleared) -> None:
         terminal = Terminal(config, outbox, run.keys, fares=run.fares, host=host, clock=lambda: now[0])
         device = as_device(broker, run.pki, Identity.terminal(config.terminal.hex().upper()))
         by_number[config.terminal] = (terminal, Uplink(device, terminal, ack_timeout=3.0, max_backoff=2.0))
-    tasks = [asyncio.create_task(uplink.run()) for _, uplink in by_number.values()]
+    tasks = [asyncio.create_task(u.run(), name=f"terminal {u.number}") for _, u in by_number.values()]
     try:
         run.bar.phase(f"riding: {len(run.day.taps)} taps at {len(run.day.terminals)} terminals of 3 cities")
         for i, tap in enumerate(run.day.taps):
@@ -392,13 +393,24 @@ async def _ride(run: _Run, broker: BrokerUrl, cleared: Cleared) -> None:
             terminal.outbox.close()
 
 
-async def _stop(tasks: list[asyncio.Task[None]]) -> None:
-    """Cancel the tasks and wait until they have ended (what they raise no longer matters: the run is over)."""
+async def _stop(tasks: list[asyncio.Task[None]], timeout: float = STOP_SECONDS) -> None:
+    """Cancel the tasks and wait until they have ended (what they raise no longer matters: the run is over).
+    Those still running are cancelled again every second: a cancel can be lost in code this one does not own (an
+    answer that comes in the same turn of the event loop); CliError naming them after ``timeout`` seconds."""
     import asyncio
 
-    for task in tasks:
-        task.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
+    deadline = time.monotonic() + timeout
+    running = set(tasks)
+    while running:
+        if time.monotonic() > deadline:
+            names = ", ".join(sorted(task.get_name() for task in running))
+            raise CliError(f"gave up stopping {len(running)} tasks after {timeout:.0f} s: {names}")
+        for task in running:
+            task.cancel()
+        _, running = await asyncio.wait(running, timeout=1)
+    for task in tasks:  # retrieved, so that asyncio does not log them as never retrieved
+        if not task.cancelled():
+            task.exception()
 
 
 async def _unanswered_forwards(services: list[ClearingService], timeout: float) -> int:
