@@ -64,10 +64,14 @@ def stop_if_cancelled(lost: BaseExceptionGroup[aiomqtt.MqttError]) -> None:
     a cancel: aiomqtt's ``__aexit__``, cancelled while connected, waits for the disconnect and raises MqttError
     ("Operation timed out") in place of the CancelledError when the broker is slow, and so may a TaskGroup's child
     that is being cancelled. Taken for a lost connection, the cancel would be lost and whoever cancelled would
-    wait for ever. (Not ``Task.cancelling()``: a TaskGroup of Python 3.11 leaves it raised after a child failed.)"""
+    wait for ever. (Not ``Task.cancelling()``: a TaskGroup of Python 3.11 leaves it raised after a child failed.)
+    The CancelledError right under a TimeoutError is ``asyncio.timeout``'s own (a plain time-out), not a cancel."""
     for error in lost.exceptions:
         cause = error.__context__
         while cause is not None:
+            if isinstance(cause, TimeoutError) and isinstance(cause.__context__, asyncio.CancelledError):
+                cause = cause.__context__.__context__
+                continue
             if isinstance(cause, asyncio.CancelledError):
                 raise asyncio.CancelledError
             cause = cause.__context__

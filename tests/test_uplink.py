@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import aiomqtt
 import pytest
 from hotlist_support import Message, delta, snapshot
 from mqtt_support import (
@@ -30,7 +31,7 @@ from terminal_support import make_terminal
 from cardsim.image import save_card
 from terminals.hotlist import Listing
 from terminals.messages import hotlist_delta_topic, parse_record, parse_uplink
-from terminals.mqtt import BrokerUrl, embedded_broker
+from terminals.mqtt import BrokerUrl, embedded_broker, stop_if_cancelled
 from terminals.reader import InProcessReader
 from terminals.terminal import Terminal
 from terminals.uplink import Uplink
@@ -382,3 +383,40 @@ async def test_an_uplink_stops_when_its_disconnect_times_out(tmp_path: Path, mon
         await eventually(lambda: uplink.stats.connections == 1)
         task.cancel()
         assert await _cancelled_within(task, 15)
+
+
+async def _wait_for_broker(limit: float) -> None:
+    """As ReasonedClient._wait_for does it when the broker does not answer within ``limit`` seconds."""
+    try:
+        async with asyncio.timeout(limit):
+            await asyncio.sleep(10)
+    except TimeoutError:
+        raise aiomqtt.MqttError("Operation timed out") from None
+
+
+async def _timed_out_error(limit: float) -> aiomqtt.MqttError:
+    """The MqttError that a wait for the broker raises, as its caller catches it."""
+    try:
+        await _wait_for_broker(limit)
+    except aiomqtt.MqttError as error:
+        return error
+    raise AssertionError("no time-out")
+
+
+def _replacing_a_cancel() -> aiomqtt.MqttError:
+    """An MqttError raised while a cancel was being handled (aiomqtt's __aexit__ that timed out)."""
+    try:
+        try:
+            raise asyncio.CancelledError
+        except asyncio.CancelledError:
+            raise aiomqtt.MqttError("Operation timed out") from None
+    except aiomqtt.MqttError as error:
+        return error
+
+
+async def test_a_plain_time_out_is_a_lost_connection_and_one_replacing_a_cancel_is_the_cancel() -> None:
+    """stop_if_cancelled tells a broker that did not answer (the uplink reconnects: asyncio.timeout's own
+    CancelledError under the TimeoutError is no cancel) from an MqttError that took a cancel's place (it stops)."""
+    stop_if_cancelled(BaseExceptionGroup("lost", [await _timed_out_error(0.01)]))  # returns
+    with pytest.raises(asyncio.CancelledError):
+        stop_if_cancelled(BaseExceptionGroup("lost", [_replacing_a_cancel()]))
