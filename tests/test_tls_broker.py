@@ -215,6 +215,28 @@ async def test_a_revoked_certificate_cannot_connect_after_sighup(network: TlsNet
     assert await _connects(network.url(Identity.terminal(HONEST)))  # the others of its city are still in
 
 
+async def test_a_terminal_on_another_terminals_certificate_is_refused_and_says_so(
+    network: TlsNetwork, tmp_path: Path
+) -> None:
+    """Over TLS the broker knows a publisher by its certificate: a terminal set up with another terminal's
+    certificate publishes on its own topic, which the ACL gives only to its own certificate. MQTT 5 PUBACK 135:
+    the record is kept in the outbox marked refused, ``terminal sync`` says so and fails, ``terminal status``
+    shows it; the clearing never gets it."""
+    misplaced = f"{CITY}0000{0xA6:04X}"
+    state = tmp_path / "misplaced.sqlite"
+    terminal = make_terminal(state, city=CITY, terminal=misplaced)
+    assert terminal.tap(InProcessReader(cpu_card(1, city=CITY))).ok
+    terminal.outbox.close()
+    other = network.device(Identity.terminal(OTHER))
+    sync = ["terminal", "sync", "--state", str(state), "--broker", str(network.broker.url), "--tls-dir", str(other)]
+    done = yikatong(*sync, "--timeout", "10")
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "refused by the broker (PUBACK 135 not authorized)" in done.stderr, done.stderr
+    status = yikatong("terminal", "status", "--state", str(state))
+    assert "refused    1 record(s) the broker refused, kept unsent" in status.stdout, status.stdout
+    assert "PUBACK 135 not authorized" in status.stdout, status.stdout
+
+
 @pytest.mark.parametrize("who", ["expired", "foreign"])
 async def test_expired_and_foreign_certificates_cannot_connect(network: TlsNetwork, who: str) -> None:
     folder = network.device(Identity.terminal(EXPIRED)) if who == "expired" else network.foreign
