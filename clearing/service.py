@@ -33,6 +33,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from clearing.defaults import HEALTH_EVERY
 from clearing.hotlist import publish_hotlist
 from clearing.intake import Intake, Refused, Topic, unexpected
+from clearing.jetstream import Delivery, JetStreamSource
 from clearing.ledger import Ledger, Outcome, Received, database_trouble
 from clearing.metrics import ClearingMetrics, Counts
 from clearing.now_and_then import warn_now_and_then
@@ -136,6 +137,8 @@ class _Verified:
 
     received: list[Received] = field(default_factory=list)
     arrived: list[float] = field(default_factory=list)
+    deliveries: list[Delivery] = field(default_factory=list)  # from a JetStream stream: acked after the commit
+    failed: bool = False  # not verified (the hotlist could not be read): nothing of it may be acked
 
 
 class _Handover:
@@ -161,6 +164,7 @@ class _Handover:
         async with self._changed:
             self._ready.received += verified.received
             self._ready.arrived += verified.arrived
+            self._ready.deliveries += verified.deliveries
             self._changed.notify_all()
 
     async def take(self) -> _Verified:
@@ -170,6 +174,11 @@ class _Handover:
             batch, self._ready = self._ready, _Verified()
             self._changed.notify_all()
             return batch
+
+
+def _topic_payload(message: aiomqtt.Message) -> tuple[str, bytes]:
+    payload = message.payload
+    return message.topic.value, payload if isinstance(payload, bytes) else str(payload).encode()
 
 
 def _size(message: aiomqtt.Message) -> int:
@@ -199,6 +208,7 @@ class ClearingService:
         health_every: float = HEALTH_EVERY,
         max_backlog_bytes: int = MAX_BACKLOG_BYTES,
         terminal_topics: Sequence[str] | None = None,
+        source: JetStreamSource | None = None,
     ) -> None:
         self.broker = broker
         self.ledger = ledger
@@ -219,29 +229,47 @@ class ClearingService:
         self.session_expiry = session_expiry  # seconds: MQTT 5, the broker forgets the session that long after
         self.stats = ClearingStats()
         self.metrics = ClearingMetrics(self.city, self._counts)
+        # on a NATS cluster the records come from the city's JetStream stream; MQTT then only carries the answers
+        self.source = source
+        self._pending: int | None = None  # the stream's messages no worker has taken (JetStream only)
         prefix = f"$share/clearing-{self.city}/" if shared else ""
         # ``terminal_topics`` narrows the terminal side to those topics (the demo shares a broker with others)
         terminal_side = terminal_topics if terminal_topics is not None else [txn_topic(self.city, "+")]
-        self.subscriptions = [
-            *(prefix + topic for topic in terminal_side),
-            prefix + interop_txn_topic(self.city),
-            prefix + interop_ack_topic(self.city),
-        ]
+        self.subscriptions = (
+            []
+            if source is not None
+            else [
+                *(prefix + topic for topic in terminal_side),
+                prefix + interop_txn_topic(self.city),
+                prefix + interop_ack_topic(self.city),
+            ]
+        )
         self._interop_ack = interop_ack_topic(self.city)
         self._hotlist_read: tuple[float, int, frozenset[str]] | None = None  # (when, version, cards)
 
     async def run(self) -> None:
         """Connect, subscribe, clear; reconnect with backoff whenever the broker goes away. Another error of
         any of its tasks ends it (raised): the caller exits so that a supervisor restarts the service."""
+        if self.source is None:
+            await self._run()
+            return
+        await self.source.open()
+        try:
+            await self._run()
+        finally:
+            await self.source.close()
+
+    async def _run(self) -> None:
         backoff = 0.2
         while True:
             try:
                 # a shared-subscription worker keeps no session: the broker would go on queueing a share of the
-                # city's records for a dead worker; the terminals resend what is not acked to the live ones
-                clean = self.shared or not self.persistent
+                # city's records for a dead worker; the terminals resend what is not acked to the live ones. A
+                # JetStream worker subscribes to nothing over MQTT: no session to keep either
+                clean = self.shared or not self.persistent or self.source is not None
                 client = self.broker.client(
                     self.identifier,
-                    mqtt5=self.shared or self.session_expiry is not None,
+                    mqtt5=(self.shared or self.session_expiry is not None) and self.source is None,
                     clean_session=clean,
                     **({} if self.session_expiry is None else {"session_expiry": self.session_expiry}),
                     queue_type=self._incoming_queue,
@@ -257,10 +285,15 @@ class ClearingService:
                         log.info("clearing %s: hotlist version %d published", self.city, published.version)
                     self.stats.connected, backoff = True, 0.2
                     self.stats.connections += 1
-                    log.info("clearing %s connected to %s (%s)", self.city, self.broker, ", ".join(self.subscriptions))
+                    takes = ", ".join(self.subscriptions) or f"records from the JetStream stream of {self.city}"
+                    log.info("clearing %s connected to %s (%s)", self.city, self.broker, takes)
                     verified = _Handover(self.batch)
                     async with asyncio.TaskGroup() as tasks:
-                        tasks.create_task(self._take(client, verified))
+                        if self.source is None:
+                            tasks.create_task(self._take(client, verified))
+                        else:
+                            tasks.create_task(self._pull(self.source, verified))
+                            tasks.create_task(self._watch(client))
                         tasks.create_task(self._commit(client, verified))
                         tasks.create_task(self._reforward(client))
                         tasks.create_task(self._health(client))
@@ -291,7 +324,10 @@ class ClearingService:
 
     @property
     def backlog(self) -> int:
-        """Messages received and not yet taken into a batch."""
+        """Messages received and not yet taken into a batch; on JetStream, those in the city's stream that no
+        worker has taken yet (as of the last health message)."""
+        if self.source is not None:
+            return self._pending or 0
         return self._incoming.qsize() if self._incoming is not None else 0
 
     def _counts(self) -> Counts:
@@ -314,26 +350,48 @@ class ClearingService:
             batch = [await anext(messages)]
             while len(batch) < verified.room() and not incoming.empty():
                 batch.append(incoming.get_nowait())
-            ready = await self._verify(batch, incoming.taken())
+            ready = await self._verify([_topic_payload(m) for m in batch], incoming.taken())
             if ready.received:
                 await verified.add(ready)
 
-    async def _verify(self, messages: list[aiomqtt.Message], arrived: list[float]) -> _Verified:
-        """The verdicts on a batch of messages (nothing when the hotlist cannot be read: the batch stays
-        unacked). Bad input costs only its own message."""
+    async def _pull(self, source: JetStreamSource, verified: _Handover) -> None:
+        """Take batches from the city's JetStream stream, as many as the waiting batch has room for (the
+        stream keeps the rest: backpressure without dropping). A batch that needs no commit (answers to
+        forwards, recorded as they are read; topics nobody serves) is acked at once."""
+        while True:
+            await verified.until_room()
+            deliveries = await source.fetch(verified.room())
+            if not deliveries:
+                continue
+            ready = await self._verify([(d.topic, d.payload) for d in deliveries], [d.arrived for d in deliveries])
+            ready.deliveries = deliveries
+            if ready.failed:
+                await source.nak(deliveries)
+            elif ready.received:
+                await verified.add(ready)
+            else:
+                await source.ack(deliveries)
+
+    async def _watch(self, client: aiomqtt.Client) -> None:
+        """Raise when the MQTT connection that carries the answers is lost (nothing arrives on it: a JetStream
+        worker subscribes to nothing), so that ``run`` connects again."""
+        async for message in client.messages:
+            log.debug("clearing %s: unexpected MQTT message on %s ignored", self.city, message.topic.value)
+
+    async def _verify(self, messages: list[tuple[str, bytes]], arrived: list[float]) -> _Verified:
+        """The verdicts on a batch of messages, each its topic and payload (none, marked failed, when the
+        hotlist cannot be read: the batch stays unacked). Bad input costs only its own message."""
         self.stats.messages += len(messages)
         try:
             hotlist = await self._hotlist()
         except SQLAlchemyError as err:
             self.stats.failed_batches += 1
             log.error("clearing %s: hotlist not readable (%s); %d messages stay unacked", self.city, err, len(messages))
-            return _Verified()
+            return _Verified(failed=True)
         ready = _Verified()
         to_check: list[tuple[Topic, bytes]] = []
         places: list[int] = []  # where each message to check sits in ready.received
-        for message, when in zip(messages, arrived, strict=True):
-            topic_name = message.topic.value
-            payload = message.payload if isinstance(message.payload, bytes) else str(message.payload).encode()
+        for (topic_name, payload), when in zip(messages, arrived, strict=True):
             if topic_name == self._interop_ack:
                 refusal = await self._on_interop_ack(payload)
                 if refusal is not None:  # junk on the interop ack topic is quarantined like any other
@@ -379,8 +437,12 @@ class ClearingService:
                     storing.result()  # a bug it raised goes to the supervisor as it would have
                 raise
             if outcome is None:
+                if self.source is not None:
+                    await self.source.nak(batch.deliveries)
                 continue
             await self._answer(client, outcome)
+            if self.source is not None:
+                await self.source.ack(batch.deliveries)
             answered = time.monotonic()
             for when in batch.arrived:
                 self.metrics.ack_lag.observe(answered - when)
@@ -414,6 +476,8 @@ class ClearingService:
                 # not asyncio.wait_for: in Python 3.11 it loses a cancel that comes with the count
                 async with asyncio.timeout(max(1.0, self.health_every / 2)):
                     self._unanswered = await self.ledger.count_pending_forwards()
+                    if self.source is not None:
+                        self._pending = await self.source.pending()
             except (SQLAlchemyError, TimeoutError) as err:
                 log.debug("clearing %s: pending forwards not counted for the health message: %s", self.city, err)
             await self._send(client, health_topic(self.city), self.health().to_json(), retain=True)

@@ -66,9 +66,14 @@ def register(groups: Subcommands) -> None:
         description="Subscribe to the city's terminal topics and its interop topics, verify each record (schema, "
         "sender, issuer, hotlist, TAC), store it once, commit, then ack. Refused records go to the quarantine "
         "with their reason and are acked as rejected. Several workers of one city can share the load with "
-        "--shared (MQTT 5 shared subscription, e.g. on Mosquitto) and one PostgreSQL database.",
-        epilog="Example: yikatong clearing serve --city 4510 --broker mqtt://127.0.0.1:1883 "
-        "--db postgresql+asyncpg://postgres@127.0.0.1/test --shared --worker a",
+        "--shared (MQTT 5 shared subscription, e.g. on Mosquitto) and one PostgreSQL database, or on a NATS "
+        "cluster with --jetstream (the city's JetStream stream, each record acked to the stream after the commit; "
+        "docs/cluster.md).",
+        epilog="Examples: yikatong clearing serve --city 4510 --broker mqtt://127.0.0.1:1883 "
+        "--db postgresql+asyncpg://postgres@127.0.0.1/test --shared --worker a | on a NATS cluster "
+        "(scripts/nats-cluster.sh start): yikatong clearing serve --city 4510 --broker "
+        "'mqtt://127.0.0.1:MQTT_PORT?mqtt=3.1.1' --jetstream nats://127.0.0.1:P1,nats://127.0.0.1:P2,"
+        "nats://127.0.0.1:P3 --db postgresql+asyncpg://postgres@127.0.0.1/test --worker a",
     )
     serve.add_argument("--city", type=city_code, required=True, help="the city this clearing serves (4510, ...)")
     broker_options(serve, required=True)
@@ -125,6 +130,7 @@ def register(groups: Subcommands) -> None:
         "in/stored/quarantined/forwarded, batch commit seconds, queue depth, ack lag (docs/clearing-choices.md)",
     )
     _identity_options(serve)
+    _jetstream_options(serve)
     serve.set_defaults(run=_serve)
 
     settle = sub.add_parser(
@@ -236,6 +242,36 @@ def _identity_options(serve: argparse.ArgumentParser) -> None:
     )
     identity.add_argument(
         "--crl", type=file_path, metavar="FILE", help="the PKI's crl.pem: certificates it revokes sign nothing"
+    )
+
+
+def _jetstream_options(serve: argparse.ArgumentParser) -> None:
+    group = serve.add_argument_group(
+        "NATS cluster (docs/cluster.md)",
+        "With --jetstream the records come from the city's JetStream stream (made when missing: the city's "
+        "terminal subjects and interop subjects, work-queue, one durable consumer clearing-CITY that the city's "
+        "workers share); --broker, a node's MQTT listener (?mqtt=3.1.1: NATS speaks no MQTT 5), carries only the "
+        "answers (acks, forwards, hotlist, health).",
+    )
+    group.add_argument(
+        "--jetstream",
+        metavar="URLS",
+        help="the cluster's nodes, nats://host:port[,nats://host:port...] (the worker moves to another when one dies)",
+    )
+    group.add_argument(
+        "--ack-wait",
+        type=interval,
+        default=30.0,
+        metavar="SECONDS",
+        help="a record this worker took and did not ack (it died) goes to another worker this long after "
+        "(default 30; made with the consumer: the first worker's value holds)",
+    )
+    group.add_argument(
+        "--replicas",
+        type=positive,
+        default=3,
+        metavar="N",
+        help="copies of the city's stream on the cluster's nodes (default 3; 1 for a single node)",
     )
 
 
@@ -359,9 +395,19 @@ async def _serve_async(args: argparse.Namespace, intake: Intake) -> int:
     """Run the service until Ctrl-C (exit 0) or until one of its tasks dies (logged, exit 1)."""
     import asyncio
 
+    from clearing.jetstream import JetStreamSettings, JetStreamSource
     from clearing.ledger import Ledger
     from clearing.service import ClearingService
 
+    source = None
+    if args.jetstream is not None:
+        if args.shared:
+            raise CliError("--shared and --jetstream: on a NATS cluster the workers share the stream, not MQTT")
+        try:
+            settings = JetStreamSettings.parse(args.jetstream, ack_wait=args.ack_wait, replicas=args.replicas)
+        except ValueError as err:
+            raise CliError(str(err)) from err
+        source = JetStreamSource(args.city, settings, args.worker)
     async with _database(args.db) as engine:
         ledger = Ledger(engine, args.city, quarantine_cap=args.quarantine_cap)
         service = ClearingService(
@@ -374,8 +420,10 @@ async def _serve_async(args: argparse.Namespace, intake: Intake) -> int:
             forward_interval=args.forward_interval,
             health_every=args.health_every,
             session_expiry=args.session_expiry,
+            source=source,
         )
-        print(f"clearing {args.city} (worker {args.worker}) on {args.broker}, database {args.db}", flush=True)
+        where = f"{args.broker}" + ("" if source is None else f" + JetStream {','.join(source.settings.servers)}")
+        print(f"clearing {args.city} (worker {args.worker}) on {where}, database {args.db}", flush=True)
         try:
             metrics = None if args.metrics_port is None else service.metrics.serve(args.metrics_port)
         except OSError as err:  # the port is taken, or not ours to bind

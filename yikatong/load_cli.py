@@ -155,7 +155,8 @@ def register(groups: Subcommands) -> None:
         "subscriptions and the acks queued for it) this long after it disconnects, so runs leave no sessions "
         "behind; long enough for a killed run resumed with --state-dir to find them (default %(default)s; "
         "a later resume loses nothing: the terminals send again what was not acked). The embedded broker's "
-        "sessions end with it",
+        "sessions end with it; a --broker given ?mqtt=3.1.1 (a NATS node) gets MQTT 3.1.1 sessions, kept until "
+        "the same terminals connect again",
     )
     load.add_argument("--seed", type=int, help="random seed for terminal numbers, cards and taps")
     load.add_argument("--connect-timeout", type=_positive_float, default=120.0, help="seconds to connect (120)")
@@ -325,9 +326,11 @@ async def _run(args: argparse.Namespace, pairs: list[tuple[str, str]], cards: li
     if args.broker is None:  # the embedded broker holds every terminal's connection in this process
         open_files(len(pairs) + SPARE_FILES, "the embedded broker (this process)")
     # a given broker is shared and outlives the run: the terminals' sessions must expire there (MQTT 5); the
-    # embedded amqtt speaks MQTT 3.1.1 only, and its sessions end with it at the end of the run
-    expiry = None if args.broker is None else args.session_expiry
-    if args.broker is not None:  # over mqtts:// as the first terminal, with its certificate
+    # embedded amqtt speaks MQTT 3.1.1 only, and its sessions end with it at the end of the run; a broker given
+    # ?mqtt=3.1.1 (a NATS node) keeps 3.1.1 sessions until the same terminals come back
+    mqtt5 = args.broker is not None and args.broker.speaks_mqtt5 is not False
+    expiry = args.session_expiry if mqtt5 else None
+    if mqtt5:  # over mqtts:// as the first terminal, with its certificate
         await _require_mqtt5(_as_terminal(args, pairs[0][1]))
     by_city: dict[str, list[SyntheticCard]] = {}
     for card in cards:
