@@ -130,6 +130,9 @@ class TerminalAck:
     terminal: str
     acked_through: int
     rejected: list[tuple[int, str]]
+    # records of the terminal stored above a gap: another worker may be committing the missing ones right now,
+    # unseen by this transaction; asked again shortly (``Ledger.catch_up``) rather than left to the terminal's resend
+    behind: bool = False
 
 
 @dataclass
@@ -418,7 +421,7 @@ class Ledger:
                 else:
                     refused.append((self._conflict(copy, TxnRecord.model_validate_json(canonical)), message))
             await self._quarantine(db, refused, outcome, now)
-            outcome.terminal_acks = await self._terminal_acks(db, messages)
+            outcome.terminal_acks = await self._terminal_acks(db, _lowest_seqs(messages))
         for ack in outcome.terminal_acks:  # only after the commit: a rolled-back mark must not be remembered
             self._marks[ack.terminal] = max(self._marks.get(ack.terminal, 0), ack.acked_through)
         kept = [(a, m) for identity, (a, m) in accepted.items() if identity not in lost]
@@ -563,11 +566,19 @@ class Ledger:
         if flags:
             await db.execute(_insert(db, FLAGGED).on_conflict_do_nothing(), flags)
 
-    async def _terminal_acks(self, db: AsyncConnection, messages: Sequence[Received]) -> list[TerminalAck]:
-        """Per terminal: the new gap-free mark, and the quarantined seqs from the lowest seq it just sent up to
-        the mark (it still holds those; lower ones were acked before). A handful of statements per batch (per
-        ``ACK_CHUNK`` terminals), however many terminals it holds."""
-        lowest = _lowest_seqs(messages)
+    async def catch_up(self, lowest: dict[str, int]) -> list[TerminalAck]:
+        """The acks of terminals whose last ack stopped below a gap (``TerminalAck.behind``), as of now: the
+        other workers' commits that filled it are visible by now. ``lowest``: the first seq each was not acked."""
+        async with self.engine.begin() as db:
+            acks = await self._terminal_acks(db, lowest)
+        for ack in acks:
+            self._marks[ack.terminal] = max(self._marks.get(ack.terminal, 0), ack.acked_through)
+        return acks
+
+    async def _terminal_acks(self, db: AsyncConnection, lowest: dict[str, int]) -> list[TerminalAck]:
+        """Per terminal: the new gap-free mark, and the quarantined seqs from the lowest seq it just sent
+        (``lowest``) up to the mark (it still holds those; lower ones were acked before). A handful of statements
+        per batch (per ``ACK_CHUNK`` terminals), however many terminals it holds."""
         terminals = sorted(lowest)  # one order for every worker: no deadlock on the progress rows
         new = [{"city": self.city, "terminal": t, "acked_through": 0} for t in terminals if t not in self._marks]
         if new:
@@ -584,7 +595,7 @@ class Ledger:
                 moved.append((terminal, through))
             if found.reasons_wanted(terminal, lowest[terminal], through):
                 ask.append((terminal, lowest[terminal], through))
-            acks.append(TerminalAck(terminal, through, []))
+            acks.append(TerminalAck(terminal, through, [], behind=any(s > through for s in found.seqs[terminal])))
         await self._move_marks(db, moved)
         rejected = await self._rejected(db, ask)
         for ack in acks:

@@ -34,7 +34,7 @@ from clearing.defaults import HEALTH_EVERY
 from clearing.hotlist import publish_hotlist
 from clearing.intake import Intake, Refused, Topic, unexpected
 from clearing.jetstream import Delivery, JetStreamSource
-from clearing.ledger import Ledger, Outcome, Received, database_trouble
+from clearing.ledger import Ledger, Outcome, Received, TerminalAck, database_trouble
 from clearing.metrics import ClearingMetrics, Counts
 from clearing.now_and_then import warn_now_and_then
 from terminals.messages import (
@@ -69,6 +69,7 @@ HOTLIST_REFRESH = 1.0
 MAX_BACKLOG_BYTES = 32 * 1024 * 1024
 MAX_UNCONFIRMED = 1000  # answers published and not yet confirmed by the broker
 MAX_BACKLOG_MESSAGES = 10_000  # a small message costs ~1 KiB of Python objects: bound the count too
+CATCH_UP = 0.25  # seconds before terminals acked up to a gap are acked again (another worker filled it meanwhile)
 FINISH_COMMIT = 30.0  # seconds a commit under way may take to finish when its task is cancelled
 OFFLOAD_BYTES = 32 * 1024  # payload bytes of a batch from which its checks pay a worker thread's hand-over
 
@@ -232,6 +233,7 @@ class ClearingService:
         # on a NATS cluster the records come from the city's JetStream stream; MQTT then only carries the answers
         self.source = source
         self._pending: int | None = None  # the stream's messages no worker has taken (JetStream only)
+        self._behind: dict[str, int] = {}  # terminal -> first seq not acked, whose ack stopped below a gap
         prefix = f"$share/clearing-{self.city}/" if shared else ""
         # ``terminal_topics`` narrows the terminal side to those topics (the demo shares a broker with others)
         terminal_side = terminal_topics if terminal_topics is not None else [txn_topic(self.city, "+")]
@@ -296,6 +298,7 @@ class ClearingService:
                             tasks.create_task(self._watch(client))
                         tasks.create_task(self._commit(client, verified))
                         tasks.create_task(self._reforward(client))
+                        tasks.create_task(self._catch_up(client))
                         tasks.create_task(self._health(client))
             except* aiomqtt.MqttError as group:
                 stop_if_cancelled(group)
@@ -521,7 +524,39 @@ class ClearingService:
         self.stats.poisoned += outcome.poisoned
 
     async def _answer(self, client: aiomqtt.Client, outcome: Outcome) -> None:
+        await self._ack_terminals(client, outcome.terminal_acks)
         for ack in outcome.terminal_acks:
+            if ack.behind and TERMINAL_NO.match(ack.terminal):
+                first = ack.acked_through + 1
+                self._behind[ack.terminal] = min(self._behind.get(ack.terminal, first), first)
+        for answer in outcome.interop_answers:
+            interop = InteropAck(
+                schema=INTEROP_ACK_SCHEMA,
+                issuer=self.city,
+                acked=answer.acked,
+                rejected=[InteropRejection(record_id=r, reason=why) for r, why in answer.rejected],
+            )
+            await self._send(client, interop_ack_topic(answer.acquirer), interop.to_json())
+        await self._forward(client, outcome.to_forward)
+
+    async def _catch_up(self, client: aiomqtt.Client) -> None:
+        """Ack again, a moment later, the terminals whose ack stopped below a gap: with several workers, the
+        records in the gap were being committed by another worker, unseen by this one's transaction (each worker
+        acks what its own commit can see); without this they would wait for the terminal's resend."""
+        while True:
+            await asyncio.sleep(CATCH_UP)
+            if not self._behind:
+                continue
+            behind, self._behind = self._behind, {}
+            try:
+                acks = await self.ledger.catch_up(behind)
+            except SQLAlchemyError as err:  # the terminals resend and are acked then
+                log.debug("clearing %s: catch-up acks not read: %s", self.city, err)
+                continue
+            await self._ack_terminals(client, [a for a in acks if a.acked_through >= behind[a.terminal]])
+
+    async def _ack_terminals(self, client: aiomqtt.Client, acks: Sequence[TerminalAck]) -> None:
+        for ack in acks:
             if not TERMINAL_NO.match(ack.terminal):
                 continue  # a topic no terminal can own: nobody to answer
             message = Ack(
@@ -532,15 +567,6 @@ class ClearingService:
             )
             await self._send(client, ack_topic(self.city, ack.terminal), message.to_json())
             self.stats.acks += 1
-        for answer in outcome.interop_answers:
-            interop = InteropAck(
-                schema=INTEROP_ACK_SCHEMA,
-                issuer=self.city,
-                acked=answer.acked,
-                rejected=[InteropRejection(record_id=r, reason=why) for r, why in answer.rejected],
-            )
-            await self._send(client, interop_ack_topic(answer.acquirer), interop.to_json())
-        await self._forward(client, outcome.to_forward)
 
     async def _send(self, client: aiomqtt.Client, topic: str, payload: str, *, retain: bool = False) -> None:
         """Publish an answer (QoS 1) without waiting for the broker's PUBACK: under a flood that PUBACK queues

@@ -333,16 +333,21 @@ def _forged(doc: str) -> str:
     return json.dumps(fields)
 
 
-async def _store_batch(ledger: Ledger, messages: list[tuple[str, str]]) -> dict[str, tuple[int, list[int]]]:
-    """One ``store`` of (terminal, payload) messages; terminal -> (acked through, rejected seqs), after checking
-    that every rejection says why (a forged TAC here) and the acks come in terminal order."""
+def _received(messages: list[tuple[str, str]]) -> list[Received]:
+    """(terminal, payload) messages as the intake hands them to the ledger."""
     received = []
     for terminal, payload in messages:
         topic = txn_topic(CITY, terminal)
         parsed = Topic.parse(topic, CITY)
         assert parsed is not None
         received.append(Received(topic, terminal, INTAKE.message(parsed, payload.encode(), frozenset())))
-    acks = (await ledger.store(received)).terminal_acks
+    return received
+
+
+async def _store_batch(ledger: Ledger, messages: list[tuple[str, str]]) -> dict[str, tuple[int, list[int]]]:
+    """One ``store`` of (terminal, payload) messages; terminal -> (acked through, rejected seqs), after checking
+    that every rejection says why (a forged TAC here) and the acks come in terminal order."""
+    acks = (await ledger.store(_received(messages))).terminal_acks
     assert [a.terminal for a in acks] == sorted(a.terminal for a in acks)
     assert all("TAC does not verify" in reason for a in acks for _, reason in a.rejected)
     return {a.terminal: (a.acked_through, [seq for seq, _ in a.rejected]) for a in acks}
@@ -404,6 +409,31 @@ async def test_two_workers_move_the_marks_of_the_same_terminals_at_once(tmp_path
         finally:
             for engine in engines:
                 await engine.dispose()
+
+
+@pytest.mark.parametrize("kind", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+async def test_an_ack_stopped_below_a_gap_is_caught_up_once_another_worker_filled_it(kind: str, tmp_path: Path) -> None:
+    """Each worker acks what its own transaction sees: worker A stores seq 2 of four terminals, acks them through
+    0 and marks them behind (the gap at seq 1 may be another worker's commit under way). Worker B then stores
+    seq 1 of three of them. A's catch-up acks those three through 2; the fourth, whose gap nobody filled, stays
+    where it was, still behind (its terminal sends seq 1 again)."""
+    fleet = _fleet_records(4)
+    terminals = list(fleet)
+    async with fresh_db(kind, tmp_path) as url:
+        engine = open_engine(url)
+        await migrate(engine)
+        try:
+            worker_a, worker_b = Ledger(engine, CITY), Ledger(engine, CITY)
+            first = (await worker_a.store(_received([(t, docs[1]) for t, docs in fleet.items()]))).terminal_acks
+            assert [(x.acked_through, x.behind) for x in first] == [(0, True)] * 4
+            await worker_b.store(_received([(t, fleet[t][0]) for t in terminals[:3]]))
+            caught = await worker_a.catch_up({x.terminal: x.acked_through + 1 for x in first})
+            assert {x.terminal: (x.acked_through, x.behind) for x in caught} == {
+                **{t: (2, False) for t in terminals[:3]},
+                terminals[3]: (0, True),
+            }
+        finally:
+            await engine.dispose()
 
 
 @pytest.mark.parametrize("bulk_from", [1, 10**9], ids=["bulk", "statement"])
