@@ -41,6 +41,7 @@ if TYPE_CHECKING:
     from clearing.hotlist import Published
     from clearing.identity import Identities
     from clearing.intake import Intake
+    from clearing.jetstream import JetStreamSource
     from clearing.ledger import HotlistAdded, HotlistHead, ListedCard
     from clearing.service import ClearingStats
     from clearing.settlement import Settlement
@@ -364,13 +365,14 @@ def _serve(args: argparse.Namespace) -> int:
         intake = Intake(args.city, IssuerHost(keys), limits, _identities(args))
     except ValueError as err:
         raise CliError(str(err)) from err
+    source = _source(args)
     stop_on_sigterm()
     # a batch holds thousands of records at once, and the collector's default thresholds made the service spend
     # a quarter of its CPU walking them; they are freed by reference counting, cycles are rare
     gc.freeze()
     gc.set_threshold(50_000, 20, 100)
     try:
-        return asyncio.run(_serve_async(args, intake))
+        return asyncio.run(_serve_async(args, intake, source))
     except KeyboardInterrupt:
         return 0
 
@@ -391,23 +393,28 @@ def _identities(args: argparse.Namespace) -> Identities | None:
     return Identities.of(args.city, tls, crl=args.crl, required=required)
 
 
-async def _serve_async(args: argparse.Namespace, intake: Intake) -> int:
+def _source(args: argparse.Namespace) -> JetStreamSource | None:
+    """The city's JetStream stream as this worker's source of records (--jetstream), or None (MQTT)."""
+    if args.jetstream is None:
+        return None
+    from clearing.jetstream import JetStreamSettings, JetStreamSource
+
+    if args.shared:
+        raise CliError("--shared and --jetstream: on a NATS cluster the workers share the stream, not MQTT")
+    try:
+        settings = JetStreamSettings.parse(args.jetstream, ack_wait=args.ack_wait, replicas=args.replicas)
+    except ValueError as err:
+        raise CliError(str(err)) from err
+    return JetStreamSource(args.city, settings, args.worker)
+
+
+async def _serve_async(args: argparse.Namespace, intake: Intake, source: JetStreamSource | None) -> int:
     """Run the service until Ctrl-C (exit 0) or until one of its tasks dies (logged, exit 1)."""
     import asyncio
 
-    from clearing.jetstream import JetStreamSettings, JetStreamSource
     from clearing.ledger import Ledger
     from clearing.service import ClearingService
 
-    source = None
-    if args.jetstream is not None:
-        if args.shared:
-            raise CliError("--shared and --jetstream: on a NATS cluster the workers share the stream, not MQTT")
-        try:
-            settings = JetStreamSettings.parse(args.jetstream, ack_wait=args.ack_wait, replicas=args.replicas)
-        except ValueError as err:
-            raise CliError(str(err)) from err
-        source = JetStreamSource(args.city, settings, args.worker)
     async with _database(args.db) as engine:
         ledger = Ledger(engine, args.city, quarantine_cap=args.quarantine_cap)
         service = ClearingService(

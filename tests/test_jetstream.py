@@ -1,0 +1,207 @@
+"""The clearing's intake from a JetStream stream (clearing/jetstream.py) on a real nats-server with JetStream and
+its MQTT listener: records published by an outside MQTT client (mosquitto_pub) reach the city's stream and are
+stored once and acked to the stream only after the commit; a batch the database refused comes again; what a
+worker took and never acked goes to another worker; the subject mapping and the settings parser under fuzz."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import nats
+import pytest
+from clearing_support import clearing, signed_records, table_counts
+from hypothesis import given
+from hypothesis import strategies as st
+from sqlalchemy.exc import OperationalError
+from support import yikatong
+from yikatong.nats_cluster import NatsCluster
+
+from clearing.jetstream import (
+    JetStreamSettings,
+    JetStreamSource,
+    city_subjects,
+    consumer_name,
+    stream_name,
+    subject,
+    topic,
+)
+from terminals.messages import batch_payload, txn_topic
+from terminals.mqtt import BrokerUrl
+
+pytestmark = pytest.mark.cluster
+
+CITY = "4510"
+
+
+@pytest.fixture(scope="module")
+def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsCluster]:
+    """One nats-server with JetStream and an MQTT listener, for the module."""
+    cluster = NatsCluster(tmp_path_factory.mktemp("nats"), size=1)
+    cluster.start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+async def fresh_stream(node: NatsCluster) -> AsyncIterator[None]:
+    """The city's stream and consumer gone before and after a test (each test starts from an empty stream)."""
+
+    async def drop() -> None:
+        client = await nats.connect(node.nats_urls)
+        try:
+            await client.jetstream().delete_stream(stream_name(CITY))
+        except nats.js.errors.NotFoundError:
+            pass
+        finally:
+            await client.close()
+
+    await drop()
+    yield
+    await drop()
+
+
+def settings(node: NatsCluster, ack_wait: float = 30.0) -> JetStreamSettings:
+    return JetStreamSettings(tuple(node.nats_urls), ack_wait=ack_wait, replicas=1)
+
+
+def mosquitto_pub(node: NatsCluster, topic_name: str, payload: str) -> None:
+    """Publish QoS 1 with Mosquitto's own client, MQTT 3.1.1 (all NATS speaks)."""
+    port = str(BrokerUrl.parse(node.mqtt_urls[0]).port)
+    subprocess.run(
+        ["mosquitto_pub", "-V", "mqttv311", "-p", port, "-q", "1", "-t", topic_name, "-s"],
+        input=payload.encode(),
+        check=True,
+        timeout=20,
+    )
+
+
+async def stream_state(node: NatsCluster) -> tuple[int, int]:
+    """(messages in the city's stream, messages taken and not acked)."""
+    client = await nats.connect(node.nats_urls)
+    try:
+        js = client.jetstream()
+        stream = await js.stream_info(stream_name(CITY))
+        consumer = await js.consumer_info(stream_name(CITY), consumer_name(CITY))
+        return int(stream.state.messages), int(consumer.num_ack_pending)
+    finally:
+        await client.close()
+
+
+async def until(check: Any, what: str, timeout: float = 30.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not await check():
+        assert asyncio.get_running_loop().time() < deadline, f"not in {timeout:.0f} s: {what}"
+        await asyncio.sleep(0.1)
+
+
+async def test_records_from_mosquitto_pub_are_stored_once_and_acked_to_the_stream(
+    node: NatsCluster, fresh_stream: None, tmp_path: Path
+) -> None:
+    db = f"sqlite:///{tmp_path / 'clearing.sqlite'}"
+    terminal = "0A0B0C0D0E01"
+    records = signed_records(12, CITY, terminal, issuers=(CITY,))
+    source = JetStreamSource(CITY, settings(node), "a")
+    async with clearing(BrokerUrl.parse(node.mqtt_urls[0]), db, CITY, source=source) as service:
+        # the same batch twice (a terminal that sent again): stored once, both acked
+        for _ in range(2):
+            mosquitto_pub(node, txn_topic(CITY, terminal), batch_payload([r.to_json() for r in records]))
+
+        async def settled() -> bool:
+            return service.stats.stored == 12 and service.stats.duplicates == 12 and await stream_state(node) == (0, 0)
+
+        await until(settled, "12 stored, 12 duplicates, the stream empty and nothing unacked")
+    assert (await table_counts(db, CITY))["ledger"] == 12
+
+
+async def test_a_batch_the_database_refused_comes_again(
+    node: NatsCluster, fresh_stream: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    db = f"sqlite:///{tmp_path / 'clearing.sqlite'}"
+    terminal = "0A0B0C0D0E02"
+    records = signed_records(5, CITY, terminal, issuers=(CITY,), seed=2)
+    source = JetStreamSource(CITY, settings(node), "a")
+    async with clearing(BrokerUrl.parse(node.mqtt_urls[0]), db, CITY, source=source) as service:
+        store = service.ledger.store
+        failures = [OperationalError("INSERT", {}, Exception("database is locked"))]
+
+        async def failing_once(*args: Any, **kwargs: Any) -> Any:
+            if failures:
+                raise failures.pop()
+            return await store(*args, **kwargs)
+
+        monkeypatch.setattr(service.ledger, "store", failing_once)
+        mosquitto_pub(node, txn_topic(CITY, terminal), batch_payload([r.to_json() for r in records]))
+
+        async def stored() -> bool:
+            return service.stats.stored == 5 and await stream_state(node) == (0, 0)
+
+        # nakked, not left for ack_wait (30 s here): it comes again at once
+        await until(stored, "the refused batch stored on its next delivery", timeout=15)
+        assert service.stats.failed_batches == 1
+
+
+async def test_what_a_dead_worker_took_goes_to_another_after_ack_wait(node: NatsCluster, fresh_stream: None) -> None:
+    dead = JetStreamSource(CITY, settings(node, ack_wait=1.0), "dead")
+    await dead.open()
+    try:
+        mosquitto_pub(node, txn_topic(CITY, "0A0B0C0D0E03"), "one")
+        taken = []
+        while not taken:
+            taken = await dead.fetch(10)
+    finally:
+        await dead.close()  # never acked: as if the process died
+    assert (await stream_state(node))[1] == 1
+    live = JetStreamSource(CITY, settings(node, ack_wait=1.0), "live")
+    await live.open()
+    try:
+        again = []
+        for _ in range(10):
+            again = again or await live.fetch(10)
+        assert [(d.topic, d.payload) for d in again] == [(txn_topic(CITY, "0A0B0C0D0E03"), b"one")]
+        await live.ack(again)
+        await until(lambda: _equal(stream_state(node), (0, 0)), "acked by the live worker")
+    finally:
+        await live.close()
+
+
+async def _equal(state: Any, wanted: tuple[int, int]) -> bool:
+    return bool(await state == wanted)
+
+
+def test_the_city_subjects_cover_its_terminals_and_interop() -> None:
+    assert city_subjects("4530") == ["yikatong.4530.txn.*", "yikatong.interop.4530.txn", "yikatong.interop.4530.ack"]
+
+
+LEVEL = st.text(st.characters(codec="utf-8", exclude_characters="./+# \x00"), min_size=1, max_size=12)
+
+
+@given(st.lists(LEVEL, min_size=1, max_size=6))
+def test_topic_and_subject_map_back_and_forth(levels: list[str]) -> None:
+    name = "/".join(levels)
+    assert topic(subject(name)) == name
+
+
+@given(st.text(max_size=80))
+def test_the_settings_parser_takes_node_lists_or_says_what_is_wrong(text: str) -> None:
+    try:
+        parsed = JetStreamSettings.parse(text)
+    except ValueError as err:
+        assert "--jetstream" in str(err)
+    else:
+        assert parsed.servers and all(s.startswith(("nats://", "tls://")) for s in parsed.servers)
+
+
+def test_serve_refuses_bad_jetstream_arguments(tmp_path: Path) -> None:
+    serve = ["clearing", "serve", "--city", CITY, "--broker", "mqtt://127.0.0.1:1?mqtt=3.1.1"]
+    serve += ["--db", f"sqlite:///{tmp_path / 'c.sqlite'}"]
+    bad = yikatong(*serve, "--jetstream", "x")
+    assert bad.returncode != 0 and "'x' is not a nats://host:port address" in bad.stderr, bad.stderr
+    both = yikatong(*serve, "--shared", "--jetstream", "nats://127.0.0.1:1")
+    assert both.returncode != 0 and "--shared and --jetstream" in both.stderr, both.stderr
+    assert not (tmp_path / "c.sqlite").exists()  # refused before anything was opened
