@@ -18,7 +18,6 @@ from hypothesis import given
 from hypothesis import strategies as st
 from sqlalchemy.exc import OperationalError
 from support import yikatong
-from yikatong.nats_cluster import NatsCluster
 
 from clearing.jetstream import (
     JetStreamSettings,
@@ -31,6 +30,7 @@ from clearing.jetstream import (
 )
 from terminals.messages import batch_payload, txn_topic
 from terminals.mqtt import BrokerUrl
+from yikatong.nats_cluster import NatsCluster
 
 pytestmark = pytest.mark.cluster
 

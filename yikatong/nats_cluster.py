@@ -61,15 +61,21 @@ class Node:
 
 
 def node_config(node: Node, nodes: Sequence[Node], store: Path) -> str:
-    """The nats-server config of `node` in a cluster of `nodes`."""
+    """The nats-server config of `node` in a cluster of `nodes` (a single node has no cluster block: with one it
+    would wait for routes to peers it does not have)."""
     routes = ", ".join(f"nats-route://{HOST}:{n.cluster_port}" for n in nodes)
+    cluster = (
+        f"cluster {{ name: {CLUSTER_NAME}, listen: {HOST}:{node.cluster_port}, routes: [{routes}] }}\n"
+        if len(nodes) > 1
+        else ""
+    )
     # stream_replicas explicit: left out, 2.9 derives it from the routes it sees and may pick R2
     return (
         f"server_name: {node.name}\n"
         f"listen: {HOST}:{node.nats_port}\n"
         f"http: {HOST}:{node.http_port}\n"
         f"jetstream {{ store_dir: {json.dumps(str(store))} }}\n"
-        f"cluster {{ name: {CLUSTER_NAME}, listen: {HOST}:{node.cluster_port}, routes: [{routes}] }}\n"
+        f"{cluster}"
         f"mqtt {{ listen: {HOST}:{node.mqtt_port}, stream_replicas: {len(nodes)} }}\n"
     )
 
@@ -124,17 +130,18 @@ def _http_json(port: int, path: str, timeout: float) -> tuple[int, object]:
         return 0, None
 
 
-def _node_ready(node: Node, timeout: float) -> bool:
-    """One readiness probe of `node`: healthz 200, a known meta leader, MQTT CONNACK 0."""
+def _node_ready(node: Node, timeout: float, *, clustered: bool = True) -> bool:
+    """One readiness probe of `node`: healthz 200, a known meta leader (in a cluster), MQTT CONNACK 0."""
     # js-enabled-only: the full 2.9 /healthz also wants every replica current and can stay 503 for long after a
     # restart over a lagging MQTT retained-message consumer while the node already serves; the probes below decide
     status, _ = _http_json(node.http_port, "/healthz?js-enabled-only=true", timeout)
     if status != 200:
         return False
-    _, jsz = _http_json(node.http_port, "/jsz", timeout)
-    meta = jsz.get("meta_cluster") if isinstance(jsz, dict) else None
-    if not isinstance(meta, dict) or not meta.get("leader"):
-        return False
+    if clustered:
+        _, jsz = _http_json(node.http_port, "/jsz", timeout)
+        meta = jsz.get("meta_cluster") if isinstance(jsz, dict) else None
+        if not isinstance(meta, dict) or not meta.get("leader"):
+            return False
     return mqtt_accepts(node.mqtt_port, timeout)
 
 
@@ -284,7 +291,7 @@ class NatsCluster:
                     raise ClusterError(
                         f"node {node.name} not ready in {timeout:g} s; its log: {self._log_hint(node.name)}"
                     )
-                if _node_ready(node, min(5.0, max(remaining, 0.2))):
+                if _node_ready(node, min(5.0, max(remaining, 0.2)), clustered=self.size > 1):
                     break
                 time.sleep(_POLL)
 
