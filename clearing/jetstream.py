@@ -30,7 +30,8 @@ if TYPE_CHECKING:  # nats-py is imported by the workers that use it: the rest of
     from nats.js.client import JetStreamContext
 
 log = logging.getLogger(__name__)
-FETCH_WAIT = 1.0  # seconds a pull waits for messages before it asks again
+FETCH_WAIT = 1.0  # seconds a pull waits for a first message before it asks again
+GATHER = 0.05  # seconds a pull then gathers what else comes, for the batch (a record's ack waits that long more)
 RETRY = 0.5  # seconds between tries while the cluster elects a leader or a node comes back
 
 
@@ -167,22 +168,27 @@ class JetStreamSource:
         return self._js
 
     async def fetch(self, most: int) -> list[Delivery]:
-        """Up to ``most`` messages, waiting up to a second for the first; none when the cluster has none or
-        cannot answer now (a node died, a leader is being elected: counted and asked again)."""
+        """Up to ``most`` messages: waits up to a second for the first, then ``GATHER`` seconds for more (one
+        pull of ``most`` would wait its whole time for the batch to fill, holding a lone record that long); none
+        when the cluster has none or cannot answer now (a node died, a leader is being elected: counted, and
+        asked again)."""
         from nats.errors import Error as NatsError
         from nats.errors import TimeoutError as NatsTimeout
 
         if self._subscription is None:
             raise RuntimeError("JetStreamSource.open() was not called")
+        messages: list[Msg] = []
         try:
-            messages = await self._subscription.fetch(max(1, most), timeout=FETCH_WAIT)
+            messages += await self._subscription.fetch(1, timeout=FETCH_WAIT)
+            if most > 1:
+                messages += await self._subscription.fetch(most - 1, timeout=GATHER)
         except (NatsTimeout, TimeoutError):
-            return []
+            pass
         except NatsError as err:
             self.troubles += 1
             log.debug("clearing %s: pull failed (%s); again", self.city, err)
-            await asyncio.sleep(RETRY)
-            return []
+            if not messages:
+                await asyncio.sleep(RETRY)
         now = time.monotonic()
         return [Delivery(topic(m.subject), m.data, now, m) for m in messages]
 
