@@ -189,3 +189,44 @@ async def test_stopping_gives_up_on_a_task_that_ignores_every_cancel_and_names_i
         await _stop([task], timeout=2)
     task.cancel()  # the test leaves nothing running: a last cancel from outside it, then the loop drops it
     task.get_coro().close()
+
+
+def test_demo_on_a_nats_cluster_with_two_jetstream_workers_a_city(tmp_path: Path) -> None:
+    """``--cluster``: the day on a 3-node NATS cluster started in the run folder, terminals spread over its nodes,
+    two JetStream clearing workers a city on different nodes sharing the SQLite file; everything cleared, each
+    worker named with its share, and no nats-server of the run left afterwards."""
+    out = tmp_path / "run"
+    done = yikatong("demo", "--cluster", "--out", str(out), timeout=420)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "starting a 3-node NATS cluster in" in done.stderr, done.stderr
+    _check_run(out, done.stdout)
+    assert f"NATS cluster 'yikatong' in {out / 'nats-cluster'} (n1 nats://127.0.0.1:" in done.stdout, done.stdout
+    workers = re.findall(r"(\d{4}) demo-\w+-\d on (n\d) (\d+)", done.stdout)
+    assert len(workers) == 6, done.stdout
+    for city in ("4510", "4560", "4530"):
+        assert len({node for c, node, _ in workers if c == city}) == 2  # a city's two workers on two nodes
+    ledger_rows = sum(int(m) for m in re.findall(r"^\d{4} \w+ +\d+ +\d+ +\d+ +(\d+)", done.stdout, re.MULTILINE))
+    assert sum(int(n) for *_, n in workers) == ledger_rows
+    cluster = json.loads((out / "nats-cluster" / "cluster.json").read_text())
+    pids = [node["pid"] for node in cluster["nodes"]]
+    assert len(pids) == 3 and not [pid for pid in pids if _runs(pid, out)], pids
+    left = subprocess.run(["pgrep", "-f", str(out)], capture_output=True, text=True)
+    assert left.stdout == "", left.stdout
+
+
+def _runs(pid: int, folder: Path) -> bool:
+    """Whether process ``pid`` runs a nats-server of ``folder`` (not a zombie, not another process on the pid)."""
+    try:
+        return str(folder).encode() in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("other", [["--broker", "mqtt://127.0.0.1:1883"], ["--pki", "pki"]])
+def test_demo_on_a_cluster_refuses_a_broker_or_a_pki(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], other: list[str]
+) -> None:
+    assert main(["demo", "--cluster", "--out", str(tmp_path), *other]) == 2
+    err = capsys.readouterr().err
+    assert "--cluster runs on its own NATS cluster: not with --broker or --pki" in err, err
+    assert not (tmp_path / "nats-cluster").exists()

@@ -6,7 +6,9 @@ and write one HTML report.
 Defaults need nothing but pip: an embedded MQTT broker in this process and SQLite files in the run folder.
 ``--broker`` and ``--db`` put the same run onto Mosquitto and PostgreSQL; ``--broker mqtts://... --pki DIR`` runs
 it over TLS, each terminal and clearing with its own certificate from the PKI folder (issued beforehand with
-``--issue-certificates-only``: the broker reads its ACL at start and on SIGHUP).
+``--issue-certificates-only``: the broker reads its ACL at start and on SIGHUP). ``--cluster`` runs it on a 3-node
+NATS cluster started in the run folder: the terminals spread over the nodes' MQTT listeners, the clearings as
+JetStream workers (two a city on different nodes), the cluster stopped when the pipe ends, however it ends.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import shutil
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
@@ -48,6 +50,7 @@ if TYPE_CHECKING:
     from terminals.mqtt import BrokerUrl
     from terminals.terminal import TapResult, Terminal, TerminalConfig
     from yikatong.demo_world import Day, DemoCard
+    from yikatong.nats_cluster import Node
 
 DEFAULT_KEYS = "keys/fleet-keys.json"  # issuer keys that are not the published test keys: the audit tells them apart
 RUN_FILES = ["cards", "terminals", "clearing-files", "clearing.sqlite", "report.html"]
@@ -55,6 +58,11 @@ RUN_FILES += ["audit-chips.json", "audit-reconcile.json"]
 M1_RECOVERY_SECONDS = 20.0  # a card's key-recovery budget in the demo (a weak-PRNG card falls in about 10 s)
 STOP_SECONDS = 30.0  # terminals and clearings stop well within it: each one's disconnect is bounded by 10 s
 M1_FLEET_SECONDS = 35.0  # all M1 cards together: the demo stays under a minute on a busy machine, and says so
+CLUSTER_FOLDER = "nats-cluster"  # --cluster: the nodes' configs, logs, JetStream stores and cluster.json, in --out
+CLUSTER_START_SECONDS = 60.0  # three nodes are ready in about a second; a busy machine gets time
+# --cluster: clearing workers a city, on different nodes, sharing one engine (SQLite's too: its writes wait their
+# turn under the busy timeout; no run of 1,600 taps lost or doubled a record)
+CLUSTER_WORKERS = 2
 
 
 def register(groups: Subcommands) -> None:
@@ -68,7 +76,7 @@ def register(groups: Subcommands) -> None:
         "records over MQTT to the three clearings, settle the day, audit the chips and reconcile the ledgers. "
         "Prints a summary table and writes report.html, the reports' JSON, the clearing files and the card images "
         "into --out. Exit 0 when every record was cleared and the settlement balances, 1 otherwise.",
-        epilog="Examples: yikatong demo | yikatong demo --broker mqtt://127.0.0.1:1883 "
+        epilog="Examples: yikatong demo | yikatong demo --cluster | yikatong demo --broker mqtt://127.0.0.1:1883 "
         "--db postgresql+asyncpg://postgres@127.0.0.1/demo | over TLS (README): yikatong demo --pki pki "
         "--issue-certificates-only, (re)start Mosquitto, then yikatong demo --broker mqtts://127.0.0.1:8883 --pki pki",
     )
@@ -90,6 +98,15 @@ def register(groups: Subcommands) -> None:
         action="store_true",
         help="issue into --pki the certificates the demo's terminals and clearings (for this --seed and --cards) "
         "lack, keep the valid ones, and exit; then start the broker or send it SIGHUP (it reads the ACL then)",
+    )
+    demo.add_argument(
+        "--cluster",
+        action="store_true",
+        help=f"run on a 3-node NATS cluster (nats-server) started in OUT/{CLUSTER_FOLDER} and stopped at the end: "
+        "terminal i on node i %% 3 over MQTT 3.1.1, each city's clearing workers taking its records from a "
+        "JetStream stream replicated on the three nodes, two workers a city on different nodes sharing the "
+        "database (the SQLite file or --db); the summary names each worker's stored records. Not with --broker or "
+        "--pki",
     )
     demo.add_argument(
         "--db",
@@ -141,12 +158,12 @@ class Cleared:
     unacked: int = 0
     unforwarded: int = 0
     settlement: Settlement | None = None
+    cluster: str = ""  # --cluster: the cluster, in words
+    workers: dict[str, int] = field(default_factory=dict)  # --cluster: records each clearing worker stored
 
 
 def run(args: argparse.Namespace) -> int:
     """Run the demo; 0 when every record was cleared and the settlement sums to zero."""
-    import asyncio
-
     from audit.chips import audit_fleet
     from audit.cpu_audit import KeySource
     from audit.fleet import FleetCard
@@ -162,7 +179,7 @@ def run(args: argparse.Namespace) -> int:
 
     out: Path = args.out
     keys = load_keys(args.keys or fixture_path(DEFAULT_KEYS))
-    check_pki_options(args)
+    _check_options(args)
     bar = Bar()
     rng = random.Random(args.seed)
     bar.phase(f"issuing the fleet ({args.cards} cards of each kind per city, plus the planted ones)")
@@ -181,7 +198,7 @@ def run(args: argparse.Namespace) -> int:
     db_url = _prepare_run(out, args.db)
     day = plan_day(fleet, configs, args.rides, rng, cities.travel_minutes)
     cards = day.cards
-    cleared = asyncio.run(_pipe(_Run(keys, fares, day, out, bar, rng, args.pki), args.broker, db_url))
+    cleared = _cleared(args, _Run(keys, fares, day, out, bar, rng, args.pki), db_url)
     for card in cards:
         save_card(out / "cards" / f"{card.name}.json", card.state)
     bar.phase("auditing the chips (through each card's own interface)")
@@ -208,6 +225,22 @@ def run(args: argparse.Namespace) -> int:
     _summary(day, cleared, chips, recon, out)
     balanced = cleared.settlement is not None and sum(cleared.settlement.positions.values()) == 0
     return 0 if balanced and cleared.unacked == 0 and cleared.unforwarded == 0 else 1
+
+
+def _check_options(args: argparse.Namespace) -> None:
+    """CliError for options that do not go together."""
+    if args.cluster and (args.broker is not None or args.pki is not None):
+        raise CliError("--cluster runs on its own NATS cluster: not with --broker or --pki")
+    check_pki_options(args)
+
+
+def _cleared(args: argparse.Namespace, run: _Run, db_url: str) -> Cleared:
+    """The pipe on a NATS cluster (--cluster), on the --broker, or on an embedded broker."""
+    import asyncio
+
+    if args.cluster:
+        return _on_cluster(run, db_url)
+    return asyncio.run(_pipe(run, [args.broker] if args.broker else [], db_url))
 
 
 def _demo_devices(configs: list[TerminalConfig]) -> list[Identity]:
@@ -274,21 +307,48 @@ class _Run:
     pki: Path | None  # over mqtts://: the PKI folder of the devices' certificates
 
 
-async def _pipe(run: _Run, broker_given: BrokerUrl | None, db_url: str) -> Cleared:
-    """Clearings and terminals over MQTT, the day's taps, then the settlement."""
+def _on_cluster(run: _Run, db_url: str) -> Cleared:
+    """The pipe on a fresh 3-node NATS cluster in the run folder, stopped when the pipe ends however it ends
+    (an error, Ctrl-C): its nodes run in their own sessions, so nothing else would stop them."""
+    import asyncio
+
+    from terminals.mqtt import BrokerUrl
+    from yikatong.nats_cluster import CLUSTER_NAME, ClusterError, NatsCluster
+
+    folder = run.out / CLUSTER_FOLDER
+    cluster = NatsCluster(folder, size=3)
+    try:
+        if (folder / "cluster.json").exists() and any(NatsCluster.load(folder).running().values()):
+            raise ClusterError(
+                f"a NATS cluster of an earlier run still runs in {folder}: stop it first "
+                f"(python -m yikatong.nats_cluster --folder {folder} stop)"
+            )
+        shutil.rmtree(folder, ignore_errors=True)  # no stream, consumer or MQTT session of an earlier run
+        run.bar.phase(f"starting a 3-node NATS cluster in {folder} (JetStream, MQTT 3.1.1)")
+        cluster.start(timeout=CLUSTER_START_SECONDS)  # a start that fails stops what it started
+        try:
+            brokers = [BrokerUrl.parse(url) for url in cluster.mqtt_urls]
+            cleared = asyncio.run(_pipe(run, brokers, db_url, cluster.nodes))
+        finally:
+            cluster.stop()
+    except ClusterError as err:
+        raise CliError(f"NATS cluster: {err}") from err
+    nodes = ", ".join(f"{n.name} {n.nats_url} mqtt :{n.mqtt_port}" for n in cluster.nodes)
+    cleared.cluster = f"NATS cluster {CLUSTER_NAME!r} in {folder} ({nodes}), stopped"
+    return cleared
+
+
+async def _pipe(run: _Run, given: list[BrokerUrl], db_url: str, nodes: Sequence[Node] = ()) -> Cleared:
+    """Clearings and terminals over MQTT, the day's taps, then the settlement. ``given``: the brokers (none: an
+    embedded one), the terminals spread over them; ``nodes``: a NATS cluster's, whose MQTT listeners ``given``
+    are: the clearings then take their cities' records from JetStream, ``CLUSTER_WORKERS`` a city."""
     import asyncio
 
     from sqlalchemy.exc import SQLAlchemyError
 
     from cardsim.files import write_text_atomic
-    from cardsim.issuer import IssuerHost
     from clearing.db import DatabaseUrlError, migrate, open_engine
-    from clearing.intake import Intake
-    from clearing.ledger import Ledger
-    from clearing.pki import Identity
-    from clearing.service import ClearingService
     from clearing.settlement import export_day, settle_day
-    from terminals.messages import txn_topic
     from terminals.mqtt import given_or_embedded
     from yikatong.demo_world import CITIES, DAY
 
@@ -300,31 +360,26 @@ async def _pipe(run: _Run, broker_given: BrokerUrl | None, db_url: str) -> Clear
     try:
         await migrate(engine)
         await _require_empty(engine, db_url)
-        async with given_or_embedded(broker_given) as broker:
-            run.bar.phase(f"starting the three clearings on {broker} (database {db_url.partition('://')[0]})")
-            host = IssuerHost(run.keys)
-            run_id = secrets.token_hex(3)  # a fresh MQTT identity: no session of an earlier run is resumed
-            # only the demo's own terminals: a shared broker carries other traffic too
-            services = [
-                ClearingService(
-                    as_device(broker, run.pki, Identity.clearing(city)),
-                    Ledger(engine, city),
-                    Intake(city, host, identities=_identities(run.pki, city)),
-                    worker=f"demo-{run_id}",
-                    persistent=False,
-                    terminal_topics=[txn_topic(city, t.terminal.hex().upper()) for t in run.day.terminals_of(city)],
-                )
-                for city in CITIES
-            ]
-            tasks = [asyncio.create_task(s.run(), name=f"clearing {s.city}") for s in services]
+        async with given_or_embedded(given[0] if given else None) as first:
+            brokers = [first, *given[1:]]
+            workers = CLUSTER_WORKERS if nodes else 1
+            where = f"the cluster's {len(nodes)} nodes, {workers} a city" if nodes else str(first)
+            run.bar.phase(f"starting the three clearings on {where} (database {db_url.partition('://')[0]})")
+            placed = _clearings(run, brokers, nodes, engine, workers)
+            services = [service for service, _ in placed]
+            tasks = [asyncio.create_task(s.run(), name=f"clearing {s.city} {s.worker}") for s in services]
             try:
                 await _until(lambda: all(s.stats.connected for s in services), 30, "the clearings to connect")
-                await _ride(run, broker, cleared)
+                await _ride(run, brokers, cleared)
                 run.bar.phase("settling the day between the cities")
-                cleared.records = {s.city: s.stats.stored for s in services}
+                cleared.records = {city: sum(s.stats.stored for s in services if s.city == city) for city in CITIES}
+                if nodes:
+                    cleared.workers = {f"{s.city} {s.worker} on {nodes[at].name}": s.stats.stored for s, at in placed}
                 cleared.quarantined = sum(s.stats.quarantined for s in services)
                 cleared.flagged = sum(s.stats.conflicts for s in services)
-                cleared.unforwarded = await _unanswered_forwards(services, timeout=30)
+                # one worker a city: a city's workers share its ledger
+                one_a_city = list({s.city: s for s in services}.values())
+                cleared.unforwarded = await _unanswered_forwards(one_a_city, timeout=30)
             finally:
                 await _stop(tasks)
         cleared.settlement = await settle_day(engine, DAY.isoformat(), {}, Decimal("0.005"))
@@ -338,6 +393,43 @@ async def _pipe(run: _Run, broker_given: BrokerUrl | None, db_url: str) -> Clear
     return cleared
 
 
+def _clearings(
+    run: _Run, brokers: list[BrokerUrl], nodes: Sequence[Node], engine: AsyncEngine, workers: int
+) -> list[tuple[ClearingService, int]]:
+    """``workers`` clearing workers a city, each with the index of its broker (and node): worker j of the n-th
+    city on broker n + j, so that a city's workers are on different nodes."""
+    from cardsim.issuer import IssuerHost
+    from clearing.intake import Intake
+    from clearing.jetstream import JetStreamSettings, JetStreamSource
+    from clearing.ledger import Ledger
+    from clearing.pki import Identity
+    from clearing.service import ClearingService
+    from terminals.messages import txn_topic
+    from yikatong.demo_world import CITIES
+
+    host = IssuerHost(run.keys)
+    run_id = secrets.token_hex(3)  # a fresh MQTT identity: no session of an earlier run is resumed
+    placed = []
+    for n, city in enumerate(CITIES):
+        for j in range(workers):
+            at = (n + j) % len(brokers)
+            worker = f"demo-{run_id}-{j + 1}"
+            service = ClearingService(
+                as_device(brokers[at], run.pki, Identity.clearing(city)),
+                Ledger(engine, city),
+                Intake(city, host, identities=_identities(run.pki, city)),
+                worker=worker,
+                persistent=False,
+                # only the demo's own terminals: a shared broker carries other traffic too
+                terminal_topics=[txn_topic(city, t.terminal.hex().upper()) for t in run.day.terminals_of(city)],
+                # only its own node's address: the worker starts there, and nats-py learns the others from the
+                # cluster (to move to one when its node dies)
+                source=JetStreamSource(city, JetStreamSettings((nodes[at].nats_url,)), worker) if nodes else None,
+            )
+            placed.append((service, at))
+    return placed
+
+
 async def _require_empty(engine: AsyncEngine, db_url: str) -> None:
     """CliError when the database already holds records: the demo needs an empty one."""
     from sqlalchemy import func, select
@@ -349,8 +441,9 @@ async def _require_empty(engine: AsyncEngine, db_url: str) -> None:
             raise CliError(f"database {db_url} already holds records: the demo needs an empty one")
 
 
-async def _ride(run: _Run, broker: BrokerUrl, cleared: Cleared) -> None:
-    """Every tap of the day at its terminal, records published as they are made; then wait for every ack."""
+async def _ride(run: _Run, brokers: list[BrokerUrl], cleared: Cleared) -> None:
+    """Every tap of the day at its terminal, records published as they are made (terminal i over broker
+    i mod the brokers); then wait for every ack."""
     import asyncio
 
     from cardsim.issuer import IssuerHost
@@ -363,12 +456,12 @@ async def _ride(run: _Run, broker: BrokerUrl, cleared: Cleared) -> None:
     now = [run.day.taps[0].when if run.day.taps else dt.datetime.now()]
     host = IssuerHost(run.keys)
     by_number: dict[bytes, tuple[Terminal, Uplink]] = {}
-    for config in run.day.terminals:
+    for i, config in enumerate(run.day.terminals):
         outbox = Outbox(
             run.out / "terminals" / f"{config.city}-{config.kind.value}-{config.terminal.hex().upper()}.sqlite"
         )
         terminal = Terminal(config, outbox, run.keys, fares=run.fares, host=host, clock=lambda: now[0])
-        device = as_device(broker, run.pki, Identity.terminal(config.terminal.hex().upper()))
+        device = as_device(brokers[i % len(brokers)], run.pki, Identity.terminal(config.terminal.hex().upper()))
         by_number[config.terminal] = (terminal, Uplink(device, terminal, ack_timeout=3.0, max_backoff=2.0))
     tasks = [asyncio.create_task(u.run(), name=f"terminal {u.number}") for _, u in by_number.values()]
     try:
@@ -498,6 +591,9 @@ def _print_cities(cleared: Cleared) -> None:
         f"settlement {DAY.isoformat()}: net positions sum to {total} fen; {cleared.unacked} records unacked, "
         f"{cleared.unforwarded} forwards unanswered, {cleared.quarantined} quarantined, {cleared.flagged} conflicts"
     )
+    if cleared.cluster:
+        print(cleared.cluster)
+        print("clearing workers' stored records: " + ", ".join(f"{w} {n}" for w, n in cleared.workers.items()))
 
 
 def _print_chip_audit(chips: Report) -> None:
