@@ -314,7 +314,9 @@ def _on_cluster(run: _Run, db_url: str) -> Cleared:
 
     from terminals.mqtt import BrokerUrl
     from yikatong.nats_cluster import CLUSTER_NAME, ClusterError, NatsCluster
+    from yikatong.process import stop_on_sigterm
 
+    stop_on_sigterm()  # a kill stops the cluster too, as Ctrl-C does
     folder = run.out / CLUSTER_FOLDER
     cluster = NatsCluster(folder, size=3)
     try:
