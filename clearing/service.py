@@ -69,7 +69,7 @@ HOTLIST_REFRESH = 1.0
 MAX_BACKLOG_BYTES = 32 * 1024 * 1024
 MAX_UNCONFIRMED = 1000  # answers published and not yet confirmed by the broker
 MAX_BACKLOG_MESSAGES = 10_000  # a small message costs ~1 KiB of Python objects: bound the count too
-CATCH_UP = 0.25  # seconds before terminals acked up to a gap are acked again (another worker filled it meanwhile)
+CATCH_UP = 0.05  # seconds before terminals acked up to a gap are acked again (another worker filled it meanwhile)
 FINISH_COMMIT = 30.0  # seconds a commit under way may take to finish when its task is cancelled
 OFFLOAD_BYTES = 32 * 1024  # payload bytes of a batch from which its checks pay a worker thread's hand-over
 
