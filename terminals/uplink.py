@@ -11,7 +11,9 @@ the broker can say no: a PUBACK reason code that refuses a message (135 "not aut
 topic) marks its records refused in the outbox with the reason, logs one line, and they are not sent again until
 the operator says so (``terminal sync --retry-refused``); a transient one (quota exceeded) is retried after a
 backoff. A connection the broker refuses (a revoked certificate's TLS alert, a bad password) is told in words in
-the log and kept in the state file for ``terminal status``.
+the log and kept in the state file for ``terminal status``. A subscription the broker refuses (SUBACK 0x80 up:
+NATS's MQTT layer does when it cannot make the JetStream consumer while a cluster node is down) is asked for again
+on the same connection after a delay, until granted; the terminal publishes meanwhile.
 
 The rules are ``terminals.uplink_policy``'s; this module carries them out over aiomqtt, with the outbox's
 calls (SQLite commits with synchronous=FULL) in a worker thread so that they do not stall the event loop.
@@ -41,7 +43,16 @@ from terminals.mqtt import (
 )
 from terminals.outbox import RecordQueue
 from terminals.signing import Signer
-from terminals.uplink_policy import ApplyAck, OfferHotlist, Refuse, RetryAfter, UplinkPolicy, UplinkStats
+from terminals.uplink_policy import (
+    FIRST_RESUBSCRIBE,
+    ApplyAck,
+    OfferHotlist,
+    Refuse,
+    Resubscribe,
+    RetryAfter,
+    UplinkPolicy,
+    UplinkStats,
+)
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +82,8 @@ class Uplink:
     """Publishes one terminal's outbox. Run ``run()`` as a task; ``notify()`` (from any thread) when a record
     was added, so it goes out at once. ``on_ack`` is called (on the event loop) after each ack the outbox
     applied, with the ack and the (acked, rejected) counts. ``in_thread=False`` keeps the outbox's calls on the
-    event loop: for an outbox that is not thread-safe and never blocks (an in-memory one)."""
+    event loop: for an outbox that is not thread-safe and never blocks (an in-memory one). A subscription the broker
+    refuses is asked for again after ``resubscribe_after`` seconds, then less often, until granted."""
 
     def __init__(
         self,
@@ -84,6 +96,7 @@ class Uplink:
         session_expiry: int | None = None,
         on_ack: Callable[[Ack, int, int], None] | None = None,
         in_thread: bool = True,
+        resubscribe_after: float = FIRST_RESUBSCRIBE,
     ) -> None:
         self.broker = broker
         self.terminal = terminal
@@ -97,6 +110,7 @@ class Uplink:
             ack_timeout=ack_timeout,
             max_backoff=max_backoff,
             mqtt5=broker.speaks_mqtt5,
+            resubscribe_after=resubscribe_after,
         )
         # None: a session that never expires (a real terminal's: the acks queued while it is offline
         # wait for it however long that is); seconds: MQTT 5, the broker drops the session that long after the
@@ -130,13 +144,12 @@ class Uplink:
                     self.policy.connected()
                     log.info("uplink connected to %s (MQTT %s)", self.broker, "5" if self.policy.mqtt5 else "3.1.1")
                     await self._store(self.outbox.note_link, None)
-                    granted = await client.subscribe(self.policy.ack_topic, qos=1)
-                    self.policy.subscription_granted(_suback_codes(granted))
-                    await client.subscribe([(topic, 1) for topic in HOTLIST_FILTERS])
-                    self.policy.subscribed(time.monotonic())
+                    again = await self._subscribe(client, (self.policy.ack_topic, *HOTLIST_FILTERS))
                     async with asyncio.TaskGroup() as tasks:
                         tasks.create_task(self._publish(client))
                         tasks.create_task(self._receive(client))
+                        if again is not None:
+                            tasks.create_task(self._resubscribe(client, again))
             except* aiomqtt.MqttError as group:
                 stop_if_cancelled(group)
                 again_now = await self._failed(group.exceptions[0], connected)
@@ -170,6 +183,19 @@ class Uplink:
         if self.in_thread:
             return await asyncio.to_thread(call, *args, **kwargs)
         return call(*args, **kwargs)
+
+    async def _subscribe(self, client: ReasonedClient, filters: tuple[str, ...]) -> Resubscribe | None:
+        """One SUBSCRIBE (QoS 1) to ``filters``; what the policy makes of the SUBACK."""
+        granted = await client.subscribe([(topic, 1) for topic in filters])
+        self.policy.subscribed(time.monotonic())  # the broker sends the retained hotlists of those granted now
+        return self.policy.subscription_granted(filters, _suback_codes(granted))
+
+    async def _resubscribe(self, client: ReasonedClient, again: Resubscribe | None) -> None:
+        """Ask again for what the broker refused, after the policy's delay, until it is granted: the terminal
+        publishes meanwhile, and without the ack topic its records would never leave the outbox."""
+        while again is not None:
+            await asyncio.sleep(again.delay)
+            again = await self._subscribe(client, again.filters)
 
     async def _publish(self, client: ReasonedClient) -> None:
         while True:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import enum
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from terminals.messages import Ack, MessageError, ack_topic, batch_payload, hotlist_issuer, parse_ack, txn_topic
@@ -20,6 +21,10 @@ from terminals.mqtt import LinkStats
 log = logging.getLogger(__name__)
 
 FIRST_BACKOFF = 0.2  # seconds before the first reconnect; doubled after each failure up to max_backoff
+# seconds before asking again for a subscription the broker refused (NATS's MQTT layer refuses one when it cannot
+# make the JetStream consumer while a cluster node is down): doubled after each refusal up to MAX_RESUBSCRIBE
+FIRST_RESUBSCRIBE = 2.0
+MAX_RESUBSCRIBE = 30.0
 
 
 class Outcome(enum.Enum):
@@ -91,6 +96,15 @@ class RetryAfter:
 
 
 @dataclass(frozen=True)
+class Resubscribe:
+    """The broker refused a subscription: ask for ``filters`` again (QoS 1, on the same connection) after ``delay``
+    seconds, and feed its SUBACK to ``UplinkPolicy.subscription_granted`` again."""
+
+    filters: tuple[str, ...]
+    delay: float
+
+
+@dataclass(frozen=True)
 class OfferHotlist:
     """A message on an issuer's hotlist topics: hand it to the terminal."""
 
@@ -119,7 +133,11 @@ class UplinkPolicy:
         ack_timeout: float = 10.0,
         max_backoff: float = 10.0,
         mqtt5: bool | None = None,
+        resubscribe_after: float = FIRST_RESUBSCRIBE,
+        told: set[str] | None = None,
     ) -> None:
+        """``told``: kinds of subscription news already logged, shared by the uplinks of one process that should
+        say each once (the load generator's thousands of terminals); None: said once per connection."""
         self.terminal = terminal
         self.txn_topic = txn_topic(city, terminal)
         self.ack_topic = ack_topic(city, terminal)
@@ -137,6 +155,11 @@ class UplinkPolicy:
         self._may_fall_back = mqtt5 is None
         self._mqtt5_connected = False
         self._decline_backoff = FIRST_BACKOFF
+        self._first_resubscribe = resubscribe_after
+        self._resubscribe_backoff = resubscribe_after
+        self._refusals = 0  # refused SUBACKs on this connection
+        self._told = told
+        self._told_here: set[str] = set()  # the same, for this connection (when ``told`` is None)
 
     # --- the connection ------------------------------------------------------------------------------------
 
@@ -147,6 +170,8 @@ class UplinkPolicy:
         self.stats.connections += 1
         self.sent_through = 0
         self._hotlist_traffic = None
+        self._resubscribe_backoff, self._refusals = self._first_resubscribe, 0
+        self._told_here.clear()
 
     def lost(self, error: str) -> bool:
         """The connection failed or went away with ``error``; whether that is news worth a warning (not the same
@@ -249,12 +274,47 @@ class UplinkPolicy:
 
     # --- incoming ------------------------------------------------------------------------------------------
 
-    def subscription_granted(self, codes: list[int]) -> None:
-        """The broker's SUBACK for the ack topic: a refusal (0x80 up, e.g. 135 not authorized) is logged, as the
-        clearing's acks will never come and the records stay in the outbox."""
-        if any(code >= 0x80 for code in codes):
-            name = ", ".join(f"{code} {puback_outcome(code)[0]}" for code in codes)
-            log.warning("broker refused the subscription to %s (SUBACK %s): no ack can come", self.ack_topic, name)
+    def subscription_granted(self, filters: Sequence[str], codes: Sequence[int]) -> Resubscribe | None:
+        """The broker's SUBACK for ``filters`` (the ack topic, the hotlist filters), one code each: None when all
+        were granted; else which to ask for again on this connection and after how long (a refusal, 0x80 up, e.g.
+        135 not authorized or 151 quota exceeded, may be transient: a NATS cluster with a node down). Meanwhile
+        the terminal publishes all the same; its records wait in the outbox until an ack can come. The first
+        refusal on a connection is a warning, a grant after refusals an info line, the rest debug."""
+        refused = [(topic, code) for topic, code in zip(filters, codes, strict=False) if code >= 0x80]
+        if not refused:
+            if self._refusals:
+                self._tell(
+                    "granted",
+                    logging.INFO,
+                    "broker granted the subscription to %s after %d refusal(s)",
+                    *(", ".join(filters), self._refusals),
+                )
+            self._resubscribe_backoff, self._refusals = self._first_resubscribe, 0
+            return None
+        self._refusals += 1
+        delay = self._resubscribe_backoff
+        self._resubscribe_backoff = min(delay * 2, max(MAX_RESUBSCRIBE, self._first_resubscribe))
+        topics = ", ".join(topic for topic, _ in refused)
+        names = ", ".join(f"{code} {puback_outcome(code)[0]}" for _, code in refused)
+        meanwhile = "no ack can come until it is granted" if any(t == self.ack_topic for t, _ in refused) else ""
+        self._tell(
+            "refused",
+            logging.WARNING,
+            "broker refused the subscription to %s (SUBACK %s): publishing all the same%s; asking again in %.1f s, "
+            "then less often (up to %.0f s), until granted%s",
+            *(topics, names, f", {meanwhile}" if meanwhile else "", delay, MAX_RESUBSCRIBE),
+            " (not said again for other terminals of this process)" if self._told is not None else "",
+        )
+        return Resubscribe(tuple(topic for topic, _ in refused), delay)
+
+    def _tell(self, kind: str, level: int, message: str, *args: object) -> None:
+        """Log ``message`` the first time ``kind`` happens (on this connection, or in this process with
+        ``told``); debug after that."""
+        told = self._told_here if self._told is None else self._told
+        if kind in told:
+            level = logging.DEBUG
+        told.add(kind)
+        log.log(level, message, *args)
 
     def subscribed(self, now: float) -> None:
         """The hotlist filters are subscribed on this connection: the broker sends the retained lists now."""

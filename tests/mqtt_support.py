@@ -10,10 +10,11 @@ import secrets
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import aiomqtt
@@ -21,6 +22,7 @@ import aiomqtt
 from clearing.pki import Pki
 from terminals.messages import Ack, MessageError, parse_record, parse_uplink
 from terminals.mqtt import BrokerUrl, free_port
+from yikatong import load_mqtt as mqtt
 
 MOSQUITTO = BrokerUrl("127.0.0.1", 1883)
 
@@ -162,10 +164,69 @@ class StubClearing:
         await client.publish(f"yikatong/{city}/ack/{terminal}", ack.to_json(), qos=1)
 
 
+class ScriptedBroker:
+    """A broker of a few lines for what a real one will not do on demand: answers CONNECT with ``connack``, the
+    n-th SUBSCRIBE (from 0, over all connections) with ``suback(n, filter)`` for each filter, a QoS 1 PUBLISH with
+    PUBACK, PINGREQ with PINGRESP; keeps the type of each packet a client sent and the filters of each SUBSCRIBE;
+    ``send`` writes to the latest connection (an ack, as if from the clearing). Delivers nothing by itself."""
+
+    def __init__(self, version: int, connack: bytes, suback: Callable[[int, str], int]) -> None:
+        self.version, self.connack, self.suback = version, connack, suback
+        self.kinds: list[int] = []
+        self.subscriptions: list[list[str]] = []
+        self.connections = 0
+        self._writer: asyncio.StreamWriter | None = None
+
+    def send(self, data: bytes) -> None:
+        """Write ``data`` to the client connected last."""
+        assert self._writer is not None, "no client connected"
+        self._writer.write(data)
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Serve one client connection (an ``asyncio.start_server`` callback)."""
+        self.connections += 1
+        self._writer = writer
+        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+            while True:
+                head = (await reader.readexactly(1))[0]
+                length, shift = 0, 0
+                while True:
+                    digit = (await reader.readexactly(1))[0]
+                    length |= (digit & 0x7F) << shift
+                    shift += 7
+                    if not digit & 0x80:
+                        break
+                body = await reader.readexactly(length)
+                kind = head >> 4
+                self.kinds.append(kind)
+                if kind == mqtt.CONNECT:
+                    writer.write(self.connack)
+                elif kind == mqtt.SUBSCRIBE:
+                    writer.write(self._suback(body))
+                elif kind == mqtt.PUBLISH and head & 0x06:
+                    topic_length = struct.unpack("!H", body[:2])[0]
+                    writer.write(mqtt.puback(struct.unpack("!H", body[2 + topic_length : 4 + topic_length])[0]))
+                elif kind == mqtt.PINGREQ:
+                    writer.write(b"\xd0\x00")
+
+    def _suback(self, body: bytes) -> bytes:
+        at = 2 + (1 + body[2] if self.version == mqtt.MQTT5 else 0)  # past the packet id (and short properties)
+        filters = []
+        while at < len(body):
+            size = struct.unpack("!H", body[at : at + 2])[0]
+            filters.append(body[at + 2 : at + 2 + size].decode())
+            at += 3 + size  # the filter and its options byte
+        number = len(self.subscriptions)
+        self.subscriptions.append(filters)
+        codes = bytes(self.suback(number, topic) for topic in filters)
+        answer = body[:2] + (b"\x00" if self.version == mqtt.MQTT5 else b"") + codes
+        return bytes([0x90, len(answer)]) + answer
+
+
 @contextlib.asynccontextmanager
 async def running(coro_factory: object) -> AsyncIterator[asyncio.Task[None]]:
     """Run a coroutine as a task for the duration of the block."""
-    task = asyncio.create_task(coro_factory)  # type: ignore[arg-type]
+    task: asyncio.Task[None] = asyncio.create_task(coro_factory)  # type: ignore[arg-type]
     try:
         yield task
     finally:

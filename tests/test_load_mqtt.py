@@ -13,7 +13,7 @@ import time
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from mqtt_support import StubClearing, eventually, running
+from mqtt_support import ScriptedBroker, StubClearing, eventually, running
 from support import KEYS
 
 from cardsim.issuer import IssuerHost
@@ -237,54 +237,23 @@ def test_an_outbox_failing_on_an_ack_ends_the_connection_with_the_reason() -> No
     assert terminal.outbox.queued() == 3 and told == []  # nothing lost; the loop's fatal-error path not taken
 
 
-class _ScriptedBroker:
-    """A broker of a few lines for what the embedded one will not do: answers CONNECT with ``connack``, SUBSCRIBE
-    with ``codes`` (one per filter), a QoS 1 PUBLISH with PUBACK, PINGREQ with PINGRESP; keeps the type of each
-    packet a client sent."""
-
-    def __init__(self, version: int, connack: bytes, codes: list[int]) -> None:
-        self.version, self.connack, self.codes = version, connack, codes
-        self.kinds: list[int] = []
-        self.connections = 0
-
-    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.connections += 1
-        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
-            while True:
-                head = (await reader.readexactly(1))[0]
-                length, shift = 0, 0
-                while True:
-                    digit = (await reader.readexactly(1))[0]
-                    length |= (digit & 0x7F) << shift
-                    shift += 7
-                    if not digit & 0x80:
-                        break
-                body = await reader.readexactly(length)
-                kind = head >> 4
-                self.kinds.append(kind)
-                if kind == mqtt.CONNECT:
-                    writer.write(self.connack)
-                elif kind == mqtt.SUBSCRIBE:
-                    answer = body[:2] + (b"\x00" if self.version == mqtt.MQTT5 else b"") + bytes(self.codes)
-                    writer.write(bytes([0x90, len(answer)]) + answer)
-                elif kind == mqtt.PUBLISH and head & 0x06:
-                    topic_length = struct.unpack("!H", body[:2])[0]
-                    writer.write(mqtt.puback(struct.unpack("!H", body[2 + topic_length : 4 + topic_length])[0]))
-                elif kind == mqtt.PINGREQ:
-                    writer.write(b"\xd0\x00")
-
-
-async def _against(broker: _ScriptedBroker, session_expiry: int | None) -> tuple[LeanUplink, SimTerminal]:
+async def _against(
+    broker: ScriptedBroker, session_expiry: int | None, timer: LinkTimer | None = None
+) -> tuple[LeanUplink, SimTerminal]:
     server = await asyncio.start_server(broker.serve, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
     terminal = SimTerminal(IssuerHost(KEYS), "4560", "4560ABCD0003", TimedQueue(MemoryOutbox()), 200)
-    timer = LinkTimer()
-    uplink = LeanUplink(BrokerUrl("127.0.0.1", port), terminal, timer, session_expiry=session_expiry)
+    uplink = LeanUplink(
+        BrokerUrl("127.0.0.1", port), terminal, timer or LinkTimer(), session_expiry=session_expiry, resubscribe_after=0
+    )
     return uplink, terminal
 
 
 async def _refused_hotlists() -> tuple[int, int, int]:
-    broker = _ScriptedBroker(mqtt.MQTT311, b"\x20\x02\x00\x00", [1] + [0x80] * len(HOTLIST_FILTERS))
+    # the ack topic granted, the hotlists refused every time
+    broker = ScriptedBroker(
+        mqtt.MQTT311, b"\x20\x02\x00\x00", lambda _n, topic: 0x80 if topic in HOTLIST_FILTERS else 1
+    )
     uplink, terminal = await _against(broker, None)
     card = synthetic_cards(1, ["4560"])[0]
     async with running(uplink.run()):
@@ -297,18 +266,53 @@ async def _refused_hotlists() -> tuple[int, int, int]:
 
 
 def test_a_refused_subscription_is_logged_once_and_records_still_go_out(caplog: pytest.LogCaptureFixture) -> None:
-    """As the real uplink (aiomqtt ignores SUBACK codes): the terminal publishes without its hotlists."""
-    with caplog.at_level(logging.WARNING, logger="yikatong.load_uplink"):
+    """As the real uplink: the terminal publishes without its hotlists (and asks for them again, see below)."""
+    with caplog.at_level(logging.WARNING, logger="terminals.uplink_policy"):
         broker_connections, connections, published = asyncio.run(_refused_hotlists())
     assert broker_connections == connections == 1 and published == 1
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and all(f in warnings[0] for f in HOTLIST_FILTERS)
-    assert "publishing all the same" in warnings[0]
+    assert "publishing all the same" in warnings[0] and "asking again" in warnings[0]
+
+
+async def _refused_then_granted() -> tuple[list[list[str]], list[int], int, int]:
+    """NATS with a node down: the first SUBSCRIBE refused whole (MQTT 5 quota exceeded), the next granted."""
+    broker = ScriptedBroker(mqtt.MQTT5, b"\x20\x03\x00\x00\x00", lambda n, _topic: 0x97 if n == 0 else 1)
+    timer = LinkTimer()
+    uplink, terminal = await _against(broker, 0, timer)
+    card = synthetic_cards(1, ["4560"])[0]
+    async with running(uplink.run()), running(timer.run()):
+        await eventually(lambda: uplink.stats.connected, 10)
+        for _ in range(2):
+            terminal.tap(card, 0.0)
+        uplink.notify()
+        await eventually(lambda: uplink.stats.published == 2, 10)  # refused, yet the records go out
+        await eventually(lambda: len(broker.subscriptions) == 2, 10)  # on the next tick
+        await eventually(lambda: "granted" in timer.told, 10)
+        ack = Ack(schema=ACK_SCHEMA, terminal=terminal.terminal_hex, acked_through=2)
+        broker.send(mqtt.publish(uplink.policy.ack_topic, ack.to_json().encode(), qos=0, version=mqtt.MQTT5))
+        await eventually(lambda: terminal.outbox.queued() == 0, 10)
+        await asyncio.sleep(1.1)  # another tick: nothing more to ask for
+    return broker.subscriptions, broker.kinds, broker.connections, uplink.stats.acked
+
+
+def test_a_refused_subscription_is_asked_again_on_the_same_connection_and_acks_then_arrive(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with caplog.at_level(logging.INFO, logger="terminals.uplink_policy"):
+        subscriptions, kinds, connections, acked = asyncio.run(_refused_then_granted())
+    ack = ack_topic("4560", "4560ABCD0003")
+    assert subscriptions == [[ack, *HOTLIST_FILTERS]] * 2 and connections == 1 and acked == 2
+    assert kinds.index(mqtt.PUBLISH) < [n for n, k in enumerate(kinds) if k == mqtt.SUBSCRIBE][1]
+    said = [(r.levelno, r.getMessage()) for r in caplog.records]
+    assert [level for level, _ in said] == [logging.WARNING, logging.INFO]
+    assert "151 quota exceeded" in said[0][1] and "no ack can come until it is granted" in said[0][1]
+    assert said[1][1] == f"broker granted the subscription to {ack}, {', '.join(HOTLIST_FILTERS)} after 1 refusal(s)"
 
 
 async def _server_keep_alive() -> tuple[int, list[int]]:
     # MQTT 5 CONNACK: session not present, accepted, Server Keep Alive 2 s
-    broker = _ScriptedBroker(mqtt.MQTT5, b"\x20\x06\x00\x00\x03\x13\x00\x02", [1] * (1 + len(HOTLIST_FILTERS)))
+    broker = ScriptedBroker(mqtt.MQTT5, b"\x20\x06\x00\x00\x03\x13\x00\x02", lambda _n, _topic: 1)
     uplink, _ = await _against(broker, 0)
     async with running(uplink.run()):
         await eventually(lambda: uplink.stats.connected, 10)

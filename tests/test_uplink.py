@@ -18,6 +18,7 @@ import pytest
 from hotlist_support import Message, delta, snapshot
 from mqtt_support import (
     MOSQUITTO,
+    ScriptedBroker,
     StubClearing,
     eventually,
     private_mosquitto,
@@ -25,17 +26,22 @@ from mqtt_support import (
     running,
     unique_terminal,
 )
-from support import new_card, new_state
+from support import KEYS, new_card, new_state
 from terminal_support import make_terminal
 
 from cardsim.image import save_card
+from cardsim.issuer import IssuerHost
 from terminals.hotlist import Listing
-from terminals.messages import hotlist_delta_topic, parse_record, parse_uplink
+from terminals.messages import ACK_SCHEMA, HOTLIST_FILTERS, Ack, hotlist_delta_topic, parse_record, parse_uplink
 from terminals.mqtt import BrokerUrl, embedded_broker, stop_if_cancelled
+from terminals.outbox import MemoryOutbox
 from terminals.reader import InProcessReader
 from terminals.terminal import Terminal
 from terminals.uplink import Uplink
 from terminals.uplink_policy import ApplyAck, Publication
+from yikatong import load_mqtt as mqtt
+from yikatong.loadgen import SimTerminal, TimedQueue
+from yikatong.synthetic import synthetic_cards
 
 
 def outbox_records(terminal: Terminal) -> dict[int, str]:
@@ -327,6 +333,37 @@ def test_an_ack_beyond_what_was_published_drops_only_what_was_published() -> Non
     asyncio.run(uplink._apply(action.ack))
     assert [seq for seq, _ in sender.outbox.unacked(0, 10)] == [3, 4, 5]
     assert uplink.stats.acked == 2
+
+
+async def test_a_refused_subscription_is_asked_again_on_the_same_connection_until_granted(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """NATS's MQTT layer refuses a subscription when it cannot make the JetStream consumer (a cluster node down):
+    the terminal publishes all the same, asks again after the policy's delay (twice refused here: 135 not
+    authorized), and once granted the clearing's acks free its records; all on one connection."""
+    broker = ScriptedBroker(mqtt.MQTT5, b"\x20\x03\x00\x00\x00", lambda n, _topic: 0x87 if n < 2 else 1)
+    server = await asyncio.start_server(broker.serve, "127.0.0.1", 0)
+    url = BrokerUrl("127.0.0.1", server.sockets[0].getsockname()[1], speaks_mqtt5=True)
+    terminal = SimTerminal(IssuerHost(KEYS), "4560", "4560ABCD0005", TimedQueue(MemoryOutbox()), 200)
+    card = synthetic_cards(1, ["4560"])[0]
+    for _ in range(3):
+        terminal.tap(card, 0.0)
+    uplink = Uplink(url, terminal, in_thread=False, resubscribe_after=0.1)
+    caplog.set_level(logging.INFO, logger="terminals.uplink_policy")
+    async with server, running(uplink.run()):
+        await eventually(lambda: uplink.stats.published == 3, 10)  # refused, yet the records go out
+        await eventually(lambda: len(broker.subscriptions) == 3, 10)
+        await eventually(lambda: "granted the subscription" in caplog.text, 10)
+        ack = Ack(schema=ACK_SCHEMA, terminal=terminal.terminal_hex, acked_through=3)
+        broker.send(mqtt.publish(uplink.policy.ack_topic, ack.to_json().encode(), qos=0, version=mqtt.MQTT5))
+        await eventually(lambda: terminal.outbox.queued() == 0, 10)
+        await asyncio.sleep(0.3)  # time for a fourth SUBSCRIBE, were one to come
+    topics = [uplink.policy.ack_topic, *HOTLIST_FILTERS]
+    assert broker.subscriptions == [topics] * 3 and broker.connections == 1 and uplink.stats.acked == 3
+    said = [(r.levelno, r.getMessage()) for r in caplog.records if r.name == "terminals.uplink_policy"]
+    assert [level for level, _ in said] == [logging.WARNING, logging.INFO], said  # the second refusal: debug
+    assert "135 not authorized" in said[0][1] and "asking again in 0.1 s" in said[0][1]
+    assert said[1][1].endswith("after 2 refusal(s)")
 
 
 async def test_a_cancel_that_comes_with_the_brokers_answer_is_not_lost() -> None:

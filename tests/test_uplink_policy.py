@@ -19,6 +19,7 @@ from terminals.uplink_policy import (
     Outcome,
     Publication,
     Refuse,
+    Resubscribe,
     RetryAfter,
     UplinkPolicy,
     puback_outcome,
@@ -310,11 +311,58 @@ def test_mqtt5_falls_back_to_3_1_1_only_while_undecided() -> None:
     assert not old.mqtt5 and not old.probing
 
 
-def test_a_refused_ack_subscription_is_logged(caplog: pytest.LogCaptureFixture) -> None:
+ACK = f"yikatong/4510/ack/{NUMBER}"
+
+
+def test_a_refused_ack_subscription_is_logged_once_a_connection_and_its_grant_told(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     policy = UplinkPolicy("4510", NUMBER, now=0.0)
-    policy.subscription_granted([1])
+    policy.connected()
+    assert policy.subscription_granted([ACK, "h/#"], [1, 1]) is None
     assert not caplog.records
-    policy.subscription_granted([0x87])
-    assert caplog.messages == [
-        f"broker refused the subscription to yikatong/4510/ack/{NUMBER} (SUBACK 135 not authorized): no ack can come"
-    ]
+    assert policy.subscription_granted([ACK, "h/#"], [0x87, 1]) == Resubscribe((ACK,), 2.0)
+    assert policy.subscription_granted([ACK], [0x80]) == Resubscribe((ACK,), 4.0)
+    assert policy.subscription_granted([ACK], [1]) is None
+    assert caplog.messages[0] == (
+        f"broker refused the subscription to {ACK} (SUBACK 135 not authorized): publishing all the same, no ack can "
+        "come until it is granted; asking again in 2.0 s, then less often (up to 30 s), until granted"
+    )
+    assert [r.levelno for r in caplog.records] == [logging.WARNING, logging.INFO]  # the second refusal: debug
+    assert caplog.messages[1] == f"broker granted the subscription to {ACK} after 2 refusal(s)"
+    policy.lost("gone")
+    policy.connected()  # a new connection: said again, from the first delay
+    assert policy.subscription_granted([ACK], [0x97]) == Resubscribe((ACK,), 2.0)
+    assert caplog.records[-1].levelno == logging.WARNING and "151 quota exceeded" in caplog.messages[-1]
+
+
+@pytest.mark.parametrize("code", [0x80, 0x83, 0x87, 0x8F, 0x97, 0xA2])
+def test_any_refusing_suback_code_is_asked_again_doubling_up_to_30_s_until_granted(code: int) -> None:
+    policy = UplinkPolicy("4510", NUMBER, now=0.0)
+    policy.connected()
+    delays = []
+    for _ in range(7):
+        again = policy.subscription_granted([ACK], [code])
+        assert again is not None and again.filters == (ACK,)
+        delays.append(again.delay)
+    assert delays == [2.0, 4.0, 8.0, 16.0, 30.0, 30.0, 30.0]
+    assert policy.subscription_granted([ACK], [0]) is None
+    assert policy.subscription_granted([ACK], [code]) == Resubscribe((ACK,), 2.0), "a grant starts over"
+
+
+def test_refused_hotlist_filters_are_asked_again_too_and_the_delay_is_injectable() -> None:
+    policy = UplinkPolicy("4510", NUMBER, now=0.0, resubscribe_after=0.5)
+    policy.connected()
+    assert policy.subscription_granted([ACK, "a/#", "b/#"], [1, 0x80, 1]) == Resubscribe(("a/#",), 0.5)
+
+
+def test_uplinks_sharing_what_was_told_say_each_subscription_news_once(caplog: pytest.LogCaptureFixture) -> None:
+    told: set[str] = set()
+    policies = [UplinkPolicy("4510", f"45100000000{n}", now=0.0, told=told) for n in range(3)]
+    for policy in policies:
+        policy.connected()
+        assert policy.subscription_granted([policy.ack_topic], [0x80]) is not None
+        assert policy.subscription_granted([policy.ack_topic], [1]) is None
+    loud = [r for r in caplog.records if r.levelno > logging.DEBUG]
+    assert [r.levelno for r in loud] == [logging.WARNING, logging.INFO]
+    assert loud[0].getMessage().endswith("(not said again for other terminals of this process)")

@@ -23,7 +23,15 @@ from terminals.messages import HOTLIST_FILTERS, Ack
 from terminals.mqtt import BrokerUrl, connection_error
 from terminals.signing import Signer
 from terminals.uplink import Sender
-from terminals.uplink_policy import ApplyAck, OfferHotlist, Publication, UplinkPolicy, UplinkStats
+from terminals.uplink_policy import (
+    FIRST_RESUBSCRIBE,
+    ApplyAck,
+    OfferHotlist,
+    Publication,
+    Resubscribe,
+    UplinkPolicy,
+    UplinkStats,
+)
 from yikatong import load_mqtt as mqtt
 
 log = logging.getLogger(__name__)
@@ -103,7 +111,8 @@ class LinkTimer:
     def __init__(self) -> None:
         self.uplinks: list[LeanUplink] = []
         self.connecting = asyncio.Semaphore(CONNECTING)
-        self.refusal_told = False  # a refused subscription was logged (once a process: all terminals ask alike)
+        # subscription news already logged ("refused", "granted"): once a process, as all its terminals ask alike
+        self.told: set[str] = set()
 
     async def run(self) -> None:
         """Tick the uplinks until cancelled."""
@@ -133,6 +142,7 @@ class LeanUplink:
         max_backoff: float = 10.0,
         session_expiry: int | None = None,
         on_ack: Callable[[Ack, int, int], None] | None = None,
+        resubscribe_after: float = FIRST_RESUBSCRIBE,
     ) -> None:
         self.broker = broker
         self.terminal = terminal
@@ -144,6 +154,8 @@ class LeanUplink:
             batch=batch,
             ack_timeout=ack_timeout,
             max_backoff=max_backoff,
+            resubscribe_after=resubscribe_after,
+            told=timer.told,
         )
         # over mqtts:// the terminal's own certificate: its TLS context (made once; each connection a handshake)
         # and its signature on every message, as terminals.uplink does
@@ -160,6 +172,8 @@ class LeanUplink:
         self._ready = False  # subscribed: records may go out
         self._next_id = 0
         self._inflight: tuple[int, Publication, float] | None = None  # packet id, what, when sent
+        self._again: tuple[Resubscribe, float] | None = None  # refused filters to ask for again, and when
+        self._resubscribing: tuple[int, tuple[str, ...], float] | None = None  # a later SUBSCRIBE: id, what, when
         self._waiting: dict[type, asyncio.Future[mqtt.Packet]] = {}
         timer.uplinks.append(self)
 
@@ -191,9 +205,9 @@ class LeanUplink:
                     )
                     link = self._link = made
                     self._heard_at = time.monotonic()
-                    await self._handshake(made)
+                    filters, codes = await self._handshake(made)
                 self.policy.connected()
-                self.policy.subscribed(time.monotonic())
+                self._granted(filters, codes)
                 self._ready = True
                 self._pump()
                 raise LinkError(await made.closed)
@@ -202,6 +216,7 @@ class LeanUplink:
                     log.warning("uplink to %s: %s; retrying", self.broker, err)
             finally:
                 self._ready, self._inflight, self._link = False, None, None
+                self._again = self._resubscribing = None
                 self.link_closed("stopped")
                 if link is not None:
                     link.goodbye()  # after a lost connection a no-op; when cancelled, a clean leave
@@ -223,8 +238,9 @@ class LeanUplink:
                 waiter.set_exception(LinkError(reason))
         self._waiting.clear()
 
-    async def _handshake(self, link: _Connection) -> None:
-        """CONNECT, then one SUBSCRIBE to the terminal's ack topic and every issuer's hotlist (QoS 1)."""
+    async def _handshake(self, link: _Connection) -> tuple[tuple[str, ...], tuple[int, ...]]:
+        """CONNECT, then one SUBSCRIBE to the terminal's ack topic and every issuer's hotlist (QoS 1): the filters
+        and the SUBACK's codes."""
         link.send(
             mqtt.connect(
                 f"yikatong-terminal-{self.terminal.terminal_hex}",
@@ -241,21 +257,17 @@ class LeanUplink:
         if answer.code != 0:
             raise LinkError(f"the broker refused the connection (CONNACK code {answer.code})")
         self.keepalive = KEEPALIVE if answer.keepalive is None else answer.keepalive  # as paho does
-        filters = [self.policy.ack_topic, *HOTLIST_FILTERS]
-        link.send(mqtt.subscribe(self._packet_id(), filters, 1, version=self.version))
+        filters = (self.policy.ack_topic, *HOTLIST_FILTERS)
+        link.send(mqtt.subscribe(self._packet_id(), list(filters), 1, version=self.version))
         granted = await self._expect(mqtt.SubAck)
         assert isinstance(granted, mqtt.SubAck)
-        refused = [f for f, code in zip(filters, granted.codes, strict=False) if code >= 0x80]
-        if refused and not self.timer.refusal_told:
-            # the real uplink (aiomqtt) does not look at SUBACK codes and publishes all the same: so does this one
-            self.timer.refusal_told = True
-            log.warning(
-                "uplink to %s: the broker refused the subscription to %s (SUBACK codes %s); publishing all the same, "
-                "as a real terminal does (not said again for other terminals of this process)",
-                self.broker,
-                ", ".join(refused),
-                list(granted.codes),
-            )
+        return filters, granted.codes
+
+    def _granted(self, filters: tuple[str, ...], codes: tuple[int, ...]) -> None:
+        """A SUBACK: as the real uplink, publish all the same, and ask again later for what was refused."""
+        self.policy.subscribed(time.monotonic())  # the broker sends the retained hotlists of those granted now
+        again = self.policy.subscription_granted(filters, codes)
+        self._again = None if again is None else (again, time.monotonic() + again.delay)
 
     def _pump(self) -> None:
         """Publish the next message if none is in flight (the policy says which records)."""
@@ -284,6 +296,11 @@ class LeanUplink:
                 self._deliver(topic, payload)
                 if qos and self._link is not None:
                     self._link.send(mqtt.puback(packet_id))
+            case mqtt.SubAck(packet_id=packet_id, codes=codes) if (
+                self._resubscribing is not None and self._resubscribing[0] == packet_id
+            ):
+                filters, self._resubscribing = self._resubscribing[1], None
+                self._granted(filters, codes)
             case mqtt.ConnAck() | mqtt.SubAck():
                 waiter = self._waiting.pop(type(packet), None)
                 if waiter is not None and not waiter.done():
@@ -304,12 +321,19 @@ class LeanUplink:
                 self.policy.hotlist_offered(time.monotonic())
 
     def tick(self, now: float) -> None:
-        """Once a second: a PUBACK overdue or a silent broker ends the connection; keepalive; resend when due."""
+        """Once a second: a PUBACK or SUBACK overdue or a silent broker ends the connection; keepalive; a refused
+        subscription asked for again when due; resend when due."""
         link = self._link
         if link is None or not self._ready:
             return
+        if self._again is not None and now >= self._again[1]:
+            filters, self._again = self._again[0].filters, None
+            self._resubscribing = (self._packet_id(), filters, now)
+            link.send(mqtt.subscribe(self._resubscribing[0], list(filters), 1, version=self.version))
         if self._inflight is not None and now - self._inflight[2] > TIMEOUT:
             link.close("Operation timed out")
+        elif self._resubscribing is not None and now - self._resubscribing[2] > TIMEOUT:
+            link.close(f"no SubAck from the broker in {TIMEOUT:g} s")
         elif self.keepalive and now - self._heard_at > self.keepalive * 1.5:
             link.close("no word from the broker within the keepalive")
         elif self.keepalive and now - self.sent_at >= self.keepalive * 0.9:
