@@ -48,7 +48,7 @@ class LoadSettings(TypedDict):
     duration: float
     profile: str
     broker: str
-    clearing: str  # "started" or "external"
+    clearing: str  # "external", or "started" (and how, on a cluster)
     session_expiry: int | None
     seed: int
     workers: int
@@ -473,6 +473,7 @@ def render_html(doc: LoadSummary) -> str:
         ("unacked at the end", f"{doc['unacked']:,}", RED if doc["unacked"] else ""),
         ("ack latency", " ".join(f"{k} {v} ms" for k, v in lat.items()), ""),
         ("broker", str(settings["broker"]), ""),
+        ("clearing", str(settings["clearing"]), ""),
         *_hotlist_rows(doc["hotlist"]),
         *_metrics_rows(doc["clearing_metrics"]),
     ]
