@@ -4,11 +4,12 @@
 #   system: pcscd + vsmartcard-vpcd (the virtual PC/SC reader), mosquitto (+ clients), PostgreSQL (the
 #           clearing's scale-out database), and what pyscard builds against (swig, libpcsclite-dev, a C compiler)
 #           pcsc-tools (pcsc_scan, scriptor) and libnfc-bin (nfc-list, nfc-mfclassic): outside clients of the M1 readers
+#           nats-server: the 3-node loopback NATS cluster (scripts/nats-cluster.sh, `--cluster` runs)
 #   python: this repo with its [test] extras (pyserial for PN532 boards among them)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(pcscd vsmartcard-vpcd libpcsclite-dev swig mosquitto mosquitto-clients postgresql gcc chromium pcsc-tools libnfc-bin)
+packages=(pcscd vsmartcard-vpcd libpcsclite-dev swig mosquitto mosquitto-clients postgresql gcc chromium pcsc-tools libnfc-bin nats-server)
 missing=()
 for pkg in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
