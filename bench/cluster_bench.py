@@ -1,7 +1,7 @@
 """Benchmark: the clearing on a 3-node NATS cluster beside the single Mosquitto, in one run, and the recovery
 after a node is SIGKILLed (issue 21).
 
-    python3 bench/cluster_bench.py [--terminals 60] [--rate 600] [--seconds 10] [--workers 1,2,4]
+    python3 bench/cluster_bench.py [--terminals 60] [--rate 800] [--seconds 10] [--workers 1,2,4]
         [--mosquitto mqtt://127.0.0.1:1883] [--recovery-rate 100] [--recovery-seconds 30] [--kill-at 10]
         [--down 5] [--skip-throughput] [--skip-recovery]
 
@@ -73,7 +73,7 @@ def load_command(args: argparse.Namespace, out: Path, db: str, rate: float, seco
         "--duration",
         str(seconds),
         "--drain",
-        "180",
+        "60",
         "--db",
         db,
         "--out",
@@ -257,7 +257,7 @@ def _counts(text: str) -> list[int]:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--terminals", type=int, default=60, help="simulated terminals (default 60)")
-    parser.add_argument("--rate", type=float, default=600.0, help="taps/s offered in (a): past saturation (600)")
+    parser.add_argument("--rate", type=float, default=800.0, help="taps/s offered in (a): past saturation (800)")
     parser.add_argument("--seconds", type=float, default=10.0, help="seconds of load a row of (a) (10)")
     parser.add_argument("--workers", type=_counts, default=[1, 2, 4], help="clearing workers a city (1,2,4)")
     parser.add_argument("--mosquitto", default="mqtt://127.0.0.1:1883", help="the single broker of the baseline")
@@ -265,7 +265,13 @@ if __name__ == "__main__":
     parser.add_argument("--recovery-seconds", type=float, default=30.0, help="seconds of load in (b) (30)")
     parser.add_argument("--kill-at", type=float, default=10.0, help="seconds into (b)'s load of the kill (10)")
     parser.add_argument("--down", type=float, default=5.0, help="seconds the node stays down (5)")
-    parser.add_argument("--seed", type=int, default=21, help="the load's seed (its terminals)")
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=secrets.randbits(32),
+        help="the load's seed, its terminals (default: new a run, or the machine's Mosquitto would still hold the "
+        "sessions of a run minutes ago with the same terminal numbers)",
+    )
     parser.add_argument("--skip-throughput", action="store_true", help="leave (a) out")
     parser.add_argument("--skip-recovery", action="store_true", help="leave (b) out")
     main(parser.parse_args())

@@ -98,7 +98,10 @@ def clearing_processes(
         for proc, path, worker in zip(procs, paths, workers, strict=True):
             while "connected to" not in path.read_text(errors="replace"):
                 if proc.poll() is not None:
-                    raise CliError(f"the clearing process stopped at start ({_last_line(path)}): see {path}")
+                    raise CliError(
+                        f"the clearing process stopped at start (exit code {proc.returncode}; {_last_line(path)}): "
+                        f"see {path}"
+                    )
                 if time.monotonic() > deadline:
                     raise CliError(
                         f"the clearing process did not connect to {worker.broker} in {timeout:.0f} s: see {path}"
