@@ -104,7 +104,7 @@ def run_row(args: argparse.Namespace, out: Path, where: list[str]) -> dict[str, 
 def stored_per_second(metrics: dict[str, Any]) -> float:
     """Records the clearings stored (terminals' and forwarded) per second, from the first scrape that saw one
     stored to the last: what they achieved, whether or not each ack reached its terminal."""
-    busy = [s["second"] for s in metrics["timeline"] if sum(s["stored_per_second"].values()) > 0]
+    busy = [float(s["second"]) for s in metrics["timeline"] if sum(s["stored_per_second"].values()) > 0]
     if not busy:
         return 0.0
     stored = sum(int(c["records_stored"]) for c in metrics["cities"].values())
