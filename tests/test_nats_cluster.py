@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from yikatong.nats_cluster import ClusterError, NatsCluster, mqtt_accepts, connack_code, mqtt_connect_packet
+from yikatong.nats_cluster import ClusterError, NatsCluster, connack_code, mqtt_accepts, mqtt_connect_packet
 
 REPO = Path(__file__).resolve().parent.parent
 
