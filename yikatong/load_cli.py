@@ -369,9 +369,8 @@ async def _run(args: argparse.Namespace, pairs: list[tuple[str, str]], cards: li
     from yikatong.load_report import LoadSettings, render_html, summary
     from yikatong.load_workers import SPARE_FILES, open_files, worker_specs
 
-    if (
-        args.broker is None and not args.cluster
-    ):  # the embedded broker holds every terminal's connection in this process
+    # the embedded broker holds every terminal's connection in this process
+    if args.broker is None and not args.cluster:
         open_files(len(pairs) + SPARE_FILES, "the embedded broker (this process)")
     # a given broker is shared and outlives the run: the terminals' sessions must expire there (MQTT 5); the
     # embedded amqtt speaks MQTT 3.1.1 only, and its sessions end with it at the end of the run; a broker given
