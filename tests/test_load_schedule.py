@@ -107,7 +107,7 @@ def _run(clock: FakeTime) -> LoadRun:
     # no broker: the uplinks never run, the test acks by hand through each uplink's on_ack
     terminals = [CostlyTerminal(clock, f"4510{k:08X}") for k in range(4)]
     cards = {"4510": synthetic_cards(40, ["4510"])}
-    return LoadRun(BrokerUrl("127.0.0.1", 1), terminals, cards, seed=7, clock=clock, sleep=clock.sleep)
+    return LoadRun([BrokerUrl("127.0.0.1", 1)], terminals, cards, seed=7, clock=clock, sleep=clock.sleep)
 
 
 async def _ack_everything(run: LoadRun) -> None:

@@ -13,7 +13,8 @@ import logging
 import os
 import random
 import secrets
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -31,7 +32,7 @@ from yikatong.argtypes import (
 from yikatong.errors import CliError
 from yikatong.load_profiles import PROFILES
 from yikatong.pki_devices import as_device, check_pki_options, issue_certificates, require_certificates
-from yikatong.process import setup_logging
+from yikatong.process import ClearingWorker, setup_logging, stop_on_sigterm
 
 # the load engine, MQTT and the database are imported by the command when it runs: --help and the other
 # commands start without them
@@ -44,6 +45,8 @@ if TYPE_CHECKING:
     from yikatong.synthetic import SyntheticCard
 
 CITIES = ["4510", "4560", "4530"]
+CLUSTER_NODES = 3  # NATS nodes of --cluster
+CLUSTER_WORKERS = 2  # clearing workers a city with --cluster
 SESSION_EXPIRY = 300  # seconds: a killed run rerun by hand with --state-dir finds its sessions; then they go
 
 
@@ -130,6 +133,23 @@ def register(groups: Subcommands) -> None:
         "--external-clearing",
         action="store_true",
         help="a clearing already serves the broker (yikatong clearing serve): start none",
+    )
+    load.add_argument(
+        "--cluster",
+        action="store_true",
+        help="run on a 3-node NATS cluster started for the run in OUT/nats-cluster (JetStream, MQTT 3.1.1 on "
+        "each node; stopped at the end): terminal i connects to node i %% 3's MQTT listener, and each city's "
+        "--cluster-workers clearing workers share the city's JetStream stream (clearing serve --jetstream), "
+        "worker w answering on node w %% 3. Not with --broker or --pki, nor --external-clearing (the cluster "
+        "lives only as long as the run: for workers of your own, start one with 'python -m "
+        "yikatong.nats_cluster start' and give a node's MQTT URL as --broker with --external-clearing)",
+    )
+    load.add_argument(
+        "--cluster-workers",
+        type=positive,
+        metavar="N",
+        help=f"with --cluster: clearing workers per city, each its own process (default {CLUSTER_WORKERS}); more "
+        "than one needs a PostgreSQL --db (SQLite files would have the workers wait on each other's writes)",
     )
     load.add_argument(
         "--db",
@@ -241,11 +261,36 @@ def _check(args: argparse.Namespace) -> None:
         raise CliError("--sweep offers flat steps: leave --profile out")
     if args.clearing_metrics and not args.external_clearing:
         raise CliError("--clearing-metrics is for an --external-clearing: the started clearings are scraped anyway")
+    _check_cluster(args)
     check_pki_options(args)
     if args.pki is not None and args.seed is None and args.state_dir is None:
         raise CliError(
             "--pki needs --seed N (or --state-dir DIR): the run's terminals must be the ones its certificates were "
             "issued for"
+        )
+
+
+def _check_cluster(args: argparse.Namespace) -> None:
+    """Refuse what --cluster and --cluster-workers cannot run with."""
+    if not args.cluster:
+        if args.cluster_workers is not None:
+            raise CliError("--cluster-workers is for --cluster: the clearings on one broker are one a city")
+        return
+    if args.broker is not None or args.pki is not None:
+        raise CliError(
+            "--cluster starts its own NATS cluster and speaks plain MQTT 3.1.1 to it: leave --broker and --pki out"
+        )
+    if args.external_clearing:
+        raise CliError(
+            "--cluster with --external-clearing: the run's cluster ends with the run, so workers of your own could "
+            "not be there first; start a cluster with 'python -m yikatong.nats_cluster start', your workers with "
+            "clearing serve --jetstream, then load --broker NODE_MQTT_URL --external-clearing"
+        )
+    workers = args.cluster_workers or CLUSTER_WORKERS
+    if workers > 1 and (args.db is None or str(args.db).startswith("sqlite")):
+        raise CliError(
+            f"--cluster with {workers} clearing workers a city needs a PostgreSQL --db (postgresql+asyncpg://...): "
+            "on a SQLite file they would wait on each other's writes; or give --cluster-workers 1"
         )
 
 
@@ -257,6 +302,8 @@ def run(args: argparse.Namespace) -> int:
 
     setup_logging(logging.ERROR)  # the uplinks' reconnect warnings would drown the progress line
     _check(args)
+    if args.cluster:  # a SIGTERM must stop the cluster's nodes too: they are not in this process group
+        stop_on_sigterm()
     out: Path = args.out
     try:
         if not args.issue_certificates_only:
@@ -318,12 +365,12 @@ def _devices(cities: list[str], pairs: list[tuple[str, str]]) -> list[Identity]:
 
 async def _run(args: argparse.Namespace, pairs: list[tuple[str, str]], cards: list[SyntheticCard], seed: int) -> int:
     from cardsim.files import write_text_atomic
-    from terminals.mqtt import given_or_embedded
     from yikatong.load_console import print_summary
     from yikatong.load_report import LoadSettings, render_html, summary
     from yikatong.load_workers import SPARE_FILES, open_files, worker_specs
 
-    if args.broker is None:  # the embedded broker holds every terminal's connection in this process
+    # the embedded broker holds every terminal's connection in this process
+    if args.broker is None and not args.cluster:
         open_files(len(pairs) + SPARE_FILES, "the embedded broker (this process)")
     # a given broker is shared and outlives the run: the terminals' sessions must expire there (MQTT 5); the
     # embedded amqtt speaks MQTT 3.1.1 only, and its sessions end with it at the end of the run; a broker given
@@ -336,12 +383,12 @@ async def _run(args: argparse.Namespace, pairs: list[tuple[str, str]], cards: li
     for card in cards:
         by_city.setdefault(card.issuer, []).append(card)
     listed = listed_cards(by_city, args.hotlist_cards) if args.hotlist_at is not None else []
-    async with given_or_embedded(args.broker) as broker:
+    async with _network(args) as network:
         specs = worker_specs(
             args.workers,
             pairs,
             cards,
-            broker=broker,
+            network.brokers,
             keys=args.keys,
             fare=args.fare,
             seed=seed,
@@ -361,18 +408,18 @@ async def _run(args: argparse.Namespace, pairs: list[tuple[str, str]], cards: li
         )
         print(
             f"load: {len(pairs):,} terminals in {len(specs)} worker process(es), {args.cards:,} cards, {what} on "
-            f"{broker}" + ("" if args.external_clearing else "; starting the clearings"),
+            f"{network}" + ("" if args.external_clearing else f"; starting the clearings{network.clearings}"),
             flush=True,
         )
-        result = await _conduct(args, broker, specs, expiry, listed)
+        result = await _conduct(args, network, specs, expiry, listed)
         settings: LoadSettings = {
             "terminals": args.terminals,
             "cards": args.cards,
             "rate": args.rate,
             "duration": args.duration,
             "profile": args.profile,
-            "broker": str(broker),
-            "clearing": "external" if args.external_clearing else "started",
+            "broker": str(network),
+            "clearing": "external" if args.external_clearing else f"started{network.clearings}",
             "session_expiry": expiry,
             "seed": seed,
             "workers": len(specs),
@@ -401,7 +448,7 @@ async def _run(args: argparse.Namespace, pairs: list[tuple[str, str]], cards: li
 
 async def _conduct(
     args: argparse.Namespace,
-    broker: BrokerUrl,
+    network: Network,
     specs: list[WorkerSpec],
     expiry: int | None,
     listed: list[SyntheticCard],
@@ -409,7 +456,6 @@ async def _conduct(
     """The clearings started (unless external), the workers connected, the load offered (or swept), merged."""
     import asyncio
 
-    from terminals.mqtt import free_port
     from yikatong.load_console import Printer
     from yikatong.load_coordinator import Coordinator, Hotlist
     from yikatong.load_schedule import Plan, Sweep
@@ -422,19 +468,18 @@ async def _conduct(
     def database(city: str) -> str:
         return str(args.db) if args.db else f"sqlite:///{out / f'clearing-{city}.sqlite'}"
 
-    ports = {} if args.external_clearing else {city: free_port() for city in args.cities}
-    endpoints = {city: f"http://127.0.0.1:{port}/metrics" for city, port in ports.items()}
+    broker = network.brokers[0]
+    workers = [] if args.external_clearing else network.clearing_workers(args.cities)
+    endpoints = {w.label: f"http://127.0.0.1:{w.metrics_port}/metrics" for w in workers}
     endpoints |= {f"external-{i}": url for i, url in enumerate(args.clearing_metrics)}
     stack = contextlib.ExitStack()
     printer = Printer()
     try:
-        if not args.external_clearing:
+        if workers:
             # in a thread: the embedded broker in this loop must serve the clearings while they start and stop
             await asyncio.to_thread(
                 lambda: stack.enter_context(
-                    clearing_processes(
-                        args.cities, broker, database, out, session_expiry=expiry, metrics_ports=ports, pki=args.pki
-                    )
+                    clearing_processes(workers, database, out, session_expiry=expiry, pki=args.pki)
                 )
             )
         async with WorkerPool(specs) as pool:
@@ -455,6 +500,64 @@ async def _conduct(
     finally:
         printer.done()
         await asyncio.to_thread(stack.close)
+
+
+@dataclass(frozen=True)
+class Network:
+    """The brokers of a run: one (given or embedded), or the MQTT listeners of a NATS cluster's nodes, with the
+    cluster's NATS URLs (``jetstream``: where the clearing workers take the records) and the workers a city."""
+
+    brokers: list[BrokerUrl]
+    jetstream: list[str] = field(default_factory=list)  # empty: no cluster
+    workers: int = 1  # clearing workers a city
+
+    def __str__(self) -> str:
+        if not self.jetstream:
+            return str(self.brokers[0])
+        return f"a {len(self.brokers)}-node NATS cluster ({', '.join(map(str, self.brokers))})"
+
+    @property
+    def clearings(self) -> str:
+        """How the started clearings take the records, said after "started" ("" for one a city on one broker)."""
+        return f": {self.workers} worker(s) a city sharing its JetStream stream" if self.jetstream else ""
+
+    def clearing_workers(self, cities: list[str]) -> list[ClearingWorker]:
+        """The clearing processes to start, each with a metrics port: one a city on the broker, or on a cluster
+        ``workers`` a city, worker w answering on node w % nodes (a city's workers on different nodes)."""
+        from terminals.mqtt import free_port
+
+        if not self.jetstream:
+            return [ClearingWorker(city, self.brokers[0], metrics_port=free_port()) for city in cities]
+        nodes = ("--jetstream", ",".join(self.jetstream))
+        return [
+            ClearingWorker(city, self.brokers[w % len(self.brokers)], f"w{w + 1}", free_port(), nodes)
+            for city in cities
+            for w in range(self.workers)
+        ]
+
+
+@contextlib.asynccontextmanager
+async def _network(args: argparse.Namespace) -> AsyncIterator[Network]:
+    """``--broker`` or an embedded broker; with ``--cluster`` a NATS cluster started in OUT/nats-cluster and
+    stopped on the way out whatever happened (its nodes run in sessions of their own: no Ctrl-C reaches them)."""
+    from terminals.mqtt import BrokerUrl, given_or_embedded
+
+    if not args.cluster:
+        async with given_or_embedded(args.broker) as broker:
+            yield Network([broker])
+        return
+    from yikatong.nats_cluster import ClusterError, NatsCluster
+
+    cluster = NatsCluster(args.out / "nats-cluster", size=CLUSTER_NODES)
+    try:
+        try:  # on the loop, blocking: nothing else runs yet, and a Ctrl-C meanwhile lands after it, in the finally
+            cluster.start()
+        except ClusterError as err:
+            raise CliError(f"--cluster: {err}") from err
+        brokers = [BrokerUrl.parse(url) for url in cluster.mqtt_urls]
+        yield Network(brokers, cluster.nats_urls, args.cluster_workers or CLUSTER_WORKERS)
+    finally:
+        cluster.stop()
 
 
 def listed_cards(cards: dict[str, list[SyntheticCard]], count: int) -> list[SyntheticCard]:

@@ -70,6 +70,7 @@ def print_summary(doc: LoadSummary, colour: bool | None = None) -> None:
     schedule = schedule_line(doc["schedule"])
     print()
     connected = f"{doc['connected']:,} connected, {doc['connect_seconds']} s to connect"
+    print(f"broker           {doc['settings']['broker']}; clearing {doc['settings']['clearing']}")
     print(f"terminals        {doc['terminals']:,} ({connected}; {doc['workers']} worker process(es))")
     print(f"offered          {doc['offered']:,} taps")
     print(f"schedule         {red(schedule, colour) if doc['schedule']['behind'] else schedule}")

@@ -109,10 +109,14 @@ async def _figures(series: MetricsSeries, url: str, second: float) -> dict[str, 
 
 
 async def scrape(series: MetricsSeries, second: float) -> None:
-    """One round over the endpoints at once into ``series``; an endpoint that fails is noted with its reason."""
+    """One round over the endpoints at once into ``series``; an endpoint that fails is noted with its reason. A
+    clearing's figures go under its city, or under the endpoint's name when that names one of several workers of
+    the city (CITY-NAME: each worker's own figures)."""
     figures: dict[str, CityMetrics] = {}
-    for found in await asyncio.gather(*(_figures(series, url, second) for url in series.endpoints.values())):
-        figures |= found
+    names = list(series.endpoints)
+    found = await asyncio.gather(*(_figures(series, url, second) for url in series.endpoints.values()))
+    for name, cities in zip(names, found, strict=True):
+        figures |= {name if name.startswith(f"{city}-") else city: f for city, f in cities.items()}
     series.add(second, figures)
 
 

@@ -6,6 +6,7 @@ as inline SVG (no script, nothing fetched)."""
 from __future__ import annotations
 
 import html
+import itertools
 import os
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, TypedDict
@@ -48,7 +49,7 @@ class LoadSettings(TypedDict):
     duration: float
     profile: str
     broker: str
-    clearing: str  # "started" or "external"
+    clearing: str  # "external", or "started" (and how, on a cluster)
     session_expiry: int | None
     seed: int
     workers: int
@@ -329,11 +330,11 @@ def _metrics_charts(metrics: MetricsDoc | None) -> str:
     timeline = metrics["timeline"]
     xs = [max(0.0, s["second"]) for s in timeline]
     cities = sorted(metrics["cities"])
-    colours = dict(zip(cities, PALETTE, strict=False))
+    colours = dict(zip(cities, itertools.cycle(PALETTE), strict=False))  # a cluster's workers may outnumber it
     depth = [(city, colours[city], [s["queue_depth"].get(city) for s in timeline]) for city in cities]
     stored = [(city, colours[city], [s["stored_per_second"].get(city) for s in timeline]) for city in cities]
-    return _chart("Clearing queue depth", "messages waiting, per city", depth, xs) + _chart(
-        "Clearing stored", "records per second, per city", stored, xs
+    return _chart("Clearing queue depth", "messages waiting, per clearing", depth, xs) + _chart(
+        "Clearing stored", "records per second, per clearing", stored, xs
     )
 
 
@@ -473,6 +474,7 @@ def render_html(doc: LoadSummary) -> str:
         ("unacked at the end", f"{doc['unacked']:,}", RED if doc["unacked"] else ""),
         ("ack latency", " ".join(f"{k} {v} ms" for k, v in lat.items()), ""),
         ("broker", str(settings["broker"]), ""),
+        ("clearing", str(settings["clearing"]), ""),
         *_hotlist_rows(doc["hotlist"]),
         *_metrics_rows(doc["clearing_metrics"]),
     ]

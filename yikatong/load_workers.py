@@ -24,7 +24,7 @@ import multiprocessing
 import os
 import resource
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -47,11 +47,12 @@ SPARE_FILES = 100  # open files beside the terminals' sockets (the interpreter's
 
 @dataclass(frozen=True)
 class WorkerSpec:
-    """What worker ``share`` of ``shares`` runs: its terminals (city, number) and cards, and how."""
+    """What worker ``share`` of ``shares`` runs: its terminals (city, number) and cards, and how; its k-th
+    terminal connects to ``brokers[k % len(brokers)]``."""
 
     share: int
     shares: int
-    broker: BrokerUrl
+    brokers: tuple[BrokerUrl, ...]
     terminals: list[tuple[str, str]]
     cards: list[SyntheticCard]
     keys: Path | None
@@ -112,14 +113,21 @@ def _split(items: list[Any], shares: int) -> list[list[Any]]:
 
 
 def worker_specs(
-    shares: int, terminals: list[tuple[str, str]], cards: list[SyntheticCard], **common: Any
+    shares: int,
+    terminals: list[tuple[str, str]],
+    cards: list[SyntheticCard],
+    brokers: Sequence[BrokerUrl],
+    **common: Any,
 ) -> list[WorkerSpec]:
-    """One spec per worker (``shares`` at most the number of terminals and of cards), the rest alike."""
+    """One spec per worker (``shares`` at most the number of terminals and of cards), the rest alike; terminal i
+    of the run connects to ``brokers[i % len(brokers)]`` (each worker's list turned to where its block starts)."""
     shares = max(1, min(shares, len(terminals), len(cards)))
-    return [
-        WorkerSpec(k, shares, terminals=t, cards=c, **common)
-        for k, (t, c) in enumerate(zip(_split(terminals, shares), _split(cards, shares), strict=True))
-    ]
+    specs, first = [], 0
+    for k, (t, c) in enumerate(zip(_split(terminals, shares), _split(cards, shares), strict=True)):
+        turn = first % len(brokers)
+        specs.append(WorkerSpec(k, shares, tuple(brokers[turn:]) + tuple(brokers[:turn]), t, c, **common))
+        first += len(t)
+    return specs
 
 
 # --- in the worker process ----------------------------------------------------------------------------------
@@ -170,7 +178,7 @@ def _build(spec: WorkerSpec) -> LoadRun:
         by_city.setdefault(card.issuer, []).append(card)
     hotlist = None if spec.hotlist_at is None else HotlistPlan(spec.hotlist_at, spec.hotlist_cards)
     return LoadRun(
-        spec.broker,
+        spec.brokers,
         terminals,
         by_city,
         seed=spec.seed * 1000 + spec.share,

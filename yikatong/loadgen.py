@@ -206,10 +206,11 @@ class Progress:
 
 
 class LoadRun:
-    """Drive ``terminals`` over ``broker``: ``run()`` offers ``plan`` once (connect, offer, drain), or a caller (a
+    """Drive ``terminals`` over ``brokers``: ``run()`` offers ``plan`` once (connect, offer, drain), or a caller (a
     worker, with no ``plan``) steps through ``connect``, ``offer`` (as often as it likes: the steps of a sweep)
     and ``drain`` itself. With ``share`` (k, n) this is worker k of n: it makes every n-th tap of each timetable.
-    Counts go into ``tally`` by seconds from ``started`` (the first offer's start).
+    Counts go into ``tally`` by seconds from ``started`` (the first offer's start). Terminal k connects to
+    ``brokers[k % len(brokers)]`` (the nodes of a cluster, or one broker).
 
     With ``session_expiry`` (seconds) the terminals speak MQTT 5 and the broker forgets their sessions that long
     after they disconnect; without, their MQTT 3.1.1 sessions last as long as the broker keeps them. Each
@@ -228,7 +229,7 @@ class LoadRun:
 
     def __init__(
         self,
-        broker: BrokerUrl,
+        brokers: Sequence[BrokerUrl],
         terminals: Sequence[SimTerminal],
         cards: dict[str, list[SyntheticCard]],
         plan: Plan | None = None,
@@ -244,7 +245,6 @@ class LoadRun:
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         self.clock, self.sleep = clock, sleep
-        self.broker = broker
         self.terminals = list(terminals)
         self.cards = cards
         self.all_cards = [card for group in cards.values() for card in group]
@@ -254,12 +254,12 @@ class LoadRun:
         # the outboxes stay on the event loop: the taps write them there too, and MemoryOutbox is not thread-safe
         self.timer = LinkTimer() if lean else None
 
-        def terminal_broker(terminal: SimTerminal) -> BrokerUrl:  # over mqtts://, with its own certificate
-            return as_device(broker, pki, Identity.terminal(terminal.terminal_hex))
+        def terminal_broker(k: int, terminal: SimTerminal) -> BrokerUrl:  # over mqtts://, with its own certificate
+            return as_device(brokers[k % len(brokers)], pki, Identity.terminal(terminal.terminal_hex))
 
         self.uplinks: list[LeanUplink | Uplink] = [
             LeanUplink(
-                terminal_broker(t),
+                terminal_broker(k, t),
                 t,
                 self.timer,
                 ack_timeout=ack_timeout,
@@ -269,7 +269,7 @@ class LoadRun:
             )
             if self.timer is not None
             else Uplink(
-                terminal_broker(t),
+                terminal_broker(k, t),
                 t,
                 ack_timeout=ack_timeout,
                 max_backoff=5.0,
@@ -277,7 +277,7 @@ class LoadRun:
                 on_ack=partial(self._on_ack, t.outbox),
                 in_thread=False,
             )
-            for t in self.terminals
+            for k, t in enumerate(self.terminals)
         ]
         self.hotlist = hotlist
         # the listed cards as this worker's own objects (their counters move here); none when another worker has them

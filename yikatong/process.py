@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import quote
@@ -39,49 +40,72 @@ def stop_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, _interrupt)
 
 
+@dataclass(frozen=True)
+class ClearingWorker:
+    """One ``yikatong clearing serve`` process to start: its city, the broker it answers on, its name among the
+    city's workers ("" when it is the city's only one), the port of its Prometheus metrics and further options
+    (``--jetstream URLS``)."""
+
+    city: str
+    broker: BrokerUrl
+    name: str = ""
+    metrics_port: int | None = None
+    options: tuple[str, ...] = ()
+
+    @property
+    def label(self) -> str:
+        """CITY, or CITY-NAME for one of several workers: its log file and its metrics are called so."""
+        return f"{self.city}-{self.name}" if self.name else self.city
+
+
 @contextlib.contextmanager
 def clearing_processes(
-    cities: Sequence[str],
-    broker: BrokerUrl,
+    workers: Sequence[ClearingWorker],
     db: Callable[[str], str],
     logs: Path,
     timeout: float = 60.0,
     session_expiry: int | None = None,
-    metrics_ports: dict[str, int] | None = None,
     pki: Path | None = None,
 ) -> Iterator[list[subprocess.Popen[bytes]]]:
-    """``yikatong clearing serve`` for each city as its own process (a core of its own), waited for until each is
-    subscribed; stopped with SIGTERM (then killed) on the way out. Output goes to ``logs/clearing-CITY.log``.
-    With ``session_expiry`` they speak MQTT 5 and leave no session on the broker that long after the run; with
-    ``metrics_ports`` (city -> port) each serves its Prometheus metrics there. Over an ``mqtts://`` broker, ``pki``
-    is the PKI folder: each connects with its city's clearing certificate and checks the terminals' signatures
-    (required over mqtts) against the CAs and the PKI's CRL."""
+    """``yikatong clearing serve`` for each of ``workers`` as its own process (a core of its own), waited for until
+    each is connected; stopped with SIGTERM (then killed) on the way out. Output goes to
+    ``logs/clearing-LABEL.log``. With ``session_expiry`` they speak MQTT 5 and leave no session on the broker that
+    long after the run. Over an ``mqtts://`` broker, ``pki`` is the PKI folder: each connects with its city's
+    clearing certificate and checks the terminals' signatures (required over mqtts) against the CAs and the
+    PKI's CRL."""
     from clearing.pki import Identity
 
     procs: list[subprocess.Popen[bytes]] = []
     # a worker name of this run: a fixed MQTT identity would resume a stale session full of other runs' records
-    worker = f"run-{secrets.token_hex(3)}"
-    paths = [logs / f"clearing-{city}.log" for city in cities]
+    run = f"run-{secrets.token_hex(3)}"
+    paths = [logs / f"clearing-{worker.label}.log" for worker in workers]
     try:
-        for city, path in zip(cities, paths, strict=True):
-            command = [sys.executable, "-m", "yikatong.cli", "clearing", "serve", "--city", city]
-            command += ["--broker", _with_password(broker), "--db", db(city), "--report-every", "0", "--worker", worker]
+        for worker, path in zip(workers, paths, strict=True):
+            name = f"{run}-{worker.name}" if worker.name else run
+            command = [sys.executable, "-m", "yikatong.cli", "clearing", "serve", "--city", worker.city]
+            command += ["--broker", _with_password(worker.broker), "--db", db(worker.city), "--report-every", "0"]
+            command += ["--worker", name, *worker.options]
             if session_expiry is not None:
                 command += ["--session-expiry", str(session_expiry)]
             if pki is not None:
-                folder = pki / "devices" / Identity.clearing(city).folder
+                folder = pki / "devices" / Identity.clearing(worker.city).folder
                 command += ["--tls-dir", str(folder), "--crl", str(pki / "crl.pem")]
-            if metrics_ports and city in metrics_ports:
-                command += ["--metrics-port", str(metrics_ports[city])]
+            if worker.metrics_port is not None:
+                command += ["--metrics-port", str(worker.metrics_port)]
             with path.open("wb") as log:
                 procs.append(subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT))
         deadline = time.monotonic() + timeout
-        for proc, path in zip(procs, paths, strict=True):
+        for proc, path, worker in zip(procs, paths, workers, strict=True):
             while "connected to" not in path.read_text(errors="replace"):
                 if proc.poll() is not None:
-                    raise CliError(f"the clearing process stopped at start ({_last_line(path)}): see {path}")
+                    raise CliError(
+                        f"the clearing process stopped at start (exit code {proc.returncode}; {_last_line(path)}): "
+                        f"see {path}"
+                    )
                 if time.monotonic() > deadline:
-                    raise CliError(f"the clearing process did not connect to {broker} in {timeout:.0f} s: see {path}")
+                    raise CliError(
+                        f"the clearing process did not connect to {worker.broker} in {timeout:.0f} s: see {path}"
+                    )
                 time.sleep(0.05)
         yield procs
     finally:
