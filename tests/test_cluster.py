@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -33,19 +32,9 @@ def stored_by(worker: ServeProcess) -> int:
     return int(found[-1].replace(",", "")) if found else 0
 
 
-@contextlib.contextmanager
-def started_cluster(folder: Path) -> Iterator[NatsCluster]:
-    cluster = NatsCluster(folder)
-    cluster.start()
-    try:
-        yield cluster
-    finally:
-        cluster.stop()
-
-
 async def test_node_and_worker_killed_mid_run_lose_and_double_nothing(tmp_path: Path) -> None:
     async with contextlib.AsyncExitStack() as stack:
-        cluster = stack.enter_context(started_cluster(tmp_path / "cluster"))
+        cluster = stack.enter_context(NatsCluster(tmp_path / "cluster"))  # started, stopped after
         nodes = cluster.nodes
         db = await stack.enter_async_context(fresh_db("postgresql", tmp_path))
         jetstream = ",".join(cluster.nats_urls)
