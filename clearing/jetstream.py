@@ -83,7 +83,7 @@ class JetStreamSettings:
         return cls(servers, **settings)  # type: ignore[arg-type]
 
 
-@dataclass
+@dataclass(eq=False)  # each one is itself (a set of the ones outstanding holds them by identity)
 class Delivery:
     """One message pulled from the stream: its MQTT topic and payload, when it came, and its handle."""
 
@@ -104,6 +104,7 @@ class JetStreamSource:
         self._nats: Nats | None = None
         self._js: JetStreamContext | None = None
         self._subscription: JetStreamContext.PullSubscription | None = None
+        self._outstanding: set[Delivery] = set()  # fetched, neither acked nor nakked yet
         self.troubles = 0  # fetches that failed (no leader, node gone): counted, retried
 
     async def open(self) -> None:
@@ -190,7 +191,9 @@ class JetStreamSource:
             if not messages:
                 await asyncio.sleep(RETRY)
         now = time.monotonic()
-        return [Delivery(topic(m.subject), m.data, now, m) for m in messages]
+        deliveries = [Delivery(topic(m.subject), m.data, now, m) for m in messages]
+        self._outstanding.update(deliveries)
+        return deliveries
 
     async def ack(self, deliveries: Sequence[Delivery]) -> None:
         """Done with these (their batch is committed): the stream forgets them. An ack lost on the way only
@@ -201,9 +204,16 @@ class JetStreamSource:
         """Not stored (the database failed): give them to a worker again now, not after ``ack_wait``."""
         await self._settle(deliveries, done=False)
 
+    async def release(self) -> None:
+        """Nak everything fetched and not yet settled: this worker lost its MQTT connection (it cannot answer
+        them) or stops, so another worker takes them now rather than after ``ack_wait``. One whose commit was
+        under way may come again: a duplicate, acked as such."""
+        await self._settle(list(self._outstanding), done=False)
+
     async def _settle(self, deliveries: Sequence[Delivery], *, done: bool) -> None:
         from nats.errors import Error as NatsError
 
+        self._outstanding.difference_update(deliveries)
         for delivery in deliveries:
             try:
                 await (delivery.message.ack() if done else delivery.message.nak())

@@ -307,6 +307,8 @@ class ClearingService:
             finally:  # answers still in flight on the old connection are lost; their receivers ask again
                 for task in list(self._unconfirmed):
                     task.cancel()
+                if self.source is not None:  # what it took and cannot answer now goes to another worker at once
+                    await self.source.release()
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, self.max_backoff)
 

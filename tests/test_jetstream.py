@@ -170,6 +170,31 @@ async def test_what_a_dead_worker_took_goes_to_another_after_ack_wait(node: Nats
         await live.close()
 
 
+async def test_what_a_worker_releases_goes_to_another_at_once(node: NatsCluster, fresh_stream: None) -> None:
+    """A worker that lost its MQTT connection (it cannot answer) naks what it holds: no ack_wait (30 s) to sit out."""
+    cut_off = JetStreamSource(CITY, settings(node), "cut-off")
+    await cut_off.open()
+    try:
+        mosquitto_pub(node, txn_topic(CITY, "0A0B0C0D0E04"), "two")
+        taken = []
+        while not taken:
+            taken = await cut_off.fetch(10)
+        await cut_off.release()
+        await cut_off.release()  # nothing left to release: a no-op
+    finally:
+        await cut_off.close()
+    live = JetStreamSource(CITY, settings(node), "live")
+    await live.open()
+    try:
+        again = []
+        for _ in range(5):  # five pulls of at most a second each: well inside ack_wait
+            again = again or await live.fetch(10)
+        assert [d.payload for d in again] == [b"two"]
+        await live.ack(again)
+    finally:
+        await live.close()
+
+
 async def _equal(state: Any, wanted: tuple[int, int]) -> bool:
     return bool(await state == wanted)
 
