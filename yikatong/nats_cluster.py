@@ -31,6 +31,9 @@ from types import TracebackType
 
 HOST = "127.0.0.1"
 CLUSTER_NAME = "yikatong"
+# a QoS 1 message NATS sent to an MQTT client that never PUBACKed it (the client's node died under it) is sent again
+# this long after (NATS's default, 30 s, held a restarted node's terminals' acks that long); an ack twice is harmless
+MQTT_ACK_WAIT = "5s"
 DEFAULT_FOLDER = Path("run/nats-cluster")
 _POLL = 0.1  # seconds between readiness probes
 
@@ -76,7 +79,7 @@ def node_config(node: Node, nodes: Sequence[Node], store: Path) -> str:
         f"http: {HOST}:{node.http_port}\n"
         f"jetstream {{ store_dir: {json.dumps(str(store))} }}\n"
         f"{cluster}"
-        f"mqtt {{ listen: {HOST}:{node.mqtt_port}, stream_replicas: {len(nodes)} }}\n"
+        f'mqtt {{ listen: {HOST}:{node.mqtt_port}, stream_replicas: {len(nodes)}, ack_wait: "{MQTT_ACK_WAIT}" }}\n'
     )
 
 
