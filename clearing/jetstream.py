@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from clearing.defaults import ACK_WAIT
 from terminals.messages import interop_ack_topic, interop_txn_topic, txn_topic
 
 if TYPE_CHECKING:  # nats-py is imported by the workers that use it: the rest of the clearing starts without it
@@ -67,7 +68,7 @@ class JetStreamSettings:
     """Where the cluster is and how the city's stream and consumer are made."""
 
     servers: tuple[str, ...]  # nats://host:port of the nodes (the client moves to another when one dies)
-    ack_wait: float = 30.0  # seconds before a fetched, unacked message goes to another worker
+    ack_wait: float = ACK_WAIT  # seconds before a fetched, unacked message goes to another worker
     replicas: int = 3  # the stream's copies (one per node of a 3-node cluster)
     max_ack_pending: int = 20_000  # messages fetched and not acked, over all of the city's workers
 

@@ -15,7 +15,7 @@ from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from clearing.defaults import DEFAULT_GRACE, HEALTH_EVERY, QUARANTINE_CAP
+from clearing.defaults import ACK_WAIT, DEFAULT_GRACE, HEALTH_EVERY, QUARANTINE_CAP
 from terminals.limits import MAX_DEPTH, MAX_PAYLOAD, MAX_RECORDS, MAX_STRING
 from yikatong.argtypes import (
     Subcommands,
@@ -262,10 +262,11 @@ def _jetstream_options(serve: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--ack-wait",
         type=interval,
-        default=30.0,
+        default=ACK_WAIT,
         metavar="SECONDS",
-        help="a record this worker took and did not ack (it died) goes to another worker this long after "
-        "(default 30; made with the consumer: the first worker's value holds)",
+        help="a record this worker took and did not ack (it died, or its node did with the record on the way) goes "
+        f"to another worker this long after (default {ACK_WAIT:g}; set when the city's consumer is made: the first "
+        "worker's value holds)",
     )
     group.add_argument(
         "--replicas",
