@@ -15,6 +15,10 @@ Backpressure: one queue between MQTT and the database writer, aiomqtt's own (the
 it), holds at most ``MAX_BACKLOG_MESSAGES`` messages and ``max_backlog_bytes``; past that a message is dropped
 and counted. Dropping is safe: a terminal resends every record until the clearing's ack covers it, an acquirer
 resends unanswered forwards, and an issuer answers a forward again when it comes again.
+
+On a NATS cluster (``source``: clearing/jetstream.py) the records are pulled from the city's JetStream stream
+instead, as many as the next batch has room for, and each is acked to the stream after its batch's commit (nakked
+when the database failed it, or when the MQTT connection that carries the answers is lost).
 """
 
 from __future__ import annotations
@@ -251,7 +255,9 @@ class ClearingService:
 
     async def run(self) -> None:
         """Connect, subscribe, clear; reconnect with backoff whenever the broker goes away. Another error of
-        any of its tasks ends it (raised): the caller exits so that a supervisor restarts the service."""
+        any of its tasks ends it (raised): the caller exits so that a supervisor restarts the service. With a
+        JetStream ``source`` the records come from it (its NATS connection moves between nodes by itself) and
+        MQTT only carries the answers."""
         if self.source is None:
             await self._run()
             return
