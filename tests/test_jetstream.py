@@ -6,6 +6,7 @@ worker took and never acked goes to another worker; the subject mapping and the 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import subprocess
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -20,6 +21,7 @@ from sqlalchemy.exc import OperationalError
 from support import yikatong
 
 from clearing.jetstream import (
+    Delivery,
     JetStreamSettings,
     JetStreamSource,
     city_subjects,
@@ -151,18 +153,14 @@ async def test_what_a_dead_worker_took_goes_to_another_after_ack_wait(node: Nats
     await dead.open()
     try:
         mosquitto_pub(node, txn_topic(CITY, "0A0B0C0D0E03"), "one")
-        taken = []
-        while not taken:
-            taken = await dead.fetch(10)
+        await pulled(dead)
     finally:
         await dead.close()  # never acked: as if the process died
     assert (await stream_state(node))[1] == 1
     live = JetStreamSource(CITY, settings(node, ack_wait=1.0), "live")
     await live.open()
     try:
-        again = []
-        for _ in range(10):
-            again = again or await live.fetch(10)
+        again = await pulled(live, tries=10)
         assert [(d.topic, d.payload) for d in again] == [(txn_topic(CITY, "0A0B0C0D0E03"), b"one")]
         await live.ack(again)
         await until(lambda: _equal(stream_state(node), (0, 0)), "acked by the live worker")
@@ -176,9 +174,7 @@ async def test_what_a_worker_releases_goes_to_another_at_once(node: NatsCluster,
     await cut_off.open()
     try:
         mosquitto_pub(node, txn_topic(CITY, "0A0B0C0D0E04"), "two")
-        taken = []
-        while not taken:
-            taken = await cut_off.fetch(10)
+        await pulled(cut_off)
         await cut_off.release()
         await cut_off.release()  # nothing left to release: a no-op
     finally:
@@ -186,13 +182,22 @@ async def test_what_a_worker_releases_goes_to_another_at_once(node: NatsCluster,
     live = JetStreamSource(CITY, settings(node), "live")
     await live.open()
     try:
-        again = []
-        for _ in range(5):  # five pulls of at most a second each: well inside ack_wait
-            again = again or await live.fetch(10)
+        again = await pulled(live, tries=5)  # five pulls of at most a second each: well inside ack_wait
         assert [d.payload for d in again] == [b"two"]
         await live.ack(again)
     finally:
         await live.close()
+
+
+async def pulled(source: JetStreamSource, tries: int | None = None) -> list[Delivery]:
+    """What ``source`` pulls: until it gets something, or at most ``tries`` pulls of up to a second each."""
+    got: list[Delivery] = []
+    attempts = itertools.count() if tries is None else range(tries)
+    for _ in attempts:
+        got = await source.fetch(10)
+        if got:
+            break
+    return got
 
 
 async def _equal(state: Any, wanted: tuple[int, int]) -> bool:
