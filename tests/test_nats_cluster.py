@@ -155,3 +155,22 @@ def test_a_missing_binary_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(ClusterError, match=r"nats-server not found .*apt-get install nats-server"):
         NatsCluster(tmp_path, binary="/nonexistent/nats-server").start()
     assert not (tmp_path / "cluster.json").exists()
+
+
+def test_a_fresh_start_clears_what_an_earlier_cluster_left_but_never_a_running_one(tmp_path: Path) -> None:
+    """``start(fresh=True)`` (the demo's): an earlier run's stores go; a cluster still running there is refused
+    with the command that stops it, and its folder left alone."""
+    stale = tmp_path / "js1" / "stale"
+    stale.parent.mkdir(parents=True)
+    stale.write_text("an earlier run's store")
+    first = NatsCluster(tmp_path, size=1)
+    first.start(fresh=True)
+    try:
+        assert not stale.exists()
+        marker = tmp_path / "js1" / "kept"
+        marker.write_text("running")
+        with pytest.raises(ClusterError, match=r"already running in .*: stop it first \(python -m yikatong"):
+            NatsCluster(tmp_path, size=1).start(fresh=True)
+        assert marker.exists() and all(first.running().values())
+    finally:
+        first.stop()

@@ -320,14 +320,9 @@ def _on_cluster(run: _Run, db_url: str) -> Cleared:
     folder = run.out / CLUSTER_FOLDER
     cluster = NatsCluster(folder, size=3)
     try:
-        if (folder / "cluster.json").exists() and any(NatsCluster.load(folder).running().values()):
-            raise ClusterError(
-                f"a NATS cluster of an earlier run still runs in {folder}: stop it first "
-                f"(python -m yikatong.nats_cluster --folder {folder} stop)"
-            )
-        shutil.rmtree(folder, ignore_errors=True)  # no stream, consumer or MQTT session of an earlier run
         run.bar.phase(f"starting a 3-node NATS cluster in {folder} (JetStream, MQTT 3.1.1)")
-        cluster.start(timeout=CLUSTER_START_SECONDS)  # a start that fails stops what it started
+        # fresh: no stream, consumer or MQTT session of an earlier run; a start that fails stops what it started
+        cluster.start(timeout=CLUSTER_START_SECONDS, fresh=True)
         try:
             brokers = [BrokerUrl.parse(url) for url in cluster.mqtt_urls]
             cleared = asyncio.run(_pipe(run, brokers, db_url, cluster.nodes))

@@ -226,11 +226,18 @@ class NatsCluster:
             raise ClusterError(f"nats-server not found ({self.binary}): apt-get install nats-server")
         return found
 
-    def start(self, timeout: float = 30.0) -> None:
-        """Pick free ports, write the configs, start every node detached and wait until all are ready."""
+    def start(self, timeout: float = 30.0, *, fresh: bool = False) -> None:
+        """Pick free ports, write the configs, start every node detached and wait until all are ready. ``fresh``:
+        first remove what an earlier cluster left in the folder (its JetStream stores: streams, consumers, MQTT
+        sessions)."""
         executable = self._executable()
         if (self.folder / "cluster.json").exists() and any(NatsCluster.load(self.folder).running().values()):
-            raise ClusterError(f"a cluster is already running in {self.folder}: stop it first")
+            raise ClusterError(
+                f"a cluster is already running in {self.folder}: stop it first "
+                f"(python -m yikatong.nats_cluster --folder {self.folder} stop)"
+            )
+        if fresh:
+            shutil.rmtree(self.folder, ignore_errors=True)
         self.folder.mkdir(parents=True, exist_ok=True)
         ports = _free_ports(4 * self.size)
         self.nodes = [Node(f"n{i + 1}", *ports[4 * i : 4 * i + 4]) for i in range(self.size)]
