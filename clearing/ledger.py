@@ -422,8 +422,7 @@ class Ledger:
                     refused.append((self._conflict(copy, TxnRecord.model_validate_json(canonical)), message))
             await self._quarantine(db, refused, outcome, now)
             outcome.terminal_acks = await self._terminal_acks(db, _lowest_seqs(messages))
-        for ack in outcome.terminal_acks:  # only after the commit: a rolled-back mark must not be remembered
-            self._marks[ack.terminal] = max(self._marks.get(ack.terminal, 0), ack.acked_through)
+        self._remember(outcome.terminal_acks)  # only after the commit: a rolled-back mark must not be remembered
         kept = [(a, m) for identity, (a, m) in accepted.items() if identity not in lost]
         outcome.interop_answers = self._interop_answers(kept, refused)
         outcome.to_forward = [a.record for a, m in kept if a.forward and m.terminal is not None]
@@ -571,9 +570,13 @@ class Ledger:
         other workers' commits that filled it are visible by now. ``lowest``: the first seq each was not acked."""
         async with self.engine.begin() as db:
             acks = await self._terminal_acks(db, lowest)
+        self._remember(acks)
+        return acks
+
+    def _remember(self, acks: Sequence[TerminalAck]) -> None:
+        """The committed marks of these acks, as a safe start for the next (marks only grow)."""
         for ack in acks:
             self._marks[ack.terminal] = max(self._marks.get(ack.terminal, 0), ack.acked_through)
-        return acks
 
     async def _terminal_acks(self, db: AsyncConnection, lowest: dict[str, int]) -> list[TerminalAck]:
         """Per terminal: the new gap-free mark, and the quarantined seqs from the lowest seq it just sent
