@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import secrets
 import subprocess
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -15,7 +16,7 @@ from typing import Any
 import nats
 import pytest
 from clearing_support import clearing, signed_records, table_counts
-from hypothesis import given
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy.exc import OperationalError
 from support import yikatong
@@ -50,25 +51,26 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsCluster]:
         cluster.stop()
 
 
+async def drop_stream(node: NatsCluster) -> None:
+    """The city's stream and consumer gone."""
+    client = await nats.connect(node.nats_urls)
+    try:
+        await client.jetstream().delete_stream(stream_name(CITY))
+    except nats.js.errors.NotFoundError:
+        pass
+    finally:
+        await client.close()
+
+
 @pytest.fixture
 async def fresh_stream(node: NatsCluster) -> AsyncIterator[None]:
     """The city's stream and consumer gone before and after a test (each test starts from an empty stream)."""
-
-    async def drop() -> None:
-        client = await nats.connect(node.nats_urls)
-        try:
-            await client.jetstream().delete_stream(stream_name(CITY))
-        except nats.js.errors.NotFoundError:
-            pass
-        finally:
-            await client.close()
-
-    await drop()
+    await drop_stream(node)
     yield
-    await drop()
+    await drop_stream(node)
 
 
-def settings(node: NatsCluster, ack_wait: float = 30.0) -> JetStreamSettings:
+def js_settings(node: NatsCluster, ack_wait: float = 30.0) -> JetStreamSettings:
     return JetStreamSettings(tuple(node.nats_urls), ack_wait=ack_wait, replicas=1)
 
 
@@ -108,7 +110,7 @@ async def test_records_from_mosquitto_pub_are_stored_once_and_acked_to_the_strea
     db = f"sqlite:///{tmp_path / 'clearing.sqlite'}"
     terminal = "0A0B0C0D0E01"
     records = signed_records(12, CITY, terminal, issuers=(CITY,))
-    source = JetStreamSource(CITY, settings(node), "a")
+    source = JetStreamSource(CITY, js_settings(node), "a")
     async with clearing(BrokerUrl.parse(node.mqtt_urls[0]), db, CITY, source=source) as service:
         # the same batch twice (a terminal that sent again): stored once, both acked
         for _ in range(2):
@@ -121,13 +123,44 @@ async def test_records_from_mosquitto_pub_are_stored_once_and_acked_to_the_strea
     assert (await table_counts(db, CITY))["ledger"] == 12
 
 
+@settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(junk=st.lists(st.binary(max_size=400), min_size=1, max_size=15))
+async def test_junk_in_the_stream_costs_only_itself(node: NatsCluster, tmp_path: Path, junk: list[bytes]) -> None:
+    """Generated junk on a terminal's subject, between good records of another terminal: each junk message is
+    quarantined and acked to the stream, every good record stored once, the worker goes on."""
+    await drop_stream(node)
+    db = f"sqlite:///{tmp_path / f'clearing-{secrets.token_hex(3)}.sqlite'}"
+    good = signed_records(6, CITY, "0A0B0C0D0E05", issuers=(CITY,), seed=5)
+    client = await nats.connect(node.nats_urls)
+    source = JetStreamSource(CITY, js_settings(node), "a")
+    try:
+        async with clearing(BrokerUrl.parse(node.mqtt_urls[0]), db, CITY, source=source) as service:
+            for i, payload in enumerate(junk):
+                await client.publish(subject(txn_topic(CITY, "0A0B0C0D0EFF")), payload)
+                if i < len(good):
+                    await client.publish(subject(txn_topic(CITY, "0A0B0C0D0E05")), good[i].to_json().encode())
+            for record in good[len(junk) :]:
+                await client.publish(subject(txn_topic(CITY, "0A0B0C0D0E05")), record.to_json().encode())
+            await client.flush()
+
+            async def settled() -> bool:
+                counted = (service.stats.stored, service.stats.quarantined) == (len(good), len(junk))
+                return counted and await stream_state(node) == (0, 0)
+
+            await until(settled, f"{len(good)} stored, {len(junk)} quarantined, the stream empty")
+            assert service.stats.duplicates == 0
+    finally:
+        await client.close()
+    await drop_stream(node)
+
+
 async def test_a_batch_the_database_refused_comes_again(
     node: NatsCluster, fresh_stream: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     db = f"sqlite:///{tmp_path / 'clearing.sqlite'}"
     terminal = "0A0B0C0D0E02"
     records = signed_records(5, CITY, terminal, issuers=(CITY,), seed=2)
-    source = JetStreamSource(CITY, settings(node), "a")
+    source = JetStreamSource(CITY, js_settings(node), "a")
     async with clearing(BrokerUrl.parse(node.mqtt_urls[0]), db, CITY, source=source) as service:
         store = service.ledger.store
         failures = [OperationalError("INSERT", {}, Exception("database is locked"))]
@@ -149,7 +182,7 @@ async def test_a_batch_the_database_refused_comes_again(
 
 
 async def test_what_a_dead_worker_took_goes_to_another_after_ack_wait(node: NatsCluster, fresh_stream: None) -> None:
-    dead = JetStreamSource(CITY, settings(node, ack_wait=1.0), "dead")
+    dead = JetStreamSource(CITY, js_settings(node, ack_wait=1.0), "dead")
     await dead.open()
     try:
         mosquitto_pub(node, txn_topic(CITY, "0A0B0C0D0E03"), "one")
@@ -157,7 +190,7 @@ async def test_what_a_dead_worker_took_goes_to_another_after_ack_wait(node: Nats
     finally:
         await dead.close()  # never acked: as if the process died
     assert (await stream_state(node))[1] == 1
-    live = JetStreamSource(CITY, settings(node, ack_wait=1.0), "live")
+    live = JetStreamSource(CITY, js_settings(node, ack_wait=1.0), "live")
     await live.open()
     try:
         again = await pulled(live, tries=10)
@@ -170,7 +203,7 @@ async def test_what_a_dead_worker_took_goes_to_another_after_ack_wait(node: Nats
 
 async def test_what_a_worker_releases_goes_to_another_at_once(node: NatsCluster, fresh_stream: None) -> None:
     """A worker that lost its MQTT connection (it cannot answer) naks what it holds: no ack_wait (30 s) to sit out."""
-    cut_off = JetStreamSource(CITY, settings(node), "cut-off")
+    cut_off = JetStreamSource(CITY, js_settings(node), "cut-off")
     await cut_off.open()
     try:
         mosquitto_pub(node, txn_topic(CITY, "0A0B0C0D0E04"), "two")
@@ -179,7 +212,7 @@ async def test_what_a_worker_releases_goes_to_another_at_once(node: NatsCluster,
         await cut_off.release()  # nothing left to release: a no-op
     finally:
         await cut_off.close()
-    live = JetStreamSource(CITY, settings(node), "live")
+    live = JetStreamSource(CITY, js_settings(node), "live")
     await live.open()
     try:
         again = await pulled(live, tries=5)  # five pulls of at most a second each: well inside ack_wait
